@@ -1,0 +1,14 @@
+"""Model architectures, their name registry and checkpoint loading."""
+
+from models.registry import MODELS, build_model, get_model_class, register_model
+from models import cps  # noqa: F401  (registers "cps")
+from models.checkpoint import load_checkpoint, load_state_dict_into
+
+__all__ = [
+    "MODELS",
+    "build_model",
+    "get_model_class",
+    "register_model",
+    "load_checkpoint",
+    "load_state_dict_into",
+]

@@ -1,0 +1,88 @@
+"""The CPS network (Zhang et al., "Continuous Patch Stitching for Block-wise Image
+Compression", IEEE SPL 2025, Fig. 4).
+
+A Minnen et al. (2018) joint autoregressive + hyperprior model whose transforms are
+padding-free, so that patch-wise analysis and synthesis equal whole-image processing
+(see ``utils/pops.py`` for the geometry and ``utils/patches.py`` for the stitching):
+
+.. code-block:: none
+
+    g_a: EDRB(3,N) BRB EDRB BRB EDRB BRB conv2x2/2          x (H, W)  -> y (H/16, W/16)
+    g_s: tconv2x2/2 BRB EURB BRB EURB BRB EURB(N,3)        y         -> x_hat
+    h_a: conv2x2/2 LReLU conv2x2/2 LReLU conv1x1            y         -> z (H/64, W/64)
+    h_s: tconv2x2/2 LReLU tconv2x2/2 (N->3N/2) LReLU conv1x1 (3N/2->2N)
+
+The context model (5x5 masked convolution), the entropy-parameter network and both
+entropy models are CompressAI's ``JointAutoregressiveHierarchicalPriors`` ones (M = N).
+Coding real bitstreams is done by ``utils.codec``; this module only defines the network.
+"""
+
+from torch import nn
+
+from compressai.models import JointAutoregressiveHierarchicalPriors
+
+from models.checkpoint import load_state_dict_into
+from models.layers import BRB, EDRB, EURB
+from models.registry import register_model
+
+
+@register_model("cps", "cps-v4")
+class CPS(JointAutoregressiveHierarchicalPriors):
+    """CPS model with ``N`` channels everywhere (the paper uses N = 192).
+
+    ``forward(x)`` returns ``{"x_hat", "likelihoods": {"y", "z"}}`` as every
+    CompressAI model does, so the usual rate-distortion loss applies. Inputs must have
+    sides that are multiples of :attr:`downsampling_factor` (64).
+    """
+
+    def __init__(self, N: int = 192):
+        super().__init__(N=N, M=N)
+        self.g_a = nn.Sequential(
+            EDRB(3, N),
+            BRB(N, N),
+            EDRB(N, N),
+            BRB(N, N),
+            EDRB(N, N),
+            BRB(N, N),
+            nn.Conv2d(N, N, kernel_size=2, stride=2),
+        )
+        self.g_s = nn.Sequential(
+            nn.ConvTranspose2d(N, N, kernel_size=2, stride=2),
+            BRB(N, N),
+            EURB(N, N),
+            BRB(N, N),
+            EURB(N, N),
+            BRB(N, N),
+            EURB(N, 3),
+        )
+        self.h_a = nn.Sequential(
+            nn.Conv2d(N, N, kernel_size=2, stride=2),
+            nn.LeakyReLU(inplace=True),
+            nn.Conv2d(N, N, kernel_size=2, stride=2),
+            nn.LeakyReLU(inplace=True),
+            nn.Conv2d(N, N, kernel_size=1),
+        )
+        self.h_s = nn.Sequential(
+            nn.ConvTranspose2d(N, N, kernel_size=2, stride=2),
+            nn.LeakyReLU(inplace=True),
+            nn.ConvTranspose2d(N, N * 3 // 2, kernel_size=2, stride=2),
+            nn.LeakyReLU(inplace=True),
+            nn.Conv2d(N * 3 // 2, N * 2, kernel_size=1),
+        )
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image sides must be multiples of this: 16 in g_a times 4 in h_a."""
+        return 2 ** (4 + 2)
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments, stored in checkpoints and checked against files."""
+        return {"N": self.N}
+
+    @classmethod
+    def from_state_dict(cls, state_dict):
+        """Build a model whose width N is read from the weights, then load them."""
+        net = cls(N=state_dict["g_a.0.conv1.weight"].size(0))
+        load_state_dict_into(net, state_dict)
+        return net

@@ -1,0 +1,90 @@
+"""Padding-free building blocks of the CPS network (Zhang et al. 2025, Sec. II.B-C).
+
+Every convolution here is "valid" (no padding), so a block's output at a position
+depends only on a fixed window of its input. That locality is what lets POPS cut an
+image into overlapping patches and stitch their features back exactly.
+
+Each block declares the (kernel, stride) list of its longest path in ``pops_layers``;
+``utils.pops`` reads these lists to compute the receptive field and the overlap.
+
+Module and attribute names follow the authors' checkpoints key for key
+(``../shared/notes/official_checkpoint_keys.tsv``).
+"""
+
+from torch import Tensor, nn
+
+from compressai.layers import GDN
+
+
+class EDRB(nn.Module):
+    """Even-sized down-sampling residual block (Fig. 3a): halves H and W.
+
+    .. code-block:: none
+
+        x ─┬─ conv2x2/2 ─ LReLU ─ conv1x1 ─ GDN ─(+)─►
+           └──────────── conv2x2/2 ─────────────┘
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.leaky_relu = nn.LeakyReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=1)
+        self.gdn = GDN(out_ch)
+        self.skip = nn.Conv2d(in_ch, out_ch, kernel_size=2, stride=2)
+
+    pops_layers = ((2, 2),)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.gdn(self.conv2(self.leaky_relu(self.conv1(x))))
+        return out + self.skip(x)
+
+
+class EURB(nn.Module):
+    """Even-sized up-sampling residual block (Fig. 3a): doubles H and W.
+
+    .. code-block:: none
+
+        x ─┬─ tconv2x2/2 ─ LReLU ─ conv1x1 ─ IGDN ─(+)─►
+           └──────────── tconv2x2/2 ──────────────┘
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.subpel_conv = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.leaky_relu = nn.LeakyReLU(inplace=True)
+        self.conv = nn.Conv2d(out_ch, out_ch, kernel_size=1)
+        self.igdn = GDN(out_ch, inverse=True)
+        self.upsample = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.igdn(self.conv(self.leaky_relu(self.subpel_conv(x))))
+        return out + self.upsample(x)
+
+
+class BRB(nn.Module):
+    """Bottleneck residual block (Fig. 3b): size-preserving for any input size.
+
+    A valid 3x3 convolution shrinks each side by 2 and a 3x3 transposed convolution
+    (stride 1) grows it back, so the block deepens the network without padding. Each
+    output depends on a 5x5 input window, which is why POPS needs an overlap.
+
+    .. code-block:: none
+
+        x ─┬─ conv3x3 ─ LReLU ─ tconv3x3 ─ LReLU ─(+)─►
+           └────────── identity (or conv1x1) ──────┘
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3)
+        self.leaky_relu = nn.LeakyReLU(inplace=True)
+        self.conv2 = nn.ConvTranspose2d(out_ch, out_ch, kernel_size=3)
+        self.skip = nn.Conv2d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else None
+
+    pops_layers = ((3, 1), (3, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.leaky_relu(self.conv2(self.leaky_relu(self.conv1(x))))
+        identity = x if self.skip is None else self.skip(x)
+        return out + identity

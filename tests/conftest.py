@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny models and synthetic images, so the suite needs no data."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cps():
+    """A randomly initialised CPS with N=8 and entropy tables, in eval mode."""
+    torch.manual_seed(0)
+    model = models.build_model("cps", N=8).eval()
+    model.update(force=True)
+    return model
+
+
+def data_dir(variable: str) -> str:
+    """Path named by an environment variable, or skip the test when it is unset."""
+    path = os.environ.get(variable)
+    if not path or not os.path.isdir(path):
+        pytest.skip(f"set {variable} to run this test on real data")
+    return path

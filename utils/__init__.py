@@ -1,0 +1,1 @@
+"""Helpers shared by codec.py, train.py and test.py."""
