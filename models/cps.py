@@ -22,7 +22,7 @@ from torch import nn
 from compressai.models import JointAutoregressiveHierarchicalPriors
 
 from models.checkpoint import load_state_dict_into
-from models.layers import BRB, EDRB, EURB
+from models.layers import BRB, EDRB, EURB, CausalConv2d
 from models.registry import register_model
 
 
@@ -69,6 +69,7 @@ class CPS(JointAutoregressiveHierarchicalPriors):
             nn.LeakyReLU(inplace=True),
             nn.Conv2d(N * 3 // 2, N * 2, kernel_size=1),
         )
+        self.context_prediction = CausalConv2d(N, 2 * N, kernel_size=5, padding=2, stride=1)
 
     @property
     def downsampling_factor(self) -> int:

@@ -13,7 +13,7 @@ Module and attribute names follow the authors' checkpoints key for key
 
 from torch import Tensor, nn
 
-from compressai.layers import GDN
+from compressai.layers import GDN, MaskedConv2d
 
 
 class EDRB(nn.Module):
@@ -88,3 +88,16 @@ class BRB(nn.Module):
         out = self.leaky_relu(self.conv2(self.leaky_relu(self.conv1(x))))
         identity = x if self.skip is None else self.skip(x)
         return out + identity
+
+
+class CausalConv2d(MaskedConv2d):
+    """CompressAI's 'A'-type masked convolution that never modifies its weight.
+
+    ``MaskedConv2d.forward`` multiplies ``weight.data`` by the mask in place, so the
+    stored weights change on the first call (and a model's fingerprint with them).
+    Here the mask is applied on the fly; gradients of masked taps are zero.
+    Parameter and buffer names (``weight``, ``bias``, ``mask``) are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)

@@ -122,9 +122,10 @@ def tile_axis(length: int, patch: int, margin: int) -> List[AxisTile]:
     """
     if length <= 0:
         raise ValueError(f"cannot tile an axis of length {length}")
-    patch = length if patch <= 0 else min(patch, length)
+    if patch <= 0 or patch >= length:
+        return [AxisTile(0, length, 0, length)]
     step = patch - 2 * margin
-    if patch < length and step <= 0:
+    if step <= 0:
         raise ValueError(f"patch of {patch} latent positions is too small for margin {margin}")
     starts = list(range(0, length - patch, step)) + [length - patch]
     tiles, owned_until = [], 0

@@ -1,0 +1,98 @@
+"""Loading the authors' checkpoints and ours: layout, formats, clear errors."""
+
+import os
+
+import pytest
+import torch
+
+import models
+from models.checkpoint import entropy_tables_ready
+
+LAYOUT = os.path.join(os.path.dirname(__file__), "assets", "official_checkpoint_keys.tsv")
+
+
+def _published_layout():
+    layout = {}
+    with open(LAYOUT) as handle:
+        for line in handle:
+            if line.strip() and not line.startswith("#"):
+                key, shape = line.rstrip("\n").split("\t")
+                layout[key] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    return layout
+
+
+def test_state_dict_matches_the_published_checkpoints_at_n192():
+    model = models.build_model("cps", N=192)
+    model.update(force=True)
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert ours == _published_layout()
+
+
+def test_authors_alias_names_the_same_architecture():
+    assert models.get_model_class("cps-v4") is models.get_model_class("cps")
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_authors_training_checkpoint_with_module_prefix_loads(tmp_path, tiny_cps):
+    # The authors' train.py saves {epoch, state_dict, loss, optimizer, ...}; multi-GPU adds "module.".
+    wrapped = {f"module.{k}": v for k, v in tiny_cps.state_dict().items()}
+    path = _save(tmp_path / "checkpoint_best_loss.pth.tar",
+                 {"epoch": 3, "state_dict": wrapped, "loss": 1.5,
+                  "optimizer": torch.optim.Adam(tiny_cps.parameters()).state_dict()})
+    model = models.load_checkpoint(path, "cpu")
+    assert model.N == 8 and not model.training
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(image)["x_hat"], tiny_cps(image)["x_hat"])
+
+
+def test_checkpoint_saved_before_update_gets_its_entropy_tables(tmp_path):
+    torch.manual_seed(0)
+    untrained = models.build_model("cps", N=8)  # update() never ran: empty CDF tables
+    path = _save(tmp_path / "fresh.pth.tar", untrained.state_dict())
+    assert entropy_tables_ready(models.load_checkpoint(path, "cpu"))
+
+
+def test_tables_of_another_size_are_resized(tmp_path, tiny_cps):
+    path = _save(tmp_path / "bare.pth.tar", tiny_cps.state_dict())
+    model = models.load_checkpoint(path, "cpu")
+    assert torch.equal(model.gaussian_conditional._quantized_cdf,
+                       tiny_cps.gaussian_conditional._quantized_cdf)
+
+
+def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path, tiny_cps):
+    state = tiny_cps.state_dict()
+    state.pop("g_s.0.weight")
+    path = _save(tmp_path / "broken.pth.tar", state)
+    with pytest.raises(ValueError, match="does not fit architecture 'cps': missing 1 keys"):
+        models.load_checkpoint(path, "cpu")
+
+
+@pytest.mark.parametrize("content, message", [(b"", "cannot read checkpoint"),
+                                              (b"not a checkpoint", "cannot read checkpoint")])
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.pth.tar"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        models.load_checkpoint(str(path), "cpu")
+
+
+def test_missing_checkpoint_and_unknown_architecture_are_clear_errors(tmp_path, tiny_cps):
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        models.load_checkpoint(str(tmp_path / "nope.pth.tar"), "cpu")
+    path = _save(tmp_path / "ok.pth.tar", tiny_cps.state_dict())
+    with pytest.raises(ValueError, match="unknown architecture 'bmshj'"):
+        models.load_checkpoint(path, "cpu", architecture="bmshj")
+
+
+def test_running_the_model_never_changes_its_weights(tiny_cps):
+    # CompressAI's MaskedConv2d zeroes masked taps in place on its first forward, which
+    # would change a checkpoint's fingerprint and make its files undecodable.
+    before = {k: v.clone() for k, v in tiny_cps.state_dict().items()}
+    with torch.no_grad():
+        tiny_cps(torch.rand(1, 3, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in tiny_cps.state_dict().items())

@@ -1,0 +1,122 @@
+"""Real bitstreams: round trips, patch-size independence and corrupted files."""
+
+import struct
+import zlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+import models
+from utils.bitstream import BitstreamError, pack, unpack
+from utils.codec import decode_image, encode_image
+from utils.latent_coding import ContextCoder
+
+
+def _image(height, width, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    # A smooth gradient plus noise, so the rate is neither zero nor saturated.
+    ramp = torch.linspace(0, 200, width).expand(3, height, width)
+    noise = torch.randint(0, 40, (3, height, width), generator=generator)
+    return (ramp + noise).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("size", [(150, 230), (64, 64), (1, 1), (100, 400), (300, 70)])
+def test_file_and_reconstruction_do_not_depend_on_patch_sizes(tiny_cps, size):
+    image = _image(*size)
+    files = {p: pack(encode_image(tiny_cps, image, patch_size=p)) for p in (0, 128, 192)}
+    assert len(set(files.values())) == 1, "encoder patch size changed the bitstream"
+    data = files[0]
+    decoded = [decode_image(tiny_cps, unpack(data), patch_size=p, batch_size=b)
+               for p, b in ((0, 1), (128, 3), (256, 8))]
+    assert decoded[0].shape == (3, *size) and decoded[0].dtype == torch.uint8
+    assert all(torch.equal(d, decoded[0]) for d in decoded)
+
+
+def test_decoder_rebuilds_the_encoders_latent_exactly(tiny_cps):
+    torch.manual_seed(3)
+    params = torch.randn(16, 12, 20)
+    y = 4 * torch.randn(8, 12, 20)
+    for order in ("wavefront", "raster"):
+        coder = ContextCoder(tiny_cps, order)
+        string, y_hat = coder.encode(y, params)
+        assert torch.equal(coder.decode(string, params), y_hat)
+        assert (y_hat - y).abs().max() <= 0.5 + 1e-5
+
+
+def test_raster_and_wavefront_orders_give_the_same_image(tiny_cps):
+    image = _image(128, 192)
+    outputs = [decode_image(tiny_cps, unpack(pack(encode_image(tiny_cps, image, order=order))))
+               for order in ("wavefront", "raster")]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_rate_is_counted_from_the_file_and_matches_the_estimate(tiny_cps):
+    image = _image(192, 256)
+    compressed = encode_image(tiny_cps, image)
+    payload_bits = 8 * (len(compressed.y_string) + len(compressed.z_string))
+    assert len(pack(compressed)) * 8 > payload_bits
+    # rANS costs the likelihoods' bits plus a flush of up to 64 bits per string.
+    assert abs(payload_bits - compressed.estimated_bits) <= 0.1 * compressed.estimated_bits + 128
+
+
+def test_grayscale_flag_decodes_to_one_channel(tiny_cps):
+    gray = _image(64, 96)[:1].expand(3, -1, -1).contiguous()
+    decoded = decode_image(tiny_cps, unpack(pack(encode_image(tiny_cps, gray, grayscale=True))))
+    assert decoded.shape == (1, 64, 96)
+
+
+@pytest.fixture
+def encoded(tiny_cps):
+    return pack(encode_image(tiny_cps, _image(96, 128)))
+
+
+def test_truncated_file_is_an_error(tiny_cps, encoded):
+    for cut in (3, 10, len(encoded) // 2, len(encoded) - 1):
+        with pytest.raises(BitstreamError):
+            unpack(encoded[:cut])
+
+
+def test_corrupted_byte_is_an_error(encoded):
+    corrupted = bytearray(encoded)
+    corrupted[len(corrupted) // 2] ^= 0x40
+    with pytest.raises(BitstreamError, match="checksum"):
+        unpack(bytes(corrupted))
+
+
+def test_foreign_file_is_an_error():
+    with pytest.raises(BitstreamError, match="not a .cps file"):
+        unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
+
+
+def test_future_version_is_an_error(encoded):
+    newer = bytearray(encoded)
+    newer[4] = 99
+    with pytest.raises(BitstreamError, match="version 99"):
+        unpack(bytes(newer))
+
+
+def test_other_checkpoint_is_an_error(encoded):
+    torch.manual_seed(5)
+    other = models.build_model("cps", N=8).eval()
+    other.update(force=True)
+    with pytest.raises(BitstreamError, match="another checkpoint"):
+        decode_image(other, unpack(encoded))
+
+
+def test_desynchronised_decoder_is_an_error_not_garbage(tiny_cps, encoded):
+    tampered = replace(unpack(encoded), y_hat_crc=unpack(encoded).y_hat_crc ^ 1)
+    with pytest.raises(BitstreamError, match="differs from the encoder"):
+        decode_image(tiny_cps, unpack(pack(tampered)))
+
+
+def test_inconsistent_header_is_an_error(tiny_cps, encoded):
+    body = bytearray(encoded[:-4])
+    struct.pack_into(">H", body, 14, 200)  # bottom padding larger than the 64-pixel multiple
+    with pytest.raises(BitstreamError, match="inconsistent size"):
+        decode_image(tiny_cps, unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))))
+
+
+def test_bad_patch_size_is_an_error(tiny_cps):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        encode_image(tiny_cps, _image(256, 256), patch_size=200)

@@ -1,0 +1,115 @@
+"""codec.py end to end: files on disk, printed rate, odd images, one-line errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import codec
+from utils.codec import decode_image
+from utils.bitstream import unpack
+from utils.image_io import read_image
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_cps):
+    path = tmp_path / "model.pth.tar"
+    torch.save({"state_dict": tiny_cps.state_dict()}, path)
+    return str(path)
+
+
+def _photo(height=70, width=90, seed=0):
+    rng = np.random.default_rng(seed)
+    return (np.linspace(0, 255, width)[None, :, None] * 0.8
+            + rng.integers(0, 50, (height, width, 3))).astype(np.uint8)
+
+
+def _run(argv, capsys):
+    status = codec.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_encode_then_decode_writes_the_decoded_image(tmp_path, checkpoint, tiny_cps, capsys):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    status, out, _ = _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint,
+                           "--patch-size", 128], capsys)
+    assert status == 0
+    size = (tmp_path / "x.cps").stat().st_size
+    assert f"{size} bytes, {size * 8 / (70 * 90):.4f} bpp" in out
+    status, out, _ = _run(["decode", tmp_path / "x.cps", tmp_path / "out.png", "-p", checkpoint],
+                          capsys)
+    assert status == 0
+    written, _ = read_image(str(tmp_path / "out.png"))
+    expected = decode_image(tiny_cps, unpack((tmp_path / "x.cps").read_bytes()))
+    assert torch.equal(written, expected)
+
+
+@pytest.mark.parametrize("mode, make, channels", [
+    ("L", lambda a: Image.fromarray(a[:, :, 0]), 1),
+    ("RGBA", lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 128, np.uint8)])), 3),
+    ("P", lambda a: Image.fromarray(a).convert("P"), 3),
+    ("I;16", lambda a: Image.fromarray(a[:, :, 0].astype(np.uint16) * 257), 1),
+])
+def test_odd_image_modes_are_coded(tmp_path, checkpoint, capsys, mode, make, channels):
+    make(_photo()).save(tmp_path / "in.png")
+    assert _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)[0] == 0
+    assert _run(["decode", tmp_path / "x.cps", tmp_path / "o.png", "-p", checkpoint], capsys)[0] == 0
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape[2:] in ((), (3,))
+    assert (np.asarray(Image.open(tmp_path / "o.png")).ndim == 2) == (channels == 1)
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
+    Image.fromarray(np.full((8, 8), 257 * 200, np.uint16)).save(tmp_path / "g16.png")
+    image, info = read_image(str(tmp_path / "g16.png"))
+    assert info.grayscale and int(image.max()) == 200 and image.shape == (3, 8, 8)
+
+
+def _one_line_error(status, err, message):
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in err
+
+
+def test_missing_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
+    status, _, err = _run(["encode", tmp_path / "none.png", tmp_path / "x.cps", "-p", checkpoint],
+                          capsys)
+    _one_line_error(status, err, "image not found")
+
+
+def test_unreadable_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    status, _, err = _run(["encode", tmp_path / "bad.png", tmp_path / "x.cps", "-p", checkpoint],
+                          capsys)
+    _one_line_error(status, err, "cannot read image")
+
+
+def test_truncated_stream_is_a_one_line_error_and_writes_nothing(tmp_path, checkpoint, capsys):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)
+    data = (tmp_path / "x.cps").read_bytes()
+    (tmp_path / "cut.cps").write_bytes(data[: len(data) // 2])
+    status, _, err = _run(["decode", tmp_path / "cut.cps", tmp_path / "o.png", "-p", checkpoint],
+                          capsys)
+    _one_line_error(status, err, "checksum")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_wrong_checkpoint_is_a_one_line_error(tmp_path, checkpoint, capsys):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)
+    torch.manual_seed(9)
+    import models
+    other = models.build_model("cps", N=8)
+    torch.save(other.state_dict(), tmp_path / "other.pth.tar")
+    status, _, err = _run(["decode", tmp_path / "x.cps", tmp_path / "o.png", "-p",
+                           tmp_path / "other.pth.tar"], capsys)
+    _one_line_error(status, err, "another checkpoint")
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, checkpoint, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    status, _, err = _run(["encode", "x.png", tmp_path / "x.cps", "-p", checkpoint, "--cuda"], capsys)
+    _one_line_error(status, err, "CUDA is not available")

@@ -1,0 +1,100 @@
+"""POPS geometry: eq. (1)-(4) from the layer list, checked against brute force."""
+
+import pytest
+import torch
+
+import models
+from utils.pops import (analysis_layers, check_patch_size, geometry_from_layers, model_geometry,
+                        plan_patches, tile_axis)
+
+
+def test_paper_network_has_receptive_field_72_scale_16_overlap_64():
+    geometry = model_geometry(models.build_model("cps", N=8))
+    assert (geometry.receptive_field, geometry.scale, geometry.overlap) == (72, 16, 64)
+    assert geometry.margin == 2 and geometry.min_patch_size == 80
+
+
+def test_layer_list_is_read_from_the_network():
+    layers = analysis_layers(models.build_model("cps", N=8).g_a)
+    assert layers == [(2, 2), (3, 1), (3, 1)] * 3 + [(2, 2)]
+
+
+@pytest.mark.parametrize("layers, r, rho, eq4_overlap, overlap", [
+    ([(2, 2)] * 4, 16, 16, 0, 0),        # EDRB only: r = rho, no overlap needed (Sec. II.B)
+    ([(3, 1)], 3, 1, 2, 2),              # r mod rho == 0: o = r - rho
+    ([(5, 2), (5, 2)], 13, 4, 12, 16),   # r mod rho != 0: o = rho * floor(r / rho); an odd 2e
+])                                       # is rounded up to a symmetric margin
+def test_overlap_follows_equation_4(layers, r, rho, eq4_overlap, overlap):
+    geometry = geometry_from_layers(layers)
+    assert (geometry.receptive_field, geometry.scale) == (r, rho)
+    assert geometry.unreachable * geometry.scale == eq4_overlap
+    assert geometry.overlap == overlap
+
+
+def _changed_columns(transform, base, axis_length, probe_column):
+    """Columns of ``base`` whose perturbation changes output column ``probe_column``.
+
+    The unperturbed image is the last item of the same batch, so every item is
+    computed by the same kernels and any difference at all is a dependency.
+    """
+    batch = base.repeat(axis_length + 1, 1, 1, 1)
+    for column in range(axis_length):
+        batch[column, :, :, column] += 1.0
+    with torch.no_grad():
+        output = transform(batch)[..., probe_column]  # an int or a slice
+    moved = (output[:-1] != output[-1:]).flatten(1).any(1)
+    return torch.nonzero(moved).flatten().tolist()
+
+
+def test_receptive_field_matches_brute_force_measurement():
+    torch.manual_seed(0)
+    model = models.build_model("cps", N=4).eval()
+    geometry = model_geometry(model)
+    probe = 5  # a latent column far from both borders of a 160-pixel-wide input
+    columns = _changed_columns(model.g_a, torch.rand(1, 3, 64, 160), 160, probe)
+    assert columns == list(range(columns[0], columns[0] + geometry.receptive_field))
+    # Centred on the latent position's own 16-pixel block.
+    assert columns[0] == probe * geometry.scale - (geometry.receptive_field - geometry.scale) // 2
+
+
+def test_synthesis_reaches_margin_latent_positions_on_each_side():
+    torch.manual_seed(0)
+    model = models.build_model("cps", N=4).eval()
+    geometry = model_geometry(model)
+    latent = torch.randn(1, 4, 4, 12)
+    # Which latent columns influence the 16 output pixel columns of latent column 6?
+    block = slice(6 * geometry.scale, 7 * geometry.scale)
+    influencing = _changed_columns(lambda y: model.g_s(y)[..., block], latent, 12, slice(None))
+    assert influencing == list(range(6 - geometry.margin, 6 + geometry.margin + 1))
+
+
+@pytest.mark.parametrize("length", [1, 4, 5, 8, 13, 16, 17, 40, 63])
+@pytest.mark.parametrize("patch", [0, 5, 8, 12, 16, 64])
+def test_tiling_owns_every_position_once_and_only_exact_ones(length, patch):
+    margin = 2
+    tiles = tile_axis(length, patch, margin)
+    owners = [0] * length
+    for tile in tiles:
+        assert 0 <= tile.start < tile.stop <= length
+        assert tile.stop - tile.start == min(patch or length, length)
+        for position in range(tile.own_start, tile.own_stop):
+            owners[position] += 1
+            # Exact: at least `margin` from every patch edge that is not the image border.
+            assert tile.start == 0 or position - tile.start >= margin
+            assert tile.stop == length or tile.stop - 1 - position >= margin
+    assert owners == [1] * length
+
+
+def test_patch_as_large_as_the_image_owns_everything():
+    # The authors' stitching left black rows here (256x256 at P=256).
+    geometry = model_geometry(models.build_model("cps", N=4))
+    assert [(r.own_start, r.own_stop, c.own_start, c.own_stop)
+            for r, c in plan_patches(16, 16, 256, geometry)] == [(0, 16, 0, 16)]
+
+
+@pytest.mark.parametrize("patch_size, message", [(200, "multiple of 16"), (64, "minimum 80"),
+                                                 (-16, "multiple of 16")])
+def test_unusable_patch_size_is_a_clear_error(patch_size, message):
+    geometry = model_geometry(models.build_model("cps", N=4))
+    with pytest.raises(ValueError, match=message):
+        check_patch_size(patch_size, geometry)

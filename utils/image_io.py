@@ -1,0 +1,89 @@
+"""Reading any image file as 8-bit RGB, and writing PNGs atomically.
+
+CPS codes 8-bit RGB. Other inputs are converted, and the conversion is reported in
+:class:`ImageInfo` so that callers can warn about it:
+
+* grayscale (L, I, I;16): replicated to three channels for coding and marked so the
+  decoder writes a grayscale PNG again;
+* 16-bit samples: scaled to 8 bits (``round(v / 257)``);
+* palette (P) and CMYK/YCbCr: converted to RGB;
+* an alpha channel (RGBA, LA, PA): dropped, because CPS does not code transparency.
+"""
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from utils.atomic import atomic_write_bytes
+
+
+@dataclass
+class ImageInfo:
+    """What :func:`read_image` found and what it changed."""
+
+    mode: str
+    grayscale: bool
+    conversions: List[str] = field(default_factory=list)
+
+
+def _to_8bit(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "f":
+        raise ValueError("floating-point images are not supported; save the image as 8- or 16-bit PNG")
+    return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
+    """Return the image at ``path`` as a uint8 tensor (3, H, W) and what was converted."""
+    if not os.path.isfile(path):
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            info = ImageInfo(mode=mode, grayscale=mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L"))
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+                info.conversions.append("alpha channel dropped")
+            if mode == "P":
+                info.conversions.append("palette converted to RGB")
+                image = image.convert("RGB")
+            if mode.startswith("I"):
+                array = _to_8bit(np.asarray(image))
+                info.conversions.append("16-bit samples scaled to 8 bits")
+            elif mode == "F":
+                raise ValueError("floating-point images are not supported")
+            elif info.grayscale:
+                array = np.asarray(image.convert("L"))
+            else:
+                array = np.asarray(image.convert("RGB"))
+    except ValueError as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).contiguous(), info
+
+
+def write_png(path: str, image: Tensor) -> None:
+    """Write a uint8 tensor (1 or 3, H, W) as PNG, atomically."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected a uint8 tensor (1 or 3, H, W), got {image.dtype} {tuple(image.shape)}")
+    array = image.permute(1, 2, 0).cpu().numpy()
+    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def to_grayscale(image: Tensor) -> Tensor:
+    """Mean of the three channels of a uint8 (3, H, W) tensor, rounded: (1, H, W)."""
+    return image.float().mean(dim=0, keepdim=True).round().to(torch.uint8)
