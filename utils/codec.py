@@ -102,6 +102,8 @@ def encode_image(model: nn.Module, image: Tensor, patch_size: int = 0, batch_siz
         exact: on the CPU, use bit-exact native convolutions (see module doc).
         grayscale: mark the file so the decoder writes one channel.
     """
+    if hasattr(model, "encode_image"):  # a model with its own codec (kamisli2024): no patches
+        return model.encode_image(image, order=order, grayscale=grayscale)
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} {tuple(image.shape)}")
     device = model_device(model)
@@ -155,6 +157,8 @@ def check_compatible(model: nn.Module, compressed: CompressedImage) -> None:
 def decode_image(model: nn.Module, compressed: CompressedImage, patch_size: int = 0,
                  batch_size: int = 8, exact: bool = True) -> Tensor:
     """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source."""
+    if hasattr(model, "decode_image"):
+        return model.decode_image(compressed)
     check_compatible(model, compressed)
     device = model_device(model)
     geometry = model_geometry(model)

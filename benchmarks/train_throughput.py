@@ -1,0 +1,177 @@
+"""Training throughput (images/s) of train.py's step vs a CompressAI-example loop.
+
+    python benchmarks/train_throughput.py [--cuda] [--batch-size 8] [--crop 256] [--N 192]
+        [--steps 30] [--warmup 5] [--repeats 3] [-o benchmarks/results/train_throughput.json]
+
+Both loops train the same CPS model (same initial weights, same batch) with
+CompressAI's ``RateDistortionLoss``, Adam, gradient clipping at 1.0 and a separate
+auxiliary optimizer:
+
+* ``compressai_example``: the body of CompressAI's ``examples/train.py``
+  ``train_one_epoch`` written out (zero_grad, forward, loss, backward, clip, step,
+  aux_loss backward, aux step);
+* ``train_py``: :class:`utils.training.TrainStep` as ``train.py`` runs it: per-step
+  RNG seeding, a non-finite check of the statistics (one host sync per step),
+  clipping of the network's parameters only; on CUDA also with bfloat16 autocast
+  and channels_last (``train_py_bf16_channels_last``).
+
+The batch is a fixed random tensor already on the device, so the figures measure
+the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
+workers). Each loop is timed ``--repeats`` times and the median is reported. The
+defaults are the issue's setting: batch 8, 256x256 crops, N = 192.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.training import TrainStep, build_criterion, build_optimizers  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           "train_throughput.json")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cuda", action="store_true", help="run on the current CUDA device")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=256, help="square crop side (pixels)")
+    parser.add_argument("--N", type=int, default=192, help="CPS width")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per loop (median)")
+    parser.add_argument("--lmbda", type=float, default=0.0035)
+    parser.add_argument("-o", "--output", default=DEFAULT_OUT, help="JSON result file")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "crop", "N", "steps", "repeats"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.crop % 64:
+        parser.error(f"--crop {args.crop} must be a multiple of 64 (the CPS downsampling)")
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda was given but CUDA is not available")
+    return args
+
+
+def compressai_example_step(model, criterion, optimizer, aux_optimizer, clip_max_norm):
+    """``step(x, i)``: one iteration of CompressAI's example training loop on batch ``x``."""
+
+    def step(x, _):
+        optimizer.zero_grad()
+        aux_optimizer.zero_grad()
+        out_criterion = criterion(model(x), x)
+        out_criterion["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        optimizer.step()
+        aux_loss = model.aux_loss()
+        aux_loss.backward()
+        aux_optimizer.step()
+
+    return step
+
+
+def _loops(base, device, lmbda):
+    """Yield ``(name, model, step(x, i))`` per loop; every model starts as ``base``.
+
+    A generator, so that only one loop's model and optimizer state is alive at once.
+    """
+    variants = [("compressai_example", {}), ("train_py", {})]
+    if device.type == "cuda":
+        variants.append(("train_py_bf16_channels_last", {"amp": True, "channels_last": True}))
+    for name, options in variants:
+        model = copy.deepcopy(base).to(device).train()
+        if options.get("channels_last"):
+            model = model.to(memory_format=torch.channels_last)
+        criterion = build_criterion(lmbda)
+        optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
+        if name == "compressai_example":
+            step = compressai_example_step(model, criterion, optimizer, aux_optimizer, 1.0)
+        else:
+            step = TrainStep(model, model, criterion, optimizer, aux_optimizer,
+                             clip_max_norm=1.0, **options)
+        yield name, model, step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, x, device, steps, warmup, repeats):
+    """Median images/s and ms/step of ``step`` over ``repeats`` runs of ``steps`` calls."""
+    for i in range(warmup):
+        step(x, i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        for i in range(steps):
+            step(x, warmup + r * steps + i)
+        _sync(device)
+        timings.append(time.perf_counter() - start)
+    seconds = statistics.median(timings)
+    result = {"images_per_s": steps * x.shape[0] / seconds, "ms_per_step": 1e3 * seconds / steps,
+              "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings]}
+    if device.type == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device("cuda" if args.cuda else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    base = models.build_model("cps", N=args.N)
+    x = torch.rand(args.batch_size, 3, args.crop, args.crop, device=device)
+    rows = []
+    for name, model, step in _loops(base, device, args.lmbda):
+        rows.append({"loop": name, **measure(step, x, device, args.steps, args.warmup,
+                                                    args.repeats)})
+        del model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    reference = rows[0]["images_per_s"]
+    where = torch.cuda.get_device_name(device) if args.cuda else platform.processor() or "cpu"
+    print(f"batch {args.batch_size}, crop {args.crop}, N {args.N}, {args.steps} timed steps "
+          f"x {args.repeats} on {where}")
+    print(f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}")
+    for row in rows:
+        print(f"{row['loop']:<30}{row['images_per_s']:>10.2f}{row['ms_per_step']:>10.1f}"
+              f"{row['images_per_s'] / reference:>11.2f}x")
+    record = {
+        "benchmark": "train_throughput",
+        "settings": {"batch_size": args.batch_size, "crop": args.crop, "N": args.N,
+                     "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                     "lmbda": args.lmbda},
+        "device": where,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    atomic_write_bytes(args.output, (json.dumps(record, indent=2) + "\n").encode())
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

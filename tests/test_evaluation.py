@@ -1,0 +1,288 @@
+"""test.py end to end on tiny images, the coders behind it, datasets and sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+from compressai.zoo import bmshj2018_factorized
+
+import test as test_script
+from utils.bitstream import pack
+from utils.codec import encode_image
+from utils.eval_coders import (Coded, CompressAICoder, LearnedOptions, NaiveTiles,
+                               learned_coder)
+from utils.evaluation import aggregate, environment_variable, resolve_dataset, to_json
+from utils.image_io import read_image, write_png
+from utils.metrics import psnr, psnr_b
+
+pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_KEYS = {"bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
+               "encoding_time", "decoding_time", "peak_memory_mb"}
+
+
+def smooth_image(height, width, seed):
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.linspace(0, 1, height)[:, None]
+    cols = torch.linspace(0, 1, width)[None, :]
+    base = torch.stack([80 + 100 * rows * cols, 180 - 90 * rows + 0 * cols,
+                        60 + 120 * cols + 0 * rows])
+    noise = torch.randint(-10, 11, (3, height, width), generator=generator)
+    return (base + noise).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Two small images with odd sides: one too small for MS-SSIM, one large enough."""
+    folder = tmp_path / "images"
+    write_png(str(folder / "small.png"), smooth_image(67, 93, 0))
+    write_png(str(folder / "large.png"), smooth_image(165, 170, 1))
+    return folder
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_cps):
+    path = tmp_path / "tiny.pth.tar"
+    torch.save({"state_dict": tiny_cps.state_dict(), "architecture": "cps"}, path)
+    return path
+
+
+def run_cli(capsys, argv):
+    code = test_script.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_checkpoint_run_reports_real_file_sizes_and_the_saved_pngs_psnr(
+        capsys, tmp_path, images, checkpoint, tiny_cps):
+    out_dir = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", images, "-a", "cps",
+                                       "-p", checkpoint, "--patch-size", 80, "-d", out_dir,
+                                       "--per-image", "--save-image", "--verify", "--no-progress"])
+    assert code == 0
+    document = json.loads(stdout)
+    assert document["name"] == "cps"
+    assert set(document["results"]) == RESULT_KEYS
+    assert all(len(values) == 1 for values in document["results"].values())
+    assert json.loads((out_dir / "results.json").read_text()) == document
+
+    sizes = []
+    for stem in ("large", "small"):
+        page = json.loads((out_dir / "per-image" / f"{stem}.json").read_text())
+        original, _ = read_image(str(images / f"{stem}.png"))
+        height, width = original.shape[1:]
+        file_bytes = len(pack(encode_image(tiny_cps, original, patch_size=80)))
+        expected = file_bytes * 8 / (height * width)
+        assert page["results"]["bpp"][0] == pytest.approx(expected, rel=1e-12)
+        sizes.append(page["results"]["bpp"][0])
+        saved, _ = read_image(str(out_dir / "reconstructions" / f"{stem}.png"))
+        assert page["results"]["psnr-rgb"][0] == pytest.approx(psnr(original, saved), abs=1e-9)
+        assert page["results"]["psnr-b"][0] == pytest.approx(psnr_b(original, saved), abs=1e-9)
+        assert page["results"]["bpp_est"][0] < page["results"]["bpp"][0]  # the header costs
+    assert document["results"]["bpp"][0] == pytest.approx(sum(sizes) / 2, rel=1e-12)
+    small = json.loads((out_dir / "per-image" / "small.json").read_text())
+    assert small["results"]["ms-ssim-rgb"] == [None]
+    large = json.loads((out_dir / "per-image" / "large.json").read_text())
+    only_value = large["results"]["ms-ssim-rgb"][0]
+    assert document["results"]["ms-ssim-rgb"][0] == pytest.approx(only_value)
+
+
+def test_several_checkpoints_give_one_entry_each_and_tagged_pngs(
+        capsys, tmp_path, images, checkpoint):
+    second = tmp_path / "other.pth"
+    second.write_bytes(checkpoint.read_bytes())
+    out_dir = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", images, "-p", checkpoint, second,
+                                       "--tiling", "none", "--max-images", 1, "-d", out_dir,
+                                       "--save-image", "--no-progress"])
+    assert code == 0
+    results = json.loads(stdout)["results"]
+    assert len(results["bpp"]) == 2 and results["bpp"][0] == results["bpp"][1]
+    assert sorted(os.listdir(out_dir / "reconstructions")) == ["large-other.png", "large-tiny.png"]
+
+
+def test_entropy_estimation_reports_the_likelihood_rate(capsys, images, checkpoint):
+    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", images, "-p", checkpoint,
+                                       "--entropy-estimation", "--no-progress"])
+    document = json.loads(stdout)
+    assert code == 0 and "entropy estimation" in document["description"]
+    assert "bpp_est" not in document["results"] and document["results"]["decoding_time"] == [None]
+
+
+def test_codec_command_evaluates_jpeg_at_each_quality(capsys, images):
+    code, stdout, _ = run_cli(capsys, ["codec", "--dataset", images, "--codec", "jpeg",
+                                       "-q", "20,80", "--no-progress"])
+    results = json.loads(stdout)["results"]
+    assert code == 0
+    assert results["bpp"][0] < results["bpp"][1] and results["psnr-rgb"][0] < results["psnr-rgb"][1]
+    assert "bpp_est" not in results
+
+
+class IdentityTile:
+    """Returns each tile unchanged for one bit, recording the tile shapes."""
+
+    device = torch.device("cpu")
+    description = "identity"
+
+    def __init__(self):
+        self.shapes = []
+
+    def code(self, tile):
+        self.shapes.append(tuple(tile.shape))
+        return Coded(bits=1.0, reconstruction=tile.clone(), encoding_time=0.0, decoding_time=0.0)
+
+
+class FlatTile(IdentityTile):
+    """Replaces each tile by its mean colour: the crudest block-wise codec."""
+
+    def code(self, tile):
+        mean = tile.float().mean(dim=(1, 2), keepdim=True).round().to(torch.uint8)
+        return Coded(bits=1.0, reconstruction=mean.expand_as(tile).clone(),
+                     encoding_time=0.0, decoding_time=0.0)
+
+
+def test_naive_tiles_cover_the_padded_image_and_crop_back():
+    image = smooth_image(70, 100, 2)
+    inner = IdentityTile()
+    coded = NaiveTiles(inner, 32).code(image)
+    assert inner.shapes == [(3, 32, 32)] * (3 * 4)
+    assert coded.bits == 12
+    assert torch.equal(coded.reconstruction, image)
+
+
+def test_naive_tiling_seams_cost_psnr_b():
+    image = smooth_image(96, 128, 3)
+    blocky = NaiveTiles(FlatTile(), 16).code(image).reconstruction
+    assert psnr_b(image, blocky) < psnr(image, blocky) - 0.5
+
+
+@pytest.fixture
+def zoo_model():
+    """An untrained CompressAI model (no download): the real compress/decompress path."""
+    torch.manual_seed(0)
+    model = bmshj2018_factorized(quality=1, pretrained=False).eval()
+    model.update(force=True)
+    return model
+
+
+def test_a_zoo_model_codes_whole_images_and_naive_tiles(zoo_model):
+    image = smooth_image(70, 100, 4)
+    whole = learned_coder(zoo_model, LearnedOptions(patch_size=64, verify=True))
+    assert isinstance(whole, CompressAICoder)
+    coded = whole.code(image)
+    multiple = zoo_model.downsampling_factor
+    x = image[None].float().div(255)
+    x = torch.nn.functional.pad(x, (0, -100 % multiple, 0, -70 % multiple), mode="replicate")
+    strings = zoo_model.compress(x)["strings"]
+    assert coded.bits == 8 * sum(len(s) for group in strings for s in group)
+    assert coded.reconstruction.shape == image.shape
+    tiled = learned_coder(zoo_model, LearnedOptions(tiling="naive", patch_size=64)).code(image)
+    assert tiled.reconstruction.shape == image.shape and tiled.bits > 0
+
+
+def test_pops_tiling_is_refused_for_a_model_with_padded_convolutions(zoo_model):
+    with pytest.raises(ValueError, match="--tiling pops needs a padding-free model"):
+        learned_coder(zoo_model, LearnedOptions(tiling="pops", patch_size=128))
+
+
+def test_a_bad_cps_patch_size_is_refused_before_coding(tiny_cps):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        learned_coder(tiny_cps, LearnedOptions(patch_size=100))
+
+
+def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
+    import compressai.zoo.image
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(compressai.zoo.image, "load_state_dict_from_url", offline)
+    code, stdout, stderr = run_cli(capsys, ["pretrained", "--dataset", images, "-a", "mbt2018",
+                                            "-q", "1", "--no-progress"])
+    assert code == 1 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert "cannot download pretrained mbt2018" in lines[-1] and "https://" in lines[-1]
+    assert all("Traceback" not in line for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["codec", "--codec", "jpeg", "-q", "500"], "outside 1..100"),
+    (["checkpoint", "-p", "missing.pth"], "checkpoint not found"),
+    (["checkpoint", "-p", "x.pth", "--half"], "--half needs --entropy-estimation"),
+    (["checkpoint", "-p", "x.pth", "--save-image"], "need -d OUTDIR"),
+    (["pretrained", "-a", "mbt2018", "-q", "1", "--tiling", "naive", "--patch-size", "0"], None),
+])
+def test_bad_command_lines_end_in_one_stderr_line(capsys, images, argv, message):
+    if message is None:  # naive tiling without a tile size: refused before any download
+        message = "--tiling naive needs --patch-size > 0"
+    code, stdout, stderr = run_cli(capsys, argv + ["--dataset", images, "--no-progress"])
+    lines = stderr.strip().splitlines()
+    assert code == 1 and stdout == ""
+    assert lines[-1].startswith("test.py: error:") and message in lines[-1]
+
+
+def test_a_dataset_name_resolves_through_the_config_and_its_variable(tmp_path, monkeypatch):
+    config = tmp_path / "datasets.yaml"
+    config.write_text("Kodak:\n  path: nowhere\n  patch_size: 128\n")
+    monkeypatch.setenv("CPS_KODAK", str(tmp_path))
+    dataset = resolve_dataset("kodak", str(config))
+    assert (dataset.name, dataset.folder, dataset.patch_size) == ("Kodak", str(tmp_path), 128)
+    monkeypatch.delenv("CPS_KODAK")
+    with pytest.raises(ValueError, match="set CPS_KODAK"):
+        resolve_dataset("Kodak", str(config))
+    with pytest.raises(ValueError, match="neither a folder nor a dataset"):
+        resolve_dataset("Tecnick", str(config))
+    config.write_text("Kodak:\n  path: x\n  patch_size: 128\n  colour: rgb\n")
+    with pytest.raises(ValueError, match="exactly the keys"):
+        resolve_dataset("Kodak", str(config))
+    assert environment_variable("DIV8K") == "CPS_DIV8K"
+
+
+def test_the_shipped_datasets_config_has_the_papers_patch_sizes():
+    from utils.evaluation import load_datasets_config
+
+    config = load_datasets_config()
+    assert {name: entry["patch_size"] for name, entry in config.items()} == {
+        "Kodak": 128, "CLIC": 256, "DIV8K": 256}
+
+
+def test_aggregate_averages_present_values_and_json_turns_inf_into_null():
+    records = [[{"bpp": 1.0, "psnr-rgb": float("inf"), "ms-ssim-rgb": None},
+                {"bpp": 3.0, "psnr-rgb": 30.0, "ms-ssim-rgb": 0.9}]]
+    results = aggregate(records, ["run"])
+    assert results["bpp"] == [2.0] and results["ms-ssim-rgb"] == [0.9]
+    assert json.loads(to_json({"results": results}))["results"]["psnr-rgb"] == [None]
+
+
+def test_torchrun_shards_images_and_merges_the_same_results(capsys, tmp_path, images, checkpoint):
+    write_png(str(images / "third.png"), smooth_image(64, 80, 5))
+    common = ["checkpoint", "--dataset", images, "-p", checkpoint, "--patch-size", 80,
+              "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process runs
+    try:
+        code, stdout, _ = run_cli(capsys, common)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    single = json.loads(stdout)
+
+    out_dir = tmp_path / "sharded"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "test.py")] + [str(a) for a in common] + ["-d", str(out_dir),
+                                                                           "--save-image"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    sharded = json.loads(done.stdout)
+    assert "2 processes" in done.stderr
+    for key in ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b"):
+        assert sharded["results"][key] == single["results"][key], key
+    written = sorted(os.listdir(out_dir / "reconstructions"))
+    assert written == ["large.png", "small.png", "third.png"]
+    assert json.loads((out_dir / "results.json").read_text()) == sharded

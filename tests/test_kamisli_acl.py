@@ -1,0 +1,201 @@
+"""Asymptotic closed-loop training (utils/acl.py) on a tiny model and generated images."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import models
+from models.kamisli import Kamisli2024
+from utils.acl import (STATE_NAME, ACLSettings, ACLState, finish_iteration, next_learning_rate,
+                       run_acl, train_epoch)
+from utils.acl_data import ContextPairs
+from utils.image_io import read_image
+from utils.training import build_criterion
+
+
+def write_images(folder, count, size, seed):
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        low = torch.rand(3, 3, 3, generator=g)
+        picture = torch.nn.functional.interpolate(low[None], size=size, mode="bilinear",
+                                                  align_corners=False)[0]
+        array = picture.mul(255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(os.path.join(folder, f"img{i}.png"))
+
+
+def config(tmp_path, **acl):
+    data = tmp_path / "data"
+    write_images(data / "train", 4, (20, 24), seed=0)
+    write_images(data / "test", 2, (16, 20), seed=1)
+    settings = {"itr0_threshold": 1e9, "count_thresholds": [0], "max_iterations": 2,
+                "max_epochs_per_iteration": 2, "closed_loop_every": 1, "closed_loop_tile": 2}
+    settings.update(acl)
+    return {
+        "train_data": {"data_path": str(data), "experiment_path": str(tmp_path / "exp"),
+                       "batch_size": 2, "num_workers": 0, "use_checkpoint_path": "",
+                       "init_checkpoint_path": ""},
+        "train_params": {"patch_size": 16, "learning_rate": 1e-3, "lmbda": 0.01,
+                         "distortion_metric": "mse", "seed": 0, "N": 8},
+        "model": {"name": "kamisli2024",
+                  "kwargs": {"block_size": 4, "M": 4, "kernel_sizes": [3, 1, 1, 1]}},
+        "lr_schedule": {"type": "plateau", "factor": 0.8, "patience": 4, "min_lr": 4e-5},
+        "acl": settings,
+    }
+
+
+def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp_path):
+    cfg = config(tmp_path)
+    log = []
+    state = run_acl(cfg, torch.device("cpu"), log.append)
+    exp = cfg["train_data"]["experiment_path"]
+    assert state.iteration == 1 and state.phase == "regenerate"
+    assert [r["iteration"] for r in state.history] == [0, 1, 1]  # itr 0 stops at its threshold
+    assert all(math.isfinite(r["open_loop"]) and "closed_loop" in r for r in state.history)
+    assert os.path.exists(os.path.join(exp, STATE_NAME))
+    best = os.path.join(exp, "model_best_acl_0.pth.tar")
+    assert state.selected in ("model_best_acl_1.pth.tar", "model_best_acl_1rr.pth.tar")
+    # the selected models are ordinary coding checkpoints
+    model = models.load_checkpoint(best)
+    assert isinstance(model, Kamisli2024) and model.config["block_size"] == 4
+    # z_1 = 8-bit clamp(f(x, x)) of the model selected after iteration 0, eval mode
+    contexts = sorted(os.listdir(os.path.join(exp, "acl", "contexts_1", "train")))
+    assert len(contexts) == 4 and len(os.listdir(os.path.join(exp, "acl", "contexts_1", "val"))) == 2
+    x = read_image(str(tmp_path / "data" / "train" / "img0.png"))[0].float().div(255)[None]
+    with torch.no_grad():
+        expected = model(x)["x_hat"].clamp(0, 1).mul(255).round().byte()[0]
+    stored = read_image(os.path.join(exp, "acl", "contexts_1", "train", contexts[0]))[0]
+    assert contexts[0].endswith("img0.png") and torch.equal(stored, expected)
+    assert any("wrote 4 train context images" in line for line in log)
+
+
+def test_an_interrupted_acl_run_resumes_to_the_same_result(tmp_path):
+    straight = run_acl(config(tmp_path / "a"), torch.device("cpu"), lambda _: None)
+    first = config(tmp_path / "b", max_iterations=1)
+    run_acl(first, torch.device("cpu"), lambda _: None)
+    with pytest.raises(ValueError, match="--resume"):
+        run_acl(first, torch.device("cpu"), lambda _: None)
+    resumed_cfg = config(tmp_path / "b")
+    resumed_cfg["train_data"]["use_checkpoint_path"] = os.path.join(
+        resumed_cfg["train_data"]["experiment_path"], STATE_NAME)
+    resumed = run_acl(resumed_cfg, torch.device("cpu"), lambda _: None)
+    assert resumed.history == straight.history
+    assert resumed.learning_rate == straight.learning_rate
+
+
+def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
+    write_images(tmp_path / "x", 1, (20, 28), seed=2)
+    original = str(tmp_path / "x" / "img0.png")
+    inverted = read_image(original)[0]
+    Image.fromarray((255 - inverted).permute(1, 2, 0).numpy()).save(tmp_path / "z.png")
+    whole_x = read_image(original)[0].float() / 255
+    same = ContextPairs([original], None, 0, 4)
+    x, z = same[0]
+    assert torch.equal(x, z) and torch.equal(x, whole_x)  # iteration 0: z = x
+    pairs = ContextPairs([original], [str(tmp_path / "z.png")], 8, 4, seed=3)
+    seen = set()
+    for epoch in range(12):
+        pairs.set_epoch(epoch)
+        x, z = pairs[0]
+        assert x.shape == (3, 8, 8) and torch.allclose(z, 1 - x)  # same crop, same flips
+        found = [(t, l, fh, fv) for t in range(0, 13) for l in range(0, 21)
+                 for fh in (False, True) for fv in (False, True)
+                 if torch.equal(_flip(whole_x[:, t:t + 8, l:l + 8], fh, fv), x)]
+        assert found and all(t % 4 == 0 and l % 4 == 0 for t, l, _, _ in found)
+        seen.update((fh, fv) for _, _, fh, fv in found)
+        pairs.set_epoch(epoch)
+        assert torch.equal(pairs[0][0], x)  # a pure function of (seed, epoch, index)
+    assert len(seen) > 1
+
+
+def _flip(t, horizontal, vertical):
+    if horizontal:
+        t = t.flip(2)
+    if vertical:
+        t = t.flip(1)
+    return t
+
+
+def test_the_chained_loss_averages_two_passes_and_trains_through_the_first():
+    torch.manual_seed(0)
+    model = Kamisli2024(block_size=4, N=8, M=4)
+    x, z = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    criterion = build_criterion(0.01)
+
+    def gradient(chained, detach=False):
+        net = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+        torch.manual_seed(5)
+        if detach:  # reference: the second pass sees a detached first output
+            out = net(x, z)
+            second = net(x, out["x_hat"].detach())
+            loss = 0.5 * criterion(out, x)["loss"] + 0.5 * criterion(second, x)["loss"]
+            loss.backward()
+            return net.g_a_source.weight.grad.clone()
+        before = net.g_a_source.weight.detach().clone()
+        train_epoch(net, [(x, z)], optimizer, criterion, torch.device("cpu"), chained, 0.0)
+        return before - net.g_a_source.weight.detach()
+
+    torch.manual_seed(5)
+    out = model(x, z)
+    manual = 0.5 * criterion(out, x)["loss"] + 0.5 * criterion(model(x, out["x_hat"]), x)["loss"]
+    manual.backward()
+    assert torch.allclose(gradient(True), model.g_a_source.weight.grad, atol=1e-6)
+    assert not torch.allclose(gradient(True), gradient(True, detach=True), atol=1e-6)
+    assert not torch.allclose(gradient(True), gradient(False), atol=1e-6)
+
+
+def test_learning_rate_reset_and_switch_rule():
+    assert next_learning_rate(1e-4, 5e-5, 1) == pytest.approx(0.4 * 1e-4 + 0.6 * 5e-5)
+    assert next_learning_rate(1e-4, 5e-5, 4) == pytest.approx(0.1 * 1e-4 + 0.9 * 5e-5)
+    assert next_learning_rate(1e-4, 5e-5, 7) == 5e-5
+    settings = ACLSettings()
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    # iteration 2, closed-loop loss improved by more than 1 %: stay open loop
+    state = ACLState(iteration=2, best_cl=0.90, best_cl_previous=1.0)
+    finish_iteration(state, settings, optimizer)
+    assert (state.mode, state.chained, state.selected) == ("ol_loss", False, "model_best_acl_2.pth.tar")
+    assert state.best_cl_previous == 0.90 and state.learning_rate == 1e-4
+    # less than 1 %: switch to closed-loop convergence, chained loss, LR x 0.66
+    state = ACLState(iteration=2, best_cl=0.995, best_cl_previous=1.0)
+    finish_iteration(state, settings, optimizer)
+    assert (state.mode, state.chained, state.selected) == ("cl_loss", True, "model_best_acl_2rr.pth.tar")
+    assert state.learning_rate == pytest.approx(0.66e-4) and state.phase == "regenerate"
+    # before iteration 2 the rule never switches
+    state = ACLState(iteration=1, best_cl=1.0, best_cl_previous=1.0)
+    finish_iteration(state, settings, optimizer)
+    assert state.mode == "ol_loss"
+
+
+def test_acl_settings_reject_unknown_keys_and_wrong_types():
+    assert ACLSettings.from_mapping({"itr0_threshold": 1}).itr0_threshold == 1.0
+    with pytest.raises(ValueError, match="unknown key acl.thresholds"):
+        ACLSettings.from_mapping({"thresholds": [1]})
+    with pytest.raises(ValueError, match="acl.max_iterations must be int"):
+        ACLSettings.from_mapping({"max_iterations": "8"})
+    with pytest.raises(ValueError, match="count_thresholds"):
+        ACLSettings.from_mapping({"count_thresholds": [3, -1]})
+
+
+def test_closed_loop_validation_equals_block_by_block_recursion():
+    """One pass per wavefront gives what the authors' one pass per block gives."""
+    torch.manual_seed(0)
+    model = Kamisli2024(block_size=4, N=8, M=4, kernel_sizes=[3, 3, 1, 1]).eval()
+    x = torch.rand(1, 3, 20, 24)
+    fast = model.closed_loop(x, tile_blocks=0, context_bits=8)
+    context = torch.full_like(x, 0.5)
+    with torch.no_grad():
+        for i in range(5):
+            for j in range(6):
+                out = model(x, context)
+                block = out["x_hat"][:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].clamp(0, 1)
+                context[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = block.mul(255).round() / 255
+    assert torch.allclose(fast["x_hat"], out["x_hat"].clamp(0, 1), atol=1e-6)
+    assert torch.allclose(fast["likelihoods"]["y"], out["likelihoods"]["y"], rtol=1e-5)
+    # tiles: a 2x2-block tile sees mid-grey outside itself, so tiling changes the result
+    tiled = model.closed_loop(x, tile_blocks=2, context_bits=8)
+    assert tiled["x_hat"].shape == x.shape and not torch.allclose(tiled["x_hat"], fast["x_hat"])

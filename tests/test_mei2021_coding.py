@@ -1,0 +1,197 @@
+"""Layered bitstreams of the Mei et al. 2021 models: exactness, layer independence, container.
+
+Random tiny models (widths 8-12) with entropy tables; images synthesised in memory,
+with sides that are not multiples of 64/128 so that padding and cropping are exercised.
+"""
+
+import pytest
+import torch
+
+from models.mei2021 import Mei2021Quality, Mei2021Spatial
+from models.mei2021_coding import (MAGIC, decode_latents, decode_layers, encode_latents,
+                                   encode_layers, pack_layers, truncate_layers, unpack_layers)
+from utils.bitstream import BitstreamError
+from utils.codec import transform_mode
+from utils.scalable import evaluate_layers, pyramid_sizes, to_uint8
+
+
+def _ready(model):
+    model.eval()
+    model.update(force=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def quality():
+    torch.manual_seed(0)
+    return _ready(Mei2021Quality(num_filters=[8, 10, 12], lmbdas=[3.0, 2.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def spatial():
+    torch.manual_seed(0)
+    return _ready(Mei2021Spatial(num_filters=[8, 10, 12], lmbdas=[3.0, 2.0, 1.0]))
+
+
+def smooth_image(height, width, seed=0):
+    """A uint8 image with structure (gradients plus a little noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.linspace(0, 1, height)[:, None]
+    cols = torch.linspace(0, 1, width)[None, :]
+    planes = torch.stack([rows * cols, (rows + cols) / 2, 1 - rows * 0.5 + 0 * cols])
+    noisy = planes + 0.03 * torch.randn(3, height, width, generator=generator)
+    return to_uint8(noisy)
+
+
+@pytest.fixture(scope="module")
+def coded_quality(quality):
+    image = smooth_image(70, 90)
+    layered, encoder = encode_latents(quality, image)
+    return image, layered, encoder
+
+
+@pytest.fixture(scope="module")
+def coded_spatial(spatial):
+    image = smooth_image(130, 75, seed=1)
+    layered, encoder = encode_latents(spatial, image)
+    return image, layered, encoder
+
+
+@pytest.mark.parametrize("name", ["quality", "spatial"])
+def test_encoder_and_decoder_predictions_and_latents_agree_exactly(name, request):
+    model = request.getfixturevalue(name)
+    _, layered, encoder = request.getfixturevalue(f"coded_{name}")
+    decoder = decode_latents(model, layered)
+    assert encoder["prediction"][0] is None and decoder["prediction"][0] is None
+    for k in range(1, model.num_layers):
+        assert torch.equal(encoder["prediction"][k], decoder["prediction"][k])
+    for k in range(model.num_layers):
+        assert torch.equal(encoder["y_hat"][k], decoder["y_hat"][k])
+        assert torch.equal(encoder["x_hat"][k], decoder["x_hat"][k])
+
+
+@pytest.mark.parametrize("name", ["quality", "spatial"])
+def test_eval_forward_reproduces_the_decoded_reconstructions(name, request):
+    model = request.getfixturevalue(name)
+    side = model.downsampling_factor
+    image = smooth_image(side, 2 * side, seed=3)
+    with transform_mode(torch.device("cpu"), exact=True):  # the coder's convolution settings
+        forward = model(image.float().div(255)[None])["x_hats"]
+    decoded = decode_layers(model, encode_layers(model, image))
+    for k in range(model.num_layers):
+        assert torch.equal(to_uint8(forward[k][0]), decoded[k])
+
+
+@pytest.mark.parametrize("name", ["quality", "spatial"])
+def test_a_container_truncated_to_k_layers_still_decodes_layers_up_to_k(name, request):
+    model = request.getfixturevalue(name)
+    _, layered, _ = request.getfixturevalue(f"coded_{name}")
+    data = pack_layers(model, layered)
+    full = decode_layers(model, unpack_layers(data))
+    for keep in range(1, model.num_layers + 1):
+        shorter = truncate_layers(data, keep)
+        assert len(shorter) < len(data) or keep == model.num_layers
+        partial = unpack_layers(shorter)
+        assert len(partial.streams) == keep
+        images = decode_layers(model, partial)
+        assert len(images) == keep
+        assert all(torch.equal(a, b) for a, b in zip(images, full))
+        with pytest.raises(ValueError, match=f"holds {keep}"):
+            decode_layers(model, partial, upto=keep + 1)
+
+
+def test_corrupting_a_higher_stream_leaves_lower_layers_unchanged(quality, coded_quality):
+    _, layered, _ = coded_quality
+    reference = decode_layers(quality, layered, upto=2)
+    streams = list(layered.streams)
+    streams[2] = bytes(b ^ 0x5A for b in streams[2])
+    damaged = type(layered)(**{**layered.__dict__, "streams": streams})
+    lower = decode_layers(quality, damaged, upto=2)
+    assert all(torch.equal(a, b) for a, b in zip(lower, reference))
+    data = pack_layers(quality, damaged)
+    unpack_layers(truncate_layers(data, 2))  # the damaged layer is dropped: fine
+    with pytest.raises(BitstreamError, match="CRC mismatch|differs"):
+        decode_layers(quality, damaged)
+
+
+def test_output_sizes_follow_the_original_image_and_the_pyramid(quality, spatial, coded_quality,
+                                                               coded_spatial):
+    image, layered, _ = coded_quality
+    assert [tuple(x.shape) for x in decode_layers(quality, layered)] == [(3, 70, 90)] * 3
+    image, layered, _ = coded_spatial
+    sizes = [tuple(x.shape[1:]) for x in decode_layers(spatial, layered)]
+    assert sizes == pyramid_sizes(130, 75, 3) == [(33, 19), (65, 38), (130, 75)]
+
+
+@pytest.mark.filterwarnings("ignore:MS-SSIM needs")
+def test_real_rates_are_cumulative_and_close_to_the_estimate(quality, coded_quality):
+    image, layered, _ = coded_quality
+    records = evaluate_layers(quality, image)
+    data = pack_layers(quality, layered)
+    assert [r["layer"] for r in records] == [0, 1, 2]
+    for k, record in enumerate(records):
+        assert record["bpp"] == len(truncate_layers(data, k + 1)) * 8 / (70 * 90)
+        payload_bits = 8 * sum(len(s) for s in layered.streams[: k + 1])
+        estimate = sum(layered.estimated_bits[: k + 1])
+        assert abs(payload_bits - estimate) < 0.05 * estimate + 32 * (k + 1)
+    assert records[0]["bpp"] < records[1]["bpp"] < records[2]["bpp"]
+    assert set(records[0]) >= {"psnr-rgb", "ms-ssim-rgb", "psnr-b", "bpp_est", "decoding_time"}
+
+
+@pytest.mark.filterwarnings("ignore:MS-SSIM needs")
+def test_spatial_layer_records_use_each_layers_own_pixels(spatial, coded_spatial):
+    image, layered, _ = coded_spatial
+    records = evaluate_layers(spatial, image)
+    data = pack_layers(spatial, layered)
+    for k, (h, w) in enumerate(pyramid_sizes(130, 75, 3)):
+        assert (records[k]["height"], records[k]["width"]) == (h, w)
+        assert records[k]["bpp"] == len(truncate_layers(data, k + 1)) * 8 / (h * w)
+
+
+def test_decoding_with_other_weights_is_an_error(coded_quality):
+    _, layered, _ = coded_quality
+    torch.manual_seed(5)
+    other = _ready(Mei2021Quality(num_filters=[8, 10, 12], lmbdas=[3.0, 2.0, 1.0]))
+    with pytest.raises(BitstreamError, match="other weights"):
+        decode_layers(other, layered)
+
+
+def test_decoding_with_the_other_mode_is_an_error(spatial, coded_quality):
+    with pytest.raises(BitstreamError, match="mei2021-quality"):
+        decode_layers(spatial, coded_quality[1])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: b"XXXX" + d[4:], "bad magic"),
+    (lambda d: d[:4] + bytes([9]) + d[5:], "version 9"),
+    (lambda d: d[:8] + bytes([d[8] ^ 1]) + d[9:], "header"),
+    (lambda d: d[:-3], "incomplete"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
+    (lambda d: d + b"\x00", "trailing"),
+    (lambda d: d[:10], "truncated"),
+])
+def test_damaged_containers_are_rejected_with_a_specific_error(quality, coded_quality, damage,
+                                                                message):
+    data = pack_layers(quality, coded_quality[1])
+    assert data[:4] == MAGIC
+    with pytest.raises(BitstreamError, match=message):
+        unpack_layers(damage(data))
+
+
+def test_coding_needs_eval_mode_and_entropy_tables():
+    torch.manual_seed(0)
+    model = Mei2021Quality(num_filters=[8, 8], lmbdas=[2.0, 1.0])
+    image = smooth_image(64, 64)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        encode_layers(model, image)
+    with pytest.raises(RuntimeError, match="update"):
+        encode_layers(model.eval(), image)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_layers(_ready(model), image.float())
+
+
+def test_truncate_rejects_impossible_layer_counts(quality, coded_quality):
+    data = pack_layers(quality, coded_quality[1])
+    for keep in (0, 4):
+        with pytest.raises(ValueError, match="1..3"):
+            truncate_layers(data, keep)

@@ -1,0 +1,142 @@
+"""Metric functions on inputs whose answer is known."""
+
+import math
+import mmap
+
+import pytest
+import torch
+
+from utils.metrics import (PeakMemory, bits_per_pixel, image_metrics, likelihood_bits, ms_ssim_rgb,
+                           psnr, psnr_b)
+
+
+def ramp(height=64, width=96):
+    """A smooth gray ramp, the same in R, G and B: no edge lies on a block border."""
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    return (40 + rows + cols).to(torch.uint8).expand(3, height, width).contiguous()
+
+
+def add(image, offsets):
+    return (image.int() + offsets).clamp(0, 255).to(torch.uint8)
+
+
+def block_checkerboard(height, width, block=8, amplitude=4):
+    """+-amplitude, constant over each block: every error jump sits on a block border."""
+    rows = (torch.arange(height) // block)[:, None]
+    cols = (torch.arange(width) // block)[None, :]
+    return ((rows + cols) % 2 * 2 - 1) * amplitude
+
+
+def pixel_checkerboard(height, width, amplitude=4):
+    """+-amplitude alternating every pixel: error jumps everywhere, borders are not special."""
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    return ((rows + cols) % 2 * 2 - 1) * amplitude
+
+
+def test_identical_images_have_infinite_psnr_and_psnr_b_and_unit_ms_ssim():
+    image = ramp(192, 200)
+    assert psnr(image, image) == math.inf
+    assert psnr_b(image, image) == math.inf
+    assert ms_ssim_rgb(image, image) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_psnr_matches_the_closed_form_for_a_known_mse():
+    image = ramp()
+    distorted = add(image, pixel_checkerboard(64, 96, amplitude=5))  # MSE = 25 exactly
+    assert psnr(image, distorted) == pytest.approx(10 * math.log10(255 ** 2 / 25), abs=1e-12)
+
+
+def test_psnr_b_equals_psnr_when_errors_do_not_line_up_with_block_borders():
+    image = ramp()
+    distorted = add(image, pixel_checkerboard(64, 96))
+    assert psnr_b(image, distorted) == pytest.approx(psnr(image, distorted), abs=1e-9)
+
+
+def test_blocky_error_gets_a_lower_psnr_b_than_smooth_error_of_the_same_mse():
+    image = ramp()
+    blocky = add(image, block_checkerboard(64, 96))
+    smooth = add(image, pixel_checkerboard(64, 96))
+    assert psnr(image, blocky) == pytest.approx(psnr(image, smooth), abs=1e-12)
+    assert psnr_b(image, blocky) < psnr_b(image, smooth) - 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_psnr_b_never_exceeds_psnr_on_gray_images(seed):
+    generator = torch.Generator().manual_seed(seed)
+    image = ramp(72, 88)
+    noise = torch.randint(-6, 7, (72, 88), generator=generator)
+    distorted = add(image, noise)
+    assert psnr_b(image, distorted) <= psnr(image, distorted) + 1e-9
+
+
+def test_psnr_b_is_the_mean_of_the_channels_psnr_b():
+    image = ramp()
+    errors = [block_checkerboard(64, 96, amplitude=4), block_checkerboard(64, 96, amplitude=8),
+              pixel_checkerboard(64, 96, amplitude=3)]
+    distorted = add(image, torch.stack(errors))
+    per_channel = [psnr_b(image, add(image, error.expand(3, -1, -1))) for error in errors]
+    assert len(set(round(v, 6) for v in per_channel)) == 3
+    assert psnr_b(image, distorted) == pytest.approx(sum(per_channel) / 3, abs=1e-9)
+
+
+def test_ms_ssim_of_a_small_image_is_none_with_a_warning():
+    image = ramp(100, 300)
+    with pytest.warns(RuntimeWarning, match="MS-SSIM needs both sides"):
+        assert ms_ssim_rgb(image, add(image, pixel_checkerboard(100, 300))) is None
+
+
+def test_ms_ssim_drops_with_distortion():
+    image = ramp(170, 180)
+    mild = add(image, pixel_checkerboard(170, 180, amplitude=2))
+    strong = add(image, block_checkerboard(170, 180, amplitude=20))
+    assert 1.0 > ms_ssim_rgb(image, mild) > ms_ssim_rgb(image, strong)
+
+
+def test_image_metrics_returns_the_three_result_keys():
+    image = ramp(170, 180)
+    values = image_metrics(image, add(image, pixel_checkerboard(170, 180)))
+    assert set(values) == {"psnr-rgb", "ms-ssim-rgb", "psnr-b"}
+
+
+@pytest.mark.parametrize("bad", [
+    torch.zeros(3, 64, 96),                        # float
+    torch.zeros(1, 64, 96, dtype=torch.uint8),     # one channel
+    torch.zeros(3, 64, 95, dtype=torch.uint8),     # other size
+])
+def test_metrics_reject_wrong_inputs(bad):
+    with pytest.raises(ValueError):
+        psnr(ramp(), bad)
+
+
+def test_bits_per_pixel_counts_the_original_pixels():
+    assert bits_per_pixel(100, 10, 20) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        bits_per_pixel(100, 0, 20)
+
+
+def test_likelihood_bits_is_minus_log2_of_the_probabilities():
+    likelihoods = {"y": torch.full((1, 2, 2, 2), 0.5), "z": torch.full((1, 1, 1, 1), 0.25)}
+    assert likelihood_bits(likelihoods) == pytest.approx(8 * 1 + 2)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 1024
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as small:
+        torch.zeros(1)
+    assert small.peak_mb > 0
+    if not small.kind.endswith("(VmHWM)"):
+        return  # a lifetime peak cannot show one allocation
+    # The peak restarts from the resident size at entry, whatever earlier tests left.
+    resident_before = _resident_mb()
+    with PeakMemory(torch.device("cpu")) as large:
+        # Fresh pages (an anonymous map), not a block the allocator kept from earlier tests.
+        block = mmap.mmap(-1, 64 * 2 ** 20)
+        block.write(b"\1" * len(block))
+        block.close()
+    assert large.peak_mb - resident_before > 48

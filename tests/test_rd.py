@@ -1,0 +1,114 @@
+"""RD curves, BD-rate tables, plots and the shipped Kodak anchors."""
+
+import glob
+import json
+import os
+
+import pytest
+
+import test as test_script
+from utils.rd import MIN_POINTS, bd_rate, bd_rate_table, format_table, load_curve
+
+ANCHORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "assets", "anchors", "kodak")
+
+
+def write_results(path, name, bpp, psnr, **more):
+    results = {"bpp": bpp, "psnr-rgb": psnr, **more}
+    path.write_text(json.dumps({"name": name, "description": "", "results": results}))
+    return str(path)
+
+
+BPP = [0.1, 0.2, 0.4, 0.8, 1.6]
+PSNR = [28.0, 30.5, 33.0, 35.5, 38.0]
+
+
+def test_a_curve_has_zero_bd_rate_against_itself(tmp_path):
+    curve = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    assert bd_rate(curve, curve) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.25])
+def test_scaling_every_rate_gives_that_bd_rate(tmp_path, factor):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    test = load_curve(write_results(tmp_path / "t.json", "t", [b * factor for b in BPP], PSNR))
+    assert bd_rate(anchor, test) == pytest.approx((factor - 1) * 100, abs=1e-6)
+
+
+def test_old_keys_are_read_and_points_sorted_by_rate(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"name": "old", "results": {
+        "bpp": [0.8, 0.1, 0.4], "psnr": [35.0, 28.0, 32.0], "ms-ssim": [0.99, 0.9, 0.97]}}))
+    curve = load_curve(str(path))
+    assert curve.bpp == [0.1, 0.4, 0.8]
+    assert curve.metrics["psnr-rgb"] == [28.0, 32.0, 35.0]
+    assert curve.metrics["ms-ssim-rgb"] == [0.9, 0.97, 0.99]
+
+
+def test_missing_values_are_left_out_of_a_curve(tmp_path):
+    curve = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR,
+                                     **{"ms-ssim-rgb": [None, 0.95, 0.97, 0.98, 0.99]}))
+    assert len(curve.points("ms-ssim-rgb")) == 4
+    assert curve.points("ms-ssim-rgb")[0][1] == pytest.approx(13.0103, abs=1e-4)  # 0.95 in dB
+
+
+def test_too_few_points_and_non_monotonic_curves_are_refused(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    short = load_curve(write_results(tmp_path / "s.json", "s", BPP[:MIN_POINTS - 1],
+                                     PSNR[:MIN_POINTS - 1]))
+    wavy = load_curve(write_results(tmp_path / "w.json", "w", BPP, [28, 31, 30, 35, 38]))
+    with pytest.raises(ValueError, match="a BD-rate needs at least"):
+        bd_rate(anchor, short)
+    with pytest.raises(ValueError, match="does not increase strictly"):
+        bd_rate(anchor, wavy)
+
+
+def test_curves_that_do_not_overlap_give_no_number_and_a_note(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    far = load_curve(write_results(tmp_path / "f.json", "far", BPP, [p + 20 for p in PSNR]))
+    table = bd_rate_table(anchor, [far], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] is None
+    assert "does not overlap" in table["notes"][0]
+    assert "| far | 5 | - |" in format_table(table)
+
+
+def test_bdrate_command_prints_the_table_json_for_the_shipped_anchors(capsys, tmp_path):
+    markdown = tmp_path / "table.md"
+    code = test_script.main(["bdrate", "--anchor", os.path.join(ANCHORS, "hm.json"),
+                             os.path.join(ANCHORS, "vtm.json"), os.path.join(ANCHORS, "jpeg.json"),
+                             "-o", str(markdown)])
+    out = capsys.readouterr()
+    assert code == 0
+    table = json.loads(out.out)
+    rates = {row["name"]: row["bd-rate"]["psnr-rgb"] for row in table["rows"]}
+    assert rates["VTM"] < -15 and rates["JPEG"] > 100  # VVC saves bits over HEVC, JPEG costs
+    assert "| VTM |" in markdown.read_text() and "| VTM |" in out.err
+
+
+def test_plot_command_writes_one_panel_per_available_metric(capsys, tmp_path):
+    output = tmp_path / "rd.png"
+    first = write_results(tmp_path / "a.json", "a", BPP, PSNR, **{"psnr-b": [p - 1 for p in PSNR]})
+    code = test_script.main(["plot", first, os.path.join(ANCHORS, "hm.json"), "-o", str(output)])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["metrics"] == ["psnr-rgb", "ms-ssim-rgb", "psnr-b"]
+    assert output.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert test_script.main(["plot", str(broken), "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid JSON" in err[0]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ANCHORS, "*.json"))))
+def test_every_shipped_anchor_cites_its_source_and_is_sorted(path):
+    with open(path) as handle:
+        document = json.load(handle)
+    assert document["source"]["url"].startswith("https://github.com/")
+    assert document["dataset"] == "kodak"
+    curve = load_curve(path)
+    assert curve.bpp == sorted(curve.bpp)
+    assert len(curve.points("psnr-rgb")) == len(curve.bpp) >= 3

@@ -1,0 +1,109 @@
+"""The shipped-model release (utils/release.py) and ``python test.py demo``."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import models
+import test as test_cli
+from utils.codec import decode_image, encode_image
+from utils.demo import _crop_window, demo_image, find_shipped_models
+from utils.release import export_curves, export_weights, read_scalars, training_wall_time
+
+
+@pytest.fixture
+def release(tmp_path, tiny_cps):
+    """A tiny CPS exported like the shipped models, trained 'for' lambda 0.01."""
+    checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
+    checkpoint.parent.mkdir()
+    torch.save({"architecture": "cps", "state_dict": tiny_cps.state_dict()}, checkpoint)
+    folder = tmp_path / "shipped" / "tiny"
+    export_weights(str(checkpoint), str(folder), {"train_params": {"lmbda": 0.01}})
+    return folder
+
+
+def test_export_stores_half_precision_weights_that_code_consistently(release, tiny_cps):
+    stored = torch.load(release / "model.pth", map_location="cpu", weights_only=True)
+    weight = stored["state_dict"]["g_a.0.conv1.weight"]
+    assert weight.dtype == torch.float16
+    assert stored["state_dict"]["gaussian_conditional._quantized_cdf"].dtype == torch.int32
+    info = json.loads((release / "training.json").read_text())
+    assert info["model_config"] == {"N": 8} and info["train_params"]["lmbda"] == 0.01
+    assert info["parameters"] == sum(p.numel() for p in tiny_cps.parameters())
+
+    model = models.load_checkpoint(str(release / "model.pth"), "cpu")
+    assert torch.equal(model.g_a[0].conv1.weight, weight.float())
+    image = demo_image("chelsea")[:, :96, :112]
+    decoded = decode_image(model, encode_image(model, image, patch_size=0), patch_size=0)
+    assert decoded.shape == image.shape
+    # The rounding is small: the fp16 model codes like the fp32 one, up to a few levels.
+    reference = decode_image(tiny_cps, encode_image(tiny_cps, image, 0), 0)
+    assert (decoded.int() - reference.int()).abs().float().mean() < 2.0
+
+
+def test_training_curves_merge_resumptions_and_chain_fine_tuning(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    # A run to step 2, resumed from its step-1 checkpoint up to step 3 (same folder,
+    # a second event file), then a fine-tuning run (its first log at its step 1) in
+    # another folder, whose step k is step 3 + k of the whole history.
+    launches = ((base, 0, [5.0, 4.0, 3.5]), (base, 1, [3.75, 3.0, 2.0]), (tuned, 1, [1.5, 1.0]))
+    for number, (folder, start, values) in enumerate(launches):
+        with SummaryWriter(str(folder), filename_suffix=f".{number}") as writer:
+            for step, value in enumerate(values, start):
+                writer.add_scalar("train/loss", value, step, walltime=1000.0 * number + 10 * step)
+            writer.add_scalar("val/psnr", 20.0 + number, start, walltime=1000.0 * number)
+    scalars = read_scalars([str(base), str(tuned)])
+    assert scalars["train/loss"] == [(0, 5.0), (1, 3.75), (2, 3.0), (3, 2.0), (4, 1.5), (5, 1.0)]
+    # Spans of the three launches (20 s, 30 s and 20 s), not the pauses between them.
+    assert training_wall_time([str(base), str(tuned)]) == 20.0 + 30.0 + 20.0
+    output = tmp_path / "curves.png"
+    assert export_curves([str(base), str(tuned)], str(output)) == ["loss", "PSNR (dB)"]
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no TensorBoard folder"):
+        read_scalars([str(tmp_path / "missing")])
+
+
+def test_shipped_models_are_listed_lowest_lambda_first(tmp_path, release):
+    other = tmp_path / "shipped" / "other"
+    other.mkdir()
+    (other / "model.pth").write_bytes((release / "model.pth").read_bytes())
+    (other / "training.json").write_text(json.dumps({"train_params": {"lmbda": 0.002}}))
+    found = find_shipped_models([str(release), str(other / "model.pth")])
+    assert [m.lmbda for m in found] == [0.002, 0.01]
+    assert found[0].label == "CPS λ=0.002"
+    with pytest.raises(ValueError, match="no model weights"):
+        find_shipped_models([str(tmp_path / "nowhere")])
+
+
+def test_crop_window_sits_on_a_tile_corner_inside_the_image():
+    top, left = _crop_window(300, 451, 128, 128)
+    assert (top + 64, left + 64) == (128, 256)
+    assert _crop_window(100, 100, 128, 100) == (0, 0)
+
+
+def test_demo_writes_table_plots_and_results(tmp_path, release, capsys):
+    output = tmp_path / "demo"
+    status = test_cli.main(["demo", "--models", str(release), "--images", "chelsea",
+                            "-d", str(output), "--patch-size", "128"])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "CPS λ=0.01 (POPS, P=128)" in table and "naive 128px tiles" in table
+    for name in ("rd.png", "crops.png"):
+        assert (output / name).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((output / "results.json").read_text())
+    model = results["models"][0]
+    cps, jpeg = model["per_image"]["cps"][0], model["per_image"]["jpeg"][0]
+    # The JPEG row is the quality whose size is closest to CPS's on that image.
+    gaps = [abs(r["bpp"] - cps["bpp"]) for r in results["jpeg"]["per_quality"].values()]
+    assert abs(jpeg["bpp"] - cps["bpp"]) <= min(gaps) + 1e-9
+    assert cps["bpp"] > 0 and cps["psnr-rgb"] > 5
+
+
+def test_demo_reports_a_missing_model_in_one_line(tmp_path, capsys):
+    status = test_cli.main(["demo", "--models", str(tmp_path / "absent"), "-d", str(tmp_path)])
+    assert status == 1
+    assert capsys.readouterr().err.strip().startswith("test.py: error: no model weights")

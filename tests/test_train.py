@@ -1,0 +1,298 @@
+"""train.py and the training loop: exact resume, checkpoints, guards, signals.
+
+Every run uses a tiny CPS (N=8), 64x64 crops of a few synthetic images in
+``tmp_path``, ``num_workers=0`` and one CPU thread, so each takes 0.1 to 3 s.
+"""
+
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import models
+import train
+from models.checkpoint import entropy_tables_ready
+from test_train_data import make_image_folder, write_train_config
+from utils.config import load_config, to_plain_dict
+from utils.distributed import DistContext
+from utils.trainer import Trainer
+from utils.training import NonFiniteLossError, TrainStep, build_criterion, build_optimizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = DistContext(0, 1, torch.device("cpu"))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run these tiny models on one thread.
+
+    At N=8 and 64x64 crops every kernel is microseconds long, and on a busy
+    2-core machine a second intra-op thread spins waiting for its partner: a step
+    took 1-3 s with two threads and 20 ms with one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.mark.parametrize("schedule", [
+    {"type": "plateau", "patience": 0, "factor": 0.5},
+    {"type": "multistep", "milestones": [2, 5], "factor": 0.5},
+])
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, data, schedule):
+    # 4 training images at batch 2: 2 steps per epoch, a validation after each.
+    # 6 steps straight vs 3 steps (stopping mid-epoch) + a resume up to 6.
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cfg = write_train_config(tmp_path, data, straight, lr_schedule=schedule,
+                             train_params={"max_steps": 6})
+    assert train.main(["--config", cfg]) == 0
+    cfg = write_train_config(tmp_path, data, split, lr_schedule=schedule)
+    assert train.main(["--config", cfg, "--set", "train_params.max_steps=3"]) == 0
+    middle = load(split / "checkpoint.pth.tar")
+    assert (middle["global_step"], middle["epoch"], middle["epoch_step"]) == (3, 1, 1)
+    assert train.main(["--config", cfg, "--set", "train_params.max_steps=6", "--resume"]) == 0
+
+    a, b = load(straight / "checkpoint.pth.tar"), load(split / "checkpoint.pth.tar")
+    for key in ("state_dict", "optimizer", "aux_optimizer", "lr_scheduler"):
+        assert_same_tensors(a[key], b[key])
+    assert (a["global_step"], a["epoch"], a["epoch_step"]) == (6, 3, 0)
+    assert (a["loss"], a["best_loss"]) == (b["loss"], b["best_loss"])
+    assert not torch.equal(a["state_dict"]["g_a.0.conv1.weight"],
+                           middle["state_dict"]["g_a.0.conv1.weight"])
+
+
+def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, data):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 2})
+    assert train.main(["--config", cfg]) == 0
+    last, best = load(exp / "checkpoint.pth.tar"), load(exp / "checkpoint_best_loss.pth.tar")
+    for ckpt in (last, best):
+        assert {"epoch", "state_dict", "loss", "optimizer", "aux_optimizer", "lr_scheduler",
+                "architecture", "model_config", "config", "global_step", "best_loss",
+                "rng"} <= set(ckpt)
+        assert ckpt["architecture"] == "cps" and ckpt["model_config"] == {"N": 8}
+        assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+        assert ckpt["config"] == to_plain_dict(load_config(cfg))
+    assert best["loss"] == best["best_loss"] == last["loss"]
+    # The best checkpoint's quantiles are solved for coding; the live ones are not yet.
+    assert best["aux_loss"] < 0.1 < last["aux_loss"]
+    model = models.load_checkpoint(str(exp / "checkpoint_best_loss.pth.tar"))
+    assert model.N == 8 and entropy_tables_ready(model)
+    assert float(model.aux_loss().detach()) == pytest.approx(best["aux_loss"], abs=1e-4)
+    # The global generator's state is stored, and a resume puts it back.
+    assert last["rng"]["torch"].dtype == torch.uint8
+    torch.manual_seed(1234)
+    Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--resume"])), CPU,
+            log=io.StringIO())
+    assert torch.equal(torch.get_rng_state(), last["rng"]["torch"])
+
+
+def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, data):
+    source = models.build_model("cps", N=8)
+    wrapped = {"module." + k: v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": wrapped, "epoch": 41}, tmp_path / "authors.pth.tar")
+    cfg = write_train_config(tmp_path, data, tmp_path / "exp")
+    args = train.parse_args(["--config", cfg, "--init-from", str(tmp_path / "authors.pth.tar"),
+                             "--set", "train_params.lmbda=0.05"])
+    trainer = Trainer(train.resolve_config(args), CPU, log=io.StringIO())
+    assert trainer.pos.global_step == 0 and trainer.optimizer.state_dict()["state"] == {}
+    for name, value in source.state_dict().items():
+        if value.numel():
+            assert torch.equal(trainer.raw.state_dict()[name], value), name
+    assert trainer.criterion.lmbda == 0.05
+
+    other = tmp_path / "wide.pth.tar"
+    torch.save(models.build_model("cps", N=16).state_dict(), other)
+    with pytest.raises(ValueError, match=r"cannot initialise from .*shape mismatches"):
+        Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
+                                                       str(other)])), CPU)
+
+
+def run_cli(argv, capsys):
+    status = train.main(argv)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_errors_are_one_stderr_line(tmp_path, data, capsys):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 1})
+    status, err = run_cli(["--config", str(tmp_path / "missing.yaml")], capsys)
+    assert status == 1 and err == [f"train.py: error: config file not found: "
+                                   f"{tmp_path / 'missing.yaml'}"]
+    status, err = run_cli(["--config", cfg, "--resume"], capsys)
+    assert status == 1 and len(err) == 1 and "checkpoint not found" in err[0]
+    assert run_cli(["--config", cfg], capsys)[0] == 0
+    status, err = run_cli(["--config", cfg], capsys)  # would overwrite the run
+    assert status == 1 and len(err) == 1 and "pass --resume" in err[0]
+    bare = tmp_path / "bare.pth"
+    torch.save(models.build_model("cps", N=8).state_dict(), bare)
+    status, err = run_cli(["--config", cfg, "--resume", str(bare)], capsys)
+    assert status == 1 and len(err) == 1 and "use --init-from" in err[0]
+    status, err = run_cli(["--config", cfg, "--set", "train_data.cuda=true"], capsys)
+    if not torch.cuda.is_available():
+        assert status == 1 and err == ["train.py: error: train_data.cuda is true but CUDA is "
+                                       "not available; set train_data.cuda=false to train on "
+                                       "the CPU"]
+
+
+def make_step(lmbda=0.01, metric="mse", **kwargs):
+    torch.manual_seed(0)
+    model = models.build_model("cps", N=8).train()
+    optimizer, aux_optimizer = build_optimizers(model, 1e-3, 1e-3)
+    return model, TrainStep(model, model, build_criterion(lmbda, metric), optimizer,
+                            aux_optimizer, **kwargs)
+
+
+def test_nonfinite_loss_skips_the_update_and_a_streak_aborts():
+    model, step = make_step(max_nonfinite_steps=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = torch.full((2, 3, 64, 64), float("nan"))
+    good = torch.rand(2, 3, 64, 64)
+    for i in range(2):
+        with pytest.warns(RuntimeWarning, match=f"non-finite.*{i + 1} in a row"):
+            assert step(bad, i)["skipped"] == 1.0
+    assert_same_tensors(model.state_dict(), before)
+    assert step(good, 2)["skipped"] == 0.0 and step.nonfinite_in_a_row == 0
+    assert not torch.equal(model.g_a[0].conv1.weight, before["g_a.0.conv1.weight"])
+    with pytest.warns(RuntimeWarning):
+        step(bad, 3)
+        step(bad, 4)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        step(bad, 5)
+
+
+@pytest.mark.parametrize("options, side", [
+    ({"amp": True}, 64), ({"channels_last": True}, 64),
+    ({"metric": "ms-ssim", "lmbda": 3.0}, 192),  # 5 MS-SSIM scales need >= 161 px
+])
+def test_amp_channels_last_and_ms_ssim_steps_train_the_model(options, side):
+    model, step = make_step(**options)
+    if options.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, side, side)
+    before = model.g_s[-1].conv.weight.clone()
+    stats = step(x, 0)
+    assert stats["skipped"] == 0.0 and stats["bpp"] > 0 and stats["mse"] > 0
+    if options.get("metric") == "ms-ssim":  # loss = lmbda * (1 - MS-SSIM) + bpp
+        assert 0 < (stats["loss"] - stats["bpp"]) / 3.0 < 1
+    assert not torch.equal(model.g_s[-1].conv.weight, before)
+
+
+def test_training_lowers_the_validation_loss(tmp_path, data):
+    # At lmbda 0.01 the first tens of steps only pull the (unclamped) output back
+    # into [0, 1]: the loss halves while the PSNR of the clamped output stands still.
+    # lmbda 0.1 and lr 3e-3 put the distortion first, so 30 steps (1 s) must show
+    # real learning: 6.5 -> 11.2 dB at seed 0 and 6.9 -> 13.6 dB at seed 1.
+    cfg = load_config(write_train_config(
+        tmp_path, data, tmp_path / "exp",
+        train_params={"max_steps": 30, "lmbda": 0.1, "learning_rate": 3e-3},
+        logging={"val_interval": 10, "progress": False, "tensorboard": False}))
+    trainer = Trainer(cfg, CPU, log=io.StringIO())
+    before = trainer.validate()
+    assert trainer.fit() == 0
+    after = trainer.validate()
+    assert trainer.pos.global_step == 30
+    assert after["loss"] < 0.2 * before["loss"]
+    assert after["mse"] < 0.5 * before["mse"]
+    assert after["psnr"] > before["psnr"] + 3.0
+    assert 0 < after["bpp"] < 1
+
+
+class _RaiseSignalAt:
+    """Dataset wrapper that delivers ``signum`` to this process at sample ``at``."""
+
+    def __init__(self, dataset, at, signum):
+        self.dataset, self.at, self.signum, self.seen = dataset, at, signum, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        self.seen += 1
+        if self.seen == self.at:
+            signal.raise_signal(self.signum)
+        return self.dataset[key]
+
+
+def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, data):
+    cfg = load_config(write_train_config(tmp_path, data, tmp_path / "exp"))
+    trainer = Trainer(cfg, CPU, log=io.StringIO())
+    trainer.train_loader = trainer._loader(_RaiseSignalAt(trainer.train_set, 5, signal.SIGINT),
+                                           trainer.train_sampler, 2, True)
+    assert trainer.fit() == 128 + signal.SIGINT
+    ckpt = load(tmp_path / "exp" / "checkpoint.pth.tar")
+    # Sample 5 is the first of step 3: that step completes, then the run stops.
+    assert (ckpt["global_step"], ckpt["epoch"], ckpt["epoch_step"]) == (3, 1, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, data):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, logging={"checkpoint_interval": 1})
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config", cfg],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # The first checkpoint (after step 1) proves the handlers are installed; the
+    # generous limit only matters on a starved machine.
+    deadline = time.time() + 600
+    while not (exp / "checkpoint.pth.tar").exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    assert (exp / "checkpoint.pth.tar").exists(), "train.py wrote no checkpoint in 600 s"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert load(exp / "checkpoint.pth.tar")["global_step"] >= 1
+
+
+def test_tensorboard_gets_training_scalars_validation_scalars_and_images(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 4},
+                             logging={"tensorboard": True, "log_interval": 2,
+                                      "num_images": 1})
+    assert train.main(["--config", cfg]) == 0
+    events = EventAccumulator(str(exp), size_guidance={"images": 0}).Reload()
+    for key in ("loss", "mse", "bpp", "aux", "psnr", "lr"):
+        assert [e.step for e in events.Scalars(f"train/{key}")] == [2, 4], key
+    for key in ("loss", "mse", "bpp", "aux", "psnr"):
+        assert [e.step for e in events.Scalars(f"val/{key}")] == [2, 4], key
+    # Training PSNR is that of the logged mean MSE; the LR is the configured one.
+    for mse, value in zip(events.Scalars("train/mse"), events.Scalars("train/psnr")):
+        assert value.value == pytest.approx(-10 * math.log10(mse.value), rel=1e-5)
+    assert events.Scalars("train/lr")[0].value == pytest.approx(1e-3)
+    (image,) = [e for e in events.Images("val/original_vs_reconstruction") if e.step == 4]
+    assert (image.width, image.height) == (2 * 64 + 3 * 2, 64 + 2 * 2)  # one pair, 2px grid

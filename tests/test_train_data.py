@@ -1,0 +1,131 @@
+"""datasets/: crops of image folders and the resumable, rank-sharded sampler.
+
+Also holds the small image-folder and config writers that the other training tests
+import (``from test_train_data import make_image_folder, write_train_config``).
+"""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from conftest import data_dir
+from datasets import CropImageFolder, EpochSampler
+
+
+def make_image_folder(root, n_train=4, n_test=2, size=(72, 80), small=(40, 48)):
+    """Write smooth random RGB PNGs to ``root/train`` and ``root/test``.
+
+    The first image of each split is ``small`` (W, H), smaller than a 64 crop; the
+    others are ``size``. Smooth images (a bilinear upsampling of 4x4 noise) let a
+    tiny model learn in a handful of steps.
+    """
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n_train), ("test", n_test)):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for i in range(count):
+            w, h = small if i == 0 else size
+            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+            coarse.resize((w, h), Image.BILINEAR).save(os.path.join(root, split, f"{i:02d}.png"))
+    return str(root)
+
+
+def write_train_config(tmp_path, data, experiment, **blocks):
+    """A tiny CPU config (N=8, 64x64 crops, batch 2, no workers) as a YAML file.
+
+    ``blocks`` update the defaults, e.g. ``train_params={"max_steps": 3}``.
+    """
+    cfg = {
+        "train_data": {"data_path": str(data), "batch_size": 2, "test_batch_size": 2,
+                       "epochs": 100, "num_workers": 0, "cuda": False,
+                       "experiment_path": str(experiment)},
+        "train_params": {"patch_size": 64, "lmbda": 0.01, "N": 8, "learning_rate": 1e-3},
+        "logging": {"progress": False, "tensorboard": False, "log_interval": 1},
+    }
+    for block, values in blocks.items():
+        cfg.setdefault(block, {}).update(values)
+    path = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_missing_or_empty_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"missing image folder .*train \(data_path must hold"):
+        CropImageFolder(str(tmp_path), "train", 64, True)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "README.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images in"):
+        CropImageFolder(str(tmp_path), "train", 64, True)
+
+
+def test_small_images_are_edge_padded_or_skipped(tmp_path):
+    root = make_image_folder(tmp_path, n_train=3)
+    padded = CropImageFolder(root, "train", 64, random_crop=False, small_images="pad")
+    assert len(padded) == 3
+    crop = padded[(0, 0)]  # image 0 is 40 wide, 48 high
+    assert crop.shape == (3, 64, 64)
+    original = torch.from_numpy(np.array(Image.open(padded.samples[0]))).permute(2, 0, 1)
+    original = original.float() / 255
+    # A centre crop of the padded 64x64 image is the whole padded image.
+    assert torch.allclose(crop[:, :48, :40], original)
+    assert torch.equal(crop[:, :48, 40:], crop[:, :48, 39:40].expand(-1, -1, 24))
+    assert torch.equal(crop[:, 48:, :], crop[:, 47:48, :].expand(-1, 16, -1))
+
+    skipped = CropImageFolder(root, "train", 64, random_crop=True, small_images="skip")
+    assert len(skipped) == 2 and skipped.skipped == 1
+    assert padded.samples[0] not in skipped.samples
+
+
+def test_random_crop_depends_only_on_its_seed(tmp_path):
+    root = make_image_folder(tmp_path, size=(200, 150))
+    ds = CropImageFolder(root, "train", 64, random_crop=True)
+    a, b = ds[(1, 123)], ds[(1, 123)]
+    assert torch.equal(a, b)
+    crops = {tuple(ds[(1, s)].flatten()[:50].tolist()) for s in range(8)}
+    assert len(crops) > 1  # different seeds, different positions
+    image = torch.from_numpy(np.array(Image.open(ds.samples[1]))).permute(2, 0, 1) / 255
+    windows = image.unfold(1, 64, 1).unfold(2, 64, 1)  # (3, 87, 137, 64, 64)
+    match = (windows - a[:, None, None]).abs().amax(dim=(0, 3, 4)) < 1e-6
+    assert match.sum() >= 1  # the crop is a real 64x64 window of the image
+
+
+def test_sampler_shards_an_epoch_across_ranks_and_resumes_mid_epoch():
+    n, world = 10, 3
+    samplers = [EpochSampler(n, seed=5, rank=r, world_size=world) for r in range(world)]
+    assert all(isinstance(s, DistributedSampler) and s.num_replicas == world for s in samplers)
+    shards = [list(s) for s in samplers]
+    assert all(len(s) == 4 for s in shards)  # padded to 12 so all ranks step together
+    counts = Counter(i for s in shards for i, _ in s)
+    assert set(counts) == set(range(n)) and sum(counts.values()) == 12
+
+    sampler = EpochSampler(n, seed=5, rank=1, world_size=world)
+    sampler.set_epoch(0, start=3)
+    assert list(sampler) == shards[1][3:] and len(sampler) == 1
+    sampler.set_epoch(1)
+    assert list(sampler) != shards[1]  # a new epoch, a new order and new crop seeds
+    with pytest.raises(ValueError, match="cannot start at sample 5"):
+        sampler.set_epoch(0, start=5)
+
+
+def test_validation_sampler_visits_every_image_exactly_once():
+    shards = [list(EpochSampler(5, shuffle=False, rank=r, world_size=2, pad=False))
+              for r in range(2)]
+    assert sorted(i for s in shards for i, _ in s) == [0, 1, 2, 3, 4]
+    assert [i for i, _ in shards[0]] == [0, 2, 4]
+
+
+def test_real_training_folder_gives_256_crops():
+    root = data_dir("CPS_TRAIN_DATA")
+    train = CropImageFolder(root, "train", 256, random_crop=True)
+    test = CropImageFolder(root, "test", 256, random_crop=False)
+    assert len(train) > 0 and len(test) > 0
+    sampler = EpochSampler(len(train), seed=0)
+    for key in list(sampler)[:2]:
+        x = train[key]
+        assert x.shape == (3, 256, 256) and 0 <= x.min() and x.max() <= 1
+    assert test[(0, 0)].shape == (3, 256, 256)

@@ -1,0 +1,102 @@
+"""``torchrun --nproc_per_node=2 train.py`` on the CPU with the gloo backend.
+
+One launch (about 15 s) of the real ``train.main`` in two processes. A small
+wrapper script saves each rank's final parameters, which lets the test check what
+DDP must guarantee and two independent processes would not give: the ranks saw
+different images, yet all their parameters, the entropy bottleneck's quantiles
+(trained by the auxiliary loss outside DDP's buckets) included, are identical
+and were trained. Rank 0 alone logs and writes files.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+from test_train_data import make_image_folder, write_train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs train.main unchanged and dumps every rank's parameters once fit() returns.
+WRAPPER = """\
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+import utils.trainer
+
+fit = utils.trainer.Trainer.fit
+
+def fit_and_dump(self):
+    status = fit(self)
+    params = {{k: v.detach().clone() for k, v in self.raw.named_parameters()}}
+    torch.save(params, os.path.join({out!r}, "rank%d.pt" % self.ctx.rank))
+    return status
+
+utils.trainer.Trainer.fit = fit_and_dump
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
+    # 4 training images, batch 1 per process: 2 steps per epoch with 2 processes
+    # (4 without DDP), so 2 epochs end at global step 4.
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_data={"batch_size": 1, "epochs": 2},
+                             logging={"tensorboard": True, "progress": False})
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO, out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # Own session, so that a timeout kills the workers too, not only torchrun.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(wrapper), "--config", cfg],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    quantiles = [k for k in ranks[0] if k.endswith(".quantiles")]
+    assert quantiles == ["entropy_bottleneck.quantiles"]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
+
+    ckpt = torch.load(exp / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert (ckpt["global_step"], ckpt["epoch"], ckpt["epoch_step"]) == (4, 2, 0)
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    for name, value in ranks[0].items():
+        assert torch.equal(ckpt["state_dict"][name], value), name
+    torch.manual_seed(0)  # the trainer's initial weights (train_params.seed = 0)
+    init = dict(models.build_model("cps", N=8).named_parameters())
+    for name in ("entropy_bottleneck.quantiles", "g_a.0.conv1.weight"):
+        assert not torch.equal(ranks[0][name], init[name]), f"{name} was not trained"
+
+    # One line per event, from rank 0 only; one TensorBoard file.
+    lines = stderr.splitlines()
+    assert sum("validation: loss" in line for line in lines) == 2
+    assert sum(line.startswith("done at step 4") for line in lines) == 1
+    assert len(list(exp.glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("value", ["x", "0"])
+def test_a_bad_torchrun_environment_is_a_one_line_error(tmp_path, value, capsys,
+                                                        monkeypatch):
+    import train
+
+    data = make_image_folder(tmp_path / "data")
+    cfg = write_train_config(tmp_path, data, tmp_path / "exp")
+    for name, text in (("WORLD_SIZE", value), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, text)
+    assert train.main(["--config", cfg]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: ") and "WORLD_SIZE" in err[0]

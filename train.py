@@ -1,0 +1,97 @@
+"""Rate-distortion training of a CPS model from a YAML config.
+
+Single process (GPU or CPU)::
+
+    python train.py --config configs/cps_1_lambda00018.yaml
+    python train.py --config configs/cps_1_lambda00018.yaml --set train_params.lmbda=0.025
+
+Several GPUs (DistributedDataParallel, one process per GPU)::
+
+    torchrun --nproc_per_node=4 train.py --config configs/cps_1_lambda00018.yaml
+
+Resume exactly where a run stopped (``experiment_path/checkpoint.pth.tar`` by
+default), or start a new run from another run's weights (fine-tuning to a new
+lambda; optimizers and step start afresh)::
+
+    python train.py --config configs/cps_1_lambda00018.yaml --resume
+    python train.py --config configs/cps_2_lambda00035.yaml \\
+        --init-from experiment/cps_lambda00018_v4/checkpoint_best_loss.pth.tar
+
+See ``utils/config.py`` for every config key and ``utils/trainer.py`` for the loop.
+"""
+
+import argparse
+import os
+import sys
+
+from utils import distributed
+from utils.config import load_config, parse_config, to_plain_dict
+from utils.train_state import LAST_NAME
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML experiment config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="BLOCK.KEY=VALUE",
+                        help="override a config key, e.g. train_params.lmbda=0.025 "
+                             "(repeatable; the value is parsed as YAML)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                       help="continue a run exactly (default: experiment_path/" + LAST_NAME + ")")
+    start.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start a new run from these weights (fine-tuning)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args):
+    """The validated config with ``--resume``/``--init-from`` folded in."""
+    cfg = load_config(args.config, args.overrides)
+    if args.resume is None and args.init_from is None:
+        return cfg
+    raw = to_plain_dict(cfg)
+    if args.resume is not None:
+        raw["train_data"]["use_checkpoint_path"] = (
+            args.resume or os.path.join(cfg.train_data.experiment_path, LAST_NAME))
+        raw["train_data"]["init_checkpoint_path"] = ""
+    else:
+        raw["train_data"]["init_checkpoint_path"] = args.init_from
+        raw["train_data"]["use_checkpoint_path"] = ""
+    return parse_config(raw, source=args.config)
+
+
+def _run_acl(cfg) -> int:
+    """Asymptotic closed-loop training (single process, utils/acl.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train_params.training_mode=acl runs in one process; start it "
+                         "with python, not torchrun")
+    from utils.acl import run_acl
+    from utils.device import select_device
+
+    run_acl(cfg, select_device(cfg.train_data.cuda),
+            lambda message: print(message, file=sys.stderr, flush=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = resolve_config(args)
+        if cfg.train_params.training_mode == "acl":
+            return _run_acl(cfg)
+        ctx = distributed.init_distributed(cfg.train_data.cuda)
+        try:
+            from utils.trainer import Trainer
+
+            return Trainer(cfg, ctx).fit()
+        finally:
+            distributed.cleanup()
+    except (ValueError, RuntimeError, OSError) as exc:
+        rank = os.environ.get("RANK")
+        prefix = "train.py" if rank in (None, "0") else f"train.py [rank {rank}]"
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""``python test.py demo``: the shipped CPS models on photographs that need no download.
+
+scikit-image installs a few real photographs inside its package (astronaut, coffee,
+chelsea, rocket, the left view of the stereo motorcycle). The demo codes each with
+every shipped model through real ``.cps`` files (POPS patches), with the same model
+on naive independent tiles (the block artefacts POPS removes), and with JPEG at the
+quality whose file size is closest to CPS's, then writes under the output folder:
+
+* ``results.json``: per image and averaged bpp, PSNR, MS-SSIM, PSNR-B and times;
+* ``rd.png``: the averaged RD points against a JPEG curve;
+* ``crops.png``: the same enlarged crop (around a tile corner) of the original, CPS,
+  naive tiling and JPEG, for the lowest-rate model.
+
+The table is printed on stdout.
+"""
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import models
+from utils.atomic import atomic_write_bytes
+from utils.classical_codecs import get_codec
+from utils.eval_coders import ClassicalCoder, Coded, LearnedOptions, learned_coder
+from utils.metrics import bits_per_pixel, image_metrics
+from utils.rd import Curve, plot_curves
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
+DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "experiment", "demo")
+JPEG_QUALITIES = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+METRIC_KEYS = ("bpp", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "encoding_time", "decoding_time")
+
+
+def _skimage_photo(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        if name == "motorcycle":
+            return skimage.data.stereo_motorcycle()[0]
+        return getattr(skimage.data, name)()
+    return load
+
+
+DEMO_IMAGES: Dict[str, Callable[[], np.ndarray]] = {
+    name: _skimage_photo(name) for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
+}
+
+
+def demo_image(name: str) -> torch.Tensor:
+    """The bundled photograph ``name`` as a uint8 (3, H, W) tensor."""
+    if name not in DEMO_IMAGES:
+        raise ValueError(f"unknown demo image {name!r}; choose from {', '.join(DEMO_IMAGES)}")
+    pixels = np.ascontiguousarray(DEMO_IMAGES[name]()[..., :3])
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ShippedModel:
+    """A released model: its weights file and the lambda it was trained for."""
+
+    path: str
+    lmbda: Optional[float]
+
+    @property
+    def label(self) -> str:
+        return f"CPS λ={self.lmbda:g}" if self.lmbda is not None else os.path.basename(self.path)
+
+
+def find_shipped_models(paths: Sequence[str] = ()) -> List[ShippedModel]:
+    """The models to demonstrate, lowest lambda first.
+
+    ``paths`` may name weight files or release folders (holding ``model.pth`` and
+    ``training.json``); empty means every release under ``experiment/shipped``.
+    """
+    if not paths:
+        paths = sorted(glob.glob(os.path.join(SHIPPED_DIR, "*", "model.pth")))
+        if not paths:
+            raise ValueError(f"no shipped model under {SHIPPED_DIR}; pass --models")
+    found = []
+    for path in paths:
+        weights = os.path.join(path, "model.pth") if os.path.isdir(path) else path
+        if not os.path.isfile(weights):
+            raise ValueError(f"no model weights at {weights}")
+        info_path = os.path.join(os.path.dirname(weights), "training.json")
+        lmbda = None
+        if os.path.isfile(info_path):
+            with open(info_path) as handle:
+                lmbda = (json.load(handle).get("train_params") or {}).get("lmbda")
+        found.append(ShippedModel(weights, lmbda))
+    return sorted(found, key=lambda m: (m.lmbda is None, m.lmbda or 0.0))
+
+
+def _record(original: torch.Tensor, coded: Coded, **extra) -> dict:
+    height, width = original.shape[1:]
+    return {"bpp": bits_per_pixel(int(round(coded.bits / 8)), height, width),
+            **image_metrics(original, coded.reconstruction),
+            "encoding_time": coded.encoding_time, "decoding_time": coded.decoding_time, **extra}
+
+
+def _mean(records: List[dict]) -> dict:
+    means = {}
+    for key in METRIC_KEYS:
+        values = [r[key] for r in records if r.get(key) is not None]
+        means[key] = float(np.mean(values)) if len(values) == len(records) else None
+    return means
+
+
+def _crop_window(height: int, width: int, tile: int, side: int):
+    """(top, left) of a ``side`` x ``side`` window centred on the tile corner nearest
+    the image centre, where naive tiling shows its seams."""
+    corner_y = max(tile, round(height / 2 / tile) * tile)
+    corner_x = max(tile, round(width / 2 / tile) * tile)
+    top = min(max(corner_y - side // 2, 0), height - side)
+    left = min(max(corner_x - side // 2, 0), width - side)
+    return top, left
+
+
+def _write_crops(panels: List[tuple], output: str, tile: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.rd import save_figure
+
+    height, width = panels[0][1].shape[1:]
+    side = min(128, height, width)
+    top, left = _crop_window(height, width, tile, side)
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for axis, (title, picture) in zip(axes, panels):
+        crop = picture[:, top:top + side, left:left + side].permute(1, 2, 0).numpy()
+        axis.imshow(crop, interpolation="nearest")
+        axis.set_title(title, fontsize=9)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    save_figure(figure, output, f"{side}x{side} crop at ({top}, {left}), tile corner near the centre")
+
+
+def _format_table(rows: List[tuple]) -> str:
+    header = ("method", "bpp", "PSNR dB", "MS-SSIM", "PSNR-B dB", "enc s", "dec s")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, mean in rows:
+        cells = [label]
+        for key, digits in zip(METRIC_KEYS, (3, 2, 4, 2, 2, 2)):
+            value = mean.get(key)
+            cells.append("-" if value is None else f"{value:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple(DEMO_IMAGES),
+             output_dir: str = DEFAULT_OUTPUT, device: torch.device = torch.device("cpu"),
+             patch_size: int = 128, log: Callable[[str], None] = print) -> dict:
+    """Run the demo; return the results document (also written to ``results.json``)."""
+    shipped = find_shipped_models(model_paths)
+    images = {name: demo_image(name) for name in image_names}
+    os.makedirs(output_dir, exist_ok=True)
+    jpeg = get_codec("jpeg")
+    jpeg.check_available()
+
+    jpeg_records = {q: [] for q in JPEG_QUALITIES}
+    jpeg_pictures = {}
+    for name, image in images.items():
+        for quality in JPEG_QUALITIES:
+            coded = ClassicalCoder(jpeg, quality).code(image)
+            jpeg_records[quality].append(_record(image, coded, image=name, quality=quality))
+            jpeg_pictures[name, quality] = coded.reconstruction
+
+    document = {"images": list(images), "patch_size": patch_size, "models": [], "jpeg": {
+        "per_quality": {str(q): _mean(r) for q, r in jpeg_records.items()}}}
+    rows, crops = [], None
+    cps_curve, naive_curve = {"bpp": [], "metrics": {}}, {"bpp": [], "metrics": {}}
+    for model_info in shipped:
+        log(f"{model_info.label}: {model_info.path}")
+        model = models.load_checkpoint(model_info.path, device)
+        pops = learned_coder(model, LearnedOptions(tiling="pops", patch_size=patch_size))
+        naive = learned_coder(model, LearnedOptions(tiling="naive", patch_size=patch_size))
+        per_image = {"cps": [], "naive": [], "jpeg": []}
+        for name, image in images.items():
+            cps_coded, naive_coded = pops.code(image), naive.code(image)
+            per_image["cps"].append(_record(image, cps_coded, image=name))
+            per_image["naive"].append(_record(image, naive_coded, image=name))
+            target = per_image["cps"][-1]["bpp"]
+            match = min((records[len(per_image["cps"]) - 1] for records in jpeg_records.values()),
+                        key=lambda r: abs(r["bpp"] - target))
+            per_image["jpeg"].append(match)
+            if crops is None:  # lowest-rate model, first image
+                crops = [("original", image),
+                         (f"CPS (POPS) {per_image['cps'][-1]['bpp']:.2f} bpp", cps_coded.reconstruction),
+                         (f"naive tiles {per_image['naive'][-1]['bpp']:.2f} bpp",
+                          naive_coded.reconstruction),
+                         (f"JPEG q{match['quality']} {match['bpp']:.2f} bpp",
+                          jpeg_pictures[name, match["quality"]])]
+        means = {kind: _mean(records) for kind, records in per_image.items()}
+        rows += [(f"{model_info.label} (POPS, P={patch_size})", means["cps"]),
+                 (f"{model_info.label} naive {patch_size}px tiles", means["naive"]),
+                 (f"JPEG at the size of {model_info.label}", means["jpeg"])]
+        for curve, kind in ((cps_curve, "cps"), (naive_curve, "naive")):
+            curve["bpp"].append(means[kind]["bpp"])
+            for metric in ("psnr-rgb", "ms-ssim-rgb", "psnr-b"):
+                curve["metrics"].setdefault(metric, []).append(means[kind][metric])
+        document["models"].append({"path": os.path.relpath(model_info.path, REPO_ROOT),
+                                   "lmbda": model_info.lmbda, "mean": means,
+                                   "per_image": per_image})
+
+    jpeg_means = [document["jpeg"]["per_quality"][str(q)] for q in JPEG_QUALITIES]
+    curves = [Curve(f"CPS, POPS P={patch_size}", cps_curve["bpp"], cps_curve["metrics"]),
+              Curve(f"CPS, naive {patch_size}px tiles", naive_curve["bpp"], naive_curve["metrics"]),
+              Curve("JPEG (Pillow, 4:2:0)", [m["bpp"] for m in jpeg_means],
+                    {k: [m[k] for m in jpeg_means] for k in ("psnr-rgb", "ms-ssim-rgb", "psnr-b")})]
+    plot_curves(curves, os.path.join(output_dir, "rd.png"),
+                title=f"demo: {len(images)} scikit-image photographs")
+    _write_crops(crops, os.path.join(output_dir, "crops.png"), patch_size)
+    table = _format_table(rows)
+    document["table"] = table
+    atomic_write_bytes(os.path.join(output_dir, "results.json"),
+                       (json.dumps(document, indent=1) + "\n").encode())
+    return document

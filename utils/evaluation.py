@@ -1,0 +1,245 @@
+"""The evaluation loop of ``test.py``: datasets, per-image coding, sharding, results.
+
+A *run* is one operating point (a checkpoint, a zoo quality, a codec quality). Every
+run codes every image of the dataset; per image it records the real rate, the
+likelihood estimate where there is one, PSNR-RGB, MS-SSIM-RGB, PSNR-B, the times and
+the peak memory (``utils.metrics``). The dataset result of a run is the mean over
+images of each quantity, as in CompressAI's published results.
+
+Under ``torchrun --nproc_per_node=K`` the images are sharded: process ``r`` codes
+images ``r, r+K, r+2K, ...`` (each on its own GPU with ``--cuda``), every process
+writes its own reconstructions, and the per-image records are gathered so that the
+merged results are those of a single-process run (times and memory aside). A
+failure in one process is passed along with the records instead of leaving the
+others waiting in the collective.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from utils.atomic import atomic_write_bytes
+from utils.image_io import read_image, write_png
+from utils.metrics import PeakMemory, image_metrics
+
+log = logging.getLogger("cps.test")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
+               "encoding_time", "decoding_time", "peak_memory_mb")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASETS_CONFIG = os.path.join(REPO_ROOT, "configs", "datasets.yaml")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A folder of test images and the patch size the paper uses for it (or None)."""
+
+    name: str
+    folder: str
+    patch_size: Optional[int]
+
+
+def load_datasets_config(path: str = DATASETS_CONFIG) -> Dict[str, dict]:
+    """Read and validate ``configs/datasets.yaml``: ``NAME: {path: str, patch_size: int}``."""
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read datasets config {path}: {exc.strerror}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of dataset names")
+    for name, entry in config.items():
+        if not isinstance(entry, dict) or set(entry) != {"path", "patch_size"}:
+            raise ValueError(f"{path}: dataset {name!r} must have exactly the keys "
+                             "path and patch_size")
+        if not isinstance(entry["path"], str):
+            raise ValueError(f"{path}: dataset {name!r}: path must be a string")
+        size = entry["patch_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{path}: dataset {name!r}: patch_size must be an integer >= 0")
+    return config
+
+
+def environment_variable(name: str) -> str:
+    """``CPS_<NAME>``: the variable that overrides a dataset's folder (CPS_KODAK, ...)."""
+    return "CPS_" + re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def resolve_dataset(spec: str, config_path: str = DATASETS_CONFIG) -> Dataset:
+    """A dataset from a folder path, or from a name in the config (case-insensitive).
+
+    A named dataset's folder is ``$CPS_<NAME>`` when that variable is set, else the
+    config's ``path`` (relative paths are relative to the repository root).
+    """
+    if os.path.isdir(spec):
+        return Dataset(os.path.basename(os.path.normpath(spec)), spec, None)
+    config = load_datasets_config(config_path)
+    names = {name.lower(): name for name in config}
+    if spec.lower() not in names:
+        raise ValueError(f"--dataset {spec!r} is neither a folder nor a dataset of {config_path} "
+                         f"({', '.join(config)})")
+    name = names[spec.lower()]
+    variable = environment_variable(name)
+    folder = os.environ.get(variable) or os.path.join(REPO_ROOT, config[name]["path"])
+    if not os.path.isdir(folder):
+        raise ValueError(f"dataset {name}: folder {folder} does not exist; set {variable} "
+                         f"or edit {config_path}")
+    return Dataset(name, folder, config[name]["patch_size"])
+
+
+def list_images(folder: str) -> List[str]:
+    """Image files directly inside ``folder``, sorted by name."""
+    paths = sorted(os.path.join(folder, entry) for entry in os.listdir(folder)
+                   if entry.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return paths
+
+
+@dataclass
+class Run:
+    """One operating point: ``label`` for logs, ``tag`` for file names, ``build``
+    returns a coder (``utils.eval_coders``); it is called once per process."""
+
+    label: str
+    tag: str
+    build: Callable[[], object]
+
+
+def shard() -> Tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside ``torchrun``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{stem}-{tag}.png" if several_runs else f"{stem}.png"
+
+
+def _code_image(coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
+    height, width = image.shape[1:]
+    with PeakMemory(coder.device) as memory:
+        coded = coder.code(image)
+    estimated = coded.estimated_bits
+    if estimated is None and hasattr(coder, "estimate_bits"):
+        estimated = coder.estimate_bits(image)
+    record = {"bpp": coded.bits / (height * width)}
+    if estimated is not None:
+        record["bpp_est"] = estimated / (height * width)
+    record.update(image_metrics(image, coded.reconstruction))
+    record.update(encoding_time=coded.encoding_time, decoding_time=coded.decoding_time,
+                  peak_memory_mb=memory.peak_mb)
+    return record, coded.reconstruction
+
+
+def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
+                    image_folder: Optional[str], rank: int, progress: bool):
+    records, descriptions = {}, []
+    for number, run in enumerate(runs):
+        coder = run.build()
+        descriptions.append(coder.description)
+        label = f"[rank {rank}] {run.label}" if shard()[1] > 1 else run.label
+        for index in tqdm(indexes, desc=label, unit="image", disable=not progress, leave=False):
+            image, info = read_image(paths[index])
+            if number == 0:
+                for change in info.conversions:
+                    log.warning("%s: %s", paths[index], change)
+            try:
+                records[number, index], reconstruction = _code_image(coder, image)
+            except (ValueError, RuntimeError) as exc:
+                raise type(exc)(f"{paths[index]}: {exc}") from None
+            if image_folder is not None:
+                name = reconstruction_name(paths[index], run.tag, len(runs) > 1)
+                write_png(os.path.join(image_folder, name), reconstruction)
+        del coder
+    return records, descriptions
+
+
+def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[str] = None,
+             progress: bool = True) -> Tuple[List[List[dict]], List[str]]:
+    """Code every image with every run, sharded over the ``torchrun`` processes.
+
+    Returns ``records[run][image]`` (every process gets all of them) and one
+    description per run. With ``image_folder``, reconstructions are written there
+    as ``<stem>.png`` (one run) or ``<stem>-<tag>.png``.
+    """
+    rank, world = shard()
+    indexes = range(rank, len(paths), world)
+    if world == 1:
+        records, descriptions = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
+    else:
+        try:
+            outcome = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
+        except Exception as exc:  # passed on to every process below, then raised there
+            outcome = f"rank {rank}: {exc}"
+        gathered = [None] * world
+        dist.all_gather_object(gathered, outcome)
+        failures = [item for item in gathered if isinstance(item, str)]
+        if failures:
+            raise RuntimeError(failures[0])
+        records = {key: value for part, _ in gathered for key, value in part.items()}
+        descriptions = gathered[0][1]
+    table = [[records[run, index] for index in range(len(paths))] for run in range(len(runs))]
+    return table, descriptions
+
+
+def _mean(values: List[Optional[float]], key: str, label: str) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if len(present) < len(values):
+        log.warning("%s: %s missing for %d of %d images; averaged over the others",
+                    label, key, len(values) - len(present), len(values))
+    return sum(present) / len(present)
+
+
+def aggregate(records: List[List[dict]], labels: Sequence[str]) -> Dict[str, list]:
+    """CompressAI-style ``results``: per key, one dataset mean per run."""
+    keys = [k for k in RESULT_KEYS if any(k in record for run in records for record in run)]
+    return {key: [_mean([record.get(key) for record in run], key, label)
+                  for run, label in zip(records, labels)] for key in keys}
+
+
+def per_image_documents(records: List[List[dict]], paths: Sequence[str],
+                        header: dict) -> Dict[str, dict]:
+    """One results document per image (same schema, one entry per run), by stem."""
+    documents = {}
+    for index, path in enumerate(paths):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        results = {key: [run[index].get(key) for run in records]
+                   for key in RESULT_KEYS if any(key in run[index] for run in records)}
+        documents[stem] = dict(header, image=path, results=results)
+    return documents
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def to_json(document: dict) -> str:
+    """Strict JSON text: infinite or NaN numbers (a lossless PSNR) become ``null``."""
+    return json.dumps(_finite_or_none(document), indent=2, allow_nan=False)
+
+
+def write_json(path: str, document: dict) -> None:
+    """Write ``document`` to ``path`` atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, (to_json(document) + "\n").encode())

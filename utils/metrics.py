@@ -1,0 +1,157 @@
+"""Image-quality metrics, bit rates and peak memory for the evaluation harness.
+
+Every distortion metric compares two **8-bit** RGB images (uint8 tensors (3, H, W)):
+the reconstruction is what a decoder would write to disk, so it is measured after
+rounding, as the CPS paper and CompressAI's published results do.
+
+* PSNR-RGB: ``10 log10(255^2 / MSE)`` with the MSE over all three channels.
+* MS-SSIM-RGB: ``pytorch_msssim.ms_ssim`` (data range 255). Its five scales need a
+  shorter side above 160 pixels; smaller images get ``None`` and a warning.
+* PSNR-B (Yim and Bovik, "Quality assessment of deblocked images", IEEE TIP 2011,
+  block size 8): torchmetrics' implementation, which accepts one channel only, run
+  on R, G and B separately and averaged. It adds the blocking-effect factor of the
+  reconstruction (how much stronger the differences across 8x8 block borders are
+  than inside blocks) to the MSE, so seams cost decibels that PSNR does not show.
+
+A lossless reconstruction has an infinite PSNR; it is kept as ``inf`` here and the
+JSON writers turn it into ``null``.
+"""
+
+import math
+import os
+import resource
+import sys
+import warnings
+from typing import Dict, Optional
+
+import torch
+from pytorch_msssim import ms_ssim
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio_with_blocked_effect
+
+# pytorch_msssim downsamples four times with an 11-tap window: the shorter side must
+# exceed (11 - 1) * 2**4 pixels.
+MS_SSIM_MIN_SIDE = 161
+PSNR_B_BLOCK = 8
+
+
+def _check_pair(original: Tensor, reconstruction: Tensor) -> None:
+    for name, image in (("original", original), ("reconstruction", reconstruction)):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"{name} must be a uint8 tensor (3, H, W), "
+                             f"got {image.dtype} {tuple(image.shape)}")
+    if original.shape != reconstruction.shape:
+        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} does not match "
+                         f"the original {tuple(original.shape)}")
+
+
+def psnr(original: Tensor, reconstruction: Tensor) -> float:
+    """PSNR in dB of two uint8 (3, H, W) images over all channels (inf if equal)."""
+    _check_pair(original, reconstruction)
+    mse = (original.double() - reconstruction.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def ms_ssim_rgb(original: Tensor, reconstruction: Tensor) -> Optional[float]:
+    """MS-SSIM of two uint8 (3, H, W) images, or ``None`` (with a warning) if too small."""
+    _check_pair(original, reconstruction)
+    height, width = original.shape[1:]
+    if min(height, width) < MS_SSIM_MIN_SIDE:
+        warnings.warn(f"MS-SSIM needs both sides >= {MS_SSIM_MIN_SIDE} px, the image is "
+                      f"{width}x{height}: reported as null", RuntimeWarning, stacklevel=2)
+        return None
+    value = ms_ssim(original[None].float(), reconstruction[None].float(), data_range=255.0)
+    return value.item()
+
+
+def psnr_b(original: Tensor, reconstruction: Tensor, block_size: int = PSNR_B_BLOCK) -> float:
+    """PSNR-B in dB: torchmetrics' grayscale PSNR-B on R, G and B, averaged."""
+    _check_pair(original, reconstruction)
+    values = [
+        peak_signal_noise_ratio_with_blocked_effect(
+            reconstruction[c][None, None].double(), original[c][None, None].double(),
+            data_range=255.0, block_size=block_size).item()
+        for c in range(3)
+    ]
+    return sum(values) / 3
+
+
+def image_metrics(original: Tensor, reconstruction: Tensor) -> Dict[str, Optional[float]]:
+    """The three distortion metrics of the results JSON, keyed as CompressAI keys them."""
+    return {
+        "psnr-rgb": psnr(original, reconstruction),
+        "ms-ssim-rgb": ms_ssim_rgb(original, reconstruction),
+        "psnr-b": psnr_b(original, reconstruction),
+    }
+
+
+def bits_per_pixel(num_bytes: int, height: int, width: int) -> float:
+    """Rate of ``num_bytes`` over the original ``height x width`` pixels."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    return num_bytes * 8.0 / (height * width)
+
+
+def likelihood_bits(likelihoods: Dict[str, Tensor]) -> float:
+    """Estimated bits of a forward pass: ``sum(-log2 p)`` over every latent."""
+    return sum(-torch.log2(p.double()).sum().item() for p in likelihoods.values())
+
+
+class PeakMemory:
+    """Measure the peak memory of a block of code, in MiB.
+
+    On CUDA devices this is ``torch.cuda.max_memory_allocated`` (tensors only) after
+    a reset of the peak statistics. On the CPU it is the peak resident set size of
+    the whole process: on Linux the high-water mark is reset first (writing 5 to
+    ``/proc/self/clear_refs``) and read back from ``VmHWM``; elsewhere it falls back
+    to ``getrusage``'s lifetime maximum, which can only grow from image to image.
+    ``kind`` says which one was measured.
+
+    Usage::
+
+        with PeakMemory(device) as memory:
+            ...
+        memory.peak_mb
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak_mb: Optional[float] = None
+        if self.device.type == "cuda":
+            self.kind = "cuda max_memory_allocated"
+        elif _can_reset_rss_peak():
+            self.kind = "process peak RSS (VmHWM)"
+        else:
+            self.kind = "process lifetime peak RSS (getrusage)"
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind.endswith("(VmHWM)"):
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        elif self.kind.endswith("(VmHWM)"):
+            self.peak_mb = _read_vm_hwm_kb() / 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            # Linux reports KiB, macOS bytes.
+            self.peak_mb = peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+
+
+def _read_vm_hwm_kb() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def _can_reset_rss_peak() -> bool:
+    return os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status")

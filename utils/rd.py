@@ -1,0 +1,212 @@
+"""Rate-distortion curves: reading results files, RD plots and BD-rate tables.
+
+Results files use CompressAI's schema (``{"name", "description", "results": {"bpp":
+[...], "psnr-rgb": [...], ...}}``); the older keys ``psnr`` and ``ms-ssim`` found in
+some published files are read as ``psnr-rgb`` and ``ms-ssim-rgb``. Points are sorted
+by rate and those with a missing value (``null``) are left out of each curve.
+
+MS-SSIM is handled in decibels, ``-10 log10(1 - MS-SSIM)``, both in plots and in
+BD-rates, because its linear scale squeezes all good reconstructions against 1.
+
+BD-rates are computed by the ``bjontegaard`` package (FAU-LMS) with PCHIP
+interpolation by default, which matches the JCT-VC spreadsheet without the cubic
+fit's overshoots. A curve needs at least :data:`MIN_POINTS` points.
+"""
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import bjontegaard
+
+MIN_POINTS = 4
+METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b")
+AXIS_LABELS = {
+    "psnr-rgb": "PSNR-RGB (dB)",
+    "ms-ssim-rgb": "MS-SSIM-RGB (dB)",
+    "psnr-b": "PSNR-B (dB)",
+}
+_ALIASES = {"psnr": "psnr-rgb", "ms-ssim": "ms-ssim-rgb"}
+INTERPOLATIONS = ("pchip", "akima", "cubic")
+
+
+@dataclass
+class Curve:
+    """One method's RD points, sorted by bpp; ``metrics`` maps a metric to its values."""
+
+    name: str
+    bpp: List[float]
+    metrics: Dict[str, List[Optional[float]]]
+    path: str = ""
+
+    def points(self, metric: str) -> List[tuple]:
+        """(bpp, value) pairs of ``metric`` without missing values; MS-SSIM in dB."""
+        values = self.metrics.get(metric, [])
+        pairs = [(rate, value) for rate, value in zip(self.bpp, values)
+                 if rate is not None and value is not None and math.isfinite(value)]
+        if metric == "ms-ssim-rgb":
+            pairs = [(rate, -10 * math.log10(1 - value)) for rate, value in pairs if value < 1]
+        return pairs
+
+
+def load_curve(path: str) -> Curve:
+    """Read a results JSON file into a :class:`Curve`."""
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except OSError as exc:
+        raise ValueError(f"cannot read results file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"results file {path} is not valid JSON: {exc}") from None
+    results = document.get("results") if isinstance(document, dict) else None
+    if not isinstance(results, dict) or not isinstance(results.get("bpp"), list):
+        raise ValueError(f"results file {path} has no results.bpp list "
+                         "(CompressAI format expected)")
+    bpp = results["bpp"]
+    metrics = {}
+    for key, values in results.items():
+        metric = _ALIASES.get(key, key)
+        if metric in METRICS and isinstance(values, list):
+            if len(values) != len(bpp):
+                raise ValueError(f"results file {path}: {key} has {len(values)} values "
+                                 f"but bpp has {len(bpp)}")
+            metrics[metric] = values
+    order = sorted(range(len(bpp)), key=lambda i: (bpp[i] is None, bpp[i]))
+    name = document.get("name") or os.path.splitext(os.path.basename(path))[0]
+    return Curve(name=str(name), bpp=[bpp[i] for i in order],
+                 metrics={m: [v[i] for i in order] for m, v in metrics.items()}, path=path)
+
+
+def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = METRICS,
+                title: str = "") -> List[str]:
+    """Draw one RD panel per metric that some curve has; write ``output`` atomically.
+
+    Returns the metrics that were plotted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if any(len(c.points(m)) > 0 for c in curves)]
+    if not shown:
+        raise ValueError(f"no curve has any of the metrics {', '.join(metrics)}")
+    figure, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)
+    for axis, metric in zip(axes[0], shown):
+        for curve in curves:
+            pairs = curve.points(metric)
+            if pairs:
+                axis.plot(*zip(*pairs), marker="o", markersize=3, label=curve.name)
+        style_axis(axis, "bits per pixel", AXIS_LABELS[metric])
+    save_figure(figure, output, title)
+    return shown
+
+
+def style_axis(axis, xlabel: str, ylabel: str) -> None:
+    """Labels, a light grid and a small legend: the look of every plot here."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize="small")
+
+
+def save_figure(figure, output: str, title: str = "") -> None:
+    """Title, lay out, write ``output`` atomically and release the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    _save_figure(figure, output)
+    plt.close(figure)
+
+
+def _save_figure(figure, output: str) -> None:
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot write {output}: folder {directory} does not exist")
+    extension = os.path.splitext(output)[1].lstrip(".") or "png"
+    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(output)}")
+    try:
+        figure.savefig(temporary, format=extension, dpi=150)
+        os.replace(temporary, output)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",
+            method: str = "pchip") -> Optional[float]:
+    """BD-rate in percent of ``test`` against ``anchor`` (negative: fewer bits).
+
+    Returns ``None`` when the two curves' quality ranges do not overlap. Raises
+    ``ValueError`` for too few points or a curve that is not monotonic.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {method!r}; "
+                         f"choose from {', '.join(INTERPOLATIONS)}")
+    curves = {}
+    for curve in (anchor, test):
+        pairs = curve.points(metric)
+        if len(pairs) < MIN_POINTS:
+            raise ValueError(f"{curve.name}: {len(pairs)} {metric} points, a BD-rate needs "
+                             f"at least {MIN_POINTS}")
+        values = [value for _, value in pairs]
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{curve.name}: {metric} does not increase strictly with bpp, "
+                             "so the rate cannot be interpolated from it")
+        curves[curve.name] = pairs
+    (rate_a, dist_a), (rate_t, dist_t) = (list(zip(*curves[c.name])) for c in (anchor, test))
+    if max(dist_a) <= min(dist_t) or max(dist_t) <= min(dist_a):
+        return None
+    with warnings.catch_warnings():
+        # Partial overlap is normal between codecs; the package's warning is noise here.
+        warnings.simplefilter("ignore", UserWarning)
+        value = bjontegaard.bd_rate(rate_a, dist_a, rate_t, dist_t, method=method,
+                                    require_matching_points=False)
+    return float(value)
+
+
+def bd_rate_table(anchor: Curve, tests: Sequence[Curve], metrics: Sequence[str] = METRICS,
+                  method: str = "pchip") -> dict:
+    """BD-rates of every test curve against ``anchor`` for each metric both have.
+
+    A cell is ``None`` where the metric is missing, the ranges do not overlap or a
+    curve has too few points; ``notes`` says why.
+    """
+    rows, notes = [], []
+    usable = [m for m in metrics if anchor.points(m)]
+    for test in tests:
+        cells = {}
+        for metric in usable:
+            value = None
+            if test.points(metric):
+                try:
+                    value = bd_rate(anchor, test, metric, method)
+                except ValueError as exc:
+                    notes.append(str(exc))
+                else:
+                    if value is None:
+                        notes.append(f"{test.name}: {metric} range does not overlap the anchor's")
+            cells[metric] = value
+        rows.append({"name": test.name, "file": test.path, "points": len(test.bpp),
+                     "bd-rate": cells})
+    return {"anchor": anchor.name, "anchor_file": anchor.path, "interpolation": method,
+            "metrics": usable, "rows": rows, "notes": notes}
+
+
+def format_table(table: dict) -> str:
+    """The BD-rate table as Markdown, like Table I of the CPS paper."""
+    header = ["Method", "Points"] + [f"BD-rate {m} (%)" for m in table["metrics"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        cells = [row["name"], str(row["points"])]
+        cells += ["-" if row["bd-rate"][m] is None else f"{row['bd-rate'][m]:+.2f}"
+                  for m in table["metrics"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nAnchor: {table['anchor']} ({table['interpolation']} interpolation; "
+                 "negative = fewer bits than the anchor at equal quality)")
+    return "\n".join(lines + [f"- {note}" for note in table["notes"]])

@@ -1,0 +1,348 @@
+"""The training loop behind ``train.py``: data, model, steps, validation, checkpoints.
+
+.. code-block:: none
+
+    config ──► Trainer.__init__: datasets + EpochSampler ─► DataLoader
+                                 build_model (registry) ─► resume | init-from ─► DDP
+    fit(): for epoch, for batch:  TrainStep (seeded by step) ─► log (tqdm, TensorBoard)
+                                  ├─ epoch end / val_interval: validate ─► LR plateau
+                                  │                            ─► save last (+ best)
+                                  ├─ checkpoint_interval: save last
+                                  └─ SIGINT/SIGTERM: save last, exit 128+signal
+
+Rank 0 alone logs and writes files; every rank trains, validates on its share of
+the test crops (the sums are all-reduced) and steps the same LR schedule.
+"""
+
+import os
+import signal
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+import models
+from datasets import CropImageFolder, EpochSampler
+from utils import distributed
+from utils.train_state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
+                               config_differences, init_weights_from, read_resume_checkpoint,
+                               restore, save_checkpoint)
+from utils.config import to_plain_dict
+from utils.training import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
+                            build_scheduler, coding_state_dict, psnr)
+
+__all__ = ["Trainer"]
+
+
+def _build_model(cfg) -> torch.nn.Module:
+    kwargs = dict(cfg.model.kwargs)
+    kwargs["N"] = cfg.train_params.N
+    try:
+        model = models.build_model(cfg.model.name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {cfg.model.name!r} rejects its kwargs {kwargs}: {exc}") from None
+    factor = getattr(model, "downsampling_factor", 1)
+    if cfg.train_params.patch_size % factor:
+        raise ValueError(f"train_params.patch_size={cfg.train_params.patch_size} must be a "
+                         f"multiple of {factor} for model {cfg.model.name!r}")
+    return model
+
+
+class Trainer:
+    """Builds everything from a validated config (:func:`utils.config.load_config`).
+
+    Args:
+        cfg: the config; ``train_data.use_checkpoint_path`` resumes,
+            ``train_data.init_checkpoint_path`` initialises the weights only.
+        ctx: rank, world size and device (:func:`utils.distributed.init_distributed`).
+        log: where rank 0 prints one-line messages (default: stderr).
+    """
+
+    def __init__(self, cfg, ctx: distributed.DistContext, log=None):
+        self.cfg, self.ctx = cfg, ctx
+        self.log_stream = log or sys.stderr
+        td, tp = cfg.train_data, cfg.train_params
+        self.exp = td.experiment_path
+        torch.manual_seed(tp.seed)  # identical initial weights on every rank
+
+        self.train_set = CropImageFolder(td.data_path, "train", tp.patch_size, True,
+                                         td.small_images)
+        self.test_set = CropImageFolder(td.data_path, "test", tp.patch_size, False,
+                                        td.small_images)
+        for ds in (self.train_set, self.test_set):
+            if ds.skipped:
+                self.log(f"skipped {ds.skipped} images smaller than {tp.patch_size} px")
+        self.train_sampler = EpochSampler(len(self.train_set), tp.seed, True, ctx.rank,
+                                          ctx.world_size, pad=True)
+        self.test_sampler = EpochSampler(len(self.test_set), tp.seed, False, ctx.rank,
+                                         ctx.world_size, pad=False)
+        self.steps_per_epoch = self.train_sampler.per_rank() // td.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training images give no full batch of "
+                             f"{td.batch_size} per process ({ctx.world_size} processes)")
+        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
+        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
+                                        False)
+
+        self.raw = _build_model(cfg).to(ctx.device)
+        if tp.channels_last:
+            self.raw = self.raw.to(memory_format=torch.channels_last)
+        # Models with a loss of their own (the layered mei2021 models) bring it.
+        self.criterion = (self.raw.default_loss() if hasattr(self.raw, "default_loss")
+                          else build_criterion(tp.lmbda, tp.distortion_metric))
+        self.optimizer, self.aux_optimizer = build_optimizers(
+            self.raw, tp.learning_rate, tp.aux_learning_rate)
+        self.total_steps = tp.max_steps or td.epochs * self.steps_per_epoch
+        self.scheduler, self.schedule_per = build_scheduler(
+            self.optimizer, cfg.lr_schedule, self.total_steps)
+        self.pos = TrainPosition()
+        self._load_start_state()
+        self.model = distributed.wrap_ddp(self.raw, ctx)
+        self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
+                              self.aux_optimizer, tp.clip_max_norm, tp.amp, tp.channels_last,
+                              tp.max_nonfinite_steps, tp.seed, ctx.rank)
+        self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
+        self.writer = None
+        if ctx.is_main and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=self.exp)
+        self._stop_signal: Optional[int] = None
+        self._saved_at = -1
+
+    # ----------------------------------------------------------------- setup
+    def _loader(self, dataset, sampler, batch_size: int, train: bool) -> DataLoader:
+        td = self.cfg.train_data
+        workers = td.num_workers
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                          num_workers=workers,
+                          pin_memory=td.pin_memory and self.ctx.device.type == "cuda",
+                          persistent_workers=td.persistent_workers and workers > 0)
+
+    def _load_start_state(self) -> None:
+        td = self.cfg.train_data
+        if self.ctx.is_main:
+            os.makedirs(self.exp, exist_ok=True)
+        last = os.path.join(self.exp, LAST_NAME)
+        if td.use_checkpoint_path:
+            checkpoint = read_resume_checkpoint(td.use_checkpoint_path)
+            restore(checkpoint, self.raw, self.optimizer, self.aux_optimizer, self.scheduler,
+                    self.pos)
+            self.log(f"resuming {td.use_checkpoint_path} at step {self.pos.global_step} "
+                     f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
+            changes = config_differences(checkpoint.get("config", {}), to_plain_dict(self.cfg))
+            changes = [c for c in changes if not c.startswith("train_data.use_checkpoint_path")]
+            if changes:
+                self.log("config changed since the checkpoint: " + "; ".join(changes))
+            if self.pos.epoch_step > self.steps_per_epoch:
+                raise ValueError(f"checkpoint is at batch {self.pos.epoch_step} of an epoch "
+                                 f"that now has {self.steps_per_epoch}; keep batch_size and "
+                                 "the process count when resuming")
+        elif os.path.exists(last):
+            raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
+                             "another train_data.experiment_path")
+        elif td.init_checkpoint_path:
+            init_weights_from(td.init_checkpoint_path, self.raw)
+            self.log(f"initialised weights from {td.init_checkpoint_path}")
+
+    def log(self, message: str) -> None:
+        """One line from rank 0, printed above the progress bar if there is one."""
+        if self.ctx.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=self.log_stream)
+
+    # ------------------------------------------------------------ main loop
+    def fit(self) -> int:
+        """Train until ``epochs`` or ``max_steps``; return the process exit status."""
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            return self._fit()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.writer is not None:
+                self.writer.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        # A second Ctrl-C kills the process at once.
+        signal.signal(signum, signal.SIG_DFL)
+
+    def _finished(self) -> bool:
+        max_steps = self.cfg.train_params.max_steps
+        if max_steps and self.pos.global_step >= max_steps:
+            return True
+        return self.pos.epoch >= self.cfg.train_data.epochs
+
+    def _fit(self) -> int:
+        from tqdm import tqdm
+
+        lg = self.cfg.logging
+        td = self.cfg.train_data
+        self.raw.train()
+        while not self._finished():
+            self.train_sampler.set_epoch(self.pos.epoch, self.pos.epoch_step * td.batch_size)
+            bar = tqdm(total=self.steps_per_epoch, initial=self.pos.epoch_step,
+                       desc=f"epoch {self.pos.epoch}", dynamic_ncols=True, leave=False,
+                       disable=not (self.ctx.is_main and lg.progress), file=self.log_stream)
+            window = _Window()
+            for x in self.train_loader:
+                window.data_done()
+                x = x.to(self.ctx.device, non_blocking=True)
+                stats = self.step(x, self.pos.global_step, self._stop_signal is not None)
+                self.pos.global_step += 1
+                self.pos.epoch_step += 1
+                self.pos.nonfinite_in_a_row = self.step.nonfinite_in_a_row
+                if self.schedule_per == "step":
+                    self.scheduler.step()
+                window.add(stats)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", bpp=f"{stats['bpp']:.3f}",
+                                psnr=f"{psnr(stats['mse']):.2f}", refresh=False)
+                if self.pos.global_step % lg.log_interval == 0:
+                    self._log_train(window)
+                    window = _Window()
+                epoch_done = self.pos.epoch_step == self.steps_per_epoch
+                if epoch_done:
+                    self.pos.epoch += 1
+                    self.pos.epoch_step = 0
+                self._after_step(epoch_done)
+                if stats["stop"] > 0:
+                    bar.close()
+                    return self._stop()
+                if self._finished():
+                    break
+                window.data_wait()
+            bar.close()
+        if self._saved_at != self.pos.global_step:
+            self._save(best=False)
+        self.log(f"done at step {self.pos.global_step}; checkpoints in {self.exp}")
+        return 0
+
+    def _after_step(self, epoch_done: bool) -> None:
+        lg = self.cfg.logging
+        step = self.pos.global_step
+        if (lg.val_interval and step % lg.val_interval == 0) or (not lg.val_interval
+                                                                and epoch_done):
+            self._validate_and_save()
+        elif lg.checkpoint_interval and step % lg.checkpoint_interval == 0:
+            self._save(best=False)
+
+    def _stop(self) -> int:
+        signum = self._stop_signal or signal.SIGTERM
+        if self._saved_at != self.pos.global_step:
+            self._save(best=False)
+        name = signal.Signals(signum).name
+        self.log(f"stopped by {name} at step {self.pos.global_step}; checkpoint saved in "
+                 f"{self.exp}; continue with --resume")
+        return 128 + int(signum)
+
+    # ------------------------------------------------------ validation/saving
+    def _validate_and_save(self) -> None:
+        metrics = self.validate()
+        loss = metrics["loss"]
+        if self.schedule_per == "validation":
+            self.scheduler.step(loss)
+        self.pos.last_val_loss = loss
+        is_best = loss < self.pos.best_loss
+        if is_best:
+            self.pos.best_loss = loss
+        self._save(best=is_best)
+        self.log(f"step {self.pos.global_step} validation: loss {loss:.4f} bpp "
+                 f"{metrics['bpp']:.4f} psnr {metrics['psnr']:.2f} dB aux {metrics['aux']:.1f}"
+                 + (" (best)" if is_best else ""))
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Estimated-rate loss, bpp, MSE and mean per-image PSNR on the test centre crops."""
+        raw, device = self.raw, self.ctx.device
+        raw.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, loss, mse, bpp, psnr
+        shown = []  # (original, reconstruction) pairs for TensorBoard
+        for x in self.test_loader:
+            x = x.to(device, non_blocking=True)
+            if self.cfg.train_params.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = raw(x)
+            losses = self.criterion(out, x)
+            x_hat = out["x_hat"].clamp(0, 1)
+            mse = (x_hat - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            n = x.shape[0]
+            sums += torch.stack([torch.tensor(float(n), device=device, dtype=torch.float64),
+                                 losses["loss"].double() * n, mse.double().sum(),
+                                 losses["bpp_loss"].double() * n,
+                                 (-10 * torch.log10(mse)).double().sum()])
+            shown.extend(zip(x, x_hat))
+            del shown[self.cfg.logging.num_images:]
+        distributed.all_reduce_sum(sums)
+        raw.train()
+        n, loss, mse, bpp, psnr_sum = sums.tolist()
+        metrics = {"loss": loss / n, "mse": mse / n, "bpp": bpp / n, "psnr": psnr_sum / n,
+                   "aux": float(raw.aux_loss())}
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"val/{key}", value, self.pos.global_step)
+            if shown:
+                from torchvision.utils import make_grid
+                grid = make_grid(torch.stack([t for pair in shown for t in pair]).float(), nrow=2)
+                self.writer.add_image("val/original_vs_reconstruction", grid.cpu(),
+                                      self.pos.global_step)
+        return metrics
+
+    def _save(self, best: bool) -> None:
+        self._saved_at = self.pos.global_step
+        if not self.ctx.is_main:
+            return
+        with torch.no_grad():
+            self.raw.update(force=True)
+        checkpoint = build_checkpoint(self.raw, self.optimizer, self.aux_optimizer,
+                                      self.scheduler, self.cfg, self.pos)
+        save_checkpoint(checkpoint, self.exp, LAST_NAME)
+        if best:
+            checkpoint["state_dict"], checkpoint["aux_loss"] = coding_state_dict(self.raw)
+            save_checkpoint(checkpoint, self.exp, BEST_NAME)
+
+    def _log_train(self, window: "_Window") -> None:
+        if self.writer is None:
+            return
+        step = self.pos.global_step
+        self.writer.add_scalar("train/skipped_steps", window.skipped, step)
+        if window.count == 0:
+            return
+        means = window.means()
+        for key in ("loss", "mse", "bpp", "aux", "grad_norm"):
+            self.writer.add_scalar(f"train/{key}", means[key], step)
+        self.writer.add_scalar("train/psnr", psnr(means["mse"]), step)
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+        self.writer.add_scalar("train/data_wait_s", window.data_wait_s / window.count, step)
+
+
+class _Window:
+    """Running sums of step statistics between two TensorBoard writes."""
+
+    def __init__(self):
+        self._clock = time.perf_counter
+        self.count, self.skipped, self.data_wait_s = 0, 0, 0.0
+        self.sums = dict.fromkeys(STAT_NAMES, 0.0)
+        self._waiting_since = self._clock()
+
+    def data_wait(self) -> None:
+        self._waiting_since = self._clock()
+
+    def data_done(self) -> None:
+        self.data_wait_s += self._clock() - self._waiting_since
+
+    def add(self, stats: Dict[str, float]) -> None:
+        if stats["skipped"]:
+            self.skipped += 1
+            return
+        self.count += 1
+        for key in self.sums:
+            self.sums[key] += stats[key]
+
+    def means(self) -> Dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}

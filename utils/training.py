@@ -1,0 +1,201 @@
+"""One rate-distortion training step and the objects it needs.
+
+The step follows CompressAI's ``examples/train.py`` (main loss with
+``RateDistortionLoss``, gradient clipping, then a separate auxiliary optimizer for
+the entropy bottleneck's quantiles) with four additions:
+
+* the global RNG is re-seeded from ``(seed, step, rank)`` before each step, so the
+  quantisation noise of step ``k`` is the same whether or not the run was
+  interrupted before it (no generator state needs saving or restoring);
+* a non-finite loss or gradient skips the update with a warning, and the run stops
+  after ``max_nonfinite_steps`` such steps in a row;
+* optional bfloat16 autocast and channels_last memory format for GPUs;
+* under DDP, the statistics are averaged over ranks, and so is the auxiliary
+  gradient (see :mod:`utils.distributed`).
+"""
+
+import copy
+import math
+import warnings
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compressai.losses import RateDistortionLoss
+from compressai.optimizers import net_aux_optimizer
+
+from utils.distributed import all_reduce_sum, average_gradients, aux_parameter_names
+
+__all__ = [
+    "build_criterion", "build_optimizers", "build_scheduler", "step_seed", "psnr",
+    "TrainStep", "NonFiniteLossError", "coding_state_dict", "STAT_NAMES",
+]
+
+# Order of the statistics vector a step returns (averaged over ranks).
+STAT_NAMES = ("loss", "mse", "bpp", "aux", "grad_norm", "stop")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def build_criterion(lmbda: float, metric: str = "mse") -> RateDistortionLoss:
+    """CompressAI's ``RateDistortionLoss``: ``lmbda * D + bpp``.
+
+    ``D`` is ``255**2 * MSE`` for ``"mse"`` and ``1 - MS-SSIM`` for ``"ms-ssim"``.
+    """
+    return RateDistortionLoss(lmbda=lmbda, metric=metric)
+
+
+def build_optimizers(model: nn.Module, lr: float, aux_lr: float):
+    """Adam for the network and a separate Adam for the quantiles (CompressAI's split)."""
+    if not aux_parameter_names(model):
+        # No EntropyBottleneck (kamisli2024): no quantiles to train. The aux optimizer
+        # then holds one empty tensor, so that steps, checkpoints and resume stay uniform.
+        return (torch.optim.Adam(model.parameters(), lr=lr),
+                torch.optim.Adam([torch.zeros(0, requires_grad=True)], lr=aux_lr))
+    conf = {"net": {"type": "Adam", "lr": lr}, "aux": {"type": "Adam", "lr": aux_lr}}
+    optimizers = net_aux_optimizer(model, conf)
+    return optimizers["net"], optimizers["aux"]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, total_steps: int):
+    """The learning-rate schedule of ``lr_schedule``.
+
+    Returns ``(scheduler, per)``; ``per`` is ``"validation"`` for the plateau
+    schedule (stepped with the validation loss, as the authors do) and ``"step"``
+    for the others (stepped after every training step; milestones are global steps).
+    """
+    kind = sched_cfg["type"]
+    lr_sched = torch.optim.lr_scheduler
+    if kind == "plateau":
+        return lr_sched.ReduceLROnPlateau(optimizer, "min", factor=sched_cfg["factor"],
+                                          patience=sched_cfg["patience"],
+                                          min_lr=sched_cfg["min_lr"]), "validation"
+    if kind == "multistep":
+        return lr_sched.MultiStepLR(optimizer, milestones=list(sched_cfg["milestones"]),
+                                    gamma=sched_cfg["factor"]), "step"
+    if kind == "cosine":
+        return lr_sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps),
+                                          eta_min=sched_cfg["min_lr"]), "step"
+    if kind == "constant":
+        return lr_sched.ConstantLR(optimizer, factor=1.0, total_iters=0), "step"
+    raise ValueError(f"unknown lr_schedule.type {kind!r}")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global RNG for training step ``step`` on ``rank`` (a 63-bit mix)."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB)
+    return mixed % (2**63 - 1)
+
+
+def psnr(mse: float) -> float:
+    """PSNR in dB of images in [0, 1] from their mean squared error."""
+    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
+
+
+class TrainStep:
+    """Callable that performs one optimisation step on a batch.
+
+    Args:
+        model: the (possibly DDP-wrapped) model; ``raw`` is the unwrapped one.
+        criterion: from :func:`build_criterion`.
+        optimizer, aux_optimizer: from :func:`build_optimizers`.
+        clip_max_norm: gradient clipping threshold; 0 disables clipping.
+        amp: bfloat16 autocast for the forward pass.
+        channels_last: feed NHWC batches (the model must have been converted).
+        max_nonfinite_steps: consecutive skipped steps that abort the run.
+        seed, rank: for :func:`step_seed`.
+    """
+
+    def __init__(self, model: nn.Module, raw: nn.Module, criterion: nn.Module,
+                 optimizer, aux_optimizer, clip_max_norm: float = 1.0, amp: bool = False,
+                 channels_last: bool = False, max_nonfinite_steps: int = 10,
+                 seed: int = 0, rank: int = 0):
+        self.model, self.raw, self.criterion = model, raw, criterion
+        self.optimizer, self.aux_optimizer = optimizer, aux_optimizer
+        self.clip_max_norm = clip_max_norm
+        self.amp = amp
+        self.channels_last = channels_last
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.seed, self.rank = seed, rank
+        self.nonfinite_in_a_row = 0
+        aux_names = set(aux_parameter_names(raw))
+        named = list(raw.named_parameters())
+        self.net_params = [p for n, p in named if n not in aux_names and p.requires_grad]
+        self.aux_params = [p for n, p in named if n in aux_names]
+
+    def forward_losses(self, x: Tensor) -> Tuple[Dict[str, Tensor], Tensor]:
+        """Forward pass and criterion; returns (criterion outputs, mse of x_hat)."""
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(x)
+        if self.amp:  # the rate and the loss are computed in float32
+            out = {"x_hat": out["x_hat"].float(),
+                   "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
+        losses = self.criterion(out, x)
+        mse = losses["mse_loss"] if "mse_loss" in losses else F.mse_loss(out["x_hat"], x)
+        return losses, mse.detach()
+
+    def __call__(self, x: Tensor, step: int, stop_request: bool = False) -> Dict[str, float]:
+        """Train on batch ``x`` (B, 3, H, W) in [0, 1] as global step ``step``.
+
+        ``stop_request`` (e.g. a signal arrived) is OR-ed over ranks and returned
+        as ``stats["stop"] > 0`` so that all ranks stop after the same step.
+        Returns the rank-averaged statistics named in :data:`STAT_NAMES`.
+        """
+        torch.manual_seed(step_seed(self.seed, step, self.rank))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.aux_optimizer.zero_grad(set_to_none=True)
+
+        losses, mse = self.forward_losses(x)
+        losses["loss"].backward()
+        max_norm = self.clip_max_norm if self.clip_max_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net_params, max_norm)
+        aux_loss = torch.as_tensor(self.raw.aux_loss(), dtype=torch.float32, device=x.device)
+        if aux_loss.requires_grad:  # CompressAI returns the int 0 without an EntropyBottleneck
+            aux_loss.backward()
+        average_gradients(self.aux_params)
+
+        stats = torch.stack([losses["loss"].detach().float(), mse.float(),
+                             losses["bpp_loss"].detach().float(), aux_loss.detach().float(),
+                             grad_norm.detach().float().to(x.device),
+                             torch.tensor(float(stop_request), device=x.device)])
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        values = (all_reduce_sum(stats) / world).tolist()
+        result = dict(zip(STAT_NAMES, values))
+
+        if all(math.isfinite(v) for v in values):
+            self.optimizer.step()
+            self.aux_optimizer.step()
+            self.nonfinite_in_a_row = 0
+            result["skipped"] = 0.0
+            return result
+        self.nonfinite_in_a_row += 1
+        result["skipped"] = 1.0
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
+                f"gradient (last at step {step}); lower the learning rate or check the data")
+        warnings.warn(f"step {step}: non-finite loss or gradient, update skipped "
+                      f"({self.nonfinite_in_a_row} in a row)", RuntimeWarning, stacklevel=2)
+        return result
+
+
+def coding_state_dict(raw: nn.Module) -> Tuple[Dict[str, Tensor], float]:
+    """State dict (and aux loss) of a copy of ``raw`` made ready for entropy coding.
+
+    The copy's quantiles are solved by CompressAI's bisection search
+    (``update(update_quantiles=True)``) instead of waiting for the auxiliary loss
+    to converge, then the CDF tables are rebuilt. The live model is untouched, so
+    training (and its exact resumption) is unaffected.
+    """
+    coder = copy.deepcopy(raw).eval()
+    with torch.no_grad():
+        coder.update(force=True, update_quantiles=True)
+        aux_loss = float(coder.aux_loss())
+    return {k: v.detach().cpu() for k, v in coder.state_dict().items()}, aux_loss
