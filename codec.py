@@ -3,6 +3,10 @@
     python codec.py encode IN.png OUT.cps -p CKPT [--patch-size P] [--cuda]
     python codec.py decode IN.cps OUT.png -p CKPT [--patch-size P] [--cuda]
 
+Layered models (``mei2021-quality``, ``mei2021-spatial``) write a ``.cpsl`` container
+with one stream per layer instead; ``--layers K`` keeps (encode) or decodes (decode)
+only the first K layers, and the decoder outputs layer K's reconstruction.
+
 Prints the rate computed from the file size (header included) and the times. Any
 bad input ends with one line on stderr and exit status 1.
 """
@@ -16,9 +20,12 @@ from typing import List, Optional
 import torch
 
 import models
+from models.mei2021_coding import MAGIC as LAYERED_MAGIC
+from models.mei2021_coding import (decode_layers, encode_layers, pack_layers, truncate_layers,
+                                   unpack_layers)
 from utils.atomic import atomic_write_bytes
 from utils.bitstream import pack, unpack
-from utils.codec import decode_image, encode_image
+from utils.codec import decode_image, encode_image, model_device
 from utils.device import select_device
 from utils.image_io import read_image, write_png
 from utils.latent_coding import ORDERS
@@ -42,14 +49,56 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         command.add_argument("--fast", action="store_true",
                              help="CPU: use oneDNN convolutions (faster; patch-wise results then equal "
                                   "whole-image ones to float rounding instead of bit for bit)")
+        command.add_argument("--layers", type=int, default=0,
+                             help="layered models: keep / decode the first K layers (0: all)")
     commands.choices["encode"].add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.layers < 0:
+        parser.error(f"--layers must be >= 0, got {args.layers}")
+    return args
+
+
+def _check_layers(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    if args.layers and not hasattr(model, "num_layers"):
+        raise ValueError(f"--layers needs a layered model (mei2021-*), not "
+                         f"{getattr(model, 'registry_name', type(model).__name__)}")
+
+
+def encode_layered(args: argparse.Namespace, model: torch.nn.Module, image: torch.Tensor) -> str:
+    """One stream per layer in a ``.cpsl`` container, cut to ``--layers`` if given."""
+    start = time.perf_counter()
+    data = pack_layers(model, encode_layers(model, image.to(model_device(model))))
+    if args.layers:
+        data = truncate_layers(data, args.layers)
+    seconds = time.perf_counter() - start
+    atomic_write_bytes(args.output, data)
+    pixels = image.shape[1] * image.shape[2]
+    kept = args.layers or model.num_layers
+    return (f"{args.output}: {len(data)} bytes ({kept} of {model.num_layers} layers), "
+            f"{len(data) * 8 / pixels:.4f} bpp over the full-resolution pixels, "
+            f"encoded in {seconds:.2f} s")
+
+
+def decode_layered(args: argparse.Namespace, model: torch.nn.Module, data: bytes) -> str:
+    """Layer ``--layers`` (default: the last one stored) of a ``.cpsl`` container."""
+    layered = unpack_layers(data)
+    stored = len(layered.streams)
+    if args.layers > stored:
+        raise ValueError(f"{args.input} holds {stored} layers; cannot decode layer {args.layers}")
+    start = time.perf_counter()
+    image = decode_layers(model, layered, upto=args.layers or stored)[-1]
+    seconds = time.perf_counter() - start
+    write_png(args.output, image)
+    return (f"{args.output}: layer {args.layers or stored} of {stored}, "
+            f"{image.shape[2]}x{image.shape[1]}, decoded in {seconds:.2f} s")
 
 
 def encode(args: argparse.Namespace, model: torch.nn.Module) -> str:
     image, info = read_image(args.input)
     for change in info.conversions:
         print(f"warning: {args.input}: {change}", file=sys.stderr)
+    if hasattr(model, "num_layers"):
+        return encode_layered(args, model, image)
     start = time.perf_counter()
     compressed = encode_image(model, image, args.patch_size, args.batch_size,
                               order=args.entropy_coder_order, exact=not args.fast,
@@ -67,6 +116,8 @@ def decode(args: argparse.Namespace, model: torch.nn.Module) -> str:
         raise ValueError(f"file not found: {args.input}")
     with open(args.input, "rb") as handle:
         data = handle.read()
+    if data[:len(LAYERED_MAGIC)] == LAYERED_MAGIC:
+        return decode_layered(args, model, data)
     start = time.perf_counter()
     compressed = unpack(data)
     image = decode_image(model, compressed, args.patch_size, args.batch_size, exact=not args.fast)
@@ -82,6 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         device = select_device(args.cuda)
         model = models.load_checkpoint(args.checkpoint, device, args.architecture)
+        _check_layers(args, model)
         print((encode if args.command == "encode" else decode)(args, model))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
