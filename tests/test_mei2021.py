@@ -261,3 +261,14 @@ def test_load_checkpoint_rebuilds_a_saved_model_from_its_architecture_entry(tmp_
     assert isinstance(loaded, Mei2021Quality) and loaded.config == model.config
     x = torch.rand(1, 3, 64, 64)
     assert torch.equal(loaded(x)["x_hat"], model(x)["x_hat"])
+
+
+def test_a_bfloat16_step_keeps_the_per_layer_outputs_the_joint_loss_needs():
+    torch.manual_seed(0)
+    model = Mei2021Quality(num_filters=[6, 8], lmbdas=[2.0, 1.0])
+    optimizer, aux_optimizer = build_optimizers(model, 1e-3, 1e-3)
+    step = TrainStep(model, model, model.default_loss(), optimizer, aux_optimizer, amp=True)
+    before = [p.clone() for p in model.parameters()]
+    stats = step(torch.rand(2, 3, 64, 64), 0)
+    assert stats["skipped"] == 0.0 and math.isfinite(stats["loss"])
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

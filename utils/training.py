@@ -96,6 +96,21 @@ def psnr(mse: float) -> float:
     return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
+def _to_float32(value):
+    """``value`` with every floating tensor inside (dicts, lists, tuples) in float32.
+
+    Layered models return lists of per-layer outputs next to ``x_hat`` and
+    ``likelihoods``; all of them reach the criterion.
+    """
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _to_float32(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(item) for item in value)
+    return value
+
+
 class TrainStep:
     """Callable that performs one optimisation step on a batch.
 
@@ -133,8 +148,7 @@ class TrainStep:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x)
         if self.amp:  # the rate and the loss are computed in float32
-            out = {"x_hat": out["x_hat"].float(),
-                   "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
+            out = _to_float32(out)
         losses = self.criterion(out, x)
         mse = losses["mse_loss"] if "mse_loss" in losses else F.mse_loss(out["x_hat"], x)
         return losses, mse.detach()
