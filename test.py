@@ -8,7 +8,8 @@
     python test.py demo [--models DIR ...] [-d experiment/demo]
 
 Evaluation prints one JSON document in CompressAI's results format on stdout (one
-list entry per checkpoint or quality, averaged over the images); progress and logs
+list entry per checkpoint or quality, or per layer of a scalable mei2021 checkpoint,
+averaged over the images); progress and logs
 go to stderr. ``-d OUTDIR`` also writes ``results.json``, ``per-image/<stem>.json``
 (``--per-image``) and ``reconstructions/<stem>[-<run>].png`` (``--save-image``).
 Under ``torchrun --nproc_per_node=K test.py ...`` the images are shared among the
@@ -24,19 +25,21 @@ import sys
 from typing import List, Optional
 
 import models
+from models.checkpoint import read_checkpoint_file
 from utils.atomic import atomic_write_bytes
 from utils.classical_codecs import CODECS, get_codec
 from utils.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
 from utils.device import select_device
 from utils.distributed import cleanup, init_distributed
-from utils.eval_coders import (TILINGS, ClassicalCoder, LearnedOptions, learned_coder,
-                               load_pretrained)
+from utils.eval_coders import (TILINGS, ClassicalCoder, LayeredCoder, LearnedOptions,
+                               learned_coder, load_pretrained)
 from utils.evaluation import (DATASETS_CONFIG, Run, aggregate, evaluate, list_images,
                               per_image_documents, resolve_dataset, shard, to_json,
                               write_json)
 from utils.latent_coding import ORDERS
 from utils.metrics import PeakMemory
-from utils.rd import INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve, plot_curves
+from utils.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
+                      load_curves, plot_curves)
 
 log = logging.getLogger("cps.test")
 
@@ -209,12 +212,29 @@ def _learned_runs(args: argparse.Namespace, device, patch_size: int, names: List
             log.info("--config %s is not needed: the model is built from the checkpoint",
                      args.config)
         stems = [re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(p)) for p in args.checkpoints]
-        return [Run(path, tag, build(lambda path=path: models.load_checkpoint(
-                    path, device, architecture=args.architecture)))
-                for path, tag in zip(args.checkpoints, _unique_tags(stems))]
+        runs = []
+        for path, tag in zip(args.checkpoints, _unique_tags(stems)):
+            if _is_layered(path, args.architecture):  # one operating point per layer
+                model = models.load_checkpoint(path, device, architecture=args.architecture)
+                names.append(model.registry_name)
+                runs += [Run(f"{path} layer {k}", f"{tag}-L{k}",
+                             lambda k=k, model=model: LayeredCoder(model, k))
+                         for k in range(model.num_layers)]
+            else:
+                runs.append(Run(path, tag, build(lambda path=path: models.load_checkpoint(
+                    path, device, architecture=args.architecture))))
+        return runs
     return [Run(f"{args.architecture} q{q}", f"q{q}", build(lambda q=q: load_pretrained(
                 args.architecture, q, args.metric, device)))
             for q in args.quality]
+
+
+def _is_layered(path: str, architecture: Optional[str]) -> bool:
+    """Whether the checkpoint holds a scalable model (one RD point per layer)."""
+    if architecture is None:
+        checkpoint = read_checkpoint_file(path)
+        architecture = checkpoint.get("architecture") if isinstance(checkpoint, dict) else None
+    return architecture is not None and hasattr(models.get_model_class(architecture), "num_layers")
 
 
 def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
@@ -268,7 +288,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
 
 
 def run_plot(args: argparse.Namespace) -> dict:
-    curves = [load_curve(path) for path in args.results]
+    curves = [curve for path in args.results for curve in load_curves(path)]
     shown = plot_curves(curves, args.output, args.metrics, args.title)
     log.info("wrote %s", args.output)
     return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}

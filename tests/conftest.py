@@ -26,3 +26,14 @@ def data_dir(variable: str) -> str:
     if not path or not os.path.isdir(path):
         pytest.skip(f"set {variable} to run this test on real data")
     return path
+
+
+def save_model_checkpoint(folder, model, name):
+    """Put ``model`` in eval mode with entropy tables and save it the way train.py
+    does (architecture, constructor kwargs, state dict); return the path."""
+    model.eval()
+    model.update(force=True)
+    path = folder / f"{name}.pth.tar"
+    torch.save({"architecture": model.registry_name, "model_config": dict(model.config),
+                "state_dict": model.state_dict()}, path)
+    return path

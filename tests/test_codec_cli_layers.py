@@ -6,17 +6,9 @@ import torch
 from PIL import Image
 
 import codec
+from conftest import save_model_checkpoint
 from models.mei2021 import Mei2021Quality, Mei2021Spatial
 from models.mei2021_coding import decode_layers, unpack_layers
-
-
-def _save(tmp_path, model, name):
-    model.eval()
-    model.update(force=True)
-    path = tmp_path / f"{name}.pth.tar"
-    torch.save({"architecture": model.registry_name, "model_config": dict(model.config),
-                "state_dict": model.state_dict()}, path)
-    return str(path)
 
 
 @pytest.fixture
@@ -37,7 +29,7 @@ def _run(argv, capsys):
 def test_each_layer_decodes_from_a_file_cut_to_it(tmp_path, photo, capsys, kind):
     torch.manual_seed(0)
     model = kind(num_filters=[8, 10, 12], lmbdas=[3.0, 2.0, 1.0])
-    checkpoint = _save(tmp_path, model, "mei")
+    checkpoint = save_model_checkpoint(tmp_path, model, "mei")
     status, out, _ = _run(["encode", photo, tmp_path / "all.cpsl", "-p", checkpoint], capsys)
     assert status == 0 and "3 of 3 layers" in out
     full = (tmp_path / "all.cpsl").read_bytes()
@@ -62,7 +54,8 @@ def test_each_layer_decodes_from_a_file_cut_to_it(tmp_path, photo, capsys, kind)
 
 def test_layer_errors_are_one_line(tmp_path, photo, capsys, tiny_cps):
     torch.manual_seed(0)
-    checkpoint = _save(tmp_path, Mei2021Quality(num_filters=[8, 8], lmbdas=[2.0, 1.0]), "mei")
+    model = Mei2021Quality(num_filters=[8, 8], lmbdas=[2.0, 1.0])
+    checkpoint = save_model_checkpoint(tmp_path, model, "mei")
     assert _run(["encode", photo, tmp_path / "two.cpsl", "-p", checkpoint, "--layers", 1],
                 capsys)[0] == 0
     status, _, err = _run(["decode", tmp_path / "two.cpsl", tmp_path / "x.png", "-p", checkpoint,

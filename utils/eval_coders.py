@@ -250,6 +250,45 @@ class ClassicalCoder:
                      encoding_time=result.encoding_time, decoding_time=result.decoding_time)
 
 
+class LayeredCoder:
+    """Layer ``layer`` (0 = base) of a scalable model (``mei2021-*``) from a real ``.cpsl``
+    container cut to layers <= ``layer``.
+
+    The rate is cumulative (every stream a client of this layer receives, container
+    header included) over the pixels of this layer's reconstruction, and the metrics
+    compare it with :meth:`reference_image`: the image itself for quality layers, its
+    pyramid level for spatial layers.
+    """
+
+    def __init__(self, model: nn.Module, layer: int):
+        if not 0 <= layer < model.num_layers:
+            raise ValueError(f"layer {layer} does not exist; the model has {model.num_layers}")
+        self.model, self.layer = model, layer
+        self.device = model_device(model)
+        self.description = (f"layered {getattr(model, 'registry_name', type(model).__name__)} "
+                            f"(.cpsl container cut to layers <= k; bpp cumulative over the pixels "
+                            f"of layer k)")
+
+    def reference_image(self, image: Tensor) -> Tensor:
+        from utils.scalable import layered_references
+
+        return layered_references(self.model, image)[self.layer].cpu()
+
+    def code(self, image: Tensor) -> Coded:
+        from models.mei2021_coding import (decode_layers, encode_layers, pack_layers,
+                                           truncate_layers, unpack_layers)
+
+        start = _clock(self.device)
+        layered = encode_layers(self.model, image.to(self.device))
+        data = truncate_layers(pack_layers(self.model, layered), self.layer + 1)
+        middle = _clock(self.device)
+        reconstruction = decode_layers(self.model, unpack_layers(data))[self.layer]
+        end = _clock(self.device)
+        return Coded(bits=8.0 * len(data), reconstruction=reconstruction.cpu(),
+                     encoding_time=middle - start, decoding_time=end - middle,
+                     estimated_bits=sum(layered.estimated_bits[:self.layer + 1]))
+
+
 TILINGS = ("none", "naive", "pops")
 
 

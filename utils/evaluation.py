@@ -28,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from utils.atomic import atomic_write_bytes
+from utils.eval_coders import LayeredCoder
 from utils.image_io import read_image, write_png
 from utils.metrics import PeakMemory, image_metrics
 
@@ -35,7 +36,7 @@ log = logging.getLogger("cps.test")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
-               "encoding_time", "decoding_time", "peak_memory_mb")
+               "encoding_time", "decoding_time", "peak_memory_mb", "layer")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS_CONFIG = os.path.join(REPO_ROOT, "configs", "datasets.yaml")
 
@@ -129,9 +130,12 @@ def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
 
 
 def _code_image(coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
-    height, width = image.shape[1:]
     with PeakMemory(coder.device) as memory:
         coded = coder.code(image)
+    # A layer of a spatially scalable model reconstructs a smaller reference image.
+    if hasattr(coder, "reference_image"):
+        image = coder.reference_image(image)
+    height, width = image.shape[1:]
     estimated = coded.estimated_bits
     if estimated is None and hasattr(coder, "estimate_bits"):
         estimated = coder.estimate_bits(image)
@@ -141,6 +145,8 @@ def _code_image(coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
     record.update(image_metrics(image, coded.reconstruction))
     record.update(encoding_time=coded.encoding_time, decoding_time=coded.decoding_time,
                   peak_memory_mb=memory.peak_mb)
+    if isinstance(coder, LayeredCoder):
+        record["layer"] = coder.layer
     return record, coded.reconstruction
 
 
@@ -208,7 +214,9 @@ def _mean(values: List[Optional[float]], key: str, label: str) -> Optional[float
 def aggregate(records: List[List[dict]], labels: Sequence[str]) -> Dict[str, list]:
     """CompressAI-style ``results``: per key, one dataset mean per run."""
     keys = [k for k in RESULT_KEYS if any(k in record for run in records for record in run)]
-    return {key: [_mean([record.get(key) for record in run], key, label)
+    # The layer index of a scalable model's operating point is the same on every image.
+    return {key: [run[0].get(key) if key == "layer" else
+                  _mean([record.get(key) for record in run], key, label)
                   for run, label in zip(records, labels)] for key in keys}
 
 

@@ -52,8 +52,7 @@ class Curve:
         return pairs
 
 
-def load_curve(path: str) -> Curve:
-    """Read a results JSON file into a :class:`Curve`."""
+def _read_results(path: str) -> dict:
     try:
         with open(path) as handle:
             document = json.load(handle)
@@ -65,7 +64,14 @@ def load_curve(path: str) -> Curve:
     if not isinstance(results, dict) or not isinstance(results.get("bpp"), list):
         raise ValueError(f"results file {path} has no results.bpp list "
                          "(CompressAI format expected)")
+    return document
+
+
+def _curve(document: dict, path: str, keep=None, suffix: str = "") -> Curve:
+    """The points of ``document`` (those at indexes ``keep``, default all) as a Curve."""
+    results = document["results"]
     bpp = results["bpp"]
+    keep = list(range(len(bpp))) if keep is None else keep
     metrics = {}
     for key, values in results.items():
         metric = _ALIASES.get(key, key)
@@ -74,10 +80,26 @@ def load_curve(path: str) -> Curve:
                 raise ValueError(f"results file {path}: {key} has {len(values)} values "
                                  f"but bpp has {len(bpp)}")
             metrics[metric] = values
-    order = sorted(range(len(bpp)), key=lambda i: (bpp[i] is None, bpp[i]))
+    order = sorted(keep, key=lambda i: (bpp[i] is None, bpp[i]))
     name = document.get("name") or os.path.splitext(os.path.basename(path))[0]
-    return Curve(name=str(name), bpp=[bpp[i] for i in order],
+    return Curve(name=str(name) + suffix, bpp=[bpp[i] for i in order],
                  metrics={m: [v[i] for i in order] for m, v in metrics.items()}, path=path)
+
+
+def load_curve(path: str) -> Curve:
+    """Read a results JSON file into a :class:`Curve`."""
+    return _curve(_read_results(path), path)
+
+
+def load_curves(path: str) -> List[Curve]:
+    """Like :func:`load_curve`, but a file of a scalable model (a ``results.layer``
+    list) gives one curve per layer, each through that layer's points."""
+    document = _read_results(path)
+    layers = document["results"].get("layer")
+    if not isinstance(layers, list) or len(layers) != len(document["results"]["bpp"]):
+        return [_curve(document, path)]
+    return [_curve(document, path, [i for i, k in enumerate(layers) if k == layer],
+                   f" layer {layer}") for layer in sorted(set(layers))]
 
 
 def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = METRICS,
