@@ -272,3 +272,25 @@ def test_a_bfloat16_step_keeps_the_per_layer_outputs_the_joint_loss_needs():
     stats = step(torch.rand(2, 3, 64, 64), 0)
     assert stats["skipped"] == 0.0 and math.isfinite(stats["loss"])
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["mei2021-quality", "mei2021-spatial"])
+def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
+    import os
+
+    from test_train_data import make_image_folder, write_train_config
+    from utils.config import load_config
+    from utils.distributed import DistContext
+    from utils.scalable import ScalableRDLoss
+    from utils.trainer import Trainer
+
+    data = make_image_folder(tmp_path / "data")
+    config = write_train_config(tmp_path, data, tmp_path / "run",
+                                train_params={"max_steps": 2, "N": 8},
+                                model={"name": name, "kwargs": {"num_filters": [8, 8],
+                                                                "lmbdas": [2.0, 1.0]}})
+    with open(os.devnull, "w") as quiet:
+        trainer = Trainer(load_config(config), DistContext(0, 1, torch.device("cpu")), log=quiet)
+        assert isinstance(trainer.criterion, ScalableRDLoss)
+        assert trainer.fit() == 0
+    assert (tmp_path / "run" / "checkpoint_best_loss.pth.tar").is_file()
