@@ -1,7 +1,12 @@
 """Compress one image to a ``.cps`` file, or decompress one, with a CPS checkpoint.
 
-    python codec.py encode IN.png OUT.cps -p CKPT [--patch-size P] [--cuda]
-    python codec.py decode IN.cps OUT.png -p CKPT [--patch-size P] [--cuda]
+    python codec.py encode IN.png OUT.cps -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
+    python codec.py decode IN.cps OUT.png -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
+
+``--max-memory`` bounds the peak memory of the whole process (RSS; CUDA allocated
+memory with ``--cuda``): the transforms then run on the largest POPS patches and
+batches that fit, the whole image when it fits. A budget that cannot be met is an
+error before any work is done. The decoded image does not depend on the budget.
 
 Layered models (``mei2021-quality``, ``mei2021-spatial``) write a ``.cpsl`` container
 with one stream per layer instead; ``--layers K`` keeps (encode) or decodes (decode)
@@ -15,7 +20,12 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
+
+# CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
+# every start that users cannot act on.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 import torch
 
@@ -29,6 +39,14 @@ from utils.codec import decode_image, encode_image, model_device
 from utils.device import select_device
 from utils.image_io import read_image, write_png
 from utils.latent_coding import ORDERS
+from utils.memory import DEFAULT_BUDGET, format_memory, parse_memory, proc_status_kb
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -42,9 +60,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         command.add_argument("-p", "--checkpoint", required=True, help="model checkpoint (.pth.tar)")
         command.add_argument("-a", "--architecture", default=None,
                              help="architecture name when the checkpoint does not say (default: cps)")
-        command.add_argument("--patch-size", type=int, default=256,
-                             help="POPS patch side in pixels, a multiple of 16 (0: whole image)")
-        command.add_argument("--batch-size", type=int, default=8, help="patches per forward pass")
+        command.add_argument("--max-memory", type=_memory_size, default=DEFAULT_BUDGET,
+                             help="peak memory of the process, e.g. 1GB or 800MB "
+                                  "(default: %(default)s)")
+        command.add_argument("--patch-size", type=int, default=None,
+                             help="POPS patch side in pixels, a multiple of 16, or 0 for the whole "
+                                  "image (default: the largest that fits --max-memory)")
+        command.add_argument("--batch-size", type=int, default=8,
+                             help="most patches per forward pass (default: %(default)s)")
         command.add_argument("--cuda", action="store_true", help="run the transforms on the GPU")
         command.add_argument("--fast", action="store_true",
                              help="CPU: use oneDNN convolutions (faster; patch-wise results then equal "
@@ -102,13 +125,14 @@ def encode(args: argparse.Namespace, model: torch.nn.Module) -> str:
     start = time.perf_counter()
     compressed = encode_image(model, image, args.patch_size, args.batch_size,
                               order=args.entropy_coder_order, exact=not args.fast,
-                              grayscale=info.grayscale)
+                              grayscale=info.grayscale, max_memory=args.max_memory)
     data = pack(compressed)
     seconds = time.perf_counter() - start
     atomic_write_bytes(args.output, data)
     pixels = compressed.height * compressed.width
     return (f"{args.output}: {len(data)} bytes, {len(data) * 8 / pixels:.4f} bpp "
-            f"(estimate {compressed.estimated_bits / pixels:.4f}), encoded in {seconds:.2f} s")
+            f"(estimate {compressed.estimated_bits / pixels:.4f}), encoded in {seconds:.2f} s"
+            f"{_peak_note(args)}")
 
 
 def decode(args: argparse.Namespace, model: torch.nn.Module) -> str:
@@ -120,12 +144,24 @@ def decode(args: argparse.Namespace, model: torch.nn.Module) -> str:
         return decode_layered(args, model, data)
     start = time.perf_counter()
     compressed = unpack(data)
-    image = decode_image(model, compressed, args.patch_size, args.batch_size, exact=not args.fast)
+    image = decode_image(model, compressed, args.patch_size, args.batch_size, exact=not args.fast,
+                         max_memory=args.max_memory)
     seconds = time.perf_counter() - start
     write_png(args.output, image)
     pixels = compressed.height * compressed.width
     return (f"{args.output}: {compressed.width}x{compressed.height}, {len(data) * 8 / pixels:.4f} bpp, "
-            f"decoded in {seconds:.2f} s")
+            f"decoded in {seconds:.2f} s{_peak_note(args)}")
+
+
+def _peak_note(args: argparse.Namespace) -> str:
+    """The process's peak memory so far, against the budget, where it can be read."""
+    if args.cuda and torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    elif proc_status_kb("VmHWM") is not None:
+        peak = proc_status_kb("VmHWM") * 1024
+    else:
+        return ""
+    return f", peak memory {format_memory(peak)} (budget {format_memory(args.max_memory)})"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -22,7 +22,12 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import List, Optional
+
+# CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
+# every start that users cannot act on.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 import models
 from models.checkpoint import read_checkpoint_file
@@ -37,6 +42,7 @@ from utils.evaluation import (DATASETS_CONFIG, Run, aggregate, evaluate, list_im
                               per_image_documents, resolve_dataset, shard, to_json,
                               write_json)
 from utils.latent_coding import ORDERS
+from utils.memory import DEFAULT_BUDGET, parse_memory
 from utils.metrics import PeakMemory
 from utils.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
                       load_curves, plot_curves)
@@ -45,6 +51,7 @@ log = logging.getLogger("cps.test")
 
 # Patch size for a dataset given as a folder (the paper's value for large images).
 FOLDER_PATCH_SIZE = 256
+AUTO = "auto"
 ZOO_METRICS = ("mse", "ms-ssim")
 
 
@@ -74,6 +81,23 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _patch_size(text: str):
+    """``--patch-size``: pixels, or ``auto`` (returned as the string)."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pixels or {AUTO!r}, got {text!r}") from None
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learned coding")
     group.add_argument("--tiling", choices=TILINGS, default=None,
@@ -81,10 +105,14 @@ def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default for zoo models); naive: independent P x P tiles")
     group.add_argument("--patch", action="store_true",
                        help="same as --tiling pops (the CPS authors' flag)")
-    group.add_argument("--patch-size", type=int, default=None,
+    group.add_argument("--patch-size", type=_patch_size, default=None,
                        help="P in pixels (default: the dataset's, 128 Kodak, 256 CLIC/DIV8K; "
-                            "0 = whole image)")
-    group.add_argument("--batch-size", type=int, default=8, help="POPS patches per forward pass")
+                            "0 = whole image; auto = the largest that fits --max-memory)")
+    group.add_argument("--batch-size", type=int, default=8, help="most POPS patches per forward pass")
+    group.add_argument("--max-memory", type=_memory_size, default=DEFAULT_BUDGET,
+                       help="CPS codec: peak memory of the process (RSS; CUDA allocated memory "
+                            "with --cuda), e.g. 1GB; the batch, and with --patch-size auto the "
+                            "patch, are chosen to fit (default: %(default)s)")
     group.add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront",
                        help="order of the CPS context coder")
     group.add_argument("--entropy-estimation", action="store_true",
@@ -178,7 +206,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         if args.tiling not in (None, "pops"):
             raise ValueError(f"--patch means --tiling pops, but --tiling {args.tiling} was given")
         args.tiling = "pops"
-    if args.patch_size is not None and args.patch_size < 0:
+    if args.patch_size == AUTO:
+        if args.tiling == "naive":
+            raise ValueError("--tiling naive needs a fixed --patch-size, not auto")
+    elif args.patch_size is not None and args.patch_size < 0:
         raise ValueError(f"--patch-size must be >= 0, got {args.patch_size}")
     if args.tiling == "naive" and args.patch_size == 0:
         raise ValueError("--tiling naive needs --patch-size > 0")
@@ -196,7 +227,8 @@ def _unique_tags(tags: List[str]) -> List[str]:
 
 def _learned_runs(args: argparse.Namespace, device, patch_size: int, names: List[str]) -> List[Run]:
     options = LearnedOptions(
-        tiling=args.tiling, patch_size=patch_size, batch_size=args.batch_size,
+        tiling=args.tiling, patch_size=None if patch_size == AUTO else patch_size,
+        batch_size=args.batch_size, max_memory=args.max_memory,
         order=args.entropy_coder_order, exact=not args.fast,
         entropy_estimation=args.entropy_estimation, half=args.half, verify=args.verify)
 

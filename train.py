@@ -23,6 +23,11 @@ See ``utils/config.py`` for every config key and ``utils/trainer.py`` for the lo
 import argparse
 import os
 import sys
+import warnings
+
+# CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
+# every start that users cannot act on.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 from utils import distributed
 from utils.config import load_config, parse_config, to_plain_dict

@@ -22,7 +22,8 @@ table's first row. Timing of the parameter networks does not depend on the weigh
 
 There is no CUDA column: the context coder runs on the CPU whatever device the
 transforms use, so that a file written with CUDA decodes on a CPU and the reverse.
-``--pipeline`` times the wavefront coder with its optional second thread.
+The wavefront coder runs as the codec runs it: with its second thread when a core
+is idle (``--pipeline auto``, the default); ``on`` and ``off`` force the choice.
 
 Usage::
 
@@ -52,6 +53,7 @@ IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                               "entropy_coding.json")
 CODERS = ("wavefront", "raster", "compressai")
+PIPELINE_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -75,8 +77,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="coders to time (default: all)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="best of this many runs per measurement (default: 1)")
-    parser.add_argument("--pipeline", action="store_true",
-                        help="give the wavefront coder its second thread (off in the codec)")
+    parser.add_argument("--pipeline", choices=PIPELINE_CHOICES, default="auto",
+                        help="the wavefront coder's second thread: as the codec decides "
+                             "(auto, the default), always (on) or never (off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON file (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -126,9 +129,9 @@ def best_time(function: Callable[[], object], repeats: int) -> Tuple[float, obje
 
 
 def time_context_coder(model, y, params, order: str, repeats: int,
-                       pipeline: bool = False) -> Dict[str, object]:
+                       pipeline: Optional[bool] = False) -> Dict[str, object]:
     coder = ContextCoder(model, order, pipeline)
-    encode_s, (string, y_hat) = best_time(lambda: coder.encode(y, params), repeats)
+    encode_s, (string, y_hat, _) = best_time(lambda: coder.encode(y, params), repeats)
     decode_s, decoded = best_time(lambda: coder.decode(string, params), repeats)
     return {"encode_s": encode_s, "decode_s": decode_s, "bytes": len(string),
             "bit_exact": bool(torch.equal(y_hat, decoded)), "pipeline": coder.pipeline}
@@ -168,7 +171,8 @@ def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
     crop_rows = min(rows, math.ceil(args.reference_positions / cols))
     for name in args.coders:
         if name == "wavefront":
-            result = time_context_coder(model, y, params, "wavefront", args.repeats, args.pipeline)
+            result = time_context_coder(model, y, params, "wavefront", args.repeats,
+                                        PIPELINE_CHOICES[args.pipeline])
             result["measured_positions"] = positions
         else:
             crop_y, crop_params = y[:, :crop_rows].contiguous(), params[:, :crop_rows].contiguous()

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.codec import pad_replicate, transform_mode  # noqa: E402
+from utils.codec import transform_mode  # noqa: E402
+from utils.patches import pad_replicate  # noqa: E402
 from utils.patches import run_patchwise  # noqa: E402
 from utils.pops import model_geometry, plan_patches  # noqa: E402
 

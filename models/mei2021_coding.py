@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from models.checkpoint import entropy_tables_ready
 from utils.bitstream import BitstreamError, model_fingerprint, tensor_crc
-from utils.codec import pad_replicate, transform_mode
+from utils.codec import transform_mode
+from utils.patches import pad_replicate
 from utils.scalable import pyramid_sizes, to_uint8
 
 __all__ = ["LayeredImage", "encode_layers", "encode_latents", "decode_layers", "decode_latents",

@@ -39,7 +39,7 @@ def test_decoder_rebuilds_the_encoders_latent_exactly(tiny_cps):
     y = 4 * torch.randn(8, 12, 20)
     for order in ("wavefront", "raster"):
         coder = ContextCoder(tiny_cps, order)
-        string, y_hat = coder.encode(y, params)
+        string, y_hat, _ = coder.encode(y, params)
         assert torch.equal(coder.decode(string, params), y_hat)
         assert (y_hat - y).abs().max() <= 0.5 + 1e-5
 

@@ -128,8 +128,8 @@ def test_pipelined_and_sequential_coders_write_and_read_the_same_stream(coding_m
     y, params = random_latent(coding_model, 9, 14, 21, outliers=True)
     pipelined = ContextCoder(coding_model, order, pipeline=True)
     sequential = ContextCoder(coding_model, order, pipeline=False)
-    string, y_hat = pipelined.encode(y, params)
-    sequential_string, sequential_y_hat = sequential.encode(y, params)
+    string, y_hat, _ = pipelined.encode(y, params)
+    sequential_string, sequential_y_hat, _ = sequential.encode(y, params)
     assert sequential_string == string and torch.equal(sequential_y_hat, y_hat)
     assert torch.equal(sequential.decode(string, params), y_hat)
     assert torch.equal(pipelined.decode(string, params), y_hat)
@@ -139,7 +139,7 @@ def test_the_callers_matmul_precision_and_threads_neither_change_the_stream_nor_
         coding_model):
     y, params = random_latent(coding_model, 6, 8, 5)
     coder = ContextCoder(coding_model)
-    string, y_hat = coder.encode(y, params)
+    string, y_hat, _ = coder.encode(y, params)
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
@@ -160,7 +160,7 @@ def test_raster_order_has_one_position_per_front_in_reading_order():
                                                (7, 13, 4), (16, 11, 5), (12, 12, 6)])
 def test_decoder_rebuilds_exactly_the_encoders_y_hat(coding_model, order, height, width, seed):
     y, params = random_latent(coding_model, height, width, seed, outliers=seed % 2 == 1)
-    string, y_hat = ContextCoder(coding_model, order).encode(y, params)
+    string, y_hat, _ = ContextCoder(coding_model, order).encode(y, params)
     decoded = ContextCoder(coding_model, order).decode(string, params)
     assert torch.equal(decoded, y_hat)
     assert (y_hat - y).abs().max() <= 0.5 + 1e-3
@@ -174,7 +174,7 @@ def test_many_random_latents_round_trip_bit_exactly(coding_model):
         height, width = torch.randint(1, 15, (2,), generator=generator).tolist()
         y, params = random_latent(coding_model, height, width, 100 + trial, outliers=trial % 3 == 0)
         encoder, decoder = coders if trial % 2 else coders[::-1]
-        string, y_hat = encoder.encode(y, params)
+        string, y_hat, _ = encoder.encode(y, params)
         assert torch.equal(decoder.decode(string, params), y_hat), (height, width)
 
 
@@ -182,7 +182,7 @@ def test_coded_means_and_scales_are_the_models_masked_convolution(coding_model):
     """The gathered taps and GEMMs compute what the model's own layers compute."""
     y, params = random_latent(coding_model, 10, 14, 3)
     coder = ContextCoder(coding_model)
-    string, y_hat = coder.encode(y, params)
+    string, y_hat, _ = coder.encode(y, params)
     with torch.no_grad():
         context = coding_model.context_prediction(y_hat[None])
         scales, means = coding_model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
@@ -217,7 +217,7 @@ def test_raster_and_wavefront_streams_differ_but_each_decodes_its_own(coding_mod
     y, params = random_latent(coding_model, 9, 10, 4)
     results = {}
     for order in ("raster", "wavefront"):
-        string, y_hat = ContextCoder(coding_model, order).encode(y, params)
+        string, y_hat, _ = ContextCoder(coding_model, order).encode(y, params)
         assert torch.equal(ContextCoder(coding_model, order).decode(string, params), y_hat)
         results[order] = string, y_hat
     assert results["raster"][0] != results["wavefront"][0]
@@ -233,7 +233,7 @@ def test_other_mask_sizes_derive_their_own_slope_and_round_trip(coding_model, ke
     coder = ContextCoder(coding_model)
     assert coder.slope == kernel_size // 2 + 1
     y, params = random_latent(coding_model, 8, 9, kernel_size)
-    string, y_hat = coder.encode(y, params)
+    string, y_hat, _ = coder.encode(y, params)
     assert torch.equal(coder.decode(string, params), y_hat)
     with torch.no_grad():
         context = coding_model.context_prediction(y_hat[None])
@@ -277,7 +277,7 @@ def test_real_image_latents_round_trip_bit_exactly(tiny_cps, name, rows, cols, o
         z_hat, _ = tiny_cps.entropy_bottleneck(tiny_cps.h_a(y))
         params = tiny_cps.h_s(z_hat)
     coder = ContextCoder(tiny_cps, order)
-    string, y_hat = coder.encode(y[0], params[0])
+    string, y_hat, _ = coder.encode(y[0], params[0])
     assert torch.equal(coder.decode(string, params[0]), y_hat)
     assert (y_hat - y[0]).abs().max() <= 0.5 + 1e-3
 
@@ -302,9 +302,9 @@ def test_the_benchmark_writes_a_table_of_bit_exact_timings(tmp_path):
 def test_a_latent_coded_from_cuda_tensors_decodes_on_the_cpu_and_back(coding_model):
     y, params = random_latent(coding_model, 11, 13, 9)
     cuda_model = copy.deepcopy(coding_model).cuda()
-    string, y_hat = ContextCoder(cuda_model).encode(y.cuda(), params.cuda())
+    string, y_hat, _ = ContextCoder(cuda_model).encode(y.cuda(), params.cuda())
     assert torch.equal(ContextCoder(coding_model).decode(string, params), y_hat)
-    string, y_hat = ContextCoder(coding_model).encode(y, params)
+    string, y_hat, _ = ContextCoder(coding_model).encode(y, params)
     assert torch.equal(ContextCoder(cuda_model).decode(string, params.cuda()), y_hat)
 
 

@@ -1,7 +1,6 @@
 """The shipped-model release (utils/release.py) and ``python test.py demo``."""
 
 import json
-import os
 
 import pytest
 import torch

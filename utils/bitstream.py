@@ -77,8 +77,15 @@ def model_fingerprint(model: nn.Module) -> bytes:
 
 
 def tensor_crc(tensor: torch.Tensor) -> int:
-    """CRC-32 of a tensor's float32 bytes."""
-    return zlib.crc32(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    """CRC-32 of a tensor's float32 bytes in row-major order, whatever its layout.
+
+    Computed one slice of the first dimension at a time, so a latent stored
+    channels-last is not copied whole.
+    """
+    crc = 0
+    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor]:
+        crc = zlib.crc32(part.float().cpu().contiguous().numpy(), crc)
+    return crc
 
 
 def pack(image: CompressedImage) -> bytes:

@@ -7,7 +7,13 @@
                                  y, params -> ContextCoder -> y string   |  y_hat -> g_s patch-wise -> crop
 
 The transforms run patch by patch with POPS (``utils/patches.py``), so their
-memory follows the patch size, not the image. The entropy-parameter path runs on
+memory follows the patch size, not the image. A memory budget (``max_memory``, see
+``utils/memory.py``) picks the largest patch and batch that keep the whole process
+within it; the padded image is never materialised (border patches replicate the
+last row and column on the fly), the latents are stored channels-last so the
+entropy coder reads them without a reordered copy, and the decoder stitches into a
+preallocated uint8 image laid out height x width x channels, ready for a PNG
+writer. The entropy-parameter path runs on
 the CPU at both ends whatever the transforms' device, so a file written with CUDA
 decodes on a CPU and the reverse (CompressAI issues 54, 279, 320).
 
@@ -20,17 +26,17 @@ either side used. With oneDNN (``exact=False``) they agree to float rounding onl
 
 import contextlib
 import copy
-import math
-from typing import Iterator
+from typing import Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.bitstream import BitstreamError, CompressedImage, model_fingerprint, tensor_crc
 from utils.latent_coding import ContextCoder, single_threaded
+from utils.memory import (PatchPlan, check_fits, entropy_phase_bytes, measure_cost,
+                          memory_in_use, parse_memory, plan_for_budget, return_freed_memory)
 from utils.patches import run_patchwise
-from utils.pops import model_geometry, plan_patches
+from utils.pops import PopsGeometry, check_patch_size, model_geometry, plan_patches
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -63,15 +69,6 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu()
 
 
-def pad_replicate(image: Tensor, multiple: int) -> Tensor:
-    """Pad a (C, H, W) tensor of any dtype at the bottom and right by repeating the
-    last row and column, up to the next multiple of ``multiple``."""
-    height, width = image.shape[-2:]
-    rows = torch.arange(math.ceil(height / multiple) * multiple).clamp_(max=height - 1)
-    cols = torch.arange(math.ceil(width / multiple) * multiple).clamp_(max=width - 1)
-    return image[:, rows][:, :, cols]
-
-
 def _to_unit_float(batch: Tensor) -> Tensor:
     return batch.float().div_(255.0)
 
@@ -80,27 +77,88 @@ def _to_uint8(batch: Tensor) -> Tensor:
     return batch.clamp(0, 1).mul(255.0).round_().to(torch.uint8)
 
 
-def _rate_estimate(model: nn.Module, y_hat: Tensor, z: Tensor, params: Tensor) -> float:
-    """Bits the likelihoods of a forward pass predict for y_hat and z."""
-    context = model.context_prediction(y_hat[None])
-    scales, means = model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
-    y_likelihood = model.gaussian_conditional._likelihood(y_hat[None], scales, means)
-    y_likelihood = model.gaussian_conditional.likelihood_lower_bound(y_likelihood)
-    _, z_likelihood = model.entropy_bottleneck(z)
-    return float(-(y_likelihood.log2().sum() + z_likelihood.log2().sum()))
+def _to_gray_uint8(batch: Tensor) -> Tensor:
+    """Rounded mean of the three rounded 8-bit channels, as :func:`utils.image_io.to_grayscale`."""
+    return _to_uint8(batch).float().mean(dim=1, keepdim=True).round_().to(torch.uint8)
 
 
-def encode_image(model: nn.Module, image: Tensor, patch_size: int = 0, batch_size: int = 8,
-                 order: str = "wavefront", exact: bool = True,
-                 grayscale: bool = False) -> CompressedImage:
+def channels_last_buffer(channels: int, height: int, width: int, dtype=torch.float32) -> Tensor:
+    """An uninitialised (1, C, H, W) tensor stored as (H, W, C)."""
+    return torch.empty(1, height, width, channels, dtype=dtype).permute(0, 3, 1, 2)
+
+
+def _channels_last(tensor: Tensor) -> Tensor:
+    return tensor.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def _budget_bytes(max_memory) -> int:
+    return parse_memory(max_memory) if isinstance(max_memory, str) else int(max_memory)
+
+
+def _plan(model: nn.Module, direction: str, latent_size: Tuple[int, int], geometry: PopsGeometry,
+          patch_size: Optional[int], batch_size: int, max_memory, exact: bool,
+          held_on_cpu: int) -> PatchPlan:
+    """Patch size and batch for ``model.g_a`` (``direction="analysis"``) or
+    ``model.g_s`` within ``max_memory``; without a budget, the given ones."""
+    if max_memory is None:
+        return PatchPlan(patch_size or 0, batch_size, 0)
+    if patch_size is not None:
+        check_patch_size(patch_size, geometry)
+    device = model_device(model)
+    if direction == "analysis":
+        transform, prepare, finish = model.g_a, _to_unit_float, None
+        channels, divisor, dtype = 3, 1, torch.uint8
+    else:
+        transform, prepare, finish = model.g_s, None, _to_uint8
+        channels, divisor, dtype = model.M, geometry.scale, torch.float32
+
+    def run_patch(side: int) -> None:
+        with transform_mode(device, exact):
+            patch = torch.zeros(1, channels, side // divisor, side // divisor, dtype=dtype, device=device)
+            output = transform(prepare(patch) if prepare else patch)
+            if finish is not None:
+                finish(output)
+
+    cost = measure_cost((id(transform), str(device), exact), device, run_patch)
+    held = memory_in_use(device) + (held_on_cpu if device.type == "cpu" else 0)
+    image_size = (latent_size[0] * geometry.scale, latent_size[1] * geometry.scale)
+    return plan_for_budget(
+        image_size, geometry.scale, geometry.min_patch_size, cost, held, _budget_bytes(max_memory),
+        batch_size, lambda side: len(plan_patches(*latent_size, side, geometry)), patch_size,
+        what="analysis transform" if direction == "analysis" else "synthesis transform")
+
+
+def _check_entropy_phase(model: nn.Module, positions: int, encoding: bool, max_memory) -> None:
+    """Fail before any work if the latent-sized buffers alone break the budget."""
+    if max_memory is None or model_device(model).type != "cpu":
+        return
+    needed = memory_in_use(torch.device("cpu")) + entropy_phase_bytes(model.M, positions, encoding)
+    check_fits(needed, _budget_bytes(max_memory), "entropy coding of this image's latent")
+
+
+def _hyper_params(entropy: nn.Module, z_hat: Tensor) -> Tensor:
+    """h_s(z_hat) as (2M, h, w) stored channels-last, on one thread."""
+    return _channels_last(entropy.h_s(z_hat))[0]
+
+
+def encode_image(model: nn.Module, image: Tensor, patch_size: Optional[int] = None,
+                 batch_size: int = 8, order: str = "wavefront", exact: bool = True,
+                 grayscale: bool = False, max_memory=None) -> CompressedImage:
     """Compress a uint8 RGB image (3, H, W) with ``model`` (on its own device).
 
     Args:
-        patch_size: POPS patch side in pixels (0: whole image in one pass).
-        batch_size: patches per forward call.
+        patch_size: POPS patch side in pixels (0: whole image; None: the largest
+            that fits ``max_memory``).
+        batch_size: most patches per forward call (fewer if the budget says so).
         order: entropy-coder order, ``"wavefront"`` (fast) or ``"raster"``.
         exact: on the CPU, use bit-exact native convolutions (see module doc).
         grayscale: mark the file so the decoder writes one channel.
+        max_memory: peak memory of the process (CPU RSS, or CUDA allocated memory
+            for a CUDA model), in bytes or as ``"2GB"``. None (the library's
+            default; codec.py and test.py default to ``utils.memory.DEFAULT_BUDGET``):
+            no budget, and ``patch_size=None`` means the whole image.
+    Raises:
+        ValueError: bad input, or a budget too small for this image.
     """
     if hasattr(model, "encode_image"):  # a model with its own codec (kamisli2024): no patches
         return model.encode_image(image, order=order, grayscale=grayscale)
@@ -110,32 +168,35 @@ def encode_image(model: nn.Module, image: Tensor, patch_size: int = 0, batch_siz
     geometry = model_geometry(model)
     multiple = model.downsampling_factor
     height, width = image.shape[1:]
-    padded = pad_replicate(image, multiple)[None]
-    latent_size = (padded.shape[2] // geometry.scale, padded.shape[3] // geometry.scale)
-    patches = plan_patches(*latent_size, patch_size, geometry)
+    latent_size = (-(-height // multiple) * multiple // geometry.scale,
+                   -(-width // multiple) * multiple // geometry.scale)
+    positions = latent_size[0] * latent_size[1]
+    if max_memory is not None:
+        return_freed_memory()
+    _check_entropy_phase(model, positions, True, max_memory)
+    plan = _plan(model, "analysis", latent_size, geometry, patch_size, batch_size, max_memory, exact,
+                 held_on_cpu=4 * model.M * positions)
 
-    y = torch.empty(1, model.M, *latent_size)
+    y = channels_last_buffer(model.M, *latent_size)
     with transform_mode(device, exact):
-        run_patchwise(model.g_a, padded, y, patches, geometry.scale, 1, batch_size, device,
-                      prepare=_to_unit_float)
-    del padded
+        run_patchwise(model.g_a, image[None], y, plan_patches(*latent_size, plan.patch_size, geometry),
+                      geometry.scale, 1, plan.batch_size, device, prepare=_to_unit_float)
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
         z = entropy.h_a(y)
         z_string = entropy.entropy_bottleneck.compress(z)[0]
         z_hat = entropy.entropy_bottleneck.decompress([z_string], z.shape[-2:])
-        params = entropy.h_s(z_hat)
-    y_string, y_hat = ContextCoder(entropy, order).encode(y[0], params[0])
-    with torch.inference_mode():
-        estimated_bits = _rate_estimate(entropy, y_hat, z, params[0])
+        params = _hyper_params(entropy, z_hat)
+        z_bits = float(-entropy.entropy_bottleneck(z)[1].log2().sum())
+    y_string, y_hat, y_bits = ContextCoder(entropy, order).encode(y[0], params)
     return CompressedImage(
         height=height, width=width,
         pad_bottom=latent_size[0] * geometry.scale - height,
         pad_right=latent_size[1] * geometry.scale - width,
         architecture=model.registry_name, fingerprint=model_fingerprint(model),
         order=order, grayscale=grayscale, y_hat_crc=tensor_crc(y_hat),
-        z_string=z_string, y_string=y_string, estimated_bits=estimated_bits,
+        z_string=z_string, y_string=y_string, estimated_bits=y_bits + z_bits,
     )
 
 
@@ -154,9 +215,14 @@ def check_compatible(model: nn.Module, compressed: CompressedImage) -> None:
             raise BitstreamError(f"inconsistent size {size} with padding {pad} in the file header")
 
 
-def decode_image(model: nn.Module, compressed: CompressedImage, patch_size: int = 0,
-                 batch_size: int = 8, exact: bool = True) -> Tensor:
-    """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source."""
+def decode_image(model: nn.Module, compressed: CompressedImage, patch_size: Optional[int] = None,
+                 batch_size: int = 8, exact: bool = True, max_memory=None) -> Tensor:
+    """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source.
+
+    The result is stored height x width x channels (``image.permute(1, 2, 0)`` is
+    contiguous). ``patch_size``, ``batch_size`` and ``max_memory`` as for
+    :func:`encode_image`; none of them changes the decoded image.
+    """
     if hasattr(model, "decode_image"):
         return model.decode_image(compressed)
     check_compatible(model, compressed)
@@ -164,24 +230,30 @@ def decode_image(model: nn.Module, compressed: CompressedImage, patch_size: int 
     geometry = model_geometry(model)
     latent_size = ((compressed.height + compressed.pad_bottom) // geometry.scale,
                    (compressed.width + compressed.pad_right) // geometry.scale)
-    patches = plan_patches(*latent_size, patch_size, geometry)
     z_size = (latent_size[0] * geometry.scale // model.downsampling_factor,
               latent_size[1] * geometry.scale // model.downsampling_factor)
+    channels = 1 if compressed.grayscale else 3
+    if max_memory is not None:
+        return_freed_memory()
+    _check_entropy_phase(model, latent_size[0] * latent_size[1], False, max_memory)
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
         z_hat = entropy.entropy_bottleneck.decompress([compressed.z_string], z_size)
-        params = entropy.h_s(z_hat)
-    y_hat = ContextCoder(entropy, compressed.order).decode(compressed.y_string, params[0])
+        params = _hyper_params(entropy, z_hat)
+    y_hat = ContextCoder(entropy, compressed.order).decode(compressed.y_string, params)
+    del params
     if tensor_crc(y_hat) != compressed.y_hat_crc:
         raise BitstreamError("decoded latent differs from the encoder's (y_hat CRC mismatch): the file "
                              "was written on a machine whose floating-point results differ from this one")
 
-    output = torch.empty(1, 3, *(s * geometry.scale for s in latent_size), dtype=torch.uint8)
+    if max_memory is not None:
+        return_freed_memory()
+    plan = _plan(model, "synthesis", latent_size, geometry, patch_size, batch_size, max_memory, exact,
+                 held_on_cpu=channels * compressed.height * compressed.width)
+    output = channels_last_buffer(channels, compressed.height, compressed.width, torch.uint8)
     with transform_mode(device, exact):
-        run_patchwise(model.g_s, y_hat[None], output, patches, 1, geometry.scale, batch_size,
-                      device, finish=_to_uint8)
-    image = output[0, :, :compressed.height, :compressed.width]
-    if compressed.grayscale:
-        image = image.float().mean(dim=0, keepdim=True).round().to(torch.uint8)
-    return image.contiguous()
+        run_patchwise(model.g_s, y_hat[None], output, plan_patches(*latent_size, plan.patch_size, geometry),
+                      1, geometry.scale, plan.batch_size, device,
+                      finish=_to_gray_uint8 if compressed.grayscale else _to_uint8)
+    return output[0]

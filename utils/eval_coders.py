@@ -33,7 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from utils.bitstream import pack, unpack
-from utils.codec import decode_image, encode_image, model_device, pad_replicate
+from utils.codec import decode_image, encode_image, model_device
+from utils.memory import format_memory
+from utils.patches import pad_replicate
 from utils.metrics import likelihood_bits
 from utils.pops import check_patch_size, model_geometry
 
@@ -91,14 +93,19 @@ class CpsCoder:
             encoder's latent (the y_hat CRC stored in the file).
     """
 
-    def __init__(self, model: nn.Module, patch_size: int, batch_size: int = 8,
+    def __init__(self, model: nn.Module, patch_size: Optional[int], batch_size: int = 8,
                  order: str = "wavefront", exact: bool = True, count_header: bool = True,
-                 verify: bool = False):
+                 verify: bool = False, max_memory: Optional[int] = None):
         self.model, self.patch_size, self.batch_size = model, patch_size, batch_size
         self.order, self.exact, self.count_header = order, exact, count_header
+        self.max_memory = max_memory
         self.device = model_device(model)
         self.reference = _verification_copy(model) if verify else None
-        patches = f"POPS patches of {patch_size} px" if patch_size else "whole image"
+        if patch_size is None:
+            patches = f"POPS patches as large as {format_memory(max_memory)} allows" \
+                if max_memory else "whole image"
+        else:
+            patches = f"POPS patches of {patch_size} px" if patch_size else "whole image"
         counted = ".cps file size, header included" if count_header else "rANS strings only"
         self.description = (f"CPS codec ({patches}, {order} entropy coder); "
                             f"bpp from the {counted}")
@@ -106,11 +113,11 @@ class CpsCoder:
     def code(self, image: Tensor) -> Coded:
         start = _clock(self.device)
         compressed = encode_image(self.model, image, self.patch_size, self.batch_size,
-                                  order=self.order, exact=self.exact)
+                                  order=self.order, exact=self.exact, max_memory=self.max_memory)
         data = pack(compressed)
         middle = _clock(self.device)
         reconstruction = decode_image(self.model, unpack(data), self.patch_size,
-                                      self.batch_size, exact=self.exact)
+                                      self.batch_size, exact=self.exact, max_memory=self.max_memory)
         end = _clock(self.device)
         if self.reference is not None:
             again = decode_image(self.reference, unpack(data), 0, self.batch_size, exact=True)
@@ -311,8 +318,9 @@ class LearnedOptions:
     """
 
     tiling: Optional[str] = None
-    patch_size: int = 256
+    patch_size: Optional[int] = 256  # None: chosen within max_memory
     batch_size: int = 8
+    max_memory: Optional[int] = None
     order: str = "wavefront"
     exact: bool = True
     entropy_estimation: bool = False
@@ -328,16 +336,16 @@ def learned_coder(model: nn.Module, options: LearnedOptions):
     if tiling == "pops" and not pops_capable:
         raise ValueError(f"--tiling pops needs a padding-free model such as cps; "
                          f"{type(model).__name__} pads its convolutions: use none or naive")
-    if tiling == "naive" and size <= 0:
+    if tiling == "naive" and not (size and size > 0):
         raise ValueError("--tiling naive needs --patch-size > 0")
-    if tiling == "pops":
+    if tiling == "pops" and size is not None:
         check_patch_size(size, model_geometry(model))
     if options.entropy_estimation:
         inner = EstimationCoder(model, half=options.half)
     elif pops_capable or hasattr(model, "encode_image"):
         inner = CpsCoder(model, size if tiling == "pops" else 0, options.batch_size,
                          options.order, options.exact, count_header=tiling != "naive",
-                         verify=options.verify)
+                         verify=options.verify, max_memory=options.max_memory)
     else:
         inner = CompressAICoder(model, verify=options.verify)
     return NaiveTiles(inner, size) if tiling == "naive" else inner

@@ -68,8 +68,9 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
     if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).contiguous(), info
+        array = np.broadcast_to(array[:, :, None], (*array.shape, 3))
+    # One copy, straight from PIL's (H, W, 3) array to a writable (3, H, W) tensor.
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), info
 
 
 def write_png(path: str, image: Tensor) -> None:

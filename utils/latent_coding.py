@@ -42,16 +42,23 @@ kept channels-last so a front's context windows are row gathers, and all index
 arithmetic is computed once per latent. About half of the multiply-adds (10 of the
 12 context taps and the params half of the first 1x1 convolution) do not depend on
 the previous front, so a second thread can compute them for front k+1 while front k
-is finished and entropy-coded (``pipeline=True``, off by default: it only pays where
-a core is idle). The decoder hands the rANS coder only the CDF rows a
+is finished and entropy-coded (``pipeline``; by default it is used where a core is
+idle, see :func:`idle_core_available`). The decoder hands the rANS coder only the CDF rows a
 front uses: converting the whole padded table (64 rows of 3135 ints) to C++ at
 every ``decode_stream`` call cost 2.3 ms, which dominated the skeleton's decoding.
+
+Memory. Besides its inputs, the coder holds the padded y_hat buffer (M floats per
+position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol);
+fronts read ``y`` and ``params`` through channels-last views of the caller's tensors
+and are handed to the rANS encoder in chunks, so no reordered copy of the latent is
+made (:data:`ENCODER_BYTES_PER_SYMBOL` feeds the codec's memory budget).
 
 Bitstream order: fronts in increasing ``t``, positions within a front by
 increasing row, channels innermost; one rANS stream for the whole latent.
 """
 
 import contextlib
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
@@ -63,6 +70,13 @@ from torch import Tensor, nn
 from compressai.ans import BufferedRansEncoder, RansDecoder
 
 ORDERS = ("wavefront", "raster")
+
+# CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
+# coded symbol until it flushes.
+ENCODER_BYTES_PER_SYMBOL = 6
+# Symbols handed to the rANS encoder per call: each call converts the CDF table to
+# C++ once (about 2 ms), so chunks amortise that while bounding the Python lists.
+_ENCODE_CHUNK_SYMBOLS = 1 << 20
 
 
 def causal_taps(mask: Tensor) -> List[Tuple[int, int]]:
@@ -113,6 +127,11 @@ def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tenso
     return positions, sizes[sizes > 0].tolist()
 
 
+def channels_last_rows(tensor: Tensor) -> Tensor:
+    """(C, H, W) -> (H*W, C): a view if ``tensor`` is stored channels-last, else a copy."""
+    return tensor.permute(1, 2, 0).reshape(-1, tensor.shape[0])
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run float code with one thread and full float32 matmul precision, so that
@@ -132,6 +151,22 @@ def single_threaded() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.set_num_threads(threads)
+
+
+def idle_core_available() -> bool:
+    """Whether a second CPU core is likely free: the pipelined coder's worker thread
+    then runs beside the main one instead of stealing its time slices.
+
+    Judged from the CPUs this process may use and the one-minute load average, so a
+    machine busy with other jobs falls back to the sequential coder (on 2 busy cores
+    pipelining made 1920x1080 coding 1.4x slower; on 2 idle ones 1.5x faster).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False
+    return cpus >= 2 and load <= cpus - 1
 
 
 def _as_linear_layers(entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
@@ -178,19 +213,20 @@ class ContextCoder:
             ``gaussian_conditional``.
         order: ``"wavefront"`` or ``"raster"``.
         pipeline: compute each front's far part on a second thread while the
-            previous front is coded. Off by default: it only pays where a core is
-            idle; on the busy 2-core reference machine it made 1920x1080 wavefront
-            coding 1.4x slower (the main thread waits whenever the worker is
-            descheduled), and raster fronts are too small to pay for the hand-off.
-            The bitstream does not depend on this choice.
+            previous front is coded. ``None`` (default): for wavefront order when
+            :func:`idle_core_available`; never for raster order, whose one-position
+            fronts are too small to pay for the hand-off. The bitstream does not
+            depend on this choice.
     """
 
-    def __init__(self, model: nn.Module, order: str = "wavefront", pipeline: bool = False):
+    def __init__(self, model: nn.Module, order: str = "wavefront", pipeline: Optional[bool] = None):
         if order not in ORDERS:
             raise ValueError(f"unknown entropy coder order {order!r}; choose from {ORDERS}")
+        if pipeline is None:
+            pipeline = order == "wavefront" and idle_core_available()
         self.pipeline = pipeline
         context = model.context_prediction
-        conditional = model.gaussian_conditional
+        self.conditional = conditional = model.gaussian_conditional
         if conditional.quantized_cdf.numel() == 0:
             raise RuntimeError("the model's entropy tables are empty: call model.update() first")
         self.order = order
@@ -263,12 +299,14 @@ class ContextCoder:
         bias, and the params half of the first 1x1 convolution plus its bias."""
         taps = layout.far_weight.shape[1] // self.channels
         windows = self._gather(y_hat, layout.far_windows, start, stop, taps)
+        front_params = hyper.index_select(0, layout.positions[start:stop])
         return (F.linear(windows, layout.far_weight, self.context_bias),
-                F.linear(hyper[start:stop], self.hyper_weight, self.first_bias))
+                F.linear(front_params, self.hyper_weight, self.first_bias))
 
     def _front_parameters(self, y_hat: Tensor, layout: _Layout, start: int, stop: int,
-                          partial_context: Tensor, partial_hidden: Tensor) -> Tuple[Tensor, Tensor]:
-        """CDF indexes and means (n, M) of the front start..stop, given its far part."""
+                          partial_context: Tensor, partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """CDF indexes, means and scales (n, M) of the front start..stop, given its
+        far part."""
         taps = layout.near_weight.shape[1] // self.channels
         windows = self._gather(y_hat, layout.near_windows, start, stop, taps)
         context = torch.addmm(partial_context, windows, layout.near_weight.t())
@@ -280,7 +318,7 @@ class ContextCoder:
             if slope is not None:
                 hidden = F.leaky_relu(hidden, slope)
         scales, means = hidden.chunk(2, dim=1)
-        return self.scale_indexes(scales), means
+        return self.scale_indexes(scales), means, scales
 
     def scale_indexes(self, scales: Tensor) -> Tensor:
         """CDF table index of each scale: CompressAI's ``build_indexes`` (a loop of
@@ -310,54 +348,73 @@ class ContextCoder:
             yield partial
 
     def _scan(self, params: Tensor, layout: _Layout,
-              symbols_of: Callable[[int, int, Tensor, Tensor], Tensor]) -> Tensor:
+              symbols_of: Callable[[int, int, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         """The loop both sides share: for each front, compute its CDF indexes and
-        means, get its symbols from ``symbols_of(start, stop, indexes, means)``
-        (quantised ``y`` or rANS-decoded, int32 (n, M)) and write symbols + means
-        into y_hat. Returns y_hat (M, H, W).
+        means, get its symbols from ``symbols_of(start, stop, indexes, means,
+        scales)`` (quantised ``y`` or rANS-decoded, int32 (n, M)) and write symbols +
+        means into y_hat. Returns y_hat (M, H, W), a channels-last view.
 
         Pipelined or not, every GEMM gets the same operands and runs on one thread,
         so a pipelined encoder and a sequential decoder (or the reverse) agree."""
         height, width = params.shape[1:]
         padded = (height + 2 * self.pad[0], width + 2 * self.pad[1])
         y_hat = torch.zeros(padded[0] * padded[1], self.channels)
-        hyper = params.float().cpu().flatten(1).t().index_select(0, layout.positions)
+        # (H*W, 2M) rows; free when params is channels-last (the codec's layout).
+        hyper = channels_last_rows(params.float().cpu())
         bounds = torch.tensor([0] + layout.sizes).cumsum(0).tolist()
         worker = (ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
                   if self.pipeline else contextlib.nullcontext())
         with single_threaded(), worker as pool:
             far_parts = self._far_parts(y_hat, layout, hyper, bounds, pool)
             for start, stop, partial in zip(bounds, bounds[1:], far_parts):
-                indexes, means = self._front_parameters(y_hat, layout, start, stop, *partial)
-                values = symbols_of(start, stop, indexes, means)
+                indexes, means, scales = self._front_parameters(y_hat, layout, start, stop, *partial)
+                values = symbols_of(start, stop, indexes, means, scales)
                 y_hat.index_copy_(0, layout.centres[start:stop], values.type_as(means) + means)
         inner = y_hat.view(*padded, self.channels)[self.pad[0]:self.pad[0] + height,
                                                    self.pad[1]:self.pad[1] + width]
-        return inner.permute(2, 0, 1).contiguous()
+        return inner.permute(2, 0, 1)
 
     @torch.inference_mode()
-    def encode(self, y: Tensor, params: Tensor) -> Tuple[bytes, Tensor]:
-        """Code ``y`` (M, H, W) given ``params`` (2M, H, W); return (string, y_hat)."""
+    def encode(self, y: Tensor, params: Tensor) -> Tuple[bytes, Tensor, float]:
+        """Code ``y`` (M, H, W) given ``params`` (2M, H, W).
+
+        Returns the string, y_hat (M, H, W, a channels-last view) and the bits the
+        model's likelihoods predict for y_hat (the rate a training loss sees).
+        """
         self._check_params(params)
         if y.shape != (self.channels, *params.shape[1:]):
             raise ValueError(f"y has shape {tuple(y.shape)}, expected "
                              f"{(self.channels, *params.shape[1:])} to match params")
         layout = self._layout(*params.shape[1:])
-        y_rows = y.float().cpu().flatten(1).t().index_select(0, layout.positions)
-        symbols, indexes = [], []
+        y_rows = channels_last_rows(y.float().cpu())
+        encoder = BufferedRansEncoder()
+        pending_symbols: List[Tensor] = []
+        pending_indexes: List[Tensor] = []
+        estimated_bits = [0.0]
 
-        def quantise(start: int, stop: int, front_indexes: Tensor, means: Tensor) -> Tensor:
-            values = torch.round(y_rows[start:stop] - means).int()
-            symbols.append(values)
-            indexes.append(front_indexes)
+        def send_pending() -> None:
+            encoder.encode_with_indexes(torch.cat(pending_symbols).view(-1).tolist(),
+                                        torch.cat(pending_indexes).view(-1).tolist(),
+                                        self.cdfs, self.cdf_lengths, self.cdf_offsets)
+            pending_symbols.clear()
+            pending_indexes.clear()
+
+        def quantise(start: int, stop: int, front_indexes: Tensor, means: Tensor,
+                     scales: Tensor) -> Tensor:
+            values = torch.round(y_rows.index_select(0, layout.positions[start:stop]) - means).int()
+            likelihood = self.conditional._likelihood(values.float(), scales)
+            bits = -self.conditional.likelihood_lower_bound(likelihood).log2().sum(dtype=torch.float64)
+            estimated_bits[0] += float(bits)
+            pending_symbols.append(values)
+            pending_indexes.append(front_indexes)
+            if sum(map(Tensor.numel, pending_symbols)) >= _ENCODE_CHUNK_SYMBOLS:
+                send_pending()
             return values
 
         y_hat = self._scan(params, layout, quantise)
-        encoder = BufferedRansEncoder()
-        encoder.encode_with_indexes(torch.cat(symbols).view(-1).tolist(),
-                                    torch.cat(indexes).view(-1).tolist(),
-                                    self.cdfs, self.cdf_lengths, self.cdf_offsets)
-        return encoder.flush(), y_hat
+        if pending_symbols:
+            send_pending()
+        return encoder.flush(), y_hat, estimated_bits[0]
 
     @torch.inference_mode()
     def decode(self, string: bytes, params: Tensor) -> Tensor:
@@ -369,7 +426,7 @@ class ContextCoder:
         decoder = RansDecoder()
         decoder.set_stream(string)
 
-        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor) -> Tensor:
+        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor, _: Tensor) -> Tensor:
             # Only the CDF rows this front uses go to C++ (the whole table costs ms).
             used = torch.bincount(indexes.view(-1), minlength=len(self.cdfs)) > 0
             remap = torch.cumsum(used, 0, dtype=torch.int32) - 1

@@ -18,7 +18,6 @@ JSON writers turn it into ``null``.
 """
 
 import math
-import os
 import resource
 import sys
 import warnings
@@ -28,6 +27,8 @@ import torch
 from pytorch_msssim import ms_ssim
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio_with_blocked_effect
+
+from utils.memory import can_reset_peak, proc_status_kb
 
 # pytorch_msssim downsamples four times with an 11-tap window: the shorter side must
 # exceed (11 - 1) * 2**4 pixels.
@@ -119,7 +120,7 @@ class PeakMemory:
         self.peak_mb: Optional[float] = None
         if self.device.type == "cuda":
             self.kind = "cuda max_memory_allocated"
-        elif _can_reset_rss_peak():
+        elif proc_status_kb("VmHWM") is not None and can_reset_peak():
             self.kind = "process peak RSS (VmHWM)"
         else:
             self.kind = "process lifetime peak RSS (getrusage)"
@@ -129,8 +130,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind.endswith("(VmHWM)"):
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
+            can_reset_peak()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -138,20 +138,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         elif self.kind.endswith("(VmHWM)"):
-            self.peak_mb = _read_vm_hwm_kb() / 1024
+            self.peak_mb = proc_status_kb("VmHWM") / 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             # Linux reports KiB, macOS bytes.
             self.peak_mb = peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
-
-
-def _read_vm_hwm_kb() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
-def _can_reset_rss_peak() -> bool:
-    return os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.codec import pad_replicate
+from utils.patches import pad_replicate
 
 __all__ = ["pyramid_sizes", "image_pyramid", "to_uint8", "reference_pyramid",
            "ScalableRDLoss", "evaluate_layers", "layered_references", "mean_over_images"]

@@ -1,0 +1,150 @@
+"""Memory budgets: sizes, patch plans, and large images coded within a budget
+exactly as they are coded whole."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils.codec
+from conftest import save_model_checkpoint
+from utils.bitstream import pack, unpack
+from utils.codec import decode_image, encode_image
+from utils.memory import (TransformCost, format_memory, memory_in_use, parse_memory,
+                          plan_for_budget)
+from utils.pops import PopsGeometry
+
+MB = 2 ** 20
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+@pytest.mark.parametrize("text, size", [("2GB", 2 * 2 ** 30), ("1.5G", 3 * 2 ** 29),
+                                        ("512MB", 512 * MB), ("640 mib", 640 * MB),
+                                        ("100000", 100000), ("8kb", 8192)])
+def test_memory_sizes_are_read_in_binary_units(text, size):
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "0", "1PB", "two GB", "1.2.3G"])
+def test_unreadable_memory_sizes_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_memory(text)
+
+
+def _plan(budget_mb, patch_size=None, height=2048, width=3072, held_mb=100, max_batch=8):
+    geometry = PopsGeometry(receptive_field=72, scale=16)
+    return plan_for_budget((height, width), geometry.scale, geometry.min_patch_size,
+                           TransformCost(bytes_per_pixel=1000.0), held_mb * MB, budget_mb * MB,
+                           max_batch, count_patches=lambda side: 4, patch_size=patch_size)
+
+
+def test_plan_takes_the_whole_image_when_it_fits_and_shrinks_patches_with_the_budget():
+    assert _plan(100 + 7000).patch_size == 0
+    sides = [_plan(budget).patch_size for budget in (4000, 1000, 300, 150)]
+    assert all(side > 0 for side in sides) and sides == sorted(sides, reverse=True)
+    assert len(set(sides)) == 4
+    for budget, side in zip((4000, 1000, 300, 150), sides):
+        plan = _plan(budget)
+        assert plan.peak_bytes <= budget * MB
+        assert side % 16 == 0 and side >= 80
+
+
+def test_plan_batches_fixed_patches_as_far_as_the_budget_allows():
+    small, large = _plan(150, patch_size=128), _plan(2000, patch_size=128)
+    assert small.batch_size < large.batch_size <= 4  # never more than there are patches
+    assert large.peak_bytes <= 2000 * MB
+
+
+def test_impossible_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"memory budget 101 MB is too small .* at least"):
+        _plan(101)
+    with pytest.raises(ValueError, match="too small"):
+        _plan(120, patch_size=1024)
+
+
+def _smooth_image(height, width, seed=0):
+    """A photo-like uint8 image: smooth gradients plus a little noise."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.linspace(0, 1, height)[:, None]
+    cols = torch.linspace(0, 1, width)[None]
+    base = torch.stack([rows * cols, rows.expand(height, width), cols.expand(height, width)])
+    noise = torch.rand(3, height, width, generator=generator) * 0.1
+    return ((base * 0.8 + noise) * 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def large_case():
+    """A 3000x2000 image (sides not multiples of 64) and its whole-image file and decode."""
+    torch.manual_seed(0)
+    from models import build_model
+    model = build_model("cps", N=4).eval()
+    model.update(force=True)
+    image = _smooth_image(2000, 3000)
+    data = pack(encode_image(model, image, patch_size=0, max_memory=None))
+    whole = decode_image(model, unpack(data), patch_size=0, max_memory=None)
+    return model, image, data, whole
+
+
+def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, monkeypatch):
+    model, image, data, whole = large_case
+    plans = []
+    planner = utils.codec.plan_for_budget
+
+    def recording_planner(*args, **kwargs):
+        plans.append(planner(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(utils.codec, "plan_for_budget", recording_planner)
+    budget = memory_in_use(torch.device("cpu")) + 160 * MB
+    assert pack(encode_image(model, image, max_memory=budget)) == data
+    decoded = decode_image(model, unpack(data), max_memory=budget)
+    assert torch.equal(decoded, whole)
+    assert decoded.shape == (3, 2000, 3000)
+    # The budget forced real patches on both sides, not the whole image.
+    assert len(plans) == 2 and all(0 < plan.patch_size < 2000 for plan in plans)
+
+
+def test_decoder_output_is_stored_ready_for_a_png_writer(large_case):
+    model, _, data, whole = large_case
+    assert whole.permute(1, 2, 0).is_contiguous()
+
+
+def test_codec_cli_stays_within_its_budget(large_case, tmp_path):
+    """The decoder process, started fresh, peaks within --max-memory (plus 5 %)."""
+    model, _, data, whole = large_case
+    checkpoint = save_model_checkpoint(tmp_path, model, "tiny")
+    encoded = tmp_path / "large.cps"
+    encoded.write_bytes(data)
+    output = tmp_path / "large.png"
+    budget_mb = 1100
+    result = subprocess.run(
+        [sys.executable, "codec.py", "decode", str(encoded), str(output), "-p", str(checkpoint),
+         "--max-memory", f"{budget_mb}MB"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    peak = re.search(r"peak memory (\d+) MB \(budget (\d+) MB\)", result.stdout)
+    assert peak and int(peak.group(2)) == budget_mb
+    assert int(peak.group(1)) <= budget_mb * 1.05
+    decoded = np.asarray(Image.open(output))
+    assert np.array_equal(decoded, whole.permute(1, 2, 0).numpy())
+
+
+def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
+    model, _, data, _ = large_case
+    checkpoint = save_model_checkpoint(tmp_path, model, "tiny")
+    encoded = tmp_path / "large.cps"
+    encoded.write_bytes(data)
+    result = subprocess.run(
+        [sys.executable, "codec.py", "decode", str(encoded), str(tmp_path / "out.png"),
+         "-p", str(checkpoint), "--max-memory", "200MB"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert re.match(r"error: memory budget 200 MB is too small for the .*: it needs", result.stderr)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_format_memory_matches_parse_memory():
+    assert parse_memory(format_memory(1536 * MB)) == 1536 * MB
