@@ -17,6 +17,7 @@ from utils.eval_coders import (Coded, CompressAICoder, LearnedOptions, NaiveTile
                                learned_coder)
 from utils.evaluation import aggregate, environment_variable, resolve_dataset, to_json
 from utils.image_io import read_image, write_png
+from utils.memory import memory_in_use
 from utils.metrics import psnr, psnr_b
 
 pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
@@ -104,6 +105,20 @@ def test_several_checkpoints_give_one_entry_each_and_tagged_pngs(
     results = json.loads(stdout)["results"]
     assert len(results["bpp"]) == 2 and results["bpp"][0] == results["bpp"][1]
     assert sorted(os.listdir(out_dir / "reconstructions")) == ["large-other.png", "large-tiny.png"]
+
+
+def test_a_memory_budget_changes_the_patches_but_not_the_results(capsys, images, checkpoint):
+    """--patch-size auto under a budget codes the same files as the whole image."""
+    common = ["checkpoint", "--dataset", images, "-p", checkpoint, "--no-progress"]
+    code, whole, _ = run_cli(capsys, common + ["--patch-size", 0])
+    assert code == 0
+    budget = (memory_in_use(torch.device("cpu")) + 300 * 2 ** 20) // 2 ** 20
+    code, budgeted, _ = run_cli(capsys, common + ["--patch-size", "auto", "--max-memory", f"{budget}MB"])
+    assert code == 0
+    whole, budgeted = json.loads(whole), json.loads(budgeted)
+    for key in ("bpp", "psnr-rgb", "psnr-b"):
+        assert budgeted["results"][key] == whole["results"][key]
+    assert f"as large as {budget} MB allows" in budgeted["description"]
 
 
 def test_entropy_estimation_reports_the_likelihood_rate(capsys, images, checkpoint):
@@ -216,6 +231,7 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
     (["checkpoint", "-p", "x.pth", "--half"], "--half needs --entropy-estimation"),
     (["checkpoint", "-p", "x.pth", "--save-image"], "need -d OUTDIR"),
     (["pretrained", "-a", "mbt2018", "-q", "1", "--tiling", "naive", "--patch-size", "0"], None),
+    (["checkpoint", "-p", "x.pth", "--tiling", "naive", "--patch-size", "auto"], "not auto"),
 ])
 def test_bad_command_lines_end_in_one_stderr_line(capsys, images, argv, message):
     if message is None:  # naive tiling without a tile size: refused before any download
@@ -224,6 +240,16 @@ def test_bad_command_lines_end_in_one_stderr_line(capsys, images, argv, message)
     lines = stderr.strip().splitlines()
     assert code == 1 and stdout == ""
     assert lines[-1].startswith("test.py: error:") and message in lines[-1]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-memory", "lots", "cannot read memory size 'lots'"),
+    ("--patch-size", "big", "expected pixels or 'auto'"),
+])
+def test_unreadable_sizes_are_usage_errors(capsys, images, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        test_script.main(["checkpoint", "-p", "x.pth", "--dataset", str(images), option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_dataset_name_resolves_through_the_config_and_its_variable(tmp_path, monkeypatch):

@@ -124,8 +124,15 @@ def _plan(model: nn.Module, direction: str, latent_size: Tuple[int, int], geomet
     image_size = (latent_size[0] * geometry.scale, latent_size[1] * geometry.scale)
     return plan_for_budget(
         image_size, geometry.scale, geometry.min_patch_size, cost, held, _budget_bytes(max_memory),
-        batch_size, lambda side: len(plan_patches(*latent_size, side, geometry)), patch_size,
+        batch_size, lambda side: _tiling_cost(latent_size, side, geometry), patch_size,
         what="analysis transform" if direction == "analysis" else "synthesis transform")
+
+
+def _tiling_cost(latent_size: Tuple[int, int], patch_size: int, geometry: PopsGeometry) -> Tuple[int, int]:
+    """(number of patches, pixels they compute in total) for a patch side."""
+    patches = plan_patches(*latent_size, patch_size, geometry)
+    latent_area = sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in patches)
+    return len(patches), latent_area * geometry.scale ** 2
 
 
 def _check_entropy_phase(model: nn.Module, positions: int, encoding: bool, max_memory) -> None:

@@ -1,0 +1,267 @@
+"""Peak memory and time of whole codecs as the image grows (the paper's Fig. 6).
+
+    python benchmarks/memory_scaling.py [--sizes 640x360 ... 7680x4320] [--N 192]
+        [--methods cps-budget cps-whole mbt2018] [--max-memory 2GB] [--cuda]
+
+Three codecs, each compressing and decompressing a synthetic photo-like image
+(smooth gradients plus noise) to real bitstreams:
+
+- ``cps-budget``: this repository's codec under ``--max-memory`` (POPS patches as
+  large as the budget allows, the whole image when it fits);
+- ``cps-whole``: the same codec and model on the whole image in one pass;
+- ``mbt2018``: CompressAI's ``mbt2018`` (quality 3, N = M = 192) ``compress`` and
+  ``decompress`` on the whole image, with its per-position context loop.
+
+Each (codec, size) runs in a fresh process, so the peak is that run's alone: the
+process peak RSS (``VmHWM``, everything the process ever held, the ~0.8 GB of
+imported libraries included), or CUDA max allocated memory with ``--cuda``. Runs
+predicted to need more than ``--skip-above`` (default 18 GB, this machine has 24 GB)
+are not started and their prediction is reported instead. ``transform_s`` is the
+time spent in the analysis and synthesis transforms (patch loops included), which
+is where patch-wise and whole-image CPS differ. Models have random weights, with
+the CPS scale predictions spread over the scale table as in
+``benchmarks/entropy_coding.py``: memory and transform time do not depend on them.
+
+Writes a JSON file and a PNG plot next to it and prints a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
+import torch  # noqa: E402
+
+from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.memory import DEFAULT_BUDGET, format_memory, parse_memory  # noqa: E402
+
+SIZES = ("640x360", "1280x720", "1920x1080", "3840x2160", "7680x4320")
+METHODS = ("cps-budget", "cps-whole", "mbt2018")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Peak bytes per padded pixel measured at 1920x1080 on the CPU (N=192): used only to
+# decide which runs would not fit the machine.
+PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 2400, "mbt2018": 900}
+LIBRARIES_BYTES = 900 * 2 ** 20
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="WIDTHxHEIGHT images")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--N", type=int, default=192, help="CPS width (default: 192)")
+    parser.add_argument("--max-memory", default=DEFAULT_BUDGET,
+                        help="budget of cps-budget (default: %(default)s)")
+    parser.add_argument("--skip-above", default="18GB",
+                        help="do not start runs predicted to need more (default: %(default)s)")
+    parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
+    parser.add_argument("--output", default=os.path.join(RESULTS, "memory_scaling.json"))
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def parse_size(text: str):
+    width, height = (int(part) for part in text.lower().split("x"))
+    return width, height
+
+
+def synthetic_image(width: int, height: int) -> torch.Tensor:
+    """Smooth colour gradients plus 10 % noise, uint8 (3, H, W)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.linspace(0, 1, height)[:, None].expand(height, width)
+    cols = torch.linspace(0, 1, width)[None].expand(height, width)
+    image = torch.stack([rows * cols, rows, cols]).mul_(0.8)
+    image.add_(torch.rand(3, height, width, generator=generator), alpha=0.1)
+    return image.mul_(255).round_().to(torch.uint8)
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
+    import utils.codec as codec
+    from benchmarks.entropy_coding import synthetic_model
+    from utils.bitstream import pack, unpack
+
+    model = synthetic_model(args.N, seed=0).to(device)
+    transform_seconds = [0.0]
+    plans = []
+    run_patchwise, plan = codec.run_patchwise, codec.plan_for_budget
+
+    def timed_run_patchwise(*run_args, **kwargs):
+        start = time.perf_counter()
+        result = run_patchwise(*run_args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        transform_seconds[0] += time.perf_counter() - start
+        return result
+
+    def recorded_plan(*plan_args, **kwargs):
+        plans.append(plan(*plan_args, **kwargs))
+        return plans[-1]
+
+    codec.run_patchwise, codec.plan_for_budget = timed_run_patchwise, recorded_plan
+    budget = parse_memory(args.max_memory) if method == "cps-budget" else None
+    patch_size = None if method == "cps-budget" else 0
+    start = time.perf_counter()
+    data = pack(codec.encode_image(model, image, patch_size, max_memory=budget))
+    middle = time.perf_counter()
+    decoded = codec.decode_image(model, unpack(data), patch_size, max_memory=budget)
+    end = time.perf_counter()
+    assert decoded.shape == image.shape
+    return {"encode_s": middle - start, "decode_s": end - middle,
+            "transform_s": transform_seconds[0], "bytes": len(data),
+            "patch_sizes": [plan.patch_size for plan in plans] or [0, 0],
+            "batch_sizes": [plan.batch_size for plan in plans] or [8, 8]}
+
+
+def run_mbt2018(image: torch.Tensor, device: torch.device) -> Dict[str, object]:
+    from compressai.zoo import mbt2018
+
+    from utils.patches import pad_replicate
+
+    torch.manual_seed(0)
+    model = mbt2018(quality=3, pretrained=False).eval().to(device)
+    model.update(force=True)
+    x = pad_replicate(image, 64).float().div_(255)[None].to(device)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        compressed = model.compress(x)
+        middle = time.perf_counter()
+        model.decompress(compressed["strings"], compressed["shape"])
+        end = time.perf_counter()
+    size = sum(len(string[0]) for string in compressed["strings"])
+    return {"encode_s": middle - start, "decode_s": end - middle, "bytes": size}
+
+
+def child(args) -> int:
+    method, size = args.child
+    width, height = parse_size(size)
+    device = torch.device("cuda" if args.cuda else "cpu")
+    image = synthetic_image(width, height)
+    if method == "mbt2018":
+        result = run_mbt2018(image, device)
+    else:
+        result = run_cps(method, image, args, device)
+    result["peak_mb"] = peak_bytes(device) / 2 ** 20
+    print(json.dumps(result))
+    return 0
+
+
+def predicted_bytes(method: str, width: int, height: int) -> int:
+    if method == "cps-budget":
+        return 0
+    padded = -(-width // 64) * 64 * -(-height // 64) * 64
+    return LIBRARIES_BYTES + PREDICTED_BYTES_PER_PIXEL[method] * padded
+
+
+def measure(method: str, size: str, args) -> Dict[str, object]:
+    width, height = parse_size(size)
+    entry: Dict[str, object] = {"method": method, "image": size, "megapixels": width * height / 1e6}
+    prediction = predicted_bytes(method, width, height)
+    if prediction > parse_memory(args.skip_above):
+        entry.update(skipped=True, predicted_peak_mb=prediction / 2 ** 20)
+        return entry
+    command = [sys.executable, os.path.abspath(__file__), "--child", method, size, "--N", str(args.N),
+               "--max-memory", args.max_memory] + (["--cuda"] if args.cuda else [])
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        entry.update(failed=True, returncode=result.returncode, stderr=result.stderr.strip()[-500:])
+        return entry
+    entry.update(json.loads(result.stdout.strip().splitlines()[-1]))
+    return entry
+
+
+def format_table(entries: List[Dict[str, object]], methods: Sequence[str]) -> str:
+    header = "| image | " + " | ".join(f"{m} peak (MB) | {m} time (s)" for m in methods) + " |"
+    lines = [header, "|" + "---|" * (1 + 2 * len(methods))]
+    for size in dict.fromkeys(entry["image"] for entry in entries):
+        cells = [size]
+        for method in methods:
+            entry = next((e for e in entries if e["image"] == size and e["method"] == method), None)
+            if entry is None:
+                cells += ["", ""]
+            elif entry.get("skipped"):
+                cells += [f"(~{entry['predicted_peak_mb']:.0f}, not run)", ""]
+            elif entry.get("failed"):
+                cells += ["failed", ""]
+            else:
+                time_text = f"{entry['encode_s'] + entry['decode_s']:.1f}"
+                if "transform_s" in entry:
+                    time_text += f" ({entry['transform_s']:.1f} transforms)"
+                cells += [f"{entry['peak_mb']:.0f}", time_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(entries: List[Dict[str, object]], methods: Sequence[str], path: str, budget: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in methods:
+        done = [e for e in entries if e["method"] == method and "peak_mb" in e]
+        if not done:
+            continue
+        megapixels = [e["megapixels"] for e in done]
+        memory_axis.plot(megapixels, [e["peak_mb"] / 1024 for e in done], "o-", label=method)
+        time_axis.plot(megapixels, [e["encode_s"] + e["decode_s"] for e in done], "o-", label=method)
+    memory_axis.axhline(parse_memory(budget) / 2 ** 30, color="grey", linestyle=":",
+                        label=f"budget {budget}")
+    memory_axis.set(xscale="log", yscale="log", xlabel="megapixels",
+                    ylabel="peak memory of the process (GB)")
+    time_axis.set(xscale="log", yscale="log", xlabel="megapixels", ylabel="encode + decode (s)")
+    for axis in (memory_axis, time_axis):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    parse_memory(args.max_memory)
+    entries = []
+    for size in args.sizes:
+        parse_size(size)
+        for method in args.methods:
+            entry = measure(method, size, args)
+            entries.append(entry)
+            print(json.dumps(entry), flush=True)
+    table = format_table(entries, args.methods)
+    print(table)
+    document = {"benchmark": "memory_scaling", "N": args.N, "max_memory": args.max_memory,
+                "device": "cuda" if args.cuda else "cpu",
+                "machine": {"cpu": platform.processor() or platform.machine(),
+                            "cores": os.cpu_count(), "torch": torch.__version__},
+                "budget_mb": parse_memory(args.max_memory) / 2 ** 20,
+                "results": entries, "table": table}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    atomic_write_bytes(args.output, json.dumps(document, indent=2).encode())
+    plot(entries, args.methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
+    print(f"wrote {args.output} and its plot; budget {format_memory(parse_memory(args.max_memory))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
