@@ -42,7 +42,10 @@ from utils.latent_coding import ORDERS
 from utils.memory import DEFAULT_BUDGET, format_memory, parse_memory, proc_status_kb
 
 
-def _memory_size(text: str) -> int:
+def _memory_size(text: str) -> Optional[int]:
+    """``--max-memory``: bytes, or None for ``none`` (no budget)."""
+    if text.strip().lower() == "none":
+        return None
     try:
         return parse_memory(text)
     except ValueError as exc:
@@ -61,7 +64,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         command.add_argument("-a", "--architecture", default=None,
                              help="architecture name when the checkpoint does not say (default: cps)")
         command.add_argument("--max-memory", type=_memory_size, default=DEFAULT_BUDGET,
-                             help="peak memory of the process, e.g. 1GB or 800MB "
+                             help="peak memory of the process, e.g. 1GB or 800MB, or none "
                                   "(default: %(default)s)")
         command.add_argument("--patch-size", type=int, default=None,
                              help="POPS patch side in pixels, a multiple of 16, or 0 for the whole "
@@ -161,7 +164,8 @@ def _peak_note(args: argparse.Namespace) -> str:
         peak = proc_status_kb("VmHWM") * 1024
     else:
         return ""
-    return f", peak memory {format_memory(peak)} (budget {format_memory(args.max_memory)})"
+    budget = format_memory(args.max_memory) if args.max_memory else "none"
+    return f", peak memory {format_memory(peak)} (budget {budget})"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -91,7 +91,10 @@ def _patch_size(text: str):
         raise argparse.ArgumentTypeError(f"expected pixels or {AUTO!r}, got {text!r}") from None
 
 
-def _memory_size(text: str) -> int:
+def _memory_size(text: str) -> Optional[int]:
+    """``--max-memory``: bytes, or None for ``none`` (no budget)."""
+    if text.strip().lower() == "none":
+        return None
     try:
         return parse_memory(text)
     except ValueError as exc:
@@ -111,8 +114,8 @@ def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=8, help="most POPS patches per forward pass")
     group.add_argument("--max-memory", type=_memory_size, default=DEFAULT_BUDGET,
                        help="CPS codec: peak memory of the process (RSS; CUDA allocated memory "
-                            "with --cuda), e.g. 1GB; the batch, and with --patch-size auto the "
-                            "patch, are chosen to fit (default: %(default)s)")
+                            "with --cuda), e.g. 1GB, or none; the batch, and with --patch-size "
+                            "auto the patch, are chosen to fit (default: %(default)s)")
     group.add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront",
                        help="order of the CPS context coder")
     group.add_argument("--entropy-estimation", action="store_true",

@@ -134,7 +134,7 @@ def time_context_coder(model, y, params, order: str, repeats: int,
     encode_s, (string, y_hat, _) = best_time(lambda: coder.encode(y, params), repeats)
     decode_s, decoded = best_time(lambda: coder.decode(string, params), repeats)
     return {"encode_s": encode_s, "decode_s": decode_s, "bytes": len(string),
-            "bit_exact": bool(torch.equal(y_hat, decoded)), "pipeline": coder.pipeline}
+            "bit_exact": bool(torch.equal(y_hat, decoded)), "pipeline": coder.last_pipelined}
 
 
 def time_compressai(model, y, params, repeats: int) -> Dict[str, object]:

@@ -65,6 +65,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="do not start runs predicted to need more (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
     parser.add_argument("--output", default=os.path.join(RESULTS, "memory_scaling.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other entries of an existing --output file (e.g. to add one "
+                             "run with a higher --skip-above)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -127,7 +130,7 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
     assert decoded.shape == image.shape
     return {"encode_s": middle - start, "decode_s": end - middle,
             "transform_s": transform_seconds[0], "bytes": len(data),
-            "patch_sizes": [plan.patch_size for plan in plans] or [0, 0],
+            "patch_sizes": [list(plan.patch_size) for plan in plans] or [[0, 0], [0, 0]],
             "batch_sizes": [plan.batch_size for plan in plans] or [8, 8]}
 
 
@@ -248,7 +251,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             entry = measure(method, size, args)
             entries.append(entry)
             print(json.dumps(entry), flush=True)
-    table = format_table(entries, args.methods)
+    if args.update and os.path.exists(args.output):
+        with open(args.output) as handle:
+            previous = json.load(handle)["results"]
+        measured = {(entry["method"], entry["image"]) for entry in entries}
+        entries = [entry for entry in previous if (entry["method"], entry["image"]) not in measured] + entries
+        entries.sort(key=lambda entry: (entry["megapixels"], METHODS.index(entry["method"])))
+    methods = [method for method in METHODS if any(entry["method"] == method for entry in entries)]
+    table = format_table(entries, methods)
     print(table)
     document = {"benchmark": "memory_scaling", "N": args.N, "max_memory": args.max_memory,
                 "device": "cuda" if args.cuda else "cpu",
@@ -258,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "results": entries, "table": table}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     atomic_write_bytes(args.output, json.dumps(document, indent=2).encode())
-    plot(entries, args.methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
+    plot(entries, methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
     print(f"wrote {args.output} and its plot; budget {format_memory(parse_memory(args.max_memory))}")
     return 0
 

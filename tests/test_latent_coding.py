@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from compressai.layers import MaskedConv2d
 
 import models
+import utils.latent_coding as latent_coding
 from tests.conftest import data_dir
 from utils.latent_coding import ContextCoder, causal_taps, coding_order, wavefront_slope
 
@@ -322,3 +323,14 @@ def test_an_image_encoded_on_cuda_decodes_on_the_cpu_and_back(tiny_cps):
         reference = decode_image(encoder, unpack(data))
         assert decoded.shape == image.shape
         assert (decoded.int() - reference.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("all_busy, own_busy, idle", [(0.2, 0.2, True), (0.3, 0.1, False),
+                                                      (0.12, 0.1, True)])
+def test_idle_core_check_does_not_count_this_process(monkeypatch, all_busy, own_busy, idle):
+    """Busy seconds over the 0.1 s window on 2 CPUs: only other processes' count."""
+    samples = iter([(100.0, 50.0), (100.0 + all_busy, 50.0 + own_busy)])
+    monkeypatch.setattr(latent_coding, "_busy_seconds", lambda: next(samples))
+    monkeypatch.setattr(latent_coding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(latent_coding.time, "sleep", lambda seconds: None)
+    assert latent_coding.idle_core_available(window=0.1) is idle

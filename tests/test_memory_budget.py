@@ -16,7 +16,7 @@ from utils.bitstream import pack, unpack
 from utils.codec import decode_image, encode_image
 from utils.memory import (TransformCost, format_memory, memory_in_use, parse_memory,
                           plan_for_budget)
-from utils.pops import PopsGeometry, plan_patches
+from utils.pops import PopsGeometry, plan_patches, tile_axis
 
 MB = 2 ** 20
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -38,47 +38,56 @@ def test_unreadable_memory_sizes_are_refused(text):
 GEOMETRY = PopsGeometry(receptive_field=72, scale=16)
 
 
-def _tiling(height, width):
-    latent = (height // 16, width // 16)
+def _axis_tiling(height, width):
+    lengths = (height // 16, width // 16)
 
-    def tiling(side):
-        patches = plan_patches(*latent, side, GEOMETRY)
-        return len(patches), 256 * sum((r.stop - r.start) * (c.stop - c.start) for r, c in patches)
-    return tiling
+    def axis_tiling(axis, side):
+        tiles = tile_axis(lengths[axis], side // 16, GEOMETRY.margin)
+        return len(tiles), 16 * sum(tile.stop - tile.start for tile in tiles)
+    return axis_tiling
+
+
+def _computed(plan_shape, height=768, width=1280):
+    patches = plan_patches(height // 16, width // 16, plan_shape, GEOMETRY)
+    return 256 * sum((r.stop - r.start) * (c.stop - c.start) for r, c in patches)
 
 
 def _plan(budget_mb, patch_size=None, height=768, width=1280, held_mb=100, max_batch=8):
     return plan_for_budget((height, width), GEOMETRY.scale, GEOMETRY.min_patch_size,
                            TransformCost(bytes_per_pixel=1000.0), held_mb * MB, budget_mb * MB,
-                           max_batch, _tiling(height, width), patch_size=patch_size)
+                           max_batch, _axis_tiling(height, width), patch_size=patch_size)
 
 
 def test_plan_takes_the_whole_image_when_it_fits():
-    assert _plan(100 + 1100).patch_size == 0
+    assert _plan(100 + 1100).patch_size == (0, 0)
 
 
 @pytest.mark.parametrize("budget_mb", [1000, 600, 300, 150, 125])
 def test_plan_computes_the_fewest_pixels_the_budget_allows(budget_mb):
+    """Brute force over every rectangular shape on the 16-pixel grid."""
     plan = _plan(budget_mb)
-    assert 80 <= plan.patch_size < 1280 and plan.patch_size % 16 == 0
-    assert plan.peak_bytes <= budget_mb * MB
-    tiling = _tiling(768, 1280)
-    fitting = [side for side in range(80, 1280, 16)
-               if TransformCost(1000.0).batch_bytes(1, min(side, 768), side) <= (budget_mb - 100) * MB]
-    fewest = min(tiling(side)[1] for side in fitting)
-    assert tiling(plan.patch_size)[1] <= 1.02 * fewest
-    assert plan.patch_size == max(side for side in fitting if tiling(side)[1] <= 1.02 * fewest)
+    assert plan.patch_size != (0, 0) and plan.peak_bytes <= budget_mb * MB
+    cost = TransformCost(1000.0)
+    shapes = [(rows, cols) for rows in [0] + list(range(80, 768, 16))
+              for cols in [0] + list(range(80, 1280, 16))]
+    fitting = [shape for shape in shapes
+               if cost.batch_bytes(1, shape[0] or 768, shape[1] or 1280) <= (budget_mb - 100) * MB]
+    assert plan.patch_size in fitting
+    fewest = min(_computed(shape) for shape in fitting)
+    assert _computed(plan.patch_size) <= 1.02 * fewest
 
 
-def test_plan_prefers_less_overlap_to_a_larger_patch():
-    """640 px patches would fit but tile 1280x768 with 2.5x its area."""
+def test_plan_prefers_less_overlap_to_a_larger_square():
+    """640x640 patches would fit but tile 1280x768 with 2.5x its area; whole-height
+    stripes recompute far less."""
     plan = _plan(100 + 460)
-    assert _tiling(768, 1280)(plan.patch_size)[1] < 1.5 * 768 * 1280
-    assert plan.patch_size < 640
+    assert _computed(plan.patch_size) < 1.25 * 768 * 1280
+    assert _computed((640, 640)) > 2.4 * 768 * 1280
 
 
 def test_plan_batches_fixed_patches_as_far_as_the_budget_allows():
     small, large = _plan(150, patch_size=128), _plan(2000, patch_size=128)
+    assert small.patch_size == large.patch_size == (128, 128)
     assert small.batch_size < large.batch_size == 8
     assert large.peak_bytes <= 2000 * MB
     assert _plan(4000, patch_size=640).batch_size == 6  # never more than there are patches
@@ -130,7 +139,7 @@ def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, 
     assert torch.equal(decoded, whole)
     assert decoded.shape == (3, 2000, 3000)
     # The budget forced real patches on both sides, not the whole image.
-    assert len(plans) == 2 and all(0 < plan.patch_size < 2000 for plan in plans)
+    assert len(plans) == 2 and all(plan.patch_size != (0, 0) for plan in plans)
 
 
 def test_decoder_output_is_stored_ready_for_a_png_writer(large_case):
@@ -178,3 +187,16 @@ def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
 
 def test_format_memory_matches_parse_memory():
     assert parse_memory(format_memory(1536 * MB)) == 1536 * MB
+
+
+def test_codec_cli_runs_without_a_budget_when_asked(large_case, tmp_path, capsys):
+    import codec
+    model, _, data, whole = large_case
+    checkpoint = save_model_checkpoint(tmp_path, model, "tiny")
+    encoded = tmp_path / "large.cps"
+    encoded.write_bytes(data)
+    output = tmp_path / "large.png"
+    assert codec.main(["decode", str(encoded), str(output), "-p", str(checkpoint),
+                       "--max-memory", "none"]) == 0
+    assert "(budget none)" in capsys.readouterr().out
+    assert np.array_equal(np.asarray(Image.open(output)), whole.permute(1, 2, 0).numpy())

@@ -36,7 +36,7 @@ from utils.latent_coding import ContextCoder, single_threaded
 from utils.memory import (PatchPlan, check_fits, entropy_phase_bytes, measure_cost,
                           memory_in_use, parse_memory, plan_for_budget, return_freed_memory)
 from utils.patches import run_patchwise
-from utils.pops import PopsGeometry, check_patch_size, model_geometry, plan_patches
+from utils.pops import PopsGeometry, check_patch_size, model_geometry, plan_patches, tile_axis
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -87,6 +87,22 @@ def channels_last_buffer(channels: int, height: int, width: int, dtype=torch.flo
     return torch.empty(1, height, width, channels, dtype=dtype).permute(0, 3, 1, 2)
 
 
+def _prepare_input(direction: str, device: torch.device, exact: bool):
+    """What each patch batch goes through before the transform: uint8 -> [0, 1] for
+    analysis, and on the CPU a channels-last layout, which makes the convolutions
+    faster (g_a on a Kodak image at N=192, 2 cores: 2.4 s instead of 2.9 s in exact
+    mode, 1.5 s instead of 2.0 s with oneDNN). Exact mode stays exact: the
+    channels-last native convolutions are as independent of the patch size as the
+    others (tested through the codec)."""
+    channels_last = device.type == "cpu"
+
+    def prepare(batch: Tensor) -> Tensor:
+        if direction == "analysis":
+            batch = _to_unit_float(batch)
+        return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+    return prepare
+
+
 def _channels_last(tensor: Tensor) -> Tensor:
     return tensor.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
@@ -101,21 +117,22 @@ def _plan(model: nn.Module, direction: str, latent_size: Tuple[int, int], geomet
     """Patch size and batch for ``model.g_a`` (``direction="analysis"``) or
     ``model.g_s`` within ``max_memory``; without a budget, the given ones."""
     if max_memory is None:
-        return PatchPlan(patch_size or 0, batch_size, 0)
+        return PatchPlan((patch_size or 0, patch_size or 0), batch_size, 0)
     if patch_size is not None:
         check_patch_size(patch_size, geometry)
     device = model_device(model)
+    prepare = _prepare_input(direction, device, exact)
     if direction == "analysis":
-        transform, prepare, finish = model.g_a, _to_unit_float, None
+        transform, finish = model.g_a, None
         channels, divisor, dtype = 3, 1, torch.uint8
     else:
-        transform, prepare, finish = model.g_s, None, _to_uint8
+        transform, finish = model.g_s, _to_uint8
         channels, divisor, dtype = model.M, geometry.scale, torch.float32
 
     def run_patch(side: int) -> None:
         with transform_mode(device, exact):
             patch = torch.zeros(1, channels, side // divisor, side // divisor, dtype=dtype, device=device)
-            output = transform(prepare(patch) if prepare else patch)
+            output = transform(prepare(patch))
             if finish is not None:
                 finish(output)
 
@@ -124,15 +141,15 @@ def _plan(model: nn.Module, direction: str, latent_size: Tuple[int, int], geomet
     image_size = (latent_size[0] * geometry.scale, latent_size[1] * geometry.scale)
     return plan_for_budget(
         image_size, geometry.scale, geometry.min_patch_size, cost, held, _budget_bytes(max_memory),
-        batch_size, lambda side: _tiling_cost(latent_size, side, geometry), patch_size,
+        batch_size, lambda axis, side: _axis_tiling(latent_size[axis], side, geometry), patch_size,
         what="analysis transform" if direction == "analysis" else "synthesis transform")
 
 
-def _tiling_cost(latent_size: Tuple[int, int], patch_size: int, geometry: PopsGeometry) -> Tuple[int, int]:
-    """(number of patches, pixels they compute in total) for a patch side."""
-    patches = plan_patches(*latent_size, patch_size, geometry)
-    latent_area = sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in patches)
-    return len(patches), latent_area * geometry.scale ** 2
+def _axis_tiling(latent_length: int, side: int, geometry: PopsGeometry) -> Tuple[int, int]:
+    """(number of tiles, pixels they cover in total) along one axis, for a patch side
+    in pixels (0: the whole axis)."""
+    tiles = tile_axis(latent_length, side // geometry.scale, geometry.margin)
+    return len(tiles), sum(tile.stop - tile.start for tile in tiles) * geometry.scale
 
 
 def _check_entropy_phase(model: nn.Module, positions: int, encoding: bool, max_memory) -> None:
@@ -154,8 +171,8 @@ def encode_image(model: nn.Module, image: Tensor, patch_size: Optional[int] = No
     """Compress a uint8 RGB image (3, H, W) with ``model`` (on its own device).
 
     Args:
-        patch_size: POPS patch side in pixels (0: whole image; None: the largest
-            that fits ``max_memory``).
+        patch_size: POPS patch side in pixels (0: whole image; None: the tiling
+            that fits ``max_memory`` and recomputes the least overlap).
         batch_size: most patches per forward call (fewer if the budget says so).
         order: entropy-coder order, ``"wavefront"`` (fast) or ``"raster"``.
         exact: on the CPU, use bit-exact native convolutions (see module doc).
@@ -187,7 +204,8 @@ def encode_image(model: nn.Module, image: Tensor, patch_size: Optional[int] = No
     y = channels_last_buffer(model.M, *latent_size)
     with transform_mode(device, exact):
         run_patchwise(model.g_a, image[None], y, plan_patches(*latent_size, plan.patch_size, geometry),
-                      geometry.scale, 1, plan.batch_size, device, prepare=_to_unit_float)
+                      geometry.scale, 1, plan.batch_size, device,
+                      prepare=_prepare_input("analysis", device, exact))
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
@@ -243,6 +261,12 @@ def decode_image(model: nn.Module, compressed: CompressedImage, patch_size: Opti
     if max_memory is not None:
         return_freed_memory()
     _check_entropy_phase(model, latent_size[0] * latent_size[1], False, max_memory)
+    # Planned before any work, counting what the synthesis phase will hold: y_hat's
+    # padded buffer and the output image.
+    border = 2 * (model.context_prediction.kernel_size[0] // 2)
+    y_hat_bytes = 4 * model.M * (latent_size[0] + border) * (latent_size[1] + border)
+    plan = _plan(model, "synthesis", latent_size, geometry, patch_size, batch_size, max_memory, exact,
+                 held_on_cpu=y_hat_bytes + channels * compressed.height * compressed.width)
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
@@ -256,11 +280,10 @@ def decode_image(model: nn.Module, compressed: CompressedImage, patch_size: Opti
 
     if max_memory is not None:
         return_freed_memory()
-    plan = _plan(model, "synthesis", latent_size, geometry, patch_size, batch_size, max_memory, exact,
-                 held_on_cpu=channels * compressed.height * compressed.width)
     output = channels_last_buffer(channels, compressed.height, compressed.width, torch.uint8)
     with transform_mode(device, exact):
         run_patchwise(model.g_s, y_hat[None], output, plan_patches(*latent_size, plan.patch_size, geometry),
                       1, geometry.scale, plan.batch_size, device,
+                      prepare=_prepare_input("synthesis", device, exact),
                       finish=_to_gray_uint8 if compressed.grayscale else _to_uint8)
     return output[0]

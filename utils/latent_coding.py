@@ -60,6 +60,7 @@ increasing row, channels innermost; one rANS stream for the whole latent.
 import contextlib
 import os
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -74,6 +75,8 @@ ORDERS = ("wavefront", "raster")
 # CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
 # coded symbol until it flushes.
 ENCODER_BYTES_PER_SYMBOL = 6
+# Smallest latent for which the coder checks for an idle core (a 1920x1080 image).
+_PIPELINE_MIN_POSITIONS = 8000
 # Symbols handed to the rANS encoder per call: each call converts the CDF table to
 # C++ once (about 2 ms), so chunks amortise that while bounding the Python lists.
 _ENCODE_CHUNK_SYMBOLS = 1 << 20
@@ -153,20 +156,42 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def idle_core_available() -> bool:
-    """Whether a second CPU core is likely free: the pipelined coder's worker thread
-    then runs beside the main one instead of stealing its time slices.
+def _busy_seconds() -> Tuple[float, float]:
+    """(CPU seconds all processes have been busy, of which this process) so far."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (sum(fields[:8]) - idle) / ticks, own.user + own.system
 
-    Judged from the CPUs this process may use and the one-minute load average, so a
-    machine busy with other jobs falls back to the sequential coder (on 2 busy cores
-    pipelining made 1920x1080 coding 1.4x slower; on 2 idle ones 1.5x faster).
+
+def idle_core_available(window: float = 0.1) -> bool:
+    """Whether a CPU core besides this process's is idle: the pipelined coder's
+    worker thread then runs beside the main one instead of stealing its time slices.
+
+    Measured over ``window`` seconds from ``/proc/stat``, minus this process's own
+    CPU time, so that the codec's own busy transforms do not count; where that is
+    unavailable, from the one-minute load average. On 2 busy cores pipelining made
+    1920x1080 coding 1.4x slower, on 2 idle ones 1.5x faster.
     """
     try:
         cpus = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
     except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
         return False
-    return cpus >= 2 and load <= cpus - 1
+    try:
+        busy_before, own_before = _busy_seconds()
+        time.sleep(window)
+        busy_after, own_after = _busy_seconds()
+        others = ((busy_after - busy_before) - (own_after - own_before)) / window
+    except (OSError, ValueError, IndexError):
+        try:
+            others = os.getloadavg()[0] - 1
+        except OSError:
+            return False
+    return others <= cpus - 1.5
 
 
 def _as_linear_layers(entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
@@ -213,7 +238,8 @@ class ContextCoder:
             ``gaussian_conditional``.
         order: ``"wavefront"`` or ``"raster"``.
         pipeline: compute each front's far part on a second thread while the
-            previous front is coded. ``None`` (default): for wavefront order when
+            previous front is coded. ``None`` (default): decided per latent, for
+            wavefront order and latents of 8000 positions or more when
             :func:`idle_core_available`; never for raster order, whose one-position
             fronts are too small to pay for the hand-off. The bitstream does not
             depend on this choice.
@@ -222,9 +248,8 @@ class ContextCoder:
     def __init__(self, model: nn.Module, order: str = "wavefront", pipeline: Optional[bool] = None):
         if order not in ORDERS:
             raise ValueError(f"unknown entropy coder order {order!r}; choose from {ORDERS}")
-        if pipeline is None:
-            pipeline = order == "wavefront" and idle_core_available()
         self.pipeline = pipeline
+        self.last_pipelined: Optional[bool] = None  # what the last encode/decode did
         context = model.context_prediction
         self.conditional = conditional = model.gaussian_conditional
         if conditional.quantized_cdf.numel() == 0:
@@ -286,6 +311,15 @@ class ContextCoder:
             return self.context_weight[:, taps].reshape(self.context_weight.shape[0], -1).contiguous()
 
         return _Layout(positions, centres, sizes, windows(far), windows(near), weight(far), weight(near))
+
+    def _pipelined(self, positions: int) -> bool:
+        """The ``pipeline`` choice, made per latent when it was left to the coder:
+        wavefront order, a latent large enough (a 1920x1080 image's or more) for the
+        second thread to save more than the 0.1 s the idle-core check takes, and an
+        idle core."""
+        if self.pipeline is not None:
+            return self.pipeline
+        return self.order == "wavefront" and positions >= _PIPELINE_MIN_POSITIONS and idle_core_available()
 
     def _gather(self, y_hat: Tensor, windows: Tensor, start: int, stop: int, taps: int) -> Tensor:
         """(n, taps*M) window values of the positions start..stop in coding order."""
@@ -362,8 +396,9 @@ class ContextCoder:
         # (H*W, 2M) rows; free when params is channels-last (the codec's layout).
         hyper = channels_last_rows(params.float().cpu())
         bounds = torch.tensor([0] + layout.sizes).cumsum(0).tolist()
+        self.last_pipelined = self._pipelined(len(layout.positions))
         worker = (ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
-                  if self.pipeline else contextlib.nullcontext())
+                  if self.last_pipelined else contextlib.nullcontext())
         with single_threaded(), worker as pool:
             far_parts = self._far_parts(y_hat, layout, hyper, bounds, pool)
             for start, stop, partial in zip(bounds, bounds[1:], far_parts):

@@ -13,9 +13,9 @@ spends it in phases, one after the other, and each must fit:
 * entropy phase: latent-sized tensors only (``y``, the hyper-decoder's ``params``,
   the y_hat buffer, the rANS symbol buffer), counted by :func:`entropy_phase_bytes`.
 
-:func:`plan_for_budget` then takes, among the patch sides that fit, the one
-that computes the fewest pixels including overlap (the whole image when it fits),
-and for it the largest batch that fits. The budget covers the whole process, so on a CPU the
+:func:`plan_for_budget` then takes, among the patch shapes that fit (rectangles,
+whole rows or columns included), the one that computes the fewest pixels including
+overlap (the whole image when it fits), and for it the largest batch that fits. The budget covers the whole process, so on a CPU the
 roughly 0.8 GB that importing PyTorch, torchvision and CompressAI costs counts too.
 
 On Linux with glibc, :func:`return_freed_memory` makes freed tensors go back to the
@@ -25,7 +25,6 @@ the RSS follows the live tensors and measurements of it mean something.
 
 import ctypes
 import ctypes.util
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from utils.latent_coding import ENCODER_BYTES_PER_SYMBOL
+
 DEFAULT_BUDGET = "2GB"
+NO_BUDGET_HINT = "run without one (--max-memory none) and choose --patch-size yourself"
 
 _UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 # Slack on top of the measured working memory: the calibration patch is smaller
@@ -132,7 +134,8 @@ def memory_in_use(device: torch.device) -> int:
         return torch.cuda.memory_allocated(device)
     resident = proc_status_kb("VmRSS")
     if resident is None:
-        raise RuntimeError("cannot read this process's memory use (/proc/self/status)")
+        raise ValueError(f"a memory budget needs the process's resident memory from "
+                         f"/proc/self/status, which this system lacks; {NO_BUDGET_HINT}")
     return resident * 1024
 
 
@@ -148,7 +151,8 @@ class PeakSince:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif not can_reset_peak():
-            raise RuntimeError("cannot reset the peak RSS on this platform (/proc/self/clear_refs)")
+            raise ValueError(f"a memory budget needs to reset the process's peak memory through "
+                             f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -199,66 +203,72 @@ def measure_cost(key: Tuple[int, str, bool], device: torch.device,
 
 @dataclass(frozen=True)
 class PatchPlan:
-    """Patch side (pixels, 0 = whole image) and batch chosen for a transform."""
+    """Patch (height, width) in pixels (0: the whole axis) and batch for a transform."""
 
-    patch_size: int
+    patch_size: Tuple[int, int]
     batch_size: int
     peak_bytes: int
 
 
-def _patch_extent(length: int, patch: int) -> int:
-    return length if patch == 0 or patch >= length else patch
-
-
 def plan_for_budget(image_size: Tuple[int, int], scale: int, min_patch: int, cost: TransformCost,
                     held_bytes: int, budget: int, max_batch: int,
-                    tiling: Callable[[int], Tuple[int, int]],
+                    axis_tiling: Callable[[int, int], Tuple[int, int]],
                     patch_size: Optional[int] = None, what: str = "transform") -> PatchPlan:
-    """The patch side, then the batch, for a transform within ``budget``.
+    """The patch shape, then the batch, for a transform within ``budget``.
 
-    Among the patch sides whose single patch keeps ``held_bytes`` plus its working
-    memory within the budget (the whole image is one of them when it fits), the one
-    that computes the fewest pixels in total wins: overlap is recomputed work, and a
-    larger patch is not always better (a 640-pixel patch tiles a 1280x768 image
-    with 2.5x its area, a 416-pixel one with 1.4x). Sides within 2 % of the
-    best total are treated as equal and the largest of them is taken (fewer patches,
-    larger GEMMs). The batch is then as large as the budget allows.
+    Patches may be rectangular and may span a whole axis. Among the shapes whose
+    single patch keeps ``held_bytes`` plus its working memory within the budget
+    (the whole image is one of them when it fits), the one that computes the fewest
+    pixels in total wins: overlap is recomputed work, and a larger square is not
+    always better (640x640 patches tile a 1280x768 image with 2.5x its area, 416x416
+    ones with 1.4x, 768x304 stripes with 1.2x). Shapes within 2 % of the best total
+    count as equal and the largest of them is taken (fewer patches, larger GEMMs).
+    The batch is then as large as the budget allows.
 
     Args:
         image_size: padded (height, width) in pixels.
-        scale, min_patch: the POPS grid and smallest exact patch (pixels).
+        scale, min_patch: the POPS grid and smallest exact patch side (pixels).
         held_bytes: memory in use during the phase apart from the batch.
         max_batch: upper bound on patches per forward pass.
-        tiling: patch side (pixels, 0 = whole) -> (number of patches, pixels computed).
-        patch_size: a fixed patch side (only the batch is then chosen).
+        axis_tiling: (axis 0 or 1, patch side in pixels, 0 = whole axis) ->
+            (number of tiles, pixels they cover in total along the axis).
+        patch_size: a fixed square side (0: whole image); only the batch is then chosen.
     Raises:
-        ValueError: if not even one patch of the smallest size fits.
+        ValueError: if not even one patch of the smallest shape fits.
     """
-    height, width = image_size
     available = budget - held_bytes
 
-    def batch_bytes(batch: int, side: int) -> int:
-        return cost.batch_bytes(batch, _patch_extent(height, side), _patch_extent(width, side))
+    def extent(axis: int, side: int) -> int:
+        return image_size[axis] if side == 0 or side >= image_size[axis] else side
+
+    def batch_bytes(batch: int, shape: Tuple[int, int]) -> int:
+        return cost.batch_bytes(batch, extent(0, shape[0]), extent(1, shape[1]))
 
     if patch_size is None:
-        largest = math.ceil(max(height, width) / scale) * scale
-        candidates = [0] + list(range(min(largest, max(height, width)) - scale, min_patch - 1, -scale))
+        sides = [[0] + list(range(min_patch, length, scale)) for length in image_size]
     else:
-        candidates = [patch_size]
-    fitting = [side for side in candidates if batch_bytes(1, side) <= available]
+        sides = [[patch_size], [patch_size]]
+    tilings = [{side: axis_tiling(axis, side) for side in sides[axis]} for axis in (0, 1)]
+    fitting = [(rows, cols) for rows in sides[0] for cols in sides[1]
+               if batch_bytes(1, (rows, cols)) <= available]
     if not fitting:
-        smallest = candidates[-1]
+        smallest = (sides[0][-1], sides[1][-1])
+        shape = "x".join(str(extent(axis, smallest[axis])) for axis in (0, 1))
         raise ValueError(f"memory budget {format_memory(budget)} is too small for the {what}: it "
                          f"needs at least {format_memory(held_bytes + batch_bytes(1, smallest))} "
-                         f"({format_memory(held_bytes)} already held, plus one patch of "
-                         f"{smallest or 'the whole image'} px)")
-    tilings = {side: tiling(side) for side in fitting}
-    fewest = min(computed for _, computed in tilings.values())
-    side = next(side for side in fitting if tilings[side][1] <= 1.02 * fewest)
-    batch = max(1, min(max_batch, tilings[side][0]))
-    while batch > 1 and batch_bytes(batch, side) > available:
+                         f"({format_memory(held_bytes)} already held, plus one {shape} px patch)")
+
+    def computed(shape: Tuple[int, int]) -> int:
+        return tilings[0][shape[0]][1] * tilings[1][shape[1]][1]
+
+    fewest = min(computed(shape) for shape in fitting)
+    shape = max((shape for shape in fitting if computed(shape) <= 1.02 * fewest),
+                key=lambda shape: extent(0, shape[0]) * extent(1, shape[1]))
+    patches = tilings[0][shape[0]][0] * tilings[1][shape[1]][0]
+    batch = max(1, min(max_batch, patches))
+    while batch > 1 and batch_bytes(batch, shape) > available:
         batch -= 1
-    return PatchPlan(side, batch, held_bytes + batch_bytes(batch, side))
+    return PatchPlan(shape, batch, held_bytes + batch_bytes(batch, shape))
 
 
 def entropy_phase_bytes(channels: int, positions: int, encoding: bool) -> int:
@@ -269,7 +279,7 @@ def entropy_phase_bytes(channels: int, positions: int, encoding: bool) -> int:
     rearranged channels-last (2M)."""
     per_position = 4 * (2 * channels + channels + 2 * channels)
     if encoding:
-        per_position += 4 * channels + 6 * channels
+        per_position += 4 * channels + ENCODER_BYTES_PER_SYMBOL * channels
     return int(per_position * positions * _SAFETY_FACTOR)
 
 

@@ -18,7 +18,7 @@ compute exactly cover the image once.
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Tuple, Union
 
 from torch import nn
 
@@ -138,17 +138,19 @@ def tile_axis(length: int, patch: int, margin: int) -> List[AxisTile]:
     return tiles
 
 
-def plan_patches(latent_height: int, latent_width: int, patch_size: int,
+def plan_patches(latent_height: int, latent_width: int, patch_size: Union[int, Tuple[int, int]],
                  geometry: PopsGeometry) -> List[Tuple[AxisTile, AxisTile]]:
     """All (row tile, column tile) pairs for a latent of the given size.
 
-    ``patch_size`` is in pixels (0: whole image). It must be a multiple of the scale
+    ``patch_size`` is in pixels: one side for square patches, or (height, width);
+    0 for a side means the whole axis. Each side must be a multiple of the scale
     (otherwise patches fall off the latent grid) and at least ``min_patch_size``.
     """
-    check_patch_size(patch_size, geometry)
-    patch = patch_size // geometry.scale
-    rows = tile_axis(latent_height, patch, geometry.margin)
-    cols = tile_axis(latent_width, patch, geometry.margin)
+    patch_height, patch_width = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    for side in (patch_height, patch_width):
+        check_patch_size(side, geometry)
+    rows = tile_axis(latent_height, patch_height // geometry.scale, geometry.margin)
+    cols = tile_axis(latent_width, patch_width // geometry.scale, geometry.margin)
     return [(row, col) for row in rows for col in cols]
 
 
