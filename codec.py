@@ -4,8 +4,8 @@
     python codec.py decode IN.cps OUT.png -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
 
 ``--max-memory`` bounds the peak memory of the whole process (RSS; CUDA allocated
-memory with ``--cuda``): the transforms then run on the largest POPS patches and
-batches that fit, the whole image when it fits. A budget that cannot be met is an
+memory with ``--cuda``): the transforms then run on the POPS patches that fit and
+recompute the least overlap, the whole image when it fits. A budget that cannot be met is an
 error before any work is done. The decoded image does not depend on the budget.
 
 Layered models (``mei2021-quality``, ``mei2021-spatial``) write a ``.cpsl`` container
@@ -68,7 +68,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                   "(default: %(default)s)")
         command.add_argument("--patch-size", type=int, default=None,
                              help="POPS patch side in pixels, a multiple of 16, or 0 for the whole "
-                                  "image (default: the largest that fits --max-memory)")
+                                  "image (default: the patches that fit --max-memory with the least overlap)")
         command.add_argument("--batch-size", type=int, default=8,
                              help="most patches per forward pass (default: %(default)s)")
         command.add_argument("--cuda", action="store_true", help="run the transforms on the GPU")

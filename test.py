@@ -110,7 +110,7 @@ def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
                        help="same as --tiling pops (the CPS authors' flag)")
     group.add_argument("--patch-size", type=_patch_size, default=None,
                        help="P in pixels (default: the dataset's, 128 Kodak, 256 CLIC/DIV8K; "
-                            "0 = whole image; auto = the largest that fits --max-memory)")
+                            "0 = whole image; auto = what fits --max-memory with the least overlap)")
     group.add_argument("--batch-size", type=int, default=8, help="most POPS patches per forward pass")
     group.add_argument("--max-memory", type=_memory_size, default=DEFAULT_BUDGET,
                        help="CPS codec: peak memory of the process (RSS; CUDA allocated memory "

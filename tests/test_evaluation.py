@@ -118,7 +118,7 @@ def test_a_memory_budget_changes_the_patches_but_not_the_results(capsys, images,
     whole, budgeted = json.loads(whole), json.loads(budgeted)
     for key in ("bpp", "psnr-rgb", "psnr-b"):
         assert budgeted["results"][key] == whole["results"][key]
-    assert f"as large as {budget} MB allows" in budgeted["description"]
+    assert f"POPS patches planned within {budget} MB" in budgeted["description"]
 
 
 def test_entropy_estimation_reports_the_likelihood_rate(capsys, images, checkpoint):

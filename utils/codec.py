@@ -8,8 +8,8 @@
 
 The transforms run patch by patch with POPS (``utils/patches.py``), so their
 memory follows the patch size, not the image. A memory budget (``max_memory``, see
-``utils/memory.py``) picks the largest patch and batch that keep the whole process
-within it; the padded image is never materialised (border patches replicate the
+``utils/memory.py``) picks the patch shape and batch that keep the whole process
+within it while recomputing the least overlap; the padded image is never materialised (border patches replicate the
 last row and column on the fly), the latents are stored channels-last so the
 entropy coder reads them without a reordered copy, and the decoder stitches into a
 preallocated uint8 image laid out height x width x channels, ready for a PNG

@@ -102,7 +102,7 @@ class CpsCoder:
         self.device = model_device(model)
         self.reference = _verification_copy(model) if verify else None
         if patch_size is None:
-            patches = f"POPS patches as large as {format_memory(max_memory)} allows" \
+            patches = f"POPS patches planned within {format_memory(max_memory)}" \
                 if max_memory else "whole image"
         else:
             patches = f"POPS patches of {patch_size} px" if patch_size else "whole image"

@@ -15,8 +15,9 @@ spends it in phases, one after the other, and each must fit:
 
 :func:`plan_for_budget` then takes, among the patch shapes that fit (rectangles,
 whole rows or columns included), the one that computes the fewest pixels including
-overlap (the whole image when it fits), and for it the largest batch that fits. The budget covers the whole process, so on a CPU the
-roughly 0.8 GB that importing PyTorch, torchvision and CompressAI costs counts too.
+overlap (the whole image when it fits), and for it the largest batch that fits.
+The budget covers the whole process, so on a CPU the roughly 0.8 GB that importing
+PyTorch, torchvision and CompressAI costs counts too.
 
 On Linux with glibc, :func:`return_freed_memory` makes freed tensors go back to the
 operating system at once (glibc otherwise keeps up to 32 MB blocks in its heap), so
