@@ -100,3 +100,38 @@ def test_a_bad_torchrun_environment_is_a_one_line_error(tmp_path, value, capsys,
     assert train.main(["--config", cfg]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: ") and "WORLD_SIZE" in err[0]
+
+
+def _torchrun(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "train.py", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
+    """Stop both ranks mid-epoch (step 1 of 2), resume, and end where a straight run ends."""
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    epochs = {"batch_size": 1, "epochs": 2}
+    _torchrun("--config", write_train_config(tmp_path, data, straight, train_data=epochs))
+    cfg = write_train_config(tmp_path, data, split, train_data=epochs)
+    _torchrun("--config", cfg, "--set", "train_params.max_steps=1")
+    middle = torch.load(split / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert (middle["global_step"], middle["epoch"], middle["epoch_step"]) == (1, 0, 1)
+    _torchrun("--config", cfg, "--resume")
+
+    a, b = (torch.load(folder / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+            for folder in (straight, split))
+    assert (a["global_step"], a["epoch"], a["epoch_step"]) == (b["global_step"], b["epoch"],
+                                                             b["epoch_step"]) == (4, 2, 0)
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
