@@ -41,19 +41,12 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
-    # 4 training images, batch 1 per process: 2 steps per epoch with 2 processes
-    # (4 without DDP), so 2 epochs end at global step 4.
-    data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
-    exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_data={"batch_size": 1, "epochs": 2},
-                             logging={"tensorboard": True, "progress": False})
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO, out=str(tmp_path)))
+def _torchrun(script, *args):
+    """Run ``script`` under torchrun with 2 CPU processes; return its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # Own session, so that a timeout kills the workers too, not only torchrun.
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(wrapper), "--config", cfg],
+                             "--nproc_per_node=2", str(script), *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -63,6 +56,19 @@ def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
         proc.communicate()
         raise
     assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
+    # 4 training images, batch 1 per process: 2 steps per epoch with 2 processes
+    # (4 without DDP), so 2 epochs end at global step 4.
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_data={"batch_size": 1, "epochs": 2},
+                             logging={"tensorboard": True, "progress": False})
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO, out=str(tmp_path)))
+    stderr = _torchrun(wrapper, "--config", cfg)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
@@ -102,32 +108,17 @@ def test_a_bad_torchrun_environment_is_a_one_line_error(tmp_path, value, capsys,
     assert len(err) == 1 and err[0].startswith("train.py: error: ") and "WORLD_SIZE" in err[0]
 
 
-def _torchrun(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", "train.py", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-
-
 def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
     """Stop both ranks mid-epoch (step 1 of 2), resume, and end where a straight run ends."""
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
     straight, split = tmp_path / "straight", tmp_path / "split"
     epochs = {"batch_size": 1, "epochs": 2}
-    _torchrun("--config", write_train_config(tmp_path, data, straight, train_data=epochs))
+    _torchrun("train.py", "--config", write_train_config(tmp_path, data, straight, train_data=epochs))
     cfg = write_train_config(tmp_path, data, split, train_data=epochs)
-    _torchrun("--config", cfg, "--set", "train_params.max_steps=1")
+    _torchrun("train.py", "--config", cfg, "--set", "train_params.max_steps=1")
     middle = torch.load(split / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
     assert (middle["global_step"], middle["epoch"], middle["epoch_step"]) == (1, 0, 1)
-    _torchrun("--config", cfg, "--resume")
+    _torchrun("train.py", "--config", cfg, "--resume")
 
     a, b = (torch.load(folder / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
             for folder in (straight, split))
