@@ -5,7 +5,9 @@ wrapper script saves each rank's final parameters, which lets the test check wha
 DDP must guarantee and two independent processes would not give: the ranks saw
 different images, yet all their parameters, the entropy bottleneck's quantiles
 (trained by the auxiliary loss outside DDP's buckets) included, are identical
-and were trained. Rank 0 alone logs and writes files.
+and were trained. Rank 0 alone logs and writes files. Three more launches check
+that a run stopped mid-epoch and resumed under torchrun ends where an
+uninterrupted one does.
 """
 
 import os
