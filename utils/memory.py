@@ -112,14 +112,7 @@ def proc_status_kb(field: str) -> Optional[int]:
     return None
 
 
-def can_measure(device: torch.device) -> bool:
-    """Whether this platform reports current and peak memory for ``device``."""
-    if device.type == "cuda":
-        return True
-    return proc_status_kb("VmRSS") is not None and can_reset_peak()
-
-
-def can_reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the process's peak RSS (``VmHWM``) to its current RSS; False where unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -151,7 +144,7 @@ class PeakSince:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif not can_reset_peak():
+        elif not reset_peak_rss():
             raise ValueError(f"a memory budget needs to reset the process's peak memory through "
                              f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
         return self

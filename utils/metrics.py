@@ -28,7 +28,7 @@ from pytorch_msssim import ms_ssim
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio_with_blocked_effect
 
-from utils.memory import can_reset_peak, proc_status_kb
+from utils.memory import proc_status_kb, reset_peak_rss
 
 # pytorch_msssim downsamples four times with an 11-tap window: the shorter side must
 # exceed (11 - 1) * 2**4 pixels.
@@ -120,7 +120,7 @@ class PeakMemory:
         self.peak_mb: Optional[float] = None
         if self.device.type == "cuda":
             self.kind = "cuda max_memory_allocated"
-        elif proc_status_kb("VmHWM") is not None and can_reset_peak():
+        elif proc_status_kb("VmHWM") is not None and reset_peak_rss():
             self.kind = "process peak RSS (VmHWM)"
         else:
             self.kind = "process lifetime peak RSS (getrusage)"
@@ -130,7 +130,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind.endswith("(VmHWM)"):
-            can_reset_peak()
+            reset_peak_rss()
         return self
 
     def __exit__(self, *exc_info) -> None:
