@@ -9,7 +9,7 @@ spends it in phases, one after the other, and each must fit:
   of patches. The working memory is *measured*: the transform runs once on a
   calibration patch and the peak it adds, per input pixel, is scaled to the patch
   and batch being planned (:class:`TransformCost`). For CPS at N=192 in exact mode
-  this is about 2.3 kB per pixel of patch, mostly im2col buffers.
+  this is about 2.4 kB per pixel of patch, mostly im2col buffers.
 * entropy phase: latent-sized tensors only (``y``, the hyper-decoder's ``params``,
   the y_hat buffer, the rANS symbol buffer), counted by :func:`entropy_phase_bytes`.
 
