@@ -30,15 +30,15 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 import torch
 
 import models
-from models.mei2021_coding import MAGIC as LAYERED_MAGIC
-from models.mei2021_coding import (decode_layers, encode_layers, pack_layers, truncate_layers,
+from models.mei2021.coding import MAGIC as LAYERED_MAGIC
+from models.mei2021.coding import (decode_layers, encode_layers, pack_layers, truncate_layers,
                                    unpack_layers)
 from utils.atomic import atomic_write_bytes
-from utils.bitstream import pack, unpack
-from utils.codec import decode_image, encode_image, model_device
+from utils.coding.container import pack, unpack
+from models.cps.coding import decode_image, encode_image, model_device
 from utils.device import select_device
 from utils.image_io import read_image, write_png
-from utils.latent_coding import ORDERS
+from utils.coding.context_coder import ORDERS
 from utils.memory import DEFAULT_BUDGET, format_memory, parse_memory, proc_status_kb
 
 

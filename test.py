@@ -32,19 +32,19 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 import models
 from models.checkpoint import read_checkpoint_file
 from utils.atomic import atomic_write_bytes
-from utils.classical_codecs import CODECS, get_codec
-from utils.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
+from utils.evaluation.classical_codecs import CODECS, get_codec
+from utils.evaluation.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
 from utils.device import select_device
-from utils.distributed import cleanup, init_distributed
-from utils.eval_coders import (TILINGS, ClassicalCoder, LayeredCoder, LearnedOptions,
+from utils.training.distributed import cleanup, init_distributed
+from utils.evaluation.coders import (TILINGS, ClassicalCoder, LayeredCoder, LearnedOptions,
                                learned_coder, load_pretrained)
-from utils.evaluation import (DATASETS_CONFIG, Run, aggregate, evaluate, list_images,
+from utils.evaluation.runs import (DATASETS_CONFIG, Run, aggregate, evaluate, list_images,
                               per_image_documents, resolve_dataset, shard, to_json,
                               write_json)
-from utils.latent_coding import ORDERS
+from utils.coding.context_coder import ORDERS
 from utils.memory import DEFAULT_BUDGET, parse_memory
-from utils.metrics import PeakMemory
-from utils.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
+from utils.evaluation.metrics import PeakMemory
+from utils.evaluation.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
                       load_curves, plot_curves)
 
 log = logging.getLogger("cps.test")
@@ -158,7 +158,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     codec.add_argument("--codec", choices=sorted(CODECS), required=True)
     codec.add_argument("-q", "--quality", type=_numbers(float), required=True,
                        help="comma-separated qualities in the codec's own scale "
-                            "(see utils/classical_codecs.py)")
+                            "(see utils/evaluation/classical_codecs.py)")
     _add_dataset_arguments(codec)
 
     plot = commands.add_parser("plot", help="RD curves from results files")

@@ -17,7 +17,7 @@ lambda; optimizers and step start afresh)::
     python train.py --config configs/cps_2_lambda00035.yaml \\
         --init-from experiment/cps_lambda00018_v4/checkpoint_best_loss.pth.tar
 
-See ``utils/config.py`` for every config key and ``utils/trainer.py`` for the loop.
+See ``utils/training/config.py`` for every config key and ``utils/training/loop.py`` for the loop.
 """
 
 import argparse
@@ -29,9 +29,9 @@ import warnings
 # every start that users cannot act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
-from utils import distributed
-from utils.config import load_config, parse_config, to_plain_dict
-from utils.train_state import LAST_NAME
+from utils.training import distributed
+from utils.training.config import load_config, parse_config, to_plain_dict
+from utils.training.state import LAST_NAME
 
 
 def parse_args(argv):
@@ -66,11 +66,11 @@ def resolve_config(args):
 
 
 def _run_acl(cfg) -> int:
-    """Asymptotic closed-loop training (single process, utils/acl.py)."""
+    """Asymptotic closed-loop training (single process, utils/training/acl.py)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("train_params.training_mode=acl runs in one process; start it "
                          "with python, not torchrun")
-    from utils.acl import run_acl
+    from utils.training.acl import run_acl
     from utils.device import select_device
 
     run_acl(cfg, select_device(cfg.train_data.cuda),
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             return _run_acl(cfg)
         ctx = distributed.init_distributed(cfg.train_data.cuda)
         try:
-            from utils.trainer import Trainer
+            from utils.training.loop import Trainer
 
             return Trainer(cfg, ctx).fit()
         finally:

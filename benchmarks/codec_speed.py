@@ -2,7 +2,7 @@
 
     python benchmarks/codec_speed.py [--images DIR] [--count 3] [--N 192] [--cuda]
 
-Times ``utils.codec.encode_image`` and ``decode_image`` end to end (transforms,
+Times ``models.cps.coding.encode_image`` and ``decode_image`` end to end (transforms,
 hyperprior, wavefront context coding, file packing) for each CPU mode of the
 transforms:
 
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 from benchmarks.entropy_coding import synthetic_model  # noqa: E402
 from benchmarks.memory_scaling import synthetic_image  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.bitstream import pack, unpack  # noqa: E402
-from utils.codec import decode_image, encode_image  # noqa: E402
+from utils.coding.container import pack, unpack  # noqa: E402
+from models.cps.coding import decode_image, encode_image  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
 
 AUTHORS_SECONDS = {"encode": 6.0, "decode": 10.4, "total": 16.3}

@@ -3,7 +3,7 @@
 Three coders of the same N=192 model, on the latent sizes of 768x512, 1920x1080,
 3840x2160 and 7680x4320 images (sides padded to multiples of 64, then /16):
 
-- ``wavefront``: :class:`utils.latent_coding.ContextCoder`, the codec's default;
+- ``wavefront``: :class:`utils.coding.context_coder.ContextCoder`, the codec's default;
 - ``raster``: the same coder, one position per step (our reference order);
 - ``compressai``: CompressAI's own ``mbt2018`` loop (``_compress_ar`` and
   ``_decompress_ar``), the per-position coder the issue measured.
@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.latent_coding import ContextCoder, coding_order, single_threaded  # noqa: E402
+from utils.coding.context_coder import ContextCoder, coding_order, single_threaded  # noqa: E402
 
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

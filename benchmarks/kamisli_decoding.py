@@ -1,7 +1,7 @@
 """Time the Kamisli (2024) codec: wavefront decoding against block-by-block decoding.
 
 The published codec decodes one block per step, (H/B)*(W/B) steps (6144 for a Kodak
-image at B = 8). ``models/kamisli_coding.py`` decodes one skewed wavefront per step,
+image at B = 8). ``models/kamisli2024/coding.py`` decodes one skewed wavefront per step,
 ``a*(H/B - 1) + W/B`` steps with the slope ``a`` the masks imply (222 for Kodak at
 B = 8). Both orders run the same code, so this measures the schedule alone, and the
 script checks that both reconstruct the image bit for bit identically.
@@ -37,9 +37,9 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-import models.kamisli  # noqa: E402,F401  (registers kamisli2024)
-from models.kamisli_coding import BlockCoder  # noqa: E402
-from models.kamisli_layers import to_blocks  # noqa: E402
+import models.kamisli2024.network  # noqa: E402,F401  (registers kamisli2024)
+from models.kamisli2024.coding import BlockCoder  # noqa: E402
+from models.kamisli2024.layers import to_blocks  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

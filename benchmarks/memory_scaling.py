@@ -98,9 +98,9 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
-    import utils.codec as codec
+    import models.cps.coding as codec
     from benchmarks.entropy_coding import synthetic_model
-    from utils.bitstream import pack, unpack
+    from utils.coding.container import pack, unpack
 
     model = synthetic_model(args.N, seed=0).to(device)
     transform_seconds = [0.0]
@@ -137,7 +137,7 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
 def run_mbt2018(image: torch.Tensor, device: torch.device) -> Dict[str, object]:
     from compressai.zoo import mbt2018
 
-    from utils.patches import pad_replicate
+    from utils.stitching.patches import pad_replicate
 
     torch.manual_seed(0)
     model = mbt2018(quality=3, pretrained=False).eval().to(device)

@@ -10,7 +10,7 @@ auxiliary optimizer:
 * ``compressai_example``: the body of CompressAI's ``examples/train.py``
   ``train_one_epoch`` written out (zero_grad, forward, loss, backward, clip, step,
   aux_loss backward, aux step);
-* ``train_py``: :class:`utils.training.TrainStep` as ``train.py`` runs it: per-step
+* ``train_py``: :class:`utils.training.step.TrainStep` as ``train.py`` runs it: per-step
   RNG seeding, a non-finite check of the statistics (one host sync per step),
   clipping of the network's parameters only; on CUDA also with bfloat16 autocast
   and channels_last (``train_py_bf16_channels_last``).
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.training import TrainStep, build_criterion, build_optimizers  # noqa: E402
+from utils.training.step import TrainStep, build_criterion, build_optimizers  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "train_throughput.json")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image, features
 
-from utils.classical_codecs import CODECS, get_codec
-from utils.metrics import psnr
+from utils.evaluation.classical_codecs import CODECS, get_codec
+from utils.evaluation.metrics import psnr
 
 
 def photo_like(height=67, width=91):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import models
-from utils.bitstream import BitstreamError, pack, unpack
-from utils.codec import decode_image, encode_image
-from utils.latent_coding import ContextCoder
+from utils.coding.container import BitstreamError, pack, unpack
+from models.cps.coding import decode_image, encode_image
+from utils.coding.context_coder import ContextCoder
 
 
 def _image(height, width, seed=0):

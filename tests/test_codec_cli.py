@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 import codec
-from utils.codec import decode_image
-from utils.bitstream import unpack
+from models.cps.coding import decode_image
+from utils.coding.container import unpack
 from utils.image_io import read_image
 
 

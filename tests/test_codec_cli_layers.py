@@ -7,8 +7,8 @@ from PIL import Image
 
 import codec
 from conftest import save_model_checkpoint
-from models.mei2021 import Mei2021Quality, Mei2021Spatial
-from models.mei2021_coding import decode_layers, unpack_layers
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
+from models.mei2021.coding import decode_layers, unpack_layers
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""utils.config: the authors' YAML layout, defaults, validation and --set overrides."""
+"""utils.training.config: the authors' YAML layout, defaults, validation and --set overrides."""
 
 import glob
 import os
 
 import pytest
 
-from utils.config import SCHEMA, load_config, parse_config, to_plain_dict
+from utils.training.config import SCHEMA, load_config, parse_config, to_plain_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

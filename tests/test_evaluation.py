@@ -11,14 +11,14 @@ import torch
 from compressai.zoo import bmshj2018_factorized
 
 import test as test_script
-from utils.bitstream import pack
-from utils.codec import encode_image
-from utils.eval_coders import (Coded, CompressAICoder, LearnedOptions, NaiveTiles,
+from utils.coding.container import pack
+from models.cps.coding import encode_image
+from utils.evaluation.coders import (Coded, CompressAICoder, LearnedOptions, NaiveTiles,
                                learned_coder)
-from utils.evaluation import aggregate, environment_variable, resolve_dataset, to_json
+from utils.evaluation.runs import aggregate, environment_variable, resolve_dataset, to_json
 from utils.image_io import read_image, write_png
 from utils.memory import memory_in_use
-from utils.metrics import psnr, psnr_b
+from utils.evaluation.metrics import psnr, psnr_b
 
 pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
 
@@ -270,7 +270,7 @@ def test_a_dataset_name_resolves_through_the_config_and_its_variable(tmp_path, m
 
 
 def test_the_shipped_datasets_config_has_the_papers_patch_sizes():
-    from utils.evaluation import load_datasets_config
+    from utils.evaluation.runs import load_datasets_config
 
     config = load_datasets_config()
     assert {name: entry["patch_size"] for name, entry in config.items()} == {

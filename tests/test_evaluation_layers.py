@@ -9,8 +9,8 @@ from PIL import Image
 
 import test as test_script
 from conftest import save_model_checkpoint
-from models.mei2021 import Mei2021Quality, Mei2021Spatial
-from utils.rd import load_curves
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
+from utils.evaluation.rd import load_curves
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import torch
 import yaml
 
 import models
-from models.kamisli import Kamisli2024
-from utils.training import build_criterion
-from models.kamisli_layers import (BlockMaskedConv2d, block_mask, compose_reach, from_blocks,
+from models.kamisli2024.network import Kamisli2024
+from utils.training.step import build_criterion
+from models.kamisli2024.layers import (BlockMaskedConv2d, block_mask, compose_reach, from_blocks,
                                    network_reach, to_blocks)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -1,4 +1,4 @@
-"""Asymptotic closed-loop training (utils/acl.py) on a tiny model and generated images."""
+"""Asymptotic closed-loop training (utils/training/acl.py) on a tiny model and generated images."""
 
 import copy
 import math
@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 import models
-from models.kamisli import Kamisli2024
-from utils.acl import (STATE_NAME, ACLSettings, ACLState, finish_iteration, next_learning_rate,
+from models.kamisli2024.network import Kamisli2024
+from utils.training.acl import (STATE_NAME, ACLSettings, ACLState, finish_iteration, next_learning_rate,
                        run_acl, train_epoch)
-from utils.acl_data import ContextPairs
+from datasets.context_pairs import ContextPairs
 from utils.image_io import read_image
-from utils.training import build_criterion
+from utils.training.step import build_criterion
 
 
 def write_images(folder, count, size, seed):

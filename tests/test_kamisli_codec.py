@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from models.kamisli import Kamisli2024
-from models.kamisli_coding import BlockCoder
-from models.kamisli_layers import from_blocks, to_blocks
-from utils.bitstream import BitstreamError, pack, unpack
+from models.kamisli2024.network import Kamisli2024
+from models.kamisli2024.coding import BlockCoder
+from models.kamisli2024.layers import from_blocks, to_blocks
+from utils.coding.container import BitstreamError, pack, unpack
 
 KERNELS = {"KS3111": [3, 1, 1, 1], "KS3311": [3, 3, 1, 1]}
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from compressai.layers import MaskedConv2d
 
 import models
-import utils.latent_coding as latent_coding
+import utils.coding.context_coder as latent_coding
 from tests.conftest import data_dir
-from utils.latent_coding import ContextCoder, causal_taps, coding_order, wavefront_slope
+from utils.coding.context_coder import ContextCoder, causal_taps, coding_order, wavefront_slope
 
 
 def spread_scales(model: torch.nn.Module, seed: int = 0, high: float = 16.0) -> torch.nn.Module:
@@ -311,8 +311,8 @@ def test_a_latent_coded_from_cuda_tensors_decodes_on_the_cpu_and_back(coding_mod
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_image_encoded_on_cuda_decodes_on_the_cpu_and_back(tiny_cps):
-    from utils.bitstream import pack, unpack
-    from utils.codec import decode_image, encode_image
+    from utils.coding.container import pack, unpack
+    from models.cps.coding import decode_image, encode_image
 
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 70, 130), dtype=torch.uint8, generator=generator)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import models
-from models.mei2021 import Mei2021Quality, Mei2021Spatial
-from utils.scalable import (ScalableRDLoss, image_pyramid, mean_over_images, pyramid_sizes,
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
+from models.mei2021.pyramid import (ScalableRDLoss, image_pyramid, mean_over_images, pyramid_sizes,
                             reference_pyramid)
-from utils.training import TrainStep, build_optimizers
+from utils.training.step import TrainStep, build_optimizers
 
 QUALITY_WIDTHS = [8, 10, 12, 14]
 SPATIAL_WIDTHS = [8, 10, 12]
@@ -279,10 +279,10 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
     import os
 
     from test_train_data import make_image_folder, write_train_config
-    from utils.config import load_config
-    from utils.distributed import DistContext
-    from utils.scalable import ScalableRDLoss
-    from utils.trainer import Trainer
+    from utils.training.config import load_config
+    from utils.training.distributed import DistContext
+    from models.mei2021.pyramid import ScalableRDLoss
+    from utils.training.loop import Trainer
 
     data = make_image_folder(tmp_path / "data")
     config = write_train_config(tmp_path, data, tmp_path / "run",

@@ -7,12 +7,12 @@ with sides that are not multiples of 64/128 so that padding and cropping are exe
 import pytest
 import torch
 
-from models.mei2021 import Mei2021Quality, Mei2021Spatial
-from models.mei2021_coding import (MAGIC, decode_latents, decode_layers, encode_latents,
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
+from models.mei2021.coding import (MAGIC, decode_latents, decode_layers, encode_latents,
                                    encode_layers, pack_layers, truncate_layers, unpack_layers)
-from utils.bitstream import BitstreamError
-from utils.codec import transform_mode
-from utils.scalable import evaluate_layers, pyramid_sizes, to_uint8
+from utils.coding.container import BitstreamError
+from models.cps.coding import transform_mode
+from models.mei2021.pyramid import evaluate_layers, pyramid_sizes, to_uint8
 
 
 def _ready(model):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import utils.codec
+import models.cps.coding
 from conftest import save_model_checkpoint
-from utils.bitstream import pack, unpack
-from utils.codec import decode_image, encode_image
+from utils.coding.container import pack, unpack
+from models.cps.coding import decode_image, encode_image
 from utils.memory import (TransformCost, format_memory, memory_in_use, parse_memory,
                           plan_for_budget)
-from utils.pops import PopsGeometry, plan_patches, tile_axis
+from utils.stitching.geometry import PopsGeometry, plan_patches, tile_axis
 
 MB = 2 ** 20
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -126,13 +126,13 @@ def large_case():
 def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, monkeypatch):
     model, image, data, whole = large_case
     plans = []
-    planner = utils.codec.plan_for_budget
+    planner = models.cps.coding.plan_for_budget
 
     def recording_planner(*args, **kwargs):
         plans.append(planner(*args, **kwargs))
         return plans[-1]
 
-    monkeypatch.setattr(utils.codec, "plan_for_budget", recording_planner)
+    monkeypatch.setattr(models.cps.coding, "plan_for_budget", recording_planner)
     budget = memory_in_use(torch.device("cpu")) + 160 * MB
     assert pack(encode_image(model, image, max_memory=budget)) == data
     decoded = decode_image(model, unpack(data), max_memory=budget)

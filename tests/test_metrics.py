@@ -6,7 +6,7 @@ import mmap
 import pytest
 import torch
 
-from utils.metrics import (PeakMemory, bits_per_pixel, image_metrics, likelihood_bits, ms_ssim_rgb,
+from utils.evaluation.metrics import (PeakMemory, bits_per_pixel, image_metrics, likelihood_bits, ms_ssim_rgb,
                            psnr, psnr_b)
 
 

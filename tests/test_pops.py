@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import models
-from utils.pops import (analysis_layers, check_patch_size, geometry_from_layers, model_geometry,
+from utils.stitching.geometry import (analysis_layers, check_patch_size, geometry_from_layers, model_geometry,
                         plan_patches, tile_axis)
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import test as test_script
-from utils.rd import MIN_POINTS, bd_rate, bd_rate_table, format_table, load_curve
+from utils.evaluation.rd import MIN_POINTS, bd_rate, bd_rate_table, format_table, load_curve
 
 ANCHORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "assets", "anchors", "kodak")

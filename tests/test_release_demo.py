@@ -1,4 +1,4 @@
-"""The shipped-model release (utils/release.py) and ``python test.py demo``."""
+"""The shipped-model release (utils/training/release.py) and ``python test.py demo``."""
 
 import json
 
@@ -7,9 +7,9 @@ import torch
 
 import models
 import test as test_cli
-from utils.codec import decode_image, encode_image
-from utils.demo import _crop_window, demo_image, find_shipped_models
-from utils.release import export_curves, export_weights, read_scalars, training_wall_time
+from models.cps.coding import decode_image, encode_image
+from utils.evaluation.demo import _crop_window, demo_image, find_shipped_models
+from utils.training.release import export_curves, export_weights, read_scalars, training_wall_time
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import models
-from utils.codec import transform_mode
-from utils.patches import run_patchwise
-from utils.pops import model_geometry, plan_patches
+from models.cps.coding import transform_mode
+from utils.stitching.patches import run_patchwise
+from utils.stitching.geometry import model_geometry, plan_patches
 
 CPU = torch.device("cpu")
 

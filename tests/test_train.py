@@ -19,10 +19,10 @@ import models
 import train
 from models.checkpoint import entropy_tables_ready
 from test_train_data import make_image_folder, write_train_config
-from utils.config import load_config, to_plain_dict
-from utils.distributed import DistContext
-from utils.trainer import Trainer
-from utils.training import NonFiniteLossError, TrainStep, build_criterion, build_optimizers
+from utils.training.config import load_config, to_plain_dict
+from utils.training.distributed import DistContext
+from utils.training.loop import Trainer
+from utils.training.step import NonFiniteLossError, TrainStep, build_criterion, build_optimizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = DistContext(0, 1, torch.device("cpu"))

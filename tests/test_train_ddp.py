@@ -28,9 +28,9 @@ WRAPPER = """\
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 import train
-import utils.trainer
+import utils.training.loop
 
-fit = utils.trainer.Trainer.fit
+fit = utils.training.loop.Trainer.fit
 
 def fit_and_dump(self):
     status = fit(self)
@@ -38,7 +38,7 @@ def fit_and_dump(self):
     torch.save(params, os.path.join({out!r}, "rank%d.pt" % self.ctx.rank))
     return status
 
-utils.trainer.Trainer.fit = fit_and_dump
+utils.training.loop.Trainer.fit = fit_and_dump
 sys.exit(train.main(sys.argv[1:]))
 """
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-from utils.training import TrainStep, build_criterion, build_optimizers, step_seed
+from utils.training.step import TrainStep, build_criterion, build_optimizers, step_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(

@@ -33,7 +33,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from utils.latent_coding import ENCODER_BYTES_PER_SYMBOL
+from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
 
 DEFAULT_BUDGET = "2GB"
 NO_BUDGET_HINT = "run without one (--max-memory none) and choose --patch-size yourself"

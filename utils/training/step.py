@@ -11,7 +11,7 @@ the entropy bottleneck's quantiles) with four additions:
   after ``max_nonfinite_steps`` such steps in a row;
 * optional bfloat16 autocast and channels_last memory format for GPUs;
 * under DDP, the statistics are averaged over ranks, and so is the auxiliary
-  gradient (see :mod:`utils.distributed`).
+  gradient (see :mod:`utils.training.distributed`).
 """
 
 import copy
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from compressai.losses import RateDistortionLoss
 from compressai.optimizers import net_aux_optimizer
 
-from utils.distributed import all_reduce_sum, average_gradients, aux_parameter_names
+from utils.training.distributed import all_reduce_sum, average_gradients, aux_parameter_names
 
 __all__ = [
     "build_criterion", "build_optimizers", "build_scheduler", "step_seed", "psnr",

@@ -10,7 +10,7 @@ directly; an enhancement layer k codes only the residual between its latent and 
 prediction P_k made from the *decoded* latents below it, and its synthesis g_s^k
 reuses those latents. Every latent is coded with its own factorized prior
 (CompressAI ``EntropyBottleneck``), one bitstream per layer, so a decoder can stop
-after any layer (``models/mei2021_coding.py``).
+after any layer (``models/mei2021/coding.py``).
 
 .. code-block:: none
 
@@ -29,9 +29,9 @@ test time, so in eval mode ``forward`` reproduces the decoder's reconstructions.
 Inputs to ``forward`` must have sides that are multiples of
 :attr:`~_MeiScalable.downsampling_factor` (64 quality, 128 spatial with 3 layers);
 the codec pads other sizes. The spatial model builds its input pyramid itself from
-the full-resolution image (``utils.scalable.image_pyramid``: antialiased bicubic).
+the full-resolution image (``models.mei2021.pyramid.image_pyramid``: antialiased bicubic).
 
-Training uses the joint loss of B6 (:class:`utils.scalable.ScalableRDLoss`), built
+Training uses the joint loss of B6 (:class:`models.mei2021.pyramid.ScalableRDLoss`), built
 by :meth:`~_MeiScalable.default_loss` from the per-layer lambdas the model carries
 (a buffer, so checkpoints remember what they were trained for).
 """
@@ -45,10 +45,10 @@ from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
 
 from models.checkpoint import load_state_dict_into
-from models.mei2021_layers import (PredictionTransform, analysis_transform, synthesis_transform,
+from models.mei2021.layers import (PredictionTransform, analysis_transform, synthesis_transform,
                                    up_transform)
 from models.registry import register_model
-from utils.scalable import ScalableRDLoss, image_pyramid
+from models.mei2021.pyramid import ScalableRDLoss, image_pyramid
 
 __all__ = ["Mei2021Quality", "Mei2021Spatial"]
 

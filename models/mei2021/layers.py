@@ -1,4 +1,4 @@
-"""Building blocks of Mei et al. 2021 (see ``models/mei2021.py``), ported from TF1.
+"""Building blocks of Mei et al. 2021 (see ``models/mei2021/network.py``), ported from TF1.
 
 tensorflow-compression's ``SignalConv2D(5, corr=True, strides_down=s, padding="same_zeros")``
 is CompressAI's ``conv(cin, cout, 5, s)`` and its transposed counterpart

@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader
 
 import models
 from datasets import CropImageFolder, EpochSampler
-from utils import distributed
-from utils.train_state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
+from utils.training import distributed
+from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
                                config_differences, init_weights_from, read_resume_checkpoint,
                                restore, save_checkpoint)
-from utils.config import to_plain_dict
-from utils.training import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
+from utils.training.config import to_plain_dict
+from utils.training.step import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
                             build_scheduler, coding_state_dict, psnr)
 
 __all__ = ["Trainer"]
@@ -51,12 +51,12 @@ def _build_model(cfg) -> torch.nn.Module:
 
 
 class Trainer:
-    """Builds everything from a validated config (:func:`utils.config.load_config`).
+    """Builds everything from a validated config (:func:`utils.training.config.load_config`).
 
     Args:
         cfg: the config; ``train_data.use_checkpoint_path`` resumes,
             ``train_data.init_checkpoint_path`` initialises the weights only.
-        ctx: rank, world size and device (:func:`utils.distributed.init_distributed`).
+        ctx: rank, world size and device (:func:`utils.training.distributed.init_distributed`).
         log: where rank 0 prints one-line messages (default: stderr).
     """
 

@@ -1,4 +1,4 @@
-"""Compress an image into a :class:`~utils.bitstream.CompressedImage` and back.
+"""Compress an image into a :class:`~utils.coding.container.CompressedImage` and back.
 
 .. code-block:: none
 
@@ -6,7 +6,7 @@
     pad -> g_a patch-wise ->  y -> h_a -> z -> EB -> z_hat -> h_s -> params
                                  y, params -> ContextCoder -> y string   |  y_hat -> g_s patch-wise -> crop
 
-The transforms run patch by patch with POPS (``utils/patches.py``), so their
+The transforms run patch by patch with POPS (``utils/stitching/patches.py``), so their
 memory follows the patch size, not the image. A memory budget (``max_memory``, see
 ``utils/memory.py``) picks the patch shape and batch that keep the whole process
 within it while recomputing the least overlap; the padded image is never materialised (border patches replicate the
@@ -31,12 +31,12 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from utils.bitstream import BitstreamError, CompressedImage, model_fingerprint, tensor_crc
-from utils.latent_coding import ContextCoder, single_threaded
+from utils.coding.container import BitstreamError, CompressedImage, model_fingerprint, tensor_crc
+from utils.coding.context_coder import ContextCoder, single_threaded
 from utils.memory import (PatchPlan, check_fits, entropy_phase_bytes, measure_cost,
                           memory_in_use, parse_memory, plan_for_budget, return_freed_memory)
-from utils.patches import run_patchwise
-from utils.pops import PopsGeometry, check_patch_size, model_geometry, plan_patches, tile_axis
+from utils.stitching.patches import run_patchwise
+from utils.stitching.geometry import PopsGeometry, check_patch_size, model_geometry, plan_patches, tile_axis
 
 
 def model_device(model: nn.Module) -> torch.device:

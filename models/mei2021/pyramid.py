@@ -1,8 +1,8 @@
 """Scalable (layered) coding support: input pyramid, padding, joint loss, per-layer results.
 
-Used by the Mei et al. 2021 baselines (``models/mei2021.py``), but nothing here
+Used by the Mei et al. 2021 baselines (``models/mei2021/network.py``), but nothing here
 depends on that model beyond the output keys of its ``forward`` and the coding
-functions of ``models/mei2021_coding.py``.
+functions of ``models/mei2021/coding.py``.
 
 * :func:`image_pyramid` builds the spatial model's inputs from each training crop on
   the fly, so no pre-processed dataset is needed. The authors do not say how their
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.patches import pad_replicate
+from utils.stitching.patches import pad_replicate
 
 __all__ = ["pyramid_sizes", "image_pyramid", "to_uint8", "reference_pyramid",
            "ScalableRDLoss", "evaluate_layers", "layered_references", "mean_over_images"]
@@ -141,7 +141,7 @@ def evaluate_layers(model: nn.Module, image: Tensor, metrics=None) -> List[dict]
         model: a Mei model in eval mode with entropy tables (``update()`` done).
         image: uint8 (3, H, W) on any device.
         metrics: ``f(original, reconstruction) -> dict`` on uint8 images; defaults to
-            ``utils.metrics.image_metrics`` (PSNR-RGB, MS-SSIM-RGB, PSNR-B).
+            ``utils.evaluation.metrics.image_metrics`` (PSNR-RGB, MS-SSIM-RGB, PSNR-B).
 
     Returns:
         One record per layer k: ``layer``, ``bpp`` (real, cumulative: bytes of streams
@@ -152,9 +152,9 @@ def evaluate_layers(model: nn.Module, image: Tensor, metrics=None) -> List[dict]
         all layers) and ``decoding_time`` (decoding layers <= k from the container
         truncated to them).
     """
-    from models.mei2021_coding import (decode_layers, encode_layers, pack_layers, truncate_layers,
+    from models.mei2021.coding import (decode_layers, encode_layers, pack_layers, truncate_layers,
                                        unpack_layers)
-    from utils.metrics import image_metrics
+    from utils.evaluation.metrics import image_metrics
 
     metrics = image_metrics if metrics is None else metrics
     start = time.perf_counter()

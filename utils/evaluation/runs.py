@@ -3,7 +3,7 @@
 A *run* is one operating point (a checkpoint, a zoo quality, a codec quality). Every
 run codes every image of the dataset; per image it records the real rate, the
 likelihood estimate where there is one, PSNR-RGB, MS-SSIM-RGB, PSNR-B, the times and
-the peak memory (``utils.metrics``). The dataset result of a run is the mean over
+the peak memory (``utils.evaluation.metrics``). The dataset result of a run is the mean over
 images of each quantity, as in CompressAI's published results.
 
 Under ``torchrun --nproc_per_node=K`` the images are sharded: process ``r`` codes
@@ -28,16 +28,16 @@ import yaml
 from tqdm import tqdm
 
 from utils.atomic import atomic_write_bytes
-from utils.eval_coders import LayeredCoder
+from utils.evaluation.coders import LayeredCoder
 from utils.image_io import read_image, write_png
-from utils.metrics import PeakMemory, image_metrics
+from utils.evaluation.metrics import PeakMemory, image_metrics
 
 log = logging.getLogger("cps.test")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
                "encoding_time", "decoding_time", "peak_memory_mb", "layer")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASETS_CONFIG = os.path.join(REPO_ROOT, "configs", "datasets.yaml")
 
 
@@ -110,7 +110,7 @@ def list_images(folder: str) -> List[str]:
 @dataclass
 class Run:
     """One operating point: ``label`` for logs, ``tag`` for file names, ``build``
-    returns a coder (``utils.eval_coders``); it is called once per process."""
+    returns a coder (``utils.evaluation.coders``); it is called once per process."""
 
     label: str
     tag: str

@@ -21,7 +21,7 @@ as well, for any other user of the global RNG.
 
 Files are written atomically (:mod:`utils.atomic`): ``checkpoint.pth.tar`` (the last
 state, for resuming) and ``checkpoint_best_loss.pth.tar`` (lowest validation loss,
-with quantiles solved for coding, see :func:`utils.training.coding_state_dict`).
+with quantiles solved for coding, see :func:`utils.training.step.coding_state_dict`).
 """
 
 import math
@@ -35,7 +35,7 @@ import compressai
 
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from utils.atomic import atomic_torch_save
-from utils.config import to_plain_dict
+from utils.training.config import to_plain_dict
 
 __all__ = ["LAST_NAME", "BEST_NAME", "TrainPosition", "build_checkpoint", "save_checkpoint",
            "read_resume_checkpoint", "init_weights_from", "config_differences"]

@@ -1,6 +1,6 @@
 """Run a transform patch by patch and stitch the exact parts (POPS, Fig. 1).
 
-Both directions use the same latent-unit tiling from :func:`utils.pops.plan_patches`:
+Both directions use the same latent-unit tiling from :func:`utils.stitching.geometry.plan_patches`:
 
 * analysis: pixel patch ``[start*rho, stop*rho)`` -> latent, keep ``[own_start, own_stop)``
 * synthesis: latent patch ``[start, stop)`` -> pixels, keep ``[own_start*rho, own_stop*rho)``
@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from utils.pops import AxisTile
+from utils.stitching.geometry import AxisTile
 
 Patch = Tuple[AxisTile, AxisTile]
 

@@ -98,7 +98,7 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "amp": _Key(bool, False, doc="bfloat16 autocast for the forward pass"),
         "channels_last": _Key(bool, False),
         "training_mode": _Key(str, "open_loop", choices=("open_loop", "acl"),
-                              doc="acl: asymptotic closed-loop training (utils/acl.py)"),
+                              doc="acl: asymptotic closed-loop training (utils/training/acl.py)"),
     },
     "model": {
         "name": _Key(str, "cps", doc="registry name (models/registry.py)"),
@@ -111,7 +111,7 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "milestones": _Key(list, [], _sorted_steps, doc="multistep: global steps"),
         "min_lr": _Key(float, 0.0, _non_negative, doc="plateau/cosine: floor"),
     },
-    "acl": {  # utils.acl.ACLSettings, used when train_params.training_mode is acl
+    "acl": {  # utils.training.acl.ACLSettings, used when train_params.training_mode is acl
         "itr0_threshold": _Key(float, 0.32, _positive),
         "count_thresholds": _Key(list, [8, 8, 7, 6, 5, 5]),
         "max_iterations": _Key(int, 8, _positive),

@@ -25,12 +25,12 @@ import torch
 
 import models
 from utils.atomic import atomic_write_bytes
-from utils.classical_codecs import get_codec
-from utils.eval_coders import ClassicalCoder, Coded, LearnedOptions, learned_coder
-from utils.metrics import bits_per_pixel, image_metrics
-from utils.rd import Curve, plot_curves
+from utils.evaluation.classical_codecs import get_codec
+from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coder
+from utils.evaluation.metrics import bits_per_pixel, image_metrics
+from utils.evaluation.rd import Curve, plot_curves
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "experiment", "demo")
 JPEG_QUALITIES = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
@@ -127,7 +127,7 @@ def _write_crops(panels: List[tuple], output: str, tile: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.rd import save_figure
+    from utils.evaluation.rd import save_figure
 
     height, width = panels[0][1].shape[1:]
     side = min(128, height, width)

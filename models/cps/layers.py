@@ -5,7 +5,7 @@ depends only on a fixed window of its input. That locality is what lets POPS cut
 image into overlapping patches and stitch their features back exactly.
 
 Each block declares the (kernel, stride) list of its longest path in ``pops_layers``;
-``utils.pops`` reads these lists to compute the receptive field and the overlap.
+``utils.stitching.geometry`` reads these lists to compute the receptive field and the overlap.
 
 Module and attribute names follow the authors' checkpoints key for key
 (``../shared/notes/official_checkpoint_keys.tsv``).

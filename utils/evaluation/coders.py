@@ -3,8 +3,8 @@
 Every coder maps a uint8 RGB image (3, H, W) to a :class:`Coded`: the number of
 bits, the 8-bit reconstruction and the encoding/decoding times.
 
-* :class:`CpsCoder` codes with the CPS codec (``utils.codec``) and counts the bytes
-  of the ``.cps`` file (``utils.bitstream.pack``, header included). Patch-wise
+* :class:`CpsCoder` codes with the CPS codec (``models.cps.coding``) and counts the bytes
+  of the ``.cps`` file (``utils.coding.container.pack``, header included). Patch-wise
   (POPS) or whole-image coding give the same pixels; only memory differs.
 * :class:`CompressAICoder` codes with a model's own ``compress``/``decompress``
   (CompressAI zoo models): the image is padded (replicate) to the model's
@@ -16,7 +16,7 @@ bits, the 8-bit reconstruction and the encoding/decoding times.
   PSNR-B measures.
 * :class:`EstimationCoder` runs one forward pass and takes the rate from the
   likelihoods (``--entropy-estimation``); nothing is entropy-coded.
-* :class:`ClassicalCoder` calls a classical codec (``utils.classical_codecs``).
+* :class:`ClassicalCoder` calls a classical codec (``utils.evaluation.classical_codecs``).
 
 Times are wall-clock seconds, with CUDA synchronised before each reading.
 """
@@ -32,12 +32,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from utils.bitstream import pack, unpack
-from utils.codec import decode_image, encode_image, model_device
+from utils.coding.container import pack, unpack
+from models.cps.coding import decode_image, encode_image, model_device
 from utils.memory import format_memory
-from utils.patches import pad_replicate
-from utils.metrics import likelihood_bits
-from utils.pops import check_patch_size, model_geometry
+from utils.stitching.patches import pad_replicate
+from utils.evaluation.metrics import likelihood_bits
+from utils.stitching.geometry import check_patch_size, model_geometry
 
 # CompressAI's models need sides divisible by 2**6 (g_a and h_a strides).
 DEFAULT_MULTIPLE = 64
@@ -82,7 +82,7 @@ def _check_same(first: Tensor, second: Tensor, what: str) -> None:
 
 
 class CpsCoder:
-    """Real ``.cps`` files from ``utils.codec`` (POPS patches of ``patch_size``).
+    """Real ``.cps`` files from ``models.cps.coding`` (POPS patches of ``patch_size``).
 
     Args:
         count_header: count the whole file (True) or only the two rANS strings, as
@@ -242,7 +242,7 @@ def _add(total: Optional[float], value: Optional[float]) -> Optional[float]:
 
 
 class ClassicalCoder:
-    """One classical codec at one quality (see ``utils.classical_codecs``)."""
+    """One classical codec at one quality (see ``utils.evaluation.classical_codecs``)."""
 
     device = torch.device("cpu")
 
@@ -277,12 +277,12 @@ class LayeredCoder:
                             f"of layer k)")
 
     def reference_image(self, image: Tensor) -> Tensor:
-        from utils.scalable import layered_references
+        from models.mei2021.pyramid import layered_references
 
         return layered_references(self.model, image)[self.layer].cpu()
 
     def code(self, image: Tensor) -> Coded:
-        from models.mei2021_coding import (decode_layers, encode_layers, pack_layers,
+        from models.mei2021.coding import (decode_layers, encode_layers, pack_layers,
                                            truncate_layers, unpack_layers)
 
         start = _clock(self.device)

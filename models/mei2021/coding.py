@@ -8,7 +8,7 @@ and crops every reconstruction to its layer's size (the image size for quality
 models, the pyramid level size ``ceil(H/2^j) x ceil(W/2^j)`` for spatial ones).
 The encoder predicts from exactly the values the decoder rebuilds (the shared
 ``_run_layers`` loop), both run with the codec's deterministic convolution settings
-(``utils.codec.transform_mode``: on CUDA, cuDNN's default transposed convolutions
+(``models.cps.coding.transform_mode``: on CUDA, cuDNN's default transposed convolutions
 are not bit-reproducible from call to call, which made the encoder's and the
 decoder's predictions differ), and the container stores a CRC of every decoded latent
 so a decoder that does not reproduce them fails loudly instead of drifting.
@@ -25,7 +25,7 @@ offset  bytes   field
 7       4       original height H (pixels)
 11      4       original width W
 15      1       length n of the architecture name, then the name (ASCII)
-16+n    8       model fingerprint (``utils.bitstream.model_fingerprint``)
+16+n    8       model fingerprint (``utils.coding.container.model_fingerprint``)
 24+n    12*S    per stored layer: stream length, CRC-32 of the stream, CRC-32 of the
                 layer's decoded latent y^_k (float32 bytes)
 ..      4       CRC-32 of the header (every byte above)
@@ -46,10 +46,10 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoint import entropy_tables_ready
-from utils.bitstream import BitstreamError, model_fingerprint, tensor_crc
-from utils.codec import transform_mode
-from utils.patches import pad_replicate
-from utils.scalable import pyramid_sizes, to_uint8
+from utils.coding.container import BitstreamError, model_fingerprint, tensor_crc
+from models.cps.coding import transform_mode
+from utils.stitching.patches import pad_replicate
+from models.mei2021.pyramid import pyramid_sizes, to_uint8
 
 __all__ = ["LayeredImage", "encode_layers", "encode_latents", "decode_layers", "decode_latents",
            "layer_sizes", "pack_layers", "unpack_layers",

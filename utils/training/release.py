@@ -7,7 +7,7 @@ recomputed for those rounded weights (so that encoder and decoder agree with the
 model the file really holds), and a ``training.json`` saying how the model was made.
 :func:`export_curves` draws the run's TensorBoard scalars as a PNG.
 
-    python -m utils.release experiment/run/checkpoint_best_loss.pth.tar \\
+    python -m utils.training.release experiment/run/checkpoint_best_loss.pth.tar \\
         experiment/shipped/cps_n64_lambda00035 --runs experiment/run [--note "..."]
 """
 
@@ -171,7 +171,7 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.rd import save_figure, style_axis
+    from utils.evaluation.rd import save_figure, style_axis
 
     scalars = read_scalars(run_dirs)
     panels = [(label, [t for t in tags if t in scalars]) for label, tags in CURVE_PANELS]

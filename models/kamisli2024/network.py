@@ -3,7 +3,7 @@ compression with block-level masked convolutions and asymptotic closed-loop trai
 Multimedia Tools and Applications, 2024), network version "v9" of the authors' code.
 
 The image is cut into B x B blocks, each a position of a coarse grid with 3B^2
-channels (``models/kamisli_layers.py``). Every network works on that grid with
+channels (``models/kamisli2024/layers.py``). Every network works on that grid with
 block-level masks, so a block is coded from the *reconstructed* blocks before it
 (up-left, up, up-right, left): no hyperprior, no intra-prediction or deblocking net.
 
@@ -19,8 +19,8 @@ block-level masks, so a block is coded from the *reconstructed* blocks before it
 
 Training is open loop: ``forward(x, x_ctx)`` takes the neighbour context ``x_ctx``
 from outside, ``x`` itself by default (iteration 0 of the asymptotic closed-loop
-procedure, ``utils/acl.py``). Real coding is closed loop and sequential over blocks;
-``compress``/``decompress`` run it wavefront by wavefront (``models/kamisli_coding.py``).
+procedure, ``utils/training/acl.py``). Real coding is closed loop and sequential over blocks;
+``compress``/``decompress`` run it wavefront by wavefront (``models/kamisli2024/coding.py``).
 Images and reconstructions are in [0, 1] at the interface, as for every CompressAI
 model; internally samples are shifted to [-0.5, 0.5] so that the zero padding of the
 masked convolutions (frame border, blocks not decoded yet) means mid-grey.
@@ -38,12 +38,12 @@ from compressai.layers import GDN
 from compressai.models import CompressionModel
 
 from models.checkpoint import load_state_dict_into
-from models.kamisli_coding import BlockCoder, BlockPayload
-from models.kamisli_layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
+from models.kamisli2024.coding import BlockCoder, BlockPayload
+from models.kamisli2024.layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
 from models.registry import register_model
-from utils.bitstream import BitstreamError, CompressedImage, model_fingerprint, tensor_crc
-from utils.codec import check_compatible
-from utils.latent_coding import wavefront_slope
+from utils.coding.container import BitstreamError, CompressedImage, model_fingerprint, tensor_crc
+from models.cps.coding import check_compatible
+from utils.coding.context_coder import wavefront_slope
 
 
 def _masked_or_plain(kind: str, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
@@ -243,7 +243,7 @@ class Kamisli2024(CompressionModel):
         """Code one image (1, 3, H, W) in [0, 1] into a :class:`BlockPayload`.
 
         Runs on the CPU in float32 whatever the model's device (see
-        ``models/kamisli_coding.py``); ``update(force=True)`` must have run.
+        ``models/kamisli2024/coding.py``); ``update(force=True)`` must have run.
         """
         if x.dim() != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"compress codes one RGB image (1, 3, H, W), got {tuple(x.shape)}")
@@ -256,7 +256,7 @@ class Kamisli2024(CompressionModel):
     def decompress(self, payload: BlockPayload) -> dict:
         """Rebuild ``{"x_hat": (1, 3, H, W) in [0, 1] on the CPU}`` from a payload.
 
-        Raises :class:`~utils.bitstream.BitstreamError` when the decoded latent
+        Raises :class:`~utils.coding.container.BitstreamError` when the decoded latent
         differs from the encoder's (another checkpoint, or a machine whose
         floating-point results differ).
         """
@@ -272,7 +272,7 @@ class Kamisli2024(CompressionModel):
                      grayscale: bool = False) -> CompressedImage:
         """Code a uint8 RGB image (3, H, W) into the ``.cps`` container.
 
-        What ``utils.codec.encode_image`` hands a model that codes itself: the file
+        What ``models.cps.coding.encode_image`` hands a model that codes itself: the file
         has the CPS header (size, padding, architecture, checkpoint fingerprint, y_hat
         CRC) and the blocks' rANS string as its latent string; there is no hyperprior,
         so the hyperprior string is empty. ``grayscale`` marks the file so that the

@@ -1,4 +1,4 @@
-"""Training pairs for asymptotic closed-loop training (``utils/acl.py``).
+"""Training pairs for asymptotic closed-loop training (``utils/training/acl.py``).
 
 Each sample is an original image x and the neighbour-context image z the model
 reads its blocks' neighbours from: z = x at ACL iteration 0, the previous

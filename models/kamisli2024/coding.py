@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.layers import GDN
 
-from models.kamisli_layers import BlockMaskedConv2d
-from utils.latent_coding import ORDERS, coding_order, single_threaded
+from models.kamisli2024.layers import BlockMaskedConv2d
+from utils.coding.context_coder import ORDERS, coding_order, single_threaded
 
 ROWS_PER_PRODUCT = 8
 
@@ -224,7 +224,7 @@ class _RowNetwork:
 
 
 class BlockCoder:
-    """Entropy codes a block grid with a :class:`~models.kamisli.Kamisli2024`.
+    """Entropy codes a block grid with a :class:`~models.kamisli2024.network.Kamisli2024`.
 
     Args:
         model: the model, on any device, with entropy tables (``update()`` has run).

@@ -3,7 +3,7 @@ Compression", IEEE SPL 2025, Fig. 4).
 
 A Minnen et al. (2018) joint autoregressive + hyperprior model whose transforms are
 padding-free, so that patch-wise analysis and synthesis equal whole-image processing
-(see ``utils/pops.py`` for the geometry and ``utils/patches.py`` for the stitching):
+(see ``utils/stitching/geometry.py`` for the geometry and ``utils/stitching/patches.py`` for the stitching):
 
 .. code-block:: none
 
@@ -14,7 +14,7 @@ padding-free, so that patch-wise analysis and synthesis equal whole-image proces
 
 The context model (5x5 masked convolution), the entropy-parameter network and both
 entropy models are CompressAI's ``JointAutoregressiveHierarchicalPriors`` ones (M = N).
-Coding real bitstreams is done by ``utils.codec``; this module only defines the network.
+Coding real bitstreams is done by ``models.cps.coding``; this module only defines the network.
 """
 
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from compressai.models import JointAutoregressiveHierarchicalPriors
 
 from models.checkpoint import load_state_dict_into
-from models.layers import BRB, EDRB, EURB, CausalConv2d
+from models.cps.layers import BRB, EDRB, EURB, CausalConv2d
 from models.registry import register_model
 
 

@@ -40,15 +40,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import models
-import models.kamisli  # noqa: F401  (registers kamisli2024, the model ACL trains)
+import models.kamisli2024.network  # noqa: F401  (registers kamisli2024, the model ACL trains)
 from datasets import list_split
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
-from utils.acl_data import ContextPairs
+from datasets.context_pairs import ContextPairs
 from utils.atomic import atomic_torch_save
-from utils.config import to_plain_dict
+from utils.training.config import to_plain_dict
 from utils.image_io import write_png
-from utils.train_state import LAST_NAME as STATE_NAME
-from utils.training import build_criterion
+from utils.training.state import LAST_NAME as STATE_NAME
+from utils.training.step import build_criterion
 
 __all__ = ["ACLSettings", "ACLState", "open_loop_loss", "closed_loop_loss", "regenerate_contexts",
            "train_epoch", "next_learning_rate", "finish_iteration", "run_acl", "STATE_NAME"]
@@ -379,7 +379,7 @@ def _regenerate_phase(run: _Run, state: ACLState):
 def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = print) -> ACLState:
     """Train ``cfg``'s model with ACL until ``acl.max_iterations`` iterations are done.
 
-    ``cfg`` is the validated training config (``utils.config``): ``train_data``
+    ``cfg`` is the validated training config (``utils.training.config``): ``train_data``
     (data_path, experiment_path, batch_size, num_workers, use_checkpoint_path to
     resume, init_checkpoint_path), ``train_params`` (patch_size, learning_rate, lmbda,
     distortion_metric, seed, N), ``model`` (name, kwargs) and ``acl``

@@ -1,0 +1,1 @@
+"""Evaluation: runs over datasets, coders, metrics, RD curves, classical codecs, demo."""

@@ -1,0 +1,1 @@
+"""POPS: receptive-field geometry, patch tiling and stitching, and the memory planner."""

@@ -1,0 +1,1 @@
+"""Training: config, loop, step, resumable state, distributed helpers, ACL, releases."""
