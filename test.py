@@ -30,20 +30,20 @@ from typing import List, Optional
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 import models
-from models.checkpoint import read_checkpoint_file
 from utils.atomic import atomic_write_bytes
 from utils.evaluation.classical_codecs import CODECS, get_codec
 from utils.evaluation.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
 from utils.device import select_device
 from utils.training.distributed import cleanup, init_distributed
-from utils.evaluation.coders import (TILINGS, ClassicalCoder, LayeredCoder, LearnedOptions,
-                               learned_coder, load_pretrained)
+from models.base import CodingPlan
+from utils.cli import add_coding_arguments, run_main, warn_small_patch
+from utils.evaluation.coders import (TILINGS, ClassicalCoder, LearnedOptions, learned_coders,
+                                     load_pretrained)
 from utils.evaluation.runs import (DATASETS_CONFIG, Run, aggregate, evaluate, list_images,
                               per_image_documents, resolve_dataset, shard, to_json,
                               write_json)
-from utils.coding.context_coder import ORDERS
-from utils.memory import DEFAULT_BUDGET, parse_memory
-from utils.evaluation.metrics import PeakMemory
+from utils.memory import PeakMemory
+from utils.stitching.spec import PatchSpec
 from utils.evaluation.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
                       load_curves, plot_curves)
 
@@ -51,7 +51,6 @@ log = logging.getLogger("cps.test")
 
 # Patch size for a dataset given as a folder (the paper's value for large images).
 FOLDER_PATCH_SIZE = 256
-AUTO = "auto"
 ZOO_METRICS = ("mse", "ms-ssim")
 
 
@@ -81,26 +80,6 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _patch_size(text: str):
-    """``--patch-size``: pixels, or ``auto`` (returned as the string)."""
-    if text == AUTO:
-        return AUTO
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected pixels or {AUTO!r}, got {text!r}") from None
-
-
-def _memory_size(text: str) -> Optional[int]:
-    """``--max-memory``: bytes, or None for ``none`` (no budget)."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return parse_memory(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learned coding")
     group.add_argument("--tiling", choices=TILINGS, default=None,
@@ -108,27 +87,14 @@ def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default for zoo models); naive: independent P x P tiles")
     group.add_argument("--patch", action="store_true",
                        help="same as --tiling pops (the CPS authors' flag)")
-    group.add_argument("--patch-size", type=_patch_size, default=None,
-                       help="P in pixels (default: the dataset's, 128 Kodak, 256 CLIC/DIV8K; "
-                            "0 = whole image; auto = what fits --max-memory with the least overlap)")
-    group.add_argument("--batch-size", type=int, default=8, help="most POPS patches per forward pass")
-    group.add_argument("--max-memory", type=_memory_size, default=DEFAULT_BUDGET,
-                       help="CPS codec: peak memory of the process (RSS; CUDA allocated memory "
-                            "with --cuda), e.g. 1GB, or none; the batch, and with --patch-size "
-                            "auto the patch, are chosen to fit (default: %(default)s)")
-    group.add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront",
-                       help="order of the CPS context coder")
+    add_coding_arguments(group, None, "the dataset's: 128 Kodak, 256 CLIC/DIV8K and folders")
     group.add_argument("--entropy-estimation", action="store_true",
                        help="rate from forward-pass likelihoods instead of real bitstreams")
     group.add_argument("--verify", action="store_true",
-                       help="decode every stream a second time (whole image, on the CPU) and "
-                            "require the same pixels")
-    group.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
+                       help="decode every stream a second time with another patch plan, within "
+                            "the same budget, and require the same pixels")
     group.add_argument("--half", action="store_true",
                        help="float16 forward pass (only with --entropy-estimation and --cuda)")
-    group.add_argument("--fast", action="store_true",
-                       help="CPU: oneDNN convolutions for the CPS codec (faster, not bit-exact "
-                            "across patch sizes)")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -209,13 +175,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         if args.tiling not in (None, "pops"):
             raise ValueError(f"--patch means --tiling pops, but --tiling {args.tiling} was given")
         args.tiling = "pops"
-    if args.patch_size == AUTO:
-        if args.tiling == "naive":
-            raise ValueError("--tiling naive needs a fixed --patch-size, not auto")
-    elif args.patch_size is not None and args.patch_size < 0:
-        raise ValueError(f"--patch-size must be >= 0, got {args.patch_size}")
-    if args.tiling == "naive" and args.patch_size == 0:
-        raise ValueError("--tiling naive needs --patch-size > 0")
+    if args.tiling == "naive" and args.patch_size is not None and not args.patch_size.size:
+        raise ValueError(f"--tiling naive needs a fixed --patch-size > 0, not {args.patch_size}")
+    warn_small_patch(args.patch_size, log.warning)
     if args.half and not (args.entropy_estimation and args.cuda):
         raise ValueError("--half needs --entropy-estimation and --cuda: real bitstreams are "
                          "coded in float32")
@@ -228,48 +190,42 @@ def _unique_tags(tags: List[str]) -> List[str]:
     return safe if len(set(safe)) == len(safe) else [f"run{i}" for i in range(len(tags))]
 
 
-def _learned_runs(args: argparse.Namespace, device, patch_size: int, names: List[str]) -> List[Run]:
-    options = LearnedOptions(
-        tiling=args.tiling, patch_size=None if patch_size == AUTO else patch_size,
-        batch_size=args.batch_size, max_memory=args.max_memory,
-        order=args.entropy_coder_order, exact=not args.fast,
-        entropy_estimation=args.entropy_estimation, half=args.half, verify=args.verify)
+def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
+                  names: List[str]) -> List[Run]:
+    plan = CodingPlan(patch=patch, batch_size=args.batch_size, budget_bytes=args.max_memory,
+                      order=args.entropy_coder_order, exact=not args.fast)
+    options = LearnedOptions(plan=plan, tiling=args.tiling,
+                             entropy_estimation=args.entropy_estimation, half=args.half,
+                             verify=args.verify)
 
     def build(load):
         def make():
             model = load()
-            names.append(getattr(model, "registry_name", type(model).__name__))
-            return learned_coder(model, options)
+            names.append(model.registry_name)
+            return learned_coders(model, options)
         return make
 
     if args.command == "checkpoint":
         if args.config:
             log.info("--config %s is not needed: the model is built from the checkpoint",
                      args.config)
-        stems = [re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(p)) for p in args.checkpoints]
-        runs = []
-        for path, tag in zip(args.checkpoints, _unique_tags(stems)):
-            if _is_layered(path, args.architecture):  # one operating point per layer
-                model = models.load_checkpoint(path, device, architecture=args.architecture)
-                names.append(model.registry_name)
-                runs += [Run(f"{path} layer {k}", f"{tag}-L{k}",
-                             lambda k=k, model=model: LayeredCoder(model, k))
-                         for k in range(model.num_layers)]
-            else:
-                runs.append(Run(path, tag, build(lambda path=path: models.load_checkpoint(
-                    path, device, architecture=args.architecture))))
-        return runs
+        stems = [_checkpoint_stem(path) for path in args.checkpoints]
+        return [Run(path, tag, build(lambda path=path: models.load_checkpoint(
+                    path, device, architecture=args.architecture)))
+                for path, tag in zip(args.checkpoints, _unique_tags(stems))]
     return [Run(f"{args.architecture} q{q}", f"q{q}", build(lambda q=q: load_pretrained(
                 args.architecture, q, args.metric, device)))
             for q in args.quality]
 
 
-def _is_layered(path: str, architecture: Optional[str]) -> bool:
-    """Whether the checkpoint holds a scalable model (one RD point per layer)."""
-    if architecture is None:
-        checkpoint = read_checkpoint_file(path)
-        architecture = checkpoint.get("architecture") if isinstance(checkpoint, dict) else None
-    return architecture is not None and hasattr(models.get_model_class(architecture), "num_layers")
+def _checkpoint_stem(path: str) -> str:
+    """A checkpoint's name for file names: its file name without ``.pth``/``.tar``, or its
+    folder's name for the generic ``model.pth`` of a release folder."""
+    stem = re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(path))
+    if stem in ("model", "checkpoint", "checkpoint_best_loss", "checkpoint_last"):
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        return f"{folder}_{stem}" if stem.startswith("checkpoint") else folder
+    return stem
 
 
 def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
@@ -277,7 +233,7 @@ def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
     names.append(args.codec)
     for quality in args.quality:
         codec.scale.check(args.codec, quality)
-    return [Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: ClassicalCoder(codec, q))
+    return [Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: [ClassicalCoder(codec, q)])
             for q in args.quality]
 
 
@@ -288,24 +244,27 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     context = init_distributed(cuda)
     device = context.device if cuda else device
     dataset = resolve_dataset(args.dataset, args.datasets_config)
+    if args.output_dir:
+        _prepare_output_dir(args.output_dir)
     paths = list_images(dataset.folder)
     paths = paths[:args.max_images] if args.max_images else paths
     names: List[str] = []
     if args.command == "codec":
         runs, patch_note = _codec_runs(args, names), ""
     else:
-        patch_size = next(size for size in (args.patch_size, dataset.patch_size, FOLDER_PATCH_SIZE)
-                          if size is not None)
-        runs, patch_note = _learned_runs(args, device, patch_size, names), f", P={patch_size}"
+        patch = args.patch_size or PatchSpec(FOLDER_PATCH_SIZE if dataset.patch_size is None
+                                             else dataset.patch_size)
+        runs, patch_note = _learned_runs(args, device, patch, names), f", patch: {patch}"
     rank, world = shard()
     log.info("%s: %d images from %s, %d run(s)%s%s", dataset.name, len(paths), dataset.folder,
              len(runs), patch_note, f", {world} processes" if world > 1 else "")
 
     image_folder = os.path.join(args.output_dir, "reconstructions") if args.save_image else None
-    records, descriptions = evaluate(runs, paths, image_folder, progress=not args.no_progress)
+    records, entries = evaluate(runs, paths, image_folder, progress=not args.no_progress)
     if rank != 0:
         return None
-    labels = [run.label for run in runs]
+    labels = [entry.label for entry in entries]
+    descriptions = [entry.description for entry in entries]
     header = {
         "name": "+".join(dict.fromkeys(names)),
         "description": " | ".join(dict.fromkeys(descriptions)),
@@ -320,6 +279,16 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
             for stem, page in per_image_documents(records, paths, header).items():
                 write_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
     return document
+
+
+def _prepare_output_dir(folder: str) -> None:
+    """Create ``-d OUTDIR`` (or accept an existing folder) before any coding, so that a
+    bad path fails in the first second rather than after the evaluation."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"-d {folder} exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"-d {folder} is not writable")
 
 
 def run_plot(args: argparse.Namespace) -> dict:
@@ -341,6 +310,10 @@ def run_bdrate(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    return run_main(lambda: _main(argv), "test.py")
+
+
+def _main(argv: Optional[List[str]]) -> int:
     try:
         args = parse_args(argv)
         if args.command == "plot":

@@ -27,10 +27,11 @@ _ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 def unwrap_state_dict(checkpoint: Mapping) -> dict:
     """Return the bare ``{name: tensor}`` dict inside ``checkpoint``.
 
-    Accepts a bare state dict or one nested under ``state_dict``, ``network`` or
-    ``model``, and strips wrapper prefixes such as ``module.``.
+    Accepts a bare state dict or one nested under ``state_dict``, ``network``,
+    ``model`` or ``model_state_dict`` (the keys CompressAI's ``eval_model`` reads too),
+    and strips wrapper prefixes such as ``module.``.
     """
-    for key in ("state_dict", "network", "model"):
+    for key in ("state_dict", "network", "model", "model_state_dict"):
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break

@@ -9,7 +9,8 @@ import torch
 
 import models
 from utils.coding.container import BitstreamError, pack, unpack
-from models.cps.coding import decode_image, encode_image
+from models.base import CodingPlan
+from utils.stitching.spec import PatchSpec
 from utils.coding.context_coder import ContextCoder
 
 
@@ -24,10 +25,10 @@ def _image(height, width, seed=0):
 @pytest.mark.parametrize("size", [(150, 230), (64, 64), (1, 1), (100, 400), (300, 70)])
 def test_file_and_reconstruction_do_not_depend_on_patch_sizes(tiny_cps, size):
     image = _image(*size)
-    files = {p: pack(encode_image(tiny_cps, image, patch_size=p)) for p in (0, 128, 192)}
+    files = {p: pack(tiny_cps.encode(image, CodingPlan(patch=PatchSpec(p)))) for p in (0, 128, 192)}
     assert len(set(files.values())) == 1, "encoder patch size changed the bitstream"
     data = files[0]
-    decoded = [decode_image(tiny_cps, unpack(data), patch_size=p, batch_size=b)
+    decoded = [tiny_cps.decode(unpack(data), CodingPlan(patch=PatchSpec(p), batch_size=b))
                for p, b in ((0, 1), (128, 3), (256, 8))]
     assert decoded[0].shape == (3, *size) and decoded[0].dtype == torch.uint8
     assert all(torch.equal(d, decoded[0]) for d in decoded)
@@ -46,14 +47,14 @@ def test_decoder_rebuilds_the_encoders_latent_exactly(tiny_cps):
 
 def test_raster_and_wavefront_orders_give_the_same_image(tiny_cps):
     image = _image(128, 192)
-    outputs = [decode_image(tiny_cps, unpack(pack(encode_image(tiny_cps, image, order=order))))
+    outputs = [tiny_cps.decode(unpack(pack(tiny_cps.encode(image, CodingPlan(order=order)))), CodingPlan())
                for order in ("wavefront", "raster")]
     assert torch.equal(outputs[0], outputs[1])
 
 
 def test_rate_is_counted_from_the_file_and_matches_the_estimate(tiny_cps):
     image = _image(192, 256)
-    compressed = encode_image(tiny_cps, image)
+    compressed = tiny_cps.encode(image, CodingPlan())
     payload_bits = 8 * (len(compressed.y_string) + len(compressed.z_string))
     assert len(pack(compressed)) * 8 > payload_bits
     # rANS costs the likelihoods' bits plus a flush of up to 64 bits per string.
@@ -62,13 +63,13 @@ def test_rate_is_counted_from_the_file_and_matches_the_estimate(tiny_cps):
 
 def test_grayscale_flag_decodes_to_one_channel(tiny_cps):
     gray = _image(64, 96)[:1].expand(3, -1, -1).contiguous()
-    decoded = decode_image(tiny_cps, unpack(pack(encode_image(tiny_cps, gray, grayscale=True))))
+    decoded = tiny_cps.decode(unpack(pack(tiny_cps.encode(gray, CodingPlan(grayscale=True)))), CodingPlan())
     assert decoded.shape == (1, 64, 96)
 
 
 @pytest.fixture
 def encoded(tiny_cps):
-    return pack(encode_image(tiny_cps, _image(96, 128)))
+    return pack(tiny_cps.encode(_image(96, 128), CodingPlan()))
 
 
 def test_truncated_file_is_an_error(tiny_cps, encoded):
@@ -85,7 +86,7 @@ def test_corrupted_byte_is_an_error(encoded):
 
 
 def test_foreign_file_is_an_error():
-    with pytest.raises(BitstreamError, match="not a .cps file"):
+    with pytest.raises(BitstreamError, match="not a .cps or .cpsl file"):
         unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
 
 
@@ -101,22 +102,22 @@ def test_other_checkpoint_is_an_error(encoded):
     other = models.build_model("cps", N=8).eval()
     other.update(force=True)
     with pytest.raises(BitstreamError, match="another checkpoint"):
-        decode_image(other, unpack(encoded))
+        other.decode(unpack(encoded), CodingPlan())
 
 
 def test_desynchronised_decoder_is_an_error_not_garbage(tiny_cps, encoded):
     tampered = replace(unpack(encoded), y_hat_crc=unpack(encoded).y_hat_crc ^ 1)
     with pytest.raises(BitstreamError, match="differs from the encoder"):
-        decode_image(tiny_cps, unpack(pack(tampered)))
+        tiny_cps.decode(unpack(pack(tampered)), CodingPlan())
 
 
 def test_inconsistent_header_is_an_error(tiny_cps, encoded):
     body = bytearray(encoded[:-4])
     struct.pack_into(">H", body, 14, 200)  # bottom padding larger than the 64-pixel multiple
     with pytest.raises(BitstreamError, match="inconsistent size"):
-        decode_image(tiny_cps, unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))))
+        tiny_cps.decode(unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))), CodingPlan())
 
 
 def test_bad_patch_size_is_an_error(tiny_cps):
     with pytest.raises(ValueError, match="multiple of 16"):
-        encode_image(tiny_cps, _image(256, 256), patch_size=200)
+        tiny_cps.encode(_image(256, 256), CodingPlan(patch=PatchSpec(200)))

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 import codec
-from models.cps.coding import decode_image
+from models.base import CodingPlan
+from utils.stitching.spec import PatchSpec
 from utils.coding.container import unpack
 from utils.image_io import read_image
 
@@ -41,7 +42,7 @@ def test_encode_then_decode_writes_the_decoded_image(tmp_path, checkpoint, tiny_
                           capsys)
     assert status == 0
     written, _ = read_image(str(tmp_path / "out.png"))
-    expected = decode_image(tiny_cps, unpack((tmp_path / "x.cps").read_bytes()))
+    expected = tiny_cps.decode(unpack((tmp_path / "x.cps").read_bytes()), CodingPlan())
     assert torch.equal(written, expected)
 
 
@@ -75,7 +76,7 @@ def _one_line_error(status, err, message):
 def test_missing_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
     status, _, err = _run(["encode", tmp_path / "none.png", tmp_path / "x.cps", "-p", checkpoint],
                           capsys)
-    _one_line_error(status, err, "image not found")
+    _one_line_error(status, err, "file not found")
 
 
 def test_unreadable_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
@@ -111,5 +112,7 @@ def test_wrong_checkpoint_is_a_one_line_error(tmp_path, checkpoint, capsys):
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, checkpoint, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    status, _, err = _run(["encode", "x.png", tmp_path / "x.cps", "-p", checkpoint, "--cuda"], capsys)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    status, _, err = _run(["encode", tmp_path / "x.png", tmp_path / "x.cps", "-p", checkpoint,
+                           "--cuda"], capsys)
     _one_line_error(status, err, "CUDA is not available")

@@ -8,7 +8,8 @@ from PIL import Image
 import codec
 from conftest import save_model_checkpoint
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
-from models.mei2021.coding import decode_layers, unpack_layers
+from models.base import CodingPlan
+from utils.coding.container import unpack
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_each_layer_decodes_from_a_file_cut_to_it(tmp_path, photo, capsys, kind)
     status, out, _ = _run(["encode", photo, tmp_path / "all.cpsl", "-p", checkpoint], capsys)
     assert status == 0 and "3 of 3 layers" in out
     full = (tmp_path / "all.cpsl").read_bytes()
-    expected = decode_layers(model, unpack_layers(full))
+    expected = [model.decode(unpack(full), CodingPlan(layers=k)) for k in (1, 2, 3)]
     for k in (1, 2, 3):
         status, _, _ = _run(["encode", photo, tmp_path / f"cut{k}.cpsl", "-p", checkpoint,
                              "--layers", k], capsys)
@@ -60,8 +61,8 @@ def test_layer_errors_are_one_line(tmp_path, photo, capsys, tiny_cps):
                 capsys)[0] == 0
     status, _, err = _run(["decode", tmp_path / "two.cpsl", tmp_path / "x.png", "-p", checkpoint,
                            "--layers", 2], capsys)
-    assert status == 1 and err.strip() == (f"error: {tmp_path / 'two.cpsl'} holds 1 layers; "
-                                           "cannot decode layer 2")
+    assert status == 1 and err.strip() == (f"error: {tmp_path / 'two.cpsl'}: the file holds 1 "
+                                           "layers; cannot decode layer 2")
     cps = tmp_path / "cps.pth.tar"
     torch.save({"state_dict": tiny_cps.state_dict()}, cps)
     status, _, err = _run(["encode", photo, tmp_path / "x.cps", "-p", cps, "--layers", 1], capsys)

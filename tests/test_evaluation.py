@@ -8,13 +8,13 @@ import urllib.error
 
 import pytest
 import torch
-from compressai.zoo import bmshj2018_factorized
 
+import models
 import test as test_script
 from utils.coding.container import pack
-from models.cps.coding import encode_image
-from utils.evaluation.coders import (Coded, CompressAICoder, LearnedOptions, NaiveTiles,
-                               learned_coder)
+from models.base import CodingPlan
+from utils.stitching.spec import PatchSpec
+from utils.evaluation.coders import Coded, LearnedOptions, ModelCoder, NaiveTiles, learned_coders
 from utils.evaluation.runs import aggregate, environment_variable, resolve_dataset, to_json
 from utils.image_io import read_image, write_png
 from utils.memory import memory_in_use
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_KEYS = {"bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
-               "encoding_time", "decoding_time", "peak_memory_mb"}
+               "encoding_time", "decoding_time", "peak_memory_mb", "verification_peak_memory_mb"}
 
 
 def smooth_image(height, width, seed):
@@ -77,7 +77,7 @@ def test_checkpoint_run_reports_real_file_sizes_and_the_saved_pngs_psnr(
         page = json.loads((out_dir / "per-image" / f"{stem}.json").read_text())
         original, _ = read_image(str(images / f"{stem}.png"))
         height, width = original.shape[1:]
-        file_bytes = len(pack(encode_image(tiny_cps, original, patch_size=80)))
+        file_bytes = len(pack(tiny_cps.encode(original, CodingPlan(patch=PatchSpec(80)))))
         expected = file_bytes * 8 / (height * width)
         assert page["results"]["bpp"][0] == pytest.approx(expected, rel=1e-12)
         sizes.append(page["results"]["bpp"][0])
@@ -178,36 +178,39 @@ def test_naive_tiling_seams_cost_psnr_b():
 
 @pytest.fixture
 def zoo_model():
-    """An untrained CompressAI model (no download): the real compress/decompress path."""
+    """An untrained CompressAI model (no download), behind the codec contract."""
     torch.manual_seed(0)
-    model = bmshj2018_factorized(quality=1, pretrained=False).eval()
+    model = models.build_model("bmshj2018-factorized", N=128, M=192).eval()
     model.update(force=True)
     return model
 
 
 def test_a_zoo_model_codes_whole_images_and_naive_tiles(zoo_model):
     image = smooth_image(70, 100, 4)
-    whole = learned_coder(zoo_model, LearnedOptions(patch_size=64, verify=True))
-    assert isinstance(whole, CompressAICoder)
+    [whole] = learned_coders(zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(64)),
+                                                       verify=True))
+    assert isinstance(whole, ModelCoder)
     coded = whole.code(image)
-    multiple = zoo_model.downsampling_factor
-    x = image[None].float().div(255)
-    x = torch.nn.functional.pad(x, (0, -100 % multiple, 0, -70 % multiple), mode="replicate")
+    # CompressAI's eval_model: zeros around the image, centred, up to a multiple of 64.
+    x = torch.nn.functional.pad(image[None].float().div(255), (14, 14, 5, 53))
     strings = zoo_model.compress(x)["strings"]
     assert coded.bits == 8 * sum(len(s) for group in strings for s in group)
     assert coded.reconstruction.shape == image.shape
-    tiled = learned_coder(zoo_model, LearnedOptions(tiling="naive", patch_size=64)).code(image)
-    assert tiled.reconstruction.shape == image.shape and tiled.bits > 0
+    [tiled] = learned_coders(zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(64)),
+                                                       tiling="naive"))
+    coded = tiled.code(image)
+    assert coded.reconstruction.shape == image.shape and coded.bits > 0
 
 
 def test_pops_tiling_is_refused_for_a_model_with_padded_convolutions(zoo_model):
     with pytest.raises(ValueError, match="--tiling pops needs a padding-free model"):
-        learned_coder(zoo_model, LearnedOptions(tiling="pops", patch_size=128))
+        learned_coders(zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(128)),
+                                                 tiling="pops"))
 
 
 def test_a_bad_cps_patch_size_is_refused_before_coding(tiny_cps):
     with pytest.raises(ValueError, match="multiple of 16"):
-        learned_coder(tiny_cps, LearnedOptions(patch_size=100))
+        learned_coders(tiny_cps, LearnedOptions(CodingPlan(patch=PatchSpec(100))))
 
 
 def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
@@ -235,7 +238,7 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
 ])
 def test_bad_command_lines_end_in_one_stderr_line(capsys, images, argv, message):
     if message is None:  # naive tiling without a tile size: refused before any download
-        message = "--tiling naive needs --patch-size > 0"
+        message = "--tiling naive needs a fixed --patch-size > 0"
     code, stdout, stderr = run_cli(capsys, argv + ["--dataset", images, "--no-progress"])
     lines = stderr.strip().splitlines()
     assert code == 1 and stdout == ""
@@ -244,7 +247,7 @@ def test_bad_command_lines_end_in_one_stderr_line(capsys, images, argv, message)
 
 @pytest.mark.parametrize("option, value, message", [
     ("--max-memory", "lots", "cannot read memory size 'lots'"),
-    ("--patch-size", "big", "expected pixels or 'auto'"),
+    ("--patch-size", "big", "must be pixels, 'whole' or 'auto'"),
 ])
 def test_unreadable_sizes_are_usage_errors(capsys, images, option, value, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from models.base import CodingPlan
 from models.kamisli2024.network import Kamisli2024
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import from_blocks, to_blocks
@@ -141,24 +142,24 @@ def test_cps_files_round_trip_and_their_size_is_the_rate():
     model = coding_model(KERNELS["KS3311"], seed=14)
     x = image(21, 30, seed=15)
     pixels = x.mul(255).round().to(torch.uint8)[0]
-    compressed = model.encode_image(pixels, order="raster")
+    compressed = model.encode(pixels, CodingPlan(order="raster"))
     data = pack(compressed)
     assert (compressed.pad_bottom, compressed.pad_right) == (3, 2) and compressed.z_string == b""
     # fixed fields 18, name 1 + 11, fingerprint 8, CRCs 4 + 4, two string lengths 4 + 4
     assert len(data) == 54 + len(compressed.y_string)
-    decoded = model.decode_image(unpack(data))
+    decoded = model.decode(unpack(data), CodingPlan())
     expected = model.decompress(model.compress(pixels[None].float() / 255, order="raster"))["x_hat"]
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 30)
     assert torch.equal(decoded, expected[0].mul(255).round().to(torch.uint8))
-    gray = model.decode_image(unpack(pack(model.encode_image(pixels, grayscale=True))))
+    gray = model.decode(unpack(pack(model.encode(pixels, CodingPlan(grayscale=True)))), CodingPlan())
     assert gray.shape == (1, 21, 30)
     assert torch.equal(gray[0], decoded.float().mean(0).round().to(torch.uint8))
     with pytest.raises(BitstreamError, match="another checkpoint"):
-        coding_model(KERNELS["KS3311"], seed=16).decode_image(unpack(data))
+        coding_model(KERNELS["KS3311"], seed=16).decode(unpack(data), CodingPlan())
     with pytest.raises(BitstreamError, match="hyperprior string"):
-        model.decode_image(dataclasses.replace(unpack(data), z_string=b"z"))
+        model.decode(dataclasses.replace(unpack(data), z_string=b"z"), CodingPlan())
     with pytest.raises(ValueError, match="uint8 RGB"):
-        model.encode_image(pixels.float())
+        model.encode(pixels.float(), CodingPlan())
 
 
 def test_bad_requests_are_one_line_errors():

@@ -312,15 +312,16 @@ def test_a_latent_coded_from_cuda_tensors_decodes_on_the_cpu_and_back(coding_mod
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_image_encoded_on_cuda_decodes_on_the_cpu_and_back(tiny_cps):
     from utils.coding.container import pack, unpack
-    from models.cps.coding import decode_image, encode_image
+    from models.base import CodingPlan
+    from utils.stitching.spec import PatchSpec
 
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 70, 130), dtype=torch.uint8, generator=generator)
     cuda_model = copy.deepcopy(tiny_cps).cuda()
     for encoder, decoder in ((cuda_model, tiny_cps), (tiny_cps, cuda_model)):
-        data = pack(encode_image(encoder, image))
-        decoded = decode_image(decoder, unpack(data))
-        reference = decode_image(encoder, unpack(data))
+        data = pack(encoder.encode(image, CodingPlan()))
+        decoded = decoder.decode(unpack(data), CodingPlan())
+        reference = encoder.decode(unpack(data), CodingPlan())
         assert decoded.shape == image.shape
         assert (decoded.int() - reference.int()).abs().max() <= 1
 

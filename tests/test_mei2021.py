@@ -11,7 +11,8 @@ import torch
 
 import models
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
-from models.mei2021.pyramid import (ScalableRDLoss, image_pyramid, mean_over_images, pyramid_sizes,
+from models.mei2021.loss import ScalableRDLoss
+from models.mei2021.pyramid import (image_pyramid, pyramid_sizes,
                             reference_pyramid)
 from utils.training.step import TrainStep, build_optimizers
 
@@ -242,16 +243,6 @@ def test_reference_pyramid_crops_odd_images_to_their_level_sizes():
     assert all(t.dtype == torch.uint8 for t in levels)
 
 
-def test_mean_over_images_averages_each_layer_and_keeps_missing_metrics_missing():
-    records = [[{"layer": 0, "bpp": 1.0, "ms-ssim-rgb": None},
-                {"layer": 1, "bpp": 3.0, "ms-ssim-rgb": 0.9}],
-               [{"layer": 0, "bpp": 2.0, "ms-ssim-rgb": None},
-                {"layer": 1, "bpp": 5.0, "ms-ssim-rgb": 0.7}]]
-    mean = mean_over_images(records)
-    assert mean[0] == {"layer": 0, "bpp": 1.5, "ms-ssim-rgb": None}
-    assert mean[1]["bpp"] == 4.0 and mean[1]["ms-ssim-rgb"] == pytest.approx(0.8)
-
-
 def test_load_checkpoint_rebuilds_a_saved_model_from_its_architecture_entry(tmp_path):
     model = tiny_quality().eval()
     model.update(force=True)
@@ -281,7 +272,7 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
     from test_train_data import make_image_folder, write_train_config
     from utils.training.config import load_config
     from utils.training.distributed import DistContext
-    from models.mei2021.pyramid import ScalableRDLoss
+    from models.mei2021.loss import ScalableRDLoss
     from utils.training.loop import Trainer
 
     data = make_image_folder(tmp_path / "data")

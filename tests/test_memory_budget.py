@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import models.cps.coding
+import utils.stitching.planner
 from conftest import save_model_checkpoint
 from utils.coding.container import pack, unpack
-from models.cps.coding import decode_image, encode_image
-from utils.memory import (TransformCost, format_memory, memory_in_use, parse_memory,
-                          plan_for_budget)
+from models.base import CodingPlan
+from utils.stitching.spec import PatchSpec
+from utils.memory import format_memory, memory_in_use, parse_memory
+from utils.stitching.planner import TransformCost, choose_patches
 from utils.stitching.geometry import PopsGeometry, plan_patches, tile_axis
 
 MB = 2 ** 20
@@ -38,24 +39,15 @@ def test_unreadable_memory_sizes_are_refused(text):
 GEOMETRY = PopsGeometry(receptive_field=72, scale=16)
 
 
-def _axis_tiling(height, width):
-    lengths = (height // 16, width // 16)
-
-    def axis_tiling(axis, side):
-        tiles = tile_axis(lengths[axis], side // 16, GEOMETRY.margin)
-        return len(tiles), 16 * sum(tile.stop - tile.start for tile in tiles)
-    return axis_tiling
-
-
 def _computed(plan_shape, height=768, width=1280):
     patches = plan_patches(height // 16, width // 16, plan_shape, GEOMETRY)
     return 256 * sum((r.stop - r.start) * (c.stop - c.start) for r, c in patches)
 
 
 def _plan(budget_mb, patch_size=None, height=768, width=1280, held_mb=100, max_batch=8):
-    return plan_for_budget((height, width), GEOMETRY.scale, GEOMETRY.min_patch_size,
-                           TransformCost(bytes_per_pixel=1000.0), held_mb * MB, budget_mb * MB,
-                           max_batch, _axis_tiling(height, width), patch_size=patch_size)
+    return choose_patches(GEOMETRY, (height // 16, width // 16),
+                          TransformCost(bytes_per_pixel=1000.0), held_mb * MB, budget_mb * MB,
+                          max_batch, PatchSpec(patch_size))
 
 
 def test_plan_takes_the_whole_image_when_it_fits():
@@ -118,24 +110,24 @@ def large_case():
     model = build_model("cps", N=4).eval()
     model.update(force=True)
     image = _smooth_image(2000, 3000)
-    data = pack(encode_image(model, image, patch_size=0, max_memory=None))
-    whole = decode_image(model, unpack(data), patch_size=0, max_memory=None)
+    data = pack(model.encode(image, CodingPlan(patch=PatchSpec(0), budget_bytes=None)))
+    whole = model.decode(unpack(data), CodingPlan(patch=PatchSpec(0), budget_bytes=None))
     return model, image, data, whole
 
 
 def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, monkeypatch):
     model, image, data, whole = large_case
     plans = []
-    planner = models.cps.coding.plan_for_budget
+    planner = utils.stitching.planner.choose_patches
 
     def recording_planner(*args, **kwargs):
         plans.append(planner(*args, **kwargs))
         return plans[-1]
 
-    monkeypatch.setattr(models.cps.coding, "plan_for_budget", recording_planner)
+    monkeypatch.setattr(utils.stitching.planner, "choose_patches", recording_planner)
     budget = memory_in_use(torch.device("cpu")) + 160 * MB
-    assert pack(encode_image(model, image, max_memory=budget)) == data
-    decoded = decode_image(model, unpack(data), max_memory=budget)
+    assert pack(model.encode(image, CodingPlan(budget_bytes=budget))) == data
+    decoded = model.decode(unpack(data), CodingPlan(budget_bytes=budget))
     assert torch.equal(decoded, whole)
     assert decoded.shape == (3, 2000, 3000)
     # The budget forced real patches on both sides, not the whole image.
@@ -156,7 +148,7 @@ def test_codec_cli_stays_within_its_budget(large_case, tmp_path):
     output = tmp_path / "large.png"
     # What a fresh codec.py process holds once its libraries are imported, plus room to work.
     baseline = subprocess.run(
-        [sys.executable, "-c", "import codec; from utils.memory import proc_status_kb; "
+        [sys.executable, "-c", "import codec, models; from utils.memory import proc_status_kb; "
                                "print(proc_status_kb('VmRSS'))"],
         cwd=REPO, capture_output=True, text=True, check=True)
     budget_mb = int(baseline.stdout.split()[-1]) // 1024 + 250
@@ -181,7 +173,8 @@ def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
          "-p", str(checkpoint), "--max-memory", "200MB"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert re.match(r"error: memory budget 200 MB is too small for the .*: it needs", result.stderr)
+    assert re.match(r"error: .*large.cps: memory budget 200 MB is too small for the .*: it needs",
+                    result.stderr)
     assert not (tmp_path / "out.png").exists()
 
 

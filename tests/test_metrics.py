@@ -6,8 +6,9 @@ import mmap
 import pytest
 import torch
 
-from utils.evaluation.metrics import (PeakMemory, bits_per_pixel, image_metrics, likelihood_bits, ms_ssim_rgb,
+from utils.evaluation.metrics import (bits_per_pixel, image_metrics, likelihood_bits, ms_ssim_rgb,
                            psnr, psnr_b)
+from utils.memory import PeakMemory
 
 
 def ramp(height=64, width=96):

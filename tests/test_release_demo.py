@@ -7,7 +7,8 @@ import torch
 
 import models
 import test as test_cli
-from models.cps.coding import decode_image, encode_image
+from models.base import CodingPlan
+from utils.stitching.spec import PatchSpec
 from utils.evaluation.demo import _crop_window, demo_image, find_shipped_models
 from utils.training.release import export_curves, export_weights, read_scalars, training_wall_time
 
@@ -35,10 +36,10 @@ def test_export_stores_half_precision_weights_that_code_consistently(release, ti
     model = models.load_checkpoint(str(release / "model.pth"), "cpu")
     assert torch.equal(model.g_a[0].conv1.weight, weight.float())
     image = demo_image("chelsea")[:, :96, :112]
-    decoded = decode_image(model, encode_image(model, image, patch_size=0), patch_size=0)
+    decoded = model.decode(model.encode(image, CodingPlan(patch=PatchSpec(0))), CodingPlan(patch=PatchSpec(0)))
     assert decoded.shape == image.shape
     # The rounding is small: the fp16 model codes like the fp32 one, up to a few levels.
-    reference = decode_image(tiny_cps, encode_image(tiny_cps, image, 0), 0)
+    reference = tiny_cps.decode(tiny_cps.encode(image, CodingPlan(patch=PatchSpec(0))), CodingPlan(patch=PatchSpec(0)))
     assert (decoded.int() - reference.int()).abs().float().mean() < 2.0
 
 

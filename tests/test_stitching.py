@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import models
-from models.cps.coding import transform_mode
+from utils.stitching.transforms import transform_mode
 from utils.stitching.patches import run_patchwise
 from utils.stitching.geometry import model_geometry, plan_patches
 

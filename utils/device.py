@@ -13,3 +13,8 @@ def select_device(cuda: bool) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("--cuda was given but CUDA is not available on this machine")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters live on (models never store one)."""
+    return next(model.parameters()).device

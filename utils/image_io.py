@@ -1,4 +1,4 @@
-"""Reading any image file as 8-bit RGB, and writing PNGs atomically.
+"""Reading any image file as 8-bit RGB, writing PNGs atomically, and 8-bit <-> float.
 
 CPS codes 8-bit RGB. Other inputs are converted, and the conversion is reported in
 :class:`ImageInfo` so that callers can warn about it:
@@ -88,3 +88,14 @@ def write_png(path: str, image: Tensor) -> None:
 def to_grayscale(image: Tensor) -> Tensor:
     """Mean of the three channels of a uint8 (3, H, W) tensor, rounded: (1, H, W)."""
     return image.float().mean(dim=0, keepdim=True).round().to(torch.uint8)
+
+
+def to_unit_float(image: Tensor) -> Tensor:
+    """uint8 samples to float32 in [0, 1] (any shape)."""
+    return image.float().div_(255.0)
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """Samples in [0, 1] (any shape, any float dtype) to rounded, clamped uint8: the one
+    float -> 8-bit conversion of every decoder and evaluation path."""
+    return image.float().clamp(0, 1).mul(255.0).round_().to(torch.uint8)

@@ -12,28 +12,38 @@ padding-free, so that patch-wise analysis and synthesis equal whole-image proces
     h_a: conv2x2/2 LReLU conv2x2/2 LReLU conv1x1            y         -> z (H/64, W/64)
     h_s: tconv2x2/2 LReLU tconv2x2/2 (N->3N/2) LReLU conv1x1 (3N/2->2N)
 
-The context model (5x5 masked convolution), the entropy-parameter network and both
-entropy models are CompressAI's ``JointAutoregressiveHierarchicalPriors`` ones (M = N).
-Coding real bitstreams is done by ``models.cps.coding``; this module only defines the network.
+The entropy-parameter network and both entropy models are CompressAI's
+``JointAutoregressiveHierarchicalPriors`` ones (M = N). The context model is a 5x5
+'A'-type masked convolution with the same parameter names, but it applies its mask
+on the fly (:class:`~models.cps.layers.CausalConv2d`) instead of overwriting its
+weights on the first call as CompressAI's ``MaskedConv2d`` does, so a model's
+fingerprint does not change when it runs. Real bitstreams go through the codec
+contract (:meth:`CPS.encode` / :meth:`CPS.decode`, implemented in
+``models/cps/coding.py``); CompressAI's ``compress``/``decompress`` are refused.
 """
 
-from torch import nn
+from torch import Tensor, nn
 
 from compressai.models import JointAutoregressiveHierarchicalPriors
 
+from models.base import CodingPlan, LearnedCodec
 from models.checkpoint import load_state_dict_into
+from models.cps import coding
 from models.cps.layers import BRB, EDRB, EURB, CausalConv2d
 from models.registry import register_model
 
 
 @register_model("cps", "cps-v4")
-class CPS(JointAutoregressiveHierarchicalPriors):
+class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
     """CPS model with ``N`` channels everywhere (the paper uses N = 192).
 
     ``forward(x)`` returns ``{"x_hat", "likelihoods": {"y", "z"}}`` as every
     CompressAI model does, so the usual rate-distortion loss applies. Inputs must have
-    sides that are multiples of :attr:`downsampling_factor` (64).
+    sides that are multiples of :attr:`downsampling_factor` (64); :meth:`encode`
+    takes any size.
     """
+
+    supports_patches = True
 
     def __init__(self, N: int = 192):
         super().__init__(N=N, M=N)
@@ -87,3 +97,22 @@ class CPS(JointAutoregressiveHierarchicalPriors):
         net = cls(N=state_dict["g_a.0.conv1.weight"].size(0))
         load_state_dict_into(net, state_dict)
         return net
+
+    def encode(self, image: Tensor, plan: CodingPlan):
+        """POPS-coded ``.cps`` payload of a uint8 image (see ``models/cps/coding.py``)."""
+        return coding.encode(self, image, plan)
+
+    def decode(self, payload, plan: CodingPlan) -> Tensor:
+        """The uint8 image of a payload written by this checkpoint."""
+        return coding.decode(self, payload, plan)
+
+    def compress(self, x, *args, **kwargs):
+        """Refused: CPS codes through :meth:`encode`, whose files carry the POPS
+        geometry's padding, the checkpoint fingerprint and the latent CRC."""
+        raise NotImplementedError("CPS does not use CompressAI's compress(); call "
+                                  "model.encode(image_uint8, CodingPlan()) instead")
+
+    def decompress(self, *args, **kwargs):
+        """Refused, as :meth:`compress`."""
+        raise NotImplementedError("CPS does not use CompressAI's decompress(); call "
+                                  "model.decode(payload, CodingPlan()) instead")

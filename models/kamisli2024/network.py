@@ -37,12 +37,16 @@ from compressai.entropy_models import GaussianConditional
 from compressai.layers import GDN
 from compressai.models import CompressionModel
 
+from models.base import CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.kamisli2024.coding import BlockCoder, BlockPayload
 from models.kamisli2024.layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
 from models.registry import register_model
-from utils.coding.container import BitstreamError, CompressedImage, model_fingerprint, tensor_crc
-from models.cps.coding import check_compatible
+from utils.coding.container import (BitstreamError, CompressedImage, check_model,
+                                    model_fingerprint, tensor_crc)
+from utils.device import model_device
+from utils.image_io import to_grayscale, to_uint8, to_unit_float
+from utils.stitching.planner import check_whole_image_fits
 from utils.coding.context_coder import wavefront_slope
 
 
@@ -84,7 +88,7 @@ def _join_tiles(x: Tensor, rows: int, cols: int) -> Tensor:
 
 
 @register_model("kamisli2024", "lbbic")
-class Kamisli2024(CompressionModel):
+class Kamisli2024(LearnedCodec, CompressionModel):
     """Block-based codec with block-level masked convolutions.
 
     Args:
@@ -268,43 +272,50 @@ class Kamisli2024(CompressionModel):
         x_hat = from_blocks(reconstruction[None], self.block_size) + 0.5
         return {"x_hat": x_hat[:, :, :payload.height, :payload.width]}
 
-    def encode_image(self, image: Tensor, order: str = "wavefront",
-                     grayscale: bool = False) -> CompressedImage:
+    def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
         """Code a uint8 RGB image (3, H, W) into the ``.cps`` container.
 
-        What ``models.cps.coding.encode_image`` hands a model that codes itself: the file
-        has the CPS header (size, padding, architecture, checkpoint fingerprint, y_hat
-        CRC) and the blocks' rANS string as its latent string; there is no hyperprior,
-        so the hyperprior string is empty. ``grayscale`` marks the file so that the
-        decoder writes one channel.
+        The file has the common header (size, padding, architecture, checkpoint
+        fingerprint, y_hat CRC) and the blocks' rANS string as its latent string;
+        there is no hyperprior, so the hyperprior string is empty. Only the plan's
+        ``order`` and ``grayscale`` apply: the blocks are coded one by one, so there
+        are no patches to plan.
         """
-        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} "
-                             f"{tuple(image.shape)}")
+        check_image(image)
         height, width = image.shape[1:]
-        payload = self.compress(image[None].float().div(255.0), order)
+        check_whole_image_fits(self, model_device(self), plan.budget_bytes, height, width)
+        payload = self.compress(to_unit_float(image[None]), plan.order)
         rows, cols = self.grid_size(height, width)
         return CompressedImage(
             height=height, width=width, pad_bottom=rows * self.block_size - height,
             pad_right=cols * self.block_size - width, architecture=self.registry_name,
-            fingerprint=model_fingerprint(self), order=order, grayscale=grayscale,
+            fingerprint=model_fingerprint(self), order=plan.order, grayscale=plan.grayscale,
             y_hat_crc=payload.y_hat_crc, z_string=b"", y_string=payload.string,
             estimated_bits=payload.estimated_bits)
 
-    def decode_image(self, compressed: CompressedImage) -> Tensor:
+    def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
         """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source, from
-        a :meth:`encode_image` file; files of another model raise ``BitstreamError``."""
-        check_compatible(self, compressed)
-        if compressed.z_string:
+        an :meth:`encode` payload; payloads of another model raise ``BitstreamError``."""
+        if not isinstance(payload, CompressedImage):
+            raise BitstreamError(f"{self.registry_name} decodes .cps files, not layered ones")
+        check_model(payload, self)
+        rows, cols = self.grid_size(payload.height, payload.width)
+        if (rows * self.block_size - payload.height, cols * self.block_size - payload.width) != \
+                (payload.pad_bottom, payload.pad_right):
+            raise BitstreamError(f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
+                                 f"for a {payload.width}x{payload.height} image in the file header")
+        if payload.z_string:
             raise BitstreamError("the file has a hyperprior string, which kamisli2024 files "
                                  "never have: it was not written by this model")
-        payload = BlockPayload(string=compressed.y_string, height=compressed.height,
-                               width=compressed.width, order=compressed.order,
-                               y_hat_crc=compressed.y_hat_crc)
-        image = self.decompress(payload)["x_hat"][0].clamp(0, 1).mul(255.0).round()
-        if compressed.grayscale:
-            image = image.mean(dim=0, keepdim=True).round()
-        return image.to(torch.uint8).contiguous()
+        check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
+                               payload.width)
+        blocks = BlockPayload(string=payload.y_string, height=payload.height,
+                              width=payload.width, order=payload.order,
+                              y_hat_crc=payload.y_hat_crc)
+        image = to_uint8(self.decompress(blocks)["x_hat"][0])
+        if payload.grayscale:
+            image = to_grayscale(image)
+        return image.contiguous()
 
     @classmethod
     def from_state_dict(cls, state_dict):

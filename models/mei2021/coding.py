@@ -8,74 +8,32 @@ and crops every reconstruction to its layer's size (the image size for quality
 models, the pyramid level size ``ceil(H/2^j) x ceil(W/2^j)`` for spatial ones).
 The encoder predicts from exactly the values the decoder rebuilds (the shared
 ``_run_layers`` loop), both run with the codec's deterministic convolution settings
-(``models.cps.coding.transform_mode``: on CUDA, cuDNN's default transposed convolutions
+(``utils.stitching.transforms.transform_mode``: on CUDA, cuDNN's default transposed convolutions
 are not bit-reproducible from call to call, which made the encoder's and the
 decoder's predictions differ), and the container stores a CRC of every decoded latent
 so a decoder that does not reproduce them fails loudly instead of drifting.
 
-Container (``.cpsl``), big-endian, version 1:
-
-======  ======  ================================================================
-offset  bytes   field
-======  ======  ================================================================
-0       4       magic ``b"CPSL"``
-4       1       format version (1)
-5       1       S, number of layers stored (1..L); a prefix of the model's layers
-6       1       L, number of layers of the model
-7       4       original height H (pixels)
-11      4       original width W
-15      1       length n of the architecture name, then the name (ASCII)
-16+n    8       model fingerprint (``utils.coding.container.model_fingerprint``)
-24+n    12*S    per stored layer: stream length, CRC-32 of the stream, CRC-32 of the
-                layer's decoded latent y^_k (float32 bytes)
-..      4       CRC-32 of the header (every byte above)
-..      ..      the S streams, base first
-======  ======  ================================================================
-
-Dropping the top layers is a header rewrite (:func:`truncate_layers`): a server can
-serve lower operating points without re-encoding, and a file truncated that way
-still decodes every layer it holds.
+The payload is a :class:`~utils.coding.container.LayeredImage`, written as a
+``.cpsl`` file by ``utils/coding/container.py``.
 """
 
-import struct
-import zlib
-from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from models.base import CodingPlan, check_image
 from models.checkpoint import entropy_tables_ready
-from utils.coding.container import BitstreamError, model_fingerprint, tensor_crc
-from models.cps.coding import transform_mode
+from models.mei2021.pyramid import pyramid_sizes
+from utils.coding.container import (BitstreamError, LayeredImage, check_model,
+                                    model_fingerprint, tensor_crc)
+from utils.image_io import to_uint8, to_unit_float
+from utils.device import model_device
 from utils.stitching.patches import pad_replicate
-from models.mei2021.pyramid import pyramid_sizes, to_uint8
+from utils.stitching.planner import check_whole_image_fits
+from utils.stitching.transforms import transform_mode
 
-__all__ = ["LayeredImage", "encode_layers", "encode_latents", "decode_layers", "decode_latents",
-           "layer_sizes", "pack_layers", "unpack_layers",
-           "truncate_layers", "MAGIC", "VERSION"]
-
-MAGIC = b"CPSL"
-VERSION = 1
-_FIXED = struct.Struct(">4sBBBIIB")
-_LAYER = struct.Struct(">III")
-
-
-@dataclass
-class LayeredImage:
-    """The streams of one image and what is needed to decode them.
-
-    ``estimated_bits`` (per layer, from the likelihoods) is the encoder's estimate
-    and is not stored in the container.
-    """
-
-    height: int
-    width: int
-    architecture: str
-    fingerprint: bytes
-    streams: List[bytes]
-    y_hat_crcs: List[int]
-    estimated_bits: List[float] = field(default_factory=list)
+__all__ = ["encode", "decode", "encode_latents", "decode_latents", "layer_sizes"]
 
 
 def _check_model(model: nn.Module) -> None:
@@ -90,25 +48,34 @@ def _padded_size(model: nn.Module, height: int, width: int):
     return -(-height // factor) * factor, -(-width // factor) * factor
 
 
-def encode_layers(model: nn.Module, image: Tensor) -> LayeredImage:
-    """Code a uint8 (3, H, W) image into one stream per layer of ``model``."""
-    return encode_latents(model, image)[0]
+def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
+    """Code a uint8 (3, H, W) image into one stream per layer of ``model``, keeping
+    the first ``plan.layers`` of them (all for 0)."""
+    check_image(image)
+    check_whole_image_fits(model, model_device(model), plan.budget_bytes, *image.shape[1:])
+    layered = encode_latents(model, image)[0]
+    if plan.layers > model.num_layers:
+        raise ValueError(f"cannot keep {plan.layers} layers: {model.registry_name} has "
+                         f"{model.num_layers}")
+    if plan.layers:
+        layered.streams = layered.streams[:plan.layers]
+        layered.y_hat_crcs = layered.y_hat_crcs[:plan.layers]
+        layered.estimated_bits = layered.estimated_bits[:plan.layers]
+    return layered
 
 
 def encode_latents(model: nn.Module, image: Tensor):
-    """:func:`encode_layers`, also returning the encoder's per-layer outputs.
+    """All layers' payload, and the encoder's per-layer outputs.
 
     The second value holds the lists ``x_hat``, ``y_hat`` and ``prediction`` (None for
     the base) of the encoder's own reconstruction loop, for comparison with
     :func:`decode_latents`.
     """
     _check_model(model)
-    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be a uint8 tensor (3, H, W), got {image.dtype} "
-                         f"{tuple(image.shape)}")
+    check_image(image)
     height, width = image.shape[1:]
-    device = next(model.parameters()).device
-    x = pad_replicate(image, model.downsampling_factor).to(device).float().div(255)[None]
+    device = model_device(model)
+    x = to_unit_float(pad_replicate(image, model.downsampling_factor).to(device))[None]
     streams, estimated = [], []
 
     def code(k, value, _size):
@@ -121,7 +88,8 @@ def encode_latents(model: nn.Module, image: Tensor):
     with transform_mode(device, exact=True):
         out = model._run_layers(model.layer_inputs(x), code, tuple(x.shape[-2:]))
     layered = LayeredImage(height=height, width=width, architecture=model.registry_name,
-                           fingerprint=model_fingerprint(model), streams=streams,
+                           fingerprint=model_fingerprint(model), total_layers=model.num_layers,
+                           streams=streams,
                            y_hat_crcs=[tensor_crc(y) for y in out["y_hat"]],
                            estimated_bits=estimated)
     return layered, out
@@ -139,12 +107,11 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
     if not 1 <= upto <= stored:
         raise ValueError(f"cannot decode {upto} layers: the file holds {stored} "
                          f"(of {model.num_layers})")
-    if layered.architecture != model.registry_name:
-        raise BitstreamError(f"the streams were made by {layered.architecture!r}, "
-                             f"not by {model.registry_name!r}")
-    if layered.fingerprint != model_fingerprint(model):
-        raise BitstreamError("the streams were made with other weights (fingerprint mismatch)")
-    device = next(model.parameters()).device
+    check_model(layered, model)
+    if layered.total_layers != model.num_layers:
+        raise BitstreamError(f"the file says the model has {layered.total_layers} layers; "
+                             f"this one has {model.num_layers}")
+    device = model_device(model)
 
     def code(k, _value, latent_size):
         return model.entropy_bottlenecks[k].decompress([layered.streams[k]], latent_size), None
@@ -159,15 +126,23 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
     return out
 
 
-def decode_layers(model: nn.Module, layered: LayeredImage,
-                  upto: Optional[int] = None) -> List[Tensor]:
-    """Decode layers 0..upto-1 (all stored ones by default) into uint8 images, base first.
-
-    Reconstruction k is rounded to 8 bit and cropped to layer k's size.
-    """
-    out = decode_latents(model, layered, upto)
-    sizes = layer_sizes(model, layered.height, layered.width)
-    return [to_uint8(x_hat[0, :, :h, :w]).cpu() for x_hat, (h, w) in zip(out["x_hat"], sizes)]
+def decode(model: nn.Module, layered: LayeredImage, plan: CodingPlan) -> Tensor:
+    """The uint8 image of layer ``plan.layers`` (the top stored layer for 0), decoded
+    from the streams of that layer and the ones below it only, and cropped to the
+    layer's size (the image size for quality models, the pyramid level for spatial
+    ones)."""
+    if not isinstance(layered, LayeredImage):
+        raise BitstreamError(f"{model.registry_name} decodes layered .cpsl files, not .cps ones")
+    stored = len(layered.streams)
+    if plan.layers > stored:
+        raise ValueError(f"the file holds {stored} layers; cannot decode layer {plan.layers}")
+    upto = plan.layers or stored
+    check_model(layered, model)
+    check_whole_image_fits(model, model_device(model), plan.budget_bytes, layered.height,
+                           layered.width)
+    x_hat = decode_latents(model, layered, upto)["x_hat"][-1]
+    height, width = layer_sizes(model, layered.height, layered.width)[upto - 1]
+    return to_uint8(x_hat[0, :, :height, :width]).cpu()
 
 
 def layer_sizes(model: nn.Module, height: int, width: int):
@@ -175,70 +150,3 @@ def layer_sizes(model: nn.Module, height: int, width: int):
     if all(scale == 1 for scale in model.layer_scales()):
         return [(height, width)] * model.num_layers
     return pyramid_sizes(height, width, model.num_layers)
-
-
-def pack_layers(model: nn.Module, layered: LayeredImage) -> bytes:
-    """Serialise ``layered`` (all its streams) into the container described above."""
-    name = layered.architecture.encode("ascii")
-    header = [_FIXED.pack(MAGIC, VERSION, len(layered.streams), model.num_layers,
-                          layered.height, layered.width, len(name)), name, layered.fingerprint]
-    for stream, y_crc in zip(layered.streams, layered.y_hat_crcs):
-        header.append(_LAYER.pack(len(stream), zlib.crc32(stream), y_crc))
-    head = b"".join(header)
-    return head + struct.pack(">I", zlib.crc32(head)) + b"".join(layered.streams)
-
-
-def _parse(data: bytes):
-    if len(data) < 4 or data[:4] != MAGIC:
-        raise BitstreamError("not a layered .cpsl file (bad magic number)")
-    if len(data) < _FIXED.size:
-        raise BitstreamError("truncated .cpsl file (incomplete header)")
-    _, version, stored, total, height, width, name_length = _FIXED.unpack_from(data)
-    if version != VERSION:
-        raise BitstreamError(f".cpsl format version {version} is not supported "
-                             f"(this code reads {VERSION})")
-    position = _FIXED.size + name_length + 8
-    end = position + _LAYER.size * stored
-    if len(data) < end + 4 or not 1 <= stored <= total:
-        raise BitstreamError("truncated or corrupted .cpsl header")
-    if zlib.crc32(data[:end]) != struct.unpack_from(">I", data, end)[0]:
-        raise BitstreamError("corrupted .cpsl header (checksum mismatch)")
-    name = data[_FIXED.size:_FIXED.size + name_length].decode("ascii", errors="replace")
-    layers = [_LAYER.unpack_from(data, position + _LAYER.size * k) for k in range(stored)]
-    return {"total": total, "height": height, "width": width, "name": name,
-            "fingerprint": data[position - 8:position], "layers": layers, "body": end + 4}
-
-
-def unpack_layers(data: bytes) -> LayeredImage:
-    """Parse a container; raise :class:`BitstreamError` if it is foreign or damaged."""
-    info = _parse(data)
-    streams, offset = [], info["body"]
-    for k, (length, crc, _) in enumerate(info["layers"]):
-        stream = data[offset:offset + length]
-        if len(stream) != length:
-            raise BitstreamError(f"truncated .cpsl file: layer {k} is incomplete")
-        if zlib.crc32(stream) != crc:
-            raise BitstreamError(f"corrupted .cpsl file: layer {k} fails its checksum")
-        streams.append(stream)
-        offset += length
-    if offset != len(data):
-        raise BitstreamError("corrupted .cpsl file (trailing bytes)")
-    return LayeredImage(height=info["height"], width=info["width"], architecture=info["name"],
-                        fingerprint=info["fingerprint"], streams=streams,
-                        y_hat_crcs=[y_crc for _, _, y_crc in info["layers"]])
-
-
-def truncate_layers(data: bytes, keep: int) -> bytes:
-    """The container ``data`` with only its first ``keep`` layers (header rewritten)."""
-    info = _parse(data)
-    stored = len(info["layers"])
-    if not 1 <= keep <= stored:
-        raise ValueError(f"can keep 1..{stored} layers of this file, got {keep}")
-    name = info["name"].encode("ascii")
-    head = [_FIXED.pack(MAGIC, VERSION, keep, info["total"], info["height"], info["width"],
-                        len(name)), name, info["fingerprint"]]
-    head += [_LAYER.pack(*layer) for layer in info["layers"][:keep]]
-    head = b"".join(head)
-    length = sum(layer[0] for layer in info["layers"][:keep])
-    body = data[info["body"]:info["body"] + length]
-    return head + struct.pack(">I", zlib.crc32(head)) + body

@@ -44,11 +44,14 @@ from torch import Tensor, nn
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
 
+from models.base import CodingPlan, LearnedCodec
 from models.checkpoint import load_state_dict_into
 from models.mei2021.layers import (PredictionTransform, analysis_transform, synthesis_transform,
                                    up_transform)
 from models.registry import register_model
-from models.mei2021.pyramid import ScalableRDLoss, image_pyramid
+from models.mei2021 import coding
+from models.mei2021.loss import ScalableRDLoss
+from models.mei2021.pyramid import image_pyramid, reference_pyramid
 
 __all__ = ["Mei2021Quality", "Mei2021Spatial"]
 
@@ -75,7 +78,7 @@ def _check_lists(num_filters: Sequence[int], lmbdas: Sequence[float], N: Optiona
                          "(set train_params.N to it)")
 
 
-class _MeiScalable(CompressionModel):
+class _MeiScalable(LearnedCodec, CompressionModel):
     """Parts shared by both modes; subclasses define the layer geometry and reuse.
 
     Args:
@@ -129,9 +132,32 @@ class _MeiScalable(CompressionModel):
         """Constructor arguments, stored in checkpoints and checked against files."""
         return {"num_filters": list(self.num_filters), "lmbdas": self.lmbdas.tolist()}
 
-    def default_loss(self) -> ScalableRDLoss:
-        """The joint loss of the paper (B6) with this model's lambdas."""
+    def default_loss(self, lmbda: Optional[float] = None, metric: str = "mse") -> ScalableRDLoss:
+        """The joint loss of the paper with this model's own per-layer lambdas (the
+        training config's single ``lmbda`` does not apply); MSE only."""
+        if metric != "mse":
+            raise ValueError(f"{self.registry_name} trains with MSE only, not {metric!r}")
         return ScalableRDLoss(self.lmbdas.tolist(), cumulative=self.cumulative_rate)
+
+    # the codec contract ---------------------------------------------------------------
+    def encode(self, image: Tensor, plan: CodingPlan):
+        """One stream per layer (the first ``plan.layers`` for > 0) in a ``.cpsl`` payload."""
+        return coding.encode(self, image, plan)
+
+    def decode(self, payload, plan: CodingPlan) -> Tensor:
+        """Layer ``plan.layers`` (the top stored one for 0) of a ``.cpsl`` payload."""
+        return coding.decode(self, payload, plan)
+
+    @property
+    def operating_points(self) -> int:
+        """One per layer: point k decodes layers 0..k."""
+        return self.num_layers
+
+    def reference_image(self, image: Tensor, point: int) -> Tensor:
+        """The image itself for quality layers, its pyramid level for spatial ones."""
+        if all(scale == 1 for scale in self.layer_scales()):
+            return image
+        return reference_pyramid(image, self.num_layers, self.downsampling_factor)[point]
 
     # the layer loop -------------------------------------------------------------------
     def layer_inputs(self, x: Tensor) -> List[Tensor]:

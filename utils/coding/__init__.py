@@ -1,1 +1,7 @@
-"""Bitstreams: the .cps/.cpsl container and the fast context coder over CompressAI's rANS."""
+"""Bitstreams: the .cps/.cpsl container and the fast context coder over CompressAI's rANS.
+
+``ORDERS`` lives here, free of PyTorch, so that command lines offer it before the
+heavy libraries load.
+"""
+
+ORDERS = ("wavefront", "raster")

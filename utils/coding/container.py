@@ -1,6 +1,10 @@
-"""The ``.cps`` file format: one compressed image, self-describing and checksummed.
+"""The two file formats every model writes: ``.cps`` (one stream set) and ``.cpsl`` (layers).
 
-All integers are big-endian. Version 1:
+One module owns both, with one header reader, one CRC rule and one set of size
+limits, so every model's files are checked the same way before any allocation.
+All integers are big-endian.
+
+``.cps``, version 1 (CPS, Kamisli 2024 and the CompressAI zoo models):
 
 ======  ======  ==========================================================
 offset  bytes   field
@@ -8,11 +12,11 @@ offset  bytes   field
 0       4       magic ``b"CPS\\x89"``
 4       1       format version (1)
 5       1       flags: bit 0 entropy-coder order (0 wavefront, 1 raster),
-                bit 1 grayscale source (decode to one channel)
+                bit 1 grayscale source (decode to one channel); other bits 0
 6       4       original height H (pixels)
 10      4       original width W
-14      2       bottom padding (replicated rows added before coding)
-16      2       right padding (replicated columns)
+14      2       bottom padding (rows added before coding)
+16      2       right padding (columns added before coding)
 18      1       length L of the architecture name
 19      L       architecture name (ASCII, e.g. ``cps``)
 19+L    8       model fingerprint (:func:`model_fingerprint`)
@@ -22,35 +26,67 @@ offset  bytes   field
 end-4   4       CRC-32 of every byte before it
 ======  ======  ==========================================================
 
-The trailing CRC turns truncation and corruption into an error. The fingerprint
-makes decoding with another checkpoint an error instead of garbage pixels. The
-y_hat CRC lets the decoder prove it rebuilt the encoder's latent exactly: a
-machine whose floating-point results differ from the encoder's (see CompressAI
-issues 54, 279, 320) gets an error, never a picture with black blocks.
+``.cpsl``, version 1 (the layered Mei 2021 models):
+
+======  ======  ================================================================
+offset  bytes   field
+======  ======  ================================================================
+0       4       magic ``b"CPSL"``
+4       1       format version (1)
+5       1       S, number of layers stored (1..L); a prefix of the model's layers
+6       1       L, number of layers of the model
+7       4       original height H (pixels)
+11      4       original width W
+15      1       length n of the architecture name, then the name (ASCII)
+16+n    8       model fingerprint
+24+n    12*S    per stored layer: stream length, CRC-32 of the stream, CRC-32 of the
+                layer's decoded latent y^_k (float32 bytes)
+..      4       CRC-32 of the header (every byte above)
+..      ..      the S streams, base first
+======  ======  ================================================================
+
+The CRCs turn truncation and corruption into an error. The fingerprint makes
+decoding with another checkpoint an error instead of garbage pixels. The latent
+CRCs let the decoder prove it rebuilt the encoder's latents exactly: a machine whose
+floating-point results differ from the encoder's (CompressAI issues 54, 279, 320)
+gets an error, never a picture with black blocks. CompressAI zoo models do not
+expose their decoded latent, so their files store 0 there and their decoder does
+not check it. Dropping the top layers of a ``.cpsl`` file is a header rewrite
+(:func:`truncate_layers`), so a server can serve lower operating points without
+re-encoding.
 """
 
 import hashlib
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Union
 
 import torch
 from torch import nn
 
 MAGIC = b"CPS\x89"
+LAYERED_MAGIC = b"CPSL"
 VERSION = 1
+LAYERED_VERSION = 1
+# Hard limit of the format on each side, checked before anything is allocated.
+MAX_SIDE = 65535
 ORDER_FLAGS = {"wavefront": 0, "raster": 1}
 _GRAYSCALE_FLAG = 2
+_KNOWN_FLAGS = 3
 _FIXED = struct.Struct(">4sBBIIHH")
+_LAYERED_FIXED = struct.Struct(">4sBBBIIB")
+_LAYER = struct.Struct(">III")
+_CRC = struct.Struct(">I")
 
 
 class BitstreamError(ValueError):
-    """A ``.cps`` file that cannot be decoded (foreign, truncated, corrupted, mismatched)."""
+    """A file that cannot be decoded (foreign, truncated, corrupted, mismatched)."""
 
 
 @dataclass
 class CompressedImage:
-    """Everything the decoder needs, plus the encoder's rate estimate (not stored)."""
+    """A ``.cps`` file's content, plus the encoder's rate estimate (not stored)."""
 
     height: int
     width: int
@@ -64,6 +100,37 @@ class CompressedImage:
     z_string: bytes
     y_string: bytes
     estimated_bits: float = float("nan")
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes of the rANS strings alone, as CompressAI counts a rate."""
+        return len(self.z_string) + len(self.y_string)
+
+
+@dataclass
+class LayeredImage:
+    """A ``.cpsl`` file's content: the first ``len(streams)`` of ``total_layers`` layers.
+
+    ``estimated_bits`` (per layer, from the likelihoods) is the encoder's estimate
+    and is not stored in the container.
+    """
+
+    height: int
+    width: int
+    architecture: str
+    fingerprint: bytes
+    total_layers: int
+    streams: List[bytes]
+    y_hat_crcs: List[int]
+    estimated_bits: List[float] = field(default_factory=list)
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes of the rANS streams alone."""
+        return sum(len(stream) for stream in self.streams)
+
+
+Payload = Union[CompressedImage, LayeredImage]
 
 
 def model_fingerprint(model: nn.Module) -> bytes:
@@ -88,62 +155,175 @@ def tensor_crc(tensor: torch.Tensor) -> int:
     return crc
 
 
-def pack(image: CompressedImage) -> bytes:
-    """Serialise ``image`` to the bytes of a ``.cps`` file."""
-    name = image.architecture.encode("ascii")
-    flags = ORDER_FLAGS[image.order] | (_GRAYSCALE_FLAG if image.grayscale else 0)
-    parts = [
-        _FIXED.pack(MAGIC, VERSION, flags, image.height, image.width,
-                    image.pad_bottom, image.pad_right),
-        struct.pack(">B", len(name)), name, image.fingerprint,
-        struct.pack(">I", image.y_hat_crc),
-        struct.pack(">I", len(image.z_string)), image.z_string,
-        struct.pack(">I", len(image.y_string)), image.y_string,
-    ]
-    body = b"".join(parts)
-    return body + struct.pack(">I", zlib.crc32(body))
+def check_size(height: int, width: int) -> None:
+    """Refuse a header size outside the format's limits (1..:data:`MAX_SIDE` a side)."""
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise BitstreamError(f"the header claims a {width}x{height} image; this format holds "
+                             f"1 to {MAX_SIDE} pixels a side")
+
+
+def check_model(payload: Payload, model: nn.Module) -> None:
+    """Raise :class:`BitstreamError` if ``payload`` was not written by ``model``."""
+    if payload.architecture != model.registry_name:
+        raise BitstreamError(f"file was encoded with architecture {payload.architecture!r}, "
+                             f"not {model.registry_name!r}")
+    fingerprint = model_fingerprint(model)
+    if payload.fingerprint != fingerprint:
+        raise BitstreamError(f"file was encoded with another checkpoint (model fingerprint "
+                             f"{payload.fingerprint.hex()}, this one is {fingerprint.hex()})")
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _checked_body(data: bytes, what: str) -> bytes:
+    """``data`` without its trailing CRC-32, which must match."""
+    body = data[:-_CRC.size]
+    if zlib.crc32(body) != _CRC.unpack(data[-_CRC.size:])[0]:
+        raise BitstreamError(f"corrupted or truncated {what} (checksum mismatch)")
+    return body
 
 
 class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.position = data, 0
+    """Sequential reads that fail as a truncated file instead of reading short."""
+
+    def __init__(self, data: bytes, kind: str):
+        self.data, self.position, self.kind = data, 0, kind
 
     def take(self, count: int) -> bytes:
         if self.position + count > len(self.data):
-            raise BitstreamError("truncated .cps file")
+            raise BitstreamError(f"truncated {self.kind} file")
         chunk = self.data[self.position:self.position + count]
         self.position += count
         return chunk
 
-    def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size))
+    def unpack(self, layout: struct.Struct):
+        return layout.unpack(self.take(layout.size))
+
+    def name(self) -> str:
+        (length,) = struct.unpack(">B", self.take(1))
+        return self.take(length).decode("ascii", errors="replace")
 
 
-def unpack(data: bytes) -> CompressedImage:
-    """Parse the bytes of a ``.cps`` file; raise :class:`BitstreamError` if invalid."""
-    if len(data) < 4 or data[:4] != MAGIC:
-        raise BitstreamError("not a .cps file (bad magic number)")
-    if len(data) < _FIXED.size + 4:
+def _check_version(data: bytes, kind: str, supported: int) -> None:
+    if data[4] != supported:
+        raise BitstreamError(f"{kind} format version {data[4]} is not supported (this code "
+                             f"reads {supported})")
+
+
+def _pack_image(image: CompressedImage) -> bytes:
+    name = image.architecture.encode("ascii")
+    flags = ORDER_FLAGS[image.order] | (_GRAYSCALE_FLAG if image.grayscale else 0)
+    return _with_crc(b"".join([
+        _FIXED.pack(MAGIC, VERSION, flags, image.height, image.width,
+                    image.pad_bottom, image.pad_right),
+        struct.pack(">B", len(name)), name, image.fingerprint,
+        _CRC.pack(image.y_hat_crc),
+        struct.pack(">I", len(image.z_string)), image.z_string,
+        struct.pack(">I", len(image.y_string)), image.y_string,
+    ]))
+
+
+def _unpack_image(data: bytes) -> CompressedImage:
+    if len(data) < _FIXED.size + _CRC.size:
         raise BitstreamError("truncated .cps file")
-    version = data[4]
-    if version != VERSION:
-        raise BitstreamError(f".cps format version {version} is not supported (this code reads {VERSION})")
-    body, (stored_crc,) = data[:-4], struct.unpack(">I", data[-4:])
-    if zlib.crc32(body) != stored_crc:
-        raise BitstreamError("corrupted or truncated .cps file (checksum mismatch)")
-    reader = _Reader(body)
-    _, _, flags, height, width, pad_bottom, pad_right = reader.unpack(_FIXED.format)
-    (name_length,) = reader.unpack(">B")
-    architecture = reader.take(name_length).decode("ascii", errors="replace")
+    _check_version(data, ".cps", VERSION)
+    reader = _Reader(_checked_body(data, ".cps file"), ".cps")
+    _, _, flags, height, width, pad_bottom, pad_right = reader.unpack(_FIXED)
+    if flags & ~_KNOWN_FLAGS:
+        raise BitstreamError(f"unknown .cps flag bits {flags:#04x}: written by a newer version")
+    check_size(height, width)
+    architecture = reader.name()
     fingerprint = reader.take(8)
-    (y_hat_crc,) = reader.unpack(">I")
-    z_string = reader.take(reader.unpack(">I")[0])
-    y_string = reader.take(reader.unpack(">I")[0])
-    if reader.position != len(body):
+    (y_hat_crc,) = reader.unpack(_CRC)
+    z_string = reader.take(reader.unpack(_CRC)[0])
+    y_string = reader.take(reader.unpack(_CRC)[0])
+    if reader.position != len(reader.data):
         raise BitstreamError("corrupted .cps file (trailing bytes)")
     orders = {value: key for key, value in ORDER_FLAGS.items()}
     return CompressedImage(height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
                            architecture=architecture, fingerprint=fingerprint,
                            order=orders[flags & 1], grayscale=bool(flags & _GRAYSCALE_FLAG),
                            y_hat_crc=y_hat_crc, z_string=z_string, y_string=y_string)
+
+
+def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:
+    name = layered.architecture.encode("ascii")
+    fixed = _LAYERED_FIXED.pack(LAYERED_MAGIC, LAYERED_VERSION, len(layers),
+                                layered.total_layers, layered.height, layered.width, len(name))
+    return _with_crc(fixed + name + layered.fingerprint
+                     + b"".join(_LAYER.pack(*layer) for layer in layers))
+
+
+def _pack_layered(layered: LayeredImage) -> bytes:
+    layers = [(len(stream), zlib.crc32(stream), crc)
+              for stream, crc in zip(layered.streams, layered.y_hat_crcs)]
+    return _layered_header(layered, layers) + b"".join(layered.streams)
+
+
+def _read_layered_header(data: bytes):
+    """(image without streams, per-layer (length, CRC, latent CRC), offset of the streams)."""
+    if len(data) < _LAYERED_FIXED.size:
+        raise BitstreamError("truncated .cpsl file (incomplete header)")
+    _check_version(data, ".cpsl", LAYERED_VERSION)
+    _, _, stored, total, height, width, name_length = _LAYERED_FIXED.unpack_from(data)
+    end = _LAYERED_FIXED.size + name_length + 8 + _LAYER.size * stored
+    if len(data) < end + _CRC.size or not 1 <= stored <= total:
+        raise BitstreamError("truncated or corrupted .cpsl header")
+    reader = _Reader(_checked_body(data[:end + _CRC.size], ".cpsl header"), ".cpsl")
+    reader.take(_LAYERED_FIXED.size - 1)
+    check_size(height, width)
+    architecture = reader.name()
+    fingerprint = reader.take(8)
+    layers = [reader.unpack(_LAYER) for _ in range(stored)]
+    layered = LayeredImage(height=height, width=width, architecture=architecture,
+                           fingerprint=fingerprint, total_layers=total, streams=[],
+                           y_hat_crcs=[latent_crc for _, _, latent_crc in layers])
+    return layered, layers, end + _CRC.size
+
+
+def _unpack_layered(data: bytes) -> LayeredImage:
+    layered, layers, offset = _read_layered_header(data)
+    for k, (length, crc, _) in enumerate(layers):
+        stream = data[offset:offset + length]
+        if len(stream) != length:
+            raise BitstreamError(f"truncated .cpsl file: layer {k} is incomplete")
+        if zlib.crc32(stream) != crc:
+            raise BitstreamError(f"corrupted .cpsl file: layer {k} fails its checksum")
+        layered.streams.append(stream)
+        offset += length
+    if offset != len(data):
+        raise BitstreamError("corrupted .cpsl file (trailing bytes)")
+    return layered
+
+
+def pack(payload: Payload) -> bytes:
+    """The bytes of the ``.cps`` or ``.cpsl`` file holding ``payload``."""
+    if isinstance(payload, LayeredImage):
+        return _pack_layered(payload)
+    return _pack_image(payload)
+
+
+def unpack(data: bytes) -> Payload:
+    """Parse a ``.cps`` or ``.cpsl`` file (told apart by their magic numbers).
+
+    Raises:
+        BitstreamError: a foreign, truncated, corrupted or out-of-limits file.
+    """
+    if data[:4] == MAGIC:
+        return _unpack_image(data)
+    if data[:4] == LAYERED_MAGIC:
+        return _unpack_layered(data)
+    raise BitstreamError("not a .cps or .cpsl file (bad magic number)")
+
+
+def truncate_layers(data: bytes, keep: int) -> bytes:
+    """The ``.cpsl`` file ``data`` with only its first ``keep`` layers (header rewritten)."""
+    if data[:4] != LAYERED_MAGIC:
+        raise BitstreamError("not a layered .cpsl file (bad magic number)")
+    layered, layers, offset = _read_layered_header(data)
+    if not 1 <= keep <= len(layers):
+        raise ValueError(f"can keep 1..{len(layers)} layers of this file, got {keep}")
+    length = sum(layer[0] for layer in layers[:keep])
+    return _layered_header(layered, layers[:keep]) + data[offset:offset + length]

@@ -70,7 +70,8 @@ from torch import Tensor, nn
 
 from compressai.ans import BufferedRansEncoder, RansDecoder
 
-ORDERS = ("wavefront", "raster")
+from utils.coding import ORDERS
+
 
 # CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
 # coded symbol until it flushes.

@@ -26,7 +26,9 @@ import torch
 import models
 from utils.atomic import atomic_write_bytes
 from utils.evaluation.classical_codecs import get_codec
-from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coder
+from models.base import CodingPlan
+from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
+from utils.stitching.spec import PatchSpec
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd import Curve, plot_curves
 
@@ -179,11 +181,14 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
     for model_info in shipped:
         log(f"{model_info.label}: {model_info.path}")
         model = models.load_checkpoint(model_info.path, device)
-        pops = learned_coder(model, LearnedOptions(tiling="pops", patch_size=patch_size))
-        naive = learned_coder(model, LearnedOptions(tiling="naive", patch_size=patch_size))
+        plan = CodingPlan(patch=PatchSpec(patch_size))
+        [pops] = learned_coders(model, LearnedOptions(plan, tiling="pops"))
+        [naive] = learned_coders(model, LearnedOptions(plan, tiling="naive"))
         per_image = {"cps": [], "naive": [], "jpeg": []}
-        for name, image in images.items():
+        for number, (name, image) in enumerate(images.items(), 1):
             cps_coded, naive_coded = pops.code(image), naive.code(image)
+            log(f"  {model_info.label}: image {number}/{len(images)} ({name}) coded with POPS "
+                f"and naive tiles")
             per_image["cps"].append(_record(image, cps_coded, image=name))
             per_image["naive"].append(_record(image, naive_coded, image=name))
             target = per_image["cps"][-1]["bpp"]

@@ -1,4 +1,4 @@
-"""Image-quality metrics, bit rates and peak memory for the evaluation harness.
+"""Image-quality metrics and bit rates for the evaluation harness.
 
 Every distortion metric compares two **8-bit** RGB images (uint8 tensors (3, H, W)):
 the reconstruction is what a decoder would write to disk, so it is measured after
@@ -18,8 +18,6 @@ JSON writers turn it into ``null``.
 """
 
 import math
-import resource
-import sys
 import warnings
 from typing import Dict, Optional
 
@@ -27,8 +25,6 @@ import torch
 from pytorch_msssim import ms_ssim
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio_with_blocked_effect
-
-from utils.memory import proc_status_kb, reset_peak_rss
 
 # pytorch_msssim downsamples four times with an 11-tap window: the shorter side must
 # exceed (11 - 1) * 2**4 pixels.
@@ -96,50 +92,3 @@ def bits_per_pixel(num_bytes: int, height: int, width: int) -> float:
 def likelihood_bits(likelihoods: Dict[str, Tensor]) -> float:
     """Estimated bits of a forward pass: ``sum(-log2 p)`` over every latent."""
     return sum(-torch.log2(p.double()).sum().item() for p in likelihoods.values())
-
-
-class PeakMemory:
-    """Measure the peak memory of a block of code, in MiB.
-
-    On CUDA devices this is ``torch.cuda.max_memory_allocated`` (tensors only) after
-    a reset of the peak statistics. On the CPU it is the peak resident set size of
-    the whole process: on Linux the high-water mark is reset first (writing 5 to
-    ``/proc/self/clear_refs``) and read back from ``VmHWM``; elsewhere it falls back
-    to ``getrusage``'s lifetime maximum, which can only grow from image to image.
-    ``kind`` says which one was measured.
-
-    Usage::
-
-        with PeakMemory(device) as memory:
-            ...
-        memory.peak_mb
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.peak_mb: Optional[float] = None
-        if self.device.type == "cuda":
-            self.kind = "cuda max_memory_allocated"
-        elif proc_status_kb("VmHWM") is not None and reset_peak_rss():
-            self.kind = "process peak RSS (VmHWM)"
-        else:
-            self.kind = "process lifetime peak RSS (getrusage)"
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind.endswith("(VmHWM)"):
-            reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        elif self.kind.endswith("(VmHWM)"):
-            self.peak_mb = proc_status_kb("VmHWM") / 1024
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            # Linux reports KiB, macOS bytes.
-            self.peak_mb = peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024

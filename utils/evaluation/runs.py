@@ -28,15 +28,17 @@ import yaml
 from tqdm import tqdm
 
 from utils.atomic import atomic_write_bytes
-from utils.evaluation.coders import LayeredCoder
+from utils.evaluation.coders import Coder
 from utils.image_io import read_image, write_png
-from utils.evaluation.metrics import PeakMemory, image_metrics
+from utils.memory import PeakMemory
+from utils.evaluation.metrics import image_metrics
 
 log = logging.getLogger("cps.test")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
-               "encoding_time", "decoding_time", "peak_memory_mb", "layer")
+               "encoding_time", "decoding_time", "peak_memory_mb",
+               "verification_peak_memory_mb", "layer")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASETS_CONFIG = os.path.join(REPO_ROOT, "configs", "datasets.yaml")
 
@@ -109,12 +111,29 @@ def list_images(folder: str) -> List[str]:
 
 @dataclass
 class Run:
-    """One operating point: ``label`` for logs, ``tag`` for file names, ``build``
-    returns a coder (``utils.evaluation.coders``); it is called once per process."""
+    """One model, checkpoint or quality: ``label`` for logs, ``tag`` for file names;
+    ``build`` returns its coders (``utils.evaluation.coders``), one per operating
+    point, and is called once per process."""
 
     label: str
     tag: str
-    build: Callable[[], object]
+    build: Callable[[], List[Coder]]
+
+
+@dataclass
+class Entry:
+    """One operating point in the results: a run's only coder, or one layer of it."""
+
+    label: str
+    tag: str
+    description: str
+
+
+def _entry(run: Run, coder: Coder, several: bool) -> Entry:
+    if coder.layer is None or not several:
+        return Entry(run.label, run.tag, coder.description)
+    return Entry(f"{run.label} layer {coder.layer}", f"{run.tag}-L{coder.layer}",
+                 coder.description)
 
 
 def shard() -> Tuple[int, int]:
@@ -129,62 +148,68 @@ def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
     return f"{stem}-{tag}.png" if several_runs else f"{stem}.png"
 
 
-def _code_image(coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
+def _code_image(coder: Coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
     with PeakMemory(coder.device) as memory:
         coded = coder.code(image)
     # A layer of a spatially scalable model reconstructs a smaller reference image.
-    if hasattr(coder, "reference_image"):
-        image = coder.reference_image(image)
-    height, width = image.shape[1:]
-    estimated = coded.estimated_bits
-    if estimated is None and hasattr(coder, "estimate_bits"):
-        estimated = coder.estimate_bits(image)
+    reference = coder.reference_image(image)
+    height, width = reference.shape[1:]
     record = {"bpp": coded.bits / (height * width)}
-    if estimated is not None:
-        record["bpp_est"] = estimated / (height * width)
-    record.update(image_metrics(image, coded.reconstruction))
+    if coded.estimated_bits is not None:
+        record["bpp_est"] = coded.estimated_bits / (height * width)
+    record.update(image_metrics(reference, coded.reconstruction))
+    # A coder that measured its own peak (apart from a verification decode) knows better.
+    peak = memory.peak_mb if coded.peak_mb is None else coded.peak_mb
     record.update(encoding_time=coded.encoding_time, decoding_time=coded.decoding_time,
-                  peak_memory_mb=memory.peak_mb)
-    if isinstance(coder, LayeredCoder):
+                  peak_memory_mb=peak)
+    if coded.verification_peak_mb is not None:
+        record["verification_peak_memory_mb"] = coded.verification_peak_mb
+    if coder.layer is not None:
         record["layer"] = coder.layer
     return record, coded.reconstruction
 
 
 def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
                     image_folder: Optional[str], rank: int, progress: bool):
-    records, descriptions = {}, []
-    for number, run in enumerate(runs):
-        coder = run.build()
-        descriptions.append(coder.description)
-        label = f"[rank {rank}] {run.label}" if shard()[1] > 1 else run.label
-        for index in tqdm(indexes, desc=label, unit="image", disable=not progress, leave=False):
-            image, info = read_image(paths[index])
-            if number == 0:
-                for change in info.conversions:
-                    log.warning("%s: %s", paths[index], change)
-            try:
-                records[number, index], reconstruction = _code_image(coder, image)
-            except (ValueError, RuntimeError) as exc:
-                raise type(exc)(f"{paths[index]}: {exc}") from None
-            if image_folder is not None:
-                name = reconstruction_name(paths[index], run.tag, len(runs) > 1)
-                write_png(os.path.join(image_folder, name), reconstruction)
-        del coder
-    return records, descriptions
+    records, entries = {}, []
+    for run in runs:
+        coders = run.build()
+        for coder in coders:
+            entry = _entry(run, coder, len(coders) > 1)
+            number = len(entries)
+            entries.append(entry)
+            label = f"[rank {rank}] {entry.label}" if shard()[1] > 1 else entry.label
+            for index in tqdm(indexes, desc=label, unit="image", disable=not progress,
+                              leave=False):
+                image, info = read_image(paths[index])
+                if number == 0:
+                    for change in info.conversions:
+                        log.warning("%s: %s", paths[index], change)
+                try:
+                    records[number, index], reconstruction = _code_image(coder, image)
+                except (ValueError, RuntimeError) as exc:
+                    raise type(exc)(f"{paths[index]}: {exc}") from None
+                if image_folder is not None:
+                    name = reconstruction_name(paths[index], entry.tag,
+                                               len(runs) > 1 or len(coders) > 1)
+                    write_png(os.path.join(image_folder, name), reconstruction)
+        del coders
+    return records, entries
 
 
 def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[str] = None,
-             progress: bool = True) -> Tuple[List[List[dict]], List[str]]:
-    """Code every image with every run, sharded over the ``torchrun`` processes.
+             progress: bool = True) -> Tuple[List[List[dict]], List[Entry]]:
+    """Code every image with every operating point of every run, sharded over the
+    ``torchrun`` processes.
 
-    Returns ``records[run][image]`` (every process gets all of them) and one
-    description per run. With ``image_folder``, reconstructions are written there
-    as ``<stem>.png`` (one run) or ``<stem>-<tag>.png``.
+    Returns ``records[entry][image]`` (every process gets all of them) and the
+    entries (one per operating point). With ``image_folder``, reconstructions are
+    written there as ``<stem>.png`` (one entry) or ``<stem>-<tag>.png``.
     """
     rank, world = shard()
     indexes = range(rank, len(paths), world)
     if world == 1:
-        records, descriptions = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
+        records, entries = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
     else:
         try:
             outcome = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
@@ -196,9 +221,10 @@ def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[s
         if failures:
             raise RuntimeError(failures[0])
         records = {key: value for part, _ in gathered for key, value in part.items()}
-        descriptions = gathered[0][1]
-    table = [[records[run, index] for index in range(len(paths))] for run in range(len(runs))]
-    return table, descriptions
+        entries = gathered[0][1]
+    table = [[records[number, index] for index in range(len(paths))]
+             for number in range(len(entries))]
+    return table, entries
 
 
 def _mean(values: List[Optional[float]], key: str, label: str) -> Optional[float]:

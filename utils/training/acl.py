@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import models
-import models.kamisli2024.network  # noqa: F401  (registers kamisli2024, the model ACL trains)
+from models.kamisli2024 import Kamisli2024
 from datasets import list_split
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from datasets.context_pairs import ContextPairs
@@ -215,7 +215,7 @@ class _Run:
         self.settings, self.device, self.log, self.config = settings, device, log, cfg
         torch.manual_seed(params["seed"])  # the same initial weights in every run
         self.model = models.build_model(model_cfg["name"], N=params["N"], **model_cfg["kwargs"])
-        if not hasattr(self.model, "wavefront_slope"):
+        if not isinstance(self.model, Kamisli2024):
             raise ValueError(f"ACL training needs a block-based model such as kamisli2024, "
                              f"not {model_cfg['name']!r}")
         self.model.to(device)

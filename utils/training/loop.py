@@ -30,7 +30,7 @@ from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_che
                                config_differences, init_weights_from, read_resume_checkpoint,
                                restore, save_checkpoint)
 from utils.training.config import to_plain_dict
-from utils.training.step import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
+from utils.training.step import (STAT_NAMES, TrainStep, build_optimizers,
                             build_scheduler, coding_state_dict, psnr)
 
 __all__ = ["Trainer"]
@@ -90,8 +90,7 @@ class Trainer:
         if tp.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
         # Models with a loss of their own (the layered mei2021 models) bring it.
-        self.criterion = (self.raw.default_loss() if hasattr(self.raw, "default_loss")
-                          else build_criterion(tp.lmbda, tp.distortion_metric))
+        self.criterion = self.raw.default_loss(tp.lmbda, tp.distortion_metric)
         self.optimizer, self.aux_optimizer = build_optimizers(
             self.raw, tp.learning_rate, tp.aux_learning_rate)
         self.total_steps = tp.max_steps or td.epochs * self.steps_per_epoch

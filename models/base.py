@@ -1,0 +1,135 @@
+"""The codec contract every registered architecture implements.
+
+Scripts and utilities reach a model only through these members, whatever the
+model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
+
+.. code-block:: none
+
+    image uint8 (3, H, W) --encode(image, plan)--> payload --container.pack--> .cps / .cpsl bytes
+    .cps / .cpsl bytes --container.unpack--> payload --decode(payload, plan)--> image uint8
+
+* :meth:`LearnedCodec.encode` / :meth:`LearnedCodec.decode`: real bitstreams. The
+  payload is one of the container's types (``utils/coding/container.py``), so
+  every model's files share one header, one CRC rule and one set of size limits.
+  The :class:`CodingPlan` says what the caller wants (patching, memory budget,
+  entropy-coder order, exactness, layers); each model decides how to honour it.
+* :meth:`LearnedCodec.forward`: ``{"x_hat", "likelihoods"}`` as in CompressAI, for
+  training and for rate estimation without coding.
+* :meth:`LearnedCodec.default_loss`: the loss ``train.py`` optimises.
+* :attr:`LearnedCodec.operating_points` and :meth:`LearnedCodec.reference_image`:
+  a scalable model has one operating point per layer; point ``k`` decodes with
+  ``plan.layers = k + 1`` and is measured against ``reference_image(image, k)``.
+* :attr:`LearnedCodec.supports_patches`: whether ``plan.patch`` changes anything
+  (POPS); ``test.py`` picks its default tiling from it.
+* :attr:`LearnedCodec.rate_includes_container`: bpp from the whole file (header
+  included) or, as CompressAI's ``eval_model`` counts it, from the rANS strings.
+* ``config`` and ``from_state_dict``: the constructor arguments a checkpoint stores,
+  and a model rebuilt from weights alone.
+
+Adding an architecture means subclassing this, implementing ``encode``/``decode``
+and registering the class (``models/registry.py``).
+"""
+
+import abc
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+from compressai.losses import RateDistortionLoss
+from torch import Tensor, nn
+
+from utils.coding import ORDERS
+from utils.coding.container import Payload
+from utils.stitching.spec import PatchSpec
+
+
+@dataclass(frozen=True)
+class CodingPlan:
+    """What the caller asks of one encode or decode.
+
+    Attributes:
+        patch: POPS tiling of the transforms (models without POPS ignore it).
+        batch_size: most patches per forward pass.
+        budget_bytes: peak memory of the whole process (CPU RSS, or CUDA allocated
+            memory for a CUDA model); None for no budget.
+        order: entropy-coder order of context models, ``wavefront`` or ``raster``.
+        exact: on the CPU, bit-exact native convolutions (see
+            ``utils/stitching/transforms.py``); False uses oneDNN (faster).
+        grayscale: mark the file so that the decoder writes one channel.
+        layers: scalable models: keep (encode) or decode the first K layers; 0 for all.
+    """
+
+    patch: PatchSpec = field(default_factory=PatchSpec)
+    batch_size: int = 8
+    budget_bytes: Optional[int] = None
+    order: str = "wavefront"
+    exact: bool = True
+    grayscale: bool = False
+    layers: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.budget_bytes is not None and self.budget_bytes < 1:
+            raise ValueError(f"memory budget must be positive, got {self.budget_bytes} bytes")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown entropy coder order {self.order!r}; choose from {ORDERS}")
+        if self.layers < 0:
+            raise ValueError(f"layers must be >= 0 (0: all), got {self.layers}")
+
+    def with_(self, **changes) -> "CodingPlan":
+        """A copy with ``changes`` applied (and checked)."""
+        return replace(self, **changes)
+
+
+class LearnedCodec(nn.Module, abc.ABC):
+    """Base class of every registered architecture; see the module docstring."""
+
+    registry_name: str  # set by ``models.registry.register_model``
+    supports_patches = False
+    rate_includes_container = True
+
+    @abc.abstractmethod
+    def encode(self, image: Tensor, plan: CodingPlan) -> Payload:
+        """Compress a uint8 RGB image (3, H, W) into a container payload."""
+
+    @abc.abstractmethod
+    def decode(self, payload: Payload, plan: CodingPlan) -> Tensor:
+        """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source.
+
+        Raises:
+            utils.coding.container.BitstreamError: a payload of another model or
+                checkpoint, or one this machine does not decode exactly.
+        """
+
+    def default_loss(self, lmbda: float, metric: str = "mse") -> nn.Module:
+        """The training loss: CompressAI's rate-distortion loss (``lmbda`` weighs the
+        distortion, ``metric`` is ``mse`` or ``ms-ssim``)."""
+        return RateDistortionLoss(lmbda=lmbda, metric=metric)
+
+    @property
+    def operating_points(self) -> int:
+        """Rate points one payload offers (one per layer for scalable models)."""
+        return 1
+
+    def reference_image(self, image: Tensor, point: int) -> Tensor:
+        """The uint8 image operating point ``point`` reconstructs (the input itself
+        unless the point is a smaller pyramid level)."""
+        return image
+
+    @property
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """Constructor arguments, stored in checkpoints and checked against files."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_state_dict(cls, state_dict) -> "LearnedCodec":
+        """The model whose sizes are read from ``state_dict``, with those weights loaded."""
+
+
+def check_image(image: Tensor) -> None:
+    """Refuse anything but a uint8 RGB tensor (3, H, W)."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} "
+                         f"{tuple(image.shape)}")

@@ -1,0 +1,112 @@
+"""CompressAI's zoo architectures, registered under their zoo names behind the codec contract.
+
+Each zoo class (``mbt2018``, ``cheng2020-anchor``, ...) gets a subclass that keeps
+its parameter names, so a researcher's own CompressAI checkpoint loads as it is,
+and that codes the way CompressAI's ``eval_model`` does:
+
+* the image is padded with zeros, centred, to a multiple of 64 (CompressAI's
+  ``compute_padding``, as ``eval_model``), then ``compress``/``decompress`` run on
+  it and the result is cropped;
+* the rate is counted from the rANS strings alone (:attr:`rate_includes_container`
+  is False), as ``eval_model`` counts it;
+* weights are loaded with the class's own ``from_state_dict`` and the CDF tables are
+  rebuilt with ``update(force=True)``, as ``eval_model`` does by default.
+
+The strings travel in the ``.cps`` container like every other model's (latent
+string ``y``, hyperprior string ``z``, empty for factorized models). The zoo models
+do not expose their decoded latent, so the container's latent CRC is 0 and unchecked.
+"""
+
+import inspect
+from typing import Dict, Type
+
+import torch
+import torch.nn.functional as F
+from compressai.ops import compute_padding
+from compressai.zoo.image import model_architectures
+from torch import Tensor, nn
+
+from models.base import CodingPlan, LearnedCodec, check_image
+from models.registry import register_model
+from utils.coding.container import BitstreamError, CompressedImage, check_model, model_fingerprint
+from utils.device import model_device
+from utils.image_io import to_grayscale, to_uint8, to_unit_float
+from utils.stitching.planner import check_whole_image_fits
+
+# CompressAI's eval_model pads every image to this multiple (six stride-2 stages).
+EVAL_MODEL_MULTIPLE = 64
+
+
+class ZooCodec(LearnedCodec):
+    """The codec contract over a CompressAI ``compress``/``decompress`` pair. The whole
+    image is coded at once, so the plan's budget is checked against the image size
+    first; patching does not apply."""
+
+    rate_includes_container = False
+    zoo_class: Type[nn.Module]  # the CompressAI class this one extends
+
+    def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
+        """The rANS strings of ``compress`` on the zero-padded image; the plan's
+        ``grayscale`` and budget apply, its patching does not (whole image)."""
+        check_image(image)
+        height, width = image.shape[1:]
+        check_whole_image_fits(self, model_device(self), plan.budget_bytes, height, width)
+        padding, _ = compute_padding(height, width, min_div=EVAL_MODEL_MULTIPLE)
+        left, right, top, bottom = padding
+        x = F.pad(to_unit_float(image.to(model_device(self)))[None], padding)
+        with torch.inference_mode():
+            strings = self.compress(x)["strings"]
+        return CompressedImage(
+            height=height, width=width, pad_bottom=top + bottom, pad_right=left + right,
+            architecture=self.registry_name, fingerprint=model_fingerprint(self),
+            order="wavefront", grayscale=plan.grayscale, y_hat_crc=0,
+            z_string=strings[1][0] if len(strings) > 1 else b"", y_string=strings[0][0])
+
+    def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
+        """``decompress`` of the strings, cropped back to the original size."""
+        if not isinstance(payload, CompressedImage):
+            raise BitstreamError(f"{self.registry_name} decodes .cps files, not layered ones")
+        check_model(payload, self)
+        padded = (payload.height + payload.pad_bottom, payload.width + payload.pad_right)
+        if padded[0] % EVAL_MODEL_MULTIPLE or padded[1] % EVAL_MODEL_MULTIPLE \
+                or max(payload.pad_bottom, payload.pad_right) >= EVAL_MODEL_MULTIPLE:
+            raise BitstreamError(f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
+                                 f"for a {payload.width}x{payload.height} image in the file header")
+        check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
+                               payload.width)
+        shape = (padded[0] // self.downsampling_factor, padded[1] // self.downsampling_factor)
+        hyperprior = bool(payload.z_string)
+        strings = [[payload.y_string], [payload.z_string]] if hyperprior else [[payload.y_string]]
+        with torch.inference_mode():
+            x_hat = self.decompress(strings, shape)["x_hat"]
+        top, left = payload.pad_bottom // 2, payload.pad_right // 2
+        image = to_uint8(x_hat[0, :, top:top + payload.height, left:left + payload.width]).cpu()
+        return to_grayscale(image) if payload.grayscale else image.contiguous()
+
+    @property
+    def config(self) -> dict:
+        """N (and M where the class takes it), read back from the built model."""
+        names = inspect.signature(self.zoo_class.__init__).parameters
+        return {name: getattr(self, name) for name in ("N", "M") if name in names}
+
+
+def _register(name: str, base: Type[nn.Module]) -> Type[ZooCodec]:
+    """A registered contract class for the zoo class ``base``."""
+
+    def from_state_dict(cls, state_dict):
+        model = base.from_state_dict.__func__(cls, state_dict)
+        model.update(force=True)
+        return model
+
+    cls = type(base.__name__, (ZooCodec, base), {
+        "__doc__": f"CompressAI's ``{base.__name__}`` (zoo name ``{name}``) behind the "
+                   "codec contract.",
+        "__module__": __name__,
+        "zoo_class": base,
+        "from_state_dict": classmethod(from_state_dict),
+    })
+    return register_model(name)(cls)
+
+
+ZOO: Dict[str, Type[ZooCodec]] = {name: _register(name, base)
+                                  for name, base in model_architectures.items()}

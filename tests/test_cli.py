@@ -1,0 +1,133 @@
+"""The shared command-line layer: typed flags parsed once, several inputs per call, no
+input ever overwritten, Ctrl-C as one line, and no PyTorch before the arguments are checked."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import codec
+from conftest import save_model_checkpoint
+from utils.cli import run_main
+from utils.stitching.spec import PatchSpec
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+@pytest.mark.parametrize("text, size", [("auto", None), ("whole", 0), ("0", 0), ("256", 256),
+                                        (" AUTO ", None)])
+def test_patch_sizes_are_read_once_into_a_patch_spec(text, size):
+    assert PatchSpec.parse(text) == PatchSpec(size)
+
+
+@pytest.mark.parametrize("text", ["-16", "big", "12.5", ""])
+def test_unreadable_patch_sizes_are_refused(text):
+    with pytest.raises(ValueError, match="patch size"):
+        PatchSpec.parse(text)
+
+
+def _photos(folder, count):
+    rng = np.random.default_rng(0)
+    paths = []
+    for number in range(count):
+        pixels = rng.integers(0, 255, (40 + 8 * number, 56, 3)).astype(np.uint8)
+        paths.append(folder / f"photo{number}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_cps):
+    return str(save_model_checkpoint(tmp_path, tiny_cps, "tiny"))
+
+
+def test_several_inputs_are_coded_in_one_call_into_a_folder(tmp_path, checkpoint, capsys):
+    photos = _photos(tmp_path, 3)
+    out = tmp_path / "out"
+    assert codec.main(["encode", *map(str, photos), "-d", str(out), "-p", checkpoint]) == 0
+    assert sorted(path.name for path in out.iterdir()) == [f"photo{k}.cps" for k in range(3)]
+    decoded = tmp_path / "decoded"
+    files = sorted(map(str, out.iterdir()))
+    assert codec.main(["decode", *files, "-d", str(decoded), "-p", checkpoint]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 6
+    for number, photo in enumerate(photos):
+        single = tmp_path / f"single{number}.cps"
+        assert codec.main(["encode", str(photo), str(single), "-p", checkpoint]) == 0
+        assert single.read_bytes() == (out / f"photo{number}.cps").read_bytes()
+        assert Image.open(decoded / f"photo{number}.png").size == Image.open(photo).size
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, checkpoint, capsys):
+    [photo] = _photos(tmp_path, 1)
+    original = photo.read_bytes()
+    assert codec.main(["encode", str(photo), str(photo), "-p", checkpoint]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert photo.read_bytes() == original
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_a_missing_output_folder_is_refused_the_same_way_both_ways(tmp_path, checkpoint, capsys,
+                                                                   command):
+    [photo] = _photos(tmp_path, 1)
+    source = photo
+    if command == "decode":
+        source = tmp_path / "photo.cps"
+        assert codec.main(["encode", str(photo), str(source), "-p", checkpoint]) == 0
+    capsys.readouterr()
+    target = tmp_path / "missing" / "out.bin"
+    assert codec.main([command, str(source), str(target), "-p", checkpoint]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output folder does not exist") and len(err.splitlines()) == 1
+
+
+def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path, checkpoint,
+                                                                        capsys):
+    [photo] = _photos(tmp_path, 1)
+    other = tmp_path / "sub"
+    other.mkdir()
+    twin = other / photo.name
+    twin.write_bytes(photo.read_bytes())
+    assert codec.main(["encode", str(photo), str(twin), "-d", str(tmp_path / "out"),
+                       "-p", checkpoint]) == 1
+    assert "collide" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted, "codec.py") == 130
+    assert capsys.readouterr().err == "codec.py: interrupted\n"
+
+
+def test_help_and_argument_errors_come_back_before_pytorch_is_imported():
+    probe = ("import sys, codec\n"
+             "for argv in (['--help'], ['encode', 'only-one', '-p', 'x']):\n"
+             "    try:\n"
+             "        codec.parse_args(argv)\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_small_fixed_patch_is_warned_about(tmp_path, checkpoint, capsys):
+    [photo] = _photos(tmp_path, 1)
+    assert codec.main(["encode", str(photo), str(tmp_path / "x.cps"), "-p", checkpoint,
+                       "--patch-size", "80"]) == 0
+    assert "slower" in capsys.readouterr().err
+
+
+def test_the_budget_and_batch_flags_are_typed_once(tmp_path):
+    args = codec.parse_args(["encode", "a.png", "b.cps", "-p", "c", "--max-memory", "1.5GB",
+                             "--patch-size", "whole", "--batch-size", "3"])
+    assert args.max_memory == 3 * 2 ** 29 and args.patch_size == PatchSpec(0)
+    assert codec.parse_args(["decode", "a", "b", "-p", "c", "--max-memory", "none"]).max_memory \
+        is None
+    with pytest.raises(SystemExit):
+        codec.parse_args(["encode", "a", "b", "-p", "c", "--batch-size", "0"])

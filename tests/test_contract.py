@@ -1,0 +1,121 @@
+"""The codec contract: every registered architecture, built small, goes through the same
+code path of codec.py and test.py; zoo models evaluate as CompressAI's eval_model does."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from compressai.utils.eval_model.__main__ import eval_model
+from compressai.utils.eval_model.__main__ import load_checkpoint as eval_model_checkpoint
+from PIL import Image
+
+import codec
+import models
+import test as test_script
+from models.base import CodingPlan, LearnedCodec
+from utils.coding.container import pack, unpack
+
+# Every registered architecture (aliases apart), with the constructor arguments of a
+# small instance.
+SMALL = {
+    "cps": {"N": 8},
+    "kamisli2024": {"block_size": 4, "N": 16, "M": 8},
+    "mei2021-quality": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]},
+    "mei2021-spatial": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]},
+    "bmshj2018-factorized": {"N": 8, "M": 8},
+    "bmshj2018_factorized_relu": {"N": 8, "M": 8},
+    "bmshj2018-hyperprior": {"N": 8, "M": 8},
+    "mbt2018-mean": {"N": 8, "M": 8},
+    "mbt2018": {"N": 8, "M": 8},
+    "cheng2020-anchor": {"N": 8},
+    "cheng2020-attn": {"N": 8},
+}
+
+
+def small_model(name: str, seed: int = 0) -> LearnedCodec:
+    torch.manual_seed(seed)
+    model = models.build_model(name, **SMALL[name]).eval()
+    model.update(force=True)
+    return model
+
+
+def test_every_registered_architecture_is_listed_here():
+    primary = {cls.registry_name for cls in models.MODELS.values()}
+    assert primary == set(SMALL)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = np.linspace(0, 200, 90)[None, :, None] + rng.integers(0, 40, (70, 90, 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "in.png")
+    return tmp_path / "in.png"
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_architecture_round_trips_through_the_codec_cli(tmp_path, photo, capsys, name):
+    model = small_model(name)
+    checkpoint = tmp_path / "model.pth.tar"
+    torch.save({"architecture": name, "state_dict": model.state_dict()}, checkpoint)
+    encoded = tmp_path / "in.cps"
+    assert codec.main(["encode", str(photo), str(encoded), "-p", str(checkpoint)]) == 0
+    assert codec.main(["decode", str(encoded), str(tmp_path / "out.png"),
+                       "-p", str(checkpoint)]) == 0
+    capsys.readouterr()
+    decoded = np.asarray(Image.open(tmp_path / "out.png"))
+    image = torch.from_numpy(np.asarray(Image.open(photo)).copy()).permute(2, 0, 1)
+    expected = model.decode(unpack(pack(model.encode(image, CodingPlan()))),
+                            CodingPlan(layers=model.operating_points))
+    assert np.array_equal(decoded, expected.permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_architecture_evaluates_through_test_py(tmp_path, photo, capsys, name):
+    model = small_model(name)
+    checkpoint = tmp_path / "model.pth.tar"
+    torch.save({"architecture": name, "state_dict": model.state_dict()}, checkpoint)
+    status = test_script.main(["checkpoint", "--dataset", str(photo.parent), "-p",
+                               str(checkpoint), "--no-progress", "--max-memory", "none"])
+    document = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert len(document["results"]["bpp"]) == model.operating_points
+    assert all(bpp > 0 for bpp in document["results"]["bpp"])
+
+
+def test_cps_refuses_compressais_compress_with_a_pointer_to_the_contract(tiny_cps):
+    with pytest.raises(NotImplementedError, match="model.encode"):
+        tiny_cps.compress(torch.zeros(1, 3, 64, 64))
+
+
+def _write_photos(folder, sizes):
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for number, (height, width) in enumerate(sizes):
+        ramp = np.linspace(0, 180, width)[None, :, None]
+        pixels = ramp + rng.integers(0, 60, (height, width, 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{number}.png")
+    return sorted(folder / name for name in os.listdir(folder))
+
+
+@pytest.mark.filterwarnings("ignore:MS-SSIM needs")
+def test_a_compressai_checkpoint_evaluates_as_compressais_eval_model(tmp_path, capsys):
+    """Same checkpoint, same images (one of them not a multiple of 64): same bpp,
+    PSNR within 0.01 dB."""
+    torch.manual_seed(0)
+    trained = models.get_model_class("mbt2018").zoo_class(N=8, M=8)
+    checkpoint = tmp_path / "my_mbt2018.pth.tar"
+    torch.save({"state_dict": trained.state_dict()}, checkpoint)  # CompressAI's train.py layout
+    paths = _write_photos(tmp_path / "images", [(192, 256), (170, 200)])
+
+    reference_model = eval_model_checkpoint("mbt2018", False, str(checkpoint))
+    reference = eval_model(reference_model, tmp_path, tmp_path / "images", paths,
+                           architecture="mbt2018", half=False, per_image=False)
+
+    status = test_script.main(["checkpoint", "-a", "mbt2018", "-p", str(checkpoint),
+                               "--dataset", str(tmp_path / "images"), "--no-progress"])
+    ours = json.loads(capsys.readouterr().out)["results"]
+    assert status == 0
+    assert ours["bpp"][0] == pytest.approx(reference["bpp"], rel=1e-12)
+    assert abs(ours["psnr-rgb"][0] - reference["psnr-rgb"]) <= 0.01

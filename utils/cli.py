@@ -1,0 +1,106 @@
+"""Command-line flags shared by ``codec.py`` and ``test.py``, parsed and checked once.
+
+Nothing here imports PyTorch: the scripts parse and check their arguments first and
+load the heavy libraries afterwards, so ``--help`` and argument errors come back at
+once. Each flag becomes one typed value: ``--patch-size`` a
+:class:`~utils.stitching.spec.PatchSpec`, ``--max-memory`` bytes (or None), and the
+library never parses strings again.
+"""
+
+import argparse
+import os
+import signal
+import sys
+from typing import Callable, Optional
+
+from utils.coding import ORDERS
+from utils.memory import parse_memory
+from utils.stitching.spec import AUTO, WHOLE, PatchSpec
+
+DEFAULT_BUDGET = "2GB"
+NO_BUDGET = "none"
+# Patch sides below this recompute so much overlap that coding is tens of times slower.
+SMALL_PATCH_WARNING = 128
+
+
+def memory_budget(text: str) -> Optional[int]:
+    """``--max-memory``: bytes, or None for ``none`` (no budget)."""
+    if text.strip().lower() == NO_BUDGET:
+        return None
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def patch_spec(text: str) -> PatchSpec:
+    """``--patch-size``: pixels, ``whole`` (or 0) or ``auto``."""
+    try:
+        return PatchSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (batch sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_coding_arguments(group, patch_default: Optional[str], patch_help_default: str) -> None:
+    """The flags of a learned codec run: patching, batch, budget, device, exactness.
+
+    ``patch_default`` None leaves ``--patch-size`` unset (the caller picks a default,
+    e.g. the dataset's); ``patch_help_default`` says what that default is.
+    """
+    group.add_argument("--patch-size", type=patch_spec,
+                       default=None if patch_default is None else PatchSpec.parse(patch_default),
+                       help=f"POPS patch side in pixels (a multiple of 16), {WHOLE!r} (or 0) for "
+                            f"the whole image, or {AUTO!r} for the patches that fit --max-memory "
+                            f"with the least recomputed overlap (default: {patch_help_default})")
+    group.add_argument("--batch-size", type=positive_int, default=8,
+                       help="most patches per forward pass (default: %(default)s)")
+    group.add_argument("--max-memory", type=memory_budget, default=parse_memory(DEFAULT_BUDGET),
+                       help=f"peak memory of the process (RSS; CUDA allocated memory with "
+                            f"--cuda), e.g. 1GB or 800MB, or {NO_BUDGET} (default: "
+                            f"{DEFAULT_BUDGET})")
+    group.add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront",
+                       help="order of the context coder (default: %(default)s)")
+    group.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
+    group.add_argument("--fast", action="store_true",
+                       help="CPU: oneDNN convolutions (faster; patch-wise results then equal "
+                            "whole-image ones to float rounding instead of bit for bit)")
+
+
+def warn_small_patch(spec: Optional[PatchSpec], warn: Callable[[str], None]) -> None:
+    """Say so when a fixed patch is small enough to make coding much slower."""
+    if spec is not None and spec.size and spec.size < SMALL_PATCH_WARNING:
+        warn(f"--patch-size {spec.size} recomputes most of every patch as overlap "
+             f"(the POPS overlap is 64 px for CPS): coding is many times slower than at "
+             f"{2 * SMALL_PATCH_WARNING} or auto")
+
+
+def run_main(main: Callable[[], int], program: str) -> int:
+    """Run ``main`` so that Ctrl-C ends the program with one line and status 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def check_output_path(output: str, inputs) -> None:
+    """Refuse an output that is one of the inputs (it would be overwritten), or whose
+    folder does not exist."""
+    target = os.path.realpath(output)
+    for source in inputs:
+        if os.path.exists(source) and os.path.realpath(source) == target:
+            raise ValueError(f"output {output} is the input {source}: refusing to overwrite it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ValueError(f"output folder does not exist: {folder}")

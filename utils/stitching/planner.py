@@ -1,0 +1,260 @@
+"""Plan the POPS patches and batch that keep a coding run within a memory budget.
+
+The codec spends the budget in phases, one after the other, and each must fit:
+
+* transform phase: what the process holds already (interpreter, libraries, model,
+  image), the latent buffers the phase fills, and the working memory of one batch
+  of patches. The working memory is *measured*: the transform runs once on a
+  calibration patch and the peak it adds, per input pixel, is scaled to the patch
+  and batch being planned (:class:`TransformCost`); for CPS this is mostly im2col
+  buffers.
+* entropy phase: latent-sized tensors only (``y``, the hyper-decoder's ``params``,
+  the y_hat buffer, the rANS symbol buffer), counted by :func:`entropy_phase_bytes`.
+
+:func:`choose_patches` then takes, among the patch shapes that fit (rectangles,
+whole rows or columns included), the one that computes the fewest pixels including
+overlap (the whole image when it fits), and for it the largest batch that fits.
+The budget covers the whole process, so on a CPU what importing PyTorch,
+torchvision and CompressAI costs counts too. :class:`Planner` owns all of it for
+one model: the measured costs, the memory held, and the plans.
+"""
+
+import weakref
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
+from utils.memory import (NO_BUDGET_HINT, PeakMemory, format_memory, memory_in_use,
+                          return_freed_memory)
+from utils.stitching.geometry import PopsGeometry, check_patch_size, model_geometry, tile_axis
+from utils.stitching.spec import PatchSpec
+from utils.stitching.transforms import input_preparation, transform_mode
+
+CALIBRATION_PATCH = 256
+# Slack on top of the measured working memory: the calibration patch is smaller
+# than most planned ones, allocator rounding, small temporaries.
+_SAFETY_FACTOR = 1.1
+_SAFETY_BYTES = 16 * 2 ** 20
+
+
+@dataclass(frozen=True)
+class TransformCost:
+    """Working memory of a transform run patch-wise: ``bytes_per_pixel`` times the
+    input pixels of a batch (pixels of the patch for analysis, latent positions
+    times scale**2 for synthesis, i.e. always the patch's area in image pixels)."""
+
+    bytes_per_pixel: float
+
+    def batch_bytes(self, batch: int, height: int, width: int) -> int:
+        """Predicted peak added by one batch of ``batch`` patches of height x width pixels."""
+        return int(self.bytes_per_pixel * batch * height * width * _SAFETY_FACTOR) + _SAFETY_BYTES
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Patch (height, width) in pixels (0: the whole axis) and batch for a transform."""
+
+    patch_size: Tuple[int, int]
+    batch_size: int
+    peak_bytes: int
+
+
+# Measured costs, per transform module or model (weakly held: a freed model takes its
+# costs with it, and a new module never inherits another's) and per (device, mode).
+_COSTS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, object], TransformCost]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def check_fits(needed: int, budget: int, what: str) -> None:
+    """Raise ``ValueError`` if ``needed`` bytes exceed ``budget``."""
+    if needed > budget:
+        raise ValueError(f"memory budget {format_memory(budget)} is too small for the {what}: it "
+                         f"needs about {format_memory(needed)}")
+
+
+def entropy_phase_bytes(channels: int, positions: int, encoding: bool) -> int:
+    """Latent-sized memory of the entropy phase for ``positions`` latent positions
+    of ``channels`` (M) channels, float32: params (2M), the padded y_hat buffer (M)
+    and its channels-last result view, ``y`` (M, encoder), the rANS symbol buffer
+    (6 bytes per symbol, encoder), and a transient copy of params while it is
+    rearranged channels-last (2M)."""
+    per_position = 4 * (2 * channels + channels + 2 * channels)
+    if encoding:
+        per_position += 4 * channels + ENCODER_BYTES_PER_SYMBOL * channels
+    return int(per_position * positions * _SAFETY_FACTOR)
+
+
+def _axis_tiling(latent_length: int, side: int, geometry: PopsGeometry) -> Tuple[int, int]:
+    """(number of tiles, pixels they cover in total) along one axis, for a patch side
+    in pixels (0: the whole axis)."""
+    tiles = tile_axis(latent_length, side // geometry.scale, geometry.margin)
+    return len(tiles), sum(tile.stop - tile.start for tile in tiles) * geometry.scale
+
+
+def choose_patches(geometry: PopsGeometry, latent_size: Tuple[int, int], cost: TransformCost,
+                   held_bytes: int, budget: int, max_batch: int, patch: PatchSpec,
+                   what: str = "transform") -> PatchPlan:
+    """The patch shape, then the batch, for a transform within ``budget``.
+
+    Patches may be rectangular and may span a whole axis. Among the shapes whose
+    single patch keeps ``held_bytes`` plus its working memory within the budget
+    (the whole image is one of them when it fits), the one that computes the fewest
+    pixels in total wins: overlap is recomputed work, and a larger square is not
+    always better (640x640 patches tile a 1280x768 image with 2.5x its area, 416x416
+    ones with 1.4x, 768x304 stripes with 1.2x). Shapes within 2 % of the best total
+    count as equal and the largest of them is taken (fewer patches, larger GEMMs).
+    The batch is then as large as the budget allows. A fixed ``patch`` only has its
+    batch chosen.
+
+    Raises:
+        ValueError: if not even one patch of the smallest shape fits.
+    """
+    image_size = (latent_size[0] * geometry.scale, latent_size[1] * geometry.scale)
+    available = budget - held_bytes
+
+    def extent(axis: int, side: int) -> int:
+        return image_size[axis] if side == 0 or side >= image_size[axis] else side
+
+    def batch_bytes(batch: int, shape: Tuple[int, int]) -> int:
+        return cost.batch_bytes(batch, extent(0, shape[0]), extent(1, shape[1]))
+
+    if patch.is_auto:
+        sides = [[0] + list(range(geometry.min_patch_size, length, geometry.scale))
+                 for length in image_size]
+    else:
+        sides = [[patch.size], [patch.size]]
+    tilings = [{side: _axis_tiling(latent_size[axis], side, geometry) for side in sides[axis]}
+               for axis in (0, 1)]
+    fitting = [(rows, cols) for rows in sides[0] for cols in sides[1]
+               if batch_bytes(1, (rows, cols)) <= available]
+    if not fitting:
+        smallest = (sides[0][-1], sides[1][-1])
+        shape = "x".join(str(extent(axis, smallest[axis])) for axis in (0, 1))
+        raise ValueError(f"memory budget {format_memory(budget)} is too small for the {what}: it "
+                         f"needs at least {format_memory(held_bytes + batch_bytes(1, smallest))} "
+                         f"({format_memory(held_bytes)} already held, plus one {shape} px patch)")
+
+    def computed(shape: Tuple[int, int]) -> int:
+        return tilings[0][shape[0]][1] * tilings[1][shape[1]][1]
+
+    fewest = min(computed(shape) for shape in fitting)
+    shape = max((shape for shape in fitting if computed(shape) <= 1.02 * fewest),
+                key=lambda shape: extent(0, shape[0]) * extent(1, shape[1]))
+    patches = tilings[0][shape[0]][0] * tilings[1][shape[1]][0]
+    batch = max(1, min(max_batch, patches))
+    while batch > 1 and batch_bytes(batch, shape) > available:
+        batch -= 1
+    return PatchPlan(shape, batch, held_bytes + batch_bytes(batch, shape))
+
+
+class Planner:
+    """Patch plans for one POPS model (``g_a``, ``g_s``, ``M`` channels) on ``device``.
+
+    With ``budget_bytes`` None there is no budget: a fixed patch is used as asked,
+    ``auto`` means the whole image, and the batch is the one asked for.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, budget_bytes: Optional[int],
+                 exact: bool = True):
+        self.model, self.device, self.budget, self.exact = model, device, budget_bytes, exact
+        self.geometry = model_geometry(model)
+
+    def return_freed_memory(self) -> None:
+        """Trim the heap before a phase is planned, so the RSS read is the live memory."""
+        if self.budget is not None:
+            return_freed_memory()
+
+    def check_entropy_phase(self, positions: int, encoding: bool) -> None:
+        """Fail before any work if the latent-sized buffers alone break the budget
+        (they live on the CPU whatever the transforms' device)."""
+        if self.budget is None or self.device.type != "cpu":
+            return
+        needed = memory_in_use(self.device) + entropy_phase_bytes(self.model.M, positions, encoding)
+        check_fits(needed, self.budget, "entropy coding of this image's latent")
+
+    def plan(self, direction: str, latent_size: Tuple[int, int], patch: PatchSpec,
+             max_batch: int, held_on_cpu: int) -> PatchPlan:
+        """Patch and batch for ``"analysis"`` (``g_a``) or ``"synthesis"`` (``g_s``) of a
+        latent of ``latent_size``; ``held_on_cpu`` bytes will be allocated on the CPU
+        during the phase on top of what the process holds now."""
+        if not patch.is_auto:
+            check_patch_size(patch.size, self.geometry)
+        if self.budget is None:
+            side = patch.size or 0
+            return PatchPlan((side, side), max_batch, 0)
+        held = memory_in_use(self.device) + (held_on_cpu if self.device.type == "cpu" else 0)
+        return choose_patches(self.geometry, latent_size, self.cost(direction), held, self.budget,
+                              max_batch, patch, what=f"{direction} transform")
+
+    def cost(self, direction: str) -> TransformCost:
+        """What one calibration patch adds to the peak, per pixel; measured once per
+        transform, device and mode, running the transform exactly as the codec does."""
+        transform = self.model.g_a if direction == "analysis" else self.model.g_s
+        key = (str(self.device), self.exact)
+        costs = _COSTS.setdefault(transform, {})
+        if key not in costs:
+            costs[key] = self._measure(transform, direction)
+        return costs[key]
+
+    def _measure(self, transform: nn.Module, direction: str) -> TransformCost:
+        """The calibration patch is 256 pixels: per pixel, the cost of a CPS transform is
+        within 12 % of its value at 768 pixels and above it (the padding-free borders
+        make small patches dearer per pixel), so larger patches are not underestimated."""
+        if direction == "analysis":
+            shape, dtype = (1, 3, CALIBRATION_PATCH, CALIBRATION_PATCH), torch.uint8
+        else:
+            side = CALIBRATION_PATCH // self.geometry.scale
+            shape, dtype = (1, self.model.M, side, side), torch.float32
+        prepare = input_preparation(direction, self.device)
+        return_freed_memory()
+        before = memory_in_use(self.device)
+        meter = PeakMemory(self.device)
+        if not meter.resettable:
+            raise ValueError(f"a memory budget needs to reset the process's peak memory through "
+                             f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
+        with meter, transform_mode(self.device, self.exact):
+            output = transform(prepare(torch.zeros(shape, dtype=dtype, device=self.device)))
+            if direction == "synthesis":
+                output.clamp(0, 1).mul(255.0).round_().to(torch.uint8)
+            del output
+        return_freed_memory()
+        return TransformCost(max(meter.peak_bytes - before, 0) / CALIBRATION_PATCH ** 2)
+
+
+def _forward_cost(model: nn.Module, device: torch.device) -> TransformCost:
+    """Peak bytes per pixel of one whole-image forward pass, measured once per model on a
+    calibration image of about 128 x 128 pixels (a multiple of the model's factor)."""
+    costs = _COSTS.setdefault(model, {})
+    key = (str(device), "forward")
+    if key not in costs:
+        factor = model.downsampling_factor
+        side = factor * -(-CALIBRATION_PATCH // 2 // factor)
+        return_freed_memory()
+        before = memory_in_use(device)
+        meter = PeakMemory(device)
+        if not meter.resettable:
+            raise ValueError(f"a memory budget needs to reset the process's peak memory through "
+                             f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
+        with meter, torch.inference_mode():
+            model(torch.zeros(1, 3, side, side, device=device))
+        return_freed_memory()
+        costs[key] = TransformCost(max(meter.peak_bytes - before, 0) / side ** 2)
+    return costs[key]
+
+
+def check_whole_image_fits(model: nn.Module, device: torch.device, budget_bytes: Optional[int],
+                           height: int, width: int) -> None:
+    """For models that code the whole image at once (no POPS): refuse, before any
+    allocation, an image whose coding would break the budget. The working memory is
+    estimated from a measured forward pass (the coders' own buffers are of the same
+    order: one set of feature maps over the image)."""
+    if budget_bytes is None:
+        return
+    factor = model.downsampling_factor
+    padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
+    cost = _forward_cost(model, device)
+    needed = memory_in_use(device) + cost.batch_bytes(1, padded, 1)
+    check_fits(needed, budget_bytes, f"{model.registry_name} coding of a {width}x{height} image")
