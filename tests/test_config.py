@@ -42,6 +42,7 @@ def test_authors_layout_loads_unchanged_and_new_keys_get_defaults(tmp_path):
     cfg = load_config(write(tmp_path, AUTHORS_YAML))
     assert cfg.train_data.batch_size == 32 and cfg.train_data.cuda is True
     assert cfg.train_params.lmbda == 0.0018 and cfg.train_params.N == 192
+    assert cfg.train_params.crop_size == 256 and "patch_size" not in cfg.train_params
     assert cfg.train_params.distortion_metric == "mse"
     assert cfg.model.name == "cps" and cfg.model.kwargs == {}
     assert cfg.lr_schedule.type == "plateau"
@@ -75,14 +76,16 @@ def test_shipped_configs_are_the_six_paper_lambdas_with_n_192():
     (("  lmbda: 0.0018\n", ""), "missing required key train_params.lmbda"),
     (('training_modality: "patch"', 'training_modality: "full"'),
      "train_params.training_modality must be one of ['patch']"),
-    (("N: 192", "N: 192\n  distortion_metric: ms-ssim\n  patch_size: 128"),
+    (("N: 192", "N: 192\n  distortion_metric: ms-ssim\n  crop_size: 128"),
      "too small for ms-ssim"),
+    (("N: 192", "N: 192\n  crop_size: 128"),
+     "set only one of train_params.crop_size and train_params.patch_size"),
     (('use_checkpoint_path: ""', 'use_checkpoint_path: a\n  init_checkpoint_path: b'),
      "set only one of"),
 ])
 def test_bad_configs_fail_with_a_message_naming_the_key(tmp_path, edit, message):
     text = AUTHORS_YAML.replace(*edit)
-    if "patch_size: 128" in text:
+    if "ms-ssim" in text:
         text = text.replace("  patch_size: 256\n", "")
     with pytest.raises(ValueError) as info:
         load_config(write(tmp_path, text))

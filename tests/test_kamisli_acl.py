@@ -39,7 +39,7 @@ def config(tmp_path, **acl):
         "train_data": {"data_path": str(data), "experiment_path": str(tmp_path / "exp"),
                        "batch_size": 2, "num_workers": 0, "use_checkpoint_path": "",
                        "init_checkpoint_path": ""},
-        "train_params": {"patch_size": 16, "learning_rate": 1e-3, "lmbda": 0.01,
+        "train_params": {"crop_size": 16, "learning_rate": 1e-3, "lmbda": 0.01,
                          "distortion_metric": "mse", "seed": 0, "N": 8},
         "model": {"name": "kamisli2024",
                   "kwargs": {"block_size": 4, "M": 4, "kernel_sizes": [3, 1, 1, 1]}},

@@ -44,7 +44,7 @@ def write_train_config(tmp_path, data, experiment, **blocks):
         "train_data": {"data_path": str(data), "batch_size": 2, "test_batch_size": 2,
                        "epochs": 100, "num_workers": 0, "cuda": False,
                        "experiment_path": str(experiment)},
-        "train_params": {"patch_size": 64, "lmbda": 0.01, "N": 8, "learning_rate": 1e-3},
+        "train_params": {"crop_size": 64, "lmbda": 0.01, "N": 8, "learning_rate": 1e-3},
         "logging": {"progress": False, "tensorboard": False, "log_interval": 1},
     }
     for block, values in blocks.items():

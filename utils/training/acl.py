@@ -222,7 +222,7 @@ class _Run:
         self.block_size = self.model.block_size
         self.exp = data["experiment_path"]
         self.batch_size, self.workers = data["batch_size"], data["num_workers"]
-        self.crop, self.seed = params["patch_size"], params["seed"]
+        self.crop, self.seed = params["crop_size"], params["seed"]
         self.initial_lr = params["learning_rate"]
         self.plateau = cfg["lr_schedule"]
         if self.plateau["type"] != "plateau":
@@ -381,7 +381,7 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
 
     ``cfg`` is the validated training config (``utils.training.config``): ``train_data``
     (data_path, experiment_path, batch_size, num_workers, use_checkpoint_path to
-    resume, init_checkpoint_path), ``train_params`` (patch_size, learning_rate, lmbda,
+    resume, init_checkpoint_path), ``train_params`` (crop_size, learning_rate, lmbda,
     distortion_metric, seed, N), ``model`` (name, kwargs) and ``acl``
     (:class:`ACLSettings`). Single process. Returns the final state; the model to
     use is ``experiment_path/<state.selected>``.

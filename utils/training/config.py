@@ -5,7 +5,7 @@ unchanged::
 
     train_data:   data_path, use_checkpoint_path, batch_size, test_batch_size, epochs,
                   num_workers, cuda, experiment_path
-    train_params: patch_size, training_modality, learning_rate, aux_learning_rate,
+    train_params: patch_size (read as crop_size), training_modality, learning_rate, aux_learning_rate,
                   lmbda, clip_max_norm, N
 
 Everything this repository adds is optional and has a default (see :data:`SCHEMA`):
@@ -26,7 +26,8 @@ from typing import Any, Dict, Iterable, Mapping
 import yaml
 from easydict import EasyDict
 
-__all__ = ["SCHEMA", "load_config", "parse_config", "apply_override", "to_plain_dict"]
+__all__ = ["SCHEMA", "load_config", "parse_config", "apply_override", "rename_legacy_keys",
+           "to_plain_dict"]
 
 REQUIRED = object()  # marks a key without a default
 
@@ -84,7 +85,7 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "persistent_workers": _Key(bool, True),
     },
     "train_params": {
-        "patch_size": _Key(int, 256, _positive, doc="square crop side in pixels"),
+        "crop_size": _Key(int, 256, _positive, doc="square training crop side in pixels"),
         "training_modality": _Key(str, "patch", choices=("patch",)),
         "learning_rate": _Key(float, 1e-4, _positive),
         "aux_learning_rate": _Key(float, 1e-3, _positive),
@@ -169,8 +170,8 @@ def _coerce(where: str, spec: _Key, value: Any) -> Any:
 def _cross_checks(cfg: Mapping) -> None:
     """Checks that involve more than one key."""
     tp, td, sched = cfg["train_params"], cfg["train_data"], cfg["lr_schedule"]
-    if tp["distortion_metric"] == "ms-ssim" and tp["patch_size"] < 161:
-        raise ValueError(f"train_params.patch_size={tp['patch_size']} is too small for "
+    if tp["distortion_metric"] == "ms-ssim" and tp["crop_size"] < 161:
+        raise ValueError(f"train_params.crop_size={tp['crop_size']} is too small for "
                          "ms-ssim (5 scales need sides of at least 161 pixels)")
     if td["use_checkpoint_path"] and td["init_checkpoint_path"]:
         raise ValueError("set only one of train_data.use_checkpoint_path (resume) and "
@@ -179,6 +180,31 @@ def _cross_checks(cfg: Mapping) -> None:
         raise ValueError("lr_schedule.type=multistep needs lr_schedule.milestones")
     if "N" in cfg["model"]["kwargs"]:
         raise ValueError("set the model width with train_params.N, not model.kwargs.N")
+
+
+# The CPS authors' names for keys this repository renamed: (block, authors' key, ours).
+LEGACY_KEYS = (("train_params", "patch_size", "crop_size"),)
+
+
+def rename_legacy_keys(raw: Mapping, source: str) -> Mapping:
+    """A copy of ``raw`` with the authors' key names mapped to ours.
+
+    ``train_params.patch_size`` (the authors' name, also stored in checkpoints written
+    before the rename) is the training crop, ``train_params.crop_size`` here; it is
+    not the POPS coding patch of ``codec.py``/``test.py --patch-size``.
+    """
+    raw = dict(raw)
+    for block, old, new in LEGACY_KEYS:
+        given = raw.get(block)
+        if not isinstance(given, Mapping) or old not in given:
+            continue
+        if new in given:
+            raise ValueError(f"{source}: set only one of {block}.{new} and {block}.{old} "
+                             f"(the authors' name for {new})")
+        given = dict(given)
+        given[new] = given.pop(old)
+        raw[block] = given
+    return raw
 
 
 def parse_config(raw: Any, source: str = "config") -> EasyDict:
@@ -192,6 +218,7 @@ def parse_config(raw: Any, source: str = "config") -> EasyDict:
     unknown = [b for b in raw if b not in SCHEMA]
     if unknown:
         raise ValueError(f"{source}: unknown block {unknown[0]!r}; known: {', '.join(SCHEMA)}")
+    raw = rename_legacy_keys(raw, source)
     cfg = {}
     for block, keys in SCHEMA.items():
         given = raw.get(block) or {}

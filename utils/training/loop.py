@@ -29,7 +29,7 @@ from utils.training import distributed
 from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
                                config_differences, init_weights_from, read_resume_checkpoint,
                                restore, save_checkpoint)
-from utils.training.config import to_plain_dict
+from utils.training.config import rename_legacy_keys, to_plain_dict
 from utils.training.step import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
                             build_scheduler, coding_state_dict, psnr)
 
@@ -44,8 +44,8 @@ def _build_model(cfg) -> torch.nn.Module:
     except TypeError as exc:
         raise ValueError(f"model {cfg.model.name!r} rejects its kwargs {kwargs}: {exc}") from None
     factor = getattr(model, "downsampling_factor", 1)
-    if cfg.train_params.patch_size % factor:
-        raise ValueError(f"train_params.patch_size={cfg.train_params.patch_size} must be a "
+    if cfg.train_params.crop_size % factor:
+        raise ValueError(f"train_params.crop_size={cfg.train_params.crop_size} must be a "
                          f"multiple of {factor} for model {cfg.model.name!r}")
     return model
 
@@ -67,13 +67,13 @@ class Trainer:
         self.exp = td.experiment_path
         torch.manual_seed(tp.seed)  # identical initial weights on every rank
 
-        self.train_set = CropImageFolder(td.data_path, "train", tp.patch_size, True,
+        self.train_set = CropImageFolder(td.data_path, "train", tp.crop_size, True,
                                          td.small_images)
-        self.test_set = CropImageFolder(td.data_path, "test", tp.patch_size, False,
+        self.test_set = CropImageFolder(td.data_path, "test", tp.crop_size, False,
                                         td.small_images)
         for ds in (self.train_set, self.test_set):
             if ds.skipped:
-                self.log(f"skipped {ds.skipped} images smaller than {tp.patch_size} px")
+                self.log(f"skipped {ds.skipped} images smaller than {tp.crop_size} px")
         self.train_sampler = EpochSampler(len(self.train_set), tp.seed, True, ctx.rank,
                                           ctx.world_size, pad=True)
         self.test_sampler = EpochSampler(len(self.test_set), tp.seed, False, ctx.rank,
@@ -131,7 +131,8 @@ class Trainer:
                     self.pos)
             self.log(f"resuming {td.use_checkpoint_path} at step {self.pos.global_step} "
                      f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
-            changes = config_differences(checkpoint.get("config", {}), to_plain_dict(self.cfg))
+            stored = rename_legacy_keys(checkpoint.get("config") or {}, td.use_checkpoint_path)
+            changes = config_differences(stored, to_plain_dict(self.cfg))
             changes = [c for c in changes if not c.startswith("train_data.use_checkpoint_path")]
             if changes:
                 self.log("config changed since the checkpoint: " + "; ".join(changes))
