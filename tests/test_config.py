@@ -43,6 +43,7 @@ def test_authors_layout_loads_unchanged_and_new_keys_get_defaults(tmp_path):
     assert cfg.train_data.batch_size == 32 and cfg.train_data.cuda is True
     assert cfg.train_params.lmbda == 0.0018 and cfg.train_params.N == 192
     assert cfg.train_params.crop_size == 256 and "patch_size" not in cfg.train_params
+    assert "training_modality" not in cfg.train_params  # read by nothing: accepted, dropped
     assert cfg.train_params.distortion_metric == "mse"
     assert cfg.model.name == "cps" and cfg.model.kwargs == {}
     assert cfg.lr_schedule.type == "plateau"
@@ -75,7 +76,12 @@ def test_shipped_configs_are_the_six_paper_lambdas_with_n_192():
     (("lmbda: 0.0018", "lmbda: .nan"), "train_params.lmbda must be finite"),
     (("  lmbda: 0.0018\n", ""), "missing required key train_params.lmbda"),
     (('training_modality: "patch"', 'training_modality: "full"'),
-     "train_params.training_modality must be one of ['patch']"),
+     "train_params.training_modality must be 'patch'"),
+    # The acl block is checked in open-loop mode too (training_mode defaults to open_loop).
+    (("N: 192", "N: 192\nacl:\n  thresholds: [1]"), "unknown key acl.thresholds"),
+    (("N: 192", "N: 192\nacl:\n  max_iterations: '8'"), "acl.max_iterations must be int"),
+    (("N: 192", "N: 192\nacl:\n  count_thresholds: [3, -1]"),
+     "acl.count_thresholds must be a non-empty list of integers >= 0"),
     (("N: 192", "N: 192\n  distortion_metric: ms-ssim\n  crop_size: 128"),
      "too small for ms-ssim"),
     (("N: 192", "N: 192\n  crop_size: 128"),

@@ -32,7 +32,7 @@ written, so an interrupted run continues where it stopped.
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
@@ -50,52 +50,15 @@ from utils.image_io import write_png
 from utils.training.state import LAST_NAME as STATE_NAME
 from utils.training.step import build_criterion
 
-__all__ = ["ACLSettings", "ACLState", "open_loop_loss", "closed_loop_loss", "regenerate_contexts",
+__all__ = ["count_threshold", "ACLState", "open_loop_loss", "closed_loop_loss", "regenerate_contexts",
            "train_epoch", "next_learning_rate", "finish_iteration", "run_acl", "STATE_NAME"]
 
 
-@dataclass
-class ACLSettings:
-    """The ``acl:`` config block (defaults: the authors' B8 low-rate config)."""
-
-    itr0_threshold: float = 0.32          # open-loop RD loss that ends iteration 0
-    count_thresholds: List[int] = field(default_factory=lambda: [8, 8, 7, 6, 5, 5])
-    max_iterations: int = 8               # the authors stop by hand; final models: itr 4-16
-    max_epochs_per_iteration: int = 0     # 0: no limit (the authors' behaviour)
-    closed_loop_every: int = 5            # closed-loop validation period at iteration 0
-    closed_loop_tile: int = 16            # tile side in blocks; 0: whole images
-    switch_from_iteration: int = 2
-    switch_ratio: float = 0.99
-    switch_lr_factor: float = 0.66
-    min_lr_closed_loop: float = 2e-5      # plateau floor after the switch (lr_schedule.min_lr before)
-    plateau_threshold: float = 3e-4       # relative; factor, patience, min_lr: lr_schedule block
-    plateau_cooldown: int = 1
-    clip_value: float = 0.5               # gradient clipping by value
-    validation_path: str = ""             # folder of validation images; "": data_path/test
-
-    @classmethod
-    def from_mapping(cls, values: Optional[Mapping]) -> "ACLSettings":
-        """Settings from a config mapping; unknown keys and wrong types are errors."""
-        settings, types = cls(), {f.name: f.type for f in fields(cls)}
-        for key, value in (values or {}).items():
-            if key not in types:
-                raise ValueError(f"unknown key acl.{key}; known: {', '.join(types)}")
-            expected = types[key] if types[key] in (float, int, str) else list
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or isinstance(value, bool):
-                raise ValueError(f"config key acl.{key} must be {expected.__name__}, got {value!r}")
-            setattr(settings, key, value)
-        if not settings.count_thresholds or any(
-                not isinstance(c, int) or c < 0 for c in settings.count_thresholds):
-            raise ValueError(f"acl.count_thresholds must be non-negative integers, "
-                             f"got {settings.count_thresholds!r}")
-        if settings.max_iterations < 1 or settings.closed_loop_every < 1:
-            raise ValueError("acl.max_iterations and acl.closed_loop_every must be >= 1")
-        return settings
-
-    def count_threshold(self, iteration: int) -> int:
-        return self.count_thresholds[min(iteration, len(self.count_thresholds) - 1)]
+def count_threshold(settings: Mapping, iteration: int) -> int:
+    """Epochs without improvement that end ``iteration`` (``acl.count_thresholds``; the
+    last entry holds for every later iteration)."""
+    thresholds = settings["count_thresholds"]
+    return thresholds[min(iteration, len(thresholds) - 1)]
 
 
 @dataclass
@@ -210,7 +173,7 @@ def next_learning_rate(initial: float, current: float, iteration: int) -> float:
 class _Run:
     """The model, data lists, criterion and files of one ACL run (from the train config)."""
 
-    def __init__(self, cfg: Mapping, settings: ACLSettings, device: torch.device, log: Callable):
+    def __init__(self, cfg: Mapping, settings: Mapping, device: torch.device, log: Callable):
         data, params, model_cfg = cfg["train_data"], cfg["train_params"], cfg["model"]
         self.settings, self.device, self.log, self.config = settings, device, log, cfg
         torch.manual_seed(params["seed"])  # the same initial weights in every run
@@ -288,8 +251,8 @@ class _Run:
         load_state_dict_into(self.model, unwrap_state_dict(read_checkpoint_file(path)))
 
 
-def _converged(state: ACLState, settings: ACLSettings, open_loop: float) -> bool:
-    threshold = settings.count_threshold(state.iteration)
+def _converged(state: ACLState, settings: Mapping, open_loop: float) -> bool:
+    threshold = count_threshold(settings, state.iteration)
     if state.mode == "cl_loss":
         return state.cl_stale > threshold
     if state.iteration == 0:
@@ -297,7 +260,7 @@ def _converged(state: ACLState, settings: ACLSettings, open_loop: float) -> bool
     return state.ol_stale > threshold
 
 
-def finish_iteration(state: ACLState, settings: ACLSettings, optimizer) -> None:
+def finish_iteration(state: ACLState, settings: Mapping, optimizer) -> None:
     """End the training phase of an iteration: pick the checkpoint the next one starts
     from (``state.selected``) and apply the switch rule (mode, chained loss, LR)."""
     k = state.iteration
@@ -379,14 +342,15 @@ def _regenerate_phase(run: _Run, state: ACLState):
 def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = print) -> ACLState:
     """Train ``cfg``'s model with ACL until ``acl.max_iterations`` iterations are done.
 
-    ``cfg`` is the validated training config (``utils.training.config``): ``train_data``
+    ``cfg`` is the validated training config (:func:`utils.training.config.parse_config`,
+    which also holds the ``acl`` block's defaults and checks): ``train_data``
     (data_path, experiment_path, batch_size, num_workers, use_checkpoint_path to
     resume, init_checkpoint_path), ``train_params`` (crop_size, learning_rate, lmbda,
     distortion_metric, seed, N), ``model`` (name, kwargs) and ``acl``
-    (:class:`ACLSettings`). Single process. Returns the final state; the model to
+    (the procedure's settings). Single process. Returns the final state; the model to
     use is ``experiment_path/<state.selected>``.
     """
-    settings = ACLSettings.from_mapping(cfg.get("acl"))
+    settings = cfg["acl"]
     run = _Run(cfg, settings, device, log)
     data = cfg["train_data"]
     os.makedirs(run.exp, exist_ok=True)

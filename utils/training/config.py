@@ -5,7 +5,7 @@ unchanged::
 
     train_data:   data_path, use_checkpoint_path, batch_size, test_batch_size, epochs,
                   num_workers, cuda, experiment_path
-    train_params: patch_size (read as crop_size), training_modality, learning_rate, aux_learning_rate,
+    train_params: patch_size (read as crop_size), training_modality (only "patch"), learning_rate, aux_learning_rate,
                   lmbda, clip_max_norm, N
 
 Everything this repository adds is optional and has a default (see :data:`SCHEMA`):
@@ -26,7 +26,8 @@ from typing import Any, Dict, Iterable, Mapping
 import yaml
 from easydict import EasyDict
 
-__all__ = ["SCHEMA", "load_config", "parse_config", "apply_override", "rename_legacy_keys",
+__all__ = ["SCHEMA", "load_config", "parse_config", "apply_override", "block_defaults",
+           "rename_legacy_keys",
            "to_plain_dict"]
 
 REQUIRED = object()  # marks a key without a default
@@ -63,6 +64,12 @@ def _fraction(v):
     return None if 0 < v < 1 else "must be in (0, 1)"
 
 
+def _count_list(v):
+    if not v or any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in v):
+        return "must be a non-empty list of integers >= 0"
+    return None
+
+
 def _sorted_steps(v):
     if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in v):
         return "must be a list of positive integers (global steps)"
@@ -86,7 +93,6 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
     },
     "train_params": {
         "crop_size": _Key(int, 256, _positive, doc="square training crop side in pixels"),
-        "training_modality": _Key(str, "patch", choices=("patch",)),
         "learning_rate": _Key(float, 1e-4, _positive),
         "aux_learning_rate": _Key(float, 1e-3, _positive),
         "lmbda": _Key(float, check=_positive),
@@ -112,21 +118,24 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "milestones": _Key(list, [], _sorted_steps, doc="multistep: global steps"),
         "min_lr": _Key(float, 0.0, _non_negative, doc="plateau/cosine: floor"),
     },
-    "acl": {  # utils.training.acl.ACLSettings, used when train_params.training_mode is acl
-        "itr0_threshold": _Key(float, 0.32, _positive),
-        "count_thresholds": _Key(list, [8, 8, 7, 6, 5, 5]),
-        "max_iterations": _Key(int, 8, _positive),
-        "max_epochs_per_iteration": _Key(int, 0, _non_negative),
-        "closed_loop_every": _Key(int, 5, _positive),
-        "closed_loop_tile": _Key(int, 16, _non_negative),
+    # Asymptotic closed-loop training (utils/training/acl.py, read when
+    # train_params.training_mode is acl); defaults: the Kamisli authors' B8 low-rate run.
+    "acl": {
+        "itr0_threshold": _Key(float, 0.32, _positive, doc="open-loop loss ending iteration 0"),
+        "count_thresholds": _Key(list, [8, 8, 7, 6, 5, 5], _count_list,
+                                 doc="stale epochs ending iteration k (last entry: k >= len)"),
+        "max_iterations": _Key(int, 8, _positive, doc="the authors stop by hand (final: 4-16)"),
+        "max_epochs_per_iteration": _Key(int, 0, _non_negative, doc="0: no limit"),
+        "closed_loop_every": _Key(int, 5, _positive, doc="closed-loop validation period"),
+        "closed_loop_tile": _Key(int, 16, _non_negative, doc="tile side in blocks; 0: whole"),
         "switch_from_iteration": _Key(int, 2, _non_negative),
         "switch_ratio": _Key(float, 0.99, _positive),
         "switch_lr_factor": _Key(float, 0.66, _positive),
-        "min_lr_closed_loop": _Key(float, 2e-5, _non_negative),
-        "plateau_threshold": _Key(float, 3e-4, _non_negative),
+        "min_lr_closed_loop": _Key(float, 2e-5, _non_negative, doc="LR floor after the switch"),
+        "plateau_threshold": _Key(float, 3e-4, _non_negative, doc="relative"),
         "plateau_cooldown": _Key(int, 1, _non_negative),
-        "clip_value": _Key(float, 0.5, _non_negative),
-        "validation_path": _Key(str, ""),
+        "clip_value": _Key(float, 0.5, _non_negative, doc="gradient clipping by value"),
+        "validation_path": _Key(str, "", doc="validation images; '': data_path/test"),
     },
     "logging": {
         "log_interval": _Key(int, 100, _positive, doc="steps between TensorBoard scalars"),
@@ -184,16 +193,26 @@ def _cross_checks(cfg: Mapping) -> None:
 
 # The CPS authors' names for keys this repository renamed: (block, authors' key, ours).
 LEGACY_KEYS = (("train_params", "patch_size", "crop_size"),)
+# Keys of the authors' files that no code reads: (block, key, the only value accepted).
+# ``training_modality: "patch"`` names the one way both they and we train.
+IGNORED_KEYS = (("train_params", "training_modality", "patch"),)
 
 
 def rename_legacy_keys(raw: Mapping, source: str) -> Mapping:
-    """A copy of ``raw`` with the authors' key names mapped to ours.
+    """A copy of ``raw`` with the authors' key names mapped to ours, dead keys dropped.
 
     ``train_params.patch_size`` (the authors' name, also stored in checkpoints written
     before the rename) is the training crop, ``train_params.crop_size`` here; it is
     not the POPS coding patch of ``codec.py``/``test.py --patch-size``.
     """
     raw = dict(raw)
+    for block, key, accepted in IGNORED_KEYS:
+        given = raw.get(block)
+        if isinstance(given, Mapping) and key in given:
+            if given[key] != accepted:
+                raise ValueError(f"{source}: {block}.{key} must be {accepted!r} (the only "
+                                 f"mode there is), got {given[key]!r}")
+            raw[block] = {k: v for k, v in given.items() if k != key}
     for block, old, new in LEGACY_KEYS:
         given = raw.get(block)
         if not isinstance(given, Mapping) or old not in given:
@@ -238,6 +257,11 @@ def parse_config(raw: Any, source: str = "config") -> EasyDict:
                 cfg[block][key] = copy.deepcopy(spec.default)
     _cross_checks(cfg)
     return EasyDict(cfg)
+
+
+def block_defaults(block: str) -> EasyDict:
+    """The default values of one block of :data:`SCHEMA` (blocks without required keys)."""
+    return EasyDict({key: copy.deepcopy(spec.default) for key, spec in SCHEMA[block].items()})
 
 
 def apply_override(raw: dict, assignment: str) -> None:
