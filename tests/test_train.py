@@ -296,3 +296,41 @@ def test_tensorboard_gets_training_scalars_validation_scalars_and_images(tmp_pat
     assert events.Scalars("train/lr")[0].value == pytest.approx(1e-3)
     (image,) = [e for e in events.Images("val/original_vs_reconstruction") if e.step == 4]
     assert (image.width, image.height) == (2 * 64 + 3 * 2, 64 + 2 * 2)  # one pair, 2px grid
+
+
+def test_unusable_training_images_are_skipped_counted_and_past_the_limit_stop_the_run(
+        tmp_path, capsys):
+    from test_train_data import write_broken_images
+
+    data = make_image_folder(tmp_path / "data", n_train=6)
+    (tmp_path / "data" / "train" / "zz_text.jpg").write_text("<html></html>")
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 4},
+                             train_data={"num_workers": 1, "max_bad_fraction": 0.2})
+    assert train.main(["--config", cfg]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "zz_text.jpg" in line]
+    assert warnings == [f"warning: skipping training image {tmp_path}/data/train/zz_text.jpg "
+                        "(not an image file of a format PIL reads); 1 of 7 unusable so far"]
+
+    # Four more broken files: 5 of 11 is more than 20 %, a one-line error through a worker.
+    write_broken_images(tmp_path / "data" / "train")
+    status, err = run_cli(["--config", cfg, "--set", f"train_data.experiment_path={exp}2"],
+                          capsys)
+    assert status == 1
+    assert err[-1].startswith("train.py: error: ") and "train_data.max_bad_fraction=0.2" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_a_worker_error_is_printed_as_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=4)
+    for name in ("01.png", "02.png", "03.png"):
+        (tmp_path / "data" / "train" / name).write_bytes(b"")
+    for i in range(2):
+        (tmp_path / "data" / "train" / f"x{i}.jpg").write_bytes(b"")
+    cfg = write_train_config(tmp_path, data, tmp_path / "exp",
+                             train_data={"num_workers": 1, "max_bad_fraction": 1.0})
+    status, err = run_cli(["--config", cfg], capsys)
+    errors = [line for line in err if line.startswith("train.py:")]
+    assert status == 1 and len(errors) == 1
+    assert errors[0].startswith("train.py: error: 5 images in a row cannot be used, the last ")

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 import models
 from datasets import CropImageFolder, EpochSampler
 from utils.training import distributed
+from utils.training.bad_images import UnusableImages
 from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
                                config_differences, init_weights_from, read_resume_checkpoint,
                                restore, save_checkpoint)
@@ -68,12 +69,15 @@ class Trainer:
         torch.manual_seed(tp.seed)  # identical initial weights on every rank
 
         self.train_set = CropImageFolder(td.data_path, "train", tp.crop_size, True,
-                                         td.small_images)
+                                         td.small_images, td.max_image_pixels)
         self.test_set = CropImageFolder(td.data_path, "test", tp.crop_size, False,
-                                        td.small_images)
+                                        td.small_images, td.max_image_pixels)
         for ds in (self.train_set, self.test_set):
             if ds.skipped:
                 self.log(f"skipped {ds.skipped} images smaller than {tp.crop_size} px")
+        self.unusable = {name: UnusableImages(ds, name, td.max_bad_fraction, self.log)
+                         for name, ds in (("training", self.train_set),
+                                          ("validation", self.test_set))}
         self.train_sampler = EpochSampler(len(self.train_set), tp.seed, True, ctx.rank,
                                           ctx.world_size, pad=True)
         self.test_sampler = EpochSampler(len(self.test_set), tp.seed, False, ctx.rank,
@@ -191,8 +195,9 @@ class Trainer:
                        desc=f"epoch {self.pos.epoch}", dynamic_ncols=True, leave=False,
                        disable=not (self.ctx.is_main and lg.progress), file=self.log_stream)
             window = _Window()
-            for x in self.train_loader:
+            for x, skipped in self.train_loader:
                 window.data_done()
+                self.unusable["training"].note(skipped)
                 x = x.to(self.ctx.device, non_blocking=True)
                 stats = self.step(x, self.pos.global_step, self._stop_signal is not None)
                 self.pos.global_step += 1
@@ -264,7 +269,8 @@ class Trainer:
         raw.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, loss, mse, bpp, psnr
         shown = []  # (original, reconstruction) pairs for TensorBoard
-        for x in self.test_loader:
+        for x, skipped in self.test_loader:
+            self.unusable["validation"].note(skipped)
             x = x.to(device, non_blocking=True)
             if self.cfg.train_params.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -320,6 +326,7 @@ class Trainer:
         self.writer.add_scalar("train/psnr", psnr(means["mse"]), step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
         self.writer.add_scalar("train/data_wait_s", window.data_wait_s / window.count, step)
+        self.writer.add_scalar("train/unusable_images", self.unusable["training"].count, step)
 
 
 class _Window:

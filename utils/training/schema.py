@@ -11,10 +11,14 @@ for every published setting and narrow enough to catch typos (``N: 1923`` for 19
 import math
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from PIL import Image
+
 __all__ = ["SCHEMA", "REQUIRED", "INT64_MAX", "check_value"]
 
 REQUIRED = object()  # marks a key without a default
 INT64_MAX = 2**63 - 1  # seeds and step counts are stored as 64-bit integers
+# PIL refuses images above twice its MAX_IMAGE_PIXELS before their size can be checked.
+PIL_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 
 
 class _Key:
@@ -90,6 +94,10 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
                              doc="images smaller than the crop: edge-padded or left out"),
         "pin_memory": _Key(bool, True, doc="page-locked batches (GPU runs)"),
         "persistent_workers": _Key(bool, True, doc="keep DataLoader workers between epochs"),
+        "max_bad_fraction": _Key(float, 0.01, _within(0.0, 1.0),
+                                 doc="share of unusable images (per split) that stops a run"),
+        "max_image_pixels": _Key(int, 64_000_000, _within(1, PIL_PIXEL_LIMIT),
+                                 doc="larger images are skipped unread (decompression bombs)"),
     },
     "train_params": {
         "crop_size": _Key(int, 256, _within(8, 4096), doc="square training crop side (pixels)"),
