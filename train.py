@@ -9,15 +9,20 @@ Several GPUs (DistributedDataParallel, one process per GPU)::
 
     torchrun --nproc_per_node=4 train.py --config configs/cps_1_lambda00018.yaml
 
-Resume exactly where a run stopped (``experiment_path/checkpoint.pth.tar`` by
-default), or start a new run from another run's weights (fine-tuning to a new
-lambda; optimizers and step start afresh)::
+Resume exactly where a run stopped: the checkpoint alone restores the resolved
+config stored in it (``--config``/``--set`` given again override it, and each
+difference is printed), or ``--resume`` without a path takes
+``experiment_path/checkpoint.pth.tar`` of ``--config``. Or start a new run from
+another run's weights (fine-tuning to a new lambda; optimizers and step start
+afresh)::
 
+    python train.py --resume experiment/cps_lambda00018_v4/checkpoint.pth.tar
     python train.py --config configs/cps_1_lambda00018.yaml --resume
     python train.py --config configs/cps_2_lambda00035.yaml \\
         --init-from experiment/cps_lambda00018_v4/checkpoint_best_loss.pth.tar
 
-See ``utils/training/config.py`` for every config key and ``utils/training/loop.py`` for the loop.
+Every config key: ``docs/training.md`` (``utils/training/schema.py``); the loop:
+``utils/training/loop.py``.
 """
 
 import argparse
@@ -27,42 +32,57 @@ import warnings
 
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
 # every start that users cannot act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                        category=FutureWarning)
 
-from utils.training import distributed
-from utils.training.config import load_config, parse_config, to_plain_dict
-from utils.training.state import LAST_NAME
+from utils.training import distributed  # noqa: E402  (after the warning filter)
+from utils.training.config import load_config, parse_config, to_plain_dict  # noqa: E402
+from utils.training.state import LAST_NAME, stored_config  # noqa: E402
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML experiment config")
+    parser.add_argument("--config", help="YAML experiment config (optional with "
+                                         "--resume CHECKPOINT: the stored config is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="BLOCK.KEY=VALUE",
                         help="override a config key, e.g. train_params.lmbda=0.025 "
                              "(repeatable; the value is parsed as YAML)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                       help="continue a run exactly (default: experiment_path/" + LAST_NAME + ")")
+                       help="continue a run exactly, with the config stored in CHECKPOINT "
+                            "(default: experiment_path/" + LAST_NAME + " of --config)")
     start.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start a new run from these weights (fine-tuning)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is None and not args.resume:
+        parser.error("--config is required, unless --resume names a checkpoint")
+    return args
 
 
 def resolve_config(args):
-    """The validated config with ``--resume``/``--init-from`` folded in."""
-    cfg = load_config(args.config, args.overrides)
+    """The validated config with ``--resume``/``--init-from`` folded in.
+
+    ``--resume CHECKPOINT`` without ``--config`` starts from the resolved config
+    stored in the checkpoint; ``--set`` overrides apply on top of either.
+    """
+    if args.config is None:
+        path = os.path.abspath(args.resume)
+        cfg = load_config(None, args.overrides, base=stored_config(path),
+                          source=f"{path} (stored config)")
+    else:
+        cfg = load_config(args.config, args.overrides)
     if args.resume is None and args.init_from is None:
         return cfg
     raw = to_plain_dict(cfg)
     if args.resume is not None:
-        raw["train_data"]["use_checkpoint_path"] = (
+        raw["train_data"]["use_checkpoint_path"] = os.path.abspath(
             args.resume or os.path.join(cfg.train_data.experiment_path, LAST_NAME))
         raw["train_data"]["init_checkpoint_path"] = ""
     else:
-        raw["train_data"]["init_checkpoint_path"] = args.init_from
+        raw["train_data"]["init_checkpoint_path"] = os.path.abspath(args.init_from)
         raw["train_data"]["use_checkpoint_path"] = ""
-    return parse_config(raw, source=args.config)
+    return parse_config(raw, source=args.config or args.resume)
 
 
 def _run_acl(cfg) -> int:

@@ -58,8 +58,9 @@ class ContextPairs(Dataset):
         if any(short):  # small images: replicate the edge, as CropImageFolder does
             pair = F.pad(pair[None], (0, short[1], 0, short[0]), mode="replicate")[0]
         g = torch.Generator().manual_seed((self.seed + self.epoch) * 1_000_003 + index)
-        top, left = ((int(torch.randint((size - self.crop) // self.block_size + 1, (1,), generator=g))
-                      * self.block_size) for size in pair.shape[1:])
+        top, left = ((int(torch.randint((size - self.crop) // self.block_size + 1, (1,),
+                                        generator=g)) * self.block_size)
+                     for size in pair.shape[1:])
         pair = pair[:, top:top + self.crop, left:left + self.crop]
         flips = torch.rand(2, generator=g) < 0.5
         if flips[0]:

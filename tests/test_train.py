@@ -334,3 +334,80 @@ def test_a_worker_error_is_printed_as_one_line(tmp_path, capsys):
     errors = [line for line in err if line.startswith("train.py:")]
     assert status == 1 and len(errors) == 1
     assert errors[0].startswith("train.py: error: 5 images in a row cannot be used, the last ")
+
+
+def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_change(
+        tmp_path, data, capsys):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 2})
+    assert train.main(["--config", cfg]) == 0
+    capsys.readouterr()
+    ckpt = str(exp / "checkpoint.pth.tar")
+    status, err = run_cli(["--resume", ckpt, "--set", "train_params.max_steps=3"], capsys)
+    assert status == 0
+    assert [line for line in err if "config changed" in line] == [
+        "config changed since the checkpoint: train_params.max_steps: 2 -> 3"]
+    stored = load(ckpt)
+    assert stored["global_step"] == 3
+    assert stored["config"]["train_params"] == {**to_plain_dict(load_config(cfg)).get(
+        "train_params"), "max_steps": 3}
+    # --config given again overrides the stored config; each difference is one line.
+    status, err = run_cli(["--config", cfg, "--resume", ckpt, "--set", "train_params.lmbda=0.02",
+                           "--set", "train_params.max_steps=4"], capsys)
+    assert status == 0
+    assert [line for line in err if "config changed" in line] == [
+        "config changed since the checkpoint: train_params.lmbda: 0.01 -> 0.02",
+        "config changed since the checkpoint: train_params.max_steps: 3 -> 4"]
+    with pytest.raises(SystemExit) as info:  # argparse: neither --config nor a checkpoint
+        train.main(["--set", "train_params.max_steps=5"])
+    assert info.value.code == 2
+    assert "--config is required, unless --resume names a checkpoint" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(tmp_path, data, capsys):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 2})
+    assert train.main(["--config", cfg]) == 0
+    ckpt = exp / "checkpoint.pth.tar"
+    old = load(ckpt)
+    params = old["config"]["train_params"]
+    params["patch_size"] = params.pop("crop_size")
+    params["training_modality"] = "patch"
+    torch.save(old, ckpt)
+    capsys.readouterr()
+    status, err = run_cli(["--config", cfg, "--resume", str(ckpt)], capsys)  # same config
+    assert status == 0 and not [line for line in err if "config changed" in line]
+    status, err = run_cli(["--resume", str(ckpt), "--set", "train_params.max_steps=3"], capsys)
+    assert status == 0 and load(ckpt)["config"]["train_params"]["crop_size"] == 64
+    assert [line for line in err if "config changed" in line] == [
+        "config changed since the checkpoint: train_params.max_steps: 2 -> 3"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer", {}, "entry 'optimizer' must be an optimizer state (state, param_groups), "
+                      "got {}"),
+    ("rng", "not a state", "entry 'rng' must be a mapping of uint8 generator states"),
+    ("rng", {"torch": "abc"}, "entry 'rng' must be a mapping of uint8 generator states"),
+    ("config", [1, 2], "entry 'config' must be a mapping (the resolved training config), "
+                       "got [1, 2]"),
+    ("global_step", "3", "entry 'global_step' must be an integer >= 0, got '3'"),
+    ("lr_scheduler", {"milestones": 3}, "entry 'lr_scheduler' does not fit this model"),
+    ("aux_optimizer", {"state": {}, "param_groups": [{"params": [0, 1, 2]}]},
+     "entry 'aux_optimizer' does not fit this model"),
+])
+def test_tampered_resume_checkpoints_are_one_line_errors_naming_the_entry(
+        tmp_path, data, capsys, key, value, message):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 1})
+    assert train.main(["--config", cfg]) == 0
+    ckpt = exp / "checkpoint.pth.tar"
+    tampered = load(ckpt)
+    tampered[key] = value
+    torch.save(tampered, ckpt)
+    capsys.readouterr()
+    for argv in (["--resume", str(ckpt)], ["--config", cfg, "--resume"]):
+        status, err = run_cli(argv + ["--set", "train_params.max_steps=2"], capsys)
+        assert status == 1 and len(err) == 1, err
+        assert err[0].startswith(f"train.py: error: cannot resume from {ckpt}: ")
+        if key != "config" or argv[0] == "--config":
+            assert message in err[0]

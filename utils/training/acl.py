@@ -26,13 +26,13 @@ model's own closed-loop reconstructions:
     lr = lr0*w + lr*(1-w), w = max(5 - (k+1), 0)/10, and a new plateau scheduler.
 
 Entry point for ``train.py``: :func:`run_acl`. The state is saved after every epoch
-and phase (``checkpoint.pth.tar``, so ``train.py --resume`` finds it) and regeneration skips images already
-written, so an interrupted run continues where it stopped.
+and phase (``checkpoint.pth.tar``, so ``train.py --resume`` finds it) and regeneration
+skips images already written, so an interrupted run continues where it stopped.
 """
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
@@ -48,10 +48,12 @@ from utils.atomic import atomic_torch_save
 from utils.training.config import to_plain_dict
 from utils.image_io import write_png
 from utils.training.state import LAST_NAME as STATE_NAME
+from utils.training.state import check_resume_entries, load_entry
 from utils.training.step import build_criterion
 
-__all__ = ["count_threshold", "ACLState", "open_loop_loss", "closed_loop_loss", "regenerate_contexts",
-           "train_epoch", "next_learning_rate", "finish_iteration", "run_acl", "STATE_NAME"]
+__all__ = ["count_threshold", "ACLState", "open_loop_loss", "closed_loop_loss",
+           "regenerate_contexts", "train_epoch", "next_learning_rate", "finish_iteration",
+           "run_acl", "STATE_NAME"]
 
 
 def count_threshold(settings: Mapping, iteration: int) -> int:
@@ -153,7 +155,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             loss = 0.5 * loss + 0.5 * criterion(model(x, out["x_hat"]), x)["loss"]
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite ACL training loss {float(loss)}; lower the learning rate")
+            raise RuntimeError(f"non-finite ACL training loss {float(loss)}; lower the "
+                               "learning rate")
         loss.backward()
         if clip_value > 0:
             nn.utils.clip_grad_value_(model.parameters(), clip_value)
@@ -217,7 +220,8 @@ class _Run:
                           generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def val_pairs(self, iteration: int) -> ContextPairs:
-        return ContextPairs(self.originals["val"], self.contexts("val", iteration), 0, self.block_size)
+        return ContextPairs(self.originals["val"], self.contexts("val", iteration), 0,
+                            self.block_size)
 
     def optimizer(self, lr: float, mode: str):
         """Adam and the authors' plateau schedule (a fresh pair at every iteration)."""
@@ -326,7 +330,8 @@ def _regenerate_phase(run: _Run, state: ACLState):
     if os.path.exists(selected):
         run.load_weights(selected)
     else:  # no closed-loop validation beat the earlier iterations' best
-        run.log(f"{state.selected} does not exist; iteration {k + 1} starts from the current weights")
+        run.log(f"{state.selected} does not exist; iteration {k + 1} starts from the "
+                "current weights")
     for split in ("train", "val"):
         pairs = ContextPairs(run.originals[split], run.contexts(split, k), 0, run.block_size)
         count = regenerate_contexts(run.model, pairs, run.contexts(split, k + 1), run.device)
@@ -337,6 +342,9 @@ def _regenerate_phase(run: _Run, state: ACLState):
     optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
     run.save_state(state, optimizer, scheduler)
     return optimizer, scheduler
+
+
+_RESUME_KEYS = ("state_dict", "optimizer", "lr_scheduler", "acl_state", "epoch", "config")
 
 
 def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = print) -> ACLState:
@@ -356,14 +364,20 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
     os.makedirs(run.exp, exist_ok=True)
     last = os.path.join(run.exp, STATE_NAME)
     if data["use_checkpoint_path"]:
-        checkpoint = read_checkpoint_file(data["use_checkpoint_path"])
-        if "acl_state" not in checkpoint:
-            raise ValueError(f"{data['use_checkpoint_path']} is not an ACL checkpoint")
-        run.load_weights(data["use_checkpoint_path"])
-        state = ACLState(**checkpoint["acl_state"])
+        path = data["use_checkpoint_path"]
+        checkpoint = read_checkpoint_file(path)
+        if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
+            raise ValueError(f"{path} is not an ACL checkpoint")
+        check_resume_entries(checkpoint, path, _RESUME_KEYS)
+        try:
+            state = ACLState(**checkpoint["acl_state"])
+        except TypeError:
+            raise ValueError(f"cannot resume from {path}: entry 'acl_state' has other keys "
+                             f"than {', '.join(f.name for f in fields(ACLState))}") from None
+        run.load_weights(path)
         optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        load_entry(optimizer, checkpoint, "optimizer", path)
+        load_entry(scheduler, checkpoint, "lr_scheduler", path)
         log(f"resuming ACL iteration {state.iteration} ({state.phase}) after epoch {state.epoch}")
     elif os.path.exists(last):
         raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
@@ -379,5 +393,6 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
         if state.iteration + 1 >= settings.max_iterations:
             break
         optimizer, scheduler = _regenerate_phase(run, state)
-    log(f"ACL finished after iteration {state.iteration}; use {os.path.join(run.exp, state.selected)}")
+    log(f"ACL finished after iteration {state.iteration}; use "
+        f"{os.path.join(run.exp, state.selected)}")
     return state

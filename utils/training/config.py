@@ -194,16 +194,16 @@ def resolve_paths(raw: dict, folder: str) -> None:
                 given[key] = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
 
 
-def load_config(path: str, overrides: Iterable[str] = (),
-                base: Optional[Mapping] = None) -> EasyDict:
+def load_config(path: Optional[str], overrides: Iterable[str] = (),
+                base: Optional[Mapping] = None, source: str = "stored config") -> EasyDict:
     """Read the YAML file ``path``, apply ``overrides`` and validate the result.
 
-    ``base`` (a stored config, for resuming) stands in for the file when ``path`` is
-    ``None``. Every problem of the file and of the overrides is reported together
-    in one ``ValueError``.
+    ``base`` (a config stored in a checkpoint, for resuming; ``source`` names it in
+    errors) stands in for the file when ``path`` is ``None``. Every problem of the
+    file and of the overrides is reported together in one ``ValueError``.
     """
     if path is None:
-        source, raw = "stored config", copy.deepcopy(dict(base or {}))
+        raw = copy.deepcopy(dict(base or {}))
     else:
         source = path
         raw = load_yaml_file(path)

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +30,7 @@ from utils.training.bad_images import UnusableImages
 from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
                                config_differences, init_weights_from, read_resume_checkpoint,
                                restore, save_checkpoint)
-from utils.training.config import rename_legacy_keys, to_plain_dict
+from utils.training.config import parse_config, rename_legacy_keys, to_plain_dict
 from utils.training.step import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
                             build_scheduler, coding_state_dict, psnr)
 
@@ -130,16 +130,14 @@ class Trainer:
             os.makedirs(self.exp, exist_ok=True)
         last = os.path.join(self.exp, LAST_NAME)
         if td.use_checkpoint_path:
-            checkpoint = read_resume_checkpoint(td.use_checkpoint_path)
+            path = td.use_checkpoint_path
+            checkpoint = read_resume_checkpoint(path)
             restore(checkpoint, self.raw, self.optimizer, self.aux_optimizer, self.scheduler,
-                    self.pos)
-            self.log(f"resuming {td.use_checkpoint_path} at step {self.pos.global_step} "
+                    self.pos, path)
+            self.log(f"resuming {path} at step {self.pos.global_step} "
                      f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
-            stored = rename_legacy_keys(checkpoint.get("config") or {}, td.use_checkpoint_path)
-            changes = config_differences(stored, to_plain_dict(self.cfg))
-            changes = [c for c in changes if not c.startswith("train_data.use_checkpoint_path")]
-            if changes:
-                self.log("config changed since the checkpoint: " + "; ".join(changes))
+            for change in self._config_changes(checkpoint.get("config")):
+                self.log(f"config changed since the checkpoint: {change}")
             if self.pos.epoch_step > self.steps_per_epoch:
                 raise ValueError(f"checkpoint is at batch {self.pos.epoch_step} of an epoch "
                                  f"that now has {self.steps_per_epoch}; keep batch_size and "
@@ -150,6 +148,23 @@ class Trainer:
         elif td.init_checkpoint_path:
             init_weights_from(td.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {td.init_checkpoint_path}")
+
+    def _config_changes(self, stored: Optional[dict]) -> List[str]:
+        """``block.key: old -> new`` for each key that differs from the stored config.
+
+        The stored config is read as a config file would be (the authors' key names
+        of older checkpoints are mapped to ours); where the checkpoint came from is
+        not a change.
+        """
+        if not stored:
+            return []
+        try:
+            stored = to_plain_dict(parse_config(stored, "stored config"))
+        except ValueError:  # a config from another version: compare it as it is
+            stored = rename_legacy_keys(stored)
+        return [change for change in config_differences(stored, to_plain_dict(self.cfg))
+                if not change.startswith(("train_data.use_checkpoint_path:",
+                                          "train_data.init_checkpoint_path:"))]
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""
