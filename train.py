@@ -35,7 +35,9 @@ import warnings
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-from utils.training import distributed  # noqa: E402  (after the warning filter)
+import torch  # noqa: E402  (after the warning filter)
+
+from utils.training import distributed  # noqa: E402
 from utils.training.config import load_config, parse_config, to_plain_dict  # noqa: E402
 from utils.training.state import LAST_NAME, stored_config  # noqa: E402
 
@@ -85,16 +87,33 @@ def resolve_config(args):
     return parse_config(raw, source=args.config or args.resume)
 
 
-def _run_acl(cfg) -> int:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def use_cuda(cfg) -> bool:
+    """``train_data.cuda``, unless this machine has no CUDA: then the CPU, with a warning.
+
+    The paper configs say ``cuda: true``; on a CPU-only machine they still run as
+    written (slowly), and the stored config keeps ``cuda: true`` for the next resume.
+    """
+    if cfg.train_data.cuda and not torch.cuda.is_available():
+        if os.environ.get("RANK") in (None, "0"):
+            _log("train.py: warning: train_data.cuda is true but CUDA is not available on "
+                 "this machine; training on the CPU")
+        return False
+    return cfg.train_data.cuda
+
+
+def _run_acl(cfg, cuda: bool) -> int:
     """Asymptotic closed-loop training (single process, utils/training/acl.py)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("train_params.training_mode=acl runs in one process; start it "
                          "with python, not torchrun")
-    from utils.training.acl import run_acl
     from utils.device import select_device
+    from utils.training.acl import run_acl
 
-    run_acl(cfg, select_device(cfg.train_data.cuda),
-            lambda message: print(message, file=sys.stderr, flush=True))
+    run_acl(cfg, select_device(cuda), _log)
     return 0
 
 
@@ -102,9 +121,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = resolve_config(args)
+        cuda = use_cuda(cfg)
         if cfg.train_params.training_mode == "acl":
-            return _run_acl(cfg)
-        ctx = distributed.init_distributed(cfg.train_data.cuda)
+            return _run_acl(cfg, cuda)
+        ctx = distributed.init_distributed(cuda)
         try:
             from utils.training.loop import Trainer
 

@@ -159,11 +159,6 @@ def test_cli_errors_are_one_stderr_line(tmp_path, data, capsys):
     torch.save(models.build_model("cps", N=8).state_dict(), bare)
     status, err = run_cli(["--config", cfg, "--resume", str(bare)], capsys)
     assert status == 1 and len(err) == 1 and "use --init-from" in err[0]
-    status, err = run_cli(["--config", cfg, "--set", "train_data.cuda=true"], capsys)
-    if not torch.cuda.is_available():
-        assert status == 1 and err == ["train.py: error: train_data.cuda is true but CUDA is "
-                                       "not available; set train_data.cuda=false to train on "
-                                       "the CPU"]
 
 
 def make_step(lmbda=0.01, metric="mse", **kwargs):
@@ -290,9 +285,10 @@ def test_tensorboard_gets_training_scalars_validation_scalars_and_images(tmp_pat
         assert [e.step for e in events.Scalars(f"train/{key}")] == [2, 4], key
     for key in ("loss", "mse", "bpp", "aux", "psnr"):
         assert [e.step for e in events.Scalars(f"val/{key}")] == [2, 4], key
-    # Training PSNR is that of the logged mean MSE; the LR is the configured one.
+    # Training PSNR is the mean per-crop PSNR of the clamped output: at least the PSNR
+    # of the mean (unclamped) MSE, by Jensen's inequality. The LR is the configured one.
     for mse, value in zip(events.Scalars("train/mse"), events.Scalars("train/psnr")):
-        assert value.value == pytest.approx(-10 * math.log10(mse.value), rel=1e-5)
+        assert value.value >= -10 * math.log10(mse.value) - 1e-4
     assert events.Scalars("train/lr")[0].value == pytest.approx(1e-3)
     (image,) = [e for e in events.Images("val/original_vs_reconstruction") if e.step == 4]
     assert (image.width, image.height) == (2 * 64 + 3 * 2, 64 + 2 * 2)  # one pair, 2px grid

@@ -361,7 +361,6 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
     settings = cfg["acl"]
     run = _Run(cfg, settings, device, log)
     data = cfg["train_data"]
-    os.makedirs(run.exp, exist_ok=True)
     last = os.path.join(run.exp, STATE_NAME)
     if data["use_checkpoint_path"]:
         path = data["use_checkpoint_path"]
@@ -387,6 +386,7 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
             run.load_weights(data["init_checkpoint_path"])
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
+    os.makedirs(run.exp, exist_ok=True)  # only now: a refused run leaves no empty folder
     while True:
         if state.phase == "train":
             _train_phase(run, state, optimizer, scheduler)

@@ -32,7 +32,7 @@ from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_che
                                restore, save_checkpoint)
 from utils.training.config import parse_config, rename_legacy_keys, to_plain_dict
 from utils.training.step import (STAT_NAMES, TrainStep, build_criterion, build_optimizers,
-                            build_scheduler, coding_state_dict, psnr)
+                            build_scheduler, coding_state_dict)
 
 __all__ = ["Trainer"]
 
@@ -66,6 +66,10 @@ class Trainer:
         self.log_stream = log or sys.stderr
         td, tp = cfg.train_data, cfg.train_params
         self.exp = td.experiment_path
+        last = os.path.join(self.exp, LAST_NAME)
+        if not td.use_checkpoint_path and os.path.exists(last):
+            raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
+                             "another train_data.experiment_path")
         torch.manual_seed(tp.seed)  # identical initial weights on every rank
 
         self.train_set = CropImageFolder(td.data_path, "train", tp.crop_size, True,
@@ -86,9 +90,6 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images give no full batch of "
                              f"{td.batch_size} per process ({ctx.world_size} processes)")
-        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
-        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
-                                        False)
 
         self.raw = _build_model(cfg).to(ctx.device)
         if tp.channels_last:
@@ -103,11 +104,18 @@ class Trainer:
             self.optimizer, cfg.lr_schedule, self.total_steps)
         self.pos = TrainPosition()
         self._load_start_state()
+        # Built once every check has passed: a DataLoader warns at construction when
+        # num_workers exceeds the CPUs, which must not precede a refusal.
+        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
+        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
+                                        False)
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
                               self.aux_optimizer, tp.clip_max_norm, tp.amp, tp.channels_last,
                               tp.max_nonfinite_steps, tp.seed, ctx.rank)
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
+        if ctx.is_main:  # only now: a refused run leaves no empty folder behind
+            os.makedirs(self.exp, exist_ok=True)
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -126,9 +134,6 @@ class Trainer:
 
     def _load_start_state(self) -> None:
         td = self.cfg.train_data
-        if self.ctx.is_main:
-            os.makedirs(self.exp, exist_ok=True)
-        last = os.path.join(self.exp, LAST_NAME)
         if td.use_checkpoint_path:
             path = td.use_checkpoint_path
             checkpoint = read_resume_checkpoint(path)
@@ -142,9 +147,6 @@ class Trainer:
                 raise ValueError(f"checkpoint is at batch {self.pos.epoch_step} of an epoch "
                                  f"that now has {self.steps_per_epoch}; keep batch_size and "
                                  "the process count when resuming")
-        elif os.path.exists(last):
-            raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
-                             "another train_data.experiment_path")
         elif td.init_checkpoint_path:
             init_weights_from(td.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {td.init_checkpoint_path}")
@@ -209,7 +211,7 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=self.pos.epoch_step,
                        desc=f"epoch {self.pos.epoch}", dynamic_ncols=True, leave=False,
                        disable=not (self.ctx.is_main and lg.progress), file=self.log_stream)
-            window = _Window()
+            window, running = _Window(), _Window()  # running: this epoch, for the bar
             for x, skipped in self.train_loader:
                 window.data_done()
                 self.unusable["training"].note(skipped)
@@ -221,9 +223,12 @@ class Trainer:
                 if self.schedule_per == "step":
                     self.scheduler.step()
                 window.add(stats)
+                running.add(stats)
+                if running.count:  # shown by the update's refresh
+                    means = running.means()
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", bpp=f"{means['bpp']:.3f}",
+                                    psnr=f"{means['psnr']:.2f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", bpp=f"{stats['bpp']:.3f}",
-                                psnr=f"{psnr(stats['mse']):.2f}", refresh=False)
                 if self.pos.global_step % lg.log_interval == 0:
                     self._log_train(window)
                     window = _Window()
@@ -231,6 +236,7 @@ class Trainer:
                 if epoch_done:
                     self.pos.epoch += 1
                     self.pos.epoch_step = 0
+                    bar.close()  # before the validation line, not redrawn below it
                 self._after_step(epoch_done)
                 if stats["stop"] > 0:
                     bar.close()
@@ -336,9 +342,8 @@ class Trainer:
         if window.count == 0:
             return
         means = window.means()
-        for key in ("loss", "mse", "bpp", "aux", "grad_norm"):
+        for key in ("loss", "mse", "bpp", "aux", "grad_norm", "psnr"):
             self.writer.add_scalar(f"train/{key}", means[key], step)
-        self.writer.add_scalar("train/psnr", psnr(means["mse"]), step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
         self.writer.add_scalar("train/data_wait_s", window.data_wait_s / window.count, step)
         self.writer.add_scalar("train/unusable_images", self.unusable["training"].count, step)
