@@ -230,3 +230,13 @@ def test_bundled_configs_point_at_the_repository_data_and_experiment_folders():
         for key in ("data_path", "experiment_path"):
             folder = os.path.relpath(cfg.train_data[key], REPO).split(os.sep)[0]
             assert folder == ("experiment" if key == "experiment_path" else "data"), path
+
+
+def test_every_key_is_documented_in_docs_training_md():
+    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as f:
+        text = f.read()
+    for block, keys in SCHEMA.items():
+        section = text.split(f"### `{block}`\n", 1)[1].split("\n### ", 1)[0]
+        rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines()
+                if line.startswith("| `")}
+        assert rows == set(keys), block
