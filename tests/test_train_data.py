@@ -179,6 +179,12 @@ def test_sampler_shards_an_epoch_across_ranks_and_resumes_mid_epoch():
         sampler.set_epoch(0, start=5)
 
 
+def test_the_largest_config_seed_gives_a_valid_order():
+    sampler = EpochSampler(5, seed=2**63 - 1)
+    sampler.set_epoch(7)
+    assert sorted(i for i, _ in sampler) == [0, 1, 2, 3, 4]
+
+
 def test_validation_sampler_visits_every_image_exactly_once():
     shards = [list(EpochSampler(5, shuffle=False, rank=r, world_size=2, pad=False))
               for r in range(2)]

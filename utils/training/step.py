@@ -29,7 +29,7 @@ from compressai.optimizers import net_aux_optimizer
 from utils.training.distributed import all_reduce_sum, average_gradients, aux_parameter_names
 
 __all__ = [
-    "build_criterion", "build_optimizers", "build_scheduler", "step_seed", "psnr",
+    "build_criterion", "build_optimizers", "build_scheduler", "step_seed",
     "TrainStep", "NonFiniteLossError", "coding_state_dict", "STAT_NAMES",
 ]
 
@@ -91,11 +91,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNG for training step ``step`` on ``rank`` (a 63-bit mix)."""
     mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB)
     return mixed % (2**63 - 1)
-
-
-def psnr(mse: float) -> float:
-    """PSNR in dB of images in [0, 1] from their mean squared error."""
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
 def _to_float32(value):
