@@ -9,15 +9,20 @@ Several GPUs (DistributedDataParallel, one process per GPU)::
 
     torchrun --nproc_per_node=4 train.py --config configs/cps_1_lambda00018.yaml
 
-Resume exactly where a run stopped (``experiment_path/checkpoint.pth.tar`` by
-default), or start a new run from another run's weights (fine-tuning to a new
-lambda; optimizers and step start afresh)::
+Resume exactly where a run stopped: the checkpoint alone restores the resolved
+config stored in it (``--config``/``--set`` given again override it, and each
+difference is printed), or ``--resume`` without a path takes
+``experiment_path/checkpoint.pth.tar`` of ``--config``. Or start a new run from
+another run's weights (fine-tuning to a new lambda; optimizers and step start
+afresh)::
 
+    python train.py --resume experiment/cps_lambda00018_v4/checkpoint.pth.tar
     python train.py --config configs/cps_1_lambda00018.yaml --resume
     python train.py --config configs/cps_2_lambda00035.yaml \\
         --init-from experiment/cps_lambda00018_v4/checkpoint_best_loss.pth.tar
 
-See ``utils/training/config.py`` for every config key and ``utils/training/loop.py`` for the loop.
+Every config key: ``docs/training.md`` (``utils/training/schema.py``); the loop:
+``utils/training/loop.py``.
 """
 
 import argparse
@@ -27,54 +32,88 @@ import warnings
 
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
 # every start that users cannot act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                        category=FutureWarning)
 
-from utils.training import distributed
-from utils.training.config import load_config, parse_config, to_plain_dict
-from utils.training.state import LAST_NAME
+import torch  # noqa: E402  (after the warning filter)
+
+from utils.training import distributed  # noqa: E402
+from utils.training.config import load_config, parse_config, to_plain_dict  # noqa: E402
+from utils.training.state import LAST_NAME, stored_config  # noqa: E402
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML experiment config")
+    parser.add_argument("--config", help="YAML experiment config (optional with "
+                                         "--resume CHECKPOINT: the stored config is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="BLOCK.KEY=VALUE",
                         help="override a config key, e.g. train_params.lmbda=0.025 "
                              "(repeatable; the value is parsed as YAML)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                       help="continue a run exactly (default: experiment_path/" + LAST_NAME + ")")
+                       help="continue a run exactly, with the config stored in CHECKPOINT "
+                            "(default: experiment_path/" + LAST_NAME + " of --config)")
     start.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start a new run from these weights (fine-tuning)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is None and not args.resume:
+        parser.error("--config is required, unless --resume names a checkpoint")
+    return args
 
 
 def resolve_config(args):
-    """The validated config with ``--resume``/``--init-from`` folded in."""
-    cfg = load_config(args.config, args.overrides)
+    """The validated config with ``--resume``/``--init-from`` folded in.
+
+    ``--resume CHECKPOINT`` without ``--config`` starts from the resolved config
+    stored in the checkpoint; ``--set`` overrides apply on top of either.
+    """
+    if args.config is None:
+        path = os.path.abspath(args.resume)
+        cfg = load_config(None, args.overrides, base=stored_config(path),
+                          source=f"{path} (stored config)")
+    else:
+        cfg = load_config(args.config, args.overrides)
     if args.resume is None and args.init_from is None:
         return cfg
     raw = to_plain_dict(cfg)
     if args.resume is not None:
-        raw["train_data"]["use_checkpoint_path"] = (
+        raw["train_data"]["use_checkpoint_path"] = os.path.abspath(
             args.resume or os.path.join(cfg.train_data.experiment_path, LAST_NAME))
         raw["train_data"]["init_checkpoint_path"] = ""
     else:
-        raw["train_data"]["init_checkpoint_path"] = args.init_from
+        raw["train_data"]["init_checkpoint_path"] = os.path.abspath(args.init_from)
         raw["train_data"]["use_checkpoint_path"] = ""
-    return parse_config(raw, source=args.config)
+    return parse_config(raw, source=args.config or args.resume)
 
 
-def _run_acl(cfg) -> int:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def use_cuda(cfg) -> bool:
+    """``train_data.cuda``, unless this machine has no CUDA: then the CPU, with a warning.
+
+    The paper configs say ``cuda: true``; on a CPU-only machine they still run as
+    written (slowly), and the stored config keeps ``cuda: true`` for the next resume.
+    """
+    if cfg.train_data.cuda and not torch.cuda.is_available():
+        if os.environ.get("RANK") in (None, "0"):
+            _log("train.py: warning: train_data.cuda is true but CUDA is not available on "
+                 "this machine; training on the CPU")
+        return False
+    return cfg.train_data.cuda
+
+
+def _run_acl(cfg, cuda: bool) -> int:
     """Asymptotic closed-loop training (single process, utils/training/acl.py)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("train_params.training_mode=acl runs in one process; start it "
                          "with python, not torchrun")
-    from utils.training.acl import run_acl
     from utils.device import select_device
+    from utils.training.acl import run_acl
 
-    run_acl(cfg, select_device(cfg.train_data.cuda),
-            lambda message: print(message, file=sys.stderr, flush=True))
+    run_acl(cfg, select_device(cuda), _log)
     return 0
 
 
@@ -82,9 +121,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = resolve_config(args)
+        cuda = use_cuda(cfg)
         if cfg.train_params.training_mode == "acl":
-            return _run_acl(cfg)
-        ctx = distributed.init_distributed(cfg.train_data.cuda)
+            return _run_acl(cfg, cuda)
+        ctx = distributed.init_distributed(cuda)
         try:
             from utils.training.loop import Trainer
 
@@ -94,8 +134,23 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         rank = os.environ.get("RANK")
         prefix = "train.py" if rank in (None, "0") else f"train.py [rank {rank}]"
-        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line.
+
+    An error raised inside a DataLoader worker reaches the main process wrapped in a
+    message that carries the worker's whole traceback; its last line is the original
+    ``Type: message``, and only the message is kept.
+    """
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    kind, sep, message = last.partition(": ")
+    return message if sep and kind.isidentifier() else last
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from compressai.losses import RateDistortionLoss  # noqa: E402
 
 import models  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.training.step import TrainStep, build_criterion, build_optimizers  # noqa: E402
+from utils.training.step import TrainStep, build_optimizers  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "train_throughput.json")
@@ -95,7 +96,7 @@ def _loops(base, device, lmbda):
         model = copy.deepcopy(base).to(device).train()
         if options.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
-        criterion = build_criterion(lmbda)
+        criterion = RateDistortionLoss(lmbda)
         optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
         if name == "compressai_example":
             step = compressai_example_step(model, criterion, optimizer, aux_optimizer, 1.0)

@@ -57,9 +57,11 @@ class ContextPairs(Dataset):
         short = (max(0, self.crop - pair.shape[1]), max(0, self.crop - pair.shape[2]))
         if any(short):  # small images: replicate the edge, as CropImageFolder does
             pair = F.pad(pair[None], (0, short[1], 0, short[0]), mode="replicate")[0]
-        g = torch.Generator().manual_seed((self.seed + self.epoch) * 1_000_003 + index)
-        top, left = ((int(torch.randint((size - self.crop) // self.block_size + 1, (1,), generator=g))
-                      * self.block_size) for size in pair.shape[1:])
+        g = torch.Generator().manual_seed(  # 63 bits, as in datasets.sampler
+            ((self.seed + self.epoch) * 1_000_003 + index) % (2**63 - 1))
+        top, left = ((int(torch.randint((size - self.crop) // self.block_size + 1, (1,),
+                                        generator=g)) * self.block_size)
+                     for size in pair.shape[1:])
         pair = pair[:, top:top + self.crop, left:left + self.crop]
         flips = torch.rand(2, generator=g) < 0.5
         if flips[0]:

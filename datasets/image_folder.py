@@ -12,10 +12,22 @@ authors' recipe, ``RandomCrop(256)`` / ``CenterCrop(256)``). Two differences:
   derives those seeds from ``(seed, epoch)``, so the stream of crops is a pure
   function of the config, whatever the number of DataLoader workers, and a resumed
   run sees exactly the crops the uninterrupted run would have seen.
+
+A large image folder usually holds a few broken files (a truncated download, an
+HTML page saved as ``.jpg``, a PNG with a bad checksum) and sometimes a huge one.
+None of them may crash a run hours in, inside a DataLoader worker. An image is
+therefore checked before it is decoded: its header gives the size, and one above
+``max_pixels`` (a decompression bomb, a 12000x12000 scan) is refused without
+allocating it; a PNG's checksums are verified. An image that is refused or fails to
+decode is replaced by the next image of the folder (deterministically, so resumed
+runs still match), and the sample reports which indices it had to skip; the trainer
+warns once per such image and stops when their share exceeds a configured fraction.
 """
 
+import io
+import warnings
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torchvision.transforms.functional as TF
@@ -25,9 +37,44 @@ from torch.utils.data import Dataset
 
 from compressai.datasets import ImageFolder
 
-__all__ = ["CropImageFolder", "list_split"]
+__all__ = ["CropImageFolder", "list_split", "UnreadableImage", "open_rgb", "REPLACEMENTS"]
 
 _IMAGE_SUFFIXES = {s.lower() for s in Image.registered_extensions()}
+# Images tried after a failed one before a sample gives up (see CropImageFolder).
+REPLACEMENTS = 4
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be used; the message says why, on one line."""
+
+
+def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
+    """Decode ``path`` to an RGB ``PIL.Image``, or raise :class:`UnreadableImage`.
+
+    The size is read from the header and checked against ``max_pixels`` (``None``:
+    PIL's own decompression-bomb limit alone) before any pixel is decoded; PNG chunk
+    checksums are verified (PIL's decoder skips them).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with warnings.catch_warnings():  # the size is checked below, against our limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_pixels(image.size, max_pixels)
+                if image.format == "PNG":
+                    image.verify()
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+    except UnreadableImage:
+        raise
+    except Image.UnidentifiedImageError:  # its message names a BytesIO, not the file
+        raise UnreadableImage("not an image file of a format PIL reads") from None
+    # Image plugins fail in many ways (OSError, SyntaxError, ValueError, zlib and
+    # struct errors, DecompressionBombError): any of them means this file is unusable.
+    except Exception as exc:  # noqa: BLE001
+        text = " ".join(str(exc).split()) or "no details"
+        raise UnreadableImage(f"{type(exc).__name__}: {text}") from None
 
 
 def list_split(root: str, split: str) -> ImageFolder:
@@ -56,25 +103,43 @@ class CropImageFolder(Dataset):
         crop: side of the square crop in pixels.
         random_crop: random position (training) or centre (validation).
         small_images: ``"pad"`` (edge replication up to ``crop``) or ``"skip"``.
+        max_pixels: images with more pixels are refused unread (see :func:`open_rgb`).
 
     Indexing takes ``(index, crop_seed)`` pairs (see the module docstring) and
-    returns a float tensor of shape ``(3, crop, crop)``.
+    returns ``(crop, skipped)``: a float tensor of shape ``(3, crop, crop)`` and an
+    int64 tensor of :data:`REPLACEMENTS` entries, the indices of the unusable images
+    that were replaced by the next one (``-1``: unused entry). When an image and its
+    ``REPLACEMENTS`` successors are all unusable, a one-line ``RuntimeError`` says so.
+
+    ``unusable`` lists ``(path, reason)`` for images refused while listing the folder
+    (``small_images="skip"`` reads every header); ``total`` counts them too.
     """
 
     def __init__(self, root: str, split: str, crop: int, random_crop: bool,
-                 small_images: str = "pad"):
+                 small_images: str = "pad", max_pixels: Optional[int] = None):
         if small_images not in ("pad", "skip"):
             raise ValueError(f"small_images must be 'pad' or 'skip', got {small_images!r}")
         self.folder = list_split(root, split)
-        self.crop = crop
-        self.random_crop = random_crop
+        self.crop, self.random_crop, self.max_pixels = crop, random_crop, max_pixels
+        self.total = len(self.folder.samples)
         self.skipped = 0
+        self.unusable: List[Tuple[Path, str]] = []
         if small_images == "skip":
-            kept = [p for p in self.folder.samples if min(_image_size(p)) >= crop]
-            self.skipped = len(self.folder.samples) - len(kept)
+            kept = []
+            for path in self.folder.samples:
+                try:
+                    size = _image_size(path, max_pixels)
+                except UnreadableImage as exc:
+                    self.unusable.append((path, str(exc)))
+                    continue
+                if min(size) >= crop:
+                    kept.append(path)
+                else:
+                    self.skipped += 1
             if not kept:
-                raise ValueError(f"all {self.skipped} images in {Path(root) / split} are "
-                                 f"smaller than {crop}x{crop}; use small_images: pad")
+                raise ValueError(f"no image of {Path(root) / split} is usable: {self.skipped} "
+                                 f"are smaller than {crop}x{crop} (use small_images: pad), "
+                                 f"{len(self.unusable)} unreadable")
             self.folder.samples = kept
 
     @property
@@ -84,12 +149,31 @@ class CropImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Tensor:
-        index, crop_seed = key
+    def why_unusable(self, index: int) -> str:
+        """Why image ``index`` cannot be used ("" if it can): for messages."""
         try:
-            image = self.folder[index]
-        except OSError as exc:
-            raise RuntimeError(f"cannot read image {self.samples[index]}: {exc}") from None
+            open_rgb(self.samples[index], self.max_pixels).close()
+        except UnreadableImage as exc:
+            return str(exc)
+        return ""
+
+    def __getitem__(self, key: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+        index, crop_seed = key
+        skipped = torch.full((REPLACEMENTS,), -1, dtype=torch.int64)
+        for attempt in range(REPLACEMENTS + 1):
+            candidate = (index + attempt) % len(self)
+            try:
+                image = open_rgb(self.samples[candidate], self.max_pixels)
+                break
+            except UnreadableImage as exc:
+                if attempt == REPLACEMENTS:
+                    raise RuntimeError(f"{REPLACEMENTS + 1} images in a row cannot be used, "
+                                       f"the last {self.samples[candidate]} ({exc}); check "
+                                       "the image folder") from None
+                skipped[attempt] = candidate
+        return self._crop(image, crop_seed), skipped
+
+    def _crop(self, image: Image.Image, crop_seed: int) -> Tensor:
         image = _pad_to(image, self.crop)
         width, height = image.size
         if self.random_crop:
@@ -101,12 +185,25 @@ class CropImageFolder(Dataset):
         return TF.to_tensor(TF.crop(image, top, left, self.crop, self.crop))
 
 
-def _image_size(path: Path) -> Sequence[int]:
+def _image_size(path: Path, max_pixels: Optional[int]) -> Sequence[int]:
+    """``(width, height)`` from the header alone; :class:`UnreadableImage` if unusable."""
     try:
-        with Image.open(path) as image:  # reads the header only
-            return image.size
-    except OSError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                size = image.size
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image file of a format PIL reads") from None
+    except Exception as exc:  # noqa: BLE001  (as in open_rgb)
+        raise UnreadableImage(f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    _check_pixels(size, max_pixels)
+    return size
+
+
+def _check_pixels(size: Sequence[int], max_pixels: Optional[int]) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise UnreadableImage(f"{size[0]}x{size[1]} pixels is more than "
+                              f"train_data.max_image_pixels={max_pixels}")
 
 
 def _pad_to(image: Image.Image, crop: int) -> Image.Image:

@@ -1,11 +1,13 @@
 """Model architectures, their name registry and checkpoint loading."""
 
-from models.registry import MODELS, build_model, get_model_class, register_model
-from models import cps  # noqa: F401  (registers "cps")
-from models import kamisli2024  # noqa: F401  (registers "kamisli2024")
-from models import mei2021  # noqa: F401  (registers "mei2021-quality", "mei2021-spatial")
-from models import zoo  # noqa: F401  (registers CompressAI's zoo architectures)
+from models import (
+    cps,  # noqa: F401  (registers "cps")
+    kamisli2024,  # noqa: F401  (registers "kamisli2024")
+    mei2021,  # noqa: F401  (registers "mei2021-quality", "mei2021-spatial")
+    zoo,  # noqa: F401  (registers CompressAI's zoo architectures)
+)
 from models.checkpoint import load_checkpoint, load_state_dict_into
+from models.registry import MODELS, build_model, get_model_class, register_model
 
 __all__ = [
     "MODELS",

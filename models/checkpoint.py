@@ -12,9 +12,8 @@ import os
 from typing import Mapping, Optional
 
 import torch
-from torch import Tensor, nn
-
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from torch import Tensor, nn
 
 from models.registry import get_model_class
 

@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import save_model_checkpoint
 from PIL import Image
 
 import codec
-from conftest import save_model_checkpoint
 from utils.cli import run_main
 from utils.stitching.spec import PatchSpec
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import models
-from utils.coding.container import BitstreamError, pack, unpack
 from models.base import CodingPlan
-from utils.stitching.spec import PatchSpec
+from utils.coding.container import BitstreamError, pack, unpack
 from utils.coding.context_coder import ContextCoder
+from utils.stitching.spec import PatchSpec
 
 
 def _image(height, width, seed=0):

@@ -7,7 +7,6 @@ from PIL import Image
 
 import codec
 from models.base import CodingPlan
-from utils.stitching.spec import PatchSpec
 from utils.coding.container import unpack
 from utils.image_io import read_image
 

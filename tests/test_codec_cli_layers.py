@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import save_model_checkpoint
 from PIL import Image
 
 import codec
-from conftest import save_model_checkpoint
-from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.base import CodingPlan
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from utils.coding.container import unpack
 
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from utils.training.config import SCHEMA, load_config, parse_config, to_plain_dict
+from utils.yaml_io import load_yaml_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +43,8 @@ def test_authors_layout_loads_unchanged_and_new_keys_get_defaults(tmp_path):
     cfg = load_config(write(tmp_path, AUTHORS_YAML))
     assert cfg.train_data.batch_size == 32 and cfg.train_data.cuda is True
     assert cfg.train_params.lmbda == 0.0018 and cfg.train_params.N == 192
+    assert cfg.train_params.crop_size == 256 and "patch_size" not in cfg.train_params
+    assert "training_modality" not in cfg.train_params  # read by nothing: accepted, dropped
     assert cfg.train_params.distortion_metric == "mse"
     assert cfg.model.name == "cps" and cfg.model.kwargs == {}
     assert cfg.lr_schedule.type == "plateau"
@@ -67,22 +70,29 @@ def test_shipped_configs_are_the_six_paper_lambdas_with_n_192():
     (("train_params:", "train_params:\n  lmdba: 0.1"), "unknown key train_params.lmdba"),
     (("train_data:", "extra_block:\n  a: 1\ntrain_data:"), "unknown block 'extra_block'"),
     (("batch_size: 32", "batch_size: 32.5"), "train_data.batch_size must be int"),
-    (("batch_size: 32", "batch_size: 0"), "train_data.batch_size must be > 0"),
+    (("batch_size: 32", "batch_size: 0"), "train_data.batch_size must be in [1, 4096]"),
     (("cuda: True", "cuda: 1"), "train_data.cuda must be bool"),
     (("N: 192", "N: 1923"), "train_params.N must be in [1, 1536]"),
     (("lmbda: 0.0018", "lmbda: fast"), "train_params.lmbda must be float"),
     (("lmbda: 0.0018", "lmbda: .nan"), "train_params.lmbda must be finite"),
     (("  lmbda: 0.0018\n", ""), "missing required key train_params.lmbda"),
     (('training_modality: "patch"', 'training_modality: "full"'),
-     "train_params.training_modality must be one of ['patch']"),
-    (("N: 192", "N: 192\n  distortion_metric: ms-ssim\n  patch_size: 128"),
+     "train_params.training_modality must be 'patch'"),
+    # The acl block is checked in open-loop mode too (training_mode defaults to open_loop).
+    (("N: 192", "N: 192\nacl:\n  thresholds: [1]"), "unknown key acl.thresholds"),
+    (("N: 192", "N: 192\nacl:\n  max_iterations: '8'"), "acl.max_iterations must be int"),
+    (("N: 192", "N: 192\nacl:\n  count_thresholds: [3, -1]"),
+     "acl.count_thresholds must be a list of 1 to 1000 integers in [0, "),
+    (("N: 192", "N: 192\n  distortion_metric: ms-ssim\n  crop_size: 128"),
      "too small for ms-ssim"),
+    (("N: 192", "N: 192\n  crop_size: 128"),
+     "set only one of train_params.crop_size and train_params.patch_size"),
     (('use_checkpoint_path: ""', 'use_checkpoint_path: a\n  init_checkpoint_path: b'),
      "set only one of"),
 ])
 def test_bad_configs_fail_with_a_message_naming_the_key(tmp_path, edit, message):
     text = AUTHORS_YAML.replace(*edit)
-    if "patch_size: 128" in text:
+    if "ms-ssim" in text:
         text = text.replace("  patch_size: 256\n", "")
     with pytest.raises(ValueError) as info:
         load_config(write(tmp_path, text))
@@ -119,7 +129,7 @@ def test_overrides_change_values_and_are_validated_like_the_file(tmp_path):
 def test_unreadable_files_give_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
-    with pytest.raises(ValueError, match=r"not valid YAML \(line 2\)"):
+    with pytest.raises(ValueError, match=r"not valid YAML: .* \(line 2\)"):
         load_config(write(tmp_path, "train_data:\n  a: b: c\n"))
     with pytest.raises(ValueError, match="expected a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
@@ -130,3 +140,103 @@ def test_plain_dict_round_trip_keeps_every_value(tmp_path):
     plain = to_plain_dict(cfg)
     assert type(plain) is dict and type(plain["train_params"]) is dict
     assert parse_config(plain) == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [1, 2]\nb: *x\n", "YAML anchor &x is not allowed (write the value out) (line 1)"),
+    ("a: [1]\nb: *x\n", "YAML alias *x is not allowed"),
+    ("train_data:\n  batch_size: 2\n  batch_size: 3\n",
+     "duplicate key 'batch_size' (first on line 2) (line 3)"),
+])
+def test_yaml_aliases_anchors_and_duplicate_keys_are_refused_with_the_line(tmp_path, text,
+                                                                           message):
+    with pytest.raises(ValueError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    with pytest.raises(ValueError, match="YAML anchor &a0 is not allowed"):
+        load_yaml_file(write(tmp_path, "\n".join(lines) + "\n"))
+
+
+def test_an_oversized_file_is_refused_unread(tmp_path):
+    with pytest.raises(ValueError, match="more than the 1048576 a config may have"):
+        load_config(write(tmp_path, "# " + "x" * (1 << 20) + "\n"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("  patch_size: 256", "  patch_size: 64000"), "train_params.crop_size must be in [8, 4096]"),
+    (("N: 192", "N: 192\n  seed: 1180591620717411303424"),
+     "train_params.seed must be in [0, 9223372036854775807]"),
+    (("N: 192", "N: 192\n  seed: -1"), "train_params.seed must be in [0, "),
+    (("batch_size: 32", "batch_size: 100000"), "train_data.batch_size must be in [1, 4096]"),
+    (("num_workers: 4", "num_workers: 1000"), "train_data.num_workers must be in [0, 256]"),
+    (("learning_rate: 0.0001", "learning_rate: 5"), "learning_rate must be in (0.0, 1.0]"),
+    (("N: 192", "N: 192\nlogging:\n  num_images: 1000"), "logging.num_images must be in"),
+    (("N: 192", "N: 192\nlr_schedule:\n  milestones: [1, 99999999999999999999]"),
+     "lr_schedule.milestones must be a list of 0 to 10000 integers in [1, "),
+])
+def test_numbers_out_of_their_sane_range_are_one_line_errors(tmp_path, edit, message):
+    with pytest.raises(ValueError) as info:
+        load_config(write(tmp_path, AUTHORS_YAML.replace(*edit)))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_problem_of_a_file_and_its_overrides_is_reported_at_once(tmp_path):
+    text = (AUTHORS_YAML.replace("batch_size: 32", "batch_size: 0")
+            .replace("N: 192", "N: 1923\n  lmdba: 2\nacl:\n  max_iterations: 0"))
+    with pytest.raises(ValueError) as info:
+        load_config(write(tmp_path, text), ["train_params.seed=-5", "logging.nope=1", "bad"])
+    message = str(info.value)
+    assert "7 problems" in message and "\n" not in message
+    for part in ("train_data.batch_size must be in", "train_params.N must be in",
+                 "unknown key train_params.lmdba", "acl.max_iterations must be in",
+                 "train_params.seed must be in", "unknown key logging.nope",
+                 "must look like block.key=value"):
+        assert part in message, part
+
+
+def test_overrides_use_our_key_names(tmp_path):
+    with pytest.raises(ValueError, match="train_params.patch_size is called "
+                                         "train_params.crop_size"):
+        load_config(write(tmp_path, AUTHORS_YAML), ["train_params.patch_size=128"])
+    cfg = load_config(write(tmp_path, AUTHORS_YAML), ["train_params.crop_size=128"])
+    assert cfg.train_params.crop_size == 128
+
+
+def test_paths_in_a_file_are_relative_to_its_folder_and_in_overrides_to_the_cwd(
+        tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    path = write(tmp_path / "configs", AUTHORS_YAML.replace(
+        '"/mnt/hdd3/zzf/flicker_2W_patch"', '"../data"'))
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    assert cfg.train_data.data_path == str(tmp_path / "data")
+    assert cfg.train_data.experiment_path == str(tmp_path / "configs" / "experiment" /
+                                                 "cps_lambda00018_v4")
+    cfg = load_config(path, ["train_data.data_path=elsewhere"])
+    assert cfg.train_data.data_path == os.path.join(REPO, "elsewhere")
+
+
+def test_bundled_configs_point_at_the_repository_data_and_experiment_folders():
+    paths = glob.glob(os.path.join(REPO, "configs", "*.yaml"))
+    paths += glob.glob(os.path.join(REPO, "configs", "demo", "*.yaml"))
+    paths.remove(os.path.join(REPO, "configs", "datasets.yaml"))
+    for path in paths:
+        cfg = load_config(path)
+        for key in ("data_path", "experiment_path"):
+            folder = os.path.relpath(cfg.train_data[key], REPO).split(os.sep)[0]
+            assert folder == ("experiment" if key == "experiment_path" else "data"), path
+
+
+def test_every_key_is_documented_in_docs_training_md():
+    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as f:
+        text = f.read()
+    for block, keys in SCHEMA.items():
+        section = text.split(f"### `{block}`\n", 1)[1].split("\n### ", 1)[0]
+        rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines()
+                if line.startswith("| `")}
+        assert rows == set(keys), block

@@ -11,14 +11,14 @@ import torch
 
 import models
 import test as test_script
-from utils.coding.container import pack
 from models.base import CodingPlan
-from utils.stitching.spec import PatchSpec
+from utils.coding.container import pack
 from utils.evaluation.coders import Coded, LearnedOptions, ModelCoder, NaiveTiles, learned_coders
+from utils.evaluation.metrics import psnr, psnr_b
 from utils.evaluation.runs import aggregate, environment_variable, resolve_dataset, to_json
 from utils.image_io import read_image, write_png
 from utils.memory import memory_in_use
-from utils.evaluation.metrics import psnr, psnr_b
+from utils.stitching.spec import PatchSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
 

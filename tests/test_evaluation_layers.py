@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_model_checkpoint
 from PIL import Image
 
 import test as test_script
-from conftest import save_model_checkpoint
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from utils.evaluation.rd import load_curves
 

@@ -6,12 +6,18 @@ import os
 import pytest
 import torch
 import yaml
+from compressai.losses import RateDistortionLoss
 
 import models
+from models.kamisli2024.layers import (
+    BlockMaskedConv2d,
+    block_mask,
+    compose_reach,
+    from_blocks,
+    network_reach,
+    to_blocks,
+)
 from models.kamisli2024.network import Kamisli2024
-from utils.training.step import build_criterion
-from models.kamisli2024.layers import (BlockMaskedConv2d, block_mask, compose_reach, from_blocks,
-                                   network_reach, to_blocks)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 KERNELS = {"KS3111": [3, 1, 1, 1], "KS3311": [3, 3, 1, 1]}
@@ -197,7 +203,7 @@ def test_rate_is_charged_to_the_original_pixels_with_compressais_lambda():
         out = model(x)
     bpp = float(-out["likelihoods"]["y"].log2().sum()) / (2 * 13 * 18)
     mse = float(((out["x_hat"] - x) ** 2).mean())
-    loss = float(build_criterion(0.0018)(out, x)["loss"])
+    loss = float(RateDistortionLoss(0.0018)(out, x)["loss"])
     assert loss == pytest.approx(bpp + 117.045 * mse, rel=1e-5)
 
 

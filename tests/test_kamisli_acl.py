@@ -6,15 +6,23 @@ import os
 
 import pytest
 import torch
+from compressai.losses import RateDistortionLoss
 from PIL import Image
 
 import models
-from models.kamisli2024.network import Kamisli2024
-from utils.training.acl import (STATE_NAME, ACLSettings, ACLState, finish_iteration, next_learning_rate,
-                       run_acl, train_epoch)
 from datasets.context_pairs import ContextPairs
+from models.kamisli2024.network import Kamisli2024
 from utils.image_io import read_image
-from utils.training.step import build_criterion
+from utils.training.acl import (
+    STATE_NAME,
+    ACLState,
+    count_threshold,
+    finish_iteration,
+    next_learning_rate,
+    run_acl,
+    train_epoch,
+)
+from utils.training.config import block_defaults, parse_config
 
 
 def write_images(folder, count, size, seed):
@@ -35,17 +43,17 @@ def config(tmp_path, **acl):
     settings = {"itr0_threshold": 1e9, "count_thresholds": [0], "max_iterations": 2,
                 "max_epochs_per_iteration": 2, "closed_loop_every": 1, "closed_loop_tile": 2}
     settings.update(acl)
-    return {
+    return parse_config({
         "train_data": {"data_path": str(data), "experiment_path": str(tmp_path / "exp"),
                        "batch_size": 2, "num_workers": 0, "use_checkpoint_path": "",
                        "init_checkpoint_path": ""},
-        "train_params": {"patch_size": 16, "learning_rate": 1e-3, "lmbda": 0.01,
+        "train_params": {"crop_size": 16, "learning_rate": 1e-3, "lmbda": 0.01,
                          "distortion_metric": "mse", "seed": 0, "N": 8},
         "model": {"name": "kamisli2024",
                   "kwargs": {"block_size": 4, "M": 4, "kernel_sizes": [3, 1, 1, 1]}},
         "lr_schedule": {"type": "plateau", "factor": 0.8, "patience": 4, "min_lr": 4e-5},
         "acl": settings,
-    }
+    })
 
 
 def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp_path):
@@ -64,7 +72,8 @@ def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp
     assert isinstance(model, Kamisli2024) and model.config["block_size"] == 4
     # z_1 = 8-bit clamp(f(x, x)) of the model selected after iteration 0, eval mode
     contexts = sorted(os.listdir(os.path.join(exp, "acl", "contexts_1", "train")))
-    assert len(contexts) == 4 and len(os.listdir(os.path.join(exp, "acl", "contexts_1", "val"))) == 2
+    assert len(contexts) == 4
+    assert len(os.listdir(os.path.join(exp, "acl", "contexts_1", "val"))) == 2
     x = read_image(str(tmp_path / "data" / "train" / "img0.png"))[0].float().div(255)[None]
     with torch.no_grad():
         expected = model(x)["x_hat"].clamp(0, 1).mul(255).round().byte()[0]
@@ -124,7 +133,7 @@ def test_the_chained_loss_averages_two_passes_and_trains_through_the_first():
     torch.manual_seed(0)
     model = Kamisli2024(block_size=4, N=8, M=4)
     x, z = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
-    criterion = build_criterion(0.01)
+    criterion = RateDistortionLoss(0.01)
 
     def gradient(chained, detach=False):
         net = copy.deepcopy(model)
@@ -153,17 +162,19 @@ def test_learning_rate_reset_and_switch_rule():
     assert next_learning_rate(1e-4, 5e-5, 1) == pytest.approx(0.4 * 1e-4 + 0.6 * 5e-5)
     assert next_learning_rate(1e-4, 5e-5, 4) == pytest.approx(0.1 * 1e-4 + 0.9 * 5e-5)
     assert next_learning_rate(1e-4, 5e-5, 7) == 5e-5
-    settings = ACLSettings()
+    settings = block_defaults("acl")
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-4)
     # iteration 2, closed-loop loss improved by more than 1 %: stay open loop
     state = ACLState(iteration=2, best_cl=0.90, best_cl_previous=1.0)
     finish_iteration(state, settings, optimizer)
-    assert (state.mode, state.chained, state.selected) == ("ol_loss", False, "model_best_acl_2.pth.tar")
+    assert (state.mode, state.chained) == ("ol_loss", False)
+    assert state.selected == "model_best_acl_2.pth.tar"
     assert state.best_cl_previous == 0.90 and state.learning_rate == 1e-4
     # less than 1 %: switch to closed-loop convergence, chained loss, LR x 0.66
     state = ACLState(iteration=2, best_cl=0.995, best_cl_previous=1.0)
     finish_iteration(state, settings, optimizer)
-    assert (state.mode, state.chained, state.selected) == ("cl_loss", True, "model_best_acl_2rr.pth.tar")
+    assert (state.mode, state.chained) == ("cl_loss", True)
+    assert state.selected == "model_best_acl_2rr.pth.tar"
     assert state.learning_rate == pytest.approx(0.66e-4) and state.phase == "regenerate"
     # before iteration 2 the rule never switches
     state = ACLState(iteration=1, best_cl=1.0, best_cl_previous=1.0)
@@ -171,14 +182,10 @@ def test_learning_rate_reset_and_switch_rule():
     assert state.mode == "ol_loss"
 
 
-def test_acl_settings_reject_unknown_keys_and_wrong_types():
-    assert ACLSettings.from_mapping({"itr0_threshold": 1}).itr0_threshold == 1.0
-    with pytest.raises(ValueError, match="unknown key acl.thresholds"):
-        ACLSettings.from_mapping({"thresholds": [1]})
-    with pytest.raises(ValueError, match="acl.max_iterations must be int"):
-        ACLSettings.from_mapping({"max_iterations": "8"})
-    with pytest.raises(ValueError, match="count_thresholds"):
-        ACLSettings.from_mapping({"count_thresholds": [3, -1]})
+def test_count_thresholds_hold_their_last_entry_for_later_iterations():
+    settings = block_defaults("acl")
+    settings.count_thresholds = [9, 4]
+    assert [count_threshold(settings, k) for k in range(4)] == [9, 4, 4, 4]
 
 
 def test_closed_loop_validation_equals_block_by_block_recursion():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models.base import CodingPlan
-from models.kamisli2024.network import Kamisli2024
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import from_blocks, to_blocks
+from models.kamisli2024.network import Kamisli2024
 from utils.coding.container import BitstreamError, pack, unpack
 
 KERNELS = {"KS3111": [3, 1, 1, 1], "KS3311": [3, 3, 1, 1]}

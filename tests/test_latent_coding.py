@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from compressai.layers import MaskedConv2d
 
 import models
@@ -311,9 +310,8 @@ def test_a_latent_coded_from_cuda_tensors_decodes_on_the_cpu_and_back(coding_mod
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_image_encoded_on_cuda_decodes_on_the_cpu_and_back(tiny_cps):
-    from utils.coding.container import pack, unpack
     from models.base import CodingPlan
-    from utils.stitching.spec import PatchSpec
+    from utils.coding.container import pack, unpack
 
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 70, 130), dtype=torch.uint8, generator=generator)

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import models
-from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.loss import ScalableRDLoss
-from models.mei2021.pyramid import (image_pyramid, pyramid_sizes,
-                            reference_pyramid)
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
+from models.mei2021.pyramid import image_pyramid, pyramid_sizes, reference_pyramid
 from utils.training.step import TrainStep, build_optimizers
 
 QUALITY_WIDTHS = [8, 10, 12, 14]
@@ -270,9 +269,10 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
     import os
 
     from test_train_data import make_image_folder, write_train_config
+
+    from models.mei2021.loss import ScalableRDLoss
     from utils.training.config import load_config
     from utils.training.distributed import DistContext
-    from models.mei2021.loss import ScalableRDLoss
     from utils.training.loop import Trainer
 
     data = make_image_folder(tmp_path / "data")

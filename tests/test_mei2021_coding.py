@@ -7,9 +7,9 @@ with sides that are not multiples of 64/128 so that padding and cropping are exe
 import pytest
 import torch
 
-from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.base import CodingPlan
 from models.mei2021.coding import decode_latents, encode_latents
+from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.pyramid import pyramid_sizes
 from utils.coding.container import LAYERED_MAGIC, BitstreamError, pack, truncate_layers, unpack
 from utils.evaluation.coders import ModelCoder

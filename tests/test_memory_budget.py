@@ -8,16 +8,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import save_model_checkpoint
 from PIL import Image
 
 import utils.stitching.planner
-from conftest import save_model_checkpoint
-from utils.coding.container import pack, unpack
 from models.base import CodingPlan
-from utils.stitching.spec import PatchSpec
+from utils.coding.container import pack, unpack
 from utils.memory import format_memory, memory_in_use, parse_memory
+from utils.stitching.geometry import PopsGeometry, plan_patches
 from utils.stitching.planner import TransformCost, choose_patches
-from utils.stitching.geometry import PopsGeometry, plan_patches, tile_axis
+from utils.stitching.spec import PatchSpec
 
 MB = 2 ** 20
 REPO = __file__.rsplit("/tests/", 1)[0]

@@ -6,8 +6,14 @@ import mmap
 import pytest
 import torch
 
-from utils.evaluation.metrics import (bits_per_pixel, image_metrics, likelihood_bits, ms_ssim_rgb,
-                           psnr, psnr_b)
+from utils.evaluation.metrics import (
+    bits_per_pixel,
+    image_metrics,
+    likelihood_bits,
+    ms_ssim_rgb,
+    psnr,
+    psnr_b,
+)
 from utils.memory import PeakMemory
 
 

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 import models
-from utils.stitching.geometry import (analysis_layers, check_patch_size, geometry_from_layers, model_geometry,
-                        plan_patches, tile_axis)
+from utils.stitching.geometry import (
+    analysis_layers,
+    check_patch_size,
+    geometry_from_layers,
+    model_geometry,
+    plan_patches,
+    tile_axis,
+)
 
 
 def test_paper_network_has_receptive_field_72_scale_16_overlap_64():

@@ -8,8 +8,8 @@ import torch
 import models
 import test as test_cli
 from models.base import CodingPlan
-from utils.stitching.spec import PatchSpec
 from utils.evaluation.demo import _crop_window, demo_image, find_shipped_models
+from utils.stitching.spec import PatchSpec
 from utils.training.release import export_curves, export_weights, read_scalars, training_wall_time
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import models
-from utils.stitching.transforms import transform_mode
-from utils.stitching.patches import run_patchwise
 from utils.stitching.geometry import model_geometry, plan_patches
+from utils.stitching.patches import run_patchwise
+from utils.stitching.transforms import transform_mode
 
 CPU = torch.device("cpu")
 

@@ -4,6 +4,7 @@ Also holds the small image-folder and config writers that the other training tes
 import (``from test_train_data import make_image_folder, write_train_config``).
 """
 
+import io
 import os
 from collections import Counter
 
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import data_dir
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from conftest import data_dir
 from datasets import CropImageFolder, EpochSampler
+from datasets.image_folder import REPLACEMENTS, UnreadableImage, open_rgb
 
 
 def make_image_folder(root, n_train=4, n_test=2, size=(72, 80), small=(40, 48)):
@@ -44,7 +46,7 @@ def write_train_config(tmp_path, data, experiment, **blocks):
         "train_data": {"data_path": str(data), "batch_size": 2, "test_batch_size": 2,
                        "epochs": 100, "num_workers": 0, "cuda": False,
                        "experiment_path": str(experiment)},
-        "train_params": {"patch_size": 64, "lmbda": 0.01, "N": 8, "learning_rate": 1e-3},
+        "train_params": {"crop_size": 64, "lmbda": 0.01, "N": 8, "learning_rate": 1e-3},
         "logging": {"progress": False, "tensorboard": False, "log_interval": 1},
     }
     for block, values in blocks.items():
@@ -67,7 +69,8 @@ def test_small_images_are_edge_padded_or_skipped(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     padded = CropImageFolder(root, "train", 64, random_crop=False, small_images="pad")
     assert len(padded) == 3
-    crop = padded[(0, 0)]  # image 0 is 40 wide, 48 high
+    crop, skipped = padded[(0, 0)]  # image 0 is 40 wide, 48 high
+    assert skipped.tolist() == [-1] * REPLACEMENTS
     assert crop.shape == (3, 64, 64)
     original = torch.from_numpy(np.array(Image.open(padded.samples[0]))).permute(2, 0, 1)
     original = original.float() / 255
@@ -81,12 +84,76 @@ def test_small_images_are_edge_padded_or_skipped(tmp_path):
     assert padded.samples[0] not in skipped.samples
 
 
+def write_broken_images(folder):
+    """Four unusable files: a truncated JPEG, text named .jpg, a PNG whose data chunk
+    fails its checksum, and a 12000x12000 PNG (a few kB of zlib data)."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    (folder / "text.jpg").write_text("<html>404 not found</html>")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"IDAT")
+    data[at + 4 + int.from_bytes(data[at - 4:at], "big")] ^= 0xFF  # the IDAT checksum
+    (folder / "bad_crc.png").write_bytes(bytes(data))
+    Image.new("L", (12000, 12000)).save(folder / "huge.png")
+    return ["bad_crc.png", "huge.png", "text.jpg", "truncated.jpg"]
+
+
+def test_unusable_images_are_refused_with_a_reason_before_decoding(tmp_path):
+    write_broken_images(tmp_path)
+    reasons = {}
+    for name in ("bad_crc.png", "huge.png", "text.jpg", "truncated.jpg"):
+        with pytest.raises(UnreadableImage) as info:
+            open_rgb(tmp_path / name, max_pixels=64_000_000)
+        reasons[name] = str(info.value)
+    assert "checksum" in reasons["bad_crc.png"]
+    assert reasons["huge.png"] == ("12000x12000 pixels is more than "
+                                   "train_data.max_image_pixels=64000000")
+    assert reasons["text.jpg"] == "not an image file of a format PIL reads"
+    assert "truncated" in reasons["truncated.jpg"]
+    assert all("\n" not in r for r in reasons.values())
+
+
+def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
+    root = make_image_folder(tmp_path, n_train=3)
+    broken = write_broken_images(tmp_path / "train")
+    ds = CropImageFolder(root, "train", 64, random_crop=False, max_pixels=64_000_000)
+    names = [p.name for p in ds.samples]  # 00.png 01.png 02.png bad_crc huge text truncated
+    crop, skipped = ds[(names.index("bad_crc.png"), 0)]
+    assert skipped.tolist() == [names.index(n) for n in broken] + [-1] * (REPLACEMENTS - 4)
+    assert torch.equal(crop, ds[(0, 0)][0])  # the index wrapped around to 00.png
+    assert ds.why_unusable(names.index("huge.png")).startswith("12000x12000")
+    assert ds.why_unusable(0) == ""
+    # Five unusable images in a row: the sample gives up with one line.
+    (tmp_path / "train" / "zz.jpg").write_text("not an image either")
+    ds = CropImageFolder(root, "train", 64, random_crop=False, max_pixels=64_000_000)
+    with pytest.raises(RuntimeError, match=r"^5 images in a row cannot be used, the last "
+                                           r".*zz\.jpg \(not an image file"):
+        ds[(names.index("bad_crc.png"), 0)]
+
+
+def test_skip_mode_sets_aside_unreadable_headers_while_listing(tmp_path):
+    root = make_image_folder(tmp_path, n_train=3)
+    write_broken_images(tmp_path / "train")
+    ds = CropImageFolder(root, "train", 64, random_crop=True, small_images="skip",
+                         max_pixels=64_000_000)
+    # 00.png is too small; text.jpg and huge.png fail at the header; the truncated
+    # JPEG and the bad checksum only show when decoded.
+    assert ds.skipped == 1 and ds.total == 7
+    assert sorted(p.name for p, _ in ds.unusable) == ["huge.png", "text.jpg"]
+    assert [p.name for p in ds.samples] == ["01.png", "02.png", "bad_crc.png", "truncated.jpg"]
+
+
 def test_random_crop_depends_only_on_its_seed(tmp_path):
     root = make_image_folder(tmp_path, size=(200, 150))
     ds = CropImageFolder(root, "train", 64, random_crop=True)
-    a, b = ds[(1, 123)], ds[(1, 123)]
+    a, b = ds[(1, 123)][0], ds[(1, 123)][0]
     assert torch.equal(a, b)
-    crops = {tuple(ds[(1, s)].flatten()[:50].tolist()) for s in range(8)}
+    crops = {tuple(ds[(1, s)][0].flatten()[:50].tolist()) for s in range(8)}
     assert len(crops) > 1  # different seeds, different positions
     image = torch.from_numpy(np.array(Image.open(ds.samples[1]))).permute(2, 0, 1) / 255
     windows = image.unfold(1, 64, 1).unfold(2, 64, 1)  # (3, 87, 137, 64, 64)
@@ -112,6 +179,12 @@ def test_sampler_shards_an_epoch_across_ranks_and_resumes_mid_epoch():
         sampler.set_epoch(0, start=5)
 
 
+def test_the_largest_config_seed_gives_a_valid_order():
+    sampler = EpochSampler(5, seed=2**63 - 1)
+    sampler.set_epoch(7)
+    assert sorted(i for i, _ in sampler) == [0, 1, 2, 3, 4]
+
+
 def test_validation_sampler_visits_every_image_exactly_once():
     shards = [list(EpochSampler(5, shuffle=False, rank=r, world_size=2, pad=False))
               for r in range(2)]
@@ -126,6 +199,6 @@ def test_real_training_folder_gives_256_crops():
     assert len(train) > 0 and len(test) > 0
     sampler = EpochSampler(len(train), seed=0)
     for key in list(sampler)[:2]:
-        x = train[key]
+        x = train[key][0]
         assert x.shape == (3, 256, 256) and 0 <= x.min() and x.max() <= 1
-    assert test[(0, 0)].shape == (3, 256, 256)
+    assert test[(0, 0)][0].shape == (3, 256, 256)

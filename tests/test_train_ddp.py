@@ -17,9 +17,9 @@ import sys
 
 import pytest
 import torch
+from test_train_data import make_image_folder, write_train_config
 
 import models
-from test_train_data import make_image_folder, write_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,16 +26,25 @@ import torch
 from torch import Tensor, nn
 
 from models.base import CodingPlan, check_image
-from utils.coding.container import (BitstreamError, CompressedImage, check_model,
-                                    model_fingerprint, tensor_crc)
+from utils.coding.container import (
+    BitstreamError,
+    CompressedImage,
+    check_model,
+    model_fingerprint,
+    tensor_crc,
+)
 from utils.coding.context_coder import ContextCoder, single_threaded
 from utils.device import model_device
 from utils.image_io import to_uint8
 from utils.stitching.geometry import plan_patches
 from utils.stitching.patches import run_patchwise
 from utils.stitching.planner import Planner
-from utils.stitching.transforms import (channels_last_buffer, gray_uint8, input_preparation,
-                                        transform_mode)
+from utils.stitching.transforms import (
+    channels_last_buffer,
+    gray_uint8,
+    input_preparation,
+    transform_mode,
+)
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

@@ -11,9 +11,8 @@ Module and attribute names follow the authors' checkpoints key for key
 (``../shared/notes/official_checkpoint_keys.tsv``).
 """
 
-from torch import Tensor, nn
-
 from compressai.layers import GDN, MaskedConv2d
+from torch import Tensor, nn
 
 
 class EDRB(nn.Module):

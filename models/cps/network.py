@@ -22,9 +22,8 @@ contract (:meth:`CPS.encode` / :meth:`CPS.decode`, implemented in
 ``models/cps/coding.py``); CompressAI's ``compress``/``decompress`` are refused.
 """
 
-from torch import Tensor, nn
-
 from compressai.models import JointAutoregressiveHierarchicalPriors
+from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec
 from models.checkpoint import load_state_dict_into

@@ -45,10 +45,9 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.layers import GDN
+from torch import Tensor, nn
 
 from models.kamisli2024.layers import BlockMaskedConv2d
 from utils.coding.context_coder import ORDERS, coding_order, single_threaded

@@ -31,23 +31,27 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from compressai.entropy_models import GaussianConditional
 from compressai.layers import GDN
 from compressai.models import CompressionModel
+from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.kamisli2024.coding import BlockCoder, BlockPayload
 from models.kamisli2024.layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
 from models.registry import register_model
-from utils.coding.container import (BitstreamError, CompressedImage, check_model,
-                                    model_fingerprint, tensor_crc)
+from utils.coding.container import (
+    BitstreamError,
+    CompressedImage,
+    check_model,
+    model_fingerprint,
+    tensor_crc,
+)
+from utils.coding.context_coder import wavefront_slope
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.stitching.planner import check_whole_image_fits
-from utils.coding.context_coder import wavefront_slope
 
 
 def _masked_or_plain(kind: str, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:

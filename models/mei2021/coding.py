@@ -25,10 +25,15 @@ from torch import Tensor, nn
 from models.base import CodingPlan, check_image
 from models.checkpoint import entropy_tables_ready
 from models.mei2021.pyramid import pyramid_sizes
-from utils.coding.container import (BitstreamError, LayeredImage, check_model,
-                                    model_fingerprint, tensor_crc)
-from utils.image_io import to_uint8, to_unit_float
+from utils.coding.container import (
+    BitstreamError,
+    LayeredImage,
+    check_model,
+    model_fingerprint,
+    tensor_crc,
+)
 from utils.device import model_device
+from utils.image_io import to_uint8, to_unit_float
 from utils.stitching.patches import pad_replicate
 from utils.stitching.planner import check_whole_image_fits
 from utils.stitching.transforms import transform_mode

@@ -9,10 +9,9 @@ the same reparametrisation. A stride-1 transposed convolution is built with
 ``deconv(..., stride=1)``, which sets padding 2 and no output padding.
 """
 
-from torch import Tensor, nn
-
 from compressai.layers import GDN
 from compressai.models.utils import conv, deconv
+from torch import Tensor, nn
 
 __all__ = ["analysis_transform", "synthesis_transform", "PredictionTransform", "up_transform"]
 

@@ -39,19 +39,22 @@ by :meth:`~_MeiScalable.default_loss` from the per-layer lambdas the model carri
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
-
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
+from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec
 from models.checkpoint import load_state_dict_into
-from models.mei2021.layers import (PredictionTransform, analysis_transform, synthesis_transform,
-                                   up_transform)
-from models.registry import register_model
 from models.mei2021 import coding
+from models.mei2021.layers import (
+    PredictionTransform,
+    analysis_transform,
+    synthesis_transform,
+    up_transform,
+)
 from models.mei2021.loss import ScalableRDLoss
 from models.mei2021.pyramid import image_pyramid, reference_pyramid
+from models.registry import register_model
 
 __all__ = ["Mei2021Quality", "Mei2021Spatial"]
 

@@ -24,14 +24,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
 from utils.atomic import atomic_write_bytes
 from utils.evaluation.coders import Coder
 from utils.image_io import read_image, write_png
-from utils.memory import PeakMemory
 from utils.evaluation.metrics import image_metrics
+from utils.memory import PeakMemory
+from utils.yaml_io import load_yaml_text
 
 log = logging.getLogger("cps.test")
 
@@ -56,7 +56,7 @@ def load_datasets_config(path: str = DATASETS_CONFIG) -> Dict[str, dict]:
     """Read and validate ``configs/datasets.yaml``: ``NAME: {path: str, patch_size: int}``."""
     try:
         with open(path) as handle:
-            config = yaml.safe_load(handle) or {}
+            config = load_yaml_text(handle.read(), f"datasets config {path}") or {}
     except OSError as exc:
         raise ValueError(f"cannot read datasets config {path}: {exc.strerror}") from None
     if not isinstance(config, dict):

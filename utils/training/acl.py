@@ -26,8 +26,8 @@ model's own closed-loop reconstructions:
     lr = lr0*w + lr*(1-w), w = max(5 - (k+1), 0)/10, and a new plateau scheduler.
 
 Entry point for ``train.py``: :func:`run_acl`. The state is saved after every epoch
-and phase (``checkpoint.pth.tar``, so ``train.py --resume`` finds it) and regeneration skips images already
-written, so an interrupted run continues where it stopped.
+and phase (``checkpoint.pth.tar``, so ``train.py --resume`` finds it) and regeneration
+skips images already written, so an interrupted run continues where it stopped.
 """
 
 import math
@@ -40,62 +40,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import models
-from models.kamisli2024 import Kamisli2024
 from datasets import list_split
-from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from datasets.context_pairs import ContextPairs
+from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
+from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
-from utils.training.config import to_plain_dict
 from utils.image_io import write_png
+from utils.training.config import to_plain_dict
 from utils.training.state import LAST_NAME as STATE_NAME
-from utils.training.step import build_criterion
+from utils.training.state import check_resume_entries, load_entry
 
-__all__ = ["ACLSettings", "ACLState", "open_loop_loss", "closed_loop_loss", "regenerate_contexts",
-           "train_epoch", "next_learning_rate", "finish_iteration", "run_acl", "STATE_NAME"]
+__all__ = ["count_threshold", "ACLState", "open_loop_loss", "closed_loop_loss",
+           "regenerate_contexts", "train_epoch", "next_learning_rate", "finish_iteration",
+           "run_acl", "STATE_NAME"]
 
 
-@dataclass
-class ACLSettings:
-    """The ``acl:`` config block (defaults: the authors' B8 low-rate config)."""
-
-    itr0_threshold: float = 0.32          # open-loop RD loss that ends iteration 0
-    count_thresholds: List[int] = field(default_factory=lambda: [8, 8, 7, 6, 5, 5])
-    max_iterations: int = 8               # the authors stop by hand; final models: itr 4-16
-    max_epochs_per_iteration: int = 0     # 0: no limit (the authors' behaviour)
-    closed_loop_every: int = 5            # closed-loop validation period at iteration 0
-    closed_loop_tile: int = 16            # tile side in blocks; 0: whole images
-    switch_from_iteration: int = 2
-    switch_ratio: float = 0.99
-    switch_lr_factor: float = 0.66
-    min_lr_closed_loop: float = 2e-5      # plateau floor after the switch (lr_schedule.min_lr before)
-    plateau_threshold: float = 3e-4       # relative; factor, patience, min_lr: lr_schedule block
-    plateau_cooldown: int = 1
-    clip_value: float = 0.5               # gradient clipping by value
-    validation_path: str = ""             # folder of validation images; "": data_path/test
-
-    @classmethod
-    def from_mapping(cls, values: Optional[Mapping]) -> "ACLSettings":
-        """Settings from a config mapping; unknown keys and wrong types are errors."""
-        settings, types = cls(), {f.name: f.type for f in fields(cls)}
-        for key, value in (values or {}).items():
-            if key not in types:
-                raise ValueError(f"unknown key acl.{key}; known: {', '.join(types)}")
-            expected = types[key] if types[key] in (float, int, str) else list
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or isinstance(value, bool):
-                raise ValueError(f"config key acl.{key} must be {expected.__name__}, got {value!r}")
-            setattr(settings, key, value)
-        if not settings.count_thresholds or any(
-                not isinstance(c, int) or c < 0 for c in settings.count_thresholds):
-            raise ValueError(f"acl.count_thresholds must be non-negative integers, "
-                             f"got {settings.count_thresholds!r}")
-        if settings.max_iterations < 1 or settings.closed_loop_every < 1:
-            raise ValueError("acl.max_iterations and acl.closed_loop_every must be >= 1")
-        return settings
-
-    def count_threshold(self, iteration: int) -> int:
-        return self.count_thresholds[min(iteration, len(self.count_thresholds) - 1)]
+def count_threshold(settings: Mapping, iteration: int) -> int:
+    """Epochs without improvement that end ``iteration`` (``acl.count_thresholds``; the
+    last entry holds for every later iteration)."""
+    thresholds = settings["count_thresholds"]
+    return thresholds[min(iteration, len(thresholds) - 1)]
 
 
 @dataclass
@@ -190,7 +154,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             loss = 0.5 * loss + 0.5 * criterion(model(x, out["x_hat"]), x)["loss"]
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite ACL training loss {float(loss)}; lower the learning rate")
+            raise RuntimeError(f"non-finite ACL training loss {float(loss)}; lower the "
+                               "learning rate")
         loss.backward()
         if clip_value > 0:
             nn.utils.clip_grad_value_(model.parameters(), clip_value)
@@ -210,7 +175,7 @@ def next_learning_rate(initial: float, current: float, iteration: int) -> float:
 class _Run:
     """The model, data lists, criterion and files of one ACL run (from the train config)."""
 
-    def __init__(self, cfg: Mapping, settings: ACLSettings, device: torch.device, log: Callable):
+    def __init__(self, cfg: Mapping, settings: Mapping, device: torch.device, log: Callable):
         data, params, model_cfg = cfg["train_data"], cfg["train_params"], cfg["model"]
         self.settings, self.device, self.log, self.config = settings, device, log, cfg
         torch.manual_seed(params["seed"])  # the same initial weights in every run
@@ -222,13 +187,13 @@ class _Run:
         self.block_size = self.model.block_size
         self.exp = data["experiment_path"]
         self.batch_size, self.workers = data["batch_size"], data["num_workers"]
-        self.crop, self.seed = params["patch_size"], params["seed"]
+        self.crop, self.seed = params["crop_size"], params["seed"]
         self.initial_lr = params["learning_rate"]
         self.plateau = cfg["lr_schedule"]
         if self.plateau["type"] != "plateau":
             raise ValueError(f"ACL steps a plateau schedule on the validation loss; "
                              f"lr_schedule.type is {self.plateau['type']!r}")
-        self.criterion = build_criterion(params["lmbda"], params["distortion_metric"])
+        self.criterion = self.model.default_loss(params["lmbda"], params["distortion_metric"])
         validation = settings.validation_path or os.path.join(data["data_path"], "test")
         self.originals = {
             "train": [str(p) for p in list_split(data["data_path"], "train").samples],
@@ -254,7 +219,8 @@ class _Run:
                           generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def val_pairs(self, iteration: int) -> ContextPairs:
-        return ContextPairs(self.originals["val"], self.contexts("val", iteration), 0, self.block_size)
+        return ContextPairs(self.originals["val"], self.contexts("val", iteration), 0,
+                            self.block_size)
 
     def optimizer(self, lr: float, mode: str):
         """Adam and the authors' plateau schedule (a fresh pair at every iteration)."""
@@ -288,8 +254,8 @@ class _Run:
         load_state_dict_into(self.model, unwrap_state_dict(read_checkpoint_file(path)))
 
 
-def _converged(state: ACLState, settings: ACLSettings, open_loop: float) -> bool:
-    threshold = settings.count_threshold(state.iteration)
+def _converged(state: ACLState, settings: Mapping, open_loop: float) -> bool:
+    threshold = count_threshold(settings, state.iteration)
     if state.mode == "cl_loss":
         return state.cl_stale > threshold
     if state.iteration == 0:
@@ -297,7 +263,7 @@ def _converged(state: ACLState, settings: ACLSettings, open_loop: float) -> bool
     return state.ol_stale > threshold
 
 
-def finish_iteration(state: ACLState, settings: ACLSettings, optimizer) -> None:
+def finish_iteration(state: ACLState, settings: Mapping, optimizer) -> None:
     """End the training phase of an iteration: pick the checkpoint the next one starts
     from (``state.selected``) and apply the switch rule (mode, chained loss, LR)."""
     k = state.iteration
@@ -363,7 +329,8 @@ def _regenerate_phase(run: _Run, state: ACLState):
     if os.path.exists(selected):
         run.load_weights(selected)
     else:  # no closed-loop validation beat the earlier iterations' best
-        run.log(f"{state.selected} does not exist; iteration {k + 1} starts from the current weights")
+        run.log(f"{state.selected} does not exist; iteration {k + 1} starts from the "
+                "current weights")
     for split in ("train", "val"):
         pairs = ContextPairs(run.originals[split], run.contexts(split, k), 0, run.block_size)
         count = regenerate_contexts(run.model, pairs, run.contexts(split, k + 1), run.device)
@@ -376,30 +343,39 @@ def _regenerate_phase(run: _Run, state: ACLState):
     return optimizer, scheduler
 
 
+_RESUME_KEYS = ("state_dict", "optimizer", "lr_scheduler", "acl_state", "epoch", "config")
+
+
 def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = print) -> ACLState:
     """Train ``cfg``'s model with ACL until ``acl.max_iterations`` iterations are done.
 
-    ``cfg`` is the validated training config (``utils.training.config``): ``train_data``
+    ``cfg`` is the validated training config (:func:`utils.training.config.parse_config`,
+    which also holds the ``acl`` block's defaults and checks): ``train_data``
     (data_path, experiment_path, batch_size, num_workers, use_checkpoint_path to
-    resume, init_checkpoint_path), ``train_params`` (patch_size, learning_rate, lmbda,
+    resume, init_checkpoint_path), ``train_params`` (crop_size, learning_rate, lmbda,
     distortion_metric, seed, N), ``model`` (name, kwargs) and ``acl``
-    (:class:`ACLSettings`). Single process. Returns the final state; the model to
+    (the procedure's settings). Single process. Returns the final state; the model to
     use is ``experiment_path/<state.selected>``.
     """
-    settings = ACLSettings.from_mapping(cfg.get("acl"))
+    settings = cfg["acl"]
     run = _Run(cfg, settings, device, log)
     data = cfg["train_data"]
-    os.makedirs(run.exp, exist_ok=True)
     last = os.path.join(run.exp, STATE_NAME)
     if data["use_checkpoint_path"]:
-        checkpoint = read_checkpoint_file(data["use_checkpoint_path"])
-        if "acl_state" not in checkpoint:
-            raise ValueError(f"{data['use_checkpoint_path']} is not an ACL checkpoint")
-        run.load_weights(data["use_checkpoint_path"])
-        state = ACLState(**checkpoint["acl_state"])
+        path = data["use_checkpoint_path"]
+        checkpoint = read_checkpoint_file(path)
+        if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
+            raise ValueError(f"{path} is not an ACL checkpoint")
+        check_resume_entries(checkpoint, path, _RESUME_KEYS)
+        try:
+            state = ACLState(**checkpoint["acl_state"])
+        except TypeError:
+            raise ValueError(f"cannot resume from {path}: entry 'acl_state' has other keys "
+                             f"than {', '.join(f.name for f in fields(ACLState))}") from None
+        run.load_weights(path)
         optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        load_entry(optimizer, checkpoint, "optimizer", path)
+        load_entry(scheduler, checkpoint, "lr_scheduler", path)
         log(f"resuming ACL iteration {state.iteration} ({state.phase}) after epoch {state.epoch}")
     elif os.path.exists(last):
         raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
@@ -409,11 +385,13 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
             run.load_weights(data["init_checkpoint_path"])
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
+    os.makedirs(run.exp, exist_ok=True)  # only now: a refused run leaves no empty folder
     while True:
         if state.phase == "train":
             _train_phase(run, state, optimizer, scheduler)
         if state.iteration + 1 >= settings.max_iterations:
             break
         optimizer, scheduler = _regenerate_phase(run, state)
-    log(f"ACL finished after iteration {state.iteration}; use {os.path.join(run.exp, state.selected)}")
+    log(f"ACL finished after iteration {state.iteration}; use "
+        f"{os.path.join(run.exp, state.selected)}")
     return state

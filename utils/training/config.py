@@ -1,224 +1,151 @@
 """Training configuration: the authors' YAML layout, validated, with defaults and overrides.
 
-The CPS authors' files (``configs/cps_*_lambda*.yaml``) have two blocks and must load
-unchanged::
+The CPS authors' files have two blocks and load unchanged::
 
     train_data:   data_path, use_checkpoint_path, batch_size, test_batch_size, epochs,
                   num_workers, cuda, experiment_path
     train_params: patch_size, training_modality, learning_rate, aux_learning_rate,
                   lmbda, clip_max_norm, N
 
-Everything this repository adds is optional and has a default (see :data:`SCHEMA`):
-more keys in those two blocks, plus the blocks ``model`` (registry name and
-constructor kwargs), ``lr_schedule`` and ``logging``.
+Two of their keys have another form here: ``patch_size`` is read as
+``train_params.crop_size`` (the training crop, not the POPS coding patch of
+``codec.py``), and ``training_modality`` (only ``"patch"`` exists) is accepted and
+dropped. Everything this repository adds is optional and has a default
+(:data:`utils.training.schema.SCHEMA`): more keys in those two blocks, plus the blocks
+``model``, ``lr_schedule``, ``acl`` and ``logging``.
 
-Every value is checked when the file is read, and ``--set block.key=value`` overrides
-go through the very same checks, so a typo fails in the first second of a run and not
-after a day of training. Unknown keys are an error that names the key; YAML's habit of
-reading ``1e-4`` as a string is forgiven for float keys.
+Every value of every block is checked when the file is read (in any training mode),
+``--set block.key=value`` overrides and the configs stored in checkpoints go through
+the very same checks, and all the problems are reported together in one line, so a
+config fails in the first second of a run, once, and not after a day of training.
+Relative paths in a file are relative to the file's folder; relative paths given
+with ``--set`` are relative to the current directory.
 """
 
 import copy
-import math
 import os
-from typing import Any, Dict, Iterable, Mapping
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
-import yaml
 from easydict import EasyDict
 
-__all__ = ["SCHEMA", "load_config", "parse_config", "apply_override", "to_plain_dict"]
+from utils.training.schema import REQUIRED, SCHEMA, check_value
+from utils.yaml_io import load_yaml_file, load_yaml_text
 
-REQUIRED = object()  # marks a key without a default
+__all__ = ["SCHEMA", "load_config", "parse_config", "apply_overrides", "block_defaults",
+           "rename_legacy_keys", "resolve_paths", "to_plain_dict"]
 
-
-class _Key:
-    """One config entry: its type, default and an optional extra check."""
-
-    def __init__(self, kind, default=REQUIRED, check=None, choices=None, doc=""):
-        self.kind = kind
-        self.default = default
-        self.check = check  # callable(value) -> error text or None
-        self.choices = choices
-        self.doc = doc
+# The CPS authors' names for keys this repository renamed: (block, authors' key, ours).
+LEGACY_KEYS = (("train_params", "patch_size", "crop_size"),)
+# Keys of the authors' files that no code reads: (block, key, the only value accepted).
+# ``training_modality: "patch"`` names the one way both they and we train.
+IGNORED_KEYS = (("train_params", "training_modality", "patch"),)
 
 
-def _positive(v):
-    return None if v > 0 else "must be > 0"
+def rename_legacy_keys(raw: Mapping, source: str = "config") -> dict:
+    """A copy of ``raw`` with the authors' key names mapped to ours, dead keys dropped.
 
-
-def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _sane_width(v):
-    # SPL-CPS ships a config with ``N: 1923`` (a typo for 192): refuse the absurd.
-    # (Kamisli's presets use N up to 1280.)
-    if not 1 <= v <= 1536:
-        return "must be in [1, 1536] (CPS uses 192, kamisli2024 up to 1280); is it a typo?"
-    return None
-
-
-def _fraction(v):
-    return None if 0 < v < 1 else "must be in (0, 1)"
-
-
-def _sorted_steps(v):
-    if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in v):
-        return "must be a list of positive integers (global steps)"
-    return None if list(v) == sorted(set(v)) else "must be strictly increasing"
-
-
-SCHEMA: Dict[str, Dict[str, _Key]] = {
-    "train_data": {
-        "data_path": _Key(str, doc="folder holding train/ and test/ image folders"),
-        "use_checkpoint_path": _Key(str, "", doc="resume this checkpoint exactly"),
-        "init_checkpoint_path": _Key(str, "", doc="start from these weights only"),
-        "batch_size": _Key(int, 32, _positive),
-        "test_batch_size": _Key(int, 4, _positive),
-        "epochs": _Key(int, 200, _positive),
-        "num_workers": _Key(int, 4, _non_negative),
-        "cuda": _Key(bool, False),
-        "experiment_path": _Key(str, doc="checkpoints and TensorBoard logs go here"),
-        "small_images": _Key(str, "pad", choices=("pad", "skip")),
-        "pin_memory": _Key(bool, True),
-        "persistent_workers": _Key(bool, True),
-    },
-    "train_params": {
-        "patch_size": _Key(int, 256, _positive, doc="square crop side in pixels"),
-        "training_modality": _Key(str, "patch", choices=("patch",)),
-        "learning_rate": _Key(float, 1e-4, _positive),
-        "aux_learning_rate": _Key(float, 1e-3, _positive),
-        "lmbda": _Key(float, check=_positive),
-        "clip_max_norm": _Key(float, 1.0, _non_negative, doc="0 disables clipping"),
-        "N": _Key(int, 192, _sane_width),
-        "distortion_metric": _Key(str, "mse", choices=("mse", "ms-ssim")),
-        "seed": _Key(int, 0, _non_negative),
-        "max_steps": _Key(int, 0, _non_negative, doc="stop after this many steps; 0: epochs"),
-        "max_nonfinite_steps": _Key(int, 10, _positive, doc="consecutive skips before abort"),
-        "amp": _Key(bool, False, doc="bfloat16 autocast for the forward pass"),
-        "channels_last": _Key(bool, False),
-        "training_mode": _Key(str, "open_loop", choices=("open_loop", "acl"),
-                              doc="acl: asymptotic closed-loop training (utils/training/acl.py)"),
-    },
-    "model": {
-        "name": _Key(str, "cps", doc="registry name (models/registry.py)"),
-        "kwargs": _Key(dict, {}, doc="constructor kwargs besides N"),
-    },
-    "lr_schedule": {
-        "type": _Key(str, "plateau", choices=("plateau", "multistep", "cosine", "constant")),
-        "factor": _Key(float, 0.1, _fraction, doc="plateau/multistep: LR multiplier"),
-        "patience": _Key(int, 10, _non_negative, doc="plateau: validations to wait"),
-        "milestones": _Key(list, [], _sorted_steps, doc="multistep: global steps"),
-        "min_lr": _Key(float, 0.0, _non_negative, doc="plateau/cosine: floor"),
-    },
-    "acl": {  # utils.training.acl.ACLSettings, used when train_params.training_mode is acl
-        "itr0_threshold": _Key(float, 0.32, _positive),
-        "count_thresholds": _Key(list, [8, 8, 7, 6, 5, 5]),
-        "max_iterations": _Key(int, 8, _positive),
-        "max_epochs_per_iteration": _Key(int, 0, _non_negative),
-        "closed_loop_every": _Key(int, 5, _positive),
-        "closed_loop_tile": _Key(int, 16, _non_negative),
-        "switch_from_iteration": _Key(int, 2, _non_negative),
-        "switch_ratio": _Key(float, 0.99, _positive),
-        "switch_lr_factor": _Key(float, 0.66, _positive),
-        "min_lr_closed_loop": _Key(float, 2e-5, _non_negative),
-        "plateau_threshold": _Key(float, 3e-4, _non_negative),
-        "plateau_cooldown": _Key(int, 1, _non_negative),
-        "clip_value": _Key(float, 0.5, _non_negative),
-        "validation_path": _Key(str, ""),
-    },
-    "logging": {
-        "log_interval": _Key(int, 100, _positive, doc="steps between TensorBoard scalars"),
-        "val_interval": _Key(int, 0, _non_negative, doc="steps between validations; 0: epoch"),
-        "checkpoint_interval": _Key(int, 0, _non_negative, doc="extra saves; 0: at validation"),
-        "num_images": _Key(int, 4, _non_negative, doc="reconstructions shown per validation"),
-        "tensorboard": _Key(bool, True),
-        "progress": _Key(bool, True, doc="tqdm progress bar"),
-    },
-}
-
-
-def _coerce(where: str, spec: _Key, value: Any) -> Any:
-    """Return ``value`` converted to ``spec.kind`` or raise a one-line ValueError."""
-    kind = spec.kind
-    if kind is float and isinstance(value, str):
-        try:  # PyYAML reads "1e-4" (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is dict and value is None:
-        value = {}
-    if kind is list and value is None:
-        value = []
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not ok:
-        raise ValueError(f"config key {where} must be {kind.__name__}, got {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"config key {where} must be finite, got {value!r}")
-    if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"config key {where} must be one of {list(spec.choices)}, got {value!r}")
-    if spec.check is not None:
-        problem = spec.check(value)
-        if problem:
-            raise ValueError(f"config key {where} {problem}, got {value!r}")
-    return value
-
-
-def _cross_checks(cfg: Mapping) -> None:
-    """Checks that involve more than one key."""
-    tp, td, sched = cfg["train_params"], cfg["train_data"], cfg["lr_schedule"]
-    if tp["distortion_metric"] == "ms-ssim" and tp["patch_size"] < 161:
-        raise ValueError(f"train_params.patch_size={tp['patch_size']} is too small for "
-                         "ms-ssim (5 scales need sides of at least 161 pixels)")
-    if td["use_checkpoint_path"] and td["init_checkpoint_path"]:
-        raise ValueError("set only one of train_data.use_checkpoint_path (resume) and "
-                         "train_data.init_checkpoint_path (initialise from weights)")
-    if sched["type"] == "multistep" and not sched["milestones"]:
-        raise ValueError("lr_schedule.type=multistep needs lr_schedule.milestones")
-    if "N" in cfg["model"]["kwargs"]:
-        raise ValueError("set the model width with train_params.N, not model.kwargs.N")
-
-
-def parse_config(raw: Any, source: str = "config") -> EasyDict:
-    """Validate a parsed YAML mapping and fill in defaults.
-
-    Returns an ``EasyDict`` (``cfg.train_params.lmbda``) holding every key of
-    :data:`SCHEMA`. Raises ``ValueError`` naming the first offending key.
+    ``train_params.patch_size`` (the authors' name, also stored in checkpoints written
+    before the rename) becomes ``train_params.crop_size``. Raises a one-line
+    ``ValueError`` when both names are given or a dropped key has another value.
     """
+    raw = dict(raw)
+    for block, key, accepted in IGNORED_KEYS:
+        given = raw.get(block)
+        if isinstance(given, Mapping) and key in given:
+            if given[key] != accepted:
+                raise ValueError(f"{source}: {block}.{key} must be {accepted!r} (the only "
+                                 f"mode there is), got {given[key]!r}")
+            raw[block] = {k: v for k, v in given.items() if k != key}
+    for block, old, new in LEGACY_KEYS:
+        given = raw.get(block)
+        if not isinstance(given, Mapping) or old not in given:
+            continue
+        if new in given:
+            raise ValueError(f"{source}: set only one of {block}.{new} and {block}.{old} "
+                             f"(the authors' name for {new})")
+        given = dict(given)
+        given[new] = given.pop(old)
+        raw[block] = given
+    return raw
+
+
+def _cross_checks(cfg: Mapping) -> List[str]:
+    """Problems that involve more than one key (each key is already valid)."""
+    problems = []
+    tp, td = cfg.get("train_params", {}), cfg.get("train_data", {})
+    sched, model = cfg.get("lr_schedule", {}), cfg.get("model", {})
+    if tp.get("distortion_metric") == "ms-ssim" and tp.get("crop_size", 161) < 161:
+        problems.append(f"train_params.crop_size={tp['crop_size']} is too small for ms-ssim "
+                        "(5 scales need sides of at least 161 pixels)")
+    if td.get("use_checkpoint_path") and td.get("init_checkpoint_path"):
+        problems.append("set only one of train_data.use_checkpoint_path (resume) and "
+                        "train_data.init_checkpoint_path (initialise from weights)")
+    if sched.get("type") == "multistep" and sched.get("milestones") == []:
+        problems.append("lr_schedule.type=multistep needs lr_schedule.milestones")
+    if "N" in model.get("kwargs", {}):
+        problems.append("set the model width with train_params.N, not model.kwargs.N")
+    return problems
+
+
+def _validate(raw: Any, source: str) -> Tuple[dict, List[str]]:
+    """The config with defaults filled in, and every problem found (possibly none)."""
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{source}: expected a mapping of blocks, got {type(raw).__name__}")
-    unknown = [b for b in raw if b not in SCHEMA]
-    if unknown:
-        raise ValueError(f"{source}: unknown block {unknown[0]!r}; known: {', '.join(SCHEMA)}")
+        return {}, [f"expected a mapping of blocks, got {type(raw).__name__}"]
+    try:
+        raw = rename_legacy_keys(raw, source)
+    except ValueError as exc:
+        return {}, [str(exc).removeprefix(f"{source}: ")]
+    problems = [f"unknown block {b!r}; known: {', '.join(SCHEMA)}" for b in raw
+                if b not in SCHEMA]
     cfg = {}
     for block, keys in SCHEMA.items():
-        given = raw.get(block) or {}
+        given = raw.get(block)
+        if given is None:
+            given = {}
         if not isinstance(given, Mapping):
-            raise ValueError(f"{source}: block {block!r} must be a mapping")
-        for key in given:
-            if key not in keys:
-                raise ValueError(f"{source}: unknown key {block}.{key}; known in {block}: "
-                                 + ", ".join(keys))
+            problems.append(f"block {block!r} must be a mapping, got {type(given).__name__}")
+            given = {}
+        problems += [f"unknown key {block}.{key}; known in {block}: {', '.join(keys)}"
+                     for key in given if key not in keys]
         cfg[block] = {}
         for key, spec in keys.items():
             if key in given:
-                cfg[block][key] = _coerce(f"{block}.{key}", spec, given[key])
+                try:
+                    cfg[block][key] = check_value(f"{block}.{key}", spec, given[key])
+                except ValueError as exc:
+                    problems.append(str(exc))
             elif spec.default is REQUIRED:
-                raise ValueError(f"{source}: missing required key {block}.{key}")
+                problems.append(f"missing required key {block}.{key}")
             else:
                 cfg[block][key] = copy.deepcopy(spec.default)
-    _cross_checks(cfg)
+    return cfg, problems + _cross_checks(cfg)
+
+
+def _raise_if_any(problems: List[str], source: str) -> None:
+    if len(problems) == 1:
+        raise ValueError(f"{source}: {problems[0]}")
+    if problems:
+        raise ValueError(f"{source}: {len(problems)} problems: " + "; ".join(problems))
+
+
+def parse_config(raw: Any, source: str = "config") -> EasyDict:
+    """Validate a parsed config mapping and fill in the defaults.
+
+    Returns an ``EasyDict`` (``cfg.train_params.lmbda``) holding every key of
+    :data:`SCHEMA`. Raises one ``ValueError`` listing every problem on one line.
+    """
+    cfg, problems = _validate(raw, source)
+    _raise_if_any(problems, source)
     return EasyDict(cfg)
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``block.key=value`` assignment to the raw mapping ``raw`` in place.
+def block_defaults(block: str) -> EasyDict:
+    """The default values of one block of :data:`SCHEMA` (blocks without required keys)."""
+    return EasyDict({key: copy.deepcopy(spec.default) for key, spec in SCHEMA[block].items()})
 
-    The value is parsed as YAML (``0.025``, ``true``, ``[1000, 2000]``, ``{a: 1}``);
-    the key must exist in :data:`SCHEMA`. Type checks happen in :func:`parse_config`.
-    """
+
+def _override(raw: dict, assignment: str) -> None:
+    """Apply one ``block.key=value`` assignment to ``raw`` in place (one-line errors)."""
     name, sep, text = assignment.partition("=")
     name = name.strip()
     if not sep or "." not in name:
@@ -226,35 +153,70 @@ def apply_override(raw: dict, assignment: str) -> None:
     block, key = name.split(".", 1)
     if block not in SCHEMA:
         raise ValueError(f"override {assignment!r}: unknown block {block!r}")
+    renamed = {(b, old): new for b, old, new in LEGACY_KEYS}.get((block, key))
+    if renamed:
+        raise ValueError(f"override {assignment!r}: {block}.{key} is called {block}.{renamed}")
     if key not in SCHEMA[block]:
         raise ValueError(f"override {assignment!r}: unknown key {block}.{key}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        raise ValueError(f"override {assignment!r}: value is not valid YAML") from None
-    if raw.get(block) is None:
+    value = load_yaml_text(text, f"override {assignment!r}") if text.strip() else ""
+    if SCHEMA[block][key].path and isinstance(value, str) and value:
+        value = os.path.abspath(value)  # typed in a shell: relative to the current folder
+    if not isinstance(raw.get(block), dict):
         raw[block] = {}
     raw[block][key] = value
 
 
-def load_config(path: str, overrides: Iterable[str] = ()) -> EasyDict:
-    """Read the YAML file ``path``, apply ``overrides`` and validate the result."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file not found: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ValueError(f"config file {path} is not valid YAML{where}") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ValueError(f"config file {path}: expected a mapping of blocks")
-    raw = copy.deepcopy(raw)
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return parse_config(raw, source=path)
+def apply_overrides(raw: dict, assignments: Iterable[str]) -> List[str]:
+    """Apply ``--set`` assignments to the raw mapping ``raw`` in place.
+
+    Each value is parsed as YAML (``0.025``, ``true``, ``[1000, 2000]``, ``{a: 1}``);
+    the key must exist in :data:`SCHEMA`. Returns the problems found (malformed
+    assignments); the values themselves are checked by :func:`parse_config`.
+    """
+    problems = []
+    for assignment in assignments:
+        try:
+            _override(raw, assignment)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def resolve_paths(raw: dict, folder: str) -> None:
+    """Make the relative path values of ``raw`` relative to ``folder``, in place."""
+    for block, keys in SCHEMA.items():
+        given = raw.get(block)
+        if not isinstance(given, dict):
+            continue
+        for key, spec in keys.items():
+            value = given.get(key)
+            if spec.path and isinstance(value, str) and value:
+                given[key] = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+
+
+def load_config(path: Optional[str], overrides: Iterable[str] = (),
+                base: Optional[Mapping] = None, source: str = "stored config") -> EasyDict:
+    """Read the YAML file ``path``, apply ``overrides`` and validate the result.
+
+    ``base`` (a config stored in a checkpoint, for resuming; ``source`` names it in
+    errors) stands in for the file when ``path`` is ``None``. Every problem of the
+    file and of the overrides is reported together in one ``ValueError``.
+    """
+    if path is None:
+        raw = copy.deepcopy(dict(base or {}))
+    else:
+        source = path
+        raw = load_yaml_file(path)
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path}: expected a mapping of blocks, "
+                             f"got {type(raw).__name__}")
+        resolve_paths(raw, os.path.dirname(os.path.abspath(path)))
+    raw = rename_legacy_keys(raw, source)  # before the overrides, which use our names
+    problems = apply_overrides(raw, overrides)
+    cfg, more = _validate(raw, source)
+    _raise_if_any(problems + more, source)
+    return EasyDict(cfg)
 
 
 def to_plain_dict(cfg: Mapping) -> dict:

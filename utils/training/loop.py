@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,12 +26,26 @@ from torch.utils.data import DataLoader
 import models
 from datasets import CropImageFolder, EpochSampler
 from utils.training import distributed
-from utils.training.state import (BEST_NAME, LAST_NAME, TrainPosition, build_checkpoint,
-                               config_differences, init_weights_from, read_resume_checkpoint,
-                               restore, save_checkpoint)
-from utils.training.config import to_plain_dict
-from utils.training.step import (STAT_NAMES, TrainStep, build_optimizers,
-                            build_scheduler, coding_state_dict, psnr)
+from utils.training.bad_images import UnusableImages
+from utils.training.config import parse_config, rename_legacy_keys, to_plain_dict
+from utils.training.state import (
+    BEST_NAME,
+    LAST_NAME,
+    TrainPosition,
+    build_checkpoint,
+    config_differences,
+    init_weights_from,
+    read_resume_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from utils.training.step import (
+    STAT_NAMES,
+    TrainStep,
+    build_optimizers,
+    build_scheduler,
+    coding_state_dict,
+)
 
 __all__ = ["Trainer"]
 
@@ -44,8 +58,8 @@ def _build_model(cfg) -> torch.nn.Module:
     except TypeError as exc:
         raise ValueError(f"model {cfg.model.name!r} rejects its kwargs {kwargs}: {exc}") from None
     factor = getattr(model, "downsampling_factor", 1)
-    if cfg.train_params.patch_size % factor:
-        raise ValueError(f"train_params.patch_size={cfg.train_params.patch_size} must be a "
+    if cfg.train_params.crop_size % factor:
+        raise ValueError(f"train_params.crop_size={cfg.train_params.crop_size} must be a "
                          f"multiple of {factor} for model {cfg.model.name!r}")
     return model
 
@@ -65,15 +79,22 @@ class Trainer:
         self.log_stream = log or sys.stderr
         td, tp = cfg.train_data, cfg.train_params
         self.exp = td.experiment_path
+        last = os.path.join(self.exp, LAST_NAME)
+        if not td.use_checkpoint_path and os.path.exists(last):
+            raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
+                             "another train_data.experiment_path")
         torch.manual_seed(tp.seed)  # identical initial weights on every rank
 
-        self.train_set = CropImageFolder(td.data_path, "train", tp.patch_size, True,
-                                         td.small_images)
-        self.test_set = CropImageFolder(td.data_path, "test", tp.patch_size, False,
-                                        td.small_images)
+        self.train_set = CropImageFolder(td.data_path, "train", tp.crop_size, True,
+                                         td.small_images, td.max_image_pixels)
+        self.test_set = CropImageFolder(td.data_path, "test", tp.crop_size, False,
+                                        td.small_images, td.max_image_pixels)
         for ds in (self.train_set, self.test_set):
             if ds.skipped:
-                self.log(f"skipped {ds.skipped} images smaller than {tp.patch_size} px")
+                self.log(f"skipped {ds.skipped} images smaller than {tp.crop_size} px")
+        self.unusable = {name: UnusableImages(ds, name, td.max_bad_fraction, self.log)
+                         for name, ds in (("training", self.train_set),
+                                          ("validation", self.test_set))}
         self.train_sampler = EpochSampler(len(self.train_set), tp.seed, True, ctx.rank,
                                           ctx.world_size, pad=True)
         self.test_sampler = EpochSampler(len(self.test_set), tp.seed, False, ctx.rank,
@@ -82,9 +103,6 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images give no full batch of "
                              f"{td.batch_size} per process ({ctx.world_size} processes)")
-        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
-        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
-                                        False)
 
         self.raw = _build_model(cfg).to(ctx.device)
         if tp.channels_last:
@@ -98,11 +116,18 @@ class Trainer:
             self.optimizer, cfg.lr_schedule, self.total_steps)
         self.pos = TrainPosition()
         self._load_start_state()
+        # Built once every check has passed: a DataLoader warns at construction when
+        # num_workers exceeds the CPUs, which must not precede a refusal.
+        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
+        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
+                                        False)
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
                               self.aux_optimizer, tp.clip_max_norm, tp.amp, tp.channels_last,
                               tp.max_nonfinite_steps, tp.seed, ctx.rank)
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
+        if ctx.is_main:  # only now: a refused run leaves no empty folder behind
+            os.makedirs(self.exp, exist_ok=True)
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -121,29 +146,39 @@ class Trainer:
 
     def _load_start_state(self) -> None:
         td = self.cfg.train_data
-        if self.ctx.is_main:
-            os.makedirs(self.exp, exist_ok=True)
-        last = os.path.join(self.exp, LAST_NAME)
         if td.use_checkpoint_path:
-            checkpoint = read_resume_checkpoint(td.use_checkpoint_path)
+            path = td.use_checkpoint_path
+            checkpoint = read_resume_checkpoint(path)
             restore(checkpoint, self.raw, self.optimizer, self.aux_optimizer, self.scheduler,
-                    self.pos)
-            self.log(f"resuming {td.use_checkpoint_path} at step {self.pos.global_step} "
+                    self.pos, path)
+            self.log(f"resuming {path} at step {self.pos.global_step} "
                      f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
-            changes = config_differences(checkpoint.get("config", {}), to_plain_dict(self.cfg))
-            changes = [c for c in changes if not c.startswith("train_data.use_checkpoint_path")]
-            if changes:
-                self.log("config changed since the checkpoint: " + "; ".join(changes))
+            for change in self._config_changes(checkpoint.get("config")):
+                self.log(f"config changed since the checkpoint: {change}")
             if self.pos.epoch_step > self.steps_per_epoch:
                 raise ValueError(f"checkpoint is at batch {self.pos.epoch_step} of an epoch "
                                  f"that now has {self.steps_per_epoch}; keep batch_size and "
                                  "the process count when resuming")
-        elif os.path.exists(last):
-            raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
-                             "another train_data.experiment_path")
         elif td.init_checkpoint_path:
             init_weights_from(td.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {td.init_checkpoint_path}")
+
+    def _config_changes(self, stored: Optional[dict]) -> List[str]:
+        """``block.key: old -> new`` for each key that differs from the stored config.
+
+        The stored config is read as a config file would be (the authors' key names
+        of older checkpoints are mapped to ours); where the checkpoint came from is
+        not a change.
+        """
+        if not stored:
+            return []
+        try:
+            stored = to_plain_dict(parse_config(stored, "stored config"))
+        except ValueError:  # a config from another version: compare it as it is
+            stored = rename_legacy_keys(stored)
+        return [change for change in config_differences(stored, to_plain_dict(self.cfg))
+                if not change.startswith(("train_data.use_checkpoint_path:",
+                                          "train_data.init_checkpoint_path:"))]
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""
@@ -188,9 +223,10 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=self.pos.epoch_step,
                        desc=f"epoch {self.pos.epoch}", dynamic_ncols=True, leave=False,
                        disable=not (self.ctx.is_main and lg.progress), file=self.log_stream)
-            window = _Window()
-            for x in self.train_loader:
+            window, running = _Window(), _Window()  # running: this epoch, for the bar
+            for x, skipped in self.train_loader:
                 window.data_done()
+                self.unusable["training"].note(skipped)
                 x = x.to(self.ctx.device, non_blocking=True)
                 stats = self.step(x, self.pos.global_step, self._stop_signal is not None)
                 self.pos.global_step += 1
@@ -199,9 +235,12 @@ class Trainer:
                 if self.schedule_per == "step":
                     self.scheduler.step()
                 window.add(stats)
+                running.add(stats)
+                if running.count:  # shown by the update's refresh
+                    means = running.means()
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", bpp=f"{means['bpp']:.3f}",
+                                    psnr=f"{means['psnr']:.2f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", bpp=f"{stats['bpp']:.3f}",
-                                psnr=f"{psnr(stats['mse']):.2f}", refresh=False)
                 if self.pos.global_step % lg.log_interval == 0:
                     self._log_train(window)
                     window = _Window()
@@ -209,6 +248,7 @@ class Trainer:
                 if epoch_done:
                     self.pos.epoch += 1
                     self.pos.epoch_step = 0
+                    bar.close()  # before the validation line, not redrawn below it
                 self._after_step(epoch_done)
                 if stats["stop"] > 0:
                     bar.close()
@@ -262,7 +302,8 @@ class Trainer:
         raw.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, loss, mse, bpp, psnr
         shown = []  # (original, reconstruction) pairs for TensorBoard
-        for x in self.test_loader:
+        for x, skipped in self.test_loader:
+            self.unusable["validation"].note(skipped)
             x = x.to(device, non_blocking=True)
             if self.cfg.train_params.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -313,11 +354,11 @@ class Trainer:
         if window.count == 0:
             return
         means = window.means()
-        for key in ("loss", "mse", "bpp", "aux", "grad_norm"):
+        for key in ("loss", "mse", "bpp", "aux", "grad_norm", "psnr"):
             self.writer.add_scalar(f"train/{key}", means[key], step)
-        self.writer.add_scalar("train/psnr", psnr(means["mse"]), step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
         self.writer.add_scalar("train/data_wait_s", window.data_wait_s / window.count, step)
+        self.writer.add_scalar("train/unusable_images", self.unusable["training"].count, step)
 
 
 class _Window:

@@ -28,17 +28,17 @@ import math
 import os
 from typing import Optional
 
+import compressai
 import torch
 from torch import nn
-
-import compressai
 
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from utils.atomic import atomic_torch_save
 from utils.training.config import to_plain_dict
 
 __all__ = ["LAST_NAME", "BEST_NAME", "TrainPosition", "build_checkpoint", "save_checkpoint",
-           "read_resume_checkpoint", "init_weights_from", "config_differences"]
+           "read_resume_checkpoint", "check_resume_entries", "stored_config", "load_entry",
+           "restore", "init_weights_from", "config_differences"]
 
 LAST_NAME = "checkpoint.pth.tar"
 BEST_NAME = "checkpoint_best_loss.pth.tar"
@@ -123,31 +123,134 @@ _RESUME_KEYS = ("state_dict", "optimizer", "aux_optimizer", "lr_scheduler", "glo
                 "epoch", "epoch_step")
 
 
-def read_resume_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by this trainer, or raise a one-line ValueError."""
-    checkpoint = read_checkpoint_file(path)
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_optimizer_state(v) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("state"), dict)
+            and isinstance(v.get("param_groups"), list) and len(v["param_groups"]) > 0
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in v["param_groups"]))
+
+
+def _is_byte_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1
+
+
+def _is_rng_state(v) -> bool:
+    if not isinstance(v, dict):
+        return False
+    cuda = v.get("cuda", [])
+    return (("torch" not in v or _is_byte_tensor(v["torch"]))
+            and isinstance(cuda, (list, tuple)) and all(_is_byte_tensor(t) for t in cuda))
+
+
+# What each entry of a resume checkpoint must be: (test, description for the error).
+ENTRY_CHECKS = {
+    "state_dict": (lambda v: isinstance(v, dict) and all(
+        isinstance(t, torch.Tensor) for t in v.values()), "a mapping of tensors"),
+    "optimizer": (_is_optimizer_state, "an optimizer state (state, param_groups)"),
+    "aux_optimizer": (_is_optimizer_state, "an optimizer state (state, param_groups)"),
+    "lr_scheduler": (lambda v: isinstance(v, dict) and len(v) > 0, "a scheduler state"),
+    "global_step": (_is_count, "an integer >= 0"),
+    "epoch": (_is_count, "an integer >= 0"),
+    "epoch_step": (_is_count, "an integer >= 0"),
+    "nonfinite_in_a_row": (_is_count, "an integer >= 0"),
+    "best_loss": (_is_number, "a number"),
+    "loss": (lambda v: v is None or _is_number(v), "a number or null"),
+    "config": (lambda v: isinstance(v, dict), "a mapping (the resolved training config)"),
+    "rng": (_is_rng_state, "a mapping of uint8 generator states ('torch', 'cuda')"),
+    "acl_state": (lambda v: isinstance(v, dict), "a mapping (the ACL position)"),
+}
+
+
+def check_resume_entries(checkpoint, path: str, required=_RESUME_KEYS) -> dict:
+    """Check a loaded resume checkpoint's entries; return it or raise one ValueError line.
+
+    ``required`` must all be present; every entry of :data:`ENTRY_CHECKS` that is
+    present must have the expected type, so a damaged or hand-edited file fails here,
+    naming the entry, and not deep inside ``load_state_dict``.
+    """
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"cannot resume from {path}: not a training checkpoint")
-    missing = [k for k in _RESUME_KEYS if k not in checkpoint]
+        raise ValueError(f"cannot resume from {path}: it holds a {type(checkpoint).__name__}, "
+                         "not a training checkpoint")
+    missing = [k for k in required if k not in checkpoint]
     if missing:
         raise ValueError(f"cannot resume from {path}: it has no {missing[0]!r} entry (not "
                          "written by this train.py); use --init-from to start from its weights")
+    for key, (test, what) in ENTRY_CHECKS.items():
+        if key in checkpoint and not test(checkpoint[key]):
+            got = checkpoint[key]
+            shown = repr(got) if len(repr(got)) <= 40 else type(got).__name__
+            raise ValueError(f"cannot resume from {path}: entry {key!r} must be {what}, "
+                             f"got {shown}")
     return checkpoint
 
 
+def read_resume_checkpoint(path: str, required=_RESUME_KEYS) -> dict:
+    """Read and check a checkpoint written by this trainer (see :func:`check_resume_entries`)."""
+    return check_resume_entries(read_checkpoint_file(path), path, required)
+
+
+def stored_config(path: str) -> dict:
+    """The resolved training config stored in the checkpoint ``path``."""
+    checkpoint = read_resume_checkpoint(path, required=("config",))
+    return checkpoint["config"]
+
+
+def load_entry(target, checkpoint: dict, key: str, path: str) -> None:
+    """``target.load_state_dict(checkpoint[key])`` with a one-line error naming ``key``."""
+    try:
+        _check_like(target.state_dict(), checkpoint[key])
+        target.load_state_dict(checkpoint[key])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"cannot resume from {path}: entry {key!r} does not fit this model "
+                         f"and config ({reason})") from None
+
+
+def _check_like(fresh: dict, stored: dict) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``stored`` has only keys of ``fresh``, each
+    holding the same kind of value.
+
+    Schedulers' ``load_state_dict`` copies whatever it is given into the object, so
+    a damaged entry would only fail steps later, inside ``step()``. (Keys missing
+    from ``stored``, as in states written by an older PyTorch, keep their values.)
+    """
+    for name, value in stored.items():
+        if name not in fresh:
+            raise ValueError(f"unexpected key {name!r}")
+        expected = fresh[name]
+        if value is None or expected is None:
+            continue
+        if _is_number(expected) and _is_number(value):
+            continue
+        if not isinstance(value, type(expected)) and not isinstance(expected, type(value)):
+            raise TypeError(f"{name!r} is a {type(value).__name__}, "
+                            f"expected a {type(expected).__name__}")
+
+
 def restore(checkpoint: dict, raw: nn.Module, optimizer, aux_optimizer, scheduler,
-            pos: TrainPosition) -> None:
-    """Load model, optimizers, schedule and position from a resume checkpoint."""
-    load_state_dict_into(raw, unwrap_state_dict(checkpoint))
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
-    scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    pos.epoch = int(checkpoint["epoch"])
-    pos.epoch_step = int(checkpoint["epoch_step"])
-    pos.global_step = int(checkpoint["global_step"])
+            pos: TrainPosition, path: str = "checkpoint") -> None:
+    """Load model, optimizers, schedule and position from a checked resume checkpoint."""
+    try:
+        load_state_dict_into(raw, unwrap_state_dict(checkpoint))
+    except ValueError as exc:
+        raise ValueError(f"cannot resume from {path}: {exc}") from None
+    load_entry(optimizer, checkpoint, "optimizer", path)
+    load_entry(aux_optimizer, checkpoint, "aux_optimizer", path)
+    load_entry(scheduler, checkpoint, "lr_scheduler", path)
+    pos.epoch = checkpoint["epoch"]
+    pos.epoch_step = checkpoint["epoch_step"]
+    pos.global_step = checkpoint["global_step"]
     pos.best_loss = float(checkpoint.get("best_loss", math.inf))
     pos.last_val_loss = checkpoint.get("loss")
-    pos.nonfinite_in_a_row = int(checkpoint.get("nonfinite_in_a_row", 0))
+    pos.nonfinite_in_a_row = checkpoint.get("nonfinite_in_a_row", 0)
     _restore_rng(checkpoint.get("rng") or {})
 
 

@@ -21,32 +21,24 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
+from compressai.optimizers import net_aux_optimizer
 from torch import Tensor, nn
 
-from compressai.losses import RateDistortionLoss
-from compressai.optimizers import net_aux_optimizer
-
-from utils.training.distributed import all_reduce_sum, average_gradients, aux_parameter_names
+from utils.training.distributed import all_reduce_sum, aux_parameter_names, average_gradients
 
 __all__ = [
-    "build_criterion", "build_optimizers", "build_scheduler", "step_seed", "psnr",
+    "build_optimizers", "build_scheduler", "step_seed",
     "TrainStep", "NonFiniteLossError", "coding_state_dict", "STAT_NAMES",
 ]
 
 # Order of the statistics vector a step returns (averaged over ranks).
-STAT_NAMES = ("loss", "mse", "bpp", "aux", "grad_norm", "stop")
+# psnr: mean per-crop PSNR of the clamped reconstructions, as validation measures it
+# (but of the training forward pass, with noise in place of rounding).
+STAT_NAMES = ("loss", "mse", "bpp", "aux", "grad_norm", "psnr", "stop")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def build_criterion(lmbda: float, metric: str = "mse") -> RateDistortionLoss:
-    """CompressAI's ``RateDistortionLoss``: ``lmbda * D + bpp``.
-
-    ``D`` is ``255**2 * MSE`` for ``"mse"`` and ``1 - MS-SSIM`` for ``"ms-ssim"``.
-    """
-    return RateDistortionLoss(lmbda=lmbda, metric=metric)
 
 
 def build_optimizers(model: nn.Module, lr: float, aux_lr: float):
@@ -91,11 +83,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return mixed % (2**63 - 1)
 
 
-def psnr(mse: float) -> float:
-    """PSNR in dB of images in [0, 1] from their mean squared error."""
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
-
-
 def _to_float32(value):
     """``value`` with every floating tensor inside (dicts, lists, tuples) in float32.
 
@@ -116,7 +103,7 @@ class TrainStep:
 
     Args:
         model: the (possibly DDP-wrapped) model; ``raw`` is the unwrapped one.
-        criterion: from :func:`build_criterion`.
+        criterion: the model's ``default_loss`` (``models/base.py``).
         optimizer, aux_optimizer: from :func:`build_optimizers`.
         clip_max_norm: gradient clipping threshold; 0 disables clipping.
         amp: bfloat16 autocast for the forward pass.
@@ -142,8 +129,9 @@ class TrainStep:
         self.net_params = [p for n, p in named if n not in aux_names and p.requires_grad]
         self.aux_params = [p for n, p in named if n in aux_names]
 
-    def forward_losses(self, x: Tensor) -> Tuple[Dict[str, Tensor], Tensor]:
-        """Forward pass and criterion; returns (criterion outputs, mse of x_hat)."""
+    def forward_losses(self, x: Tensor) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """Forward pass and criterion; returns (criterion outputs, mse of x_hat, mean
+        per-crop PSNR of the clamped x_hat)."""
         device_type = x.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x)
@@ -151,7 +139,10 @@ class TrainStep:
             out = _to_float32(out)
         losses = self.criterion(out, x)
         mse = losses["mse_loss"] if "mse_loss" in losses else F.mse_loss(out["x_hat"], x)
-        return losses, mse.detach()
+        with torch.no_grad():
+            error = (out["x_hat"].float().clamp(0, 1) - x).pow(2).flatten(1).mean(1)
+            psnr_mean = (-10 * torch.log10(error.clamp_min(1e-10))).mean()
+        return losses, mse.detach(), psnr_mean
 
     def __call__(self, x: Tensor, step: int, stop_request: bool = False) -> Dict[str, float]:
         """Train on batch ``x`` (B, 3, H, W) in [0, 1] as global step ``step``.
@@ -166,7 +157,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
 
-        losses, mse = self.forward_losses(x)
+        losses, mse, psnr_mean = self.forward_losses(x)
         losses["loss"].backward()
         max_norm = self.clip_max_norm if self.clip_max_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net_params, max_norm)
@@ -177,7 +168,7 @@ class TrainStep:
 
         stats = torch.stack([losses["loss"].detach().float(), mse.float(),
                              losses["bpp_loss"].detach().float(), aux_loss.detach().float(),
-                             grad_norm.detach().float().to(x.device),
+                             grad_norm.detach().float().to(x.device), psnr_mean.float(),
                              torch.tensor(float(stop_request), device=x.device)])
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         values = (all_reduce_sum(stats) / world).tolist()

@@ -1,0 +1,56 @@
+"""Counting the unusable images a training run meets, and when to give up.
+
+:class:`datasets.CropImageFolder` replaces an image it cannot use by the next one and
+reports the indices it skipped with every sample (see its docstring). This tracker
+turns those reports into one warning per image, a running count, and a one-line
+error once more than ``train_data.max_bad_fraction`` of a split has proved unusable:
+a few broken files in a large folder are noise, many mean a wrong or damaged folder.
+"""
+
+from typing import Callable, Set
+
+from torch import Tensor
+
+from datasets import CropImageFolder
+
+__all__ = ["UnusableImages"]
+
+
+class UnusableImages:
+    """The unusable images of one split seen so far (by this process).
+
+    Args:
+        dataset: the split's dataset.
+        split: ``"training"`` or ``"validation"``, for messages.
+        max_fraction: stop when more than this fraction of the split is unusable.
+        log: prints one line (rank 0 only in the trainer).
+    """
+
+    def __init__(self, dataset: CropImageFolder, split: str, max_fraction: float,
+                 log: Callable[[str], None]):
+        self.dataset, self.split, self.max_fraction, self.log = dataset, split, max_fraction, log
+        self.seen: Set[str] = set()
+        for path, reason in dataset.unusable:  # found while listing the folder
+            self._add(str(path), reason)
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def note(self, skipped: Tensor) -> None:
+        """Record a batch's ``skipped`` indices (``-1``: none); raise past the limit."""
+        for index in skipped[skipped >= 0].unique().tolist():
+            path = str(self.dataset.samples[index])
+            if path not in self.seen:
+                self._add(path, self.dataset.why_unusable(index))
+
+    def _add(self, path: str, reason: str) -> None:
+        self.seen.add(path)
+        total = self.dataset.total
+        self.log(f"warning: skipping {self.split} image {path} ({reason}); "
+                 f"{self.count} of {total} unusable so far")
+        if self.count > self.max_fraction * total:
+            raise RuntimeError(
+                f"{self.count} of {total} {self.split} images are unusable, more than "
+                f"train_data.max_bad_fraction={self.max_fraction:g}; the last: {path} "
+                f"({reason}); repair the folder or raise train_data.max_bad_fraction")
