@@ -23,11 +23,12 @@ from typing import Dict, List, Optional, Sequence
 import bjontegaard
 
 MIN_POINTS = 4
-METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b")
+METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y")
 AXIS_LABELS = {
     "psnr-rgb": "PSNR-RGB (dB)",
     "ms-ssim-rgb": "MS-SSIM-RGB (dB)",
-    "psnr-b": "PSNR-B (dB)",
+    "psnr-b": "PSNR-B, RGB mean (dB)",
+    "psnr-b-y": "PSNR-B on luma Y (dB)",
 }
 _ALIASES = {"psnr": "psnr-rgb", "ms-ssim": "ms-ssim-rgb"}
 INTERPOLATIONS = ("pchip", "akima", "cubic")

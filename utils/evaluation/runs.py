@@ -35,7 +35,7 @@ from utils.evaluation.metrics import PeakMemory, image_metrics
 log = logging.getLogger("cps.test")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
+RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
                "encoding_time", "decoding_time", "peak_memory_mb", "layer")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASETS_CONFIG = os.path.join(REPO_ROOT, "configs", "datasets.yaml")
