@@ -45,7 +45,7 @@ from utils.coding.context_coder import ORDERS
 from utils.memory import DEFAULT_BUDGET, parse_memory
 from utils.evaluation.metrics import PeakMemory
 from utils.evaluation.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
-                      load_curves, plot_curves)
+                      load_curves, parse_labels, plot_curves)
 
 log = logging.getLogger("cps.test")
 
@@ -166,6 +166,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     plot.add_argument("-o", "--output", required=True, help="image file (png, pdf, svg)")
     plot.add_argument("--metrics", type=_numbers(str), default=list(METRICS))
     plot.add_argument("--title", default="")
+    plot.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
+                      help="name the curve of results file FILE (repeatable)")
 
     bdrate = commands.add_parser("bdrate", help="BD-rate table against an anchor")
     bdrate.add_argument("--anchor", required=True, help="results JSON of the anchor (e.g. HM)")
@@ -173,6 +175,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     bdrate.add_argument("--metrics", type=_numbers(str), default=list(METRICS))
     bdrate.add_argument("--interpolation", choices=INTERPOLATIONS, default="pchip")
     bdrate.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
+    bdrate.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
+                        help="name the row of results file FILE, or the anchor (repeatable)")
 
     demo = commands.add_parser("demo", help="the shipped CPS models on bundled photographs "
                                             "against JPEG and naive tiling (no download)")
@@ -323,14 +327,17 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
 
 
 def run_plot(args: argparse.Namespace) -> dict:
-    curves = [curve for path in args.results for curve in load_curves(path)]
+    labels = parse_labels(args.label, args.results)
+    curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
     shown = plot_curves(curves, args.output, args.metrics, args.title)
     log.info("wrote %s", args.output)
     return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}
 
 
 def run_bdrate(args: argparse.Namespace) -> dict:
-    table = bd_rate_table(load_curve(args.anchor), [load_curve(p) for p in args.results],
+    labels = parse_labels(args.label, [args.anchor, *args.results])
+    table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
+                          [load_curve(p, labels.get(p)) for p in args.results],
                           args.metrics, args.interpolation)
     text = format_table(table)
     print(text, file=sys.stderr)
