@@ -1,0 +1,171 @@
+"""The benchmarks' plumbing: where results go, and the authors' code run beside ours."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import codec_speed, memory_scaling
+from benchmarks.authors import authors_model, load_authors_cps, run_authors
+from benchmarks.results_io import LOCAL_DIR, RESULTS_DIR
+
+# The authors' layout: net/cps.py (class CPS, a JointAutoregressiveHierarchicalPriors
+# built by from_state_dict, with compress_patch/decompress_patch and a stored device
+# name that the patch manager uses) and net/patchmanager.py. The stand-in borrows our
+# transforms, which have the authors' state-dict layout.
+FAKE_CPS = '''
+from compressai.models.google import JointAutoregressiveHierarchicalPriors
+from net.patchmanager import PatchManager
+
+import models
+
+
+class CPS(JointAutoregressiveHierarchicalPriors):
+    def __init__(self, N=192, **kwargs):
+        super().__init__(N=N, M=N, **kwargs)
+        ours = models.build_model("cps", N=N)
+        self.g_a, self.h_a, self.h_s, self.g_s = ours.g_a, ours.h_a, ours.h_s, ours.g_s
+        self.device = "cuda"
+        self.N = N
+
+    @classmethod
+    def from_state_dict(cls, state_dict):
+        net = cls(state_dict["g_a.0.conv1.weight"].size(0))
+        net.load_state_dict(state_dict)
+        return net
+
+    def compress_patch(self, x, x_patch_size):
+        self.patch_manger = PatchManager(x, x_patch_size, self.device)
+        return self.compress(x)
+
+    def decompress_patch(self, strings, shape, x_patch_size):
+        return self.decompress(strings, shape)
+'''
+FAKE_PATCH_MANAGER = '''
+class PatchManager:
+    def __init__(self, x, patch_size, device):
+        if x.device.type != device:
+            raise RuntimeError(f"input on {x.device.type}, patch manager on {device}")
+'''
+
+
+@pytest.fixture
+def authors_repo(tmp_path):
+    """A minimal stand-in for a checkout of github.com/bblgbr/SPL-CPS."""
+    repo = tmp_path / "SPL-CPS"
+    (repo / "net").mkdir(parents=True)
+    (repo / "net" / "cps.py").write_text(FAKE_CPS)
+    (repo / "net" / "patchmanager.py").write_text(FAKE_PATCH_MANAGER)
+    return str(repo)
+
+
+def small_png(folder, width=70, height=50):
+    folder.mkdir(exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(folder / "a.png")
+    return str(folder)
+
+
+def test_results_go_to_the_ignored_folder_unless_published(tmp_path):
+    assert codec_speed.parse_args([]).output == os.path.join(LOCAL_DIR, "codec_speed.json")
+    published = codec_speed.parse_args(["--publish"]).output
+    assert published == os.path.join(RESULTS_DIR, "codec_speed.json")
+    chosen = str(tmp_path / "x.json")
+    assert memory_scaling.parse_args(["-o", chosen]).output == chosen
+    with pytest.raises(SystemExit):
+        memory_scaling.parse_args(["-o", chosen, "--publish"])
+
+
+def test_the_local_results_folder_is_ignored_by_git():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".gitignore")) as handle:
+        assert "/benchmarks/results/local/" in handle.read().split()
+
+
+def test_the_authors_model_takes_our_weights_and_codes_an_image(authors_repo, tiny_cps):
+    model = authors_model(load_authors_cps(authors_repo), tiny_cps.state_dict(),
+                          torch.device("cpu"))
+    assert model.device == "cpu"
+    assert torch.equal(model.state_dict()["g_a.0.conv1.weight"],
+                       tiny_cps.state_dict()["g_a.0.conv1.weight"])
+    image = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8)
+    whole, patched = run_authors(model, image), run_authors(model, image, patch_size=64)
+    assert whole["bytes"] > 0 and whole["bytes"] == patched["bytes"]
+    assert whole["encode_s"] > 0 and whole["decode_s"] > 0
+
+
+def test_a_folder_without_the_authors_module_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no net/cps.py there"):
+        load_authors_cps(str(tmp_path))
+
+
+def test_codec_speed_reports_not_measured_without_the_authors_code(tmp_path, capsys):
+    output = tmp_path / "speed.json"
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--modes", "exact", "-o", str(output)]
+    assert codec_speed.main(argv) == 0
+    document = json.loads(output.read_text())
+    assert document["authors"] == "not measured"
+    assert "| exact |" in capsys.readouterr().out
+    assert document["table"].splitlines()[2].endswith("| not measured | not measured |")
+    assert not hasattr(codec_speed, "AUTHORS_SECONDS")
+
+
+def test_codec_speed_times_the_authors_code_on_the_same_images(tmp_path, authors_repo):
+    output = tmp_path / "speed.json"
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--modes", "exact", "--authors-repo", authors_repo, "-o", str(output)]
+    assert codec_speed.main(argv) == 0
+    document = json.loads(output.read_text())
+    authors, ours = document["authors"], document["results"]["exact"]
+    assert authors["total_s"] > 0
+    assert ours["speed_up_vs_authors"] == pytest.approx(authors["total_s"] / ours["total_s"])
+    assert "not measured" not in document["table"]
+
+
+def test_codec_speed_with_a_wrong_authors_folder_is_one_line_and_exit_1(tmp_path, capsys):
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--authors-repo", str(tmp_path), "-o", str(tmp_path / "x.json")]
+    assert codec_speed.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no net/cps.py" in err[0]
+
+
+def test_memory_scaling_runs_the_authors_code_in_a_child(authors_repo, capsys):
+    argv = ["--child", "authors-cps", "70x50", "--N", "8", "--authors-repo", authors_repo,
+            "--authors-patch-size", "64"]
+    assert memory_scaling.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bytes"] > 0 and result["peak_mb"] > 0
+
+
+def test_memory_scaling_runs_cheng2020_from_the_zoo(capsys):
+    assert memory_scaling.main(["--child", "cheng2020-anchor", "64x64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bytes"] > 0 and result["peak_mb"] > 0
+
+
+def test_memory_scaling_lists_cheng2020_and_needs_a_checkout_for_the_authors():
+    assert memory_scaling.parse_args([]).methods == [
+        "cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor"]
+    with pytest.raises(SystemExit):
+        memory_scaling.parse_args(["--methods", "authors-cps"])
+
+
+def test_memory_scaling_table_gives_the_authors_ratios_or_not_measured():
+    def entry(method, peak, seconds):
+        return {"method": method, "image": "640x360", "megapixels": 0.23, "peak_mb": peak,
+                "encode_s": seconds / 2, "decode_s": seconds / 2}
+
+    ours = [entry("cps-budget", 1000.0, 4.0)]
+    table = memory_scaling.format_table(ours, ["cps-budget"])
+    assert table.splitlines()[2] == ("| 640x360 | 1000 | 4.0 | not measured | not measured "
+                                     "| not measured |")
+    both = ours + [entry("authors-cps", 3000.0, 10.0)]
+    (ratio,) = memory_scaling.authors_ratios(both)
+    assert ratio == {"image": "640x360", "peak_ratio": 3.0, "time_ratio": 2.5}
+    assert memory_scaling.format_table(both, ["cps-budget", "authors-cps"]).splitlines()[2] \
+        .endswith("| 3000 | 10.0 | 3.00x, 2.50x |")
