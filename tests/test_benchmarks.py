@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -61,11 +64,11 @@ def authors_repo(tmp_path):
     return str(repo)
 
 
-def small_png(folder, width=70, height=50):
+def small_png(folder, width=70, height=50, name="a.png"):
     folder.mkdir(exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    Image.fromarray(pixels.numpy()).save(folder / "a.png")
+    Image.fromarray(pixels.numpy()).save(folder / name)
     return str(folder)
 
 
@@ -169,3 +172,84 @@ def test_memory_scaling_table_gives_the_authors_ratios_or_not_measured():
     assert ratio == {"image": "640x360", "peak_ratio": 3.0, "time_ratio": 2.5}
     assert memory_scaling.format_table(both, ["cps-budget", "authors-cps"]).splitlines()[2] \
         .endswith("| 3000 | 10.0 | 3.00x, 2.50x |")
+
+
+def test_the_gpu_check_dry_run_validates_every_command_and_writes_both_reports(tmp_path):
+    from benchmarks import gpu_check
+
+    kodak = tmp_path / "kodak"
+    for index in range(3):
+        small_png(kodak, 24, 16, f"kodim{index + 1:02d}.png")
+    output = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--kodak", str(kodak), "--output-dir", str(output)]) == 0
+    report = json.loads((output / "gpu_check.json").read_text())
+    assert [step["name"] for step in report["steps"]] == [
+        "evaluate", "cross_device", "memory_8k", "wavefront", "training"]
+    assert all(step["status"] == "dry run: commands valid" for step in report["steps"])
+    commands = [c for step in report["steps"] for c in step["commands"]]
+    assert sum("--patch-size 128" in c for c in commands) == 1
+    assert sum("--patch-size auto" in c for c in commands) == 1
+    assert sum(" decode " in c for c in commands) == 4
+    markdown = (output / "gpu_check.md").read_text()
+    assert markdown.count("| dry run: commands valid |") == 5
+
+
+def test_the_gpu_check_names_a_flag_that_a_script_does_not_take(tmp_path):
+    from benchmarks import gpu_check
+
+    command = gpu_check.memory_step(str(tmp_path)).commands[0] + ["--no-such-flag"]
+    assert "--no-such-flag" in gpu_check.validate_command(command)
+    missing = [command[0], os.path.join(gpu_check.ROOT, "benchmarks", "gone.py")]
+    assert gpu_check.validate_command(missing) == "benchmarks/gone.py does not exist"
+
+
+def test_the_gpu_check_without_kodak_refuses_to_run_but_can_dry_run(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.delenv("CPS_KODAK", raising=False)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args([])
+    with pytest.raises(ValueError, match="need 3"):
+        gpu_check.kodak_images(str(tmp_path))
+
+
+def _done(code=0, stderr=""):
+    return subprocess.CompletedProcess([], code, "", stderr)
+
+
+@pytest.mark.parametrize("cpu_decode_of_cuda_file, outcome, status", [
+    (b"same", "identical", "pass"),
+    (b"other", "DIFFERENT PIXELS", "fail"),
+    (None, "refused on the latent CRC", "pass"),
+])
+def test_cross_device_decodes_must_match_or_be_refused_on_the_crc(
+        tmp_path, cpu_decode_of_cuda_file, outcome, status):
+    from benchmarks import gpu_check
+
+    step = gpu_check.cross_device_step(str(tmp_path), "w.pth", "kodim01.png")
+    for name in ("encoded_cuda.cps", "encoded_cpu.cps"):
+        (tmp_path / name).write_bytes(b"file")
+    for name in ("cuda_to_cuda.png", "cpu_to_cuda.png", "cpu_to_cpu.png"):
+        (tmp_path / name).write_bytes(b"same")
+    results = [_done()] * 6
+    if cpu_decode_of_cuda_file is None:
+        results[3] = _done(1, "codec.py: error: decoded latent differs (y_hat CRC mismatch)")
+    else:
+        (tmp_path / "cuda_to_cpu.png").write_bytes(cpu_decode_of_cuda_file)
+    summary = step.summarise(results)
+    assert summary["figures"]["cuda_to_cpu"] == outcome and summary["status"] == status
+    assert summary["figures"]["cpu_to_cuda"] == "identical"
+    assert summary["figures"]["same_file_from_both_encoders"]
+
+
+def test_a_failing_or_slow_command_stops_its_check(tmp_path):
+    from benchmarks import gpu_check
+
+    def never(_results):
+        raise AssertionError("summarise must not run")
+
+    failing = gpu_check.Step("f", "", [[sys.executable, "-c", "raise SystemExit(3)"]], 30, never)
+    slow = gpu_check.Step("s", "", [[sys.executable, "-c", "import time; time.sleep(5)"]], 1,
+                          never)
+    assert gpu_check.run_step(failing, time.monotonic() + 30)["status"] == "error"
+    assert gpu_check.run_step(slow, time.monotonic() + 30)["status"] == "timeout"
