@@ -253,3 +253,44 @@ def test_a_failing_or_slow_command_stops_its_check(tmp_path):
                           never)
     assert gpu_check.run_step(failing, time.monotonic() + 30)["status"] == "error"
     assert gpu_check.run_step(slow, time.monotonic() + 30)["status"] == "timeout"
+
+
+def test_startup_measures_one_child_process_time_and_peak_memory():
+    from benchmarks import startup
+
+    small = startup.run_once([sys.executable, "-c", "pass"])
+    large = startup.run_once([sys.executable, "-c", "b = bytearray(200 * 2 ** 20)"])
+    assert 0 < small["seconds"] < 30
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] > 150
+    with pytest.raises(RuntimeError, match="boom"):
+        startup.run_once([sys.executable, "-c", "raise SystemExit('boom')"])
+
+
+@pytest.mark.parametrize("batch_in_one", [True, False])
+def test_startup_runs_a_batch_in_one_call_only_when_codec_takes_several_inputs(batch_in_one):
+    from benchmarks import startup
+
+    files = {"weights": "w.pth", "images": ["a.png", "b.png", "c.png"]}
+    rows = startup.rows_to_run("out", files, batch_in_one)
+    assert list(rows) == ["import torch", "codec.py --help", "encode 1 image", "encode 3 images"]
+    batch = rows["encode 3 images"]
+    assert len(batch) == (1 if batch_in_one else 3)
+    assert ("-d" in batch[0]) == batch_in_one
+    timings = {name: {"seconds": 2.0, "peak_rss_mb": 500.0, "processes": len(commands)}
+               for name, commands in rows.items()}
+    table = startup.format_table(timings, batch_in_one)
+    assert ("separate codec.py calls" in table) != batch_in_one
+    assert "| encode 3 images | 3 | 2.00 | 500 | 1.00x |" in table or batch_in_one
+
+
+@pytest.mark.slow
+def test_startup_benchmark_runs_end_to_end(tmp_path):
+    from benchmarks import startup
+
+    output = tmp_path / "startup.json"
+    argv = ["--N", "8", "--size", "32", "--batch", "2", "--repeats", "1", "-o", str(output)]
+    assert startup.main(argv) == 0
+    document = json.loads(output.read_text())
+    assert set(document["results"]) == {"import torch", "codec.py --help", "encode 1 image",
+                                        "encode 2 images"}
+    assert all(row["seconds"] > 0 for row in document["results"].values())
