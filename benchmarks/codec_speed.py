@@ -43,8 +43,12 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 
 import torch  # noqa: E402
 
-from benchmarks.authors import (NOT_MEASURED, authors_model, load_authors_cps,  # noqa: E402
-                                run_authors)
+from benchmarks.authors import (  # noqa: E402
+    NOT_MEASURED,
+    authors_model,
+    load_authors_cps,
+    run_authors,
+)
 from benchmarks.entropy_coding import synthetic_model  # noqa: E402
 from benchmarks.memory_scaling import synthetic_image  # noqa: E402
 from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402

@@ -46,8 +46,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from benchmarks.results_io import (LOCAL_DIR, RESULTS_DIR, add_output_arguments,  # noqa: E402
-                                   resolve_output, write_json)
+from benchmarks.results_io import (  # noqa: E402
+    LOCAL_DIR,
+    RESULTS_DIR,
+    add_output_arguments,
+    resolve_output,
+    write_json,
+)
 from utils.coding.context_coder import ContextCoder, coding_order, single_threaded  # noqa: E402
 
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")

@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 import models.kamisli2024.network  # noqa: E402,F401  (registers kamisli2024)
+from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
 from models.kamisli2024.coding import BlockCoder  # noqa: E402
 from models.kamisli2024.layers import to_blocks  # noqa: E402
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "kamisli_B8_KS3111_N768M96.yaml")

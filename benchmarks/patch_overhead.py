@@ -23,9 +23,11 @@ import torch  # noqa: E402
 import models  # noqa: E402
 from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
 from models.cps.coding import transform_mode  # noqa: E402
-from utils.stitching.patches import pad_replicate  # noqa: E402
-from utils.stitching.patches import run_patchwise  # noqa: E402
 from utils.stitching.geometry import model_geometry, plan_patches  # noqa: E402
+from utils.stitching.patches import (
+    pad_replicate,  # noqa: E402
+    run_patchwise,  # noqa: E402
+)
 
 
 def _measure(width, height, channels, patch_size, batch_size, device_name, exact, queue):

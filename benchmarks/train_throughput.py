@@ -38,7 +38,6 @@ from benchmarks.results_io import add_output_arguments, resolve_output, write_js
 from utils.training.step import TrainStep, build_criterion, build_optimizers  # noqa: E402
 
 
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cuda", action="store_true", help="run on the current CUDA device")
