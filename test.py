@@ -45,7 +45,7 @@ from utils.evaluation.runs import (DATASETS_CONFIG, Run, aggregate, evaluate, li
 from utils.memory import PeakMemory
 from utils.stitching.spec import PatchSpec
 from utils.evaluation.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
-                      load_curves, plot_curves)
+                      load_curves, parse_labels, plot_curves)
 
 log = logging.getLogger("cps.test")
 
@@ -132,6 +132,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     plot.add_argument("-o", "--output", required=True, help="image file (png, pdf, svg)")
     plot.add_argument("--metrics", type=_numbers(str), default=list(METRICS))
     plot.add_argument("--title", default="")
+    plot.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
+                      help="name the curve of results file FILE (repeatable)")
 
     bdrate = commands.add_parser("bdrate", help="BD-rate table against an anchor")
     bdrate.add_argument("--anchor", required=True, help="results JSON of the anchor (e.g. HM)")
@@ -139,6 +141,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     bdrate.add_argument("--metrics", type=_numbers(str), default=list(METRICS))
     bdrate.add_argument("--interpolation", choices=INTERPOLATIONS, default="pchip")
     bdrate.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
+    bdrate.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
+                        help="name the row of results file FILE, or the anchor (repeatable)")
 
     demo = commands.add_parser("demo", help="the shipped CPS models on bundled photographs "
                                             "against JPEG and naive tiling (no download)")
@@ -270,7 +274,9 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         "description": " | ".join(dict.fromkeys(descriptions)),
         "meta": {"dataset": dataset.name, "folder": dataset.folder, "images": len(paths),
                  "runs": labels, "device": device.type, "peak_memory": PeakMemory(device).kind,
-                 "psnr-b": "Yim & Bovik 2011, 8x8 blocks, mean over R, G, B (torchmetrics)"},
+                 "psnr-b": "Yim & Bovik 2011, 8x8 blocks, mean over R, G, B (torchmetrics)",
+                 "psnr-b-y": "Yim & Bovik 2011, 8x8 blocks, BT.601 luma, the paper's border "
+                             "counts"},
     }
     document = dict(header, results=aggregate(records, labels))
     if args.output_dir:
@@ -292,14 +298,17 @@ def _prepare_output_dir(folder: str) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> dict:
-    curves = [curve for path in args.results for curve in load_curves(path)]
+    labels = parse_labels(args.label, args.results)
+    curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
     shown = plot_curves(curves, args.output, args.metrics, args.title)
     log.info("wrote %s", args.output)
     return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}
 
 
 def run_bdrate(args: argparse.Namespace) -> dict:
-    table = bd_rate_table(load_curve(args.anchor), [load_curve(p) for p in args.results],
+    labels = parse_labels(args.label, [args.anchor, *args.results])
+    table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
+                          [load_curve(p, labels.get(p)) for p in args.results],
                           args.metrics, args.interpolation)
     text = format_table(table)
     print(text, file=sys.stderr)

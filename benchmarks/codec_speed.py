@@ -1,8 +1,9 @@
 """Whole-codec speed on Kodak-sized images: encode + decode to real files, N=192.
 
     python benchmarks/codec_speed.py [--images DIR] [--count 3] [--N 192] [--cuda]
+        [--authors-repo PATH] [-o FILE | --publish]
 
-Times ``models.cps.coding.encode_image`` and ``decode_image`` end to end (transforms,
+Times CPS's ``encode`` and ``decode`` (the codec contract) end to end (transforms,
 hyperprior, wavefront context coding, file packing) for each CPU mode of the
 transforms:
 
@@ -12,18 +13,21 @@ transforms:
 
 Both code the whole image (a Kodak image needs about 1.7 GB at N=192, within the
 default 2GB budget) with the same N=192 model, random weights whose scale
-predictions are spread over the scale table (``benchmarks/entropy_coding.py``). The
-reference is the figure the issue measured for the CPS authors' code on this kind
-of machine (2 CPU cores, N=192): 16.3 s to compress and decompress one Kodak image
-(6.0 s + 10.4 s as measured separately).
+predictions are spread over the scale table (``benchmarks/entropy_coding.py``).
+
+With ``--authors-repo PATH`` (a checkout of github.com/bblgbr/SPL-CPS) the authors'
+``CPS`` model is built from the same weights and times its ``compress`` and
+``decompress`` on the same images in the same run (``benchmarks/authors.py``); the
+table then gives each mode's speed-up over it. Without the flag the authors' column
+reads "not measured".
 
 Images come from ``--images`` (or ``$CPS_KODAK``); without them, synthetic 768x512
-images are used. Writes JSON to ``benchmarks/results/codec_speed.json``.
+images are used. Writes JSON to ``benchmarks/results/local/codec_speed.json``
+(``--publish``: the tracked ``benchmarks/results/codec_speed.json``).
 """
 
 import argparse
 import glob
-import json
 import os
 import platform
 import statistics
@@ -39,15 +43,19 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 
 import torch  # noqa: E402
 
+from benchmarks.authors import (  # noqa: E402
+    NOT_MEASURED,
+    authors_model,
+    load_authors_cps,
+    run_authors,
+)
 from benchmarks.entropy_coding import synthetic_model  # noqa: E402
 from benchmarks.memory_scaling import synthetic_image  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
+from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
+from models.base import CodingPlan  # noqa: E402
 from utils.coding.container import pack, unpack  # noqa: E402
-from models.cps.coding import decode_image, encode_image  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
-
-AUTHORS_SECONDS = {"encode": 6.0, "decode": 10.4, "total": 16.3}
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "codec_speed.json")
+from utils.stitching.spec import PatchSpec  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -58,60 +66,93 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--N", type=int, default=192)
     parser.add_argument("--modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"])
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT)
-    return parser.parse_args(argv)
+    parser.add_argument("--authors-repo", metavar="PATH",
+                        help="checkout of the authors' SPL-CPS code, timed on the same images")
+    add_output_arguments(parser, "codec_speed.json")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.N < 1:
+        parser.error("--count and --N must be positive")
+    resolve_output(parser, args)
+    return args
 
 
 def load_images(folder: Optional[str], count: int) -> List[torch.Tensor]:
     if folder:
         paths = sorted(glob.glob(os.path.join(folder, "*.png")))[:count]
         if not paths:
-            raise SystemExit(f"error: no PNG images in {folder}")
+            raise ValueError(f"no PNG images in {folder}")
         return [read_image(path)[0] for path in paths]
     return [synthetic_image(768, 512) for _ in range(count)]
 
 
+def medians(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    encode_s = statistics.median(run["encode_s"] for run in runs)
+    decode_s = statistics.median(run["decode_s"] for run in runs)
+    return {"encode_s": encode_s, "decode_s": decode_s, "total_s": encode_s + decode_s}
+
+
 def time_mode(model, images: List[torch.Tensor], exact: bool) -> Dict[str, float]:
-    encode_seconds, decode_seconds = [], []
+    runs = []
     for image in images:
         start = time.perf_counter()
         data = pack(model.encode(image, CodingPlan(patch=PatchSpec(0), exact=exact)))
         middle = time.perf_counter()
         decoded = model.decode(unpack(data), CodingPlan(patch=PatchSpec(0), exact=exact))
         end = time.perf_counter()
-        assert decoded.shape == image.shape
-        encode_seconds.append(middle - start)
-        decode_seconds.append(end - middle)
-    encode_s, decode_s = statistics.median(encode_seconds), statistics.median(decode_seconds)
-    total = encode_s + decode_s
-    return {"encode_s": encode_s, "decode_s": decode_s, "total_s": total,
-            "speed_up_vs_authors": AUTHORS_SECONDS["total"] / total}
+        if decoded.shape != image.shape:
+            raise RuntimeError(f"decoded {tuple(decoded.shape)} for {tuple(image.shape)}")
+        runs.append({"encode_s": middle - start, "decode_s": end - middle})
+    return medians(runs)
+
+
+def time_authors(repo: str, state_dict: dict, images: List[torch.Tensor],
+                 device: torch.device) -> Dict[str, float]:
+    model = authors_model(load_authors_cps(repo), state_dict, device)
+    run_authors(model, images[0])  # untimed, like ours
+    return medians([run_authors(model, image) for image in images])
+
+
+def format_table(results: Dict[str, dict], authors: Optional[dict]) -> str:
+    authors_cell = NOT_MEASURED if authors is None else f"{authors['total_s']:.2f}"
+    lines = ["| transforms | encode (s) | decode (s) | total (s) | authors' total (s) "
+             "| speed-up over the authors |", "|---|---|---|---|---|---|"]
+    for mode, result in results.items():
+        ratio = NOT_MEASURED if authors is None else f"{result['speed_up_vs_authors']:.2f}x"
+        lines.append(f"| {mode} | {result['encode_s']:.2f} | {result['decode_s']:.2f} | "
+                     f"{result['total_s']:.2f} | {authors_cell} | {ratio} |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.cuda else "cpu")
-    model = synthetic_model(args.N, seed=0).to(device)
-    images = load_images(args.images, args.count)
-    # One untimed run: first calls pay for oneDNN primitive creation and page faults.
-    model.encode(images[0], CodingPlan(patch=PatchSpec(0)))
-    results = {mode: time_mode(model, images, exact=mode == "exact") for mode in args.modes}
-    lines = ["| transforms | encode (s) | decode (s) | total (s) | vs the authors' 16.3 s |",
-             "|---|---|---|---|---|"]
-    for mode, result in results.items():
-        lines.append(f"| {mode} | {result['encode_s']:.2f} | {result['decode_s']:.2f} | "
-                     f"{result['total_s']:.2f} | {result['speed_up_vs_authors']:.1f}x |")
-    table = "\n".join(lines)
+    try:
+        images = load_images(args.images, args.count)
+        model = synthetic_model(args.N, seed=0).to(device)
+        authors = None
+        if args.authors_repo:
+            authors = time_authors(args.authors_repo, model.state_dict(), images, device)
+        # One untimed run: first calls pay for oneDNN primitive creation and page faults.
+        model.encode(images[0], CodingPlan(patch=PatchSpec(0)))
+        results = {mode: time_mode(model, images, exact=mode == "exact") for mode in args.modes}
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"codec_speed.py: error: {exc}", file=sys.stderr)
+        return 1
+    for result in results.values():
+        if authors is not None:
+            result["speed_up_vs_authors"] = authors["total_s"] / result["total_s"]
+    table = format_table(results, authors)
     print(table)
     document = {"benchmark": "codec_speed", "N": args.N, "device": str(device),
                 "images": args.images or "synthetic 768x512", "count": len(images),
-                "authors_seconds": AUTHORS_SECONDS,
+                "authors": authors if authors is not None else NOT_MEASURED,
+                "authors_repo": args.authors_repo,
                 "machine": {"cpu": platform.processor() or platform.machine(),
                             "cores": os.cpu_count(), "torch": torch.__version__,
                             "load_average": os.getloadavg()},
                 "results": results, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    atomic_write_bytes(args.output, json.dumps(document, indent=2).encode())
+    write_json(args.output, document)
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -29,10 +29,10 @@ Usage::
 
     python benchmarks/entropy_coding.py                  # all four sizes, ~3 min on 2 busy cores
     python benchmarks/entropy_coding.py --sizes 768x512 --output /tmp/bench.json
+    python benchmarks/entropy_coding.py --publish       # update benchmarks/results/
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -46,12 +46,16 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
+from benchmarks.results_io import (  # noqa: E402
+    LOCAL_DIR,
+    RESULTS_DIR,
+    add_output_arguments,
+    resolve_output,
+    write_json,
+)
 from utils.coding.context_coder import ContextCoder, coding_order, single_threaded  # noqa: E402
 
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                              "entropy_coding.json")
 CODERS = ("wavefront", "raster", "compressai")
 PIPELINE_CHOICES = {"auto": None, "on": True, "off": False}
 
@@ -81,8 +85,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="the wavefront coder's second thread: as the codec decides "
                              "(auto, the default), always (on) or never (off)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON file (default: %(default)s)")
+    add_output_arguments(parser, "entropy_coding.json")
     args = parser.parse_args(argv)
+    resolve_output(parser, args)
     if args.N < 1 or args.reference_positions < 1 or args.repeats < 1:
         parser.error("-N, --reference-positions and --repeats must be positive")
     return args
@@ -225,7 +230,8 @@ def machine_info() -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if folder not in (RESULTS_DIR, LOCAL_DIR) and not os.path.isdir(folder):
         print(f"error: output directory of {args.output} does not exist", file=sys.stderr)
         return 1
     info = machine_info()
@@ -246,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "note": "times in seconds for the latent coding alone; per-position coders "
                       "(raster, compressai) measured on measured_positions and extrapolated",
               "results": results, "table": table}
-    atomic_write_bytes(args.output, (json.dumps(report, indent=2) + "\n").encode())
+    write_json(args.output, report)
     return 0
 
 

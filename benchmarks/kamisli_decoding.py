@@ -23,7 +23,6 @@ Usage::
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -38,13 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 import models.kamisli2024.network  # noqa: E402,F401  (registers kamisli2024)
+from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
 from models.kamisli2024.coding import BlockCoder  # noqa: E402
 from models.kamisli2024.layers import to_blocks  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "kamisli_B8_KS3111_N768M96.yaml")
-DEFAULT_OUTPUT = os.path.join(ROOT, "benchmarks", "results", "kamisli_decoding.json")
 
 
 def parse_args(argv):
@@ -58,8 +56,9 @@ def parse_args(argv):
                         help="code only this many block rows block by block and extrapolate "
                              "(0: the whole image)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
+    add_output_arguments(parser, "kamisli_decoding.json")
     args = parser.parse_args(argv)
+    resolve_output(parser, args)
     parts = args.size.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         parser.error(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 768x512")
@@ -170,10 +169,9 @@ def main(argv: Optional[list] = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"kamisli_decoding.py: error: {exc}", file=sys.stderr)
         return 1
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     document = {"benchmark": "Kamisli 2024 codec, wavefront vs block-by-block, CPU, 1 thread",
                 "runs": results}
-    atomic_write_bytes(args.output, (json.dumps(document, indent=2) + "\n").encode())
+    write_json(args.output, document)
     return 0
 
 

@@ -1,16 +1,25 @@
 """Peak memory and time of whole codecs as the image grows (the paper's Fig. 6).
 
     python benchmarks/memory_scaling.py [--sizes 640x360 ... 7680x4320] [--N 192]
-        [--methods cps-budget cps-whole mbt2018] [--max-memory 2GB] [--cuda]
+        [--methods cps-budget cps-whole mbt2018 cheng2020-anchor] [--max-memory 2GB]
+        [--cuda] [--authors-repo PATH [--authors-patch-size 256]] [-o FILE | --publish]
 
-Three codecs, each compressing and decompressing a synthetic photo-like image
-(smooth gradients plus noise) to real bitstreams:
+Codecs, each compressing and decompressing a synthetic photo-like image (smooth
+gradients plus noise) to real bitstreams:
 
 - ``cps-budget``: this repository's codec under ``--max-memory`` (POPS patches as
   large as the budget allows, the whole image when it fits);
 - ``cps-whole``: the same codec and model on the whole image in one pass;
 - ``mbt2018``: CompressAI's ``mbt2018`` (quality 3, N = M = 192) ``compress`` and
-  ``decompress`` on the whole image, with its per-position context loop.
+  ``decompress`` on the whole image, with its per-position context loop;
+- ``cheng2020-anchor``: CompressAI's ``cheng2020-anchor`` (quality 4, N = 192, the
+  residual-block transforms of Cheng et al., CVPR 2020), coded the same way;
+- ``authors-cps``, only with ``--authors-repo PATH`` (a checkout of
+  github.com/bblgbr/SPL-CPS): the authors' own CPS code with the same weights as
+  ``cps-*``, run as their ``test.py --patch`` runs it (``compress_patch`` with
+  ``--authors-patch-size``, default 256; 0 for their whole-image ``compress``).
+  The table then gives the ratio of its peak and time to ``cps-budget``'s; without
+  the flag its columns read "not measured".
 
 Each (codec, size) runs in a fresh process, so the peak is that run's alone: the
 process peak RSS (``VmHWM``, everything the process ever held, the ~0.8 GB of
@@ -22,7 +31,8 @@ is where patch-wise and whole-image CPS differ. Models have random weights, with
 the CPS scale predictions spread over the scale table as in
 ``benchmarks/entropy_coding.py``: memory and transform time do not depend on them.
 
-Writes a JSON file and a PNG plot next to it and prints a Markdown table.
+Writes a JSON file and a PNG plot next to it (``benchmarks/results/local/`` unless
+``--publish``) and prints a Markdown table.
 """
 
 import argparse
@@ -42,34 +52,51 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 
 import torch  # noqa: E402
 
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from utils.memory import DEFAULT_BUDGET, format_memory, parse_memory  # noqa: E402
+from benchmarks.authors import NOT_MEASURED  # noqa: E402
+from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
+from utils.cli import DEFAULT_BUDGET  # noqa: E402
+from utils.memory import format_memory, parse_memory  # noqa: E402
 
 SIZES = ("640x360", "1280x720", "1920x1080", "3840x2160", "7680x4320")
-METHODS = ("cps-budget", "cps-whole", "mbt2018")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# Peak bytes per padded pixel measured at 1920x1080 on the CPU (N=192): used only to
-# decide which runs would not fit the machine.
-PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 2400, "mbt2018": 900}
+METHODS = ("cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor", "authors-cps")
+AUTHORS = "authors-cps"
+# CompressAI zoo models: (zoo name, quality), each at N = 192.
+ZOO = {"mbt2018": ("mbt2018", 3), "cheng2020-anchor": ("cheng2020-anchor", 4)}
+# Peak bytes per padded pixel measured on the CPU (N=192): used only to decide which
+# runs would not fit the machine.
+PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 2400, "mbt2018": 900, "cheng2020-anchor": 1100}
 LIBRARIES_BYTES = 900 * 2 ** 20
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="WIDTHxHEIGHT images")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="default: all but authors-cps, plus authors-cps with --authors-repo")
     parser.add_argument("--N", type=int, default=192, help="CPS width (default: 192)")
     parser.add_argument("--max-memory", default=DEFAULT_BUDGET,
                         help="budget of cps-budget (default: %(default)s)")
     parser.add_argument("--skip-above", default="18GB",
                         help="do not start runs predicted to need more (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
-    parser.add_argument("--output", default=os.path.join(RESULTS, "memory_scaling.json"))
+    parser.add_argument("--authors-repo", metavar="PATH",
+                        help="checkout of the authors' SPL-CPS code: adds the authors-cps method")
+    parser.add_argument("--authors-patch-size", type=int, default=256,
+                        help="patch size of the authors' codec, 0 = whole image (default: 256)")
+    add_output_arguments(parser, "memory_scaling.json")
     parser.add_argument("--update", action="store_true",
                         help="keep the other entries of an existing --output file (e.g. to add one "
                              "run with a higher --skip-above)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != AUTHORS or args.authors_repo]
+    if AUTHORS in args.methods and not args.authors_repo:
+        parser.error(f"--methods {AUTHORS} needs --authors-repo PATH")
+    if args.authors_patch_size < 0:
+        parser.error("--authors-patch-size must be >= 0")
+    resolve_output(parser, args)
+    return args
 
 
 def parse_size(text: str):
@@ -99,13 +126,16 @@ def peak_bytes(device: torch.device) -> int:
 
 def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
     import models.cps.coding as codec
+    import utils.stitching.planner as planner
     from benchmarks.entropy_coding import synthetic_model
+    from models.base import CodingPlan
     from utils.coding.container import pack, unpack
+    from utils.stitching.spec import PatchSpec
 
     model = synthetic_model(args.N, seed=0).to(device)
     transform_seconds = [0.0]
     plans = []
-    run_patchwise, plan = codec.run_patchwise, codec.plan_for_budget
+    run_patchwise, plan = codec.run_patchwise, planner.choose_patches
 
     def timed_run_patchwise(*run_args, **kwargs):
         start = time.perf_counter()
@@ -119,13 +149,13 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
         plans.append(plan(*plan_args, **kwargs))
         return plans[-1]
 
-    codec.run_patchwise, codec.plan_for_budget = timed_run_patchwise, recorded_plan
+    codec.run_patchwise, planner.choose_patches = timed_run_patchwise, recorded_plan
     budget = parse_memory(args.max_memory) if method == "cps-budget" else None
-    patch_size = None if method == "cps-budget" else 0
+    plan = CodingPlan(patch=PatchSpec(None if method == "cps-budget" else 0), budget_bytes=budget)
     start = time.perf_counter()
-    data = pack(codec.encode_image(model, image, patch_size, max_memory=budget))
+    data = pack(model.encode(image, plan))
     middle = time.perf_counter()
-    decoded = codec.decode_image(model, unpack(data), patch_size, max_memory=budget)
+    decoded = model.decode(unpack(data), plan)
     end = time.perf_counter()
     assert decoded.shape == image.shape
     return {"encode_s": middle - start, "decode_s": end - middle,
@@ -134,13 +164,24 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
             "batch_sizes": [plan.batch_size for plan in plans] or [8, 8]}
 
 
-def run_mbt2018(image: torch.Tensor, device: torch.device) -> Dict[str, object]:
-    from compressai.zoo import mbt2018
+def run_authors_cps(image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
+    from benchmarks.authors import authors_model, load_authors_cps, run_authors
+    from benchmarks.entropy_coding import synthetic_model
+
+    state_dict = synthetic_model(args.N, seed=0).state_dict()
+    model = authors_model(load_authors_cps(args.authors_repo), state_dict, device)
+    del state_dict
+    return run_authors(model, image, args.authors_patch_size)
+
+
+def run_zoo(method: str, image: torch.Tensor, device: torch.device) -> Dict[str, object]:
+    from compressai.zoo import image_models
 
     from utils.stitching.patches import pad_replicate
 
+    name, quality = ZOO[method]
     torch.manual_seed(0)
-    model = mbt2018(quality=3, pretrained=False).eval().to(device)
+    model = image_models[name](quality=quality, pretrained=False).eval().to(device)
     model.update(force=True)
     x = pad_replicate(image, 64).float().div_(255)[None].to(device)
     with torch.inference_mode():
@@ -158,8 +199,10 @@ def child(args) -> int:
     width, height = parse_size(size)
     device = torch.device("cuda" if args.cuda else "cpu")
     image = synthetic_image(width, height)
-    if method == "mbt2018":
-        result = run_mbt2018(image, device)
+    if method in ZOO:
+        result = run_zoo(method, image, device)
+    elif method == AUTHORS:
+        result = run_authors_cps(image, args, device)
     else:
         result = run_cps(method, image, args, device)
     result["peak_mb"] = peak_bytes(device) / 2 ** 20
@@ -167,9 +210,12 @@ def child(args) -> int:
     return 0
 
 
-def predicted_bytes(method: str, width: int, height: int) -> int:
-    if method == "cps-budget":
+def predicted_bytes(method: str, width: int, height: int, authors_patch_size: int = 0) -> int:
+    """Rough peak of one run, to skip those that would not fit (0: always run)."""
+    if method == "cps-budget" or (method == AUTHORS and authors_patch_size):
         return 0
+    if method == AUTHORS:
+        method = "cps-whole"
     padded = -(-width // 64) * 64 * -(-height // 64) * 64
     return LIBRARIES_BYTES + PREDICTED_BYTES_PER_PIXEL[method] * padded
 
@@ -177,12 +223,15 @@ def predicted_bytes(method: str, width: int, height: int) -> int:
 def measure(method: str, size: str, args) -> Dict[str, object]:
     width, height = parse_size(size)
     entry: Dict[str, object] = {"method": method, "image": size, "megapixels": width * height / 1e6}
-    prediction = predicted_bytes(method, width, height)
+    prediction = predicted_bytes(method, width, height, args.authors_patch_size)
     if prediction > parse_memory(args.skip_above):
         entry.update(skipped=True, predicted_peak_mb=prediction / 2 ** 20)
         return entry
     command = [sys.executable, os.path.abspath(__file__), "--child", method, size, "--N", str(args.N),
                "--max-memory", args.max_memory] + (["--cuda"] if args.cuda else [])
+    if method == AUTHORS:
+        command += ["--authors-repo", args.authors_repo,
+                    "--authors-patch-size", str(args.authors_patch_size)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         entry.update(failed=True, returncode=result.returncode, stderr=result.stderr.strip()[-500:])
@@ -191,14 +240,35 @@ def measure(method: str, size: str, args) -> Dict[str, object]:
     return entry
 
 
+def _entry(entries: List[Dict[str, object]], size: str, method: str) -> Optional[dict]:
+    return next((e for e in entries if e["image"] == size and e["method"] == method), None)
+
+
+def authors_ratios(entries: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Per image: the authors' peak and time over ``cps-budget``'s, where both ran."""
+    ratios = []
+    for size in dict.fromkeys(entry["image"] for entry in entries):
+        ours, theirs = _entry(entries, size, "cps-budget"), _entry(entries, size, AUTHORS)
+        if ours and theirs and "peak_mb" in ours and "peak_mb" in theirs:
+            ratios.append({"image": size, "peak_ratio": theirs["peak_mb"] / ours["peak_mb"],
+                           "time_ratio": (theirs["encode_s"] + theirs["decode_s"])
+                           / (ours["encode_s"] + ours["decode_s"])})
+    return ratios
+
+
 def format_table(entries: List[Dict[str, object]], methods: Sequence[str]) -> str:
-    header = "| image | " + " | ".join(f"{m} peak (MB) | {m} time (s)" for m in methods) + " |"
-    lines = [header, "|" + "---|" * (1 + 2 * len(methods))]
+    """Peak and time per image and method; the authors' columns are always shown."""
+    shown = list(methods) + ([AUTHORS] if AUTHORS not in methods else [])
+    header = "| image | " + " | ".join(f"{m} peak (MB) | {m} time (s)" for m in shown)
+    lines = [header + " | authors / cps-budget peak, time |", "|" + "---|" * (2 + 2 * len(shown))]
+    ratios = {ratio["image"]: ratio for ratio in authors_ratios(entries)}
     for size in dict.fromkeys(entry["image"] for entry in entries):
         cells = [size]
-        for method in methods:
-            entry = next((e for e in entries if e["image"] == size and e["method"] == method), None)
-            if entry is None:
+        for method in shown:
+            entry = _entry(entries, size, method)
+            if entry is None and method == AUTHORS:
+                cells += [NOT_MEASURED, NOT_MEASURED]
+            elif entry is None:
                 cells += ["", ""]
             elif entry.get("skipped"):
                 cells += [f"(~{entry['predicted_peak_mb']:.0f}, not run)", ""]
@@ -209,6 +279,9 @@ def format_table(entries: List[Dict[str, object]], methods: Sequence[str]) -> st
                 if "transform_s" in entry:
                     time_text += f" ({entry['transform_s']:.1f} transforms)"
                 cells += [f"{entry['peak_mb']:.0f}", time_text]
+        ratio = ratios.get(size)
+        cells.append(NOT_MEASURED if ratio is None
+                     else f"{ratio['peak_ratio']:.2f}x, {ratio['time_ratio']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -235,6 +308,7 @@ def plot(entries: List[Dict[str, object]], methods: Sequence[str], path: str, bu
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -265,9 +339,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "machine": {"cpu": platform.processor() or platform.machine(),
                             "cores": os.cpu_count(), "torch": torch.__version__},
                 "budget_mb": parse_memory(args.max_memory) / 2 ** 20,
+                "authors_repo": args.authors_repo,
+                "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
+                "authors_ratios": authors_ratios(entries) if args.authors_repo else NOT_MEASURED,
                 "results": entries, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    atomic_write_bytes(args.output, json.dumps(document, indent=2).encode())
+    write_json(args.output, document)
     plot(entries, methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
     print(f"wrote {args.output} and its plot; budget {format_memory(parse_memory(args.max_memory))}")
     return 0

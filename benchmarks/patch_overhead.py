@@ -1,7 +1,7 @@
 """Time and peak memory of patch-wise (POPS) vs whole-image CPS transforms.
 
     python benchmarks/patch_overhead.py [--sizes 768x512,1920x1080,3840x2160] [--N 192]
-        [--patch-size 256] [--batch-size 4] [--cuda] [-o benchmarks/results/patch_overhead.json]
+        [--patch-size 256] [--batch-size 4] [--cuda] [-o FILE | --publish]
 
 Each measurement runs g_a then g_s on a random image in a fresh process, so the peak
 resident memory (CPU) or peak allocated memory (CUDA) belongs to that run alone. The
@@ -9,7 +9,6 @@ table gives patch-wise figures as ratios of the whole-image ones.
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -22,11 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
-from models.cps.coding import transform_mode  # noqa: E402
-from utils.stitching.patches import pad_replicate  # noqa: E402
-from utils.stitching.patches import run_patchwise  # noqa: E402
+from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
 from utils.stitching.geometry import model_geometry, plan_patches  # noqa: E402
+from utils.stitching.patches import (
+    pad_replicate,  # noqa: E402
+    run_patchwise,  # noqa: E402
+)
+from utils.stitching.transforms import transform_mode  # noqa: E402
 
 
 def _measure(width, height, channels, patch_size, batch_size, device_name, exact, queue):
@@ -81,8 +82,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--fast", action="store_true", help="CPU: oneDNN instead of exact mode")
-    parser.add_argument("-o", "--output", default="benchmarks/results/patch_overhead.json")
-    return parser.parse_args(argv)
+    add_output_arguments(parser, "patch_overhead.json")
+    args = parser.parse_args(argv)
+    resolve_output(parser, args)
+    return args
 
 
 def main(argv=None):
@@ -109,8 +112,7 @@ def main(argv=None):
               "batch_size": args.batch_size, "exact": not args.fast, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    atomic_write_bytes(args.output, json.dumps(report, indent=2).encode())
+    write_json(args.output, report)
     print(f"written {args.output}")
 
 

@@ -1,7 +1,7 @@
 """Training throughput (images/s) of train.py's step vs a CompressAI-example loop.
 
     python benchmarks/train_throughput.py [--cuda] [--batch-size 8] [--crop 256] [--N 192]
-        [--steps 30] [--warmup 5] [--repeats 3] [-o benchmarks/results/train_throughput.json]
+        [--steps 30] [--warmup 5] [--repeats 3] [-o FILE | --publish]
 
 Both loops train the same CPS model (same initial weights, same batch) with
 CompressAI's ``RateDistortionLoss``, Adam, gradient clipping at 1.0 and a separate
@@ -23,7 +23,6 @@ defaults are the issue's setting: batch 8, 256x256 crops, N = 192.
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -36,11 +35,8 @@ import torch  # noqa: E402
 from compressai.losses import RateDistortionLoss  # noqa: E402
 
 import models  # noqa: E402
-from utils.atomic import atomic_write_bytes  # noqa: E402
+from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
 from utils.training.step import TrainStep, build_optimizers  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           "train_throughput.json")
 
 
 def parse_args(argv):
@@ -53,8 +49,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
     parser.add_argument("--repeats", type=int, default=3, help="timings per loop (median)")
     parser.add_argument("--lmbda", type=float, default=0.0035)
-    parser.add_argument("-o", "--output", default=DEFAULT_OUT, help="JSON result file")
+    add_output_arguments(parser, "train_throughput.json")
     args = parser.parse_args(argv)
+    resolve_output(parser, args)
     for name in ("batch_size", "crop", "N", "steps", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
@@ -168,8 +165,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    atomic_write_bytes(args.output, (json.dumps(record, indent=2) + "\n").encode())
+    write_json(args.output, record)
     print(f"wrote {args.output}")
     return 0
 

@@ -23,7 +23,7 @@ from utils.stitching.spec import PatchSpec
 pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULT_KEYS = {"bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
+RESULT_KEYS = {"bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
                "encoding_time", "decoding_time", "peak_memory_mb", "verification_peak_memory_mb"}
 
 

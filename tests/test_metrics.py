@@ -5,14 +5,19 @@ import mmap
 
 import pytest
 import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio_with_blocked_effect
 
 from utils.evaluation.metrics import (
     bits_per_pixel,
+    blocking_effect_factor,
     image_metrics,
     likelihood_bits,
+    luma,
     ms_ssim_rgb,
     psnr,
     psnr_b,
+    psnr_b_gray,
+    psnr_b_y,
 )
 from utils.memory import PeakMemory
 
@@ -88,6 +93,64 @@ def test_psnr_b_is_the_mean_of_the_channels_psnr_b():
     assert psnr_b(image, distorted) == pytest.approx(sum(per_channel) / 3, abs=1e-9)
 
 
+def three_block_columns():
+    """16x24 gray image: block columns 10 | 14 | 10, and +2 on rows 0-3.
+
+    Border pairs: 2 per row across columns 7|8 and 15|16, each (14-10)^2 = 16, so
+    N_HB = 16 * (24/8 - 1) = 32 pairs summing 512; vertical borders (row 7|8) are flat,
+    N_VB = 24 * (16/8 - 1) = 24. D_B = 512 / 56 = 64/7.
+    Other pairs: only rows 3|4 differ, 24 pairs of 2^2 = 96, over
+    N_HBc + N_VBc = (16*23 - 32) + (24*15 - 24) = 672. D_Bc = 1/7.
+    BEF = log2(8) / log2(16) * (64/7 - 1/7) = 3/4 * 9 = 6.75.
+    """
+    image = torch.full((16, 24), 10.0, dtype=torch.float64)
+    image[:, 8:16] = 14
+    image[:4] += 2
+    return image
+
+
+def test_blocking_effect_factor_matches_a_hand_computed_example():
+    assert blocking_effect_factor(three_block_columns()) == pytest.approx(6.75, abs=1e-12)
+
+
+def test_psnr_b_gray_adds_the_bef_of_the_reconstruction_to_the_mse():
+    reconstruction = three_block_columns()
+    original = reconstruction + pixel_checkerboard(16, 24, amplitude=1)  # MSE = 1
+    expected = 10 * math.log10(255 ** 2 / (1 + 6.75))
+    assert psnr_b_gray(original, reconstruction) == pytest.approx(expected, abs=1e-12)
+    # torchmetrics divides by 16*24/8 - 1 = 47 border pairs per direction instead of 32 + 24.
+    theirs = peak_signal_noise_ratio_with_blocked_effect(
+        reconstruction[None, None], original[None, None], data_range=255.0).item()
+    assert theirs - expected > 0.1
+
+
+def test_a_bef_that_is_smaller_on_borders_than_inside_is_zero():
+    assert blocking_effect_factor(pixel_checkerboard(16, 24).double()) == 0.0
+
+
+def test_luma_is_the_bt601_weighting():
+    image = torch.zeros(3, 9, 9, dtype=torch.uint8)
+    image[0], image[1], image[2] = 100, 200, 50
+    assert luma(image)[4, 4].item() == pytest.approx(0.299 * 100 + 0.587 * 200 + 0.114 * 50)
+
+
+def test_psnr_b_y_of_a_gray_image_is_psnr_b_gray_of_that_gray():
+    image = ramp()
+    distorted = add(image, block_checkerboard(64, 96))
+    expected = psnr_b_gray(image[0], distorted[0])
+    assert psnr_b_y(image, distorted) == pytest.approx(expected, abs=1e-9)
+    assert psnr_b_y(image, distorted) < psnr(image, distorted) - 1.0
+    assert psnr_b_y(image, image) == math.inf
+
+
+@pytest.mark.parametrize("height, width", [(8, 64), (64, 8), (5, 5)])
+def test_psnr_b_of_an_image_of_one_block_or_less_is_none_with_a_warning(height, width):
+    image = ramp(height, width)
+    for metric in (psnr_b, psnr_b_y):
+        with pytest.warns(RuntimeWarning, match="PSNR-B needs both sides > 8"):
+            assert metric(image, image) is None
+
+
 def test_ms_ssim_of_a_small_image_is_none_with_a_warning():
     image = ramp(100, 300)
     with pytest.warns(RuntimeWarning, match="MS-SSIM needs both sides"):
@@ -101,10 +164,10 @@ def test_ms_ssim_drops_with_distortion():
     assert 1.0 > ms_ssim_rgb(image, mild) > ms_ssim_rgb(image, strong)
 
 
-def test_image_metrics_returns_the_three_result_keys():
+def test_image_metrics_returns_the_four_result_keys():
     image = ramp(170, 180)
     values = image_metrics(image, add(image, pixel_checkerboard(170, 180)))
-    assert set(values) == {"psnr-rgb", "ms-ssim-rgb", "psnr-b"}
+    assert set(values) == {"psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y"}
 
 
 @pytest.mark.parametrize("bad", [

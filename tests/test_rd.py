@@ -7,7 +7,15 @@ import os
 import pytest
 
 import test as test_script
-from utils.evaluation.rd import MIN_POINTS, bd_rate, bd_rate_table, format_table, load_curve
+from utils.evaluation.rd import (
+    MIN_POINTS,
+    bd_rate,
+    bd_rate_table,
+    curve_styles,
+    format_table,
+    load_curve,
+    rd_figure,
+)
 
 ANCHORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "assets", "anchors", "kodak")
@@ -93,6 +101,60 @@ def test_plot_command_writes_one_panel_per_available_metric(capsys, tmp_path):
     summary = json.loads(capsys.readouterr().out)
     assert summary["metrics"] == ["psnr-rgb", "ms-ssim-rgb", "psnr-b"]
     assert output.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_labels_rename_two_files_that_carry_the_same_name(capsys, tmp_path):
+    first = write_results(tmp_path / "a.json", "cps", BPP, PSNR)
+    second = write_results(tmp_path / "b.json", "cps", BPP, [p + 0.5 for p in PSNR])
+    code = test_script.main(["plot", first, second, "-o", str(tmp_path / "rd.png"),
+                             "--label", f"{first}=CPS P=128",
+                             "--label", f"{tmp_path}/./b.json=CPS P=256"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["curves"] == ["CPS P=128", "CPS P=256"]
+
+
+def test_bdrate_labels_rename_the_anchor_and_a_row(capsys, tmp_path):
+    anchor = write_results(tmp_path / "a.json", "cps", BPP, PSNR)
+    other = write_results(tmp_path / "b.json", "cps", [b * 0.9 for b in BPP], PSNR)
+    code = test_script.main(["bdrate", "--anchor", anchor, other, "--metrics", "psnr-rgb",
+                             "--label", f"{anchor}=old", "--label", f"{other}=new"])
+    table = json.loads(capsys.readouterr().out)
+    assert code == 0 and table["anchor"] == "old" and table["rows"][0]["name"] == "new"
+
+
+@pytest.mark.parametrize("label, message", [("nameless.json", "expected FILE=NAME"),
+                                            ("other.json=x", "is not one of the results")])
+def test_a_bad_label_is_one_line_on_stderr(capsys, tmp_path, label, message):
+    first = write_results(tmp_path / "a.json", "a", BPP, PSNR)
+    assert test_script.main(["plot", first, "-o", str(tmp_path / "x.png"),
+                             "--label", label]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_twenty_curve_styles_differ_in_colour_and_in_marker():
+    styles = curve_styles(20)
+    assert len({style["color"] for style in styles}) == 20
+    assert len({style["marker"] for style in styles}) == 20
+
+
+def test_fourteen_curves_are_told_apart_and_the_legend_sits_outside_the_panels(tmp_path):
+    curves = [load_curve(write_results(tmp_path / f"c{i}.json", f"method {i}", BPP,
+                                       [p + i * 0.3 for p in PSNR],
+                                       **{"psnr-b-y": [p - 1 for p in PSNR]}))
+              for i in range(14)]
+    figure, shown = rd_figure(curves, title="fourteen")
+    assert shown == ["psnr-rgb", "psnr-b-y"]
+    for axis in figure.axes:
+        lines = axis.get_lines()
+        assert len(lines) == 14
+        assert len({(line.get_color(), line.get_marker()) for line in lines}) == 14
+        assert len({line.get_marker() for line in lines}) == 14
+    legend = figure.legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == [f"method {i}" for i in range(14)]
+    renderer = figure.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert all(box.x0 >= axis.get_window_extent(renderer).x1 for axis in figure.axes)
 
 
 def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path):

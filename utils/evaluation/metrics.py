@@ -8,10 +8,21 @@ rounding, as the CPS paper and CompressAI's published results do.
 * MS-SSIM-RGB: ``pytorch_msssim.ms_ssim`` (data range 255). Its five scales need a
   shorter side above 160 pixels; smaller images get ``None`` and a warning.
 * PSNR-B (Yim and Bovik, "Quality assessment of deblocked images", IEEE TIP 2011,
-  block size 8): torchmetrics' implementation, which accepts one channel only, run
-  on R, G and B separately and averaged. It adds the blocking-effect factor of the
-  reconstruction (how much stronger the differences across 8x8 block borders are
-  than inside blocks) to the MSE, so seams cost decibels that PSNR does not show.
+  block size 8) adds the blocking-effect factor (BEF) of the reconstruction (how much
+  stronger the differences across 8x8 block borders are than inside blocks) to the
+  MSE, so seams cost decibels that PSNR does not show. Two forms are reported:
+
+  - ``psnr-b``: torchmetrics' grayscale implementation run on R, G and B and
+    averaged, kept as it was so that older results files stay comparable.
+    torchmetrics counts the horizontal border pairs as ``H*W/B - 1`` instead of the
+    paper's ``H*(W/B - 1)`` (and likewise vertically): it underrates the BEF, and on
+    JPEG-coded Kodak images its luma PSNR-B reads 0.04 to 0.6 dB higher.
+  - ``psnr-b-y``: the paper's definition, computed here, on BT.601 luma
+    ``Y = 0.299 R + 0.587 G + 0.114 B`` (full range, not rounded), the form most
+    deblocking papers report.
+
+  Both need each side longer than the block size; smaller images get ``None`` and
+  a warning.
 
 A lossless reconstruction has an infinite PSNR; it is kept as ``inf`` here and the
 JSON writers turn it into ``null``.
@@ -61,9 +72,25 @@ def ms_ssim_rgb(original: Tensor, reconstruction: Tensor) -> Optional[float]:
     return value.item()
 
 
-def psnr_b(original: Tensor, reconstruction: Tensor, block_size: int = PSNR_B_BLOCK) -> float:
-    """PSNR-B in dB: torchmetrics' grayscale PSNR-B on R, G and B, averaged."""
+def _fits_blocks(image: Tensor, block_size: int) -> bool:
+    """False (with a warning) if a side is too short to hold a block border."""
+    height, width = image.shape[-2:]
+    if min(height, width) > block_size:
+        return True
+    warnings.warn(f"PSNR-B needs both sides > {block_size} px, the image is {width}x{height}: "
+                  "reported as null", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def psnr_b(original: Tensor, reconstruction: Tensor,
+           block_size: int = PSNR_B_BLOCK) -> Optional[float]:
+    """PSNR-B in dB: torchmetrics' grayscale PSNR-B on R, G and B, averaged.
+
+    ``None`` (with a warning) if a side is ``block_size`` pixels or less.
+    """
     _check_pair(original, reconstruction)
+    if not _fits_blocks(original, block_size):
+        return None
     values = [
         peak_signal_noise_ratio_with_blocked_effect(
             reconstruction[c][None, None].double(), original[c][None, None].double(),
@@ -73,12 +100,77 @@ def psnr_b(original: Tensor, reconstruction: Tensor, block_size: int = PSNR_B_BL
     return sum(values) / 3
 
 
+def blocking_effect_factor(image: Tensor, block_size: int = PSNR_B_BLOCK) -> float:
+    """BEF of a grayscale (H, W) image, as Yim and Bovik (IEEE TIP 2011) define it.
+
+    The pairs of horizontally adjacent pixels split into those that straddle a
+    vertical block border (columns ``kB - 1`` and ``kB``) and the others; vertical
+    pairs likewise. With ``D_B`` the mean squared difference over the border pairs
+    of both directions and ``D_Bc`` that over the other pairs::
+
+        BEF = log2(B) / log2(min(H, W)) * max(D_B - D_Bc, 0)
+
+    The means divide by the number of pairs summed, which is the paper's
+    ``N_HB = H (W/B - 1)`` and ``N_VB = W (H/B - 1)`` when B divides the sides (a
+    partial last block adds no border).
+    """
+    image = image.double()
+    height, width = image.shape
+    if min(height, width) <= block_size:
+        raise ValueError(f"blocking_effect_factor needs both sides > {block_size} px, "
+                         f"got {width}x{height}")
+    squared = {"border": 0.0, "inner": 0.0}
+    counts = {"border": 0, "inner": 0}
+    for steps in (image[:, 1:] - image[:, :-1], (image[1:, :] - image[:-1, :]).T):
+        # ``steps[:, j]`` is the difference between pixel j + 1 and pixel j along a line.
+        is_border = torch.arange(steps.shape[1]) % block_size == block_size - 1
+        squared_steps = steps.pow(2)
+        squared["border"] += squared_steps[:, is_border].sum().item()
+        squared["inner"] += squared_steps[:, ~is_border].sum().item()
+        counts["border"] += steps.shape[0] * int(is_border.sum())
+        counts["inner"] += steps.shape[0] * int((~is_border).sum())
+    difference = squared["border"] / counts["border"] - squared["inner"] / counts["inner"]
+    if difference <= 0:
+        return 0.0
+    return math.log2(block_size) / math.log2(min(height, width)) * difference
+
+
+def psnr_b_gray(original: Tensor, reconstruction: Tensor, data_range: float = 255.0,
+                block_size: int = PSNR_B_BLOCK) -> float:
+    """PSNR-B in dB of two grayscale (H, W) images: ``MSE + BEF(reconstruction)``."""
+    if original.shape != reconstruction.shape or original.dim() != 2:
+        raise ValueError(f"psnr_b_gray needs two (H, W) images of one size, got "
+                         f"{tuple(original.shape)} and {tuple(reconstruction.shape)}")
+    mse = (original.double() - reconstruction.double()).pow(2).mean().item()
+    degradation = mse + blocking_effect_factor(reconstruction, block_size)
+    return math.inf if degradation == 0 else 10 * math.log10(data_range ** 2 / degradation)
+
+
+def luma(image: Tensor) -> Tensor:
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of a (3, H, W) image, float64 (H, W)."""
+    red, green, blue = image.double()
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+def psnr_b_y(original: Tensor, reconstruction: Tensor,
+             block_size: int = PSNR_B_BLOCK) -> Optional[float]:
+    """PSNR-B in dB on BT.601 luma, with the paper's border counts.
+
+    ``None`` (with a warning) if a side is ``block_size`` pixels or less.
+    """
+    _check_pair(original, reconstruction)
+    if not _fits_blocks(original, block_size):
+        return None
+    return psnr_b_gray(luma(original), luma(reconstruction), block_size=block_size)
+
+
 def image_metrics(original: Tensor, reconstruction: Tensor) -> Dict[str, Optional[float]]:
-    """The three distortion metrics of the results JSON, keyed as CompressAI keys them."""
+    """The distortion metrics of the results JSON (CompressAI's keys plus PSNR-B)."""
     return {
         "psnr-rgb": psnr(original, reconstruction),
         "ms-ssim-rgb": ms_ssim_rgb(original, reconstruction),
         "psnr-b": psnr_b(original, reconstruction),
+        "psnr-b-y": psnr_b_y(original, reconstruction),
     }
 
 

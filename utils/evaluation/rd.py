@@ -23,11 +23,12 @@ from typing import Dict, List, Optional, Sequence
 import bjontegaard
 
 MIN_POINTS = 4
-METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b")
+METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y")
 AXIS_LABELS = {
     "psnr-rgb": "PSNR-RGB (dB)",
     "ms-ssim-rgb": "MS-SSIM-RGB (dB)",
-    "psnr-b": "PSNR-B (dB)",
+    "psnr-b": "PSNR-B, RGB mean (dB)",
+    "psnr-b-y": "PSNR-B on luma Y (dB)",
 }
 _ALIASES = {"psnr": "psnr-rgb", "ms-ssim": "ms-ssim-rgb"}
 INTERPOLATIONS = ("pchip", "akima", "cubic")
@@ -67,8 +68,10 @@ def _read_results(path: str) -> dict:
     return document
 
 
-def _curve(document: dict, path: str, keep=None, suffix: str = "") -> Curve:
-    """The points of ``document`` (those at indexes ``keep``, default all) as a Curve."""
+def _curve(document: dict, path: str, keep=None, suffix: str = "",
+           name: Optional[str] = None) -> Curve:
+    """The points of ``document`` (those at indexes ``keep``, default all) as a Curve,
+    named ``name``, else the file's ``name`` field, else the file name."""
     results = document["results"]
     bpp = results["bpp"]
     keep = list(range(len(bpp))) if keep is None else keep
@@ -81,32 +84,68 @@ def _curve(document: dict, path: str, keep=None, suffix: str = "") -> Curve:
                                  f"but bpp has {len(bpp)}")
             metrics[metric] = values
     order = sorted(keep, key=lambda i: (bpp[i] is None, bpp[i]))
-    name = document.get("name") or os.path.splitext(os.path.basename(path))[0]
+    name = name or document.get("name") or os.path.splitext(os.path.basename(path))[0]
     return Curve(name=str(name) + suffix, bpp=[bpp[i] for i in order],
                  metrics={m: [v[i] for i in order] for m, v in metrics.items()}, path=path)
 
 
-def load_curve(path: str) -> Curve:
-    """Read a results JSON file into a :class:`Curve`."""
-    return _curve(_read_results(path), path)
+def load_curve(path: str, name: Optional[str] = None) -> Curve:
+    """Read a results JSON file into a :class:`Curve` (named ``name`` if given)."""
+    return _curve(_read_results(path), path, name=name)
 
 
-def load_curves(path: str) -> List[Curve]:
+def load_curves(path: str, name: Optional[str] = None) -> List[Curve]:
     """Like :func:`load_curve`, but a file of a scalable model (a ``results.layer``
     list) gives one curve per layer, each through that layer's points."""
     document = _read_results(path)
     layers = document["results"].get("layer")
     if not isinstance(layers, list) or len(layers) != len(document["results"]["bpp"]):
-        return [_curve(document, path)]
+        return [_curve(document, path, name=name)]
     return [_curve(document, path, [i for i, k in enumerate(layers) if k == layer],
-                   f" layer {layer}") for layer in sorted(set(layers))]
+                   f" layer {layer}", name) for layer in sorted(set(layers))]
 
 
-def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = METRICS,
-                title: str = "") -> List[str]:
-    """Draw one RD panel per metric that some curve has; write ``output`` atomically.
+def parse_labels(items: Sequence[str], paths: Sequence[str]) -> Dict[str, str]:
+    """``FILE=NAME`` items as {path in ``paths``: NAME}.
 
-    Returns the metrics that were plotted.
+    FILE may be written differently from the path it names (``./a.json`` for
+    ``a.json``); it is matched by its resolved location. A FILE that is not among
+    ``paths`` is an error, so a typo cannot leave a curve silently unlabelled.
+    """
+    by_location = {os.path.realpath(path): path for path in paths}
+    labels = {}
+    for item in items:
+        file, separator, name = item.partition("=")
+        if not separator or not file or not name:
+            raise ValueError(f"--label {item!r}: expected FILE=NAME")
+        path = by_location.get(os.path.realpath(file))
+        if path is None:
+            raise ValueError(f"--label {item!r}: {file} is not one of the results files")
+        labels[path] = name
+    return labels
+
+
+# Twenty colours (tab20, dark shades first) and twenty markers, so that curves
+# differ in both, and a curve stays identifiable in grayscale print.
+MARKERS = ("o", "s", "^", "v", "D", "<", ">", "p", "h", "*",
+           "X", "P", "d", "8", "H", "1", "2", "3", "4", "+")
+
+
+def curve_styles(count: int) -> List[dict]:
+    """Matplotlib keyword arguments for ``count`` curves: the first 20 all differ in
+    colour and in marker (dashed lines from the 11th on); more curves repeat them."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
+    colours = palette[0::2] + palette[1::2]
+    return [{"color": colours[i % 20], "marker": MARKERS[i % 20],
+             "linestyle": "-" if i % 20 < 10 else "--"} for i in range(count)]
+
+
+def rd_figure(curves: Sequence[Curve], metrics: Sequence[str] = METRICS, title: str = ""):
+    """One RD panel per metric that some curve has, with one legend right of the panels.
+
+    Returns ``(figure, metrics shown)``; the caller saves or closes the figure.
     """
     import matplotlib
 
@@ -117,22 +156,46 @@ def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = M
     if not shown:
         raise ValueError(f"no curve has any of the metrics {', '.join(metrics)}")
     figure, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)
+    handles = {}
     for axis, metric in zip(axes[0], shown):
-        for curve in curves:
+        for curve, style in zip(curves, curve_styles(len(curves))):
             pairs = curve.points(metric)
             if pairs:
-                axis.plot(*zip(*pairs), marker="o", markersize=3, label=curve.name)
-        style_axis(axis, "bits per pixel", AXIS_LABELS[metric])
-    save_figure(figure, output, title)
+                (line,) = axis.plot(*zip(*pairs), markersize=4, label=curve.name, **style)
+                handles.setdefault(curve.name, line)
+        style_axis(axis, "bits per pixel", AXIS_LABELS[metric], legend=False)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    # Outside the panels, so that no curve hides under it however many there are.
+    figure.legend(handles.values(), handles.keys(), loc="upper left", fontsize="small",
+                  bbox_to_anchor=(1.0, 0.95), bbox_transform=figure.transFigure)
+    return figure, shown
+
+
+def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = METRICS,
+                title: str = "") -> List[str]:
+    """Draw :func:`rd_figure` and write it to ``output`` atomically.
+
+    Returns the metrics that were plotted.
+    """
+    import matplotlib.pyplot as plt
+
+    figure, shown = rd_figure(curves, metrics, title)
+    try:
+        _save_figure(figure, output)
+    finally:
+        plt.close(figure)
     return shown
 
 
-def style_axis(axis, xlabel: str, ylabel: str) -> None:
+def style_axis(axis, xlabel: str, ylabel: str, legend: bool = True) -> None:
     """Labels, a light grid and a small legend: the look of every plot here."""
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize="small")
+    if legend:
+        axis.legend(fontsize="small")
 
 
 def save_figure(figure, output: str, title: str = "") -> None:
@@ -153,7 +216,8 @@ def _save_figure(figure, output: str) -> None:
     extension = os.path.splitext(output)[1].lstrip(".") or "png"
     temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(output)}")
     try:
-        figure.savefig(temporary, format=extension, dpi=150)
+        # A tight box keeps a legend placed outside the panels in the picture.
+        figure.savefig(temporary, format=extension, dpi=150, bbox_inches="tight")
         os.replace(temporary, output)
     finally:
         if os.path.exists(temporary):

@@ -36,7 +36,7 @@ from utils.yaml_io import load_yaml_text
 log = logging.getLogger("cps.test")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b",
+RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
                "encoding_time", "decoding_time", "peak_memory_mb",
                "verification_peak_memory_mb", "layer")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,42 @@
+"""Where the benchmarks write their results.
+
+A run writes to ``benchmarks/results/local/`` (git-ignored), so that trying a
+benchmark on a laptop never changes the tracked figures. ``--publish`` writes the
+tracked ``benchmarks/results/NAME`` instead; ``-o/--output`` names any other file.
+"""
+
+import argparse
+import json
+import os
+
+from utils.atomic import atomic_write_bytes
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LOCAL_DIR = os.path.join(RESULTS_DIR, "local")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, filename: str) -> None:
+    """Add ``-o/--output`` and ``--publish`` for a benchmark whose results file is
+    ``filename``; call :func:`resolve_output` after parsing."""
+    parser.add_argument("-o", "--output", default=None,
+                        help=f"results file (default: benchmarks/results/local/{filename})")
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write the tracked benchmarks/results/{filename}")
+    parser.set_defaults(results_filename=filename)
+
+
+def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Set and return ``args.output``: the given file, the tracked one with
+    ``--publish``, else the local one. Both flags together are a usage error."""
+    if args.publish and args.output:
+        parser.error("give --publish or -o/--output, not both")
+    if not args.output:
+        folder = RESULTS_DIR if args.publish else LOCAL_DIR
+        args.output = os.path.join(folder, args.results_filename)
+    return args.output
+
+
+def write_json(path: str, document: dict) -> None:
+    """Write ``document`` as indented JSON to ``path`` atomically, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())

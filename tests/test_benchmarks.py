@@ -1,0 +1,296 @@
+"""The benchmarks' plumbing: where results go, and the authors' code run beside ours."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import codec_speed, memory_scaling
+from benchmarks.authors import authors_model, load_authors_cps, run_authors
+from benchmarks.results_io import LOCAL_DIR, RESULTS_DIR
+
+# The authors' layout: net/cps.py (class CPS, a JointAutoregressiveHierarchicalPriors
+# built by from_state_dict, with compress_patch/decompress_patch and a stored device
+# name that the patch manager uses) and net/patchmanager.py. The stand-in borrows our
+# transforms, which have the authors' state-dict layout.
+FAKE_CPS = '''
+from compressai.models.google import JointAutoregressiveHierarchicalPriors
+from net.patchmanager import PatchManager
+
+import models
+
+
+class CPS(JointAutoregressiveHierarchicalPriors):
+    def __init__(self, N=192, **kwargs):
+        super().__init__(N=N, M=N, **kwargs)
+        ours = models.build_model("cps", N=N)
+        self.g_a, self.h_a, self.h_s, self.g_s = ours.g_a, ours.h_a, ours.h_s, ours.g_s
+        self.device = "cuda"
+        self.N = N
+
+    @classmethod
+    def from_state_dict(cls, state_dict):
+        net = cls(state_dict["g_a.0.conv1.weight"].size(0))
+        net.load_state_dict(state_dict)
+        return net
+
+    def compress_patch(self, x, x_patch_size):
+        self.patch_manger = PatchManager(x, x_patch_size, self.device)
+        return self.compress(x)
+
+    def decompress_patch(self, strings, shape, x_patch_size):
+        return self.decompress(strings, shape)
+'''
+FAKE_PATCH_MANAGER = '''
+class PatchManager:
+    def __init__(self, x, patch_size, device):
+        if x.device.type != device:
+            raise RuntimeError(f"input on {x.device.type}, patch manager on {device}")
+'''
+
+
+@pytest.fixture
+def authors_repo(tmp_path):
+    """A minimal stand-in for a checkout of github.com/bblgbr/SPL-CPS."""
+    repo = tmp_path / "SPL-CPS"
+    (repo / "net").mkdir(parents=True)
+    (repo / "net" / "cps.py").write_text(FAKE_CPS)
+    (repo / "net" / "patchmanager.py").write_text(FAKE_PATCH_MANAGER)
+    return str(repo)
+
+
+def small_png(folder, width=70, height=50, name="a.png"):
+    folder.mkdir(exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(folder / name)
+    return str(folder)
+
+
+def test_results_go_to_the_ignored_folder_unless_published(tmp_path):
+    assert codec_speed.parse_args([]).output == os.path.join(LOCAL_DIR, "codec_speed.json")
+    published = codec_speed.parse_args(["--publish"]).output
+    assert published == os.path.join(RESULTS_DIR, "codec_speed.json")
+    chosen = str(tmp_path / "x.json")
+    assert memory_scaling.parse_args(["-o", chosen]).output == chosen
+    with pytest.raises(SystemExit):
+        memory_scaling.parse_args(["-o", chosen, "--publish"])
+
+
+def test_the_local_results_folder_is_ignored_by_git():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".gitignore")) as handle:
+        assert "/benchmarks/results/local/" in handle.read().split()
+
+
+def test_the_authors_model_takes_our_weights_and_codes_an_image(authors_repo, tiny_cps):
+    model = authors_model(load_authors_cps(authors_repo), tiny_cps.state_dict(),
+                          torch.device("cpu"))
+    assert model.device == "cpu"
+    assert torch.equal(model.state_dict()["g_a.0.conv1.weight"],
+                       tiny_cps.state_dict()["g_a.0.conv1.weight"])
+    image = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8)
+    whole, patched = run_authors(model, image), run_authors(model, image, patch_size=64)
+    assert whole["bytes"] > 0 and whole["bytes"] == patched["bytes"]
+    assert whole["encode_s"] > 0 and whole["decode_s"] > 0
+
+
+def test_a_folder_without_the_authors_module_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no net/cps.py there"):
+        load_authors_cps(str(tmp_path))
+
+
+def test_codec_speed_reports_not_measured_without_the_authors_code(tmp_path, capsys):
+    output = tmp_path / "speed.json"
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--modes", "exact", "-o", str(output)]
+    assert codec_speed.main(argv) == 0
+    document = json.loads(output.read_text())
+    assert document["authors"] == "not measured"
+    assert "| exact |" in capsys.readouterr().out
+    assert document["table"].splitlines()[2].endswith("| not measured | not measured |")
+    assert not hasattr(codec_speed, "AUTHORS_SECONDS")
+
+
+def test_codec_speed_times_the_authors_code_on_the_same_images(tmp_path, authors_repo):
+    output = tmp_path / "speed.json"
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--modes", "exact", "--authors-repo", authors_repo, "-o", str(output)]
+    assert codec_speed.main(argv) == 0
+    document = json.loads(output.read_text())
+    authors, ours = document["authors"], document["results"]["exact"]
+    assert authors["total_s"] > 0
+    assert ours["speed_up_vs_authors"] == pytest.approx(authors["total_s"] / ours["total_s"])
+    assert "not measured" not in document["table"]
+
+
+def test_codec_speed_with_a_wrong_authors_folder_is_one_line_and_exit_1(tmp_path, capsys):
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--authors-repo", str(tmp_path), "-o", str(tmp_path / "x.json")]
+    assert codec_speed.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no net/cps.py" in err[0]
+
+
+def test_memory_scaling_runs_the_authors_code_in_a_child(authors_repo, capsys):
+    argv = ["--child", "authors-cps", "70x50", "--N", "8", "--authors-repo", authors_repo,
+            "--authors-patch-size", "64"]
+    assert memory_scaling.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bytes"] > 0 and result["peak_mb"] > 0
+
+
+def test_memory_scaling_runs_cheng2020_from_the_zoo(capsys):
+    assert memory_scaling.main(["--child", "cheng2020-anchor", "64x64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bytes"] > 0 and result["peak_mb"] > 0
+
+
+def test_memory_scaling_lists_cheng2020_and_needs_a_checkout_for_the_authors():
+    assert memory_scaling.parse_args([]).methods == [
+        "cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor"]
+    with pytest.raises(SystemExit):
+        memory_scaling.parse_args(["--methods", "authors-cps"])
+
+
+def test_memory_scaling_table_gives_the_authors_ratios_or_not_measured():
+    def entry(method, peak, seconds):
+        return {"method": method, "image": "640x360", "megapixels": 0.23, "peak_mb": peak,
+                "encode_s": seconds / 2, "decode_s": seconds / 2}
+
+    ours = [entry("cps-budget", 1000.0, 4.0)]
+    table = memory_scaling.format_table(ours, ["cps-budget"])
+    assert table.splitlines()[2] == ("| 640x360 | 1000 | 4.0 | not measured | not measured "
+                                     "| not measured |")
+    both = ours + [entry("authors-cps", 3000.0, 10.0)]
+    (ratio,) = memory_scaling.authors_ratios(both)
+    assert ratio == {"image": "640x360", "peak_ratio": 3.0, "time_ratio": 2.5}
+    assert memory_scaling.format_table(both, ["cps-budget", "authors-cps"]).splitlines()[2] \
+        .endswith("| 3000 | 10.0 | 3.00x, 2.50x |")
+
+
+def test_the_gpu_check_dry_run_validates_every_command_and_writes_both_reports(tmp_path):
+    from benchmarks import gpu_check
+
+    kodak = tmp_path / "kodak"
+    for index in range(3):
+        small_png(kodak, 24, 16, f"kodim{index + 1:02d}.png")
+    output = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--kodak", str(kodak), "--output-dir", str(output)]) == 0
+    report = json.loads((output / "gpu_check.json").read_text())
+    assert [step["name"] for step in report["steps"]] == [
+        "evaluate", "cross_device", "memory_8k", "wavefront", "training"]
+    assert all(step["status"] == "dry run: commands valid" for step in report["steps"])
+    commands = [c for step in report["steps"] for c in step["commands"]]
+    assert sum("--patch-size 128" in c for c in commands) == 1
+    assert sum("--patch-size auto" in c for c in commands) == 1
+    assert sum(" decode " in c for c in commands) == 4
+    markdown = (output / "gpu_check.md").read_text()
+    assert markdown.count("| dry run: commands valid |") == 5
+
+
+def test_the_gpu_check_names_a_flag_that_a_script_does_not_take(tmp_path):
+    from benchmarks import gpu_check
+
+    command = gpu_check.memory_step(str(tmp_path)).commands[0] + ["--no-such-flag"]
+    assert "--no-such-flag" in gpu_check.validate_command(command)
+    missing = [command[0], os.path.join(gpu_check.ROOT, "benchmarks", "gone.py")]
+    assert gpu_check.validate_command(missing) == "benchmarks/gone.py does not exist"
+
+
+def test_the_gpu_check_without_kodak_refuses_to_run_but_can_dry_run(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.delenv("CPS_KODAK", raising=False)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args([])
+    with pytest.raises(ValueError, match="need 3"):
+        gpu_check.kodak_images(str(tmp_path))
+
+
+def _done(code=0, stderr=""):
+    return subprocess.CompletedProcess([], code, "", stderr)
+
+
+@pytest.mark.parametrize("cpu_decode_of_cuda_file, outcome, status", [
+    (b"same", "identical", "pass"),
+    (b"other", "DIFFERENT PIXELS", "fail"),
+    (None, "refused on the latent CRC", "pass"),
+])
+def test_cross_device_decodes_must_match_or_be_refused_on_the_crc(
+        tmp_path, cpu_decode_of_cuda_file, outcome, status):
+    from benchmarks import gpu_check
+
+    step = gpu_check.cross_device_step(str(tmp_path), "w.pth", "kodim01.png")
+    for name in ("encoded_cuda.cps", "encoded_cpu.cps"):
+        (tmp_path / name).write_bytes(b"file")
+    for name in ("cuda_to_cuda.png", "cpu_to_cuda.png", "cpu_to_cpu.png"):
+        (tmp_path / name).write_bytes(b"same")
+    results = [_done()] * 6
+    if cpu_decode_of_cuda_file is None:
+        results[3] = _done(1, "codec.py: error: decoded latent differs (y_hat CRC mismatch)")
+    else:
+        (tmp_path / "cuda_to_cpu.png").write_bytes(cpu_decode_of_cuda_file)
+    summary = step.summarise(results)
+    assert summary["figures"]["cuda_to_cpu"] == outcome and summary["status"] == status
+    assert summary["figures"]["cpu_to_cuda"] == "identical"
+    assert summary["figures"]["same_file_from_both_encoders"]
+
+
+def test_a_failing_or_slow_command_stops_its_check(tmp_path):
+    from benchmarks import gpu_check
+
+    def never(_results):
+        raise AssertionError("summarise must not run")
+
+    failing = gpu_check.Step("f", "", [[sys.executable, "-c", "raise SystemExit(3)"]], 30, never)
+    slow = gpu_check.Step("s", "", [[sys.executable, "-c", "import time; time.sleep(5)"]], 1,
+                          never)
+    assert gpu_check.run_step(failing, time.monotonic() + 30)["status"] == "error"
+    assert gpu_check.run_step(slow, time.monotonic() + 30)["status"] == "timeout"
+
+
+def test_startup_measures_one_child_process_time_and_peak_memory():
+    from benchmarks import startup
+
+    small = startup.run_once([sys.executable, "-c", "pass"])
+    large = startup.run_once([sys.executable, "-c", "b = bytearray(200 * 2 ** 20)"])
+    assert 0 < small["seconds"] < 30
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] > 150
+    with pytest.raises(RuntimeError, match="boom"):
+        startup.run_once([sys.executable, "-c", "raise SystemExit('boom')"])
+
+
+@pytest.mark.parametrize("batch_in_one", [True, False])
+def test_startup_runs_a_batch_in_one_call_only_when_codec_takes_several_inputs(batch_in_one):
+    from benchmarks import startup
+
+    files = {"weights": "w.pth", "images": ["a.png", "b.png", "c.png"]}
+    rows = startup.rows_to_run("out", files, batch_in_one)
+    assert list(rows) == ["import torch", "codec.py --help", "encode 1 image", "encode 3 images"]
+    batch = rows["encode 3 images"]
+    assert len(batch) == (1 if batch_in_one else 3)
+    assert ("-d" in batch[0]) == batch_in_one
+    timings = {name: {"seconds": 2.0, "peak_rss_mb": 500.0, "processes": len(commands)}
+               for name, commands in rows.items()}
+    table = startup.format_table(timings, batch_in_one)
+    assert ("separate codec.py calls" in table) != batch_in_one
+    assert "| encode 3 images | 3 | 2.00 | 500 | 1.00x |" in table or batch_in_one
+
+
+@pytest.mark.slow
+def test_startup_benchmark_runs_end_to_end(tmp_path):
+    from benchmarks import startup
+
+    output = tmp_path / "startup.json"
+    argv = ["--N", "8", "--size", "32", "--batch", "2", "--repeats", "1", "-o", str(output)]
+    assert startup.main(argv) == 0
+    document = json.loads(output.read_text())
+    assert set(document["results"]) == {"import torch", "codec.py --help", "encode 1 image",
+                                        "encode 2 images"}
+    assert all(row["seconds"] > 0 for row in document["results"].values())
