@@ -179,18 +179,22 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     """Build the model stored in ``path`` on ``device``, ready for coding (eval mode).
 
     The architecture is ``architecture`` if given, else the ``architecture`` entry our
-    training checkpoints carry, else ``"cps"`` (the authors' files carry none). The
-    model width is inferred from the weights by the class's ``from_state_dict``.
+    training checkpoints carry, else ``"kamisli2024"`` when the weights use Kamisli's
+    published module names and ``"cps"`` otherwise (published files carry no
+    architecture). The model sizes are inferred from the weights by the class's
+    ``from_state_dict``.
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}")
-    name = architecture or checkpoint.get("architecture") or "cps"
+    state_dict = unwrap_state_dict(checkpoint)
+    # The authors' files carry no architecture: Kamisli's use their own module names.
+    name = architecture or checkpoint.get("architecture") or (
+        "kamisli2024" if "prtr_forward1.weight" in state_dict else "cps")
     if not isinstance(name, str):
         raise ValueError(f"checkpoint {path}: 'architecture' must be a model name string, "
                          f"got {type(name).__name__} {name!r}")
     cls = get_model_class(name)
-    state_dict = unwrap_state_dict(checkpoint)
     try:
         model = cls.from_state_dict(state_dict)
     except KeyError as exc:
