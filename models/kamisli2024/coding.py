@@ -321,7 +321,7 @@ class BlockCoder:
         session = _Session(self.channels, grid_rows, grid_cols, self.pad)
         y_hat_grid = torch.zeros(self.latent_channels, grid_rows, grid_cols)
         decoder = RansDecoder()
-        decoder.set_stream(safe_string(string, self.latent_channels * grid_rows * grid_cols))
+        decoder.set_stream(safe_string(string, self.latent_channels * grid_rows * grid_cols, "y"))
         with single_threaded():
             for rows, cols in self.fronts(grid_rows, grid_cols):
                 front = _front_slots(rows, cols, grid_rows)
