@@ -9,6 +9,7 @@ built model's, and tables that were never computed because ``update()`` was not 
 """
 
 import os
+import zipfile
 from typing import Mapping, Optional
 
 import torch
@@ -83,6 +84,67 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         weights = {k: v for k, v in state_dict.items() if not _is_entropy_table(k)}
         nn.Module.load_state_dict(model, weights, strict=False)
         model.update(force=True)
+    validate_loaded_model(model)
+
+
+# Cumulative frequencies of CompressAI's rANS coder sum to 2**16.
+_CDF_TOTAL = 1 << 16
+
+
+def _check_entropy_tables(prefix: str, module: nn.Module) -> None:
+    """Tables the rANS coder can use without dividing by zero or reading outside a
+    row: for every row, ``2 <= length <= width``, ``cdf[0] == 0``, strictly increasing
+    up to ``cdf[length - 1] == 2**16`` (every symbol has a frequency >= 1, as
+    CompressAI's ``pmf_to_quantized_cdf`` makes it), and ``-width < offset <= 0``."""
+    cdf, lengths, offsets = module._quantized_cdf, module._cdf_length, module._offset
+    if cdf.numel() == 0:
+        return
+    if cdf.dim() != 2 or lengths.shape != (cdf.shape[0],) or offsets.shape != (cdf.shape[0],):
+        raise ValueError(f"checkpoint entry {prefix}._quantized_cdf {tuple(cdf.shape)} does not "
+                         f"match _cdf_length {tuple(lengths.shape)} and _offset "
+                         f"{tuple(offsets.shape)}")
+    width = cdf.shape[1]
+    lengths, offsets = lengths.long(), offsets.long()
+    bad = (lengths < 2) | (lengths > width)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"checkpoint entry {prefix}._cdf_length[{row}] = {int(lengths[row])} "
+                         f"is outside [2, {width}] (the table width)")
+    bad = (offsets > 0) | (offsets <= -width)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"checkpoint entry {prefix}._offset[{row}] = {int(offsets[row])} is "
+                         f"outside ({-width}, 0]")
+    cdf = cdf.long()
+    inside = torch.arange(width) < lengths[:, None]
+    steps = torch.diff(cdf, dim=1)
+    last = cdf.gather(1, (lengths - 1)[:, None])[:, 0]
+    bad = (cdf[:, 0] != 0) | (last != _CDF_TOTAL) | ((steps <= 0) & inside[:, 1:]).any(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"checkpoint entry {prefix}._quantized_cdf row {row} is not a CDF: it "
+                         f"must rise strictly from 0 to {_CDF_TOTAL} over its {int(lengths[row])} "
+                         "entries; delete the entropy tables from the checkpoint to recompute them")
+    if isinstance(module, GaussianConditional):
+        scales = module.scale_table
+        if scales.numel() != cdf.shape[0] or not (scales > 0).all() \
+                or not (torch.diff(scales) > 0).all():
+            raise ValueError(f"checkpoint entry {prefix}.scale_table must hold {cdf.shape[0]} "
+                             "positive increasing scales, one per CDF row")
+
+
+def validate_loaded_model(model: nn.Module) -> None:
+    """Reject weights the codec cannot use, with a one-line ``ValueError`` naming the
+    entry: non-finite floats (a diverged run; they make the encoder's wavefront loop
+    spin on NaN scales) and entropy tables that would make the rANS coder divide by
+    zero or index outside a CDF row (see :func:`_check_entropy_tables`)."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"checkpoint entry {name} holds non-finite values (NaN or inf): "
+                             "the weights are unusable, e.g. from a diverged training run")
+    for prefix, module in model.named_modules():
+        if isinstance(module, (EntropyBottleneck, GaussianConditional)):
+            _check_entropy_tables(prefix, module)
 
 
 def entropy_tables_ready(model: nn.Module) -> bool:
@@ -98,6 +160,13 @@ def read_checkpoint_file(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and one-line errors."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint not found: {path}")
+    with open(path, "rb") as handle:
+        # torch.save writes a zip archive; files of torch < 1.6 are pickles (0x80).
+        is_zip = zipfile.is_zipfile(handle)
+        handle.seek(0)
+        if not is_zip and handle.read(1) != b"\x80":
+            raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
+                             "(neither a torch.save zip archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all land here
@@ -110,15 +179,22 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     """Build the model stored in ``path`` on ``device``, ready for coding (eval mode).
 
     The architecture is ``architecture`` if given, else the ``architecture`` entry our
-    training checkpoints carry, else ``"cps"`` (the authors' files carry none). The
-    model width is inferred from the weights by the class's ``from_state_dict``.
+    training checkpoints carry, else ``"kamisli2024"`` when the weights use Kamisli's
+    published module names and ``"cps"`` otherwise (published files carry no
+    architecture). The model sizes are inferred from the weights by the class's
+    ``from_state_dict``.
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}")
-    name = architecture or checkpoint.get("architecture") or "cps"
-    cls = get_model_class(name)
     state_dict = unwrap_state_dict(checkpoint)
+    # The authors' files carry no architecture: Kamisli's use their own module names.
+    name = architecture or checkpoint.get("architecture") or (
+        "kamisli2024" if "prtr_forward1.weight" in state_dict else "cps")
+    if not isinstance(name, str):
+        raise ValueError(f"checkpoint {path}: 'architecture' must be a model name string, "
+                         f"got {type(name).__name__} {name!r}")
+    cls = get_model_class(name)
     try:
         model = cls.from_state_dict(state_dict)
     except KeyError as exc:

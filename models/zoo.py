@@ -13,8 +13,10 @@ and that codes the way CompressAI's ``eval_model`` does:
   rebuilt with ``update(force=True)``, as ``eval_model`` does by default.
 
 The strings travel in the ``.cps`` container like every other model's (latent
-string ``y``, hyperprior string ``z``, empty for factorized models). The zoo models
-do not expose their decoded latent, so the container's latent CRC is 0 and unchecked.
+string ``y``, hyperprior string ``z``, empty for factorized models), and are padded
+for CompressAI's decoder as every other string is (``utils/coding/rans.py``). The
+zoo models do not expose their decoded latent, so the container's latent CRC is 0
+and unchecked.
 """
 
 import inspect
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from models.base import CodingPlan, LearnedCodec, check_image
 from models.registry import register_model
 from utils.coding.container import BitstreamError, CompressedImage, check_model, model_fingerprint
+from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.stitching.planner import check_whole_image_fits
@@ -75,8 +78,10 @@ class ZooCodec(LearnedCodec):
         check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
                                payload.width)
         shape = (padded[0] // self.downsampling_factor, padded[1] // self.downsampling_factor)
-        hyperprior = bool(payload.z_string)
-        strings = [[payload.y_string], [payload.z_string]] if hyperprior else [[payload.y_string]]
+        strings = [[safe_string(payload.y_string, self.M * padded[0] * padded[1] // 16 ** 2, "y")]]
+        if payload.z_string:
+            z_symbols = self.N * padded[0] * padded[1] // 64 ** 2
+            strings.append([safe_string(payload.z_string, z_symbols, "z")])
         with torch.inference_mode():
             x_hat = self.decompress(strings, shape)["x_hat"]
         top, left = payload.pad_bottom // 2, payload.pad_right // 2

@@ -34,6 +34,7 @@ from utils.coding.container import (
     tensor_crc,
 )
 from utils.coding.context_coder import ContextCoder, single_threaded
+from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_uint8
 from utils.stitching.geometry import plan_patches
@@ -144,7 +145,9 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
-        z_hat = entropy.entropy_bottleneck.decompress([compressed.z_string], z_size)
+        z_symbols = entropy.entropy_bottleneck.channels * z_size[0] * z_size[1]
+        z_string = safe_string(compressed.z_string, z_symbols, "z")
+        z_hat = entropy.entropy_bottleneck.decompress([z_string], z_size)
         params = _hyper_params(entropy, z_hat)
     y_hat = ContextCoder(entropy, compressed.order).decode(compressed.y_string, params)
     del params

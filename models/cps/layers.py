@@ -64,24 +64,24 @@ class EURB(nn.Module):
 class BRB(nn.Module):
     """Bottleneck residual block (Fig. 3b): size-preserving for any input size.
 
-    A valid 3x3 convolution shrinks each side by 2 and a 3x3 transposed convolution
-    (stride 1) grows it back, so the block deepens the network without padding. Each
-    output depends on a 5x5 input window, which is why POPS needs an overlap.
+    A valid k x k convolution shrinks each side by k - 1 and a k x k transposed
+    convolution (stride 1) grows it back, so the block deepens the network without
+    padding. With the paper's k = 3 each output depends on a 5x5 input window, which
+    is why POPS needs an overlap; k = 1 (the Table II ablation) is pointwise.
 
     .. code-block:: none
 
-        x ─┬─ conv3x3 ─ LReLU ─ tconv3x3 ─ LReLU ─(+)─►
+        x ─┬─ convKxK ─ LReLU ─ tconvKxK ─ LReLU ─(+)─►
            └────────── identity (or conv1x1) ──────┘
     """
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=kernel_size)
         self.leaky_relu = nn.LeakyReLU(inplace=True)
-        self.conv2 = nn.ConvTranspose2d(out_ch, out_ch, kernel_size=3)
+        self.conv2 = nn.ConvTranspose2d(out_ch, out_ch, kernel_size=kernel_size)
         self.skip = nn.Conv2d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else None
-
-    pops_layers = ((3, 1), (3, 1))
+        self.pops_layers = ((kernel_size, 1), (kernel_size, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.leaky_relu(self.conv2(self.leaky_relu(self.conv1(x))))

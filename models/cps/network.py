@@ -3,7 +3,8 @@ Compression", IEEE SPL 2025, Fig. 4).
 
 A Minnen et al. (2018) joint autoregressive + hyperprior model whose transforms are
 padding-free, so that patch-wise analysis and synthesis equal whole-image processing
-(see ``utils/stitching/geometry.py`` for the geometry and ``utils/stitching/patches.py`` for the stitching):
+(see ``utils/stitching/geometry.py`` for the geometry and ``utils/stitching/patches.py``
+for the stitching):
 
 .. code-block:: none
 
@@ -31,10 +32,15 @@ from models.cps import coding
 from models.cps.layers import BRB, EDRB, EURB, CausalConv2d
 from models.registry import register_model
 
+# Kernel sizes of the bottleneck residual blocks: the paper's 3 and the ablation's 1.
+BRB_KERNEL_SIZES = (1, 3)
+
 
 @register_model("cps", "cps-v4")
 class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
-    """CPS model with ``N`` channels everywhere (the paper uses N = 192).
+    """CPS model with ``N`` channels everywhere (the paper uses N = 192) and
+    ``brb_kernel_size`` x ``brb_kernel_size`` kernels in its bottleneck residual
+    blocks (3 in the paper; 1 is the BRB-kernel ablation of Table II).
 
     ``forward(x)`` returns ``{"x_hat", "likelihoods": {"y", "z"}}`` as every
     CompressAI model does, so the usual rate-distortion loss applies. Inputs must have
@@ -44,24 +50,28 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
 
     supports_patches = True
 
-    def __init__(self, N: int = 192):
+    def __init__(self, N: int = 192, brb_kernel_size: int = 3):
+        if brb_kernel_size not in BRB_KERNEL_SIZES:
+            raise ValueError(f"brb_kernel_size must be one of {BRB_KERNEL_SIZES}, "
+                             f"got {brb_kernel_size!r}")
         super().__init__(N=N, M=N)
+        self.brb_kernel_size = k = brb_kernel_size
         self.g_a = nn.Sequential(
             EDRB(3, N),
-            BRB(N, N),
+            BRB(N, N, k),
             EDRB(N, N),
-            BRB(N, N),
+            BRB(N, N, k),
             EDRB(N, N),
-            BRB(N, N),
+            BRB(N, N, k),
             nn.Conv2d(N, N, kernel_size=2, stride=2),
         )
         self.g_s = nn.Sequential(
             nn.ConvTranspose2d(N, N, kernel_size=2, stride=2),
-            BRB(N, N),
+            BRB(N, N, k),
             EURB(N, N),
-            BRB(N, N),
+            BRB(N, N, k),
             EURB(N, N),
-            BRB(N, N),
+            BRB(N, N, k),
             EURB(N, 3),
         )
         self.h_a = nn.Sequential(
@@ -87,13 +97,20 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
 
     @property
     def config(self) -> dict:
-        """Constructor arguments, stored in checkpoints and checked against files."""
-        return {"N": self.N}
+        """Constructor arguments, stored in checkpoints and checked against files;
+        ``brb_kernel_size`` only when it is not the paper's 3, so that the configs
+        (and fingerprints) of earlier checkpoints are unchanged."""
+        config = {"N": self.N}
+        if self.brb_kernel_size != 3:
+            config["brb_kernel_size"] = self.brb_kernel_size
+        return config
 
     @classmethod
     def from_state_dict(cls, state_dict):
-        """Build a model whose width N is read from the weights, then load them."""
-        net = cls(N=state_dict["g_a.0.conv1.weight"].size(0))
+        """Build a model whose width N and BRB kernel are read from the weights,
+        then load them."""
+        net = cls(N=state_dict["g_a.0.conv1.weight"].size(0),
+                  brb_kernel_size=state_dict["g_a.1.conv1.weight"].size(-1))
         load_state_dict_into(net, state_dict)
         return net
 

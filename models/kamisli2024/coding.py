@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from models.kamisli2024.layers import BlockMaskedConv2d
 from utils.coding.context_coder import ORDERS, coding_order, single_threaded
+from utils.coding.rans import safe_string
 
 ROWS_PER_PRODUCT = 8
 
@@ -314,11 +315,12 @@ class BlockCoder:
 
     @torch.inference_mode()
     def decode(self, string: bytes, grid_rows: int, grid_cols: int) -> Tuple[Tensor, Tensor]:
-        """Rebuild (y_hat (M, R, K), reconstruction (3B^2, R, K)) from ``string``."""
+        """Rebuild (y_hat (M, R, K), reconstruction (3B^2, R, K)) from ``string``;
+        any string is safe to decode (:func:`~utils.coding.rans.safe_string`)."""
         session = _Session(self.channels, grid_rows, grid_cols, self.pad)
         y_hat_grid = torch.zeros(self.latent_channels, grid_rows, grid_cols)
         decoder = RansDecoder()
-        decoder.set_stream(string)
+        decoder.set_stream(safe_string(string, self.latent_channels * grid_rows * grid_cols, "y"))
         with single_threaded():
             for rows, cols in self.fronts(grid_rows, grid_cols):
                 front = _front_slots(rows, cols, grid_rows)

@@ -40,6 +40,11 @@ from models.base import CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.kamisli2024.coding import BlockCoder, BlockPayload
 from models.kamisli2024.layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
+from models.kamisli2024.published import (
+    check_authors_masks,
+    is_authors_layout,
+    split_authors_state_dict,
+)
 from models.registry import register_model
 from utils.coding.container import (
     BitstreamError,
@@ -323,12 +328,19 @@ class Kamisli2024(LearnedCodec, CompressionModel):
 
     @classmethod
     def from_state_dict(cls, state_dict):
-        """Build the model whose sizes are read from the weights, then load them."""
+        """Build the model whose sizes are read from the weights, then load them.
+
+        Accepts our layout and the authors' published one (their module names, see
+        :mod:`models.kamisli2024.published`)."""
+        masks = {}
+        if is_authors_layout(state_dict):
+            state_dict, masks = split_authors_state_dict(state_dict)
         source = state_dict["g_a_source.weight"]
         block_size = math.isqrt(source.shape[1] // 3)
         kernel_sizes = [state_dict["g_a_context.weight"].shape[-1],
                         state_dict["entropy_parameters.2.weight"].shape[-1], 1, 1]
         net = cls(block_size=block_size, N=source.shape[0],
                   M=state_dict["g_a.5.weight"].shape[0], kernel_sizes=kernel_sizes)
+        check_authors_masks(net, masks)
         load_state_dict_into(net, state_dict)
         return net

@@ -32,6 +32,7 @@ from utils.coding.container import (
     model_fingerprint,
     tensor_crc,
 )
+from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_uint8, to_unit_float
 from utils.stitching.patches import pad_replicate
@@ -119,7 +120,10 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
     device = model_device(model)
 
     def code(k, _value, latent_size):
-        return model.entropy_bottlenecks[k].decompress([layered.streams[k]], latent_size), None
+        entropy_model = model.entropy_bottlenecks[k]
+        symbols = entropy_model.channels * latent_size[0] * latent_size[1]
+        stream = safe_string(layered.streams[k], symbols, f"layer {k}")
+        return entropy_model.decompress([stream], latent_size), None
 
     size = _padded_size(model, layered.height, layered.width)
     with transform_mode(device, exact=True):

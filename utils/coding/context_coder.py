@@ -66,12 +66,11 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from compressai.ans import BufferedRansEncoder, RansDecoder
 from torch import Tensor, nn
 
-from compressai.ans import BufferedRansEncoder, RansDecoder
-
 from utils.coding import ORDERS
-
+from utils.coding.rans import safe_string
 
 # CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
 # coded symbol until it flushes.
@@ -454,13 +453,15 @@ class ContextCoder:
 
     @torch.inference_mode()
     def decode(self, string: bytes, params: Tensor) -> Tensor:
-        """Rebuild y_hat (M, H, W) from ``string`` and ``params`` (2M, H, W)."""
+        """Rebuild y_hat (M, H, W) from ``string`` and ``params`` (2M, H, W).
+
+        Any string is safe to decode (:func:`~utils.coding.rans.safe_string`): a
+        truncated or forged one gives a wrong y_hat, which the codec's checksum
+        rejects, or a :class:`~utils.coding.container.BitstreamError`.
+        """
         self._check_params(params)
-        if len(string) < 8:
-            raise ValueError(f"y string of {len(string)} bytes is truncated: a rANS stream "
-                             "holds at least its 8-byte final state")
         decoder = RansDecoder()
-        decoder.set_stream(string)
+        decoder.set_stream(safe_string(string, params[0].numel() * self.channels, "y"))
 
         def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor, _: Tensor) -> Tensor:
             # Only the CDF rows this front uses go to C++ (the whole table costs ms).

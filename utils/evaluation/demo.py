@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 import models
+from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
 from utils.evaluation.classical_codecs import get_codec
-from models.base import CodingPlan
 from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
-from utils.stitching.spec import PatchSpec
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd import Curve, plot_curves
+from utils.stitching.spec import PatchSpec
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")

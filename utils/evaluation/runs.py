@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from utils.atomic import atomic_write_bytes
 from utils.evaluation.coders import Coder
-from utils.image_io import read_image, write_png
 from utils.evaluation.metrics import image_metrics
+from utils.image_io import read_image, write_png
 from utils.memory import PeakMemory
 from utils.yaml_io import load_yaml_text
 

@@ -27,8 +27,14 @@ import torch
 from torch import nn
 
 from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
-from utils.memory import (NO_BUDGET_HINT, PeakMemory, format_memory, memory_in_use,
-                          return_freed_memory)
+from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
+from utils.memory import (
+    NO_BUDGET_HINT,
+    PeakMemory,
+    format_memory,
+    memory_in_use,
+    return_freed_memory,
+)
 from utils.stitching.geometry import PopsGeometry, check_patch_size, model_geometry, tile_axis
 from utils.stitching.spec import PatchSpec
 from utils.stitching.transforms import input_preparation, transform_mode
@@ -79,11 +85,14 @@ def entropy_phase_bytes(channels: int, positions: int, encoding: bool) -> int:
     """Latent-sized memory of the entropy phase for ``positions`` latent positions
     of ``channels`` (M) channels, float32: params (2M), the padded y_hat buffer (M)
     and its channels-last result view, ``y`` (M, encoder), the rANS symbol buffer
-    (6 bytes per symbol, encoder), and a transient copy of params while it is
-    rearranged channels-last (2M)."""
+    (6 bytes per symbol, encoder), a transient copy of params while it is
+    rearranged channels-last (2M), and the zero padding that makes the decoder's
+    reads provably stay inside its string (``utils/coding/rans.py``, decoder)."""
     per_position = 4 * (2 * channels + channels + 2 * channels)
     if encoding:
         per_position += 4 * channels + ENCODER_BYTES_PER_SYMBOL * channels
+    else:
+        per_position += PADDING_BYTES_PER_SYMBOL * channels
     return int(per_position * positions * _SAFETY_FACTOR)
 
 

@@ -1,0 +1,82 @@
+"""Checkpoints the codec cannot use are one-line errors at load time, naming the entry."""
+
+import pytest
+import torch
+
+import models
+
+
+def _saved(tmp_path, state_dict, **extra):
+    path = tmp_path / "model.pth.tar"
+    torch.save({"state_dict": state_dict, **extra}, path)
+    return str(path)
+
+
+def _load_error(path) -> str:
+    with pytest.raises(ValueError) as error:
+        models.load_checkpoint(path, "cpu")
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_valid_checkpoint_passes_validation(tmp_path, tiny_cps):
+    model = models.load_checkpoint(_saved(tmp_path, tiny_cps.state_dict()), "cpu")
+    assert torch.equal(model.gaussian_conditional._quantized_cdf,
+                       tiny_cps.gaussian_conditional._quantized_cdf)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_rejected(tmp_path, tiny_cps, value):
+    state = tiny_cps.state_dict()
+    state["h_s.2.bias"][3] = value
+    assert "entry h_s.2.bias holds non-finite values" in _load_error(_saved(tmp_path, state))
+
+
+@pytest.mark.parametrize("module", ["gaussian_conditional", "entropy_bottleneck"])
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda cdf, lengths, offsets: cdf[1].__setitem__(slice(3, 5), cdf[1][4].item()),
+     "_quantized_cdf row 1 is not a CDF"),              # a zero-frequency symbol
+    (lambda cdf, lengths, offsets: cdf[0].__setitem__(2, cdf[0][1] - 1),
+     "_quantized_cdf row 0 is not a CDF"),              # decreasing
+    (lambda cdf, lengths, offsets: cdf[2].__setitem__(0, 7), "row 2 is not a CDF"),
+    (lambda cdf, lengths, offsets: lengths.__setitem__(1, 1), "_cdf_length[1] = 1 is outside"),
+    (lambda cdf, lengths, offsets: lengths.__setitem__(0, cdf.shape[1] + 1),
+     "_cdf_length[0]"),
+    (lambda cdf, lengths, offsets: lengths.__setitem__(2, lengths[2] - 1), "row 2 is not a CDF"),
+    (lambda cdf, lengths, offsets: offsets.__setitem__(1, 5), "_offset[1] = 5 is outside"),
+    (lambda cdf, lengths, offsets: offsets.__setitem__(1, -10 ** 6), "_offset[1] = -1000000"),
+])
+def test_hostile_entropy_tables_are_rejected(tmp_path, tiny_cps, module, corrupt, message):
+    state = tiny_cps.state_dict()
+    corrupt(state[f"{module}._quantized_cdf"], state[f"{module}._cdf_length"],
+            state[f"{module}._offset"])
+    error = _load_error(_saved(tmp_path, state))
+    assert f"entry {module}." in error and message in error
+
+
+def test_unsorted_scale_table_is_rejected(tmp_path, tiny_cps):
+    state = tiny_cps.state_dict()
+    state["gaussian_conditional.scale_table"] = state["gaussian_conditional.scale_table"].flip(0)
+    assert "gaussian_conditional.scale_table must hold" in _load_error(_saved(tmp_path, state))
+
+
+@pytest.mark.parametrize("architecture", [["cps"], 3, {"name": "cps"}])
+def test_architecture_that_is_not_a_string_is_rejected(tmp_path, tiny_cps, architecture):
+    path = _saved(tmp_path, tiny_cps.state_dict(), architecture=architecture)
+    assert "'architecture' must be a model name string" in _load_error(path)
+
+
+def test_text_file_given_as_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("N: 192\nlambda: 0.0018\n")
+    assert "not a PyTorch checkpoint" in _load_error(str(path))
+
+
+def test_tables_compressai_computes_satisfy_the_check(tiny_cps):
+    # The check demands what the rANS coder needs and no more than update() gives.
+    for module in (tiny_cps.gaussian_conditional, tiny_cps.entropy_bottleneck):
+        lengths = module._cdf_length.long()
+        for row, length in zip(module._quantized_cdf.long(), lengths):
+            assert row[0] == 0 and row[length - 1] == 1 << 16
+            assert (torch.diff(row[:length]) > 0).all()
