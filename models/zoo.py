@@ -24,6 +24,7 @@ from typing import Dict, Type
 
 import torch
 import torch.nn.functional as F
+from compressai.layers import MaskedConv2d
 from compressai.ops import compute_padding
 from compressai.zoo.image import model_architectures
 from torch import Tensor, nn
@@ -52,6 +53,7 @@ class ZooCodec(LearnedCodec):
         """The rANS strings of ``compress`` on the zero-padded image; the plan's
         ``grayscale`` and budget apply, its patching does not (whole image)."""
         check_image(image)
+        self.apply_masks()
         height, width = image.shape[1:]
         check_whole_image_fits(self, model_device(self), plan.budget_bytes, height, width)
         padding, _ = compute_padding(height, width, min_div=EVAL_MODEL_MULTIPLE)
@@ -69,6 +71,7 @@ class ZooCodec(LearnedCodec):
         """``decompress`` of the strings, cropped back to the original size."""
         if not isinstance(payload, CompressedImage):
             raise BitstreamError(f"{self.registry_name} decodes .cps files, not layered ones")
+        self.apply_masks()
         check_model(payload, self)
         padded = (payload.height + payload.pad_bottom, payload.width + payload.pad_right)
         if padded[0] % EVAL_MODEL_MULTIPLE or padded[1] % EVAL_MODEL_MULTIPLE \
@@ -88,6 +91,15 @@ class ZooCodec(LearnedCodec):
         image = to_uint8(x_hat[0, :, top:top + payload.height, left:left + payload.width]).cpu()
         return to_grayscale(image) if payload.grayscale else image.contiguous()
 
+    def apply_masks(self) -> None:
+        """Zero the masked taps of CompressAI's ``MaskedConv2d`` weights, as its first
+        forward call does in place: done up front, the weights (and so the checkpoint
+        fingerprint in the files) are the same before and after coding."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, MaskedConv2d):
+                    module.weight.mul_(module.mask)
+
     @property
     def config(self) -> dict:
         """N (and M where the class takes it), read back from the built model."""
@@ -100,6 +112,7 @@ def _register(name: str, base: Type[nn.Module]) -> Type[ZooCodec]:
 
     def from_state_dict(cls, state_dict):
         model = base.from_state_dict.__func__(cls, state_dict)
+        model.apply_masks()
         model.update(force=True)
         return model
 
