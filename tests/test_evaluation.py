@@ -288,6 +288,7 @@ def test_aggregate_averages_present_values_and_json_turns_inf_into_null():
     assert json.loads(to_json({"results": results}))["results"]["psnr-rgb"] == [None]
 
 
+@pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
 def test_torchrun_shards_images_and_merges_the_same_results(capsys, tmp_path, images, checkpoint):
     write_png(str(images / "third.png"), smooth_image(64, 80, 5))
     common = ["checkpoint", "--dataset", images, "-p", checkpoint, "--patch-size", 80,

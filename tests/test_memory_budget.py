@@ -139,6 +139,7 @@ def test_decoder_output_is_stored_ready_for_a_png_writer(large_case):
     assert whole.permute(1, 2, 0).is_contiguous()
 
 
+@pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
 def test_codec_cli_stays_within_its_budget(large_case, tmp_path):
     """The decoder process, started fresh, peaks within --max-memory (plus 5 %)."""
     model, _, data, whole = large_case

@@ -110,6 +110,7 @@ def test_a_bad_torchrun_environment_is_a_one_line_error(tmp_path, value, capsys,
     assert len(err) == 1 and err[0].startswith("train.py: error: ") and "WORLD_SIZE" in err[0]
 
 
+@pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
 def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
     """Stop both ranks mid-epoch (step 1 of 2), resume, and end where a straight run ends."""
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
