@@ -14,6 +14,7 @@ from PIL import Image
 import utils.stitching.planner
 from models.base import CodingPlan
 from utils.coding.container import pack, unpack
+from utils.evaluation.coders import ModelCoder
 from utils.memory import format_memory, memory_in_use, parse_memory
 from utils.stitching.geometry import PopsGeometry, plan_patches
 from utils.stitching.planner import TransformCost, choose_patches
@@ -132,6 +133,30 @@ def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, 
     assert decoded.shape == (3, 2000, 3000)
     # The budget forced real patches on both sides, not the whole image.
     assert len(plans) == 2 and all(plan.patch_size != (0, 0) for plan in plans)
+
+
+def test_verification_decodes_within_the_same_budget_with_another_plan(large_case, monkeypatch):
+    """``--verify`` on an image whose whole-image decode does not fit the budget: both
+    decodes stay within it, tile differently, and their peaks are reported apart."""
+    model, image, data, whole = large_case
+    plans = []
+    planner = utils.stitching.planner.choose_patches
+
+    def recording_planner(*args, **kwargs):
+        plans.append(planner(*args, **kwargs))
+        return plans[-1]
+
+    budget = memory_in_use(torch.device("cpu")) + 160 * MB
+    with pytest.raises(ValueError, match="too small for the synthesis"):
+        model.decode(unpack(data), CodingPlan(patch=PatchSpec(0), budget_bytes=budget))
+    monkeypatch.setattr(utils.stitching.planner, "choose_patches", recording_planner)
+    coder = ModelCoder(model, CodingPlan(budget_bytes=budget), verify=True)
+    coded = coder.code(image)
+    assert torch.equal(coded.reconstruction, whole)
+    analysis, synthesis, verification = plans
+    assert verification.patch_size != synthesis.patch_size
+    assert coded.peak_mb * MB <= budget * 1.05
+    assert coded.verification_peak_mb * MB <= budget * 1.05
 
 
 def test_decoder_output_is_stored_ready_for_a_png_writer(large_case):
