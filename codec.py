@@ -83,11 +83,28 @@ def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[s
     return pairs
 
 
+def _check_reading_fits(source: str, budget) -> None:
+    """Refuse, from the header alone, an image whose reading would break the budget."""
+    import torch
+
+    from utils.image_io import READ_BYTES_PER_PIXEL, image_size
+    from utils.memory import memory_in_use
+    from utils.stitching.planner import check_fits
+
+    if budget is None:
+        return
+    width, height = image_size(source)
+    needed = memory_in_use(torch.device("cpu")) + READ_BYTES_PER_PIXEL * width * height
+    check_fits(needed, budget, f"reading of this {width}x{height} image")
+
+
 def encode(args, model, plan, source: str, target: str) -> str:
+    from utils.atomic import atomic_write_bytes
     from utils.coding.container import pack
     from utils.image_io import read_image
-    from utils.atomic import atomic_write_bytes
 
+    if not args.cuda:  # on CUDA the budget counts GPU memory, which reading does not use
+        _check_reading_fits(source, plan.budget_bytes)
     image, info = read_image(source)
     for change in info.conversions:
         print(f"warning: {source}: {change}", file=sys.stderr)

@@ -246,6 +246,12 @@ def outcomes(folder, cps, mei, kamisli):
         case(f"checkpoint {name} file", "codec", ["encode", photo, folder / "t.cps", "-p", path],
              "checkpoint")
 
+    huge = folder / "huge.png"
+    Image.new("1", (12000, 12000)).save(huge)  # 144 Mpx; a few kilobytes on disk
+    case("reading a huge image under a budget", "codec",
+         ["encode", huge, folder / "huge.cps", "-p", cps_checkpoint, "--max-memory", "2GB"],
+         "reading of this 12000x12000 image")
+
     same = folder / "same.png"
     Image.new("RGB", (16, 16)).save(same)
     case("encode onto its input", "codec",
@@ -286,7 +292,8 @@ def _error_cases():
               for n in range(DAMAGED_FILES_PER_MODEL)]
     names += [f"checkpoint {name}" for name in ("zero cdf", "nan weights", "list architecture",
                                                 "text file", "empty file")]
-    names += ["encode onto its input", "decode onto its input", "test.py output is a file"]
+    names += ["reading a huge image under a budget", "encode onto its input",
+              "decode onto its input", "test.py output is a file"]
     return names
 
 

@@ -12,6 +12,7 @@ CPS codes 8-bit RGB. Other inputs are converted, and the conversion is reported 
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -38,6 +39,25 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f":
         raise ValueError("floating-point images are not supported; save the image as 8- or 16-bit PNG")
     return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+# Bytes per pixel that reading an image may hold at once: PIL's decoded buffer (up to
+# four 8-bit channels, or 16-bit samples) and the RGB tensor made from it.
+READ_BYTES_PER_PIXEL = 8 + 3
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    if not os.path.isfile(path):
+        raise ValueError(f"image not found: {path}")
+    try:
+        # PIL warns about large images on opening; the caller checks the size itself.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
 def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
