@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.image_io import read_image
+from utils.image_io import read_image, to_unit_float
 
 __all__ = ["ContextPairs"]
 
@@ -46,8 +46,8 @@ class ContextPairs(Dataset):
         return len(self.originals)
 
     def __getitem__(self, index: int):
-        x = read_image(self.originals[index])[0].float().div_(255)
-        z = x if self.contexts is None else read_image(self.contexts[index])[0].float().div_(255)
+        x = to_unit_float(read_image(self.originals[index])[0])
+        z = x if self.contexts is None else to_unit_float(read_image(self.contexts[index])[0])
         if z.shape != x.shape:
             raise ValueError(f"context {self.contexts[index]} has size {tuple(z.shape[1:])}, "
                              f"its original {tuple(x.shape[1:])}")

@@ -30,6 +30,7 @@ from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd import Curve, plot_curves
+from utils.evaluation.runs import mean_over_images
 from utils.stitching.spec import PatchSpec
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,11 +107,9 @@ def _record(original: torch.Tensor, coded: Coded, **extra) -> dict:
 
 
 def _mean(records: List[dict]) -> dict:
-    means = {}
-    for key in METRIC_KEYS:
-        values = [r[key] for r in records if r.get(key) is not None]
-        means[key] = float(np.mean(values)) if len(values) == len(records) else None
-    return means
+    """Each metric averaged over the demo images."""
+    return {key: mean_over_images([record.get(key) for record in records], key, "demo")
+            for key in METRIC_KEYS}
 
 
 def _crop_window(height: int, width: int, tile: int, side: int):

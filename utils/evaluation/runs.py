@@ -227,7 +227,9 @@ def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[s
     return table, entries
 
 
-def _mean(values: List[Optional[float]], key: str, label: str) -> Optional[float]:
+def mean_over_images(values: List[Optional[float]], key: str, label: str) -> Optional[float]:
+    """The mean of the per-image values that exist (a metric an image is too small for is
+    None), with a warning naming ``label`` when some are missing; None when all are."""
     present = [v for v in values if v is not None]
     if not present:
         return None
@@ -242,7 +244,7 @@ def aggregate(records: List[List[dict]], labels: Sequence[str]) -> Dict[str, lis
     keys = [k for k in RESULT_KEYS if any(k in record for run in records for record in run)]
     # The layer index of a scalable model's operating point is the same on every image.
     return {key: [run[0].get(key) if key == "layer" else
-                  _mean([record.get(key) for record in run], key, label)
+                  mean_over_images([record.get(key) for record in run], key, label)
                   for run, label in zip(records, labels)] for key in keys}
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
 from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
+from utils.image_io import to_uint8
 from utils.memory import (
     NO_BUDGET_HINT,
     PeakMemory,
@@ -227,7 +228,7 @@ class Planner:
         with meter, transform_mode(self.device, self.exact):
             output = transform(prepare(torch.zeros(shape, dtype=dtype, device=self.device)))
             if direction == "synthesis":
-                output.clamp(0, 1).mul(255.0).round_().to(torch.uint8)
+                to_uint8(output)
             del output
         return_freed_memory()
         return TransformCost(max(meter.peak_bytes - before, 0) / CALIBRATION_PATCH ** 2)

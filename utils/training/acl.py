@@ -45,7 +45,7 @@ from datasets.context_pairs import ContextPairs
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
-from utils.image_io import write_png
+from utils.image_io import to_uint8, write_png
 from utils.training.config import to_plain_dict
 from utils.training.state import LAST_NAME as STATE_NAME
 from utils.training.state import check_resume_entries, load_entry
@@ -129,7 +129,7 @@ def regenerate_contexts(model: nn.Module, pairs: ContextPairs, targets: Sequence
             continue
         x, z = (t[None].to(device) for t in pairs[index])
         x_hat = model(x, z)["x_hat"][0].clamp(0, 1)
-        write_png(target, x_hat.mul(255).round().to(torch.uint8))
+        write_png(target, to_uint8(x_hat))
         written += 1
     model.train(was_training)
     return written
