@@ -42,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         command.add_argument("-d", "--output-dir", default=None,
                              help=f"write OUTDIR/<input stem>{suffix} for every input "
                                   "(created if missing)")
-        command.add_argument("-p", "--checkpoint", required=True, help="model checkpoint (.pth.tar)")
+        command.add_argument("-p", "--checkpoint", required=True,
+                             help="model checkpoint (.pth.tar)")
         command.add_argument("-a", "--architecture", default=None,
                              help="architecture name when the checkpoint does not say "
                                   "(default: cps)")
@@ -84,9 +85,9 @@ def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[s
 
 
 def encode(args, model, plan, source: str, target: str) -> str:
+    from utils.atomic import atomic_write_bytes
     from utils.coding.container import pack
     from utils.image_io import read_image
-    from utils.atomic import atomic_write_bytes
 
     image, info = read_image(source)
     for change in info.conversions:

@@ -31,11 +31,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torchvision.transforms.functional as TF
+from compressai.datasets import ImageFolder
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from compressai.datasets import ImageFolder
 
 __all__ = ["CropImageFolder", "list_split", "UnreadableImage", "open_rgb", "REPLACEMENTS"]
 

@@ -24,7 +24,8 @@ def spread_scales(model: torch.nn.Module, seed: int = 0, high: float = 16.0) -> 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         last.weight.mul_(0.1)
-        log_scales = torch.empty(channels).uniform_(math.log(0.11), math.log(high), generator=generator)
+        log_scales = torch.empty(channels).uniform_(math.log(0.11), math.log(high),
+                                                    generator=generator)
         last.bias[:channels] = log_scales.exp()
         last.bias[channels:] = 0.5 * torch.randn(channels, generator=generator)
     model.update(force=True)
@@ -185,7 +186,8 @@ def test_coded_means_and_scales_are_the_models_masked_convolution(coding_model):
     string, y_hat, _ = coder.encode(y, params)
     with torch.no_grad():
         context = coding_model.context_prediction(y_hat[None])
-        scales, means = coding_model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
+        entropy_input = torch.cat((params[None], context), 1)
+        scales, means = coding_model.entropy_parameters(entropy_input).chunk(2, 1)
     offsets = y_hat - means[0]
     assert (offsets - offsets.round()).abs().max() < 1e-4
     assert torch.equal(offsets.round(), (y - means[0]).round())
@@ -200,7 +202,8 @@ def test_scale_indexes_equal_compressais_build_indexes(coding_model):
     table = conditional.scale_table
     scales = torch.cat((torch.rand(2000) * 300 - 10, table, torch.nextafter(table, table + 1),
                         torch.nextafter(table, table - 1), torch.tensor([0.0, -1.0]))).view(2, -1)
-    assert torch.equal(ContextCoder(coding_model).scale_indexes(scales), conditional.build_indexes(scales))
+    assert torch.equal(ContextCoder(coding_model).scale_indexes(scales),
+                       conditional.build_indexes(scales))
 
 
 def test_raster_decoder_reads_compressais_mbt2018_stream(coding_model):
@@ -237,7 +240,8 @@ def test_other_mask_sizes_derive_their_own_slope_and_round_trip(coding_model, ke
     assert torch.equal(coder.decode(string, params), y_hat)
     with torch.no_grad():
         context = coding_model.context_prediction(y_hat[None])
-        _, means = coding_model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
+        entropy_input = torch.cat((params[None], context), 1)
+        _, means = coding_model.entropy_parameters(entropy_input).chunk(2, 1)
     offsets = y_hat - means[0]
     assert (offsets - offsets.round()).abs().max() < 1e-4
 

@@ -116,7 +116,8 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
     straight, split = tmp_path / "straight", tmp_path / "split"
     epochs = {"batch_size": 1, "epochs": 2}
-    _torchrun("train.py", "--config", write_train_config(tmp_path, data, straight, train_data=epochs))
+    _torchrun("train.py", "--config",
+              write_train_config(tmp_path, data, straight, train_data=epochs))
     cfg = write_train_config(tmp_path, data, split, train_data=epochs)
     _torchrun("train.py", "--config", cfg, "--set", "train_params.max_steps=1")
     middle = torch.load(split / "checkpoint.pth.tar", map_location="cpu", weights_only=True)

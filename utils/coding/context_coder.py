@@ -194,7 +194,8 @@ def idle_core_available(window: float = 0.1) -> bool:
     return others <= cpus - 1.5
 
 
-def _as_linear_layers(entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
+def _as_linear_layers(
+        entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
     """(weight (out, in), bias, LeakyReLU slope or None) per 1x1 convolution."""
     layers: List[list] = []
     for module in entropy_parameters.children():
@@ -280,7 +281,8 @@ class ContextCoder:
         self.cdf_lengths = lengths
         self.cdf_offsets = conditional.offset.reshape(-1).int().tolist()
         # Rows trimmed to their length: the padding is never read by the coder.
-        self.cdfs = [row[:length] for row, length in zip(conditional.quantized_cdf.tolist(), lengths)]
+        self.cdfs = [row[:length]
+                     for row, length in zip(conditional.quantized_cdf.tolist(), lengths)]
 
     def _layout(self, height: int, width: int) -> _Layout:
         """Coding order, buffer rows, and the split of the taps into *near* ones,
@@ -301,16 +303,19 @@ class ContextCoder:
         near = [k for k, back in enumerate(steps_back) if back == 1]
         far = [k for k, back in enumerate(steps_back) if back != 1]
         padded_width = width + 2 * self.pad[1]
-        centres = (positions // width + self.pad[0]) * padded_width + positions % width + self.pad[1]
+        centres = ((positions // width + self.pad[0]) * padded_width
+                   + positions % width + self.pad[1])
         offsets = torch.tensor([di * padded_width + dj for di, dj in self.taps])
 
         def windows(taps: List[int]) -> Tensor:
             return (centres[:, None] + offsets[taps]).reshape(-1)
 
         def weight(taps: List[int]) -> Tensor:
-            return self.context_weight[:, taps].reshape(self.context_weight.shape[0], -1).contiguous()
+            outputs = self.context_weight.shape[0]
+            return self.context_weight[:, taps].reshape(outputs, -1).contiguous()
 
-        return _Layout(positions, centres, sizes, windows(far), windows(near), weight(far), weight(near))
+        return _Layout(positions, centres, sizes, windows(far), windows(near), weight(far),
+                       weight(near))
 
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
@@ -319,7 +324,8 @@ class ContextCoder:
         idle core."""
         if self.pipeline is not None:
             return self.pipeline
-        return self.order == "wavefront" and positions >= _PIPELINE_MIN_POSITIONS and idle_core_available()
+        return (self.order == "wavefront" and positions >= _PIPELINE_MIN_POSITIONS
+                and idle_core_available())
 
     def _gather(self, y_hat: Tensor, windows: Tensor, start: int, stop: int, taps: int) -> Tensor:
         """(n, taps*M) window values of the positions start..stop in coding order."""
@@ -338,7 +344,8 @@ class ContextCoder:
                 F.linear(front_params, self.hyper_weight, self.first_bias))
 
     def _front_parameters(self, y_hat: Tensor, layout: _Layout, start: int, stop: int,
-                          partial_context: Tensor, partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                          partial_context: Tensor,
+                          partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """CDF indexes, means and scales (n, M) of the front start..stop, given its
         far part."""
         taps = layout.near_weight.shape[1] // self.channels
@@ -402,7 +409,8 @@ class ContextCoder:
         with single_threaded(), worker as pool:
             far_parts = self._far_parts(y_hat, layout, hyper, bounds, pool)
             for start, stop, partial in zip(bounds, bounds[1:], far_parts):
-                indexes, means, scales = self._front_parameters(y_hat, layout, start, stop, *partial)
+                indexes, means, scales = self._front_parameters(y_hat, layout, start, stop,
+                                                                *partial)
                 values = symbols_of(start, stop, indexes, means, scales)
                 y_hat.index_copy_(0, layout.centres[start:stop], values.type_as(means) + means)
         inner = y_hat.view(*padded, self.channels)[self.pad[0]:self.pad[0] + height,
@@ -438,7 +446,8 @@ class ContextCoder:
                      scales: Tensor) -> Tensor:
             values = torch.round(y_rows.index_select(0, layout.positions[start:stop]) - means).int()
             likelihood = self.conditional._likelihood(values.float(), scales)
-            bits = -self.conditional.likelihood_lower_bound(likelihood).log2().sum(dtype=torch.float64)
+            bounded = self.conditional.likelihood_lower_bound(likelihood)
+            bits = -bounded.log2().sum(dtype=torch.float64)
             estimated_bits[0] += float(bits)
             pending_symbols.append(values)
             pending_indexes.append(front_indexes)
@@ -463,7 +472,8 @@ class ContextCoder:
         decoder = RansDecoder()
         decoder.set_stream(safe_string(string, params[0].numel() * self.channels, "y"))
 
-        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor, _: Tensor) -> Tensor:
+        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor,
+                         _: Tensor) -> Tensor:
             # Only the CDF rows this front uses go to C++ (the whole table costs ms).
             used = torch.bincount(indexes.view(-1), minlength=len(self.cdfs)) > 0
             remap = torch.cumsum(used, 0, dtype=torch.int32) - 1
