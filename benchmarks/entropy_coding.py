@@ -6,7 +6,7 @@ Three coders of the same N=192 model, on the latent sizes of 768x512, 1920x1080,
 - ``wavefront``: :class:`utils.coding.context_coder.ContextCoder`, the codec's default;
 - ``raster``: the same coder, one position per step (our reference order);
 - ``compressai``: CompressAI's own ``mbt2018`` loop (``_compress_ar`` and
-  ``_decompress_ar``), the per-position coder the issue measured.
+  ``_decompress_ar``), the per-position coder CompressAI ships.
 
 The wavefront coder codes every latent whole. The two per-position coders would
 take minutes to hours on the large latents, so they code only the first rows of

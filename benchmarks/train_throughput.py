@@ -18,7 +18,7 @@ auxiliary optimizer:
 The batch is a fixed random tensor already on the device, so the figures measure
 the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
 workers). Each loop is timed ``--repeats`` times and the median is reported. The
-defaults are the issue's setting: batch 8, 256x256 crops, N = 192.
+defaults are batch 8, 256x256 crops (the paper's crop size, Sec. III-A) and N = 192.
 """
 
 import argparse

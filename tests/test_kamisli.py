@@ -21,7 +21,9 @@ from models.kamisli2024.network import Kamisli2024
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 KERNELS = {"KS3111": [3, 1, 1, 1], "KS3311": [3, 3, 1, 1]}
-# The paper's dependency sets (baselines_spec.md A6), as (row, column) offsets.
+# The blocks a block depends on, as (row, column) offsets: the 4 causal neighbours
+# through the 'A' mask, and with a 3x3 second entropy layer (KS3311) rows i-2 (cols
+# j-2..j+2), i-1 (cols j-2..j+1) and i (cols j-2, j-1).
 FOUR_NEIGHBOURS = {(-1, -1), (-1, 0), (-1, 1), (0, -1)}
 KS3311_ENTROPY_REACH = ({(-2, j) for j in range(-2, 3)} | {(-1, j) for j in range(-2, 2)}
                         | {(0, -2), (0, -1)})
@@ -197,8 +199,9 @@ def test_registry_config_and_state_dict_round_trip(tmp_path):
 
 
 def test_rate_is_charged_to_the_original_pixels_with_compressais_lambda():
-    """The authors' loss R + lambda_ * MSE with lambda_ = 255^2 * lmbda (spec A8), R in bits
-    per pixel of the unpadded image, is CompressAI's RateDistortionLoss."""
+    """The authors' loss R + lambda_ * MSE with lambda_ = 255^2 * lmbda (their config's
+    ``lambda_``), R in bits per pixel of the unpadded image, is CompressAI's
+    RateDistortionLoss."""
     model = tiny([3, 1, 1, 1], block_size=4)
     torch.manual_seed(3)
     x = torch.rand(2, 3, 13, 18)  # padded to 16 x 20 for the blocks
@@ -214,7 +217,8 @@ def _presets():
     return sorted(glob.glob(os.path.join(CONFIGS, "kamisli_*.yaml")))
 
 
-# Widths (A4) and parameter counts, total and without masked taps (A4 table, in millions).
+# Widths of the v9 network (autoencoder N, 7N/8, 6N/8; entropy net 12N/8, 10N/8, 8N/8)
+# and parameter counts in millions, total and without the masked-out taps.
 EXPECTED = {
     "kamisli_B4_KS3311_N512M96.yaml": (4, 512, 96, (512, 448, 384), (768, 640, 512), 7.78, 5.39),
     "kamisli_B8_KS3111_N768M96.yaml": (8, 768, 96, (768, 672, 576), (1152, 960, 768), 11.59, 9.01),
@@ -223,7 +227,7 @@ EXPECTED = {
     "kamisli_B16_KS3111_N1280M192.yaml": (16, 1280, 192, (1280, 1120, 960), (1920, 1600, 1280),
                                           51.40, 34.19),
 }
-# The authors' lambda_ folders (A8): lambda_ = 255^2 * lmbda.
+# The authors' experiment folders exp_<lambda_>, with lambda_ = 255^2 * lmbda.
 AUTHORS_LAMBDAS = [117.045, 227.5875, 435.6675, 845.325, 1625.625, 3140.7075, 6060.33, 11704.5]
 
 

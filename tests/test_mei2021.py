@@ -1,7 +1,8 @@
 """Mei et al. 2021 scalable models: geometry, reuse, joint loss, pyramid and training.
 
 Tiny widths (8-16 channels) and 64x64 / 128x128 images keep the file fast; the
-published widths are only instantiated to check the channel bookkeeping of B3/B4.
+published widths are only instantiated to check the channel bookkeeping of the quality
+and spatial models.
 """
 
 import math
