@@ -27,7 +27,7 @@ is idle (``--pipeline auto``, the default); ``on`` and ``off`` force the choice.
 
 Usage::
 
-    python benchmarks/entropy_coding.py                  # all four sizes, ~3 min on 2 busy cores
+    python benchmarks/entropy_coding.py                  # all four sizes (minutes)
     python benchmarks/entropy_coding.py --sizes 768x512 --output /tmp/bench.json
     python benchmarks/entropy_coding.py --publish       # update benchmarks/results/
 """

@@ -1,7 +1,7 @@
 """train.py and the training loop: exact resume, checkpoints, guards, signals.
 
 Every run uses a tiny CPS (N=8), 64x64 crops of a few synthetic images in
-``tmp_path``, ``num_workers=0`` and one CPU thread, so each takes 0.1 to 3 s.
+``tmp_path``, ``num_workers=0`` and one CPU thread, so each run is short.
 """
 
 import io
@@ -192,7 +192,7 @@ def test_amp_channels_last_and_ms_ssim_steps_train_the_model(options, side):
 def test_training_lowers_the_validation_loss(tmp_path, train_images):
     # At lmbda 0.01 the first tens of steps only pull the (unclamped) output back
     # into [0, 1]: the loss halves while the PSNR of the clamped output stands still.
-    # lmbda 0.1 and lr 3e-3 put the distortion first, so 30 steps (1 s) must show
+    # lmbda 0.1 and lr 3e-3 put the distortion first, so 30 steps must show
     # real learning: 6.5 -> 11.2 dB at seed 0 and 6.9 -> 13.6 dB at seed 1.
     cfg = load_config(write_train_config(
         tmp_path, train_images, tmp_path / "exp",

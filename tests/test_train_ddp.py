@@ -1,6 +1,6 @@
 """``torchrun --nproc_per_node=2 train.py`` on the CPU with the gloo backend.
 
-One launch (about 15 s) of the real ``train.main`` in two processes. A small
+One launch of the real ``train.main`` in two processes. A small
 wrapper script saves each rank's final parameters, which lets the test check what
 DDP must guarantee and two independent processes would not give: the ranks saw
 different images, yet all their parameters, the entropy bottleneck's quantiles

@@ -45,7 +45,7 @@ the previous front, so a second thread can compute them for front k+1 while fron
 is finished and entropy-coded (``pipeline``; by default it is used where a core is
 idle, see :func:`idle_core_available`). The decoder hands the rANS coder only the CDF rows a
 front uses: converting the whole padded table (64 rows of 3135 ints) to C++ at
-every ``decode_stream`` call cost 2.3 ms, which dominated the skeleton's decoding.
+every ``decode_stream`` call was a fixed cost per front that dominated decoding.
 
 Memory. Besides its inputs, the coder holds the padded y_hat buffer (M floats per
 position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol);
@@ -78,7 +78,7 @@ ENCODER_BYTES_PER_SYMBOL = 6
 # Smallest latent for which the coder checks for an idle core (a 1920x1080 image).
 _PIPELINE_MIN_POSITIONS = 8000
 # Symbols handed to the rANS encoder per call: each call converts the CDF table to
-# C++ once (about 2 ms), so chunks amortise that while bounding the Python lists.
+# C++ once, so chunks amortise that while bounding the Python lists.
 _ENCODE_CHUNK_SYMBOLS = 1 << 20
 
 
@@ -121,7 +121,7 @@ def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tenso
     cols = torch.arange(width).repeat(height)
     front = slope * rows + cols
     # The keys are unique and dense enough to sort by scattering them into their
-    # range: linear time, where argsort took 0.36 s for an 8K image's latent.
+    # range: linear time, where argsort's n log n is a visible cost on large latents.
     keys = front * height + rows
     slots = torch.full((int(keys[-1]) + 1,), -1)
     slots[keys] = torch.arange(height * width)
@@ -172,8 +172,9 @@ def idle_core_available(window: float = 0.1) -> bool:
 
     Measured over ``window`` seconds from ``/proc/stat``, minus this process's own
     CPU time, so that the codec's own busy transforms do not count; where that is
-    unavailable, from the one-minute load average. On 2 busy cores pipelining made
-    1920x1080 coding 1.4x slower, on 2 idle ones 1.5x faster.
+    unavailable, from the one-minute load average. Pipelining speeds coding up only
+    when a core is idle; on busy cores the second thread competes for them and
+    slows coding down (``benchmarks/entropy_coding.py --pipeline on|off`` compares them).
     """
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -320,7 +321,7 @@ class ContextCoder:
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
         wavefront order, a latent large enough (a 1920x1080 image's or more) for the
-        second thread to save more than the 0.1 s the idle-core check takes, and an
+        second thread to save more than the idle-core check's sampling window, and an
         idle core."""
         if self.pipeline is not None:
             return self.pipeline
@@ -482,7 +483,7 @@ class ContextCoder:
                                            [self.cdfs[k] for k in rows],
                                            [self.cdf_lengths[k] for k in rows],
                                            [self.cdf_offsets[k] for k in rows])
-            # struct unboxes a list of ints about 10x faster than torch.tensor does.
+            # struct unboxes a list of ints much faster than torch.tensor does.
             packed = bytearray(struct.pack(f"{len(values)}i", *values))
             return torch.frombuffer(packed, dtype=torch.int32).view(indexes.shape)
 
