@@ -51,7 +51,12 @@ from benchmarks.authors import (
 )
 from benchmarks.entropy_coding import synthetic_model
 from benchmarks.memory_scaling import synthetic_image
-from benchmarks.results_io import add_output_arguments, machine_info, resolve_output, write_json
+from benchmarks.results_io import (
+    add_output_arguments,
+    machine_info,
+    resolve_output,
+    save_results,
+)
 from models.base import CodingPlan
 from utils.coding.container import pack, unpack
 from utils.image_io import read_image
@@ -149,8 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "authors_repo": args.authors_repo,
                 "machine": machine_info(load_average=os.getloadavg()),
                 "results": results, "table": table}
-    write_json(args.output, document)
-    print(f"wrote {args.output}")
+    save_results(args.output, document)
     return 0
 
 

@@ -62,3 +62,9 @@ def write_json(path: str, document: dict) -> None:
     """Write ``document`` as indented JSON to ``path`` atomically, creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+
+
+def save_results(path: str, document: dict) -> None:
+    """:func:`write_json` the results ``document`` to ``path`` and say where it went."""
+    write_json(path, document)
+    print(f"wrote {path}")

@@ -35,7 +35,12 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_io import add_output_arguments, machine_info, resolve_output, write_json
+from benchmarks.results_io import (
+    add_output_arguments,
+    machine_info,
+    resolve_output,
+    save_results,
+)
 
 CODEC = os.path.join(ROOT, "codec.py")
 PEAK_MARK = "STARTUP_PEAK_KB"
@@ -179,8 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "machine": machine_info(python=platform.python_version(),
                                         load_average=list(os.getloadavg())),
                 "results": rows, "table": table}
-    write_json(args.output, document)
-    print(f"wrote {args.output}")
+    save_results(args.output, document)
     return 0
 
 

@@ -35,7 +35,7 @@ import torch
 from compressai.losses import RateDistortionLoss
 
 import models
-from benchmarks.results_io import parse_with_output, write_json
+from benchmarks.results_io import parse_with_output, save_results
 from utils.training.step import TrainStep, build_optimizers
 
 
@@ -163,8 +163,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "results": rows,
     }
-    write_json(args.output, record)
-    print(f"wrote {args.output}")
+    save_results(args.output, record)
     return 0
 
 

@@ -50,6 +50,14 @@ def random_latent(model, height, width, seed, outliers=False):
     return y, params
 
 
+@torch.no_grad()
+def model_parameters(model, y_hat, params):
+    """(scales, means), each (1, M, H, W), that the model's own context prediction and
+    entropy parameters compute for a decoded ``y_hat`` (M, H, W)."""
+    context = model.context_prediction(y_hat[None])
+    return model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
+
+
 def dependencies(kernel_size, height, width):
     """Brute force: (reader, read) position pairs of a type-A masked convolution,
     found by feeding it one-hot inputs."""
@@ -184,10 +192,7 @@ def test_coded_means_and_scales_are_the_models_masked_convolution(coding_model):
     y, params = random_latent(coding_model, 10, 14, 3)
     coder = ContextCoder(coding_model)
     string, y_hat, _ = coder.encode(y, params)
-    with torch.no_grad():
-        context = coding_model.context_prediction(y_hat[None])
-        entropy_input = torch.cat((params[None], context), 1)
-        scales, means = coding_model.entropy_parameters(entropy_input).chunk(2, 1)
+    scales, means = model_parameters(coding_model, y_hat, params)
     offsets = y_hat - means[0]
     assert (offsets - offsets.round()).abs().max() < 1e-4
     assert torch.equal(offsets.round(), (y - means[0]).round())
@@ -238,10 +243,7 @@ def test_other_mask_sizes_derive_their_own_slope_and_round_trip(coding_model, ke
     y, params = random_latent(coding_model, 8, 9, kernel_size)
     string, y_hat, _ = coder.encode(y, params)
     assert torch.equal(coder.decode(string, params), y_hat)
-    with torch.no_grad():
-        context = coding_model.context_prediction(y_hat[None])
-        entropy_input = torch.cat((params[None], context), 1)
-        _, means = coding_model.entropy_parameters(entropy_input).chunk(2, 1)
+    _, means = model_parameters(coding_model, y_hat, params)
     offsets = y_hat - means[0]
     assert (offsets - offsets.round()).abs().max() < 1e-4
 
