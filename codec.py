@@ -42,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         command.add_argument("-d", "--output-dir", default=None,
                              help=f"write OUTDIR/<input stem>{suffix} for every input "
                                   "(created if missing)")
-        command.add_argument("-p", "--checkpoint", required=True, help="model checkpoint (.pth.tar)")
+        command.add_argument("-p", "--checkpoint", required=True,
+                             help="model checkpoint (.pth.tar)")
         command.add_argument("-a", "--architecture", default=None,
                              help="architecture name when the checkpoint does not say "
                                   "(default: cps)")

@@ -27,25 +27,48 @@ from typing import List, Optional
 
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
 # every start that users cannot act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                        category=FutureWarning)
 
 import models
-from utils.atomic import atomic_write_bytes
-from utils.evaluation.classical_codecs import CODECS, get_codec
-from utils.evaluation.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
-from utils.device import select_device
-from utils.training.distributed import cleanup, init_distributed
 from models.base import CodingPlan
+from utils.atomic import atomic_write_bytes
 from utils.cli import add_coding_arguments, run_main, warn_small_patch
-from utils.evaluation.coders import (TILINGS, ClassicalCoder, LearnedOptions, learned_coders,
-                                     load_pretrained)
-from utils.evaluation.runs import (DATASETS_CONFIG, Run, aggregate, evaluate, list_images,
-                              per_image_documents, resolve_dataset, shard, to_json,
-                              write_json)
+from utils.device import select_device
+from utils.evaluation.classical_codecs import CODECS, get_codec
+from utils.evaluation.coders import (
+    TILINGS,
+    ClassicalCoder,
+    LearnedOptions,
+    learned_coders,
+    load_pretrained,
+)
+from utils.evaluation.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
+from utils.evaluation.rd import (
+    INTERPOLATIONS,
+    METRICS,
+    bd_rate_table,
+    format_table,
+    load_curve,
+    load_curves,
+    parse_labels,
+    plot_curves,
+)
+from utils.evaluation.runs import (
+    DATASETS_CONFIG,
+    Run,
+    aggregate,
+    evaluate,
+    list_images,
+    per_image_documents,
+    resolve_dataset,
+    shard,
+    to_json,
+    write_json,
+)
 from utils.memory import PeakMemory
 from utils.stitching.spec import PatchSpec
-from utils.evaluation.rd import (INTERPOLATIONS, METRICS, bd_rate_table, format_table, load_curve,
-                      load_curves, parse_labels, plot_curves)
+from utils.training.distributed import cleanup, init_distributed
 
 log = logging.getLogger("cps.test")
 
@@ -165,16 +188,30 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.command == "demo":
         return
     if args.command in ("plot", "bdrate"):
-        unknown = [m for m in args.metrics if m not in METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        _check_metrics(args.metrics)
         return
+    _check_image_options(args)
+    if args.command != "codec":
+        _check_learned_options(args)
+
+
+def _check_metrics(metrics: List[str]) -> None:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+
+
+def _check_image_options(args: argparse.Namespace) -> None:
+    """The image count and per-image outputs, common to every evaluation command."""
     if args.max_images < 0:
         raise ValueError(f"--max-images must be >= 0, got {args.max_images}")
     if (args.per_image or args.save_image) and not args.output_dir:
         raise ValueError("--per-image and --save-image need -d OUTDIR")
-    if args.command == "codec":
-        return
+
+
+def _check_learned_options(args: argparse.Namespace) -> None:
+    """Tiling, precision and ``--verify`` options of the learned models; ``--patch``
+    becomes ``--tiling pops``."""
     if args.patch:
         if args.tiling not in (None, "pops"):
             raise ValueError(f"--patch means --tiling pops, but --tiling {args.tiling} was given")

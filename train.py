@@ -35,11 +35,11 @@ import warnings
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-import torch  # noqa: E402  (after the warning filter)
+import torch
 
-from utils.training import distributed  # noqa: E402
-from utils.training.config import load_config, parse_config, to_plain_dict  # noqa: E402
-from utils.training.state import LAST_NAME, stored_config  # noqa: E402
+from utils.training import distributed
+from utils.training.config import load_config, parse_config, to_plain_dict
+from utils.training.state import LAST_NAME, stored_config
 
 
 def parse_args(argv):

@@ -29,7 +29,6 @@ images are used. Writes JSON to ``benchmarks/results/local/codec_speed.json``
 import argparse
 import glob
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,25 +36,31 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import warnings  # noqa: E402
+import warnings
 
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                        category=FutureWarning)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.authors import (  # noqa: E402
+from benchmarks.authors import (
     NOT_MEASURED,
     authors_model,
     load_authors_cps,
     run_authors,
 )
-from benchmarks.entropy_coding import synthetic_model  # noqa: E402
-from benchmarks.memory_scaling import synthetic_image  # noqa: E402
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
-from models.base import CodingPlan  # noqa: E402
-from utils.coding.container import pack, unpack  # noqa: E402
-from utils.image_io import read_image  # noqa: E402
-from utils.stitching.spec import PatchSpec  # noqa: E402
+from benchmarks.entropy_coding import synthetic_model
+from benchmarks.memory_scaling import synthetic_image
+from benchmarks.results_io import (
+    add_output_arguments,
+    machine_info,
+    resolve_output,
+    save_results,
+)
+from models.base import CodingPlan
+from utils.coding.container import pack, unpack
+from utils.image_io import read_image
+from utils.stitching.spec import PatchSpec
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -147,12 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "images": args.images or "synthetic 768x512", "count": len(images),
                 "authors": authors if authors is not None else NOT_MEASURED,
                 "authors_repo": args.authors_repo,
-                "machine": {"cpu": platform.processor() or platform.machine(),
-                            "cores": os.cpu_count(), "torch": torch.__version__,
-                            "load_average": os.getloadavg()},
+                "machine": machine_info(load_average=os.getloadavg()),
                 "results": results, "table": table}
-    write_json(args.output, document)
-    print(f"wrote {args.output}")
+    save_results(args.output, document)
     return 0
 
 

@@ -6,7 +6,7 @@ Three coders of the same N=192 model, on the latent sizes of 768x512, 1920x1080,
 - ``wavefront``: :class:`utils.coding.context_coder.ContextCoder`, the codec's default;
 - ``raster``: the same coder, one position per step (our reference order);
 - ``compressai``: CompressAI's own ``mbt2018`` loop (``_compress_ar`` and
-  ``_decompress_ar``), the per-position coder the issue measured.
+  ``_decompress_ar``), the per-position coder CompressAI ships.
 
 The wavefront coder codes every latent whole. The two per-position coders would
 take minutes to hours on the large latents, so they code only the first rows of
@@ -27,7 +27,7 @@ is idle (``--pipeline auto``, the default); ``on`` and ``off`` force the choice.
 
 Usage::
 
-    python benchmarks/entropy_coding.py                  # all four sizes, ~3 min on 2 busy cores
+    python benchmarks/entropy_coding.py                  # all four sizes (minutes)
     python benchmarks/entropy_coding.py --sizes 768x512 --output /tmp/bench.json
     python benchmarks/entropy_coding.py --publish       # update benchmarks/results/
 """
@@ -45,15 +45,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
-from benchmarks.results_io import (  # noqa: E402
+import models
+from benchmarks.results_io import (
     LOCAL_DIR,
     RESULTS_DIR,
-    add_output_arguments,
-    resolve_output,
+    machine_info,
+    parse_with_output,
     write_json,
 )
-from utils.coding.context_coder import ContextCoder, coding_order, single_threaded  # noqa: E402
+from utils.coding.context_coder import ContextCoder, coding_order, single_threaded
 
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
 CODERS = ("wavefront", "raster", "compressai")
@@ -85,9 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="the wavefront coder's second thread: as the codec decides "
                              "(auto, the default), always (on) or never (off)")
     parser.add_argument("--seed", type=int, default=0)
-    add_output_arguments(parser, "entropy_coding.json")
-    args = parser.parse_args(argv)
-    resolve_output(parser, args)
+    args = parse_with_output(parser, argv, "entropy_coding.json")
     if args.N < 1 or args.reference_positions < 1 or args.repeats < 1:
         parser.error("-N, --reference-positions and --repeats must be positive")
     return args
@@ -195,7 +193,8 @@ def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
     for name in CODERS[1:]:
         if name in entry and "wavefront" in entry:
             for step in ("encode", "decode"):
-                entry[f"{step}_speedup_vs_{name}"] = entry[name][f"{step}_s"] / entry["wavefront"][f"{step}_s"]
+                entry[f"{step}_speedup_vs_{name}"] = (entry[name][f"{step}_s"]
+                                                      / entry["wavefront"][f"{step}_s"])
     return entry
 
 
@@ -204,28 +203,34 @@ def format_table(results: List[Dict[str, object]], coders: Sequence[str]) -> str
     header = ["image", "latent", "fronts"]
     for name in coders:
         header += [f"{name} enc (s)", f"{name} dec (s)"]
-    header += [f"dec x vs {name}" for name in coders if name != "wavefront" and "wavefront" in coders]
+    header += [f"dec x vs {name}" for name in coders
+               if name != "wavefront" and "wavefront" in coders]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in results:
         cells = [entry["image"], "x".join(map(str, entry["latent"])), str(entry["fronts"])]
         for name in coders:
             mark = "*" if entry[name]["extrapolated"] else ""
-            cells += [f"{entry[name]['encode_s']:.2f}{mark}", f"{entry[name]['decode_s']:.2f}{mark}"]
+            cells += [f"{entry[name]['encode_s']:.2f}{mark}",
+                      f"{entry[name]['decode_s']:.2f}{mark}"]
         cells += [f"{entry[f'decode_speedup_vs_{name}']:.0f}x" for name in coders
                   if name != "wavefront" and "wavefront" in coders]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def machine_info() -> Dict[str, object]:
-    cpu = platform.processor() or platform.machine()
+def entropy_machine_info() -> Dict[str, object]:
+    """:func:`~benchmarks.results_io.machine_info` with the CPU's model name from
+    /proc/cpuinfo where there is one, the Python version and the load average."""
+    info = machine_info(
+        python=platform.python_version(),
+        load_average_before=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            names = [line.split(":", 1)[1].strip() for line in handle
+                     if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    return info
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -234,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if folder not in (RESULTS_DIR, LOCAL_DIR) and not os.path.isdir(folder):
         print(f"error: output directory of {args.output} does not exist", file=sys.stderr)
         return 1
-    info = machine_info()
+    info = entropy_machine_info()
     model = synthetic_model(args.N, args.seed)
     results = []
     for width, height in args.sizes:

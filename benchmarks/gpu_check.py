@@ -52,7 +52,7 @@ from unittest import mock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_io import LOCAL_DIR, write_json  # noqa: E402
+from benchmarks.results_io import LOCAL_DIR, write_json
 
 DEFAULT_OUTPUT_DIR = os.path.join(LOCAL_DIR, "gpu_check")
 KODAK_IMAGES = 3

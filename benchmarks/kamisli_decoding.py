@@ -35,11 +35,11 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
-import models.kamisli2024.network  # noqa: E402,F401  (registers kamisli2024)
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
-from models.kamisli2024.coding import BlockCoder  # noqa: E402
-from models.kamisli2024.layers import to_blocks  # noqa: E402
+import models
+import models.kamisli2024.network  # noqa: F401  (registers kamisli2024)
+from benchmarks.results_io import parse_with_output, write_json
+from models.kamisli2024.coding import BlockCoder
+from models.kamisli2024.layers import to_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "kamisli_B8_KS3111_N768M96.yaml")
@@ -56,9 +56,7 @@ def parse_args(argv):
                         help="code only this many block rows block by block and extrapolate "
                              "(0: the whole image)")
     parser.add_argument("--seed", type=int, default=0)
-    add_output_arguments(parser, "kamisli_decoding.json")
-    args = parser.parse_args(argv)
-    resolve_output(parser, args)
+    args = parse_with_output(parser, argv, "kamisli_decoding.json")
     parts = args.size.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         parser.error(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 768x512")
@@ -122,7 +120,8 @@ def run(args, config: str) -> Dict:
     wave = time_order(model, blocks, "wavefront")
     reference_rows = min(args.reference_rows or rows, rows)
     raster = time_order(model, blocks[:, :reference_rows].contiguous(), "raster")
-    identical = torch.equal(raster.pop("reconstruction"), wave.pop("reconstruction")[:, :reference_rows])
+    identical = torch.equal(raster.pop("reconstruction"),
+                            wave.pop("reconstruction")[:, :reference_rows])
     if not identical:
         raise RuntimeError("wavefront and block-by-block reconstructions differ")
     scale = rows / reference_rows
@@ -144,10 +143,12 @@ def run(args, config: str) -> Dict:
 
 def format_table(result: Dict) -> str:
     star = "*" if result["block_by_block"]["extrapolated_from_blocks"] else ""
-    lines = [f"{result['config']}  {result['image']}  grid {result['grid'][0]}x{result['grid'][1]}  "
+    grid = result["grid"]
+    lines = [f"{result['config']}  {result['image']}  grid {grid[0]}x{grid[1]}  "
              f"slope {result['wavefront_slope']}",
              f"{'order':<15}{'steps':>8}{'encode s':>12}{'decode s':>12}"]
-    for name, key, mark in (("block-by-block", "block_by_block", star), ("wavefront", "wavefront", "")):
+    for name, key, mark in (("block-by-block", "block_by_block", star),
+                            ("wavefront", "wavefront", "")):
         r = result[key]
         lines.append(f"{name:<15}{r['steps']:>8}{r['encode_s']:>11.2f}{mark or ' '}"
                      f"{r['decode_s']:>11.2f}{mark or ' '}")
@@ -155,7 +156,8 @@ def format_table(result: Dict) -> str:
                  f"{result['encode_speedup']:.1f}x; reconstructions identical: "
                  f"{result['reconstructions_identical']}")
     if star:
-        lines.append(f"* extrapolated from {result['block_by_block']['extrapolated_from_blocks']} blocks")
+        blocks = result["block_by_block"]["extrapolated_from_blocks"]
+        lines.append(f"* extrapolated from {blocks} blocks")
     return "\n".join(lines)
 
 

@@ -38,7 +38,6 @@ Writes a JSON file and a PNG plot next to it (``benchmarks/results/local/`` unle
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,16 +45,17 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import warnings  # noqa: E402
+import warnings
 
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                        category=FutureWarning)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.authors import NOT_MEASURED  # noqa: E402
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
-from utils.cli import DEFAULT_BUDGET  # noqa: E402
-from utils.memory import format_memory, parse_memory  # noqa: E402
+from benchmarks.authors import NOT_MEASURED
+from benchmarks.results_io import add_output_arguments, machine_info, resolve_output, write_json
+from utils.cli import DEFAULT_BUDGET
+from utils.memory import format_memory, parse_memory
 
 SIZES = ("640x360", "1280x720", "1920x1080", "3840x2160", "7680x4320")
 METHODS = ("cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor", "authors-cps")
@@ -227,8 +227,9 @@ def measure(method: str, size: str, args) -> Dict[str, object]:
     if prediction > parse_memory(args.skip_above):
         entry.update(skipped=True, predicted_peak_mb=prediction / 2 ** 20)
         return entry
-    command = [sys.executable, os.path.abspath(__file__), "--child", method, size, "--N", str(args.N),
-               "--max-memory", args.max_memory] + (["--cuda"] if args.cuda else [])
+    command = [sys.executable, os.path.abspath(__file__), "--child", method, size,
+               "--N", str(args.N), "--max-memory", args.max_memory]
+    command += ["--cuda"] if args.cuda else []
     if method == AUTHORS:
         command += ["--authors-repo", args.authors_repo,
                     "--authors-patch-size", str(args.authors_patch_size)]
@@ -298,7 +299,8 @@ def plot(entries: List[Dict[str, object]], methods: Sequence[str], path: str, bu
             continue
         megapixels = [e["megapixels"] for e in done]
         memory_axis.plot(megapixels, [e["peak_mb"] / 1024 for e in done], "o-", label=method)
-        time_axis.plot(megapixels, [e["encode_s"] + e["decode_s"] for e in done], "o-", label=method)
+        time_axis.plot(megapixels, [e["encode_s"] + e["decode_s"] for e in done], "o-",
+                       label=method)
     memory_axis.axhline(parse_memory(budget) / 2 ** 30, color="grey", linestyle=":",
                         label=f"budget {budget}")
     memory_axis.set(xscale="log", yscale="log", xlabel="megapixels",
@@ -329,15 +331,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.output) as handle:
             previous = json.load(handle)["results"]
         measured = {(entry["method"], entry["image"]) for entry in entries}
-        entries = [entry for entry in previous if (entry["method"], entry["image"]) not in measured] + entries
+        kept = [entry for entry in previous
+                if (entry["method"], entry["image"]) not in measured]
+        entries = kept + entries
         entries.sort(key=lambda entry: (entry["megapixels"], METHODS.index(entry["method"])))
     methods = [method for method in METHODS if any(entry["method"] == method for entry in entries)]
     table = format_table(entries, methods)
     print(table)
     document = {"benchmark": "memory_scaling", "N": args.N, "max_memory": args.max_memory,
                 "device": "cuda" if args.cuda else "cpu",
-                "machine": {"cpu": platform.processor() or platform.machine(),
-                            "cores": os.cpu_count(), "torch": torch.__version__},
+                "machine": machine_info(),
                 "budget_mb": parse_memory(args.max_memory) / 2 ** 20,
                 "authors_repo": args.authors_repo,
                 "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
@@ -345,7 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "results": entries, "table": table}
     write_json(args.output, document)
     plot(entries, methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
-    print(f"wrote {args.output} and its plot; budget {format_memory(parse_memory(args.max_memory))}")
+    budget = format_memory(parse_memory(args.max_memory))
+    print(f"wrote {args.output} and its plot; budget {budget}")
     return 0
 
 

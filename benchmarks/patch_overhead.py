@@ -18,16 +18,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
-from utils.stitching.geometry import model_geometry, plan_patches  # noqa: E402
-from utils.stitching.patches import (
-    pad_replicate,  # noqa: E402
-    run_patchwise,  # noqa: E402
-)
-from utils.stitching.transforms import transform_mode  # noqa: E402
+import models
+from benchmarks.results_io import parse_with_output, write_json
+from utils.stitching.geometry import model_geometry, plan_patches
+from utils.stitching.patches import pad_replicate, run_patchwise
+from utils.stitching.transforms import transform_mode
 
 
 def _measure(width, height, channels, patch_size, batch_size, device_name, exact, queue):
@@ -82,10 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--fast", action="store_true", help="CPU: oneDNN instead of exact mode")
-    add_output_arguments(parser, "patch_overhead.json")
-    args = parser.parse_args(argv)
-    resolve_output(parser, args)
-    return args
+    return parse_with_output(parser, argv, "patch_overhead.json")
 
 
 def main(argv=None):
@@ -109,8 +103,9 @@ def main(argv=None):
         rows.append({"size": size, "whole": whole, "patchwise": patched,
                      "time_ratio": time_ratio, "memory_ratio": memory_ratio})
     report = {"device": device, "N": args.N, "patch_size": args.patch_size,
-              "batch_size": args.batch_size, "exact": not args.fast, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "batch_size": args.batch_size, "exact": not args.fast,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(),
               "results": rows}
     write_json(args.output, report)
     print(f"written {args.output}")

@@ -8,6 +8,8 @@ tracked ``benchmarks/results/NAME`` instead; ``-o/--output`` names any other fil
 import argparse
 import json
 import os
+import platform
+from typing import Optional, Sequence
 
 from utils.atomic import atomic_write_bytes
 
@@ -36,7 +38,33 @@ def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return args.output
 
 
+def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                      filename: str) -> argparse.Namespace:
+    """Add the output flags for ``filename`` (:func:`add_output_arguments`), parse
+    ``argv`` and resolve ``args.output``: the last steps of a benchmark's parser."""
+    add_output_arguments(parser, filename)
+    args = parser.parse_args(argv)
+    resolve_output(parser, args)
+    return args
+
+
+def machine_info(**extra: object) -> dict:
+    """The machine a result comes from: CPU name, core count and PyTorch version,
+    then the ``extra`` fields. PyTorch is imported on call so that importing this
+    module stays light: startup.py loads PyTorch only once its measurements are done."""
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, **extra}
+
+
 def write_json(path: str, document: dict) -> None:
     """Write ``document`` as indented JSON to ``path`` atomically, creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+
+
+def save_results(path: str, document: dict) -> None:
+    """:func:`write_json` the results ``document`` to ``path`` and say where it went."""
+    write_json(path, document)
+    print(f"wrote {path}")

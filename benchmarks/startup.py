@@ -35,7 +35,12 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
+from benchmarks.results_io import (
+    add_output_arguments,
+    machine_info,
+    resolve_output,
+    save_results,
+)
 
 CODEC = os.path.join(ROOT, "codec.py")
 PEAK_MARK = "STARTUP_PEAK_KB"
@@ -174,17 +179,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     table = format_table(rows, batch_in_one)
     print(table)
-    import torch
-
     document = {"benchmark": "startup", "N": args.N, "size": args.size, "batch": args.batch,
                 "repeats": args.repeats, "batch_in_one_process": batch_in_one,
-                "machine": {"cpu": platform.processor() or platform.machine(),
-                            "cores": os.cpu_count(), "torch": torch.__version__,
-                            "python": platform.python_version(),
-                            "load_average": list(os.getloadavg())},
+                "machine": machine_info(python=platform.python_version(),
+                                        load_average=list(os.getloadavg())),
                 "results": rows, "table": table}
-    write_json(args.output, document)
-    print(f"wrote {args.output}")
+    save_results(args.output, document)
     return 0
 
 

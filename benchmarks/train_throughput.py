@@ -18,7 +18,7 @@ auxiliary optimizer:
 The batch is a fixed random tensor already on the device, so the figures measure
 the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
 workers). Each loop is timed ``--repeats`` times and the median is reported. The
-defaults are the issue's setting: batch 8, 256x256 crops, N = 192.
+defaults are batch 8, 256x256 crops (the paper's crop size, Sec. III-A) and N = 192.
 """
 
 import argparse
@@ -31,12 +31,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from compressai.losses import RateDistortionLoss  # noqa: E402
+import torch
+from compressai.losses import RateDistortionLoss
 
-import models  # noqa: E402
-from benchmarks.results_io import add_output_arguments, resolve_output, write_json  # noqa: E402
-from utils.training.step import TrainStep, build_optimizers  # noqa: E402
+import models
+from benchmarks.results_io import parse_with_output, save_results
+from utils.training.step import TrainStep, build_optimizers
 
 
 def parse_args(argv):
@@ -49,9 +49,7 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
     parser.add_argument("--repeats", type=int, default=3, help="timings per loop (median)")
     parser.add_argument("--lmbda", type=float, default=0.0035)
-    add_output_arguments(parser, "train_throughput.json")
-    args = parser.parse_args(argv)
-    resolve_output(parser, args)
+    args = parse_with_output(parser, argv, "train_throughput.json")
     for name in ("batch_size", "crop", "N", "steps", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
@@ -165,8 +163,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "results": rows,
     }
-    write_json(args.output, record)
-    print(f"wrote {args.output}")
+    save_results(args.output, record)
     return 0
 
 

@@ -8,7 +8,32 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
+import models
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread, restoring the count afterwards.
+
+    The tiny training models (N=8, 64x64 crops) launch kernels so short that, on a
+    busy machine with few cores, a second intra-op thread mostly spins waiting for
+    its partner and makes each step many times slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def train_images(tmp_path):
+    """A small image folder for training runs: ``make_image_folder(tmp_path / "data")``
+    from test_train_data.py (4 training and 2 test PNGs, the first of each split smaller
+    than a 64x64 crop)."""
+    from test_train_data import make_image_folder  # it imports this module at its top
+
+    return make_image_folder(tmp_path / "data")
 
 
 @pytest.fixture

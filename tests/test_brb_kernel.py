@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 import yaml
+from test_pops import _changed_columns
+from test_train_data import make_image_folder, write_train_config
 
 import models
 import train
-from test_pops import _changed_columns
-from test_train_data import make_image_folder, write_train_config
 from utils.stitching.geometry import analysis_layers, model_geometry
 from utils.training.config import load_config
 
@@ -18,13 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION = sorted(glob.glob(os.path.join(REPO, "configs", "ablation", "*.yaml")))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (see tests/test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models train many times faster on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kernel, expected", [(3, (72, 16, 64, 2)), (1, (16, 16, 0, 0))])

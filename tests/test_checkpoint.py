@@ -38,7 +38,8 @@ def _save(path, obj):
 
 
 def test_authors_training_checkpoint_with_module_prefix_loads(tmp_path, tiny_cps):
-    # The authors' train.py saves {epoch, state_dict, loss, optimizer, ...}; multi-GPU adds "module.".
+    # The authors' train.py saves {epoch, state_dict, loss, optimizer, ...}; multi-GPU
+    # training adds "module.".
     wrapped = {f"module.{k}": v for k, v in tiny_cps.state_dict().items()}
     path = _save(tmp_path / "checkpoint_best_loss.pth.tar",
                  {"epoch": 3, "state_dict": wrapped, "loss": 1.5,

@@ -47,7 +47,8 @@ def test_decoder_rebuilds_the_encoders_latent_exactly(tiny_cps):
 
 def test_raster_and_wavefront_orders_give_the_same_image(tiny_cps):
     image = _image(128, 192)
-    outputs = [tiny_cps.decode(unpack(pack(tiny_cps.encode(image, CodingPlan(order=order)))), CodingPlan())
+    outputs = [tiny_cps.decode(unpack(pack(tiny_cps.encode(image, CodingPlan(order=order)))),
+                               CodingPlan())
                for order in ("wavefront", "raster")]
     assert torch.equal(outputs[0], outputs[1])
 
@@ -63,7 +64,8 @@ def test_rate_is_counted_from_the_file_and_matches_the_estimate(tiny_cps):
 
 def test_grayscale_flag_decodes_to_one_channel(tiny_cps):
     gray = _image(64, 96)[:1].expand(3, -1, -1).contiguous()
-    decoded = tiny_cps.decode(unpack(pack(tiny_cps.encode(gray, CodingPlan(grayscale=True)))), CodingPlan())
+    decoded = tiny_cps.decode(unpack(pack(tiny_cps.encode(gray, CodingPlan(grayscale=True)))),
+                              CodingPlan())
     assert decoded.shape == (1, 64, 96)
 
 

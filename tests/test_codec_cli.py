@@ -53,8 +53,10 @@ def test_encode_then_decode_writes_the_decoded_image(tmp_path, checkpoint, tiny_
 ])
 def test_odd_image_modes_are_coded(tmp_path, checkpoint, capsys, mode, make, channels):
     make(_photo()).save(tmp_path / "in.png")
-    assert _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)[0] == 0
-    assert _run(["decode", tmp_path / "x.cps", tmp_path / "o.png", "-p", checkpoint], capsys)[0] == 0
+    encoded = _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)
+    assert encoded[0] == 0
+    decoded = _run(["decode", tmp_path / "x.cps", tmp_path / "o.png", "-p", checkpoint], capsys)
+    assert decoded[0] == 0
     assert np.asarray(Image.open(tmp_path / "o.png")).shape[2:] in ((), (3,))
     assert (np.asarray(Image.open(tmp_path / "o.png")).ndim == 2) == (channels == 1)
 

@@ -113,7 +113,8 @@ def test_a_memory_budget_changes_the_patches_but_not_the_results(capsys, images,
     code, whole, _ = run_cli(capsys, common + ["--patch-size", 0])
     assert code == 0
     budget = (memory_in_use(torch.device("cpu")) + 300 * 2 ** 20) // 2 ** 20
-    code, budgeted, _ = run_cli(capsys, common + ["--patch-size", "auto", "--max-memory", f"{budget}MB"])
+    code, budgeted, _ = run_cli(capsys, common + ["--patch-size", "auto",
+                                                  "--max-memory", f"{budget}MB"])
     assert code == 0
     whole, budgeted = json.loads(whole), json.loads(budgeted)
     for key in ("bpp", "psnr-rgb", "psnr-b"):

@@ -48,4 +48,5 @@ def test_each_layer_is_an_operating_point_with_cumulative_real_rate(tmp_path, im
     assert [c.name.rsplit(" ", 2)[-2:] for c in curves] == [["layer", "0"], ["layer", "1"],
                                                            ["layer", "2"]]
     assert all(len(c.bpp) == 2 for c in curves)
-    assert test_script.main(["plot", str(out / "results.json"), "-o", str(tmp_path / "rd.png")]) == 0
+    plot = ["plot", str(out / "results.json"), "-o", str(tmp_path / "rd.png")]
+    assert test_script.main(plot) == 0

@@ -21,7 +21,9 @@ from models.kamisli2024.network import Kamisli2024
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 KERNELS = {"KS3111": [3, 1, 1, 1], "KS3311": [3, 3, 1, 1]}
-# The paper's dependency sets (baselines_spec.md A6), as (row, column) offsets.
+# The blocks a block depends on, as (row, column) offsets: the 4 causal neighbours
+# through the 'A' mask, and with a 3x3 second entropy layer (KS3311) rows i-2 (cols
+# j-2..j+2), i-1 (cols j-2..j+1) and i (cols j-2, j-1).
 FOUR_NEIGHBOURS = {(-1, -1), (-1, 0), (-1, 1), (0, -1)}
 KS3311_ENTROPY_REACH = ({(-2, j) for j in range(-2, 3)} | {(-1, j) for j in range(-2, 2)}
                         | {(0, -2), (0, -1)})
@@ -87,7 +89,8 @@ def test_masked_taps_are_zero_stay_zero_and_get_no_gradient():
 
 
 def test_compose_reach_of_two_3x3_masks_is_the_papers_set():
-    reach = compose_reach([BlockMaskedConv2d("A", 1, 1, 3).taps(), BlockMaskedConv2d("B", 1, 1, 3).taps()])
+    reach = compose_reach([BlockMaskedConv2d("A", 1, 1, 3).taps(),
+                           BlockMaskedConv2d("B", 1, 1, 3).taps()])
     assert reach == KS3311_ENTROPY_REACH
     assert (-1, 2) not in reach and (-2, 2) in reach
 
@@ -109,7 +112,8 @@ def test_receptive_field_equals_a_brute_force_oracle(name):
         changed = (before[key] != after[key]).any(dim=1)[0]
         found[key] = {(centre[0] - int(i), centre[1] - int(j)) for i, j in torch.nonzero(changed)}
     entropy_reach = KS3311_ENTROPY_REACH if name == "KS3311" else FOUR_NEIGHBOURS
-    assert found["scales"] == found["means"] == entropy_reach == network_reach(model.entropy_parameters)
+    assert (found["scales"] == found["means"] == entropy_reach
+            == network_reach(model.entropy_parameters))
     # y and x_hat read the context directly, and through the means of y_hat
     assert found["y"] == FOUR_NEIGHBOURS
     assert found["x_hat"] == FOUR_NEIGHBOURS | entropy_reach
@@ -184,7 +188,8 @@ def test_registry_config_and_state_dict_round_trip(tmp_path):
     model = tiny([3, 3, 1, 1], block_size=4)
     model.update(force=True)
     rebuilt = Kamisli2024.from_state_dict(model.state_dict())
-    assert rebuilt.config == model.config == {"block_size": 4, "N": 8, "M": 4, "kernel_sizes": [3, 3, 1, 1]}
+    assert rebuilt.config == model.config == {"block_size": 4, "N": 8, "M": 4,
+                                              "kernel_sizes": [3, 3, 1, 1]}
     path = tmp_path / "k.pth.tar"
     wrapped = {"module." + k: v for k, v in model.state_dict().items()}  # as DDP saves it
     torch.save({"architecture": "kamisli2024", "state_dict": wrapped}, path)
@@ -194,8 +199,9 @@ def test_registry_config_and_state_dict_round_trip(tmp_path):
 
 
 def test_rate_is_charged_to_the_original_pixels_with_compressais_lambda():
-    """The authors' loss R + lambda_ * MSE with lambda_ = 255^2 * lmbda (spec A8), R in bits
-    per pixel of the unpadded image, is CompressAI's RateDistortionLoss."""
+    """The authors' loss R + lambda_ * MSE with lambda_ = 255^2 * lmbda (their config's
+    ``lambda_``), R in bits per pixel of the unpadded image, is CompressAI's
+    RateDistortionLoss."""
     model = tiny([3, 1, 1, 1], block_size=4)
     torch.manual_seed(3)
     x = torch.rand(2, 3, 13, 18)  # padded to 16 x 20 for the blocks
@@ -211,14 +217,17 @@ def _presets():
     return sorted(glob.glob(os.path.join(CONFIGS, "kamisli_*.yaml")))
 
 
-# Widths (A4) and parameter counts, total and without masked taps (A4 table, in millions).
+# Widths of the v9 network (autoencoder N, 7N/8, 6N/8; entropy net 12N/8, 10N/8, 8N/8)
+# and parameter counts in millions, total and without the masked-out taps.
 EXPECTED = {
     "kamisli_B4_KS3311_N512M96.yaml": (4, 512, 96, (512, 448, 384), (768, 640, 512), 7.78, 5.39),
     "kamisli_B8_KS3111_N768M96.yaml": (8, 768, 96, (768, 672, 576), (1152, 960, 768), 11.59, 9.01),
-    "kamisli_B8_KS3311_N1152M128.yaml": (8, 1152, 128, (1152, 1008, 864), (1728, 1440, 1152), 42.22, 28.40),
-    "kamisli_B16_KS3111_N1280M192.yaml": (16, 1280, 192, (1280, 1120, 960), (1920, 1600, 1280), 51.40, 34.19),
+    "kamisli_B8_KS3311_N1152M128.yaml": (8, 1152, 128, (1152, 1008, 864), (1728, 1440, 1152),
+                                         42.22, 28.40),
+    "kamisli_B16_KS3111_N1280M192.yaml": (16, 1280, 192, (1280, 1120, 960), (1920, 1600, 1280),
+                                          51.40, 34.19),
 }
-# The authors' lambda_ folders (A8): lambda_ = 255^2 * lmbda.
+# The authors' experiment folders exp_<lambda_>, with lambda_ = 255^2 * lmbda.
 AUTHORS_LAMBDAS = [117.045, 227.5875, 435.6675, 845.325, 1625.625, 3140.7075, 6060.33, 11704.5]
 
 
@@ -229,9 +238,11 @@ def test_the_four_presets_ship_and_build_with_the_papers_sizes():
             cfg = yaml.safe_load(f)
         block, n, m, widths, entropy, total, active = EXPECTED[os.path.basename(path)]
         assert cfg["model"]["name"] == "kamisli2024"
-        model = models.build_model("kamisli2024", N=cfg["train_params"]["N"], **cfg["model"]["kwargs"])
+        model = models.build_model("kamisli2024", N=cfg["train_params"]["N"],
+                                   **cfg["model"]["kwargs"])
         assert (model.block_size, model.N, model.M) == (block, n, m)
-        assert (model.g_a_source.out_channels, model.g_a[1].out_channels, model.g_a[3].out_channels) == widths
+        assert (model.g_a_source.out_channels, model.g_a[1].out_channels,
+                model.g_a[3].out_channels) == widths
         assert model.g_s[5].out_channels == 3 * block ** 2
         ent = model.entropy_parameters
         widths = tuple(ent[i].out_channels for i in (0, 2, 4, 6))
@@ -241,4 +252,5 @@ def test_the_four_presets_ship_and_build_with_the_papers_sizes():
                      if isinstance(layer, BlockMaskedConv2d))
         assert abs(count / 1e6 - total) < 0.006 and abs((count - masked) / 1e6 - active) < 0.006
         assert model.wavefront_slope == 2
-        assert any(abs(cfg["train_params"]["lmbda"] * 255 ** 2 - lam) < 1e-6 for lam in AUTHORS_LAMBDAS)
+        assert any(abs(cfg["train_params"]["lmbda"] * 255 ** 2 - lam) < 1e-6
+                   for lam in AUTHORS_LAMBDAS)

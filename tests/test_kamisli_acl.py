@@ -111,10 +111,10 @@ def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
         pairs.set_epoch(epoch)
         x, z = pairs[0]
         assert x.shape == (3, 8, 8) and torch.allclose(z, 1 - x)  # same crop, same flips
-        found = [(t, l, fh, fv) for t in range(0, 13) for l in range(0, 21)
+        found = [(t, left, fh, fv) for t in range(0, 13) for left in range(0, 21)
                  for fh in (False, True) for fv in (False, True)
-                 if torch.equal(_flip(whole_x[:, t:t + 8, l:l + 8], fh, fv), x)]
-        assert found and all(t % 4 == 0 and l % 4 == 0 for t, l, _, _ in found)
+                 if torch.equal(_flip(whole_x[:, t:t + 8, left:left + 8], fh, fv), x)]
+        assert found and all(t % 4 == 0 and left % 4 == 0 for t, left, _, _ in found)
         seen.update((fh, fv) for _, _, fh, fv in found)
         pairs.set_epoch(epoch)
         assert torch.equal(pairs[0][0], x)  # a pure function of (seed, epoch, index)

@@ -98,7 +98,8 @@ def test_changing_one_image_block_never_changes_an_earlier_decoded_block():
     order = torch.arange(6 * 7).reshape(6, 7)
     for q in [(1, 5), (3, 0), (4, 3)]:
         x2 = x.clone()
-        block = (slice(None), slice(None), slice(4 * q[0], 4 * q[0] + 4), slice(4 * q[1], 4 * q[1] + 4))
+        block = (slice(None), slice(None),
+                 slice(4 * q[0], 4 * q[0] + 4), slice(4 * q[1], 4 * q[1] + 4))
         x2[block] = 1 - x2[block]
         _, y_hat2, reconstruction2, _ = coder.encode(grid(model, x2))
         earlier = order < q[0] * 7 + q[1]
@@ -151,7 +152,8 @@ def test_cps_files_round_trip_and_their_size_is_the_rate():
     expected = model.decompress(model.compress(pixels[None].float() / 255, order="raster"))["x_hat"]
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 30)
     assert torch.equal(decoded, expected[0].mul(255).round().to(torch.uint8))
-    gray = model.decode(unpack(pack(model.encode(pixels, CodingPlan(grayscale=True)))), CodingPlan())
+    gray = model.decode(unpack(pack(model.encode(pixels, CodingPlan(grayscale=True)))),
+                        CodingPlan())
     assert gray.shape == (1, 21, 30)
     assert torch.equal(gray[0], decoded.float().mean(0).round().to(torch.uint8))
     with pytest.raises(BitstreamError, match="another checkpoint"):

@@ -24,7 +24,8 @@ def spread_scales(model: torch.nn.Module, seed: int = 0, high: float = 16.0) -> 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         last.weight.mul_(0.1)
-        log_scales = torch.empty(channels).uniform_(math.log(0.11), math.log(high), generator=generator)
+        log_scales = torch.empty(channels).uniform_(math.log(0.11), math.log(high),
+                                                    generator=generator)
         last.bias[:channels] = log_scales.exp()
         last.bias[channels:] = 0.5 * torch.randn(channels, generator=generator)
     model.update(force=True)
@@ -47,6 +48,14 @@ def random_latent(model, height, width, seed, outliers=False):
         y[far] += 500 * torch.randn(int(far.sum()), generator=generator)
     params = torch.randn(2 * model.M, height, width, generator=generator)
     return y, params
+
+
+@torch.no_grad()
+def model_parameters(model, y_hat, params):
+    """(scales, means), each (1, M, H, W), that the model's own context prediction and
+    entropy parameters compute for a decoded ``y_hat`` (M, H, W)."""
+    context = model.context_prediction(y_hat[None])
+    return model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
 
 
 def dependencies(kernel_size, height, width):
@@ -183,9 +192,7 @@ def test_coded_means_and_scales_are_the_models_masked_convolution(coding_model):
     y, params = random_latent(coding_model, 10, 14, 3)
     coder = ContextCoder(coding_model)
     string, y_hat, _ = coder.encode(y, params)
-    with torch.no_grad():
-        context = coding_model.context_prediction(y_hat[None])
-        scales, means = coding_model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
+    scales, means = model_parameters(coding_model, y_hat, params)
     offsets = y_hat - means[0]
     assert (offsets - offsets.round()).abs().max() < 1e-4
     assert torch.equal(offsets.round(), (y - means[0]).round())
@@ -200,7 +207,8 @@ def test_scale_indexes_equal_compressais_build_indexes(coding_model):
     table = conditional.scale_table
     scales = torch.cat((torch.rand(2000) * 300 - 10, table, torch.nextafter(table, table + 1),
                         torch.nextafter(table, table - 1), torch.tensor([0.0, -1.0]))).view(2, -1)
-    assert torch.equal(ContextCoder(coding_model).scale_indexes(scales), conditional.build_indexes(scales))
+    assert torch.equal(ContextCoder(coding_model).scale_indexes(scales),
+                       conditional.build_indexes(scales))
 
 
 def test_raster_decoder_reads_compressais_mbt2018_stream(coding_model):
@@ -235,9 +243,7 @@ def test_other_mask_sizes_derive_their_own_slope_and_round_trip(coding_model, ke
     y, params = random_latent(coding_model, 8, 9, kernel_size)
     string, y_hat, _ = coder.encode(y, params)
     assert torch.equal(coder.decode(string, params), y_hat)
-    with torch.no_grad():
-        context = coding_model.context_prediction(y_hat[None])
-        _, means = coding_model.entropy_parameters(torch.cat((params[None], context), 1)).chunk(2, 1)
+    _, means = model_parameters(coding_model, y_hat, params)
     offsets = y_hat - means[0]
     assert (offsets - offsets.round()).abs().max() < 1e-4
 

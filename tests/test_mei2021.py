@@ -1,7 +1,8 @@
 """Mei et al. 2021 scalable models: geometry, reuse, joint loss, pyramid and training.
 
 Tiny widths (8-16 channels) and 64x64 / 128x128 images keep the file fast; the
-published widths are only instantiated to check the channel bookkeeping of B3/B4.
+published widths are only instantiated to check the channel bookkeeping of the quality
+and spatial models.
 """
 
 import math
@@ -134,7 +135,7 @@ def test_quality_loss_charges_cumulative_rates():
     bits = [2 * 4 * 2 * 4 * b for b in (1.0, 2.0, 3.0)]  # elements x bits per element
     rates = [sum(bits[: k + 1]) / pixels for k in range(3)]
     mses = [0.01 ** 2, 0.02 ** 2, 0.03 ** 2]
-    expected = sum(l * r + 255.0 ** 2 * m for l, r, m in zip(lmbdas, rates, mses))
+    expected = sum(lam * r + 255.0 ** 2 * m for lam, r, m in zip(lmbdas, rates, mses))
     assert losses["loss"].item() == pytest.approx(expected, rel=1e-4)
     assert losses["bpp_loss"].item() == pytest.approx(rates[-1], rel=1e-5)
     assert losses["bpp_loss_1"].item() == pytest.approx(rates[1], rel=1e-5)
@@ -150,7 +151,7 @@ def test_spatial_loss_normalises_each_rate_by_its_own_resolution_without_accumul
     rates = [b / (2 * h * w) for b, (h, w) in zip(bits, sizes)]
     assert rates == pytest.approx([1 / 32] * 3)
     mses = [0.01 ** 2, 0.02 ** 2, 0.03 ** 2]
-    expected = sum(l * r + 255.0 ** 2 * m for l, r, m in zip(lmbdas, rates, mses))
+    expected = sum(lam * r + 255.0 ** 2 * m for lam, r, m in zip(lmbdas, rates, mses))
     assert losses["loss"].item() == pytest.approx(expected, rel=1e-4)
     assert losses["bpp_loss_2"].item() == pytest.approx(rates[2], rel=1e-5)
     assert losses["bpp_loss"].item() == pytest.approx(sum(bits) / (2 * 128 * 128), rel=1e-5)

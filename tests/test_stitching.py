@@ -19,7 +19,8 @@ def model():
 
 def _patchwise(model, transform, source, out_shape, patch_size, in_factor, out_factor, batch):
     geometry = model_geometry(model)
-    latent = source.shape[-2:] if in_factor == 1 else [s // geometry.scale for s in source.shape[-2:]]
+    latent = (source.shape[-2:] if in_factor == 1
+              else [s // geometry.scale for s in source.shape[-2:]])
     target = torch.empty(out_shape)
     return run_patchwise(transform, source, target, plan_patches(*latent, patch_size, geometry),
                          in_factor, out_factor, batch, CPU)

@@ -1,7 +1,7 @@
 """train.py and the training loop: exact resume, checkpoints, guards, signals.
 
 Every run uses a tiny CPS (N=8), 64x64 crops of a few synthetic images in
-``tmp_path``, ``num_workers=0`` and one CPU thread, so each takes 0.1 to 3 s.
+``tmp_path``, ``num_workers=0`` and one CPU thread, so each run is short.
 """
 
 import io
@@ -24,6 +24,9 @@ from utils.training.config import load_config, to_plain_dict
 from utils.training.distributed import DistContext
 from utils.training.loop import Trainer
 from utils.training.step import NonFiniteLossError, TrainStep, build_optimizers
+
+# Tiny models train many times faster on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = DistContext(0, 1, torch.device("cpu"))
@@ -48,37 +51,18 @@ def assert_same_tensors(a, b):
         assert a == b
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run these tiny models on one thread.
-
-    At N=8 and 64x64 crops every kernel is microseconds long, and on a busy
-    2-core machine a second intra-op thread spins waiting for its partner: a step
-    took 1-3 s with two threads and 20 ms with one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return make_image_folder(tmp_path / "data")
-
-
 @pytest.mark.parametrize("schedule", [
     {"type": "plateau", "patience": 0, "factor": 0.5},
     {"type": "multistep", "milestones": [2, 5], "factor": 0.5},
 ])
-def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, data, schedule):
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, train_images, schedule):
     # 4 training images at batch 2: 2 steps per epoch, a validation after each.
     # 6 steps straight vs 3 steps (stopping mid-epoch) + a resume up to 6.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    cfg = write_train_config(tmp_path, data, straight, lr_schedule=schedule,
+    cfg = write_train_config(tmp_path, train_images, straight, lr_schedule=schedule,
                              train_params={"max_steps": 6})
     assert train.main(["--config", cfg]) == 0
-    cfg = write_train_config(tmp_path, data, split, lr_schedule=schedule)
+    cfg = write_train_config(tmp_path, train_images, split, lr_schedule=schedule)
     assert train.main(["--config", cfg, "--set", "train_params.max_steps=3"]) == 0
     middle = load(split / "checkpoint.pth.tar")
     assert (middle["global_step"], middle["epoch"], middle["epoch_step"]) == (3, 1, 1)
@@ -93,9 +77,9 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, data, sched
                            middle["state_dict"]["g_a.0.conv1.weight"])
 
 
-def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, data):
+def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, train_images):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 2})
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2})
     assert train.main(["--config", cfg]) == 0
     last, best = load(exp / "checkpoint.pth.tar"), load(exp / "checkpoint_best_loss.pth.tar")
     for ckpt in (last, best):
@@ -119,11 +103,11 @@ def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, data):
     assert torch.equal(torch.get_rng_state(), last["rng"]["torch"])
 
 
-def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, data):
+def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images):
     source = models.build_model("cps", N=8)
     wrapped = {"module." + k: v for k, v in source.state_dict().items()}
     torch.save({"state_dict": wrapped, "epoch": 41}, tmp_path / "authors.pth.tar")
-    cfg = write_train_config(tmp_path, data, tmp_path / "exp")
+    cfg = write_train_config(tmp_path, train_images, tmp_path / "exp")
     args = train.parse_args(["--config", cfg, "--init-from", str(tmp_path / "authors.pth.tar"),
                              "--set", "train_params.lmbda=0.05"])
     trainer = Trainer(train.resolve_config(args), CPU, log=io.StringIO())
@@ -145,9 +129,9 @@ def run_cli(argv, capsys):
     return status, capsys.readouterr().err.strip().splitlines()
 
 
-def test_cli_errors_are_one_stderr_line(tmp_path, data, capsys):
+def test_cli_errors_are_one_stderr_line(tmp_path, train_images, capsys):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 1})
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1})
     status, err = run_cli(["--config", str(tmp_path / "missing.yaml")], capsys)
     assert status == 1 and err == [f"train.py: error: config file not found: "
                                    f"{tmp_path / 'missing.yaml'}"]
@@ -205,13 +189,13 @@ def test_amp_channels_last_and_ms_ssim_steps_train_the_model(options, side):
     assert not torch.equal(model.g_s[-1].conv.weight, before)
 
 
-def test_training_lowers_the_validation_loss(tmp_path, data):
+def test_training_lowers_the_validation_loss(tmp_path, train_images):
     # At lmbda 0.01 the first tens of steps only pull the (unclamped) output back
     # into [0, 1]: the loss halves while the PSNR of the clamped output stands still.
-    # lmbda 0.1 and lr 3e-3 put the distortion first, so 30 steps (1 s) must show
+    # lmbda 0.1 and lr 3e-3 put the distortion first, so 30 steps must show
     # real learning: 6.5 -> 11.2 dB at seed 0 and 6.9 -> 13.6 dB at seed 1.
     cfg = load_config(write_train_config(
-        tmp_path, data, tmp_path / "exp",
+        tmp_path, train_images, tmp_path / "exp",
         train_params={"max_steps": 30, "lmbda": 0.1, "learning_rate": 3e-3},
         logging={"val_interval": 10, "progress": False, "tensorboard": False}))
     trainer = Trainer(cfg, CPU, log=io.StringIO())
@@ -241,8 +225,8 @@ class _RaiseSignalAt:
         return self.dataset[key]
 
 
-def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, data):
-    cfg = load_config(write_train_config(tmp_path, data, tmp_path / "exp"))
+def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, train_images):
+    cfg = load_config(write_train_config(tmp_path, train_images, tmp_path / "exp"))
     trainer = Trainer(cfg, CPU, log=io.StringIO())
     trainer.train_loader = trainer._loader(_RaiseSignalAt(trainer.train_set, 5, signal.SIGINT),
                                            trainer.train_sampler, 2, True)
@@ -253,9 +237,9 @@ def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, data):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, data):
+def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, train_images):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, logging={"checkpoint_interval": 1})
+    cfg = write_train_config(tmp_path, train_images, exp, logging={"checkpoint_interval": 1})
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config", cfg],
                             cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -273,11 +257,11 @@ def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, data):
     assert load(exp / "checkpoint.pth.tar")["global_step"] >= 1
 
 
-def test_tensorboard_gets_training_scalars_validation_scalars_and_images(tmp_path, data):
+def test_tensorboard_gets_training_scalars_validation_scalars_and_images(tmp_path, train_images):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 4},
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 4},
                              logging={"tensorboard": True, "log_interval": 2,
                                       "num_images": 1})
     assert train.main(["--config", cfg]) == 0
@@ -334,9 +318,9 @@ def test_a_worker_error_is_printed_as_one_line(tmp_path, capsys):
 
 
 def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_change(
-        tmp_path, data, capsys):
+        tmp_path, train_images, capsys):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 2})
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2})
     assert train.main(["--config", cfg]) == 0
     capsys.readouterr()
     ckpt = str(exp / "checkpoint.pth.tar")
@@ -361,9 +345,10 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
     assert "--config is required, unless --resume names a checkpoint" in capsys.readouterr().err
 
 
-def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(tmp_path, data, capsys):
+def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(tmp_path, train_images,
+                                                                         capsys):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 2})
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2})
     assert train.main(["--config", cfg]) == 0
     ckpt = exp / "checkpoint.pth.tar"
     old = load(ckpt)
@@ -393,9 +378,9 @@ def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(tmp_path
      "entry 'aux_optimizer' does not fit this model"),
 ])
 def test_tampered_resume_checkpoints_are_one_line_errors_naming_the_entry(
-        tmp_path, data, capsys, key, value, message):
+        tmp_path, train_images, capsys, key, value, message):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 1})
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1})
     assert train.main(["--config", cfg]) == 0
     ckpt = exp / "checkpoint.pth.tar"
     tampered = load(ckpt)

@@ -7,31 +7,21 @@ import warnings
 
 import pytest
 import torch
-from test_train_data import make_image_folder, write_train_config
+from test_train_data import write_train_config
 
 import train
 from utils.training.config import load_config
 from utils.training.distributed import DistContext
 from utils.training.loop import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return make_image_folder(tmp_path / "data")
+# Tiny models train many times faster on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_true_without_cuda_trains_on_the_cpu_with_one_warning(tmp_path, data, capsys):
+def test_cuda_true_without_cuda_trains_on_the_cpu_with_one_warning(tmp_path, train_images, capsys):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 1},
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1},
                              train_data={"cuda": True})
     assert train.main(["--config", cfg]) == 0
     err = capsys.readouterr().err.splitlines()
@@ -48,9 +38,9 @@ def test_cuda_true_without_cuda_trains_on_the_cpu_with_one_warning(tmp_path, dat
     (["--set", "train_data.batch_size=64"], "give no full batch"),
 ])
 def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(
-        tmp_path, data, capsys, argv_extra, message):
+        tmp_path, train_images, capsys, argv_extra, message):
     exp = tmp_path / "runs" / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_data={"num_workers": 64})
+    cfg = write_train_config(tmp_path, train_images, exp, train_data={"num_workers": 64})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert train.main(["--config", cfg] + argv_extra) == 1
@@ -60,7 +50,7 @@ def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(
     assert not [w for w in caught if "worker" in str(w.message)]
 
 
-def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_path, data,
+def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_path, train_images,
                                                                          monkeypatch):
     import tqdm
 
@@ -70,7 +60,7 @@ def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_pat
 
     monkeypatch.setattr(tqdm, "tqdm", EveryUpdate)
     cfg = load_config(write_train_config(
-        tmp_path, data, tmp_path / "exp", train_params={"max_steps": 4},
+        tmp_path, train_images, tmp_path / "exp", train_params={"max_steps": 4},
         logging={"progress": True, "val_interval": 0}))
     out = io.StringIO()
     assert Trainer(cfg, DistContext(0, 1, torch.device("cpu")), log=out).fit() == 0

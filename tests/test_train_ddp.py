@@ -1,6 +1,6 @@
 """``torchrun --nproc_per_node=2 train.py`` on the CPU with the gloo backend.
 
-One launch (about 15 s) of the real ``train.main`` in two processes. A small
+One launch of the real ``train.main`` in two processes. A small
 wrapper script saves each rank's final parameters, which lets the test check what
 DDP must guarantee and two independent processes would not give: the ranks saw
 different images, yet all their parameters, the entropy bottleneck's quantiles
@@ -116,7 +116,8 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
     straight, split = tmp_path / "straight", tmp_path / "split"
     epochs = {"batch_size": 1, "epochs": 2}
-    _torchrun("train.py", "--config", write_train_config(tmp_path, data, straight, train_data=epochs))
+    _torchrun("train.py", "--config",
+              write_train_config(tmp_path, data, straight, train_data=epochs))
     cfg = write_train_config(tmp_path, data, split, train_data=epochs)
     _torchrun("train.py", "--config", cfg, "--set", "train_params.max_steps=1")
     middle = torch.load(split / "checkpoint.pth.tar", map_location="cpu", weights_only=True)

@@ -37,7 +37,8 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype.kind == "f":
-        raise ValueError("floating-point images are not supported; save the image as 8- or 16-bit PNG")
+        raise ValueError("floating-point images are not supported; "
+                         "save the image as 8- or 16-bit PNG")
     return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
 
 
@@ -68,7 +69,8 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
         with Image.open(path) as image:
             image.load()
             mode = image.mode
-            info = ImageInfo(mode=mode, grayscale=mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L"))
+            gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+            info = ImageInfo(mode=mode, grayscale=gray)
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
                 info.conversions.append("alpha channel dropped")
             if mode == "P":
@@ -96,7 +98,8 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
 def write_png(path: str, image: Tensor) -> None:
     """Write a uint8 tensor (1 or 3, H, W) as PNG, atomically."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"expected a uint8 tensor (1 or 3, H, W), got {image.dtype} {tuple(image.shape)}")
+        raise ValueError(f"expected a uint8 tensor (1 or 3, H, W), "
+                         f"got {image.dtype} {tuple(image.shape)}")
     array = image.permute(1, 2, 0).cpu().numpy()
     picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     buffer = io.BytesIO()

@@ -31,7 +31,8 @@ def parse_memory(text: str) -> int:
     Units are binary (1 GB = 2**30 bytes, as for RAM); ``KiB``/``MiB``/``GiB``
     spellings are accepted too.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text),
+                         re.IGNORECASE)
     if not match:
         raise ValueError(f"cannot read memory size {text!r}: expected a number with an optional "
                          "unit, e.g. 2GB, 512MB")

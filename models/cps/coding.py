@@ -2,9 +2,9 @@
 
 .. code-block:: none
 
-    encoder (device)          |  entropy path (CPU, float32, 1 thread)   |  decoder (device)
-    g_a patch-wise ->         y -> h_a -> z -> EB -> z_hat -> h_s -> params
-                                 y, params -> ContextCoder -> y string   |  y_hat -> g_s patch-wise -> crop
+    encoder (device)   |  entropy path (CPU, float32, 1 thread)   |  decoder (device)
+    g_a patch-wise ->  y -> h_a -> z -> EB -> z_hat -> h_s -> params
+                          y, params -> ContextCoder -> y string   |  y_hat -> g_s patch-wise -> crop
 
 The transforms run patch by patch with POPS (``utils/stitching/patches.py``), so
 their memory follows the patch size, not the image. A memory budget
@@ -140,8 +140,9 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
     # padded buffer and the output image.
     border = 2 * (model.context_prediction.kernel_size[0] // 2)
     y_hat_bytes = 4 * model.M * (latent_size[0] + border) * (latent_size[1] + border)
+    image_bytes = channels * compressed.height * compressed.width
     patches = planner.plan("synthesis", latent_size, plan.patch, plan.batch_size,
-                           held_on_cpu=y_hat_bytes + channels * compressed.height * compressed.width)
+                           held_on_cpu=y_hat_bytes + image_bytes)
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():

@@ -7,8 +7,8 @@ image into overlapping patches and stitch their features back exactly.
 Each block declares the (kernel, stride) list of its longest path in ``pops_layers``;
 ``utils.stitching.geometry`` reads these lists to compute the receptive field and the overlap.
 
-Module and attribute names follow the authors' checkpoints key for key
-(``../shared/notes/official_checkpoint_keys.tsv``).
+Module and attribute names follow the authors' checkpoints key for key, so their
+published weights load without renaming.
 """
 
 from compressai.layers import GDN, MaskedConv2d

@@ -206,7 +206,8 @@ class _RowNetwork:
         self.context = _Masked(context)
         self.source = _Linear(source) if source is not None else None
         self.layers = [_row_layer(m) for m in layers]
-        self.reach = max([self.context.reach] + [m.reach for m in self.layers if isinstance(m, _Masked)])
+        self.reach = max([self.context.reach]
+                         + [m.reach for m in self.layers if isinstance(m, _Masked)])
 
     def __call__(self, session: _Session, front: _Front, side: Optional[Tensor] = None) -> Tensor:
         pad, rows, cols = session.pad, front.rows, front.cols
@@ -237,7 +238,8 @@ class BlockCoder:
             raise ValueError(f"unknown block coding order {order!r}; choose from {ORDERS}")
         conditional = model.gaussian_conditional
         if conditional.quantized_cdf.numel() == 0:
-            raise RuntimeError("the model has no entropy tables: call model.update(force=True) first")
+            raise RuntimeError("the model has no entropy tables: "
+                               "call model.update(force=True) first")
         self.order = order
         self.slope = model.wavefront_slope
         self.channels = model.block_channels
@@ -279,7 +281,8 @@ class BlockCoder:
         """
         blocks = _cpu(blocks)
         if blocks.dim() != 3 or blocks.shape[0] != self.channels:
-            raise ValueError(f"expected a block grid ({self.channels}, R, K), got {tuple(blocks.shape)}")
+            raise ValueError(f"expected a block grid ({self.channels}, R, K), "
+                             f"got {tuple(blocks.shape)}")
         grid_rows, grid_cols = blocks.shape[1:]
         session = _Session(self.channels, grid_rows, grid_cols, self.pad)
         y_hat_grid = torch.zeros(self.latent_channels, grid_rows, grid_cols)

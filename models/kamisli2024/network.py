@@ -75,8 +75,10 @@ def _check_arguments(block_size: int, N: int, M: int, kernel_sizes: Sequence[int
         raise ValueError(f"M must be a positive integer, got {M!r}")
     if len(kernel_sizes) != 4 or any(not isinstance(k, int) for k in kernel_sizes):
         raise ValueError(f"kernel_sizes must be 4 integers like [3, 1, 1, 1], got {kernel_sizes!r}")
-    if kernel_sizes[0] < 3 or kernel_sizes[0] % 2 == 0 or kernel_sizes[1] < 1 or kernel_sizes[1] % 2 == 0:
-        raise ValueError(f"kernel_sizes[0] must be odd and >= 3, kernel_sizes[1] odd, got {kernel_sizes!r}")
+    if (kernel_sizes[0] < 3 or kernel_sizes[0] % 2 == 0
+            or kernel_sizes[1] < 1 or kernel_sizes[1] % 2 == 0):
+        raise ValueError(f"kernel_sizes[0] must be odd and >= 3, kernel_sizes[1] odd, "
+                         f"got {kernel_sizes!r}")
     if tuple(kernel_sizes[2:]) != (1, 1):
         raise ValueError(f"the v9 network uses 1x1 layers after the second; kernel_sizes[2:] must "
                          f"be [1, 1], got {list(kernel_sizes[2:])}")
@@ -195,7 +197,8 @@ class Kamisli2024(LearnedCodec, CompressionModel):
         if x_ctx is None:
             x_ctx = x
         elif x_ctx.shape != x.shape:
-            raise ValueError(f"context shape {tuple(x_ctx.shape)} differs from image shape {tuple(x.shape)}")
+            raise ValueError(f"context shape {tuple(x_ctx.shape)} differs from image shape "
+                             f"{tuple(x.shape)}")
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected RGB images (N, 3, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
@@ -209,7 +212,8 @@ class Kamisli2024(LearnedCodec, CompressionModel):
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods}}
 
     @torch.no_grad()
-    def closed_loop(self, x: Tensor, tile_blocks: int = 0, context_bits: Optional[int] = None) -> dict:
+    def closed_loop(self, x: Tensor, tile_blocks: int = 0,
+                    context_bits: Optional[int] = None) -> dict:
         """Closed-loop reconstruction of ``x`` (1, 3, H, W) by repeated open-loop passes.
 
         What the codec computes, without a bitstream: every block sees the

@@ -29,8 +29,8 @@ def analysis_transform(N: int) -> nn.Sequential:
 def synthesis_transform(in_channels: int, N: int) -> nn.Sequential:
     """g_s: (in_channels, h, w) -> RGB (3, 16h, 16w); ``N`` is the hidden width.
 
-    ``in_channels`` is the width of whatever latents the layer reuses (B3/B4 of the
-    spec: e.g. 96 + 120 = 216 for the first quality enhancement layer).
+    ``in_channels`` is the width of whatever latents the layer reuses: e.g. 96 + 120 =
+    216 for the first quality enhancement layer (base and first enhancement latents).
     """
     return nn.Sequential(
         deconv(in_channels, N, 5, 2), GDN(N, inverse=True),

@@ -1,9 +1,11 @@
 """Mei et al. 2021: scalable image coding with latent-feature reuse and prediction.
 
 Y. Mei, L. Li, Z. Li, F. Li, "Learning-based scalable image compression with
-latent-feature reuse and prediction", IEEE Transactions on Multimedia, 2021. The
-authors' TF1 code is ported as ``baselines_spec.md`` Part B describes it; the
-defects of the published scripts (B8) are not inherited.
+latent-feature reuse and prediction", IEEE Transactions on Multimedia, 2021. A
+PyTorch port of the authors' TensorFlow 1 code. The published training scripts do
+not run as released (duplicated ``--lmbdaB`` flags, undefined names in the spatial
+script, no padding of sizes that are not multiples of 64/128); the port follows
+their evident intent and pads inputs in the codec.
 
 L layers, each with its own analysis transform g_a^k. The base latent is coded
 directly; an enhancement layer k codes only the residual between its latent and a
@@ -14,12 +16,12 @@ after any layer (``models/mei2021/coding.py``).
 
 .. code-block:: none
 
-    quality (B3): every layer sees the full image x
+    quality: every layer sees the full image x
       y_B = g_a^B(x)                      f_B = y^_B
       y^_k = P_k(f_{k-1}) + Q(g_a^k(x) - P_k(f_{k-1}))        f_k = cat(f_{k-1}, y^_k)
       x^_k = g_s^k(f_k)                   (f_k: all decoded latents <= k, at H/16)
 
-    spatial (B4): layer k sees pyramid level x_k (H/4, H/2, H for 3 layers)
+    spatial: layer k sees pyramid level x_k (H/4, H/2, H for 3 layers)
       y_B = g_a^B(x_B)                    z_B = y^_B                     (H/64)
       y^_k = P_k(z_{k-1}) + Q(g_a^k(x_k) - P_k(z_{k-1}))      P_k upsamples 2x
       z_k = cat(Up_k(z_{k-1}), y^_k)      x^_k = g_s^k(z_k)              (H/2^(L-1-k))
@@ -31,9 +33,10 @@ Inputs to ``forward`` must have sides that are multiples of
 the codec pads other sizes. The spatial model builds its input pyramid itself from
 the full-resolution image (``models.mei2021.pyramid.image_pyramid``: antialiased bicubic).
 
-Training uses the joint loss of B6 (:class:`models.mei2021.pyramid.ScalableRDLoss`), built
-by :meth:`~_MeiScalable.default_loss` from the per-layer lambdas the model carries
-(a buffer, so checkpoints remember what they were trained for).
+Training is joint and single-stage: one loss sums every layer's rate-distortion term
+(:class:`models.mei2021.loss.ScalableRDLoss`), built by
+:meth:`~_MeiScalable.default_loss` from the per-layer lambdas the model carries (a
+buffer, so checkpoints remember what they were trained for).
 """
 
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -243,7 +246,7 @@ class _MeiScalable(LearnedCodec, CompressionModel):
 
 @register_model("mei2021-quality")
 class Mei2021Quality(_MeiScalable):
-    """Quality-scalable Mei et al. 2021 (B3): 4 layers at full resolution by default.
+    """Quality-scalable Mei et al. 2021: 4 layers at full resolution by default.
 
     Widths 96/120/144/196 and lambdas 250/100/50/25 (rate weights, distortion on the
     0-255 scale; CompressAI's lambda is 1/lambda_k). Rates are cumulative: the loss of
@@ -277,10 +280,10 @@ class Mei2021Quality(_MeiScalable):
 
 @register_model("mei2021-spatial")
 class Mei2021Spatial(_MeiScalable):
-    """Spatial-scalable Mei et al. 2021 (B4): 3 layers at H/4, H/2, H by default.
+    """Spatial-scalable Mei et al. 2021: 3 layers at H/4, H/2, H by default.
 
     Widths 96/96/96 and lambdas 400/300/200; the rate of layer k is normalised by
-    that layer's own pixel count and is not cumulative (B6). Layer k's feature is
+    that layer's own pixel count and is not cumulative. Layer k's feature is
     ``z_k = cat(Up_k(z_{k-1}), y^_k)``, so reuse reaches one level down.
     """
 

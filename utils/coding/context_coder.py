@@ -45,7 +45,7 @@ the previous front, so a second thread can compute them for front k+1 while fron
 is finished and entropy-coded (``pipeline``; by default it is used where a core is
 idle, see :func:`idle_core_available`). The decoder hands the rANS coder only the CDF rows a
 front uses: converting the whole padded table (64 rows of 3135 ints) to C++ at
-every ``decode_stream`` call cost 2.3 ms, which dominated the skeleton's decoding.
+every ``decode_stream`` call was a fixed cost per front that dominated decoding.
 
 Memory. Besides its inputs, the coder holds the padded y_hat buffer (M floats per
 position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol);
@@ -78,7 +78,7 @@ ENCODER_BYTES_PER_SYMBOL = 6
 # Smallest latent for which the coder checks for an idle core (a 1920x1080 image).
 _PIPELINE_MIN_POSITIONS = 8000
 # Symbols handed to the rANS encoder per call: each call converts the CDF table to
-# C++ once (about 2 ms), so chunks amortise that while bounding the Python lists.
+# C++ once, so chunks amortise that while bounding the Python lists.
 _ENCODE_CHUNK_SYMBOLS = 1 << 20
 
 
@@ -121,7 +121,7 @@ def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tenso
     cols = torch.arange(width).repeat(height)
     front = slope * rows + cols
     # The keys are unique and dense enough to sort by scattering them into their
-    # range: linear time, where argsort took 0.36 s for an 8K image's latent.
+    # range: linear time, where argsort's n log n is a visible cost on large latents.
     keys = front * height + rows
     slots = torch.full((int(keys[-1]) + 1,), -1)
     slots[keys] = torch.arange(height * width)
@@ -172,8 +172,9 @@ def idle_core_available(window: float = 0.1) -> bool:
 
     Measured over ``window`` seconds from ``/proc/stat``, minus this process's own
     CPU time, so that the codec's own busy transforms do not count; where that is
-    unavailable, from the one-minute load average. On 2 busy cores pipelining made
-    1920x1080 coding 1.4x slower, on 2 idle ones 1.5x faster.
+    unavailable, from the one-minute load average. Pipelining speeds coding up only
+    when a core is idle; on busy cores the second thread competes for them and
+    slows coding down (``benchmarks/entropy_coding.py --pipeline on|off`` compares them).
     """
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -194,7 +195,8 @@ def idle_core_available(window: float = 0.1) -> bool:
     return others <= cpus - 1.5
 
 
-def _as_linear_layers(entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
+def _as_linear_layers(
+        entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
     """(weight (out, in), bias, LeakyReLU slope or None) per 1x1 convolution."""
     layers: List[list] = []
     for module in entropy_parameters.children():
@@ -280,7 +282,8 @@ class ContextCoder:
         self.cdf_lengths = lengths
         self.cdf_offsets = conditional.offset.reshape(-1).int().tolist()
         # Rows trimmed to their length: the padding is never read by the coder.
-        self.cdfs = [row[:length] for row, length in zip(conditional.quantized_cdf.tolist(), lengths)]
+        self.cdfs = [row[:length]
+                     for row, length in zip(conditional.quantized_cdf.tolist(), lengths)]
 
     def _layout(self, height: int, width: int) -> _Layout:
         """Coding order, buffer rows, and the split of the taps into *near* ones,
@@ -301,25 +304,29 @@ class ContextCoder:
         near = [k for k, back in enumerate(steps_back) if back == 1]
         far = [k for k, back in enumerate(steps_back) if back != 1]
         padded_width = width + 2 * self.pad[1]
-        centres = (positions // width + self.pad[0]) * padded_width + positions % width + self.pad[1]
+        centres = ((positions // width + self.pad[0]) * padded_width
+                   + positions % width + self.pad[1])
         offsets = torch.tensor([di * padded_width + dj for di, dj in self.taps])
 
         def windows(taps: List[int]) -> Tensor:
             return (centres[:, None] + offsets[taps]).reshape(-1)
 
         def weight(taps: List[int]) -> Tensor:
-            return self.context_weight[:, taps].reshape(self.context_weight.shape[0], -1).contiguous()
+            outputs = self.context_weight.shape[0]
+            return self.context_weight[:, taps].reshape(outputs, -1).contiguous()
 
-        return _Layout(positions, centres, sizes, windows(far), windows(near), weight(far), weight(near))
+        return _Layout(positions, centres, sizes, windows(far), windows(near), weight(far),
+                       weight(near))
 
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
         wavefront order, a latent large enough (a 1920x1080 image's or more) for the
-        second thread to save more than the 0.1 s the idle-core check takes, and an
+        second thread to save more than the idle-core check's sampling window, and an
         idle core."""
         if self.pipeline is not None:
             return self.pipeline
-        return self.order == "wavefront" and positions >= _PIPELINE_MIN_POSITIONS and idle_core_available()
+        return (self.order == "wavefront" and positions >= _PIPELINE_MIN_POSITIONS
+                and idle_core_available())
 
     def _gather(self, y_hat: Tensor, windows: Tensor, start: int, stop: int, taps: int) -> Tensor:
         """(n, taps*M) window values of the positions start..stop in coding order."""
@@ -338,7 +345,8 @@ class ContextCoder:
                 F.linear(front_params, self.hyper_weight, self.first_bias))
 
     def _front_parameters(self, y_hat: Tensor, layout: _Layout, start: int, stop: int,
-                          partial_context: Tensor, partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                          partial_context: Tensor,
+                          partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """CDF indexes, means and scales (n, M) of the front start..stop, given its
         far part."""
         taps = layout.near_weight.shape[1] // self.channels
@@ -402,7 +410,8 @@ class ContextCoder:
         with single_threaded(), worker as pool:
             far_parts = self._far_parts(y_hat, layout, hyper, bounds, pool)
             for start, stop, partial in zip(bounds, bounds[1:], far_parts):
-                indexes, means, scales = self._front_parameters(y_hat, layout, start, stop, *partial)
+                indexes, means, scales = self._front_parameters(y_hat, layout, start, stop,
+                                                                *partial)
                 values = symbols_of(start, stop, indexes, means, scales)
                 y_hat.index_copy_(0, layout.centres[start:stop], values.type_as(means) + means)
         inner = y_hat.view(*padded, self.channels)[self.pad[0]:self.pad[0] + height,
@@ -438,7 +447,8 @@ class ContextCoder:
                      scales: Tensor) -> Tensor:
             values = torch.round(y_rows.index_select(0, layout.positions[start:stop]) - means).int()
             likelihood = self.conditional._likelihood(values.float(), scales)
-            bits = -self.conditional.likelihood_lower_bound(likelihood).log2().sum(dtype=torch.float64)
+            bounded = self.conditional.likelihood_lower_bound(likelihood)
+            bits = -bounded.log2().sum(dtype=torch.float64)
             estimated_bits[0] += float(bits)
             pending_symbols.append(values)
             pending_indexes.append(front_indexes)
@@ -463,7 +473,8 @@ class ContextCoder:
         decoder = RansDecoder()
         decoder.set_stream(safe_string(string, params[0].numel() * self.channels, "y"))
 
-        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor, _: Tensor) -> Tensor:
+        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor,
+                         _: Tensor) -> Tensor:
             # Only the CDF rows this front uses go to C++ (the whole table costs ms).
             used = torch.bincount(indexes.view(-1), minlength=len(self.cdfs)) > 0
             remap = torch.cumsum(used, 0, dtype=torch.int32) - 1
@@ -472,7 +483,7 @@ class ContextCoder:
                                            [self.cdfs[k] for k in rows],
                                            [self.cdf_lengths[k] for k in rows],
                                            [self.cdf_offsets[k] for k in rows])
-            # struct unboxes a list of ints about 10x faster than torch.tensor does.
+            # struct unboxes a list of ints much faster than torch.tensor does.
             packed = bytearray(struct.pack(f"{len(values)}i", *values))
             return torch.frombuffer(packed, dtype=torch.int32).view(indexes.shape)
 

@@ -36,6 +36,7 @@ from utils.stitching.spec import PatchSpec
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "experiment", "demo")
+_CPU = torch.device("cpu")  # run_demo's default device
 JPEG_QUALITIES = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 METRIC_KEYS = ("bpp", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "encoding_time", "decoding_time")
 
@@ -51,7 +52,8 @@ def _skimage_photo(name: str) -> Callable[[], np.ndarray]:
 
 
 DEMO_IMAGES: Dict[str, Callable[[], np.ndarray]] = {
-    name: _skimage_photo(name) for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
+    name: _skimage_photo(name)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
 }
 
 
@@ -140,7 +142,8 @@ def _write_crops(panels: List[tuple], output: str, tile: int) -> None:
         axis.set_title(title, fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
-    save_figure(figure, output, f"{side}x{side} crop at ({top}, {left}), tile corner near the centre")
+    save_figure(figure, output,
+                f"{side}x{side} crop at ({top}, {left}), tile corner near the centre")
 
 
 def _format_table(rows: List[tuple]) -> str:
@@ -156,7 +159,7 @@ def _format_table(rows: List[tuple]) -> str:
 
 
 def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple(DEMO_IMAGES),
-             output_dir: str = DEFAULT_OUTPUT, device: torch.device = torch.device("cpu"),
+             output_dir: str = DEFAULT_OUTPUT, device: torch.device = _CPU,
              patch_size: int = 128, log: Callable[[str], None] = print) -> dict:
     """Run the demo; return the results document (also written to ``results.json``)."""
     shipped = find_shipped_models(model_paths)
@@ -196,7 +199,8 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
             per_image["jpeg"].append(match)
             if crops is None:  # lowest-rate model, first image
                 crops = [("original", image),
-                         (f"CPS (POPS) {per_image['cps'][-1]['bpp']:.2f} bpp", cps_coded.reconstruction),
+                         (f"CPS (POPS) {per_image['cps'][-1]['bpp']:.2f} bpp",
+                          cps_coded.reconstruction),
                          (f"naive tiles {per_image['naive'][-1]['bpp']:.2f} bpp",
                           naive_coded.reconstruction),
                          (f"JPEG q{match['quality']} {match['bpp']:.2f} bpp",

@@ -42,7 +42,8 @@ def analysis_layers(module: nn.Module) -> List[Layer]:
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         (kernel, _), (stride, _) = module.kernel_size, module.stride
         if isinstance(module, nn.ConvTranspose2d) and stride != 1:
-            raise ValueError("a strided transposed convolution has no place in an analysis transform")
+            raise ValueError("a strided transposed convolution has no place in an analysis "
+                             "transform")
         if any(p != 0 for p in module.padding):
             raise ValueError(f"{module} is padded: POPS needs padding-free layers")
         return [(kernel, stride)]
@@ -146,7 +147,8 @@ def plan_patches(latent_height: int, latent_width: int, patch_size: Union[int, T
     0 for a side means the whole axis. Each side must be a multiple of the scale
     (otherwise patches fall off the latent grid) and at least ``min_patch_size``.
     """
-    patch_height, patch_width = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    patch_height, patch_width = ((patch_size, patch_size) if isinstance(patch_size, int)
+                                 else patch_size)
     for side in (patch_height, patch_width):
         check_patch_size(side, geometry)
     rows = tile_axis(latent_height, patch_height // geometry.scale, geometry.margin)
@@ -163,5 +165,6 @@ def check_patch_size(patch_size: int, geometry: PopsGeometry) -> None:
                          f"multiple of {geometry.scale}")
     if patch_size < geometry.min_patch_size:
         raise ValueError(f"patch size {patch_size} is below the minimum "
-                         f"{geometry.min_patch_size} (overlap {geometry.overlap} + {geometry.scale})")
+                         f"{geometry.min_patch_size} "
+                         f"(overlap {geometry.overlap} + {geometry.scale})")
 

@@ -1,5 +1,5 @@
 """Asymptotic closed-loop (ACL) training of the Kamisli (2024) codec (paper Sec. 3.3,
-``train_all_acl`` in the authors' code; spec: baselines_spec.md A9).
+``train_all_acl`` in the authors' code).
 
 The codec is closed loop: a block is coded from the *reconstructions* of its
 neighbours, which depend on the model being trained. ACL trains open loop on pairs

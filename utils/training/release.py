@@ -53,7 +53,8 @@ def half_precision_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]
     state = {}
     for name, value in model.state_dict().items():
         value = value.detach().cpu()
-        state[name] = value.half() if name in parameter_names and value.is_floating_point() else value
+        halve = name in parameter_names and value.is_floating_point()
+        state[name] = value.half() if halve else value
     return state
 
 
@@ -193,7 +194,8 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="training checkpoint (e.g. checkpoint_best_loss.pth.tar)")
+    parser.add_argument("checkpoint",
+                        help="training checkpoint (e.g. checkpoint_best_loss.pth.tar)")
     parser.add_argument("output_dir", help="release folder (model.pth, training.json, curves)")
     parser.add_argument("--runs", nargs="*", default=[],
                         help="TensorBoard folders of the run (and of runs it continued)")
