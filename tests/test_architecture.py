@@ -59,7 +59,8 @@ GRAPH = {name: _imports(path, set(MODULES)) - {name} for name, path in MODULES.i
 def _tier(module: str) -> int:
     if module in SCRIPTS:
         return 3
-    if module.startswith(("utils.training", "utils.evaluation", "datasets")) or module == "utils.cli":
+    applications = ("utils.training", "utils.evaluation", "datasets")
+    if module.startswith(applications) or module == "utils.cli":
         return 2
     if module.startswith("models"):
         return 1

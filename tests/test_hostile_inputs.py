@@ -18,14 +18,15 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from conftest import save_model_checkpoint
 from PIL import Image
 
 import models
-from conftest import save_model_checkpoint
 from models.base import CodingPlan
 from utils.coding.container import CompressedImage, LayeredImage, pack
 
@@ -53,9 +54,14 @@ json.dump(results, open(sys.argv[2], 'w'))
 """
 
 
+@dataclass
 class Result:
-    def __init__(self, returncode, stdout, stderr, seconds):
-        self.returncode, self.stdout, self.stderr, self.seconds = returncode, stdout, stderr, seconds
+    """What one case left: its exit status, its output and how long it took."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
 
 
 def run_cases(folder, cases, timeout=240):
