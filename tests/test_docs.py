@@ -177,6 +177,7 @@ def test_readme_bd_rate_table_is_what_the_documented_command_computes():
                 assert got == pytest.approx(float(value), abs=0.006), (name, metric)
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_from_python_snippet_runs_from_the_repository_root(tmp_path):
     snippet = python_snippet("README.md", "**From Python**")
     decoded = tmp_path / "decoded.png"

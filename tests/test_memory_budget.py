@@ -135,6 +135,7 @@ def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, 
     assert len(plans) == 2 and all(plan.patch_size != (0, 0) for plan in plans)
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_verification_decodes_within_the_same_budget_with_another_plan(large_case, monkeypatch):
     """``--verify`` on an image whose whole-image decode does not fit the budget: both
     decodes stay within it, tile differently, and their peaks are reported apart."""
@@ -189,6 +190,7 @@ def test_codec_cli_stays_within_its_budget(large_case, tmp_path):
     assert np.array_equal(decoded, whole.permute(1, 2, 0).numpy())
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
     model, _, data, _ = large_case
     checkpoint = save_model_checkpoint(tmp_path, model, "tiny")
@@ -208,6 +210,7 @@ def test_format_memory_matches_parse_memory():
     assert parse_memory(format_memory(1536 * MB)) == 1536 * MB
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_codec_cli_runs_without_a_budget_when_asked(large_case, tmp_path, capsys):
     import codec
     model, _, data, whole = large_case

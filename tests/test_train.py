@@ -237,6 +237,7 @@ def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, train_i
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, train_images):
     exp = tmp_path / "exp"
     cfg = write_train_config(tmp_path, train_images, exp, logging={"checkpoint_interval": 1})
@@ -303,6 +304,7 @@ def test_unusable_training_images_are_skipped_counted_and_past_the_limit_stop_th
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_a_worker_error_is_printed_as_one_line(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", n_train=4)
     for name in ("01.png", "02.png", "03.png"):

@@ -61,6 +61,7 @@ def _torchrun(script, *args):
     return stderr
 
 
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
     # 4 training images, batch 1 per process: 2 steps per epoch with 2 processes
     # (4 without DDP), so 2 epochs end at global step 4.
