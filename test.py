@@ -19,8 +19,6 @@ stderr and exit status 1.
 
 import argparse
 import logging
-import os
-import re
 import sys
 import warnings
 from typing import List, Optional
@@ -30,50 +28,18 @@ from typing import List, Optional
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-import models
-from models.base import CodingPlan
-from utils.atomic import atomic_write_bytes
 from utils.cli import add_coding_arguments, run_main, warn_small_patch
-from utils.device import select_device
-from utils.evaluation.classical_codecs import CODECS, get_codec
-from utils.evaluation.coders import (
-    TILINGS,
-    ClassicalCoder,
-    LearnedOptions,
-    learned_coders,
-    load_pretrained,
-)
-from utils.evaluation.demo import DEFAULT_OUTPUT, DEMO_IMAGES, run_demo
-from utils.evaluation.rd import (
-    INTERPOLATIONS,
-    METRICS,
-    bd_rate_table,
-    format_table,
-    load_curve,
-    load_curves,
-    parse_labels,
-    plot_curves,
-)
-from utils.evaluation.runs import (
+from utils.evaluation.choices import (
+    CODEC_NAMES,
     DATASETS_CONFIG,
-    Run,
-    aggregate,
-    evaluate,
-    list_images,
-    per_image_documents,
-    resolve_dataset,
-    shard,
-    to_json,
-    write_json,
+    DEMO_IMAGE_NAMES,
+    DEMO_OUTPUT,
+    TILINGS,
 )
-from utils.memory import PeakMemory
-from utils.stitching.spec import PatchSpec
-from utils.training.distributed import cleanup, init_distributed
+from utils.evaluation.rd import INTERPOLATIONS, METRICS
 
 log = logging.getLogger("cps.test")
 
-# Patch size for a dataset given as a folder (the paper's value for large images).
-FOLDER_PATCH_SIZE = 256
 ZOO_METRICS = ("mse", "ms-ssim")
 
 
@@ -144,7 +110,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         _add_learned_arguments(command)
 
     codec = commands.add_parser("codec", help="evaluate a classical codec")
-    codec.add_argument("--codec", choices=sorted(CODECS), required=True)
+    codec.add_argument("--codec", choices=sorted(CODEC_NAMES), required=True)
     codec.add_argument("-q", "--quality", type=_numbers(float), required=True,
                        help="comma-separated qualities in the codec's own scale "
                             "(see utils/evaluation/classical_codecs.py)")
@@ -171,9 +137,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                             "against JPEG and naive tiling (no download)")
     demo.add_argument("--models", nargs="*", default=[],
                       help="release folders or weight files (default: experiment/shipped/*)")
-    demo.add_argument("--images", type=_numbers(str), default=list(DEMO_IMAGES),
-                      help=f"comma-separated, from {','.join(DEMO_IMAGES)}")
-    demo.add_argument("-d", "--output-dir", default=DEFAULT_OUTPUT,
+    demo.add_argument("--images", type=_numbers(str), default=list(DEMO_IMAGE_NAMES),
+                      help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)}")
+    demo.add_argument("-d", "--output-dir", default=DEMO_OUTPUT,
                       help="results.json, rd.png and crops.png go here")
     demo.add_argument("--patch-size", type=int, default=128, help="POPS patch and naive tile side")
     demo.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
@@ -226,162 +192,20 @@ def _check_learned_options(args: argparse.Namespace) -> None:
         raise ValueError("--verify has nothing to decode with --entropy-estimation")
 
 
-def _unique_tags(tags: List[str]) -> List[str]:
-    safe = [re.sub(r"[^A-Za-z0-9._=-]+", "_", tag) for tag in tags]
-    return safe if len(set(safe)) == len(safe) else [f"run{i}" for i in range(len(tags))]
-
-
-def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
-                  names: List[str]) -> List[Run]:
-    plan = CodingPlan(patch=patch, batch_size=args.batch_size, budget_bytes=args.max_memory,
-                      order=args.entropy_coder_order, exact=not args.fast)
-    options = LearnedOptions(plan=plan, tiling=args.tiling,
-                             entropy_estimation=args.entropy_estimation, half=args.half,
-                             verify=args.verify)
-
-    def build(load):
-        def make():
-            model = load()
-            names.append(model.registry_name)
-            return learned_coders(model, options)
-        return make
-
-    if args.command == "checkpoint":
-        if args.config:
-            log.info("--config %s is not needed: the model is built from the checkpoint",
-                     args.config)
-        stems = [_checkpoint_stem(path) for path in args.checkpoints]
-        return [Run(path, tag, build(lambda path=path: models.load_checkpoint(
-                    path, device, architecture=args.architecture)))
-                for path, tag in zip(args.checkpoints, _unique_tags(stems))]
-    return [Run(f"{args.architecture} q{q}", f"q{q}", build(lambda q=q: load_pretrained(
-                args.architecture, q, args.metric, device)))
-            for q in args.quality]
-
-
-def _checkpoint_stem(path: str) -> str:
-    """A checkpoint's name for file names: its file name without ``.pth``/``.tar``, or its
-    folder's name for the generic ``model.pth`` of a release folder."""
-    stem = re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(path))
-    if stem in ("model", "checkpoint", "checkpoint_best_loss", "checkpoint_last"):
-        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        return f"{folder}_{stem}" if stem.startswith("checkpoint") else folder
-    return stem
-
-
-def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
-    codec = get_codec(args.codec)
-    names.append(args.codec)
-    for quality in args.quality:
-        codec.scale.check(args.codec, quality)
-    return [Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: [ClassicalCoder(codec, q)])
-            for q in args.quality]
-
-
-def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
-    """Evaluate and return the results document (None on ranks other than 0)."""
-    cuda = getattr(args, "cuda", False)
-    device = select_device(cuda)
-    context = init_distributed(cuda)
-    device = context.device if cuda else device
-    dataset = resolve_dataset(args.dataset, args.datasets_config)
-    if args.output_dir:
-        _prepare_output_dir(args.output_dir)
-    paths = list_images(dataset.folder)
-    paths = paths[:args.max_images] if args.max_images else paths
-    names: List[str] = []
-    if args.command == "codec":
-        runs, patch_note = _codec_runs(args, names), ""
-    else:
-        patch = args.patch_size or PatchSpec(FOLDER_PATCH_SIZE if dataset.patch_size is None
-                                             else dataset.patch_size)
-        runs, patch_note = _learned_runs(args, device, patch, names), f", patch: {patch}"
-    rank, world = shard()
-    log.info("%s: %d images from %s, %d run(s)%s%s", dataset.name, len(paths), dataset.folder,
-             len(runs), patch_note, f", {world} processes" if world > 1 else "")
-
-    image_folder = os.path.join(args.output_dir, "reconstructions") if args.save_image else None
-    records, entries = evaluate(runs, paths, image_folder, progress=not args.no_progress)
-    if rank != 0:
-        return None
-    labels = [entry.label for entry in entries]
-    descriptions = [entry.description for entry in entries]
-    header = {
-        "name": "+".join(dict.fromkeys(names)),
-        "description": " | ".join(dict.fromkeys(descriptions)),
-        "meta": {"dataset": dataset.name, "folder": dataset.folder, "images": len(paths),
-                 "runs": labels, "device": device.type, "peak_memory": PeakMemory(device).kind,
-                 "psnr-b": "Yim & Bovik 2011, 8x8 blocks, mean over R, G, B (torchmetrics)",
-                 "psnr-b-y": "Yim & Bovik 2011, 8x8 blocks, BT.601 luma, the paper's border "
-                             "counts"},
-    }
-    document = dict(header, results=aggregate(records, labels))
-    if args.output_dir:
-        write_json(os.path.join(args.output_dir, "results.json"), document)
-        if args.per_image:
-            for stem, page in per_image_documents(records, paths, header).items():
-                write_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
-    return document
-
-
-def _prepare_output_dir(folder: str) -> None:
-    """Create ``-d OUTDIR`` (or accept an existing folder) before any coding, so that a
-    bad path fails in the first second rather than after the evaluation."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"-d {folder} exists and is not a folder")
-    os.makedirs(folder, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"-d {folder} is not writable")
-
-
-def run_plot(args: argparse.Namespace) -> dict:
-    labels = parse_labels(args.label, args.results)
-    curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
-    shown = plot_curves(curves, args.output, args.metrics, args.title)
-    log.info("wrote %s", args.output)
-    return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}
-
-
-def run_bdrate(args: argparse.Namespace) -> dict:
-    labels = parse_labels(args.label, [args.anchor, *args.results])
-    table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
-                          [load_curve(p, labels.get(p)) for p in args.results],
-                          args.metrics, args.interpolation)
-    text = format_table(table)
-    print(text, file=sys.stderr)
-    if args.output:
-        atomic_write_bytes(args.output, (text + "\n").encode())
-    return table
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    return run_main(lambda: _main(argv), "test.py")
-
-
-def _main(argv: Optional[List[str]]) -> int:
     try:
         args = parse_args(argv)
-        if args.command == "plot":
-            document = run_plot(args)
-        elif args.command == "bdrate":
-            document = run_bdrate(args)
-        elif args.command == "demo":
-            document = run_demo(args.models, args.images, args.output_dir,
-                                select_device(args.cuda), args.patch_size, log.info)
-            print(document["table"])
-            log.info("wrote %s/{results.json,rd.png,crops.png}", args.output_dir)
-            document = None
-        else:
-            document = run_evaluation(args)
-    except (ValueError, RuntimeError, OSError) as exc:
+    except ValueError as exc:
         print(f"test.py: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        cleanup()
-    if document is not None:
-        print(to_json(document))
-    return 0
+
+    def run() -> int:
+        from utils.evaluation import app  # PyTorch and the models load here, after the checks
+
+        return app.run(args)
+
+    return run_main(run, "test.py")
 
 
 if __name__ == "__main__":

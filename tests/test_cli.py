@@ -103,17 +103,28 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
     assert capsys.readouterr().err == "codec.py: interrupted\n"
 
 
-def test_help_and_argument_errors_come_back_before_pytorch_is_imported():
-    probe = ("import sys, codec\n"
-             "for argv in (['--help'], ['encode', 'only-one', '-p', 'x']):\n"
+@pytest.mark.parametrize("script, argvs", [
+    ("codec", "(['--help'], ['encode', 'only-one', '-p', 'x'])"),
+    ("test", "(['--help'], ['checkpoint', '--help'], ['codec', '--codec', 'none', '-q', '1'])"),
+])
+def test_help_and_argument_errors_come_back_before_pytorch_is_imported(script, argvs):
+    probe = (f"import sys, {script}\n"
+             f"for argv in {argvs}:\n"
              "    try:\n"
-             "        codec.parse_args(argv)\n"
+             f"        {script}.parse_args(argv)\n"
              "    except SystemExit:\n"
              "        pass\n"
              "print('torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_command_line_offers_exactly_the_implemented_names():
+    from utils.evaluation import choices, classical_codecs, demo
+
+    assert tuple(classical_codecs.CODECS) == choices.CODEC_NAMES
+    assert tuple(demo.DEMO_IMAGES) == choices.DEMO_IMAGE_NAMES
 
 
 def test_a_small_fixed_patch_is_warned_about(tmp_path, checkpoint, capsys):

@@ -155,7 +155,9 @@ def _bdrate_rows(argv: List[str]) -> Dict[str, Dict[str, float]]:
     test_script = script("test.py")
     args = test_script.parse_args([os.path.join(REPO, a) if a.startswith("assets/") else a
                                    for a in argv[1:]])
-    table = test_script.run_bdrate(args)
+    from utils.evaluation import app
+
+    table = app.run_bdrate(args)
     return {row["name"]: row["bd-rate"] for row in table["rows"]}
 
 

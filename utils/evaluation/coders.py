@@ -40,7 +40,6 @@ from utils.stitching.geometry import check_patch_size, model_geometry
 from utils.stitching.patches import pad_replicate
 from utils.stitching.spec import PatchSpec
 
-TILINGS = ("none", "naive", "pops")
 # Side multiple of the padded input of a forward pass without a container (the
 # largest stride product of the models here: g_a and h_a).
 FORWARD_MULTIPLE = 64

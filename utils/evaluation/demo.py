@@ -26,6 +26,7 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
+from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
@@ -33,9 +34,7 @@ from utils.evaluation.rd import Curve, plot_curves
 from utils.evaluation.runs import mean_over_images
 from utils.stitching.spec import PatchSpec
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
-DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "experiment", "demo")
 _CPU = torch.device("cpu")  # run_demo's default device
 JPEG_QUALITIES = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 METRIC_KEYS = ("bpp", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "encoding_time", "decoding_time")
@@ -53,7 +52,7 @@ def _skimage_photo(name: str) -> Callable[[], np.ndarray]:
 
 DEMO_IMAGES: Dict[str, Callable[[], np.ndarray]] = {
     name: _skimage_photo(name)
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
+    for name in DEMO_IMAGE_NAMES
 }
 
 
@@ -159,7 +158,7 @@ def _format_table(rows: List[tuple]) -> str:
 
 
 def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple(DEMO_IMAGES),
-             output_dir: str = DEFAULT_OUTPUT, device: torch.device = _CPU,
+             output_dir: str = DEMO_OUTPUT, device: torch.device = _CPU,
              patch_size: int = 128, log: Callable[[str], None] = print) -> dict:
     """Run the demo; return the results document (also written to ``results.json``)."""
     shipped = find_shipped_models(model_paths)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.atomic import atomic_write_bytes
+from utils.evaluation.choices import DATASETS_CONFIG, REPO_ROOT
 from utils.evaluation.coders import Coder
 from utils.evaluation.metrics import image_metrics
 from utils.image_io import read_image, write_png
@@ -39,8 +40,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".t
 RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
                "encoding_time", "decoding_time", "peak_memory_mb",
                "verification_peak_memory_mb", "layer")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DATASETS_CONFIG = os.path.join(REPO_ROOT, "configs", "datasets.yaml")
 
 
 @dataclass(frozen=True)

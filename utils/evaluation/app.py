@@ -1,0 +1,198 @@
+"""What ``test.py`` runs once its arguments are checked: evaluations, plots, BD-rate
+tables and the demo. Kept apart from the script so that ``test.py --help`` and argument
+errors come back before PyTorch loads."""
+
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import List, Optional
+
+import models
+from models.base import CodingPlan
+from utils.atomic import atomic_write_bytes
+from utils.device import select_device
+from utils.evaluation.classical_codecs import get_codec
+from utils.evaluation.coders import ClassicalCoder, LearnedOptions, learned_coders, load_pretrained
+from utils.evaluation.demo import run_demo
+from utils.evaluation.rd import (
+    bd_rate_table,
+    format_table,
+    load_curve,
+    load_curves,
+    parse_labels,
+    plot_curves,
+)
+from utils.evaluation.runs import (
+    Run,
+    aggregate,
+    evaluate,
+    list_images,
+    per_image_documents,
+    resolve_dataset,
+    shard,
+    to_json,
+    write_json,
+)
+from utils.memory import PeakMemory
+from utils.stitching.spec import PatchSpec
+from utils.training.distributed import cleanup, init_distributed
+
+log = logging.getLogger("cps.test")
+
+# Patch size for a dataset given as a folder (the paper's value for large images).
+FOLDER_PATCH_SIZE = 256
+
+
+def _unique_tags(tags: List[str]) -> List[str]:
+    safe = [re.sub(r"[^A-Za-z0-9._=-]+", "_", tag) for tag in tags]
+    return safe if len(set(safe)) == len(safe) else [f"run{i}" for i in range(len(tags))]
+
+
+def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
+                  names: List[str]) -> List[Run]:
+    plan = CodingPlan(patch=patch, batch_size=args.batch_size, budget_bytes=args.max_memory,
+                      order=args.entropy_coder_order, exact=not args.fast)
+    options = LearnedOptions(plan=plan, tiling=args.tiling,
+                             entropy_estimation=args.entropy_estimation, half=args.half,
+                             verify=args.verify)
+
+    def build(load):
+        def make():
+            model = load()
+            names.append(model.registry_name)
+            return learned_coders(model, options)
+        return make
+
+    if args.command == "checkpoint":
+        if args.config:
+            log.info("--config %s is not needed: the model is built from the checkpoint",
+                     args.config)
+        stems = [_checkpoint_stem(path) for path in args.checkpoints]
+        return [Run(path, tag, build(lambda path=path: models.load_checkpoint(
+                    path, device, architecture=args.architecture)))
+                for path, tag in zip(args.checkpoints, _unique_tags(stems))]
+    return [Run(f"{args.architecture} q{q}", f"q{q}", build(lambda q=q: load_pretrained(
+                args.architecture, q, args.metric, device)))
+            for q in args.quality]
+
+
+def _checkpoint_stem(path: str) -> str:
+    """A checkpoint's name for file names: its file name without ``.pth``/``.tar``, or its
+    folder's name for the generic ``model.pth`` of a release folder."""
+    stem = re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(path))
+    if stem in ("model", "checkpoint", "checkpoint_best_loss", "checkpoint_last"):
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        return f"{folder}_{stem}" if stem.startswith("checkpoint") else folder
+    return stem
+
+
+def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
+    codec = get_codec(args.codec)
+    names.append(args.codec)
+    for quality in args.quality:
+        codec.scale.check(args.codec, quality)
+    return [Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: [ClassicalCoder(codec, q)])
+            for q in args.quality]
+
+
+def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
+    """Evaluate and return the results document (None on ranks other than 0)."""
+    cuda = getattr(args, "cuda", False)
+    device = select_device(cuda)
+    context = init_distributed(cuda)
+    device = context.device if cuda else device
+    dataset = resolve_dataset(args.dataset, args.datasets_config)
+    if args.output_dir:
+        _prepare_output_dir(args.output_dir)
+    paths = list_images(dataset.folder)
+    paths = paths[:args.max_images] if args.max_images else paths
+    names: List[str] = []
+    if args.command == "codec":
+        runs, patch_note = _codec_runs(args, names), ""
+    else:
+        patch = args.patch_size or PatchSpec(FOLDER_PATCH_SIZE if dataset.patch_size is None
+                                             else dataset.patch_size)
+        runs, patch_note = _learned_runs(args, device, patch, names), f", patch: {patch}"
+    rank, world = shard()
+    log.info("%s: %d images from %s, %d run(s)%s%s", dataset.name, len(paths), dataset.folder,
+             len(runs), patch_note, f", {world} processes" if world > 1 else "")
+
+    image_folder = os.path.join(args.output_dir, "reconstructions") if args.save_image else None
+    records, entries = evaluate(runs, paths, image_folder, progress=not args.no_progress)
+    if rank != 0:
+        return None
+    labels = [entry.label for entry in entries]
+    descriptions = [entry.description for entry in entries]
+    header = {
+        "name": "+".join(dict.fromkeys(names)),
+        "description": " | ".join(dict.fromkeys(descriptions)),
+        "meta": {"dataset": dataset.name, "folder": dataset.folder, "images": len(paths),
+                 "runs": labels, "device": device.type, "peak_memory": PeakMemory(device).kind,
+                 "psnr-b": "Yim & Bovik 2011, 8x8 blocks, mean over R, G, B (torchmetrics)",
+                 "psnr-b-y": "Yim & Bovik 2011, 8x8 blocks, BT.601 luma, the paper's border "
+                             "counts"},
+    }
+    document = dict(header, results=aggregate(records, labels))
+    if args.output_dir:
+        write_json(os.path.join(args.output_dir, "results.json"), document)
+        if args.per_image:
+            for stem, page in per_image_documents(records, paths, header).items():
+                write_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
+    return document
+
+
+def _prepare_output_dir(folder: str) -> None:
+    """Create ``-d OUTDIR`` (or accept an existing folder) before any coding, so that a
+    bad path fails in the first second rather than after the evaluation."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"-d {folder} exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"-d {folder} is not writable")
+
+
+def run_plot(args: argparse.Namespace) -> dict:
+    labels = parse_labels(args.label, args.results)
+    curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
+    shown = plot_curves(curves, args.output, args.metrics, args.title)
+    log.info("wrote %s", args.output)
+    return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}
+
+
+def run_bdrate(args: argparse.Namespace) -> dict:
+    labels = parse_labels(args.label, [args.anchor, *args.results])
+    table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
+                          [load_curve(p, labels.get(p)) for p in args.results],
+                          args.metrics, args.interpolation)
+    text = format_table(table)
+    print(text, file=sys.stderr)
+    if args.output:
+        atomic_write_bytes(args.output, (text + "\n").encode())
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; print its JSON document on stdout. Returns the exit status."""
+    try:
+        if args.command == "plot":
+            document = run_plot(args)
+        elif args.command == "bdrate":
+            document = run_bdrate(args)
+        elif args.command == "demo":
+            document = run_demo(args.models, args.images, args.output_dir,
+                                select_device(args.cuda), args.patch_size, log.info)
+            print(document["table"])
+            log.info("wrote %s/{results.json,rd.png,crops.png}", args.output_dir)
+            document = None
+        else:
+            document = run_evaluation(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"test.py: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    if document is not None:
+        print(to_json(document))
+    return 0
