@@ -35,11 +35,7 @@ import warnings
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-import torch
-
-from utils.training import distributed
-from utils.training.config import load_config, parse_config, to_plain_dict
-from utils.training.state import LAST_NAME, stored_config
+from utils.training.config import LAST_NAME, load_config, parse_config, to_plain_dict
 
 
 def parse_args(argv):
@@ -69,6 +65,8 @@ def resolve_config(args):
     stored in the checkpoint; ``--set`` overrides apply on top of either.
     """
     if args.config is None:
+        from utils.training.state import stored_config  # reads a PyTorch checkpoint
+
         path = os.path.abspath(args.resume)
         cfg = load_config(None, args.overrides, base=stored_config(path),
                           source=f"{path} (stored config)")
@@ -97,6 +95,8 @@ def use_cuda(cfg) -> bool:
     The paper configs say ``cuda: true``; on a CPU-only machine they still run as
     written (slowly), and the stored config keeps ``cuda: true`` for the next resume.
     """
+    import torch
+
     if cfg.train_data.cuda and not torch.cuda.is_available():
         if os.environ.get("RANK") in (None, "0"):
             _log("train.py: warning: train_data.cuda is true but CUDA is not available on "
@@ -124,10 +124,11 @@ def main(argv=None) -> int:
         cuda = use_cuda(cfg)
         if cfg.train_params.training_mode == "acl":
             return _run_acl(cfg, cuda)
+        from utils.training import distributed
+        from utils.training.loop import Trainer
+
         ctx = distributed.init_distributed(cuda)
         try:
-            from utils.training.loop import Trainer
-
             return Trainer(cfg, ctx).fit()
         finally:
             distributed.cleanup()

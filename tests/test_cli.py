@@ -106,6 +106,7 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
 @pytest.mark.parametrize("script, argvs", [
     ("codec", "(['--help'], ['encode', 'only-one', '-p', 'x'])"),
     ("test", "(['--help'], ['checkpoint', '--help'], ['codec', '--codec', 'none', '-q', '1'])"),
+    ("train", "(['--help'], ['--set', 'x'])"),
 ])
 def test_help_and_argument_errors_come_back_before_pytorch_is_imported(script, argvs):
     probe = (f"import sys, {script}\n"
@@ -142,3 +143,14 @@ def test_the_budget_and_batch_flags_are_typed_once(tmp_path):
         is None
     with pytest.raises(SystemExit):
         codec.parse_args(["encode", "a", "b", "-p", "c", "--batch-size", "0"])
+
+
+def test_train_py_reports_config_errors_before_pytorch_is_imported():
+    probe = ("import sys, train\n"
+             "status = train.main(['--config', 'configs/cps_1_lambda00018.yaml',\n"
+             "                     '--set', 'train_params.N=5000'])\n"
+             "print(status, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["1", "False"]
+    assert "train_params.N" in result.stderr

@@ -46,8 +46,8 @@ from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap
 from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
 from utils.image_io import to_uint8, write_png
+from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
-from utils.training.state import LAST_NAME as STATE_NAME
 from utils.training.state import check_resume_entries, load_entry
 
 __all__ = ["count_threshold", "ACLState", "open_loop_loss", "closed_loop_loss",

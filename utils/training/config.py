@@ -31,6 +31,11 @@ from easydict import EasyDict
 from utils.training.schema import REQUIRED, SCHEMA, check_value
 from utils.yaml_io import load_yaml_file, load_yaml_text
 
+# The run's checkpoints in experiment_path: the latest (what --resume continues) and
+# the best on the validation loss. Named here, free of PyTorch, for the command line.
+LAST_NAME = "checkpoint.pth.tar"
+BEST_NAME = "checkpoint_best_loss.pth.tar"
+
 __all__ = ["SCHEMA", "load_config", "parse_config", "apply_overrides", "block_defaults",
            "rename_legacy_keys", "resolve_paths", "to_plain_dict"]
 

@@ -27,10 +27,14 @@ import models
 from datasets import CropImageFolder, EpochSampler
 from utils.training import distributed
 from utils.training.bad_images import UnusableImages
-from utils.training.config import parse_config, rename_legacy_keys, to_plain_dict
-from utils.training.state import (
+from utils.training.config import (
     BEST_NAME,
     LAST_NAME,
+    parse_config,
+    rename_legacy_keys,
+    to_plain_dict,
+)
+from utils.training.state import (
     TrainPosition,
     build_checkpoint,
     config_differences,

@@ -34,14 +34,12 @@ from torch import nn
 
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from utils.atomic import atomic_torch_save
-from utils.training.config import to_plain_dict
+from utils.training.config import LAST_NAME, to_plain_dict
 
-__all__ = ["LAST_NAME", "BEST_NAME", "TrainPosition", "build_checkpoint", "save_checkpoint",
+__all__ = ["TrainPosition", "build_checkpoint", "save_checkpoint",
            "read_resume_checkpoint", "check_resume_entries", "stored_config", "load_entry",
            "restore", "init_weights_from", "config_differences"]
 
-LAST_NAME = "checkpoint.pth.tar"
-BEST_NAME = "checkpoint_best_loss.pth.tar"
 RNG_SCHEME = "crops: EpochSampler(seed, epoch); noise: step_seed(seed, step, rank)"
 
 
