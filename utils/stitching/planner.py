@@ -267,4 +267,8 @@ def check_whole_image_fits(model: nn.Module, device: torch.device, budget_bytes:
     padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
     cost = _forward_cost(model, device)
     needed = memory_in_use(device) + cost.batch_bytes(1, padded, 1)
-    check_fits(needed, budget_bytes, f"{model.registry_name} coding of a {width}x{height} image")
+    if needed > budget_bytes:
+        raise ValueError(f"memory budget {format_memory(budget_bytes)} is too small for "
+                         f"{model.registry_name} coding of a {width}x{height} image, which it "
+                         f"codes whole: it needs about {format_memory(needed)}; raise "
+                         f"--max-memory, or give none")
