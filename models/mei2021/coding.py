@@ -1,17 +1,17 @@
 """Layered bitstreams of the Mei et al. 2021 models: one stream per layer, in one container.
 
-:func:`encode_layers` pads the image (replicate) to a multiple of the model's
+:func:`encode` pads the image (replicate) to a multiple of the model's
 :attr:`downsampling_factor`, then codes the base latent and each enhancement
 residual with that layer's factorized prior (CompressAI ``EntropyBottleneck``, rANS).
-:func:`decode_layers` decodes layers 0..upto-1 from the streams of those layers only
-and crops every reconstruction to its layer's size (the image size for quality
-models, the pyramid level size ``ceil(H/2^j) x ceil(W/2^j)`` for spatial ones).
-The encoder predicts from exactly the values the decoder rebuilds (the shared
-``_run_layers`` loop), both run with the codec's deterministic convolution settings
-(``utils.stitching.transforms.transform_mode``: on CUDA, cuDNN's default transposed convolutions
-are not bit-reproducible from call to call, which made the encoder's and the
-decoder's predictions differ), and the container stores a CRC of every decoded latent
-so a decoder that does not reproduce them fails loudly instead of drifting.
+:func:`decode` decodes layers 0..K-1 from the streams of those layers only and crops
+layer K-1's reconstruction to its size (the image size for quality models, the
+pyramid level size ``ceil(H/2^j) x ceil(W/2^j)`` for spatial ones). The encoder
+predicts from exactly the values the decoder rebuilds (the shared ``_run_layers``
+loop), both run with the codec's deterministic convolution settings
+(``utils.stitching.transforms.transform_mode``: on CUDA, cuDNN's default transposed
+convolutions are not bit-reproducible from call to call, which made the encoder's and
+the decoder's predictions differ), and the container stores a CRC of every decoded
+latent so a decoder that does not reproduce them fails loudly instead of drifting.
 
 The payload is a :class:`~utils.coding.container.LayeredImage`, written as a
 ``.cpsl`` file by ``utils/coding/container.py``.
