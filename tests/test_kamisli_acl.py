@@ -206,3 +206,21 @@ def test_closed_loop_validation_equals_block_by_block_recursion():
     # tiles: a 2x2-block tile sees mid-grey outside itself, so tiling changes the result
     tiled = model.closed_loop(x, tile_blocks=2, context_bits=8)
     assert tiled["x_hat"].shape == x.shape and not torch.allclose(tiled["x_hat"], fast["x_hat"])
+
+
+def test_a_broken_training_image_is_skipped_with_a_warning_and_too_many_stop_the_run(tmp_path):
+    cfg = config(tmp_path)
+    broken = os.path.join(cfg["train_data"]["data_path"], "train", "img9.png")
+    with open(broken, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n truncated")
+    cfg["train_data"]["max_bad_fraction"] = 0.25
+    log = []
+    run_acl(cfg, torch.device("cpu"), log.append)
+    warnings = [line for line in log if line.startswith("warning: skipping")]
+    assert len(warnings) == 1 and "img9.png" in warnings[0] and "1 of 5" in warnings[0]
+    assert len(os.listdir(os.path.join(cfg["train_data"]["experiment_path"], "acl",
+                                       "contexts_1", "train"))) == 4
+    cfg["train_data"]["max_bad_fraction"] = 0.1
+    cfg["train_data"]["experiment_path"] = str(tmp_path / "exp2")
+    with pytest.raises(RuntimeError, match="1 of 5 train images are unusable"):
+        run_acl(cfg, torch.device("cpu"), log.append)

@@ -46,6 +46,7 @@ from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap
 from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
 from utils.image_io import to_uint8, write_png
+from utils.training.bad_images import usable_images
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.state import check_resume_entries, load_entry
@@ -195,11 +196,15 @@ class _Run:
                              f"lr_schedule.type is {self.plateau['type']!r}")
         self.criterion = self.model.default_loss(params["lmbda"], params["distortion_metric"])
         validation = settings.validation_path or os.path.join(data["data_path"], "test")
-        self.originals = {
-            "train": [str(p) for p in list_split(data["data_path"], "train").samples],
-            "val": [str(p) for p in list_split(os.path.dirname(os.path.abspath(validation)),
-                                               os.path.basename(os.path.abspath(validation))).samples],
+        listed = {
+            "train": list_split(data["data_path"], "train").samples,
+            "val": list_split(os.path.dirname(os.path.abspath(validation)),
+                              os.path.basename(os.path.abspath(validation))).samples,
         }
+        self.originals = {
+            split: usable_images([str(p) for p in paths], split, data["max_bad_fraction"],
+                                 data["max_image_pixels"], log)
+            for split, paths in listed.items()}
         log(f"acl: {len(self.originals['train'])} training images; validation and model "
             f"selection on {os.path.abspath(validation)} ({len(self.originals['val'])} images)")
 

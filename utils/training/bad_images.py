@@ -7,13 +7,14 @@ error once more than ``train_data.max_bad_fraction`` of a split has proved unusa
 a few broken files in a large folder are noise, many mean a wrong or damaged folder.
 """
 
-from typing import Callable, Set
+from typing import Callable, List, Optional, Sequence, Set
 
 from torch import Tensor
 
 from datasets import CropImageFolder
+from datasets.image_folder import UnreadableImage, open_rgb
 
-__all__ = ["UnusableImages"]
+__all__ = ["UnusableImages", "usable_images"]
 
 
 class UnusableImages:
@@ -54,3 +55,26 @@ class UnusableImages:
                 f"{self.count} of {total} {self.split} images are unusable, more than "
                 f"train_data.max_bad_fraction={self.max_fraction:g}; the last: {path} "
                 f"({reason}); repair the folder or raise train_data.max_bad_fraction")
+
+
+def usable_images(paths: Sequence[str], split: str, max_fraction: float,
+                  max_pixels: Optional[int], log: Callable[[str], None]) -> List[str]:
+    """The images of ``paths`` that decode, checked once up front (for the ACL runs, whose
+    originals and context images must stay paired): one warning per unusable image,
+    and a one-line error past ``max_fraction`` of them, as :class:`UnusableImages`."""
+    kept, unusable = [], 0
+    for path in paths:
+        try:
+            open_rgb(path, max_pixels).close()
+        except UnreadableImage as exc:
+            unusable += 1
+            log(f"warning: skipping {split} image {path} ({exc}); {unusable} of {len(paths)} "
+                f"unusable so far")
+            if unusable > max_fraction * len(paths):
+                raise RuntimeError(
+                    f"{unusable} of {len(paths)} {split} images are unusable, more than "
+                    f"train_data.max_bad_fraction={max_fraction:g}; the last: {path} ({exc}); "
+                    f"repair the folder or raise train_data.max_bad_fraction") from None
+            continue
+        kept.append(path)
+    return kept
