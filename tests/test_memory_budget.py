@@ -116,6 +116,7 @@ def large_case():
     return model, image, data, whole
 
 
+@pytest.mark.slow  # a large image or a whole demo run
 def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, monkeypatch):
     model, image, data, whole = large_case
     plans = []
@@ -160,6 +161,7 @@ def test_verification_decodes_within_the_same_budget_with_another_plan(large_cas
     assert coded.verification_peak_mb * MB <= budget * 1.05
 
 
+@pytest.mark.slow  # a large image or a whole demo run
 def test_decoder_output_is_stored_ready_for_a_png_writer(large_case):
     model, _, data, whole = large_case
     assert whole.permute(1, 2, 0).is_contiguous()

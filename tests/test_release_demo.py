@@ -86,6 +86,7 @@ def test_crop_window_sits_on_a_tile_corner_inside_the_image():
     assert _crop_window(100, 100, 128, 100) == (0, 0)
 
 
+@pytest.mark.slow  # a large image or a whole demo run
 def test_demo_writes_table_plots_and_results(tmp_path, release, capsys):
     output = tmp_path / "demo"
     status = test_cli.main(["demo", "--models", str(release), "--images", "chelsea",
