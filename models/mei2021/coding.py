@@ -57,12 +57,10 @@ def _padded_size(model: nn.Module, height: int, width: int):
 def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     """Code a uint8 (3, H, W) image into one stream per layer of ``model``, keeping
     the first ``plan.layers`` of them (all for 0)."""
-    check_image(image)
-    check_whole_image_fits(model, model_device(model), plan.budget_bytes, *image.shape[1:])
-    layered = encode_latents(model, image)[0]
     if plan.layers > model.num_layers:
         raise ValueError(f"cannot keep {plan.layers} layers: {model.registry_name} has "
                          f"{model.num_layers}")
+    layered = encode_latents(model, image, plan.budget_bytes)[0]
     if plan.layers:
         layered.streams = layered.streams[:plan.layers]
         layered.y_hat_crcs = layered.y_hat_crcs[:plan.layers]
@@ -70,17 +68,19 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     return layered
 
 
-def encode_latents(model: nn.Module, image: Tensor):
+def encode_latents(model: nn.Module, image: Tensor, budget_bytes: Optional[int] = None):
     """All layers' payload, and the encoder's per-layer outputs.
 
     The second value holds the lists ``x_hat``, ``y_hat`` and ``prediction`` (None for
     the base) of the encoder's own reconstruction loop, for comparison with
-    :func:`decode_latents`.
+    :func:`decode_latents`. With ``budget_bytes``, an image whose coding would break
+    it is refused before any work.
     """
     _check_model(model)
     check_image(image)
     height, width = image.shape[1:]
     device = model_device(model)
+    check_whole_image_fits(model, device, budget_bytes, height, width)
     x = to_unit_float(pad_replicate(image, model.downsampling_factor).to(device))[None]
     streams, estimated = [], []
 
@@ -101,11 +101,13 @@ def encode_latents(model: nn.Module, image: Tensor):
     return layered, out
 
 
-def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] = None) -> dict:
+def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] = None,
+                   budget_bytes: Optional[int] = None) -> dict:
     """Decode layers 0..upto-1 and return the model's per-layer outputs (uncropped).
 
     Only ``layered.streams[:upto]`` is read. Raises :class:`BitstreamError` when the
-    streams belong to another model or a decoded latent differs from the encoder's.
+    streams belong to another model or a decoded latent differs from the encoder's;
+    with ``budget_bytes``, the header's size is checked against it before any work.
     """
     _check_model(model)
     stored = len(layered.streams)
@@ -118,6 +120,7 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
         raise BitstreamError(f"the file says the model has {layered.total_layers} layers; "
                              f"this one has {model.num_layers}")
     device = model_device(model)
+    check_whole_image_fits(model, device, budget_bytes, layered.height, layered.width)
 
     def code(k, _value, latent_size):
         entropy_model = model.entropy_bottlenecks[k]
@@ -146,10 +149,7 @@ def decode(model: nn.Module, layered: LayeredImage, plan: CodingPlan) -> Tensor:
     if plan.layers > stored:
         raise ValueError(f"the file holds {stored} layers; cannot decode layer {plan.layers}")
     upto = plan.layers or stored
-    check_model(layered, model)
-    check_whole_image_fits(model, model_device(model), plan.budget_bytes, layered.height,
-                           layered.width)
-    x_hat = decode_latents(model, layered, upto)["x_hat"][-1]
+    x_hat = decode_latents(model, layered, upto, plan.budget_bytes)["x_hat"][-1]
     height, width = layer_sizes(model, layered.height, layered.width)[upto - 1]
     return to_uint8(x_hat[0, :, :height, :width]).cpu()
 
