@@ -116,17 +116,28 @@ def large_case():
     return model, image, data, whole
 
 
-@pytest.mark.slow  # a large image or a whole demo run
-def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, monkeypatch):
-    model, image, data, whole = large_case
-    plans = []
+@pytest.fixture
+def record_plans(monkeypatch):
+    """A function that starts recording every patch plan the planner chooses, into the
+    list it returns."""
     planner = utils.stitching.planner.choose_patches
 
-    def recording_planner(*args, **kwargs):
-        plans.append(planner(*args, **kwargs))
-        return plans[-1]
+    def start():
+        plans = []
 
-    monkeypatch.setattr(utils.stitching.planner, "choose_patches", recording_planner)
+        def recording_planner(*args, **kwargs):
+            plans.append(planner(*args, **kwargs))
+            return plans[-1]
+
+        monkeypatch.setattr(utils.stitching.planner, "choose_patches", recording_planner)
+        return plans
+    return start
+
+
+@pytest.mark.slow  # a large image or a whole demo run
+def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, record_plans):
+    model, image, data, whole = large_case
+    plans = record_plans()
     budget = memory_in_use(torch.device("cpu")) + 160 * MB
     assert pack(model.encode(image, CodingPlan(budget_bytes=budget))) == data
     decoded = model.decode(unpack(data), CodingPlan(budget_bytes=budget))
@@ -137,21 +148,15 @@ def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, 
 
 
 @pytest.mark.slow  # an end-to-end run in a fresh process or a large image
-def test_verification_decodes_within_the_same_budget_with_another_plan(large_case, monkeypatch):
+def test_verification_decodes_within_the_same_budget_with_another_plan(large_case,
+                                                                        record_plans):
     """``--verify`` on an image whose whole-image decode does not fit the budget: both
     decodes stay within it, tile differently, and their peaks are reported apart."""
     model, image, data, whole = large_case
-    plans = []
-    planner = utils.stitching.planner.choose_patches
-
-    def recording_planner(*args, **kwargs):
-        plans.append(planner(*args, **kwargs))
-        return plans[-1]
-
     budget = memory_in_use(torch.device("cpu")) + 160 * MB
     with pytest.raises(ValueError, match="too small for the synthesis"):
         model.decode(unpack(data), CodingPlan(patch=PatchSpec(0), budget_bytes=budget))
-    monkeypatch.setattr(utils.stitching.planner, "choose_patches", recording_planner)
+    plans = record_plans()
     coder = ModelCoder(model, CodingPlan(budget_bytes=budget), verify=True)
     coded = coder.code(image)
     assert torch.equal(coded.reconstruction, whole)
