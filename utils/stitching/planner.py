@@ -21,7 +21,7 @@ one model: the measured costs, the memory held, and the plans.
 
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -219,19 +219,28 @@ class Planner:
             side = CALIBRATION_PATCH // self.geometry.scale
             shape, dtype = (1, self.model.M, side, side), torch.float32
         prepare = input_preparation(direction, self.device)
-        return_freed_memory()
-        before = memory_in_use(self.device)
-        meter = PeakMemory(self.device)
-        if not meter.resettable:
-            raise ValueError(f"a memory budget needs to reset the process's peak memory through "
-                             f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
-        with meter, transform_mode(self.device, self.exact):
-            output = transform(prepare(torch.zeros(shape, dtype=dtype, device=self.device)))
-            if direction == "synthesis":
-                to_uint8(output)
-            del output
-        return_freed_memory()
-        return TransformCost(max(meter.peak_bytes - before, 0) / CALIBRATION_PATCH ** 2)
+
+        def run() -> None:
+            with transform_mode(self.device, self.exact):
+                output = transform(prepare(torch.zeros(shape, dtype=dtype, device=self.device)))
+                if direction == "synthesis":
+                    to_uint8(output)
+
+        return TransformCost(_peak_added(self.device, run) / CALIBRATION_PATCH ** 2)
+
+
+def _peak_added(device: torch.device, run: Callable[[], None]) -> int:
+    """Bytes ``run()`` adds to the peak of what the budget counts (its result freed)."""
+    return_freed_memory()
+    before = memory_in_use(device)
+    meter = PeakMemory(device)
+    if not meter.resettable:
+        raise ValueError(f"a memory budget needs to reset the process's peak memory through "
+                         f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
+    with meter:
+        run()
+    return_freed_memory()
+    return max(meter.peak_bytes - before, 0)
 
 
 def _forward_cost(model: nn.Module, device: torch.device) -> TransformCost:
@@ -242,16 +251,12 @@ def _forward_cost(model: nn.Module, device: torch.device) -> TransformCost:
     if key not in costs:
         factor = model.downsampling_factor
         side = factor * -(-CALIBRATION_PATCH // 2 // factor)
-        return_freed_memory()
-        before = memory_in_use(device)
-        meter = PeakMemory(device)
-        if not meter.resettable:
-            raise ValueError(f"a memory budget needs to reset the process's peak memory through "
-                             f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
-        with meter, torch.inference_mode():
-            model(torch.zeros(1, 3, side, side, device=device))
-        return_freed_memory()
-        costs[key] = TransformCost(max(meter.peak_bytes - before, 0) / side ** 2)
+
+        def run() -> None:
+            with torch.inference_mode():
+                model(torch.zeros(1, 3, side, side, device=device))
+
+        costs[key] = TransformCost(_peak_added(device, run) / side ** 2)
     return costs[key]
 
 
