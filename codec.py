@@ -151,10 +151,11 @@ def _peak_note(args: argparse.Namespace) -> str:
 
     from utils.memory import format_memory, proc_status_kb
 
+    peak_kb = None if args.cuda else proc_status_kb("VmHWM")
     if args.cuda:
         peak = torch.cuda.max_memory_allocated()
-    elif proc_status_kb("VmHWM") is not None:
-        peak = proc_status_kb("VmHWM") * 1024
+    elif peak_kb is not None:
+        peak = peak_kb * 1024
     else:
         return ""
     budget = format_memory(args.max_memory) if args.max_memory else "none"
