@@ -58,6 +58,7 @@ increasing row, channels innermost; one rANS stream for the whole latent.
 """
 
 import contextlib
+import copy
 import os
 import struct
 import time
@@ -253,7 +254,10 @@ class ContextCoder:
         self.pipeline = pipeline
         self.last_pipelined: Optional[bool] = None  # what the last encode/decode did
         context = model.context_prediction
-        self.conditional = conditional = model.gaussian_conditional
+        conditional = model.gaussian_conditional
+        if conditional.scale_table.device.type != "cpu":  # its bit estimate runs on the CPU
+            conditional = copy.deepcopy(conditional).cpu()
+        self.conditional = conditional
         if conditional.quantized_cdf.numel() == 0:
             raise RuntimeError("the model's entropy tables are empty: call model.update() first")
         self.order = order
