@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -135,7 +136,7 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
     model = synthetic_model(args.N, seed=0).to(device)
     transform_seconds = [0.0]
     plans = []
-    run_patchwise, plan = codec.run_patchwise, planner.choose_patches
+    run_patchwise, choose_patches = codec.run_patchwise, planner.choose_patches
 
     def timed_run_patchwise(*run_args, **kwargs):
         start = time.perf_counter()
@@ -146,22 +147,26 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
         return result
 
     def recorded_plan(*plan_args, **kwargs):
-        plans.append(plan(*plan_args, **kwargs))
+        plans.append(choose_patches(*plan_args, **kwargs))
         return plans[-1]
 
-    codec.run_patchwise, planner.choose_patches = timed_run_patchwise, recorded_plan
     budget = parse_memory(args.max_memory) if method == "cps-budget" else None
-    plan = CodingPlan(patch=PatchSpec(None if method == "cps-budget" else 0), budget_bytes=budget)
-    start = time.perf_counter()
-    data = pack(model.encode(image, plan))
-    middle = time.perf_counter()
-    decoded = model.decode(unpack(data), plan)
+    coding_plan = CodingPlan(patch=PatchSpec(None if method == "cps-budget" else 0),
+                             budget_bytes=budget)
+    with mock.patch.object(codec, "run_patchwise", timed_run_patchwise), \
+            mock.patch.object(planner, "choose_patches", recorded_plan):
+        start = time.perf_counter()
+        data = pack(model.encode(image, coding_plan))
+        middle = time.perf_counter()
+        decoded = model.decode(unpack(data), coding_plan)
     end = time.perf_counter()
     assert decoded.shape == image.shape
-    return {"encode_s": middle - start, "decode_s": end - middle,
-            "transform_s": transform_seconds[0], "bytes": len(data),
-            "patch_sizes": [list(plan.patch_size) for plan in plans] or [[0, 0], [0, 0]],
-            "batch_sizes": [plan.batch_size for plan in plans] or [8, 8]}
+    timings = {"encode_s": middle - start, "decode_s": end - middle,
+               "transform_s": transform_seconds[0], "bytes": len(data)}
+    if budget is None:  # no planning: one whole-image patch each way, batch 8
+        return {**timings, "patch_sizes": [[0, 0], [0, 0]], "batch_sizes": [8, 8]}
+    return {**timings, "patch_sizes": [list(plan.patch_size) for plan in plans],
+            "batch_sizes": [plan.batch_size for plan in plans]}
 
 
 def run_authors_cps(image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
