@@ -172,6 +172,43 @@ def test_nonfinite_loss_skips_the_update_and_a_streak_aborts():
         step(bad, 5)
 
 
+def test_cuda_graph_option_changes_nothing_on_the_cpu():
+    batches = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+               for i in range(5)]
+    runs = []
+    for cuda_graph in (False, True):
+        model, step = make_step(cuda_graph=cuda_graph)
+        runs.append(([step(x, i) for i, x in enumerate(batches)], model.state_dict()))
+        assert not step.graph_captured
+    assert runs[0][0] == runs[1][0]
+    assert_same_tensors(runs[0][1], runs[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_follow_the_eager_steps_and_still_skip_nonfinite_batches():
+    """After the eager warm-up steps the step is replayed; the replayed steps train
+    like eager ones (same seeds, so the same noise), and a NaN batch still skips the
+    update without disturbing the captured gradients."""
+    batches = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)).cuda()
+               for i in range(8)]
+    losses, weights = [], []
+    for cuda_graph in (False, True):
+        model, step = make_step(cuda_graph=cuda_graph)
+        model.cuda()
+        losses.append([step(x, i)["loss"] for i, x in enumerate(batches)])
+        assert step.graph_captured == cuda_graph
+        weights.append(model.g_s[-1].conv.weight.detach().clone())
+        if cuda_graph:
+            before = model.g_s[-1].conv.weight.detach().clone()
+            with pytest.warns(RuntimeWarning, match="non-finite"):
+                assert step(torch.full_like(batches[0], float("nan")), 8)["skipped"] == 1.0
+            assert torch.equal(model.g_s[-1].conv.weight, before)
+            assert step(batches[0], 9)["skipped"] == 0.0
+            assert not torch.equal(model.g_s[-1].conv.weight, before)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert torch.allclose(weights[0], weights[1], rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("options, side", [
     ({"amp": True}, 64), ({"channels_last": True}, 64),
     ({"metric": "ms-ssim", "lmbda": 3.0}, 192),  # 5 MS-SSIM scales need >= 161 px
@@ -395,3 +432,40 @@ def test_tampered_resume_checkpoints_are_one_line_errors_naming_the_entry(
         assert err[0].startswith(f"train.py: error: cannot resume from {ckpt}: ")
         if key != "config" or argv[0] == "--config":
             assert message in err[0]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_capturable_entropy_bottleneck_computes_what_compressai_computes(training):
+    """Same values as CompressAI's forward (same noise), and no tensor built from
+    host data on the way, which is what made CUDA graph capture fail."""
+    from compressai.entropy_models import EntropyBottleneck
+
+    from models.cps.layers import CapturableEntropyBottleneck
+
+    torch.manual_seed(0)
+    reference = EntropyBottleneck(6).train(training)
+    capturable = CapturableEntropyBottleneck(6).train(training)
+    capturable.load_state_dict(reference.state_dict())
+    z = torch.randn(2, 6, 5, 7) * 3
+    torch.manual_seed(1)
+    expected = reference(z)
+    torch.manual_seed(1)
+    original_tensor = torch.tensor
+    try:
+        torch.tensor = None  # any call fails
+        got = capturable(z)
+    finally:
+        torch.tensor = original_tensor
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_seeded_cps_model_keeps_the_bottleneck_values_compressai_drew():
+    """The capturable bottleneck takes over the values CompressAI's drew first in the
+    model's construction, so seeded models (and their fingerprints) are unchanged."""
+    from compressai.entropy_models import EntropyBottleneck
+
+    torch.manual_seed(3)
+    model = models.build_model("cps", N=8)
+    torch.manual_seed(3)
+    drawn_first = EntropyBottleneck(8)
+    assert_same_tensors(model.entropy_bottleneck.state_dict(), drawn_first.state_dict())

@@ -11,6 +11,9 @@ Module and attribute names follow the authors' checkpoints key for key, so their
 published weights load without renaming.
 """
 
+from typing import Optional, Tuple
+
+from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import GDN, MaskedConv2d
 from torch import Tensor, nn
 
@@ -100,3 +103,29 @@ class CausalConv2d(MaskedConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class CapturableEntropyBottleneck(EntropyBottleneck):
+    """CompressAI's ``EntropyBottleneck`` with a forward pass a CUDA graph can capture.
+
+    CompressAI 1.2.8 builds the axis permutation of ``forward`` as a tensor on the
+    input's device: a host-to-device copy, then a read-back per axis when it is
+    used, both of which stop CUDA graph capture (``TrainStep(cuda_graph=True)``).
+    This forward computes the same values with the permutation as plain integers.
+    Parameters, buffers, coding and the auxiliary loss are inherited unchanged.
+    """
+
+    def forward(self, x: Tensor, training: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+        if training is None:
+            training = self.training
+        swap = (1, 0, *range(2, x.dim()))  # (B, C, ...) <-> (C, B, ...); its own inverse
+        channels_first = x.permute(*swap).contiguous()
+        shape = channels_first.shape
+        values = channels_first.reshape(shape[0], 1, -1)
+        mode = "noise" if training else "dequantize"
+        outputs = self.quantize(values, mode, self._get_medians())
+        likelihood = self._likelihood(outputs)[0]
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+        return (outputs.reshape(shape).permute(*swap).contiguous(),
+                likelihood.reshape(shape).permute(*swap).contiguous())

@@ -23,13 +23,14 @@ contract (:meth:`CPS.encode` / :meth:`CPS.decode`, implemented in
 ``models/cps/coding.py``); CompressAI's ``compress``/``decompress`` are refused.
 """
 
+import torch
 from compressai.models import JointAutoregressiveHierarchicalPriors
 from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec
 from models.checkpoint import load_state_dict_into
 from models.cps import coding
-from models.cps.layers import BRB, EDRB, EURB, CausalConv2d
+from models.cps.layers import BRB, EDRB, EURB, CapturableEntropyBottleneck, CausalConv2d
 from models.registry import register_model
 
 # Kernel sizes of the bottleneck residual blocks: the paper's 3 and the ablation's 1.
@@ -55,6 +56,12 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
             raise ValueError(f"brb_kernel_size must be one of {BRB_KERNEL_SIZES}, "
                              f"got {brb_kernel_size!r}")
         super().__init__(N=N, M=N)
+        # Built on a side RNG and given the original's initial values, so that the
+        # weights drawn below (and every seeded model) stay as they were.
+        with torch.random.fork_rng(devices=[]):
+            bottleneck = CapturableEntropyBottleneck(N)
+        bottleneck.load_state_dict(self.entropy_bottleneck.state_dict())
+        self.entropy_bottleneck = bottleneck
         self.brb_kernel_size = k = brb_kernel_size
         self.g_a = nn.Sequential(
             EDRB(3, N),

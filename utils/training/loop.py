@@ -128,7 +128,8 @@ class Trainer:
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
                               self.aux_optimizer, tp.clip_max_norm, tp.amp, tp.channels_last,
-                              tp.max_nonfinite_steps, tp.seed, ctx.rank)
+                              tp.max_nonfinite_steps, tp.seed, ctx.rank,
+                              cuda_graph=tp.cuda_graphs and ctx.world_size == 1)
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
         if ctx.is_main:  # only now: a refused run leaves no empty folder behind
             os.makedirs(self.exp, exist_ok=True)

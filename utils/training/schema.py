@@ -115,6 +115,8 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
                                     doc="consecutive non-finite steps before the run stops"),
         "amp": _Key(bool, False, doc="bfloat16 autocast for the forward pass"),
         "channels_last": _Key(bool, False, doc="channels-last memory format"),
+        "cuda_graphs": _Key(bool, False, doc="replay each step as a CUDA graph (one GPU; "
+                                             "ignored on the CPU)"),
         "training_mode": _Key(str, "open_loop", choices=("open_loop", "acl"),
                               doc="acl: asymptotic closed-loop training (kamisli2024)"),
     },
