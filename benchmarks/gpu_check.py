@@ -10,16 +10,21 @@ table as in ``benchmarks/entropy_coding.py``):
 
 1. ``evaluate``: ``test.py checkpoint --cuda`` on the first 3 Kodak images with
    ``--patch-size 128`` and with ``--patch-size auto``;
-2. ``cross_device``: ``codec.py`` encodes one Kodak image on CUDA and on the CPU and
-   decodes each file on both; a decode on the other device must write the same PNG
-   as on the encoder's, or refuse the file on the latent CRC (never differ silently);
+2. ``cross_device``: ``codec.py`` encodes one Kodak image on CUDA and on the CPU
+   (the two files must be byte-identical) and decodes each file on both. A decode on
+   the other device either rebuilds the same latent (its CRC is checked), so that its
+   pixels differ from the encoder device's by at most
+   :data:`CROSS_DEVICE_TOLERANCE` (float rounding in ``g_s``), or refuses the file on
+   the latent CRC: never a silent difference;
 3. ``memory_8k``: ``benchmarks/memory_scaling.py`` codes a 7680x4320 image on CUDA
    under ``--max-memory 2GB``; the peak ``max_memory_allocated`` must stay within it;
 4. ``wavefront``: ``benchmarks/entropy_coding.py`` times the wavefront context coder
    on the latents of 1920x1080 and 7680x4320 images;
 5. ``training``: ``benchmarks/train_throughput.py --cuda`` runs 200 steps of the
    CompressAI example loop, of ``train.py``'s step and of that step with bfloat16
-   autocast and channels_last, in images/s.
+   autocast and channels_last, each also replayed as a CUDA graph, in images/s; it
+   passes when the graph-replayed step reaches :data:`TRAINING_TARGETS` (1.0x the
+   example in float32, 1.3x with both options).
 
 The checks share a time budget (``--budget-s``, default 470 s, so that the whole
 run stays under 8 minutes); a check that would start past it is reported as
@@ -53,11 +58,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.results_io import LOCAL_DIR, write_json
+from utils.atomic import atomic_write_bytes
 
 DEFAULT_OUTPUT_DIR = os.path.join(LOCAL_DIR, "gpu_check")
 KODAK_IMAGES = 3
 BUDGET = "2GB"
 TRAIN_STEPS = 200
+# The synthesis transform's float arithmetic differs between a GPU and a CPU, so a
+# pixel may round to the neighbouring level; the latent itself must be identical.
+CROSS_DEVICE_TOLERANCE = 1
+CHECKS = ("evaluate", "cross_device", "memory_8k", "wavefront", "training")
+# Throughput that train.py's step must reach against CompressAI's example loop.
+TRAINING_TARGETS = {"train_py_cuda_graph": 1.0, "train_py_bf16_channels_last_cuda_graph": 1.3}
 
 
 @dataclass
@@ -82,6 +94,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                            "temporary folder, removed afterwards)")
     parser.add_argument("--budget-s", type=float, default=470.0,
                         help="time for all checks together (default: %(default)s)")
+    parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS),
+                        metavar="CHECK", help=f"run only these ({', '.join(CHECKS)}; "
+                                              "default: all)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every command on the CPU without running it")
     args = parser.parse_args(argv)
@@ -132,6 +147,16 @@ def evaluate_step(work: str, weights: str, kodak: str) -> Step:
                             "--patch-size 128 and auto", commands, 150, summarise)
 
 
+def _pixel_difference(path: str, reference: str):
+    """Largest absolute difference of two 8-bit images, and the share of values that differ."""
+    import numpy
+    from PIL import Image
+
+    first, second = (numpy.asarray(Image.open(p), dtype=numpy.int16) for p in (path, reference))
+    difference = numpy.abs(first - second)
+    return int(difference.max()), float((difference > 0).mean())
+
+
 def cross_device_step(work: str, weights: str, image: str) -> Step:
     files = {device: os.path.join(work, f"encoded_{device}.cps") for device in ("cuda", "cpu")}
     flags = {"cuda": ["--cuda"], "cpu": []}
@@ -144,7 +169,7 @@ def cross_device_step(work: str, weights: str, image: str) -> Step:
 
     def summarise(results):
         figures = {"same_file_from_both_encoders": _sha256(files["cuda"]) == _sha256(files["cpu"])}
-        status = "pass"
+        status = "pass" if figures["same_file_from_both_encoders"] else "fail"
         for (encoder, decoder), result in zip(decodes, results[2:]):
             key = f"{encoder}_to_{decoder}"
             if result.returncode != 0:
@@ -153,17 +178,20 @@ def cross_device_step(work: str, weights: str, image: str) -> Step:
                 if not refused or encoder == decoder:
                     status = "fail"
             elif encoder != decoder:
-                same = _sha256(os.path.join(work, f"{encoder}_to_{decoder}.png")) == _sha256(
+                largest, share = _pixel_difference(
+                    os.path.join(work, f"{encoder}_to_{decoder}.png"),
                     os.path.join(work, f"{encoder}_to_{encoder}.png"))
-                figures[key] = "identical" if same else "DIFFERENT PIXELS"
-                status = status if same else "fail"
+                figures[key] = {"max_abs_diff": largest, "pixels_differing": share}
+                if largest > CROSS_DEVICE_TOLERANCE:
+                    status = "fail"
             else:
                 figures[key] = "decoded"
         return {"status": status, "figures": figures}
 
     return Step("cross_device", "codec.py: CUDA encode / CPU decode and CPU encode / CUDA "
-                                "decode, byte-identical or refused on the CRC",
-                commands, 120, summarise, may_fail=[2, 3, 4, 5])
+                                "decode: the same file, the same latent (CRC), pixels within "
+                                f"{CROSS_DEVICE_TOLERANCE}",
+                commands, 240, summarise, may_fail=[2, 3, 4, 5])
 
 
 def memory_step(work: str) -> Step:
@@ -204,18 +232,23 @@ def wavefront_step(work: str) -> Step:
 def training_step(work: str) -> Step:
     output = os.path.join(work, "training.json")
     command = _python("benchmarks/train_throughput.py", "--cuda", "--steps", str(TRAIN_STEPS),
-                      "--warmup", "10", "--repeats", "1", "-o", output)
+                      "--warmup", "5", "--repeats", "1", "-o", output)
 
     def summarise(_results):
         rows = _read_json(output)["results"]
         reference = rows[0]["images_per_s"]
+        kept = ("final_loss", "graph_replayed")
         figures = {row["loop"]: {"images_per_s": row["images_per_s"],
-                                 "vs_compressai_example": row["images_per_s"] / reference}
+                                 "vs_compressai_example": row["images_per_s"] / reference,
+                                 **{key: row[key] for key in kept if key in row}}
                    for row in rows}
-        return {"status": "pass", "figures": figures}
+        met = all(figures[loop]["vs_compressai_example"] >= target
+                  and figures[loop].get("graph_replayed", True)
+                  for loop, target in TRAINING_TARGETS.items())
+        return {"status": "pass" if met else "below target", "figures": figures}
 
     return Step("training", f"{TRAIN_STEPS} training steps, amp + channels_last against the "
-                            "CompressAI example loop", [command], 120, summarise)
+                            "CompressAI example loop", [command], 240, summarise)
 
 
 def build_steps(work: str, weights: str, kodak: str) -> List[Step]:
@@ -329,13 +362,23 @@ def _device_name(dry_run: bool) -> str:
     return torch.cuda.get_device_name(0)
 
 
+def write_report(report: dict, output_dir: str) -> str:
+    """Write ``gpu_check.json`` and ``gpu_check.md``; return the Markdown."""
+    markdown = format_markdown(report)
+    write_json(os.path.join(output_dir, "gpu_check.json"), report)
+    atomic_write_bytes(os.path.join(output_dir, "gpu_check.md"), markdown.encode())
+    return markdown
+
+
 def run_checks(args: argparse.Namespace, work: str) -> dict:
+    """Run (or, with ``--dry-run``, validate) every check. The report is written again
+    after each check, so that a run cut short still leaves the checks it finished."""
     weights = os.path.join(work, "cps_n192_random_authors_layout.pth.tar")
     kodak = args.kodak or os.path.join(work, "kodak-not-given")
     if args.kodak:
         kodak_images(args.kodak)
     device = _device_name(args.dry_run)
-    steps = build_steps(work, weights, kodak)
+    steps = [step for step in build_steps(work, weights, kodak) if step.name in args.checks]
     report = {"benchmark": "gpu_check", "device": device, "kodak": args.kodak,
               "budget_s": args.budget_s, "steps": []}
     if not args.kodak:
@@ -358,6 +401,7 @@ def run_checks(args: argparse.Namespace, work: str) -> dict:
         else:
             entry.update(run_step(step, deadline))
         report["steps"].append(entry)
+        write_report(report, args.output_dir)
         print(f"{step.name}: {entry['status']}", flush=True)
     return report
 
@@ -374,11 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"gpu_check.py: error: {exc}", file=sys.stderr)
         return 1
-    markdown = format_markdown(report)
-    write_json(os.path.join(args.output_dir, "gpu_check.json"), report)
-    with open(os.path.join(args.output_dir, "gpu_check.md"), "w") as handle:
-        handle.write(markdown)
-    print(markdown)
+    print(write_report(report, args.output_dir))
     if args.dry_run:
         return 0 if all(step["valid"] for step in report["steps"]) else 1
     return 0 if all(step["status"] == "pass" for step in report["steps"]) else 1

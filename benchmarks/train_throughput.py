@@ -12,8 +12,11 @@ auxiliary optimizer:
   aux_loss backward, aux step);
 * ``train_py``: :class:`utils.training.step.TrainStep` as ``train.py`` runs it: per-step
   RNG seeding, a non-finite check of the statistics (one host sync per step),
-  clipping of the network's parameters only; on CUDA also with bfloat16 autocast
-  and channels_last (``train_py_bf16_channels_last``).
+  clipping of the network's parameters only; on CUDA also with channels_last,
+  with bfloat16 autocast, and with both (``train_py_channels_last``,
+  ``train_py_bf16``, ``train_py_bf16_channels_last``), so that each option's share
+  of the speed-up is visible, and replayed as a CUDA graph in float32 and with both
+  options (``train_py_cuda_graph``, ``train_py_bf16_channels_last_cuda_graph``).
 
 The batch is a fixed random tensor already on the device, so the figures measure
 the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
@@ -85,8 +88,13 @@ def _loops(base, device, lmbda):
     A generator, so that only one loop's model and optimizer state is alive at once.
     """
     variants = [("compressai_example", {}), ("train_py", {})]
-    if device.type == "cuda":
-        variants.append(("train_py_bf16_channels_last", {"amp": True, "channels_last": True}))
+    if device.type == "cuda":  # each option alone too, to see which one pays
+        both = {"amp": True, "channels_last": True}
+        variants += [("train_py_channels_last", {"channels_last": True}),
+                     ("train_py_bf16", {"amp": True}),
+                     ("train_py_bf16_channels_last", both),
+                     ("train_py_cuda_graph", {"cuda_graph": True}),
+                     ("train_py_bf16_channels_last_cuda_graph", {**both, "cuda_graph": True})]
     for name, options in variants:
         model = copy.deepcopy(base).to(device).train()
         if options.get("channels_last"):
@@ -117,12 +125,14 @@ def measure(step, x, device, steps, warmup, repeats):
     for r in range(repeats):
         start = time.perf_counter()
         for i in range(steps):
-            step(x, warmup + r * steps + i)
+            last = step(x, warmup + r * steps + i)
         _sync(device)
         timings.append(time.perf_counter() - start)
     seconds = statistics.median(timings)
     result = {"images_per_s": steps * x.shape[0] / seconds, "ms_per_step": 1e3 * seconds / steps,
               "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings]}
+    if isinstance(step, TrainStep):  # same weights, batch and seeds: comparable across loops
+        result.update(final_loss=last["loss"], graph_replayed=step.graph_captured)
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
