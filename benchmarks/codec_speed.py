@@ -7,8 +7,8 @@ Times CPS's ``encode`` and ``decode`` (the codec contract) end to end (transform
 hyperprior, wavefront context coding, file packing) for each CPU mode of the
 transforms:
 
-- ``exact``: native convolutions, patch-wise results bit-identical to whole-image
-  ones (the default of codec.py and test.py);
+- ``exact``: convolutions as fixed-shape matrix products, patch-wise results
+  bit-identical to whole-image ones (the default of codec.py and test.py);
 - ``fast``: oneDNN convolutions (``codec.py --fast``), equal to float rounding.
 
 Both code the whole image (a Kodak image needs about 1.7 GB at N=192, within the

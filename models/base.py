@@ -53,8 +53,9 @@ class CodingPlan:
         budget_bytes: peak memory of the whole process (CPU RSS, or CUDA allocated
             memory for a CUDA model); None for no budget.
         order: entropy-coder order of context models, ``wavefront`` or ``raster``.
-        exact: on the CPU, bit-exact native convolutions (see
-            ``utils/stitching/transforms.py``); False uses oneDNN (faster).
+        exact: on the CPU, convolutions as fixed-shape matrix products, bit-exact
+            across patch plans (see ``utils/stitching/transforms.py``); False uses
+            oneDNN (slightly faster, equal to float rounding).
         grayscale: mark the file so that the decoder writes one channel.
         layers: scalable models: keep (encode) or decode the first K layers; 0 for all.
     """
