@@ -146,37 +146,42 @@ def _full_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     return _stride_one(padded.permute(0, 3, 1, 2), flipped, bias)
 
 
+def _products_apply(x: Tensor, groups: int, dilation: _Pair,
+                    padded: bool) -> bool:
+    """Whether a convolution call is a form computed here: float32 CPU images, no
+    groups, dilation or padding."""
+    return (groups == 1 and _pair(dilation) == (1, 1) and not padded and x.dim() == 4
+            and x.dtype == torch.float32 and x.device.type == "cpu")
+
+
+def _by_stride(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: _Pair,
+               stride_one, stride_kernel) -> Optional[Tensor]:
+    stride = _pair(stride)
+    if stride == (1, 1):
+        return stride_one(x, weight, bias)
+    if stride == tuple(weight.shape[2:]):
+        return stride_kernel(x, weight, bias)
+    return None
+
+
 def exact_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Pair = 1,
                  padding: Union[_Pair, str] = 0, dilation: _Pair = 1,
                  groups: int = 1) -> Optional[Tensor]:
     """``F.conv2d`` as fixed-shape products, or ``None`` for a form not handled here."""
-    if (groups != 1 or _pair(dilation) != (1, 1) or padding not in (0, (0, 0), "valid")
-            or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"):
+    padded = padding not in (0, (0, 0), [0, 0], "valid")
+    if not _products_apply(x, groups, dilation, padded):
         return None
-    kernel = tuple(weight.shape[2:])
-    stride = _pair(stride)
-    if stride == (1, 1):
-        return _stride_one(x, weight, bias)
-    if stride == kernel:
-        return _space_to_depth_conv(x, weight, bias)
-    return None
+    return _by_stride(x, weight, bias, stride, _stride_one, _space_to_depth_conv)
 
 
 def exact_conv_transpose2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                            stride: _Pair = 1, padding: _Pair = 0, output_padding: _Pair = 0,
                            groups: int = 1, dilation: _Pair = 1) -> Optional[Tensor]:
     """``F.conv_transpose2d`` as fixed-shape products, or ``None`` if not handled."""
-    if (groups != 1 or _pair(dilation) != (1, 1) or _pair(padding) != (0, 0)
-            or _pair(output_padding) != (0, 0) or x.dim() != 4 or x.dtype != torch.float32
-            or x.device.type != "cpu"):
+    padded = _pair(padding) != (0, 0) or _pair(output_padding) != (0, 0)
+    if not _products_apply(x, groups, dilation, padded):
         return None
-    kernel = tuple(weight.shape[2:])
-    stride = _pair(stride)
-    if stride == (1, 1):
-        return _full_transpose(x, weight, bias)
-    if stride == kernel:
-        return _depth_to_space_transpose(x, weight, bias)
-    return None
+    return _by_stride(x, weight, bias, stride, _full_transpose, _depth_to_space_transpose)
 
 
 class ExactConvolutions(TorchFunctionMode):
