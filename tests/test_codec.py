@@ -1,5 +1,6 @@
 """Real bitstreams: round trips, patch-size independence and corrupted files."""
 
+import os
 import struct
 import zlib
 from dataclasses import replace
@@ -123,3 +124,24 @@ def test_inconsistent_header_is_an_error(tiny_cps, encoded):
 def test_bad_patch_size_is_an_error(tiny_cps):
     with pytest.raises(ValueError, match="multiple of 16"):
         tiny_cps.encode(_image(256, 256), CodingPlan(patch=PatchSpec(200)))
+
+
+def test_a_file_written_before_the_product_based_exact_mode_decodes():
+    """tests/assets/legacy_v1.cps was encoded by the exact mode's earlier native
+    convolutions (with legacy_v1_decoded.png its decode then). Today's decoder rebuilds
+    the same latent (its CRC passes) and pixels within one level of that decode."""
+    import models
+    from models.base import CodingPlan
+    from utils.coding.container import unpack
+    from utils.image_io import read_image
+
+    assets = os.path.join(os.path.dirname(__file__), "assets")
+    model = models.load_checkpoint(os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "experiment", "shipped",
+        "cps_n64_lambda00035", "model.pth"), device="cpu")
+    with open(os.path.join(assets, "legacy_v1.cps"), "rb") as handle:
+        decoded = model.decode(unpack(handle.read()), CodingPlan())
+    then, _ = read_image(os.path.join(assets, "legacy_v1_decoded.png"))
+    difference = (decoded.int() - then.int()).abs()
+    assert decoded.shape == then.shape == (3, 96, 56)
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
