@@ -469,3 +469,24 @@ def test_a_seeded_cps_model_keeps_the_bottleneck_values_compressai_drew():
     torch.manual_seed(3)
     drawn_first = EntropyBottleneck(8)
     assert_same_tensors(model.entropy_bottleneck.state_dict(), drawn_first.state_dict())
+
+
+def test_the_captured_part_of_a_cps_step_reads_nothing_back_and_builds_no_host_tensor(
+        monkeypatch):
+    """What a CUDA graph cannot capture, caught on the CPU: any read-back to the host
+    (item, tolist, bool, float, numpy) or tensor built from host data in the forward
+    pass, the losses, the backward passes and the clipping of a CPS step."""
+    model, step = make_step()
+
+    def refuse(name):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"{name} called inside the captured part of the step")
+        return refused
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, refuse(f"torch.{name}"))
+    statistics = step._statistics(torch.rand(2, 3, 64, 64))
+    monkeypatch.undo()
+    assert statistics.shape == (6,) and torch.isfinite(statistics).all()
