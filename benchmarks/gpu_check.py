@@ -8,6 +8,8 @@ own scripts in a child process, as a user would, with random N=192 weights saved
 in the authors' layout (a bare state dict, scale predictions spread over the scale
 table as in ``benchmarks/entropy_coding.py``):
 
+0. ``cuda_tests``: the test suite's CUDA tests (``pytest -k cuda`` on
+   :data:`CUDA_TEST_FILES`), which found a device mix-up in the context coder;
 1. ``evaluate``: ``test.py checkpoint --cuda`` on the first 3 Kodak images with
    ``--patch-size 128`` and with ``--patch-size auto``;
 2. ``cross_device``: ``codec.py`` encodes one Kodak image on CUDA and on the CPU
@@ -67,7 +69,10 @@ TRAIN_STEPS = 200
 # The synthesis transform's float arithmetic differs between a GPU and a CPU, so a
 # pixel may round to the neighbouring level; the latent itself must be identical.
 CROSS_DEVICE_TOLERANCE = 1
-CHECKS = ("evaluate", "cross_device", "memory_8k", "wavefront", "training")
+CHECKS = ("cuda_tests", "evaluate", "cross_device", "memory_8k", "wavefront", "training")
+# The test files whose CUDA tests (named "cuda") the first check runs.
+CUDA_TEST_FILES = ("tests/test_latent_coding.py", "tests/test_kamisli_codec.py",
+                   "tests/test_train.py")
 # Throughput that train.py's step must reach against CompressAI's example loop.
 TRAINING_TARGETS = {"train_py_cuda_graph": 1.0, "train_py_bf16_channels_last_cuda_graph": 1.3}
 
@@ -127,6 +132,22 @@ def _read_json(path: str) -> dict:
 def _sha256(path: str) -> str:
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()
+
+
+def cuda_tests_step() -> Step:
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=",
+               "-q", "-k", "cuda", *CUDA_TEST_FILES]
+
+    def summarise(results):
+        (result,) = results
+        lines = result.stdout.strip().splitlines()
+        failed = [line.split(" - ")[0] for line in lines if line.startswith("FAILED")]
+        return {"status": "pass" if result.returncode == 0 else "fail",
+                "figures": {"summary": lines[-1] if lines else "no output",
+                            **({"failed": failed} if failed else {})}}
+
+    return Step("cuda_tests", "the test suite's CUDA tests (pytest -k cuda)", [command], 120,
+                summarise, may_fail=[0])
 
 
 def evaluate_step(work: str, weights: str, kodak: str) -> Step:
@@ -255,7 +276,8 @@ def build_steps(work: str, weights: str, kodak: str) -> List[Step]:
     first_image = os.path.join(kodak, "kodim01.png")
     if os.path.isdir(kodak):
         first_image = kodak_images(kodak)[0]
-    return [evaluate_step(work, weights, kodak), cross_device_step(work, weights, first_image),
+    return [cuda_tests_step(), evaluate_step(work, weights, kodak),
+            cross_device_step(work, weights, first_image),
             memory_step(work), wavefront_step(work), training_step(work)]
 
 
@@ -276,6 +298,9 @@ def validate_command(command: List[str]) -> Optional[str]:
     a machine with CUDA (a parser may refuse ``--cuda`` where there is none)."""
     import torch
 
+    if command[1:3] == ["-m", "pytest"]:  # the test files must exist
+        missing = [path for path in CUDA_TEST_FILES if not os.path.isfile(os.path.join(ROOT, path))]
+        return f"{', '.join(missing)} missing" if missing else None
     script, arguments = command[1], command[2:]
     if not os.path.isfile(script):
         return f"{os.path.relpath(script, ROOT)} does not exist"

@@ -198,14 +198,14 @@ def test_the_gpu_check_dry_run_validates_every_command_and_writes_both_reports(t
     assert gpu_check.main(["--dry-run", "--kodak", str(kodak), "--output-dir", str(output)]) == 0
     report = json.loads((output / "gpu_check.json").read_text())
     assert [step["name"] for step in report["steps"]] == [
-        "evaluate", "cross_device", "memory_8k", "wavefront", "training"]
+        "cuda_tests", "evaluate", "cross_device", "memory_8k", "wavefront", "training"]
     assert all(step["status"] == "dry run: commands valid" for step in report["steps"])
     commands = [c for step in report["steps"] for c in step["commands"]]
     assert sum("--patch-size 128" in c for c in commands) == 1
     assert sum("--patch-size auto" in c for c in commands) == 1
     assert sum(" decode " in c for c in commands) == 4
     markdown = (output / "gpu_check.md").read_text()
-    assert markdown.count("| dry run: commands valid |") == 5
+    assert markdown.count("| dry run: commands valid |") == 6
 
 
 def test_the_gpu_check_names_a_flag_that_a_script_does_not_take(tmp_path):
@@ -319,3 +319,19 @@ def test_startup_benchmark_runs_end_to_end(tmp_path):
     assert set(document["results"]) == {"import torch", "codec.py --help", "encode 1 image",
                                         "encode 2 images"}
     assert all(row["seconds"] > 0 for row in document["results"].values())
+
+
+def test_the_cuda_tests_check_reports_the_failed_tests():
+    from benchmarks import gpu_check
+
+    step = gpu_check.cuda_tests_step()
+    assert step.commands[0][1:3] == ["-m", "pytest"] and gpu_check.validate_command(
+        step.commands[0]) is None
+    passed = subprocess.CompletedProcess([], 0, "...\n5 passed, 94 deselected in 7.5s\n", "")
+    assert step.summarise([passed]) == {"status": "pass",
+                                        "figures": {"summary": "5 passed, 94 deselected in 7.5s"}}
+    output = ("FAILED tests/test_train.py::test_x - AssertionError: no\n"
+              "1 failed, 4 passed in 7.5s\n")
+    failed = step.summarise([subprocess.CompletedProcess([], 1, output, "")])
+    assert failed["status"] == "fail" and failed["figures"]["failed"] == [
+        "FAILED tests/test_train.py::test_x"]
