@@ -13,11 +13,12 @@ PyTorch is imported inside the two functions that read CUDA counters, so that
 command lines parse ``--max-memory`` before the heavy libraries load.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import re
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 DEFAULT_BUDGET = "2GB"
 NO_BUDGET_HINT = "run without one (--max-memory none) and choose --patch-size yourself"
@@ -65,7 +66,8 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 _LIBC = _glibc()
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
 _MALLOC_TUNED = False
 
 
@@ -84,6 +86,30 @@ def return_freed_memory() -> None:
         _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 20)
         _MALLOC_TUNED = True
     _LIBC.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Within this block, glibc serves large blocks from its heap and keeps freed
+    ones for reuse instead of mapping fresh pages for each (glibc only).
+
+    A transform allocates tens of megabytes per layer output; mapped afresh, each
+    costs a page fault per 4 KB, about 0.4 s per GB faulted, a sixth of the CPU
+    transforms' time. The peak is unchanged as long as freed blocks are reused, and
+    the heap is trimmed on the way out, so the memory planner, which reads the
+    process's resident memory between phases, sees only live memory there.
+    """
+    if _LIBC is None:
+        yield
+        return
+    _LIBC.mallopt(_M_MMAP_MAX, 0)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 20 if _MALLOC_TUNED else _DEFAULT_TRIM_THRESHOLD)
+        _LIBC.malloc_trim(0)
 
 
 def proc_status_kb(field: str) -> Optional[int]:

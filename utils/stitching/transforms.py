@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from utils.image_io import to_uint8, to_unit_float
+from utils.memory import reuse_freed_memory
 from utils.stitching.exact_convolution import ExactConvolutions
 
 
@@ -41,7 +42,7 @@ def transform_mode(device: torch.device, exact: bool) -> Iterator[None]:
             mkldnn_was_enabled = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = not exact
             try:
-                with torch.backends.nnpack.flags(enabled=not exact), \
+                with torch.backends.nnpack.flags(enabled=not exact), reuse_freed_memory(), \
                         (ExactConvolutions() if exact else contextlib.nullcontext()):
                     yield
             finally:
