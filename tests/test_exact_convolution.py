@@ -92,3 +92,8 @@ def test_the_mode_routes_conv_layers_and_leaves_other_forms_to_pytorch():
             assert torch.equal(layers[0](x), exact_conv2d(x, layers[0].weight, layers[0].bias))
             native = layers[2](x)
         assert torch.equal(native, layers[2](x))  # padded: PyTorch's own convolution
+
+
+def test_an_input_smaller_than_the_kernel_gets_pytorchs_error():
+    with pytest.raises(RuntimeError, match="[Kk]ernel size"), ExactConvolutions():
+        torch.nn.Conv2d(4, 6, 3)(channels_last(torch.randn(1, 4, 2, 8)))

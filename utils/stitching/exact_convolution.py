@@ -169,8 +169,9 @@ def exact_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
                  groups: int = 1) -> Optional[Tensor]:
     """``F.conv2d`` as fixed-shape products, or ``None`` for a form not handled here."""
     padded = padding not in (0, (0, 0), [0, 0], "valid")
-    if not _products_apply(x, groups, dilation, padded):
-        return None
+    too_small = x.dim() == 4 and any(x.shape[i] < weight.shape[i] for i in (2, 3))
+    if too_small or not _products_apply(x, groups, dilation, padded):
+        return None  # PyTorch's own convolution, and its error for a too small input
     return _by_stride(x, weight, bias, stride, _stride_one, _space_to_depth_conv)
 
 
