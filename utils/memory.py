@@ -68,6 +68,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
 _LIBC = _glibc()
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
+_TUNED_THRESHOLD = 2 ** 20  # mmap and trim thresholds once return_freed_memory has run
 _MALLOC_TUNED = False
 
 
@@ -82,8 +83,8 @@ def return_freed_memory() -> None:
     if _LIBC is None:
         return
     if not _MALLOC_TUNED:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 2 ** 20)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 20)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _TUNED_THRESHOLD)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, _TUNED_THRESHOLD)
         _MALLOC_TUNED = True
     _LIBC.malloc_trim(0)
 
@@ -108,7 +109,8 @@ def reuse_freed_memory() -> Iterator[None]:
         yield
     finally:
         _LIBC.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 20 if _MALLOC_TUNED else _DEFAULT_TRIM_THRESHOLD)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD,
+                      _TUNED_THRESHOLD if _MALLOC_TUNED else _DEFAULT_TRIM_THRESHOLD)
         _LIBC.malloc_trim(0)
 
 

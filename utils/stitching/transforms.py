@@ -20,6 +20,7 @@ convolutions are not bit-reproducible from call to call; its kernels still depen
 the shape, so there patch-wise pixels agree to float rounding while the latent is
 checked by its CRC.
 """
+
 import contextlib
 from typing import Callable, Iterator
 

@@ -2,7 +2,7 @@
 
 The step follows CompressAI's ``examples/train.py`` (main loss with
 ``RateDistortionLoss``, gradient clipping, then a separate auxiliary optimizer for
-the entropy bottleneck's quantiles) with four additions:
+the entropy bottleneck's quantiles) with five additions:
 
 * the global RNG is re-seeded from ``(seed, step, rank)`` before each step, so the
   quantisation noise of step ``k`` is the same whether or not the run was
@@ -240,9 +240,12 @@ class TrainStep:
                             losses["bpp_loss"].detach().float(), aux_loss.detach().float(),
                             grad_norm.detach().float().to(x.device), psnr_mean.float()])
 
-    def _eager_statistics(self, x: Tensor) -> Tensor:
+    def _clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
+
+    def _eager_statistics(self, x: Tensor) -> Tensor:
+        self._clear_gradients()
         return self._statistics(x)
 
     def _side_stream_statistics(self, x: Tensor) -> Tensor:
@@ -258,8 +261,7 @@ class TrainStep:
         return statistics
 
     def _capture_and_replay(self, x: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.aux_optimizer.zero_grad(set_to_none=True)
+        self._clear_gradients()
         batch = x.clone()
         graph = torch.cuda.CUDAGraph()
         try:
