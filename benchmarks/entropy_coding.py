@@ -219,18 +219,11 @@ def format_table(results: List[Dict[str, object]], coders: Sequence[str]) -> str
 
 
 def entropy_machine_info() -> Dict[str, object]:
-    """:func:`~benchmarks.results_io.machine_info` with the CPU's model name from
-    /proc/cpuinfo where there is one, the Python version and the load average."""
-    info = machine_info(
+    """:func:`~benchmarks.results_io.machine_info` with the Python version and the
+    load average."""
+    return machine_info(
         python=platform.python_version(),
         load_average_before=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle
-                     if line.startswith("model name")]
-        if names:
-            info["cpu"] = names[0]
-    return info
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -49,13 +49,26 @@ def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
 
 
 def machine_info(**extra: object) -> dict:
-    """The machine a result comes from: CPU name, core count and PyTorch version,
-    then the ``extra`` fields. PyTorch is imported on call so that importing this
-    module stays light: startup.py loads PyTorch only once its measurements are done."""
+    """The machine a result comes from: CPU model (from /proc/cpuinfo where there is
+    one), the vector instructions PyTorch's CPU kernels use (``AVX2``, ``AVX512``:
+    the same 2-core machine can be either from one session to the next, and the
+    figures differ by up to 2x), core count and PyTorch version, then the ``extra``
+    fields. PyTorch is imported on call so that importing this module stays light:
+    startup.py loads PyTorch only once its measurements are done."""
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, **extra}
+    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "torch": torch.__version__, **extra}
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` knows."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: str, document: dict) -> None:
