@@ -126,13 +126,15 @@ def test_bad_patch_size_is_an_error(tiny_cps):
         tiny_cps.encode(_image(256, 256), CodingPlan(patch=PatchSpec(200)))
 
 
-def test_a_file_written_before_the_product_based_exact_mode_decodes():
-    """tests/assets/legacy_v1.cps was encoded by the exact mode's earlier native
-    convolutions (with legacy_v1_decoded.png its decode then). Today's decoder rebuilds
-    the same latent (its CRC passes) and pixels within one level of that decode."""
+def test_a_file_written_before_the_fixed_point_entropy_model_decodes_or_is_refused():
+    """tests/assets/legacy_v1.cps was written with float32 entropy arithmetic and the
+    exact mode's earlier native convolutions, on an AVX2 CPU (legacy_v1_decoded.png
+    is its decode then). Where this CPU's float32 products match that one's, the
+    decoder rebuilds the same latent and pixels within one level of that decode;
+    elsewhere it must refuse the file on the latent CRC, never return a wrong image."""
     import models
     from models.base import CodingPlan
-    from utils.coding.container import unpack
+    from utils.coding.container import BitstreamError, unpack
     from utils.image_io import read_image
 
     assets = os.path.join(os.path.dirname(__file__), "assets")
@@ -140,7 +142,13 @@ def test_a_file_written_before_the_product_based_exact_mode_decodes():
         os.path.dirname(os.path.dirname(__file__)), "experiment", "shipped",
         "cps_n64_lambda00035", "model.pth"), device="cpu")
     with open(os.path.join(assets, "legacy_v1.cps"), "rb") as handle:
-        decoded = model.decode(unpack(handle.read()), CodingPlan())
+        compressed = unpack(handle.read())
+    assert not compressed.fixed_point
+    try:
+        decoded = model.decode(compressed, CodingPlan())
+    except BitstreamError as error:
+        assert "written before the fixed-point entropy model" in str(error)
+        return
     then, _ = read_image(os.path.join(assets, "legacy_v1_decoded.png"))
     difference = (decoded.int() - then.int()).abs()
     assert decoded.shape == then.shape == (3, 96, 56)

@@ -2,7 +2,7 @@
 
 .. code-block:: none
 
-    encoder (device)   |  entropy path (CPU, float32, 1 thread)   |  decoder (device)
+    encoder (device)   |  entropy path (CPU, fixed-point, 1 thread)   |  decoder (device)
     g_a patch-wise ->  y -> h_a -> z -> EB -> z_hat -> h_s -> params
                           y, params -> ContextCoder -> y string   |  y_hat -> g_s patch-wise -> crop
 
@@ -14,9 +14,12 @@ least overlap. The padded image is never materialised (border patches replicate
 the last row and column on the fly), the latents are stored channels-last so the
 entropy coder reads them without a reordered copy, and the decoder stitches into a
 preallocated uint8 image laid out height x width x channels, ready for a PNG
-writer. The entropy-parameter path runs on the CPU at both ends whatever the
-transforms' device, so a file written with CUDA decodes on a CPU and the reverse
-(CompressAI issues 54, 279, 320). In exact mode (``utils/stitching/transforms.py``)
+writer. The entropy path's products (``h_s``, the context model and the entropy
+parameters) run at both ends on the CPU, whatever the transforms' device, as exact
+sums on a fixed-point grid (``utils/coding/fixed_point.py``), so a file written on
+one machine decodes on any other, with CUDA or without (CompressAI issues 54, 279,
+320). Files written before that grid, without its header flag, decode with the
+float32 arithmetic they were written with. In exact mode (``utils/stitching/transforms.py``)
 neither side's patch size changes a bit of the file or of the decoded image.
 """
 
@@ -34,6 +37,7 @@ from utils.coding.container import (
     tensor_crc,
 )
 from utils.coding.context_coder import ContextCoder, single_threaded
+from utils.coding.fixed_point import hyper_synthesis
 from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_uint8
@@ -55,8 +59,11 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu()
 
 
-def _hyper_params(entropy: nn.Module, z_hat: Tensor) -> Tensor:
-    """h_s(z_hat) as (2M, h, w) stored channels-last."""
+def _hyper_params(entropy: nn.Module, z_hat: Tensor, fixed_point: bool) -> Tensor:
+    """h_s(z_hat) as (2M, h, w) stored channels-last: on the fixed-point grid, or in
+    float32 for files written before it."""
+    if fixed_point:
+        return hyper_synthesis(entropy.h_s, z_hat)[0]
     params = entropy.h_s(z_hat)
     return params.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[0]
 
@@ -94,7 +101,7 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage
         z = entropy.h_a(y)
         z_string = entropy.entropy_bottleneck.compress(z)[0]
         z_hat = entropy.entropy_bottleneck.decompress([z_string], z.shape[-2:])
-        params = _hyper_params(entropy, z_hat)
+        params = _hyper_params(entropy, z_hat, fixed_point=True)
         z_bits = float(-entropy.entropy_bottleneck(z)[1].log2().sum())
     y_string, y_hat, y_bits = ContextCoder(entropy, plan.order).encode(y[0], params)
     return CompressedImage(
@@ -103,7 +110,7 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage
         pad_right=latent_size[1] * geometry.scale - width,
         architecture=model.registry_name, fingerprint=model_fingerprint(model),
         order=plan.order, grayscale=plan.grayscale, y_hat_crc=tensor_crc(y_hat),
-        z_string=z_string, y_string=y_string, estimated_bits=y_bits + z_bits,
+        z_string=z_string, y_string=y_string, estimated_bits=y_bits + z_bits, fixed_point=True,
     )
 
 
@@ -149,13 +156,16 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
         z_symbols = entropy.entropy_bottleneck.channels * z_size[0] * z_size[1]
         z_string = safe_string(compressed.z_string, z_symbols, "z")
         z_hat = entropy.entropy_bottleneck.decompress([z_string], z_size)
-        params = _hyper_params(entropy, z_hat)
-    y_hat = ContextCoder(entropy, compressed.order).decode(compressed.y_string, params)
+        params = _hyper_params(entropy, z_hat, compressed.fixed_point)
+    y_hat = ContextCoder(entropy, compressed.order,
+                         fixed_point=compressed.fixed_point).decode(compressed.y_string, params)
     del params
     if tensor_crc(y_hat) != compressed.y_hat_crc:
-        raise BitstreamError("decoded latent differs from the encoder's (y_hat CRC mismatch): the "
-                             "file is damaged, or was written on a machine whose floating-point "
-                             "results differ from this one")
+        cause = ("the file is damaged" if compressed.fixed_point else
+                 "the file is damaged, or was written before the fixed-point entropy model on "
+                 "a machine whose float32 results differ from this one")
+        raise BitstreamError(f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
+                             f"{cause}")
 
     planner.return_freed_memory()
     output = channels_last_buffer(channels, compressed.height, compressed.width, torch.uint8)

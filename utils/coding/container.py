@@ -12,7 +12,11 @@ offset  bytes   field
 0       4       magic ``b"CPS\\x89"``
 4       1       format version (1)
 5       1       flags: bit 0 entropy-coder order (0 wavefront, 1 raster),
-                bit 1 grayscale source (decode to one channel); other bits 0
+                bit 1 grayscale source (decode to one channel), bit 2 the
+                entropy model ran on the fixed-point grid, so the file decodes
+                on any machine (``utils/coding/fixed_point.py``; CPS files from
+                this flag on; without it, float32 as files written before);
+                other bits 0
 6       4       original height H (pixels)
 10      4       original width W
 14      2       bottom padding (rows added before coding)
@@ -73,7 +77,8 @@ LAYERED_VERSION = 1
 MAX_SIDE = 65535
 ORDER_FLAGS = {"wavefront": 0, "raster": 1}
 _GRAYSCALE_FLAG = 2
-_KNOWN_FLAGS = 3
+_FIXED_POINT_FLAG = 4
+_KNOWN_FLAGS = 7
 _FIXED = struct.Struct(">4sBBIIHH")
 _LAYERED_FIXED = struct.Struct(">4sBBBIIB")
 _LAYER = struct.Struct(">III")
@@ -100,6 +105,11 @@ class CompressedImage:
     z_string: bytes
     y_string: bytes
     estimated_bits: float = float("nan")
+    # The entropy model's products ran on the fixed-point grid (CPS files from
+    # format flag bit 2 on); False: float32, decodable only where the encoder's
+    # float32 products are reproduced bit for bit (and by models whose files carry
+    # no such model, like the zoo's).
+    fixed_point: bool = False
 
     @property
     def stream_bytes(self) -> int:
@@ -214,7 +224,8 @@ def _check_version(data: bytes, kind: str, supported: int) -> None:
 
 def _pack_image(image: CompressedImage) -> bytes:
     name = image.architecture.encode("ascii")
-    flags = ORDER_FLAGS[image.order] | (_GRAYSCALE_FLAG if image.grayscale else 0)
+    flags = (ORDER_FLAGS[image.order] | (_GRAYSCALE_FLAG if image.grayscale else 0)
+             | (_FIXED_POINT_FLAG if image.fixed_point else 0))
     return _with_crc(b"".join([
         _FIXED.pack(MAGIC, VERSION, flags, image.height, image.width,
                     image.pad_bottom, image.pad_right),
@@ -245,7 +256,8 @@ def _unpack_image(data: bytes) -> CompressedImage:
     return CompressedImage(height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
                            architecture=architecture, fingerprint=fingerprint,
                            order=orders[flags & 1], grayscale=bool(flags & _GRAYSCALE_FLAG),
-                           y_hat_crc=y_hat_crc, z_string=z_string, y_string=y_string)
+                           y_hat_crc=y_hat_crc, z_string=z_string, y_string=y_string,
+                           fixed_point=bool(flags & _FIXED_POINT_FLAG))
 
 
 def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:

@@ -26,15 +26,17 @@ order), ``wavefront`` order one skewed diagonal per front (the default).
         y_hat at the front = symbols + means
 
 Bit-exactness. The decoder must derive every mean and CDF index from exactly the
-same float operations as the encoder, or one rounding difference desynchronises the
-rANS state and the rest of the latent decodes into garbage (CompressAI issues 54,
-279, 320). So both sides run the same GEMMs on tensors of the same shapes, in the
-same order, on the CPU in float32 at full matmul precision, each GEMM on one thread
-(a GEMM's summation order may depend on its thread count; which thread runs it does
-not matter, so pipelining does not change the bitstream). Which
-bits come out of a GEMM can still depend on the CPU's instruction set, so a file is
-only guaranteed to decode on a machine whose CPU computes these GEMMs identically;
-the codec's y_hat checksum turns a mismatch into an error instead of a wrong image.
+same numbers as the encoder, or one rounding difference desynchronises the rANS
+state and the rest of the latent decodes into garbage (CompressAI issues 54, 279,
+320). By default every product runs on the fixed-point grid of
+``utils/coding/fixed_point.py``: exact integer sums, the same on every machine
+(``utils/coding/parameter_network.py``). Files written before that ran float32
+GEMMs; ``fixed_point=False`` reproduces them: both sides run the same GEMMs on
+tensors of the same shapes, in the same order, at full matmul precision, each GEMM
+on one thread (a GEMM's summation order may depend on its thread count; which
+thread runs it does not matter, so pipelining does not change the bitstream), and
+the result can still depend on the CPU's instruction set; the codec's y_hat
+checksum turns a mismatch into an error instead of a wrong image.
 
 Speed. The context convolution only multiplies the causal taps (12 of 25), the
 entropy-parameter 1x1 convolutions run as GEMMs on (n, C) matrices, the latent is
@@ -66,11 +68,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
+from utils.coding.parameter_network import FixedPointNetwork, Float32Network
 from utils.coding.rans import safe_string
 
 # CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
@@ -224,15 +226,17 @@ class _Layout(NamedTuple):
     sizes: List[int]      # positions per front
     far_windows: Tensor   # (P*far,) buffer rows the far taps read, in coding order
     near_windows: Tensor  # (P*near,) buffer rows the near taps read
-    far_weight: Tensor    # (2M, far*M) context weight of the far taps
-    near_weight: Tensor   # (2M, near*M)
+    far_weight: Tensor    # context weight of the far taps, in the network's form
+    near_weight: Tensor
+    far_taps: int
+    near_taps: int
 
 
 class ContextCoder:
     """Codes ``y`` given the hyper-decoder output ``params`` with a joint AR model.
 
     The coder copies what it needs from the model to the CPU, so ``model`` may live
-    on any device; all its arithmetic runs on the CPU in float32.
+    on any device; all its arithmetic runs on the CPU.
 
     Args:
         model: a model with ``context_prediction`` (a ``MaskedConv2d`` with a
@@ -246,9 +250,12 @@ class ContextCoder:
             :func:`idle_core_available`; never for raster order, whose one-position
             fronts are too small to pay for the hand-off. The bitstream does not
             depend on this choice.
+        fixed_point: products on the fixed-point grid (the same bits on every
+            machine; the default), or float32 as files written before it.
     """
 
-    def __init__(self, model: nn.Module, order: str = "wavefront", pipeline: Optional[bool] = None):
+    def __init__(self, model: nn.Module, order: str = "wavefront", pipeline: Optional[bool] = None,
+                 fixed_point: bool = True):
         if order not in ORDERS:
             raise ValueError(f"unknown entropy coder order {order!r}; choose from {ORDERS}")
         self.pipeline = pipeline
@@ -269,17 +276,16 @@ class ContextCoder:
         tap_cols = torch.tensor([dj for _, dj in self.taps]) + self.pad[1]
         # Causal taps only, tap-major like the gathered windows: (2M, taps, M).
         weight = context.weight.detach().cpu().float()[:, :, tap_rows, tap_cols]
-        self.context_weight = weight.permute(0, 2, 1).contiguous()
-        self.context_bias = context.bias.detach().cpu().float()
+        context_weight = weight.permute(0, 2, 1).contiguous()
         layers = _as_linear_layers(model.entropy_parameters)
-        first_weight, self.first_bias, self.first_slope = layers[0]
-        hyper_width = first_weight.shape[1] - context.out_channels
+        inputs = layers[0][0].shape[1]
+        hyper_width = inputs - context.out_channels
         if hyper_width != 2 * self.channels:
-            raise ValueError(f"entropy_parameters reads {first_weight.shape[1]} channels, expected "
+            raise ValueError(f"entropy_parameters reads {inputs} channels, expected "
                              f"params + context = {2 * self.channels} + {context.out_channels}")
-        self.hyper_weight = first_weight[:, :hyper_width].contiguous()
-        self.first_context_weight = first_weight[:, hyper_width:].contiguous()
-        self.layers = layers[1:]
+        network = FixedPointNetwork if fixed_point else Float32Network
+        self.network = network(context_weight, context.bias.detach().cpu().float(), layers,
+                               hyper_width)
         self.scale_floor = conditional.lower_bound_scale.bound.detach().cpu().float()
         self.scale_bounds = conditional.scale_table.detach().cpu().float()[:-1].contiguous()
         lengths = conditional.cdf_length.reshape(-1).int().tolist()
@@ -315,12 +321,9 @@ class ContextCoder:
         def windows(taps: List[int]) -> Tensor:
             return (centres[:, None] + offsets[taps]).reshape(-1)
 
-        def weight(taps: List[int]) -> Tensor:
-            outputs = self.context_weight.shape[0]
-            return self.context_weight[:, taps].reshape(outputs, -1).contiguous()
-
-        return _Layout(positions, centres, sizes, windows(far), windows(near), weight(far),
-                       weight(near))
+        return _Layout(positions, centres, sizes, windows(far), windows(near),
+                       self.network.tap_weights(far), self.network.tap_weights(near),
+                       len(far), len(near))
 
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
@@ -342,28 +345,18 @@ class ContextCoder:
                   stop: int) -> Tuple[Tensor, Tensor]:
         """What does not depend on the previous front: the far taps' context plus
         bias, and the params half of the first 1x1 convolution plus its bias."""
-        taps = layout.far_weight.shape[1] // self.channels
-        windows = self._gather(y_hat, layout.far_windows, start, stop, taps)
+        windows = self._gather(y_hat, layout.far_windows, start, stop, layout.far_taps)
         front_params = hyper.index_select(0, layout.positions[start:stop])
-        return (F.linear(windows, layout.far_weight, self.context_bias),
-                F.linear(front_params, self.hyper_weight, self.first_bias))
+        return self.network.far_part(windows, layout.far_weight, front_params)
 
     def _front_parameters(self, y_hat: Tensor, layout: _Layout, start: int, stop: int,
                           partial_context: Tensor,
                           partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """CDF indexes, means and scales (n, M) of the front start..stop, given its
         far part."""
-        taps = layout.near_weight.shape[1] // self.channels
-        windows = self._gather(y_hat, layout.near_windows, start, stop, taps)
-        context = torch.addmm(partial_context, windows, layout.near_weight.t())
-        hidden = torch.addmm(partial_hidden, context, self.first_context_weight.t())
-        if self.first_slope is not None:
-            hidden = F.leaky_relu(hidden, self.first_slope)
-        for weight, bias, slope in self.layers:
-            hidden = F.linear(hidden, weight, bias)
-            if slope is not None:
-                hidden = F.leaky_relu(hidden, slope)
-        scales, means = hidden.chunk(2, dim=1)
+        windows = self._gather(y_hat, layout.near_windows, start, stop, layout.near_taps)
+        scales, means = self.network.scales_and_means(windows, layout.near_weight,
+                                                      (partial_context, partial_hidden))
         return self.scale_indexes(scales), means, scales
 
     def scale_indexes(self, scales: Tensor) -> Tensor:

@@ -1,0 +1,165 @@
+"""Entropy-model arithmetic that gives the same bits on every machine.
+
+The decoder must rebuild exactly the means and CDF indexes the encoder used, or the
+rANS state desynchronises. float32 matrix products do not guarantee that across
+machines: their summation order depends on the library's blocking for the CPU's
+vector unit, so a file written on an AVX2 CPU failed the latent check on an AVX-512
+one (``tests/test_codec.py``). Every product of the entropy model (``h_s``, the
+context model, the entropy-parameter network) therefore runs on a fixed-point grid:
+
+- activations are rounded to multiples of ``2**-ACTIVATION_FRACTION_BITS`` and
+  clipped to ``±ACTIVATION_BOUND``;
+- each layer's weights are rounded to multiples of ``2**-b``, with the largest ``b``
+  for which no sum of products can reach ``2**52`` in units of the product grid
+  (:func:`weight_fraction_bits`);
+- the products run as float64 matrix products: every operand, product and partial
+  sum is then an integer times a power of two that float64 holds exactly, so the
+  result is the exact sum whatever the summation order, blocking, thread count or
+  use of fused multiply-adds, on any CPU or GPU;
+- biases are added on the product grid and LeakyReLU is one IEEE multiplication,
+  which every machine rounds the same way.
+
+Integer networks make the same argument (Ballé et al., "Integer networks for data
+compression with latent-variable models", ICLR 2019); this keeps the trained float
+weights and rounds them when the coder is built, so training is unchanged. With 12
+fraction bits the means and scales move by about 1e-4 from the float network's, far
+below the unit quantisation step of the latent.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATION_FRACTION_BITS = 12
+ACTIVATION_BOUND = 2.0 ** 15
+# Integers up to 2**53 are exact in float64; one bit is kept for the bias sum.
+_EXACT_LIMIT = 2.0 ** 52
+_MAX_WEIGHT_BITS = 40
+
+
+def activation_grid(values: Tensor) -> Tensor:
+    """``values`` clipped to ``±ACTIVATION_BOUND`` and rounded to the activation grid,
+    as float64 integers (multiples of one grid step)."""
+    scale = 2.0 ** ACTIVATION_FRACTION_BITS
+    return torch.round(values.double().clamp(-ACTIVATION_BOUND, ACTIVATION_BOUND) * scale)
+
+
+def weight_fraction_bits(weight: Tensor, bias: Optional[Tensor]) -> int:
+    """Largest ``b`` for which every output of a layer with ``weight`` (out, in) and
+    ``bias``, on inputs from the activation grid, is an integer below ``2**52`` in
+    units of ``2**-(ACTIVATION_FRACTION_BITS + b)``, and so is every partial sum.
+
+    Raises:
+        ValueError: weights too large for any grid (a damaged checkpoint).
+    """
+    weight = weight.detach().double()
+    inputs = weight.shape[1]
+    row_sum = float(weight.abs().sum(1).max())
+    largest_bias = float(bias.detach().double().abs().max()) if bias is not None else 0.0
+    input_units = ACTIVATION_BOUND * 2.0 ** ACTIVATION_FRACTION_BITS
+    for bits in range(_MAX_WEIGHT_BITS, -1, -1):
+        step = 2.0 ** bits
+        # Rounding moves each weight by at most half a unit, the bias by half a step.
+        products = input_units * (row_sum * step + 0.5 * inputs)
+        bias_units = (largest_bias * step + 0.5) * 2.0 ** ACTIVATION_FRACTION_BITS
+        if products + bias_units < _EXACT_LIMIT:
+            return bits
+    raise ValueError(f"weights summing to {row_sum:.3g} per output do not fit a fixed-point grid")
+
+
+class GridLinear:
+    """A linear layer ``x W^T + b`` computed exactly on the fixed-point grid.
+
+    The weight may be applied in column blocks (:meth:`partial_sum`) whose integer
+    sums are added before :meth:`finish`: the total is the same exact integer
+    whichever blocks and order are used.
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        bits = weight_fraction_bits(weight, bias)
+        self.output_scale = 2.0 ** -(ACTIVATION_FRACTION_BITS + bits)
+        self.weight = torch.round(weight.detach().double().cpu() * 2.0 ** bits)
+        self.bias = (None if bias is None else
+                     torch.round(bias.detach().double().cpu() / self.output_scale))
+
+    def columns(self, start: int, stop: int) -> Tensor:
+        """The integer weight of input columns start..stop, transposed for
+        :meth:`partial_sum` (in, out)."""
+        return self.weight[:, start:stop].t().contiguous()
+
+    @staticmethod
+    def partial_sum(inputs: Tensor, columns: Tensor) -> Tensor:
+        """Exact integer sum of products of grid ``inputs`` (n, k) with weight
+        ``columns`` (k, out) from :meth:`columns`."""
+        return inputs @ columns
+
+    def finish(self, total: Tensor, negative_slope: Optional[float] = None) -> Tensor:
+        """float64 output from the summed integer products: bias, scale, and an
+        optional LeakyReLU (slope 0 for ReLU)."""
+        if self.bias is not None:
+            total = total + self.bias
+        output = total * self.output_scale
+        if negative_slope is not None:
+            output = torch.where(output < 0, output * negative_slope, output)
+        return output
+
+    def __call__(self, inputs: Tensor, negative_slope: Optional[float] = None) -> Tensor:
+        """The whole layer on float ``inputs`` (n, in), rounded onto the grid first."""
+        return self.finish(activation_grid(inputs) @ self.weight.t(), negative_slope)
+
+
+def hyper_synthesis(h_s: nn.Sequential, z_hat: Tensor) -> Tensor:
+    """``h_s(z_hat)`` for a batch of one (1, C, h, w), on the fixed-point grid.
+
+    ``h_s`` may hold 1x1 convolutions, transposed convolutions whose kernel equals
+    their stride (each input pixel fills its own output block, so the layer is one
+    matrix product), each optionally followed by a LeakyReLU or ReLU. Returns
+    float32 (1, C', H, W) stored channels-last.
+
+    Raises:
+        ValueError: a layer of another kind.
+    """
+    if z_hat.dim() != 4 or z_hat.shape[0] != 1:
+        raise ValueError(f"hyper_synthesis codes one latent (1, C, h, w), got {tuple(z_hat.shape)}")
+    height, width = z_hat.shape[2:]
+    rows = z_hat[0].permute(1, 2, 0).reshape(height * width, -1)
+    layers = list(h_s.children())
+    index = 0
+    while index < len(layers):
+        layer = layers[index]
+        slope = None
+        if index + 1 < len(layers) and isinstance(layers[index + 1], (nn.LeakyReLU, nn.ReLU)):
+            activation = layers[index + 1]
+            slope = activation.negative_slope if isinstance(activation, nn.LeakyReLU) else 0.0
+            index += 1
+        index += 1
+        if _is_pointwise_convolution(layer):
+            rows = GridLinear(layer.weight[:, :, 0, 0], layer.bias)(rows, slope)
+        elif _is_block_transposed_convolution(layer):
+            factor_h, factor_w = layer.stride
+            outputs = layer.out_channels
+            # (in, out, kh, kw) -> (out*kh*kw, in): one output row per (channel, offset).
+            weight = layer.weight.permute(1, 2, 3, 0).reshape(-1, layer.in_channels)
+            bias = (None if layer.bias is None else
+                    layer.bias.repeat_interleave(factor_h * factor_w))
+            blocks = GridLinear(weight, bias)(rows, slope)
+            blocks = blocks.view(height, width, outputs, factor_h, factor_w)
+            height, width = height * factor_h, width * factor_w
+            rows = blocks.permute(0, 3, 1, 4, 2).reshape(height * width, outputs)
+        else:
+            raise ValueError(f"h_s layer {layer} has no fixed-point form (expected 1x1 "
+                             "convolutions and transposed convolutions with kernel = stride)")
+    output = rows.float().view(1, height, width, -1)
+    return output.permute(0, 3, 1, 2)
+
+
+def _is_pointwise_convolution(layer: nn.Module) -> bool:
+    return (type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.groups == 1 and layer.padding == (0, 0) and layer.dilation == (1, 1))
+
+
+def _is_block_transposed_convolution(layer: nn.Module) -> bool:
+    return (type(layer) is nn.ConvTranspose2d and layer.kernel_size == layer.stride
+            and layer.groups == 1 and layer.padding == (0, 0)
+            and layer.output_padding == (0, 0) and layer.dilation == (1, 1))
