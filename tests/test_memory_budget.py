@@ -229,3 +229,25 @@ def test_codec_cli_runs_without_a_budget_when_asked(large_case, tmp_path, capsys
                        "--max-memory", "none"]) == 0
     assert "(budget none)" in capsys.readouterr().out
     assert np.array_equal(np.asarray(Image.open(output)), whole.permute(1, 2, 0).numpy())
+
+
+@pytest.mark.slow  # a 1920x1080 image at N = 192, about 20 s on 2 cores
+def test_a_wide_latent_decodes_within_a_tight_budget():
+    """At N = 192 a 1920x1080 latent has 1.6 M symbols: padded for safe decoding and
+    held three times while CompressAI's decoder takes it, one stream for all of them
+    would take 390 MB, more than this budget leaves. The latent's streams are padded
+    one at a time, and the planner counts them, so the decode stays within it."""
+    from models import build_model
+    from utils.memory import PeakMemory
+
+    torch.manual_seed(0)
+    model = build_model("cps", N=192).eval()
+    model.update(force=True)
+    image = _smooth_image(1080, 1920)
+    compressed = unpack(pack(model.encode(image, CodingPlan())))
+    assert compressed.fixed_point
+    budget = memory_in_use(torch.device("cpu")) + 300 * MB
+    with PeakMemory(torch.device("cpu")) as peak:
+        decoded = model.decode(compressed, CodingPlan(budget_bytes=budget))
+    assert decoded.shape == (3, 1080, 1920)
+    assert peak.peak_bytes <= budget * 1.05

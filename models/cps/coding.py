@@ -85,7 +85,7 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage
                    -(-width // multiple) * multiple // geometry.scale)
     positions = latent_size[0] * latent_size[1]
     planner.return_freed_memory()
-    planner.check_entropy_phase(positions, encoding=True)
+    planner.check_entropy_phase(latent_size, encoding=True, fixed_point=True)
     patches = planner.plan("analysis", latent_size, plan.patch, plan.batch_size,
                            held_on_cpu=4 * model.M * positions)
 
@@ -142,7 +142,7 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
               latent_size[1] * geometry.scale // model.downsampling_factor)
     channels = 1 if compressed.grayscale else 3
     planner.return_freed_memory()
-    planner.check_entropy_phase(latent_size[0] * latent_size[1], encoding=False)
+    planner.check_entropy_phase(latent_size, encoding=False, fixed_point=compressed.fixed_point)
     # Planned before any work, counting what the synthesis phase will hold: y_hat's
     # padded buffer and the output image.
     border = 2 * (model.context_prediction.kernel_size[0] // 2)

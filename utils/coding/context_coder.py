@@ -50,13 +50,21 @@ front uses: converting the whole padded table (64 rows of 3135 ints) to C++ at
 every ``decode_stream`` call was a fixed cost per front that dominated decoding.
 
 Memory. Besides its inputs, the coder holds the padded y_hat buffer (M floats per
-position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol);
-fronts read ``y`` and ``params`` through channels-last views of the caller's tensors
-and are handed to the rANS encoder in chunks, so no reordered copy of the latent is
-made (:data:`ENCODER_BYTES_PER_SYMBOL` feeds the codec's memory budget).
+position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol
+of one stream); fronts read ``y`` and ``params`` through channels-last views of the
+caller's tensors, so no reordered copy of the latent is made. A decoder pads each
+stream for safety (``utils/coding/rans.py``, 84 bytes per symbol) and, while
+CompressAI's decoder takes it, holds it three times (the padded bytes, pybind11's
+``std::string`` argument, the decoder's own copy): one stream for a whole 8K latent
+would hold 6 GB. The fixed-point coder therefore writes a stream per
+:data:`STREAM_SYMBOLS` symbols (:func:`largest_stream_symbols` and
+:data:`ENCODER_BYTES_PER_SYMBOL` feed the codec's memory budget).
 
 Bitstream order: fronts in increasing ``t``, positions within a front by
-increasing row, channels innermost; one rANS stream for the whole latent.
+increasing row, channels innermost. The fixed-point coder starts a new rANS stream
+at the first front boundary at or past every :data:`STREAM_SYMBOLS` symbols and
+writes each stream as a 4-byte big-endian length and the stream; float32 files hold
+one stream for the whole latent.
 """
 
 import contextlib
@@ -72,6 +80,7 @@ from compressai.ans import BufferedRansEncoder, RansDecoder
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
+from utils.coding.container import BitstreamError
 from utils.coding.parameter_network import FixedPointNetwork, Float32Network
 from utils.coding.rans import safe_string
 
@@ -83,6 +92,10 @@ _PIPELINE_MIN_POSITIONS = 8000
 # Symbols handed to the rANS encoder per call: each call converts the CDF table to
 # C++ once, so chunks amortise that while bounding the Python lists.
 _ENCODE_CHUNK_SYMBOLS = 1 << 20
+# Symbols after which the fixed-point coder starts a new rANS stream (at the next
+# front boundary): part of the file format. See the module doc, Memory.
+STREAM_SYMBOLS = 1 << 18
+_STREAM_LENGTH = struct.Struct(">I")
 
 
 def causal_taps(mask: Tensor) -> List[Tuple[int, int]]:
@@ -131,6 +144,57 @@ def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tenso
     positions = slots[slots >= 0]
     sizes = torch.bincount(front)
     return positions, sizes[sizes > 0].tolist()
+
+
+def stream_starts(sizes: List[int], channels: int) -> List[int]:
+    """Latent positions (in coding order) at which each rANS stream of the
+    fixed-point coder starts: 0, then the first front boundary at or past every
+    :data:`STREAM_SYMBOLS` symbols since the last start."""
+    starts, position, since_start = [0], 0, 0
+    for size in sizes:
+        if since_start >= STREAM_SYMBOLS:
+            starts.append(position)
+            since_start = 0
+        position += size
+        since_start += size * channels
+    return starts
+
+
+def largest_stream_symbols(height: int, width: int, channels: int, fixed_point: bool) -> int:
+    """An upper bound on the symbols of one rANS stream of a (height, width) latent:
+    the whole latent for float32 files, else :data:`STREAM_SYMBOLS` plus one front
+    (at most one position per row)."""
+    total = height * width * channels
+    if not fixed_point:
+        return total
+    return min(total, STREAM_SYMBOLS + min(height, width) * channels)
+
+
+def join_streams(streams: List[bytes]) -> bytes:
+    """The latent string of the fixed-point coder: each stream after its length."""
+    return b"".join(_STREAM_LENGTH.pack(len(stream)) + stream for stream in streams)
+
+
+def split_streams(string: bytes, count: int) -> List[bytes]:
+    """The ``count`` streams of a :func:`join_streams` string.
+
+    Raises:
+        BitstreamError: lengths that do not add up to the string.
+    """
+    streams, offset = [], 0
+    for _ in range(count):
+        if offset + _STREAM_LENGTH.size > len(string):
+            raise BitstreamError(f"y string is truncated: it holds fewer than the {count} "
+                                 "streams of this latent")
+        (length,) = _STREAM_LENGTH.unpack_from(string, offset)
+        offset += _STREAM_LENGTH.size
+        if offset + length > len(string):
+            raise BitstreamError("y string is truncated: a stream is shorter than its length")
+        streams.append(string[offset:offset + length])
+        offset += length
+    if offset != len(string):
+        raise BitstreamError(f"y string has {len(string) - offset} bytes after its {count} streams")
+    return streams
 
 
 def channels_last_rows(tensor: Tensor) -> Tensor:
@@ -283,6 +347,7 @@ class ContextCoder:
         if hyper_width != 2 * self.channels:
             raise ValueError(f"entropy_parameters reads {inputs} channels, expected "
                              f"params + context = {2 * self.channels} + {context.out_channels}")
+        self.fixed_point = fixed_point
         network = FixedPointNetwork if fixed_point else Float32Network
         self.network = network(context_weight, context.bias.detach().cpu().float(), layers,
                                hyper_width)
@@ -428,6 +493,8 @@ class ContextCoder:
                              f"{(self.channels, *params.shape[1:])} to match params")
         layout = self._layout(*params.shape[1:])
         y_rows = channels_last_rows(y.float().cpu())
+        later_starts = set(self._streams(layout)[0][1:])
+        streams: List[bytes] = []
         encoder = BufferedRansEncoder()
         pending_symbols: List[Tensor] = []
         pending_indexes: List[Tensor] = []
@@ -440,8 +507,17 @@ class ContextCoder:
             pending_symbols.clear()
             pending_indexes.clear()
 
+        def end_stream() -> None:
+            nonlocal encoder
+            if pending_symbols:
+                send_pending()
+            streams.append(encoder.flush())
+            encoder = BufferedRansEncoder()
+
         def quantise(start: int, stop: int, front_indexes: Tensor, means: Tensor,
                      scales: Tensor) -> Tensor:
+            if start in later_starts:
+                end_stream()
             values = torch.round(y_rows.index_select(0, layout.positions[start:stop]) - means).int()
             likelihood = self.conditional._likelihood(values.float(), scales)
             bounded = self.conditional.likelihood_lower_bound(likelihood)
@@ -454,9 +530,18 @@ class ContextCoder:
             return values
 
         y_hat = self._scan(params, layout, quantise)
-        if pending_symbols:
-            send_pending()
-        return encoder.flush(), y_hat, estimated_bits[0]
+        end_stream()
+        string = join_streams(streams) if self.fixed_point else streams[0]
+        return string, y_hat, estimated_bits[0]
+
+    def _streams(self, layout: _Layout) -> Tuple[List[int], List[int]]:
+        """Start position (coding order) and symbol count of each rANS stream."""
+        if self.fixed_point:
+            starts = stream_starts(layout.sizes, self.channels)
+        else:
+            starts = [0]
+        ends = starts[1:] + [len(layout.positions)]
+        return starts, [(end - start) * self.channels for start, end in zip(starts, ends)]
 
     @torch.inference_mode()
     def decode(self, string: bytes, params: Tensor) -> Tensor:
@@ -467,11 +552,19 @@ class ContextCoder:
         rejects, or a :class:`~utils.coding.container.BitstreamError`.
         """
         self._check_params(params)
+        layout = self._layout(*params.shape[1:])
+        starts, symbols = self._streams(layout)
+        streams = split_streams(string, len(starts)) if self.fixed_point else [string]
+        # Each stream is padded only when its turn comes, so one padded stream is held
+        # at a time (see the module doc, Memory).
+        pending = {start: (stream, count) for start, stream, count in zip(starts, streams, symbols)}
         decoder = RansDecoder()
-        decoder.set_stream(safe_string(string, params[0].numel() * self.channels, "y"))
 
         def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor,
                          _: Tensor) -> Tensor:
+            if start in pending:
+                stream, count = pending.pop(start)
+                decoder.set_stream(safe_string(stream, count, "y"))
             # Only the CDF rows this front uses go to C++ (the whole table costs ms).
             used = torch.bincount(indexes.view(-1), minlength=len(self.cdfs)) > 0
             remap = torch.cumsum(used, 0, dtype=torch.int32) - 1
@@ -484,4 +577,4 @@ class ContextCoder:
             packed = bytearray(struct.pack(f"{len(values)}i", *values))
             return torch.frombuffer(packed, dtype=torch.int32).view(indexes.shape)
 
-        return self._scan(params, self._layout(*params.shape[1:]), decode_front)
+        return self._scan(params, layout, decode_front)

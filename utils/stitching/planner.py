@@ -8,8 +8,8 @@ The codec spends the budget in phases, one after the other, and each must fit:
   calibration patch and the peak it adds, per input pixel, is scaled to the patch
   and batch being planned (:class:`TransformCost`); for CPS this is mostly im2col
   buffers.
-* entropy phase: latent-sized tensors only (``y``, the hyper-decoder's ``params``,
-  the y_hat buffer, the rANS symbol buffer), counted by :func:`entropy_phase_bytes`.
+* entropy phase: latent-sized tensors (``y``, the hyper-decoder's ``params``, the
+  y_hat buffer) and one rANS stream's buffers, counted by :func:`entropy_phase_bytes`.
 
 :func:`choose_patches` then takes, among the patch shapes that fit (rectangles,
 whole rows or columns included), the one that computes the fewest pixels including
@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
+from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL, largest_stream_symbols
 from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
 from utils.image_io import to_uint8
 from utils.memory import (
@@ -44,6 +44,8 @@ CALIBRATION_PATCH = 256
 # Slack on top of the measured working memory: the calibration patch is smaller
 # than most planned ones, allocator rounding, small temporaries.
 _SAFETY_FACTOR = 1.1
+# Copies of a padded rANS string alive while CompressAI's decoder takes it.
+_PADDED_STREAM_COPIES = 3
 _SAFETY_BYTES = 16 * 2 ** 20
 
 
@@ -82,19 +84,22 @@ def check_fits(needed: int, budget: int, what: str) -> None:
                          f"needs about {format_memory(needed)}")
 
 
-def entropy_phase_bytes(channels: int, positions: int, encoding: bool) -> int:
-    """Latent-sized memory of the entropy phase for ``positions`` latent positions
-    of ``channels`` (M) channels, float32: params (2M), the padded y_hat buffer (M)
-    and its channels-last result view, ``y`` (M, encoder), the rANS symbol buffer
-    (6 bytes per symbol, encoder), a transient copy of params while it is
-    rearranged channels-last (2M), and the zero padding that makes the decoder's
-    reads provably stay inside its string (``utils/coding/rans.py``, decoder)."""
+def entropy_phase_bytes(channels: int, positions: int, encoding: bool,
+                        stream_symbols: int) -> int:
+    """Memory of the entropy phase for ``positions`` latent positions of ``channels``
+    (M) channels, float32: params (2M), the padded y_hat buffer (M) and its
+    channels-last result view, ``y`` (M, encoder), a transient copy of params while
+    it is rearranged channels-last (2M); and for one rANS stream of at most
+    ``stream_symbols`` symbols, the encoder's symbol buffer (6 bytes per symbol) or
+    the decoder's zero-padded string (``utils/coding/rans.py``), held three times
+    while CompressAI's decoder takes it (``utils/coding/context_coder.py``)."""
     per_position = 4 * (2 * channels + channels + 2 * channels)
     if encoding:
-        per_position += 4 * channels + ENCODER_BYTES_PER_SYMBOL * channels
+        per_position += 4 * channels
+        stream_bytes = ENCODER_BYTES_PER_SYMBOL * stream_symbols
     else:
-        per_position += PADDING_BYTES_PER_SYMBOL * channels
-    return int(per_position * positions * _SAFETY_FACTOR)
+        stream_bytes = _PADDED_STREAM_COPIES * PADDING_BYTES_PER_SYMBOL * stream_symbols
+    return int((per_position * positions + stream_bytes) * _SAFETY_FACTOR)
 
 
 def _axis_tiling(latent_length: int, side: int, geometry: PopsGeometry) -> Tuple[int, int]:
@@ -177,12 +182,16 @@ class Planner:
         if self.budget is not None:
             return_freed_memory()
 
-    def check_entropy_phase(self, positions: int, encoding: bool) -> None:
-        """Fail before any work if the latent-sized buffers alone break the budget
-        (they live on the CPU whatever the transforms' device)."""
+    def check_entropy_phase(self, latent_size: Tuple[int, int], encoding: bool,
+                            fixed_point: bool) -> None:
+        """Fail before any work if the entropy phase's buffers alone break the budget
+        (they live on the CPU whatever the transforms' device); ``fixed_point``: the
+        file's latent is coded in several streams (``utils/coding/context_coder.py``)."""
         if self.budget is None or self.device.type != "cpu":
             return
-        needed = memory_in_use(self.device) + entropy_phase_bytes(self.model.M, positions, encoding)
+        stream_symbols = largest_stream_symbols(*latent_size, self.model.M, fixed_point)
+        needed = memory_in_use(self.device) + entropy_phase_bytes(
+            self.model.M, latent_size[0] * latent_size[1], encoding, stream_symbols)
         check_fits(needed, self.budget, "entropy coding of this image's latent")
 
     def plan(self, direction: str, latent_size: Tuple[int, int], patch: PatchSpec,
