@@ -129,7 +129,12 @@ def main(argv=None) -> int:
 
         ctx = distributed.init_distributed(cuda)
         try:
-            return Trainer(cfg, ctx).fit()
+            status = Trainer(cfg, ctx).fit()
+            # Every rank finishes before the group is torn down: a gloo rank whose peer
+            # has already left can abort in its teardown ("terminate called without an
+            # active exception"), failing a run that completed.
+            ctx.barrier()
+            return status
         finally:
             distributed.cleanup()
     except (ValueError, RuntimeError, OSError) as exc:
