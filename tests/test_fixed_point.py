@@ -15,13 +15,7 @@ import models
 from models.base import CodingPlan
 from utils.coding import fixed_point
 from utils.coding.container import pack, unpack
-from utils.coding.fixed_point import (
-    ACTIVATION_BOUND,
-    ACTIVATION_FRACTION_BITS,
-    GridLinear,
-    activation_grid,
-    hyper_synthesis,
-)
+from utils.coding.fixed_point import ACTIVATION_BOUND, GridLinear, hyper_synthesis
 from utils.image_io import read_image
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -47,7 +41,7 @@ def _reversed_blocked_sum(inputs, columns):
 def test_a_layer_gives_the_same_bits_in_any_summation_order():
     weight, bias, generator = _layer()
     layer = GridLinear(weight, bias)
-    inputs = activation_grid(torch.randn(64, 96, generator=generator) * 10)
+    inputs = layer.to_grid(torch.randn(64, 96, generator=generator) * 10)
     whole = GridLinear.partial_sum(inputs, layer.columns(0, 96))
     permutation = torch.randperm(96, generator=generator)
     permuted = inputs[:, permutation] @ layer.columns(0, 96)[permutation]
@@ -66,8 +60,8 @@ def test_sums_stay_exact_at_the_largest_inputs():
     weight, bias, _ = _layer(outputs=8, inputs=1024)
     weight[0] *= 50
     layer = GridLinear(weight, bias)
-    inputs = activation_grid(torch.sign(weight) * ACTIVATION_BOUND * 4)  # clipped
-    assert inputs.abs().max() == ACTIVATION_BOUND * 2 ** ACTIVATION_FRACTION_BITS
+    inputs = layer.to_grid(torch.sign(weight) * ACTIVATION_BOUND * 4)  # clipped
+    assert inputs.abs().max() == ACTIVATION_BOUND * 2 ** layer.input_bits
     totals = (inputs * layer.weight).sum(1, dtype=torch.float64) + layer.bias
     exact = (inputs.long() * layer.weight.long()).sum(1) + layer.bias.long()
     assert totals.abs().max() < 2 ** 53
@@ -77,9 +71,19 @@ def test_sums_stay_exact_at_the_largest_inputs():
 def test_a_layer_follows_the_float_layer_to_grid_precision():
     weight, bias, generator = _layer()
     inputs = torch.randn(64, 96, generator=generator) * 3
-    expected = torch.nn.functional.leaky_relu(inputs.double() @ weight.double().t()
-                                              + bias.double(), 0.01)
-    assert (GridLinear(weight, bias)(inputs, 0.01) - expected).abs().max() < 1e-3
+    expected = inputs.double() @ weight.double().t() + bias.double()
+    layer = GridLinear(weight, bias)
+    assert layer.input_bits >= 14 and layer.weight_bits >= 14
+    # Rounding moves each input and weight by at most half a step of its grid, the
+    # bias by half a step of the output grid.
+    input_error, weight_error = 2.0 ** -(layer.input_bits + 1), 2.0 ** -(layer.weight_bits + 1)
+    bound = (inputs.double().abs().sum(1, keepdim=True) * weight_error
+             + weight.double().abs().sum(1) * input_error
+             + 96 * input_error * weight_error + layer.output_scale / 2)
+    error = (layer(inputs) - expected).abs()
+    assert torch.all(error <= bound) and error.max() < 1e-3
+    leaky = torch.nn.functional.leaky_relu(layer(inputs), 0.01)
+    assert torch.equal(layer(inputs, 0.01), leaky)
 
 
 def test_weights_too_large_for_any_grid_are_an_error():
@@ -121,7 +125,7 @@ def test_a_decoder_that_sums_in_another_order_rebuilds_the_file(tiny_cps, monkey
     monkeypatch.setattr(GridLinear, "partial_sum", staticmethod(_reversed_blocked_sum))
     monkeypatch.setattr(fixed_point.GridLinear, "__call__",
                         lambda self, inputs, slope=None: self.finish(
-                            _reversed_blocked_sum(activation_grid(inputs), self.weight.t()),
+                            _reversed_blocked_sum(self.to_grid(inputs), self.weight.t()),
                             slope))
     assert torch.equal(tiny_cps.decode(unpack(data), CodingPlan()), reference)
     # And an encoder summing in that order writes the same file.

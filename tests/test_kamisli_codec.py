@@ -202,3 +202,41 @@ def test_a_stream_written_by_a_cuda_model_decodes_on_the_cpu():
     payload = on_gpu.compress(x.cuda())
     assert payload.string == model.compress(x).string
     assert torch.equal(model.decompress(payload)["x_hat"], on_gpu.decompress(payload)["x_hat"])
+
+
+def _reversed_blocked_call(self, inputs, negative_slope=None):
+    """GridLinear's layer with its sums taken in another order: blocks of 5 columns,
+    last block first (what another machine's BLAS might do)."""
+    grid_inputs, weight = self.to_grid(inputs), self.weight.t()
+    total = torch.zeros(grid_inputs.shape[0], weight.shape[1], dtype=torch.float64)
+    for start in reversed(range(0, grid_inputs.shape[1], 5)):
+        total = total + grid_inputs[:, start:start + 5] @ weight[start:start + 5]
+    return self.finish(total, negative_slope)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_a_decoder_that_sums_in_another_order_rebuilds_the_file(name, monkeypatch):
+    from utils.coding.fixed_point import GridLinear
+
+    model = coding_model(KERNELS[name])
+    x = image(21, 30)
+    payload = model.compress(x)
+    assert payload.fixed_point
+    expected = model.decompress(payload)["x_hat"]
+    monkeypatch.setattr(GridLinear, "__call__", _reversed_blocked_call)
+    assert torch.equal(model.decompress(payload)["x_hat"], expected)
+    assert model.compress(x).string == payload.string
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_files_written_with_float32_products_still_decode_in_either_order(name):
+    model = coding_model(KERNELS[name])
+    x = grid(model, image(21, 30))
+    results = {}
+    for order in ("wavefront", "raster"):
+        string, y_hat, reconstruction, _ = BlockCoder(model, order, fixed_point=False).encode(x)
+        decoded_y, decoded = BlockCoder(model, order, fixed_point=False).decode(string, 6, 8)
+        assert torch.equal(decoded_y, y_hat) and torch.equal(decoded, reconstruction)
+        results[order] = y_hat, reconstruction
+    assert torch.equal(results["wavefront"][0], results["raster"][0])
+    assert torch.equal(results["wavefront"][1], results["raster"][1])

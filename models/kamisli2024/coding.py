@@ -23,17 +23,22 @@ intermediate features that a later masked layer reads (the KS = 3,3 entropy netw
 are kept in a feature map, zero outside the frame exactly as the training forward's
 zero padding, so the codec computes what ``forward`` computes (to float rounding).
 
-Bit-exactness. Encoder and decoder run the same code on the CPU in float32 with one
-thread, front by front, on tensors of the same shapes, so every scale, mean and
-reconstruction is bit-identical on both sides. A further property makes the
-wavefront order reproduce the block-by-block (raster) order exactly: a block's
-numbers must not depend on which other blocks share its product. BLAS libraries do
-not promise that; MKL, for one, sums in another order for products with 1 to 3 rows,
-and for small widths the result depends on the row count and the row's position.
-So every matrix product here has exactly ``ROWS_PER_PRODUCT`` rows, and block row
-``i`` always occupies row ``i % ROWS_PER_PRODUCT`` of its product (the *slot*), in
-either order; unused slots compute values that are never stored. A row of a product
-then sees the same call, the same position and the same inputs whatever the order.
+Bit-exactness. Encoder and decoder must compute every scale, mean and reconstruction
+bit for bit alike, and the wavefront order must reproduce the block-by-block
+(raster) order exactly: a block's numbers must not depend on which other blocks
+share its product. By default every product is an exact integer sum on the
+fixed-point grid of ``utils/coding/fixed_point.py``, so neither the blocks sharing a
+product nor the machine (its vector unit, its BLAS) can change a bit; the other
+operations (GDN's square root, LeakyReLU, clamping, rounding) are single IEEE
+operations, rounded alike everywhere. Files written before that grid (no
+fixed-point flag) ran float32 products, which BLAS libraries do not make
+independent of the row count (MKL sums in another order for 1 to 3 rows, and for
+small widths the result depends on the row count and the row's position); they are
+decoded as written: every product has exactly ``ROWS_PER_PRODUCT`` rows, and block
+row ``i`` always occupies row ``i % ROWS_PER_PRODUCT`` of its product (the *slot*),
+in either order, so a row sees the same call, position and inputs whatever the
+order, on one thread; such files decode where the CPU reproduces the writer's
+float32 products.
 
 Bitstream: one rANS string; fronts in increasing ``t``, blocks within a front by
 increasing row, the M latent channels of a block innermost.
@@ -51,6 +56,7 @@ from torch import Tensor, nn
 
 from models.kamisli2024.layers import BlockMaskedConv2d
 from utils.coding.context_coder import ORDERS, coding_order, single_threaded
+from utils.coding.fixed_point import GridLinear
 from utils.coding.rans import safe_string
 
 ROWS_PER_PRODUCT = 8
@@ -66,6 +72,7 @@ class BlockPayload:
         order: ``"wavefront"`` or ``"raster"``, the order the string was written in.
         y_hat_crc: CRC-32 of the encoder's dequantised latent, checked by the decoder.
         estimated_bits: the likelihood estimate of the string's length (not stored).
+        fixed_point: the products ran on the fixed-point grid (see the module doc).
     """
 
     string: bytes
@@ -74,15 +81,37 @@ class BlockPayload:
     order: str
     y_hat_crc: int
     estimated_bits: float = float("nan")
+    fixed_point: bool = True
 
 
-def _rows_linear(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``F.linear`` as products of exactly ROWS_PER_PRODUCT rows (see the module doc).
+class _Float32Product:
+    """``F.linear`` as float32 products of exactly ROWS_PER_PRODUCT rows, for files
+    without the fixed-point flag (see the module doc).
 
     Each chunk is copied to a fresh (aligned) tensor: some BLAS kernels' results
     depend on the alignment of their inputs.
     """
-    return torch.cat([F.linear(chunk.clone(), weight, bias) for chunk in h.split(ROWS_PER_PRODUCT)])
+
+    def __init__(self, weight: Tensor, bias: Tensor):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return torch.cat([F.linear(chunk.clone(), self.weight, self.bias)
+                          for chunk in h.split(ROWS_PER_PRODUCT)])
+
+
+class _FixedPointProduct:
+    """``F.linear`` as an exact sum on the fixed-point grid, returned in float32."""
+
+    def __init__(self, weight: Tensor, bias: Tensor):
+        self.layer = GridLinear(weight, bias)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.layer(h).float()
+
+
+def _product(weight: Tensor, bias: Tensor, fixed_point: bool):
+    return (_FixedPointProduct if fixed_point else _Float32Product)(weight, bias)
 
 
 class _Front(NamedTuple):
@@ -117,31 +146,31 @@ def _cpu(tensor: Tensor) -> Tensor:
 class _Linear:
     """A 1x1 convolution applied to (positions, channels) rows."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, fixed_point: bool):
         if conv.kernel_size != (1, 1):
             raise ValueError(f"expected a 1x1 convolution, got {conv.kernel_size}")
-        self.weight = _cpu(conv.weight).reshape(conv.out_channels, -1)
-        self.bias = _cpu(conv.bias)
+        self.product = _product(_cpu(conv.weight).reshape(conv.out_channels, -1),
+                                _cpu(conv.bias), fixed_point)
 
     def __call__(self, h: Tensor) -> Tensor:
-        return _rows_linear(h, self.weight, self.bias)
+        return self.product(h)
 
 
 class _GDN:
     """CompressAI's GDN / IGDN on rows: ``x * rsqrt(beta + gamma x^2)`` (sqrt if inverse)."""
 
-    def __init__(self, gdn: GDN):
-        self.gamma = _cpu(gdn.gamma_reparam(gdn.gamma))
-        self.beta = _cpu(gdn.beta_reparam(gdn.beta))
+    def __init__(self, gdn: GDN, fixed_point: bool):
+        self.norm = _product(_cpu(gdn.gamma_reparam(gdn.gamma)), _cpu(gdn.beta_reparam(gdn.beta)),
+                             fixed_point)
         self.inverse = gdn.inverse
 
     def __call__(self, h: Tensor) -> Tensor:
-        norm = _rows_linear(h * h, self.gamma, self.beta)
+        norm = self.norm(h * h)
         return h * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
 
 
 class _LeakyReLU:
-    def __init__(self, layer: nn.LeakyReLU):
+    def __init__(self, layer: nn.LeakyReLU, fixed_point: bool):
         self.slope = layer.negative_slope
 
     def __call__(self, h: Tensor) -> Tensor:
@@ -151,33 +180,34 @@ class _LeakyReLU:
 class _Masked:
     """A block-masked convolution evaluated at chosen positions of a padded feature map."""
 
-    def __init__(self, conv: BlockMaskedConv2d):
+    def __init__(self, conv: BlockMaskedConv2d, fixed_point: bool):
         taps = conv.taps()
         self.reach = max(max(abs(di), abs(dj)) for di, dj in taps)
         self.tap_rows = torch.tensor([di for di, _ in taps])
         self.tap_cols = torch.tensor([dj for _, dj in taps])
         centre = conv.kernel_size[0] // 2
         weight = _cpu(conv.weight)[:, :, self.tap_rows + centre, self.tap_cols + centre]
-        self.weight = weight.reshape(conv.out_channels, -1)    # channel-major, taps inner
-        self.bias = _cpu(conv.bias)
+        # Channel-major, taps inner.
+        self.product = _product(weight.reshape(conv.out_channels, -1), _cpu(conv.bias),
+                                fixed_point)
         self.in_channels = conv.in_channels
 
     def __call__(self, feature_map: Tensor, pad: int, rows: Tensor, cols: Tensor) -> Tensor:
         window = feature_map[:, rows[:, None] + self.tap_rows + pad,
                              cols[:, None] + self.tap_cols + pad]        # (C, n, taps)
         window = window.permute(1, 0, 2).reshape(len(rows), -1)
-        return _rows_linear(window, self.weight, self.bias)
+        return self.product(window)
 
 
-def _row_layer(module: nn.Module):
+def _row_layer(module: nn.Module, fixed_point: bool):
     if isinstance(module, BlockMaskedConv2d):
-        return _Masked(module)
+        return _Masked(module, fixed_point)
     if isinstance(module, nn.Conv2d):
-        return _Linear(module)
+        return _Linear(module, fixed_point)
     if isinstance(module, GDN):
-        return _GDN(module)
+        return _GDN(module, fixed_point)
     if isinstance(module, nn.LeakyReLU):
-        return _LeakyReLU(module)
+        return _LeakyReLU(module, fixed_point)
     raise TypeError(f"the block coder cannot evaluate a {type(module).__name__} layer")
 
 
@@ -201,11 +231,11 @@ class _Session:
 class _RowNetwork:
     """``layers(context(z_hat) [+ source(side input)])`` evaluated at given positions."""
 
-    def __init__(self, context: BlockMaskedConv2d, layers: nn.Module,
+    def __init__(self, context: BlockMaskedConv2d, layers: nn.Module, fixed_point: bool,
                  source: Optional[nn.Conv2d] = None):
-        self.context = _Masked(context)
-        self.source = _Linear(source) if source is not None else None
-        self.layers = [_row_layer(m) for m in layers]
+        self.context = _Masked(context, fixed_point)
+        self.source = _Linear(source, fixed_point) if source is not None else None
+        self.layers = [_row_layer(m, fixed_point) for m in layers]
         self.reach = max([self.context.reach]
                          + [m.reach for m in self.layers if isinstance(m, _Masked)])
 
@@ -231,9 +261,11 @@ class BlockCoder:
         model: the model, on any device, with entropy tables (``update()`` has run).
             Its weights are copied to the CPU in float32.
         order: ``"wavefront"`` (default) or ``"raster"`` (the published schedule).
+        fixed_point: products on the fixed-point grid (default; the same bits on
+            every machine), or float32 as files written before it.
     """
 
-    def __init__(self, model: nn.Module, order: str = "wavefront"):
+    def __init__(self, model: nn.Module, order: str = "wavefront", fixed_point: bool = True):
         if order not in ORDERS:
             raise ValueError(f"unknown block coding order {order!r}; choose from {ORDERS}")
         conditional = model.gaussian_conditional
@@ -244,9 +276,12 @@ class BlockCoder:
         self.slope = model.wavefront_slope
         self.channels = model.block_channels
         self.latent_channels = model.M
-        self.entropy = _RowNetwork(model.entropy_parameters[0], model.entropy_parameters[1:])
-        self.encoder = _RowNetwork(model.g_a_context, model.g_a, source=model.g_a_source)
-        self.decoder = _RowNetwork(model.g_s_context, model.g_s, source=model.g_s_latent)
+        self.entropy = _RowNetwork(model.entropy_parameters[0], model.entropy_parameters[1:],
+                                   fixed_point)
+        self.encoder = _RowNetwork(model.g_a_context, model.g_a, fixed_point,
+                                   source=model.g_a_source)
+        self.decoder = _RowNetwork(model.g_s_context, model.g_s, fixed_point,
+                                   source=model.g_s_latent)
         self.pad = max(self.entropy.reach, self.encoder.reach, self.decoder.reach)
         self.conditional = copy.deepcopy(conditional).cpu()
         self.cdfs = self.conditional.quantized_cdf.tolist()

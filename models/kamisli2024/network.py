@@ -275,13 +275,17 @@ class Kamisli2024(LearnedCodec, CompressionModel):
 
         Raises :class:`~utils.coding.container.BitstreamError` when the decoded latent
         differs from the encoder's (another checkpoint, or a machine whose
-        floating-point results differ).
+        float32 results differ, for files written before the fixed-point grid).
         """
         rows, cols = self.grid_size(payload.height, payload.width)
-        y_hat, reconstruction = BlockCoder(self, payload.order).decode(payload.string, rows, cols)
+        coder = BlockCoder(self, payload.order, fixed_point=payload.fixed_point)
+        y_hat, reconstruction = coder.decode(payload.string, rows, cols)
         if tensor_crc(y_hat) != payload.y_hat_crc:
-            raise BitstreamError("decoded latent differs from the encoder's (y_hat CRC mismatch): "
-                                 "wrong checkpoint or a machine with different float results")
+            cause = ("a damaged file or the wrong checkpoint" if payload.fixed_point else
+                     "a damaged file, the wrong checkpoint, or a file written before the "
+                     "fixed-point coder on a machine whose float32 results differ")
+            raise BitstreamError(f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
+                                 f"{cause}")
         x_hat = from_blocks(reconstruction[None], self.block_size) + 0.5
         return {"x_hat": x_hat[:, :, :payload.height, :payload.width]}
 
@@ -304,7 +308,7 @@ class Kamisli2024(LearnedCodec, CompressionModel):
             pad_right=cols * self.block_size - width, architecture=self.registry_name,
             fingerprint=model_fingerprint(self), order=plan.order, grayscale=plan.grayscale,
             y_hat_crc=payload.y_hat_crc, z_string=b"", y_string=payload.string,
-            estimated_bits=payload.estimated_bits)
+            estimated_bits=payload.estimated_bits, fixed_point=payload.fixed_point)
 
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
         """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source, from
@@ -324,7 +328,7 @@ class Kamisli2024(LearnedCodec, CompressionModel):
                                payload.width)
         blocks = BlockPayload(string=payload.y_string, height=payload.height,
                               width=payload.width, order=payload.order,
-                              y_hat_crc=payload.y_hat_crc)
+                              y_hat_crc=payload.y_hat_crc, fixed_point=payload.fixed_point)
         image = to_uint8(self.decompress(blocks)["x_hat"][0])
         if payload.grayscale:
             image = to_grayscale(image)

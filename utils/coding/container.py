@@ -14,8 +14,9 @@ offset  bytes   field
 5       1       flags: bit 0 entropy-coder order (0 wavefront, 1 raster),
                 bit 1 grayscale source (decode to one channel), bit 2 the
                 entropy model ran on the fixed-point grid, so the file decodes
-                on any machine (``utils/coding/fixed_point.py``; CPS files from
-                this flag on; without it, float32 as files written before);
+                on any machine (``utils/coding/fixed_point.py``; CPS and Kamisli
+                files from this flag on; without it, float32 as files written
+                before);
                 other bits 0
 6       4       original height H (pixels)
 10      4       original width W
@@ -105,10 +106,10 @@ class CompressedImage:
     z_string: bytes
     y_string: bytes
     estimated_bits: float = float("nan")
-    # The entropy model's products ran on the fixed-point grid (CPS files from
-    # format flag bit 2 on); False: float32, decodable only where the encoder's
-    # float32 products are reproduced bit for bit (and by models whose files carry
-    # no such model, like the zoo's).
+    # The entropy model's products ran on the fixed-point grid (CPS and Kamisli files
+    # from format flag bit 2 on); False: float32, decodable only where the encoder's
+    # float32 products are reproduced bit for bit (and the zoo models', whose
+    # CompressAI coders run in float32).
     fixed_point: bool = False
 
     @property

@@ -5,13 +5,14 @@ rANS state desynchronises. float32 matrix products do not guarantee that across
 machines: their summation order depends on the library's blocking for the CPU's
 vector unit, so a file written on an AVX2 CPU failed the latent check on an AVX-512
 one (``tests/test_codec.py``). Every product of the entropy model (``h_s``, the
-context model, the entropy-parameter network) therefore runs on a fixed-point grid:
+context model, the entropy-parameter network; for Kamisli 2024 every product of its
+block coder) therefore runs on a fixed-point grid, one per layer:
 
-- activations are rounded to multiples of ``2**-ACTIVATION_FRACTION_BITS`` and
-  clipped to ``±ACTIVATION_BOUND``;
-- each layer's weights are rounded to multiples of ``2**-b``, with the largest ``b``
-  for which no sum of products can reach ``2**52`` in units of the product grid
-  (:func:`weight_fraction_bits`);
+- the layer's inputs are clipped to ``±ACTIVATION_BOUND`` and rounded to multiples
+  of ``2**-a``, its weights to multiples of ``2**-b``;
+- ``a`` and ``b`` share the bits that keep every sum of products below ``2**52`` in
+  units of ``2**-(a + b)`` (:func:`fraction_bits`): for the layers here about 15
+  each, so inputs and weights move by about 3e-5 and 1.5e-5 at most;
 - the products run as float64 matrix products: every operand, product and partial
   sum is then an integer times a power of two that float64 holds exactly, so the
   result is the exact sum whatever the summation order, blocking, thread count or
@@ -21,34 +22,28 @@ context model, the entropy-parameter network) therefore runs on a fixed-point gr
 
 Integer networks make the same argument (Ballé et al., "Integer networks for data
 compression with latent-variable models", ICLR 2019); this keeps the trained float
-weights and rounds them when the coder is built, so training is unchanged. With 12
-fraction bits the means and scales move by about 1e-4 from the float network's, far
-below the unit quantisation step of the latent.
+weights and rounds them when the coder is built, so training is unchanged. The
+means and scales move by about 1e-4 at most from the float network's, far below
+the unit quantisation step of the latent.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-ACTIVATION_FRACTION_BITS = 12
 ACTIVATION_BOUND = 2.0 ** 15
 # Integers up to 2**53 are exact in float64; one bit is kept for the bias sum.
 _EXACT_LIMIT = 2.0 ** 52
-_MAX_WEIGHT_BITS = 40
+# Finer than float32 resolves at the bound: more input bits would buy nothing.
+_MAX_INPUT_BITS = 24
 
 
-def activation_grid(values: Tensor) -> Tensor:
-    """``values`` clipped to ``±ACTIVATION_BOUND`` and rounded to the activation grid,
-    as float64 integers (multiples of one grid step)."""
-    scale = 2.0 ** ACTIVATION_FRACTION_BITS
-    return torch.round(values.double().clamp(-ACTIVATION_BOUND, ACTIVATION_BOUND) * scale)
-
-
-def weight_fraction_bits(weight: Tensor, bias: Optional[Tensor]) -> int:
-    """Largest ``b`` for which every output of a layer with ``weight`` (out, in) and
-    ``bias``, on inputs from the activation grid, is an integer below ``2**52`` in
-    units of ``2**-(ACTIVATION_FRACTION_BITS + b)``, and so is every partial sum.
+def fraction_bits(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
+    """(input bits ``a``, weight bits ``b``) of a layer with ``weight`` (out, in) and
+    ``bias``: the largest ``a + b``, split evenly, for which every output on inputs
+    within ``±ACTIVATION_BOUND`` is an integer below ``2**52`` in units of
+    ``2**-(a + b)``, and so is every partial sum.
 
     Raises:
         ValueError: weights too large for any grid (a damaged checkpoint).
@@ -57,19 +52,20 @@ def weight_fraction_bits(weight: Tensor, bias: Optional[Tensor]) -> int:
     inputs = weight.shape[1]
     row_sum = float(weight.abs().sum(1).max())
     largest_bias = float(bias.detach().double().abs().max()) if bias is not None else 0.0
-    input_units = ACTIVATION_BOUND * 2.0 ** ACTIVATION_FRACTION_BITS
-    for bits in range(_MAX_WEIGHT_BITS, -1, -1):
-        step = 2.0 ** bits
+    for total in range(2 * _MAX_INPUT_BITS, -1, -1):
+        input_bits = min(_MAX_INPUT_BITS, (total + 1) // 2)
+        weight_bits = total - input_bits
+        input_units = ACTIVATION_BOUND * 2.0 ** input_bits
         # Rounding moves each weight by at most half a unit, the bias by half a step.
-        products = input_units * (row_sum * step + 0.5 * inputs)
-        bias_units = (largest_bias * step + 0.5) * 2.0 ** ACTIVATION_FRACTION_BITS
+        products = input_units * (row_sum * 2.0 ** weight_bits + 0.5 * inputs)
+        bias_units = largest_bias * 2.0 ** total + 0.5
         if products + bias_units < _EXACT_LIMIT:
-            return bits
+            return input_bits, weight_bits
     raise ValueError(f"weights summing to {row_sum:.3g} per output do not fit a fixed-point grid")
 
 
 class GridLinear:
-    """A linear layer ``x W^T + b`` computed exactly on the fixed-point grid.
+    """A linear layer ``x W^T + b`` computed exactly on its fixed-point grid.
 
     The weight may be applied in column blocks (:meth:`partial_sum`) whose integer
     sums are added before :meth:`finish`: the total is the same exact integer
@@ -77,11 +73,17 @@ class GridLinear:
     """
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor]):
-        bits = weight_fraction_bits(weight, bias)
-        self.output_scale = 2.0 ** -(ACTIVATION_FRACTION_BITS + bits)
-        self.weight = torch.round(weight.detach().double().cpu() * 2.0 ** bits)
+        self.input_bits, self.weight_bits = fraction_bits(weight, bias)
+        self.output_scale = 2.0 ** -(self.input_bits + self.weight_bits)
+        self.weight = torch.round(weight.detach().double().cpu() * 2.0 ** self.weight_bits)
         self.bias = (None if bias is None else
                      torch.round(bias.detach().double().cpu() / self.output_scale))
+
+    def to_grid(self, values: Tensor) -> Tensor:
+        """``values`` clipped to ``±ACTIVATION_BOUND`` and rounded to this layer's input
+        grid, as float64 integers (multiples of one grid step)."""
+        scale = 2.0 ** self.input_bits
+        return torch.round(values.double().clamp(-ACTIVATION_BOUND, ACTIVATION_BOUND) * scale)
 
     def columns(self, start: int, stop: int) -> Tensor:
         """The integer weight of input columns start..stop, transposed for
@@ -90,8 +92,8 @@ class GridLinear:
 
     @staticmethod
     def partial_sum(inputs: Tensor, columns: Tensor) -> Tensor:
-        """Exact integer sum of products of grid ``inputs`` (n, k) with weight
-        ``columns`` (k, out) from :meth:`columns`."""
+        """Exact integer sum of products of grid ``inputs`` (n, k) (:meth:`to_grid`)
+        with weight ``columns`` (k, out) from :meth:`columns`."""
         return inputs @ columns
 
     def finish(self, total: Tensor, negative_slope: Optional[float] = None) -> Tensor:
@@ -106,7 +108,7 @@ class GridLinear:
 
     def __call__(self, inputs: Tensor, negative_slope: Optional[float] = None) -> Tensor:
         """The whole layer on float ``inputs`` (n, in), rounded onto the grid first."""
-        return self.finish(activation_grid(inputs) @ self.weight.t(), negative_slope)
+        return self.finish(self.to_grid(inputs) @ self.weight.t(), negative_slope)
 
 
 def hyper_synthesis(h_s: nn.Sequential, z_hat: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.coding.fixed_point import GridLinear, activation_grid
+from utils.coding.fixed_point import GridLinear
 
 # (weight (out, in), bias, LeakyReLU slope or None) of one 1x1 convolution.
 LinearLayer = Tuple[Tensor, Tensor, Optional[float]]
@@ -104,17 +104,17 @@ class FixedPointNetwork:
     def far_part(self, far_windows: Tensor, far_weight: Tensor,
                  front_params: Tensor) -> Tuple[Tensor, Tensor]:
         """Integer sums of the far taps and of the params half of the first convolution."""
-        return (GridLinear.partial_sum(activation_grid(far_windows), far_weight),
-                GridLinear.partial_sum(activation_grid(front_params), self.hyper_columns))
+        return (GridLinear.partial_sum(self.context.to_grid(far_windows), far_weight),
+                GridLinear.partial_sum(self.first.to_grid(front_params), self.hyper_columns))
 
     def scales_and_means(self, near_windows: Tensor, near_weight: Tensor,
                          partial: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
         """float32 scales and means (n, M) of a front, given its far part."""
         partial_context, partial_hidden = partial
-        context_sum = partial_context + GridLinear.partial_sum(activation_grid(near_windows),
-                                                               near_weight)
+        context_sum = partial_context + GridLinear.partial_sum(
+            self.context.to_grid(near_windows), near_weight)
         context = self.context.finish(context_sum)
-        hidden_sum = partial_hidden + GridLinear.partial_sum(activation_grid(context),
+        hidden_sum = partial_hidden + GridLinear.partial_sum(self.first.to_grid(context),
                                                              self.context_columns)
         hidden = self.first.finish(hidden_sum, self.first_slope)
         for layer, slope in self.layers:
