@@ -38,8 +38,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 # Rows of every matrix product (a pixel per row). Large enough that the per-call
-# cost is small next to the product, small enough that the accumulator stays in cache.
-ROWS = 4096
+# cost is small next to the product, small enough that the accumulator stays in cache
+# and that the deepest layers of small patches waste little on padding: 2048 rows
+# coded Kodak 2 % faster than 4096 whole-image and 9 % faster at P = 128.
+ROWS = 2048
 
 _Pair = Union[int, Sequence[int]]
 
