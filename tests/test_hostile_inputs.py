@@ -140,7 +140,7 @@ def _layered(model, side, streams=2):
 
     return pack(LayeredImage(height=side, width=side, architecture=model.registry_name,
                              fingerprint=model_fingerprint(model), total_layers=2,
-                             streams=[b"\xff" * 8] * streams, y_hat_crcs=[0] * streams))
+                             streams=[b"\xff" * 8] * streams, latent_crcs=[0] * streams))
 
 
 def _size_forged(model, height, width):

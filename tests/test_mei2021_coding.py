@@ -4,6 +4,10 @@ Random tiny models (widths 8-12) with entropy tables; images synthesised in memo
 with sides that are not multiples of 64/128 so that padding and cropping are exercised.
 """
 
+import contextlib
+import dataclasses
+from unittest import mock
+
 import pytest
 import torch
 
@@ -11,7 +15,14 @@ from models.base import CodingPlan
 from models.mei2021.coding import decode_latents, encode_latents
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.pyramid import pyramid_sizes
-from utils.coding.container import LAYERED_MAGIC, BitstreamError, pack, truncate_layers, unpack
+from utils.coding.container import (
+    LAYERED_MAGIC,
+    BitstreamError,
+    pack,
+    tensor_crc,
+    truncate_layers,
+    unpack,
+)
 from utils.evaluation.coders import ModelCoder
 from utils.image_io import to_uint8
 from utils.stitching.transforms import transform_mode
@@ -204,3 +215,53 @@ def test_truncate_rejects_impossible_layer_counts(quality, coded_quality):
     for keep in (0, 4):
         with pytest.raises(ValueError, match="1..3"):
             truncate_layers(data, keep)
+
+
+def _predictions_rounded_differently(model):
+    """Patch ``model``'s predictors as on a machine whose float results differ from
+    the encoder's: every prediction moves by about one float32 ulp."""
+    patches = []
+    for predictor in model.predictors:
+        original = predictor.forward
+        patches.append(mock.patch.object(
+            predictor, "forward",
+            side_effect=lambda x, original=original: original(x) * (1 + 2 ** -23)))
+    return patches
+
+
+def _as_version_1(model, image):
+    """The file this codec wrote before version 2: y^_k CRCs instead of coded values'."""
+    layered, encoder = encode_latents(model, image)
+    return dataclasses.replace(layered, version=1,
+                               latent_crcs=[tensor_crc(y) for y in encoder["y_hat"]])
+
+
+def test_a_machine_with_other_float_rounding_decodes_the_file(quality, coded_quality):
+    """The layer CRCs cover what rANS decodes, not the float predictions, so another
+    machine decodes a file to within its rounding of the encoder's reconstruction."""
+    _, layered, encoder = coded_quality
+    layered = unpack(pack(layered))
+    assert layered.version == 2
+    with contextlib.ExitStack() as stack:
+        for patch in _predictions_rounded_differently(quality):
+            stack.enter_context(patch)
+        decoded = decode_latents(quality, layered)
+    assert not torch.equal(decoded["y_hat"][1], encoder["y_hat"][1])  # the rounding did differ
+    for ours, theirs in zip(decoded["x_hat"], encoder["x_hat"]):
+        assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_version_1_files_decode_where_written_and_are_refused_elsewhere(quality):
+    image = smooth_image(70, 90, seed=3)
+    data = pack(_as_version_1(quality, image))
+    assert data[4] == 1
+    old = unpack(data)
+    assert old.version == 1
+    assert torch.equal(quality.decode(old, CodingPlan()), quality.decode(
+        encode_latents(quality, image)[0], CodingPlan()))
+    assert unpack(truncate_layers(data, 2)).version == 1
+    with contextlib.ExitStack() as stack:
+        for patch in _predictions_rounded_differently(quality):
+            stack.enter_context(patch)
+        with pytest.raises(BitstreamError, match="version 1 file decodes on the encoder's"):
+            quality.decode(old, CodingPlan())

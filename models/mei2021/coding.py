@@ -10,8 +10,13 @@ predicts from exactly the values the decoder rebuilds (the shared ``_run_layers`
 loop), both run with the codec's deterministic convolution settings
 (``utils.stitching.transforms.transform_mode``: on CUDA, cuDNN's default transposed
 convolutions are not bit-reproducible from call to call, which made the encoder's and
-the decoder's predictions differ), and the container stores a CRC of every decoded
-latent so a decoder that does not reproduce them fails loudly instead of drifting.
+the decoder's predictions differ). The container stores a CRC of every layer's coded
+values (the base latent or the residual, symbols plus the entropy model's medians),
+which rANS decoding reproduces exactly on any machine: a damaged stream or stale
+entropy tables fail loudly, while a machine whose float predictions differ from the
+encoder's by rounding decodes the file, to within that rounding of the encoder's
+reconstruction. Version 1 files hold the CRC of each latent y^_k, prediction
+included, and decode where the encoder's float results are reproduced.
 
 The payload is a :class:`~utils.coding.container.LayeredImage`, written as a
 ``.cpsl`` file by ``utils/coding/container.py``.
@@ -63,7 +68,7 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     layered = encode_latents(model, image, plan.budget_bytes)[0]
     if plan.layers:
         layered.streams = layered.streams[:plan.layers]
-        layered.y_hat_crcs = layered.y_hat_crcs[:plan.layers]
+        layered.latent_crcs = layered.latent_crcs[:plan.layers]
         layered.estimated_bits = layered.estimated_bits[:plan.layers]
     return layered
 
@@ -82,22 +87,21 @@ def encode_latents(model: nn.Module, image: Tensor, budget_bytes: Optional[int] 
     device = model_device(model)
     check_whole_image_fits(model, device, budget_bytes, height, width)
     x = to_unit_float(pad_replicate(image, model.downsampling_factor).to(device))[None]
-    streams, estimated = [], []
+    streams, estimated, crcs = [], [], []
 
     def code(k, value, _size):
         entropy_model = model.entropy_bottlenecks[k]
         streams.append(entropy_model.compress(value)[0])
         decoded, likelihoods = entropy_model(value)  # eval mode: round around the medians
         estimated.append(float(-torch.log2(likelihoods.double()).sum()))
+        crcs.append(tensor_crc(decoded))
         return decoded, None
 
     with transform_mode(device, exact=True):
         out = model._run_layers(model.layer_inputs(x), code, tuple(x.shape[-2:]))
     layered = LayeredImage(height=height, width=width, architecture=model.registry_name,
                            fingerprint=model_fingerprint(model), total_layers=model.num_layers,
-                           streams=streams,
-                           y_hat_crcs=[tensor_crc(y) for y in out["y_hat"]],
-                           estimated_bits=estimated)
+                           streams=streams, latent_crcs=crcs, estimated_bits=estimated)
     return layered, out
 
 
@@ -106,8 +110,9 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
     """Decode layers 0..upto-1 and return the model's per-layer outputs (uncropped).
 
     Only ``layered.streams[:upto]`` is read. Raises :class:`BitstreamError` when the
-    streams belong to another model or a decoded latent differs from the encoder's;
-    with ``budget_bytes``, the header's size is checked against it before any work.
+    streams belong to another model or a layer's decoded values differ from the
+    encoder's (its latent, for version 1 files); with ``budget_bytes``, the header's
+    size is checked against it before any work.
     """
     _check_model(model)
     stored = len(layered.streams)
@@ -126,15 +131,21 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
         entropy_model = model.entropy_bottlenecks[k]
         symbols = entropy_model.channels * latent_size[0] * latent_size[1]
         stream = safe_string(layered.streams[k], symbols, f"layer {k}")
-        return entropy_model.decompress([stream], latent_size), None
+        decoded = entropy_model.decompress([stream], latent_size)
+        if layered.version >= 2 and tensor_crc(decoded) != layered.latent_crcs[k]:
+            raise BitstreamError(f"layer {k}: the decoded values differ from the encoder's "
+                                 "(CRC mismatch): a damaged stream or other entropy tables")
+        return decoded, None
 
     size = _padded_size(model, layered.height, layered.width)
     with transform_mode(device, exact=True):
         out = model._run_layers(None, code, size, upto)
-    for k, y_hat in enumerate(out["y_hat"]):
-        if tensor_crc(y_hat) != layered.y_hat_crcs[k]:
-            raise BitstreamError(f"layer {k}: the decoded latent differs from the encoder's "
-                                 f"(CRC mismatch on {device}); decode on the encoder's platform")
+    if layered.version == 1:
+        for k, y_hat in enumerate(out["y_hat"]):
+            if tensor_crc(y_hat) != layered.latent_crcs[k]:
+                raise BitstreamError(
+                    f"layer {k}: the decoded latent differs from the encoder's (CRC mismatch "
+                    f"on {device}); a version 1 file decodes on the encoder's platform only")
     return out
 
 

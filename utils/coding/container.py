@@ -31,7 +31,7 @@ offset  bytes   field
 end-4   4       CRC-32 of every byte before it
 ======  ======  ==========================================================
 
-``.cpsl``, version 1 (the layered Mei 2021 models):
+``.cpsl``, version 2 (the layered Mei 2021 models; version 1 is still read):
 
 ======  ======  ================================================================
 offset  bytes   field
@@ -45,7 +45,10 @@ offset  bytes   field
 15      1       length n of the architecture name, then the name (ASCII)
 16+n    8       model fingerprint
 24+n    12*S    per stored layer: stream length, CRC-32 of the stream, CRC-32 of the
-                layer's decoded latent y^_k (float32 bytes)
+                layer's coded values (float32 bytes): the base latent or the
+                residual exactly as rANS decodes it (symbols plus medians), the
+                same on every machine; version 1 held the CRC of the layer's
+                latent y^_k, which adds the decoder's float prediction
 ..      4       CRC-32 of the header (every byte above)
 ..      ..      the S streams, base first
 ======  ======  ================================================================
@@ -54,7 +57,10 @@ The CRCs turn truncation and corruption into an error. The fingerprint makes
 decoding with another checkpoint an error instead of garbage pixels. The latent
 CRCs let the decoder prove it rebuilt the encoder's latents exactly: a machine whose
 floating-point results differ from the encoder's (CompressAI issues 54, 279, 320)
-gets an error, never a picture with black blocks. CompressAI zoo models do not
+gets an error, never a picture with black blocks. (A ``.cpsl`` layer's values do not
+depend on floating-point results, so its CRC checks the symbols; a version 1 file's
+CRC covers the float prediction too, and such a file decodes only where the
+encoder's float results are reproduced.) CompressAI zoo models do not
 expose their decoded latent, so their files store 0 there and their decoder does
 not check it. Dropping the top layers of a ``.cpsl`` file is a header rewrite
 (:func:`truncate_layers`), so a server can serve lower operating points without
@@ -65,7 +71,7 @@ import hashlib
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import List, Union
+from typing import List, Tuple, Union
 
 import torch
 from torch import nn
@@ -73,7 +79,8 @@ from torch import nn
 MAGIC = b"CPS\x89"
 LAYERED_MAGIC = b"CPSL"
 VERSION = 1
-LAYERED_VERSION = 1
+LAYERED_VERSION = 2
+_LAYERED_VERSIONS = (1, 2)
 # Hard limit of the format on each side, checked before anything is allocated.
 MAX_SIDE = 65535
 ORDER_FLAGS = {"wavefront": 0, "raster": 1}
@@ -122,6 +129,9 @@ class CompressedImage:
 class LayeredImage:
     """A ``.cpsl`` file's content: the first ``len(streams)`` of ``total_layers`` layers.
 
+    ``latent_crcs`` holds one CRC-32 per layer (:func:`tensor_crc`): in ``version`` 2
+    (written now) of the layer's coded values, the base latent or the residual as
+    rANS decodes it; in version 1 of the layer's latent y^_k, prediction included.
     ``estimated_bits`` (per layer, from the likelihoods) is the encoder's estimate
     and is not stored in the container.
     """
@@ -132,8 +142,9 @@ class LayeredImage:
     fingerprint: bytes
     total_layers: int
     streams: List[bytes]
-    y_hat_crcs: List[int]
+    latent_crcs: List[int]
     estimated_bits: List[float] = field(default_factory=list)
+    version: int = LAYERED_VERSION
 
     @property
     def stream_bytes(self) -> int:
@@ -217,10 +228,11 @@ class _Reader:
         return self.take(length).decode("ascii", errors="replace")
 
 
-def _check_version(data: bytes, kind: str, supported: int) -> None:
-    if data[4] != supported:
+def _check_version(data: bytes, kind: str, supported: Tuple[int, ...]) -> None:
+    if data[4] not in supported:
+        readable = " and ".join(str(version) for version in supported)
         raise BitstreamError(f"{kind} format version {data[4]} is not supported (this code "
-                             f"reads {supported})")
+                             f"reads {readable})")
 
 
 def _pack_image(image: CompressedImage) -> bytes:
@@ -240,7 +252,7 @@ def _pack_image(image: CompressedImage) -> bytes:
 def _unpack_image(data: bytes) -> CompressedImage:
     if len(data) < _FIXED.size + _CRC.size:
         raise BitstreamError("truncated .cps file")
-    _check_version(data, ".cps", VERSION)
+    _check_version(data, ".cps", (VERSION,))
     reader = _Reader(_checked_body(data, ".cps file"), ".cps")
     _, _, flags, height, width, pad_bottom, pad_right = reader.unpack(_FIXED)
     if flags & ~_KNOWN_FLAGS:
@@ -263,7 +275,7 @@ def _unpack_image(data: bytes) -> CompressedImage:
 
 def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:
     name = layered.architecture.encode("ascii")
-    fixed = _LAYERED_FIXED.pack(LAYERED_MAGIC, LAYERED_VERSION, len(layers),
+    fixed = _LAYERED_FIXED.pack(LAYERED_MAGIC, layered.version, len(layers),
                                 layered.total_layers, layered.height, layered.width, len(name))
     return _with_crc(fixed + name + layered.fingerprint
                      + b"".join(_LAYER.pack(*layer) for layer in layers))
@@ -271,7 +283,7 @@ def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:
 
 def _pack_layered(layered: LayeredImage) -> bytes:
     layers = [(len(stream), zlib.crc32(stream), crc)
-              for stream, crc in zip(layered.streams, layered.y_hat_crcs)]
+              for stream, crc in zip(layered.streams, layered.latent_crcs)]
     return _layered_header(layered, layers) + b"".join(layered.streams)
 
 
@@ -279,7 +291,7 @@ def _read_layered_header(data: bytes):
     """(image without streams, per-layer (length, CRC, latent CRC), offset of the streams)."""
     if len(data) < _LAYERED_FIXED.size:
         raise BitstreamError("truncated .cpsl file (incomplete header)")
-    _check_version(data, ".cpsl", LAYERED_VERSION)
+    _check_version(data, ".cpsl", _LAYERED_VERSIONS)
     _, _, stored, total, height, width, name_length = _LAYERED_FIXED.unpack_from(data)
     end = _LAYERED_FIXED.size + name_length + 8 + _LAYER.size * stored
     if len(data) < end + _CRC.size or not 1 <= stored <= total:
@@ -292,7 +304,8 @@ def _read_layered_header(data: bytes):
     layers = [reader.unpack(_LAYER) for _ in range(stored)]
     layered = LayeredImage(height=height, width=width, architecture=architecture,
                            fingerprint=fingerprint, total_layers=total, streams=[],
-                           y_hat_crcs=[latent_crc for _, _, latent_crc in layers])
+                           latent_crcs=[latent_crc for _, _, latent_crc in layers],
+                           version=data[4])
     return layered, layers, end + _CRC.size
 
 
