@@ -101,6 +101,17 @@ def test_hyper_synthesis_equals_h_s_to_grid_precision(tiny_cps):
     assert (params - expected).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("chunk", [1, 12, 10 ** 9])
+def test_hyper_synthesis_does_not_depend_on_its_chunks(tiny_cps, monkeypatch, chunk):
+    """One z_hat row at a time, several rows, or all at once: the same bits (a large
+    image is synthesised in chunks to bound its float64 work)."""
+    z_hat = torch.round(torch.randn(1, tiny_cps.N, 7, 5) * 4)
+    whole = hyper_synthesis(tiny_cps.h_s, z_hat)
+    monkeypatch.setattr(fixed_point, "CHUNK_POSITIONS", chunk)
+    assert fixed_point.chunk_positions(5) == {1: 5, 12: 10, 10 ** 9: 10 ** 9 // 5 * 5}[chunk]
+    assert torch.equal(hyper_synthesis(tiny_cps.h_s, z_hat), whole)
+
+
 def test_hyper_synthesis_names_a_layer_it_cannot_run():
     with pytest.raises(ValueError, match="no fixed-point form"):
         hyper_synthesis(nn.Sequential(nn.Conv2d(4, 4, 3)), torch.zeros(1, 4, 5, 5))
