@@ -19,6 +19,8 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
 * :attr:`LearnedCodec.operating_points` and :meth:`LearnedCodec.reference_image`:
   a scalable model has one operating point per layer; point ``k`` decodes with
   ``plan.layers = k + 1`` and is measured against ``reference_image(image, k)``.
+* :attr:`LearnedCodec.downsampling_factor`: the side multiple ``forward`` needs; a
+  caller pads images to it (training crops must be multiples of it).
 * :attr:`LearnedCodec.supports_patches`: whether ``plan.patch`` changes anything
   (POPS); ``test.py`` picks its default tiling from it.
 * :attr:`LearnedCodec.rate_includes_container`: bpp from the whole file (header
@@ -107,6 +109,12 @@ class LearnedCodec(nn.Module, abc.ABC):
         """The training loss: CompressAI's rate-distortion loss (``lmbda`` weighs the
         distortion, ``metric`` is ``mse`` or ``ms-ssim``)."""
         return RateDistortionLoss(lmbda=lmbda, metric=metric)
+
+    @property
+    @abc.abstractmethod
+    def downsampling_factor(self) -> int:
+        """Sides of a ``forward`` input must be multiples of this (the stride product
+        of the analysis transforms)."""
 
     @property
     def operating_points(self) -> int:

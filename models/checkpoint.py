@@ -73,8 +73,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[0]})")
     if problems:
-        name = getattr(model, "registry_name", type(model).__name__)
-        raise ValueError(f"checkpoint does not fit architecture {name!r}: " + "; ".join(problems))
+        raise ValueError(f"checkpoint does not fit architecture {model.registry_name!r}: "
+                         + "; ".join(problems))
 
     tables_present = all(k in state_dict and state_dict[k].numel() > 0
                          for k in expected if _is_entropy_table(k))

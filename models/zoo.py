@@ -91,6 +91,12 @@ class ZooCodec(LearnedCodec):
         image = to_uint8(x_hat[0, :, top:top + payload.height, left:left + payload.width]).cpu()
         return to_grayscale(image) if payload.grayscale else image.contiguous()
 
+    @property
+    def downsampling_factor(self) -> int:
+        """The zoo class's own (this class comes first in the method resolution order,
+        so the contract's abstract member would otherwise hide it)."""
+        return self.zoo_class.downsampling_factor.fget(self)
+
     def apply_masks(self) -> None:
         """Zero the masked taps of CompressAI's ``MaskedConv2d`` weights, as its first
         forward call does in place: done up front, the weights (and so the checkpoint

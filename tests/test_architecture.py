@@ -104,3 +104,24 @@ def test_code_reaches_models_through_the_contract_not_attribute_probes():
               for node in ast.walk(ast.parse(open(path).read()))
               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"]
     assert len(probes) <= 1, probes
+
+
+MODEL_NAMES = {"model", "raw", "net", "codec"}
+
+
+def _names_a_model(node: ast.expr) -> bool:
+    """``model``, ``raw``, ... or ``self.model``: the names the code gives a model."""
+    if isinstance(node, ast.Attribute):
+        return node.attr in MODEL_NAMES
+    return isinstance(node, ast.Name) and node.id in MODEL_NAMES
+
+
+def test_no_member_of_a_model_is_read_with_a_fallback():
+    """``getattr(model, "registry_name", default)`` would hide a model that breaks the
+    contract (a checkpoint labelled with the fallback): contract members are read
+    directly."""
+    fallbacks = [f"{name}:{node.lineno}" for name, path in MODULES.items()
+                 for node in ast.walk(ast.parse(open(path).read()))
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr"
+                 and len(node.args) == 3 and _names_a_model(node.args[0])]
+    assert fallbacks == []

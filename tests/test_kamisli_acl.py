@@ -96,6 +96,19 @@ def test_an_interrupted_acl_run_resumes_to_the_same_result(tmp_path):
     assert resumed.learning_rate == straight.learning_rate
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"blok_size": 4}, "rejects its kwargs"),
+    ({"block_size": 3}, "must be a multiple of 3"),
+])
+def test_a_model_config_acl_cannot_build_is_refused_as_in_open_loop(tmp_path, change, message):
+    """Both training modes build the model through one function, with one-line errors."""
+    cfg = config(tmp_path)
+    kwargs = {k: v for k, v in cfg["model"]["kwargs"].items() if k != "block_size"}
+    cfg["model"]["kwargs"] = dict(kwargs, **change)
+    with pytest.raises(ValueError, match=message):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)
+
+
 def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
     write_images(tmp_path / "x", 1, (20, 28), seed=2)
     original = str(tmp_path / "x" / "img0.png")

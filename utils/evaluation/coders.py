@@ -40,10 +40,6 @@ from utils.stitching.geometry import check_patch_size, model_geometry
 from utils.stitching.patches import pad_replicate
 from utils.stitching.spec import PatchSpec
 
-# Side multiple of the padded input of a forward pass without a container (the
-# largest stride product of the models here: g_a and h_a).
-FORWARD_MULTIPLE = 64
-
 
 @dataclass
 class Coded:
@@ -96,8 +92,10 @@ def _check_same(first: Tensor, second: Tensor, what: str) -> None:
 
 
 def forward_bits(model: nn.Module, image: Tensor) -> float:
-    """Likelihood rate of one forward pass on the image padded (replicate) to 64."""
-    x = to_unit_float(pad_replicate(image, FORWARD_MULTIPLE).to(model_device(model)))[None]
+    """Likelihood rate of one forward pass on the image padded (replicate) to the
+    model's :attr:`~models.base.LearnedCodec.downsampling_factor`."""
+    padded = pad_replicate(image, model.downsampling_factor)
+    x = to_unit_float(padded.to(model_device(model)))[None]
     with torch.inference_mode():
         return likelihood_bits(model(x)["likelihoods"])
 
@@ -202,7 +200,7 @@ class EstimationCoder(Coder):
 
     def code(self, image: Tensor) -> Coded:
         height, width = image.shape[1:]
-        x = to_unit_float(pad_replicate(image, FORWARD_MULTIPLE))[None]
+        x = to_unit_float(pad_replicate(image, self.model.downsampling_factor))[None]
         with torch.inference_mode():
             start = _clock(self.device)
             output = self.model(x.to(device=self.device, dtype=self.dtype))

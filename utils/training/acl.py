@@ -39,7 +39,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import models
 from datasets import list_split
 from datasets.context_pairs import ContextPairs
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
@@ -47,6 +46,7 @@ from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
 from utils.image_io import to_uint8, write_png
 from utils.training.bad_images import usable_images
+from utils.training.build import build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.state import check_resume_entries, load_entry
@@ -180,7 +180,7 @@ class _Run:
         data, params, model_cfg = cfg["train_data"], cfg["train_params"], cfg["model"]
         self.settings, self.device, self.log, self.config = settings, device, log, cfg
         torch.manual_seed(params["seed"])  # the same initial weights in every run
-        self.model = models.build_model(model_cfg["name"], N=params["N"], **model_cfg["kwargs"])
+        self.model = build_configured_model(cfg)
         if not isinstance(self.model, Kamisli2024):
             raise ValueError(f"ACL training needs a block-based model such as kamisli2024, "
                              f"not {model_cfg['name']!r}")

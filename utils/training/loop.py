@@ -23,10 +23,10 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-import models
 from datasets import CropImageFolder, EpochSampler
 from utils.training import distributed
 from utils.training.bad_images import UnusableImages
+from utils.training.build import build_configured_model
 from utils.training.config import (
     BEST_NAME,
     LAST_NAME,
@@ -52,20 +52,6 @@ from utils.training.step import (
 )
 
 __all__ = ["Trainer"]
-
-
-def _build_model(cfg) -> torch.nn.Module:
-    kwargs = dict(cfg.model.kwargs)
-    kwargs["N"] = cfg.train_params.N
-    try:
-        model = models.build_model(cfg.model.name, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"model {cfg.model.name!r} rejects its kwargs {kwargs}: {exc}") from None
-    factor = getattr(model, "downsampling_factor", 1)
-    if cfg.train_params.crop_size % factor:
-        raise ValueError(f"train_params.crop_size={cfg.train_params.crop_size} must be a "
-                         f"multiple of {factor} for model {cfg.model.name!r}")
-    return model
 
 
 class Trainer:
@@ -108,7 +94,7 @@ class Trainer:
             raise ValueError(f"{len(self.train_set)} training images give no full batch of "
                              f"{td.batch_size} per process ({ctx.world_size} processes)")
 
-        self.raw = _build_model(cfg).to(ctx.device)
+        self.raw = build_configured_model(cfg).to(ctx.device)
         if tp.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
         # Models with a loss of their own (the layered mei2021 models) bring it.

@@ -100,10 +100,10 @@ def export_weights(checkpoint_path: str, output_dir: str,
     state = half_precision_state_dict(model)
     os.makedirs(output_dir, exist_ok=True)
     weights = os.path.join(output_dir, WEIGHTS_NAME)
-    atomic_torch_save({"architecture": getattr(model, "registry_name", "cps"),
+    atomic_torch_save({"architecture": model.registry_name,
                        "model_config": dict(model.config), "state_dict": state}, weights)
     info = {
-        "architecture": getattr(model, "registry_name", "cps"),
+        "architecture": model.registry_name,
         "model_config": dict(model.config),
         "source_checkpoint": os.path.basename(checkpoint_path),
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
