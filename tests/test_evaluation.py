@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,6 +187,23 @@ def test_naive_tiles_cover_the_padded_image_and_crop_back():
     assert inner.shapes == [(3, 32, 32)] * (3 * 4)
     assert coded.bits == 12
     assert torch.equal(coded.reconstruction, image)
+
+
+class MeasuredTile(IdentityTile):
+    """An identity tile that reports its own peaks, growing from tile to tile."""
+
+    def code(self, tile):
+        coded = super().code(tile)
+        count = len(self.shapes)
+        return replace(coded, peak_mb=100.0 + count, verification_peak_mb=50.0 + count)
+
+
+def test_naive_tiles_report_the_largest_tiles_peaks_and_none_when_a_tile_has_none():
+    image = smooth_image(64, 64, 2)
+    coded = NaiveTiles(MeasuredTile(), 32).code(image)
+    assert (coded.peak_mb, coded.verification_peak_mb) == (104.0, 54.0)
+    unmeasured = NaiveTiles(IdentityTile(), 32).code(image)
+    assert (unmeasured.peak_mb, unmeasured.verification_peak_mb) == (None, None)
 
 
 def test_naive_tiling_seams_cost_psnr_b():

@@ -210,3 +210,25 @@ def test_peak_memory_sees_a_large_allocation():
         block.write(b"\1" * len(block))
         block.close()
     assert large.peak_mb - resident_before > 48
+
+
+def _touch_fresh_pages(megabytes: int) -> None:
+    """Raise the peak RSS by about ``megabytes`` (an anonymous map, written, then unmapped)."""
+    block = mmap.mmap(-1, megabytes * 2 ** 20)
+    block.write(b"\1" * len(block))
+    block.close()
+
+
+def test_nested_peak_meters_each_report_their_own_block():
+    """An inner meter resets the process's counter; the outer one must still see a
+    peak reached before the inner block (naive tiling nests one meter per tile)."""
+    cpu = torch.device("cpu")
+    if not PeakMemory(cpu).resettable:
+        pytest.skip("needs a resettable peak RSS (Linux /proc/self/clear_refs)")
+    resident_before = _resident_mb()
+    with PeakMemory(cpu) as outer:
+        _touch_fresh_pages(96)
+        with PeakMemory(cpu) as inner:
+            torch.zeros(1)
+    assert outer.peak_mb - resident_before > 80
+    assert inner.peak_mb - resident_before < 40

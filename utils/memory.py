@@ -16,11 +16,11 @@ command lines parse ``--max-memory`` before the heavy libraries load.
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import re
 import sys
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
-DEFAULT_BUDGET = "2GB"
 NO_BUDGET_HINT = "run without one (--max-memory none) and choose --patch-size yourself"
 
 _UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -150,6 +150,12 @@ def memory_in_use(device) -> int:
     return resident * 1024
 
 
+@functools.lru_cache(maxsize=None)
+def _peak_rss_resettable() -> bool:
+    """Whether this system gives a resettable peak RSS (probed once: the probe resets it)."""
+    return proc_status_kb("VmHWM") is not None and reset_peak_rss()
+
+
 class PeakMemory:
     """The peak memory reached inside a ``with`` block: the one meter of the project.
 
@@ -161,6 +167,10 @@ class PeakMemory:
     ``kind`` says which one is measured and ``resettable`` whether it is a true
     per-block peak (a memory budget needs one).
 
+    Meters nest: the counters are global to the process (or device), so a meter
+    entered inside another hands the peak reached so far to the open ones before it
+    resets the counter, and each reports the peak of its own block.
+
     Usage::
 
         with PeakMemory(device) as memory:
@@ -168,12 +178,15 @@ class PeakMemory:
         memory.peak_bytes, memory.peak_mb
     """
 
+    _open: List["PeakMemory"] = []  # entered and not yet left, outermost first
+
     def __init__(self, device):
         self.device = device
         self.peak_bytes: Optional[int] = None
+        self._carried = 0
         if device.type == "cuda":
             self.kind, self.resettable = "cuda max_memory_allocated", True
-        elif proc_status_kb("VmHWM") is not None and reset_peak_rss():
+        elif _peak_rss_resettable():
             self.kind, self.resettable = "process peak RSS (VmHWM)", True
         else:
             self.kind, self.resettable = "process lifetime peak RSS (getrusage)", False
@@ -182,26 +195,42 @@ class PeakMemory:
     def peak_mb(self) -> Optional[float]:
         return None if self.peak_bytes is None else self.peak_bytes / 2 ** 20
 
-    def __enter__(self) -> "PeakMemory":
+    def _read_peak(self) -> int:
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.resettable:
+            return proc_status_kb("VmHWM") * 1024
+        return _lifetime_peak_rss()
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.resettable:
             reset_peak_rss()
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        if self.device.type == "cuda":
+    def __enter__(self) -> "PeakMemory":
+        outer = [meter for meter in PeakMemory._open if meter.device == self.device]
+        if outer:
+            reached = self._read_peak()
+            for meter in outer:
+                meter._carried = max(meter._carried, reached)
+        elif self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        elif self.resettable:
-            self.peak_bytes = proc_status_kb("VmHWM") * 1024
-        else:
-            self.peak_bytes = _lifetime_peak_rss()
+        self._reset()
+        self._carried = 0
+        PeakMemory._open.append(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        PeakMemory._open.remove(self)
+        self.peak_bytes = max(self._read_peak(), self._carried)
 
 
 def _lifetime_peak_rss() -> int:

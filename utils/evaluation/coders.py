@@ -230,8 +230,9 @@ class NaiveTiles(Coder):
         padded = pad_replicate(image, self.tile)
         output = torch.empty_like(padded)
         totals = Coded(bits=0.0, reconstruction=output, encoding_time=0.0, decoding_time=0.0,
-                       estimated_bits=0.0)
-        # Estimation coders have no decoding time, and so the tiles' total has none.
+                       estimated_bits=0.0, peak_mb=0.0, verification_peak_mb=0.0)
+        # Estimation coders have no decoding time, and so the tiles' total has none;
+        # peaks are the largest tile's (None if the inner coder does not measure its own).
         for top in range(0, padded.shape[1], self.tile):
             for left in range(0, padded.shape[2], self.tile):
                 block = padded[:, top:top + self.tile, left:left + self.tile].contiguous()
@@ -240,13 +241,21 @@ class NaiveTiles(Coder):
                 totals = replace(totals, bits=totals.bits + coded.bits,
                                  encoding_time=totals.encoding_time + coded.encoding_time,
                                  decoding_time=_add(totals.decoding_time, coded.decoding_time),
-                                 estimated_bits=_add(totals.estimated_bits, coded.estimated_bits))
+                                 estimated_bits=_add(totals.estimated_bits, coded.estimated_bits),
+                                 peak_mb=_max(totals.peak_mb, coded.peak_mb),
+                                 verification_peak_mb=_max(totals.verification_peak_mb,
+                                                           coded.verification_peak_mb))
         return replace(totals, reconstruction=output[:, :height, :width].contiguous())
 
 
 def _add(total: Optional[float], value: Optional[float]) -> Optional[float]:
     """Sum that stays None once a term is missing."""
     return None if total is None or value is None else total + value
+
+
+def _max(peak: Optional[float], value: Optional[float]) -> Optional[float]:
+    """Maximum that stays None once a term is missing."""
+    return None if peak is None or value is None else max(peak, value)
 
 
 class ClassicalCoder(Coder):
