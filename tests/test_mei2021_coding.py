@@ -6,6 +6,7 @@ with sides that are not multiples of 64/128 so that padding and cropping are exe
 
 import contextlib
 import dataclasses
+import zlib
 from unittest import mock
 
 import pytest
@@ -17,6 +18,7 @@ from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.pyramid import pyramid_sizes
 from utils.coding.container import (
     LAYERED_MAGIC,
+    LAYERED_VERSION,
     BitstreamError,
     pack,
     tensor_crc,
@@ -241,7 +243,7 @@ def test_a_machine_with_other_float_rounding_decodes_the_file(quality, coded_qua
     machine decodes a file to within its rounding of the encoder's reconstruction."""
     _, layered, encoder = coded_quality
     layered = unpack(pack(layered))
-    assert layered.version == 2
+    assert layered.version == LAYERED_VERSION
     with contextlib.ExitStack() as stack:
         for patch in _predictions_rounded_differently(quality):
             stack.enter_context(patch)
@@ -265,3 +267,39 @@ def test_version_1_files_decode_where_written_and_are_refused_elsewhere(quality)
             stack.enter_context(patch)
         with pytest.raises(BitstreamError, match="version 1 file decodes on the encoder's"):
             quality.decode(old, CodingPlan())
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_a_grayscale_source_decodes_to_one_channel_at_every_layer(spatial, layers):
+    """Version 3 stores the grayscale flag, so a gray PNG comes back gray, as with .cps;
+    a truncated file keeps the flag."""
+    gray = smooth_image(70, 90, seed=4)[:1].expand(3, -1, -1).contiguous()
+    data = pack(spatial.encode(gray, CodingPlan(grayscale=True, layers=layers)))
+    decoded = spatial.decode(unpack(data), CodingPlan())
+    colour = spatial.decode(spatial.encode(gray, CodingPlan(layers=layers)), CodingPlan())
+    assert decoded.shape[0] == 1 and colour.shape[0] == 3
+    assert torch.equal(decoded, colour.float().mean(0, keepdim=True).round().byte())
+    assert unpack(truncate_layers(data, 1)).grayscale
+
+
+def test_version_2_files_without_a_flags_byte_still_decode(quality):
+    image = smooth_image(70, 90, seed=5)
+    layered = encode_latents(quality, image)[0]
+    data = pack(dataclasses.replace(layered, version=2))
+    assert len(data) == len(pack(layered)) - 1 and data[4] == 2
+    old = unpack(data)
+    assert (old.version, old.grayscale) == (2, False)
+    assert torch.equal(quality.decode(old, CodingPlan()), quality.decode(layered, CodingPlan()))
+    with pytest.raises(ValueError, match="cannot mark a grayscale source"):
+        pack(dataclasses.replace(layered, version=2, grayscale=True))
+
+
+def test_unknown_cpsl_flag_bits_are_refused(quality):
+    layered = encode_latents(quality, smooth_image(70, 90, seed=6))[0]
+    data = bytearray(pack(layered))
+    flags_at = 15 + 1 + len(layered.architecture) + 8
+    header_end = flags_at + 1 + 12 * len(layered.streams)
+    data[flags_at] |= 0x80
+    data[header_end:header_end + 4] = zlib.crc32(bytes(data[:header_end])).to_bytes(4, "big")
+    with pytest.raises(BitstreamError, match="unknown .cpsl flag bits"):
+        unpack(bytes(data))

@@ -39,7 +39,7 @@ from utils.coding.container import (
 )
 from utils.coding.rans import safe_string
 from utils.device import model_device
-from utils.image_io import to_uint8, to_unit_float
+from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.stitching.patches import pad_replicate
 from utils.stitching.planner import check_whole_image_fits
 from utils.stitching.transforms import transform_mode
@@ -66,6 +66,7 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
         raise ValueError(f"cannot keep {plan.layers} layers: {model.registry_name} has "
                          f"{model.num_layers}")
     layered = encode_latents(model, image, plan.budget_bytes)[0]
+    layered.grayscale = plan.grayscale
     if plan.layers:
         layered.streams = layered.streams[:plan.layers]
         layered.latent_crcs = layered.latent_crcs[:plan.layers]
@@ -162,7 +163,8 @@ def decode(model: nn.Module, layered: LayeredImage, plan: CodingPlan) -> Tensor:
     upto = plan.layers or stored
     x_hat = decode_latents(model, layered, upto, plan.budget_bytes)["x_hat"][-1]
     height, width = layer_sizes(model, layered.height, layered.width)[upto - 1]
-    return to_uint8(x_hat[0, :, :height, :width]).cpu()
+    image = to_uint8(x_hat[0, :, :height, :width]).cpu()
+    return to_grayscale(image) if layered.grayscale else image
 
 
 def layer_sizes(model: nn.Module, height: int, width: int):

@@ -31,20 +31,22 @@ offset  bytes   field
 end-4   4       CRC-32 of every byte before it
 ======  ======  ==========================================================
 
-``.cpsl``, version 2 (the layered Mei 2021 models; version 1 is still read):
+``.cpsl``, version 3 (the layered Mei 2021 models; versions 1 and 2 are still read):
 
 ======  ======  ================================================================
 offset  bytes   field
 ======  ======  ================================================================
 0       4       magic ``b"CPSL"``
-4       1       format version (1)
+4       1       format version (3)
 5       1       S, number of layers stored (1..L); a prefix of the model's layers
 6       1       L, number of layers of the model
 7       4       original height H (pixels)
 11      4       original width W
 15      1       length n of the architecture name, then the name (ASCII)
 16+n    8       model fingerprint
-24+n    12*S    per stored layer: stream length, CRC-32 of the stream, CRC-32 of the
+24+n    1       flags: bit 1 grayscale source (decode to one channel), as in
+                ``.cps``; other bits 0 (versions 1 and 2 have no flags byte)
+25+n    12*S    per stored layer: stream length, CRC-32 of the stream, CRC-32 of the
                 layer's coded values (float32 bytes): the base latent or the
                 residual exactly as rANS decodes it (symbols plus medians), the
                 same on every machine; version 1 held the CRC of the layer's
@@ -79,8 +81,10 @@ from torch import nn
 MAGIC = b"CPS\x89"
 LAYERED_MAGIC = b"CPSL"
 VERSION = 1
-LAYERED_VERSION = 2
-_LAYERED_VERSIONS = (1, 2)
+LAYERED_VERSION = 3
+_LAYERED_VERSIONS = (1, 2, 3)
+# The first .cpsl version with a flags byte.
+_LAYERED_FLAGS_VERSION = 3
 # Hard limit of the format on each side, checked before anything is allocated.
 MAX_SIDE = 65535
 ORDER_FLAGS = {"wavefront": 0, "raster": 1}
@@ -129,9 +133,10 @@ class CompressedImage:
 class LayeredImage:
     """A ``.cpsl`` file's content: the first ``len(streams)`` of ``total_layers`` layers.
 
-    ``latent_crcs`` holds one CRC-32 per layer (:func:`tensor_crc`): in ``version`` 2
-    (written now) of the layer's coded values, the base latent or the residual as
-    rANS decodes it; in version 1 of the layer's latent y^_k, prediction included.
+    ``latent_crcs`` holds one CRC-32 per layer (:func:`tensor_crc`): from ``version`` 2
+    on (3 is written now) of the layer's coded values, the base latent or the residual
+    as rANS decodes it; in version 1 of the layer's latent y^_k, prediction included.
+    ``grayscale`` (stored from version 3 on) makes the decoder write one channel.
     ``estimated_bits`` (per layer, from the likelihoods) is the encoder's estimate
     and is not stored in the container.
     """
@@ -145,6 +150,7 @@ class LayeredImage:
     latent_crcs: List[int]
     estimated_bits: List[float] = field(default_factory=list)
     version: int = LAYERED_VERSION
+    grayscale: bool = False
 
     @property
     def stream_bytes(self) -> int:
@@ -277,7 +283,13 @@ def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:
     name = layered.architecture.encode("ascii")
     fixed = _LAYERED_FIXED.pack(LAYERED_MAGIC, layered.version, len(layers),
                                 layered.total_layers, layered.height, layered.width, len(name))
-    return _with_crc(fixed + name + layered.fingerprint
+    if layered.version >= _LAYERED_FLAGS_VERSION:
+        flags = bytes([_GRAYSCALE_FLAG if layered.grayscale else 0])
+    elif layered.grayscale:
+        raise ValueError(f".cpsl version {layered.version} cannot mark a grayscale source")
+    else:
+        flags = b""
+    return _with_crc(fixed + name + layered.fingerprint + flags
                      + b"".join(_LAYER.pack(*layer) for layer in layers))
 
 
@@ -292,8 +304,9 @@ def _read_layered_header(data: bytes):
     if len(data) < _LAYERED_FIXED.size:
         raise BitstreamError("truncated .cpsl file (incomplete header)")
     _check_version(data, ".cpsl", _LAYERED_VERSIONS)
-    _, _, stored, total, height, width, name_length = _LAYERED_FIXED.unpack_from(data)
-    end = _LAYERED_FIXED.size + name_length + 8 + _LAYER.size * stored
+    version, stored, total, height, width, name_length = _LAYERED_FIXED.unpack_from(data)[1:]
+    flag_bytes = 1 if version >= _LAYERED_FLAGS_VERSION else 0
+    end = _LAYERED_FIXED.size + name_length + 8 + flag_bytes + _LAYER.size * stored
     if len(data) < end + _CRC.size or not 1 <= stored <= total:
         raise BitstreamError("truncated or corrupted .cpsl header")
     reader = _Reader(_checked_body(data[:end + _CRC.size], ".cpsl header"), ".cpsl")
@@ -301,11 +314,14 @@ def _read_layered_header(data: bytes):
     check_size(height, width)
     architecture = reader.name()
     fingerprint = reader.take(8)
+    flags = reader.take(flag_bytes)[0] if flag_bytes else 0
+    if flags & ~_GRAYSCALE_FLAG:
+        raise BitstreamError(f"unknown .cpsl flag bits {flags:#04x}: written by a newer version")
     layers = [reader.unpack(_LAYER) for _ in range(stored)]
     layered = LayeredImage(height=height, width=width, architecture=architecture,
                            fingerprint=fingerprint, total_layers=total, streams=[],
                            latent_crcs=[latent_crc for _, _, latent_crc in layers],
-                           version=data[4])
+                           version=version, grayscale=bool(flags & _GRAYSCALE_FLAG))
     return layered, layers, end + _CRC.size
 
 
