@@ -26,7 +26,14 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from utils.cli import add_coding_arguments, check_output_path, run_main, warn_small_patch
+from utils.cli import (
+    REPORTED_ERRORS,
+    add_coding_arguments,
+    check_output_path,
+    report_error,
+    run_main,
+    warn_small_patch,
+)
 
 COMMANDS = {"encode": ("images to compress (PNG, JPEG, ...)", ".cps"),
             "decode": (".cps or .cpsl files", ".png")}
@@ -203,9 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     message = str(exc)
                     raise ValueError(message if message.startswith(source)
                                      else f"{source}: {message}") from None
-        except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        except REPORTED_ERRORS as exc:
+            return report_error("codec.py", exc)
         return 0
 
     return run_main(run, "codec.py")

@@ -35,6 +35,7 @@ import warnings
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
+from utils.cli import REPORTED_ERRORS, report_error
 from utils.training.config import LAST_NAME, load_config, parse_config, to_plain_dict
 
 
@@ -137,26 +138,10 @@ def main(argv=None) -> int:
             return status
         finally:
             distributed.cleanup()
-    except (ValueError, RuntimeError, OSError) as exc:
+    except REPORTED_ERRORS as exc:
         rank = os.environ.get("RANK")
-        prefix = "train.py" if rank in (None, "0") else f"train.py [rank {rank}]"
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return report_error("train.py" if rank in (None, "0") else f"train.py [rank {rank}]", exc)
 
-
-def _one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line.
-
-    An error raised inside a DataLoader worker reaches the main process wrapped in a
-    message that carries the worker's whole traceback; its last line is the original
-    ``Type: message``, and only the message is kept.
-    """
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(exc).__name__
-    last = lines[-1]
-    kind, sep, message = last.partition(": ")
-    return message if sep and kind.isidentifier() else last
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def test_a_missing_output_folder_is_refused_the_same_way_both_ways(tmp_path, che
     target = tmp_path / "missing" / "out.bin"
     assert codec.main([command, str(source), str(target), "-p", checkpoint]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: output folder does not exist") and len(err.splitlines()) == 1
+    assert err.startswith("codec.py: error: output folder does not exist")
+    assert len(err.splitlines()) == 1
 
 
 def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path, checkpoint,

@@ -70,7 +70,7 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
 def _one_line_error(status, err, message):
     assert status == 1
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert lines[-1].startswith("codec.py: error: ") and message in lines[-1]
     assert "Traceback" not in err
 
 
@@ -117,3 +117,25 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, checkpoint, capsys):
     status, _, err = _run(["encode", tmp_path / "x.png", tmp_path / "x.cps", "-p", checkpoint,
                            "--cuda"], capsys)
     _one_line_error(status, err, "CUDA is not available")
+
+
+@pytest.mark.parametrize("failure, message", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: not enough "
+                  "memory: you tried to allocate 8589934592 bytes."), "DefaultCPUAllocator"),
+    (MemoryError(), "out of memory"),
+])
+def test_running_out_of_memory_is_a_one_line_error_and_writes_nothing(
+        tmp_path, checkpoint, capsys, monkeypatch, failure, message):
+    """With --max-memory none nothing plans the memory, and PyTorch's or Python's
+    allocation failure must still end in one line, not a traceback."""
+    from models.cps.network import CPS
+
+    def fail(*_args, **_kwargs):
+        raise failure
+
+    monkeypatch.setattr(CPS, "encode", fail)
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    status, _, err = _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint,
+                           "--max-memory", "none"], capsys)
+    _one_line_error(status, err, message)
+    assert not (tmp_path / "x.cps").exists()

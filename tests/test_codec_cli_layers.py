@@ -61,10 +61,10 @@ def test_layer_errors_are_one_line(tmp_path, photo, capsys, tiny_cps):
                 capsys)[0] == 0
     status, _, err = _run(["decode", tmp_path / "two.cpsl", tmp_path / "x.png", "-p", checkpoint,
                            "--layers", 2], capsys)
-    assert status == 1 and err.strip() == (f"error: {tmp_path / 'two.cpsl'}: the file holds 1 "
-                                           "layers; cannot decode layer 2")
+    assert status == 1 and err.strip() == (f"codec.py: error: {tmp_path / 'two.cpsl'}: the file "
+                                           "holds 1 layers; cannot decode layer 2")
     cps = tmp_path / "cps.pth.tar"
     torch.save({"state_dict": tiny_cps.state_dict()}, cps)
     status, _, err = _run(["encode", photo, tmp_path / "x.cps", "-p", cps, "--layers", 1], capsys)
-    assert status == 1 and err.startswith("error: --layers needs a layered model")
+    assert status == 1 and err.startswith("codec.py: error: --layers needs a layered model")
     assert len(err.strip().splitlines()) == 1

@@ -208,7 +208,8 @@ def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
          "-p", str(checkpoint), "--max-memory", "200MB"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert re.match(r"error: .*large.cps: memory budget 200 MB is too small for the .*: it needs",
+    assert re.match(r"codec.py: error: .*large.cps: memory budget 200 MB is too small for "
+                    r"the .*: it needs",
                     result.stderr)
     assert not (tmp_path / "out.png").exists()
 

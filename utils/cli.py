@@ -85,6 +85,34 @@ def warn_small_patch(spec: Optional[PatchSpec], warn: Callable[[str], None]) -> 
              f"{2 * SMALL_PATCH_WARNING} or auto")
 
 
+# Errors a script reports in one line with exit status 1: bad input, a file system
+# problem, a machine without the memory. Anything else is a bug and keeps its traceback.
+REPORTED_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line.
+
+    An error raised inside a DataLoader worker reaches the main process wrapped in a
+    message that carries the worker's whole traceback; its last line is the original
+    ``Type: message``, and only the message is kept. A bare ``MemoryError`` says so.
+    """
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
+    if len(lines) == 1:
+        return lines[0]
+    last = lines[-1]
+    kind, sep, message = last.partition(": ")
+    return message if sep and kind.isidentifier() else last
+
+
+def report_error(program: str, exc: BaseException) -> int:
+    """Print ``program: error: message`` on stderr, on one line; return the status, 1."""
+    print(f"{program}: error: {one_line(exc)}", file=sys.stderr)
+    return 1
+
+
 def run_main(main: Callable[[], int], program: str) -> int:
     """Run ``main`` so that Ctrl-C ends the program with one line and status 130."""
     try:

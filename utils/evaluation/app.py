@@ -12,6 +12,7 @@ from typing import List, Optional
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
+from utils.cli import REPORTED_ERRORS, report_error
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, LearnedOptions, learned_coders, load_pretrained
@@ -188,9 +189,8 @@ def run(args: argparse.Namespace) -> int:
             document = None
         else:
             document = run_evaluation(args)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"test.py: error: {exc}", file=sys.stderr)
-        return 1
+    except REPORTED_ERRORS as exc:
+        return report_error("test.py", exc)
     finally:
         cleanup()
     if document is not None:
