@@ -56,6 +56,7 @@ import torch
 from benchmarks.authors import NOT_MEASURED
 from benchmarks.results_io import add_output_arguments, machine_info, resolve_output, write_json
 from utils.cli import DEFAULT_BUDGET
+from utils.figures import save_figure
 from utils.memory import format_memory, parse_memory
 
 SIZES = ("640x360", "1280x720", "1920x1080", "3840x2160", "7680x4320")
@@ -314,10 +315,8 @@ def plot(entries: List[Dict[str, object]], methods: Sequence[str], path: str, bu
     for axis in (memory_axis, time_axis):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
-    figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,12 +6,11 @@ tracked ``benchmarks/results/NAME`` instead; ``-o/--output`` names any other fil
 """
 
 import argparse
-import json
 import os
 import platform
 from typing import Optional, Sequence
 
-from utils.atomic import atomic_write_bytes
+from utils.atomic import atomic_write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LOCAL_DIR = os.path.join(RESULTS_DIR, "local")
@@ -74,7 +73,7 @@ def cpu_model_name() -> str:
 def write_json(path: str, document: dict) -> None:
     """Write ``document`` as indented JSON to ``path`` atomically, creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write_json(path, document)
 
 
 def save_results(path: str, document: dict) -> None:

@@ -125,3 +125,12 @@ def test_no_member_of_a_model_is_read_with_a_fallback():
                  if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr"
                  and len(node.args) == 3 and _names_a_model(node.args[0])]
     assert fallbacks == []
+
+
+def test_training_does_not_import_evaluation():
+    """Figures, JSON and checkpoints that both need live in the machinery tier; training
+    code must stay importable without the evaluation stack (metrics, codecs, plots)."""
+    crossing = sorted(f"{module} -> {target}" for module, targets in GRAPH.items()
+                      if module.startswith("utils.training")
+                      for target in targets if target.startswith("utils.evaluation"))
+    assert crossing == []

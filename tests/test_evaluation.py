@@ -306,6 +306,11 @@ def test_a_dataset_name_resolves_through_the_config_and_its_variable(tmp_path, m
     with pytest.raises(ValueError, match="exactly the keys"):
         resolve_dataset("Kodak", str(config))
     assert environment_variable("DIV8K") == "CPS_DIV8K"
+    with pytest.raises(ValueError, match="datasets config not found"):
+        resolve_dataset("Kodak", str(tmp_path / "missing.yaml"))
+    config.write_bytes(b"Kodak: [" + b"1, " * 2 ** 19 + b"]")
+    with pytest.raises(ValueError, match="more than the"):
+        resolve_dataset("Kodak", str(config))
 
 
 def test_the_shipped_datasets_config_has_the_papers_patch_sizes():

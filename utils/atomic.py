@@ -8,12 +8,12 @@ and then calls ``os.replace``, which POSIX and Windows both perform atomically.
 """
 
 import io
+import json
+import math
 import os
 import tempfile
 
-import torch
-
-__all__ = ["atomic_write_bytes", "atomic_torch_save"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "strict_json", "atomic_write_json"]
 
 
 def atomic_write_bytes(path, data):
@@ -56,6 +56,31 @@ def atomic_torch_save(obj, path):
     Serialising to memory first means a pickling error leaves no file behind at
     all, and the old checkpoint at ``path`` stays intact.
     """
+    import torch  # here, so that scripts can write JSON and figures before PyTorch loads
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(document, indent: int = 2, sort_keys: bool = False) -> str:
+    """JSON text every parser reads: infinite or NaN numbers (a lossless PSNR, an
+    unmeasured figure) become ``null`` instead of Python's non-standard ``NaN``."""
+    return json.dumps(_finite_or_none(document), indent=indent, sort_keys=sort_keys,
+                      allow_nan=False)
+
+
+def atomic_write_json(path, document, indent: int = 2, sort_keys: bool = False) -> None:
+    """:func:`strict_json` of ``document`` written to ``path`` atomically (its folder
+    must exist), ending in a newline."""
+    atomic_write_bytes(path, (strict_json(document, indent, sort_keys) + "\n").encode())

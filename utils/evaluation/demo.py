@@ -25,7 +25,7 @@ import torch
 
 import models
 from models.base import CodingPlan
-from utils.atomic import atomic_write_bytes
+from utils.atomic import atomic_write_json
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
@@ -129,7 +129,7 @@ def _write_crops(panels: List[tuple], output: str, tile: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.evaluation.rd import save_figure
+    from utils.figures import save_figure
 
     height, width = panels[0][1].shape[1:]
     side = min(128, height, width)
@@ -226,6 +226,5 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
     _write_crops(crops, os.path.join(output_dir, "crops.png"), patch_size)
     table = _format_table(rows)
     document["table"] = table
-    atomic_write_bytes(os.path.join(output_dir, "results.json"),
-                       (json.dumps(document, indent=1) + "\n").encode())
+    atomic_write_json(os.path.join(output_dir, "results.json"), document, indent=1)
     return document

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import bjontegaard
 
+from utils.figures import save_figure, style_axis
+
 MIN_POINTS = 4
 METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y")
 AXIS_LABELS = {
@@ -179,49 +181,9 @@ def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = M
 
     Returns the metrics that were plotted.
     """
-    import matplotlib.pyplot as plt
-
     figure, shown = rd_figure(curves, metrics, title)
-    try:
-        _save_figure(figure, output)
-    finally:
-        plt.close(figure)
+    save_figure(figure, output)
     return shown
-
-
-def style_axis(axis, xlabel: str, ylabel: str, legend: bool = True) -> None:
-    """Labels, a light grid and a small legend: the look of every plot here."""
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.grid(True, alpha=0.3)
-    if legend:
-        axis.legend(fontsize="small")
-
-
-def save_figure(figure, output: str, title: str = "") -> None:
-    """Title, lay out, write ``output`` atomically and release the figure."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    _save_figure(figure, output)
-    plt.close(figure)
-
-
-def _save_figure(figure, output: str) -> None:
-    directory = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(directory):
-        raise ValueError(f"cannot write {output}: folder {directory} does not exist")
-    extension = os.path.splitext(output)[1].lstrip(".") or "png"
-    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(output)}")
-    try:
-        # A tight box keeps a legend placed outside the panels in the picture.
-        figure.savefig(temporary, format=extension, dpi=150, bbox_inches="tight")
-        os.replace(temporary, output)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",

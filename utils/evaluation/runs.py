@@ -14,9 +14,7 @@ failure in one process is passed along with the records instead of leaving the
 others waiting in the collective.
 """
 
-import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,13 +24,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils.atomic import atomic_write_bytes
+from utils.atomic import atomic_write_json, strict_json
 from utils.evaluation.choices import DATASETS_CONFIG, REPO_ROOT
 from utils.evaluation.coders import Coder
 from utils.evaluation.metrics import image_metrics
 from utils.image_io import read_image, write_png
 from utils.memory import PeakMemory
-from utils.yaml_io import load_yaml_text
+from utils.yaml_io import load_yaml_file
 
 log = logging.getLogger("cps.test")
 
@@ -53,11 +51,7 @@ class Dataset:
 
 def load_datasets_config(path: str = DATASETS_CONFIG) -> Dict[str, dict]:
     """Read and validate ``configs/datasets.yaml``: ``NAME: {path: str, patch_size: int}``."""
-    try:
-        with open(path) as handle:
-            config = load_yaml_text(handle.read(), f"datasets config {path}") or {}
-    except OSError as exc:
-        raise ValueError(f"cannot read datasets config {path}: {exc.strerror}") from None
+    config = load_yaml_file(path, "datasets config") or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of dataset names")
     for name, entry in config.items():
@@ -259,22 +253,12 @@ def per_image_documents(records: List[List[dict]], paths: Sequence[str],
     return documents
 
 
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
 def to_json(document: dict) -> str:
     """Strict JSON text: infinite or NaN numbers (a lossless PSNR) become ``null``."""
-    return json.dumps(_finite_or_none(document), indent=2, allow_nan=False)
+    return strict_json(document)
 
 
 def write_json(path: str, document: dict) -> None:
     """Write ``document`` to ``path`` atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_bytes(path, (to_json(document) + "\n").encode())
+    atomic_write_json(path, document)

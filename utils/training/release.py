@@ -14,7 +14,6 @@ model the file really holds), and a ``training.json`` saying how the model was m
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -23,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from models.checkpoint import load_checkpoint, read_checkpoint_file
-from utils.atomic import atomic_torch_save, atomic_write_bytes
+from utils.atomic import atomic_torch_save, atomic_write_json
 
 WEIGHTS_NAME = "model.pth"
 INFO_NAME = "training.json"
@@ -70,11 +69,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _finite(value):
-    """JSON has no Infinity/NaN: a loss that was never measured becomes null."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 def _checkpoint_summary(path: str) -> dict:
     """What a training checkpoint says about its run (plain values only)."""
     checkpoint = read_checkpoint_file(path)
@@ -84,8 +78,9 @@ def _checkpoint_summary(path: str) -> dict:
     return {
         "global_step": checkpoint.get("global_step"),
         "epoch": checkpoint.get("epoch"),
-        "best_validation_loss": _finite(checkpoint.get("best_loss")),
-        "validation_loss": _finite(checkpoint.get("loss")),
+        # A loss never measured (inf) becomes null in the strict JSON written.
+        "best_validation_loss": checkpoint.get("best_loss"),
+        "validation_loss": checkpoint.get("loss"),
         "train_params": config.get("train_params"),
         "lr_schedule": config.get("lr_schedule"),
         "batch_size": config.get("train_data", {}).get("batch_size"),
@@ -114,8 +109,7 @@ def export_weights(checkpoint_path: str, output_dir: str,
         **_checkpoint_summary(checkpoint_path),
         **(extra_info or {}),
     }
-    atomic_write_bytes(os.path.join(output_dir, INFO_NAME),
-                       (json.dumps(info, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_json(os.path.join(output_dir, INFO_NAME), info, sort_keys=True)
     return weights
 
 
@@ -172,7 +166,7 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.evaluation.rd import save_figure, style_axis
+    from utils.figures import save_figure, style_axis
 
     scalars = read_scalars(run_dirs)
     panels = [(label, [t for t in tags if t in scalars]) for label, tags in CURVE_PANELS]
