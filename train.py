@@ -1,4 +1,4 @@
-"""Rate-distortion training of a CPS model from a YAML config.
+"""Rate-distortion training of a registered model (CPS, the baselines) from a YAML config.
 
 Single process (GPU or CPU)::
 

@@ -222,9 +222,9 @@ def test_paths_in_a_file_are_relative_to_its_folder_and_in_overrides_to_the_cwd(
 
 
 def test_bundled_configs_point_at_the_repository_data_and_experiment_folders():
-    paths = glob.glob(os.path.join(REPO, "configs", "*.yaml"))
-    paths += glob.glob(os.path.join(REPO, "configs", "demo", "*.yaml"))
+    paths = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
     paths.remove(os.path.join(REPO, "configs", "datasets.yaml"))
+    assert any(os.sep + "ablation" + os.sep in path for path in paths)
     for path in paths:
         cfg = load_config(path)
         for key in ("data_path", "experiment_path"):
