@@ -53,7 +53,9 @@ from benchmarks.results_io import (
     parse_with_output,
     write_json,
 )
-from utils.coding.context_coder import ContextCoder, coding_order, single_threaded
+from utils.coding.context_coder import ContextCoder
+from utils.coding.scan_order import coding_order
+from utils.coding.threads import single_threaded
 
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
 CODERS = ("wavefront", "raster", "compressai")

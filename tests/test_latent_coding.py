@@ -12,8 +12,11 @@ from compressai.layers import MaskedConv2d
 
 import models
 import utils.coding.context_coder as latent_coding
+import utils.coding.streams as latent_streams
+import utils.coding.threads as coder_threads
 from tests.conftest import data_dir
-from utils.coding.context_coder import ContextCoder, causal_taps, coding_order, wavefront_slope
+from utils.coding.context_coder import ContextCoder
+from utils.coding.scan_order import causal_taps, coding_order, wavefront_slope
 
 
 def spread_scales(model: torch.nn.Module, seed: int = 0, high: float = 16.0) -> torch.nn.Module:
@@ -263,13 +266,13 @@ def test_bad_arguments_raise_one_clear_error(coding_model):
     with pytest.raises(ValueError, match="latent size 0x4 is empty"):
         coder.encode(y[:, :0], params[:, :0])
     with pytest.raises(ValueError, match="y string of 3 bytes is truncated"):
-        coder.decode(latent_coding.join_streams([b"abc"]), params)
+        coder.decode(latent_streams.join_streams([b"abc"]), params)
     with pytest.raises(ValueError, match="fewer than the 1 streams"):
         coder.decode(b"abc", params)
     with pytest.raises(ValueError, match="shorter than its length"):
-        coder.decode(latent_coding.join_streams([b"abcdefghij"])[:-1], params)
+        coder.decode(latent_streams.join_streams([b"abcdefghij"])[:-1], params)
     with pytest.raises(ValueError, match="2 bytes after its 1 streams"):
-        coder.decode(latent_coding.join_streams([b"abcdefghij"]) + b"xy", params)
+        coder.decode(latent_streams.join_streams([b"abcdefghij"]) + b"xy", params)
     fresh = models.build_model("cps", N=8)
     with pytest.raises(RuntimeError, match="call model.update"):
         ContextCoder(fresh)
@@ -342,28 +345,28 @@ def test_an_image_encoded_on_cuda_decodes_on_the_cpu_and_back(tiny_cps):
 def test_idle_core_check_does_not_count_this_process(monkeypatch, all_busy, own_busy, idle):
     """Busy seconds over the 0.1 s window on 2 CPUs: only other processes' count."""
     samples = iter([(100.0, 50.0), (100.0 + all_busy, 50.0 + own_busy)])
-    monkeypatch.setattr(latent_coding, "_busy_seconds", lambda: next(samples))
-    monkeypatch.setattr(latent_coding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(latent_coding.time, "sleep", lambda seconds: None)
-    assert latent_coding.idle_core_available(window=0.1) is idle
+    monkeypatch.setattr(coder_threads, "_busy_seconds", lambda: next(samples))
+    monkeypatch.setattr(coder_threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(coder_threads.time, "sleep", lambda seconds: None)
+    assert coder_threads.idle_core_available(window=0.1) is idle
 
 
 def test_stream_starts_follow_front_boundaries_past_each_stream_budget(monkeypatch):
-    monkeypatch.setattr(latent_coding, "STREAM_SYMBOLS", 10)
+    monkeypatch.setattr(latent_streams, "STREAM_SYMBOLS", 10)
     # Fronts of 1, 2, 3, 4, 3, 5 positions with 2 channels: 2, 4, 6, 8, 6, 10 symbols;
     # a stream reaches 10 symbols after the third front and again after the fifth.
-    assert latent_coding.stream_starts([1, 2, 3, 4, 3, 5], 2) == [0, 6, 13]
-    assert latent_coding.stream_starts([1, 2, 3, 4, 3], 2) == [0, 6]
-    assert latent_coding.stream_starts([1], 2) == [0]
-    bound = latent_coding.largest_stream_symbols(5, 9, 2, fixed_point=True)
+    assert latent_streams.stream_starts([1, 2, 3, 4, 3, 5], 2) == [0, 6, 13]
+    assert latent_streams.stream_starts([1, 2, 3, 4, 3], 2) == [0, 6]
+    assert latent_streams.stream_starts([1], 2) == [0]
+    bound = latent_streams.largest_stream_symbols(5, 9, 2, fixed_point=True)
     assert bound == 10 + 5 * 2
-    assert latent_coding.largest_stream_symbols(5, 9, 2, fixed_point=False) == 90
+    assert latent_streams.largest_stream_symbols(5, 9, 2, fixed_point=False) == 90
 
 
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
 def test_a_latent_in_many_streams_round_trips_and_each_stream_is_padded_alone(
         coding_model, order, monkeypatch):
-    monkeypatch.setattr(latent_coding, "STREAM_SYMBOLS", 64)
+    monkeypatch.setattr(latent_streams, "STREAM_SYMBOLS", 64)
     y, params = random_latent(coding_model, 9, 11, 13, outliers=True)
     padded = []
     real_safe_string = latent_coding.safe_string
@@ -373,7 +376,7 @@ def test_a_latent_in_many_streams_round_trips_and_each_stream_is_padded_alone(
     string, y_hat, _ = coder.encode(y, params)
     assert torch.equal(coder.decode(string, params), y_hat)
     layout = coder._layout(9, 11)
-    starts = latent_coding.stream_starts(layout.sizes, coding_model.M)
+    starts = latent_streams.stream_starts(layout.sizes, coding_model.M)
     assert len(padded) == len(starts) > 3
     assert sum(padded) == 9 * 11 * coding_model.M
-    assert max(padded) <= latent_coding.largest_stream_symbols(9, 11, coding_model.M, True)
+    assert max(padded) <= latent_streams.largest_stream_symbols(9, 11, coding_model.M, True)

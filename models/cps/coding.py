@@ -36,9 +36,10 @@ from utils.coding.container import (
     model_fingerprint,
     tensor_crc,
 )
-from utils.coding.context_coder import ContextCoder, single_threaded
+from utils.coding.context_coder import ContextCoder
 from utils.coding.fixed_point import hyper_synthesis
 from utils.coding.rans import safe_string
+from utils.coding.threads import single_threaded
 from utils.device import model_device
 from utils.image_io import to_uint8
 from utils.stitching.geometry import plan_patches

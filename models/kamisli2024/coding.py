@@ -55,9 +55,11 @@ from compressai.layers import GDN
 from torch import Tensor, nn
 
 from models.kamisli2024.layers import BlockMaskedConv2d
-from utils.coding.context_coder import ORDERS, coding_order, single_threaded
+from utils.coding import ORDERS
 from utils.coding.fixed_point import GridLinear
 from utils.coding.rans import safe_string
+from utils.coding.scan_order import coding_order
+from utils.coding.threads import single_threaded
 
 ROWS_PER_PRODUCT = 8
 

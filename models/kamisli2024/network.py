@@ -53,7 +53,7 @@ from utils.coding.container import (
     model_fingerprint,
     tensor_crc,
 )
-from utils.coding.context_coder import wavefront_slope
+from utils.coding.scan_order import wavefront_slope
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.stitching.planner import check_whole_image_fits

@@ -4,8 +4,8 @@ CompressAI's ``mbt2018`` visits the latent one position at a time. A position's
 context only reads the positions its masked convolution marks causal; with the 5x5
 mask these are rows i-2, i-1 (columns j-2..j+2) and (i, j-2), (i, j-1). Numbering the
 positions ``t = a*i + j`` with the smallest slope ``a`` for which every causal tap has
-a smaller ``t`` (:func:`wavefront_slope`, a = 3 for the 5x5 mask) makes all positions
-with the same ``t`` independent, so they are coded together: ``a*(H-1) + W`` steps
+a smaller ``t`` (``utils/coding/scan_order.py``, a = 3 for the 5x5 mask) makes all
+positions with the same ``t`` independent, so they are coded together: ``a*(H-1) + W`` steps
 instead of ``H*W`` (321 instead of 8160 for a 68x120 latent).
 
 Both orders share one implementation: a *front* is a set of positions coded in one
@@ -57,7 +57,8 @@ stream for safety (``utils/coding/rans.py``, 84 bytes per symbol) and, while
 CompressAI's decoder takes it, holds it three times (the padded bytes, pybind11's
 ``std::string`` argument, the decoder's own copy): one stream for a whole 8K latent
 would hold 6 GB. The fixed-point coder therefore writes a stream per
-:data:`STREAM_SYMBOLS` symbols (:func:`largest_stream_symbols` and
+:data:`~utils.coding.streams.STREAM_SYMBOLS` symbols
+(:func:`~utils.coding.streams.largest_stream_symbols` and
 :data:`ENCODER_BYTES_PER_SYMBOL` feed the codec's memory budget).
 
 Bitstream order: fronts in increasing ``t``, positions within a front by
@@ -69,9 +70,7 @@ one stream for the whole latent.
 
 import contextlib
 import copy
-import os
 import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -80,9 +79,11 @@ from compressai.ans import BufferedRansEncoder, RansDecoder
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
-from utils.coding.container import BitstreamError
 from utils.coding.parameter_network import FixedPointNetwork, Float32Network
 from utils.coding.rans import safe_string
+from utils.coding.scan_order import causal_taps, coding_order, wavefront_slope
+from utils.coding.streams import join_streams, split_streams, stream_starts
+from utils.coding.threads import idle_core_available, single_threaded
 
 # CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
 # coded symbol until it flushes.
@@ -92,174 +93,11 @@ _PIPELINE_MIN_POSITIONS = 8000
 # Symbols handed to the rANS encoder per call: each call converts the CDF table to
 # C++ once, so chunks amortise that while bounding the Python lists.
 _ENCODE_CHUNK_SYMBOLS = 1 << 20
-# Symbols after which the fixed-point coder starts a new rANS stream (at the next
-# front boundary): part of the file format. See the module doc, Memory.
-STREAM_SYMBOLS = 1 << 18
-_STREAM_LENGTH = struct.Struct(">I")
-
-
-def causal_taps(mask: Tensor) -> List[Tuple[int, int]]:
-    """(row, column) offsets from the centre that the context mask lets through."""
-    taps = mask[0, 0]
-    centre_row, centre_col = taps.shape[0] // 2, taps.shape[1] // 2
-    return [(int(i) - centre_row, int(j) - centre_col) for i, j in torch.nonzero(taps)]
-
-
-def wavefront_slope(taps: List[Tuple[int, int]]) -> int:
-    """Smallest integer ``a >= 1`` such that ``a*di + dj < 0`` for every causal tap.
-
-    Then position (i, j) only reads positions with a smaller ``t = a*i + j``.
-    """
-    slope = 1
-    for di, dj in taps:
-        if di > 0 or (di == 0 and dj >= 0):
-            raise ValueError(f"context tap {(di, dj)} is not causal in raster order")
-        if di < 0:
-            slope = max(slope, dj // -di + 1)
-    return slope
-
-
-def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tensor, List[int]]:
-    """Positions of a (height, width) latent in coding order, and the front sizes.
-
-    Returns:
-        positions: (height*width,) int64 flat indexes ``i*width + j``; front ``k``
-            is ``positions[sum(sizes[:k]):sum(sizes[:k+1])]``, by increasing row.
-        sizes: number of positions in each front, in coding order.
-    """
-    if order not in ORDERS:
-        raise ValueError(f"unknown entropy coder order {order!r}; choose from {ORDERS}")
-    if height < 1 or width < 1:
-        raise ValueError(f"latent size {height}x{width} is empty")
-    if order == "raster":
-        return torch.arange(height * width), [1] * (height * width)
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
-    front = slope * rows + cols
-    # The keys are unique and dense enough to sort by scattering them into their
-    # range: linear time, where argsort's n log n is a visible cost on large latents.
-    keys = front * height + rows
-    slots = torch.full((int(keys[-1]) + 1,), -1)
-    slots[keys] = torch.arange(height * width)
-    positions = slots[slots >= 0]
-    sizes = torch.bincount(front)
-    return positions, sizes[sizes > 0].tolist()
-
-
-def stream_starts(sizes: List[int], channels: int) -> List[int]:
-    """Latent positions (in coding order) at which each rANS stream of the
-    fixed-point coder starts: 0, then the first front boundary at or past every
-    :data:`STREAM_SYMBOLS` symbols since the last start."""
-    starts, position, since_start = [0], 0, 0
-    for size in sizes:
-        if since_start >= STREAM_SYMBOLS:
-            starts.append(position)
-            since_start = 0
-        position += size
-        since_start += size * channels
-    return starts
-
-
-def largest_stream_symbols(height: int, width: int, channels: int, fixed_point: bool) -> int:
-    """An upper bound on the symbols of one rANS stream of a (height, width) latent:
-    the whole latent for float32 files, else :data:`STREAM_SYMBOLS` plus one front
-    (at most one position per row)."""
-    total = height * width * channels
-    if not fixed_point:
-        return total
-    return min(total, STREAM_SYMBOLS + min(height, width) * channels)
-
-
-def join_streams(streams: List[bytes]) -> bytes:
-    """The latent string of the fixed-point coder: each stream after its length."""
-    return b"".join(_STREAM_LENGTH.pack(len(stream)) + stream for stream in streams)
-
-
-def split_streams(string: bytes, count: int) -> List[bytes]:
-    """The ``count`` streams of a :func:`join_streams` string.
-
-    Raises:
-        BitstreamError: lengths that do not add up to the string.
-    """
-    streams, offset = [], 0
-    for _ in range(count):
-        if offset + _STREAM_LENGTH.size > len(string):
-            raise BitstreamError(f"y string is truncated: it holds fewer than the {count} "
-                                 "streams of this latent")
-        (length,) = _STREAM_LENGTH.unpack_from(string, offset)
-        offset += _STREAM_LENGTH.size
-        if offset + length > len(string):
-            raise BitstreamError("y string is truncated: a stream is shorter than its length")
-        streams.append(string[offset:offset + length])
-        offset += length
-    if offset != len(string):
-        raise BitstreamError(f"y string has {len(string) - offset} bytes after its {count} streams")
-    return streams
 
 
 def channels_last_rows(tensor: Tensor) -> Tensor:
     """(C, H, W) -> (H*W, C): a view if ``tensor`` is stored channels-last, else a copy."""
     return tensor.permute(1, 2, 0).reshape(-1, tensor.shape[0])
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run float code with one thread and full float32 matmul precision, so that
-    every reduction happens in one fixed order whatever the caller configured.
-
-    ``torch.set_float32_matmul_precision("medium")``, common in training scripts,
-    sends float32 GEMMs to bfloat16 oneDNN kernels on CPUs that have them; an
-    encoder with that setting and a decoder without it would compute different
-    means, so the precision is pinned here (and restored afterwards).
-    """
-    threads = torch.get_num_threads()
-    precision = torch.get_float32_matmul_precision()
-    torch.set_num_threads(1)
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.set_num_threads(threads)
-
-
-def _busy_seconds() -> Tuple[float, float]:
-    """(CPU seconds all processes have been busy, of which this process) so far."""
-    with open("/proc/stat") as handle:
-        fields = [int(value) for value in handle.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle and iowait
-    ticks = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return (sum(fields[:8]) - idle) / ticks, own.user + own.system
-
-
-def idle_core_available(window: float = 0.1) -> bool:
-    """Whether a CPU core besides this process's is idle: the pipelined coder's
-    worker thread then runs beside the main one instead of stealing its time slices.
-
-    Measured over ``window`` seconds from ``/proc/stat``, minus this process's own
-    CPU time, so that the codec's own busy transforms do not count; where that is
-    unavailable, from the one-minute load average. Pipelining speeds coding up only
-    when a core is idle; on busy cores the second thread competes for them and
-    slows coding down (``benchmarks/entropy_coding.py --pipeline on|off`` compares them).
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    if cpus < 2:
-        return False
-    try:
-        busy_before, own_before = _busy_seconds()
-        time.sleep(window)
-        busy_after, own_after = _busy_seconds()
-        others = ((busy_after - busy_before) - (own_after - own_before)) / window
-    except (OSError, ValueError, IndexError):
-        try:
-            others = os.getloadavg()[0] - 1
-        except OSError:
-            return False
-    return others <= cpus - 1.5
 
 
 def _as_linear_layers(

@@ -26,9 +26,10 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL, largest_stream_symbols
+from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
 from utils.coding.fixed_point import CHUNK_COPIES, chunk_positions
 from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
+from utils.coding.streams import largest_stream_symbols
 from utils.image_io import to_uint8
 from utils.memory import (
     NO_BUDGET_HINT,

@@ -1,0 +1,66 @@
+"""The order in which a context model codes a latent: raster, or wavefront fronts.
+
+A masked context reads only the positions its mask marks causal. Numbering the
+positions ``t = a*i + j`` with the smallest slope ``a`` for which every causal tap
+has a smaller ``t`` makes all positions with the same ``t`` (a *front*) independent
+of each other, so they are coded in one step. CPS's latent context coder
+(``utils/coding/context_coder.py``) and Kamisli 2024's block coder both walk these
+fronts; ``raster`` order has one position per front.
+"""
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from utils.coding import ORDERS
+
+__all__ = ["causal_taps", "wavefront_slope", "coding_order"]
+
+
+def causal_taps(mask: Tensor) -> List[Tuple[int, int]]:
+    """(row, column) offsets from the centre that the context mask lets through."""
+    taps = mask[0, 0]
+    centre_row, centre_col = taps.shape[0] // 2, taps.shape[1] // 2
+    return [(int(i) - centre_row, int(j) - centre_col) for i, j in torch.nonzero(taps)]
+
+
+def wavefront_slope(taps: List[Tuple[int, int]]) -> int:
+    """Smallest integer ``a >= 1`` such that ``a*di + dj < 0`` for every causal tap.
+
+    Then position (i, j) only reads positions with a smaller ``t = a*i + j``.
+    """
+    slope = 1
+    for di, dj in taps:
+        if di > 0 or (di == 0 and dj >= 0):
+            raise ValueError(f"context tap {(di, dj)} is not causal in raster order")
+        if di < 0:
+            slope = max(slope, dj // -di + 1)
+    return slope
+
+
+def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tensor, List[int]]:
+    """Positions of a (height, width) latent in coding order, and the front sizes.
+
+    Returns:
+        positions: (height*width,) int64 flat indexes ``i*width + j``; front ``k``
+            is ``positions[sum(sizes[:k]):sum(sizes[:k+1])]``, by increasing row.
+        sizes: number of positions in each front, in coding order.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown entropy coder order {order!r}; choose from {ORDERS}")
+    if height < 1 or width < 1:
+        raise ValueError(f"latent size {height}x{width} is empty")
+    if order == "raster":
+        return torch.arange(height * width), [1] * (height * width)
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    front = slope * rows + cols
+    # The keys are unique and dense enough to sort by scattering them into their
+    # range: linear time, where argsort's n log n is a visible cost on large latents.
+    keys = front * height + rows
+    slots = torch.full((int(keys[-1]) + 1,), -1)
+    slots[keys] = torch.arange(height * width)
+    positions = slots[slots >= 0]
+    sizes = torch.bincount(front)
+    return positions, sizes[sizes > 0].tolist()
