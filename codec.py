@@ -21,6 +21,7 @@ with status 130. An output is never one of the inputs.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -128,7 +129,7 @@ def encode(args, model, plan, source: str, target: str) -> str:
                 f"full-resolution pixels, encoded in {seconds:.2f} s")
     estimate = payload.estimated_bits / pixels
     return (f"{target}: {len(data)} bytes, {len(data) * 8 / pixels:.4f} bpp"
-            f"{'' if estimate != estimate else f' (estimate {estimate:.4f})'}, "
+            f"{'' if math.isnan(estimate) else f' (estimate {estimate:.4f})'}, "
             f"encoded in {seconds:.2f} s{_peak_note(args)}")
 
 

@@ -7,10 +7,10 @@ tracked ``benchmarks/results/NAME`` instead; ``-o/--output`` names any other fil
 
 import argparse
 import os
-import platform
 from typing import Optional, Sequence
 
 from utils.atomic import atomic_write_json
+from utils.device import cpu_model_name
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LOCAL_DIR = os.path.join(RESULTS_DIR, "local")
@@ -58,16 +58,6 @@ def machine_info(**extra: object) -> dict:
 
     return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "torch": torch.__version__, **extra}
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` knows."""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def write_json(path: str, document: dict) -> None:

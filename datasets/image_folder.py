@@ -65,13 +65,13 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
-    except UnreadableImage:
+    except (UnreadableImage, MemoryError):  # the machine's problem, not the file's
         raise
     except Image.UnidentifiedImageError:  # its message names a BytesIO, not the file
         raise UnreadableImage("not an image file of a format PIL reads") from None
     # Image plugins fail in many ways (OSError, SyntaxError, ValueError, zlib and
     # struct errors, DecompressionBombError): any of them means this file is unusable.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         text = " ".join(str(exc).split()) or "no details"
         raise UnreadableImage(f"{type(exc).__name__}: {text}") from None
 
@@ -191,9 +191,11 @@ def _image_size(path: Path, max_pixels: Optional[int]) -> Sequence[int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 size = image.size
+    except MemoryError:
+        raise
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image file of a format PIL reads") from None
-    except Exception as exc:  # noqa: BLE001  (as in open_rgb)
+    except Exception as exc:  # any plugin failure, as in open_rgb
         raise UnreadableImage(f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
     _check_pixels(size, max_pixels)
     return size

@@ -15,7 +15,8 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
   entropy-coder order, exactness, layers); each model decides how to honour it.
 * :meth:`LearnedCodec.forward`: ``{"x_hat", "likelihoods"}`` as in CompressAI, for
   training and for rate estimation without coding.
-* :meth:`LearnedCodec.default_loss`: the loss ``train.py`` optimises.
+* :meth:`LearnedCodec.default_loss`: the loss ``train.py`` optimises, and
+  :meth:`LearnedCodec.aux_loss`, the quantile loss of the entropy bottlenecks.
 * :attr:`LearnedCodec.operating_points` and :meth:`LearnedCodec.reference_image`:
   a scalable model has one operating point per layer; point ``k`` decodes with
   ``plan.layers = k + 1`` and is measured against ``reference_image(image, k)``.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
+from compressai.entropy_models import EntropyBottleneck
 from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
@@ -109,6 +111,14 @@ class LearnedCodec(nn.Module, abc.ABC):
         """The training loss: CompressAI's rate-distortion loss (``lmbda`` weighs the
         distortion, ``metric`` is ``mse`` or ``ms-ssim``)."""
         return RateDistortionLoss(lmbda=lmbda, metric=metric)
+
+    def aux_loss(self) -> Tensor:
+        """The entropy bottlenecks' quantile loss (CompressAI's ``aux_loss``), always a
+        tensor: zero for a model without an ``EntropyBottleneck`` (Kamisli 2024), where
+        CompressAI returns the int 0."""
+        losses = [module.loss() for module in self.modules()
+                  if isinstance(module, EntropyBottleneck)]
+        return sum(losses) if losses else next(self.parameters()).new_zeros(())
 
     @property
     @abc.abstractmethod

@@ -25,6 +25,18 @@ def test_layer_list_is_read_from_the_network():
     assert layers == [(2, 2), (3, 1), (3, 1)] * 3 + [(2, 2)]
 
 
+def test_pointwise_layers_and_gdn_variants_add_no_reach():
+    """GDN and its subclasses (CompressAI's GDN1) act per position, so a researcher's
+    variant of a padding-free transform keeps its geometry."""
+    from compressai.layers import GDN, GDN1
+
+    transform = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, stride=2), GDN1(4),
+                                    torch.nn.Conv2d(4, 4, 3), GDN(4), torch.nn.LeakyReLU())
+    assert analysis_layers(transform) == [(2, 2), (3, 1)]
+    with pytest.raises(ValueError, match="cannot derive the POPS geometry of BatchNorm2d"):
+        analysis_layers(torch.nn.BatchNorm2d(4))
+
+
 @pytest.mark.parametrize("layers, r, rho, eq4_overlap, overlap", [
     ([(2, 2)] * 4, 16, 16, 0, 0),        # EDRB only: r = rho, no overlap needed (Sec. II.B)
     ([(3, 1)], 3, 1, 2, 2),              # r mod rho == 0: o = r - rho

@@ -109,8 +109,8 @@ def write_png(path: str, image: Tensor) -> None:
 
 
 def to_grayscale(image: Tensor) -> Tensor:
-    """Mean of the three channels of a uint8 (3, H, W) tensor, rounded: (1, H, W)."""
-    return image.float().mean(dim=0, keepdim=True).round().to(torch.uint8)
+    """Mean of the three channels of a uint8 (..., 3, H, W) tensor, rounded: (..., 1, H, W)."""
+    return image.float().mean(dim=-3, keepdim=True).round_().to(torch.uint8)
 
 
 def to_unit_float(image: Tensor) -> Tensor:

@@ -81,9 +81,10 @@ def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
 
 def _checkpoint_stem(path: str) -> str:
     """A checkpoint's name for file names: its file name without ``.pth``/``.tar``, or its
-    folder's name for the generic ``model.pth`` of a release folder."""
+    folder's name for the names every run or release folder uses (``train.py``'s
+    ``checkpoint``/``checkpoint_best_loss``, a release's ``model``)."""
     stem = re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(path))
-    if stem in ("model", "checkpoint", "checkpoint_best_loss", "checkpoint_last"):
+    if stem in ("model", "checkpoint", "checkpoint_best_loss"):
         folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
         return f"{folder}_{stem}" if stem.startswith("checkpoint") else folder
     return stem

@@ -17,6 +17,7 @@ others waiting in the collective.
 import logging
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.atomic import atomic_write_json, strict_json
+from utils.cli import REPORTED_ERRORS
 from utils.evaluation.choices import DATASETS_CONFIG, REPO_ROOT
 from utils.evaluation.coders import Coder
 from utils.evaluation.metrics import image_metrics
@@ -207,6 +209,8 @@ def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[s
         try:
             outcome = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
         except Exception as exc:  # passed on to every process below, then raised there
+            if not isinstance(exc, REPORTED_ERRORS):  # a bug: keep its traceback
+                traceback.print_exc()
             outcome = f"rank {rank}: {exc}"
         gathered = [None] * world
         dist.all_gather_object(gathered, outcome)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, List, Tuple, Union
 
+from compressai.layers import GDN
 from torch import nn
 
 Layer = Tuple[int, int]  # (kernel size, stride)
@@ -47,7 +48,7 @@ def analysis_layers(module: nn.Module) -> List[Layer]:
         if any(p != 0 for p in module.padding):
             raise ValueError(f"{module} is padded: POPS needs padding-free layers")
         return [(kernel, stride)]
-    if isinstance(module, _POINTWISE) or type(module).__name__ == "GDN":
+    if isinstance(module, (*_POINTWISE, GDN)):
         return []
     raise ValueError(f"cannot derive the POPS geometry of {type(module).__name__}")
 

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from utils.image_io import to_uint8, to_unit_float
+from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.memory import reuse_freed_memory
 from utils.stitching.exact_convolution import ExactConvolutions
 
@@ -68,7 +68,7 @@ def input_preparation(direction: str, device: torch.device) -> Callable[[Tensor]
 
 def gray_uint8(batch: Tensor) -> Tensor:
     """Rounded mean of the three rounded 8-bit channels of a (B, 3, H, W) batch."""
-    return to_uint8(batch).float().mean(dim=1, keepdim=True).round_().to(torch.uint8)
+    return to_grayscale(to_uint8(batch))
 
 
 def channels_last_buffer(channels: int, height: int, width: int, dtype=torch.float32) -> Tensor:

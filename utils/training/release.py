@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, read_checkpoint_file
 from utils.atomic import atomic_torch_save, atomic_write_json
+from utils.device import cpu_model_name
 
 WEIGHTS_NAME = "model.pth"
 INFO_NAME = "training.json"
@@ -55,18 +55,6 @@ def half_precision_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]
         halve = name in parameter_names and value.is_floating_point()
         state[name] = value.half() if halve else value
     return state
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _checkpoint_summary(path: str) -> dict:
@@ -105,7 +93,7 @@ def export_weights(checkpoint_path: str, output_dir: str,
         "weights": f"{WEIGHTS_NAME}: float16 parameters, float32/int32 buffers and entropy tables",
         "parameters": sum(p.numel() for p in model.parameters()),
         "file_bytes": os.path.getsize(weights),
-        "hardware": f"{_cpu_name()}, {os.cpu_count()} CPU cores",
+        "hardware": f"{cpu_model_name()}, {os.cpu_count()} CPU cores",
         **_checkpoint_summary(checkpoint_path),
         **(extra_info or {}),
     }

@@ -231,9 +231,7 @@ class TrainStep:
         max_norm = self.clip_max_norm if self.clip_max_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net_params, max_norm)
         aux_loss = self.raw.aux_loss()
-        if not isinstance(aux_loss, Tensor):  # CompressAI's int 0 without an EntropyBottleneck
-            aux_loss = torch.zeros((), device=x.device)
-        elif aux_loss.requires_grad:
+        if aux_loss.requires_grad:
             aux_loss.backward()
         average_gradients(self.aux_params)
         return torch.stack([losses["loss"].detach().float(), mse.float(),
