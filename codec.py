@@ -80,29 +80,37 @@ def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[s
                  for path in args.paths]
     inputs = [source for source, _ in pairs]
     for source in inputs:
+        if os.path.isdir(source):
+            raise ValueError(f"{source} is a folder, not a file")
         if not os.path.isfile(source):
             raise ValueError(f"file not found: {source}")
     outputs = [target for _, target in pairs]
     if len(set(map(os.path.realpath, outputs))) < len(outputs):
         raise ValueError("two inputs have the same name, so their outputs would collide")
     if args.output_dir is not None:
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            raise ValueError(f"-d {args.output_dir} is a file, not a folder")
         os.makedirs(args.output_dir, exist_ok=True)
     for target in outputs:
-        check_output_path(target, inputs)
+        # The checkpoint is read too: writing over it would destroy the model.
+        check_output_path(target, inputs + [args.checkpoint])
     return pairs
 
 
 def _check_reading_fits(source: str, budget) -> None:
-    """Refuse, from the header alone, an image whose reading would break the budget."""
+    """Refuse, from the header alone, an image the format cannot hold or whose reading
+    would break the budget."""
     import torch
 
+    from utils.coding.container import check_size
     from utils.image_io import READ_BYTES_PER_PIXEL, image_size
     from utils.memory import memory_in_use
     from utils.stitching.planner import check_fits
 
+    width, height = image_size(source)
+    check_size(height, width)
     if budget is None:
         return
-    width, height = image_size(source)
     needed = memory_in_use(torch.device("cpu")) + READ_BYTES_PER_PIXEL * width * height
     check_fits(needed, budget, f"reading of this {width}x{height} image")
 
@@ -112,8 +120,8 @@ def encode(args, model, plan, source: str, target: str) -> str:
     from utils.coding.container import pack
     from utils.image_io import read_image
 
-    if not args.cuda:  # on CUDA the budget counts GPU memory, which reading does not use
-        _check_reading_fits(source, plan.budget_bytes)
+    # On CUDA the budget counts GPU memory, which reading does not use.
+    _check_reading_fits(source, None if args.cuda else plan.budget_bytes)
     image, info = read_image(source)
     for change in info.conversions:
         print(f"warning: {source}: {change}", file=sys.stderr)

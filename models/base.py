@@ -43,7 +43,7 @@ from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
-from utils.coding.container import Payload
+from utils.coding.container import Payload, check_size
 from utils.stitching.spec import PatchSpec
 
 
@@ -148,7 +148,9 @@ class LearnedCodec(nn.Module, abc.ABC):
 
 
 def check_image(image: Tensor) -> None:
-    """Refuse anything but a uint8 RGB tensor (3, H, W)."""
+    """Refuse anything but a uint8 RGB tensor (3, H, W) of a size the container holds
+    (an encoder calls this first, before any work)."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} "
                          f"{tuple(image.shape)}")
+    check_size(*image.shape[1:])

@@ -139,3 +139,38 @@ def test_running_out_of_memory_is_a_one_line_error_and_writes_nothing(
                            "--max-memory", "none"], capsys)
     _one_line_error(status, err, message)
     assert not (tmp_path / "x.cps").exists()
+
+
+def test_an_image_wider_than_the_format_is_refused_before_any_work(tmp_path, checkpoint, capsys,
+                                                                    tiny_cps):
+    """The container holds 65535 pixels a side: a wider image would give a file no
+    decoder reads, so it is refused from its header, and by every model's encode."""
+    Image.new("L", (65536, 1)).save(tmp_path / "wide.png")
+    status, _, err = _run(["encode", tmp_path / "wide.png", tmp_path / "w.cps", "-p", checkpoint,
+                           "--max-memory", "none"], capsys)
+    _one_line_error(status, err, "65536x1 image does not fit")
+    assert not (tmp_path / "w.cps").exists()
+    with pytest.raises(ValueError, match="1 to 65535 pixels a side"):
+        tiny_cps.encode(torch.zeros(3, 2, 65536, dtype=torch.uint8), CodingPlan())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("checkpoint as output", "refusing to overwrite"),
+    ("folder as input", "is a folder, not a file"),
+    ("file as -d", "is a file, not a folder"),
+])
+def test_paths_that_would_destroy_or_confuse_are_refused(tmp_path, checkpoint, capsys, case,
+                                                         message):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    before = open(checkpoint, "rb").read()
+    if case == "checkpoint as output":
+        argv = ["encode", tmp_path / "in.png", checkpoint, "-p", checkpoint]
+    elif case == "folder as input":
+        (tmp_path / "dir.png").mkdir()
+        argv = ["encode", tmp_path / "dir.png", tmp_path / "x.cps", "-p", checkpoint]
+    else:
+        (tmp_path / "out").write_text("a file")
+        argv = ["encode", tmp_path / "in.png", "-d", tmp_path / "out", "-p", checkpoint]
+    status, _, err = _run(argv, capsys)
+    _one_line_error(status, err, message)
+    assert open(checkpoint, "rb").read() == before

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 
 __all__ = ["atomic_write_bytes", "atomic_torch_save", "strict_json", "atomic_write_json"]
@@ -33,6 +34,14 @@ def atomic_write_bytes(path, data):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a folder")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        # A device or a pipe (/dev/null, a FIFO): renaming over it would replace the
+        # node itself with a file, so it is written in place; atomicity means nothing there.
+        with open(path, "wb") as stream:
+            stream.write(data)
+        return
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

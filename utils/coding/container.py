@@ -184,10 +184,12 @@ def tensor_crc(tensor: torch.Tensor) -> int:
 
 
 def check_size(height: int, width: int) -> None:
-    """Refuse a header size outside the format's limits (1..:data:`MAX_SIDE` a side)."""
+    """Refuse an image size outside the format's limits (1..:data:`MAX_SIDE` a side):
+    a header that claims one, or an image given to an encoder (before any work, so
+    that no file is written that no decoder would read)."""
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
-        raise BitstreamError(f"the header claims a {width}x{height} image; this format holds "
-                             f"1 to {MAX_SIDE} pixels a side")
+        raise BitstreamError(f"a {width}x{height} image does not fit the .cps/.cpsl formats, "
+                             f"which hold 1 to {MAX_SIDE} pixels a side")
 
 
 def check_model(payload: Payload, model: nn.Module) -> None:
@@ -341,7 +343,12 @@ def _unpack_layered(data: bytes) -> LayeredImage:
 
 
 def pack(payload: Payload) -> bytes:
-    """The bytes of the ``.cps`` or ``.cpsl`` file holding ``payload``."""
+    """The bytes of the ``.cps`` or ``.cpsl`` file holding ``payload``.
+
+    Raises:
+        BitstreamError: a size the format cannot hold (see :func:`check_size`).
+    """
+    check_size(payload.height, payload.width)
     if isinstance(payload, LayeredImage):
         return _pack_layered(payload)
     return _pack_image(payload)
