@@ -37,6 +37,8 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
             break
     state_dict = {}
     for name, value in checkpoint.items():
+        if not isinstance(name, str):
+            raise ValueError(f"not a state dict: key {name!r} is not a parameter name string")
         if not isinstance(value, Tensor):
             raise ValueError(f"not a state dict: entry {name!r} is a {type(value).__name__}")
         for prefix in _WRAPPER_PREFIXES:
@@ -200,4 +202,10 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     except KeyError as exc:
         raise ValueError(f"checkpoint {path} does not fit architecture {name!r}: "
                          f"no key {exc.args[0]!r}") from None
+    except (IndexError, TypeError, AttributeError, RuntimeError) as exc:
+        # A tensor of the wrong rank where a size is read, or CompressAI's own
+        # load_state_dict refusing (its message lists every key: the first line says it).
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {path} does not fit architecture {name!r}: "
+                         f"{reason}") from None
     return model.to(device).eval()

@@ -80,3 +80,29 @@ def test_tables_compressai_computes_satisfy_the_check(tiny_cps):
         for row, length in zip(module._quantized_cdf.long(), lengths):
             assert row[0] == 0 and row[length - 1] == 1 << 16
             assert (torch.diff(row[:length]) > 0).all()
+
+
+def _scalar_weight(state_dict, name):
+    state_dict = dict(state_dict)
+    state_dict[name] = torch.tensor(1.0)
+    return state_dict
+
+
+@pytest.mark.parametrize("architecture, make_state, message", [
+    ("cps", lambda cps: {1: torch.zeros(1)}, "key 1 is not a parameter name string"),
+    ("cps", lambda cps: _scalar_weight(cps.state_dict(), "g_a.0.conv1.weight"),
+     "does not fit architecture 'cps'"),
+    ("kamisli2024", lambda cps: {"g_a_source.weight": torch.zeros(5)},
+     "does not fit architecture 'kamisli2024'"),
+    ("mbt2018", lambda cps: {"g_a.0.weight": torch.zeros(8, 3, 5, 5),
+                             "g_a.6.weight": torch.zeros(8, 8, 5, 5)},
+     "does not fit architecture 'mbt2018'"),
+])
+def test_weights_of_the_wrong_shape_or_kind_are_one_line_errors(tmp_path, tiny_cps,
+                                                                architecture, make_state,
+                                                                message):
+    """Sizes are read from the weights: a tensor of the wrong rank, a missing layer or a
+    non-string key must not surface as IndexError or a CompressAI traceback."""
+    path = tmp_path / "odd.pth"
+    torch.save({"architecture": architecture, "state_dict": make_state(tiny_cps)}, path)
+    assert message in _load_error(str(path))
