@@ -165,6 +165,41 @@ def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path):
     assert len(err) == 1 and "not valid JSON" in err[0]
 
 
+@pytest.mark.parametrize("command", ["plot", "bdrate"])
+@pytest.mark.parametrize("results, message", [
+    ({"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34], "layer": [None, 1, 1, 2]},
+     "results.layer must hold integers"),
+    ({"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": ["28", "30", "32", "34"]},
+     "psnr-rgb[0] = '28' is not a number"),
+    ({"bpp": ["0.1", 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = '0.1'"),
+    ({"bpp": [0.1, 0.0, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[1] = 0.0 is not a"),
+    ({"bpp": [[0.1], [0.2], [0.4], [0.8]], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = [0.1]"),
+])
+def test_malformed_values_are_one_line_errors_naming_file_and_field(capsys, tmp_path, command,
+                                                                   results, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": results}))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"results": {"bpp": [0.1, 0.2, 0.4, 0.8],
+                                            "psnr-rgb": [27, 29, 31, 33]}}))
+    argv = (["plot", str(bad), "-o", str(tmp_path / "x.png")] if command == "plot"
+            else ["bdrate", "--anchor", str(good), str(bad)])
+    assert test_script.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and message in err[0]
+
+
+def test_an_output_that_is_one_of_the_results_files_is_refused(capsys, tmp_path):
+    results = tmp_path / "ours.json"
+    results.write_text(json.dumps({"results": {"bpp": [0.1, 0.2, 0.4, 0.8],
+                                               "psnr-rgb": [27, 29, 31, 33]}}))
+    before = results.read_text()
+    assert test_script.main(["bdrate", "--anchor", str(results), str(results),
+                             "-o", str(results)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert results.read_text() == before
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ANCHORS, "*.json"))))
 def test_every_shipped_anchor_cites_its_source_and_is_sorted(path):
     with open(path) as handle:

@@ -12,7 +12,7 @@ from typing import List, Optional
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
-from utils.cli import REPORTED_ERRORS, report_error
+from utils.cli import REPORTED_ERRORS, check_output_path, report_error
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, LearnedOptions, learned_coders, load_pretrained
@@ -156,6 +156,7 @@ def _prepare_output_dir(folder: str) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> dict:
+    check_output_path(args.output, args.results)
     labels = parse_labels(args.label, args.results)
     curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
     shown = plot_curves(curves, args.output, args.metrics, args.title)
@@ -164,6 +165,8 @@ def run_plot(args: argparse.Namespace) -> dict:
 
 
 def run_bdrate(args: argparse.Namespace) -> dict:
+    if args.output:
+        check_output_path(args.output, [args.anchor, *args.results])
     labels = parse_labels(args.label, [args.anchor, *args.results])
     table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
                           [load_curve(p, labels.get(p)) for p in args.results],

@@ -55,18 +55,45 @@ class Curve:
         return pairs
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(path: str, results: dict) -> None:
+    """Every value a curve reads is a number or null (a metric an image was too small
+    for); rates are positive and finite; layers are integers. Anything else would fail
+    deep inside matplotlib or the BD-rate fit, or be drawn as a category."""
+    for index, rate in enumerate(results["bpp"]):
+        if rate is not None and not (_is_number(rate) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"results file {path}: bpp[{index}] = {rate!r} is not a positive "
+                             "finite number")
+    for key, values in results.items():
+        if _ALIASES.get(key, key) in METRICS and isinstance(values, list):
+            for index, value in enumerate(values):
+                if value is not None and not _is_number(value):
+                    raise ValueError(f"results file {path}: {key}[{index}] = {value!r} is not "
+                                     "a number")
+    layers = results.get("layer")
+    if isinstance(layers, list) and any(not (isinstance(k, int) and not isinstance(k, bool))
+                                        for k in layers):
+        raise ValueError(f"results file {path}: results.layer must hold integers")
+
+
 def _read_results(path: str) -> dict:
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
     except OSError as exc:
         raise ValueError(f"cannot read results file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"results file {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"results file {path} is not valid JSON: {exc}") from None
     results = document.get("results") if isinstance(document, dict) else None
     if not isinstance(results, dict) or not isinstance(results.get("bpp"), list):
         raise ValueError(f"results file {path} has no results.bpp list "
                          "(CompressAI format expected)")
+    _check_values(path, results)
     return document
 
 
