@@ -46,10 +46,13 @@ ZOO_METRICS = ("mse", "ms-ssim")
 def _numbers(kind):
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError:
+            values = []
+        if not values:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
-                                             f"got {text!r}") from None
+                                             f"got {text!r}")
+        return values
     return parse
 
 

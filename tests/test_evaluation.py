@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 
 import models
 import test as test_script
@@ -357,3 +358,21 @@ def test_torchrun_shards_images_and_merges_the_same_results(capsys, tmp_path, im
     written = sorted(os.listdir(out_dir / "reconstructions"))
     assert written == ["large.png", "small.png", "third.png"]
     assert json.loads((out_dir / "results.json").read_text()) == sharded
+
+
+def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
+        capsys, tmp_path):
+    folder = tmp_path / "same"
+    write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
+    Image.fromarray(smooth_image(40, 48, 1).permute(1, 2, 0).numpy()).save(folder / "a.jpg")
+    code, _, err = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
+                                    "-d", tmp_path / "out", "--per-image", "--no-progress"])
+    assert code == 1 and "a.jpg and a.png would write the same per-image files" in err
+    assert not (tmp_path / "out" / "per-image").exists()
+
+
+def test_an_empty_quality_list_is_a_usage_error(capsys, images):
+    with pytest.raises(SystemExit) as exit_info:
+        test_script.main(["codec", "--dataset", str(images), "--codec", "jpeg", "-q", ","])
+    assert exit_info.value.code == 2
+    assert "expected comma-separated floats" in capsys.readouterr().err

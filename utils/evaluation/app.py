@@ -79,6 +79,17 @@ def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
             for q in args.quality]
 
 
+def _check_distinct_stems(paths: List[str]) -> None:
+    """Per-image files are named by stem: ``a.png`` and ``a.jpg`` would share them."""
+    seen = {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in seen:
+            raise ValueError(f"{os.path.basename(seen[stem])} and {os.path.basename(path)} "
+                             f"would write the same per-image files ({stem}.*); rename one")
+        seen[stem] = path
+
+
 def _checkpoint_stem(path: str) -> str:
     """A checkpoint's name for file names: its file name without ``.pth``/``.tar``, or its
     folder's name for the names every run or release folder uses (``train.py``'s
@@ -110,6 +121,8 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         _prepare_output_dir(args.output_dir)
     paths = list_images(dataset.folder)
     paths = paths[:args.max_images] if args.max_images else paths
+    if args.per_image or args.save_image:
+        _check_distinct_stems(paths)
     names: List[str] = []
     if args.command == "codec":
         runs, patch_note = _codec_runs(args, names), ""
