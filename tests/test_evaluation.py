@@ -14,7 +14,7 @@ from PIL import Image
 import models
 import test as test_script
 from models.base import CodingPlan
-from utils.coding.container import pack
+from utils.coding.container import pack, unpack
 from utils.evaluation.coders import Coded, LearnedOptions, ModelCoder, NaiveTiles, learned_coders
 from utils.evaluation.metrics import psnr, psnr_b
 from utils.evaluation.runs import aggregate, environment_variable, resolve_dataset, to_json
@@ -376,3 +376,23 @@ def test_an_empty_quality_list_is_a_usage_error(capsys, images):
         test_script.main(["codec", "--dataset", str(images), "--codec", "jpeg", "-q", ","])
     assert exit_info.value.code == 2
     assert "expected comma-separated floats" in capsys.readouterr().err
+
+
+def test_a_grayscale_image_is_measured_as_the_gray_png_codec_py_writes(
+        capsys, tmp_path, checkpoint, tiny_cps):
+    folder = tmp_path / "gray"
+    gray = smooth_image(60, 70, 5)[:1]
+    write_png(str(folder / "g.png"), gray)
+    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", folder, "-p", checkpoint,
+                                       "--tiling", "none", "-d", tmp_path / "out",
+                                       "--save-image", "--no-progress"])
+    assert code == 0
+    original, info = read_image(str(folder / "g.png"))
+    assert info.grayscale
+    plan = CodingPlan(grayscale=True)
+    written = tiny_cps.decode(unpack(pack(tiny_cps.encode(original, plan))), plan)
+    assert written.shape[0] == 1
+    saved = Image.open(tmp_path / "out" / "reconstructions" / "g.png")
+    assert saved.mode == "L"
+    expected = psnr(original, written.expand(3, -1, -1))
+    assert json.loads(stdout)["results"]["psnr-rgb"][0] == pytest.approx(expected, abs=1e-9)

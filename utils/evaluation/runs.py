@@ -30,7 +30,7 @@ from utils.cli import REPORTED_ERRORS
 from utils.evaluation.choices import DATASETS_CONFIG, REPO_ROOT
 from utils.evaluation.coders import Coder
 from utils.evaluation.metrics import image_metrics
-from utils.image_io import read_image, write_png
+from utils.image_io import read_image, to_grayscale, write_png
 from utils.memory import PeakMemory
 from utils.yaml_io import load_yaml_file
 
@@ -143,16 +143,21 @@ def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
     return f"{stem}-{tag}.png" if several_runs else f"{stem}.png"
 
 
-def _code_image(coder: Coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
+def _code_image(coder: Coder, image: torch.Tensor,
+                grayscale: bool = False) -> Tuple[dict, torch.Tensor]:
+    """Code one image and measure it. A grayscale source is measured, and returned, as
+    the one-channel image ``codec.py`` writes for it (the channel mean of the decoded
+    RGB, which the file's grayscale flag asks for; the flag costs no bits)."""
     with PeakMemory(coder.device) as memory:
         coded = coder.code(image)
+    reconstruction = to_grayscale(coded.reconstruction) if grayscale else coded.reconstruction
     # A layer of a spatially scalable model reconstructs a smaller reference image.
     reference = coder.reference_image(image)
     height, width = reference.shape[1:]
     record = {"bpp": coded.bits / (height * width)}
     if coded.estimated_bits is not None:
         record["bpp_est"] = coded.estimated_bits / (height * width)
-    record.update(image_metrics(reference, coded.reconstruction))
+    record.update(image_metrics(reference, reconstruction.expand(3, -1, -1)))
     # A coder that measured its own peak (apart from a verification decode) knows better.
     peak = memory.peak_mb if coded.peak_mb is None else coded.peak_mb
     record.update(encoding_time=coded.encoding_time, decoding_time=coded.decoding_time,
@@ -161,7 +166,7 @@ def _code_image(coder: Coder, image: torch.Tensor) -> Tuple[dict, torch.Tensor]:
         record["verification_peak_memory_mb"] = coded.verification_peak_mb
     if coder.layer is not None:
         record["layer"] = coder.layer
-    return record, coded.reconstruction
+    return record, reconstruction
 
 
 def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
@@ -181,7 +186,8 @@ def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence
                     for change in info.conversions:
                         log.warning("%s: %s", paths[index], change)
                 try:
-                    records[number, index], reconstruction = _code_image(coder, image)
+                    records[number, index], reconstruction = _code_image(coder, image,
+                                                                          info.grayscale)
                 except (ValueError, RuntimeError) as exc:
                     raise type(exc)(f"{paths[index]}: {exc}") from None
                 if image_folder is not None:
