@@ -67,6 +67,57 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
     assert info.grayscale and int(image.max()) == 200 and image.shape == (3, 8, 8)
 
 
+def _png16(path, samples):
+    """A PNG of 16-bit RGB or RGBA samples (H, W, 3 or 4), which PIL cannot write."""
+    import struct
+    import zlib
+
+    height, width, channels = samples.shape
+    rows = b"".join(b"\x00" + samples[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_sixteen_bit_colour_is_rounded_not_truncated(tmp_path, channels):
+    """PIL keeps the high byte of 16-bit RGB (200 -> 0, 32767 -> 127); the reader
+    rounds v / 257 as it does for 16-bit grayscale."""
+    samples = np.array([[[200, 32767, 65535, 9][:channels], [128, 383, 384, 9][:channels]]],
+                       np.uint16)
+    _png16(tmp_path / "c16.png", samples)
+    image, info = read_image(str(tmp_path / "c16.png"))
+    assert image[:, 0, :].t().tolist() == [[1, 127, 255], [0, 1, 1]]
+    assert "16-bit samples scaled to 8 bits" in info.conversions
+    assert ("alpha channel dropped" in info.conversions) == (channels == 4)
+
+
+def test_exif_orientation_and_extra_frames_are_applied_and_reported(tmp_path):
+    picture = Image.fromarray(_photo(32, 48))
+    exif = picture.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    picture.save(tmp_path / "turned.jpg", exif=exif)
+    image, info = read_image(str(tmp_path / "turned.jpg"))
+    assert image.shape == (3, 48, 32)
+    assert info.conversions == ["rotated or flipped as its EXIF orientation says"]
+    frames = [Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    image, info = read_image(str(tmp_path / "anim.gif"))
+    assert "the first of its 3 frames coded" in info.conversions
+    assert int(image[0, 0, 0]) == 0
+
+
+def test_a_one_pixel_image_reads_without_warnings(tmp_path, recwarn):
+    Image.new("RGB", (1, 1), (3, 4, 5)).save(tmp_path / "one.png")
+    image, _ = read_image(str(tmp_path / "one.png"))
+    assert image.flatten().tolist() == [3, 4, 5] and len(recwarn) == 0
+
+
 def _one_line_error(status, err, message):
     assert status == 1
     lines = err.strip().splitlines()

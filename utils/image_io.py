@@ -7,7 +7,9 @@ CPS codes 8-bit RGB. Other inputs are converted, and the conversion is reported 
   decoder writes a grayscale PNG again;
 * 16-bit samples: scaled to 8 bits (``round(v / 257)``);
 * palette (P) and CMYK/YCbCr: converted to RGB;
-* an alpha channel (RGBA, LA, PA): dropped, because CPS does not code transparency.
+* an alpha channel (RGBA, LA, PA): dropped, because CPS does not code transparency;
+* an EXIF orientation: applied, so the image is coded as viewers show it;
+* several frames (an animated GIF, a multi-page TIFF): the first is coded.
 """
 
 import io
@@ -18,7 +20,7 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from utils.atomic import atomic_write_bytes
@@ -39,7 +41,12 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f":
         raise ValueError("floating-point images are not supported; "
                          "save the image as 8- or 16-bit PNG")
-    return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    # round(v / 257) in integers (v / 257 is never halfway for an integer v), with
+    # 4-byte temporaries instead of float64 ones.
+    samples = np.clip(array, 0, 65535).astype(np.uint32)
+    samples += 128
+    samples //= 257
+    return samples.astype(np.uint8)
 
 
 # Bytes per pixel that reading an image may hold at once: PIL's decoded buffer (up to
@@ -61,16 +68,69 @@ def image_size(path: str) -> Tuple[int, int]:
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour types with three colour samples: RGB (2) and RGBA (6).
+_PNG_COLOUR_TYPES = (2, 6)
+
+
+def _is_16bit_colour_png(path: str) -> bool:
+    """Whether ``path`` is a PNG of 16-bit RGB(A) samples, from its IHDR chunk.
+
+    PIL has no 16-bit RGB mode and reads these by keeping each sample's high byte
+    (``v >> 8``); they are decoded by torchvision instead, so that they are scaled as
+    the module doc says.
+    """
+    with open(path, "rb") as handle:
+        header = handle.read(26)
+    return (len(header) == 26 and header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR"
+            and header[24] == 16 and header[25] in _PNG_COLOUR_TYPES)
+
+
+def _read_16bit_colour_png(path: str) -> Tuple[Tensor, ImageInfo]:
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    try:
+        samples = decode_png(read_file(path), ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    image = torch.from_numpy(_to_8bit(samples.numpy()))
+    info = ImageInfo(mode="RGB;16", grayscale=False,
+                     conversions=["16-bit samples scaled to 8 bits"])
+    with open(path, "rb") as handle:
+        if handle.read(26)[25] == 6:
+            info.conversions.insert(0, "alpha channel dropped")
+    return image, info
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _as_viewed(opened: Image.Image) -> Tuple[Image.Image, List[str]]:
+    """The frame a viewer shows first, turned as its EXIF orientation says, and notes
+    on what that changed (PIL sets ``n_frames`` on multi-frame formats only)."""
+    notes = []
+    frames = getattr(opened, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"the first of its {frames} frames coded")
+    if opened.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        notes.append("rotated or flipped as its EXIF orientation says")
+        return ImageOps.exif_transpose(opened), notes
+    return opened, notes
+
+
 def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     """Return the image at ``path`` as a uint8 tensor (3, H, W) and what was converted."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
+    if _is_16bit_colour_png(path):
+        return _read_16bit_colour_png(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image, notes = _as_viewed(opened)
             image.load()
             mode = image.mode
             gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
-            info = ImageInfo(mode=mode, grayscale=gray)
+            info = ImageInfo(mode=mode, grayscale=gray, conversions=notes)
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
                 info.conversions.append("alpha channel dropped")
             if mode == "P":
@@ -91,8 +151,12 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
         raise ValueError(f"cannot read image {path}: {exc}") from None
     if array.ndim == 2:
         array = np.broadcast_to(array[:, :, None], (*array.shape, 3))
-    # One copy, straight from PIL's (H, W, 3) array to a writable (3, H, W) tensor.
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), info
+    # One copy, straight from PIL's (H, W, 3) array to a writable (3, H, W) tensor (a
+    # 1x1 image's transpose is contiguous already, and PIL's buffer read-only).
+    planes = np.ascontiguousarray(array.transpose(2, 0, 1))
+    if not planes.flags.writeable:
+        planes = planes.copy()
+    return torch.from_numpy(planes), info
 
 
 def write_png(path: str, image: Tensor) -> None:
