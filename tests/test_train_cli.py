@@ -50,6 +50,16 @@ def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(
     assert not [w for w in caught if "worker" in str(w.message)]
 
 
+def test_an_experiment_path_that_is_a_file_is_a_one_line_error(tmp_path, train_images, capsys):
+    exp = tmp_path / "exp"
+    exp.write_text("notes")
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1})
+    assert train.main(["--config", cfg]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "experiment_path" in err[0] and "is a file, not a folder" in err[0]
+    assert exp.read_text() == "notes"
+
+
 def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_path, train_images,
                                                                          monkeypatch):
     import tqdm

@@ -125,7 +125,11 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     if _is_16bit_colour_png(path):
         return _read_16bit_colour_png(path)
     try:
-        with Image.open(path) as opened:
+        # PIL warns about images over 89 Mpx; the codec's memory budget decides instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
             image, notes = _as_viewed(opened)
             image.load()
             mode = image.mode

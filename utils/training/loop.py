@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from datasets import CropImageFolder, EpochSampler
 from utils.training import distributed
 from utils.training.bad_images import UnusableImages
-from utils.training.build import build_configured_model
+from utils.training.build import build_configured_model, make_experiment_folder
 from utils.training.config import (
     BEST_NAME,
     LAST_NAME,
@@ -118,7 +118,7 @@ class Trainer:
                               cuda_graph=tp.cuda_graphs and ctx.world_size == 1)
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
         if ctx.is_main:  # only now: a refused run leaves no empty folder behind
-            os.makedirs(self.exp, exist_ok=True)
+            make_experiment_folder(self.exp)
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
