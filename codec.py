@@ -213,6 +213,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 pairs = jobs(args, layered_suffix=True)
             code = encode if args.command == "encode" else decode
             for source, target in pairs:
+                if args.command == "decode" and not target.lower().endswith(".png"):
+                    print(f"warning: {target}: decode writes PNG data whatever the name",
+                          file=sys.stderr)
                 try:
                     print(code(args, model, plan, source, target), flush=True)
                 except ValueError as exc:

@@ -225,3 +225,12 @@ def test_paths_that_would_destroy_or_confuse_are_refused(tmp_path, checkpoint, c
     status, _, err = _run(argv, capsys)
     _one_line_error(status, err, message)
     assert open(checkpoint, "rb").read() == before
+
+
+def test_decoding_to_a_name_that_is_not_png_warns_and_writes_png(tmp_path, checkpoint, capsys):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)
+    status, _, err = _run(["decode", tmp_path / "x.cps", tmp_path / "out.jpg", "-p",
+                           checkpoint], capsys)
+    assert status == 0 and "out.jpg: decode writes PNG data whatever the name" in err
+    assert Image.open(tmp_path / "out.jpg").format == "PNG"
