@@ -16,7 +16,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,8 +73,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = (2, 6)
 
 
-def _is_16bit_colour_png(path: str) -> bool:
-    """Whether ``path`` is a PNG of 16-bit RGB(A) samples, from its IHDR chunk.
+def _colour_png16_type(path: str) -> Optional[int]:
+    """The PNG colour type (RGB 2, RGBA 6) if ``path`` is a PNG of 16-bit colour
+    samples, from its IHDR chunk; None for anything else.
 
     PIL has no 16-bit RGB mode and reads these by keeping each sample's high byte
     (``v >> 8``); they are decoded by torchvision instead, so that they are scaled as
@@ -82,11 +83,13 @@ def _is_16bit_colour_png(path: str) -> bool:
     """
     with open(path, "rb") as handle:
         header = handle.read(26)
-    return (len(header) == 26 and header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR"
-            and header[24] == 16 and header[25] in _PNG_COLOUR_TYPES)
+    if (len(header) == 26 and header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR"
+            and header[24] == 16 and header[25] in _PNG_COLOUR_TYPES):
+        return header[25]
+    return None
 
 
-def _read_16bit_colour_png(path: str) -> Tuple[Tensor, ImageInfo]:
+def _read_16bit_colour_png(path: str, colour_type: int) -> Tuple[Tensor, ImageInfo]:
     from torchvision.io import ImageReadMode, decode_png, read_file
 
     try:
@@ -96,9 +99,8 @@ def _read_16bit_colour_png(path: str) -> Tuple[Tensor, ImageInfo]:
     image = torch.from_numpy(_to_8bit(samples.numpy()))
     info = ImageInfo(mode="RGB;16", grayscale=False,
                      conversions=["16-bit samples scaled to 8 bits"])
-    with open(path, "rb") as handle:
-        if handle.read(26)[25] == 6:
-            info.conversions.insert(0, "alpha channel dropped")
+    if colour_type == 6:
+        info.conversions.insert(0, "alpha channel dropped")
     return image, info
 
 
@@ -122,8 +124,9 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     """Return the image at ``path`` as a uint8 tensor (3, H, W) and what was converted."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
-    if _is_16bit_colour_png(path):
-        return _read_16bit_colour_png(path)
+    colour_type = _colour_png16_type(path)
+    if colour_type is not None:
+        return _read_16bit_colour_png(path, colour_type)
     try:
         # PIL warns about images over 89 Mpx; the codec's memory budget decides instead.
         with warnings.catch_warnings():
