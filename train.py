@@ -43,10 +43,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML experiment config (optional with "
                                          "--resume CHECKPOINT: the stored config is used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="BLOCK.KEY=VALUE",
-                        help="override a config key, e.g. train_params.lmbda=0.025 "
-                             "(repeatable; the value is parsed as YAML)")
+                        help="override config keys, e.g. train_params.lmbda=0.025 "
+                             "train_data.batch_size=4 (several per --set, and --set may "
+                             "repeat; each value is parsed as YAML)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                        help="continue a run exactly, with the config stored in CHECKPOINT "

@@ -372,8 +372,9 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
     assert stored["config"]["train_params"] == {**to_plain_dict(load_config(cfg)).get(
         "train_params"), "max_steps": 3}
     # --config given again overrides the stored config; each difference is one line.
+    # One --set takes several overrides.
     status, err = run_cli(["--config", cfg, "--resume", ckpt, "--set", "train_params.lmbda=0.02",
-                           "--set", "train_params.max_steps=4"], capsys)
+                           "train_params.max_steps=4"], capsys)
     assert status == 0
     assert [line for line in err if "config changed" in line] == [
         "config changed since the checkpoint: train_params.lmbda: 0.01 -> 0.02",
