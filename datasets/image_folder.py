@@ -36,9 +36,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from utils.image_io import is_image_file
+
 __all__ = ["CropImageFolder", "list_split", "UnreadableImage", "open_rgb", "REPLACEMENTS"]
 
-_IMAGE_SUFFIXES = {s.lower() for s in Image.registered_extensions()}
 # Images tried after a failed one before a sample gives up (see CropImageFolder).
 REPLACEMENTS = 4
 
@@ -87,7 +88,7 @@ def list_split(root: str, split: str) -> ImageFolder:
                          "train/ and test/ sub-folders)")
     folder = ImageFolder(root, split=split)
     # A stray README or .DS_Store would otherwise crash a worker hours into a run.
-    folder.samples = [p for p in folder.samples if p.suffix.lower() in _IMAGE_SUFFIXES]
+    folder.samples = [p for p in folder.samples if is_image_file(p.name)]
     if not folder.samples:
         raise ValueError(f"no images in {split_dir}")
     return folder

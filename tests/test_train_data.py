@@ -17,7 +17,8 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from datasets import CropImageFolder, EpochSampler
-from datasets.image_folder import REPLACEMENTS, UnreadableImage, open_rgb
+from datasets.image_folder import REPLACEMENTS, UnreadableImage, list_split, open_rgb
+from utils.evaluation.runs import list_images
 
 
 def make_image_folder(root, n_train=4, n_test=2, size=(72, 80), small=(40, 48)):
@@ -63,6 +64,27 @@ def test_missing_or_empty_folders_are_one_line_errors(tmp_path):
     (tmp_path / "train" / "README.txt").write_text("not an image")
     with pytest.raises(ValueError, match="no images in"):
         CropImageFolder(str(tmp_path), "train", 64, True)
+
+
+def test_training_and_evaluation_list_the_same_image_files(tmp_path):
+    # A TGA and an upper-case JPEG are images; a README, an HDF5 file (Pillow only
+    # identifies those) and a file without a suffix are not, for either listing.
+    folder = tmp_path / "train"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.tga")
+    Image.new("RGB", (8, 8)).save(folder / "b.JPG", format="JPEG")
+    Image.new("RGB", (8, 8)).save(folder / "c.png")
+    for name in ("README.txt", "features.h5", "noext"):
+        (folder / name).write_bytes(b"not an image")
+    trained_on = sorted(p.name for p in list_split(str(tmp_path), "train").samples)
+    evaluated = [os.path.basename(p) for p in list_images(str(folder))]
+    assert trained_on == evaluated == ["a.tga", "b.JPG", "c.png"]
+    for name in ("a.tga", "b.JPG", "c.png"):
+        (folder / name).unlink()
+    with pytest.raises(ValueError, match="no images in"):
+        list_split(str(tmp_path), "train")
+    with pytest.raises(ValueError, match="no images .* in"):
+        list_images(str(folder))
 
 
 def test_small_images_are_edge_padded_or_skipped(tmp_path):

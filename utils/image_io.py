@@ -25,6 +25,19 @@ from torch import Tensor
 
 from utils.atomic import atomic_write_bytes
 
+# Formats Pillow only identifies: decoding them needs an external handler or program.
+_IDENTIFY_ONLY_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"})
+# File suffixes (lower case) of the formats Pillow decodes, and so :func:`read_image`:
+# training folders and evaluation datasets both list their images by this one set.
+IMAGE_SUFFIXES = frozenset(
+    suffix.lower() for suffix, image_format in Image.registered_extensions().items()
+    if image_format in Image.OPEN and image_format not in _IDENTIFY_ONLY_FORMATS)
+
+
+def is_image_file(name: str) -> bool:
+    """Whether ``name`` has the suffix of a format :func:`read_image` reads."""
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
 
 @dataclass
 class ImageInfo:

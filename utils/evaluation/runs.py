@@ -30,13 +30,12 @@ from utils.cli import REPORTED_ERRORS
 from utils.evaluation.choices import DATASETS_CONFIG, REPO_ROOT
 from utils.evaluation.coders import Coder
 from utils.evaluation.metrics import image_metrics
-from utils.image_io import read_image, to_grayscale, write_png
+from utils.image_io import is_image_file, read_image, to_grayscale, write_png
 from utils.memory import PeakMemory
 from utils.yaml_io import load_yaml_file
 
 log = logging.getLogger("cps.test")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
                "encoding_time", "decoding_time", "peak_memory_mb",
                "verification_peak_memory_mb", "layer")
@@ -98,9 +97,9 @@ def resolve_dataset(spec: str, config_path: str = DATASETS_CONFIG) -> Dataset:
 def list_images(folder: str) -> List[str]:
     """Image files directly inside ``folder``, sorted by name."""
     paths = sorted(os.path.join(folder, entry) for entry in os.listdir(folder)
-                   if entry.lower().endswith(IMAGE_EXTENSIONS))
+                   if is_image_file(entry))
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        raise ValueError(f"no images (files in a format Pillow reads) in {folder}")
     return paths
 
 
