@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from datasets.sampler import SEED_STRIDE, epoch_seed
 from utils.image_io import read_image, to_unit_float
 
 __all__ = ["ContextPairs"]
@@ -27,7 +28,8 @@ class ContextPairs(Dataset):
         block_size: crops start on the block grid, so a context block stays the block
             the model reconstructed.
         seed: crops and flips (applied to x and z together) of item ``i`` in epoch
-            ``e`` come from ``seed + e`` (:meth:`set_epoch`) and ``i`` only.
+            ``e`` come from ``(seed, e, i)`` only (:meth:`set_epoch`), each triple
+            its own generator seed.
     """
 
     def __init__(self, originals: Sequence[str], contexts: Optional[Sequence[str]], crop: int,
@@ -57,8 +59,8 @@ class ContextPairs(Dataset):
         short = (max(0, self.crop - pair.shape[1]), max(0, self.crop - pair.shape[2]))
         if any(short):  # small images: replicate the edge, as CropImageFolder does
             pair = F.pad(pair[None], (0, short[1], 0, short[0]), mode="replicate")[0]
-        g = torch.Generator().manual_seed(  # 63 bits, as in datasets.sampler
-            ((self.seed + self.epoch) * 1_000_003 + index) % (2**63 - 1))
+        g = torch.Generator().manual_seed(
+            (epoch_seed(self.seed, self.epoch) * SEED_STRIDE + index) % (2**63 - 1))
         top, left = ((int(torch.randint((size - self.crop) // self.block_size + 1, (1,),
                                         generator=g)) * self.block_size)
                      for size in pair.shape[1:])

@@ -22,7 +22,21 @@ from typing import Iterator, Tuple
 import torch
 from torch.utils.data import DistributedSampler
 
-__all__ = ["EpochSampler"]
+__all__ = ["EpochSampler", "epoch_seed", "SEED_STRIDE"]
+
+# A prime above any plausible epoch count or dataset size, so that seeds mixed with it
+# stay distinct (``seed + epoch`` would give seed 1 at epoch 0 the draws of seed 0 at
+# epoch 1).
+SEED_STRIDE = 1_000_003
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Generator seed of epoch ``epoch`` of a run seeded with ``seed``.
+
+    Reduced to 63 bits: any config seed (up to 2**63 - 1) is a valid generator seed,
+    and smaller mixes, those of every seed below 9 * 10**12, keep their value.
+    """
+    return (seed * SEED_STRIDE + epoch) % (2**63 - 1)
 
 
 class EpochSampler(DistributedSampler):
@@ -69,9 +83,7 @@ class EpochSampler(DistributedSampler):
         return self.per_rank() - self.start
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        # Reduced to 63 bits: any config seed (up to 2**63 - 1) is a valid generator seed,
-        # and smaller mixes, those of every seed below 9 * 10**12, keep their value.
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.shuffle:
             order = torch.randperm(self.dataset_size, generator=g)
         else:

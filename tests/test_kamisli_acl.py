@@ -134,6 +134,23 @@ def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
     assert len(seen) > 1
 
 
+def test_context_pair_crops_of_neighbouring_seeds_are_not_shifted_epochs(tmp_path):
+    # Seeding with seed + epoch gave seed 4 at epoch e the crops of seed 3 at epoch e + 1.
+    write_images(tmp_path, 1, (20, 28), seed=2)
+    original = str(next(tmp_path.glob("*.png")))
+
+    def crops(seed, epochs):
+        pairs = ContextPairs([original], None, 8, 4, seed=seed)
+        out = []
+        for epoch in epochs:
+            pairs.set_epoch(epoch)
+            out.append(pairs[0][0])
+        return torch.stack(out)
+
+    assert not torch.equal(crops(3, range(1, 9)), crops(4, range(0, 8)))
+    assert torch.equal(crops(3, range(1, 9)), crops(3, range(1, 9)))
+
+
 def _flip(t, horizontal, vertical):
     if horizontal:
         t = t.flip(2)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from datasets import list_split
 from datasets.context_pairs import ContextPairs
+from datasets.sampler import epoch_seed
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
@@ -221,7 +222,7 @@ class _Run:
                              self.block_size, self.seed)
         pairs.set_epoch(epoch)
         return DataLoader(pairs, self.batch_size, shuffle=True, num_workers=self.workers,
-                          generator=torch.Generator().manual_seed(self.seed + epoch))
+                          generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
 
     def val_pairs(self, iteration: int) -> ContextPairs:
         return ContextPairs(self.originals["val"], self.contexts("val", iteration), 0,
@@ -293,7 +294,8 @@ def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
         state.best_ol = math.inf
     val_loader = DataLoader(run.val_pairs(k), batch_size=1)
     while True:
-        torch.manual_seed(run.seed + state.epoch)  # quantisation noise: resumable per epoch
+        # quantisation noise: resumable per epoch
+        torch.manual_seed(epoch_seed(run.seed, state.epoch))
         train = train_epoch(run.model, run.train_loader(k, state.epoch), optimizer, run.criterion,
                             run.device, state.chained, s.clip_value)
         state.epoch += 1
