@@ -31,6 +31,7 @@ from utils.cli import (
     REPORTED_ERRORS,
     add_coding_arguments,
     check_output_path,
+    prepare_output_folder,
     report_error,
     run_main,
     warn_small_patch,
@@ -88,9 +89,7 @@ def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[s
     if len(set(map(os.path.realpath, outputs))) < len(outputs):
         raise ValueError("two inputs have the same name, so their outputs would collide")
     if args.output_dir is not None:
-        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-            raise ValueError(f"-d {args.output_dir} is a file, not a folder")
-        os.makedirs(args.output_dir, exist_ok=True)
+        prepare_output_folder(args.output_dir, "-d")
     for target in outputs:
         # The checkpoint is read too: writing over it would destroy the model.
         check_output_path(target, inputs + [args.checkpoint])

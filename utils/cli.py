@@ -122,6 +122,21 @@ def run_main(main: Callable[[], int], program: str) -> int:
         return 128 + signal.SIGINT
 
 
+def prepare_output_folder(folder: str, name: str) -> None:
+    """Create the output folder ``folder`` (and its parents) unless it exists, before
+    any work, so that a bad path fails in the first second; ``name`` is the flag or
+    config key that gave it, for the message.
+
+    Raises:
+        ValueError: ``folder`` is a file, or is not writable.
+    """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{name} {folder} is a file, not a folder")
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{name} {folder} is not writable")
+
+
 def check_output_path(output: str, inputs) -> None:
     """Refuse an output that is one of the inputs (it would be overwritten), or whose
     folder does not exist."""

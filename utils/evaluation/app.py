@@ -12,7 +12,7 @@ from typing import List, Optional
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
-from utils.cli import REPORTED_ERRORS, check_output_path, report_error
+from utils.cli import REPORTED_ERRORS, check_output_path, prepare_output_folder, report_error
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, LearnedOptions, learned_coders, load_pretrained
@@ -118,7 +118,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     device = context.device if cuda else device
     dataset = resolve_dataset(args.dataset, args.datasets_config)
     if args.output_dir:
-        _prepare_output_dir(args.output_dir)
+        prepare_output_folder(args.output_dir, "-d")
     paths = list_images(dataset.folder)
     paths = paths[:args.max_images] if args.max_images else paths
     if args.per_image or args.save_image:
@@ -156,16 +156,6 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
             for stem, page in per_image_documents(records, paths, header).items():
                 write_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
     return document
-
-
-def _prepare_output_dir(folder: str) -> None:
-    """Create ``-d OUTDIR`` (or accept an existing folder) before any coding, so that a
-    bad path fails in the first second rather than after the evaluation."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"-d {folder} exists and is not a folder")
-    os.makedirs(folder, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"-d {folder} is not writable")
 
 
 def run_plot(args: argparse.Namespace) -> dict:

@@ -45,9 +45,10 @@ from datasets.sampler import epoch_seed
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
+from utils.cli import prepare_output_folder
 from utils.image_io import to_uint8, write_png
 from utils.training.bad_images import usable_images
-from utils.training.build import build_configured_model, make_experiment_folder
+from utils.training.build import build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.state import check_resume_entries, load_entry
@@ -392,7 +393,8 @@ def run_acl(cfg: Mapping, device: torch.device, log: Callable[[str], None] = pri
             run.load_weights(data["init_checkpoint_path"])
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
-    make_experiment_folder(run.exp)  # only now: a refused run leaves no empty folder
+    # Only now: a refused run leaves no empty folder.
+    prepare_output_folder(run.exp, "train_data.experiment_path")
     while True:
         if state.phase == "train":
             _train_phase(run, state, optimizer, scheduler)

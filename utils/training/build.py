@@ -1,14 +1,12 @@
-"""The model and the run folder a training config describes, for both training modes.
+"""The model a training config describes, for both training modes.
 
 Kept apart from :mod:`utils.training.config`, which reads and checks configs
 without importing PyTorch (so that ``train.py`` reports config errors at once).
 """
 
-import os
-
 import models
 
-__all__ = ["build_configured_model", "make_experiment_folder"]
+__all__ = ["build_configured_model"]
 
 
 def build_configured_model(cfg):
@@ -30,14 +28,3 @@ def build_configured_model(cfg):
         raise ValueError(f"train_params.crop_size={params['crop_size']} must be a "
                          f"multiple of {factor} for model {name!r}")
     return model
-
-
-def make_experiment_folder(path: str) -> None:
-    """Create ``train_data.experiment_path`` (and its parents) unless it exists.
-
-    Raises:
-        ValueError: the path exists and is a file.
-    """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"train_data.experiment_path {path} is a file, not a folder")
-    os.makedirs(path, exist_ok=True)

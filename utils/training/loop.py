@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import CropImageFolder, EpochSampler
+from utils.cli import prepare_output_folder
 from utils.training import distributed
 from utils.training.bad_images import UnusableImages
-from utils.training.build import build_configured_model, make_experiment_folder
+from utils.training.build import build_configured_model
 from utils.training.config import (
     BEST_NAME,
     LAST_NAME,
@@ -118,7 +119,7 @@ class Trainer:
                               cuda_graph=tp.cuda_graphs and ctx.world_size == 1)
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
         if ctx.is_main:  # only now: a refused run leaves no empty folder behind
-            make_experiment_folder(self.exp)
+            prepare_output_folder(self.exp, "train_data.experiment_path")
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
