@@ -24,6 +24,18 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
+def _strip_wrapper_prefixes(name: str) -> str:
+    """Drop ``module.`` / ``_orig_mod.`` however they nest (DataParallel around compile, ...)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                stripped = True
+    return name
+
+
 def unwrap_state_dict(checkpoint: Mapping) -> dict:
     """Return the bare ``{name: tensor}`` dict inside ``checkpoint``.
 
@@ -41,9 +53,7 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
             raise ValueError(f"not a state dict: key {name!r} is not a parameter name string")
         if not isinstance(value, Tensor):
             raise ValueError(f"not a state dict: entry {name!r} is a {type(value).__name__}")
-        for prefix in _WRAPPER_PREFIXES:
-            while name.startswith(prefix):
-                name = name[len(prefix):]
+        name = _strip_wrapper_prefixes(name)
         state_dict[name] = value
     return state_dict
 

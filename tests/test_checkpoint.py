@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from models.checkpoint import entropy_tables_ready
+from models.checkpoint import entropy_tables_ready, unwrap_state_dict
 
 LAYOUT = os.path.join(os.path.dirname(__file__), "assets", "official_checkpoint_keys.tsv")
 
@@ -49,6 +49,14 @@ def test_authors_training_checkpoint_with_module_prefix_loads(tmp_path, tiny_cps
     image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(image)["x_hat"], tiny_cps(image)["x_hat"])
+
+
+@pytest.mark.parametrize("wrappers", ["module.module.", "_orig_mod.module.", "module._orig_mod."])
+def test_nested_wrapper_prefixes_are_all_stripped(wrappers):
+    # torch.compile around DataParallel (or the reverse) nests the prefixes.
+    weight = torch.zeros(2)
+    assert unwrap_state_dict({"state_dict": {f"{wrappers}g_a.0.weight": weight}}) == {
+        "g_a.0.weight": weight}
 
 
 def test_checkpoint_saved_before_update_gets_its_entropy_tables(tmp_path):
