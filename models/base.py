@@ -139,7 +139,8 @@ class LearnedCodec(nn.Module, abc.ABC):
     @property
     @abc.abstractmethod
     def config(self) -> dict:
-        """Constructor arguments, stored in checkpoints and checked against files."""
+        """Constructor arguments: stored in checkpoints beside the weights, and equal to
+        what ``from_state_dict`` rebuilds from them (``load_checkpoint`` checks it)."""
 
     @classmethod
     @abc.abstractmethod

@@ -186,6 +186,36 @@ def read_checkpoint_file(path: str) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
+def _plain(value):
+    """``value`` with tuples as lists, so a config compares equal however it was stored."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _check_stored_config(path: str, stored, rebuilt: Mapping) -> None:
+    """Refuse a checkpoint whose ``model_config`` disagrees with the model its weights give.
+
+    Our checkpoints store the constructor arguments beside the weights; every model
+    rebuilds them from the weights alone (tested for each architecture), so a
+    disagreement means an edited or mixed-up file, not a model to guess between.
+    """
+    if stored is None:
+        return
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"checkpoint {path}: 'model_config' must be a dict, "
+                         f"got {type(stored).__name__}")
+    stored, rebuilt = _plain(stored), _plain(rebuilt)
+    differing = sorted(key for key in stored.keys() | rebuilt.keys()
+                       if stored.get(key) != rebuilt.get(key))
+    if differing:
+        key = differing[0]
+        raise ValueError(f"checkpoint {path}: its model_config says {key}={stored.get(key)!r} "
+                         f"but its weights give {key}={rebuilt.get(key)!r}")
+
+
 def load_checkpoint(path: str, device: torch.device | str = "cpu",
                     architecture: Optional[str] = None) -> nn.Module:
     """Build the model stored in ``path`` on ``device``, ready for coding (eval mode).
@@ -194,7 +224,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     training checkpoints carry, else ``"kamisli2024"`` when the weights use Kamisli's
     published module names and ``"cps"`` otherwise (published files carry no
     architecture). The model sizes are inferred from the weights by the class's
-    ``from_state_dict``.
+    ``from_state_dict``; a ``model_config`` stored beside them must agree.
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
@@ -218,4 +248,5 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"checkpoint {path} does not fit architecture {name!r}: "
                          f"{reason}") from None
+    _check_stored_config(path, checkpoint.get("model_config"), model.config)
     return model.to(device).eval()

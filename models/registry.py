@@ -5,28 +5,41 @@ architecture means decorating its class once. Aliases live in the same table: th
 authors call their network ``cps-v4``.
 """
 
+import inspect
 from typing import Callable, Dict, Type
 
-from torch import nn
+from models.base import LearnedCodec
 
-MODELS: Dict[str, Type[nn.Module]] = {}
+MODELS: Dict[str, Type[LearnedCodec]] = {}
 
 
-def register_model(name: str, *aliases: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
-    """Class decorator that registers a model under ``name`` and its ``aliases``."""
+def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], Type[LearnedCodec]]:
+    """Class decorator that registers a model under ``name`` and its ``aliases``.
 
-    def decorator(cls: Type[nn.Module]) -> Type[nn.Module]:
-        for key in (name, *aliases):
-            if key in MODELS:
-                raise ValueError(f"model name {key!r} is already registered")
-            MODELS[key] = cls
+    Only complete :class:`models.base.LearnedCodec` subclasses are accepted (every
+    abstract member implemented): the scripts reach a model through that contract
+    alone, so anything else would fail later, deep inside ``train.py``, ``codec.py``
+    or ``test.py``.
+    """
+
+    def decorator(cls: Type[LearnedCodec]) -> Type[LearnedCodec]:
+        if not (isinstance(cls, type) and issubclass(cls, LearnedCodec)):
+            raise TypeError(f"model {name!r}: {cls!r} is not a models.base.LearnedCodec subclass")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"model {name!r}: {cls.__name__} does not implement {missing} "
+                            f"(abstract in models.base.LearnedCodec)")
+        taken = [key for key in (name, *aliases) if key in MODELS]
+        if taken:
+            raise ValueError(f"model name {taken[0]!r} is already registered")
+        MODELS.update(dict.fromkeys((name, *aliases), cls))
         cls.registry_name = name
         return cls
 
     return decorator
 
 
-def get_model_class(name: str) -> Type[nn.Module]:
+def get_model_class(name: str) -> Type[LearnedCodec]:
     """Return the class registered under ``name`` (an alias works too)."""
     try:
         return MODELS[name]
@@ -35,6 +48,6 @@ def get_model_class(name: str) -> Type[nn.Module]:
         raise ValueError(f"unknown architecture {name!r}; known: {known}") from None
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
+def build_model(name: str, **kwargs) -> LearnedCodec:
     """Instantiate the architecture ``name`` with constructor ``kwargs``."""
     return get_model_class(name)(**kwargs)

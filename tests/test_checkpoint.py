@@ -59,6 +59,17 @@ def test_nested_wrapper_prefixes_are_all_stripped(wrappers):
         "g_a.0.weight": weight}
 
 
+def test_checkpoint_whose_model_config_disagrees_with_its_weights_is_refused(tmp_path, tiny_cps):
+    state = tiny_cps.state_dict()
+    good = _save(tmp_path / "good.pth.tar", {"architecture": "cps", "state_dict": state,
+                                             "model_config": dict(tiny_cps.config)})
+    assert models.load_checkpoint(good).config == tiny_cps.config
+    edited = _save(tmp_path / "edited.pth.tar", {"architecture": "cps", "state_dict": state,
+                                                 "model_config": {**tiny_cps.config, "N": 16}})
+    with pytest.raises(ValueError, match="model_config says N=16 but its weights give N=8"):
+        models.load_checkpoint(edited)
+
+
 def test_checkpoint_saved_before_update_gets_its_entropy_tables(tmp_path):
     torch.manual_seed(0)
     untrained = models.build_model("cps", N=8)  # update() never ran: empty CDF tables

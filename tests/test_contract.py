@@ -46,6 +46,30 @@ def test_every_registered_architecture_is_listed_here():
     assert primary == set(SMALL)
 
 
+def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
+    with pytest.raises(ValueError, match="'cps' is already registered"):
+        models.register_model("cps-copy", "cps")(type(small_model("cps")))
+    assert "cps-copy" not in models.MODELS  # nothing half-registered
+    with pytest.raises(TypeError, match="not a models.base.LearnedCodec subclass"):
+        models.register_model("plain-module")(torch.nn.Conv2d)
+    assert "plain-module" not in models.MODELS
+
+    class NoCoder(LearnedCodec):
+        downsampling_factor = 16
+
+    with pytest.raises(TypeError, match="NoCoder does not implement config, decode, encode, "
+                                        "from_state_dict"):
+        models.register_model("no-coder")(NoCoder)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_architecture_rebuilds_its_config_from_its_weights(name):
+    # load_checkpoint builds models from weights alone and checks them against the
+    # model_config a checkpoint stores.
+    model = small_model(name)
+    assert type(model).from_state_dict(model.state_dict()).config == model.config
+
+
 @pytest.fixture
 def photo(tmp_path):
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ the "From Python" snippet runs in a fresh interpreter from the repository root, 
 the "Add a model" examples are executed, registered and used for a round trip.
 """
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -22,7 +23,7 @@ import torch
 
 import models
 from models.base import CodingPlan
-from utils.coding.container import pack, unpack
+from utils.coding.container import BitstreamError, pack, unpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -197,8 +198,10 @@ def test_from_python_snippet_runs_from_the_repository_root(tmp_path):
 
 @pytest.fixture
 def registry_snapshot():
-    """Leave the model registry as it was after a test registers example models."""
+    """Leave the model registry as it was after a test registers example models (and let
+    the example register its name even where a reader has added that model for real)."""
     before = dict(models.MODELS)
+    models.MODELS.pop("toy-factorized", None)
     yield
     models.MODELS.clear()
     models.MODELS.update(before)
@@ -220,8 +223,14 @@ def test_add_a_model_example_registers_and_codes(page, heading, name, tmp_path,
     torch.save({"architecture": name, "state_dict": model.state_dict()}, checkpoint)
     image = torch.randint(0, 256, (3, 37, 50), dtype=torch.uint8)
     plan = CodingPlan(budget_bytes=2 ** 31)
-    decoded = model.decode(unpack(pack(model.encode(image, plan))), plan)
+    payload = model.encode(image, plan)
+    decoded = model.decode(unpack(pack(payload)), plan)
     assert decoded.shape == image.shape and decoded.dtype == torch.uint8
+    # The header is untrusted: a forged padding and a budget too small are refused.
+    with pytest.raises(BitstreamError, match="padding"):
+        model.decode(dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64), plan)
+    with pytest.raises(ValueError, match="memory budget"):
+        model.decode(payload, plan.with_(budget_bytes=2 ** 20))
     loaded = models.load_checkpoint(str(checkpoint))
     assert loaded.config == {"N": 8, "M": 8}
     # codec.py resolves the name through the registry, as for every model.
@@ -235,6 +244,18 @@ def test_add_a_model_example_registers_and_codes(page, heading, name, tmp_path,
     assert codec.main(["decode", str(tmp_path / "i.cps"), str(tmp_path / "i.png"), "-p",
                        str(checkpoint)]) == 0
     assert "37" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("page, heading", [
+    ("README.md", "## Add a model"),
+    ("docs/architecture.md", "## Adding a model with its own encode and decode"),
+])
+def test_add_a_model_example_passes_the_repositorys_lint(page, heading):
+    # A reader saves it as models/toy.py; test_lint then checks it with the rest.
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--stdin-filename",
+                           "models/toy.py", "-"], input=python_snippet(page, heading),
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ A checkpoint is a plain dict in the CPS authors' format (``epoch``, ``state_dict
 ``loss``, ``optimizer``, ``aux_optimizer``, ``lr_scheduler``) extended with what
 exact resumption and self-description need::
 
-    architecture, model_config   registry name and constructor kwargs (models.load_checkpoint)
+    architecture, model_config   registry name and constructor kwargs (models.load_checkpoint
+                                 builds the first and checks the second against the weights)
     config                       the full resolved training config
     global_step, epoch_step      position: steps done in total and in the current epoch
     best_loss, nonfinite_in_a_row
