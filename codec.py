@@ -34,7 +34,7 @@ from utils.cli import (
     prepare_output_folder,
     report_error,
     run_main,
-    warn_small_patch,
+    warn_about_patch_size,
 )
 
 COMMANDS = {"encode": ("images to compress (PNG, JPEG, ...)", ".cps"),
@@ -205,9 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     def run() -> int:
         try:
             pairs = jobs(args)
-            warn_small_patch(args.patch_size, lambda text: print(f"warning: {text}",
-                                                                 file=sys.stderr))
             model, plan = _load(args)
+            warn_about_patch_size(args.patch_size, model, None,
+                                  lambda text: print(f"warning: {text}", file=sys.stderr))
             if args.command == "encode" and args.output_dir and model.operating_points > 1:
                 pairs = jobs(args, layered_suffix=True)
             code = encode if args.command == "encode" else decode

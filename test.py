@@ -28,7 +28,7 @@ from typing import List, Optional
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-from utils.cli import add_coding_arguments, run_main, warn_small_patch
+from utils.cli import add_coding_arguments, run_main
 from utils.evaluation.choices import (
     CODEC_NAMES,
     DATASETS_CONFIG,
@@ -187,7 +187,6 @@ def _check_learned_options(args: argparse.Namespace) -> None:
         args.tiling = "pops"
     if args.tiling == "naive" and args.patch_size is not None and not args.patch_size.size:
         raise ValueError(f"--tiling naive needs a fixed --patch-size > 0, not {args.patch_size}")
-    warn_small_patch(args.patch_size, log.warning)
     if args.half and not (args.entropy_estimation and args.cuda):
         raise ValueError("--half needs --entropy-estimation and --cuda: real bitstreams are "
                          "coded in float32")

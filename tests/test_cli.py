@@ -1,15 +1,19 @@
 """The shared command-line layer: typed flags parsed once, several inputs per call, no
 input ever overwritten, Ctrl-C as one line, and no PyTorch before the arguments are checked."""
 
+import logging
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import save_model_checkpoint
 from PIL import Image
 
 import codec
+import models
+import test as test_script
 from utils.cli import run_main
 from utils.stitching.spec import PatchSpec
 
@@ -133,7 +137,43 @@ def test_a_small_fixed_patch_is_warned_about(tmp_path, checkpoint, capsys):
     [photo] = _photos(tmp_path, 1)
     assert codec.main(["encode", str(photo), str(tmp_path / "x.cps"), "-p", checkpoint,
                        "--patch-size", "80"]) == 0
-    assert "slower" in capsys.readouterr().err
+    assert "the POPS overlap is 64 px for cps): coding is many times slower than at 256" \
+        in capsys.readouterr().err
+    assert codec.main(["encode", str(photo), str(tmp_path / "y.cps"), "-p", checkpoint,
+                       "--patch-size", "128"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def zoo_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    return str(save_model_checkpoint(tmp_path, models.build_model("bmshj2018-factorized",
+                                                                  N=8, M=8), "zoo"))
+
+
+def test_a_patch_size_a_whole_image_model_ignores_is_warned_about(tmp_path, zoo_checkpoint,
+                                                                   capsys):
+    [photo] = _photos(tmp_path, 1)
+    assert codec.main(["encode", str(photo), str(tmp_path / "x.cps"), "-p", zoo_checkpoint,
+                       "--patch-size", "128"]) == 0
+    assert "bmshj2018-factorized codes whole images (no POPS): --patch-size 128 is ignored" \
+        in capsys.readouterr().err
+    assert codec.main(["encode", str(photo), str(tmp_path / "y.cps"), "-p",
+                       zoo_checkpoint]) == 0  # auto: nothing to warn about
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_test_py_warns_of_an_ignored_patch_size_but_not_of_naive_tiles(tmp_path, zoo_checkpoint,
+                                                                       caplog):
+    _photos(tmp_path, 1)
+    base = ["checkpoint", "--dataset", str(tmp_path), "-p", zoo_checkpoint, "--no-progress",
+            "--patch-size", "64"]
+    with caplog.at_level(logging.WARNING, logger="cps.test"):
+        assert test_script.main(base) == 0
+        assert "--patch-size 64 is ignored" in caplog.text
+        caplog.clear()
+        assert test_script.main([*base, "--tiling", "naive"]) == 0
+        assert "ignored" not in caplog.text
 
 
 def test_the_budget_and_batch_flags_are_typed_once(tmp_path):

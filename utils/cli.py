@@ -19,8 +19,6 @@ from utils.stitching.spec import AUTO, WHOLE, PatchSpec
 
 DEFAULT_BUDGET = "2GB"
 NO_BUDGET = "none"
-# Patch sides below this recompute so much overlap that coding is tens of times slower.
-SMALL_PATCH_WARNING = 128
 
 
 def memory_budget(text: str) -> Optional[int]:
@@ -60,7 +58,8 @@ def add_coding_arguments(group, patch_default: Optional[str], patch_help_default
     """
     group.add_argument("--patch-size", type=patch_spec,
                        default=None if patch_default is None else PatchSpec.parse(patch_default),
-                       help=f"POPS patch side in pixels (a multiple of 16), {WHOLE!r} (or 0) for "
+                       help=f"POPS patch side in pixels (a multiple of 16 for CPS; models without "
+                            f"POPS code whole images and ignore it), {WHOLE!r} (or 0) for "
                             f"the whole image, or {AUTO!r} for the patches that fit --max-memory "
                             f"with the least recomputed overlap (default: {patch_help_default})")
     group.add_argument("--batch-size", type=positive_int, default=8,
@@ -77,12 +76,25 @@ def add_coding_arguments(group, patch_default: Optional[str], patch_help_default
                             "whole-image ones to float rounding instead of bit for bit)")
 
 
-def warn_small_patch(spec: Optional[PatchSpec], warn: Callable[[str], None]) -> None:
-    """Say so when a fixed patch is small enough to make coding much slower."""
-    if spec is not None and spec.size and spec.size < SMALL_PATCH_WARNING:
-        warn(f"--patch-size {spec.size} recomputes most of every patch as overlap "
-             f"(the POPS overlap is 64 px for CPS): coding is many times slower than at "
-             f"{2 * SMALL_PATCH_WARNING} or auto")
+def warn_about_patch_size(spec: Optional[PatchSpec], model, tiling: Optional[str],
+                          warn: Callable[[str], None]) -> None:
+    """Say so when a fixed ``--patch-size`` will not do what it seems to, once the
+    model is known: a model that codes whole images (no POPS) ignores it unless
+    ``tiling`` is ``naive``; a POPS patch under twice the model's overlap recomputes
+    more than three quarters of itself, so coding is many times slower."""
+    if spec is None or not spec.size or tiling == "naive":
+        return
+    if not model.supports_patches:
+        warn(f"{model.registry_name} codes whole images (no POPS): --patch-size {spec.size} "
+             f"is ignored (--tiling naive in test.py cuts independent tiles of that size)")
+        return
+    from utils.stitching.geometry import model_geometry
+
+    overlap = model_geometry(model).overlap
+    if spec.size < 2 * overlap:
+        warn(f"--patch-size {spec.size} recomputes most of every patch as overlap (the POPS "
+             f"overlap is {overlap} px for {model.registry_name}): coding is many times "
+             f"slower than at {4 * overlap} or auto")
 
 
 # Errors a script reports in one line with exit status 1: bad input, a file system

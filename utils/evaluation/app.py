@@ -12,7 +12,13 @@ from typing import List, Optional
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
-from utils.cli import REPORTED_ERRORS, check_output_path, prepare_output_folder, report_error
+from utils.cli import (
+    REPORTED_ERRORS,
+    check_output_path,
+    prepare_output_folder,
+    report_error,
+    warn_about_patch_size,
+)
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, LearnedOptions, learned_coders, load_pretrained
@@ -63,7 +69,10 @@ def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
         def make():
             model = load()
             names.append(model.registry_name)
-            return learned_coders(model, options)
+            warn_about_patch_size(args.patch_size, model, args.tiling, log.warning)
+            coders = learned_coders(model, options)
+            log.info("%s: %s", model.registry_name, coders[0].description)
+            return coders
         return make
 
     if args.command == "checkpoint":
@@ -125,14 +134,14 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         _check_distinct_stems(paths)
     names: List[str] = []
     if args.command == "codec":
-        runs, patch_note = _codec_runs(args, names), ""
+        runs = _codec_runs(args, names)
     else:
         patch = args.patch_size or PatchSpec(FOLDER_PATCH_SIZE if dataset.patch_size is None
                                              else dataset.patch_size)
-        runs, patch_note = _learned_runs(args, device, patch, names), f", patch: {patch}"
+        runs = _learned_runs(args, device, patch, names)
     rank, world = shard()
-    log.info("%s: %d images from %s, %d run(s)%s%s", dataset.name, len(paths), dataset.folder,
-             len(runs), patch_note, f", {world} processes" if world > 1 else "")
+    log.info("%s: %d images from %s, %d run(s)%s", dataset.name, len(paths), dataset.folder,
+             len(runs), f", {world} processes" if world > 1 else "")
 
     image_folder = os.path.join(args.output_dir, "reconstructions") if args.save_image else None
     records, entries = evaluate(runs, paths, image_folder, progress=not args.no_progress)
