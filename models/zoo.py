@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from compressai.layers import MaskedConv2d
 from compressai.ops import compute_padding
 from compressai.zoo.image import model_architectures
+from compressai.zoo.image_vbr import model_architectures as vbr_architectures
 from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec, check_image
@@ -39,6 +40,9 @@ from utils.stitching.planner import check_whole_image_fits
 
 # CompressAI's eval_model pads every image to this multiple (six stride-2 stages).
 EVAL_MODEL_MULTIPLE = 64
+# Every zoo architecture reaches its latent y after four stride-2 stages and its
+# hyperlatent z after two more: the symbol counts that bound the strings' reads.
+LATENT_STRIDE, HYPERLATENT_STRIDE = 16, 64
 
 
 class ZooCodec(LearnedCodec):
@@ -81,9 +85,10 @@ class ZooCodec(LearnedCodec):
         check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
                                payload.width)
         shape = (padded[0] // self.downsampling_factor, padded[1] // self.downsampling_factor)
-        strings = [[safe_string(payload.y_string, self.M * padded[0] * padded[1] // 16 ** 2, "y")]]
+        y_symbols = self.M * padded[0] * padded[1] // LATENT_STRIDE ** 2
+        strings = [[safe_string(payload.y_string, y_symbols, "y")]]
         if payload.z_string:
-            z_symbols = self.N * padded[0] * padded[1] // 64 ** 2
+            z_symbols = self.N * padded[0] * padded[1] // HYPERLATENT_STRIDE ** 2
             strings.append([safe_string(payload.z_string, z_symbols, "z")])
         with torch.inference_mode():
             x_hat = self.decompress(strings, shape)["x_hat"]
@@ -132,5 +137,9 @@ def _register(name: str, base: Type[nn.Module]) -> Type[ZooCodec]:
     return register_model(name)(cls)
 
 
+# CompressAI's eval_model adds its variable-rate models to this same dict when it is
+# imported; those take other constructor and compress arguments, so they are left out
+# whatever was imported first.
 ZOO: Dict[str, Type[ZooCodec]] = {name: _register(name, base)
-                                  for name, base in model_architectures.items()}
+                                  for name, base in model_architectures.items()
+                                  if name not in vbr_architectures}

@@ -3,6 +3,8 @@ code path of codec.py and test.py; zoo models evaluate as CompressAI's eval_mode
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ import models
 import test as test_script
 from models.base import CodingPlan, LearnedCodec
 from utils.coding.container import pack, unpack
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every registered architecture (aliases apart), with the constructor arguments of a
 # small instance.
@@ -44,6 +48,16 @@ def small_model(name: str, seed: int = 0) -> LearnedCodec:
 def test_every_registered_architecture_is_listed_here():
     primary = {cls.registry_name for cls in models.MODELS.values()}
     assert primary == set(SMALL)
+
+
+def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first():
+    # eval_model adds CompressAI's variable-rate models to the zoo's own table on import.
+    probe = ("import compressai.utils.eval_model.__main__\n"
+             "import models\n"
+             "print(sorted({cls.registry_name for cls in models.MODELS.values()}))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == str(sorted(SMALL))
 
 
 def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
