@@ -23,11 +23,13 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
 * :attr:`LearnedCodec.downsampling_factor`: the side multiple ``forward`` needs; a
   caller pads images to it (training crops must be multiples of it).
 * :attr:`LearnedCodec.supports_patches`: whether ``plan.patch`` changes anything
-  (POPS); ``test.py`` picks its default tiling from it.
+  (POPS); ``test.py`` picks its default tiling from it. A model that sets it gives
+  ``utils/stitching`` what it reads: padding-free ``g_a``/``g_s`` (blocks declare
+  their ``pops_layers``, the geometry is derived from them) and ``M`` latent channels.
 * :attr:`LearnedCodec.rate_includes_container`: bpp from the whole file (header
   included) or, as CompressAI's ``eval_model`` counts it, from the rANS strings.
 * ``config`` and ``from_state_dict``: the constructor arguments a checkpoint stores,
-  and a model rebuilt from weights alone.
+  and a model rebuilt from weights alone (whose ``config`` must equal the stored one).
 
 Adding an architecture means subclassing this, implementing ``encode``/``decode``
 and registering the class (``models/registry.py``).
