@@ -10,7 +10,13 @@ import torch
 
 import models
 from models.base import CodingPlan
-from utils.coding.container import BitstreamError, pack, unpack
+from utils.coding.container import (
+    BitstreamError,
+    CompressedImage,
+    LayeredImage,
+    pack,
+    unpack,
+)
 from utils.coding.context_coder import ContextCoder
 from utils.stitching.spec import PatchSpec
 
@@ -119,6 +125,47 @@ def test_inconsistent_header_is_an_error(tiny_cps, encoded):
     struct.pack_into(">H", body, 14, 200)  # bottom padding larger than the 64-pixel multiple
     with pytest.raises(BitstreamError, match="inconsistent size"):
         tiny_cps.decode(unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))), CodingPlan())
+
+
+def test_bytes_after_the_last_string_are_an_error_even_under_a_valid_checksum(encoded):
+    # Junk spliced in before the final CRC, and the CRC recomputed: only the string
+    # lengths can tell that the file should have ended earlier.
+    body = encoded[:-4] + b"\x00\x01\x02"
+    with pytest.raises(BitstreamError, match="trailing bytes"):
+        unpack(body + struct.pack(">I", zlib.crc32(body)))
+
+
+def _sized(height, width, layered):
+    if layered:
+        return LayeredImage(height=height, width=width, architecture="mei2021-quality",
+                            fingerprint=bytes(8), total_layers=2, streams=[b"base"],
+                            latent_crcs=[7])
+    return CompressedImage(height=height, width=width, pad_bottom=1, pad_right=1,
+                           architecture="cps", fingerprint=bytes(8), order="raster",
+                           grayscale=False, y_hat_crc=7, z_string=b"z", y_string=b"y")
+
+
+def _claiming_width(data, width, layered):
+    """``data`` with its header's width field set to ``width`` and its CRC recomputed."""
+    header_end = len(data) - len(b"base") if layered else len(data)
+    body = bytearray(data[:header_end - 4])
+    struct.pack_into(">I", body, 11 if layered else 10, width)
+    return bytes(body) + struct.pack(">I", zlib.crc32(body)) + data[header_end:]
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_a_side_of_65535_pixels_round_trips_and_65536_is_refused(layered):
+    for height, width in ((65535, 1), (1, 65535), (65535, 65535)):
+        payload = unpack(pack(_sized(height, width, layered)))
+        assert (payload.height, payload.width) == (height, width)
+    for height, width in ((65536, 1), (1, 65536)):
+        with pytest.raises(BitstreamError, match="1 to 65535 pixels a side"):
+            pack(_sized(height, width, layered))
+    # The width field has room for 65536: a header that claims it is refused on reading.
+    data = pack(_sized(1, 65535, layered))
+    assert unpack(_claiming_width(data, 65535, layered)).width == 65535
+    with pytest.raises(BitstreamError, match="1 to 65535 pixels a side"):
+        unpack(_claiming_width(data, 65536, layered))
 
 
 def test_bad_patch_size_is_an_error(tiny_cps):

@@ -8,7 +8,7 @@ from PIL import Image
 import codec
 from models.base import CodingPlan
 from utils.coding.container import unpack
-from utils.image_io import read_image
+from utils.image_io import _to_8bit, read_image
 
 
 @pytest.fixture
@@ -65,6 +65,15 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
     Image.fromarray(np.full((8, 8), 257 * 200, np.uint16)).save(tmp_path / "g16.png")
     image, info = read_image(str(tmp_path / "g16.png"))
     assert info.grayscale and int(image.max()) == 200 and image.shape == (3, 8, 8)
+
+
+def test_every_sixteen_bit_value_scales_to_the_nearest_eight_bit_one():
+    # v / 257 is never halfway for an integer v, so np.round's tie rule plays no part.
+    values = np.arange(65536)
+    expected = np.round(values / 257).astype(np.uint8)
+    assert np.array_equal(_to_8bit(values.astype(np.uint16)), expected)
+    # Mode I images are int32: values outside 0..65535 saturate.
+    assert _to_8bit(np.array([-5, 0, 386, 65535, 70000], np.int32)).tolist() == [0, 0, 2, 255, 255]
 
 
 def _png16(path, samples):

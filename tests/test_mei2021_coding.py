@@ -16,6 +16,7 @@ from models.base import CodingPlan
 from models.mei2021.coding import decode_latents, encode_latents
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.pyramid import pyramid_sizes
+from utils.coding import container
 from utils.coding.container import (
     LAYERED_MAGIC,
     LAYERED_VERSION,
@@ -198,6 +199,22 @@ def test_damaged_containers_are_rejected_with_a_specific_error(quality, coded_qu
     assert data[:4] == LAYERED_MAGIC
     with pytest.raises(BitstreamError, match=message):
         unpack(damage(data))
+
+
+def test_a_header_with_an_impossible_layer_count_is_refused(coded_quality):
+    # Forged with valid checksums, so the layer count is the only fault: three layers
+    # stored for a two-layer model, and no layer at all. pack() refuses to write either.
+    layered = coded_quality[1]
+    for impossible in (dataclasses.replace(layered, total_layers=2),
+                       dataclasses.replace(layered, streams=[], latent_crcs=[])):
+        with pytest.raises(ValueError, match="a .cpsl payload holds 1 to total_layers"):
+            pack(impossible)
+        layers = [(len(stream), zlib.crc32(stream), crc)
+                  for stream, crc in zip(impossible.streams, impossible.latent_crcs)]
+        data = container._layered_header(impossible, layers) + b"".join(impossible.streams)
+        for read in (unpack, lambda data: truncate_layers(data, 1)):
+            with pytest.raises(BitstreamError, match=r"^truncated or corrupted \.cpsl header$"):
+                read(data)
 
 
 def test_coding_needs_eval_mode_and_entropy_tables():

@@ -17,7 +17,7 @@ from utils.coding.container import pack, unpack
 from utils.evaluation.coders import ModelCoder
 from utils.memory import format_memory, memory_in_use, parse_memory
 from utils.stitching.geometry import PopsGeometry, plan_patches
-from utils.stitching.planner import TransformCost, choose_patches
+from utils.stitching.planner import Planner, TransformCost, choose_patches
 from utils.stitching.spec import PatchSpec
 
 MB = 2 ** 20
@@ -51,6 +51,16 @@ def _plan(budget_mb, patch_size=None, height=768, width=1280, held_mb=100, max_b
                           max_batch, PatchSpec(patch_size))
 
 
+def _fitting_shapes(budget_mb):
+    """Every rectangular shape on the 16-pixel grid whose single patch fits what
+    :func:`_plan` leaves of ``budget_mb``."""
+    cost = TransformCost(1000.0)
+    shapes = [(rows, cols) for rows in [0] + list(range(80, 768, 16))
+              for cols in [0] + list(range(80, 1280, 16))]
+    return [shape for shape in shapes
+            if cost.batch_bytes(1, shape[0] or 768, shape[1] or 1280) <= (budget_mb - 100) * MB]
+
+
 def test_plan_takes_the_whole_image_when_it_fits():
     assert _plan(100 + 1100).patch_size == (0, 0)
 
@@ -60,11 +70,7 @@ def test_plan_computes_the_fewest_pixels_the_budget_allows(budget_mb):
     """Brute force over every rectangular shape on the 16-pixel grid."""
     plan = _plan(budget_mb)
     assert plan.patch_size != (0, 0) and plan.peak_bytes <= budget_mb * MB
-    cost = TransformCost(1000.0)
-    shapes = [(rows, cols) for rows in [0] + list(range(80, 768, 16))
-              for cols in [0] + list(range(80, 1280, 16))]
-    fitting = [shape for shape in shapes
-               if cost.batch_bytes(1, shape[0] or 768, shape[1] or 1280) <= (budget_mb - 100) * MB]
+    fitting = _fitting_shapes(budget_mb)
     assert plan.patch_size in fitting
     fewest = min(_computed(shape) for shape in fitting)
     assert _computed(plan.patch_size) <= 1.02 * fewest
@@ -84,6 +90,36 @@ def test_plan_batches_fixed_patches_as_far_as_the_budget_allows():
     assert small.batch_size < large.batch_size == 8
     assert large.peak_bytes <= 2000 * MB
     assert _plan(4000, patch_size=640).batch_size == 6  # never more than there are patches
+
+
+@pytest.mark.parametrize("budget_mb", [600, 450, 200])
+def test_plan_takes_the_largest_patch_among_equally_costly_ones(budget_mb):
+    """Shapes within 2 % of the fewest computed pixels cost the same; at these budgets
+    they come in several areas, and the largest (fewest patches) must win."""
+    plan = _plan(budget_mb)
+    fitting = _fitting_shapes(budget_mb)
+    fewest = min(_computed(shape) for shape in fitting)
+    areas = {(shape[0] or 768) * (shape[1] or 1280)
+             for shape in fitting if _computed(shape) <= 1.02 * fewest}
+    assert len(areas) > 1
+    assert (plan.patch_size[0] or 768) * (plan.patch_size[1] or 1280) == max(areas)
+
+
+@pytest.mark.parametrize("device, counted", [("cpu", True), ("cuda", False)])
+def test_memory_held_on_the_cpu_during_a_phase_adds_to_a_cpu_plans_peak(tiny_cps, monkeypatch,
+                                                                        device, counted):
+    # Fixed process memory and transform cost, so the plans differ only by what is held.
+    monkeypatch.setattr(utils.stitching.planner, "memory_in_use", lambda device: 100 * MB)
+    planner = Planner(tiny_cps, torch.device(device), budget_bytes=2000 * MB)
+    monkeypatch.setattr(planner, "cost", lambda direction: TransformCost(1000.0))
+    free, holding = (planner.plan("synthesis", (48, 80), PatchSpec(None), 8, held)
+                     for held in (0, 300 * MB))
+    assert free.patch_size == holding.patch_size == (0, 0)
+    assert holding.peak_bytes - free.peak_bytes == (300 * MB if counted else 0)
+    # Held memory that leaves no room for even one patch is refused.
+    if counted:
+        with pytest.raises(ValueError, match="too small for the synthesis transform"):
+            planner.plan("synthesis", (48, 80), PatchSpec(None), 8, 1900 * MB)
 
 
 def test_impossible_budget_is_a_clear_error():

@@ -23,7 +23,13 @@ from models.checkpoint import entropy_tables_ready
 from utils.training.config import load_config, to_plain_dict
 from utils.training.distributed import DistContext
 from utils.training.loop import Trainer
-from utils.training.step import NonFiniteLossError, TrainStep, build_optimizers
+from utils.training.step import (
+    NonFiniteLossError,
+    TrainStep,
+    build_optimizers,
+    build_scheduler,
+    step_seed,
+)
 
 # Tiny models train many times faster on one thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +107,59 @@ def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, train_im
     Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--resume"])), CPU,
             log=io.StringIO())
     assert torch.equal(torch.get_rng_state(), last["rng"]["torch"])
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_interruption(
+        tmp_path, train_images, monkeypatch):
+    # Validation stubbed: loss 1.0 at step 2, before the interruption, then 2.0 at step 4.
+    losses = iter([1.0, 2.0])
+    monkeypatch.setattr(Trainer, "validate", lambda self: {
+        "loss": next(losses), "mse": 0.01, "bpp": 0.5, "psnr": 20.0, "aux": 0.0})
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2})
+    assert train.main(["--config", cfg]) == 0
+    assert train.main(["--config", cfg, "--resume", "--set", "train_params.max_steps=4"]) == 0
+    last, best = load(exp / "checkpoint.pth.tar"), load(exp / "checkpoint_best_loss.pth.tar")
+    assert (last["global_step"], last["loss"], last["best_loss"]) == (4, 2.0, 1.0)
+    assert (best["global_step"], best["loss"]) == (2, 1.0)
+
+
+def test_a_resumed_run_carries_over_its_streak_of_nonfinite_steps(tmp_path, train_images):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp,
+                             train_params={"max_steps": 1, "max_nonfinite_steps": 3})
+    assert train.main(["--config", cfg]) == 0
+    checkpoint = load(exp / "checkpoint.pth.tar")
+    assert checkpoint["nonfinite_in_a_row"] == 0
+    checkpoint["nonfinite_in_a_row"] = 2  # as if stopped two NaN steps into a streak
+    torch.save(checkpoint, exp / "checkpoint.pth.tar")
+    trainer = Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--resume"])), CPU,
+                      log=io.StringIO())
+    assert trainer.pos.nonfinite_in_a_row == trainer.step.nonfinite_in_a_row == 2
+    # So the first NaN step after the resume is the third in a row, and ends the run.
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        trainer.step(torch.full((2, 3, 64, 64), float("nan")), trainer.pos.global_step)
+
+
+def test_the_plateau_schedule_lowers_the_lr_only_once_the_validation_loss_stops_falling():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler, per = build_scheduler(
+        optimizer, {"type": "plateau", "factor": 0.5, "patience": 1, "min_lr": 0.0}, 100)
+    assert per == "validation"
+    for loss in (4.0, 3.0, 2.0, 1.0):  # a falling loss improves at every validation
+        scheduler.step(loss)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    for loss in (1.0, 1.5):  # patience 1: the second validation without improvement
+        scheduler.step(loss)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_each_rank_and_each_step_draws_its_own_noise():
+    assert step_seed(0, 5, 0) != step_seed(0, 5, 1)
+    seeds = {step_seed(seed, step, rank)
+             for seed in (0, 1, 2 ** 31) for step in range(50) for rank in range(8)}
+    assert len(seeds) == 3 * 50 * 8
+    assert all(0 <= seed < 2 ** 63 for seed in seeds)  # what torch.manual_seed takes
 
 
 def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images):

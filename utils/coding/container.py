@@ -296,6 +296,11 @@ def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:
 
 
 def _pack_layered(layered: LayeredImage) -> bytes:
+    if not 1 <= len(layered.streams) <= layered.total_layers \
+            or len(layered.latent_crcs) != len(layered.streams):
+        raise ValueError(f"a .cpsl payload holds 1 to total_layers={layered.total_layers} "
+                         f"layers, each with a latent CRC; got {len(layered.streams)} "
+                         f"streams and {len(layered.latent_crcs)} CRCs")
     layers = [(len(stream), zlib.crc32(stream), crc)
               for stream, crc in zip(layered.streams, layered.latent_crcs)]
     return _layered_header(layered, layers) + b"".join(layered.streams)
@@ -347,6 +352,7 @@ def pack(payload: Payload) -> bytes:
 
     Raises:
         BitstreamError: a size the format cannot hold (see :func:`check_size`).
+        ValueError: a layered payload whose layer count reading would refuse.
     """
     check_size(payload.height, payload.width)
     if isinstance(payload, LayeredImage):
