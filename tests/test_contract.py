@@ -1,6 +1,7 @@
 """The codec contract: every registered architecture, built small, goes through the same
 code path of codec.py and test.py; zoo models evaluate as CompressAI's eval_model does."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import codec
 import models
 import test as test_script
 from models.base import CodingPlan, LearnedCodec
-from utils.coding.container import pack, unpack
+from utils.coding.container import BitstreamError, CompressedImage, pack, unpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,6 +121,30 @@ def test_every_architecture_evaluates_through_test_py(tmp_path, photo, capsys, n
     assert status == 0
     assert len(document["results"]["bpp"]) == model.operating_points
     assert all(bpp > 0 for bpp in document["results"]["bpp"])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
+    # What the contract promises the scripts whatever the model: bad images and files
+    # end in ValueError / BitstreamError (one line), never in garbage or an allocation
+    # past the budget. A new model is held to it once it is listed in SMALL.
+    model = small_model(name)
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    plan = CodingPlan()
+    for bad in (image.float(), image[:1], image[None]):
+        with pytest.raises(ValueError, match="expected a uint8 RGB tensor"):
+            model.encode(bad, plan)
+    payload = model.encode(image, plan)
+    foreign = small_model("mbt2018" if name == "cps" else "cps").encode(image, plan)
+    forged = [dataclasses.replace(payload, height=8 * payload.height, width=8 * payload.width)]
+    if isinstance(payload, CompressedImage):  # .cpsl headers store no padding
+        forged.append(dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64))
+    for wrong in (foreign, *forged):
+        with pytest.raises(BitstreamError):
+            model.decode(unpack(pack(wrong)), plan)
+    with pytest.raises(ValueError, match="memory budget 1 MB is too small"):
+        model.decode(unpack(pack(payload)), plan.with_(budget_bytes=2 ** 20))
+    assert model.decode(unpack(pack(payload)), plan).shape == image.shape
 
 
 def test_cps_refuses_compressais_compress_with_a_pointer_to_the_contract(tiny_cps):
