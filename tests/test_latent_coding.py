@@ -380,3 +380,33 @@ def test_a_latent_in_many_streams_round_trips_and_each_stream_is_padded_alone(
     assert len(padded) == len(starts) > 3
     assert sum(padded) == 9 * 11 * coding_model.M
     assert max(padded) <= latent_streams.largest_stream_symbols(9, 11, coding_model.M, True)
+
+
+def test_a_stream_starts_at_the_front_that_reaches_the_budget_exactly(monkeypatch):
+    # "At or past": fronts of 5 + 5 symbols fill a budget of 10, so the third front
+    # opens a new stream (part of the file format, like the budget itself).
+    monkeypatch.setattr(latent_streams, "STREAM_SYMBOLS", 10)
+    assert latent_streams.stream_starts([5, 5, 5], 1) == [0, 10]
+    assert latent_streams.stream_starts([5, 4, 5], 1) == [0]
+
+
+def test_the_stream_bound_of_a_small_latent_is_the_whole_latent():
+    # A latent below one stream budget is one stream: the memory plan must not
+    # reserve a full budget's buffers for it.
+    assert latent_streams.largest_stream_symbols(4, 5, 8, fixed_point=True) == 4 * 5 * 8
+
+
+def test_the_stream_framing_of_the_cps_format_is_fixed():
+    # Decoders of existing .cps files rely on these: a new stream every 2**18 symbols,
+    # each after its length as 4 big-endian bytes.
+    assert latent_streams.STREAM_SYMBOLS == 2 ** 18
+    string = latent_streams.join_streams([b"abc", b""])
+    assert string == b"\x00\x00\x00\x03abc\x00\x00\x00\x00"
+    assert latent_streams.split_streams(string, 2) == [b"abc", b""]
+
+
+@pytest.mark.parametrize("order", ["wavefront", "raster"])
+@pytest.mark.parametrize("height,width", [(0, 4), (3, 0)])
+def test_an_empty_latent_has_no_coding_order(order, height, width):
+    with pytest.raises(ValueError, match=f"latent size {height}x{width} is empty"):
+        coding_order(height, width, order, 3)

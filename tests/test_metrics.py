@@ -5,6 +5,7 @@ import mmap
 
 import pytest
 import torch
+from pytorch_msssim import ms_ssim
 from torchmetrics.functional.image import peak_signal_noise_ratio_with_blocked_effect
 
 from utils.evaluation.metrics import (
@@ -232,3 +233,66 @@ def test_nested_peak_meters_each_report_their_own_block():
             torch.zeros(1)
     assert outer.peak_mb - resident_before > 80
     assert inner.peak_mb - resident_before < 40
+
+
+def test_ms_ssim_needs_a_shorter_side_of_161_pixels():
+    # pytorch_msssim asserts a side above 160: 160 must come back as None, not crash.
+    small, large = ramp(160, 170), ramp(161, 170)
+    with pytest.warns(RuntimeWarning, match="MS-SSIM needs both sides >= 161"):
+        assert ms_ssim_rgb(small, add(small, pixel_checkerboard(160, 170))) is None
+    assert 0.9 < ms_ssim_rgb(large, add(large, pixel_checkerboard(161, 170))) < 1.0
+
+
+def test_ms_ssim_uses_the_8_bit_data_range():
+    # SSIM's stabilising constants scale with the data range: [0, 255] with range 255
+    # must equal [0, 1] with range 1, not a 255-fold too small range.
+    image = ramp(170, 180)
+    distorted = add(image, block_checkerboard(170, 180, amplitude=20))
+    expected = ms_ssim(image[None].float() / 255, distorted[None].float() / 255,
+                       data_range=1.0).item()
+    assert ms_ssim_rgb(image, distorted) == pytest.approx(expected, abs=1e-5)
+
+
+def test_psnr_b_forms_honour_a_block_size_other_than_8():
+    # Errors constant over 16x16 blocks: their seams are only a quarter of the 8x8
+    # borders, so a 16-pixel grid sees more blocking than the default one.
+    image = ramp()
+    distorted = add(image, block_checkerboard(64, 96, block=16))
+    assert psnr_b(image, distorted, block_size=16) < psnr_b(image, distorted) - 1.0
+    assert psnr_b_y(image, distorted, block_size=16) < psnr_b_y(image, distorted) - 1.0
+    expected = psnr_b_gray(image[0], distorted[0], block_size=16)
+    assert psnr_b_y(image, distorted, block_size=16) == pytest.approx(expected, abs=1e-9)
+
+
+def test_blocking_effect_factor_refuses_an_image_of_one_block_on_a_side():
+    with pytest.raises(ValueError, match="needs both sides > 8 px, got 16x8"):
+        blocking_effect_factor(torch.zeros(8, 16))
+    assert blocking_effect_factor(torch.zeros(9, 16)) == 0.0
+
+
+def test_metrics_reject_a_pair_of_one_channel_images():
+    # Matching shapes are not enough: a grayscale pair must not pass as RGB.
+    gray = torch.zeros(1, 64, 96, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"original must be a uint8 tensor \(3, H, W\)"):
+        psnr(gray, gray)
+
+
+def test_image_metrics_puts_each_value_under_its_own_key():
+    # Channels with different errors: the RGB-mean and the luma PSNR-B differ.
+    image = ramp(170, 180)
+    errors = torch.stack([block_checkerboard(170, 180, amplitude=8),
+                          pixel_checkerboard(170, 180, amplitude=3),
+                          block_checkerboard(170, 180, amplitude=2)])
+    distorted = add(image, errors)
+    values = image_metrics(image, distorted)
+    assert values["psnr-b"] != pytest.approx(values["psnr-b-y"], abs=0.1)
+    assert values == {"psnr-rgb": psnr(image, distorted),
+                      "ms-ssim-rgb": ms_ssim_rgb(image, distorted),
+                      "psnr-b": psnr_b(image, distorted),
+                      "psnr-b-y": psnr_b_y(image, distorted)}
+
+
+@pytest.mark.parametrize("height, width", [(0, 20), (10, 0), (-10, 20), (10, -20)])
+def test_bits_per_pixel_refuses_an_empty_or_negative_size(height, width):
+    with pytest.raises(ValueError, match="image size must be positive"):
+        bits_per_pixel(100, height, width)

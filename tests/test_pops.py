@@ -116,3 +116,45 @@ def test_unusable_patch_size_is_a_clear_error(patch_size, message):
     geometry = model_geometry(models.build_model("cps", N=4))
     with pytest.raises(ValueError, match=message):
         check_patch_size(patch_size, geometry)
+
+
+def test_padded_or_upsampling_layers_are_refused():
+    # Zero padding makes border latents depend on the patch edge, so stitched patches
+    # would no longer equal the whole image; a strided transposed convolution upsamples.
+    with pytest.raises(ValueError, match="is padded: POPS needs padding-free layers"):
+        analysis_layers(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)))
+    with pytest.raises(ValueError, match="strided transposed convolution"):
+        analysis_layers(torch.nn.ConvTranspose2d(4, 4, 2, stride=2))
+    assert analysis_layers(torch.nn.ConvTranspose2d(4, 4, 3)) == [(3, 1)]
+
+
+@pytest.mark.parametrize("length", [5, 8, 13, 16, 17, 40, 63])
+@pytest.mark.parametrize("patch", [5, 8, 12, 16])
+def test_tiling_uses_the_fewest_patches_and_none_owns_nothing(length, patch):
+    margin = 2
+    tiles = tile_axis(length, patch, margin)
+    if patch < length:
+        step = patch - 2 * margin
+        assert len(tiles) == -(-(length - patch) // step) + 1
+    # A patch that owns nothing would be computed for nothing.
+    assert all(tile.own_stop > tile.own_start for tile in tiles)
+
+
+PAPER_LAYERS = [(2, 2), (3, 1), (3, 1)] * 3 + [(2, 2)]
+
+
+def test_rectangular_patches_take_the_height_first():
+    geometry = geometry_from_layers(PAPER_LAYERS)
+    patches = plan_patches(12, 30, (80, 160), geometry)
+    assert {row.stop - row.start for row, _ in patches} == {80 // 16}
+    assert {col.stop - col.start for _, col in patches} == {160 // 16}
+
+
+def test_a_patch_size_of_zero_processes_that_axis_whole():
+    geometry = geometry_from_layers(PAPER_LAYERS)
+    check_patch_size(0, geometry)
+    assert [(r.start, r.stop, c.start, c.stop)
+            for r, c in plan_patches(12, 30, 0, geometry)] == [(0, 12, 0, 30)]
+    patches = plan_patches(12, 30, (0, 96), geometry)
+    assert {(row.start, row.stop) for row, _ in patches} == {(0, 12)}
+    assert len({(col.start, col.stop) for _, col in patches}) > 1

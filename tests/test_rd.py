@@ -14,6 +14,7 @@ from utils.evaluation.rd import (
     curve_styles,
     format_table,
     load_curve,
+    load_curves,
     rd_figure,
 )
 
@@ -209,3 +210,72 @@ def test_every_shipped_anchor_cites_its_source_and_is_sorted(path):
     curve = load_curve(path)
     assert curve.bpp == sorted(curve.bpp)
     assert len(curve.points("psnr-rgb")) == len(curve.bpp) >= 3
+
+
+def test_lossless_and_non_finite_points_are_left_out_of_a_curve(tmp_path):
+    # MS-SSIM 1 is infinite in dB, like a lossless PSNR: neither can be drawn or fitted.
+    curve = load_curve(write_results(tmp_path / "a.json", "a", BPP,
+                                     [28.0, 30.5, float("inf"), float("nan"), 38.0],
+                                     **{"ms-ssim-rgb": [0.9, 0.95, 0.97, 0.99, 1.0]}))
+    assert curve.points("psnr-rgb") == [(0.1, 28.0), (0.2, 30.5), (1.6, 38.0)]
+    assert [rate for rate, _ in curve.points("ms-ssim-rgb")] == [0.1, 0.2, 0.4, 0.8]
+
+
+def test_a_curve_with_a_flat_step_is_refused(tmp_path):
+    # Equal qualities at two rates: the rate is no function of the quality there.
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    flat = load_curve(write_results(tmp_path / "f.json", "f", BPP, [28, 30, 30, 35, 38]))
+    with pytest.raises(ValueError, match="does not increase strictly"):
+        bd_rate(anchor, flat)
+
+
+def test_exactly_min_points_points_give_a_bd_rate(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP[:MIN_POINTS],
+                                      PSNR[:MIN_POINTS]))
+    test = load_curve(write_results(tmp_path / "t.json", "t", [b * 1.25 for b in BPP[:MIN_POINTS]],
+                                    PSNR[:MIN_POINTS]))
+    assert bd_rate(anchor, test) == pytest.approx(25.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shift", [-20.0, -10.0, 10.0])
+def test_curves_below_above_or_touching_the_anchor_give_no_number(tmp_path, shift):
+    # A shift of exactly one range (PSNR spans 10 dB) leaves one shared value, no
+    # interval: the fit would return NaN, not a BD-rate.
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    other = load_curve(write_results(tmp_path / "o.json", "o", BPP, [p + shift for p in PSNR]))
+    assert bd_rate(anchor, other) is None
+
+
+def test_table_lists_only_the_metrics_of_the_anchor_and_signs_every_number(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    costly = load_curve(write_results(tmp_path / "c.json", "costly", [b * 1.25 for b in BPP],
+                                      PSNR, **{"psnr-b": [p - 1 for p in PSNR]}))
+    table = bd_rate_table(anchor, [costly])
+    assert table["metrics"] == ["psnr-rgb"]
+    assert table["rows"][0]["bd-rate"] == {"psnr-rgb": pytest.approx(25.0, abs=1e-6)}
+    assert "| costly | 5 | +25.00 |" in format_table(table)
+
+
+def test_a_metric_list_shorter_than_bpp_is_a_clear_error(tmp_path):
+    path = write_results(tmp_path / "a.json", "a", BPP, PSNR[:3])
+    with pytest.raises(ValueError, match="psnr-rgb has 3 values but bpp has 5"):
+        load_curve(path)
+
+
+def test_a_nameless_results_file_is_named_after_its_file(tmp_path):
+    path = tmp_path / "jpeg.json"
+    path.write_text(json.dumps({"results": {"bpp": BPP, "psnr-rgb": PSNR}}))
+    assert load_curve(str(path)).name == "jpeg"
+    assert load_curve(str(path), name="JPEG (libjpeg)").name == "JPEG (libjpeg)"
+
+
+def test_a_scalable_results_file_gives_one_curve_per_layer(tmp_path):
+    path = write_results(tmp_path / "s.json", "scalable", [0.3, 0.1, 0.4, 0.2], [31, 28, 33, 30],
+                         layer=[1, 0, 1, 0])
+    curves = load_curves(path)
+    assert [curve.name for curve in curves] == ["scalable layer 0", "scalable layer 1"]
+    assert [curve.bpp for curve in curves] == [[0.1, 0.2], [0.3, 0.4]]
+    assert curves[1].metrics["psnr-rgb"] == [31, 33]
+    # A layer list that does not match the points is not a scalable file.
+    mismatched = write_results(tmp_path / "m.json", "m", BPP, PSNR, layer=[0, 1])
+    assert [curve.bpp for curve in load_curves(mismatched)] == [BPP]

@@ -224,3 +224,57 @@ def test_real_training_folder_gives_256_crops():
         x = train[key][0]
         assert x.shape == (3, 256, 256) and 0 <= x.min() and x.max() <= 1
     assert test[(0, 0)][0].shape == (3, 256, 256)
+
+
+def test_images_of_exactly_the_crop_size_are_kept_and_cropped_whole(tmp_path):
+    root = make_image_folder(tmp_path, n_train=3, size=(64, 64))
+    kept = CropImageFolder(root, "train", 64, random_crop=True, small_images="skip")
+    assert [p.name for p in kept.samples] == ["01.png", "02.png"] and kept.skipped == 1
+    # The only 64x64 window of a 64x64 image is the image, whatever the seed.
+    whole = torch.from_numpy(np.array(Image.open(kept.samples[0]))).permute(2, 0, 1) / 255
+    for crop_seed in (0, 1, 2):
+        assert torch.allclose(kept[(0, crop_seed)][0], whole)
+
+
+def test_validation_crops_the_centre_of_the_image(tmp_path):
+    root = make_image_folder(tmp_path, size=(200, 150))  # 200 wide, 150 high
+    ds = CropImageFolder(root, "test", 64, random_crop=False)
+    image = torch.from_numpy(np.array(Image.open(ds.samples[1]))).permute(2, 0, 1) / 255
+    top, left = (150 - 64) // 2, (200 - 64) // 2
+    assert torch.allclose(ds[(1, 0)][0], image[:, top:top + 64, left:left + 64])
+
+
+def test_an_image_of_exactly_max_pixels_is_read(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert open_rgb(tmp_path / "a.png", max_pixels=64).size == (8, 8)
+    with pytest.raises(UnreadableImage, match="8x8 pixels is more than"):
+        open_rgb(tmp_path / "a.png", max_pixels=63)
+
+
+def test_neighbouring_seeds_and_epochs_do_not_share_an_order():
+    # seed + epoch would give seed 1 at epoch 0 the draws of seed 0 at epoch 1.
+    later = EpochSampler(50, seed=0)
+    later.set_epoch(1)
+    assert list(EpochSampler(50, seed=1)) != list(later)
+
+
+def test_every_image_of_an_epoch_gets_its_own_crop_seed():
+    pairs = list(EpochSampler(50, seed=3))
+    assert len({crop_seed for _, crop_seed in pairs}) == 50
+
+
+def test_a_run_resumed_at_the_end_of_an_epoch_sees_nothing_more_of_it():
+    sampler = EpochSampler(10, seed=5, rank=1, world_size=3)
+    sampler.set_epoch(0, start=4)
+    assert len(sampler) == 0 and list(sampler) == []
+
+
+def test_a_rank_outside_the_world_is_refused():
+    with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
+        EpochSampler(5, rank=2, world_size=2)
+
+
+def test_more_ranks_than_samples_still_give_every_rank_one_sample():
+    shards = [list(EpochSampler(2, seed=0, rank=r, world_size=5)) for r in range(5)]
+    assert [len(shard) for shard in shards] == [1] * 5
+    assert {index for shard in shards for index, _ in shard} == {0, 1}
