@@ -240,3 +240,153 @@ def test_every_key_is_documented_in_docs_training_md():
         rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines()
                 if line.startswith("| `")}
         assert rows == set(keys), block
+
+
+def _minimal(**blocks):
+    """The smallest valid raw config (the three required keys), plus ``blocks``."""
+    raw = {"train_data": {"data_path": "/d", "experiment_path": "/e"},
+           "train_params": {"lmbda": 0.01}}
+    for block, keys in blocks.items():
+        raw[block] = dict(raw.get(block, {}), **keys)
+    return raw
+
+
+@pytest.mark.parametrize("block, keys", [
+    ("train_params", {"lmbda": 1e-9}),             # just above an open lower bound
+    ("train_params", {"learning_rate": 1.0}),      # closed upper bounds are inclusive
+    ("train_data", {"batch_size": 4096, "max_bad_fraction": 0.0}),
+    ("train_params", {"N": 1, "crop_size": 8}),
+    ("train_params", {"distortion_metric": "ms-ssim", "crop_size": 161}),  # 5 scales fit
+    ("lr_schedule", {"milestones": [1, 2]}),
+])
+def test_values_on_the_edge_of_their_range_are_accepted(block, keys):
+    cfg = parse_config(_minimal(**{block: keys}))
+    for key, value in keys.items():
+        assert cfg[block][key] == value
+
+
+@pytest.mark.parametrize("block, keys, message", [
+    ("train_params", {"lmbda": 0}, "train_params.lmbda must be in (0.0, 10000.0], got 0.0"),
+    ("train_params", {"learning_rate": 0.0}, "learning_rate must be in (0.0, 1.0]"),
+    ("train_params", {"N": 0}, "train_params.N must be in [1, 1536]"),
+    ("train_params", {"distortion_metric": "msssim"},
+     "train_params.distortion_metric must be one of ['mse', 'ms-ssim'], got 'msssim'"),
+    # bool is an int subclass in Python: `batch_size: true` must not mean 1.
+    ("train_data", {"batch_size": True}, "train_data.batch_size must be int, got True"),
+    ("lr_schedule", {"milestones": [5, 5]}, "lr_schedule.milestones must be strictly increasing"),
+    ("lr_schedule", {"milestones": [True]}, "lr_schedule.milestones must be a list of"),
+    ("acl", {"count_thresholds": []}, "acl.count_thresholds must be a list of 1 to 1000"),
+    ("model", {"kwargs": {"N": 64}}, "set the model width with train_params.N, not "
+                                     "model.kwargs.N"),
+])
+def test_values_just_outside_their_range_or_choices_are_refused(block, keys, message):
+    with pytest.raises(ValueError) as info:
+        parse_config(_minimal(**{block: keys}))
+    assert message in str(info.value)
+
+
+def test_a_single_problem_is_reported_without_a_count_or_a_doubled_source():
+    with pytest.raises(ValueError) as info:
+        parse_config(_minimal(train_data={"batch_size": 0}), source="run.yaml")
+    assert str(info.value) == ("run.yaml: config key train_data.batch_size must be in "
+                               "[1, 4096], got 0")
+    with pytest.raises(ValueError) as info:
+        parse_config(_minimal(train_params={"training_modality": "full"}), source="run.yaml")
+    assert str(info.value).startswith("run.yaml: train_params.training_modality must be")
+
+
+def test_a_config_that_is_not_a_mapping_is_a_value_error():
+    with pytest.raises(ValueError, match="expected a mapping of blocks, got list"):
+        parse_config([1, 2])
+
+
+def test_an_integer_for_a_float_key_and_empty_blocks_and_kwargs_are_accepted(tmp_path):
+    # `lmbda: 1` is an int in YAML; an empty `logging:` block or `kwargs:` is null.
+    cfg = load_config(write(tmp_path, AUTHORS_YAML.replace("lmbda: 0.0018", "lmbda: 1")
+                            + "logging:\nmodel:\n  kwargs:\n"))
+    assert cfg.train_params.lmbda == 1.0 and type(cfg.train_params.lmbda) is float
+    assert cfg.logging.log_interval == 100 and cfg.model.kwargs == {}
+
+
+def test_an_empty_file_reports_the_missing_required_keys(tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_config(write(tmp_path, "# nothing yet\n"))
+    message = str(info.value)
+    assert "3 problems" in message
+    for key in ("train_data.data_path", "train_data.experiment_path", "train_params.lmbda"):
+        assert f"missing required key {key}" in message
+
+
+def test_a_long_value_is_cut_in_the_message():
+    with pytest.raises(ValueError) as info:
+        parse_config(_minimal(train_params={"seed": "x" * 500}))
+    # repr() cut to 60 characters: the quote, 56 letters and "...".
+    assert str(info.value).endswith("got '" + "x" * 56 + "...")
+
+
+def test_defaults_are_fresh_copies_that_a_run_cannot_change(tmp_path):
+    path = write(tmp_path, AUTHORS_YAML)
+    first = load_config(path)
+    first.lr_schedule.milestones.append(7)
+    first.model.kwargs["depth"] = 3
+    second = load_config(path)
+    assert second.lr_schedule.milestones == [] and second.model.kwargs == {}
+    assert SCHEMA["lr_schedule"]["milestones"].default == []
+
+
+def test_overrides_do_not_change_the_stored_config_they_start_from():
+    stored = to_plain_dict(parse_config(_minimal()))
+    cfg = load_config(None, ["train_params.lmbda=0.5", "logging.progress=false"], base=stored)
+    assert cfg.train_params.lmbda == 0.5 and cfg.logging.progress is False
+    assert stored["train_params"]["lmbda"] == 0.01 and stored["logging"]["progress"] is True
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("lmbda=0.1", "override 'lmbda=0.1' must look like block.key=value"),
+    ("train.lmbda=0.1", "override 'train.lmbda=0.1': unknown block 'train'"),
+])
+def test_malformed_override_names_are_one_line_value_errors(tmp_path, assignment, message):
+    with pytest.raises(ValueError) as info:
+        load_config(write(tmp_path, AUTHORS_YAML), [assignment])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_override_names_may_be_padded_and_an_empty_value_clears_a_path(tmp_path):
+    text = AUTHORS_YAML.replace('use_checkpoint_path: ""', "use_checkpoint_path: old.pth")
+    cfg = load_config(write(tmp_path, text), [" train_params.lmbda = 0.5",
+                                              "train_data.use_checkpoint_path="])
+    assert cfg.train_params.lmbda == 0.5
+    assert cfg.train_data.use_checkpoint_path == ""  # not resumed, not the current folder
+
+
+def test_empty_paths_stay_empty_and_a_home_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write(tmp_path, AUTHORS_YAML.replace('"/mnt/hdd3/zzf/flicker_2W_patch"',
+                                                '"~/flickr"'))
+    cfg = load_config(path)
+    assert cfg.train_data.data_path == str(tmp_path / "home" / "flickr")
+    # An empty path means "none" (no resume), not the config's folder.
+    assert cfg.train_data.use_checkpoint_path == "" and cfg.acl.validation_path == ""
+
+
+def test_every_default_matches_the_table_in_docs_training_md():
+    import yaml
+
+    from utils.training.schema import REQUIRED
+
+    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as f:
+        text = f.read()
+    for block, keys in SCHEMA.items():
+        section = text.split(f"### `{block}`\n", 1)[1].split("\n### ", 1)[0]
+        for line in section.splitlines():
+            if not line.startswith("| `"):
+                continue
+            cells = [cell.strip() for cell in line.split("|")[1:-1]]
+            key, shown = cells[0].strip("`"), cells[2].strip("`")
+            default = keys[key].default
+            if default is REQUIRED:
+                assert shown == "required", key
+            elif isinstance(default, float):
+                assert float(shown) == default, key
+            else:
+                assert yaml.safe_load(shown) == default, key

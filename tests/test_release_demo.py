@@ -109,3 +109,63 @@ def test_demo_reports_a_missing_model_in_one_line(tmp_path, capsys):
     status = test_cli.main(["demo", "--models", str(tmp_path / "absent"), "-d", str(tmp_path)])
     assert status == 1
     assert capsys.readouterr().err.strip().startswith("test.py: error: no model weights")
+
+
+def test_half_precision_rounds_the_model_itself_and_keeps_buffer_dtypes(tiny_cps):
+    from utils.training.release import half_precision_state_dict
+
+    buffers = {name: value.dtype for name, value in tiny_cps.state_dict().items()}
+    parameters = {name for name, _ in tiny_cps.named_parameters()}
+    state = half_precision_state_dict(tiny_cps)
+    # The model now holds the float16 values, so the tables recomputed from it are
+    # those of the weights the file stores.
+    for name, parameter in tiny_cps.named_parameters():
+        assert torch.equal(parameter, parameter.half().float()), name
+        assert state[name].dtype == torch.float16
+    for name, dtype in buffers.items():
+        if name not in parameters:
+            assert state[name].dtype == dtype, name
+
+
+def test_training_json_records_the_checkpoints_run_and_the_extra_facts_win(tmp_path, tiny_cps):
+    checkpoint = tmp_path / "checkpoint_best_loss.pth.tar"
+    config = {"train_params": {"lmbda": 0.0035, "N": 8}, "lr_schedule": {"type": "plateau"},
+              "train_data": {"batch_size": 16}}
+    torch.save({"architecture": "cps", "state_dict": tiny_cps.state_dict(), "config": config,
+                "global_step": 1200, "epoch": 3, "best_loss": 0.75, "loss": 0.8}, checkpoint)
+    export_weights(str(checkpoint), str(tmp_path / "out"), {"epoch": 4, "data": "flickr"})
+    info = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert info["train_params"] == config["train_params"] and info["batch_size"] == 16
+    assert (info["global_step"], info["best_validation_loss"], info["validation_loss"]) == (
+        1200, 0.75, 0.8)
+    assert info["epoch"] == 4 and info["data"] == "flickr"  # what --info says is kept
+    assert info["source_checkpoint"] == "checkpoint_best_loss.pth.tar"
+
+
+def test_release_command_keeps_a_given_wall_time_and_reports_bad_info_in_one_line(
+        tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils.training.release import main
+
+    checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
+    checkpoint.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save({"architecture": "cps",
+                "state_dict": models.build_model("cps", N=8).state_dict()}, checkpoint)
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        for step in range(3):
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step, walltime=100.0 + 3600 * step)
+    (tmp_path / "info.json").write_text(json.dumps({"training_wall_time_h": 30.5}))
+    out = tmp_path / "shipped" / "tiny"
+    assert main([str(checkpoint), str(out), "--runs", str(tmp_path / "run"),
+                 "--info", str(tmp_path / "info.json")]) == 0
+    assert json.loads((out / "training.json").read_text())["training_wall_time_h"] == 30.5
+    assert (out / "training_curves.png").exists()
+    assert main([str(checkpoint), str(out), "--runs", str(tmp_path / "run")]) == 0
+    assert json.loads((out / "training.json").read_text())["training_wall_time_h"] == 2.0
+    capsys.readouterr()
+    (tmp_path / "info.json").write_text("{not json")
+    assert main([str(checkpoint), str(out), "--info", str(tmp_path / "info.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("release: error: ")

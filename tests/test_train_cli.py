@@ -83,3 +83,62 @@ def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_pat
     # The running PSNR (clamped crops, epoch mean) is of the order of validation's.
     shown = [float(v) for v in re.findall(r"psnr=([\d.-]+)", text)]
     assert shown and all(abs(v - float(validations[0][1])) < 3 for v in shown)
+
+
+class _Split:
+    """Just what UnusableImages reads of a CropImageFolder."""
+
+    def __init__(self, total, unusable=()):
+        self.samples = [f"img{i}.png" for i in range(total)]
+        self.total, self.unusable = total, list(unusable)
+
+    def why_unusable(self, index):
+        return f"broken {index}"
+
+
+def test_unusable_images_count_each_image_once_including_index_0():
+    from utils.training.bad_images import UnusableImages
+
+    log = []
+    tracker = UnusableImages(_Split(10), "training", 0.5, log.append)
+    # -1 marks "nothing skipped"; index 0 is a real image like any other.
+    tracker.note(torch.tensor([-1, 0, 3, 3, -1]))
+    tracker.note(torch.tensor([0, -1]))
+    assert tracker.count == 2
+    assert log == ["warning: skipping training image img0.png (broken 0); 1 of 10 unusable so far",
+                   "warning: skipping training image img3.png (broken 3); 2 of 10 unusable so far"]
+
+
+def test_unusable_images_stop_the_run_only_past_the_fraction():
+    from utils.training.bad_images import UnusableImages
+
+    # 2 of 10 at max_bad_fraction 0.2 is at the limit, not past it: the run goes on.
+    tracker = UnusableImages(_Split(10, [("listed.png", "too small")]), "validation", 0.2,
+                             lambda line: None)
+    tracker.note(torch.tensor([4]))
+    assert tracker.count == 2
+    with pytest.raises(RuntimeError, match=r"^3 of 10 validation images are unusable, more than "
+                                           r"train_data.max_bad_fraction=0.2; the last: img5.png"):
+        tracker.note(torch.tensor([5]))
+
+
+def test_the_acl_check_up_front_keeps_the_good_images_and_stops_only_past_the_fraction(
+        tmp_path):
+    from PIL import Image
+
+    from utils.training.bad_images import usable_images
+
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        if i == 1:
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (4, 4)).save(path)
+        paths.append(str(path))
+    log = []
+    # 1 of 4 at 0.25 is at the limit: kept images only, one warning.
+    assert usable_images(paths, "train", 0.25, None, log.append) == [paths[0]] + paths[2:]
+    assert len(log) == 1 and log[0].startswith(f"warning: skipping train image {paths[1]} (")
+    with pytest.raises(RuntimeError, match="1 of 4 train images are unusable"):
+        usable_images(paths, "train", 0.2, None, log.append)
