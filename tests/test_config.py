@@ -343,7 +343,11 @@ def test_overrides_do_not_change_the_stored_config_they_start_from():
 
 @pytest.mark.parametrize("assignment, message", [
     ("lmbda=0.1", "override 'lmbda=0.1' must look like block.key=value"),
-    ("train.lmbda=0.1", "override 'train.lmbda=0.1': unknown block 'train'"),
+    ("train.lmbda=0.1", "override 'train.lmbda=0.1': unknown block 'train'; known blocks: "
+                        "train_data, train_params, model, lr_schedule, acl, logging"),
+    # A typo in a key lists the block's keys, as the same typo in a file does.
+    ("logging.val_intervall=5", "unknown key logging.val_intervall; known in logging: "
+                                "log_interval, val_interval,"),
 ])
 def test_malformed_override_names_are_one_line_value_errors(tmp_path, assignment, message):
     with pytest.raises(ValueError) as info:

@@ -104,7 +104,8 @@ def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, train_im
     # The global generator's state is stored, and a resume puts it back.
     assert last["rng"]["torch"].dtype == torch.uint8
     torch.manual_seed(1234)
-    Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--resume"])), CPU,
+    Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--resume", "--set",
+                                                   "train_params.max_steps=3"])), CPU,
             log=io.StringIO())
     assert torch.equal(torch.get_rng_state(), last["rng"]["torch"])
 
@@ -133,8 +134,9 @@ def test_a_resumed_run_carries_over_its_streak_of_nonfinite_steps(tmp_path, trai
     assert checkpoint["nonfinite_in_a_row"] == 0
     checkpoint["nonfinite_in_a_row"] = 2  # as if stopped two NaN steps into a streak
     torch.save(checkpoint, exp / "checkpoint.pth.tar")
-    trainer = Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--resume"])), CPU,
-                      log=io.StringIO())
+    trainer = Trainer(train.resolve_config(train.parse_args(
+        ["--config", cfg, "--resume", "--set", "train_params.max_steps=2"])), CPU,
+        log=io.StringIO())
     assert trainer.pos.nonfinite_in_a_row == trainer.step.nonfinite_in_a_row == 2
     # So the first NaN step after the resume is the third in a row, and ends the run.
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
@@ -178,7 +180,21 @@ def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images
 
     other = tmp_path / "wide.pth.tar"
     torch.save(models.build_model("cps", N=16).state_dict(), other)
-    with pytest.raises(ValueError, match=r"cannot initialise from .*shape mismatches"):
+    with pytest.raises(ValueError, match=r"cannot initialise from .*wide.pth.tar: its weights "
+                                         r"have N=16, this run's model N=8 \(set "
+                                         r"train_params.N or model.kwargs to match\)$"):
+        Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
+                                                       str(other)])), CPU)
+    # Weights of another model: the architectures are named, not a list of keys.
+    torch.save({"architecture": "mbt2018-mean", "state_dict": {}}, other)
+    with pytest.raises(ValueError, match=r"^cannot initialise a 'cps' model from .*wide.pth.tar: "
+                                         r"it holds a 'mbt2018-mean' model"):
+        Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
+                                                       str(other)])), CPU)
+    # Weights that build no model of this architecture keep the key-level report.
+    torch.save({"state_dict": {"g_a.0.weight": torch.zeros(1)}}, other)
+    with pytest.raises(ValueError, match=r"cannot initialise from .*: checkpoint does not fit "
+                                         r"architecture 'cps': missing"):
         Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
                                                        str(other)])), CPU)
 
@@ -425,7 +441,7 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
     status, err = run_cli(["--resume", ckpt, "--set", "train_params.max_steps=3"], capsys)
     assert status == 0
     assert [line for line in err if "config changed" in line] == [
-        "config changed since the checkpoint: train_params.max_steps: 2 -> 3"]
+        "warning: config changed since the checkpoint: train_params.max_steps: 2 -> 3"]
     stored = load(ckpt)
     assert stored["global_step"] == 3
     assert stored["config"]["train_params"] == {**to_plain_dict(load_config(cfg)).get(
@@ -436,8 +452,12 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
                            "train_params.max_steps=4"], capsys)
     assert status == 0
     assert [line for line in err if "config changed" in line] == [
-        "config changed since the checkpoint: train_params.lmbda: 0.01 -> 0.02",
-        "config changed since the checkpoint: train_params.max_steps: 3 -> 4"]
+        "warning: config changed since the checkpoint: train_params.lmbda: 0.01 -> 0.02",
+        "warning: config changed since the checkpoint: train_params.max_steps: 3 -> 4"]
+    assert err[err.index("warning: config changed since the checkpoint: train_params.max_steps: "
+                         "3 -> 4") + 1] == (
+        "warning: the run continues with the changed values; train.py --resume CHECKPOINT "
+        "without --config or --set keeps the checkpoint's config")
     with pytest.raises(SystemExit) as info:  # argparse: neither --config nor a checkpoint
         train.main(["--set", "train_params.max_steps=5"])
     assert info.value.code == 2
@@ -456,12 +476,15 @@ def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(tmp_path
     params["training_modality"] = "patch"
     torch.save(old, ckpt)
     capsys.readouterr()
-    status, err = run_cli(["--config", cfg, "--resume", str(ckpt)], capsys)  # same config
-    assert status == 0 and not [line for line in err if "config changed" in line]
+    # The same config: nothing changed (the run is finished, which is said instead).
+    status, err = run_cli(["--config", cfg, "--resume", str(ckpt)], capsys)
+    assert status == 1 and not [line for line in err if "config changed" in line]
+    assert err[-1].endswith("already finished its run at step 2 (train_params.max_steps=2); "
+                            "raise that limit with --set to train further")
     status, err = run_cli(["--resume", str(ckpt), "--set", "train_params.max_steps=3"], capsys)
     assert status == 0 and load(ckpt)["config"]["train_params"]["crop_size"] == 64
     assert [line for line in err if "config changed" in line] == [
-        "config changed since the checkpoint: train_params.max_steps: 2 -> 3"]
+        "warning: config changed since the checkpoint: train_params.max_steps: 2 -> 3"]
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -550,3 +573,44 @@ def test_the_captured_part_of_a_cps_step_reads_nothing_back_and_builds_no_host_t
     statistics = step._statistics(torch.rand(2, 3, 64, 64))
     monkeypatch.undo()
     assert statistics.shape == (6,) and torch.isfinite(statistics).all()
+
+
+def test_a_run_ending_before_its_first_validation_still_leaves_a_best_checkpoint(
+        tmp_path, train_images, capsys):
+    exp = tmp_path / "exp"
+    # max_steps inside the first epoch, validation only at epoch ends.
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1},
+                             logging={"val_interval": 0})
+    status, err = run_cli(["--config", cfg], capsys)
+    assert status == 0 and load(exp / "checkpoint.pth.tar")["epoch_step"] == 1
+    assert [line for line in err if "validation" in line][0].startswith("step 1 validation: ")
+    best = load(exp / "checkpoint_best_loss.pth.tar")
+    assert best["global_step"] == 1 and math.isfinite(best["best_loss"])
+
+
+def test_resuming_mid_epoch_with_another_batch_size_is_refused_instead_of_hanging(
+        tmp_path, train_images, capsys):
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2},
+                             train_data={"batch_size": 1})
+    assert train.main(["--config", cfg]) == 0
+    ckpt = str(exp / "checkpoint.pth.tar")
+    assert load(ckpt)["epoch_step"] == 2
+    capsys.readouterr()
+    # Batch 2 of 4 (batch_size 1) cannot go on with 2 per batch: the 2 images left
+    # would be skipped as a finished epoch of 2 batches, and the loader, asked to start
+    # at the epoch's end, yielded no batch at all: the run looped forever.
+    status, err = run_cli(["--resume", ckpt, "--set", "train_data.batch_size=2",
+                           "train_params.max_steps=5"], capsys)
+    assert status == 1
+    assert err[-1] == (f"train.py: error: {ckpt} stopped at batch 2 of epoch 0 with batch_size 1; "
+                       "a mid-epoch resume needs that batch_size and the same process count "
+                       "(this run: batch_size 2, 1 process), or start a new run from its "
+                       "weights with --init-from")
+    assert load(ckpt)["global_step"] == 2  # untouched
+    # At an epoch boundary the batch size may change.
+    status, _ = run_cli(["--resume", ckpt, "--set", "train_params.max_steps=4"], capsys)
+    assert status == 0 and load(ckpt)["epoch_step"] == 0
+    status, _ = run_cli(["--resume", ckpt, "--set", "train_data.batch_size=2",
+                         "train_params.max_steps=5"], capsys)
+    assert status == 0 and load(ckpt)["global_step"] == 5

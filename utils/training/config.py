@@ -157,12 +157,14 @@ def _override(raw: dict, assignment: str) -> None:
         raise ValueError(f"override {assignment!r} must look like block.key=value")
     block, key = name.split(".", 1)
     if block not in SCHEMA:
-        raise ValueError(f"override {assignment!r}: unknown block {block!r}")
+        raise ValueError(f"override {assignment!r}: unknown block {block!r}; known blocks: "
+                         f"{', '.join(SCHEMA)}")
     renamed = {(b, old): new for b, old, new in LEGACY_KEYS}.get((block, key))
     if renamed:
         raise ValueError(f"override {assignment!r}: {block}.{key} is called {block}.{renamed}")
     if key not in SCHEMA[block]:
-        raise ValueError(f"override {assignment!r}: unknown key {block}.{key}")
+        raise ValueError(f"override {assignment!r}: unknown key {block}.{key}; known in "
+                         f"{block}: {', '.join(SCHEMA[block])}")
     value = load_yaml_text(text, f"override {assignment!r}") if text.strip() else ""
     if SCHEMA[block][key].path and isinstance(value, str) and value:
         value = os.path.abspath(value)  # typed in a shell: relative to the current folder

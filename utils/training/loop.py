@@ -145,15 +145,43 @@ class Trainer:
                     self.pos, path)
             self.log(f"resuming {path} at step {self.pos.global_step} "
                      f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
-            for change in self._config_changes(checkpoint.get("config")):
-                self.log(f"config changed since the checkpoint: {change}")
-            if self.pos.epoch_step > self.steps_per_epoch:
-                raise ValueError(f"checkpoint is at batch {self.pos.epoch_step} of an epoch "
-                                 f"that now has {self.steps_per_epoch}; keep batch_size and "
-                                 "the process count when resuming")
+            changes = self._config_changes(checkpoint.get("config"))
+            for change in changes:
+                self.log(f"warning: config changed since the checkpoint: {change}")
+            if changes:
+                self.log("warning: the run continues with the changed values; "
+                         "train.py --resume CHECKPOINT without --config or --set keeps the "
+                         "checkpoint's config")
+            self._check_resume_position(path, checkpoint.get("config"))
         elif td.init_checkpoint_path:
             init_weights_from(td.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {td.init_checkpoint_path}")
+
+    def _check_resume_position(self, path: str, stored: Optional[dict]) -> None:
+        """Refuse a resume that cannot continue where the checkpoint stopped.
+
+        Mid-epoch, the samples already seen are ``epoch_step * batch_size`` per process:
+        another batch size or process count would repeat or skip images, or leave no
+        full batch in the epoch (the loader would then yield nothing, forever). A run
+        that already reached ``max_steps`` or ``epochs`` has nothing left to do.
+        """
+        td, tp, pos = self.cfg.train_data, self.cfg.train_params, self.pos
+        if pos.epoch_step:
+            stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
+            if stored_batch not in (None, td.batch_size) or pos.epoch_step >= self.steps_per_epoch:
+                processes = self.ctx.world_size
+                raise ValueError(
+                    f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch} with "
+                    f"batch_size {stored_batch or 'unknown'}; a mid-epoch resume needs that "
+                    f"batch_size and the same process count (this run: batch_size "
+                    f"{td.batch_size}, {processes} process{'es' if processes > 1 else ''}), "
+                    "or start a new run from its weights with --init-from")
+        if self._finished():
+            limit = (f"train_params.max_steps={tp.max_steps}"
+                     if tp.max_steps and pos.global_step >= tp.max_steps
+                     else f"train_data.epochs={td.epochs}")
+            raise ValueError(f"{path} already finished its run at step {pos.global_step} "
+                             f"({limit}); raise that limit with --set to train further")
 
     def _config_changes(self, stored: Optional[dict]) -> List[str]:
         """``block.key: old -> new`` for each key that differs from the stored config.
@@ -249,7 +277,14 @@ class Trainer:
                     break
                 window.data_wait()
             bar.close()
-        if self._saved_at != self.pos.global_step:
+        # A run that ends before its first validation (max_steps inside the first epoch
+        # with val_interval 0) validates once, so that every finished run leaves a
+        # best checkpoint. Runs that validated keep their schedule: an extra validation
+        # would step the plateau scheduler and make "3 steps, resume, 3 more" differ
+        # from 6 straight.
+        if self.pos.best_loss == float("inf"):
+            self._validate_and_save()
+        elif self._saved_at != self.pos.global_step:
             self._save(best=False)
         self.log(f"done at step {self.pos.global_step}; checkpoints in {self.exp}")
         return 0

@@ -261,10 +261,36 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"cannot initialise from {path}: it holds a {type(checkpoint).__name__}")
+    stored_architecture = checkpoint.get("architecture")
+    if isinstance(stored_architecture, str) and stored_architecture != raw.registry_name:
+        raise ValueError(f"cannot initialise a {raw.registry_name!r} model from {path}: it "
+                         f"holds a {stored_architecture!r} model (model.architecture)")
+    state_dict = unwrap_state_dict(checkpoint)
     try:
-        load_state_dict_into(raw, unwrap_state_dict(checkpoint))
+        load_state_dict_into(raw, state_dict)
     except ValueError as exc:
-        raise ValueError(f"cannot initialise from {path}: {exc}") from None
+        raise ValueError(f"cannot initialise from {path}: "
+                         f"{_size_difference(raw, state_dict) or exc}") from None
+
+
+def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
+    """``"its weights have N=192, this run's model N=128 (...)"`` when the sizes differ.
+
+    Shape mismatches are the usual reason weights do not fit a run: the config asks for
+    another width. Naming the size says which key to set; ``None`` when the weights do
+    not even build a model of this architecture (the caller reports the keys instead).
+    """
+    try:
+        stored = type(raw).from_state_dict(state_dict).config
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError):
+        return None
+    differing = [key for key in sorted(stored) if stored[key] != raw.config.get(key)]
+    if not differing:
+        return None
+    sizes = ", ".join(f"{key}={stored[key]!r}" for key in differing)
+    ours = ", ".join(f"{key}={raw.config.get(key)!r}" for key in differing)
+    return (f"its weights have {sizes}, this run's model {ours} "
+            "(set train_params.N or model.kwargs to match)")
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list:
