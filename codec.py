@@ -3,6 +3,7 @@
     python codec.py encode IN.png OUT.cps -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
     python codec.py decode IN.cps OUT.png -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
     python codec.py encode A.png B.png C.png -d OUTDIR -p CKPT      (OUTDIR/A.cps, ...)
+    python codec.py ... --force     (write over output files that exist)
 
 ``--max-memory`` bounds the peak memory of the whole process (RSS; CUDA allocated
 memory with ``--cuda``): the transforms then run on the POPS patches that fit and
@@ -16,8 +17,12 @@ only the first K layers, and the decoder outputs layer K's reconstruction.
 
 Several inputs with ``-d OUTDIR`` pay the start-up once; outputs are named after each
 input's stem. Prints the rate computed from the file size (header included) and the
-times. Any bad input ends with one line on stderr and exit status 1; Ctrl-C ends it
-with status 130. An output is never one of the inputs.
+times. An output file that exists is refused, before anything is written, unless
+``--force`` is given; an output is never one of the inputs, even with ``--force``.
+A command line argparse cannot read (an unknown flag, a missing argument, a value of
+the wrong type) prints the usage and one error line and exits with status 2; any
+other bad input ends with one line on stderr and status 1; Ctrl-C ends it with
+status 130.
 """
 
 import argparse
@@ -30,18 +35,22 @@ from typing import List, Optional, Tuple
 from utils.cli import (
     REPORTED_ERRORS,
     add_coding_arguments,
+    add_force_argument,
     check_output_path,
+    check_patch_size_for_model,
     prepare_output_folder,
+    refuse_existing_outputs,
     report_error,
     run_main,
-    warn_about_patch_size,
 )
 
 COMMANDS = {"encode": ("images to compress (PNG, JPEG, ...)", ".cps"),
             "decode": (".cps or .cpsl files", ".png")}
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command, before the checks of :func:`parse_args`;
+    tests/test_docs.py holds the docs to every flag it defines."""
     parser = argparse.ArgumentParser(prog="codec.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (sources, suffix) in COMMANDS.items():
@@ -59,6 +68,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         add_coding_arguments(command, "auto", "auto")
         command.add_argument("--layers", type=int, default=0,
                              help="layered models: keep / decode the first K layers (0: all)")
+        add_force_argument(command)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.layers < 0:
         parser.error(f"--layers must be >= 0, got {args.layers}")
@@ -206,10 +221,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             pairs = jobs(args)
             model, plan = _load(args)
-            warn_about_patch_size(args.patch_size, model, None,
-                                  lambda text: print(f"warning: {text}", file=sys.stderr))
+            check_patch_size_for_model(args.patch_size, model, None,
+                                       lambda text: print(f"warning: {text}", file=sys.stderr))
             if args.command == "encode" and args.output_dir and model.operating_points > 1:
                 pairs = jobs(args, layered_suffix=True)
+            # Once the names are final (.cpsl for a layered model), and all of them before
+            # the first is written, so that a refused batch writes nothing.
+            refuse_existing_outputs([target for _, target in pairs], args.force)
             code = encode if args.command == "encode" else decode
             for source, target in pairs:
                 if args.command == "decode" and not target.lower().endswith(".png"):

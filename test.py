@@ -6,6 +6,7 @@
     python test.py plot RESULTS.json [...] -o rd.png
     python test.py bdrate --anchor assets/anchors/kodak/hm.json RESULTS.json [...]
     python test.py demo [--models DIR ...] [-d experiment/demo]
+    python test.py ... --force     (write over output files that exist)
 
 Evaluation prints one JSON document in CompressAI's results format on stdout (one
 list entry per checkpoint or quality, or per layer of a scalable mei2021 checkpoint,
@@ -13,12 +14,16 @@ averaged over the images); progress and logs
 go to stderr. ``-d OUTDIR`` also writes ``results.json``, ``per-image/<stem>.json``
 (``--per-image``) and ``reconstructions/<stem>[-<run>].png`` (``--save-image``).
 Under ``torchrun --nproc_per_node=K test.py ...`` the images are shared among the
-processes and rank 0 writes the merged results. Any bad input ends with one line on
-stderr and exit status 1.
+processes and rank 0 writes the merged results. An output file that exists is
+refused, before any work, unless ``--force`` is given. A command line argparse cannot
+read (an unknown flag, a missing argument, a value of the wrong type) prints the usage
+and one error line and exits with status 2; any other bad input ends with one line on
+stderr and status 1.
 """
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -28,7 +33,7 @@ from typing import List, Optional
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-from utils.cli import add_coding_arguments, run_main
+from utils.cli import add_coding_arguments, add_force_argument, run_main
 from utils.evaluation.choices import (
     CODEC_NAMES,
     DATASETS_CONFIG,
@@ -69,7 +74,9 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--per-image", action="store_true", help="write per-image/<stem>.json")
     group.add_argument("--save-image", action="store_true",
                        help="write reconstructions/<stem>.png (<stem>-<run>.png for several runs)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bars on stderr (logs, CI)")
+    add_force_argument(group)
 
 
 def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +96,9 @@ def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
                        help="float16 forward pass (only with --entropy-estimation and --cuda)")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command, before the checks of :func:`parse_args`;
+    tests/test_docs.py holds the docs to every flag it defines."""
     parser = argparse.ArgumentParser(prog="test.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -107,13 +116,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     pretrained.add_argument("-q", "--quality", type=_numbers(int), required=True,
                             help="comma-separated qualities, e.g. 1,2,3")
     pretrained.add_argument("--metric", choices=ZOO_METRICS, default="mse",
-                            help="metric the zoo model was trained for")
+                            help="the loss the zoo weights were trained for (default: "
+                                 "%(default)s)")
     for command in (checkpoint, pretrained):
         _add_dataset_arguments(command)
         _add_learned_arguments(command)
 
     codec = commands.add_parser("codec", help="evaluate a classical codec")
-    codec.add_argument("--codec", choices=sorted(CODEC_NAMES), required=True)
+    codec.add_argument("--codec", choices=sorted(CODEC_NAMES), required=True,
+                       help="the classical codec (the table in docs/evaluation.md)")
     codec.add_argument("-q", "--quality", type=_numbers(float), required=True,
                        help="comma-separated qualities in the codec's own scale "
                             "(see utils/evaluation/classical_codecs.py)")
@@ -122,19 +133,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     plot = commands.add_parser("plot", help="RD curves from results files")
     plot.add_argument("results", nargs="+", help="results JSON files")
     plot.add_argument("-o", "--output", required=True, help="image file (png, pdf, svg)")
-    plot.add_argument("--metrics", type=_numbers(str), default=list(METRICS))
-    plot.add_argument("--title", default="")
+    plot.add_argument("--metrics", type=_numbers(str), default=list(METRICS),
+                      help=f"comma-separated panels, from {','.join(METRICS)} (default: all "
+                           "that some file has)")
+    plot.add_argument("--title", default="", help="title above the panels (default: none)")
     plot.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
                       help="name the curve of results file FILE (repeatable)")
+    add_force_argument(plot)
 
     bdrate = commands.add_parser("bdrate", help="BD-rate table against an anchor")
     bdrate.add_argument("--anchor", required=True, help="results JSON of the anchor (e.g. HM)")
     bdrate.add_argument("results", nargs="+", help="results JSON files to compare")
-    bdrate.add_argument("--metrics", type=_numbers(str), default=list(METRICS))
-    bdrate.add_argument("--interpolation", choices=INTERPOLATIONS, default="pchip")
+    bdrate.add_argument("--metrics", type=_numbers(str), default=list(METRICS),
+                        help=f"comma-separated columns, from {','.join(METRICS)} (default: "
+                             "all that the anchor has)")
+    bdrate.add_argument("--interpolation", choices=INTERPOLATIONS, default="pchip",
+                        help="how the bjontegaard package fits each curve (default: "
+                             "%(default)s)")
     bdrate.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
     bdrate.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
                         help="name the row of results file FILE, or the anchor (repeatable)")
+    add_force_argument(bdrate)
 
     demo = commands.add_parser("demo", help="the shipped CPS models on bundled photographs "
                                             "against JPEG and naive tiling (no download)")
@@ -146,7 +165,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       help="results.json, rd.png and crops.png go here")
     demo.add_argument("--patch-size", type=int, default=128, help="POPS patch and naive tile side")
     demo.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
+    add_force_argument(demo)
 
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     _check_arguments(args)
     return args
@@ -162,6 +187,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
     _check_image_options(args)
     if args.command != "codec":
         _check_learned_options(args)
+
+
+def _check_checkpoints_exist(args: argparse.Namespace) -> None:
+    """Every checkpoint exists, before the dataset is read or PyTorch loads: a missing
+    sixth checkpoint would otherwise end the run after five were evaluated."""
+    for path in args.checkpoints if args.command == "checkpoint" else []:
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint not found: {path}")
 
 
 def _check_metrics(metrics: List[str]) -> None:
@@ -198,6 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         args = parse_args(argv)
+        _check_checkpoints_exist(args)
     except ValueError as exc:
         print(f"test.py: error: {exc}", file=sys.stderr)
         return 1

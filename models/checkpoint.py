@@ -18,6 +18,12 @@ from torch import Tensor, nn
 
 from models.registry import get_model_class
 
+
+class ArchitectureMismatch(ValueError):
+    """The weights of a checkpoint do not fit the architecture they are loaded into
+    (missing, unexpected or mis-shaped entries)."""
+
+
 # Prefixes added by DataParallel/DistributedDataParallel and by torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers that update() computes; a checkpoint may lack them or hold other sizes.
@@ -85,8 +91,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[0]})")
     if problems:
-        raise ValueError(f"checkpoint does not fit architecture {model.registry_name!r}: "
-                         + "; ".join(problems))
+        raise ArchitectureMismatch(f"checkpoint does not fit architecture "
+                                   f"{model.registry_name!r}: " + "; ".join(problems))
 
     tables_present = all(k in state_dict and state_dict[k].numel() > 0
                          for k in expected if _is_entropy_table(k))
@@ -224,7 +230,9 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     training checkpoints carry, else ``"kamisli2024"`` when the weights use Kamisli's
     published module names and ``"cps"`` otherwise (published files carry no
     architecture). The model sizes are inferred from the weights by the class's
-    ``from_state_dict``; a ``model_config`` stored beside them must agree.
+    ``from_state_dict``; a ``model_config`` stored beside them must agree. Weights that
+    do not fit raise :class:`ArchitectureMismatch`, which says how to name another
+    architecture when the name was only assumed.
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
@@ -236,17 +244,30 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     if not isinstance(name, str):
         raise ValueError(f"checkpoint {path}: 'architecture' must be a model name string, "
                          f"got {type(name).__name__} {name!r}")
+    try:
+        model = _model_from_weights(path, name, state_dict)
+    except ArchitectureMismatch as exc:
+        if architecture or checkpoint.get("architecture"):
+            raise
+        raise ArchitectureMismatch(f"{exc}; the file names no architecture, so {name!r} was "
+                                   "assumed: name the right one (-a/--architecture in codec.py "
+                                   "and test.py)") from None
+    _check_stored_config(path, checkpoint.get("model_config"), model.config)
+    return model.to(device).eval()
+
+
+def _model_from_weights(path: str, name: str, state_dict: dict) -> nn.Module:
+    """The architecture ``name`` built from ``state_dict`` by its ``from_state_dict``;
+    weights that do not fit raise :class:`ArchitectureMismatch`."""
     cls = get_model_class(name)
     try:
-        model = cls.from_state_dict(state_dict)
+        return cls.from_state_dict(state_dict)
     except KeyError as exc:
-        raise ValueError(f"checkpoint {path} does not fit architecture {name!r}: "
-                         f"no key {exc.args[0]!r}") from None
+        raise ArchitectureMismatch(f"checkpoint {path} does not fit architecture {name!r}: "
+                                   f"no key {exc.args[0]!r}") from None
     except (IndexError, TypeError, AttributeError, RuntimeError) as exc:
         # A tensor of the wrong rank where a size is read, or CompressAI's own
         # load_state_dict refusing (its message lists every key: the first line says it).
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint {path} does not fit architecture {name!r}: "
-                         f"{reason}") from None
-    _check_stored_config(path, checkpoint.get("model_config"), model.config)
-    return model.to(device).eval()
+        raise ArchitectureMismatch(f"checkpoint {path} does not fit architecture {name!r}: "
+                                   f"{reason}") from None

@@ -243,3 +243,59 @@ def test_decoding_to_a_name_that_is_not_png_warns_and_writes_png(tmp_path, check
                            checkpoint], capsys)
     assert status == 0 and "out.jpg: decode writes PNG data whatever the name" in err
     assert Image.open(tmp_path / "out.jpg").format == "PNG"
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_an_existing_output_is_refused_unless_forced(tmp_path, checkpoint, capsys, command):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    source, target = tmp_path / "in.png", tmp_path / "out.bin"
+    if command == "decode":
+        source = tmp_path / "in.cps"
+        assert _run(["encode", tmp_path / "in.png", source, "-p", checkpoint], capsys)[0] == 0
+    target.write_bytes(b"keep me")
+    status, _, err = _run([command, source, target, "-p", checkpoint], capsys)
+    _one_line_error(status, err, f"{target} exists; pass --force to overwrite")
+    assert target.read_bytes() == b"keep me"
+    status, _, _ = _run([command, source, target, "-p", checkpoint, "--force"], capsys)
+    assert status == 0 and target.read_bytes() != b"keep me"
+
+
+def test_a_batch_with_one_existing_output_writes_none_of_them(tmp_path, checkpoint, capsys):
+    for number in range(3):
+        Image.fromarray(_photo(seed=number)).save(tmp_path / f"p{number}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p2.cps").write_bytes(b"earlier")
+    inputs = [tmp_path / f"p{number}.png" for number in range(3)]
+    status, _, err = _run(["encode", *inputs, "-d", out, "-p", checkpoint], capsys)
+    _one_line_error(status, err, "p2.cps exists; pass --force")
+    assert sorted(path.name for path in out.iterdir()) == ["p2.cps"]
+    assert _run(["encode", *inputs, "-d", out, "-p", checkpoint, "--force"], capsys)[0] == 0
+    assert sorted(path.name for path in out.iterdir()) == ["p0.cps", "p1.cps", "p2.cps"]
+    assert (out / "p2.cps").read_bytes() != b"earlier"
+
+
+def test_a_patch_size_pops_cannot_stitch_is_one_error_line_without_a_warning(
+        tmp_path, checkpoint, capsys):
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    status, _, err = _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint,
+                           "--patch-size", 100], capsys)
+    _one_line_error(status, err, "patch size 100 must be 0 (whole image) or a positive multiple")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.cps").exists()
+
+
+def test_weights_of_another_model_point_to_the_architecture_flag(tmp_path, capsys):
+    """A bare state dict names no architecture, so cps is assumed; the error says how
+    to name the right one, and naming it works."""
+    import models
+
+    torch.manual_seed(0)
+    zoo = models.build_model("bmshj2018-factorized", N=8, M=8)
+    torch.save(zoo.state_dict(), tmp_path / "zoo.pth")
+    Image.fromarray(_photo()).save(tmp_path / "in.png")
+    argv = ["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", tmp_path / "zoo.pth"]
+    status, _, err = _run(argv, capsys)
+    _one_line_error(status, err, "does not fit architecture 'cps'")
+    assert "'cps' was assumed: name the right one (-a/--architecture" in err
+    assert _run(argv + ["-a", "bmshj2018-factorized"], capsys)[0] == 0

@@ -68,3 +68,23 @@ def test_layer_errors_are_one_line(tmp_path, photo, capsys, tiny_cps):
     status, _, err = _run(["encode", photo, tmp_path / "x.cps", "-p", cps, "--layers", 1], capsys)
     assert status == 1 and err.startswith("codec.py: error: --layers needs a layered model")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_only_the_cpsl_a_layered_model_writes_into_a_folder_is_checked_for_overwriting(
+        tmp_path, photo, capsys):
+    """A .cps of another model beside it is no output of this run and stays; the .cpsl
+    of an earlier run is refused unless forced."""
+    torch.manual_seed(0)
+    checkpoint = save_model_checkpoint(tmp_path, Mei2021Quality(num_filters=[8, 8],
+                                                                lmbdas=[2.0, 1.0]), "mei")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "in.cps").write_bytes(b"another model's file")
+    argv = ["encode", photo, "-d", out, "-p", checkpoint]
+    assert _run(argv, capsys)[0] == 0
+    assert sorted(path.name for path in out.iterdir()) == ["in.cps", "in.cpsl"]
+    status, _, err = _run(argv, capsys)
+    assert status == 1 and err.strip() == (f"codec.py: error: {out / 'in.cpsl'} exists; "
+                                           "pass --force to overwrite")
+    assert _run(argv + ["--force"], capsys)[0] == 0
+    assert (out / "in.cps").read_bytes() == b"another model's file"

@@ -61,6 +61,14 @@ def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first(
     assert done.stdout.strip() == str(sorted(SMALL))
 
 
+def test_importing_the_models_package_prints_no_warning_a_user_cannot_act_on():
+    # The README's Python example starts with `import models`; CompressAI's use of the
+    # deprecated torch.jit.script warned there, under every default warning filter.
+    done = subprocess.run([sys.executable, "-W", "default", "-c", "import models"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert done.stderr == ""
+
+
 def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
     with pytest.raises(ValueError, match="'cps' is already registered"):
         models.register_model("cps-copy", "cps")(type(small_model("cps")))

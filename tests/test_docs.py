@@ -8,6 +8,7 @@ the "From Python" snippet runs in a fresh interpreter from the repository root, 
 the "Add a model" examples are executed, registered and used for a round trip.
 """
 
+import argparse
 import dataclasses
 import glob
 import importlib.util
@@ -24,6 +25,7 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.coding.container import BitstreamError, pack, unpack
+from utils.evaluation import rd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -178,6 +180,89 @@ def test_readme_bd_rate_table_is_what_the_documented_command_computes():
                 assert got is None, (name, metric, got)
             else:
                 assert got == pytest.approx(float(value), abs=0.006), (name, metric)
+
+
+def _options(relative: str) -> Dict[str, List[argparse.Action]]:
+    """{sub-command: its options (not --help)} of the script at ``relative``, read from
+    its ``build_parser``. argparse lists a parser's actions only in private attributes."""
+    [commands] = [action for action in script(relative).build_parser()._actions
+                  if isinstance(action, argparse._SubParsersAction)]
+    return {name: [action for action in parser._actions
+                   if action.option_strings and not isinstance(action, argparse._HelpAction)]
+            for name, parser in commands.choices.items()}
+
+
+def _flag_reference() -> Dict[str, str]:
+    """{"script command": the text of every docs/evaluation.md flag-reference section
+    whose heading names that command}."""
+    text = _read(os.path.join(REPO, "docs", "evaluation.md"))
+    reference = text[text.index("\n## Flag reference"):]
+    covered: Dict[str, str] = {}
+    for section in reference.split("\n### ")[1:]:
+        heading = section.split("\n", 1)[0]
+        for name in re.findall(r"`((?:test|codec)\.py \w+)`", heading):
+            covered[name] = covered.get(name, "") + section
+    return covered
+
+
+DOCUMENTED_SCRIPTS = ("test.py", "codec.py")
+
+
+@pytest.mark.parametrize("relative", DOCUMENTED_SCRIPTS)
+def test_every_flag_is_in_the_flag_reference_of_its_command(relative):
+    reference = _flag_reference()
+    for command, options in _options(relative).items():
+        text = reference.get(f"{relative} {command}")
+        assert text, f"docs/evaluation.md has no flag-reference section for {relative} {command}"
+        for flag in (flag for option in options for flag in option.option_strings):
+            assert re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", text), \
+                f"docs/evaluation.md does not document {relative} {command} {flag}"
+
+
+@pytest.mark.parametrize("relative", DOCUMENTED_SCRIPTS)
+def test_every_flag_has_a_help_text(relative):
+    for command, options in _options(relative).items():
+        for option in options:
+            assert option.help, f"{relative} {command} {option.option_strings[0]} has no help"
+
+
+def _evaluation_points(argv: List[str]) -> int:
+    """RD points of the results file a documented evaluation command writes: one per
+    quality, or per checkpoint. A checkpoint pattern is expanded in the repository; one
+    that matches nothing there names files the reader downloads (the authors' six), and
+    counts as enough."""
+    args = script("test.py").parse_args([os.path.join(REPO, a) if a.startswith("assets/") else a
+                                         for a in argv[1:]])
+    if args.command != "checkpoint":
+        return len(args.quality)
+    count = 0
+    for path in args.checkpoints:
+        matches = glob.glob(os.path.join(REPO, path)) if "*" in path else [path]
+        count += len(matches) or rd.MIN_POINTS
+    return count
+
+
+def test_documented_bd_rates_have_enough_points_to_give_numbers():
+    """Every curve of a documented ``bdrate`` command is a bundled file or the results of
+    a documented evaluation, with at least ``MIN_POINTS`` points either way: a single
+    checkpoint's results would give a table of ``-``."""
+    written = {}
+    for _, argv in SCRIPT_COMMANDS:
+        if argv[:2] in (["test.py", "checkpoint"], ["test.py", "pretrained"],
+                        ["test.py", "codec"]) and "-d" in argv:
+            written[os.path.join(argv[argv.index("-d") + 1], "results.json")] = argv
+    bdrates = [(where, argv) for where, argv in SCRIPT_COMMANDS if argv[:2] == ["test.py",
+                                                                              "bdrate"]]
+    assert len(bdrates) >= 4
+    for where, argv in bdrates:
+        args = script("test.py").parse_args(argv[1:])
+        for path in [args.anchor, *args.results]:
+            if path in written:
+                points = _evaluation_points(written[path])
+            else:
+                assert path.startswith("assets/"), f"{where}: no documented command writes {path}"
+                points = len(rd.load_curve(os.path.join(REPO, path)).bpp)
+            assert points >= rd.MIN_POINTS, f"{where}: {path} has {points} RD points"
 
 
 @pytest.mark.slow  # an end-to-end run in a fresh process or a large image

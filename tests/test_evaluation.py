@@ -396,3 +396,68 @@ def test_a_grayscale_image_is_measured_as_the_gray_png_codec_py_writes(
     assert saved.mode == "L"
     expected = psnr(original, written.expand(3, -1, -1))
     assert json.loads(stdout)["results"]["psnr-rgb"][0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_an_earlier_evaluation_in_the_output_folder_is_kept_unless_forced(capsys, tmp_path,
+                                                                         images):
+    out_dir = tmp_path / "out"
+    argv = ["codec", "--dataset", images, "--codec", "jpeg", "-q", 50, "-d", out_dir,
+            "--per-image", "--save-image", "--no-progress"]
+    assert run_cli(capsys, argv)[0] == 0
+    written = sorted(path for path in out_dir.rglob("*") if path.is_file())
+    before = {path: path.stat().st_mtime_ns for path in written}
+    code, stdout, err = run_cli(capsys, argv)
+    assert code == 1 and stdout == ""
+    assert err.strip() == (f"test.py: error: {out_dir}/results.json exists (and 4 more outputs); "
+                           "pass --force to overwrite")
+    assert {path: path.stat().st_mtime_ns for path in written} == before
+    assert run_cli(capsys, argv + ["--force"])[0] == 0
+    assert all(path.stat().st_mtime_ns != before[path] for path in written)
+
+
+def test_previous_outputs_are_the_files_this_run_would_write(tmp_path):
+    from utils.evaluation.runs import previous_outputs
+
+    folder = tmp_path / "reconstructions"
+    folder.mkdir()
+    names = ["a.png", "a-q1.png", "a-q1-L2.png", "a-q10.png", "b-q1.png", "a-q1.txt"]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    (tmp_path / "results.json").write_text("{}")
+    found = previous_outputs(str(tmp_path), ["/data/a.jpg"], ["q1", "q2"], per_image=True,
+                             save_image=True)
+    assert found == [str(tmp_path / "results.json")] + [
+        str(folder / name) for name in ("a-q1-L2.png", "a-q1.png", "a.png")]
+    assert previous_outputs(str(tmp_path), ["/data/a.jpg"], ["q1"], per_image=False,
+                            save_image=False) == [str(tmp_path / "results.json")]
+
+
+def test_a_missing_checkpoint_is_the_only_line_before_any_image_is_read(
+        capsys, caplog, tmp_path, images, checkpoint):
+    missing = tmp_path / "missing.pth"
+    with caplog.at_level("INFO", logger="cps.test"):
+        code, stdout, err = run_cli(capsys, ["checkpoint", "--dataset", images, "-p", checkpoint,
+                                             missing, "--no-progress"])
+    assert code == 1 and stdout == ""
+    assert err.strip() == f"test.py: error: checkpoint not found: {missing}"
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrained", "-a", "mbt2018", "-q", "1,99"], "no pretrained mbt2018 for metric 'mse' and "
+                                                    "quality 99"),
+    (["checkpoint", "-a", "no-such-model", "-p", "CKPT"], "unknown architecture 'no-such-model'"),
+])
+def test_a_model_that_cannot_exist_is_refused_before_the_dataset_summary(
+        capsys, caplog, monkeypatch, images, checkpoint, argv, message):
+    import compressai.zoo.image
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(compressai.zoo.image, "load_state_dict_from_url", offline)
+    argv = [checkpoint if arg == "CKPT" else arg for arg in argv]
+    with caplog.at_level("INFO", logger="cps.test"):
+        code, _, err = run_cli(capsys, argv + ["--dataset", images, "--no-progress"])
+    assert code == 1 and message in err
+    assert "images from" not in caplog.text

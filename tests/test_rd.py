@@ -279,3 +279,41 @@ def test_a_scalable_results_file_gives_one_curve_per_layer(tmp_path):
     # A layer list that does not match the points is not a scalable file.
     mismatched = write_results(tmp_path / "m.json", "m", BPP, PSNR, layer=[0, 1])
     assert [curve.bpp for curve in load_curves(mismatched)] == [BPP]
+
+
+def test_every_dash_in_a_table_has_a_note_saying_why(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR,
+                                      **{"psnr-b": [p - 1 for p in PSNR]}))
+    single = load_curve(write_results(tmp_path / "s.json", "single", BPP[:1], PSNR[:1],
+                                      **{"psnr-b": PSNR[:1]}))
+    no_psnr_b = load_curve(write_results(tmp_path / "n.json", "plain", BPP, PSNR))
+    table = bd_rate_table(anchor, [single, no_psnr_b], metrics=["psnr-rgb", "psnr-b"])
+    assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None, "psnr-b": None}
+    assert table["rows"][1]["bd-rate"]["psnr-b"] is None
+    assert table["notes"] == [
+        f"single: 1 RD point, but a BD-rate needs at least {MIN_POINTS} per curve (evaluate "
+        f"at least {MIN_POINTS} checkpoints or qualities)",
+        f"plain: no psnr-b values in {tmp_path / 'n.json'}"]
+    assert format_table(table).endswith("\n- " + "\n- ".join(table["notes"]))
+
+
+def test_an_anchor_with_too_few_points_is_one_note_for_the_whole_table(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP[:2], PSNR[:2]))
+    tests = [load_curve(write_results(tmp_path / f"{k}.json", k, BPP, PSNR)) for k in "tu"]
+    table = bd_rate_table(anchor, tests, metrics=["psnr-rgb"])
+    assert [row["bd-rate"] for row in table["rows"]] == [{"psnr-rgb": None}] * 2
+    assert len(table["notes"]) == 1 and table["notes"][0].startswith("a: 2 RD points")
+
+
+@pytest.mark.parametrize("command", ["plot", "bdrate"])
+def test_an_existing_output_is_refused_unless_forced(capsys, tmp_path, command):
+    results = write_results(tmp_path / "a.json", "a", BPP, PSNR)
+    output = tmp_path / ("out.png" if command == "plot" else "out.md")
+    output.write_text("earlier")
+    argv = (["plot", results] if command == "plot" else ["bdrate", "--anchor", results, results])
+    assert test_script.main(argv + ["-o", str(output)]) == 1
+    assert capsys.readouterr().err.strip() == (f"test.py: error: {output} exists; pass --force "
+                                               "to overwrite")
+    assert output.read_bytes() == b"earlier"
+    assert test_script.main(argv + ["-o", str(output), "--force"]) == 0
+    assert output.read_bytes() != b"earlier"

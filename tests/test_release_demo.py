@@ -111,6 +111,18 @@ def test_demo_reports_a_missing_model_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("test.py: error: no model weights")
 
 
+def test_an_earlier_demo_is_kept_unless_forced(tmp_path, capsys):
+    """Refused before any work: the absent model would be the error otherwise."""
+    (tmp_path / "rd.png").write_bytes(b"earlier")
+    argv = ["demo", "--models", str(tmp_path / "absent"), "-d", str(tmp_path)]
+    assert test_cli.main(argv) == 1
+    assert capsys.readouterr().err.strip() == (f"test.py: error: {tmp_path / 'rd.png'} exists; "
+                                               "pass --force to overwrite")
+    assert test_cli.main(argv + ["--force"]) == 1
+    assert "no model weights" in capsys.readouterr().err
+    assert (tmp_path / "rd.png").read_bytes() == b"earlier"
+
+
 def test_half_precision_rounds_the_model_itself_and_keeps_buffer_dtypes(tiny_cps):
     from utils.training.release import half_precision_state_dict
 

@@ -69,32 +69,39 @@ def add_coding_arguments(group, patch_default: Optional[str], patch_help_default
                             f"--cuda), e.g. 1GB or 800MB, or {NO_BUDGET} (default: "
                             f"{DEFAULT_BUDGET})")
     group.add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront",
-                       help="order of the context coder (default: %(default)s)")
+                       help="order in which the context model codes the latent when "
+                            "encoding (raster: CompressAI's, slower); a file records its own, "
+                            "so decoding does not need it (default: %(default)s)")
     group.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
     group.add_argument("--fast", action="store_true",
                        help="CPU: oneDNN convolutions (faster; patch-wise results then equal "
                             "whole-image ones to float rounding instead of bit for bit)")
 
 
-def warn_about_patch_size(spec: Optional[PatchSpec], model, tiling: Optional[str],
-                          warn: Callable[[str], None]) -> None:
-    """Say so when a fixed ``--patch-size`` will not do what it seems to, once the
-    model is known: a model that codes whole images (no POPS) ignores it unless
-    ``tiling`` is ``naive``; a POPS patch under twice the model's overlap recomputes
-    more than three quarters of itself, so coding is many times slower."""
+def check_patch_size_for_model(spec: Optional[PatchSpec], model, tiling: Optional[str],
+                               warn: Callable[[str], None]) -> None:
+    """Check a fixed ``--patch-size`` against the model once it is loaded, before any
+    coding: refuse one POPS cannot stitch (``ValueError``, and no warning first), then
+    say so when it will not do what it seems to. A model that codes whole images (no
+    POPS) ignores it unless ``tiling`` is ``naive``; a POPS patch under twice the
+    model's overlap recomputes more than three quarters of itself, so coding is many
+    times slower."""
     if spec is None or not spec.size or tiling == "naive":
         return
     if not model.supports_patches:
         warn(f"{model.registry_name} codes whole images (no POPS): --patch-size {spec.size} "
              f"is ignored (--tiling naive in test.py cuts independent tiles of that size)")
         return
-    from utils.stitching.geometry import model_geometry
+    if tiling == "none":  # the model codes the whole image, as asked
+        return
+    from utils.stitching.geometry import check_patch_size, model_geometry
 
-    overlap = model_geometry(model).overlap
-    if spec.size < 2 * overlap:
+    geometry = model_geometry(model)
+    check_patch_size(spec.size, geometry)
+    if spec.size < 2 * geometry.overlap:
         warn(f"--patch-size {spec.size} recomputes most of every patch as overlap (the POPS "
-             f"overlap is {overlap} px for {model.registry_name}): coding is many times "
-             f"slower than at {4 * overlap} or auto")
+             f"overlap is {geometry.overlap} px for {model.registry_name}): coding is many "
+             f"times slower than at {4 * geometry.overlap} or auto")
 
 
 # Errors a script reports in one line with exit status 1: bad input, a file system
@@ -149,13 +156,34 @@ def prepare_output_folder(folder: str, name: str) -> None:
         raise ValueError(f"{name} {folder} is not writable")
 
 
+def add_force_argument(parser) -> None:
+    """``--force``: the one switch that lets a script write over existing output files."""
+    parser.add_argument("--force", action="store_true",
+                        help="write over output files that exist (an input is never "
+                             "overwritten)")
+
+
+def refuse_existing_outputs(outputs, force: bool) -> None:
+    """Refuse, unless ``force``, when any of ``outputs`` is an existing file, naming the
+    first; callers pass every file a run will write, before writing any, so that a
+    refused run leaves nothing half done. Devices and pipes (``/dev/null``) are not
+    files that could be lost, and pass."""
+    existing = [path for path in outputs if os.path.isfile(path)]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]} exists{more}; pass --force to overwrite")
+
+
 def check_output_path(output: str, inputs) -> None:
-    """Refuse an output that is one of the inputs (it would be overwritten), or whose
-    folder does not exist."""
+    """Refuse an output that is one of the inputs (overwriting it would lose the input,
+    so ``--force`` does not allow it), a folder, or one whose folder does not exist.
+    Whether it exists already is :func:`refuse_existing_outputs`' question."""
     target = os.path.realpath(output)
     for source in inputs:
         if os.path.exists(source) and os.path.realpath(source) == target:
             raise ValueError(f"output {output} is the input {source}: refusing to overwrite it")
+    if os.path.isdir(output):
+        raise ValueError(f"output {output} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise ValueError(f"output folder does not exist: {folder}")

@@ -15,13 +15,20 @@ from utils.atomic import atomic_write_bytes
 from utils.cli import (
     REPORTED_ERRORS,
     check_output_path,
+    check_patch_size_for_model,
     prepare_output_folder,
+    refuse_existing_outputs,
     report_error,
-    warn_about_patch_size,
 )
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
-from utils.evaluation.coders import ClassicalCoder, LearnedOptions, learned_coders, load_pretrained
+from utils.evaluation.coders import (
+    ClassicalCoder,
+    LearnedOptions,
+    learned_coders,
+    load_pretrained,
+    pretrained_url,
+)
 from utils.evaluation.demo import run_demo
 from utils.evaluation.rd import (
     bd_rate_table,
@@ -37,6 +44,7 @@ from utils.evaluation.runs import (
     evaluate,
     list_images,
     per_image_documents,
+    previous_outputs,
     resolve_dataset,
     shard,
     to_json,
@@ -69,13 +77,16 @@ def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
         def make():
             model = load()
             names.append(model.registry_name)
-            warn_about_patch_size(args.patch_size, model, args.tiling, log.warning)
+            # Refusals first: a warning about options that end in an error is noise.
             coders = learned_coders(model, options)
+            check_patch_size_for_model(args.patch_size, model, args.tiling, log.warning)
             log.info("%s: %s", model.registry_name, coders[0].description)
             return coders
         return make
 
     if args.command == "checkpoint":
+        if args.architecture:
+            models.get_model_class(args.architecture)  # an unknown name, before any work
         if args.config:
             log.info("--config %s is not needed: the model is built from the checkpoint",
                      args.config)
@@ -83,6 +94,8 @@ def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
         return [Run(path, tag, build(lambda path=path: models.load_checkpoint(
                     path, device, architecture=args.architecture)))
                 for path, tag in zip(args.checkpoints, _unique_tags(stems))]
+    for quality in args.quality:
+        pretrained_url(args.architecture, quality, args.metric)  # before any download
     return [Run(f"{args.architecture} q{q}", f"q{q}", build(lambda q=q: load_pretrained(
                 args.architecture, q, args.metric, device)))
             for q in args.quality]
@@ -139,6 +152,9 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         patch = args.patch_size or PatchSpec(FOLDER_PATCH_SIZE if dataset.patch_size is None
                                              else dataset.patch_size)
         runs = _learned_runs(args, device, patch, names)
+    if args.output_dir:
+        refuse_existing_outputs(previous_outputs(args.output_dir, paths, [run.tag for run in runs],
+                                                 args.per_image, args.save_image), args.force)
     rank, world = shard()
     log.info("%s: %d images from %s, %d run(s)%s", dataset.name, len(paths), dataset.folder,
              len(runs), f", {world} processes" if world > 1 else "")
@@ -169,6 +185,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
 
 def run_plot(args: argparse.Namespace) -> dict:
     check_output_path(args.output, args.results)
+    refuse_existing_outputs([args.output], args.force)
     labels = parse_labels(args.label, args.results)
     curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
     shown = plot_curves(curves, args.output, args.metrics, args.title)
@@ -179,6 +196,7 @@ def run_plot(args: argparse.Namespace) -> dict:
 def run_bdrate(args: argparse.Namespace) -> dict:
     if args.output:
         check_output_path(args.output, [args.anchor, *args.results])
+        refuse_existing_outputs([args.output], args.force)
     labels = parse_labels(args.label, [args.anchor, *args.results])
     table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
                           [load_curve(p, labels.get(p)) for p in args.results],
@@ -199,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             document = run_bdrate(args)
         elif args.command == "demo":
             document = run_demo(args.models, args.images, args.output_dir,
-                                select_device(args.cuda), args.patch_size, log.info)
+                                select_device(args.cuda), args.patch_size, log.info, args.force)
             print(document["table"])
             log.info("wrote %s/{results.json,rd.png,crops.png}", args.output_dir)
             document = None

@@ -309,22 +309,30 @@ def learned_coders(model: nn.Module, options: LearnedOptions):
     return [NaiveTiles(coder, patch.size) for coder in coders] if tiling == "naive" else coders
 
 
-def load_pretrained(architecture: str, quality: int, metric: str,
-                    device: torch.device) -> nn.Module:
-    """A CompressAI zoo model with its published weights (downloaded once by torch.hub),
-    as the registered contract class of that architecture."""
-    from compressai.zoo import image_models
+def pretrained_url(architecture: str, quality: int, metric: str) -> str:
+    """Where CompressAI publishes the zoo weights of ``architecture`` at ``quality`` for
+    ``metric``; a name or quality the zoo lacks raises ``ValueError``, without any
+    download, so that a command line can be checked before the first model loads."""
     from compressai.zoo.image import model_urls
 
     if architecture not in model_urls:
         raise ValueError(f"no pretrained CompressAI model {architecture!r}; choose from "
                          f"{', '.join(sorted(model_urls))}")
     try:
-        url = model_urls[architecture][metric][quality]
+        return model_urls[architecture][metric][quality]
     except KeyError:
         qualities = sorted(model_urls[architecture].get(metric, {}))
         raise ValueError(f"no pretrained {architecture} for metric {metric!r} and quality "
                          f"{quality}; qualities: {qualities}") from None
+
+
+def load_pretrained(architecture: str, quality: int, metric: str,
+                    device: torch.device) -> nn.Module:
+    """A CompressAI zoo model with its published weights (downloaded once by torch.hub),
+    as the registered contract class of that architecture."""
+    from compressai.zoo import image_models
+
+    url = pretrained_url(architecture, quality, metric)
     try:
         # torch.hub announces downloads on stdout, which belongs to the results JSON.
         with contextlib.redirect_stdout(sys.stderr):

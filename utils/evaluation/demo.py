@@ -11,7 +11,8 @@ quality whose file size is closest to CPS's, then writes under the output folder
 * ``crops.png``: the same enlarged crop (around a tile corner) of the original, CPS,
   naive tiling and JPEG, for the lowest-rate model.
 
-The table is printed on stdout.
+The table is printed on stdout. Files of an earlier demo in the output folder are
+refused, before any work, unless ``force``.
 """
 
 import glob
@@ -26,6 +27,7 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_json
+from utils.cli import refuse_existing_outputs
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
@@ -37,6 +39,7 @@ from utils.stitching.spec import PatchSpec
 SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
 _CPU = torch.device("cpu")  # run_demo's default device
 JPEG_QUALITIES = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+OUTPUT_FILES = ("results.json", "rd.png", "crops.png")
 METRIC_KEYS = ("bpp", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "encoding_time", "decoding_time")
 
 
@@ -159,8 +162,12 @@ def _format_table(rows: List[tuple]) -> str:
 
 def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple(DEMO_IMAGES),
              output_dir: str = DEMO_OUTPUT, device: torch.device = _CPU,
-             patch_size: int = 128, log: Callable[[str], None] = print) -> dict:
-    """Run the demo; return the results document (also written to ``results.json``)."""
+             patch_size: int = 128, log: Callable[[str], None] = print,
+             force: bool = False) -> dict:
+    """Run the demo; return the results document (also written to ``results.json``).
+    ``force`` writes over the files of an earlier demo in ``output_dir``."""
+    results_path, rd_path, crops_path = (os.path.join(output_dir, name) for name in OUTPUT_FILES)
+    refuse_existing_outputs([results_path, rd_path, crops_path], force)
     shipped = find_shipped_models(model_paths)
     images = {name: demo_image(name) for name in image_names}
     os.makedirs(output_dir, exist_ok=True)
@@ -221,10 +228,10 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
               Curve(f"CPS, naive {patch_size}px tiles", naive_curve["bpp"], naive_curve["metrics"]),
               Curve("JPEG (Pillow, 4:2:0)", [m["bpp"] for m in jpeg_means],
                     {k: [m[k] for m in jpeg_means] for k in ("psnr-rgb", "ms-ssim-rgb", "psnr-b")})]
-    plot_curves(curves, os.path.join(output_dir, "rd.png"),
+    plot_curves(curves, rd_path,
                 title=f"demo: {len(images)} scikit-image photographs")
-    _write_crops(crops, os.path.join(output_dir, "crops.png"), patch_size)
+    _write_crops(crops, crops_path, patch_size)
     table = _format_table(rows)
     document["table"] = table
-    atomic_write_json(os.path.join(output_dir, "results.json"), document, indent=1)
+    atomic_write_json(results_path, document, indent=1)
     return document

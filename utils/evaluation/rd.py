@@ -245,32 +245,60 @@ def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",
     return float(value)
 
 
+def too_few_points(curve: Curve) -> Optional[str]:
+    """Why ``curve`` can have no BD-rate at all (fewer than :data:`MIN_POINTS` rates),
+    or None."""
+    count = sum(rate is not None for rate in curve.bpp)
+    if count >= MIN_POINTS:
+        return None
+    return (f"{curve.name}: {count} RD point{'' if count == 1 else 's'}, but a BD-rate needs "
+            f"at least {MIN_POINTS} per curve (evaluate at least {MIN_POINTS} checkpoints or "
+            "qualities)")
+
+
 def bd_rate_table(anchor: Curve, tests: Sequence[Curve], metrics: Sequence[str] = METRICS,
                   method: str = "pchip") -> dict:
     """BD-rates of every test curve against ``anchor`` for each metric both have.
 
     A cell is ``None`` where the metric is missing, the ranges do not overlap or a
-    curve has too few points; ``notes`` says why.
+    curve has too few points; ``notes`` says why, once for each ``None`` cell, or once
+    for a curve with too few points (every cell of its row, or of the table for the
+    anchor).
     """
     rows, notes = [], []
     usable = [m for m in metrics if anchor.points(m)]
+    anchor_problem = too_few_points(anchor)
+    if anchor_problem:
+        notes.append(anchor_problem)
     for test in tests:
-        cells = {}
-        for metric in usable:
-            value = None
-            if test.points(metric):
-                try:
-                    value = bd_rate(anchor, test, metric, method)
-                except ValueError as exc:
-                    notes.append(str(exc))
-                else:
-                    if value is None:
-                        notes.append(f"{test.name}: {metric} range does not overlap the anchor's")
-            cells[metric] = value
+        cells = dict.fromkeys(usable)
+        problem = too_few_points(test)
+        if problem:
+            notes.append(problem)
+        elif not anchor_problem:
+            for metric in usable:
+                cells[metric] = _bd_rate_cell(anchor, test, metric, method, notes)
         rows.append({"name": test.name, "file": test.path, "points": len(test.bpp),
                      "bd-rate": cells})
     return {"anchor": anchor.name, "anchor_file": anchor.path, "interpolation": method,
             "metrics": usable, "rows": rows, "notes": notes}
+
+
+def _bd_rate_cell(anchor: Curve, test: Curve, metric: str, method: str,
+                  notes: List[str]) -> Optional[float]:
+    """One cell of :func:`bd_rate_table`; a ``None`` cell adds its reason to ``notes``."""
+    if not test.points(metric):
+        where = f" in {test.path}" if test.path else ""
+        notes.append(f"{test.name}: no {metric} values{where}")
+        return None
+    try:
+        value = bd_rate(anchor, test, metric, method)
+    except ValueError as exc:
+        notes.append(str(exc))
+        return None
+    if value is None:
+        notes.append(f"{test.name}: {metric} range does not overlap the anchor's")
+    return value
 
 
 def format_table(table: dict) -> str:

@@ -142,6 +142,29 @@ def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
     return f"{stem}-{tag}.png" if several_runs else f"{stem}.png"
 
 
+def previous_outputs(output_dir: str, paths: Sequence[str], tags: Sequence[str],
+                     per_image: bool, save_image: bool) -> List[str]:
+    """The files in ``output_dir`` that an evaluation of ``paths`` by the runs ``tags``
+    would write over: ``results.json``, the per-image documents and the reconstructions.
+
+    A reconstruction is named ``<stem>.png``, ``<stem>-<tag>.png``, or, for a layer of a
+    scalable model, ``<stem>-<tag>-L<k>.png``; which one depends on the model, known
+    only once it is loaded, so every form counts.
+    """
+    found = [os.path.join(output_dir, "results.json")]
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    if per_image:
+        found += [os.path.join(output_dir, "per-image", f"{stem}.json") for stem in stems]
+    folder = os.path.join(output_dir, "reconstructions")
+    if save_image and os.path.isdir(folder):
+        names = [re.escape(stem) + "(-(" + "|".join(map(re.escape, tags)) + r")(-L\d+)?)?\.png"
+                 for stem in stems]
+        pattern = re.compile("|".join(names))
+        found += [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                  if pattern.fullmatch(name)]
+    return [path for path in found if os.path.isfile(path)]
+
+
 def _code_image(coder: Coder, image: torch.Tensor,
                 grayscale: bool = False) -> Tuple[dict, torch.Tensor]:
     """Code one image and measure it. A grayscale source is measured, and returned, as
