@@ -16,9 +16,12 @@ with one stream per layer instead; ``--layers K`` keeps (encode) or decodes (dec
 only the first K layers, and the decoder outputs layer K's reconstruction.
 
 Several inputs with ``-d OUTDIR`` pay the start-up once; outputs are named after each
-input's stem. Prints the rate computed from the file size (header included) and the
-times. An output file that exists is refused, before anything is written, unless
-``--force`` is given; an output is never one of the inputs, even with ``--force``.
+input's stem. Every input is checked before the first is coded (an image's header, a
+coded file whole); one that fails only while being coded (a truncated image) is
+reported, the others are still coded, and the status is 1. Prints the rate computed
+from the file size (header included) and the times. An output file that exists is
+refused, before anything is written, unless ``--force`` is given; an output is never
+one of the inputs, even with ``--force``.
 A command line argparse cannot read (an unknown flag, a missing argument, a value of
 the wrong type) prints the usage and one error line and exits with status 2; any
 other bad input ends with one line on stderr and status 1; Ctrl-C ends it with
@@ -38,6 +41,7 @@ from utils.cli import (
     add_force_argument,
     check_output_path,
     check_patch_size_for_model,
+    one_line,
     prepare_output_folder,
     refuse_existing_outputs,
     report_error,
@@ -129,13 +133,36 @@ def _check_reading_fits(source: str, budget) -> None:
     check_fits(needed, budget, f"reading of this {width}x{height} image")
 
 
+def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
+    """Check every input before the first is coded, so that a batch with a bad file
+    fails before writing anything: an image's header (a readable format, a size the
+    container holds, a reading that fits the budget), or a whole ``.cps``/``.cpsl``
+    file (its checksum, and that this model wrote it). What only decoding the pixels
+    shows (a truncated image) is found in :func:`main`'s loop."""
+    from utils.coding.container import check_model, unpack
+
+    for source, _ in pairs:
+        try:
+            if args.command == "encode":
+                # On CUDA the budget counts GPU memory, which reading does not use.
+                _check_reading_fits(source, None if args.cuda else plan.budget_bytes)
+            else:
+                with open(source, "rb") as handle:
+                    check_model(unpack(handle.read()), model)
+        except ValueError as exc:
+            raise ValueError(_naming(source, str(exc))) from None
+
+
+def _naming(source: str, message: str) -> str:
+    """``message``, starting with the input it concerns."""
+    return message if message.startswith(source) else f"{source}: {message}"
+
+
 def encode(args, model, plan, source: str, target: str) -> str:
     from utils.atomic import atomic_write_bytes
     from utils.coding.container import pack
     from utils.image_io import read_image
 
-    # On CUDA the budget counts GPU memory, which reading does not use.
-    _check_reading_fits(source, None if args.cuda else plan.budget_bytes)
     image, info = read_image(source)
     for change in info.conversions:
         print(f"warning: {source}: {change}", file=sys.stderr)
@@ -228,20 +255,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             # Once the names are final (.cpsl for a layered model), and all of them before
             # the first is written, so that a refused batch writes nothing.
             refuse_existing_outputs([target for _, target in pairs], args.force)
-            code = encode if args.command == "encode" else decode
-            for source, target in pairs:
-                if args.command == "decode" and not target.lower().endswith(".png"):
-                    print(f"warning: {target}: decode writes PNG data whatever the name",
-                          file=sys.stderr)
-                try:
-                    print(code(args, model, plan, source, target), flush=True)
-                except ValueError as exc:
-                    message = str(exc)
-                    raise ValueError(message if message.startswith(source)
-                                     else f"{source}: {message}") from None
+            check_inputs(args, model, plan, pairs)
         except REPORTED_ERRORS as exc:
             return report_error("codec.py", exc)
-        return 0
+        code = encode if args.command == "encode" else decode
+        failed = []
+        for source, target in pairs:
+            if args.command == "decode" and not target.lower().endswith(".png"):
+                print(f"warning: {target}: decode writes PNG data whatever the name",
+                      file=sys.stderr)
+            try:
+                print(code(args, model, plan, source, target), flush=True)
+            except REPORTED_ERRORS as exc:
+                # One input's failure (found only once its pixels are decoded) does not
+                # cost the others: each output is whole, or not written at all.
+                print(f"codec.py: error: {_naming(source, one_line(exc))}", file=sys.stderr)
+                failed.append(source)
+        if failed and len(pairs) > 1:
+            return report_error("codec.py", ValueError(
+                f"{len(failed)} of {len(pairs)} inputs failed ({', '.join(failed)}); "
+                f"the outputs of the others were written"))
+        return 1 if failed else 0
 
     return run_main(run, "codec.py")
 

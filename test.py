@@ -193,6 +193,8 @@ def _check_checkpoints_exist(args: argparse.Namespace) -> None:
     """Every checkpoint exists, before the dataset is read or PyTorch loads: a missing
     sixth checkpoint would otherwise end the run after five were evaluated."""
     for path in args.checkpoints if args.command == "checkpoint" else []:
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint {path} is a folder, not a file")
         if not os.path.isfile(path):
             raise ValueError(f"checkpoint not found: {path}")
 

@@ -35,7 +35,7 @@ import warnings
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
                         category=FutureWarning)
 
-from utils.cli import REPORTED_ERRORS, report_error
+from utils.cli import REPORTED_ERRORS, report_error, show_warnings_as_one_line
 from utils.training.config import LAST_NAME, load_config, parse_config, to_plain_dict
 
 
@@ -121,6 +121,7 @@ def _run_acl(cfg, cuda: bool) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    show_warnings_as_one_line()
     try:
         cfg = resolve_config(args)
         cuda = use_cuda(cfg)

@@ -53,12 +53,16 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
+        if key in checkpoint and isinstance(checkpoint[key], (list, tuple, Tensor)):
+            raise ValueError(f"not a state dict: its {key!r} entry is a "
+                             f"{type(checkpoint[key]).__name__}, not a dict of tensors")
     state_dict = {}
     for name, value in checkpoint.items():
         if not isinstance(name, str):
             raise ValueError(f"not a state dict: key {name!r} is not a parameter name string")
         if not isinstance(value, Tensor):
-            raise ValueError(f"not a state dict: entry {name!r} is a {type(value).__name__}")
+            raise ValueError(f"not a state dict: entry {name!r} is not a tensor "
+                             f"({type(value).__name__})")
         name = _strip_wrapper_prefixes(name)
         state_dict[name] = value
     return state_dict
@@ -78,9 +82,12 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and not _is_entropy_table(k)]
     unexpected = [k for k in state_dict if k not in expected]
+    # An entry of the wrong rank first: it is the likely cause of the others (a size
+    # read from a reshaped tensor builds a model that every other entry then misfits).
     wrong_shape = [
         f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
+        for k, v in sorted(state_dict.items(), key=lambda item: item[0] not in expected
+                           or item[1].dim() == expected[item[0]].dim())
         if k in expected and not _is_entropy_table(k) and v.shape != expected[k].shape
     ]
     problems = []
@@ -176,6 +183,8 @@ def entropy_tables_ready(model: nn.Module) -> bool:
 
 def read_checkpoint_file(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and one-line errors."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint not found: {path}")
     with open(path, "rb") as handle:
@@ -189,6 +198,12 @@ def read_checkpoint_file(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all land here
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if first_line.startswith("Weights only load failed"):
+            # PyTorch's first line announces options its later lines give; the reason is
+            # what matters here, and loading the objects could run code from the file.
+            first_line = ("it holds Python objects besides tensors and plain containers, "
+                          "which are not loaded because unpickling them can run code; save "
+                          "the weights alone (torch.save of the state_dict)")
         raise ValueError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
@@ -237,7 +252,10 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}")
-    state_dict = unwrap_state_dict(checkpoint)
+    try:
+        state_dict = unwrap_state_dict(checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from None
     # The authors' files carry no architecture: Kamisli's use their own module names.
     name = architecture or checkpoint.get("architecture") or (
         "kamisli2024" if "prtr_forward1.weight" in state_dict else "cps")

@@ -109,6 +109,44 @@ def test_missing_checkpoint_and_unknown_architecture_are_clear_errors(tmp_path, 
         models.load_checkpoint(path, "cpu", architecture="bmshj")
 
 
+class _NotAWeight:
+    """A Python object that weights_only loading refuses."""
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", "checkpoint {path} is a folder, not a file"),
+    ("python object", "cannot read checkpoint {path}: it holds Python objects besides tensors"),
+    ("state_dict a list", "checkpoint {path}: not a state dict: its 'state_dict' entry is a "
+                          "list, not a dict of tensors"),
+    ("plain dict", "checkpoint {path}: not a state dict: entry 'a' is not a tensor (int)"),
+])
+def test_files_that_hold_no_weights_say_so_naming_the_file(tmp_path, tiny_cps, case, message):
+    path = tmp_path / "bad.pth"
+    if case == "folder":
+        path.mkdir()
+    elif case == "python object":
+        torch.save({"state_dict": tiny_cps.state_dict(), "extra": _NotAWeight()}, path)
+    elif case == "state_dict a list":
+        torch.save({"architecture": "cps", "state_dict": [1, 2]}, path)
+    else:
+        torch.save({"a": 1}, path)
+    with pytest.raises(ValueError) as caught:
+        models.load_checkpoint(str(path), "cpu")
+    assert str(caught.value).startswith(message.format(path=path)), caught.value
+    assert "\x1b" not in str(caught.value) and "two options" not in str(caught.value)
+
+
+def test_a_tensor_of_the_wrong_rank_is_named_before_the_mismatches_it_causes(tmp_path, tiny_cps):
+    """CPS reads N from g_a.0.conv1.weight: flattened, it builds a model every other
+    entry misfits, and the message named one of those instead of the cause."""
+    weights = dict(tiny_cps.state_dict())
+    weights["g_a.0.conv1.weight"] = weights["g_a.0.conv1.weight"].reshape(-1)
+    path = _save(tmp_path / "flat.pth.tar", weights)
+    with pytest.raises(models.checkpoint.ArchitectureMismatch,
+                       match=r"shape mismatches \(e\.g\. g_a\.0\.conv1\.weight \(\d+,\) vs"):
+        models.load_checkpoint(path, "cpu")
+
+
 def test_running_the_model_never_changes_its_weights(tiny_cps):
     # CompressAI's MaskedConv2d zeroes masked taps in place on its first forward, which
     # would change a checkpoint's fingerprint and make its files undecodable.

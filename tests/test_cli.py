@@ -63,6 +63,46 @@ def test_several_inputs_are_coded_in_one_call_into_a_folder(tmp_path, checkpoint
         assert Image.open(decoded / f"photo{number}.png").size == Image.open(photo).size
 
 
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_a_batch_with_an_unreadable_input_is_refused_before_anything_is_written(
+        tmp_path, checkpoint, capsys, command):
+    """Headers (images) and whole files (.cps) are checked before the first is coded."""
+    photos = _photos(tmp_path, 2)
+    sources = photos
+    if command == "decode":
+        coded = tmp_path / "coded"
+        assert codec.main(["encode", *map(str, photos), "-d", str(coded), "-p", checkpoint]) == 0
+        sources = sorted(coded.iterdir())
+    bad = tmp_path / f"bad.{'png' if command == 'encode' else 'cps'}"
+    bad.write_bytes(sources[0].read_bytes()[:len(sources[0].read_bytes()) // 2]
+                    if command == "decode" else b"not an image")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert codec.main([command, *map(str, sources), str(bad), "-d", str(out),
+                       "-p", checkpoint]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"codec.py: error: {bad}: ") and len(err.splitlines()) == 1, err
+    assert list(out.iterdir()) == []
+
+
+def test_an_input_that_fails_while_coded_costs_only_its_own_output(tmp_path, checkpoint,
+                                                                      capsys):
+    """A truncated PNG has a good header: it fails once decoded, the others are coded,
+    each failure is one line, and a last line counts them (status 1)."""
+    first, second = _photos(tmp_path, 2)
+    cut = tmp_path / "cut.png"
+    data = first.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    assert codec.main(["encode", str(cut), str(first), str(second), "-d", str(out),
+                       "-p", checkpoint]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"codec.py: error: {cut}: "), err
+    assert err[1] == (f"codec.py: error: 1 of 3 inputs failed ({cut}); the outputs of the "
+                      f"others were written")
+    assert sorted(path.name for path in out.iterdir()) == ["photo0.cps", "photo1.cps"]
+
+
 def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, checkpoint, capsys):
     [photo] = _photos(tmp_path, 1)
     original = photo.read_bytes()
@@ -98,6 +138,30 @@ def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path,
                        "-p", checkpoint]) == 1
     assert "collide" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_warnings_are_printed_as_one_line_without_python_source():
+    """Python's format gave 'path/metrics.py:68: RuntimeWarning: ...' and the echoed
+    source line on every small image test.py evaluated."""
+    script = ("import sys, warnings\n"
+              "from utils.cli import run_main\n"
+              "def work():\n"
+              "    warnings.warn('MS-SSIM needs larger images', RuntimeWarning)\n"
+              "    return 0\n"
+              "sys.exit(run_main(work, 'test.py'))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "warning: MS-SSIM needs larger images\n"
+
+
+def test_train_py_prints_warnings_as_one_line_too(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    import train
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+    assert train.main(["--config", str(tmp_path / "missing.yaml")]) == 1
+    assert warnings.formatwarning("slow", RuntimeWarning, "step.py", 3) == "warning: slow\n"
 
 
 def test_ctrl_c_is_one_line_and_status_130(capsys):

@@ -8,7 +8,7 @@ from PIL import Image
 import codec
 from models.base import CodingPlan
 from utils.coding.container import unpack
-from utils.image_io import _to_8bit, read_image
+from utils.image_io import _to_8bit, image_size, read_image
 
 
 @pytest.fixture
@@ -72,8 +72,27 @@ def test_every_sixteen_bit_value_scales_to_the_nearest_eight_bit_one():
     values = np.arange(65536)
     expected = np.round(values / 257).astype(np.uint8)
     assert np.array_equal(_to_8bit(values.astype(np.uint16)), expected)
-    # Mode I images are int32: values outside 0..65535 saturate.
-    assert _to_8bit(np.array([-5, 0, 386, 65535, 70000], np.int32)).tolist() == [0, 0, 2, 255, 255]
+    # Mode I images are int32: those whose values fit 16 bits scale the same way.
+    assert _to_8bit(np.array([0, 386, 65535], np.int32)).tolist() == [0, 2, 255]
+
+
+@pytest.mark.parametrize("outside", [-5, 70000])
+def test_thirty_two_bit_samples_that_do_not_fit_sixteen_bits_are_refused(tmp_path, outside):
+    """Clipping them coded another picture (mostly white) with a '16-bit' warning."""
+    samples = np.full((8, 8), 1000, np.int32)
+    samples[3, 4] = outside
+    Image.fromarray(samples).save(tmp_path / "i32.tif")
+    with pytest.raises(ValueError, match=f"i32.tif: integer samples from .*{outside}.* do not "
+                                         "fit 16 bits"):
+        read_image(str(tmp_path / "i32.tif"))
+
+
+def test_a_floating_point_image_is_refused_from_its_header(tmp_path):
+    """So that a batch or a dataset is checked before the first image is coded."""
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "f.tif")
+    for reader in (image_size, read_image):
+        with pytest.raises(ValueError, match="f.tif: floating-point images are not supported"):
+            reader(str(tmp_path / "f.tif"))
 
 
 def _png16(path, samples):
@@ -104,6 +123,18 @@ def test_sixteen_bit_colour_is_rounded_not_truncated(tmp_path, channels):
     assert image[:, 0, :].t().tolist() == [[1, 127, 255], [0, 1, 1]]
     assert "16-bit samples scaled to 8 bits" in info.conversions
     assert ("alpha channel dropped" in info.conversions) == (channels == 4)
+
+
+def test_a_truncated_sixteen_bit_colour_png_is_one_line_without_library_internals(tmp_path):
+    rng = np.random.default_rng(0)
+    _png16(tmp_path / "c16.png", rng.integers(0, 65536, (64, 64, 3)).astype(np.uint16))
+    data = (tmp_path / "c16.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError) as caught:
+        read_image(str(tmp_path / "cut.png"))
+    message = str(caught.value)
+    assert message.startswith(f"cannot read image {tmp_path / 'cut.png'}: ")
+    assert "\n" not in message and ".cpp" not in message, message
 
 
 def test_exif_orientation_and_extra_frames_are_applied_and_reported(tmp_path):
@@ -218,9 +249,13 @@ def test_an_image_wider_than_the_format_is_refused_before_any_work(tmp_path, che
     ("checkpoint as output", "refusing to overwrite"),
     ("folder as input", "is a folder, not a file"),
     ("file as -d", "is a file, not a folder"),
+    ("empty output name", "the output name is empty"),
+    ("output ending in a separator", "names a folder, not a file"),
+    ("output in a folder nobody can write", "the folder of output /proc/x.cps is not writable"),
+    ("-d that cannot be created", "-d /proc/out cannot be created"),
 ])
 def test_paths_that_would_destroy_or_confuse_are_refused(tmp_path, checkpoint, capsys, case,
-                                                         message):
+                                                         message, monkeypatch):
     Image.fromarray(_photo()).save(tmp_path / "in.png")
     before = open(checkpoint, "rb").read()
     if case == "checkpoint as output":
@@ -228,9 +263,17 @@ def test_paths_that_would_destroy_or_confuse_are_refused(tmp_path, checkpoint, c
     elif case == "folder as input":
         (tmp_path / "dir.png").mkdir()
         argv = ["encode", tmp_path / "dir.png", tmp_path / "x.cps", "-p", checkpoint]
-    else:
+    elif case == "file as -d":
         (tmp_path / "out").write_text("a file")
         argv = ["encode", tmp_path / "in.png", "-d", tmp_path / "out", "-p", checkpoint]
+    elif case == "-d that cannot be created":
+        argv = ["encode", tmp_path / "in.png", "-d", "/proc/out", "-p", checkpoint]
+    else:
+        target = {"empty output name": "", "output ending in a separator": f"{tmp_path}/x.cps/",
+                  "output in a folder nobody can write": "/proc/x.cps"}[case]
+        argv = ["encode", tmp_path / "in.png", target, "-p", checkpoint]
+    # Refused from the paths alone: the model is never loaded, nothing is coded.
+    monkeypatch.setattr(codec, "_load", lambda args: pytest.fail("the model was loaded"))
     status, _, err = _run(argv, capsys)
     _one_line_error(status, err, message)
     assert open(checkpoint, "rb").read() == before

@@ -461,3 +461,34 @@ def test_a_model_that_cannot_exist_is_refused_before_the_dataset_summary(
         code, _, err = run_cli(capsys, argv + ["--dataset", images, "--no-progress"])
     assert code == 1 and message in err
     assert "images from" not in caplog.text
+
+
+def test_an_unreadable_image_in_the_dataset_is_refused_before_any_is_coded(capsys, tmp_path):
+    folder = tmp_path / "mixed"
+    write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
+    (folder / "b.png").write_text("not an image")
+    code, _, err = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
+                                    "-d", tmp_path / "out", "--save-image", "--no-progress"])
+    assert code == 1 and err.strip().splitlines()[-1].startswith(
+        f"test.py: error: cannot read image {folder / 'b.png'}: ")
+    assert not (tmp_path / "out" / "reconstructions").exists()
+
+
+def test_a_run_that_fails_midway_removes_the_reconstructions_it_wrote(capsys, tmp_path):
+    """A truncated PNG passes the header check and fails once decoded: the images
+    coded before it leave no reconstructions without a results.json."""
+    folder = tmp_path / "mixed"
+    write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
+    write_png(str(folder / "c.png"), smooth_image(40, 48, 1))
+    data = (folder / "c.png").read_bytes()
+    (folder / "c.png").write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
+                                    "-d", out, "--save-image", "--no-progress"])
+    assert code == 1 and f"{folder / 'c.png'}" in err.strip().splitlines()[-1]
+    assert os.listdir(out / "reconstructions") == [] and not (out / "results.json").exists()
+    # Nothing is left to refuse: the same command runs again without --force.
+    write_png(str(folder / "c.png"), smooth_image(40, 48, 1))
+    code, _, _ = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
+                                  "-d", out, "--save-image", "--no-progress"])
+    assert code == 0 and sorted(os.listdir(out / "reconstructions")) == ["a.png", "c.png"]

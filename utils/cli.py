@@ -11,6 +11,8 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
+import warnings
 from typing import Callable, Optional
 
 from utils.coding import ORDERS
@@ -132,8 +134,20 @@ def report_error(program: str, exc: BaseException) -> int:
     return 1
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def show_warnings_as_one_line() -> None:
+    """Print warnings as ``warning: message``, as the scripts print their own, instead
+    of Python's file, line number and echoed source line, which say nothing to a user."""
+    warnings.formatwarning = _one_line_warning
+
+
 def run_main(main: Callable[[], int], program: str) -> int:
-    """Run ``main`` so that Ctrl-C ends the program with one line and status 130."""
+    """Run ``main`` so that Ctrl-C ends the program with one line and status 130, and
+    warnings are one line each (:func:`show_warnings_as_one_line`)."""
+    show_warnings_as_one_line()
     try:
         return main()
     except KeyboardInterrupt:
@@ -151,9 +165,22 @@ def prepare_output_folder(folder: str, name: str) -> None:
     """
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{name} {folder} is a file, not a folder")
-    os.makedirs(folder, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{name} {folder} is not writable")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{name} {folder} cannot be created: {exc.strerror}") from None
+    _check_writable(folder, f"{name} {folder}")
+
+
+def _check_writable(folder: str, what: str) -> None:
+    """Create and remove a file in ``folder``: the one test that holds for root, for
+    read-only mounts and for pseudo file systems (``/sys``, ``/proc``) alike, which
+    ``os.access`` is not."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what} is not writable: {exc.strerror}") from None
 
 
 def add_force_argument(parser) -> None:
@@ -176,8 +203,14 @@ def refuse_existing_outputs(outputs, force: bool) -> None:
 
 def check_output_path(output: str, inputs) -> None:
     """Refuse an output that is one of the inputs (overwriting it would lose the input,
-    so ``--force`` does not allow it), a folder, or one whose folder does not exist.
-    Whether it exists already is :func:`refuse_existing_outputs`' question."""
+    so ``--force`` does not allow it), a folder (or a name ending in a separator), an
+    empty name, or one whose folder does not exist or cannot be written, all before
+    any coding. Whether it exists already is :func:`refuse_existing_outputs`'
+    question; a device or pipe that exists (``/dev/null``) is written in place."""
+    if not output:
+        raise ValueError("the output name is empty")
+    if output.endswith(("/", os.sep)):
+        raise ValueError(f"output {output} names a folder, not a file")
     target = os.path.realpath(output)
     for source in inputs:
         if os.path.exists(source) and os.path.realpath(source) == target:
@@ -187,3 +220,5 @@ def check_output_path(output: str, inputs) -> None:
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise ValueError(f"output folder does not exist: {folder}")
+    if not os.path.exists(output) or os.path.isfile(output):
+        _check_writable(folder, f"the folder of output {output}")

@@ -14,6 +14,7 @@ CPS codes 8-bit RGB. Other inputs are converted, and the conversion is reported 
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -48,15 +49,23 @@ class ImageInfo:
     conversions: List[str] = field(default_factory=list)
 
 
+_FLOAT_MESSAGE = "floating-point images are not supported; save the image as 8- or 16-bit PNG"
+
+
 def _to_8bit(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype.kind == "f":
-        raise ValueError("floating-point images are not supported; "
-                         "save the image as 8- or 16-bit PNG")
+        raise ValueError(_FLOAT_MESSAGE)
+    # 32-bit integer images (PIL mode I) share the mode of 16-bit grayscale PNGs; only
+    # values that fit 16 bits can be scaled as 16-bit samples, and clipping the rest
+    # would code a different picture.
+    if array.size and (int(array.min()) < 0 or int(array.max()) > 65535):
+        raise ValueError(f"integer samples from {int(array.min())} to {int(array.max())} "
+                         "do not fit 16 bits; save the image as 8- or 16-bit PNG")
     # round(v / 257) in integers (v / 257 is never halfway for an integer v), with
     # 4-byte temporaries instead of float64 ones.
-    samples = np.clip(array, 0, 65535).astype(np.uint32)
+    samples = array.astype(np.uint32)
     samples += 128
     samples //= 257
     return samples.astype(np.uint8)
@@ -68,7 +77,10 @@ READ_BYTES_PER_PIXEL = 8 + 3
 
 
 def image_size(path: str) -> Tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+    """(width, height) from the file's header, without decoding the pixels; a file
+    that is not an image, or one whose header already says :func:`read_image` will
+    refuse it (floating-point samples), is a ``ValueError`` here, so that callers can
+    check every input before coding the first."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
     try:
@@ -76,6 +88,8 @@ def image_size(path: str) -> Tuple[int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if image.mode == "F":
+                    raise ValueError(_FLOAT_MESSAGE)
                 return image.size
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
@@ -108,7 +122,9 @@ def _read_16bit_colour_png(path: str, colour_type: int) -> Tuple[Tensor, ImageIn
     try:
         samples = decode_png(read_file(path), ImageReadMode.RGB)
     except RuntimeError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        # torchvision prefixes the C++ function and source line: not the user's concern.
+        reason = re.sub(r"^.*?\.cpp:\d+,\s*", "", (str(exc).splitlines() or [""])[0])
+        raise ValueError(f"cannot read image {path}: {reason}") from None
     image = torch.from_numpy(_to_8bit(samples.numpy()))
     info = ImageInfo(mode="RGB;16", grayscale=False,
                      conversions=["16-bit samples scaled to 8 bits"])
@@ -160,7 +176,7 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
                 array = _to_8bit(np.asarray(image))
                 info.conversions.append("16-bit samples scaled to 8 bits")
             elif mode == "F":
-                raise ValueError("floating-point images are not supported")
+                raise ValueError(_FLOAT_MESSAGE)
             elif info.grayscale:
                 array = np.asarray(image.convert("L"))
             else:

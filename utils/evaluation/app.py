@@ -50,6 +50,7 @@ from utils.evaluation.runs import (
     to_json,
     write_json,
 )
+from utils.image_io import image_size
 from utils.memory import PeakMemory
 from utils.stitching.spec import PatchSpec
 from utils.training.distributed import cleanup, init_distributed
@@ -143,6 +144,8 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         prepare_output_folder(args.output_dir, "-d")
     paths = list_images(dataset.folder)
     paths = paths[:args.max_images] if args.max_images else paths
+    for path in paths:  # every header before the first image is coded
+        image_size(path)
     if args.per_image or args.save_image:
         _check_distinct_stems(paths)
     names: List[str] = []

@@ -193,6 +193,18 @@ def _code_image(coder: Coder, image: torch.Tensor,
 
 def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
                     image_folder: Optional[str], rank: int, progress: bool):
+    written: List[str] = []
+    try:
+        return _code_shard(runs, paths, indexes, image_folder, rank, progress, written)
+    except BaseException:
+        # Reconstructions without the results they belong to are a half-done run.
+        for path in written:
+            os.remove(path)
+        raise
+
+
+def _code_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
+                image_folder: Optional[str], rank: int, progress: bool, written: List[str]):
     records, entries = {}, []
     for run in runs:
         coders = run.build()
@@ -216,6 +228,7 @@ def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence
                     name = reconstruction_name(paths[index], entry.tag,
                                                len(runs) > 1 or len(coders) > 1)
                     write_png(os.path.join(image_folder, name), reconstruction)
+                    written.append(os.path.join(image_folder, name))
         del coders
     return records, entries
 
@@ -227,7 +240,8 @@ def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[s
 
     Returns ``records[entry][image]`` (every process gets all of them) and the
     entries (one per operating point). With ``image_folder``, reconstructions are
-    written there as ``<stem>.png`` (one entry) or ``<stem>-<tag>.png``.
+    written there as ``<stem>.png`` (one entry) or ``<stem>-<tag>.png``; a process
+    that fails or is interrupted removes those it wrote.
     """
     rank, world = shard()
     indexes = range(rank, len(paths), world)
