@@ -47,7 +47,7 @@ def parse_args(argv):
                         metavar="BLOCK.KEY=VALUE",
                         help="override config keys, e.g. train_params.lmbda=0.025 "
                              "train_data.batch_size=4 (several per --set, and --set may "
-                             "repeat; each value is parsed as YAML)")
+                             "repeat, each key once; each value is parsed as YAML)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                        help="continue a run exactly, with the config stored in CHECKPOINT "

@@ -22,6 +22,8 @@ allocating it; a PNG's checksums are verified. An image that is refused or fails
 decode is replaced by the next image of the folder (deterministically, so resumed
 runs still match), and the sample reports which indices it had to skip; the trainer
 warns once per such image and stops when their share exceeds a configured fraction.
+Images of 16-bit or wider samples are read by :func:`utils.image_io.read_image`'s
+rules, as evaluation reads them (PIL's own conversion clips them to white or black).
 """
 
 import io
@@ -36,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from utils.image_io import is_image_file
+from utils.image_io import EIGHT_BIT_MODES, colour_png16_type, is_image_file, read_image
 
 __all__ = ["CropImageFolder", "list_split", "UnreadableImage", "open_rgb", "REPLACEMENTS"]
 
@@ -65,7 +67,10 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
                 if image.format == "PNG":
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
+                if image.mode in EIGHT_BIT_MODES and not (
+                        image.format == "PNG" and colour_png16_type(path)):
+                    return image.convert("RGB")
+        return _read_deep_samples(path)
     except (UnreadableImage, MemoryError):  # the machine's problem, not the file's
         raise
     except Image.UnidentifiedImageError:  # its message names a BytesIO, not the file
@@ -75,6 +80,18 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
     except Exception as exc:
         text = " ".join(str(exc).split()) or "no details"
         raise UnreadableImage(f"{type(exc).__name__}: {text}") from None
+
+
+def _read_deep_samples(path) -> Image.Image:
+    """An image of 16- or 32-bit integer samples read as evaluation reads it
+    (:func:`utils.image_io.read_image`: scaled to 8 bits, or refused when it does not
+    fit 16 bits or holds floats); PIL's convert("RGB") clips such samples to white
+    or black."""
+    try:
+        planes, _ = read_image(str(path))
+    except ValueError as exc:
+        raise UnreadableImage(str(exc).removeprefix(f"cannot read image {path}: ")) from None
+    return Image.fromarray(planes.permute(1, 2, 0).numpy())
 
 
 def list_split(root: str, split: str) -> ImageFolder:

@@ -191,7 +191,11 @@ def read_checkpoint_file(path: str) -> dict:
         # torch.save writes a zip archive; files of torch < 1.6 are pickles (0x80).
         is_zip = zipfile.is_zipfile(handle)
         handle.seek(0)
-        if not is_zip and handle.read(1) != b"\x80":
+        start = handle.read(4)
+        if not is_zip and start == b"PK\x03\x04":  # a zip without its closing directory
+            raise ValueError(f"cannot read checkpoint {path}: the file is truncated or "
+                             "damaged (a torch.save zip archive without its end)")
+        if not is_zip and start[:1] != b"\x80":
             raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
                              "(neither a torch.save zip archive nor a pickle)")
     try:

@@ -136,6 +136,17 @@ def test_files_that_hold_no_weights_say_so_naming_the_file(tmp_path, tiny_cps, c
     assert "\x1b" not in str(caught.value) and "two options" not in str(caught.value)
 
 
+@pytest.mark.parametrize("kept", ["half", "all but 10 bytes"])
+def test_a_truncated_checkpoint_says_it_is_truncated(tmp_path, tiny_cps, kept):
+    whole = (tmp_path / "whole.pth")
+    torch.save({"state_dict": tiny_cps.state_dict()}, whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[:len(data) // 2] if kept == "half" else data[:-10])
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {cut}: the file is truncated"):
+        models.load_checkpoint(str(cut), "cpu")
+
+
 def test_a_tensor_of_the_wrong_rank_is_named_before_the_mismatches_it_causes(tmp_path, tiny_cps):
     """CPS reads N from g_a.0.conv1.weight: flattened, it builds a model every other
     entry misfits, and the message named one of those instead of the cause."""

@@ -89,6 +89,8 @@ def test_shipped_configs_are_the_six_paper_lambdas_with_n_192():
      "set only one of train_params.crop_size and train_params.patch_size"),
     (('use_checkpoint_path: ""', 'use_checkpoint_path: a\n  init_checkpoint_path: b'),
      "set only one of"),
+    (('experiment_path: "./experiment/cps_lambda00018_v4"', 'experiment_path: " "'),
+     "train_data.experiment_path must not be empty"),
 ])
 def test_bad_configs_fail_with_a_message_naming_the_key(tmp_path, edit, message):
     text = AUTHORS_YAML.replace(*edit)
@@ -353,6 +355,15 @@ def test_malformed_override_names_are_one_line_value_errors(tmp_path, assignment
     with pytest.raises(ValueError) as info:
         load_config(write(tmp_path, AUTHORS_YAML), [assignment])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_key_overridden_twice_is_refused_as_in_a_file(tmp_path):
+    """The last value won silently, while a file with a repeated key is refused."""
+    with pytest.raises(ValueError) as info:
+        load_config(write(tmp_path, AUTHORS_YAML), ["train_params.lmbda=0.01",
+                                                    " train_params.lmbda =0.02"])
+    assert "override ' train_params.lmbda =0.02': train_params.lmbda is set twice" in str(
+        info.value)
 
 
 def test_override_names_may_be_padded_and_an_empty_value_clears_a_path(tmp_path):

@@ -182,7 +182,7 @@ def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images
     torch.save(models.build_model("cps", N=16).state_dict(), other)
     with pytest.raises(ValueError, match=r"cannot initialise from .*wide.pth.tar: its weights "
                                          r"have N=16, this run's model N=8 \(set "
-                                         r"train_params.N or model.kwargs to match\)$"):
+                                         r"train_params.N to match\)$"):
         Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
                                                        str(other)])), CPU)
     # Weights of another model: the architectures are named, not a list of keys.
@@ -195,6 +195,12 @@ def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images
     torch.save({"state_dict": {"g_a.0.weight": torch.zeros(1)}}, other)
     with pytest.raises(ValueError, match=r"cannot initialise from .*: checkpoint does not fit "
                                          r"architecture 'cps': missing"):
+        Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
+                                                       str(other)])), CPU)
+    # A file that holds no state dict is named.
+    torch.save({"a": 1}, other)
+    with pytest.raises(ValueError, match=r"^cannot initialise from .*wide.pth.tar: not a state "
+                                         r"dict: entry 'a' is not a tensor \(int\)$"):
         Trainer(train.resolve_config(train.parse_args(["--config", cfg, "--init-from",
                                                        str(other)])), CPU)
 
@@ -215,6 +221,17 @@ def test_cli_errors_are_one_stderr_line(tmp_path, train_images, capsys):
     assert run_cli(["--config", cfg], capsys)[0] == 0
     status, err = run_cli(["--config", cfg], capsys)  # would overwrite the run
     assert status == 1 and len(err) == 1 and "pass --resume" in err[0]
+    # A folder holding only a best checkpoint (the last one moved away) is kept too.
+    os.remove(exp / "checkpoint.pth.tar")
+    best = (exp / "checkpoint_best_loss.pth.tar").read_bytes()
+    status, err = run_cli(["--config", cfg], capsys)
+    assert status == 1 and err == [f"train.py: error: {exp / 'checkpoint_best_loss.pth.tar'} "
+                                   "exists, which a new run would overwrite: choose another "
+                                   "train_data.experiment_path, or move that file away"]
+    assert (exp / "checkpoint_best_loss.pth.tar").read_bytes() == best
+    status, err = run_cli(["--config", str(tmp_path)], capsys)
+    assert status == 1 and err == [f"train.py: error: config file {tmp_path} is a folder, "
+                                   "not a file"]
     bare = tmp_path / "bare.pth"
     torch.save(models.build_model("cps", N=8).state_dict(), bare)
     status, err = run_cli(["--config", cfg, "--resume", str(bare)], capsys)
@@ -350,11 +367,16 @@ def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, train_i
 
 
 @pytest.mark.slow  # an end-to-end run in a fresh process or a large image
-def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, train_images):
+@pytest.mark.parametrize("target", ["main process", "process group with workers"])
+def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, train_images, target):
+    """The group case is a batch scheduler's time limit: the DataLoader workers get the
+    signal too, and one dying of it ended the run without a checkpoint."""
     exp = tmp_path / "exp"
     cfg = write_train_config(tmp_path, train_images, exp, logging={"checkpoint_interval": 1})
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config", cfg],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True,
+    workers = "2" if target == "process group with workers" else "0"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config", cfg,
+                             "--set", f"train_data.num_workers={workers}"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     # The first checkpoint (after step 1) proves the handlers are installed; the
     # generous limit only matters on a starved machine.
@@ -363,7 +385,10 @@ def test_sigterm_from_outside_saves_a_checkpoint(tmp_path, train_images):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.1)
     assert (exp / "checkpoint.pth.tar").exists(), "train.py wrote no checkpoint in 600 s"
-    proc.send_signal(signal.SIGTERM)
+    if workers == "0":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err
@@ -414,6 +439,37 @@ def test_unusable_training_images_are_skipped_counted_and_past_the_limit_stop_th
     assert status == 1
     assert err[-1].startswith("train.py: error: ") and "train_data.max_bad_fraction=0.2" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_run_stopped_for_bad_validation_images_keeps_its_steps_and_resumes(tmp_path,
+                                                                              capsys):
+    """Validation images are first read at the first validation, after a whole epoch:
+    that work was thrown away, with no checkpoint, when they proved unusable."""
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
+    cut = tmp_path / "data" / "test" / "02.png"
+    cut.write_bytes(cut.read_bytes()[:60])
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 4})
+    status, err = run_cli(["--config", cfg], capsys)
+    assert status == 1 and err[-1].startswith("train.py: error: 1 of 3 validation images")
+    assert err[-1].endswith(f"; the 2 steps done are saved: after the repair, continue with "
+                            f"--resume {exp / 'checkpoint.pth.tar'}"), err[-1]
+    assert load(exp / "checkpoint.pth.tar")["global_step"] == 2
+    cut.unlink()
+    status, _ = run_cli(["--resume", str(exp / "checkpoint.pth.tar")], capsys)
+    assert status == 0 and load(exp / "checkpoint.pth.tar")["global_step"] == 4
+
+
+def test_a_run_stopped_for_bad_images_before_its_first_step_leaves_no_folder(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=4)
+    for name in ("01.png", "02.png"):
+        path = tmp_path / "data" / "train" / name
+        path.write_bytes(path.read_bytes()[:60])
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 4})
+    status, err = run_cli(["--config", cfg], capsys)
+    assert status == 1 and "training images are unusable" in err[-1], err
+    assert "steps done are saved" not in err[-1] and not exp.exists()
 
 
 @pytest.mark.slow  # an end-to-end run in a fresh process or a large image
@@ -588,14 +644,20 @@ def test_a_run_ending_before_its_first_validation_still_leaves_a_best_checkpoint
     assert best["global_step"] == 1 and math.isfinite(best["best_loss"])
 
 
+def _stopped_mid_epoch(tmp_path, train_images, steps: int) -> str:
+    """The last checkpoint of a batch-1 run stopped after ``steps`` steps of its
+    first 4-step epoch."""
+    cfg = write_train_config(tmp_path, train_images, tmp_path / "exp",
+                             train_params={"max_steps": steps}, train_data={"batch_size": 1})
+    assert train.main(["--config", cfg]) == 0
+    ckpt = str(tmp_path / "exp" / "checkpoint.pth.tar")
+    assert load(ckpt)["epoch_step"] == steps
+    return ckpt
+
+
 def test_resuming_mid_epoch_with_another_batch_size_is_refused_instead_of_hanging(
         tmp_path, train_images, capsys):
-    exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2},
-                             train_data={"batch_size": 1})
-    assert train.main(["--config", cfg]) == 0
-    ckpt = str(exp / "checkpoint.pth.tar")
-    assert load(ckpt)["epoch_step"] == 2
+    ckpt = _stopped_mid_epoch(tmp_path, train_images, 2)
     capsys.readouterr()
     # Batch 2 of 4 (batch_size 1) cannot go on with 2 per batch: the 2 images left
     # would be skipped as a finished epoch of 2 batches, and the loader, asked to start
@@ -614,3 +676,16 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused_instead_of_hangin
     status, _ = run_cli(["--resume", ckpt, "--set", "train_data.batch_size=2",
                          "train_params.max_steps=5"], capsys)
     assert status == 0 and load(ckpt)["global_step"] == 5
+
+
+def test_resuming_mid_epoch_after_the_folder_shrank_says_so(tmp_path, train_images, capsys):
+    """The message blamed the batch size, which had not changed."""
+    ckpt = _stopped_mid_epoch(tmp_path, train_images, 3)
+    for name in ("02.png", "03.png"):
+        os.remove(os.path.join(train_images, "train", name))
+    status, err = run_cli(["--resume", ckpt, "--set", "train_params.max_steps=5"], capsys)
+    assert status == 1 and err[-1] == (
+        f"train.py: error: {ckpt} stopped at batch 3 of epoch 0, but an epoch of this run has "
+        f"2 batches per process (2 training images in {train_images}, 1 process): fewer "
+        "images or more processes than when the run began; resume with the same folder and "
+        "process count, or start a new run from its weights with --init-from")

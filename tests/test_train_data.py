@@ -140,6 +140,32 @@ def test_unusable_images_are_refused_with_a_reason_before_decoding(tmp_path):
     assert all("\n" not in r for r in reasons.values())
 
 
+def test_deep_samples_are_read_for_training_as_for_evaluation(tmp_path):
+    """PIL's convert("RGB") made a 16-bit grayscale PNG nearly white and a float
+    TIFF black, silently; training now reads them as read_image does."""
+    from test_codec_cli import _png16
+
+    from utils.image_io import read_image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 65536, (40, 48), dtype=np.uint16)).save(tmp_path / "g16.png")
+    _png16(tmp_path / "c16.png", rng.integers(0, 65536, (40, 48, 3)).astype(np.uint16))
+    for name in ("g16.png", "c16.png"):
+        expected, _ = read_image(str(tmp_path / name))
+        trained = np.asarray(open_rgb(tmp_path / name))
+        assert np.array_equal(trained, expected.permute(1, 2, 0).numpy()), name
+        assert 100 < trained.mean() < 155  # uniform noise stays mid-grey
+    Image.fromarray(rng.random((40, 48), dtype=np.float32)).save(tmp_path / "f.tif")
+    samples = np.full((40, 48), 1000, np.int32)
+    samples[0, 0] = 70000
+    Image.fromarray(samples).save(tmp_path / "i32.tif")
+    for name, reason in (("f.tif", "floating-point images are not supported"),
+                         ("i32.tif", "integer samples from 1000 to 70000 do not fit 16 bits")):
+        with pytest.raises(UnreadableImage) as info:
+            open_rgb(tmp_path / name)
+        assert str(info.value).startswith(reason), info.value
+
+
 def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     broken = write_broken_images(tmp_path / "train")

@@ -35,6 +35,12 @@ IMAGE_SUFFIXES = frozenset(
     if image_format in Image.OPEN and image_format not in _IDENTIFY_ONLY_FORMATS)
 
 
+# PIL modes of 8-bit samples, which PIL's own convert("RGB") turns into RGB exactly;
+# other modes (16- and 32-bit integers, floats) need :func:`read_image`'s rules.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK",
+                             "YCbCr", "La", "RGBa"})
+
+
 def is_image_file(name: str) -> bool:
     """Whether ``name`` has the suffix of a format :func:`read_image` reads."""
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
@@ -100,7 +106,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = (2, 6)
 
 
-def _colour_png16_type(path: str) -> Optional[int]:
+def colour_png16_type(path) -> Optional[int]:
     """The PNG colour type (RGB 2, RGBA 6) if ``path`` is a PNG of 16-bit colour
     samples, from its IHDR chunk; None for anything else.
 
@@ -153,7 +159,7 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     """Return the image at ``path`` as a uint8 tensor (3, H, W) and what was converted."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
-    colour_type = _colour_png16_type(path)
+    colour_type = colour_png16_type(path)
     if colour_type is not None:
         return _read_16bit_colour_png(path, colour_type)
     try:

@@ -83,6 +83,8 @@ def load_yaml_file(path: str, what: str = "config file", max_bytes: int = MAX_BY
     ``what`` starts the error messages (``"config file"``, ``"datasets config"``).
     Raises ``ValueError`` for a missing, unreadable, oversized or invalid file.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise ValueError(f"{what} not found: {path}")
     size = os.path.getsize(path)

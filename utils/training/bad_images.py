@@ -17,6 +17,10 @@ from datasets.image_folder import UnreadableImage, open_rgb
 __all__ = ["UnusableImages", "usable_images"]
 
 
+class TooManyUnusableImages(RuntimeError):
+    """More than ``train_data.max_bad_fraction`` of a split has proved unusable."""
+
+
 class UnusableImages:
     """The unusable images of one split seen so far (by this process).
 
@@ -51,7 +55,7 @@ class UnusableImages:
         self.log(f"warning: skipping {self.split} image {path} ({reason}); "
                  f"{self.count} of {total} unusable so far")
         if self.count > self.max_fraction * total:
-            raise RuntimeError(
+            raise TooManyUnusableImages(
                 f"{self.count} of {total} {self.split} images are unusable, more than "
                 f"train_data.max_bad_fraction={self.max_fraction:g}; the last: {path} "
                 f"({reason}); repair the folder or raise train_data.max_bad_fraction")

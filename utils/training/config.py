@@ -166,7 +166,7 @@ def _override(raw: dict, assignment: str) -> None:
         raise ValueError(f"override {assignment!r}: unknown key {block}.{key}; known in "
                          f"{block}: {', '.join(SCHEMA[block])}")
     value = load_yaml_text(text, f"override {assignment!r}") if text.strip() else ""
-    if SCHEMA[block][key].path and isinstance(value, str) and value:
+    if SCHEMA[block][key].path and isinstance(value, str) and value.strip():
         value = os.path.abspath(value)  # typed in a shell: relative to the current folder
     if not isinstance(raw.get(block), dict):
         raw[block] = {}
@@ -177,11 +177,18 @@ def apply_overrides(raw: dict, assignments: Iterable[str]) -> List[str]:
     """Apply ``--set`` assignments to the raw mapping ``raw`` in place.
 
     Each value is parsed as YAML (``0.025``, ``true``, ``[1000, 2000]``, ``{a: 1}``);
-    the key must exist in :data:`SCHEMA`. Returns the problems found (malformed
-    assignments); the values themselves are checked by :func:`parse_config`.
+    the key must exist in :data:`SCHEMA` and be set once. Returns the problems found
+    (malformed or repeated assignments); the values themselves are checked by
+    :func:`parse_config`.
     """
-    problems = []
+    problems, given = [], set()
     for assignment in assignments:
+        name = assignment.partition("=")[0].strip()
+        if name in given:
+            # As a config file may not repeat a key: which of the two was meant?
+            problems.append(f"override {assignment!r}: {name} is set twice")
+            continue
+        given.add(name)
         try:
             _override(raw, assignment)
         except ValueError as exc:
@@ -197,7 +204,7 @@ def resolve_paths(raw: dict, folder: str) -> None:
             continue
         for key, spec in keys.items():
             value = given.get(key)
-            if spec.path and isinstance(value, str) and value:
+            if spec.path and isinstance(value, str) and value.strip():
                 given[key] = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
 
 

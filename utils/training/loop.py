@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import CropImageFolder, EpochSampler
+from datasets.workers import stop_signal_worker_init
 from utils.cli import prepare_output_folder
 from utils.training import distributed
-from utils.training.bad_images import UnusableImages
+from utils.training.bad_images import TooManyUnusableImages, UnusableImages
 from utils.training.build import build_configured_model
 from utils.training.config import (
     BEST_NAME,
@@ -70,10 +71,13 @@ class Trainer:
         self.log_stream = log or sys.stderr
         td, tp = cfg.train_data, cfg.train_params
         self.exp = td.experiment_path
-        last = os.path.join(self.exp, LAST_NAME)
+        last, best = os.path.join(self.exp, LAST_NAME), os.path.join(self.exp, BEST_NAME)
         if not td.use_checkpoint_path and os.path.exists(last):
             raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
                              "another train_data.experiment_path")
+        if not td.use_checkpoint_path and os.path.exists(best):
+            raise ValueError(f"{best} exists, which a new run would overwrite: choose another "
+                             "train_data.experiment_path, or move that file away")
         torch.manual_seed(tp.seed)  # identical initial weights on every rank
 
         self.train_set = CropImageFolder(td.data_path, "train", tp.crop_size, True,
@@ -132,7 +136,7 @@ class Trainer:
         td = self.cfg.train_data
         workers = td.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=workers,
+                          num_workers=workers, worker_init_fn=stop_signal_worker_init(),
                           pin_memory=td.pin_memory and self.ctx.device.type == "cuda",
                           persistent_workers=td.persistent_workers and workers > 0)
 
@@ -168,7 +172,16 @@ class Trainer:
         td, tp, pos = self.cfg.train_data, self.cfg.train_params, self.pos
         if pos.epoch_step:
             stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
-            if stored_batch not in (None, td.batch_size) or pos.epoch_step >= self.steps_per_epoch:
+            if stored_batch in (None, td.batch_size) and pos.epoch_step >= self.steps_per_epoch:
+                processes = self.ctx.world_size
+                raise ValueError(
+                    f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch}, but an "
+                    f"epoch of this run has {self.steps_per_epoch} batches per process "
+                    f"({len(self.train_set)} training images in {td.data_path}, {processes} "
+                    f"process{'es' if processes > 1 else ''}): fewer images or more processes "
+                    "than when the run began; resume with the same folder and process count, "
+                    "or start a new run from its weights with --init-from")
+            if stored_batch not in (None, td.batch_size):
                 processes = self.ctx.world_size
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch} with "
@@ -215,11 +228,27 @@ class Trainer:
             signal.signal(s, self._on_signal)
         try:
             return self._fit()
+        except TooManyUnusableImages as exc:
+            raise TooManyUnusableImages(f"{exc}{self._keep_progress()}") from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.writer is not None:
                 self.writer.close()
+
+    def _keep_progress(self) -> str:
+        """Save the steps done before a stop for bad data (validation images are first
+        read at the first validation, maybe hours in), and say how to go on; a run
+        that had done nothing leaves no empty folder."""
+        step = self.pos.global_step
+        if step == 0:
+            if self.ctx.is_main and self.writer is None and not os.listdir(self.exp):
+                os.rmdir(self.exp)
+            return ""
+        if self._saved_at != step:
+            self._save(best=False)
+        return (f"; the {step} steps done are saved: after the repair, continue with "
+                f"--resume {os.path.join(self.exp, LAST_NAME)}")
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -39,6 +39,11 @@ class _Key:
         self.choices, self.path, self.doc = choices, path, doc
 
 
+def _non_empty(value: str) -> Optional[str]:
+    """A check for a required path: an empty one names no folder."""
+    return None if value.strip() else "must not be empty"
+
+
 def _within(low, high, low_open: bool = False) -> Callable:
     """A check for ``low <= v <= high`` (``low < v`` with ``low_open``)."""
     def check(v):
@@ -79,7 +84,8 @@ _FRACTION = _within(0.0, 1.0, low_open=True)
 
 SCHEMA: Dict[str, Dict[str, _Key]] = {
     "train_data": {
-        "data_path": _Key(str, path=True, doc="folder holding train/ and test/ image folders"),
+        "data_path": _Key(str, path=True, check=_non_empty,
+                          doc="folder holding train/ and test/ image folders"),
         "use_checkpoint_path": _Key(str, "", path=True,
                                     doc="resume this checkpoint exactly (same as --resume)"),
         "init_checkpoint_path": _Key(str, "", path=True,
@@ -89,7 +95,8 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "epochs": _Key(int, 200, _within(1, 1_000_000), doc="passes over the training set"),
         "num_workers": _Key(int, 4, _within(0, 256), doc="DataLoader worker processes"),
         "cuda": _Key(bool, False, doc="train on the GPU (the CPU, with a warning, without one)"),
-        "experiment_path": _Key(str, path=True, doc="checkpoints and TensorBoard logs go here"),
+        "experiment_path": _Key(str, path=True, check=_non_empty,
+                                doc="checkpoints and TensorBoard logs go here"),
         "small_images": _Key(str, "pad", choices=("pad", "skip"),
                              doc="images smaller than the crop: edge-padded or left out"),
         "pin_memory": _Key(bool, True, doc="page-locked batches (GPU runs)"),

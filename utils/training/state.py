@@ -33,7 +33,12 @@ import compressai
 import torch
 from torch import nn
 
-from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
+from models.checkpoint import (
+    ArchitectureMismatch,
+    load_state_dict_into,
+    read_checkpoint_file,
+    unwrap_state_dict,
+)
 from utils.atomic import atomic_torch_save
 from utils.training.config import LAST_NAME, to_plain_dict
 
@@ -265,12 +270,12 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
     if isinstance(stored_architecture, str) and stored_architecture != raw.registry_name:
         raise ValueError(f"cannot initialise a {raw.registry_name!r} model from {path}: it "
                          f"holds a {stored_architecture!r} model (model.architecture)")
-    state_dict = unwrap_state_dict(checkpoint)
     try:
+        state_dict = unwrap_state_dict(checkpoint)
         load_state_dict_into(raw, state_dict)
     except ValueError as exc:
-        raise ValueError(f"cannot initialise from {path}: "
-                         f"{_size_difference(raw, state_dict) or exc}") from None
+        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(raw, state_dict)
+        raise ValueError(f"cannot initialise from {path}: {difference or exc}") from None
 
 
 def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
@@ -289,8 +294,9 @@ def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
         return None
     sizes = ", ".join(f"{key}={stored[key]!r}" for key in differing)
     ours = ", ".join(f"{key}={raw.config.get(key)!r}" for key in differing)
-    return (f"its weights have {sizes}, this run's model {ours} "
-            "(set train_params.N or model.kwargs to match)")
+    keys = ", ".join("train_params.N" if key == "N" else f"model.kwargs.{key}"
+                     for key in differing)
+    return f"its weights have {sizes}, this run's model {ours} (set {keys} to match)"
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list:
