@@ -111,7 +111,7 @@ def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, train_im
 
 
 def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_interruption(
-        tmp_path, train_images, monkeypatch):
+        tmp_path, train_images, monkeypatch, capsys):
     # Validation stubbed: loss 1.0 at step 2, before the interruption, then 2.0 at step 4.
     losses = iter([1.0, 2.0])
     monkeypatch.setattr(Trainer, "validate", lambda self: {
@@ -123,6 +123,12 @@ def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_interruption(
     last, best = load(exp / "checkpoint.pth.tar"), load(exp / "checkpoint_best_loss.pth.tar")
     assert (last["global_step"], last["loss"], last["best_loss"]) == (4, 2.0, 1.0)
     assert (best["global_step"], best["loss"]) == (2, 1.0)
+    assert (last["best_step"], best["best_step"]) == (2, 2)
+    # The last line says the best checkpoint is not the last step's model.
+    done = capsys.readouterr().err.strip().splitlines()[-1]
+    assert done == (f"done at step 4; checkpoints in {exp}; checkpoint_best_loss.pth.tar is "
+                    "from step 2, the best of the validations, which run at the end of each "
+                    "epoch")
 
 
 def test_a_resumed_run_carries_over_its_streak_of_nonfinite_steps(tmp_path, train_images):
@@ -535,6 +541,7 @@ def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(tmp_path
     # The same config: nothing changed (the run is finished, which is said instead).
     status, err = run_cli(["--config", cfg, "--resume", str(ckpt)], capsys)
     assert status == 1 and not [line for line in err if "config changed" in line]
+    assert not [line for line in err if line.startswith("resuming")]  # refused, not resumed
     assert err[-1].endswith("already finished its run at step 2 (train_params.max_steps=2); "
                             "raise that limit with --set to train further")
     status, err = run_cli(["--resume", str(ckpt), "--set", "train_params.max_steps=3"], capsys)

@@ -159,8 +159,9 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         refuse_existing_outputs(previous_outputs(args.output_dir, paths, [run.tag for run in runs],
                                                  args.per_image, args.save_image), args.force)
     rank, world = shard()
-    log.info("%s: %d images from %s, %d run(s)%s", dataset.name, len(paths), dataset.folder,
-             len(runs), f", {world} processes" if world > 1 else "")
+    log.info("%s: %d image%s from %s, %d run%s%s", dataset.name, len(paths),
+             "" if len(paths) == 1 else "s", dataset.folder, len(runs),
+             "" if len(runs) == 1 else "s", f", {world} processes" if world > 1 else "")
 
     image_folder = os.path.join(args.output_dir, "reconstructions") if args.save_image else None
     records, entries = evaluate(runs, paths, image_folder, progress=not args.no_progress)

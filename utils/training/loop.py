@@ -147,6 +147,8 @@ class Trainer:
             checkpoint = read_resume_checkpoint(path)
             restore(checkpoint, self.raw, self.optimizer, self.aux_optimizer, self.scheduler,
                     self.pos, path)
+            # A refused resume says so first, without announcing that it resumes.
+            self._check_resume_position(path, checkpoint.get("config"))
             self.log(f"resuming {path} at step {self.pos.global_step} "
                      f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
             changes = self._config_changes(checkpoint.get("config"))
@@ -156,7 +158,6 @@ class Trainer:
                 self.log("warning: the run continues with the changed values; "
                          "train.py --resume CHECKPOINT without --config or --set keeps the "
                          "checkpoint's config")
-            self._check_resume_position(path, checkpoint.get("config"))
         elif td.init_checkpoint_path:
             init_weights_from(td.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {td.init_checkpoint_path}")
@@ -315,8 +316,21 @@ class Trainer:
             self._validate_and_save()
         elif self._saved_at != self.pos.global_step:
             self._save(best=False)
-        self.log(f"done at step {self.pos.global_step}; checkpoints in {self.exp}")
+        self.log(f"done at step {self.pos.global_step}; checkpoints in {self.exp}"
+                 f"{self._best_note()}")
         return 0
+
+    def _best_note(self) -> str:
+        """Where the best checkpoint comes from, when not from the last step (a resumed
+        run that ends between validations keeps the best of the earlier ones)."""
+        best, step = self.pos.best_step, self.pos.global_step
+        if best is None or best == step:
+            return ""
+        interval = self.cfg.logging.val_interval
+        schedule = (f"every {interval} steps (logging.val_interval)" if interval
+                    else "at the end of each epoch")
+        return (f"; {BEST_NAME} is from step {best}, the best of the validations, which "
+                f"run {schedule}")
 
     def _after_step(self, epoch_done: bool) -> None:
         lg = self.cfg.logging
@@ -345,7 +359,7 @@ class Trainer:
         self.pos.last_val_loss = loss
         is_best = loss < self.pos.best_loss
         if is_best:
-            self.pos.best_loss = loss
+            self.pos.best_loss, self.pos.best_step = loss, self.pos.global_step
         self._save(best=is_best)
         self.log(f"step {self.pos.global_step} validation: loss {loss:.4f} bpp "
                  f"{metrics['bpp']:.4f} psnr {metrics['psnr']:.2f} dB aux {metrics['aux']:.1f}"

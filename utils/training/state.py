@@ -57,6 +57,7 @@ class TrainPosition:
         self.epoch_step = 0
         self.global_step = 0
         self.best_loss = math.inf
+        self.best_step: Optional[int] = None  # the step of the best checkpoint
         self.last_val_loss: Optional[float] = None
         self.nonfinite_in_a_row = 0
 
@@ -87,6 +88,7 @@ def build_checkpoint(raw: nn.Module, optimizer, aux_optimizer, scheduler, config
         "global_step": pos.global_step,
         "epoch_step": pos.epoch_step,
         "best_loss": pos.best_loss,
+        "best_step": pos.best_step,
         "nonfinite_in_a_row": pos.nonfinite_in_a_row,
         "rng": _rng_state(int(config["train_params"]["seed"])),
         "aux_loss": aux_loss,
@@ -166,6 +168,7 @@ ENTRY_CHECKS = {
     "epoch_step": (_is_count, "an integer >= 0"),
     "nonfinite_in_a_row": (_is_count, "an integer >= 0"),
     "best_loss": (_is_number, "a number"),
+    "best_step": (lambda v: v is None or _is_count(v), "an integer >= 0 or null"),
     "loss": (lambda v: v is None or _is_number(v), "a number or null"),
     "config": (lambda v: isinstance(v, dict), "a mapping (the resolved training config)"),
     "rng": (_is_rng_state, "a mapping of uint8 generator states ('torch', 'cuda')"),
@@ -253,6 +256,7 @@ def restore(checkpoint: dict, raw: nn.Module, optimizer, aux_optimizer, schedule
     pos.epoch_step = checkpoint["epoch_step"]
     pos.global_step = checkpoint["global_step"]
     pos.best_loss = float(checkpoint.get("best_loss", math.inf))
+    pos.best_step = checkpoint.get("best_step")  # absent from older checkpoints
     pos.last_val_loss = checkpoint.get("loss")
     pos.nonfinite_in_a_row = checkpoint.get("nonfinite_in_a_row", 0)
     _restore_rng(checkpoint.get("rng") or {})
