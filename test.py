@@ -23,6 +23,7 @@ stderr and status 1.
 
 import argparse
 import logging
+import math
 import os
 import sys
 import warnings
@@ -48,15 +49,24 @@ log = logging.getLogger("cps.test")
 ZOO_METRICS = ("mse", "ms-ssim")
 
 
-def _numbers(kind):
+def _comma_list(kind):
+    """A parser of comma-separated values of ``kind``, each given once (a repeated
+    quality was coded twice, its reconstruction overwritten; a repeated metric drew
+    its panel twice); numbers must be finite (``inf`` passed a codec's range check and
+    crashed it, ``nan`` every comparison)."""
     def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
         try:
-            values = [kind(item) for item in text.split(",") if item.strip()]
+            values = [kind(item) for item in items]
         except ValueError:
             values = []
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
-                                             f"got {text!r}")
+        if not values or (kind is not str and not all(map(math.isfinite, values))):
+            finite = "" if kind is str else "finite "
+            raise argparse.ArgumentTypeError(f"expected comma-separated {finite}"
+                                             f"{kind.__name__}s, got {text!r}")
+        repeated = [item for item, value in zip(items, values) if values.count(value) > 1]
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{repeated[0]} is given twice in {text!r}")
         return values
     return parse
 
@@ -113,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrained = commands.add_parser("pretrained", help="evaluate CompressAI zoo models")
     pretrained.add_argument("-a", "--architecture", required=True, help="zoo name, e.g. mbt2018")
-    pretrained.add_argument("-q", "--quality", type=_numbers(int), required=True,
+    pretrained.add_argument("-q", "--quality", type=_comma_list(int), required=True,
                             help="comma-separated qualities, e.g. 1,2,3")
     pretrained.add_argument("--metric", choices=ZOO_METRICS, default="mse",
                             help="the loss the zoo weights were trained for (default: "
@@ -125,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec = commands.add_parser("codec", help="evaluate a classical codec")
     codec.add_argument("--codec", choices=sorted(CODEC_NAMES), required=True,
                        help="the classical codec (the table in docs/evaluation.md)")
-    codec.add_argument("-q", "--quality", type=_numbers(float), required=True,
+    codec.add_argument("-q", "--quality", type=_comma_list(float), required=True,
                        help="comma-separated qualities in the codec's own scale "
                             "(see utils/evaluation/classical_codecs.py)")
     _add_dataset_arguments(codec)
@@ -133,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="RD curves from results files")
     plot.add_argument("results", nargs="+", help="results JSON files")
     plot.add_argument("-o", "--output", required=True, help="image file (png, pdf, svg)")
-    plot.add_argument("--metrics", type=_numbers(str), default=list(METRICS),
+    plot.add_argument("--metrics", type=_comma_list(str), default=list(METRICS),
                       help=f"comma-separated panels, from {','.join(METRICS)} (default: all "
                            "that some file has)")
     plot.add_argument("--title", default="", help="title above the panels (default: none)")
@@ -144,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bdrate = commands.add_parser("bdrate", help="BD-rate table against an anchor")
     bdrate.add_argument("--anchor", required=True, help="results JSON of the anchor (e.g. HM)")
     bdrate.add_argument("results", nargs="+", help="results JSON files to compare")
-    bdrate.add_argument("--metrics", type=_numbers(str), default=list(METRICS),
+    bdrate.add_argument("--metrics", type=_comma_list(str), default=list(METRICS),
                         help=f"comma-separated columns, from {','.join(METRICS)} (default: "
                              "all that the anchor has)")
     bdrate.add_argument("--interpolation", choices=INTERPOLATIONS, default="pchip",
@@ -159,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "against JPEG and naive tiling (no download)")
     demo.add_argument("--models", nargs="*", default=[],
                       help="release folders or weight files (default: experiment/shipped/*)")
-    demo.add_argument("--images", type=_numbers(str), default=list(DEMO_IMAGE_NAMES),
+    demo.add_argument("--images", type=_comma_list(str), default=list(DEMO_IMAGE_NAMES),
                       help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)}")
     demo.add_argument("-d", "--output-dir", default=DEMO_OUTPUT,
                       help="results.json, rd.png and crops.png go here")

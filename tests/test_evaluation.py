@@ -265,6 +265,30 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
     assert all("Traceback" not in line for line in lines)
 
 
+@pytest.mark.parametrize("content", [b"", b"random bytes", "weights of another model"])
+def test_a_broken_cached_pretrained_file_is_named_with_the_way_out(capsys, monkeypatch,
+                                                                   tmp_path, images, content):
+    """Offline users are told to put the file in the cache: one that is empty, not a
+    checkpoint or another model's ended in EOFError, UnpicklingError or KeyError."""
+    from utils.evaluation.coders import pretrained_url
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(
+        pretrained_url("mbt2018", 1, "mse"))
+    cached.parent.mkdir(parents=True)
+    if isinstance(content, bytes):
+        cached.write_bytes(content)
+    else:
+        torch.save({"g_a.0.weight": torch.zeros(3)}, cached)
+    code, stdout, stderr = run_cli(capsys, ["pretrained", "--dataset", images, "-a", "mbt2018",
+                                            "-q", "1", "--no-progress"])
+    lines = stderr.strip().splitlines()
+    assert code == 1 and stdout == "" and len(lines) == 1, lines
+    assert lines[0].startswith(f"test.py: error: cannot load pretrained mbt2018 (metric mse, "
+                               f"quality 1) from the cached file {cached}: ")
+    assert lines[0].endswith("; delete it to download it again")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["codec", "--codec", "jpeg", "-q", "500"], "outside 1..100"),
     (["checkpoint", "-p", "missing.pth"], "checkpoint not found"),
@@ -371,11 +395,20 @@ def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
     assert not (tmp_path / "out" / "per-image").exists()
 
 
-def test_an_empty_quality_list_is_a_usage_error(capsys, images):
+@pytest.mark.parametrize("qualities, message", [
+    (",", "expected comma-separated finite floats, got ','"),
+    # inf passed jpeg2000's open range (a near-lossless run) and crashed the others.
+    ("10,inf", "expected comma-separated finite floats, got '10,inf'"),
+    ("nan", "expected comma-separated finite floats, got 'nan'"),
+    ("50,30,50", "50 is given twice in '50,30,50'"),
+])
+def test_quality_lists_that_cannot_be_coded_are_usage_errors(capsys, images, qualities,
+                                                              message):
     with pytest.raises(SystemExit) as exit_info:
-        test_script.main(["codec", "--dataset", str(images), "--codec", "jpeg", "-q", ","])
+        test_script.main(["codec", "--dataset", str(images), "--codec", "jpeg2000", "-q",
+                          qualities])
     assert exit_info.value.code == 2
-    assert "expected comma-separated floats" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_grayscale_image_is_measured_as_the_gray_png_codec_py_writes(

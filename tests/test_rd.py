@@ -114,6 +114,45 @@ def test_plot_labels_rename_two_files_that_carry_the_same_name(capsys, tmp_path)
     assert json.loads(capsys.readouterr().out)["curves"] == ["CPS P=128", "CPS P=256"]
 
 
+def test_runs_of_one_model_are_told_apart_by_their_files(capsys, tmp_path):
+    """Every test.py checkpoint file is named 'cps': keyed by name, the test curve
+    replaced the anchor and every BD-rate read +0.00, and the plot's legend showed one
+    entry for two curves."""
+    anchor = write_results(tmp_path / "old.json", "cps", BPP, PSNR)
+    other = write_results(tmp_path / "new.json", "cps", [b * 0.8 for b in BPP], PSNR)
+    code = test_script.main(["bdrate", "--anchor", anchor, other, "--metrics", "psnr-rgb"])
+    table = json.loads(capsys.readouterr().out)
+    assert code == 0 and (table["anchor"], table["rows"][0]["name"]) == ("cps (old.json)",
+                                                                          "cps (new.json)")
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(-20.0, abs=1e-6)
+    code = test_script.main(["plot", anchor, other, "-o", str(tmp_path / "rd.png")])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["curves"] == ["cps (old.json)", "cps (new.json)"]
+    # Same file names in two folders: the paths tell them apart.
+    (tmp_path / "b").mkdir()
+    twin = write_results(tmp_path / "b" / "old.json", "cps", BPP, PSNR)
+    assert test_script.main(["plot", anchor, twin, "-o", str(tmp_path / "rd2.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["curves"] == [f"cps ({anchor})", f"cps ({twin})"]
+
+
+@pytest.mark.parametrize("command", ["plot", "bdrate"])
+def test_a_metric_named_twice_is_a_usage_error(capsys, tmp_path, command):
+    """It drew its panel, or its column, twice."""
+    first = write_results(tmp_path / "a.json", "a", BPP, PSNR)
+    argv = ([command, first, "-o", str(tmp_path / "x.png")] if command == "plot"
+            else [command, "--anchor", first, first])
+    with pytest.raises(SystemExit) as exit_info:
+        test_script.main(argv + ["--metrics", "psnr-rgb, psnr-rgb"])
+    assert exit_info.value.code == 2
+    assert "psnr-rgb is given twice in 'psnr-rgb, psnr-rgb'" in capsys.readouterr().err
+
+
+def test_a_bdrate_output_named_empty_is_refused(capsys, tmp_path):
+    anchor = write_results(tmp_path / "a.json", "a", BPP, PSNR)
+    assert test_script.main(["bdrate", "--anchor", anchor, anchor, "-o", ""]) == 1
+    assert capsys.readouterr().err.strip() == "test.py: error: the output name is empty"
+
+
 def test_bdrate_labels_rename_the_anchor_and_a_row(capsys, tmp_path):
     anchor = write_results(tmp_path / "a.json", "cps", BPP, PSNR)
     other = write_results(tmp_path / "b.json", "cps", [b * 0.9 for b in BPP], PSNR)
@@ -158,12 +197,13 @@ def test_fourteen_curves_are_told_apart_and_the_legend_sits_outside_the_panels(t
     assert all(box.x0 >= axis.get_window_extent(renderer).x1 for axis in figure.axes)
 
 
-def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path):
+@pytest.mark.parametrize("text", ["{not json", "[" * 100000, '{"a": 1' + "0" * 5000 + "}"])
+def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path, text):
     broken = tmp_path / "broken.json"
-    broken.write_text("{not json")
+    broken.write_text(text)
     assert test_script.main(["plot", str(broken), "-o", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not valid JSON" in err[0]
+    assert len(err) == 1 and f"results file {broken} is not valid JSON" in err[0], err
 
 
 @pytest.mark.parametrize("command", ["plot", "bdrate"])
@@ -175,6 +215,8 @@ def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path):
     ({"bpp": ["0.1", 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = '0.1'"),
     ({"bpp": [0.1, 0.0, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[1] = 0.0 is not a"),
     ({"bpp": [[0.1], [0.2], [0.4], [0.8]], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = [0.1]"),
+    # JSON integers have no bound: one past float's range is not a positive finite rate.
+    ({"bpp": [10 ** 400, 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = 1000"),
 ])
 def test_malformed_values_are_one_line_errors_naming_file_and_field(capsys, tmp_path, command,
                                                                    results, message):

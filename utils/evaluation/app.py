@@ -32,6 +32,7 @@ from utils.evaluation.coders import (
 from utils.evaluation.demo import run_demo
 from utils.evaluation.rd import (
     bd_rate_table,
+    distinct_names,
     format_table,
     load_curve,
     load_curves,
@@ -191,23 +192,24 @@ def run_plot(args: argparse.Namespace) -> dict:
     check_output_path(args.output, args.results)
     refuse_existing_outputs([args.output], args.force)
     labels = parse_labels(args.label, args.results)
-    curves = [curve for path in args.results for curve in load_curves(path, labels.get(path))]
+    curves = distinct_names([curve for path in args.results
+                             for curve in load_curves(path, labels.get(path))])
     shown = plot_curves(curves, args.output, args.metrics, args.title)
     log.info("wrote %s", args.output)
     return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}
 
 
 def run_bdrate(args: argparse.Namespace) -> dict:
-    if args.output:
+    if args.output is not None:
         check_output_path(args.output, [args.anchor, *args.results])
         refuse_existing_outputs([args.output], args.force)
     labels = parse_labels(args.label, [args.anchor, *args.results])
-    table = bd_rate_table(load_curve(args.anchor, labels.get(args.anchor)),
-                          [load_curve(p, labels.get(p)) for p in args.results],
-                          args.metrics, args.interpolation)
+    anchor, *tests = distinct_names([load_curve(path, labels.get(path))
+                                     for path in (args.anchor, *args.results)])
+    table = bd_rate_table(anchor, tests, args.metrics, args.interpolation)
     text = format_table(table)
     print(text, file=sys.stderr)
-    if args.output:
+    if args.output is not None:
         atomic_write_bytes(args.output, (text + "\n").encode())
     return table
 

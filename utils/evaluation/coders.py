@@ -333,14 +333,23 @@ def load_pretrained(architecture: str, quality: int, metric: str,
     from compressai.zoo import image_models
 
     url = pretrained_url(architecture, quality, metric)
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(cache, os.path.basename(url))
+    was_cached = os.path.isfile(cached)
     try:
         # torch.hub announces downloads on stdout, which belongs to the results JSON.
         with contextlib.redirect_stdout(sys.stderr):
             zoo_model = image_models[architecture](quality=quality, metric=metric,
                                                    pretrained=True, progress=False)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # a failed download, or a cached file that holds no weights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        if was_cached:  # users are told to put the file there themselves
+            raise ValueError(f"cannot load pretrained {architecture} (metric {metric}, quality "
+                             f"{quality}) from the cached file {cached}: "
+                             f"{type(exc).__name__}: {reason}; delete it to download it "
+                             "again") from None
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
         raise RuntimeError(f"cannot download pretrained {architecture} (metric {metric}, quality "
                            f"{quality}) from {url}: {reason}; without network, put that file in "
                            f"{cache}") from None

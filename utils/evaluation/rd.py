@@ -17,7 +17,8 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 import bjontegaard
@@ -49,7 +50,7 @@ class Curve:
         """(bpp, value) pairs of ``metric`` without missing values; MS-SSIM in dB."""
         values = self.metrics.get(metric, [])
         pairs = [(rate, value) for rate, value in zip(self.bpp, values)
-                 if rate is not None and value is not None and math.isfinite(value)]
+                 if rate is not None and value is not None and _is_finite(value)]
         if metric == "ms-ssim-rgb":
             pairs = [(rate, -10 * math.log10(1 - value)) for rate, value in pairs if value < 1]
         return pairs
@@ -59,12 +60,21 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value) -> bool:
+    """Finite as a float: JSON integers have no bound, and one past float's range is
+    not a rate or a quality either."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_values(path: str, results: dict) -> None:
     """Every value a curve reads is a number or null (a metric an image was too small
     for); rates are positive and finite; layers are integers. Anything else would fail
     deep inside matplotlib or the BD-rate fit, or be drawn as a category."""
     for index, rate in enumerate(results["bpp"]):
-        if rate is not None and not (_is_number(rate) and math.isfinite(rate) and rate > 0):
+        if rate is not None and not (_is_number(rate) and _is_finite(rate) and rate > 0):
             raise ValueError(f"results file {path}: bpp[{index}] = {rate!r} is not a positive "
                              "finite number")
     for key, values in results.items():
@@ -87,7 +97,7 @@ def _read_results(path: str) -> dict:
         raise ValueError(f"cannot read results file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ValueError(f"results file {path} is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # bad syntax, a 4300-digit number, deep nesting
         raise ValueError(f"results file {path} is not valid JSON: {exc}") from None
     results = document.get("results") if isinstance(document, dict) else None
     if not isinstance(results, dict) or not isinstance(results.get("bpp"), list):
@@ -132,6 +142,24 @@ def load_curves(path: str, name: Optional[str] = None) -> List[Curve]:
         return [_curve(document, path, name=name)]
     return [_curve(document, path, [i for i, k in enumerate(layers) if k == layer],
                    f" layer {layer}", name) for layer in sorted(set(layers))]
+
+
+def distinct_names(curves: Sequence[Curve]) -> List[Curve]:
+    """``curves`` with every shared name followed by its file, ``cps (a.json)``: results
+    files are named after their model, so two runs of one model share a name, and a
+    table or legend would show one of them twice, or once for both."""
+    counts = Counter(curve.name for curve in curves)
+    stems = Counter((curve.name, os.path.basename(curve.path)) for curve in curves)
+    renamed = []
+    for curve in curves:
+        if counts[curve.name] == 1:
+            renamed.append(curve)
+            continue
+        where = os.path.basename(curve.path)
+        if stems[curve.name, where] > 1:
+            where = curve.path
+        renamed.append(replace(curve, name=f"{curve.name} ({where})"))
+    return renamed
 
 
 def parse_labels(items: Sequence[str], paths: Sequence[str]) -> Dict[str, str]:
@@ -223,7 +251,7 @@ def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",
     if method not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {method!r}; "
                          f"choose from {', '.join(INTERPOLATIONS)}")
-    curves = {}
+    both = []  # a list, not keyed by name: the two curves may share one
     for curve in (anchor, test):
         pairs = curve.points(metric)
         if len(pairs) < MIN_POINTS:
@@ -233,8 +261,8 @@ def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",
         if any(b <= a for a, b in zip(values, values[1:])):
             raise ValueError(f"{curve.name}: {metric} does not increase strictly with bpp, "
                              "so the rate cannot be interpolated from it")
-        curves[curve.name] = pairs
-    (rate_a, dist_a), (rate_t, dist_t) = (list(zip(*curves[c.name])) for c in (anchor, test))
+        both.append(pairs)
+    (rate_a, dist_a), (rate_t, dist_t) = (list(zip(*pairs)) for pairs in both)
     if max(dist_a) <= min(dist_t) or max(dist_t) <= min(dist_a):
         return None
     with warnings.catch_warnings():
