@@ -8,7 +8,8 @@ import torch
 import models
 import test as test_cli
 from models.base import CodingPlan
-from utils.evaluation.demo import _crop_window, demo_image, find_shipped_models
+from utils.evaluation import demo
+from utils.evaluation.demo import SHIPPED_DIR, _crop_window, demo_image, find_shipped_models
 from utils.stitching.spec import PatchSpec
 from utils.training.release import export_curves, export_weights, read_scalars, training_wall_time
 
@@ -121,6 +122,72 @@ def test_an_earlier_demo_is_kept_unless_forced(tmp_path, capsys):
     assert test_cli.main(argv + ["--force"]) == 1
     assert "no model weights" in capsys.readouterr().err
     assert (tmp_path / "rd.png").read_bytes() == b"earlier"
+
+
+@pytest.fixture
+def no_coding(monkeypatch):
+    """Makes coding an image fail the test: a refusal must come before any of it."""
+    def refuse(*args):
+        raise AssertionError("the demo started coding before refusing")
+    monkeypatch.setattr(demo, "ClassicalCoder", refuse)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("test.py: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("info, field", [
+    ("[1]", "must hold a JSON object"),
+    ('{"train_params": [0.01]}', "train_params must be an object"),
+    ('{"train_params": {"lmbda": "abc"}}', "train_params.lmbda must be a positive number"),
+    ('{"train_params": {"lmbda": 0.01', "is not valid JSON"),
+])
+def test_demo_refuses_a_damaged_training_json_naming_the_file_and_field(
+        tmp_path, release, no_coding, capsys, info, field):
+    (release / "training.json").write_text(info)
+    output = tmp_path / "demo"
+    assert test_cli.main(["demo", "--models", str(release), "-d", str(output)]) == 1
+    assert f"{release / 'training.json'}" in _one_error_line(capsys)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("patch_size, message", [
+    ("0", "--patch-size must be a positive multiple of 16 (the POPS patch and naive tile side), "
+          "got 0"),
+    ("-16", "--patch-size must be a positive multiple of 16"),
+    ("7", "--patch-size must be a positive multiple of 16"),
+    # The largest demo image side is 741 px (motorcycle): naive tiles of 8192 px were
+    # padded out to 4 GB after minutes of coding.
+    ("8192", "--patch-size 8192 is larger than the demo images need: at most 752"),
+])
+def test_demo_refuses_a_patch_size_before_coding_and_leaves_no_folder(
+        tmp_path, no_coding, capsys, patch_size, message):
+    output = tmp_path / "demo"
+    shipped = f"{SHIPPED_DIR}/cps_n64_lambda0013"
+    argv = ["demo", "--models", shipped, "-d", str(output), "--patch-size", patch_size]
+    assert test_cli.main(argv) == 1
+    assert _one_error_line(capsys).startswith(f"test.py: error: {message}")
+    assert not output.exists()
+
+
+def test_demo_loads_every_model_before_coding(tmp_path, no_coding, capsys):
+    """A file that is no model, listed after a good one, is refused before the first
+    model codes anything."""
+    (tmp_path / "notamodel.pth").write_bytes(b"not a checkpoint")
+    output = tmp_path / "demo"
+    argv = ["demo", "--models", f"{SHIPPED_DIR}/cps_n64_lambda0013",
+            str(tmp_path / "notamodel.pth"), "-d", str(output)]
+    assert test_cli.main(argv) == 1
+    assert "cannot read checkpoint" in _one_error_line(capsys)
+    assert not output.exists()
+
+
+def test_demo_refuses_an_empty_output_folder_name(no_coding, capsys):
+    assert test_cli.main(["demo", "-d", ""]) == 1
+    assert _one_error_line(capsys) == ("test.py: error: -d/--output-dir is empty: name the "
+                                       "folder for the demo's files")
 
 
 def test_half_precision_rounds_the_model_itself_and_keeps_buffer_dtypes(tiny_cps):

@@ -17,6 +17,7 @@ refused, before any work, unless ``force``.
 
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -27,13 +28,14 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_json
-from utils.cli import refuse_existing_outputs
+from utils.cli import prepare_output_folder, refuse_existing_outputs
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd import Curve, plot_curves
 from utils.evaluation.runs import mean_over_images
+from utils.stitching.geometry import model_geometry
 from utils.stitching.spec import PatchSpec
 
 SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
@@ -95,12 +97,67 @@ def find_shipped_models(paths: Sequence[str] = ()) -> List[ShippedModel]:
         if not os.path.isfile(weights):
             raise ValueError(f"no model weights at {weights}")
         info_path = os.path.join(os.path.dirname(weights), "training.json")
-        lmbda = None
-        if os.path.isfile(info_path):
-            with open(info_path) as handle:
-                lmbda = (json.load(handle).get("train_params") or {}).get("lmbda")
+        lmbda = _trained_lambda(info_path) if os.path.isfile(info_path) else None
         found.append(ShippedModel(weights, lmbda))
     return sorted(found, key=lambda m: (m.lmbda is None, m.lmbda or 0.0))
+
+
+def _trained_lambda(info_path: str) -> Optional[float]:
+    """``train_params.lmbda`` of a release's ``training.json``, None when it names none.
+
+    Checked when the models are listed, so that a damaged file is refused in one line
+    naming it and the field, before any image is coded.
+    """
+    try:
+        with open(info_path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ValueError(f"{info_path} is not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path} must hold a JSON object, not a {type(info).__name__}")
+    params = info.get("train_params")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise ValueError(f"{info_path}: train_params must be an object, not a "
+                         f"{type(params).__name__}")
+    lmbda = params.get("lmbda")
+    if lmbda is None:
+        return None
+    if (isinstance(lmbda, bool) or not isinstance(lmbda, (int, float))
+            or not math.isfinite(lmbda) or lmbda <= 0):
+        raise ValueError(f"{info_path}: train_params.lmbda must be a positive number, "
+                         f"got {lmbda!r}")
+    return float(lmbda)
+
+
+def _demo_coders(model_info: ShippedModel, device: torch.device, patch_size: int,
+                 largest_side: int) -> tuple:
+    """The POPS and naive-tile coders of one model at ``patch_size``.
+
+    Built for every model before anything is coded, so that a file that is no model,
+    a model POPS cannot patch or a patch size it cannot use ends the demo at once.
+    The size must be positive (naive tiles need one) and at most the largest image
+    side rounded up to the model's grid: a larger naive tile codes padding only, and
+    a huge one exhausts the memory after minutes of work.
+    """
+    model = models.load_checkpoint(model_info.path, device)
+    if not model.supports_patches:
+        raise ValueError(f"{model_info.path}: the demo codes POPS patches, which "
+                         f"{model.registry_name} cannot (it pads its convolutions)")
+    scale = model_geometry(model).scale
+    if patch_size <= 0 or patch_size % scale:
+        raise ValueError(f"--patch-size must be a positive multiple of {scale} (the POPS "
+                         f"patch and naive tile side), got {patch_size}")
+    limit = -(-largest_side // scale) * scale
+    if patch_size > limit:
+        raise ValueError(f"--patch-size {patch_size} is larger than the demo images need: at "
+                         f"most {limit} (their largest side, {largest_side} px, rounded up "
+                         f"to a multiple of {scale})")
+    plan = CodingPlan(patch=PatchSpec(patch_size))
+    [pops] = learned_coders(model, LearnedOptions(plan, tiling="pops"))
+    [naive] = learned_coders(model, LearnedOptions(plan, tiling="naive"))
+    return pops, naive
 
 
 def _record(original: torch.Tensor, coded: Coded, **extra) -> dict:
@@ -165,14 +222,22 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
              patch_size: int = 128, log: Callable[[str], None] = print,
              force: bool = False) -> dict:
     """Run the demo; return the results document (also written to ``results.json``).
-    ``force`` writes over the files of an earlier demo in ``output_dir``."""
+    ``force`` writes over the files of an earlier demo in ``output_dir``.
+
+    Every input is checked, and every model loaded, before the first image is coded;
+    ``output_dir`` is created only then, so a refused run leaves no empty folder.
+    """
+    if not output_dir:
+        raise ValueError("-d/--output-dir is empty: name the folder for the demo's files")
     results_path, rd_path, crops_path = (os.path.join(output_dir, name) for name in OUTPUT_FILES)
     refuse_existing_outputs([results_path, rd_path, crops_path], force)
     shipped = find_shipped_models(model_paths)
     images = {name: demo_image(name) for name in image_names}
-    os.makedirs(output_dir, exist_ok=True)
+    largest_side = max(max(image.shape[1:]) for image in images.values())
+    coders = [_demo_coders(model_info, device, patch_size, largest_side) for model_info in shipped]
     jpeg = get_codec("jpeg")
     jpeg.check_available()
+    prepare_output_folder(output_dir, "-d")
 
     jpeg_records = {q: [] for q in JPEG_QUALITIES}
     jpeg_pictures = {}
@@ -186,12 +251,8 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
         "per_quality": {str(q): _mean(r) for q, r in jpeg_records.items()}}}
     rows, crops = [], None
     cps_curve, naive_curve = {"bpp": [], "metrics": {}}, {"bpp": [], "metrics": {}}
-    for model_info in shipped:
+    for model_info, (pops, naive) in zip(shipped, coders):
         log(f"{model_info.label}: {model_info.path}")
-        model = models.load_checkpoint(model_info.path, device)
-        plan = CodingPlan(patch=PatchSpec(patch_size))
-        [pops] = learned_coders(model, LearnedOptions(plan, tiling="pops"))
-        [naive] = learned_coders(model, LearnedOptions(plan, tiling="naive"))
         per_image = {"cps": [], "naive": [], "jpeg": []}
         for number, (name, image) in enumerate(images.items(), 1):
             cps_coded, naive_coded = pops.code(image), naive.code(image)
