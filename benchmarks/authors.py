@@ -27,26 +27,46 @@ import torch.nn.functional as F
 from compressai.ops import compute_padding
 
 NOT_MEASURED = "not measured"
+# What this module calls on the authors' ``CPS``.
+API = ("from_state_dict", "update", "compress", "decompress", "compress_patch",
+       "decompress_patch")
+
+
+def _unusable(repo: str, why: str) -> ValueError:
+    """The one error for a ``--authors-repo`` that cannot serve, saying ``why``."""
+    return ValueError(f"--authors-repo {repo} is not a usable checkout of the authors' code "
+                      f"(https://github.com/bblgbr/SPL-CPS): {why}")
 
 
 def load_authors_cps(repo: str) -> type:
-    """The ``CPS`` class of the authors' checkout at ``repo``."""
+    """The ``CPS`` class of the authors' checkout at ``repo``, with the methods that
+    :func:`authors_model` and :func:`run_authors` call.
+
+    Raises:
+        ValueError: ``repo`` has no ``net/cps.py``, importing it fails in any way
+            (their module may raise anything, ``SystemExit`` included), or it has no
+            such ``CPS``; the message is one line.
+    """
     module_file = os.path.join(repo, "net", "cps.py")
     if not os.path.isfile(module_file):
-        raise ValueError(f"--authors-repo {repo}: no net/cps.py there; give a checkout of "
-                         "https://github.com/bblgbr/SPL-CPS")
+        raise _unusable(repo, "no net/cps.py there")
     # A ``net`` package imported earlier (another checkout) would shadow this one.
     for name in [name for name in sys.modules if name == "net" or name.startswith("net.")]:
         del sys.modules[name]
     sys.path.insert(0, os.path.abspath(repo))
     try:
         module = importlib.import_module("net.cps")
-    except ImportError as exc:
-        raise ValueError(f"--authors-repo {repo}: cannot import net.cps: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        first_line = next(iter(str(exc).splitlines()), "")
+        why = type(exc).__name__ + (f": {first_line}" if first_line else "")
+        raise _unusable(repo, f"cannot import net.cps: {why}") from None
     finally:
         sys.path.remove(os.path.abspath(repo))
-    if not hasattr(module, "CPS"):
-        raise ValueError(f"--authors-repo {repo}: net/cps.py defines no class CPS")
+    if not isinstance(getattr(module, "CPS", None), type):
+        raise _unusable(repo, "net/cps.py defines no class CPS")
+    missing = [name for name in API if not callable(getattr(module.CPS, name, None))]
+    if missing:
+        raise _unusable(repo, "net/cps.py's CPS has no " + ", ".join(missing))
     return module.CPS
 
 

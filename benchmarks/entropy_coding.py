@@ -46,9 +46,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models
+from benchmarks.memory_scaling import parse_size
 from benchmarks.results_io import (
-    LOCAL_DIR,
-    RESULTS_DIR,
     machine_info,
     parse_with_output,
     write_json,
@@ -60,14 +59,6 @@ from utils.coding.threads import single_threaded
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
 CODERS = ("wavefront", "raster", "compressai")
 PIPELINE_CHOICES = {"auto": None, "on": True, "off": False}
-
-
-def parse_size(text: str) -> Tuple[int, int]:
-    """'WIDTHxHEIGHT' -> (width, height)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"image size {text!r} is not WIDTHxHEIGHT, e.g. 1920x1080")
-    return int(parts[0]), int(parts[1])
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -230,10 +221,6 @@ def entropy_machine_info() -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if folder not in (RESULTS_DIR, LOCAL_DIR) and not os.path.isdir(folder):
-        print(f"error: output directory of {args.output} does not exist", file=sys.stderr)
-        return 1
     info = entropy_machine_info()
     model = synthetic_model(args.N, args.seed)
     results = []

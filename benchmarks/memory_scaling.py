@@ -41,7 +41,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,9 +53,9 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
 
 import torch
 
-from benchmarks.authors import NOT_MEASURED
+from benchmarks.authors import NOT_MEASURED, load_authors_cps
 from benchmarks.results_io import add_output_arguments, machine_info, resolve_output, write_json
-from utils.cli import DEFAULT_BUDGET
+from utils.cli import DEFAULT_BUDGET, positive_int
 from utils.figures import save_figure
 from utils.memory import format_memory, parse_memory
 
@@ -70,15 +70,61 @@ PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 1150, "mbt2018": 800, "cheng2020-ancho
 LIBRARIES_BYTES = 900 * 2 ** 20
 
 
+def parse_size(text: str) -> Tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (width, height), both positive; an argparse type, also
+    shared by ``benchmarks/entropy_coding.py``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"image size {text!r} is not WIDTHxHEIGHT in positive "
+                                         "pixels, e.g. 1920x1080")
+    return int(parts[0]), int(parts[1])
+
+
+def memory_size(text: str) -> str:
+    """A memory size that :func:`parse_memory` reads (``2GB``), kept as written: the
+    children get it on their command line and the results file records it."""
+    try:
+        parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def previous_results(path: str) -> List[Dict[str, object]]:
+    """The entries of the memory_scaling results file ``path`` that ``--update``
+    keeps, checked before any run so that the merge at the end cannot fail.
+
+    Raises:
+        ValueError: ``path`` cannot be read, is not JSON, or is not a memory_scaling
+            results file whose entries name a method and an image.
+    """
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(document, dict) or document.get("benchmark") != "memory_scaling" \
+            or not isinstance(document.get("results"), list):
+        raise ValueError(f"{path} is not a memory_scaling results file")
+    for entry in document["results"]:
+        if not isinstance(entry, dict) or entry.get("method") not in METHODS \
+                or not isinstance(entry.get("image"), str) \
+                or not isinstance(entry.get("megapixels"), (int, float)):
+            raise ValueError(f"{path}: an entry without a known method, an image and its "
+                             f"megapixels: {json.dumps(entry)[:80]}")
+    return document["results"]
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="WIDTHxHEIGHT images")
+    parser.add_argument("--sizes", nargs="+", type=parse_size,
+                        default=[parse_size(size) for size in SIZES], help="WIDTHxHEIGHT images")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="default: all but authors-cps, plus authors-cps with --authors-repo")
-    parser.add_argument("--N", type=int, default=192, help="CPS width (default: 192)")
-    parser.add_argument("--max-memory", default=DEFAULT_BUDGET,
+    parser.add_argument("--N", type=positive_int, default=192, help="CPS width (default: 192)")
+    parser.add_argument("--max-memory", type=memory_size, default=DEFAULT_BUDGET,
                         help="budget of cps-budget (default: %(default)s)")
-    parser.add_argument("--skip-above", default="18GB",
+    parser.add_argument("--skip-above", type=memory_size, default="18GB",
                         help="do not start runs predicted to need more (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
     parser.add_argument("--authors-repo", metavar="PATH",
@@ -98,12 +144,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.authors_patch_size < 0:
         parser.error("--authors-patch-size must be >= 0")
     resolve_output(parser, args)
+    args.previous = None
+    if args.update and os.path.exists(args.output):
+        try:
+            args.previous = previous_results(args.output)
+        except ValueError as exc:
+            parser.error(f"--update: {exc}")
     return args
-
-
-def parse_size(text: str):
-    width, height = (int(part) for part in text.lower().split("x"))
-    return width, height
 
 
 def synthetic_image(width: int, height: int) -> torch.Tensor:
@@ -226,8 +273,8 @@ def predicted_bytes(method: str, width: int, height: int, authors_patch_size: in
     return LIBRARIES_BYTES + PREDICTED_BYTES_PER_PIXEL[method] * padded
 
 
-def measure(method: str, size: str, args) -> Dict[str, object]:
-    width, height = parse_size(size)
+def measure(method: str, width: int, height: int, args) -> Dict[str, object]:
+    size = f"{width}x{height}"
     entry: Dict[str, object] = {"method": method, "image": size, "megapixels": width * height / 1e6}
     prediction = predicted_bytes(method, width, height, args.authors_patch_size)
     if prediction > parse_memory(args.skip_above):
@@ -323,19 +370,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child(args)
-    parse_memory(args.max_memory)
+    if AUTHORS in args.methods:
+        try:
+            load_authors_cps(args.authors_repo)
+        except ValueError as exc:
+            print(f"memory_scaling.py: error: {exc}", file=sys.stderr)
+            return 1
     entries = []
-    for size in args.sizes:
-        parse_size(size)
+    for width, height in args.sizes:
         for method in args.methods:
-            entry = measure(method, size, args)
+            entry = measure(method, width, height, args)
             entries.append(entry)
             print(json.dumps(entry), flush=True)
-    if args.update and os.path.exists(args.output):
-        with open(args.output) as handle:
-            previous = json.load(handle)["results"]
+    if args.previous is not None:
         measured = {(entry["method"], entry["image"]) for entry in entries}
-        kept = [entry for entry in previous
+        kept = [entry for entry in args.previous
                 if (entry["method"], entry["image"]) not in measured]
         entries = kept + entries
         entries.sort(key=lambda entry: (entry["megapixels"], METHODS.index(entry["method"])))

@@ -3,6 +3,8 @@
 A run writes to ``benchmarks/results/local/`` (git-ignored), so that trying a
 benchmark on a laptop never changes the tracked figures. ``--publish`` writes the
 tracked ``benchmarks/results/NAME`` instead; ``-o/--output`` names any other file.
+That file is checked when the arguments are parsed, so that a path the run could
+not write ends it at once, not after minutes of measuring.
 """
 
 import argparse
@@ -10,6 +12,7 @@ import os
 from typing import Optional, Sequence
 
 from utils.atomic import atomic_write_json
+from utils.cli import check_output_path
 from utils.device import cpu_model_name
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -26,14 +29,36 @@ def add_output_arguments(parser: argparse.ArgumentParser, filename: str) -> None
     parser.set_defaults(results_filename=filename)
 
 
+def check_output(path: str) -> None:
+    """Refuse an output that the end of a run could not write: an empty name, a
+    folder, a path under a regular file, or one whose folder does not exist or cannot
+    be written; and a name without ``.json`` (scripts that draw a figure write it
+    beside the JSON, as ``.png``: ``-o x.png`` would have overwritten it). Raises
+    ValueError saying which."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(folder):
+        raise ValueError(f"output {path}: {folder} is a file, not a folder")
+    check_output_path(path, ())
+    if not path.endswith(".json"):
+        raise ValueError(f"output {path} must be a .json file (a figure, if any, is "
+                         "written beside it as .png)")
+
+
 def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """Set and return ``args.output``: the given file, the tracked one with
-    ``--publish``, else the local one. Both flags together are a usage error."""
-    if args.publish and args.output:
+    ``--publish``, else the local one (its folder is created when written). Both
+    flags together, or a given file that :func:`check_output` refuses, are usage
+    errors."""
+    if args.publish and args.output is not None:
         parser.error("give --publish or -o/--output, not both")
-    if not args.output:
+    if args.output is None:
         folder = RESULTS_DIR if args.publish else LOCAL_DIR
         args.output = os.path.join(folder, args.results_filename)
+    else:
+        try:
+            check_output(args.output)
+        except ValueError as exc:
+            parser.error(f"-o/--output: {exc}")
     return args.output
 
 

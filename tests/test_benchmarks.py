@@ -337,3 +337,91 @@ def test_the_cuda_tests_check_reports_the_failed_tests():
     failed = step.summarise([subprocess.CompletedProcess([], 1, output, "")])
     assert failed["status"] == "fail" and failed["figures"]["failed"] == [
         "FAILED tests/test_train.py::test_x"]
+
+
+def _usage_error(parse, argv, capsys):
+    """The one-line message of the usage error (exit 2) that ``parse(argv)`` ends in."""
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", [codec_speed, memory_scaling])
+def test_an_output_that_cannot_be_written_is_a_usage_error_before_the_run(tmp_path, capsys,
+                                                                          script):
+    a_file = tmp_path / "file.json"
+    a_file.write_text("{}")
+    for output, reason in [(tmp_path, "is a folder"), (a_file / "x.json", "is a file"),
+                           (tmp_path / "missing" / "x.json", "does not exist"), ("", "empty"),
+                           # memory_scaling's figure goes to the same name with .png
+                           (tmp_path / "x.png", "must be a .json file")]:
+        message = _usage_error(script.parse_args, ["-o", str(output)], capsys)
+        assert "-o/--output" in message and reason in message
+
+
+def test_every_script_that_takes_an_output_checks_it_when_parsing(tmp_path, capsys):
+    from benchmarks import entropy_coding, kamisli_decoding, patch_overhead, train_throughput
+
+    for script in (entropy_coding, kamisli_decoding, patch_overhead, train_throughput):
+        message = _usage_error(script.parse_args, ["-o", str(tmp_path)], capsys)
+        assert "is a folder" in message
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sizes", "abc"], "--sizes"), (["--sizes", "0x0"], "--sizes"),
+    (["--skip-above", "abc"], "--skip-above"), (["--max-memory", "abc"], "--max-memory"),
+    (["--N", "0"], "--N"), (["--N", "-8"], "--N"),
+])
+def test_memory_scaling_refuses_bad_sizes_and_widths_when_parsing(argv, named, capsys):
+    assert named in _usage_error(memory_scaling.parse_args, argv, capsys)
+
+
+def test_memory_scaling_reads_sizes_and_the_skip_limit_when_parsing():
+    args = memory_scaling.parse_args(["--sizes", "640X360", "--skip-above", "1GB"])
+    assert args.sizes == [(640, 360)] and args.skip_above == "1GB"
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"benchmark": "codec_speed"}',
+                                     '{"benchmark": "memory_scaling", "results": [{}]}'])
+def test_memory_scaling_update_needs_a_memory_scaling_results_file(tmp_path, capsys, content):
+    output = tmp_path / "invalid.json"
+    output.write_text(content)
+    message = _usage_error(memory_scaling.parse_args, ["--update", "-o", str(output)], capsys)
+    assert "--update" in message and str(output) in message
+
+
+def test_memory_scaling_update_keeps_the_published_entries():
+    published = os.path.join(RESULTS_DIR, "memory_scaling.json")
+    args = memory_scaling.parse_args(["--update", "-o", published])
+    with open(published) as handle:
+        assert args.previous == json.load(handle)["results"]
+
+
+def test_memory_scaling_with_a_wrong_authors_folder_stops_before_the_run(tmp_path, capsys,
+                                                                         monkeypatch):
+    def never(*_args):
+        raise AssertionError("no run may start")
+
+    monkeypatch.setattr(memory_scaling, "measure", never)
+    argv = ["--authors-repo", str(tmp_path / "missing"), "-o", str(tmp_path / "x.json")]
+    assert memory_scaling.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("memory_scaling.py: error: --authors-repo")
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("source, why", [
+    ("def broken(:\n", "SyntaxError"),
+    ("import sys\nsys.exit('needs a GPU')\n", "SystemExit: needs a GPU"),
+    ("raise AttributeError('module has no attribute x')\n", "AttributeError: module has no"),
+    ("class CPS:\n    pass\n", "from_state_dict"),
+])
+def test_an_unusable_authors_module_is_one_clear_error(tmp_path, source, why):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "cps.py").write_text(source)
+    with pytest.raises(ValueError) as error:
+        load_authors_cps(str(tmp_path))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and why in message
+    assert "not a usable checkout" in message and "bblgbr/SPL-CPS" in message

@@ -311,7 +311,9 @@ def test_the_benchmark_writes_a_table_of_bit_exact_timings(tmp_path):
     assert entry["raster"]["measured_positions"] == 32 and entry["raster"]["extrapolated"]
     assert not entry["wavefront"]["extrapolated"]
     assert entry["decode_speedup_vs_raster"] > 0 and "| 200x70 | 8x16 | 37 |" in report["table"]
-    assert entropy_coding.main(["--output", str(tmp_path / "missing" / "x.json")]) == 1
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, before any run
+        entropy_coding.main(["--output", str(tmp_path / "missing" / "x.json")])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -55,7 +55,7 @@ def test_train_step_updates_the_network_exactly_like_the_compressai_example_loop
 
 
 def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "results" / "tt.json"
+    out = tmp_path / "tt.json"
     argv = ["--batch-size", "1", "--crop", "64", "--N", "8", "--steps", "2", "--warmup", "1",
             "--repeats", "2", "-o", str(out)]
     assert bench.main(argv) == 0
