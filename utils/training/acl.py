@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from datasets import list_split
 from datasets.context_pairs import ContextPairs
 from datasets.sampler import epoch_seed
-from datasets.workers import stop_signal_worker_init
+from datasets.workers import leave_process_group
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
 from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
@@ -224,7 +224,7 @@ class _Run:
                              self.block_size, self.seed)
         pairs.set_epoch(epoch)
         return DataLoader(pairs, self.batch_size, shuffle=True, num_workers=self.workers,
-                          worker_init_fn=stop_signal_worker_init(),
+                          worker_init_fn=leave_process_group,
                           generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
 
     def val_pairs(self, iteration: int) -> ContextPairs:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import CropImageFolder, EpochSampler
-from datasets.workers import stop_signal_worker_init
+from datasets.workers import leave_process_group
 from utils.cli import prepare_output_folder
 from utils.training import distributed
 from utils.training.bad_images import TooManyUnusableImages, UnusableImages
@@ -136,7 +136,7 @@ class Trainer:
         td = self.cfg.train_data
         workers = td.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=workers, worker_init_fn=stop_signal_worker_init(),
+                          num_workers=workers, worker_init_fn=leave_process_group,
                           pin_memory=td.pin_memory and self.ctx.device.type == "cuda",
                           persistent_workers=td.persistent_workers and workers > 0)
 
@@ -236,6 +236,18 @@ class Trainer:
                 signal.signal(s, handler)
             if self.writer is not None:
                 self.writer.close()
+            self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        """Stop the DataLoader workers now, by dropping their loaders for unused ones
+        (a loader starts workers only when iterated). Left to the garbage collector
+        (the trainer is in reference cycles), a loader could lose its queues before
+        telling its workers to stop, then wait seconds for each of them."""
+        td = self.cfg.train_data
+        self.train_loader = self._loader(self.train_loader.dataset, self.train_sampler,
+                                         td.batch_size, True)
+        self.test_loader = self._loader(self.test_set, self.test_sampler,
+                                        td.test_batch_size, False)
 
     def _keep_progress(self) -> str:
         """Save the steps done before a stop for bad data (validation images are first
