@@ -67,8 +67,7 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
                 if image.format == "PNG":
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
-                if image.mode in EIGHT_BIT_MODES and not (
-                        image.format == "PNG" and colour_png16_type(path)):
+                if image.mode in EIGHT_BIT_MODES and colour_png16_type(data) is None:
                     return image.convert("RGB")
         return _read_deep_samples(path)
     except (UnreadableImage, MemoryError):  # the machine's problem, not the file's

@@ -106,18 +106,22 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = (2, 6)
 
 
-def colour_png16_type(path) -> Optional[int]:
-    """The PNG colour type (RGB 2, RGBA 6) if ``path`` is a PNG of 16-bit colour
-    samples, from its IHDR chunk; None for anything else.
+# Bytes of a file that :func:`colour_png16_type` reads: the signature and the IHDR chunk.
+_PNG_HEADER_BYTES = 26
+
+
+def colour_png16_type(header: bytes) -> Optional[int]:
+    """The PNG colour type (RGB 2, RGBA 6) if ``header``, the first bytes of a file, is
+    that of a PNG of 16-bit colour samples (read from its IHDR chunk); None for
+    anything else. Callers that hold the file's bytes pass them, without reopening it.
 
     PIL has no 16-bit RGB mode and reads these by keeping each sample's high byte
     (``v >> 8``); they are decoded by torchvision instead, so that they are scaled as
     the module doc says.
     """
-    with open(path, "rb") as handle:
-        header = handle.read(26)
-    if (len(header) == 26 and header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR"
-            and header[24] == 16 and header[25] in _PNG_COLOUR_TYPES):
+    header = header[:_PNG_HEADER_BYTES]
+    if (len(header) == _PNG_HEADER_BYTES and header[:8] == _PNG_SIGNATURE
+            and header[12:16] == b"IHDR" and header[24] == 16 and header[25] in _PNG_COLOUR_TYPES):
         return header[25]
     return None
 
@@ -159,7 +163,8 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     """Return the image at ``path`` as a uint8 tensor (3, H, W) and what was converted."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
-    colour_type = colour_png16_type(path)
+    with open(path, "rb") as handle:
+        colour_type = colour_png16_type(handle.read(_PNG_HEADER_BYTES))
     if colour_type is not None:
         return _read_16bit_colour_png(path, colour_type)
     try:

@@ -113,9 +113,7 @@ class Trainer:
         self._load_start_state()
         # Built once every check has passed: a DataLoader warns at construction when
         # num_workers exceeds the CPUs, which must not precede a refusal.
-        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
-        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
-                                        False)
+        self._build_loaders()
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
                               self.aux_optimizer, tp.clip_max_norm, tp.amp, tp.channels_last,
@@ -132,6 +130,12 @@ class Trainer:
         self._saved_at = -1
 
     # ----------------------------------------------------------------- setup
+    def _build_loaders(self) -> None:
+        td = self.cfg.train_data
+        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
+        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
+                                        False)
+
     def _loader(self, dataset, sampler, batch_size: int, train: bool) -> DataLoader:
         td = self.cfg.train_data
         workers = td.num_workers
@@ -173,22 +177,22 @@ class Trainer:
         td, tp, pos = self.cfg.train_data, self.cfg.train_params, self.pos
         if pos.epoch_step:
             stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
+            count = self.ctx.world_size
+            processes = f"{count} process{'es' if count > 1 else ''}"
             if stored_batch in (None, td.batch_size) and pos.epoch_step >= self.steps_per_epoch:
-                processes = self.ctx.world_size
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch}, but an "
                     f"epoch of this run has {self.steps_per_epoch} batches per process "
-                    f"({len(self.train_set)} training images in {td.data_path}, {processes} "
-                    f"process{'es' if processes > 1 else ''}): fewer images or more processes "
-                    "than when the run began; resume with the same folder and process count, "
-                    "or start a new run from its weights with --init-from")
+                    f"({len(self.train_set)} training images in {td.data_path}, {processes}): "
+                    "fewer images or more processes than when the run began; resume with the "
+                    "same folder and process count, or start a new run from its weights with "
+                    "--init-from")
             if stored_batch not in (None, td.batch_size):
-                processes = self.ctx.world_size
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch} with "
                     f"batch_size {stored_batch or 'unknown'}; a mid-epoch resume needs that "
                     f"batch_size and the same process count (this run: batch_size "
-                    f"{td.batch_size}, {processes} process{'es' if processes > 1 else ''}), "
+                    f"{td.batch_size}, {processes}), "
                     "or start a new run from its weights with --init-from")
         if self._finished():
             limit = (f"train_params.max_steps={tp.max_steps}"
@@ -243,11 +247,7 @@ class Trainer:
         (a loader starts workers only when iterated). Left to the garbage collector
         (the trainer is in reference cycles), a loader could lose its queues before
         telling its workers to stop, then wait seconds for each of them."""
-        td = self.cfg.train_data
-        self.train_loader = self._loader(self.train_loader.dataset, self.train_sampler,
-                                         td.batch_size, True)
-        self.test_loader = self._loader(self.test_set, self.test_sampler,
-                                        td.test_batch_size, False)
+        self._build_loaders()
 
     def _keep_progress(self) -> str:
         """Save the steps done before a stop for bad data (validation images are first
