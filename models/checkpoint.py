@@ -9,6 +9,7 @@ built model's, and tables that were never computed because ``update()`` was not 
 """
 
 import os
+import warnings
 import zipfile
 from typing import Mapping, Optional
 
@@ -251,7 +252,9 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     architecture). The model sizes are inferred from the weights by the class's
     ``from_state_dict``; a ``model_config`` stored beside them must agree. Weights that
     do not fit raise :class:`ArchitectureMismatch`, which says how to name another
-    architecture when the name was only assumed.
+    architecture when the name was only assumed. A training run's last state
+    (``checkpoint.pth.tar``, whose quantiles were not solved for coding) loads with a
+    warning.
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
@@ -275,6 +278,13 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
                                    "assumed: name the right one (-a/--architecture in codec.py "
                                    "and test.py)") from None
     _check_stored_config(path, checkpoint.get("model_config"), model.config)
+    if checkpoint.get("quantiles_solved") is False and any(
+            key.endswith(".quantiles") for key in state_dict):
+        warnings.warn(f"{path} is a training run's last state: its entropy-bottleneck "
+                      "quantiles follow the auxiliary loss instead of being solved for "
+                      "coding, so its bpp can be higher than it needs to be; code with the "
+                      "run's checkpoint_best_loss.pth.tar, or resume and let it validate",
+                      stacklevel=2)
     return model.to(device).eval()
 
 

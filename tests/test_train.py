@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -98,8 +99,14 @@ def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, train_im
     assert best["loss"] == best["best_loss"] == last["loss"]
     # The best checkpoint's quantiles are solved for coding; the live ones are not yet.
     assert best["aux_loss"] < 0.1 < last["aux_loss"]
-    model = models.load_checkpoint(str(exp / "checkpoint_best_loss.pth.tar"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = models.load_checkpoint(str(exp / "checkpoint_best_loss.pth.tar"))
     assert model.N == 8 and entropy_tables_ready(model)
+    # Coding with the last state works but says that its bpp is not the best it can be.
+    with pytest.warns(UserWarning, match=r"checkpoint\.pth\.tar is a training run's last "
+                      r"state: .* code with the run's checkpoint_best_loss\.pth\.tar"):
+        models.load_checkpoint(str(exp / "checkpoint.pth.tar"))
     assert float(model.aux_loss().detach()) == pytest.approx(best["aux_loss"], abs=1e-4)
     # The global generator's state is stored, and a resume puts it back.
     assert last["rng"]["torch"].dtype == torch.uint8

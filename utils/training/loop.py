@@ -426,6 +426,7 @@ class Trainer:
         save_checkpoint(checkpoint, self.exp, LAST_NAME)
         if best:
             checkpoint["state_dict"], checkpoint["aux_loss"] = coding_state_dict(self.raw)
+            checkpoint["quantiles_solved"] = True
             save_checkpoint(checkpoint, self.exp, BEST_NAME)
 
     def _log_train(self, window: "_Window") -> None:

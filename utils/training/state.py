@@ -9,6 +9,8 @@ exact resumption and self-description need::
     config                       the full resolved training config
     global_step, epoch_step      position: steps done in total and in the current epoch
     best_loss, nonfinite_in_a_row
+    quantiles_solved             False in the last state, True in the best one: whether the
+                                 entropy bottlenecks' quantiles were solved for coding
     rng                          {"seed", "scheme", "torch", "cuda"}: how every random
                                  draw is derived, and the global generators' states
     aux_loss, versions
@@ -90,6 +92,9 @@ def build_checkpoint(raw: nn.Module, optimizer, aux_optimizer, scheduler, config
         "best_loss": pos.best_loss,
         "best_step": pos.best_step,
         "nonfinite_in_a_row": pos.nonfinite_in_a_row,
+        # The live model's quantiles follow the auxiliary loss; the caller marks the
+        # copy whose quantiles coding_state_dict solved.
+        "quantiles_solved": False,
         "rng": _rng_state(int(config["train_params"]["seed"])),
         "aux_loss": aux_loss,
         "versions": {"torch": str(torch.__version__), "compressai": str(compressai.__version__)},
