@@ -82,6 +82,14 @@ def test_jpeg_xl_at_quality_100_is_lossless():
     assert torch.equal(get_codec("jxl").code(image, 100).reconstruction, image)
 
 
+def test_jpeg_xl_codes_at_the_lowest_quality_its_scale_allows():
+    if not available("jxl"):
+        pytest.skip("cjxl/djxl not installed (apt-get install libjxl-tools)")
+    # Below it cjxl fails with "Setting frame distance failed" (distance above 25).
+    lowest = CODECS["jxl"].scale.low
+    assert get_codec("jxl").code(photo_like(), lowest).data.startswith(MAGIC["jxl"])
+
+
 def test_x265_at_qp_0_is_near_lossless():
     if not available("x265"):
         pytest.skip("ffmpeg not installed (apt-get install ffmpeg)")
@@ -94,6 +102,7 @@ def test_x265_at_qp_0_is_near_lossless():
     ("jpeg", 50.5, "must be an integer"),
     ("webp", 101, "outside 0..100"),
     ("x265", 52, "outside 0..51"),
+    ("jxl", 4, "outside 4.05..100"),
     ("jpeg2000", 0.5, "compression ratio"),
 ])
 def test_qualities_outside_the_codec_scale_are_refused(name, quality, match):

@@ -16,8 +16,11 @@ jpeg2000    Pillow (OpenJPEG), 9/7 wavelet + MCT,  compression ratio >= 1       
 avif        Pillow (libavif, AV1 intra), 4:4:4     quality 0..100               higher
 x265        ffmpeg + libx265 (HEVC intra),         QP 0..51                     lower
             YCbCr 4:4:4 full range, raw stream
-jxl         cjxl/djxl (libjxl)                     quality -inf..100 (cjxl -q)  higher
+jxl         cjxl/djxl (libjxl)                     quality 4.05..100 (cjxl -q)  higher
 ==========  =====================================  ==========================  ===========
+
+cjxl documents its quality as -inf..100 but turns it into a butteraugli distance,
+and libjxl refuses distances above 25: qualities below 4.05.
 
 x265 and jxl run the Debian command-line tools (packages ``ffmpeg`` and
 ``libjxl-tools``); a missing tool is reported as one line naming the package. Their
@@ -234,7 +237,7 @@ CODECS: Dict[str, object] = {
                 "raw Annex-B stream)"),
     "jxl": ToolCodec(
         "jxl", ["cjxl", "djxl"], "libjxl-tools",
-        QualityScale(float("-inf"), 100, False, "cjxl quality, 100 = lossless, higher is better"),
+        QualityScale(4.05, 100, False, "cjxl quality, 100 = lossless, higher is better"),
         _jxl_encode, _jxl_decode, raw_io=False, summary="JPEG XL (cjxl/djxl, effort 7)"),
 }
 
