@@ -56,6 +56,7 @@ from benchmarks.memory_scaling import synthetic_image
 from benchmarks.results_io import (
     add_output_arguments,
     machine_info,
+    refuse_repeats,
     resolve_output,
     save_results,
 )
@@ -80,6 +81,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="checkout of the authors' SPL-CPS code, timed on the same images")
     add_output_arguments(parser, "codec_speed.json")
     args = parser.parse_args(argv)
+    refuse_repeats(parser, args, "--modes")
     if args.count < 1 or args.N < 1:
         parser.error("--count and --N must be positive")
     resolve_output(parser, args)

@@ -50,6 +50,7 @@ from benchmarks.memory_scaling import parse_size
 from benchmarks.results_io import (
     machine_info,
     parse_with_output,
+    refuse_repeats,
     write_json,
 )
 from utils.coding.context_coder import ContextCoder
@@ -79,6 +80,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(auto, the default), always (on) or never (off)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_output(parser, argv, "entropy_coding.json")
+    refuse_repeats(parser, args, "--sizes", "--coders")
     if args.N < 1 or args.reference_positions < 1 or args.repeats < 1:
         parser.error("-N, --reference-positions and --repeats must be positive")
     return args

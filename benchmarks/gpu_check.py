@@ -59,7 +59,7 @@ from unittest import mock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_io import LOCAL_DIR, write_json
+from benchmarks.results_io import LOCAL_DIR, refuse_repeats, write_json
 from utils.atomic import atomic_write_bytes
 
 DEFAULT_OUTPUT_DIR = os.path.join(LOCAL_DIR, "gpu_check")
@@ -105,6 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every command on the CPU without running it")
     args = parser.parse_args(argv)
+    refuse_repeats(parser, args, "--checks")
     if args.budget_s <= 0:
         parser.error("--budget-s must be positive")
     if not args.dry_run and not args.kodak:

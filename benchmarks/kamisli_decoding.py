@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models
 import models.kamisli2024.network  # noqa: F401  (registers kamisli2024)
-from benchmarks.results_io import parse_with_output, write_json
+from benchmarks.results_io import parse_with_output, refuse_repeats, write_json
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import to_blocks
 
@@ -57,6 +57,7 @@ def parse_args(argv):
                              "(0: the whole image)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_output(parser, argv, "kamisli_decoding.json")
+    refuse_repeats(parser, args, "--config")
     parts = args.size.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         parser.error(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 768x512")

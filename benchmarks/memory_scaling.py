@@ -54,7 +54,13 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
 import torch
 
 from benchmarks.authors import NOT_MEASURED, load_authors_cps
-from benchmarks.results_io import add_output_arguments, machine_info, resolve_output, write_json
+from benchmarks.results_io import (
+    add_output_arguments,
+    machine_info,
+    refuse_repeats,
+    resolve_output,
+    write_json,
+)
 from utils.cli import DEFAULT_BUDGET, positive_int
 from utils.figures import save_figure
 from utils.memory import format_memory, parse_memory
@@ -137,6 +143,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "run with a higher --skip-above)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    refuse_repeats(parser, args, "--sizes", "--methods")
     if args.methods is None:
         args.methods = [m for m in METHODS if m != AUTHORS or args.authors_repo]
     if AUTHORS in args.methods and not args.authors_repo:

@@ -72,6 +72,19 @@ def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
     return args
 
 
+def refuse_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   *options: str) -> None:
+    """A usage error when a list option (``"--sizes"``, ...) names a value twice: the
+    benchmark would measure it twice and write the same row twice."""
+    for option in options:
+        seen = []
+        for value in getattr(args, option.lstrip("-").replace("-", "_")) or ():
+            if value in seen:
+                shown = "x".join(map(str, value)) if isinstance(value, tuple) else value
+                parser.error(f"{option} names {shown} twice")
+            seen.append(value)
+
+
 def machine_info(**extra: object) -> dict:
     """The machine a result comes from: CPU model (from /proc/cpuinfo where there is
     one), the vector instructions PyTorch's CPU kernels use (``AVX2``, ``AVX512``:

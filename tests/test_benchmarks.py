@@ -1,5 +1,6 @@
 """The benchmarks' plumbing: where results go, and the authors' code run beside ours."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -366,6 +367,22 @@ def test_every_script_that_takes_an_output_checks_it_when_parsing(tmp_path, caps
     for script in (entropy_coding, kamisli_decoding, patch_overhead, train_throughput):
         message = _usage_error(script.parse_args, ["-o", str(tmp_path)], capsys)
         assert "is a folder" in message
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("codec_speed", ["--modes", "exact", "fast", "exact"], "--modes names exact twice"),
+    ("entropy_coding", ["--sizes", "64x64", "64X64"], "--sizes names 64x64 twice"),
+    ("entropy_coding", ["--coders", "raster", "raster"], "--coders names raster twice"),
+    ("gpu_check", ["--dry-run", "--checks", "training", "training"],
+     "--checks names training twice"),
+    ("kamisli_decoding", ["--config", "a.yaml", "a.yaml"], "--config names a.yaml twice"),
+    ("memory_scaling", ["--methods", "mbt2018", "mbt2018"], "--methods names mbt2018 twice"),
+    ("memory_scaling", ["--sizes", "64x64", "64x64"], "--sizes names 64x64 twice"),
+])
+def test_a_list_option_naming_a_value_twice_is_a_usage_error(script, argv, message, capsys):
+    # Measured twice, the value would get two rows in the results and the tables.
+    module = importlib.import_module(f"benchmarks.{script}")
+    assert _usage_error(module.parse_args, argv, capsys).endswith(message)
 
 
 @pytest.mark.parametrize("argv, named", [
