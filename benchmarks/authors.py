@@ -32,6 +32,22 @@ API = ("from_state_dict", "update", "compress", "decompress", "compress_patch",
        "decompress_patch")
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a one-line error."""
+    first_line = next(iter(str(exc).splitlines()), "")
+    return type(exc).__name__ + (f": {first_line}" if first_line else "")
+
+
+def _call_authors(method: str, function, *args):
+    """``function(*args)``, a call into the authors' code, whose failures (of any kind:
+    a checkout whose API changed raises TypeError, a script-style module may exit)
+    become a one-line RuntimeError naming ``method``."""
+    try:
+        return function(*args)
+    except (Exception, SystemExit) as exc:
+        raise RuntimeError(f"the authors' CPS.{method} failed: {_first_line(exc)}") from None
+
+
 def _unusable(repo: str, why: str) -> ValueError:
     """The one error for a ``--authors-repo`` that cannot serve, saying ``why``."""
     return ValueError(f"--authors-repo {repo} is not a usable checkout of the authors' code "
@@ -57,9 +73,7 @@ def load_authors_cps(repo: str) -> type:
     try:
         module = importlib.import_module("net.cps")
     except (Exception, SystemExit) as exc:
-        first_line = next(iter(str(exc).splitlines()), "")
-        why = type(exc).__name__ + (f": {first_line}" if first_line else "")
-        raise _unusable(repo, f"cannot import net.cps: {why}") from None
+        raise _unusable(repo, f"cannot import net.cps: {_first_line(exc)}") from None
     finally:
         sys.path.remove(os.path.abspath(repo))
     if not isinstance(getattr(module, "CPS", None), type):
@@ -72,8 +86,8 @@ def load_authors_cps(repo: str) -> type:
 
 def authors_model(cps_class: type, state_dict: dict, device: torch.device) -> torch.nn.Module:
     """The authors' model with ``state_dict``, ready to code on ``device``."""
-    model = cps_class.from_state_dict(state_dict)
-    model.update(force=True)
+    model = _call_authors("from_state_dict", cps_class.from_state_dict, state_dict)
+    _call_authors("update", lambda: model.update(force=True))
     model.device = device.type
     return model.to(device).eval()
 
@@ -92,14 +106,16 @@ def run_authors(model: torch.nn.Module, image: torch.Tensor, patch_size: int = 0
     with torch.no_grad():
         start = time.perf_counter()
         if patch_size:
-            coded = model.compress_patch(x, patch_size)
+            coded = _call_authors("compress_patch", model.compress_patch, x, patch_size)
         else:
-            coded = model.compress(x)
+            coded = _call_authors("compress", model.compress, x)
         middle = time.perf_counter()
         if patch_size:
-            decoded = model.decompress_patch(coded["strings"], coded["shape"], patch_size)
+            decoded = _call_authors("decompress_patch", model.decompress_patch,
+                                    coded["strings"], coded["shape"], patch_size)
         else:
-            decoded = model.decompress(coded["strings"], coded["shape"])
+            decoded = _call_authors("decompress", model.decompress, coded["strings"],
+                                    coded["shape"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         end = time.perf_counter()

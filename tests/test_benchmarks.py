@@ -140,6 +140,22 @@ def test_codec_speed_with_a_wrong_authors_folder_is_one_line_and_exit_1(tmp_path
     assert len(err) == 1 and "no net/cps.py" in err[0]
 
 
+def test_a_checkout_whose_api_changed_fails_as_one_line_naming_the_method(tmp_path,
+                                                                         authors_repo, capsys):
+    cps = os.path.join(authors_repo, "net", "cps.py")
+    with open(cps) as source:
+        changed = source.read().replace("def compress_patch(self, x, x_patch_size):",
+                                        "def compress_patch(self, x, x_patch_size, overlap):")
+    with open(cps, "w") as source:
+        source.write(changed)
+    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
+            "--patch-size", "64", "--authors-repo", authors_repo, "-o", str(tmp_path / "x.json")]
+    assert codec_speed.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["codec_speed.py: error: the authors' CPS.compress_patch failed: TypeError: "
+                   "CPS.compress_patch() missing 1 required positional argument: 'overlap'"]
+
+
 def test_memory_scaling_runs_the_authors_code_in_a_child(authors_repo, capsys):
     argv = ["--child", "authors-cps", "70x50", "--N", "8", "--authors-repo", authors_repo,
             "--authors-patch-size", "64"]
