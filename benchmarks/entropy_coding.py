@@ -56,6 +56,7 @@ from benchmarks.results_io import (
 from utils.coding.context_coder import ContextCoder
 from utils.coding.scan_order import coding_order
 from utils.coding.threads import single_threaded
+from utils.stitching.geometry import model_geometry
 
 IMAGE_SIZES = ("768x512", "1920x1080", "3840x2160", "7680x4320")
 CODERS = ("wavefront", "raster", "compressai")
@@ -86,8 +87,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def latent_size(width: int, height: int, multiple: int = 64, scale: int = 16) -> Tuple[int, int]:
-    """(rows, columns) of the latent the codec codes for a width x height image."""
+def latent_size(model: torch.nn.Module, width: int, height: int) -> Tuple[int, int]:
+    """(rows, columns) of the latent ``model`` codes for a width x height image: the
+    image padded to the model's side multiple, over the scale of its analysis."""
+    multiple, scale = model.downsampling_factor, model_geometry(model).scale
     return (math.ceil(height / multiple) * multiple // scale,
             math.ceil(width / multiple) * multiple // scale)
 
@@ -159,7 +162,7 @@ def time_compressai(model, y, params, repeats: int) -> Dict[str, object]:
 
 def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
     """All requested coders on the latent of one image size."""
-    rows, cols = latent_size(width, height)
+    rows, cols = latent_size(model, width, height)
     positions = rows * cols
     y, params = synthetic_latent(model, rows, cols, args.seed)
     coder = ContextCoder(model)

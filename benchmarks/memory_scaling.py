@@ -70,7 +70,7 @@ METHODS = ("cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor", "authors-cp
 AUTHORS = "authors-cps"
 # CompressAI zoo models: (zoo name, quality), each at N = 192.
 ZOO = {"mbt2018": ("mbt2018", 3), "cheng2020-anchor": ("cheng2020-anchor", 4)}
-# Peak bytes per padded pixel above the libraries, measured on the CPU (N=192) at
+# Peak bytes per image pixel above the libraries, measured on the CPU (N=192) at
 # 1920x1080 and 3840x2160: used only to decide which runs would not fit the machine.
 PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 1150, "mbt2018": 800, "cheng2020-anchor": 900}
 LIBRARIES_BYTES = 900 * 2 ** 20
@@ -276,8 +276,7 @@ def predicted_bytes(method: str, width: int, height: int, authors_patch_size: in
         return 0
     if method == AUTHORS:
         method = "cps-whole"
-    padded = -(-width // 64) * 64 * -(-height // 64) * 64
-    return LIBRARIES_BYTES + PREDICTED_BYTES_PER_PIXEL[method] * padded
+    return LIBRARIES_BYTES + PREDICTED_BYTES_PER_PIXEL[method] * width * height
 
 
 def measure(method: str, width: int, height: int, args) -> Dict[str, object]:

@@ -58,8 +58,10 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    if args.crop % 64:
-        parser.error(f"--crop {args.crop} must be a multiple of 64 (the CPS downsampling)")
+    multiple = models.build_model("cps", N=args.N).downsampling_factor
+    if args.crop % multiple:
+        parser.error(f"--crop {args.crop} must be a multiple of {multiple} (the CPS "
+                     "downsampling)")
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda was given but CUDA is not available")
     return args

@@ -25,6 +25,14 @@ def test_layer_list_is_read_from_the_network():
     assert layers == [(2, 2), (3, 1), (3, 1)] * 3 + [(2, 2)]
 
 
+def test_the_side_multiple_follows_the_strides_of_both_analysis_transforms():
+    model = models.build_model("cps", N=8)
+    assert model.downsampling_factor == 64  # 16 in g_a, 4 in h_a
+    # A researcher's deeper hyper-analysis changes it with no other edit.
+    model.h_a.append(torch.nn.Conv2d(8, 8, kernel_size=2, stride=2))
+    assert model.downsampling_factor == 128
+
+
 def test_pointwise_layers_and_gdn_variants_add_no_reach():
     """GDN and its subclasses (CompressAI's GDN1) act per position, so a researcher's
     variant of a padding-free transform keeps its geometry."""

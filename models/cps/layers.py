@@ -34,8 +34,8 @@ class EDRB(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=1)
         self.gdn = GDN(out_ch)
         self.skip = nn.Conv2d(in_ch, out_ch, kernel_size=2, stride=2)
-
-    pops_layers = ((2, 2),)
+        # conv1 sets the geometry: conv2 and GDN are pointwise, the skip is conv1's twin.
+        self.pops_layers = ((self.conv1.kernel_size[0], self.conv1.stride[0]),)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.gdn(self.conv2(self.leaky_relu(self.conv1(x))))

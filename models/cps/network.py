@@ -32,6 +32,7 @@ from models.checkpoint import load_state_dict_into
 from models.cps import coding
 from models.cps.layers import BRB, EDRB, EURB, CapturableEntropyBottleneck, CausalConv2d
 from models.registry import register_model
+from utils.stitching.geometry import analysis_layers, geometry_from_layers
 
 # Kernel sizes of the bottleneck residual blocks: the paper's 3 and the ablation's 1.
 BRB_KERNEL_SIZES = (1, 3)
@@ -99,8 +100,9 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
 
     @property
     def downsampling_factor(self) -> int:
-        """Image sides must be multiples of this: 16 in g_a times 4 in h_a."""
-        return 2 ** (4 + 2)
+        """Image sides must be multiples of this: the strides of g_a then h_a, read
+        from the layers (16 x 4 = 64 for the paper's network)."""
+        return geometry_from_layers(analysis_layers(self.g_a) + analysis_layers(self.h_a)).scale
 
     @property
     def config(self) -> dict:
