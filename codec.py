@@ -221,13 +221,8 @@ def _peak_note(args: argparse.Namespace) -> str:
 
 def _load(args: argparse.Namespace):
     """The model and the coding plan; the heavy libraries load here, after the
-    arguments have been checked."""
-    import warnings
-
-    # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning
-    # at every start that users cannot act on.
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
-                            category=FutureWarning)
+    arguments have been checked. ``models`` comes first: it silences a CompressAI
+    warning before CompressAI loads."""
     import models
     from models.base import CodingPlan
     from utils.device import select_device

@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated qualities in the codec's own scale "
                             "(see utils/evaluation/classical_codecs.py)")
     _add_dataset_arguments(codec)
+    codec.set_defaults(cuda=False)  # classical codecs run on the CPU
 
     plot = commands.add_parser("plot", help="RD curves from results files")
     plot.add_argument("results", nargs="+", help="results JSON files")

@@ -51,8 +51,8 @@ from benchmarks.results_io import (
     machine_info,
     parse_with_output,
     refuse_repeats,
-    write_json,
 )
+from utils.atomic import save_json
 from utils.coding.context_coder import ContextCoder
 from utils.coding.scan_order import coding_order
 from utils.coding.threads import single_threaded
@@ -244,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "note": "times in seconds for the latent coding alone; per-position coders "
                       "(raster, compressai) measured on measured_positions and extrapolated",
               "results": results, "table": table}
-    write_json(args.output, report)
+    save_json(args.output, report)
     return 0
 
 

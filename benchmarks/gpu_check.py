@@ -59,8 +59,8 @@ from unittest import mock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_io import LOCAL_DIR, refuse_repeats, write_json
-from utils.atomic import atomic_write_bytes
+from benchmarks.results_io import LOCAL_DIR, refuse_repeats
+from utils.atomic import atomic_torch_save, atomic_write_bytes, save_json
 
 DEFAULT_OUTPUT_DIR = os.path.join(LOCAL_DIR, "gpu_check")
 KODAK_IMAGES = 3
@@ -321,11 +321,9 @@ def validate_command(command: List[str]) -> Optional[str]:
 
 def save_weights(path: str) -> None:
     """Random N=192 CPS weights as the authors publish them: a bare state dict."""
-    import torch
-
     from benchmarks.entropy_coding import synthetic_model
 
-    torch.save(synthetic_model(192, seed=0).state_dict(), path)
+    atomic_torch_save(synthetic_model(192, seed=0).state_dict(), path)
 
 
 def run_step(step: Step, deadline: float) -> Dict[str, object]:
@@ -391,7 +389,7 @@ def _device_name(dry_run: bool) -> str:
 def write_report(report: dict, output_dir: str) -> str:
     """Write ``gpu_check.json`` and ``gpu_check.md``; return the Markdown."""
     markdown = format_markdown(report)
-    write_json(os.path.join(output_dir, "gpu_check.json"), report)
+    save_json(os.path.join(output_dir, "gpu_check.json"), report)
     atomic_write_bytes(os.path.join(output_dir, "gpu_check.md"), markdown.encode())
     return markdown
 

@@ -31,15 +31,16 @@ import time
 from typing import Dict, Optional
 
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models
-import models.kamisli2024.network  # noqa: F401  (registers kamisli2024)
-from benchmarks.results_io import parse_with_output, refuse_repeats, write_json
+from benchmarks.results_io import parse_with_output, refuse_repeats
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import to_blocks
+from utils.atomic import save_json
+from utils.training.build import build_configured_model
+from utils.training.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "kamisli_B8_KS3111_N768M96.yaml")
@@ -73,11 +74,8 @@ def build_model(args, config: str) -> torch.nn.Module:
     """The preset's model: trained weights, or random ones with realistic symbols."""
     if args.checkpoint:
         return models.load_checkpoint(args.checkpoint, "cpu", architecture="kamisli2024")
-    with open(config, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f)
     torch.manual_seed(args.seed)
-    model = models.build_model(cfg["model"]["name"], N=cfg["train_params"]["N"],
-                               **cfg["model"]["kwargs"]).eval()
+    model = build_configured_model(load_config(config)).eval()
     with torch.no_grad():
         last = model.entropy_parameters[-1]
         last.weight.mul_(0.01)
@@ -174,7 +172,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     document = {"benchmark": "Kamisli 2024 codec, wavefront vs block-by-block, CPU, 1 thread",
                 "runs": results}
-    write_json(args.output, document)
+    save_json(args.output, document)
     return 0
 
 

@@ -59,8 +59,8 @@ from benchmarks.results_io import (
     machine_info,
     refuse_repeats,
     resolve_output,
-    write_json,
 )
+from utils.atomic import save_json
 from utils.cli import DEFAULT_BUDGET, positive_int
 from utils.figures import save_figure
 from utils.memory import format_memory, parse_memory
@@ -405,7 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
                 "authors_ratios": authors_ratios(entries) if args.authors_repo else NOT_MEASURED,
                 "results": entries, "table": table}
-    write_json(args.output, document)
+    save_json(args.output, document)
     plot(entries, methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
     budget = format_memory(parse_memory(args.max_memory))
     print(f"wrote {args.output} and its plot; budget {budget}")

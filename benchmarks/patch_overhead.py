@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import models
-from benchmarks.results_io import parse_with_output, write_json
+from benchmarks.results_io import parse_with_output
+from utils.atomic import save_json
 from utils.stitching.geometry import model_geometry, plan_patches
 from utils.stitching.patches import pad_replicate, run_patchwise
 from utils.stitching.transforms import transform_mode
@@ -107,7 +108,7 @@ def main(argv=None):
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(),
               "results": rows}
-    write_json(args.output, report)
+    save_json(args.output, report)
     print(f"written {args.output}")
 
 

@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from utils.atomic import atomic_write_json
+from utils.atomic import save_json
 from utils.cli import check_output_path
 from utils.device import cpu_model_name
 
@@ -98,13 +98,8 @@ def machine_info(**extra: object) -> dict:
             "cores": os.cpu_count(), "torch": torch.__version__, **extra}
 
 
-def write_json(path: str, document: dict) -> None:
-    """Write ``document`` as indented JSON to ``path`` atomically, creating its folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_json(path, document)
-
-
 def save_results(path: str, document: dict) -> None:
-    """:func:`write_json` the results ``document`` to ``path`` and say where it went."""
-    write_json(path, document)
+    """Save the results ``document`` to ``path`` (:func:`utils.atomic.save_json`) and
+    say where it went."""
+    save_json(path, document)
     print(f"wrote {path}")

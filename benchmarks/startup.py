@@ -121,14 +121,14 @@ def codec_takes_several_inputs() -> bool:
 
 def prepare(folder: str, args: argparse.Namespace) -> Dict[str, object]:
     """Random N weights (a bare state dict) and ``--batch`` PNGs in ``folder``."""
-    import torch
     from PIL import Image
 
     from benchmarks.entropy_coding import synthetic_model
     from benchmarks.memory_scaling import synthetic_image
+    from utils.atomic import atomic_torch_save
 
     weights = os.path.join(folder, "weights.pth.tar")
-    torch.save(synthetic_model(args.N, seed=0).state_dict(), weights)
+    atomic_torch_save(synthetic_model(args.N, seed=0).state_dict(), weights)
     images = []
     for index in range(args.batch):
         image = synthetic_image(args.size, args.size).roll(index * 7, dims=2)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from compressai.losses import RateDistortionLoss
+from easydict import EasyDict
 from PIL import Image
 
 import models
@@ -22,7 +23,12 @@ from utils.training.acl import (
     run_acl,
     train_epoch,
 )
-from utils.training.config import block_defaults, parse_config
+from utils.training.config import SCHEMA, parse_config
+
+
+def acl_defaults():
+    """The ``acl`` block of a config that sets none of its keys."""
+    return EasyDict({key: copy.deepcopy(spec.default) for key, spec in SCHEMA["acl"].items()})
 
 
 def write_images(folder, count, size, seed):
@@ -192,7 +198,7 @@ def test_learning_rate_reset_and_switch_rule():
     assert next_learning_rate(1e-4, 5e-5, 1) == pytest.approx(0.4 * 1e-4 + 0.6 * 5e-5)
     assert next_learning_rate(1e-4, 5e-5, 4) == pytest.approx(0.1 * 1e-4 + 0.9 * 5e-5)
     assert next_learning_rate(1e-4, 5e-5, 7) == 5e-5
-    settings = block_defaults("acl")
+    settings = acl_defaults()
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-4)
     # iteration 2, closed-loop loss improved by more than 1 %: stay open loop
     state = ACLState(iteration=2, best_cl=0.90, best_cl_previous=1.0)
@@ -213,7 +219,7 @@ def test_learning_rate_reset_and_switch_rule():
 
 
 def test_count_thresholds_hold_their_last_entry_for_later_iterations():
-    settings = block_defaults("acl")
+    settings = acl_defaults()
     settings.count_thresholds = [9, 4]
     assert [count_threshold(settings, k) for k in range(4)] == [9, 4, 4, 4]
 

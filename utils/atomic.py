@@ -14,7 +14,8 @@ import os
 import stat
 import tempfile
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "strict_json", "atomic_write_json"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "strict_json", "atomic_write_json",
+           "save_json"]
 
 
 def atomic_write_bytes(path, data):
@@ -93,3 +94,10 @@ def atomic_write_json(path, document, indent: int = 2, sort_keys: bool = False) 
     """:func:`strict_json` of ``document`` written to ``path`` atomically (its folder
     must exist), ending in a newline."""
     atomic_write_bytes(path, (strict_json(document, indent, sort_keys) + "\n").encode())
+
+
+def save_json(path, document) -> None:
+    """:func:`atomic_write_json` of ``document`` to ``path``, creating its folder first
+    (results folders such as ``per-image/`` or ``benchmarks/results/local/``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_json(path, document)

@@ -92,10 +92,6 @@ class BlockMaskedConv2d(nn.Conv2d):
         """(row, column) offsets, relative to the output position, that are read."""
         return list(self._taps)
 
-    def masked_weight_count(self) -> int:
-        """Number of weights the mask forces to zero (excluded from "active" counts)."""
-        return self._closed * self.in_channels * self.out_channels
-
 
 def layer_taps(layer: nn.Module) -> List[Offset]:
     """Offsets a layer reads: its mask's for a masked conv, the centre for a 1x1 conv."""

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import models
 from models.base import CodingPlan
-from utils.atomic import atomic_write_bytes
+from utils.atomic import atomic_write_bytes, save_json
 from utils.cli import (
     REPORTED_ERRORS,
     check_output_path,
@@ -49,7 +49,6 @@ from utils.evaluation.runs import (
     resolve_dataset,
     shard,
     to_json,
-    write_json,
 )
 from utils.image_io import image_size
 from utils.memory import PeakMemory
@@ -136,10 +135,9 @@ def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
 
 def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     """Evaluate and return the results document (None on ranks other than 0)."""
-    cuda = getattr(args, "cuda", False)
-    device = select_device(cuda)
-    context = init_distributed(cuda)
-    device = context.device if cuda else device
+    select_device(args.cuda)  # --cuda without a GPU is refused here
+    context = init_distributed(args.cuda)
+    device = context.device
     dataset = resolve_dataset(args.dataset, args.datasets_config)
     if args.output_dir:
         prepare_output_folder(args.output_dir, "-d")
@@ -181,10 +179,10 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     }
     document = dict(header, results=aggregate(records, labels))
     if args.output_dir:
-        write_json(os.path.join(args.output_dir, "results.json"), document)
+        save_json(os.path.join(args.output_dir, "results.json"), document)
         if args.per_image:
             for stem, page in per_image_documents(records, paths, header).items():
-                write_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
+                save_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
     return document
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils.atomic import atomic_write_json, strict_json
+from utils.atomic import strict_json
 from utils.cli import REPORTED_ERRORS
 from utils.evaluation.choices import DATASETS_CONFIG, REPO_ROOT
 from utils.evaluation.coders import Coder
@@ -302,9 +302,3 @@ def per_image_documents(records: List[List[dict]], paths: Sequence[str],
 def to_json(document: dict) -> str:
     """Strict JSON text: infinite or NaN numbers (a lossless PSNR) become ``null``."""
     return strict_json(document)
-
-
-def write_json(path: str, document: dict) -> None:
-    """Write ``document`` to ``path`` atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_json(path, document)

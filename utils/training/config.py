@@ -36,7 +36,7 @@ from utils.yaml_io import load_yaml_file, load_yaml_text
 LAST_NAME = "checkpoint.pth.tar"
 BEST_NAME = "checkpoint_best_loss.pth.tar"
 
-__all__ = ["SCHEMA", "load_config", "parse_config", "apply_overrides", "block_defaults",
+__all__ = ["SCHEMA", "load_config", "parse_config", "apply_overrides",
            "rename_legacy_keys", "resolve_paths", "to_plain_dict"]
 
 # The CPS authors' names for keys this repository renamed: (block, authors' key, ours).
@@ -142,11 +142,6 @@ def parse_config(raw: Any, source: str = "config") -> EasyDict:
     cfg, problems = _validate(raw, source)
     _raise_if_any(problems, source)
     return EasyDict(cfg)
-
-
-def block_defaults(block: str) -> EasyDict:
-    """The default values of one block of :data:`SCHEMA` (blocks without required keys)."""
-    return EasyDict({key: copy.deepcopy(spec.default) for key, spec in SCHEMA[block].items()})
 
 
 def _override(raw: dict, assignment: str) -> None:
