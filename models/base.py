@@ -30,9 +30,14 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
   included) or, as CompressAI's ``eval_model`` counts it, from the rANS strings.
 * ``config`` and ``from_state_dict``: the constructor arguments a checkpoint stores,
   and a model rebuilt from weights alone (whose ``config`` must equal the stored one).
+* ``update(force=True)``, CompressAI's: every registered model is also a CompressAI
+  ``CompressionModel``, whose ``update`` builds the entropy tables that the loader,
+  the trainer and the release call before coding.
 
-Adding an architecture means subclassing this, implementing ``encode``/``decode``
-and registering the class (``models/registry.py``).
+Adding an architecture means subclassing this and a CompressAI model, implementing
+``encode``/``decode`` and registering the class (``models/registry.py``).
+:class:`ClosedLoopTrainable` is the further contract of the models that asymptotic
+closed-loop training (``training_mode: acl``) can train.
 """
 
 import abc
@@ -148,6 +153,29 @@ class LearnedCodec(nn.Module, abc.ABC):
     @abc.abstractmethod
     def from_state_dict(cls, state_dict) -> "LearnedCodec":
         """The model whose sizes are read from ``state_dict``, with those weights loaded."""
+
+
+class ClosedLoopTrainable(abc.ABC):
+    """What asymptotic closed-loop training (ACL, Kamisli et al. 2024) needs of a
+    block-based model besides :class:`LearnedCodec`: an open-loop pass whose blocks
+    see a given context as their decoded neighbours, and the closed-loop
+    reconstruction the decoder would produce. ``training_mode: acl`` refuses models
+    that do not implement it."""
+
+    block_size: int  # pixels per side of one block
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, x_ctx: Optional[Tensor] = None) -> dict:
+        """``{"x_hat", "likelihoods"}`` of images (N, 3, H, W) in [0, 1] whose blocks
+        see ``x_ctx``'s blocks (same shape; ``x`` if None) as their neighbours."""
+
+    @abc.abstractmethod
+    def closed_loop(self, x: Tensor, tile_blocks: int = 0,
+                    context_bits: Optional[int] = None) -> dict:
+        """``{"x_hat", "likelihoods"}`` of (1, 3, H, W) when every block sees the
+        reconstructions of the blocks coded before it (``tile_blocks``: code tiles of
+        that many blocks a side independently, 0 the whole image; ``context_bits``:
+        round the context to that many bits, None keeps floats)."""
 
 
 def check_image(image: Tensor) -> None:

@@ -8,6 +8,8 @@ authors call their network ``cps-v4``.
 import inspect
 from typing import Callable, Dict, Type
 
+from compressai.models import CompressionModel
+
 from models.base import LearnedCodec
 
 MODELS: Dict[str, Type[LearnedCodec]] = {}
@@ -16,10 +18,11 @@ MODELS: Dict[str, Type[LearnedCodec]] = {}
 def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], Type[LearnedCodec]]:
     """Class decorator that registers a model under ``name`` and its ``aliases``.
 
-    Only complete :class:`models.base.LearnedCodec` subclasses are accepted (every
-    abstract member implemented): the scripts reach a model through that contract
-    alone, so anything else would fail later, deep inside ``train.py``, ``codec.py``
-    or ``test.py``.
+    Only complete :class:`models.base.LearnedCodec` subclasses that are also CompressAI
+    ``CompressionModel``s are accepted (every abstract member implemented, and
+    ``update()`` for the entropy tables): the scripts reach a model through that
+    contract alone, so anything else would fail later, deep inside ``train.py``,
+    ``codec.py`` or ``test.py``.
     """
 
     def decorator(cls: Type[LearnedCodec]) -> Type[LearnedCodec]:
@@ -29,6 +32,9 @@ def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], T
             missing = ", ".join(sorted(cls.__abstractmethods__))
             raise TypeError(f"model {name!r}: {cls.__name__} does not implement {missing} "
                             f"(abstract in models.base.LearnedCodec)")
+        if not issubclass(cls, CompressionModel):
+            raise TypeError(f"model {name!r}: {cls.__name__} is not a CompressAI "
+                            "CompressionModel, whose update() builds the entropy tables")
         taken = [key for key in (name, *aliases) if key in MODELS]
         if taken:
             raise ValueError(f"model name {taken[0]!r} is already registered")

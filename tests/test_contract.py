@@ -84,6 +84,15 @@ def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
                                         "from_state_dict"):
         models.register_model("no-coder")(NoCoder)
 
+    # Complete, but the loader and the trainer could not build its entropy tables.
+    class NoTables(LearnedCodec):
+        downsampling_factor, config = 16, {}
+        encode = decode = from_state_dict = None
+
+    with pytest.raises(TypeError, match="NoTables is not a CompressAI CompressionModel"):
+        models.register_model("no-tables")(NoTables)
+    assert "no-tables" not in models.MODELS
+
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_architecture_rebuilds_its_config_from_its_weights(name):

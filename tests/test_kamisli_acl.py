@@ -115,6 +115,15 @@ def test_a_model_config_acl_cannot_build_is_refused_as_in_open_loop(tmp_path, ch
         run_acl(cfg, torch.device("cpu"), lambda _: None)
 
 
+def test_acl_refuses_a_model_without_the_closed_loop_contract(tmp_path):
+    cfg = config(tmp_path)
+    cfg["model"] = {"name": "cps", "kwargs": {}}
+    cfg["train_params"]["crop_size"] = 64
+    with pytest.raises(ValueError, match="ACL training needs a block-based model that "
+                                         "implements models.base.ClosedLoopTrainable"):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)
+
+
 def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
     write_images(tmp_path / "x", 1, (20, 28), seed=2)
     original = str(tmp_path / "x" / "img0.png")

@@ -3,9 +3,11 @@
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
+import yaml
 
 from models.base import CodingPlan
 from models.kamisli2024.coding import BlockCoder
@@ -178,9 +180,14 @@ def test_bad_requests_are_one_line_errors():
 def test_the_benchmark_times_both_orders_and_checks_they_agree(tmp_path):
     from benchmarks import kamisli_decoding
 
+    # A preset shrunk to N=8, M=4: the benchmark reads it as train.py does.
+    preset = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                          "kamisli_B4_KS3311_N512M96.yaml")
     config = tmp_path / "tiny.yaml"
-    config.write_text("train_params: {N: 8}\nmodel: {name: kamisli2024, kwargs: "
-                      "{block_size: 4, M: 4, kernel_sizes: [3, 3, 1, 1]}}\n")
+    with open(preset, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    raw["train_params"]["N"], raw["model"]["kwargs"]["M"] = 8, 4
+    config.write_text(yaml.safe_dump(raw))
     output = tmp_path / "bench.json"
     assert kamisli_decoding.main(["--config", str(config), "--size", "40x22",
                                   "--reference-rows", "2", "--output", str(output)]) == 0

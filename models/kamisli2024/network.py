@@ -36,7 +36,7 @@ from compressai.layers import GDN
 from compressai.models import CompressionModel
 from torch import Tensor, nn
 
-from models.base import CodingPlan, LearnedCodec, check_image
+from models.base import ClosedLoopTrainable, CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.kamisli2024.coding import BlockCoder, BlockPayload
 from models.kamisli2024.layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
@@ -99,7 +99,7 @@ def _join_tiles(x: Tensor, rows: int, cols: int) -> Tensor:
 
 
 @register_model("kamisli2024", "lbbic")
-class Kamisli2024(LearnedCodec, CompressionModel):
+class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
     """Block-based codec with block-level masked convolutions.
 
     Args:

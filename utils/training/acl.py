@@ -43,8 +43,8 @@ from datasets import list_split
 from datasets.context_pairs import ContextPairs
 from datasets.sampler import epoch_seed
 from datasets.workers import leave_process_group
+from models.base import ClosedLoopTrainable
 from models.checkpoint import load_state_dict_into, read_checkpoint_file, unwrap_state_dict
-from models.kamisli2024 import Kamisli2024
 from utils.atomic import atomic_torch_save
 from utils.cli import prepare_output_folder
 from utils.image_io import to_uint8, write_png
@@ -184,9 +184,10 @@ class _Run:
         self.settings, self.device, self.log, self.config = settings, device, log, cfg
         torch.manual_seed(params["seed"])  # the same initial weights in every run
         self.model = build_configured_model(cfg)
-        if not isinstance(self.model, Kamisli2024):
-            raise ValueError(f"ACL training needs a block-based model such as kamisli2024, "
-                             f"not {model_cfg['name']!r}")
+        if not isinstance(self.model, ClosedLoopTrainable):
+            raise ValueError(f"ACL training needs a block-based model that implements "
+                             f"models.base.ClosedLoopTrainable, such as kamisli2024, not "
+                             f"{model_cfg['name']!r}")
         self.model.to(device)
         self.block_size = self.model.block_size
         self.exp = data["experiment_path"]
