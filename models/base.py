@@ -154,6 +154,13 @@ class LearnedCodec(nn.Module, abc.ABC):
     def from_state_dict(cls, state_dict) -> "LearnedCodec":
         """The model whose sizes are read from ``state_dict``, with those weights loaded."""
 
+    @classmethod
+    def holds_published_weights(cls, state_dict) -> bool:
+        """Whether ``state_dict`` is in the layout of this architecture's published
+        files, which name no architecture: ``load_checkpoint`` then picks this one.
+        False unless a model's authors published files under their own names."""
+        return False
+
 
 class ClosedLoopTrainable(abc.ABC):
     """What asymptotic closed-loop training (ACL, Kamisli et al. 2024) needs of a

@@ -17,7 +17,7 @@ import torch
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import Tensor, nn
 
-from models.registry import get_model_class
+from models.registry import MODELS, get_model_class
 
 
 class ArchitectureMismatch(ValueError):
@@ -247,14 +247,14 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     """Build the model stored in ``path`` on ``device``, ready for coding (eval mode).
 
     The architecture is ``architecture`` if given, else the ``architecture`` entry our
-    training checkpoints carry, else ``"kamisli2024"`` when the weights use Kamisli's
-    published module names and ``"cps"`` otherwise (published files carry no
-    architecture). The model sizes are inferred from the weights by the class's
-    ``from_state_dict``; a ``model_config`` stored beside them must agree. Weights that
-    do not fit raise :class:`ArchitectureMismatch`, which says how to name another
-    architecture when the name was only assumed. A training run's last state
-    (``checkpoint.pth.tar``, whose quantiles were not solved for coding) loads with a
-    warning.
+    training checkpoints carry, else the registered architecture whose
+    ``holds_published_weights`` recognises the weights (Kamisli's published module
+    names) and ``"cps"`` otherwise (published files carry no architecture). The model
+    sizes are inferred from the weights by the class's ``from_state_dict``; a
+    ``model_config`` stored beside them must agree. Weights that do not fit raise
+    :class:`ArchitectureMismatch`, which says how to name another architecture when
+    the name was only assumed. A training run's last state (``checkpoint.pth.tar``,
+    whose quantiles were not solved for coding) loads with a warning.
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
@@ -263,9 +263,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
         state_dict = unwrap_state_dict(checkpoint)
     except ValueError as exc:
         raise ValueError(f"checkpoint {path}: {exc}") from None
-    # The authors' files carry no architecture: Kamisli's use their own module names.
-    name = architecture or checkpoint.get("architecture") or (
-        "kamisli2024" if "prtr_forward1.weight" in state_dict else "cps")
+    name = architecture or checkpoint.get("architecture") or _published_architecture(state_dict)
     if not isinstance(name, str):
         raise ValueError(f"checkpoint {path}: 'architecture' must be a model name string, "
                          f"got {type(name).__name__} {name!r}")
@@ -286,6 +284,15 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
                       "run's checkpoint_best_loss.pth.tar, or resume and let it validate",
                       stacklevel=2)
     return model.to(device).eval()
+
+
+def _published_architecture(state_dict: dict) -> str:
+    """The architecture of a file that names none (the authors' published files): the
+    one that recognises its layout (Kamisli's module names), else ``cps``."""
+    for cls in dict.fromkeys(MODELS.values()):
+        if cls.holds_published_weights(state_dict):
+            return cls.registry_name
+    return "cps"
 
 
 def _model_from_weights(path: str, name: str, state_dict: dict) -> nn.Module:

@@ -335,6 +335,11 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         return image.contiguous()
 
     @classmethod
+    def holds_published_weights(cls, state_dict) -> bool:
+        """The authors' files use their module names (``prtr_forward1``, ...)."""
+        return is_authors_layout(state_dict)
+
+    @classmethod
     def from_state_dict(cls, state_dict):
         """Build the model whose sizes are read from the weights, then load them.
 
