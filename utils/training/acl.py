@@ -293,7 +293,7 @@ def finish_iteration(state: ACLState, settings: Mapping, optimizer) -> None:
 
 
 def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
-    s, k = run.settings, state.iteration
+    settings, k = run.settings, state.iteration
     if state.iteration_epochs == 0 and state.mode == "ol_loss":
         state.best_ol = math.inf
     val_loader = DataLoader(run.val_pairs(k), batch_size=1)
@@ -301,7 +301,7 @@ def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
         # quantisation noise: resumable per epoch
         torch.manual_seed(epoch_seed(run.seed, state.epoch))
         train = train_epoch(run.model, run.train_loader(k, state.epoch), optimizer, run.criterion,
-                            run.device, state.chained, s.clip_value)
+                            run.device, state.chained, settings.clip_value)
         state.epoch += 1
         state.iteration_epochs += 1
         open_loop = open_loop_loss(run.model, val_loader, run.criterion, run.device)
@@ -312,9 +312,9 @@ def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
             run.save_model(f"model_best_acl_{k}.pth.tar", acl_iteration=k, loss=open_loop)
         else:
             state.ol_stale += 1
-        if state.epoch % max(1, s.closed_loop_every - k) == 0:
+        if state.epoch % max(1, settings.closed_loop_every - k) == 0:
             closed = closed_loop_loss(run.model, val_loader, run.criterion, run.device,
-                                      s.closed_loop_tile)
+                                      settings.closed_loop_tile)
             record["closed_loop"] = closed
             if closed < state.best_cl:
                 state.best_cl, state.cl_stale = closed, 0
@@ -325,10 +325,10 @@ def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
         run.log(f"acl iteration {k} epoch {state.epoch}: " +
                 ", ".join(f"{key} {value:.4f}" for key, value in record.items()
                           if isinstance(value, float)))
-        done = _converged(state, s, open_loop) or (
-            0 < s.max_epochs_per_iteration <= state.iteration_epochs)
+        done = _converged(state, settings, open_loop) or (
+            0 < settings.max_epochs_per_iteration <= state.iteration_epochs)
         if done:
-            finish_iteration(state, s, optimizer)
+            finish_iteration(state, settings, optimizer)
         run.save_state(state, optimizer, scheduler)
         if done:
             return

@@ -69,44 +69,44 @@ class Trainer:
     def __init__(self, cfg, ctx: distributed.DistContext, log=None):
         self.cfg, self.ctx = cfg, ctx
         self.log_stream = log or sys.stderr
-        td, tp = cfg.train_data, cfg.train_params
-        self.exp = td.experiment_path
+        data, params = cfg.train_data, cfg.train_params
+        self.exp = data.experiment_path
         last, best = os.path.join(self.exp, LAST_NAME), os.path.join(self.exp, BEST_NAME)
-        if not td.use_checkpoint_path and os.path.exists(last):
+        if not data.use_checkpoint_path and os.path.exists(last):
             raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
                              "another train_data.experiment_path")
-        if not td.use_checkpoint_path and os.path.exists(best):
+        if not data.use_checkpoint_path and os.path.exists(best):
             raise ValueError(f"{best} exists, which a new run would overwrite: choose another "
                              "train_data.experiment_path, or move that file away")
-        torch.manual_seed(tp.seed)  # identical initial weights on every rank
+        torch.manual_seed(params.seed)  # identical initial weights on every rank
 
-        self.train_set = CropImageFolder(td.data_path, "train", tp.crop_size, True,
-                                         td.small_images, td.max_image_pixels)
-        self.test_set = CropImageFolder(td.data_path, "test", tp.crop_size, False,
-                                        td.small_images, td.max_image_pixels)
+        self.train_set = CropImageFolder(data.data_path, "train", params.crop_size, True,
+                                         data.small_images, data.max_image_pixels)
+        self.test_set = CropImageFolder(data.data_path, "test", params.crop_size, False,
+                                        data.small_images, data.max_image_pixels)
         for ds in (self.train_set, self.test_set):
             if ds.skipped:
-                self.log(f"skipped {ds.skipped} images smaller than {tp.crop_size} px")
-        self.unusable = {name: UnusableImages(ds, name, td.max_bad_fraction, self.log)
+                self.log(f"skipped {ds.skipped} images smaller than {params.crop_size} px")
+        self.unusable = {name: UnusableImages(ds, name, data.max_bad_fraction, self.log)
                          for name, ds in (("training", self.train_set),
                                           ("validation", self.test_set))}
-        self.train_sampler = EpochSampler(len(self.train_set), tp.seed, True, ctx.rank,
+        self.train_sampler = EpochSampler(len(self.train_set), params.seed, True, ctx.rank,
                                           ctx.world_size, pad=True)
-        self.test_sampler = EpochSampler(len(self.test_set), tp.seed, False, ctx.rank,
+        self.test_sampler = EpochSampler(len(self.test_set), params.seed, False, ctx.rank,
                                          ctx.world_size, pad=False)
-        self.steps_per_epoch = self.train_sampler.per_rank() // td.batch_size
+        self.steps_per_epoch = self.train_sampler.per_rank() // data.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images give no full batch of "
-                             f"{td.batch_size} per process ({ctx.world_size} processes)")
+                             f"{data.batch_size} per process ({ctx.world_size} processes)")
 
         self.raw = build_configured_model(cfg).to(ctx.device)
-        if tp.channels_last:
+        if params.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
         # Models with a loss of their own (the layered mei2021 models) bring it.
-        self.criterion = self.raw.default_loss(tp.lmbda, tp.distortion_metric)
+        self.criterion = self.raw.default_loss(params.lmbda, params.distortion_metric)
         self.optimizer, self.aux_optimizer = build_optimizers(
-            self.raw, tp.learning_rate, tp.aux_learning_rate)
-        self.total_steps = tp.max_steps or td.epochs * self.steps_per_epoch
+            self.raw, params.learning_rate, params.aux_learning_rate)
+        self.total_steps = params.max_steps or data.epochs * self.steps_per_epoch
         self.scheduler, self.schedule_per = build_scheduler(
             self.optimizer, cfg.lr_schedule, self.total_steps)
         self.pos = TrainPosition()
@@ -116,9 +116,10 @@ class Trainer:
         self._build_loaders()
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
-                              self.aux_optimizer, tp.clip_max_norm, tp.amp, tp.channels_last,
-                              tp.max_nonfinite_steps, tp.seed, ctx.rank,
-                              cuda_graph=tp.cuda_graphs and ctx.world_size == 1)
+                              self.aux_optimizer, params.clip_max_norm, params.amp,
+                              params.channels_last, params.max_nonfinite_steps, params.seed,
+                              ctx.rank,
+                              cuda_graph=params.cuda_graphs and ctx.world_size == 1)
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
         if ctx.is_main:  # only now: a refused run leaves no empty folder behind
             prepare_output_folder(self.exp, "train_data.experiment_path")
@@ -131,23 +132,23 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _build_loaders(self) -> None:
-        td = self.cfg.train_data
-        self.train_loader = self._loader(self.train_set, self.train_sampler, td.batch_size, True)
-        self.test_loader = self._loader(self.test_set, self.test_sampler, td.test_batch_size,
+        data = self.cfg.train_data
+        self.train_loader = self._loader(self.train_set, self.train_sampler, data.batch_size, True)
+        self.test_loader = self._loader(self.test_set, self.test_sampler, data.test_batch_size,
                                         False)
 
     def _loader(self, dataset, sampler, batch_size: int, train: bool) -> DataLoader:
-        td = self.cfg.train_data
-        workers = td.num_workers
+        data = self.cfg.train_data
+        workers = data.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
                           num_workers=workers, worker_init_fn=leave_process_group,
-                          pin_memory=td.pin_memory and self.ctx.device.type == "cuda",
-                          persistent_workers=td.persistent_workers and workers > 0)
+                          pin_memory=data.pin_memory and self.ctx.device.type == "cuda",
+                          persistent_workers=data.persistent_workers and workers > 0)
 
     def _load_start_state(self) -> None:
-        td = self.cfg.train_data
-        if td.use_checkpoint_path:
-            path = td.use_checkpoint_path
+        data = self.cfg.train_data
+        if data.use_checkpoint_path:
+            path = data.use_checkpoint_path
             checkpoint = read_resume_checkpoint(path)
             restore(checkpoint, self.raw, self.optimizer, self.aux_optimizer, self.scheduler,
                     self.pos, path)
@@ -162,9 +163,9 @@ class Trainer:
                 self.log("warning: the run continues with the changed values; "
                          "train.py --resume CHECKPOINT without --config or --set keeps the "
                          "checkpoint's config")
-        elif td.init_checkpoint_path:
-            init_weights_from(td.init_checkpoint_path, self.raw)
-            self.log(f"initialised weights from {td.init_checkpoint_path}")
+        elif data.init_checkpoint_path:
+            init_weights_from(data.init_checkpoint_path, self.raw)
+            self.log(f"initialised weights from {data.init_checkpoint_path}")
 
     def _check_resume_position(self, path: str, stored: Optional[dict]) -> None:
         """Refuse a resume that cannot continue where the checkpoint stopped.
@@ -174,30 +175,30 @@ class Trainer:
         full batch in the epoch (the loader would then yield nothing, forever). A run
         that already reached ``max_steps`` or ``epochs`` has nothing left to do.
         """
-        td, tp, pos = self.cfg.train_data, self.cfg.train_params, self.pos
+        data, params, pos = self.cfg.train_data, self.cfg.train_params, self.pos
         if pos.epoch_step:
             stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
             count = self.ctx.world_size
             processes = f"{count} process{'es' if count > 1 else ''}"
-            if stored_batch in (None, td.batch_size) and pos.epoch_step >= self.steps_per_epoch:
+            if stored_batch in (None, data.batch_size) and pos.epoch_step >= self.steps_per_epoch:
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch}, but an "
                     f"epoch of this run has {self.steps_per_epoch} batches per process "
-                    f"({len(self.train_set)} training images in {td.data_path}, {processes}): "
+                    f"({len(self.train_set)} training images in {data.data_path}, {processes}): "
                     "fewer images or more processes than when the run began; resume with the "
                     "same folder and process count, or start a new run from its weights with "
                     "--init-from")
-            if stored_batch not in (None, td.batch_size):
+            if stored_batch not in (None, data.batch_size):
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch} with "
                     f"batch_size {stored_batch or 'unknown'}; a mid-epoch resume needs that "
                     f"batch_size and the same process count (this run: batch_size "
-                    f"{td.batch_size}, {processes}), "
+                    f"{data.batch_size}, {processes}), "
                     "or start a new run from its weights with --init-from")
         if self._finished():
-            limit = (f"train_params.max_steps={tp.max_steps}"
-                     if tp.max_steps and pos.global_step >= tp.max_steps
-                     else f"train_data.epochs={td.epochs}")
+            limit = (f"train_params.max_steps={params.max_steps}"
+                     if params.max_steps and pos.global_step >= params.max_steps
+                     else f"train_data.epochs={data.epochs}")
             raise ValueError(f"{path} already finished its run at step {pos.global_step} "
                              f"({limit}); raise that limit with --set to train further")
 
@@ -277,14 +278,15 @@ class Trainer:
     def _fit(self) -> int:
         from tqdm import tqdm
 
-        lg = self.cfg.logging
-        td = self.cfg.train_data
+        log_settings = self.cfg.logging
+        data = self.cfg.train_data
         self.raw.train()
         while not self._finished():
-            self.train_sampler.set_epoch(self.pos.epoch, self.pos.epoch_step * td.batch_size)
+            self.train_sampler.set_epoch(self.pos.epoch, self.pos.epoch_step * data.batch_size)
             bar = tqdm(total=self.steps_per_epoch, initial=self.pos.epoch_step,
                        desc=f"epoch {self.pos.epoch}", dynamic_ncols=True, leave=False,
-                       disable=not (self.ctx.is_main and lg.progress), file=self.log_stream)
+                       disable=not (self.ctx.is_main and log_settings.progress),
+                       file=self.log_stream)
             window, running = _Window(), _Window()  # running: this epoch, for the bar
             for x, skipped in self.train_loader:
                 window.data_done()
@@ -303,7 +305,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{means['loss']:.4f}", bpp=f"{means['bpp']:.3f}",
                                     psnr=f"{means['psnr']:.2f}", refresh=False)
                 bar.update(1)
-                if self.pos.global_step % lg.log_interval == 0:
+                if self.pos.global_step % log_settings.log_interval == 0:
                     self._log_train(window)
                     window = _Window()
                 epoch_done = self.pos.epoch_step == self.steps_per_epoch
