@@ -139,7 +139,7 @@ def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
     container holds, a reading that fits the budget), or a whole ``.cps``/``.cpsl``
     file (its checksum, and that this model wrote it). What only decoding the pixels
     shows (a truncated image) is found in :func:`main`'s loop."""
-    from utils.coding.container import check_model, unpack
+    from utils.coding.container import LayeredImage, check_model, unpack
 
     for source, _ in pairs:
         try:
@@ -148,7 +148,9 @@ def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
                 _check_reading_fits(source, None if args.cuda else plan.budget_bytes)
             else:
                 with open(source, "rb") as handle:
-                    check_model(unpack(handle.read()), model)
+                    payload = unpack(handle.read())
+                # Architecture and checkpoint; the model's decode refuses the wrong kind.
+                check_model(payload, model, layered=isinstance(payload, LayeredImage))
         except ValueError as exc:
             raise ValueError(_naming(source, str(exc))) from None
 

@@ -73,9 +73,7 @@ class ZooCodec(LearnedCodec):
 
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
         """``decompress`` of the strings, cropped back to the original size."""
-        if not isinstance(payload, CompressedImage):
-            raise BitstreamError(f"{self.registry_name} decodes .cps files, not layered ones")
-        self.apply_masks()
+        self.apply_masks()  # before the fingerprint, as when encoding
         check_model(payload, self)
         padded = (payload.height + payload.pad_bottom, payload.width + payload.pad_right)
         if padded[0] % EVAL_MODEL_MULTIPLE or padded[1] % EVAL_MODEL_MULTIPLE \

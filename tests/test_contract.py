@@ -18,7 +18,9 @@ import codec
 import models
 import test as test_script
 from models.base import CodingPlan, LearnedCodec
-from utils.coding.container import BitstreamError, CompressedImage, pack, unpack
+from models.cps.network import CPS
+from utils.coding.container import BitstreamError, CompressedImage, LayeredImage, pack, unpack
+from utils.training.build import build_configured_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,6 +96,55 @@ def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
     assert "no-tables" not in models.MODELS
 
 
+class _ForgetsASetting(CPS):
+    """A setting that is not a layer size, which from_state_dict cannot see."""
+
+    def __init__(self, N=8, brb_kernel_size=3, clamp=False):
+        super().__init__(N=N, brb_kernel_size=brb_kernel_size)
+        self.clamp = clamp
+
+    @property
+    def config(self):
+        return {"N": self.N, "clamp": self.clamp}
+
+
+class _ForwardReturnsATensor(CPS):
+    def forward(self, x):
+        return super().forward(x)["x_hat"]
+
+
+class _LossWithoutRate(CPS):
+    def default_loss(self, lmbda, metric="mse"):
+        return lambda out, x: {"loss": (out["x_hat"] - x).pow(2).mean()}
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (_ForgetsASetting, {"clamp": True}, r"from_state_dict rebuilds config \{'N': 8, 'clamp': "
+                                        r"False\} .* no checkpoint of this run would load"),
+    (_ForwardReturnsATensor, {}, "forward must return a dict with 'x_hat'"),
+    (_LossWithoutRate, {}, "default_loss must return a dict with 'loss' and 'bpp_loss'"),
+])
+def test_training_refuses_a_model_that_breaks_the_contract_before_its_first_step(
+        monkeypatch, cls, kwargs, message):
+    # Found at the start, not at the first checkpoint or the first step hours later.
+    monkeypatch.setitem(models.MODELS, "new-model", cls)
+    cfg = {"model": {"name": "new-model", "kwargs": kwargs},
+           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
+    with pytest.raises(ValueError, match=f"model 'new-model': {message}"):
+        build_configured_model(cfg)
+
+
+def test_the_contract_check_leaves_the_random_draws_of_a_run_unchanged():
+    cfg = {"model": {"name": "cps", "kwargs": {}},
+           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
+    torch.manual_seed(0)
+    checked, next_draw = build_configured_model(cfg), torch.rand(4)
+    torch.manual_seed(0)
+    built, expected_draw = models.build_model("cps", N=8), torch.rand(4)
+    assert torch.equal(checked.g_a[0].conv1.weight, built.g_a[0].conv1.weight)
+    assert torch.equal(next_draw, expected_draw) and checked.training
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_architecture_rebuilds_its_config_from_its_weights(name):
     # load_checkpoint builds models from weights alone and checks them against the
@@ -156,6 +207,13 @@ def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     forged = [dataclasses.replace(payload, height=8 * payload.height, width=8 * payload.width)]
     if isinstance(payload, CompressedImage):  # .cpsl headers store no padding
         forged.append(dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64))
+        # A forged file of the other kind, with this model's name and fingerprint.
+        forged.append(LayeredImage(payload.height, payload.width, payload.architecture,
+                                   payload.fingerprint, 1, [payload.y_string], [0]))
+    else:
+        forged.append(CompressedImage(payload.height, payload.width, 0, 0,
+                                      payload.architecture, payload.fingerprint, "wavefront",
+                                      False, 0, b"", payload.streams[0]))
     for wrong in (foreign, *forged):
         with pytest.raises(BitstreamError):
             model.decode(unpack(pack(wrong)), plan)

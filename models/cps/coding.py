@@ -130,8 +130,6 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
     contiguous). The plan's patch, batch and budget change the memory and the time,
     never the decoded image.
     """
-    if not isinstance(compressed, CompressedImage):
-        raise BitstreamError(f"{model.registry_name} decodes .cps files, not layered ones")
     check_model(compressed, model)
     _check_padding(model, compressed)
     device = model_device(model)

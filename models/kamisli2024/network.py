@@ -313,8 +313,6 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
         """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source, from
         an :meth:`encode` payload; payloads of another model raise ``BitstreamError``."""
-        if not isinstance(payload, CompressedImage):
-            raise BitstreamError(f"{self.registry_name} decodes .cps files, not layered ones")
         check_model(payload, self)
         rows, cols = self.grid_size(payload.height, payload.width)
         if (rows * self.block_size - payload.height, cols * self.block_size - payload.width) != \

@@ -121,7 +121,7 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
     if not 1 <= upto <= stored:
         raise ValueError(f"cannot decode {upto} layers: the file holds {stored} "
                          f"(of {model.num_layers})")
-    check_model(layered, model)
+    check_model(layered, model, layered=True)
     if layered.total_layers != model.num_layers:
         raise BitstreamError(f"the file says the model has {layered.total_layers} layers; "
                              f"this one has {model.num_layers}")
@@ -155,8 +155,7 @@ def decode(model: nn.Module, layered: LayeredImage, plan: CodingPlan) -> Tensor:
     from the streams of that layer and the ones below it only, and cropped to the
     layer's size (the image size for quality models, the pyramid level for spatial
     ones)."""
-    if not isinstance(layered, LayeredImage):
-        raise BitstreamError(f"{model.registry_name} decodes layered .cpsl files, not .cps ones")
+    check_model(layered, model, layered=True)
     stored = len(layered.streams)
     if plan.layers > stored:
         raise ValueError(f"the file holds {stored} layers; cannot decode layer {plan.layers}")

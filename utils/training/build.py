@@ -4,6 +4,8 @@ Kept apart from :mod:`utils.training.config`, which reads and checks configs
 without importing PyTorch (so that ``train.py`` reports config errors at once).
 """
 
+import torch
+
 import models
 
 __all__ = ["build_configured_model"]
@@ -14,8 +16,10 @@ def build_configured_model(cfg):
     ``train_params.N``; both training modes build it here.
 
     Raises:
-        ValueError: the model rejects its kwargs, or the training crop is not a
-            multiple of its :attr:`~models.base.LearnedCodec.downsampling_factor`.
+        ValueError: the model rejects its kwargs, the training crop is not a
+            multiple of its :attr:`~models.base.LearnedCodec.downsampling_factor`, or
+            the model breaks the contract the trainer relies on
+            (:func:`_check_trainable`).
     """
     name, params = cfg["model"]["name"], cfg["train_params"]
     kwargs = dict(cfg["model"]["kwargs"], N=params["N"])
@@ -27,4 +31,47 @@ def build_configured_model(cfg):
     if params["crop_size"] % factor:
         raise ValueError(f"train_params.crop_size={params['crop_size']} must be a "
                          f"multiple of {factor} for model {name!r}")
+    _check_trainable(model, name, params["lmbda"])
     return model
+
+
+def _check_trainable(model, name: str, lmbda: float) -> None:
+    """Refuse, before the first step, a model whose training would fail or produce
+    files nothing can load (a new architecture's mistakes, found in seconds instead
+    of at the first save, hours later):
+
+    * ``from_state_dict`` must rebuild ``config`` from the weights alone, or no
+      checkpoint of the run would load (a setting that is not a layer size must be
+      stored in a buffer, as Mei 2021's ``lmbdas``);
+    * ``forward`` of a ``downsampling_factor``-sided image must give
+      ``{"x_hat", "likelihoods"}`` with ``x_hat`` of the input's shape;
+    * ``default_loss`` must give ``loss`` and ``bpp_loss`` (``mse_loss`` optional).
+
+    The global random generator is left as it was, so the run's draws do not change.
+    """
+    with torch.random.fork_rng(devices=[]):
+        rebuilt = type(model).from_state_dict(model.state_dict()).config
+        if rebuilt != model.config:
+            raise ValueError(f"model {name!r}: from_state_dict rebuilds config {rebuilt} "
+                             f"from the weights, not {model.config}, so no checkpoint of "
+                             "this run would load; store settings that are not layer sizes "
+                             "in buffers")
+        side = model.downsampling_factor
+        x = torch.full((1, 3, side, side), 0.5)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+            if not (isinstance(out, dict) and {"x_hat", "likelihoods"} <= set(out)
+                    and isinstance(out["likelihoods"], dict)):
+                raise ValueError(f"model {name!r}: forward must return a dict with 'x_hat' "
+                                 "and a 'likelihoods' dict, as CompressAI models do")
+            if tuple(out["x_hat"].shape) != tuple(x.shape):
+                raise ValueError(f"model {name!r}: forward of a {side}x{side} image (its "
+                                 f"downsampling_factor) gave x_hat {tuple(out['x_hat'].shape)}")
+            losses = model.default_loss(lmbda)(out, x)
+        model.train(was_training)
+        if not (isinstance(losses, dict) and {"loss", "bpp_loss"} <= set(losses)):
+            raise ValueError(f"model {name!r}: default_loss must return a dict with 'loss' "
+                             "and 'bpp_loss' (and optionally 'mse_loss'), as CompressAI's "
+                             "RateDistortionLoss does")
