@@ -19,8 +19,9 @@ zoo models do not expose their decoded latent, so the container's latent CRC is 
 and unchecked.
 """
 
+import functools
 import inspect
-from typing import Dict, Type
+from typing import Dict, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,6 @@ from utils.stitching.planner import check_whole_image_fits
 
 # CompressAI's eval_model pads every image to this multiple (six stride-2 stages).
 EVAL_MODEL_MULTIPLE = 64
-# Every zoo architecture reaches its latent y after four stride-2 stages and its
-# hyperlatent z after two more: the symbol counts that bound the strings' reads.
-LATENT_STRIDE, HYPERLATENT_STRIDE = 16, 64
 
 
 class ZooCodec(LearnedCodec):
@@ -83,16 +81,34 @@ class ZooCodec(LearnedCodec):
         check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
                                payload.width)
         shape = (padded[0] // self.downsampling_factor, padded[1] // self.downsampling_factor)
-        y_symbols = self.M * padded[0] * padded[1] // LATENT_STRIDE ** 2
+        y_channels, y_stride, z_channels, z_stride = self.latent_layout
+        y_symbols = y_channels * padded[0] * padded[1] // y_stride ** 2
         strings = [[safe_string(payload.y_string, y_symbols, "y")]]
         if payload.z_string:
-            z_symbols = self.N * padded[0] * padded[1] // HYPERLATENT_STRIDE ** 2
+            if not z_stride:
+                raise BitstreamError(f"{self.registry_name} has no hyperprior, but the file "
+                                     "holds a z string")
+            z_symbols = z_channels * padded[0] * padded[1] // z_stride ** 2
             strings.append([safe_string(payload.z_string, z_symbols, "z")])
         with torch.inference_mode():
             x_hat = self.decompress(strings, shape)["x_hat"]
         top, left = payload.pad_bottom // 2, payload.pad_right // 2
         image = to_uint8(x_hat[0, :, top:top + payload.height, left:left + payload.width]).cpu()
         return to_grayscale(image) if payload.grayscale else image.contiguous()
+
+    @functools.cached_property
+    def latent_layout(self) -> Tuple[int, int, int, int]:
+        """(channels, stride) of the latent y and of the hyperlatent z (0, 0 without an
+        ``h_a``), measured once by running the transforms on a small zero image: they
+        bound the symbols a string may hold (``safe_string``), whatever strides a
+        subclass of a zoo class uses."""
+        side = max(self.downsampling_factor, EVAL_MODEL_MULTIPLE)
+        hyper_analysis = self._modules.get("h_a")
+        with torch.no_grad():
+            y = self.g_a(torch.zeros(1, 3, side, side, device=model_device(self)))
+            z = hyper_analysis(y) if hyper_analysis is not None else None
+        layout = (y.shape[1], side // y.shape[-1])
+        return layout + ((z.shape[1], side // z.shape[-1]) if z is not None else (0, 0))
 
     @property
     def downsampling_factor(self) -> int:

@@ -257,3 +257,28 @@ def test_a_compressai_checkpoint_evaluates_as_compressais_eval_model(tmp_path, c
     assert status == 0
     assert ours["bpp"][0] == pytest.approx(reference["bpp"], rel=1e-12)
     assert abs(ours["psnr-rgb"][0] - reference["psnr-rgb"]) <= 0.01
+
+
+def test_a_zoo_subclass_with_other_strides_bounds_its_strings_by_its_own_latent_sizes():
+    # The rANS strings are padded to the symbols the header's size allows; a subclass
+    # whose y has stride 8 holds four times the symbols of the zoo's stride 16.
+    from compressai.models import ScaleHyperprior
+    from compressai.models.utils import conv
+
+    from models.zoo import ZooCodec
+
+    class FinerHyperprior(ZooCodec, ScaleHyperprior):
+        zoo_class = ScaleHyperprior
+
+        def __init__(self, N=8, M=8):
+            super().__init__(N=N, M=M)
+            self.g_a = torch.nn.Sequential(conv(3, N), torch.nn.ReLU(), conv(N, N),
+                                           torch.nn.ReLU(), conv(N, M))
+
+        from_state_dict = None
+
+    assert models.get_model_class("bmshj2018-hyperprior")(N=8, M=12).latent_layout == \
+        (12, 16, 8, 64)
+    assert models.get_model_class("bmshj2018-factorized")(N=8, M=12).latent_layout == \
+        (12, 16, 0, 0)
+    assert FinerHyperprior().latent_layout == (8, 8, 8, 32)
