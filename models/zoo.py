@@ -51,6 +51,14 @@ class ZooCodec(LearnedCodec):
     rate_includes_container = False
     zoo_class: Type[nn.Module]  # the CompressAI class this one extends
 
+    def __init_subclass__(cls, **kwargs):
+        """Refuse at once a subclass that names no ``zoo_class``: its members read it,
+        and would otherwise fail on first use with a misleading AttributeError."""
+        super().__init_subclass__(**kwargs)
+        if not isinstance(getattr(cls, "zoo_class", None), type):
+            raise TypeError(f"{cls.__name__} must set zoo_class, the CompressAI class it "
+                            "extends (e.g. zoo_class = FactorizedPrior)")
+
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
         """The rANS strings of ``compress`` on the zero-padded image; the plan's
         ``grayscale`` and budget apply, its patching does not (whole image)."""

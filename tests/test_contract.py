@@ -282,3 +282,13 @@ def test_a_zoo_subclass_with_other_strides_bounds_its_strings_by_its_own_latent_
     assert models.get_model_class("bmshj2018-factorized")(N=8, M=12).latent_layout == \
         (12, 16, 0, 0)
     assert FinerHyperprior().latent_layout == (8, 8, 8, 32)
+
+
+def test_a_zoo_subclass_that_names_no_zoo_class_is_refused_where_it_is_defined():
+    from compressai.models import FactorizedPrior
+
+    from models.zoo import ZooCodec
+
+    with pytest.raises(TypeError, match="Forgot must set zoo_class, the CompressAI class"):
+        class Forgot(ZooCodec, FactorizedPrior):
+            pass
