@@ -161,6 +161,7 @@ def _naming(source: str, message: str) -> str:
 
 
 def encode(args, model, plan, source: str, target: str) -> str:
+    from models.base import check_payload
     from utils.atomic import atomic_write_bytes
     from utils.coding.container import pack
     from utils.image_io import read_image
@@ -169,7 +170,7 @@ def encode(args, model, plan, source: str, target: str) -> str:
     for change in info.conversions:
         print(f"warning: {source}: {change}", file=sys.stderr)
     start = time.perf_counter()
-    payload = model.encode(image, plan.with_(grayscale=info.grayscale))
+    payload = check_payload(model, model.encode(image, plan.with_(grayscale=info.grayscale)))
     data = pack(payload)
     seconds = time.perf_counter() - start
     atomic_write_bytes(target, data)
@@ -185,6 +186,7 @@ def encode(args, model, plan, source: str, target: str) -> str:
 
 
 def decode(args, model, plan, source: str, target: str) -> str:
+    from models.base import check_decoded
     from utils.coding.container import LayeredImage, unpack
     from utils.image_io import write_png
 
@@ -192,7 +194,7 @@ def decode(args, model, plan, source: str, target: str) -> str:
         data = handle.read()
     start = time.perf_counter()
     payload = unpack(data)
-    image = model.decode(payload, plan)
+    image = check_decoded(model, payload, model.decode(payload, plan))
     seconds = time.perf_counter() - start
     write_png(target, image)
     if isinstance(payload, LayeredImage):

@@ -50,7 +50,7 @@ from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
-from utils.coding.container import Payload, check_size
+from utils.coding.container import CompressedImage, LayeredImage, Payload, check_size
 from utils.stitching.spec import PatchSpec
 
 
@@ -183,6 +183,39 @@ class ClosedLoopTrainable(abc.ABC):
         reconstructions of the blocks coded before it (``tile_blocks``: code tiles of
         that many blocks a side independently, 0 the whole image; ``context_bits``:
         round the context to that many bits, None keeps floats)."""
+
+
+def check_payload(model: LearnedCodec, payload) -> Payload:
+    """``payload`` if ``encode`` returned one of the container's types; else a
+    RuntimeError naming the model (a bug in the model, not in the image)."""
+    if not isinstance(payload, (CompressedImage, LayeredImage)):
+        raise RuntimeError(f"{model.registry_name}'s encode returned a "
+                           f"{type(payload).__name__}, not a CompressedImage or LayeredImage "
+                           "(models/base.py)")
+    return payload
+
+
+def check_decoded(model: LearnedCodec, payload: Payload, image) -> Tensor:
+    """``image`` if ``decode`` kept the contract; else a RuntimeError naming the model
+    (a bug in the model, which must not pass for a damaged file or be written out).
+
+    The contract: a uint8 tensor (3, H, W), or (1, H, W) for a grayscale source, of
+    the header's size; a layered file's layer may be smaller (a pyramid level).
+    """
+    channels = 1 if payload.grayscale else 3
+    kept = (isinstance(image, Tensor) and image.dtype == torch.uint8 and image.dim() == 3
+            and image.shape[0] == channels)
+    if kept and isinstance(payload, LayeredImage):
+        kept = image.shape[1] <= payload.height and image.shape[2] <= payload.width
+    elif kept:
+        kept = tuple(image.shape[1:]) == (payload.height, payload.width)
+    if not kept:
+        got = (f"a {image.dtype} tensor {tuple(image.shape)}" if isinstance(image, Tensor)
+               else f"a {type(image).__name__}")
+        raise RuntimeError(f"{model.registry_name}'s decode returned {got} for a "
+                           f"{payload.width}x{payload.height} file; the contract is a uint8 "
+                           f"({channels}, H, W) tensor of the file's size (models/base.py)")
+    return image
 
 
 def check_image(image: Tensor) -> None:

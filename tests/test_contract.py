@@ -191,6 +191,56 @@ def test_every_architecture_evaluates_through_test_py(tmp_path, photo, capsys, n
     assert all(bpp > 0 for bpp in document["results"]["bpp"])
 
 
+class _DecodesARowShort(CPS):
+    def decode(self, payload, plan):
+        return super().decode(payload, plan)[:, :-1]
+
+
+class _EncodesADict(CPS):
+    def encode(self, image, plan):
+        return dataclasses.asdict(super().encode(image, plan))
+
+
+@pytest.fixture
+def new_model_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint of architecture 'new-model', registered as the class given."""
+
+    def register(cls):
+        monkeypatch.setitem(models.MODELS, "new-model", cls)
+        monkeypatch.setattr(cls, "registry_name", "new-model")
+        checkpoint = tmp_path / "new.pth.tar"
+        torch.save({"architecture": "new-model", "state_dict": small_model("cps").state_dict()},
+                   checkpoint)
+        return str(checkpoint)
+
+    return register
+
+
+def test_a_model_breaking_the_contract_is_named_and_writes_nothing(tmp_path, photo, capsys,
+                                                                   new_model_checkpoint):
+    # A model bug must not pass for a damaged file, nor leave a PNG a row short.
+    checkpoint = new_model_checkpoint(_DecodesARowShort)
+    encoded, decoded = tmp_path / "in.cps", tmp_path / "out.png"
+    assert codec.main(["encode", str(photo), str(encoded), "-p", checkpoint]) == 0
+    capsys.readouterr()
+    assert codec.main(["decode", str(encoded), str(decoded), "-p", checkpoint]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("new-model's decode returned a torch.uint8 tensor (3, 69, 90) for "
+                            "a 90x70 file; the contract is a uint8 (3, H, W) tensor of the "
+                            "file's size (models/base.py)")
+    assert not decoded.exists()
+    status = test_script.main(["checkpoint", "--dataset", str(photo.parent), "-p", checkpoint,
+                               "--no-progress", "--max-memory", "none"])
+    assert status == 1 and "new-model's decode returned" in capsys.readouterr().err
+
+    checkpoint = new_model_checkpoint(_EncodesADict)
+    assert codec.main(["encode", str(photo), str(tmp_path / "b.cps"), "-p", checkpoint]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "new-model's encode returned a dict, not a CompressedImage or LayeredImage "
+        "(models/base.py)")
+    assert not (tmp_path / "b.cps").exists()
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     # What the contract promises the scripts whatever the model: bad images and files

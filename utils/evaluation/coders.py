@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from models import get_model_class
-from models.base import CodingPlan
+from models.base import CodingPlan, check_decoded, check_payload
 from utils.coding.container import LayeredImage, pack, unpack
 from utils.device import model_device
 from utils.evaluation.metrics import likelihood_bits
@@ -158,10 +158,12 @@ class ModelCoder(Coder):
     def code(self, image: Tensor) -> Coded:
         with PeakMemory(self.device) as coding:
             start = _clock(self.device)
-            payload = self.model.encode(image, self.plan)
+            payload = check_payload(self.model, self.model.encode(image, self.plan))
             data = pack(payload)
             middle = _clock(self.device)
-            reconstruction = self.model.decode(unpack(data), self.plan).cpu()
+            decoded = unpack(data)
+            reconstruction = check_decoded(self.model, decoded,
+                                           self.model.decode(decoded, self.plan)).cpu()
             end = _clock(self.device)
         coded = Coded(bits=8.0 * (len(data) if self.count_header else payload.stream_bytes),
                       reconstruction=reconstruction, encoding_time=middle - start,
@@ -169,7 +171,9 @@ class ModelCoder(Coder):
                       peak_mb=coding.peak_mb)
         if self.verify:
             with PeakMemory(self.device) as verification:
-                again = self.model.decode(unpack(data), verification_plan(self.model, self.plan))
+                decoded = unpack(data)
+                again = check_decoded(self.model, decoded, self.model.decode(
+                    decoded, verification_plan(self.model, self.plan)))
             coded.verification_peak_mb = verification.peak_mb
             _check_same(reconstruction, again.cpu(), "a second decode with another patch plan "
                                                      "gives other pixels")
