@@ -7,9 +7,11 @@ import models
 from utils.stitching.geometry import (
     analysis_layers,
     check_patch_size,
+    check_synthesis_reach,
     geometry_from_layers,
     model_geometry,
     plan_patches,
+    synthesis_reach,
     tile_axis,
 )
 
@@ -166,3 +168,69 @@ def test_a_patch_size_of_zero_processes_that_axis_whole():
     patches = plan_patches(12, 30, (0, 96), geometry)
     assert {(row.start, row.stop) for row, _ in patches} == {(0, 12)}
     assert len({(col.start, col.stop) for _, col in patches}) > 1
+
+
+def _deeper_cps(analysis: bool, synthesis: bool):
+    """CPS with one more BRB at 1/8 scale in g_a, in g_s, or in both."""
+    from models.cps.layers import BRB
+    from models.cps.network import CPS
+
+    class DeeperCPS(CPS):
+        def __init__(self, N=8, brb_kernel_size=3):
+            super().__init__(N=N, brb_kernel_size=brb_kernel_size)
+            if analysis:
+                self.g_a.insert(6, BRB(N, N, brb_kernel_size))
+            if synthesis:
+                self.g_s.insert(1, BRB(N, N, brb_kernel_size))
+
+    return DeeperCPS
+
+
+@pytest.mark.parametrize("brb_kernel_size, reach", [(3, 2), (1, 0)])
+def test_the_measured_synthesis_reach_is_the_margin_of_the_analysis(brb_kernel_size, reach):
+    model = models.build_model("cps", N=8, brb_kernel_size=brb_kernel_size)
+    assert synthesis_reach(model) == model_geometry(model).margin == reach
+    check_synthesis_reach(model)
+
+
+def test_a_decoder_reaching_further_than_the_encoder_margin_is_refused(monkeypatch):
+    # Patch-wise decoding would differ from the whole image's at every seam.
+    deeper_decoder = _deeper_cps(analysis=False, synthesis=True)()
+    assert synthesis_reach(deeper_decoder) == 3 and model_geometry(deeper_decoder).margin == 2
+    message = ("g_s reads 3 latent positions on each side, more than the 2 that g_a's "
+               "geometry leaves, so patches would leave seams")
+    with pytest.raises(ValueError, match=message):
+        check_synthesis_reach(deeper_decoder)
+    # Training refuses it before its first step.
+    from utils.training.build import build_configured_model
+
+    monkeypatch.setitem(models.MODELS, "deeper-decoder", type(deeper_decoder))
+    cfg = {"model": {"name": "deeper-decoder", "kwargs": {}},
+           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
+    with pytest.raises(ValueError, match=f"model 'deeper-decoder': {message}"):
+        build_configured_model(cfg)
+
+
+def test_a_cps_variant_with_deeper_transforms_codes_patch_wise_bit_exactly():
+    """A researcher's variant (one more BRB at 1/8 scale on each side) gets its own
+    geometry, r = 104 and a 96 px overlap, and patches still give the whole-image file
+    and image bit for bit: nothing of the paper's 72/64 is assumed anywhere."""
+    from models.base import CodingPlan
+    from utils.coding.container import pack, unpack
+    from utils.stitching.spec import PatchSpec
+
+    torch.manual_seed(0)
+    model = _deeper_cps(analysis=True, synthesis=True)()
+    check_synthesis_reach(model)
+    model.update(force=True)
+    model.eval()
+    geometry = model_geometry(model)
+    assert (geometry.receptive_field, geometry.scale, geometry.overlap) == (104, 16, 96)
+    image = torch.randint(0, 256, (3, 150, 230), dtype=torch.uint8)
+    whole = CodingPlan(patch=PatchSpec(0))
+    data = pack(model.encode(image, whole))
+    decoded = model.decode(unpack(data), whole)
+    for size in (128, 160):
+        patched = CodingPlan(patch=PatchSpec(size))
+        assert pack(model.encode(image, patched)) == data
+        assert torch.equal(model.decode(unpack(data), patched), decoded)

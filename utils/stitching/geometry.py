@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, List, Tuple, Union
 
+import torch
 from compressai.layers import GDN
 from torch import nn
 
@@ -95,8 +96,49 @@ def geometry_from_layers(layers: Iterable[Layer]) -> PopsGeometry:
 
 
 def model_geometry(model: nn.Module) -> PopsGeometry:
-    """Geometry of ``model.g_a``; the synthesis transform mirrors it (tested)."""
+    """Geometry of ``model.g_a``; the synthesis transform must reach no further
+    (:func:`check_synthesis_reach`)."""
     return geometry_from_layers(analysis_layers(model.g_a))
+
+
+def synthesis_reach(model: nn.Module) -> int:
+    """Latent positions on each side that the pixels of one latent position read
+    through ``model.g_s``, measured on the transform itself.
+
+    One latent column is perturbed and the output columns that move, [c*rho + a,
+    c*rho + b], give the dependency of every column by translation; the pixels of
+    column q then read the columns q + d for the integers d with -b <= d*rho <=
+    rho - 1 - a. Measured rather than derived, so that any block of ``g_s`` counts
+    without declaring its path; a model's own weights on a random latent, with
+    perturbations of both signs, leave no dependency unseen.
+    """
+    geometry = model_geometry(model)
+    scale, columns = geometry.scale, 2 * (geometry.margin + 6) + 1
+    probe = columns // 2
+    parameter = next(model.g_s.parameters())
+    base = torch.randn(1, model.M, 3, columns, generator=torch.Generator().manual_seed(0))
+    batch = base.repeat(3, 1, 1, 1)
+    batch[1, :, :, probe] += 4.0
+    batch[2, :, :, probe] -= 4.0
+    was_training = model.g_s.training
+    model.g_s.eval()
+    with torch.no_grad():
+        output = model.g_s(batch.to(parameter.device, parameter.dtype)).float().cpu()
+    model.g_s.train(was_training)
+    moved = ((output[1:] != output[:1]).any(0).flatten(0, 1).any(0)).nonzero().flatten()
+    first, last = int(moved[0]) - probe * scale, int(moved[-1]) - probe * scale
+    return max(last // scale, (scale - 1 - first) // scale)
+
+
+def check_synthesis_reach(model: nn.Module) -> None:
+    """Refuse a POPS model whose ``g_s`` reads more latent positions on a side than the
+    margin ``g_a``'s geometry leaves: its patch-wise decode would differ from the
+    whole image's at every seam (a researcher's deeper decoder, say)."""
+    margin, reach = model_geometry(model).margin, synthesis_reach(model)
+    if reach > margin:
+        raise ValueError(f"g_s reads {reach} latent positions on each side, more than the "
+                         f"{margin} that g_a's geometry leaves, so patches would leave seams: "
+                         "give g_a at least g_s's reach, or set supports_patches = False")
 
 
 @dataclass(frozen=True)

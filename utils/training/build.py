@@ -7,6 +7,7 @@ without importing PyTorch (so that ``train.py`` reports config errors at once).
 import torch
 
 import models
+from utils.stitching.geometry import check_synthesis_reach
 
 __all__ = ["build_configured_model"]
 
@@ -45,7 +46,9 @@ def _check_trainable(model, name: str, lmbda: float) -> None:
       stored in a buffer, as Mei 2021's ``lmbdas``);
     * ``forward`` of a ``downsampling_factor``-sided image must give
       ``{"x_hat", "likelihoods"}`` with ``x_hat`` of the input's shape;
-    * ``default_loss`` must give ``loss`` and ``bpp_loss`` (``mse_loss`` optional).
+    * ``default_loss`` must give ``loss`` and ``bpp_loss`` (``mse_loss`` optional);
+    * a POPS model's ``g_s`` must reach no further than ``g_a``'s margin
+      (:func:`~utils.stitching.geometry.check_synthesis_reach`).
 
     The global random generator is left as it was, so the run's draws do not change.
     """
@@ -71,6 +74,11 @@ def _check_trainable(model, name: str, lmbda: float) -> None:
                                  f"downsampling_factor) gave x_hat {tuple(out['x_hat'].shape)}")
             losses = model.default_loss(lmbda)(out, x)
         model.train(was_training)
+        if model.supports_patches:
+            try:
+                check_synthesis_reach(model)
+            except ValueError as exc:
+                raise ValueError(f"model {name!r}: {exc}") from None
         if not (isinstance(losses, dict) and {"loss", "bpp_loss"} <= set(losses)):
             raise ValueError(f"model {name!r}: default_loss must return a dict with 'loss' "
                              "and 'bpp_loss' (and optionally 'mse_loss'), as CompressAI's "
