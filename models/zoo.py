@@ -92,10 +92,11 @@ class ZooCodec(LearnedCodec):
         y_channels, y_stride, z_channels, z_stride = self.latent_layout
         y_symbols = y_channels * padded[0] * padded[1] // y_stride ** 2
         strings = [[safe_string(payload.y_string, y_symbols, "y")]]
+        if bool(payload.z_string) != bool(z_stride):
+            raise BitstreamError(f"{self.registry_name} {'has a' if z_stride else 'has no'} "
+                                 f"hyperprior, but the file holds "
+                                 f"{'a' if payload.z_string else 'no'} z string")
         if payload.z_string:
-            if not z_stride:
-                raise BitstreamError(f"{self.registry_name} has no hyperprior, but the file "
-                                     "holds a z string")
             z_symbols = z_channels * padded[0] * padded[1] // z_stride ** 2
             strings.append([safe_string(payload.z_string, z_symbols, "z")])
         with torch.inference_mode():

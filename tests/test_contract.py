@@ -257,6 +257,8 @@ def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     forged = [dataclasses.replace(payload, height=8 * payload.height, width=8 * payload.width)]
     if isinstance(payload, CompressedImage):  # .cpsl headers store no padding
         forged.append(dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64))
+        if payload.z_string:  # a hyperprior's file without its z string
+            forged.append(dataclasses.replace(payload, z_string=b""))
         # A forged file of the other kind, with this model's name and fingerprint.
         forged.append(LayeredImage(payload.height, payload.width, payload.architecture,
                                    payload.fingerprint, 1, [payload.y_string], [0]))
