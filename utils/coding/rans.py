@@ -63,7 +63,7 @@ def max_bytes_read(length: int, symbols: int) -> int:
 
     The bound is tight up to constants: a string of 0xff bytes makes one symbol's
     count loop run over the whole string and the raw loop read 15 nibbles per
-    string nibble, past the end. Hence the padding, ``84 S + 60 length`` bytes
+    string nibble, past the end. Hence the padding, ``84 S + 16 length`` bytes
     roughly, which a decoder holds for the whole decode.
     """
     if length < 0 or symbols < 0:
