@@ -51,7 +51,8 @@ def get_model_class(name: str) -> Type[LearnedCodec]:
         return MODELS[name]
     except KeyError:
         known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown architecture {name!r}; known: {known}") from None
+        raise ValueError(f"unknown architecture {name!r}; known: {known} (a new model "
+                         "registers when models/__init__.py imports its module)") from None
 
 
 def build_model(name: str, **kwargs) -> LearnedCodec:
