@@ -134,6 +134,21 @@ def test_training_refuses_a_model_that_breaks_the_contract_before_its_first_step
         build_configured_model(cfg)
 
 
+class _TakesNoWidth(CPS):
+    def __init__(self, brb_kernel_size=3):
+        super().__init__(N=8, brb_kernel_size=brb_kernel_size)
+
+
+def test_a_model_whose_constructor_takes_no_n_is_told_that_training_passes_it(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "new-model", _TakesNoWidth)
+    cfg = {"model": {"name": "new-model", "kwargs": {}},
+           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
+    with pytest.raises(ValueError, match="unexpected keyword argument 'N'; train.py passes "
+                                         "train_params.N to every model, so its __init__ must "
+                                         "accept N"):
+        build_configured_model(cfg)
+
+
 def test_the_contract_check_leaves_the_random_draws_of_a_run_unchanged():
     cfg = {"model": {"name": "cps", "kwargs": {}},
            "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}

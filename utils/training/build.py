@@ -27,7 +27,9 @@ def build_configured_model(cfg):
     try:
         model = models.build_model(name, **kwargs)
     except TypeError as exc:
-        raise ValueError(f"model {name!r} rejects its kwargs {kwargs}: {exc}") from None
+        hint = ("; train.py passes train_params.N to every model, so its __init__ must "
+                "accept N" if "'N'" in str(exc) else "")
+        raise ValueError(f"model {name!r} rejects its kwargs {kwargs}: {exc}{hint}") from None
     factor = model.downsampling_factor
     if params["crop_size"] % factor:
         raise ValueError(f"train_params.crop_size={params['crop_size']} must be a "
