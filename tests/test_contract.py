@@ -149,15 +149,33 @@ def test_a_model_whose_constructor_takes_no_n_is_told_that_training_passes_it(mo
         build_configured_model(cfg)
 
 
-def test_the_contract_check_leaves_the_random_draws_of_a_run_unchanged():
-    cfg = {"model": {"name": "cps", "kwargs": {}},
+def test_the_contract_check_leaves_the_model_and_the_random_draws_of_a_run_unchanged():
+    from utils.training.build import _check_trainable
+
+    model = models.build_model("cps", N=8)
+    model.g_s[1].eval()  # a part its constructor froze keeps its mode
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    modes = [module.training for module in model.modules()]
+    torch.manual_seed(0)
+    _check_trainable(model, "cps", 0.01)
+    next_draw = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(next_draw, torch.rand(4))
+    assert [module.training for module in model.modules()] == modes
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_a_member_that_raises_during_the_check_is_one_error_naming_the_model(monkeypatch):
+    class ReadsAnotherKey(CPS):
+        @classmethod
+        def from_state_dict(cls, state_dict):
+            return cls(N=state_dict["g_a.0.weight"].size(0))
+
+    monkeypatch.setitem(models.MODELS, "new-model", ReadsAnotherKey)
+    cfg = {"model": {"name": "new-model", "kwargs": {}},
            "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
-    torch.manual_seed(0)
-    checked, next_draw = build_configured_model(cfg), torch.rand(4)
-    torch.manual_seed(0)
-    built, expected_draw = models.build_model("cps", N=8), torch.rand(4)
-    assert torch.equal(checked.g_a[0].conv1.weight, built.g_a[0].conv1.weight)
-    assert torch.equal(next_draw, expected_draw) and checked.training
+    with pytest.raises(ValueError, match="^model 'new-model': KeyError: 'g_a.0.weight'$"):
+        build_configured_model(cfg)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -28,11 +28,26 @@ def test_layer_list_is_read_from_the_network():
 
 
 def test_the_side_multiple_follows_the_strides_of_both_analysis_transforms():
-    model = models.build_model("cps", N=8)
-    assert model.downsampling_factor == 64  # 16 in g_a, 4 in h_a
-    # A researcher's deeper hyper-analysis changes it with no other edit.
-    model.h_a.append(torch.nn.Conv2d(8, 8, kernel_size=2, stride=2))
-    assert model.downsampling_factor == 128
+    assert models.build_model("cps", N=8).downsampling_factor == 64  # 16 in g_a, 4 in h_a
+    # A researcher's deeper hyper-analysis changes it with no other edit; h_a runs on
+    # the whole latent, so it may pad, as CompressAI's hyper-analyses do.
+    deeper = models.build_model("cps", N=8)
+    deeper.h_a.append(torch.nn.Conv2d(8, 8, kernel_size=2, stride=2))
+    assert deeper.downsampling_factor == 128
+    padded = models.build_model("cps", N=8)
+    padded.h_a = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                     torch.nn.Conv2d(8, 8, 5, stride=2, padding=2),
+                                     torch.nn.ReLU(),
+                                     torch.nn.Conv2d(8, 8, 5, stride=2, padding=2))
+    assert padded.downsampling_factor == 64
+    from models.base import CodingPlan
+    from utils.coding.container import pack, unpack
+
+    padded.update(force=True)
+    image = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)
+    plan = CodingPlan()
+    assert padded.eval().decode(unpack(pack(padded.encode(image, plan))), plan).shape == \
+        image.shape
 
 
 def test_pointwise_layers_and_gdn_variants_add_no_reach():
@@ -201,6 +216,12 @@ def test_a_decoder_reaching_further_than_the_encoder_margin_is_refused(monkeypat
                "geometry leaves, so patches would leave seams")
     with pytest.raises(ValueError, match=message):
         check_synthesis_reach(deeper_decoder)
+    # The reach is the architecture's: an added block that starts as the identity
+    # (its convolutions zero) reaches as far once trained.
+    with torch.no_grad():
+        for parameter in deeper_decoder.g_s[1].parameters():
+            parameter.zero_()
+    assert synthesis_reach(deeper_decoder) == 3
     # Training refuses it before its first step.
     from utils.training.build import build_configured_model
 

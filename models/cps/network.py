@@ -23,6 +23,8 @@ contract (:meth:`CPS.encode` / :meth:`CPS.decode`, implemented in
 ``models/cps/coding.py``); CompressAI's ``compress``/``decompress`` are refused.
 """
 
+import functools
+
 import torch
 from compressai.models import JointAutoregressiveHierarchicalPriors
 from torch import Tensor, nn
@@ -32,7 +34,7 @@ from models.checkpoint import load_state_dict_into
 from models.cps import coding
 from models.cps.layers import BRB, EDRB, EURB, CapturableEntropyBottleneck, CausalConv2d
 from models.registry import register_model
-from utils.stitching.geometry import analysis_layers, geometry_from_layers
+from utils.stitching.geometry import model_geometry
 
 # Kernel sizes of the bottleneck residual blocks: the paper's 3 and the ablation's 1.
 BRB_KERNEL_SIZES = (1, 3)
@@ -100,9 +102,20 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
 
     @property
     def downsampling_factor(self) -> int:
-        """Image sides must be multiples of this: the strides of g_a then h_a, read
-        from the layers (16 x 4 = 64 for the paper's network)."""
-        return geometry_from_layers(analysis_layers(self.g_a) + analysis_layers(self.h_a)).scale
+        """Image sides must be multiples of this: the scale of g_a's geometry times
+        what h_a shrinks the latent by (16 x 4 = 64 for the paper's network)."""
+        return model_geometry(self).scale * self._hyper_stride
+
+    @functools.cached_property
+    def _hyper_stride(self) -> int:
+        """How much ``h_a`` shrinks the latent, measured once on a zero latent: ``h_a``
+        runs on the whole latent, never patch by patch, so unlike ``g_a`` it may pad,
+        and its strides are all that count."""
+        parameter = next(self.h_a.parameters())
+        side = 64
+        with torch.no_grad():
+            z = self.h_a(parameter.new_zeros(1, self.M, side, side))
+        return side // z.shape[-1]
 
     @property
     def config(self) -> dict:

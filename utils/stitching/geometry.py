@@ -16,6 +16,7 @@ is interior to the image; :func:`tile_axis` lays patches out so that the parts t
 compute exactly cover the image once.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterable, List, Tuple, Union
@@ -103,29 +104,36 @@ def model_geometry(model: nn.Module) -> PopsGeometry:
 
 def synthesis_reach(model: nn.Module) -> int:
     """Latent positions on each side that the pixels of one latent position read
-    through ``model.g_s``, measured on the transform itself.
+    through ``model.g_s``, measured on a probe copy of the transform.
 
-    One latent column is perturbed and the output columns that move, [c*rho + a,
-    c*rho + b], give the dependency of every column by translation; the pixels of
-    column q then read the columns q + d for the integers d with -b <= d*rho <=
-    rho - 1 - a. Measured rather than derived, so that any block of ``g_s`` counts
-    without declaring its path; a model's own weights on a random latent, with
-    perturbations of both signs, leave no dependency unseen.
+    The copy gets positive weights and a positive latent (double precision), so every
+    path of the architecture carries signal and no trained or zero-initialised weight
+    hides one. One latent column is perturbed, and the output columns that move,
+    [c*rho + a, c*rho + b], give the dependency of every column by translation; the
+    pixels of column q then read the columns q + d for the integers d with -b <= d*rho
+    <= rho - 1 - a. Measured rather than derived, so that any block of ``g_s`` counts
+    without declaring its path.
+
+    Raises:
+        ValueError: the probe's output does not depend on the latent at all.
     """
     geometry = model_geometry(model)
     scale, columns = geometry.scale, 2 * (geometry.margin + 6) + 1
     probe = columns // 2
-    parameter = next(model.g_s.parameters())
-    base = torch.randn(1, model.M, 3, columns, generator=torch.Generator().manual_seed(0))
-    batch = base.repeat(3, 1, 1, 1)
-    batch[1, :, :, probe] += 4.0
-    batch[2, :, :, probe] -= 4.0
-    was_training = model.g_s.training
-    model.g_s.eval()
+    generator = torch.Generator().manual_seed(0)
+    transform = copy.deepcopy(model.g_s).cpu().double().eval()
     with torch.no_grad():
-        output = model.g_s(batch.to(parameter.device, parameter.dtype)).float().cpu()
-    model.g_s.train(was_training)
-    moved = ((output[1:] != output[:1]).any(0).flatten(0, 1).any(0)).nonzero().flatten()
+        for parameter in transform.parameters():
+            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
+            parameter.copy_(torch.rand(parameter.shape, generator=generator,
+                                       dtype=torch.float64).add(0.5).div(fan_in))
+        latent = torch.rand(1, model.M, 3, columns, generator=generator, dtype=torch.float64)
+        batch = latent.repeat(2, 1, 1, 1)
+        batch[1, :, :, probe] += 1.0
+        output = transform(batch)
+    moved = (output[1] != output[0]).flatten(0, 1).any(0).nonzero().flatten()
+    if len(moved) == 0:
+        raise ValueError("g_s's output does not depend on its latent input")
     first, last = int(moved[0]) - probe * scale, int(moved[-1]) - probe * scale
     return max(last // scale, (scale - 1 - first) // scale)
 
@@ -138,7 +146,7 @@ def check_synthesis_reach(model: nn.Module) -> None:
     if reach > margin:
         raise ValueError(f"g_s reads {reach} latent positions on each side, more than the "
                          f"{margin} that g_a's geometry leaves, so patches would leave seams: "
-                         "give g_a at least g_s's reach, or set supports_patches = False")
+                         "give g_a at least g_s's reach")
 
 
 @dataclass(frozen=True)

@@ -52,36 +52,51 @@ def _check_trainable(model, name: str, lmbda: float) -> None:
     * a POPS model's ``g_s`` must reach no further than ``g_a``'s margin
       (:func:`~utils.stitching.geometry.check_synthesis_reach`).
 
-    The global random generator is left as it was, so the run's draws do not change.
+    Each problem, an exception raised by one of those members included, is one
+    ValueError naming the model. The model's weights, buffers and module modes and
+    the global random generator are left as they were, so the run does not change.
     """
-    with torch.random.fork_rng(devices=[]):
-        rebuilt = type(model).from_state_dict(model.state_dict()).config
-        if rebuilt != model.config:
-            raise ValueError(f"model {name!r}: from_state_dict rebuilds config {rebuilt} "
-                             f"from the weights, not {model.config}, so no checkpoint of "
-                             "this run would load; store settings that are not layer sizes "
-                             "in buffers")
-        side = model.downsampling_factor
-        x = torch.full((1, 3, side, side), 0.5)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(x)
-            if not (isinstance(out, dict) and {"x_hat", "likelihoods"} <= set(out)
-                    and isinstance(out["likelihoods"], dict)):
-                raise ValueError(f"model {name!r}: forward must return a dict with 'x_hat' "
-                                 "and a 'likelihoods' dict, as CompressAI models do")
-            if tuple(out["x_hat"].shape) != tuple(x.shape):
-                raise ValueError(f"model {name!r}: forward of a {side}x{side} image (its "
-                                 f"downsampling_factor) gave x_hat {tuple(out['x_hat'].shape)}")
-            losses = model.default_loss(lmbda)(out, x)
-        model.train(was_training)
-        if model.supports_patches:
-            try:
-                check_synthesis_reach(model)
-            except ValueError as exc:
-                raise ValueError(f"model {name!r}: {exc}") from None
-        if not (isinstance(losses, dict) and {"loss", "bpp_loss"} <= set(losses)):
-            raise ValueError(f"model {name!r}: default_loss must return a dict with 'loss' "
-                             "and 'bpp_loss' (and optionally 'mse_loss'), as CompressAI's "
-                             "RateDistortionLoss does")
+    modes = {module: module.training for module in model.modules()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _check_members(model, lmbda)
+    except Exception as exc:  # a new model's bug, reported as the contract's
+        detail = exc if isinstance(exc, _ContractError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"model {name!r}: {detail}") from None
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+class _ContractError(Exception):
+    """A member's result that breaks the contract (the message says which)."""
+
+
+def _check_members(model, lmbda: float) -> None:
+    """The checks of :func:`_check_trainable`; the model is left in eval mode."""
+    rebuilt = type(model).from_state_dict(model.state_dict()).config
+    if rebuilt != model.config:
+        raise _ContractError(f"from_state_dict rebuilds config {rebuilt} from the weights, "
+                             f"not {model.config}, so no checkpoint of this run would load; "
+                             "store settings that are not layer sizes in buffers")
+    side = model.downsampling_factor
+    x = torch.full((1, 3, side, side), 0.5)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        if not (isinstance(out, dict) and {"x_hat", "likelihoods"} <= set(out)
+                and isinstance(out["likelihoods"], dict)):
+            raise _ContractError("forward must return a dict with 'x_hat' and a "
+                                 "'likelihoods' dict, as CompressAI models do")
+        if tuple(out["x_hat"].shape) != tuple(x.shape):
+            raise _ContractError(f"forward of a {side}x{side} image (its downsampling_factor) "
+                                 f"gave x_hat {tuple(out['x_hat'].shape)}")
+        losses = model.default_loss(lmbda)(out, x)
+    if not (isinstance(losses, dict) and {"loss", "bpp_loss"} <= set(losses)):
+        raise _ContractError("default_loss must return a dict with 'loss' and 'bpp_loss' (and "
+                             "optionally 'mse_loss'), as CompressAI's RateDistortionLoss does")
+    if model.supports_patches:
+        try:
+            check_synthesis_reach(model)
+        except ValueError as exc:
+            raise _ContractError(str(exc)) from None
