@@ -194,7 +194,7 @@ def decode(args, model, plan, source: str, target: str) -> str:
         data = handle.read()
     start = time.perf_counter()
     payload = unpack(data)
-    image = check_decoded(model, payload, model.decode(payload, plan))
+    image = check_decoded(model, payload, plan, model.decode(payload, plan))
     seconds = time.perf_counter() - start
     write_png(target, image)
     if isinstance(payload, LayeredImage):

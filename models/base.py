@@ -143,6 +143,11 @@ class LearnedCodec(nn.Module, abc.ABC):
         unless the point is a smaller pyramid level)."""
         return image
 
+    def decoded_size(self, payload: Payload, plan: CodingPlan) -> tuple:
+        """(height, width) that ``decode(payload, plan)`` returns: the header's size,
+        unless the decoded operating point is a smaller pyramid level."""
+        return payload.height, payload.width
+
     @property
     @abc.abstractmethod
     def config(self) -> dict:
@@ -195,26 +200,22 @@ def check_payload(model: LearnedCodec, payload) -> Payload:
     return payload
 
 
-def check_decoded(model: LearnedCodec, payload: Payload, image) -> Tensor:
+def check_decoded(model: LearnedCodec, payload: Payload, plan: CodingPlan, image) -> Tensor:
     """``image`` if ``decode`` kept the contract; else a RuntimeError naming the model
     (a bug in the model, which must not pass for a damaged file or be written out).
 
     The contract: a uint8 tensor (3, H, W), or (1, H, W) for a grayscale source, of
-    the header's size; a layered file's layer may be smaller (a pyramid level).
+    :meth:`LearnedCodec.decoded_size` (the header's size, or a pyramid level's).
     """
     channels = 1 if payload.grayscale else 3
-    kept = (isinstance(image, Tensor) and image.dtype == torch.uint8 and image.dim() == 3
-            and image.shape[0] == channels)
-    if kept and isinstance(payload, LayeredImage):
-        kept = image.shape[1] <= payload.height and image.shape[2] <= payload.width
-    elif kept:
-        kept = tuple(image.shape[1:]) == (payload.height, payload.width)
-    if not kept:
+    height, width = model.decoded_size(payload, plan)
+    if not (isinstance(image, Tensor) and image.dtype == torch.uint8
+            and tuple(image.shape) == (channels, height, width)):
         got = (f"a {image.dtype} tensor {tuple(image.shape)}" if isinstance(image, Tensor)
                else f"a {type(image).__name__}")
         raise RuntimeError(f"{model.registry_name}'s decode returned {got} for a "
                            f"{payload.width}x{payload.height} file; the contract is a uint8 "
-                           f"({channels}, H, W) tensor of the file's size (models/base.py)")
+                           f"({channels}, {height}, {width}) tensor (models/base.py)")
     return image
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 import codec
 import models
 import test as test_script
-from models.base import CodingPlan, LearnedCodec
+from models.base import CodingPlan, LearnedCodec, check_decoded
 from models.cps.network import CPS
 from utils.coding.container import BitstreamError, CompressedImage, LayeredImage, pack, unpack
 from utils.training.build import build_configured_model
@@ -259,8 +259,8 @@ def test_a_model_breaking_the_contract_is_named_and_writes_nothing(tmp_path, pho
     assert codec.main(["decode", str(encoded), str(decoded), "-p", checkpoint]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("new-model's decode returned a torch.uint8 tensor (3, 69, 90) for "
-                            "a 90x70 file; the contract is a uint8 (3, H, W) tensor of the "
-                            "file's size (models/base.py)")
+                            "a 90x70 file; the contract is a uint8 (3, 70, 90) tensor "
+                            "(models/base.py)")
     assert not decoded.exists()
     status = test_script.main(["checkpoint", "--dataset", str(photo.parent), "-p", checkpoint,
                                "--no-progress", "--max-memory", "none"])
@@ -272,6 +272,23 @@ def test_a_model_breaking_the_contract_is_named_and_writes_nothing(tmp_path, pho
         "new-model's encode returned a dict, not a CompressedImage or LayeredImage "
         "(models/base.py)")
     assert not (tmp_path / "b.cps").exists()
+
+
+@pytest.mark.parametrize("name, layers, size", [
+    ("mei2021-quality", 1, (40, 56)), ("mei2021-spatial", 1, (20, 28)),
+    ("mei2021-spatial", 0, (40, 56)), ("cps", 0, (40, 56)),
+])
+def test_a_decoded_image_must_have_exactly_the_size_of_its_operating_point(name, layers, size):
+    model = small_model(name)
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    payload = unpack(pack(model.encode(image, CodingPlan())))
+    plan = CodingPlan(layers=layers)
+    decoded = model.decode(payload, plan)
+    assert model.decoded_size(payload, plan) == size == tuple(decoded.shape[1:])
+    assert check_decoded(model, payload, plan, decoded) is decoded
+    for wrong in (decoded[:, :-1], decoded[:, :1, :1], decoded.float(), decoded[None]):
+        with pytest.raises(RuntimeError, match=f"{name}'s decode returned"):
+            check_decoded(model, payload, plan, wrong)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -33,6 +33,7 @@ from models.mei2021.pyramid import pyramid_sizes
 from utils.coding.container import (
     BitstreamError,
     LayeredImage,
+    check_kind,
     check_model,
     model_fingerprint,
     tensor_crc,
@@ -155,15 +156,21 @@ def decode(model: nn.Module, layered: LayeredImage, plan: CodingPlan) -> Tensor:
     from the streams of that layer and the ones below it only, and cropped to the
     layer's size (the image size for quality models, the pyramid level for spatial
     ones)."""
-    check_model(layered, model, layered=True)
+    check_kind(layered, model, layered=True)  # decode_latents checks the rest
     stored = len(layered.streams)
     if plan.layers > stored:
         raise ValueError(f"the file holds {stored} layers; cannot decode layer {plan.layers}")
     upto = plan.layers or stored
     x_hat = decode_latents(model, layered, upto, plan.budget_bytes)["x_hat"][-1]
-    height, width = layer_sizes(model, layered.height, layered.width)[upto - 1]
+    height, width = decoded_size(model, layered, plan)
     image = to_uint8(x_hat[0, :, :height, :width]).cpu()
     return to_grayscale(image) if layered.grayscale else image
+
+
+def decoded_size(model: nn.Module, layered: LayeredImage, plan: CodingPlan):
+    """(h, w) of the layer :func:`decode` returns for ``plan``."""
+    upto = plan.layers or len(layered.streams)
+    return layer_sizes(model, layered.height, layered.width)[upto - 1]
 
 
 def layer_sizes(model: nn.Module, height: int, width: int):

@@ -159,6 +159,10 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         """One per layer: point k decodes layers 0..k."""
         return self.num_layers
 
+    def decoded_size(self, payload, plan: CodingPlan) -> tuple:
+        """The size of layer ``plan.layers`` (the top stored one for 0)."""
+        return coding.decoded_size(self, payload, plan)
+
     def reference_image(self, image: Tensor, point: int) -> Tensor:
         """The image itself for quality layers, its pyramid level for spatial ones."""
         if all(scale == 1 for scale in self.layer_scales()):

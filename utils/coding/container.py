@@ -192,14 +192,20 @@ def check_size(height: int, width: int) -> None:
                              f"which hold 1 to {MAX_SIDE} pixels a side")
 
 
-def check_model(payload: Payload, model: nn.Module, layered: bool = False) -> None:
-    """Raise :class:`BitstreamError` if ``payload`` was not written by ``model``: a file
-    of the other kind (``.cpsl`` for a model of ``.cps`` files, or the reverse, as
-    ``layered`` says), of another architecture or of another checkpoint."""
+def check_kind(payload: Payload, model: nn.Module, layered: bool = False) -> None:
+    """Raise :class:`BitstreamError` if ``payload`` is not of the kind ``model`` writes
+    (``.cpsl`` for a layered model, as ``layered`` says, ``.cps`` otherwise)."""
     if layered and not isinstance(payload, LayeredImage):
         raise BitstreamError(f"{model.registry_name} decodes layered .cpsl files, not .cps ones")
     if not layered and not isinstance(payload, CompressedImage):
         raise BitstreamError(f"{model.registry_name} decodes .cps files, not layered ones")
+
+
+def check_model(payload: Payload, model: nn.Module, layered: bool = False) -> None:
+    """Raise :class:`BitstreamError` if ``payload`` was not written by ``model``: a file
+    of the other kind (:func:`check_kind`), of another architecture or of another
+    checkpoint."""
+    check_kind(payload, model, layered)
     if payload.architecture != model.registry_name:
         raise BitstreamError(f"file was encoded with architecture {payload.architecture!r}, "
                              f"not {model.registry_name!r}")

@@ -162,7 +162,7 @@ class ModelCoder(Coder):
             data = pack(payload)
             middle = _clock(self.device)
             decoded = unpack(data)
-            reconstruction = check_decoded(self.model, decoded,
+            reconstruction = check_decoded(self.model, decoded, self.plan,
                                            self.model.decode(decoded, self.plan)).cpu()
             end = _clock(self.device)
         coded = Coded(bits=8.0 * (len(data) if self.count_header else payload.stream_bytes),
@@ -171,9 +171,9 @@ class ModelCoder(Coder):
                       peak_mb=coding.peak_mb)
         if self.verify:
             with PeakMemory(self.device) as verification:
-                decoded = unpack(data)
-                again = check_decoded(self.model, decoded, self.model.decode(
-                    decoded, verification_plan(self.model, self.plan)))
+                decoded, plan = unpack(data), verification_plan(self.model, self.plan)
+                again = check_decoded(self.model, decoded, plan,
+                                      self.model.decode(decoded, plan))
             coded.verification_peak_mb = verification.peak_mb
             _check_same(reconstruction, again.cpu(), "a second decode with another patch plan "
                                                      "gives other pixels")
