@@ -88,8 +88,10 @@ class ZooCodec(LearnedCodec):
                                  f"for a {payload.width}x{payload.height} image in the file header")
         check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
                                payload.width)
-        shape = (padded[0] // self.downsampling_factor, padded[1] // self.downsampling_factor)
         y_channels, y_stride, z_channels, z_stride = self.latent_layout
+        # decompress takes the shape of the deepest latent: z's, or y's without a hyperprior.
+        deepest = z_stride or y_stride
+        shape = (padded[0] // deepest, padded[1] // deepest)
         y_symbols = y_channels * padded[0] * padded[1] // y_stride ** 2
         strings = [[safe_string(payload.y_string, y_symbols, "y")]]
         if bool(payload.z_string) != bool(z_stride):

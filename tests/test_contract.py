@@ -361,11 +361,11 @@ def test_a_compressai_checkpoint_evaluates_as_compressais_eval_model(tmp_path, c
     assert abs(ours["psnr-rgb"][0] - reference["psnr-rgb"]) <= 0.01
 
 
-def test_a_zoo_subclass_with_other_strides_bounds_its_strings_by_its_own_latent_sizes():
-    # The rANS strings are padded to the symbols the header's size allows; a subclass
-    # whose y has stride 8 holds four times the symbols of the zoo's stride 16.
+def test_a_zoo_subclass_with_other_strides_measures_its_latent_sizes_and_round_trips():
+    # The rANS strings are padded for the symbols the header's size allows, counted
+    # from latent_layout: a y of stride 8 holds four times the symbols of stride 16.
     from compressai.models import ScaleHyperprior
-    from compressai.models.utils import conv
+    from compressai.models.utils import conv, deconv
 
     from models.zoo import ZooCodec
 
@@ -376,6 +376,12 @@ def test_a_zoo_subclass_with_other_strides_bounds_its_strings_by_its_own_latent_
             super().__init__(N=N, M=M)
             self.g_a = torch.nn.Sequential(conv(3, N), torch.nn.ReLU(), conv(N, N),
                                            torch.nn.ReLU(), conv(N, M))
+            self.g_s = torch.nn.Sequential(deconv(M, N), torch.nn.ReLU(), deconv(N, N),
+                                           torch.nn.ReLU(), deconv(N, 3))
+
+        @property
+        def downsampling_factor(self):
+            return 32
 
         from_state_dict = None
 
@@ -383,7 +389,20 @@ def test_a_zoo_subclass_with_other_strides_bounds_its_strings_by_its_own_latent_
         (12, 16, 8, 64)
     assert models.get_model_class("bmshj2018-factorized")(N=8, M=12).latent_layout == \
         (12, 16, 0, 0)
-    assert FinerHyperprior().latent_layout == (8, 8, 8, 32)
+    torch.manual_seed(0)
+    model = FinerHyperprior().eval()
+    model.registry_name = "finer-hyperprior"
+    model.update(force=True)
+    assert model.latent_layout == (8, 8, 8, 32)
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    payload = unpack(pack(model.encode(image, CodingPlan())))
+    assert model.decode(payload, CodingPlan()).shape == image.shape
+    with pytest.raises(BitstreamError, match="has a hyperprior, but the file holds no z"):
+        model.decode(dataclasses.replace(payload, z_string=b""), CodingPlan())
+    factorized = small_model("bmshj2018-factorized")
+    payload = unpack(pack(factorized.encode(image, CodingPlan())))
+    with pytest.raises(BitstreamError, match="has no hyperprior, but the file holds a z"):
+        factorized.decode(dataclasses.replace(payload, z_string=b"\0" * 8), CodingPlan())
 
 
 def test_a_zoo_subclass_that_names_no_zoo_class_is_refused_where_it_is_defined():
