@@ -29,9 +29,11 @@ def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], T
         if not (isinstance(cls, type) and issubclass(cls, LearnedCodec)):
             raise TypeError(f"model {name!r}: {cls!r} is not a models.base.LearnedCodec subclass")
         if inspect.isabstract(cls):
-            missing = ", ".join(sorted(cls.__abstractmethods__))
-            raise TypeError(f"model {name!r}: {cls.__name__} does not implement {missing} "
-                            f"(abstract in models.base.LearnedCodec)")
+            missing = sorted(cls.__abstractmethods__)
+            owners = sorted({_declaring_class(cls, member) for member in missing})
+            raise TypeError(f"model {name!r}: {cls.__name__} does not implement "
+                            f"{', '.join(missing)} (abstract in "
+                            f"{', '.join(owners)})")
         if not issubclass(cls, CompressionModel):
             raise TypeError(f"model {name!r}: {cls.__name__} is not a CompressAI "
                             "CompressionModel, whose update() builds the entropy tables")
@@ -43,6 +45,13 @@ def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], T
         return cls
 
     return decorator
+
+
+def _declaring_class(cls: type, member: str) -> str:
+    """The full name of the class in ``cls``'s bases that declares ``member`` abstract."""
+    return next(f"{base.__module__}.{base.__qualname__}" for base in cls.__mro__
+                if member in vars(base)
+                and getattr(vars(base)[member], "__isabstractmethod__", False))
 
 
 def get_model_class(name: str) -> Type[LearnedCodec]:

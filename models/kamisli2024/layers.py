@@ -80,7 +80,6 @@ class BlockMaskedConv2d(nn.Conv2d):
         self.kind = kind
         centre = kernel_size // 2
         self._taps = [(int(i) - centre, int(j) - centre) for i, j in torch.nonzero(mask)]
-        self._closed = int((mask == 0).sum())
         self.register_buffer("mask", mask[None, None].to(self.weight.device), persistent=False)
         with torch.no_grad():
             self.weight.mul_(self.mask)

@@ -20,7 +20,9 @@ jxl         cjxl/djxl (libjxl)                     quality 4.05..100 (cjxl -q)  
 ==========  =====================================  ==========================  ===========
 
 cjxl documents its quality as -inf..100 but turns it into a butteraugli distance,
-and libjxl refuses distances above 25: qualities below 4.05.
+and libjxl refuses distances above 25: with libjxl 0.7 (Debian's package, which
+``.ci/run`` installs), qualities below 4.05. Later versions map qualities to distances
+differently; the bound is that of the version the results are made with.
 
 x265 and jxl run the Debian command-line tools (packages ``ffmpeg`` and
 ``libjxl-tools``); a missing tool is reported as one line naming the package. Their

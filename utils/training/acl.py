@@ -234,12 +234,13 @@ class _Run:
 
     def optimizer(self, lr: float, mode: str):
         """Adam and the authors' plateau schedule (a fresh pair at every iteration)."""
-        s, plateau = self.settings, self.plateau
+        settings, plateau = self.settings, self.plateau
         optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=plateau["factor"], patience=plateau["patience"],
-            threshold=s.plateau_threshold, threshold_mode="rel", cooldown=s.plateau_cooldown,
-            min_lr=plateau["min_lr"] if mode == "ol_loss" else s.min_lr_closed_loop)
+            threshold=settings.plateau_threshold, threshold_mode="rel",
+            cooldown=settings.plateau_cooldown,
+            min_lr=plateau["min_lr"] if mode == "ol_loss" else settings.min_lr_closed_loop)
         return optimizer, scheduler
 
     def _checkpoint(self, **extra) -> dict:

@@ -77,12 +77,12 @@ def rename_legacy_keys(raw: Mapping, source: str = "config") -> dict:
 def _cross_checks(cfg: Mapping) -> List[str]:
     """Problems that involve more than one key (each key is already valid)."""
     problems = []
-    tp, td = cfg.get("train_params", {}), cfg.get("train_data", {})
+    params, data = cfg.get("train_params", {}), cfg.get("train_data", {})
     sched, model = cfg.get("lr_schedule", {}), cfg.get("model", {})
-    if tp.get("distortion_metric") == "ms-ssim" and tp.get("crop_size", 161) < 161:
-        problems.append(f"train_params.crop_size={tp['crop_size']} is too small for ms-ssim "
+    if params.get("distortion_metric") == "ms-ssim" and params.get("crop_size", 161) < 161:
+        problems.append(f"train_params.crop_size={params['crop_size']} is too small for ms-ssim "
                         "(5 scales need sides of at least 161 pixels)")
-    if td.get("use_checkpoint_path") and td.get("init_checkpoint_path"):
+    if data.get("use_checkpoint_path") and data.get("init_checkpoint_path"):
         problems.append("set only one of train_data.use_checkpoint_path (resume) and "
                         "train_data.init_checkpoint_path (initialise from weights)")
     if sched.get("type") == "multistep" and sched.get("milestones") == []:

@@ -347,12 +347,12 @@ class Trainer:
                 f"run {schedule}")
 
     def _after_step(self, epoch_done: bool) -> None:
-        lg = self.cfg.logging
+        val_interval = self.cfg.logging.val_interval
+        checkpoint_interval = self.cfg.logging.checkpoint_interval
         step = self.pos.global_step
-        if (lg.val_interval and step % lg.val_interval == 0) or (not lg.val_interval
-                                                                and epoch_done):
+        if (val_interval and step % val_interval == 0) or (not val_interval and epoch_done):
             self._validate_and_save()
-        elif lg.checkpoint_interval and step % lg.checkpoint_interval == 0:
+        elif checkpoint_interval and step % checkpoint_interval == 0:
             self._save(best=False)
 
     def _stop(self) -> int:
