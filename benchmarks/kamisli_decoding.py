@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models
+from benchmarks.memory_scaling import parse_size
 from benchmarks.results_io import parse_with_output, refuse_repeats
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import to_blocks
@@ -52,17 +53,15 @@ def parse_args(argv):
                         help="kamisli_*.yaml presets, timed one after the other")
     parser.add_argument("--checkpoint", help="trained weights instead of random ones "
                                              "(one --config only)")
-    parser.add_argument("--size", default="768x512", help="image WIDTHxHEIGHT (default: Kodak)")
+    parser.add_argument("--size", type=parse_size, default="768x512",
+                        help="image WIDTHxHEIGHT (default: Kodak)")
     parser.add_argument("--reference-rows", type=int, default=0,
                         help="code only this many block rows block by block and extrapolate "
                              "(0: the whole image)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_output(parser, argv, "kamisli_decoding.json")
     refuse_repeats(parser, args, "--config")
-    parts = args.size.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        parser.error(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 768x512")
-    args.width, args.height = int(parts[0]), int(parts[1])
+    args.width, args.height = args.size
     if args.reference_rows < 0:
         parser.error("--reference-rows must be >= 0")
     if args.checkpoint and len(args.config) > 1:
