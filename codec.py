@@ -48,30 +48,50 @@ from utils.cli import (
     run_main,
 )
 
-COMMANDS = {"encode": ("images to compress (PNG, JPEG, ...)", ".cps"),
-            "decode": (".cps or .cpsl files", ".png")}
+COMMANDS = {
+    "encode": ("images to compress (PNG, JPEG, ...)", ".cps"),
+    "decode": (".cps or .cpsl files", ".png"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command, before the checks of :func:`parse_args`;
     tests/test_docs.py holds the docs to every flag it defines."""
-    parser = argparse.ArgumentParser(prog="codec.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="codec.py", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (sources, suffix) in COMMANDS.items():
         command = commands.add_parser(name)
-        command.add_argument("paths", nargs="+", metavar="PATH",
-                             help=f"IN OUT, or with -d several INs ({sources})")
-        command.add_argument("-d", "--output-dir", default=None,
-                             help=f"write OUTDIR/<input stem>{suffix} for every input "
-                                  "(created if missing)")
-        command.add_argument("-p", "--checkpoint", required=True,
-                             help="model checkpoint (.pth.tar)")
-        command.add_argument("-a", "--architecture", default=None,
-                             help="architecture name when the checkpoint does not say "
-                                  "(default: cps)")
+        command.add_argument(
+            "paths",
+            nargs="+",
+            metavar="PATH",
+            help=f"IN OUT, or with -d several INs ({sources})",
+        )
+        command.add_argument(
+            "-d",
+            "--output-dir",
+            default=None,
+            help=f"write OUTDIR/<input stem>{suffix} for every input "
+            "(created if missing)",
+        )
+        command.add_argument(
+            "-p", "--checkpoint", required=True, help="model checkpoint (.pth.tar)"
+        )
+        command.add_argument(
+            "-a",
+            "--architecture",
+            default=None,
+            help="architecture name when the checkpoint does not say (default: cps)",
+        )
         add_coding_arguments(command, "auto", "auto")
-        command.add_argument("--layers", type=int, default=0,
-                             help="layered models: keep / decode the first K layers (0: all)")
+        command.add_argument(
+            "--layers",
+            type=int,
+            default=0,
+            help="layered models: keep / decode the first K layers (0: all)",
+        )
         add_force_argument(command)
     return parser
 
@@ -86,7 +106,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[str, str]]:
+def jobs(
+    args: argparse.Namespace, layered_suffix: bool = False
+) -> List[Tuple[str, str]]:
     """(input, output) pairs, checked before any work: inputs exist, outputs do not
     overwrite an input, and two inputs do not share an output."""
     if args.output_dir is None:
@@ -95,9 +117,16 @@ def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[s
         suffix = COMMANDS[args.command][1]
         if layered_suffix:
             suffix = ".cpsl"
-        pairs = [(path, os.path.join(args.output_dir,
-                                     os.path.splitext(os.path.basename(path))[0] + suffix))
-                 for path in args.paths]
+        pairs = [
+            (
+                path,
+                os.path.join(
+                    args.output_dir,
+                    os.path.splitext(os.path.basename(path))[0] + suffix,
+                ),
+            )
+            for path in args.paths
+        ]
     inputs = [source for source, _ in pairs]
     for source in inputs:
         if os.path.isdir(source):
@@ -106,7 +135,9 @@ def jobs(args: argparse.Namespace, layered_suffix: bool = False) -> List[Tuple[s
             raise ValueError(f"file not found: {source}")
     outputs = [target for _, target in pairs]
     if len(set(map(os.path.realpath, outputs))) < len(outputs):
-        raise ValueError("two inputs have the same name, so their outputs would collide")
+        raise ValueError(
+            "two inputs have the same name, so their outputs would collide"
+        )
     if args.output_dir is not None:
         prepare_output_folder(args.output_dir, "-d")
     for target in outputs:
@@ -170,19 +201,25 @@ def encode(args, model, plan, source: str, target: str) -> str:
     for change in info.conversions:
         print(f"warning: {source}: {change}", file=sys.stderr)
     start = time.perf_counter()
-    payload = check_payload(model, model.encode(image, plan.with_(grayscale=info.grayscale)))
+    payload = check_payload(
+        model, model.encode(image, plan.with_(grayscale=info.grayscale))
+    )
     data = pack(payload)
     seconds = time.perf_counter() - start
     atomic_write_bytes(target, data)
     pixels = image.shape[1] * image.shape[2]
     if model.operating_points > 1:
-        return (f"{target}: {len(data)} bytes ({len(payload.streams)} of "
-                f"{model.operating_points} layers), {len(data) * 8 / pixels:.4f} bpp over the "
-                f"full-resolution pixels, encoded in {seconds:.2f} s")
+        return (
+            f"{target}: {len(data)} bytes ({len(payload.streams)} of "
+            f"{model.operating_points} layers), {len(data) * 8 / pixels:.4f} bpp over the "
+            f"full-resolution pixels, encoded in {seconds:.2f} s"
+        )
     estimate = payload.estimated_bits / pixels
-    return (f"{target}: {len(data)} bytes, {len(data) * 8 / pixels:.4f} bpp"
-            f"{'' if math.isnan(estimate) else f' (estimate {estimate:.4f})'}, "
-            f"encoded in {seconds:.2f} s{_peak_note(args)}")
+    return (
+        f"{target}: {len(data)} bytes, {len(data) * 8 / pixels:.4f} bpp"
+        f"{'' if math.isnan(estimate) else f' (estimate {estimate:.4f})'}, "
+        f"encoded in {seconds:.2f} s{_peak_note(args)}"
+    )
 
 
 def decode(args, model, plan, source: str, target: str) -> str:
@@ -199,11 +236,15 @@ def decode(args, model, plan, source: str, target: str) -> str:
     write_png(target, image)
     if isinstance(payload, LayeredImage):
         stored = len(payload.streams)
-        return (f"{target}: layer {plan.layers or stored} of {stored}, "
-                f"{image.shape[2]}x{image.shape[1]}, decoded in {seconds:.2f} s")
+        return (
+            f"{target}: layer {plan.layers or stored} of {stored}, "
+            f"{image.shape[2]}x{image.shape[1]}, decoded in {seconds:.2f} s"
+        )
     pixels = payload.height * payload.width
-    return (f"{target}: {payload.width}x{payload.height}, {len(data) * 8 / pixels:.4f} bpp, "
-            f"decoded in {seconds:.2f} s{_peak_note(args)}")
+    return (
+        f"{target}: {payload.width}x{payload.height}, {len(data) * 8 / pixels:.4f} bpp, "
+        f"decoded in {seconds:.2f} s{_peak_note(args)}"
+    )
 
 
 def _peak_note(args: argparse.Namespace) -> str:
@@ -231,12 +272,21 @@ def _load(args: argparse.Namespace):
     from models.base import CodingPlan
     from utils.device import select_device
 
-    model = models.load_checkpoint(args.checkpoint, select_device(args.cuda), args.architecture)
+    model = models.load_checkpoint(
+        args.checkpoint, select_device(args.cuda), args.architecture
+    )
     if args.layers and model.operating_points == 1:
-        raise ValueError(f"--layers needs a layered model (mei2021-*), not {model.registry_name}")
-    plan = CodingPlan(patch=args.patch_size, batch_size=args.batch_size,
-                      budget_bytes=args.max_memory, order=args.entropy_coder_order,
-                      exact=not args.fast, layers=args.layers)
+        raise ValueError(
+            f"--layers needs a layered model (mei2021-*), not {model.registry_name}"
+        )
+    plan = CodingPlan(
+        patch=args.patch_size,
+        batch_size=args.batch_size,
+        budget_bytes=args.max_memory,
+        order=args.entropy_coder_order,
+        exact=not args.fast,
+        layers=args.layers,
+    )
     return model, plan
 
 
@@ -247,9 +297,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             pairs = jobs(args)
             model, plan = _load(args)
-            check_patch_size_for_model(args.patch_size, model, None,
-                                       lambda text: print(f"warning: {text}", file=sys.stderr))
-            if args.command == "encode" and args.output_dir and model.operating_points > 1:
+            check_patch_size_for_model(
+                args.patch_size,
+                model,
+                None,
+                lambda text: print(f"warning: {text}", file=sys.stderr),
+            )
+            if (
+                args.command == "encode"
+                and args.output_dir
+                and model.operating_points > 1
+            ):
                 pairs = jobs(args, layered_suffix=True)
             # Once the names are final (.cpsl for a layered model), and all of them before
             # the first is written, so that a refused batch writes nothing.
@@ -261,19 +319,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         failed = []
         for source, target in pairs:
             if args.command == "decode" and not target.lower().endswith(".png"):
-                print(f"warning: {target}: decode writes PNG data whatever the name",
-                      file=sys.stderr)
+                print(
+                    f"warning: {target}: decode writes PNG data whatever the name",
+                    file=sys.stderr,
+                )
             try:
                 print(code(args, model, plan, source, target), flush=True)
             except REPORTED_ERRORS as exc:
                 # One input's failure (found only once its pixels are decoded) does not
                 # cost the others: each output is whole, or not written at all.
-                print(f"codec.py: error: {_naming(source, one_line(exc))}", file=sys.stderr)
+                print(
+                    f"codec.py: error: {_naming(source, one_line(exc))}",
+                    file=sys.stderr,
+                )
                 failed.append(source)
         if failed and len(pairs) > 1:
-            return report_error("codec.py", ValueError(
-                f"{len(failed)} of {len(pairs)} inputs failed ({', '.join(failed)}); "
-                f"the outputs of the others were written"))
+            return report_error(
+                "codec.py",
+                ValueError(
+                    f"{len(failed)} of {len(pairs)} inputs failed ({', '.join(failed)}); "
+                    f"the outputs of the others were written"
+                ),
+            )
         return 1 if failed else 0
 
     return run_main(run, "codec.py")

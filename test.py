@@ -31,8 +31,9 @@ from typing import List, Optional
 
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
 # every start that users cannot act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 from utils.cli import add_coding_arguments, add_force_argument, run_main
 from utils.evaluation.choices import (
@@ -54,6 +55,7 @@ def _comma_list(kind):
     quality was coded twice, its reconstruction overwritten; a repeated metric drew
     its panel twice); numbers must be finite (``inf`` passed a codec's range check and
     crashed it, ``nan`` every comparison)."""
+
     def parse(text: str) -> list:
         items = [item.strip() for item in text.split(",") if item.strip()]
         try:
@@ -62,48 +64,93 @@ def _comma_list(kind):
             values = []
         if not values or (kind is not str and not all(map(math.isfinite, values))):
             finite = "" if kind is str else "finite "
-            raise argparse.ArgumentTypeError(f"expected comma-separated {finite}"
-                                             f"{kind.__name__}s, got {text!r}")
-        repeated = [item for item, value in zip(items, values) if values.count(value) > 1]
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {finite}{kind.__name__}s, got {text!r}"
+            )
+        repeated = [
+            item for item, value in zip(items, values) if values.count(value) > 1
+        ]
         if repeated:
-            raise argparse.ArgumentTypeError(f"{repeated[0]} is given twice in {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{repeated[0]} is given twice in {text!r}"
+            )
         return values
+
     return parse
 
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset and output")
-    group.add_argument("--dataset", required=True,
-                       help="a folder of images, or a name from --datasets-config "
-                            "(Kodak, CLIC, DIV8K; $CPS_<NAME> overrides its folder)")
-    group.add_argument("--datasets-config", default=DATASETS_CONFIG, help="dataset name table")
-    group.add_argument("--max-images", type=int, default=0,
-                       help="evaluate only the first N images (0: all)")
-    group.add_argument("-d", "--output-dir", default=None,
-                       help="write results.json (and per-image files, reconstructions) here")
-    group.add_argument("--per-image", action="store_true", help="write per-image/<stem>.json")
-    group.add_argument("--save-image", action="store_true",
-                       help="write reconstructions/<stem>.png (<stem>-<run>.png for several runs)")
-    group.add_argument("--no-progress", action="store_true",
-                       help="no progress bars on stderr (logs, CI)")
+    group.add_argument(
+        "--dataset",
+        required=True,
+        help="a folder of images, or a name from --datasets-config "
+        "(Kodak, CLIC, DIV8K; $CPS_<NAME> overrides its folder)",
+    )
+    group.add_argument(
+        "--datasets-config", default=DATASETS_CONFIG, help="dataset name table"
+    )
+    group.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="evaluate only the first N images (0: all)",
+    )
+    group.add_argument(
+        "-d",
+        "--output-dir",
+        default=None,
+        help="write results.json (and per-image files, reconstructions) here",
+    )
+    group.add_argument(
+        "--per-image", action="store_true", help="write per-image/<stem>.json"
+    )
+    group.add_argument(
+        "--save-image",
+        action="store_true",
+        help="write reconstructions/<stem>.png (<stem>-<run>.png for several runs)",
+    )
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars on stderr (logs, CI)",
+    )
     add_force_argument(group)
 
 
 def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learned coding")
-    group.add_argument("--tiling", choices=TILINGS, default=None,
-                       help="pops: CPS patch stitching (default for cps); none: whole image "
-                            "(default for zoo models); naive: independent P x P tiles")
-    group.add_argument("--patch", action="store_true",
-                       help="same as --tiling pops (the CPS authors' flag)")
-    add_coding_arguments(group, None, "the dataset's: 128 Kodak, 256 CLIC/DIV8K and folders")
-    group.add_argument("--entropy-estimation", action="store_true",
-                       help="rate from forward-pass likelihoods instead of real bitstreams")
-    group.add_argument("--verify", action="store_true",
-                       help="decode every stream a second time with another patch plan, within "
-                            "the same budget, and require the same pixels")
-    group.add_argument("--half", action="store_true",
-                       help="float16 forward pass (only with --entropy-estimation and --cuda)")
+    group.add_argument(
+        "--tiling",
+        choices=TILINGS,
+        default=None,
+        help="pops: CPS patch stitching (default for cps); none: whole image "
+        "(default for zoo models); naive: independent P x P tiles",
+    )
+    group.add_argument(
+        "--patch",
+        action="store_true",
+        help="same as --tiling pops (the CPS authors' flag)",
+    )
+    add_coding_arguments(
+        group, None, "the dataset's: 128 Kodak, 256 CLIC/DIV8K and folders"
+    )
+    group.add_argument(
+        "--entropy-estimation",
+        action="store_true",
+        help="rate from forward-pass likelihoods instead of real bitstreams",
+    )
+    group.add_argument(
+        "--verify",
+        action="store_true",
+        help="decode every stream a second time with another patch plan, within "
+        "the same budget, and require the same pixels",
+    )
+    group.add_argument(
+        "--half",
+        action="store_true",
+        help="float16 forward pass (only with --entropy-estimation and --cuda)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,68 +160,148 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     checkpoint = commands.add_parser("checkpoint", help="evaluate trained checkpoints")
-    checkpoint.add_argument("-a", "--architecture", default=None,
-                            help="registered architecture (default: the checkpoint's, else cps)")
-    checkpoint.add_argument("-p", "--path", dest="checkpoints", nargs="+", required=True,
-                            help="checkpoint files, one run each")
-    checkpoint.add_argument("--config", default=None,
-                            help="accepted for the CPS authors' command line; the model width "
-                                 "is read from the checkpoint")
+    checkpoint.add_argument(
+        "-a",
+        "--architecture",
+        default=None,
+        help="registered architecture (default: the checkpoint's, else cps)",
+    )
+    checkpoint.add_argument(
+        "-p",
+        "--path",
+        dest="checkpoints",
+        nargs="+",
+        required=True,
+        help="checkpoint files, one run each",
+    )
+    checkpoint.add_argument(
+        "--config",
+        default=None,
+        help="accepted for the CPS authors' command line; the model width "
+        "is read from the checkpoint",
+    )
 
-    pretrained = commands.add_parser("pretrained", help="evaluate CompressAI zoo models")
-    pretrained.add_argument("-a", "--architecture", required=True, help="zoo name, e.g. mbt2018")
-    pretrained.add_argument("-q", "--quality", type=_comma_list(int), required=True,
-                            help="comma-separated qualities, e.g. 1,2,3")
-    pretrained.add_argument("--metric", choices=ZOO_METRICS, default="mse",
-                            help="the loss the zoo weights were trained for (default: "
-                                 "%(default)s)")
+    pretrained = commands.add_parser(
+        "pretrained", help="evaluate CompressAI zoo models"
+    )
+    pretrained.add_argument(
+        "-a", "--architecture", required=True, help="zoo name, e.g. mbt2018"
+    )
+    pretrained.add_argument(
+        "-q",
+        "--quality",
+        type=_comma_list(int),
+        required=True,
+        help="comma-separated qualities, e.g. 1,2,3",
+    )
+    pretrained.add_argument(
+        "--metric",
+        choices=ZOO_METRICS,
+        default="mse",
+        help="the loss the zoo weights were trained for (default: %(default)s)",
+    )
     for command in (checkpoint, pretrained):
         _add_dataset_arguments(command)
         _add_learned_arguments(command)
 
     codec = commands.add_parser("codec", help="evaluate a classical codec")
-    codec.add_argument("--codec", choices=sorted(CODEC_NAMES), required=True,
-                       help="the classical codec (the table in docs/evaluation.md)")
-    codec.add_argument("-q", "--quality", type=_comma_list(float), required=True,
-                       help="comma-separated qualities in the codec's own scale "
-                            "(see utils/evaluation/classical_codecs.py)")
+    codec.add_argument(
+        "--codec",
+        choices=sorted(CODEC_NAMES),
+        required=True,
+        help="the classical codec (the table in docs/evaluation.md)",
+    )
+    codec.add_argument(
+        "-q",
+        "--quality",
+        type=_comma_list(float),
+        required=True,
+        help="comma-separated qualities in the codec's own scale "
+        "(see utils/evaluation/classical_codecs.py)",
+    )
     _add_dataset_arguments(codec)
     codec.set_defaults(cuda=False)  # classical codecs run on the CPU
 
     plot = commands.add_parser("plot", help="RD curves from results files")
     plot.add_argument("results", nargs="+", help="results JSON files")
-    plot.add_argument("-o", "--output", required=True, help="image file (png, pdf, svg)")
-    plot.add_argument("--metrics", type=_comma_list(str), default=list(METRICS),
-                      help=f"comma-separated panels, from {','.join(METRICS)} (default: all "
-                           "that some file has)")
-    plot.add_argument("--title", default="", help="title above the panels (default: none)")
-    plot.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
-                      help="name the curve of results file FILE (repeatable)")
+    plot.add_argument(
+        "-o", "--output", required=True, help="image file (png, pdf, svg)"
+    )
+    plot.add_argument(
+        "--metrics",
+        type=_comma_list(str),
+        default=list(METRICS),
+        help=f"comma-separated panels, from {','.join(METRICS)} (default: all "
+        "that some file has)",
+    )
+    plot.add_argument(
+        "--title", default="", help="title above the panels (default: none)"
+    )
+    plot.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="FILE=NAME",
+        help="name the curve of results file FILE (repeatable)",
+    )
     add_force_argument(plot)
 
     bdrate = commands.add_parser("bdrate", help="BD-rate table against an anchor")
-    bdrate.add_argument("--anchor", required=True, help="results JSON of the anchor (e.g. HM)")
+    bdrate.add_argument(
+        "--anchor", required=True, help="results JSON of the anchor (e.g. HM)"
+    )
     bdrate.add_argument("results", nargs="+", help="results JSON files to compare")
-    bdrate.add_argument("--metrics", type=_comma_list(str), default=list(METRICS),
-                        help=f"comma-separated columns, from {','.join(METRICS)} (default: "
-                             "all that the anchor has)")
-    bdrate.add_argument("--interpolation", choices=INTERPOLATIONS, default="pchip",
-                        help="how the bjontegaard package fits each curve (default: "
-                             "%(default)s)")
-    bdrate.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
-    bdrate.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
-                        help="name the row of results file FILE, or the anchor (repeatable)")
+    bdrate.add_argument(
+        "--metrics",
+        type=_comma_list(str),
+        default=list(METRICS),
+        help=f"comma-separated columns, from {','.join(METRICS)} (default: "
+        "all that the anchor has)",
+    )
+    bdrate.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        default="pchip",
+        help="how the bjontegaard package fits each curve (default: %(default)s)",
+    )
+    bdrate.add_argument(
+        "-o", "--output", default=None, help="also write the Markdown table here"
+    )
+    bdrate.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="FILE=NAME",
+        help="name the row of results file FILE, or the anchor (repeatable)",
+    )
     add_force_argument(bdrate)
 
-    demo = commands.add_parser("demo", help="the shipped CPS models on bundled photographs "
-                                            "against JPEG and naive tiling (no download)")
-    demo.add_argument("--models", nargs="*", default=[],
-                      help="release folders or weight files (default: experiment/shipped/*)")
-    demo.add_argument("--images", type=_comma_list(str), default=list(DEMO_IMAGE_NAMES),
-                      help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)}")
-    demo.add_argument("-d", "--output-dir", default=DEMO_OUTPUT,
-                      help="results.json, rd.png and crops.png go here")
-    demo.add_argument("--patch-size", type=int, default=128, help="POPS patch and naive tile side")
+    demo = commands.add_parser(
+        "demo",
+        help="the shipped CPS models on bundled photographs "
+        "against JPEG and naive tiling (no download)",
+    )
+    demo.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        help="release folders or weight files (default: experiment/shipped/*)",
+    )
+    demo.add_argument(
+        "--images",
+        type=_comma_list(str),
+        default=list(DEMO_IMAGE_NAMES),
+        help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)}",
+    )
+    demo.add_argument(
+        "-d",
+        "--output-dir",
+        default=DEMO_OUTPUT,
+        help="results.json, rd.png and crops.png go here",
+    )
+    demo.add_argument(
+        "--patch-size", type=int, default=128, help="POPS patch and naive tile side"
+    )
     demo.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
     add_force_argument(demo)
 
@@ -213,7 +340,9 @@ def _check_checkpoints_exist(args: argparse.Namespace) -> None:
 def _check_metrics(metrics: List[str]) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        raise ValueError(
+            f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}"
+        )
 
 
 def _check_image_options(args: argparse.Namespace) -> None:
@@ -229,13 +358,23 @@ def _check_learned_options(args: argparse.Namespace) -> None:
     becomes ``--tiling pops``."""
     if args.patch:
         if args.tiling not in (None, "pops"):
-            raise ValueError(f"--patch means --tiling pops, but --tiling {args.tiling} was given")
+            raise ValueError(
+                f"--patch means --tiling pops, but --tiling {args.tiling} was given"
+            )
         args.tiling = "pops"
-    if args.tiling == "naive" and args.patch_size is not None and not args.patch_size.size:
-        raise ValueError(f"--tiling naive needs a fixed --patch-size > 0, not {args.patch_size}")
+    if (
+        args.tiling == "naive"
+        and args.patch_size is not None
+        and not args.patch_size.size
+    ):
+        raise ValueError(
+            f"--tiling naive needs a fixed --patch-size > 0, not {args.patch_size}"
+        )
     if args.half and not (args.entropy_estimation and args.cuda):
-        raise ValueError("--half needs --entropy-estimation and --cuda: real bitstreams are "
-                         "coded in float32")
+        raise ValueError(
+            "--half needs --entropy-estimation and --cuda: real bitstreams are "
+            "coded in float32"
+        )
     if args.verify and args.entropy_estimation:
         raise ValueError("--verify has nothing to decode with --entropy-estimation")
 
@@ -250,7 +389,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     def run() -> int:
-        from utils.evaluation import app  # PyTorch and the models load here, after the checks
+        from utils.evaluation import (
+            app,
+        )  # PyTorch and the models load here, after the checks
 
         return app.run(args)
 

@@ -32,8 +32,9 @@ import warnings
 
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
 # every start that users cannot act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 from utils.cli import REPORTED_ERRORS, report_error, show_warnings_as_one_line
 from utils.training.config import LAST_NAME, load_config, parse_config, to_plain_dict
@@ -41,19 +42,37 @@ from utils.training.config import LAST_NAME, load_config, parse_config, to_plain
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML experiment config (optional with "
-                                         "--resume CHECKPOINT: the stored config is used)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                        metavar="BLOCK.KEY=VALUE",
-                        help="override config keys, e.g. train_params.lmbda=0.025 "
-                             "train_data.batch_size=4 (several per --set, and --set may "
-                             "repeat, each key once; each value is parsed as YAML)")
+    parser.add_argument(
+        "--config",
+        help="YAML experiment config (optional with "
+        "--resume CHECKPOINT: the stored config is used)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="BLOCK.KEY=VALUE",
+        help="override config keys, e.g. train_params.lmbda=0.025 "
+        "train_data.batch_size=4 (several per --set, and --set may "
+        "repeat, each key once; each value is parsed as YAML)",
+    )
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                       help="continue a run exactly, with the config stored in CHECKPOINT "
-                            "(default: experiment_path/" + LAST_NAME + " of --config)")
-    start.add_argument("--init-from", metavar="CHECKPOINT",
-                       help="start a new run from these weights (fine-tuning)")
+    start.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run exactly, with the config stored in CHECKPOINT "
+        "(default: experiment_path/" + LAST_NAME + " of --config)",
+    )
+    start.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start a new run from these weights (fine-tuning)",
+    )
     args = parser.parse_args(argv)
     if args.config is None and not args.resume:
         parser.error("--config is required, unless --resume names a checkpoint")
@@ -70,8 +89,12 @@ def resolve_config(args):
         from utils.training.state import stored_config  # reads a PyTorch checkpoint
 
         path = os.path.abspath(args.resume)
-        cfg = load_config(None, args.overrides, base=stored_config(path),
-                          source=f"{path} (stored config)")
+        cfg = load_config(
+            None,
+            args.overrides,
+            base=stored_config(path),
+            source=f"{path} (stored config)",
+        )
     else:
         cfg = load_config(args.config, args.overrides)
     if args.resume is None and args.init_from is None:
@@ -79,7 +102,8 @@ def resolve_config(args):
     raw = to_plain_dict(cfg)
     if args.resume is not None:
         raw["train_data"]["use_checkpoint_path"] = os.path.abspath(
-            args.resume or os.path.join(cfg.train_data.experiment_path, LAST_NAME))
+            args.resume or os.path.join(cfg.train_data.experiment_path, LAST_NAME)
+        )
         raw["train_data"]["init_checkpoint_path"] = ""
     else:
         raw["train_data"]["init_checkpoint_path"] = os.path.abspath(args.init_from)
@@ -101,8 +125,10 @@ def use_cuda(cfg) -> bool:
 
     if cfg.train_data.cuda and not torch.cuda.is_available():
         if os.environ.get("RANK") in (None, "0"):
-            _log("train.py: warning: train_data.cuda is true but CUDA is not available on "
-                 "this machine; training on the CPU")
+            _log(
+                "train.py: warning: train_data.cuda is true but CUDA is not available on "
+                "this machine; training on the CPU"
+            )
         return False
     return cfg.train_data.cuda
 
@@ -110,8 +136,10 @@ def use_cuda(cfg) -> bool:
 def _run_acl(cfg, cuda: bool) -> int:
     """Asymptotic closed-loop training (single process, utils/training/acl.py)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("train_params.training_mode=acl runs in one process; start it "
-                         "with python, not torchrun")
+        raise ValueError(
+            "train_params.training_mode=acl runs in one process; start it "
+            "with python, not torchrun"
+        )
     from utils.device import select_device
     from utils.training.acl import run_acl
 
@@ -142,8 +170,9 @@ def main(argv=None) -> int:
             distributed.cleanup()
     except REPORTED_ERRORS as exc:
         rank = os.environ.get("RANK")
-        return report_error("train.py" if rank in (None, "0") else f"train.py [rank {rank}]", exc)
-
+        return report_error(
+            "train.py" if rank in (None, "0") else f"train.py [rank {rank}]", exc
+        )
 
 
 if __name__ == "__main__":

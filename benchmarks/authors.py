@@ -28,8 +28,14 @@ from compressai.ops import compute_padding
 
 NOT_MEASURED = "not measured"
 # What this module calls on the authors' ``CPS``.
-API = ("from_state_dict", "update", "compress", "decompress", "compress_patch",
-       "decompress_patch")
+API = (
+    "from_state_dict",
+    "update",
+    "compress",
+    "decompress",
+    "compress_patch",
+    "decompress_patch",
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -45,13 +51,17 @@ def _call_authors(method: str, function, *args):
     try:
         return function(*args)
     except (Exception, SystemExit) as exc:
-        raise RuntimeError(f"the authors' CPS.{method} failed: {_first_line(exc)}") from None
+        raise RuntimeError(
+            f"the authors' CPS.{method} failed: {_first_line(exc)}"
+        ) from None
 
 
 def _unusable(repo: str, why: str) -> ValueError:
     """The one error for a ``--authors-repo`` that cannot serve, saying ``why``."""
-    return ValueError(f"--authors-repo {repo} is not a usable checkout of the authors' code "
-                      f"(https://github.com/bblgbr/SPL-CPS): {why}")
+    return ValueError(
+        f"--authors-repo {repo} is not a usable checkout of the authors' code "
+        f"(https://github.com/bblgbr/SPL-CPS): {why}"
+    )
 
 
 def load_authors_cps(repo: str) -> type:
@@ -67,7 +77,9 @@ def load_authors_cps(repo: str) -> type:
     if not os.path.isfile(module_file):
         raise _unusable(repo, "no net/cps.py there")
     # A ``net`` package imported earlier (another checkout) would shadow this one.
-    for name in [name for name in sys.modules if name == "net" or name.startswith("net.")]:
+    for name in [
+        name for name in sys.modules if name == "net" or name.startswith("net.")
+    ]:
         del sys.modules[name]
     sys.path.insert(0, os.path.abspath(repo))
     try:
@@ -84,7 +96,9 @@ def load_authors_cps(repo: str) -> type:
     return module.CPS
 
 
-def authors_model(cps_class: type, state_dict: dict, device: torch.device) -> torch.nn.Module:
+def authors_model(
+    cps_class: type, state_dict: dict, device: torch.device
+) -> torch.nn.Module:
     """The authors' model with ``state_dict``, ready to code on ``device``."""
     model = _call_authors("from_state_dict", cps_class.from_state_dict, state_dict)
     _call_authors("update", lambda: model.update(force=True))
@@ -92,8 +106,11 @@ def authors_model(cps_class: type, state_dict: dict, device: torch.device) -> to
     return model.to(device).eval()
 
 
-def run_authors(model: torch.nn.Module, image: torch.Tensor, patch_size: int = 0,
-                ) -> Dict[str, float]:
+def run_authors(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    patch_size: int = 0,
+) -> Dict[str, float]:
     """Encode and decode a uint8 (3, H, W) image as the authors' ``test.py`` does.
 
     ``patch_size`` 0 codes the whole image, else their patch-wise codec. Returns
@@ -101,7 +118,7 @@ def run_authors(model: torch.nn.Module, image: torch.Tensor, patch_size: int = 0
     """
     device = next(model.parameters()).device
     x = image.to(device).float().div(255)[None]
-    pad, _ = compute_padding(x.shape[2], x.shape[3], min_div=2 ** 6)
+    pad, _ = compute_padding(x.shape[2], x.shape[3], min_div=2**6)
     x = F.pad(x, pad, mode="constant", value=0)
     with torch.no_grad():
         start = time.perf_counter()
@@ -111,16 +128,24 @@ def run_authors(model: torch.nn.Module, image: torch.Tensor, patch_size: int = 0
             coded = _call_authors("compress", model.compress, x)
         middle = time.perf_counter()
         if patch_size:
-            decoded = _call_authors("decompress_patch", model.decompress_patch,
-                                    coded["strings"], coded["shape"], patch_size)
+            decoded = _call_authors(
+                "decompress_patch",
+                model.decompress_patch,
+                coded["strings"],
+                coded["shape"],
+                patch_size,
+            )
         else:
-            decoded = _call_authors("decompress", model.decompress, coded["strings"],
-                                    coded["shape"])
+            decoded = _call_authors(
+                "decompress", model.decompress, coded["strings"], coded["shape"]
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         end = time.perf_counter()
     if decoded["x_hat"].shape[-2:] != x.shape[-2:]:
-        raise RuntimeError(f"the authors' decoder returned {tuple(decoded['x_hat'].shape)} "
-                           f"for an input of {tuple(x.shape)}")
+        raise RuntimeError(
+            f"the authors' decoder returned {tuple(decoded['x_hat'].shape)} "
+            f"for an input of {tuple(x.shape)}"
+        )
     size = sum(len(string) for strings in coded["strings"] for string in strings)
     return {"encode_s": middle - start, "decode_s": end - middle, "bytes": size}

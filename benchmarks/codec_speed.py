@@ -40,8 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import warnings
 
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import torch
 
@@ -68,17 +69,30 @@ from utils.stitching.spec import PatchSpec
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", default=os.environ.get("CPS_KODAK"),
-                        help="folder of PNGs (default: $CPS_KODAK, else synthetic 768x512 images)")
-    parser.add_argument("--count", type=int, default=3, help="images to time (default: 3)")
+    parser.add_argument(
+        "--images",
+        default=os.environ.get("CPS_KODAK"),
+        help="folder of PNGs (default: $CPS_KODAK, else synthetic 768x512 images)",
+    )
+    parser.add_argument(
+        "--count", type=int, default=3, help="images to time (default: 3)"
+    )
     parser.add_argument("--N", type=int, default=192)
-    parser.add_argument("--modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"])
+    parser.add_argument(
+        "--modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"]
+    )
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
-    parser.add_argument("--patch-size", type=PatchSpec.parse, default=PatchSpec(0),
-                        help="whole (default), auto, or P: P x P patches, for the "
-                             "authors' code too")
-    parser.add_argument("--authors-repo", metavar="PATH",
-                        help="checkout of the authors' SPL-CPS code, timed on the same images")
+    parser.add_argument(
+        "--patch-size",
+        type=PatchSpec.parse,
+        default=PatchSpec(0),
+        help="whole (default), auto, or P: P x P patches, for the authors' code too",
+    )
+    parser.add_argument(
+        "--authors-repo",
+        metavar="PATH",
+        help="checkout of the authors' SPL-CPS code, timed on the same images",
+    )
     add_output_arguments(parser, "codec_speed.json")
     args = parser.parse_args(argv)
     refuse_repeats(parser, args, "--modes")
@@ -103,8 +117,9 @@ def medians(runs: List[Dict[str, float]]) -> Dict[str, float]:
     return {"encode_s": encode_s, "decode_s": decode_s, "total_s": encode_s + decode_s}
 
 
-def time_mode(model, images: List[torch.Tensor], patch: PatchSpec,
-              exact: bool) -> Dict[str, float]:
+def time_mode(
+    model, images: List[torch.Tensor], patch: PatchSpec, exact: bool
+) -> Dict[str, float]:
     plan = CodingPlan(patch=patch, exact=exact)
     runs = []
     for image in images:
@@ -114,13 +129,20 @@ def time_mode(model, images: List[torch.Tensor], patch: PatchSpec,
         decoded = model.decode(unpack(data), plan)
         end = time.perf_counter()
         if decoded.shape != image.shape:
-            raise RuntimeError(f"decoded {tuple(decoded.shape)} for {tuple(image.shape)}")
+            raise RuntimeError(
+                f"decoded {tuple(decoded.shape)} for {tuple(image.shape)}"
+            )
         runs.append({"encode_s": middle - start, "decode_s": end - middle})
     return medians(runs)
 
 
-def time_authors(repo: str, state_dict: dict, images: List[torch.Tensor],
-                 device: torch.device, patch: PatchSpec) -> Dict[str, float]:
+def time_authors(
+    repo: str,
+    state_dict: dict,
+    images: List[torch.Tensor],
+    device: torch.device,
+    patch: PatchSpec,
+) -> Dict[str, float]:
     """The authors' medians; their codec has no automatic plan, so ``auto`` (the
     whole image when there is no memory budget) runs their whole-image codec."""
     model = authors_model(load_authors_cps(repo), state_dict, device)
@@ -131,12 +153,17 @@ def time_authors(repo: str, state_dict: dict, images: List[torch.Tensor],
 
 def format_table(results: Dict[str, dict], authors: Optional[dict]) -> str:
     authors_cell = NOT_MEASURED if authors is None else f"{authors['total_s']:.2f}"
-    lines = ["| transforms | encode (s) | decode (s) | total (s) | authors' total (s) "
-             "| time / authors' |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| transforms | encode (s) | decode (s) | total (s) | authors' total (s) "
+        "| time / authors' |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode, result in results.items():
         ratio = NOT_MEASURED if authors is None else f"{result['time_vs_authors']:.2f}x"
-        lines.append(f"| {mode} | {result['encode_s']:.2f} | {result['decode_s']:.2f} | "
-                     f"{result['total_s']:.2f} | {authors_cell} | {ratio} |")
+        lines.append(
+            f"| {mode} | {result['encode_s']:.2f} | {result['decode_s']:.2f} | "
+            f"{result['total_s']:.2f} | {authors_cell} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -148,12 +175,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = synthetic_model(args.N, seed=0).to(device)
         authors = None
         if args.authors_repo:
-            authors = time_authors(args.authors_repo, model.state_dict(), images, device,
-                                   args.patch_size)
+            authors = time_authors(
+                args.authors_repo, model.state_dict(), images, device, args.patch_size
+            )
         # One untimed run: first calls pay for oneDNN primitive creation and page faults.
         model.encode(images[0], CodingPlan(patch=args.patch_size))
-        results = {mode: time_mode(model, images, args.patch_size, exact=mode == "exact")
-                   for mode in args.modes}
+        results = {
+            mode: time_mode(model, images, args.patch_size, exact=mode == "exact")
+            for mode in args.modes
+        }
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"codec_speed.py: error: {exc}", file=sys.stderr)
         return 1
@@ -162,13 +192,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result["time_vs_authors"] = result["total_s"] / authors["total_s"]
     table = format_table(results, authors)
     print(table)
-    document = {"benchmark": "codec_speed", "N": args.N, "device": str(device),
-                "images": args.images or "synthetic 768x512", "count": len(images),
-                "patch": str(args.patch_size),
-                "authors": authors if authors is not None else NOT_MEASURED,
-                "authors_repo": args.authors_repo,
-                "machine": machine_info(load_average=os.getloadavg()),
-                "results": results, "table": table}
+    document = {
+        "benchmark": "codec_speed",
+        "N": args.N,
+        "device": str(device),
+        "images": args.images or "synthetic 768x512",
+        "count": len(images),
+        "patch": str(args.patch_size),
+        "authors": authors if authors is not None else NOT_MEASURED,
+        "authors_repo": args.authors_repo,
+        "machine": machine_info(load_average=os.getloadavg()),
+        "results": results,
+        "table": table,
+    }
     save_results(args.output, document)
     return 0
 

@@ -65,20 +65,41 @@ PIPELINE_CHOICES = {"auto": None, "on": True, "off": False}
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_size, nargs="+",
-                        default=[parse_size(size) for size in IMAGE_SIZES],
-                        help="image sizes WIDTHxHEIGHT (default: %(default)s)")
+    parser.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=[parse_size(size) for size in IMAGE_SIZES],
+        help="image sizes WIDTHxHEIGHT (default: %(default)s)",
+    )
     parser.add_argument("-N", type=int, default=192, help="model width (default: 192)")
-    parser.add_argument("--reference-positions", type=int, default=1000,
-                        help="latent positions the raster and CompressAI coders code per size "
-                             "before extrapolating (default: 1000)")
-    parser.add_argument("--coders", nargs="+", choices=CODERS, default=list(CODERS),
-                        help="coders to time (default: all)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="best of this many runs per measurement (default: 1)")
-    parser.add_argument("--pipeline", choices=PIPELINE_CHOICES, default="auto",
-                        help="the wavefront coder's second thread: as the codec decides "
-                             "(auto, the default), always (on) or never (off)")
+    parser.add_argument(
+        "--reference-positions",
+        type=int,
+        default=1000,
+        help="latent positions the raster and CompressAI coders code per size "
+        "before extrapolating (default: 1000)",
+    )
+    parser.add_argument(
+        "--coders",
+        nargs="+",
+        choices=CODERS,
+        default=list(CODERS),
+        help="coders to time (default: all)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="best of this many runs per measurement (default: 1)",
+    )
+    parser.add_argument(
+        "--pipeline",
+        choices=PIPELINE_CHOICES,
+        default="auto",
+        help="the wavefront coder's second thread: as the codec decides "
+        "(auto, the default), always (on) or never (off)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_output(parser, argv, "entropy_coding.json")
     refuse_repeats(parser, args, "--sizes", "--coders")
@@ -91,8 +112,10 @@ def latent_size(model: torch.nn.Module, width: int, height: int) -> Tuple[int, i
     """(rows, columns) of the latent ``model`` codes for a width x height image: the
     image padded to the model's side multiple, over the scale of its analysis."""
     multiple, scale = model.downsampling_factor, model_geometry(model).scale
-    return (math.ceil(height / multiple) * multiple // scale,
-            math.ceil(width / multiple) * multiple // scale)
+    return (
+        math.ceil(height / multiple) * multiple // scale,
+        math.ceil(width / multiple) * multiple // scale,
+    )
 
 
 def synthetic_model(channels: int, seed: int) -> torch.nn.Module:
@@ -102,14 +125,17 @@ def synthetic_model(channels: int, seed: int) -> torch.nn.Module:
     last = model.entropy_parameters[-1]
     with torch.no_grad():
         last.weight.mul_(0.1)
-        last.bias[:channels] = torch.empty(channels).uniform_(math.log(0.11), math.log(16.0)).exp()
+        last.bias[:channels] = (
+            torch.empty(channels).uniform_(math.log(0.11), math.log(16.0)).exp()
+        )
         last.bias[channels:] = 0.0
     model.update(force=True)
     return model
 
 
-def synthetic_latent(model: torch.nn.Module, rows: int, cols: int,
-                     seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def synthetic_latent(
+    model: torch.nn.Module, rows: int, cols: int, seed: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``y`` (M, rows, cols) drawn with the model's per-channel scales, and ``params``."""
     generator = torch.Generator().manual_seed(seed)
     channels = model.M
@@ -129,13 +155,19 @@ def best_time(function: Callable[[], object], repeats: int) -> Tuple[float, obje
     return best, result
 
 
-def time_context_coder(model, y, params, order: str, repeats: int,
-                       pipeline: Optional[bool] = False) -> Dict[str, object]:
+def time_context_coder(
+    model, y, params, order: str, repeats: int, pipeline: Optional[bool] = False
+) -> Dict[str, object]:
     coder = ContextCoder(model, order, pipeline)
     encode_s, (string, y_hat, _) = best_time(lambda: coder.encode(y, params), repeats)
     decode_s, decoded = best_time(lambda: coder.decode(string, params), repeats)
-    return {"encode_s": encode_s, "decode_s": decode_s, "bytes": len(string),
-            "bit_exact": bool(torch.equal(y_hat, decoded)), "pipeline": coder.last_pipelined}
+    return {
+        "encode_s": encode_s,
+        "decode_s": decode_s,
+        "bytes": len(string),
+        "bit_exact": bool(torch.equal(y_hat, decoded)),
+        "pipeline": coder.last_pipelined,
+    }
 
 
 def time_compressai(model, y, params, repeats: int) -> Dict[str, object]:
@@ -146,7 +178,9 @@ def time_compressai(model, y, params, repeats: int) -> Dict[str, object]:
 
     def encode():
         y_padded = F.pad(y[None], (pad, pad, pad, pad))
-        return model._compress_ar(y_padded, params[None], height, width, kernel, pad), y_padded
+        return model._compress_ar(
+            y_padded, params[None], height, width, kernel, pad
+        ), y_padded
 
     def decode():
         y_hat = torch.zeros(1, model.M, height + 2 * pad, width + 2 * pad)
@@ -156,8 +190,12 @@ def time_compressai(model, y, params, repeats: int) -> Dict[str, object]:
     with torch.inference_mode():
         encode_s, (string, y_padded) = best_time(encode, repeats)
         decode_s, decoded = best_time(decode, repeats)
-    return {"encode_s": encode_s, "decode_s": decode_s, "bytes": len(string),
-            "bit_exact": bool(torch.equal(y_padded, decoded))}
+    return {
+        "encode_s": encode_s,
+        "decode_s": decode_s,
+        "bytes": len(string),
+        "bit_exact": bool(torch.equal(y_padded, decoded)),
+    }
 
 
 def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
@@ -166,21 +204,38 @@ def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
     positions = rows * cols
     y, params = synthetic_latent(model, rows, cols, args.seed)
     coder = ContextCoder(model)
-    entry = {"image": f"{width}x{height}", "latent": [rows, cols], "positions": positions,
-             "fronts": len(coding_order(rows, cols, "wavefront", coder.slope)[1])}
+    entry = {
+        "image": f"{width}x{height}",
+        "latent": [rows, cols],
+        "positions": positions,
+        "fronts": len(coding_order(rows, cols, "wavefront", coder.slope)[1]),
+    }
     # Per-position coders: the first rows only, extrapolated per position.
     crop_rows = min(rows, math.ceil(args.reference_positions / cols))
     for name in args.coders:
         if name == "wavefront":
-            result = time_context_coder(model, y, params, "wavefront", args.repeats,
-                                        PIPELINE_CHOICES[args.pipeline])
+            result = time_context_coder(
+                model,
+                y,
+                params,
+                "wavefront",
+                args.repeats,
+                PIPELINE_CHOICES[args.pipeline],
+            )
             result["measured_positions"] = positions
         else:
-            crop_y, crop_params = y[:, :crop_rows].contiguous(), params[:, :crop_rows].contiguous()
+            crop_y, crop_params = (
+                y[:, :crop_rows].contiguous(),
+                params[:, :crop_rows].contiguous(),
+            )
             if name == "raster":
-                result = time_context_coder(model, crop_y, crop_params, "raster", args.repeats)
+                result = time_context_coder(
+                    model, crop_y, crop_params, "raster", args.repeats
+                )
             else:
-                with single_threaded():  # its fastest setting here: 2 threads slow it down
+                with (
+                    single_threaded()
+                ):  # its fastest setting here: 2 threads slow it down
                     result = time_compressai(model, crop_y, crop_params, args.repeats)
             result["measured_positions"] = crop_rows * cols
             factor = positions / (crop_rows * cols)
@@ -191,8 +246,9 @@ def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
     for name in CODERS[1:]:
         if name in entry and "wavefront" in entry:
             for step in ("encode", "decode"):
-                entry[f"{step}_speedup_vs_{name}"] = (entry[name][f"{step}_s"]
-                                                      / entry["wavefront"][f"{step}_s"])
+                entry[f"{step}_speedup_vs_{name}"] = (
+                    entry[name][f"{step}_s"] / entry["wavefront"][f"{step}_s"]
+                )
     return entry
 
 
@@ -201,17 +257,29 @@ def format_table(results: List[Dict[str, object]], coders: Sequence[str]) -> str
     header = ["image", "latent", "fronts"]
     for name in coders:
         header += [f"{name} enc (s)", f"{name} dec (s)"]
-    header += [f"dec x vs {name}" for name in coders
-               if name != "wavefront" and "wavefront" in coders]
+    header += [
+        f"dec x vs {name}"
+        for name in coders
+        if name != "wavefront" and "wavefront" in coders
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in results:
-        cells = [entry["image"], "x".join(map(str, entry["latent"])), str(entry["fronts"])]
+        cells = [
+            entry["image"],
+            "x".join(map(str, entry["latent"])),
+            str(entry["fronts"]),
+        ]
         for name in coders:
             mark = "*" if entry[name]["extrapolated"] else ""
-            cells += [f"{entry[name]['encode_s']:.2f}{mark}",
-                      f"{entry[name]['decode_s']:.2f}{mark}"]
-        cells += [f"{entry[f'decode_speedup_vs_{name}']:.0f}x" for name in coders
-                  if name != "wavefront" and "wavefront" in coders]
+            cells += [
+                f"{entry[name]['encode_s']:.2f}{mark}",
+                f"{entry[name]['decode_s']:.2f}{mark}",
+            ]
+        cells += [
+            f"{entry[f'decode_speedup_vs_{name}']:.0f}x"
+            for name in coders
+            if name != "wavefront" and "wavefront" in coders
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -221,7 +289,10 @@ def entropy_machine_info() -> Dict[str, object]:
     load average."""
     return machine_info(
         python=platform.python_version(),
-        load_average_before=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+        load_average_before=list(os.getloadavg())
+        if hasattr(os, "getloadavg")
+        else None,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -231,19 +302,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = []
     for width, height in args.sizes:
         results.append(measure_size(model, width, height, args))
-        print(f"{width}x{height}: " + ", ".join(
-            f"{name} {results[-1][name]['encode_s']:.2f}/{results[-1][name]['decode_s']:.2f} s"
-            for name in args.coders), flush=True)
+        print(
+            f"{width}x{height}: "
+            + ", ".join(
+                f"{name} {results[-1][name]['encode_s']:.2f}/{results[-1][name]['decode_s']:.2f} s"
+                for name in args.coders
+            ),
+            flush=True,
+        )
     table = format_table(results, args.coders)
     print(table)
-    report = {"benchmark": "entropy_coding", "device": "cpu", "N": args.N,
-              "reference_positions": args.reference_positions, "repeats": args.repeats,
-              "pipeline": args.pipeline,
-              "seed": args.seed, "machine": info,
-              "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-              "note": "times in seconds for the latent coding alone; per-position coders "
-                      "(raster, compressai) measured on measured_positions and extrapolated",
-              "results": results, "table": table}
+    report = {
+        "benchmark": "entropy_coding",
+        "device": "cpu",
+        "N": args.N,
+        "reference_positions": args.reference_positions,
+        "repeats": args.repeats,
+        "pipeline": args.pipeline,
+        "seed": args.seed,
+        "machine": info,
+        "load_average_after": list(os.getloadavg())
+        if hasattr(os, "getloadavg")
+        else None,
+        "note": "times in seconds for the latent coding alone; per-position coders "
+        "(raster, compressai) measured on measured_positions and extrapolated",
+        "results": results,
+        "table": table,
+    }
     save_json(args.output, report)
     return 0
 

@@ -49,15 +49,29 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "kamisli_B8_KS3111_N768M96.yaml")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", nargs="+", default=[DEFAULT_CONFIG],
-                        help="kamisli_*.yaml presets, timed one after the other")
-    parser.add_argument("--checkpoint", help="trained weights instead of random ones "
-                                             "(one --config only)")
-    parser.add_argument("--size", type=parse_size, default="768x512",
-                        help="image WIDTHxHEIGHT (default: Kodak)")
-    parser.add_argument("--reference-rows", type=int, default=0,
-                        help="code only this many block rows block by block and extrapolate "
-                             "(0: the whole image)")
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[DEFAULT_CONFIG],
+        help="kamisli_*.yaml presets, timed one after the other",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="trained weights instead of random ones (one --config only)",
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default="768x512",
+        help="image WIDTHxHEIGHT (default: Kodak)",
+    )
+    parser.add_argument(
+        "--reference-rows",
+        type=int,
+        default=0,
+        help="code only this many block rows block by block and extrapolate "
+        "(0: the whole image)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_output(parser, argv, "kamisli_decoding.json")
     refuse_repeats(parser, args, "--config")
@@ -72,14 +86,16 @@ def parse_args(argv):
 def build_model(args, config: str) -> torch.nn.Module:
     """The preset's model: trained weights, or random ones with realistic symbols."""
     if args.checkpoint:
-        return models.load_checkpoint(args.checkpoint, "cpu", architecture="kamisli2024")
+        return models.load_checkpoint(
+            args.checkpoint, "cpu", architecture="kamisli2024"
+        )
     torch.manual_seed(args.seed)
     model = build_configured_model(load_config(config)).eval()
     with torch.no_grad():
         last = model.entropy_parameters[-1]
         last.weight.mul_(0.01)
         log_scales = torch.empty(model.M).uniform_(math.log(0.11), math.log(16.0))
-        last.bias[:model.M] = log_scales.exp()
+        last.bias[: model.M] = log_scales.exp()
         model.g_a[-1].weight.mul_(10.0)
     model.update(force=True)
     return model
@@ -89,8 +105,9 @@ def test_image(width: int, height: int, seed: int) -> torch.Tensor:
     """A smooth random picture with texture, in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(1, 3, max(2, height // 64), max(2, width // 64), generator=g)
-    smooth = torch.nn.functional.interpolate(low, size=(height, width), mode="bicubic",
-                                             align_corners=False)
+    smooth = torch.nn.functional.interpolate(
+        low, size=(height, width), mode="bicubic", align_corners=False
+    )
     return (smooth + 0.05 * torch.randn(1, 3, height, width, generator=g)).clamp(0, 1)
 
 
@@ -106,8 +123,14 @@ def time_order(model, blocks: torch.Tensor, order: str) -> Dict:
     if not (torch.equal(decoded, encoded) and torch.equal(decoded_y, y_hat)):
         raise RuntimeError(f"{order} decoder differs from its encoder")
     steps = sum(1 for _ in coder.fronts(rows, cols))
-    return {"steps": steps, "blocks": rows * cols, "encode_s": encode_s, "decode_s": decode_s,
-            "bytes": len(string), "reconstruction": decoded}
+    return {
+        "steps": steps,
+        "blocks": rows * cols,
+        "encode_s": encode_s,
+        "decode_s": decode_s,
+        "bytes": len(string),
+        "reconstruction": decoded,
+    }
 
 
 def run(args, config: str) -> Dict:
@@ -118,41 +141,61 @@ def run(args, config: str) -> Dict:
     wave = time_order(model, blocks, "wavefront")
     reference_rows = min(args.reference_rows or rows, rows)
     raster = time_order(model, blocks[:, :reference_rows].contiguous(), "raster")
-    identical = torch.equal(raster.pop("reconstruction"),
-                            wave.pop("reconstruction")[:, :reference_rows])
+    identical = torch.equal(
+        raster.pop("reconstruction"), wave.pop("reconstruction")[:, :reference_rows]
+    )
     if not identical:
         raise RuntimeError("wavefront and block-by-block reconstructions differ")
     scale = rows / reference_rows
-    raster_full = {"steps": rows * cols, "blocks": rows * cols,
-                   "encode_s": raster["encode_s"] * scale, "decode_s": raster["decode_s"] * scale,
-                   "extrapolated_from_blocks": raster["blocks"] if scale > 1 else None}
+    raster_full = {
+        "steps": rows * cols,
+        "blocks": rows * cols,
+        "encode_s": raster["encode_s"] * scale,
+        "decode_s": raster["decode_s"] * scale,
+        "extrapolated_from_blocks": raster["blocks"] if scale > 1 else None,
+    }
     return {
         "config": args.checkpoint or os.path.relpath(os.path.abspath(config), ROOT),
-        "model": model.config, "image": f"{args.width}x{args.height}", "grid": [rows, cols],
+        "model": model.config,
+        "image": f"{args.width}x{args.height}",
+        "grid": [rows, cols],
         "wavefront_slope": model.wavefront_slope,
-        "wavefront": wave, "block_by_block": raster_full,
+        "wavefront": wave,
+        "block_by_block": raster_full,
         "decode_speedup": raster_full["decode_s"] / wave["decode_s"],
         "encode_speedup": raster_full["encode_s"] / wave["encode_s"],
         "reconstructions_identical": identical,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": 1,
-                    "load_average": os.getloadavg()[0], "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": 1,
+            "load_average": os.getloadavg()[0],
+            "torch": torch.__version__,
+        },
     }
 
 
 def format_table(result: Dict) -> str:
     star = "*" if result["block_by_block"]["extrapolated_from_blocks"] else ""
     grid = result["grid"]
-    lines = [f"{result['config']}  {result['image']}  grid {grid[0]}x{grid[1]}  "
-             f"slope {result['wavefront_slope']}",
-             f"{'order':<15}{'steps':>8}{'encode s':>12}{'decode s':>12}"]
-    for name, key, mark in (("block-by-block", "block_by_block", star),
-                            ("wavefront", "wavefront", "")):
+    lines = [
+        f"{result['config']}  {result['image']}  grid {grid[0]}x{grid[1]}  "
+        f"slope {result['wavefront_slope']}",
+        f"{'order':<15}{'steps':>8}{'encode s':>12}{'decode s':>12}",
+    ]
+    for name, key, mark in (
+        ("block-by-block", "block_by_block", star),
+        ("wavefront", "wavefront", ""),
+    ):
         r = result[key]
-        lines.append(f"{name:<15}{r['steps']:>8}{r['encode_s']:>11.2f}{mark or ' '}"
-                     f"{r['decode_s']:>11.2f}{mark or ' '}")
-    lines.append(f"speed-up: decode {result['decode_speedup']:.1f}x, encode "
-                 f"{result['encode_speedup']:.1f}x; reconstructions identical: "
-                 f"{result['reconstructions_identical']}")
+        lines.append(
+            f"{name:<15}{r['steps']:>8}{r['encode_s']:>11.2f}{mark or ' '}"
+            f"{r['decode_s']:>11.2f}{mark or ' '}"
+        )
+    lines.append(
+        f"speed-up: decode {result['decode_speedup']:.1f}x, encode "
+        f"{result['encode_speedup']:.1f}x; reconstructions identical: "
+        f"{result['reconstructions_identical']}"
+    )
     if star:
         blocks = result["block_by_block"]["extrapolated_from_blocks"]
         lines.append(f"* extrapolated from {blocks} blocks")
@@ -169,8 +212,10 @@ def main(argv: Optional[list] = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"kamisli_decoding.py: error: {exc}", file=sys.stderr)
         return 1
-    document = {"benchmark": "Kamisli 2024 codec, wavefront vs block-by-block, CPU, 1 thread",
-                "runs": results}
+    document = {
+        "benchmark": "Kamisli 2024 codec, wavefront vs block-by-block, CPU, 1 thread",
+        "runs": results,
+    }
     save_json(args.output, document)
     return 0
 

@@ -48,8 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import warnings
 
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import torch
 
@@ -73,7 +74,7 @@ ZOO = {"mbt2018": ("mbt2018", 3), "cheng2020-anchor": ("cheng2020-anchor", 4)}
 # Peak bytes per image pixel above the libraries, measured on the CPU (N=192) at
 # 1920x1080 and 3840x2160: used only to decide which runs would not fit the machine.
 PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 1150, "mbt2018": 800, "cheng2020-anchor": 900}
-LIBRARIES_BYTES = 900 * 2 ** 20
+LIBRARIES_BYTES = 900 * 2**20
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -81,8 +82,10 @@ def parse_size(text: str) -> Tuple[int, int]:
     shared by ``benchmarks/entropy_coding.py``."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"image size {text!r} is not WIDTHxHEIGHT in positive "
-                                         "pixels, e.g. 1920x1080")
+        raise argparse.ArgumentTypeError(
+            f"image size {text!r} is not WIDTHxHEIGHT in positive "
+            "pixels, e.g. 1920x1080"
+        )
     return int(parts[0]), int(parts[1])
 
 
@@ -109,39 +112,79 @@ def previous_results(path: str) -> List[Dict[str, object]]:
             document = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
-    if not isinstance(document, dict) or document.get("benchmark") != "memory_scaling" \
-            or not isinstance(document.get("results"), list):
+    if (
+        not isinstance(document, dict)
+        or document.get("benchmark") != "memory_scaling"
+        or not isinstance(document.get("results"), list)
+    ):
         raise ValueError(f"{path} is not a memory_scaling results file")
     for entry in document["results"]:
-        if not isinstance(entry, dict) or entry.get("method") not in METHODS \
-                or not isinstance(entry.get("image"), str) \
-                or not isinstance(entry.get("megapixels"), (int, float)):
-            raise ValueError(f"{path}: an entry without a known method, an image and its "
-                             f"megapixels: {json.dumps(entry)[:80]}")
+        if (
+            not isinstance(entry, dict)
+            or entry.get("method") not in METHODS
+            or not isinstance(entry.get("image"), str)
+            or not isinstance(entry.get("megapixels"), (int, float))
+        ):
+            raise ValueError(
+                f"{path}: an entry without a known method, an image and its "
+                f"megapixels: {json.dumps(entry)[:80]}"
+            )
     return document["results"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", type=parse_size,
-                        default=[parse_size(size) for size in SIZES], help="WIDTHxHEIGHT images")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help="default: all but authors-cps, plus authors-cps with --authors-repo")
-    parser.add_argument("--N", type=positive_int, default=192, help="CPS width (default: 192)")
-    parser.add_argument("--max-memory", type=memory_size, default=DEFAULT_BUDGET,
-                        help="budget of cps-budget (default: %(default)s)")
-    parser.add_argument("--skip-above", type=memory_size, default="18GB",
-                        help="do not start runs predicted to need more (default: %(default)s)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=[parse_size(size) for size in SIZES],
+        help="WIDTHxHEIGHT images",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="default: all but authors-cps, plus authors-cps with --authors-repo",
+    )
+    parser.add_argument(
+        "--N", type=positive_int, default=192, help="CPS width (default: 192)"
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=memory_size,
+        default=DEFAULT_BUDGET,
+        help="budget of cps-budget (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--skip-above",
+        type=memory_size,
+        default="18GB",
+        help="do not start runs predicted to need more (default: %(default)s)",
+    )
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
-    parser.add_argument("--authors-repo", metavar="PATH",
-                        help="checkout of the authors' SPL-CPS code: adds the authors-cps method")
-    parser.add_argument("--authors-patch-size", type=int, default=256,
-                        help="patch size of the authors' codec, 0 = whole image (default: 256)")
+    parser.add_argument(
+        "--authors-repo",
+        metavar="PATH",
+        help="checkout of the authors' SPL-CPS code: adds the authors-cps method",
+    )
+    parser.add_argument(
+        "--authors-patch-size",
+        type=int,
+        default=256,
+        help="patch size of the authors' codec, 0 = whole image (default: 256)",
+    )
     add_output_arguments(parser, "memory_scaling.json")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the other entries of an existing --output file (e.g. to add one "
-                             "run with a higher --skip-above)")
-    parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other entries of an existing --output file (e.g. to add one "
+        "run with a higher --skip-above)",
+    )
+    parser.add_argument(
+        "--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     refuse_repeats(parser, args, "--sizes", "--methods")
     if args.methods is None:
@@ -180,7 +223,9 @@ def peak_bytes(device: torch.device) -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
+def run_cps(
+    method: str, image: torch.Tensor, args, device: torch.device
+) -> Dict[str, object]:
     import models.cps.coding as codec
     import utils.stitching.planner as planner
     from benchmarks.entropy_coding import synthetic_model
@@ -206,25 +251,37 @@ def run_cps(method: str, image: torch.Tensor, args, device: torch.device) -> Dic
         return plans[-1]
 
     budget = parse_memory(args.max_memory) if method == "cps-budget" else None
-    coding_plan = CodingPlan(patch=PatchSpec(None if method == "cps-budget" else 0),
-                             budget_bytes=budget)
-    with mock.patch.object(codec, "run_patchwise", timed_run_patchwise), \
-            mock.patch.object(planner, "choose_patches", recorded_plan):
+    coding_plan = CodingPlan(
+        patch=PatchSpec(None if method == "cps-budget" else 0), budget_bytes=budget
+    )
+    with (
+        mock.patch.object(codec, "run_patchwise", timed_run_patchwise),
+        mock.patch.object(planner, "choose_patches", recorded_plan),
+    ):
         start = time.perf_counter()
         data = pack(model.encode(image, coding_plan))
         middle = time.perf_counter()
         decoded = model.decode(unpack(data), coding_plan)
     end = time.perf_counter()
     assert decoded.shape == image.shape
-    timings = {"encode_s": middle - start, "decode_s": end - middle,
-               "transform_s": transform_seconds[0], "bytes": len(data)}
+    timings = {
+        "encode_s": middle - start,
+        "decode_s": end - middle,
+        "transform_s": transform_seconds[0],
+        "bytes": len(data),
+    }
     if budget is None:  # no planning: one whole-image patch each way, batch 8
         return {**timings, "patch_sizes": [[0, 0], [0, 0]], "batch_sizes": [8, 8]}
-    return {**timings, "patch_sizes": [list(plan.patch_size) for plan in plans],
-            "batch_sizes": [plan.batch_size for plan in plans]}
+    return {
+        **timings,
+        "patch_sizes": [list(plan.patch_size) for plan in plans],
+        "batch_sizes": [plan.batch_size for plan in plans],
+    }
 
 
-def run_authors_cps(image: torch.Tensor, args, device: torch.device) -> Dict[str, object]:
+def run_authors_cps(
+    image: torch.Tensor, args, device: torch.device
+) -> Dict[str, object]:
     from benchmarks.authors import authors_model, load_authors_cps, run_authors
     from benchmarks.entropy_coding import synthetic_model
 
@@ -234,7 +291,9 @@ def run_authors_cps(image: torch.Tensor, args, device: torch.device) -> Dict[str
     return run_authors(model, image, args.authors_patch_size)
 
 
-def run_zoo(method: str, image: torch.Tensor, device: torch.device) -> Dict[str, object]:
+def run_zoo(
+    method: str, image: torch.Tensor, device: torch.device
+) -> Dict[str, object]:
     from compressai.zoo import image_models
 
     from utils.stitching.patches import pad_replicate
@@ -265,12 +324,14 @@ def child(args) -> int:
         result = run_authors_cps(image, args, device)
     else:
         result = run_cps(method, image, args, device)
-    result["peak_mb"] = peak_bytes(device) / 2 ** 20
+    result["peak_mb"] = peak_bytes(device) / 2**20
     print(json.dumps(result))
     return 0
 
 
-def predicted_bytes(method: str, width: int, height: int, authors_patch_size: int = 0) -> int:
+def predicted_bytes(
+    method: str, width: int, height: int, authors_patch_size: int = 0
+) -> int:
     """Rough peak of one run, to skip those that would not fit (0: always run)."""
     if method == "cps-budget" or (method == AUTHORS and authors_patch_size):
         return 0
@@ -281,38 +342,69 @@ def predicted_bytes(method: str, width: int, height: int, authors_patch_size: in
 
 def measure(method: str, width: int, height: int, args) -> Dict[str, object]:
     size = f"{width}x{height}"
-    entry: Dict[str, object] = {"method": method, "image": size, "megapixels": width * height / 1e6}
+    entry: Dict[str, object] = {
+        "method": method,
+        "image": size,
+        "megapixels": width * height / 1e6,
+    }
     prediction = predicted_bytes(method, width, height, args.authors_patch_size)
     if prediction > parse_memory(args.skip_above):
-        entry.update(skipped=True, predicted_peak_mb=prediction / 2 ** 20)
+        entry.update(skipped=True, predicted_peak_mb=prediction / 2**20)
         return entry
-    command = [sys.executable, os.path.abspath(__file__), "--child", method, size,
-               "--N", str(args.N), "--max-memory", args.max_memory]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        method,
+        size,
+        "--N",
+        str(args.N),
+        "--max-memory",
+        args.max_memory,
+    ]
     command += ["--cuda"] if args.cuda else []
     if method == AUTHORS:
-        command += ["--authors-repo", args.authors_repo,
-                    "--authors-patch-size", str(args.authors_patch_size)]
+        command += [
+            "--authors-repo",
+            args.authors_repo,
+            "--authors-patch-size",
+            str(args.authors_patch_size),
+        ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        entry.update(failed=True, returncode=result.returncode, stderr=result.stderr.strip()[-500:])
+        entry.update(
+            failed=True,
+            returncode=result.returncode,
+            stderr=result.stderr.strip()[-500:],
+        )
         return entry
     entry.update(json.loads(result.stdout.strip().splitlines()[-1]))
     return entry
 
 
 def _entry(entries: List[Dict[str, object]], size: str, method: str) -> Optional[dict]:
-    return next((e for e in entries if e["image"] == size and e["method"] == method), None)
+    return next(
+        (e for e in entries if e["image"] == size and e["method"] == method), None
+    )
 
 
 def authors_ratios(entries: List[Dict[str, object]]) -> List[Dict[str, object]]:
     """Per image: the authors' peak and time over ``cps-budget``'s, where both ran."""
     ratios = []
     for size in dict.fromkeys(entry["image"] for entry in entries):
-        ours, theirs = _entry(entries, size, "cps-budget"), _entry(entries, size, AUTHORS)
+        ours, theirs = (
+            _entry(entries, size, "cps-budget"),
+            _entry(entries, size, AUTHORS),
+        )
         if ours and theirs and "peak_mb" in ours and "peak_mb" in theirs:
-            ratios.append({"image": size, "peak_ratio": theirs["peak_mb"] / ours["peak_mb"],
-                           "time_ratio": (theirs["encode_s"] + theirs["decode_s"])
-                           / (ours["encode_s"] + ours["decode_s"])})
+            ratios.append(
+                {
+                    "image": size,
+                    "peak_ratio": theirs["peak_mb"] / ours["peak_mb"],
+                    "time_ratio": (theirs["encode_s"] + theirs["decode_s"])
+                    / (ours["encode_s"] + ours["decode_s"]),
+                }
+            )
     return ratios
 
 
@@ -320,7 +412,10 @@ def format_table(entries: List[Dict[str, object]], methods: Sequence[str]) -> st
     """Peak and time per image and method; the authors' columns are always shown."""
     shown = list(methods) + ([AUTHORS] if AUTHORS not in methods else [])
     header = "| image | " + " | ".join(f"{m} peak (MB) | {m} time (s)" for m in shown)
-    lines = [header + " | authors / cps-budget peak, time |", "|" + "---|" * (2 + 2 * len(shown))]
+    lines = [
+        header + " | authors / cps-budget peak, time |",
+        "|" + "---|" * (2 + 2 * len(shown)),
+    ]
     ratios = {ratio["image"]: ratio for ratio in authors_ratios(entries)}
     for size in dict.fromkeys(entry["image"] for entry in entries):
         cells = [size]
@@ -340,14 +435,20 @@ def format_table(entries: List[Dict[str, object]], methods: Sequence[str]) -> st
                     time_text += f" ({entry['transform_s']:.1f} transforms)"
                 cells += [f"{entry['peak_mb']:.0f}", time_text]
         ratio = ratios.get(size)
-        cells.append(NOT_MEASURED if ratio is None
-                     else f"{ratio['peak_ratio']:.2f}x, {ratio['time_ratio']:.2f}x")
+        cells.append(
+            NOT_MEASURED
+            if ratio is None
+            else f"{ratio['peak_ratio']:.2f}x, {ratio['time_ratio']:.2f}x"
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(entries: List[Dict[str, object]], methods: Sequence[str], path: str, budget: str) -> None:
+def plot(
+    entries: List[Dict[str, object]], methods: Sequence[str], path: str, budget: str
+) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -357,14 +458,30 @@ def plot(entries: List[Dict[str, object]], methods: Sequence[str], path: str, bu
         if not done:
             continue
         megapixels = [e["megapixels"] for e in done]
-        memory_axis.plot(megapixels, [e["peak_mb"] / 1024 for e in done], "o-", label=method)
-        time_axis.plot(megapixels, [e["encode_s"] + e["decode_s"] for e in done], "o-",
-                       label=method)
-    memory_axis.axhline(parse_memory(budget) / 2 ** 30, color="grey", linestyle=":",
-                        label=f"budget {budget}")
-    memory_axis.set(xscale="log", yscale="log", xlabel="megapixels",
-                    ylabel="peak memory of the process (GB)")
-    time_axis.set(xscale="log", yscale="log", xlabel="megapixels", ylabel="encode + decode (s)")
+        memory_axis.plot(
+            megapixels, [e["peak_mb"] / 1024 for e in done], "o-", label=method
+        )
+        time_axis.plot(
+            megapixels,
+            [e["encode_s"] + e["decode_s"] for e in done],
+            "o-",
+            label=method,
+        )
+    memory_axis.axhline(
+        parse_memory(budget) / 2**30,
+        color="grey",
+        linestyle=":",
+        label=f"budget {budget}",
+    )
+    memory_axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="megapixels",
+        ylabel="peak memory of the process (GB)",
+    )
+    time_axis.set(
+        xscale="log", yscale="log", xlabel="megapixels", ylabel="encode + decode (s)"
+    )
     for axis in (memory_axis, time_axis):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
@@ -390,21 +507,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(entry), flush=True)
     if args.previous is not None:
         measured = {(entry["method"], entry["image"]) for entry in entries}
-        kept = [entry for entry in args.previous
-                if (entry["method"], entry["image"]) not in measured]
+        kept = [
+            entry
+            for entry in args.previous
+            if (entry["method"], entry["image"]) not in measured
+        ]
         entries = kept + entries
-        entries.sort(key=lambda entry: (entry["megapixels"], METHODS.index(entry["method"])))
-    methods = [method for method in METHODS if any(entry["method"] == method for entry in entries)]
+        entries.sort(
+            key=lambda entry: (entry["megapixels"], METHODS.index(entry["method"]))
+        )
+    methods = [
+        method
+        for method in METHODS
+        if any(entry["method"] == method for entry in entries)
+    ]
     table = format_table(entries, methods)
     print(table)
-    document = {"benchmark": "memory_scaling", "N": args.N, "max_memory": args.max_memory,
-                "device": "cuda" if args.cuda else "cpu",
-                "machine": machine_info(),
-                "budget_mb": parse_memory(args.max_memory) / 2 ** 20,
-                "authors_repo": args.authors_repo,
-                "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
-                "authors_ratios": authors_ratios(entries) if args.authors_repo else NOT_MEASURED,
-                "results": entries, "table": table}
+    document = {
+        "benchmark": "memory_scaling",
+        "N": args.N,
+        "max_memory": args.max_memory,
+        "device": "cuda" if args.cuda else "cpu",
+        "machine": machine_info(),
+        "budget_mb": parse_memory(args.max_memory) / 2**20,
+        "authors_repo": args.authors_repo,
+        "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
+        "authors_ratios": authors_ratios(entries)
+        if args.authors_repo
+        else NOT_MEASURED,
+        "results": entries,
+        "table": table,
+    }
     save_json(args.output, document)
     plot(entries, methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
     budget = format_memory(parse_memory(args.max_memory))

@@ -28,13 +28,17 @@ from utils.stitching.patches import pad_replicate, run_patchwise
 from utils.stitching.transforms import transform_mode
 
 
-def _measure(width, height, channels, patch_size, batch_size, device_name, exact, queue):
+def _measure(
+    width, height, channels, patch_size, batch_size, device_name, exact, queue
+):
     device = torch.device(device_name)
     torch.manual_seed(0)
     model = models.build_model("cps", N=channels).eval().to(device)
     geometry = model_geometry(model)
-    image = pad_replicate(torch.randint(0, 256, (3, height, width), dtype=torch.uint8),
-                          model.downsampling_factor)[None]
+    image = pad_replicate(
+        torch.randint(0, 256, (3, height, width), dtype=torch.uint8),
+        model.downsampling_factor,
+    )[None]
     latent_size = (image.shape[2] // geometry.scale, image.shape[3] // geometry.scale)
     patches = plan_patches(*latent_size, patch_size, geometry)
     if device.type == "cuda":
@@ -43,13 +47,31 @@ def _measure(width, height, channels, patch_size, batch_size, device_name, exact
     with transform_mode(device, exact):
         start = time.perf_counter()
         y = torch.empty(1, channels, *latent_size)
-        run_patchwise(model.g_a, image, y, patches, geometry.scale, 1, batch_size, device,
-                      prepare=lambda b: b.float().div_(255))
+        run_patchwise(
+            model.g_a,
+            image,
+            y,
+            patches,
+            geometry.scale,
+            1,
+            batch_size,
+            device,
+            prepare=lambda b: b.float().div_(255),
+        )
         timings["analysis_s"] = time.perf_counter() - start
         start = time.perf_counter()
         out = torch.empty(1, 3, *image.shape[2:], dtype=torch.uint8)
-        run_patchwise(model.g_s, y, out, patches, 1, geometry.scale, batch_size, device,
-                      finish=lambda r: r.clamp(0, 1).mul(255).round().to(torch.uint8))
+        run_patchwise(
+            model.g_s,
+            y,
+            out,
+            patches,
+            1,
+            geometry.scale,
+            batch_size,
+            device,
+            finish=lambda r: r.clamp(0, 1).mul(255).round().to(torch.uint8),
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings["synthesis_s"] = time.perf_counter() - start
@@ -68,7 +90,9 @@ def measure(*args):
     process.start()
     process.join()
     if process.exitcode != 0:
-        raise RuntimeError(f"measurement {args} failed with exit code {process.exitcode}")
+        raise RuntimeError(
+            f"measurement {args} failed with exit code {process.exitcode}"
+        )
     return queue.get()
 
 
@@ -79,7 +103,9 @@ def parse_args(argv=None):
     parser.add_argument("--patch-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cuda", action="store_true")
-    parser.add_argument("--fast", action="store_true", help="CPU: oneDNN instead of exact mode")
+    parser.add_argument(
+        "--fast", action="store_true", help="CPU: oneDNN instead of exact mode"
+    )
     return parse_with_output(parser, argv, "patch_overhead.json")
 
 
@@ -87,27 +113,57 @@ def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if args.cuda else "cpu"
     rows = []
-    print(f"{'size':>10} {'mode':>12} {'g_a s':>8} {'g_s s':>8} {'peak MB':>9} "
-          f"{'time x':>7} {'mem x':>6}")
+    print(
+        f"{'size':>10} {'mode':>12} {'g_a s':>8} {'g_s s':>8} {'peak MB':>9} "
+        f"{'time x':>7} {'mem x':>6}"
+    )
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.split("x"))
         whole = measure(width, height, args.N, 0, 1, device, not args.fast)
-        patched = measure(width, height, args.N, args.patch_size, args.batch_size, device,
-                          not args.fast)
-        time_ratio = ((patched["analysis_s"] + patched["synthesis_s"])
-                      / (whole["analysis_s"] + whole["synthesis_s"]))
+        patched = measure(
+            width,
+            height,
+            args.N,
+            args.patch_size,
+            args.batch_size,
+            device,
+            not args.fast,
+        )
+        time_ratio = (patched["analysis_s"] + patched["synthesis_s"]) / (
+            whole["analysis_s"] + whole["synthesis_s"]
+        )
         memory_ratio = patched["peak_mb"] / whole["peak_mb"]
         for mode, result in (("whole", whole), (f"P={args.patch_size}", patched)):
-            print(f"{size:>10} {mode:>12} {result['analysis_s']:8.2f} {result['synthesis_s']:8.2f} "
-                  f"{result['peak_mb']:9.0f}" + (f" {time_ratio:7.2f} {memory_ratio:6.2f}"
-                                                 if result is patched else ""), flush=True)
-        rows.append({"size": size, "whole": whole, "patchwise": patched,
-                     "time_ratio": time_ratio, "memory_ratio": memory_ratio})
-    report = {"device": device, "N": args.N, "patch_size": args.patch_size,
-              "batch_size": args.batch_size, "exact": not args.fast,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(),
-              "results": rows}
+            print(
+                f"{size:>10} {mode:>12} {result['analysis_s']:8.2f} {result['synthesis_s']:8.2f} "
+                f"{result['peak_mb']:9.0f}"
+                + (
+                    f" {time_ratio:7.2f} {memory_ratio:6.2f}"
+                    if result is patched
+                    else ""
+                ),
+                flush=True,
+            )
+        rows.append(
+            {
+                "size": size,
+                "whole": whole,
+                "patchwise": patched,
+                "time_ratio": time_ratio,
+                "memory_ratio": memory_ratio,
+            }
+        )
+    report = {
+        "device": device,
+        "N": args.N,
+        "patch_size": args.patch_size,
+        "batch_size": args.batch_size,
+        "exact": not args.fast,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "results": rows,
+    }
     save_json(args.output, report)
     print(f"written {args.output}")
 

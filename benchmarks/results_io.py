@@ -22,10 +22,17 @@ LOCAL_DIR = os.path.join(RESULTS_DIR, "local")
 def add_output_arguments(parser: argparse.ArgumentParser, filename: str) -> None:
     """Add ``-o/--output`` and ``--publish`` for a benchmark whose results file is
     ``filename``; call :func:`resolve_output` after parsing."""
-    parser.add_argument("-o", "--output", default=None,
-                        help=f"results file (default: benchmarks/results/local/{filename})")
-    parser.add_argument("--publish", action="store_true",
-                        help=f"write the tracked benchmarks/results/{filename}")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help=f"results file (default: benchmarks/results/local/{filename})",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"write the tracked benchmarks/results/{filename}",
+    )
     parser.set_defaults(results_filename=filename)
 
 
@@ -40,8 +47,10 @@ def check_output(path: str) -> None:
         raise ValueError(f"output {path}: {folder} is a file, not a folder")
     check_output_path(path, ())
     if not path.endswith(".json"):
-        raise ValueError(f"output {path} must be a .json file (a figure, if any, is "
-                         "written beside it as .png)")
+        raise ValueError(
+            f"output {path} must be a .json file (a figure, if any, is "
+            "written beside it as .png)"
+        )
 
 
 def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -62,8 +71,9 @@ def resolve_output(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return args.output
 
 
-def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-                      filename: str) -> argparse.Namespace:
+def parse_with_output(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], filename: str
+) -> argparse.Namespace:
     """Add the output flags for ``filename`` (:func:`add_output_arguments`), parse
     ``argv`` and resolve ``args.output``: the last steps of a benchmark's parser."""
     add_output_arguments(parser, filename)
@@ -72,8 +82,9 @@ def parse_with_output(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
     return args
 
 
-def refuse_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   *options: str) -> None:
+def refuse_repeats(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *options: str
+) -> None:
     """A usage error when a list option (``"--sizes"``, ...) names a value twice: the
     benchmark would measure it twice and write the same row twice."""
     for option in options:
@@ -94,8 +105,13 @@ def machine_info(**extra: object) -> dict:
     startup.py loads PyTorch only once its measurements are done."""
     import torch
 
-    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count(), "torch": torch.__version__, **extra}
+    return {
+        "cpu": cpu_model_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        **extra,
+    }
 
 
 def save_results(path: str, document: dict) -> None:

@@ -87,8 +87,13 @@ def run_once(command: List[str]) -> Dict[str, Optional[float]]:
     """Wall seconds and peak RSS (MB, ``None`` without ``/proc``) of ``python ARGS``
     given as ``[python, *ARGS]``; RuntimeError if it fails."""
     start = time.perf_counter()
-    result = subprocess.run([command[0], "-c", PROBE, *command[1:]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [command[0], "-c", PROBE, *command[1:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     seconds = time.perf_counter() - start
     lines = result.stderr.strip().splitlines()
     peaks = [int(line.split()[1]) for line in lines if line.startswith(PEAK_MARK + " ")]
@@ -107,16 +112,25 @@ def measure(commands: List[List[str]], repeats: int) -> Dict[str, float]:
         runs = [run_once(command) for command in commands]
         totals.append(sum(run["seconds"] for run in runs))
         peaks.append(max((run["peak_rss_mb"] or 0.0) for run in runs))
-    return {"seconds": statistics.median(totals), "peak_rss_mb": max(peaks) or None,
-            "processes": len(commands)}
+    return {
+        "seconds": statistics.median(totals),
+        "peak_rss_mb": max(peaks) or None,
+        "processes": len(commands),
+    }
 
 
 def codec_takes_several_inputs() -> bool:
     """True when ``codec.py encode`` has a ``-d`` output folder for several inputs."""
-    result = subprocess.run([sys.executable, CODEC, "encode", "--help"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, CODEC, "encode", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return result.returncode == 0 and any(
-        token in result.stdout for token in ("-d OUTDIR", "-d OUTPUT_DIR", "--output-dir"))
+        token in result.stdout
+        for token in ("-d OUTDIR", "-d OUTPUT_DIR", "--output-dir")
+    )
 
 
 def prepare(folder: str, args: argparse.Namespace) -> Dict[str, object]:
@@ -137,32 +151,49 @@ def prepare(folder: str, args: argparse.Namespace) -> Dict[str, object]:
     return {"weights": weights, "images": images}
 
 
-def rows_to_run(folder: str, files: Dict[str, object], batch_in_one: bool,
-                ) -> Dict[str, List[List[str]]]:
+def rows_to_run(
+    folder: str,
+    files: Dict[str, object],
+    batch_in_one: bool,
+) -> Dict[str, List[List[str]]]:
     python, weights, images = sys.executable, files["weights"], files["images"]
     encode = [python, CODEC, "encode", "-p", weights]
     if batch_in_one:
         batch = [encode + images + ["-d", os.path.join(folder, "batch")]]
     else:
-        batch = [encode + [image, os.path.join(folder, f"batch{index}.cps")]
-                 for index, image in enumerate(images)]
-    return {"import torch": [[python, "-c", "import torch"]],
-            "codec.py --help": [[python, CODEC, "--help"]],
-            "encode 1 image": [encode + [images[0], os.path.join(folder, "one.cps")]],
-            f"encode {len(images)} images": batch}
+        batch = [
+            encode + [image, os.path.join(folder, f"batch{index}.cps")]
+            for index, image in enumerate(images)
+        ]
+    return {
+        "import torch": [[python, "-c", "import torch"]],
+        "codec.py --help": [[python, CODEC, "--help"]],
+        "encode 1 image": [encode + [images[0], os.path.join(folder, "one.cps")]],
+        f"encode {len(images)} images": batch,
+    }
 
 
 def format_table(rows: Dict[str, dict], batch_in_one: bool) -> str:
     baseline = rows["import torch"]["seconds"]
-    lines = ["| run | processes | time (s) | peak RSS (MB) | time over import torch |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| run | processes | time (s) | peak RSS (MB) | time over import torch |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
-        peak = "not measured" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
-        lines.append(f"| {name} | {row['processes']} | {row['seconds']:.2f} | {peak} | "
-                     f"{row['seconds'] / baseline:.2f}x |")
+        peak = (
+            "not measured"
+            if row["peak_rss_mb"] is None
+            else f"{row['peak_rss_mb']:.0f}"
+        )
+        lines.append(
+            f"| {name} | {row['processes']} | {row['seconds']:.2f} | {peak} | "
+            f"{row['seconds'] / baseline:.2f}x |"
+        )
     if not batch_in_one:
-        lines.append("\nThe batch row is separate codec.py calls, one per image: this "
-                     "codec.py encode takes one input (no -d OUTDIR).")
+        lines.append(
+            "\nThe batch row is separate codec.py calls, one per image: this "
+            "codec.py encode takes one input (no -d OUTDIR)."
+        )
     return "\n".join(lines)
 
 
@@ -172,18 +203,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="cps-startup-") as folder:
             files = prepare(folder, args)
             batch_in_one = codec_takes_several_inputs()
-            rows = {name: measure(commands, args.repeats)
-                    for name, commands in rows_to_run(folder, files, batch_in_one).items()}
+            rows = {
+                name: measure(commands, args.repeats)
+                for name, commands in rows_to_run(folder, files, batch_in_one).items()
+            }
     except (RuntimeError, OSError) as exc:
         print(f"startup.py: error: {exc}", file=sys.stderr)
         return 1
     table = format_table(rows, batch_in_one)
     print(table)
-    document = {"benchmark": "startup", "N": args.N, "size": args.size, "batch": args.batch,
-                "repeats": args.repeats, "batch_in_one_process": batch_in_one,
-                "machine": machine_info(python=platform.python_version(),
-                                        load_average=list(os.getloadavg())),
-                "results": rows, "table": table}
+    document = {
+        "benchmark": "startup",
+        "N": args.N,
+        "size": args.size,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "batch_in_one_process": batch_in_one,
+        "machine": machine_info(
+            python=platform.python_version(), load_average=list(os.getloadavg())
+        ),
+        "results": rows,
+        "table": table,
+    }
     save_results(args.output, document)
     return 0
 

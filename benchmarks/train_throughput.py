@@ -44,13 +44,19 @@ from utils.training.step import TrainStep, build_optimizers
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cuda", action="store_true", help="run on the current CUDA device")
+    parser.add_argument(
+        "--cuda", action="store_true", help="run on the current CUDA device"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=256, help="square crop side (pixels)")
+    parser.add_argument(
+        "--crop", type=int, default=256, help="square crop side (pixels)"
+    )
     parser.add_argument("--N", type=int, default=192, help="CPS width")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per loop (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timings per loop (median)"
+    )
     parser.add_argument("--lmbda", type=float, default=0.0035)
     args = parse_with_output(parser, argv, "train_throughput.json")
     for name in ("batch_size", "crop", "N", "steps", "repeats"):
@@ -60,8 +66,10 @@ def parse_args(argv):
         parser.error("--warmup must be >= 0")
     multiple = models.build_model("cps", N=1).downsampling_factor  # the same at every N
     if args.crop % multiple:
-        parser.error(f"--crop {args.crop} must be a multiple of {multiple} (the CPS "
-                     "downsampling)")
+        parser.error(
+            f"--crop {args.crop} must be a multiple of {multiple} (the CPS "
+            "downsampling)"
+        )
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda was given but CUDA is not available")
     return args
@@ -92,11 +100,13 @@ def _loops(base, device, lmbda):
     variants = [("compressai_example", {}), ("train_py", {})]
     if device.type == "cuda":  # each option alone too, to see which one pays
         both = {"amp": True, "channels_last": True}
-        variants += [("train_py_channels_last", {"channels_last": True}),
-                     ("train_py_bf16", {"amp": True}),
-                     ("train_py_bf16_channels_last", both),
-                     ("train_py_cuda_graph", {"cuda_graph": True}),
-                     ("train_py_bf16_channels_last_cuda_graph", {**both, "cuda_graph": True})]
+        variants += [
+            ("train_py_channels_last", {"channels_last": True}),
+            ("train_py_bf16", {"amp": True}),
+            ("train_py_bf16_channels_last", both),
+            ("train_py_cuda_graph", {"cuda_graph": True}),
+            ("train_py_bf16_channels_last_cuda_graph", {**both, "cuda_graph": True}),
+        ]
     for name, options in variants:
         model = copy.deepcopy(base).to(device).train()
         if options.get("channels_last"):
@@ -104,10 +114,19 @@ def _loops(base, device, lmbda):
         criterion = RateDistortionLoss(lmbda)
         optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
         if name == "compressai_example":
-            step = compressai_example_step(model, criterion, optimizer, aux_optimizer, 1.0)
+            step = compressai_example_step(
+                model, criterion, optimizer, aux_optimizer, 1.0
+            )
         else:
-            step = TrainStep(model, model, criterion, optimizer, aux_optimizer,
-                             clip_max_norm=1.0, **options)
+            step = TrainStep(
+                model,
+                model,
+                criterion,
+                optimizer,
+                aux_optimizer,
+                clip_max_norm=1.0,
+                **options,
+            )
         yield name, model, step
 
 
@@ -131,9 +150,14 @@ def measure(step, x, device, steps, warmup, repeats):
         _sync(device)
         timings.append(time.perf_counter() - start)
     seconds = statistics.median(timings)
-    result = {"images_per_s": steps * x.shape[0] / seconds, "ms_per_step": 1e3 * seconds / steps,
-              "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings]}
-    if isinstance(step, TrainStep):  # same weights, batch and seeds: comparable across loops
+    result = {
+        "images_per_s": steps * x.shape[0] / seconds,
+        "ms_per_step": 1e3 * seconds / steps,
+        "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings],
+    }
+    if isinstance(
+        step, TrainStep
+    ):  # same weights, batch and seeds: comparable across loops
         result.update(final_loss=last["loss"], graph_replayed=step.graph_captured)
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -150,25 +174,43 @@ def main(argv=None):
     x = torch.rand(args.batch_size, 3, args.crop, args.crop, device=device)
     rows = []
     for name, model, step in _loops(base, device, args.lmbda):
-        rows.append({"loop": name, **measure(step, x, device, args.steps, args.warmup,
-                                                    args.repeats)})
+        rows.append(
+            {
+                "loop": name,
+                **measure(step, x, device, args.steps, args.warmup, args.repeats),
+            }
+        )
         del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     reference = rows[0]["images_per_s"]
-    where = torch.cuda.get_device_name(device) if args.cuda else platform.processor() or "cpu"
-    print(f"batch {args.batch_size}, crop {args.crop}, N {args.N}, {args.steps} timed steps "
-          f"x {args.repeats} on {where}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if args.cuda
+        else platform.processor() or "cpu"
+    )
+    print(
+        f"batch {args.batch_size}, crop {args.crop}, N {args.N}, {args.steps} timed steps "
+        f"x {args.repeats} on {where}"
+    )
     print(f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}")
     for row in rows:
-        print(f"{row['loop']:<30}{row['images_per_s']:>10.2f}{row['ms_per_step']:>10.1f}"
-              f"{row['images_per_s'] / reference:>11.2f}x")
+        print(
+            f"{row['loop']:<30}{row['images_per_s']:>10.2f}{row['ms_per_step']:>10.1f}"
+            f"{row['images_per_s'] / reference:>11.2f}x"
+        )
     record = {
         "benchmark": "train_throughput",
-        "settings": {"batch_size": args.batch_size, "crop": args.crop, "N": args.N,
-                     "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                     "lmbda": args.lmbda},
+        "settings": {
+            "batch_size": args.batch_size,
+            "crop": args.crop,
+            "N": args.N,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "lmbda": args.lmbda,
+        },
         "device": where,
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),

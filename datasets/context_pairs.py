@@ -32,12 +32,22 @@ class ContextPairs(Dataset):
             its own generator seed.
     """
 
-    def __init__(self, originals: Sequence[str], contexts: Optional[Sequence[str]], crop: int,
-                 block_size: int, seed: int = 0):
+    def __init__(
+        self,
+        originals: Sequence[str],
+        contexts: Optional[Sequence[str]],
+        crop: int,
+        block_size: int,
+        seed: int = 0,
+    ):
         if contexts is not None and len(contexts) != len(originals):
-            raise ValueError(f"{len(contexts)} context images for {len(originals)} originals")
+            raise ValueError(
+                f"{len(contexts)} context images for {len(originals)} originals"
+            )
         if crop % block_size:
-            raise ValueError(f"crop {crop} is not a multiple of the block size {block_size}")
+            raise ValueError(
+                f"crop {crop} is not a multiple of the block size {block_size}"
+            )
         self.originals, self.contexts = list(originals), contexts
         self.crop, self.block_size, self.seed, self.epoch = crop, block_size, seed, 0
 
@@ -49,10 +59,16 @@ class ContextPairs(Dataset):
 
     def __getitem__(self, index: int):
         x = to_unit_float(read_image(self.originals[index])[0])
-        z = x if self.contexts is None else to_unit_float(read_image(self.contexts[index])[0])
+        z = (
+            x
+            if self.contexts is None
+            else to_unit_float(read_image(self.contexts[index])[0])
+        )
         if z.shape != x.shape:
-            raise ValueError(f"context {self.contexts[index]} has size {tuple(z.shape[1:])}, "
-                             f"its original {tuple(x.shape[1:])}")
+            raise ValueError(
+                f"context {self.contexts[index]} has size {tuple(z.shape[1:])}, "
+                f"its original {tuple(x.shape[1:])}"
+            )
         if not self.crop:
             return x, z
         pair = torch.cat((x, z))
@@ -60,11 +76,20 @@ class ContextPairs(Dataset):
         if any(short):  # small images: replicate the edge, as CropImageFolder does
             pair = F.pad(pair[None], (0, short[1], 0, short[0]), mode="replicate")[0]
         g = torch.Generator().manual_seed(
-            (epoch_seed(self.seed, self.epoch) * SEED_STRIDE + index) % (2**63 - 1))
-        top, left = ((int(torch.randint((size - self.crop) // self.block_size + 1, (1,),
-                                        generator=g)) * self.block_size)
-                     for size in pair.shape[1:])
-        pair = pair[:, top:top + self.crop, left:left + self.crop]
+            (epoch_seed(self.seed, self.epoch) * SEED_STRIDE + index) % (2**63 - 1)
+        )
+        top, left = (
+            (
+                int(
+                    torch.randint(
+                        (size - self.crop) // self.block_size + 1, (1,), generator=g
+                    )
+                )
+                * self.block_size
+            )
+            for size in pair.shape[1:]
+        )
+        pair = pair[:, top : top + self.crop, left : left + self.crop]
         flips = torch.rand(2, generator=g) < 0.5
         if flips[0]:
             pair = pair.flip(2)

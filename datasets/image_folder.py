@@ -40,7 +40,13 @@ from torch.utils.data import Dataset
 
 from utils.image_io import EIGHT_BIT_MODES, colour_png16_type, is_image_file, read_image
 
-__all__ = ["CropImageFolder", "list_split", "UnreadableImage", "open_rgb", "REPLACEMENTS"]
+__all__ = [
+    "CropImageFolder",
+    "list_split",
+    "UnreadableImage",
+    "open_rgb",
+    "REPLACEMENTS",
+]
 
 # Images tried after a failed one before a sample gives up (see CropImageFolder).
 REPLACEMENTS = 4
@@ -89,7 +95,9 @@ def _read_deep_samples(path) -> Image.Image:
     try:
         planes, _ = read_image(str(path))
     except ValueError as exc:
-        raise UnreadableImage(str(exc).removeprefix(f"cannot read image {path}: ")) from None
+        raise UnreadableImage(
+            str(exc).removeprefix(f"cannot read image {path}: ")
+        ) from None
     return Image.fromarray(planes.permute(1, 2, 0).numpy())
 
 
@@ -100,8 +108,10 @@ def list_split(root: str, split: str) -> ImageFolder:
     """
     split_dir = Path(root) / split
     if not split_dir.is_dir():
-        raise ValueError(f"missing image folder {split_dir} (data_path must hold "
-                         "train/ and test/ sub-folders)")
+        raise ValueError(
+            f"missing image folder {split_dir} (data_path must hold "
+            "train/ and test/ sub-folders)"
+        )
     folder = ImageFolder(root, split=split)
     # A stray README or .DS_Store would otherwise crash a worker hours into a run.
     folder.samples = [p for p in folder.samples if is_image_file(p.name)]
@@ -131,10 +141,19 @@ class CropImageFolder(Dataset):
     (``small_images="skip"`` reads every header); ``total`` counts them too.
     """
 
-    def __init__(self, root: str, split: str, crop: int, random_crop: bool,
-                 small_images: str = "pad", max_pixels: Optional[int] = None):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        crop: int,
+        random_crop: bool,
+        small_images: str = "pad",
+        max_pixels: Optional[int] = None,
+    ):
         if small_images not in ("pad", "skip"):
-            raise ValueError(f"small_images must be 'pad' or 'skip', got {small_images!r}")
+            raise ValueError(
+                f"small_images must be 'pad' or 'skip', got {small_images!r}"
+            )
         self.folder = list_split(root, split)
         self.crop, self.random_crop, self.max_pixels = crop, random_crop, max_pixels
         self.total = len(self.folder.samples)
@@ -153,9 +172,11 @@ class CropImageFolder(Dataset):
                 else:
                     self.skipped += 1
             if not kept:
-                raise ValueError(f"no image of {Path(root) / split} is usable: {self.skipped} "
-                                 f"are smaller than {crop}x{crop} (use small_images: pad), "
-                                 f"{len(self.unusable)} unreadable")
+                raise ValueError(
+                    f"no image of {Path(root) / split} is usable: {self.skipped} "
+                    f"are smaller than {crop}x{crop} (use small_images: pad), "
+                    f"{len(self.unusable)} unreadable"
+                )
             self.folder.samples = kept
 
     @property
@@ -183,9 +204,11 @@ class CropImageFolder(Dataset):
                 break
             except UnreadableImage as exc:
                 if attempt == REPLACEMENTS:
-                    raise RuntimeError(f"{REPLACEMENTS + 1} images in a row cannot be used, "
-                                       f"the last {self.samples[candidate]} ({exc}); check "
-                                       "the image folder") from None
+                    raise RuntimeError(
+                        f"{REPLACEMENTS + 1} images in a row cannot be used, "
+                        f"the last {self.samples[candidate]} ({exc}); check "
+                        "the image folder"
+                    ) from None
                 skipped[attempt] = candidate
         return self._crop(image, crop_seed), skipped
 
@@ -213,15 +236,19 @@ def _image_size(path: Path, max_pixels: Optional[int]) -> Sequence[int]:
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image file of a format PIL reads") from None
     except Exception as exc:  # any plugin failure, as in open_rgb
-        raise UnreadableImage(f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        raise UnreadableImage(
+            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
     _check_pixels(size, max_pixels)
     return size
 
 
 def _check_pixels(size: Sequence[int], max_pixels: Optional[int]) -> None:
     if max_pixels is not None and size[0] * size[1] > max_pixels:
-        raise UnreadableImage(f"{size[0]}x{size[1]} pixels is more than "
-                              f"train_data.max_image_pixels={max_pixels}")
+        raise UnreadableImage(
+            f"{size[0]}x{size[1]} pixels is more than "
+            f"train_data.max_image_pixels={max_pixels}"
+        )
 
 
 def _pad_to(image: Image.Image, crop: int) -> Image.Image:

@@ -50,16 +50,31 @@ class EpochSampler(DistributedSampler):
         pad: repeat samples so that all ranks get the same count.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, pad: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+    ):
         if num_samples <= 0:
-            raise ValueError(f"EpochSampler needs at least one sample, got {num_samples}")
+            raise ValueError(
+                f"EpochSampler needs at least one sample, got {num_samples}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         # The base class only needs len(dataset); rank, num_replicas, shuffle, seed
         # and epoch keep its meaning, and num_samples/total_size are set to ours.
-        super().__init__(range(num_samples), num_replicas=world_size, rank=rank,
-                         shuffle=shuffle, seed=seed, drop_last=False)
+        super().__init__(
+            range(num_samples),
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
         self.dataset_size = num_samples
         self.pad = pad
         self.start = 0
@@ -69,7 +84,9 @@ class EpochSampler(DistributedSampler):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select ``epoch`` and skip this rank's first ``start`` samples of it."""
         if not 0 <= start <= self.per_rank():
-            raise ValueError(f"cannot start at sample {start} of an epoch of {self.per_rank()}")
+            raise ValueError(
+                f"cannot start at sample {start} of an epoch of {self.per_rank()}"
+            )
         self.epoch = epoch
         self.start = start
 
@@ -92,6 +109,6 @@ class EpochSampler(DistributedSampler):
         if self.pad:
             total = self.per_rank() * self.num_replicas
             order = order.repeat(-(-total // self.dataset_size))[:total]
-        mine = order[self.rank::self.num_replicas][self.start:]
+        mine = order[self.rank :: self.num_replicas][self.start :]
         for index in mine.tolist():
             yield index, int(crop_seeds[index])

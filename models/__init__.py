@@ -5,8 +5,9 @@ import warnings
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
 # its import that users of `import models` cannot act on. The scripts filter it too,
 # because some of them import CompressAI before this package.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 from models import (
     cps,  # noqa: F401  (registers "cps")

@@ -83,9 +83,13 @@ class CodingPlan:
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.budget_bytes is not None and self.budget_bytes < 1:
-            raise ValueError(f"memory budget must be positive, got {self.budget_bytes} bytes")
+            raise ValueError(
+                f"memory budget must be positive, got {self.budget_bytes} bytes"
+            )
         if self.order not in ORDERS:
-            raise ValueError(f"unknown entropy coder order {self.order!r}; choose from {ORDERS}")
+            raise ValueError(
+                f"unknown entropy coder order {self.order!r}; choose from {ORDERS}"
+            )
         if self.layers < 0:
             raise ValueError(f"layers must be >= 0 (0: all), got {self.layers}")
 
@@ -123,8 +127,11 @@ class LearnedCodec(nn.Module, abc.ABC):
         """The entropy bottlenecks' quantile loss (CompressAI's ``aux_loss``), always a
         tensor: zero for a model without an ``EntropyBottleneck`` (Kamisli 2024), where
         CompressAI returns the int 0."""
-        losses = [module.loss() for module in self.modules()
-                  if isinstance(module, EntropyBottleneck)]
+        losses = [
+            module.loss()
+            for module in self.modules()
+            if isinstance(module, EntropyBottleneck)
+        ]
         return sum(losses) if losses else next(self.parameters()).new_zeros(())
 
     @property
@@ -182,8 +189,9 @@ class ClosedLoopTrainable(abc.ABC):
         see ``x_ctx``'s blocks (same shape; ``x`` if None) as their neighbours."""
 
     @abc.abstractmethod
-    def closed_loop(self, x: Tensor, tile_blocks: int = 0,
-                    context_bits: Optional[int] = None) -> dict:
+    def closed_loop(
+        self, x: Tensor, tile_blocks: int = 0, context_bits: Optional[int] = None
+    ) -> dict:
         """``{"x_hat", "likelihoods"}`` of (1, 3, H, W) when every block sees the
         reconstructions of the blocks coded before it (``tile_blocks``: code tiles of
         that many blocks a side independently, 0 the whole image; ``context_bits``:
@@ -194,13 +202,17 @@ def check_payload(model: LearnedCodec, payload) -> Payload:
     """``payload`` if ``encode`` returned one of the container's types; else a
     RuntimeError naming the model (a bug in the model, not in the image)."""
     if not isinstance(payload, (CompressedImage, LayeredImage)):
-        raise RuntimeError(f"{model.registry_name}'s encode returned a "
-                           f"{type(payload).__name__}, not a CompressedImage or LayeredImage "
-                           "(models/base.py)")
+        raise RuntimeError(
+            f"{model.registry_name}'s encode returned a "
+            f"{type(payload).__name__}, not a CompressedImage or LayeredImage "
+            "(models/base.py)"
+        )
     return payload
 
 
-def check_decoded(model: LearnedCodec, payload: Payload, plan: CodingPlan, image) -> Tensor:
+def check_decoded(
+    model: LearnedCodec, payload: Payload, plan: CodingPlan, image
+) -> Tensor:
     """``image`` if ``decode`` kept the contract; else a RuntimeError naming the model
     (a bug in the model, which must not pass for a damaged file or be written out).
 
@@ -209,13 +221,21 @@ def check_decoded(model: LearnedCodec, payload: Payload, plan: CodingPlan, image
     """
     channels = 1 if payload.grayscale else 3
     height, width = model.decoded_size(payload, plan)
-    if not (isinstance(image, Tensor) and image.dtype == torch.uint8
-            and tuple(image.shape) == (channels, height, width)):
-        got = (f"a {image.dtype} tensor {tuple(image.shape)}" if isinstance(image, Tensor)
-               else f"a {type(image).__name__}")
-        raise RuntimeError(f"{model.registry_name}'s decode returned {got} for a "
-                           f"{payload.width}x{payload.height} file; the contract is a uint8 "
-                           f"({channels}, {height}, {width}) tensor (models/base.py)")
+    if not (
+        isinstance(image, Tensor)
+        and image.dtype == torch.uint8
+        and tuple(image.shape) == (channels, height, width)
+    ):
+        got = (
+            f"a {image.dtype} tensor {tuple(image.shape)}"
+            if isinstance(image, Tensor)
+            else f"a {type(image).__name__}"
+        )
+        raise RuntimeError(
+            f"{model.registry_name}'s decode returned {got} for a "
+            f"{payload.width}x{payload.height} file; the contract is a uint8 "
+            f"({channels}, {height}, {width}) tensor (models/base.py)"
+        )
     return image
 
 
@@ -223,6 +243,8 @@ def check_image(image: Tensor) -> None:
     """Refuse anything but a uint8 RGB tensor (3, H, W) of a size the container holds
     (an encoder calls this first, before any work)."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} "
-                         f"{tuple(image.shape)}")
+        raise ValueError(
+            f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} "
+            f"{tuple(image.shape)}"
+        )
     check_size(*image.shape[1:])

@@ -38,7 +38,7 @@ def _strip_wrapper_prefixes(name: str) -> str:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 stripped = True
     return name
 
@@ -55,15 +55,21 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
             checkpoint = checkpoint[key]
             break
         if key in checkpoint and isinstance(checkpoint[key], (list, tuple, Tensor)):
-            raise ValueError(f"not a state dict: its {key!r} entry is a "
-                             f"{type(checkpoint[key]).__name__}, not a dict of tensors")
+            raise ValueError(
+                f"not a state dict: its {key!r} entry is a "
+                f"{type(checkpoint[key]).__name__}, not a dict of tensors"
+            )
     state_dict = {}
     for name, value in checkpoint.items():
         if not isinstance(name, str):
-            raise ValueError(f"not a state dict: key {name!r} is not a parameter name string")
+            raise ValueError(
+                f"not a state dict: key {name!r} is not a parameter name string"
+            )
         if not isinstance(value, Tensor):
-            raise ValueError(f"not a state dict: entry {name!r} is not a tensor "
-                             f"({type(value).__name__})")
+            raise ValueError(
+                f"not a state dict: entry {name!r} is not a tensor "
+                f"({type(value).__name__})"
+            )
         name = _strip_wrapper_prefixes(name)
         state_dict[name] = value
     return state_dict
@@ -87,8 +93,12 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     # read from a reshaped tensor builds a model that every other entry then misfits).
     wrong_shape = [
         f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in sorted(state_dict.items(), key=lambda item: item[0] not in expected
-                           or item[1].dim() == expected[item[0]].dim())
+        for k, v in sorted(
+            state_dict.items(),
+            key=lambda item: (
+                item[0] not in expected or item[1].dim() == expected[item[0]].dim()
+            ),
+        )
         if k in expected and not _is_entropy_table(k) and v.shape != expected[k].shape
     ]
     problems = []
@@ -99,11 +109,16 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[0]})")
     if problems:
-        raise ArchitectureMismatch(f"checkpoint does not fit architecture "
-                                   f"{model.registry_name!r}: " + "; ".join(problems))
+        raise ArchitectureMismatch(
+            f"checkpoint does not fit architecture "
+            f"{model.registry_name!r}: " + "; ".join(problems)
+        )
 
-    tables_present = all(k in state_dict and state_dict[k].numel() > 0
-                         for k in expected if _is_entropy_table(k))
+    tables_present = all(
+        k in state_dict and state_dict[k].numel() > 0
+        for k in expected
+        if _is_entropy_table(k)
+    )
     if tables_present:
         model.load_state_dict(dict(state_dict), strict=True)
     else:
@@ -125,38 +140,59 @@ def _check_entropy_tables(prefix: str, module: nn.Module) -> None:
     cdf, lengths, offsets = module._quantized_cdf, module._cdf_length, module._offset
     if cdf.numel() == 0:
         return
-    if cdf.dim() != 2 or lengths.shape != (cdf.shape[0],) or offsets.shape != (cdf.shape[0],):
-        raise ValueError(f"checkpoint entry {prefix}._quantized_cdf {tuple(cdf.shape)} does not "
-                         f"match _cdf_length {tuple(lengths.shape)} and _offset "
-                         f"{tuple(offsets.shape)}")
+    if (
+        cdf.dim() != 2
+        or lengths.shape != (cdf.shape[0],)
+        or offsets.shape != (cdf.shape[0],)
+    ):
+        raise ValueError(
+            f"checkpoint entry {prefix}._quantized_cdf {tuple(cdf.shape)} does not "
+            f"match _cdf_length {tuple(lengths.shape)} and _offset "
+            f"{tuple(offsets.shape)}"
+        )
     width = cdf.shape[1]
     lengths, offsets = lengths.long(), offsets.long()
     bad = (lengths < 2) | (lengths > width)
     if bad.any():
         row = int(bad.nonzero()[0])
-        raise ValueError(f"checkpoint entry {prefix}._cdf_length[{row}] = {int(lengths[row])} "
-                         f"is outside [2, {width}] (the table width)")
+        raise ValueError(
+            f"checkpoint entry {prefix}._cdf_length[{row}] = {int(lengths[row])} "
+            f"is outside [2, {width}] (the table width)"
+        )
     bad = (offsets > 0) | (offsets <= -width)
     if bad.any():
         row = int(bad.nonzero()[0])
-        raise ValueError(f"checkpoint entry {prefix}._offset[{row}] = {int(offsets[row])} is "
-                         f"outside ({-width}, 0]")
+        raise ValueError(
+            f"checkpoint entry {prefix}._offset[{row}] = {int(offsets[row])} is "
+            f"outside ({-width}, 0]"
+        )
     cdf = cdf.long()
     inside = torch.arange(width) < lengths[:, None]
     steps = torch.diff(cdf, dim=1)
     last = cdf.gather(1, (lengths - 1)[:, None])[:, 0]
-    bad = (cdf[:, 0] != 0) | (last != _CDF_TOTAL) | ((steps <= 0) & inside[:, 1:]).any(dim=1)
+    bad = (
+        (cdf[:, 0] != 0)
+        | (last != _CDF_TOTAL)
+        | ((steps <= 0) & inside[:, 1:]).any(dim=1)
+    )
     if bad.any():
         row = int(bad.nonzero()[0])
-        raise ValueError(f"checkpoint entry {prefix}._quantized_cdf row {row} is not a CDF: it "
-                         f"must rise strictly from 0 to {_CDF_TOTAL} over its {int(lengths[row])} "
-                         "entries; delete the entropy tables from the checkpoint to recompute them")
+        raise ValueError(
+            f"checkpoint entry {prefix}._quantized_cdf row {row} is not a CDF: it "
+            f"must rise strictly from 0 to {_CDF_TOTAL} over its {int(lengths[row])} "
+            "entries; delete the entropy tables from the checkpoint to recompute them"
+        )
     if isinstance(module, GaussianConditional):
         scales = module.scale_table
-        if scales.numel() != cdf.shape[0] or not (scales > 0).all() \
-                or not (torch.diff(scales) > 0).all():
-            raise ValueError(f"checkpoint entry {prefix}.scale_table must hold {cdf.shape[0]} "
-                             "positive increasing scales, one per CDF row")
+        if (
+            scales.numel() != cdf.shape[0]
+            or not (scales > 0).all()
+            or not (torch.diff(scales) > 0).all()
+        ):
+            raise ValueError(
+                f"checkpoint entry {prefix}.scale_table must hold {cdf.shape[0]} "
+                "positive increasing scales, one per CDF row"
+            )
 
 
 def validate_loaded_model(model: nn.Module) -> None:
@@ -166,8 +202,10 @@ def validate_loaded_model(model: nn.Module) -> None:
     zero or index outside a CDF row (see :func:`_check_entropy_tables`)."""
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"checkpoint entry {name} holds non-finite values (NaN or inf): "
-                             "the weights are unusable, e.g. from a diverged training run")
+            raise ValueError(
+                f"checkpoint entry {name} holds non-finite values (NaN or inf): "
+                "the weights are unusable, e.g. from a diverged training run"
+            )
     for prefix, module in model.named_modules():
         if isinstance(module, (EntropyBottleneck, GaussianConditional)):
             _check_entropy_tables(prefix, module)
@@ -194,21 +232,29 @@ def read_checkpoint_file(path: str) -> dict:
         handle.seek(0)
         start = handle.read(4)
         if not is_zip and start == b"PK\x03\x04":  # a zip without its closing directory
-            raise ValueError(f"cannot read checkpoint {path}: the file is truncated or "
-                             "damaged (a torch.save zip archive without its end)")
+            raise ValueError(
+                f"cannot read checkpoint {path}: the file is truncated or "
+                "damaged (a torch.save zip archive without its end)"
+            )
         if not is_zip and start[:1] != b"\x80":
-            raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
-                             "(neither a torch.save zip archive nor a pickle)")
+            raise ValueError(
+                f"cannot read checkpoint {path}: not a PyTorch checkpoint "
+                "(neither a torch.save zip archive nor a pickle)"
+            )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all land here
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = (
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         if first_line.startswith("Weights only load failed"):
             # PyTorch's first line announces options its later lines give; the reason is
             # what matters here, and loading the objects could run code from the file.
-            first_line = ("it holds Python objects besides tensors and plain containers, "
-                          "which are not loaded because unpickling them can run code; save "
-                          "the weights alone (torch.save of the state_dict)")
+            first_line = (
+                "it holds Python objects besides tensors and plain containers, "
+                "which are not loaded because unpickling them can run code; save "
+                "the weights alone (torch.save of the state_dict)"
+            )
         raise ValueError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
@@ -231,19 +277,27 @@ def _check_stored_config(path: str, stored, rebuilt: Mapping) -> None:
     if stored is None:
         return
     if not isinstance(stored, Mapping):
-        raise ValueError(f"checkpoint {path}: 'model_config' must be a dict, "
-                         f"got {type(stored).__name__}")
+        raise ValueError(
+            f"checkpoint {path}: 'model_config' must be a dict, "
+            f"got {type(stored).__name__}"
+        )
     stored, rebuilt = _plain(stored), _plain(rebuilt)
-    differing = sorted(key for key in stored.keys() | rebuilt.keys()
-                       if stored.get(key) != rebuilt.get(key))
+    differing = sorted(
+        key
+        for key in stored.keys() | rebuilt.keys()
+        if stored.get(key) != rebuilt.get(key)
+    )
     if differing:
         key = differing[0]
-        raise ValueError(f"checkpoint {path}: its model_config says {key}={stored.get(key)!r} "
-                         f"but its weights give {key}={rebuilt.get(key)!r}")
+        raise ValueError(
+            f"checkpoint {path}: its model_config says {key}={stored.get(key)!r} "
+            f"but its weights give {key}={rebuilt.get(key)!r}"
+        )
 
 
-def load_checkpoint(path: str, device: torch.device | str = "cpu",
-                    architecture: Optional[str] = None) -> nn.Module:
+def load_checkpoint(
+    path: str, device: torch.device | str = "cpu", architecture: Optional[str] = None
+) -> nn.Module:
     """Build the model stored in ``path`` on ``device``, ready for coding (eval mode).
 
     The architecture is ``architecture`` if given, else the ``architecture`` entry our
@@ -258,31 +312,44 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu",
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}")
+        raise ValueError(
+            f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}"
+        )
     try:
         state_dict = unwrap_state_dict(checkpoint)
     except ValueError as exc:
         raise ValueError(f"checkpoint {path}: {exc}") from None
-    name = architecture or checkpoint.get("architecture") or _published_architecture(state_dict)
+    name = (
+        architecture
+        or checkpoint.get("architecture")
+        or _published_architecture(state_dict)
+    )
     if not isinstance(name, str):
-        raise ValueError(f"checkpoint {path}: 'architecture' must be a model name string, "
-                         f"got {type(name).__name__} {name!r}")
+        raise ValueError(
+            f"checkpoint {path}: 'architecture' must be a model name string, "
+            f"got {type(name).__name__} {name!r}"
+        )
     try:
         model = _model_from_weights(path, name, state_dict)
     except ArchitectureMismatch as exc:
         if architecture or checkpoint.get("architecture"):
             raise
-        raise ArchitectureMismatch(f"{exc}; the file names no architecture, so {name!r} was "
-                                   "assumed: name the right one (-a/--architecture in codec.py "
-                                   "and test.py)") from None
+        raise ArchitectureMismatch(
+            f"{exc}; the file names no architecture, so {name!r} was "
+            "assumed: name the right one (-a/--architecture in codec.py "
+            "and test.py)"
+        ) from None
     _check_stored_config(path, checkpoint.get("model_config"), model.config)
     if checkpoint.get("quantiles_solved") is False and any(
-            key.endswith(".quantiles") for key in state_dict):
-        warnings.warn(f"{path} is a training run's last state: its entropy-bottleneck "
-                      "quantiles follow the auxiliary loss instead of being solved for "
-                      "coding, so its bpp can be higher than it needs to be; code with the "
-                      "run's checkpoint_best_loss.pth.tar, or resume and let it validate",
-                      stacklevel=2)
+        key.endswith(".quantiles") for key in state_dict
+    ):
+        warnings.warn(
+            f"{path} is a training run's last state: its entropy-bottleneck "
+            "quantiles follow the auxiliary loss instead of being solved for "
+            "coding, so its bpp can be higher than it needs to be; code with the "
+            "run's checkpoint_best_loss.pth.tar, or resume and let it validate",
+            stacklevel=2,
+        )
     return model.to(device).eval()
 
 
@@ -302,11 +369,16 @@ def _model_from_weights(path: str, name: str, state_dict: dict) -> nn.Module:
     try:
         return cls.from_state_dict(state_dict)
     except KeyError as exc:
-        raise ArchitectureMismatch(f"checkpoint {path} does not fit architecture {name!r}: "
-                                   f"no key {exc.args[0]!r}") from None
+        raise ArchitectureMismatch(
+            f"checkpoint {path} does not fit architecture {name!r}: "
+            f"no key {exc.args[0]!r}"
+        ) from None
     except (IndexError, TypeError, AttributeError, RuntimeError) as exc:
         # A tensor of the wrong rank where a size is read, or CompressAI's own
         # load_state_dict refusing (its message lists every key: the first line says it).
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArchitectureMismatch(f"checkpoint {path} does not fit architecture {name!r}: "
-                                   f"{reason}") from None
+        reason = (
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
+        raise ArchitectureMismatch(
+            f"checkpoint {path} does not fit architecture {name!r}: {reason}"
+        ) from None

@@ -15,7 +15,9 @@ from models.base import LearnedCodec
 MODELS: Dict[str, Type[LearnedCodec]] = {}
 
 
-def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], Type[LearnedCodec]]:
+def register_model(
+    name: str, *aliases: str
+) -> Callable[[Type[LearnedCodec]], Type[LearnedCodec]]:
     """Class decorator that registers a model under ``name`` and its ``aliases``.
 
     Only complete :class:`models.base.LearnedCodec` subclasses that are also CompressAI
@@ -27,16 +29,22 @@ def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], T
 
     def decorator(cls: Type[LearnedCodec]) -> Type[LearnedCodec]:
         if not (isinstance(cls, type) and issubclass(cls, LearnedCodec)):
-            raise TypeError(f"model {name!r}: {cls!r} is not a models.base.LearnedCodec subclass")
+            raise TypeError(
+                f"model {name!r}: {cls!r} is not a models.base.LearnedCodec subclass"
+            )
         if inspect.isabstract(cls):
             missing = sorted(cls.__abstractmethods__)
             owners = sorted({_declaring_class(cls, member) for member in missing})
-            raise TypeError(f"model {name!r}: {cls.__name__} does not implement "
-                            f"{', '.join(missing)} (abstract in "
-                            f"{', '.join(owners)})")
+            raise TypeError(
+                f"model {name!r}: {cls.__name__} does not implement "
+                f"{', '.join(missing)} (abstract in "
+                f"{', '.join(owners)})"
+            )
         if not issubclass(cls, CompressionModel):
-            raise TypeError(f"model {name!r}: {cls.__name__} is not a CompressAI "
-                            "CompressionModel, whose update() builds the entropy tables")
+            raise TypeError(
+                f"model {name!r}: {cls.__name__} is not a CompressAI "
+                "CompressionModel, whose update() builds the entropy tables"
+            )
         taken = [key for key in (name, *aliases) if key in MODELS]
         if taken:
             raise ValueError(f"model name {taken[0]!r} is already registered")
@@ -49,9 +57,12 @@ def register_model(name: str, *aliases: str) -> Callable[[Type[LearnedCodec]], T
 
 def _declaring_class(cls: type, member: str) -> str:
     """The full name of the class in ``cls``'s bases that declares ``member`` abstract."""
-    return next(f"{base.__module__}.{base.__qualname__}" for base in cls.__mro__
-                if member in vars(base)
-                and getattr(vars(base)[member], "__isabstractmethod__", False))
+    return next(
+        f"{base.__module__}.{base.__qualname__}"
+        for base in cls.__mro__
+        if member in vars(base)
+        and getattr(vars(base)[member], "__isabstractmethod__", False)
+    )
 
 
 def get_model_class(name: str) -> Type[LearnedCodec]:
@@ -60,8 +71,10 @@ def get_model_class(name: str) -> Type[LearnedCodec]:
         return MODELS[name]
     except KeyError:
         known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown architecture {name!r}; known: {known} (a new model "
-                         "registers when models/__init__.py imports its module)") from None
+        raise ValueError(
+            f"unknown architecture {name!r}; known: {known} (a new model "
+            "registers when models/__init__.py imports its module)"
+        ) from None
 
 
 def build_model(name: str, **kwargs) -> LearnedCodec:

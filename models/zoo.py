@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec, check_image
 from models.registry import register_model
-from utils.coding.container import BitstreamError, CompressedImage, check_model, model_fingerprint
+from utils.coding.container import (
+    BitstreamError,
+    CompressedImage,
+    check_model,
+    model_fingerprint,
+)
 from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
@@ -56,8 +61,10 @@ class ZooCodec(LearnedCodec):
         and would otherwise fail on first use with a misleading AttributeError."""
         super().__init_subclass__(**kwargs)
         if not isinstance(getattr(cls, "zoo_class", None), type):
-            raise TypeError(f"{cls.__name__} must set zoo_class, the CompressAI class it "
-                            "extends (e.g. zoo_class = FactorizedPrior)")
+            raise TypeError(
+                f"{cls.__name__} must set zoo_class, the CompressAI class it "
+                "extends (e.g. zoo_class = FactorizedPrior)"
+            )
 
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
         """The rANS strings of ``compress`` on the zero-padded image; the plan's
@@ -65,46 +72,69 @@ class ZooCodec(LearnedCodec):
         check_image(image)
         self.apply_masks()
         height, width = image.shape[1:]
-        check_whole_image_fits(self, model_device(self), plan.budget_bytes, height, width)
+        check_whole_image_fits(
+            self, model_device(self), plan.budget_bytes, height, width
+        )
         padding, _ = compute_padding(height, width, min_div=EVAL_MODEL_MULTIPLE)
         left, right, top, bottom = padding
         x = F.pad(to_unit_float(image.to(model_device(self)))[None], padding)
         with torch.inference_mode():
             strings = self.compress(x)["strings"]
         return CompressedImage(
-            height=height, width=width, pad_bottom=top + bottom, pad_right=left + right,
-            architecture=self.registry_name, fingerprint=model_fingerprint(self),
-            order="wavefront", grayscale=plan.grayscale, y_hat_crc=0,
-            z_string=strings[1][0] if len(strings) > 1 else b"", y_string=strings[0][0])
+            height=height,
+            width=width,
+            pad_bottom=top + bottom,
+            pad_right=left + right,
+            architecture=self.registry_name,
+            fingerprint=model_fingerprint(self),
+            order="wavefront",
+            grayscale=plan.grayscale,
+            y_hat_crc=0,
+            z_string=strings[1][0] if len(strings) > 1 else b"",
+            y_string=strings[0][0],
+        )
 
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
         """``decompress`` of the strings, cropped back to the original size."""
         self.apply_masks()  # before the fingerprint, as when encoding
         check_model(payload, self)
-        padded = (payload.height + payload.pad_bottom, payload.width + payload.pad_right)
-        if padded[0] % EVAL_MODEL_MULTIPLE or padded[1] % EVAL_MODEL_MULTIPLE \
-                or max(payload.pad_bottom, payload.pad_right) >= EVAL_MODEL_MULTIPLE:
-            raise BitstreamError(f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
-                                 f"for a {payload.width}x{payload.height} image in the file header")
-        check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
-                               payload.width)
+        padded = (
+            payload.height + payload.pad_bottom,
+            payload.width + payload.pad_right,
+        )
+        if (
+            padded[0] % EVAL_MODEL_MULTIPLE
+            or padded[1] % EVAL_MODEL_MULTIPLE
+            or max(payload.pad_bottom, payload.pad_right) >= EVAL_MODEL_MULTIPLE
+        ):
+            raise BitstreamError(
+                f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
+                f"for a {payload.width}x{payload.height} image in the file header"
+            )
+        check_whole_image_fits(
+            self, model_device(self), plan.budget_bytes, payload.height, payload.width
+        )
         y_channels, y_stride, z_channels, z_stride = self.latent_layout
         # decompress takes the shape of the deepest latent: z's, or y's without a hyperprior.
         deepest = z_stride or y_stride
         shape = (padded[0] // deepest, padded[1] // deepest)
-        y_symbols = y_channels * padded[0] * padded[1] // y_stride ** 2
+        y_symbols = y_channels * padded[0] * padded[1] // y_stride**2
         strings = [[safe_string(payload.y_string, y_symbols, "y")]]
         if bool(payload.z_string) != bool(z_stride):
-            raise BitstreamError(f"{self.registry_name} {'has a' if z_stride else 'has no'} "
-                                 f"hyperprior, but the file holds "
-                                 f"{'a' if payload.z_string else 'no'} z string")
+            raise BitstreamError(
+                f"{self.registry_name} {'has a' if z_stride else 'has no'} "
+                f"hyperprior, but the file holds "
+                f"{'a' if payload.z_string else 'no'} z string"
+            )
         if payload.z_string:
-            z_symbols = z_channels * padded[0] * padded[1] // z_stride ** 2
+            z_symbols = z_channels * padded[0] * padded[1] // z_stride**2
             strings.append([safe_string(payload.z_string, z_symbols, "z")])
         with torch.inference_mode():
             x_hat = self.decompress(strings, shape)["x_hat"]
         top, left = payload.pad_bottom // 2, payload.pad_right // 2
-        image = to_uint8(x_hat[0, :, top:top + payload.height, left:left + payload.width]).cpu()
+        image = to_uint8(
+            x_hat[0, :, top : top + payload.height, left : left + payload.width]
+        ).cpu()
         return to_grayscale(image) if payload.grayscale else image.contiguous()
 
     @functools.cached_property
@@ -152,19 +182,25 @@ def _register(name: str, base: Type[nn.Module]) -> Type[ZooCodec]:
         model.update(force=True)
         return model
 
-    cls = type(base.__name__, (ZooCodec, base), {
-        "__doc__": f"CompressAI's ``{base.__name__}`` (zoo name ``{name}``) behind the "
-                   "codec contract.",
-        "__module__": __name__,
-        "zoo_class": base,
-        "from_state_dict": classmethod(from_state_dict),
-    })
+    cls = type(
+        base.__name__,
+        (ZooCodec, base),
+        {
+            "__doc__": f"CompressAI's ``{base.__name__}`` (zoo name ``{name}``) behind the "
+            "codec contract.",
+            "__module__": __name__,
+            "zoo_class": base,
+            "from_state_dict": classmethod(from_state_dict),
+        },
+    )
     return register_model(name)(cls)
 
 
 # CompressAI's eval_model adds its variable-rate models to this same dict when it is
 # imported; those take other constructor and compress arguments, so they are left out
 # whatever was imported first.
-ZOO: Dict[str, Type[ZooCodec]] = {name: _register(name, base)
-                                  for name, base in model_architectures.items()
-                                  if name not in vbr_architectures}
+ZOO: Dict[str, Type[ZooCodec]] = {
+    name: _register(name, base)
+    for name, base in model_architectures.items()
+    if name not in vbr_architectures
+}

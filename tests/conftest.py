@@ -59,6 +59,12 @@ def save_model_checkpoint(folder, model, name):
     model.eval()
     model.update(force=True)
     path = folder / f"{name}.pth.tar"
-    torch.save({"architecture": model.registry_name, "model_config": dict(model.config),
-                "state_dict": model.state_dict()}, path)
+    torch.save(
+        {
+            "architecture": model.registry_name,
+            "model_config": dict(model.config),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
     return path

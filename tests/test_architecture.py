@@ -21,8 +21,8 @@ PACKAGES = ("models", "utils", "datasets")
 
 
 def _module_name(path: str) -> str:
-    relative = os.path.relpath(path, REPO)[:-len(".py")].replace(os.sep, ".")
-    return relative[:-len(".__init__")] if relative.endswith(".__init__") else relative
+    relative = os.path.relpath(path, REPO)[: -len(".py")].replace(os.sep, ".")
+    return relative[: -len(".__init__")] if relative.endswith(".__init__") else relative
 
 
 def _project_modules() -> Dict[str, str]:
@@ -68,14 +68,24 @@ def _tier(module: str) -> int:
 
 
 def test_the_graph_covers_the_project():
-    assert {"models.base", "utils.coding.container", "utils.stitching.planner",
-            "utils.training.loop", "utils.evaluation.runs", "codec"} <= set(GRAPH)
+    assert {
+        "models.base",
+        "utils.coding.container",
+        "utils.stitching.planner",
+        "utils.training.loop",
+        "utils.evaluation.runs",
+        "codec",
+    } <= set(GRAPH)
     assert "models.cps.coding" in GRAPH["models.cps.network"]
 
 
 def test_no_module_imports_a_higher_tier():
-    upward = sorted(f"{module} -> {target}" for module, targets in GRAPH.items()
-                    for target in targets if _tier(target) > _tier(module))
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in GRAPH.items()
+        for target in targets
+        if _tier(target) > _tier(module)
+    )
     assert not upward
 
 
@@ -86,7 +96,7 @@ def test_there_is_no_import_cycle():
         state[module] = 1
         for target in sorted(GRAPH[module]):
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target]
+                cycle = path[path.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, path + [target])
@@ -100,9 +110,12 @@ def test_there_is_no_import_cycle():
 def test_code_reaches_models_through_the_contract_not_attribute_probes():
     """Outside tests and benchmarks, ``hasattr`` appears at most once (the POPS geometry
     asking a layer whether it declares its own path)."""
-    probes = [f"{name}:{node.lineno}" for name, path in MODULES.items()
-              for node in ast.walk(ast.parse(open(path).read()))
-              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"]
+    probes = [
+        f"{name}:{node.lineno}"
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(open(path).read()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"
+    ]
     assert len(probes) <= 1, probes
 
 
@@ -120,17 +133,26 @@ def test_no_member_of_a_model_is_read_with_a_fallback():
     """``getattr(model, "registry_name", default)`` would hide a model that breaks the
     contract (a checkpoint labelled with the fallback): contract members are read
     directly."""
-    fallbacks = [f"{name}:{node.lineno}" for name, path in MODULES.items()
-                 for node in ast.walk(ast.parse(open(path).read()))
-                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr"
-                 and len(node.args) == 3 and _names_a_model(node.args[0])]
+    fallbacks = [
+        f"{name}:{node.lineno}"
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(open(path).read()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "getattr"
+        and len(node.args) == 3
+        and _names_a_model(node.args[0])
+    ]
     assert fallbacks == []
 
 
 def test_training_does_not_import_evaluation():
     """Figures, JSON and checkpoints that both need live in the machinery tier; training
     code must stay importable without the evaluation stack (metrics, codecs, plots)."""
-    crossing = sorted(f"{module} -> {target}" for module, targets in GRAPH.items()
-                      if module.startswith("utils.training")
-                      for target in targets if target.startswith("utils.evaluation"))
+    crossing = sorted(
+        f"{module} -> {target}"
+        for module, targets in GRAPH.items()
+        if module.startswith("utils.training")
+        for target in targets
+        if target.startswith("utils.evaluation")
+    )
     assert crossing == []

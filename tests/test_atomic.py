@@ -12,7 +12,9 @@ from utils import atomic
 from utils.atomic import atomic_write_bytes, atomic_write_json, strict_json
 
 
-def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(
+    tmp_path, monkeypatch
+):
     target = tmp_path / "results.json"
     target.write_bytes(b"old")
 
@@ -47,9 +49,16 @@ def test_a_folder_or_a_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_json_is_strict_so_every_parser_reads_it(tmp_path):
-    document = {"psnr": [float("inf"), 30.5], "loss": float("nan"), "nested": ({"x": 1},)}
-    assert json.loads(strict_json(document)) == {"psnr": [None, 30.5], "loss": None,
-                                                 "nested": [{"x": 1}]}
+    document = {
+        "psnr": [float("inf"), 30.5],
+        "loss": float("nan"),
+        "nested": ({"x": 1},),
+    }
+    assert json.loads(strict_json(document)) == {
+        "psnr": [None, 30.5],
+        "loss": None,
+        "nested": [{"x": 1}],
+    }
     atomic_write_json(tmp_path / "r.json", document)
     text = (tmp_path / "r.json").read_text()
     assert text.endswith("\n") and "NaN" not in text and "Infinity" not in text

@@ -19,7 +19,7 @@ from benchmarks.results_io import LOCAL_DIR, RESULTS_DIR
 # built by from_state_dict, with compress_patch/decompress_patch and a stored device
 # name that the patch manager uses) and net/patchmanager.py. The stand-in borrows our
 # transforms, which have the authors' state-dict layout.
-FAKE_CPS = '''
+FAKE_CPS = """
 from compressai.models.google import JointAutoregressiveHierarchicalPriors
 from net.patchmanager import PatchManager
 
@@ -46,13 +46,13 @@ class CPS(JointAutoregressiveHierarchicalPriors):
 
     def decompress_patch(self, strings, shape, x_patch_size):
         return self.decompress(strings, shape)
-'''
-FAKE_PATCH_MANAGER = '''
+"""
+FAKE_PATCH_MANAGER = """
 class PatchManager:
     def __init__(self, x, patch_size, device):
         if x.device.type != device:
             raise RuntimeError(f"input on {x.device.type}, patch manager on {device}")
-'''
+"""
 
 
 @pytest.fixture
@@ -68,13 +68,17 @@ def authors_repo(tmp_path):
 def small_png(folder, width=70, height=50, name="a.png"):
     folder.mkdir(exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    pixels = torch.randint(
+        0, 256, (height, width, 3), generator=generator, dtype=torch.uint8
+    )
     Image.fromarray(pixels.numpy()).save(folder / name)
     return str(folder)
 
 
 def test_results_go_to_the_ignored_folder_unless_published(tmp_path):
-    assert codec_speed.parse_args([]).output == os.path.join(LOCAL_DIR, "codec_speed.json")
+    assert codec_speed.parse_args([]).output == os.path.join(
+        LOCAL_DIR, "codec_speed.json"
+    )
     published = codec_speed.parse_args(["--publish"]).output
     assert published == os.path.join(RESULTS_DIR, "codec_speed.json")
     chosen = str(tmp_path / "x.json")
@@ -90,11 +94,14 @@ def test_the_local_results_folder_is_ignored_by_git():
 
 
 def test_the_authors_model_takes_our_weights_and_codes_an_image(authors_repo, tiny_cps):
-    model = authors_model(load_authors_cps(authors_repo), tiny_cps.state_dict(),
-                          torch.device("cpu"))
+    model = authors_model(
+        load_authors_cps(authors_repo), tiny_cps.state_dict(), torch.device("cpu")
+    )
     assert model.device == "cpu"
-    assert torch.equal(model.state_dict()["g_a.0.conv1.weight"],
-                       tiny_cps.state_dict()["g_a.0.conv1.weight"])
+    assert torch.equal(
+        model.state_dict()["g_a.0.conv1.weight"],
+        tiny_cps.state_dict()["g_a.0.conv1.weight"],
+    )
     image = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8)
     whole, patched = run_authors(model, image), run_authors(model, image, patch_size=64)
     assert whole["bytes"] > 0 and whole["bytes"] == patched["bytes"]
@@ -108,8 +115,18 @@ def test_a_folder_without_the_authors_module_is_a_clear_error(tmp_path):
 
 def test_codec_speed_reports_not_measured_without_the_authors_code(tmp_path, capsys):
     output = tmp_path / "speed.json"
-    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
-            "--modes", "exact", "-o", str(output)]
+    argv = [
+        "--images",
+        small_png(tmp_path / "images"),
+        "--count",
+        "1",
+        "--N",
+        "8",
+        "--modes",
+        "exact",
+        "-o",
+        str(output),
+    ]
     assert codec_speed.main(argv) == 0
     document = json.loads(output.read_text())
     assert document["authors"] == "not measured"
@@ -118,47 +135,103 @@ def test_codec_speed_reports_not_measured_without_the_authors_code(tmp_path, cap
     assert not hasattr(codec_speed, "AUTHORS_SECONDS")
 
 
-@pytest.mark.parametrize("patch, described", [([], "whole"), (["--patch-size", "128"], "128 px")])
-def test_codec_speed_times_the_authors_code_on_the_same_images(tmp_path, authors_repo, patch,
-                                                                described):
+@pytest.mark.parametrize(
+    "patch, described", [([], "whole"), (["--patch-size", "128"], "128 px")]
+)
+def test_codec_speed_times_the_authors_code_on_the_same_images(
+    tmp_path, authors_repo, patch, described
+):
     output = tmp_path / "speed.json"
-    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
-            "--modes", "exact", "--authors-repo", authors_repo, "-o", str(output), *patch]
+    argv = [
+        "--images",
+        small_png(tmp_path / "images"),
+        "--count",
+        "1",
+        "--N",
+        "8",
+        "--modes",
+        "exact",
+        "--authors-repo",
+        authors_repo,
+        "-o",
+        str(output),
+        *patch,
+    ]
     assert codec_speed.main(argv) == 0
     document = json.loads(output.read_text())
     authors, ours = document["authors"], document["results"]["exact"]
     assert authors["total_s"] > 0 and document["patch"] == described
-    assert ours["time_vs_authors"] == pytest.approx(ours["total_s"] / authors["total_s"])
+    assert ours["time_vs_authors"] == pytest.approx(
+        ours["total_s"] / authors["total_s"]
+    )
     assert "not measured" not in document["table"]
 
 
-def test_codec_speed_with_a_wrong_authors_folder_is_one_line_and_exit_1(tmp_path, capsys):
-    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
-            "--authors-repo", str(tmp_path), "-o", str(tmp_path / "x.json")]
+def test_codec_speed_with_a_wrong_authors_folder_is_one_line_and_exit_1(
+    tmp_path, capsys
+):
+    argv = [
+        "--images",
+        small_png(tmp_path / "images"),
+        "--count",
+        "1",
+        "--N",
+        "8",
+        "--authors-repo",
+        str(tmp_path),
+        "-o",
+        str(tmp_path / "x.json"),
+    ]
     assert codec_speed.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no net/cps.py" in err[0]
 
 
-def test_a_checkout_whose_api_changed_fails_as_one_line_naming_the_method(tmp_path,
-                                                                         authors_repo, capsys):
+def test_a_checkout_whose_api_changed_fails_as_one_line_naming_the_method(
+    tmp_path, authors_repo, capsys
+):
     cps = os.path.join(authors_repo, "net", "cps.py")
     with open(cps) as source:
-        changed = source.read().replace("def compress_patch(self, x, x_patch_size):",
-                                        "def compress_patch(self, x, x_patch_size, overlap):")
+        changed = source.read().replace(
+            "def compress_patch(self, x, x_patch_size):",
+            "def compress_patch(self, x, x_patch_size, overlap):",
+        )
     with open(cps, "w") as source:
         source.write(changed)
-    argv = ["--images", small_png(tmp_path / "images"), "--count", "1", "--N", "8",
-            "--patch-size", "64", "--authors-repo", authors_repo, "-o", str(tmp_path / "x.json")]
+    argv = [
+        "--images",
+        small_png(tmp_path / "images"),
+        "--count",
+        "1",
+        "--N",
+        "8",
+        "--patch-size",
+        "64",
+        "--authors-repo",
+        authors_repo,
+        "-o",
+        str(tmp_path / "x.json"),
+    ]
     assert codec_speed.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["codec_speed.py: error: the authors' CPS.compress_patch failed: TypeError: "
-                   "CPS.compress_patch() missing 1 required positional argument: 'overlap'"]
+    assert err == [
+        "codec_speed.py: error: the authors' CPS.compress_patch failed: TypeError: "
+        "CPS.compress_patch() missing 1 required positional argument: 'overlap'"
+    ]
 
 
 def test_memory_scaling_runs_the_authors_code_in_a_child(authors_repo, capsys):
-    argv = ["--child", "authors-cps", "70x50", "--N", "8", "--authors-repo", authors_repo,
-            "--authors-patch-size", "64"]
+    argv = [
+        "--child",
+        "authors-cps",
+        "70x50",
+        "--N",
+        "8",
+        "--authors-repo",
+        authors_repo,
+        "--authors-patch-size",
+        "64",
+    ]
     assert memory_scaling.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bytes"] > 0 and result["peak_mb"] > 0
@@ -179,45 +252,77 @@ def test_memory_scaling_records_the_patches_the_budget_chose(capsys):
     argv = ["--child", "cps-budget", "300x200", "--N", "8", "--max-memory", "2GB"]
     assert memory_scaling.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(result["patch_sizes"]) == len(result["batch_sizes"]) == 2  # encode and decode
+    assert (
+        len(result["patch_sizes"]) == len(result["batch_sizes"]) == 2
+    )  # encode and decode
     assert result["bytes"] > 0 and result["transform_s"] > 0
-    assert (models.cps.coding.run_patchwise, utils.stitching.planner.choose_patches) == originals
+    assert (
+        models.cps.coding.run_patchwise,
+        utils.stitching.planner.choose_patches,
+    ) == originals
 
 
 def test_memory_scaling_lists_cheng2020_and_needs_a_checkout_for_the_authors():
     assert memory_scaling.parse_args([]).methods == [
-        "cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor"]
+        "cps-budget",
+        "cps-whole",
+        "mbt2018",
+        "cheng2020-anchor",
+    ]
     with pytest.raises(SystemExit):
         memory_scaling.parse_args(["--methods", "authors-cps"])
 
 
 def test_memory_scaling_table_gives_the_authors_ratios_or_not_measured():
     def entry(method, peak, seconds):
-        return {"method": method, "image": "640x360", "megapixels": 0.23, "peak_mb": peak,
-                "encode_s": seconds / 2, "decode_s": seconds / 2}
+        return {
+            "method": method,
+            "image": "640x360",
+            "megapixels": 0.23,
+            "peak_mb": peak,
+            "encode_s": seconds / 2,
+            "decode_s": seconds / 2,
+        }
 
     ours = [entry("cps-budget", 1000.0, 4.0)]
     table = memory_scaling.format_table(ours, ["cps-budget"])
-    assert table.splitlines()[2] == ("| 640x360 | 1000 | 4.0 | not measured | not measured "
-                                     "| not measured |")
+    assert table.splitlines()[2] == (
+        "| 640x360 | 1000 | 4.0 | not measured | not measured | not measured |"
+    )
     both = ours + [entry("authors-cps", 3000.0, 10.0)]
     (ratio,) = memory_scaling.authors_ratios(both)
     assert ratio == {"image": "640x360", "peak_ratio": 3.0, "time_ratio": 2.5}
-    assert memory_scaling.format_table(both, ["cps-budget", "authors-cps"]).splitlines()[2] \
+    assert (
+        memory_scaling.format_table(both, ["cps-budget", "authors-cps"])
+        .splitlines()[2]
         .endswith("| 3000 | 10.0 | 3.00x, 2.50x |")
+    )
 
 
-def test_the_gpu_check_dry_run_validates_every_command_and_writes_both_reports(tmp_path):
+def test_the_gpu_check_dry_run_validates_every_command_and_writes_both_reports(
+    tmp_path,
+):
     from benchmarks import gpu_check
 
     kodak = tmp_path / "kodak"
     for index in range(3):
         small_png(kodak, 24, 16, f"kodim{index + 1:02d}.png")
     output = tmp_path / "out"
-    assert gpu_check.main(["--dry-run", "--kodak", str(kodak), "--output-dir", str(output)]) == 0
+    assert (
+        gpu_check.main(
+            ["--dry-run", "--kodak", str(kodak), "--output-dir", str(output)]
+        )
+        == 0
+    )
     report = json.loads((output / "gpu_check.json").read_text())
     assert [step["name"] for step in report["steps"]] == [
-        "cuda_tests", "evaluate", "cross_device", "memory_8k", "wavefront", "training"]
+        "cuda_tests",
+        "evaluate",
+        "cross_device",
+        "memory_8k",
+        "wavefront",
+        "training",
+    ]
     assert all(step["status"] == "dry run: commands valid" for step in report["steps"])
     commands = [c for step in report["steps"] for c in step["commands"]]
     assert sum("--patch-size 128" in c for c in commands) == 1
@@ -236,7 +341,9 @@ def test_the_gpu_check_names_a_flag_that_a_script_does_not_take(tmp_path):
     assert gpu_check.validate_command(missing) == "benchmarks/gone.py does not exist"
 
 
-def test_the_gpu_check_without_kodak_refuses_to_run_but_can_dry_run(tmp_path, monkeypatch):
+def test_the_gpu_check_without_kodak_refuses_to_run_but_can_dry_run(
+    tmp_path, monkeypatch
+):
     from benchmarks import gpu_check
 
     monkeypatch.delenv("CPS_KODAK", raising=False)
@@ -250,14 +357,22 @@ def _done(code=0, stderr=""):
     return subprocess.CompletedProcess([], code, "", stderr)
 
 
-@pytest.mark.parametrize("cpu_decode_offset, outcome, status", [
-    (0, {"max_abs_diff": 0, "pixels_differing": 0.0}, "pass"),
-    (1, {"max_abs_diff": 1, "pixels_differing": 0.25}, "pass"),  # float rounding in g_s
-    (5, {"max_abs_diff": 5, "pixels_differing": 0.25}, "fail"),
-    (None, "refused on the latent CRC", "pass"),
-])
+@pytest.mark.parametrize(
+    "cpu_decode_offset, outcome, status",
+    [
+        (0, {"max_abs_diff": 0, "pixels_differing": 0.0}, "pass"),
+        (
+            1,
+            {"max_abs_diff": 1, "pixels_differing": 0.25},
+            "pass",
+        ),  # float rounding in g_s
+        (5, {"max_abs_diff": 5, "pixels_differing": 0.25}, "fail"),
+        (None, "refused on the latent CRC", "pass"),
+    ],
+)
 def test_cross_device_decodes_must_agree_within_a_level_or_be_refused_on_the_crc(
-        tmp_path, cpu_decode_offset, outcome, status):
+    tmp_path, cpu_decode_offset, outcome, status
+):
     import numpy
     from PIL import Image
 
@@ -275,12 +390,17 @@ def test_cross_device_decodes_must_agree_within_a_level_or_be_refused_on_the_crc
         write_png(name)
     results = [_done()] * 6
     if cpu_decode_offset is None:
-        results[3] = _done(1, "codec.py: error: decoded latent differs (y_hat CRC mismatch)")
+        results[3] = _done(
+            1, "codec.py: error: decoded latent differs (y_hat CRC mismatch)"
+        )
     else:
         write_png("cuda_to_cpu.png", cpu_decode_offset)
     summary = step.summarise(results)
     assert summary["figures"]["cuda_to_cpu"] == outcome and summary["status"] == status
-    assert summary["figures"]["cpu_to_cuda"] == {"max_abs_diff": 0, "pixels_differing": 0.0}
+    assert summary["figures"]["cpu_to_cuda"] == {
+        "max_abs_diff": 0,
+        "pixels_differing": 0.0,
+    }
     assert summary["figures"]["same_file_from_both_encoders"]
     (tmp_path / "encoded_cpu.cps").write_bytes(b"another file")
     assert step.summarise(results)["status"] == "fail"
@@ -292,9 +412,12 @@ def test_a_failing_or_slow_command_stops_its_check(tmp_path):
     def never(_results):
         raise AssertionError("summarise must not run")
 
-    failing = gpu_check.Step("f", "", [[sys.executable, "-c", "raise SystemExit(3)"]], 30, never)
-    slow = gpu_check.Step("s", "", [[sys.executable, "-c", "import time; time.sleep(5)"]], 1,
-                          never)
+    failing = gpu_check.Step(
+        "f", "", [[sys.executable, "-c", "raise SystemExit(3)"]], 30, never
+    )
+    slow = gpu_check.Step(
+        "s", "", [[sys.executable, "-c", "import time; time.sleep(5)"]], 1, never
+    )
     assert gpu_check.run_step(failing, time.monotonic() + 30)["status"] == "error"
     assert gpu_check.run_step(slow, time.monotonic() + 30)["status"] == "timeout"
 
@@ -311,17 +434,26 @@ def test_startup_measures_one_child_process_time_and_peak_memory():
 
 
 @pytest.mark.parametrize("batch_in_one", [True, False])
-def test_startup_runs_a_batch_in_one_call_only_when_codec_takes_several_inputs(batch_in_one):
+def test_startup_runs_a_batch_in_one_call_only_when_codec_takes_several_inputs(
+    batch_in_one,
+):
     from benchmarks import startup
 
     files = {"weights": "w.pth", "images": ["a.png", "b.png", "c.png"]}
     rows = startup.rows_to_run("out", files, batch_in_one)
-    assert list(rows) == ["import torch", "codec.py --help", "encode 1 image", "encode 3 images"]
+    assert list(rows) == [
+        "import torch",
+        "codec.py --help",
+        "encode 1 image",
+        "encode 3 images",
+    ]
     batch = rows["encode 3 images"]
     assert len(batch) == (1 if batch_in_one else 3)
     assert ("-d" in batch[0]) == batch_in_one
-    timings = {name: {"seconds": 2.0, "peak_rss_mb": 500.0, "processes": len(commands)}
-               for name, commands in rows.items()}
+    timings = {
+        name: {"seconds": 2.0, "peak_rss_mb": 500.0, "processes": len(commands)}
+        for name, commands in rows.items()
+    }
     table = startup.format_table(timings, batch_in_one)
     assert ("separate codec.py calls" in table) != batch_in_one
     assert "| encode 3 images | 3 | 2.00 | 500 | 1.00x |" in table or batch_in_one
@@ -332,11 +464,26 @@ def test_startup_benchmark_runs_end_to_end(tmp_path):
     from benchmarks import startup
 
     output = tmp_path / "startup.json"
-    argv = ["--N", "8", "--size", "32", "--batch", "2", "--repeats", "1", "-o", str(output)]
+    argv = [
+        "--N",
+        "8",
+        "--size",
+        "32",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "-o",
+        str(output),
+    ]
     assert startup.main(argv) == 0
     document = json.loads(output.read_text())
-    assert set(document["results"]) == {"import torch", "codec.py --help", "encode 1 image",
-                                        "encode 2 images"}
+    assert set(document["results"]) == {
+        "import torch",
+        "codec.py --help",
+        "encode 1 image",
+        "encode 2 images",
+    }
     assert all(row["seconds"] > 0 for row in document["results"].values())
 
 
@@ -344,16 +491,25 @@ def test_the_cuda_tests_check_reports_the_failed_tests():
     from benchmarks import gpu_check
 
     step = gpu_check.cuda_tests_step()
-    assert step.commands[0][1:3] == ["-m", "pytest"] and gpu_check.validate_command(
-        step.commands[0]) is None
-    passed = subprocess.CompletedProcess([], 0, "...\n5 passed, 94 deselected in 7.5s\n", "")
-    assert step.summarise([passed]) == {"status": "pass",
-                                        "figures": {"summary": "5 passed, 94 deselected in 7.5s"}}
-    output = ("FAILED tests/test_train.py::test_x - AssertionError: no\n"
-              "1 failed, 4 passed in 7.5s\n")
+    assert (
+        step.commands[0][1:3] == ["-m", "pytest"]
+        and gpu_check.validate_command(step.commands[0]) is None
+    )
+    passed = subprocess.CompletedProcess(
+        [], 0, "...\n5 passed, 94 deselected in 7.5s\n", ""
+    )
+    assert step.summarise([passed]) == {
+        "status": "pass",
+        "figures": {"summary": "5 passed, 94 deselected in 7.5s"},
+    }
+    output = (
+        "FAILED tests/test_train.py::test_x - AssertionError: no\n"
+        "1 failed, 4 passed in 7.5s\n"
+    )
     failed = step.summarise([subprocess.CompletedProcess([], 1, output, "")])
     assert failed["status"] == "fail" and failed["figures"]["failed"] == [
-        "FAILED tests/test_train.py::test_x"]
+        "FAILED tests/test_train.py::test_x"
+    ]
 
 
 def _usage_error(parse, argv, capsys):
@@ -365,47 +521,87 @@ def _usage_error(parse, argv, capsys):
 
 
 @pytest.mark.parametrize("script", [codec_speed, memory_scaling])
-def test_an_output_that_cannot_be_written_is_a_usage_error_before_the_run(tmp_path, capsys,
-                                                                          script):
+def test_an_output_that_cannot_be_written_is_a_usage_error_before_the_run(
+    tmp_path, capsys, script
+):
     a_file = tmp_path / "file.json"
     a_file.write_text("{}")
-    for output, reason in [(tmp_path, "is a folder"), (a_file / "x.json", "is a file"),
-                           (tmp_path / "missing" / "x.json", "does not exist"), ("", "empty"),
-                           # memory_scaling's figure goes to the same name with .png
-                           (tmp_path / "x.png", "must be a .json file")]:
+    for output, reason in [
+        (tmp_path, "is a folder"),
+        (a_file / "x.json", "is a file"),
+        (tmp_path / "missing" / "x.json", "does not exist"),
+        ("", "empty"),
+        # memory_scaling's figure goes to the same name with .png
+        (tmp_path / "x.png", "must be a .json file"),
+    ]:
         message = _usage_error(script.parse_args, ["-o", str(output)], capsys)
         assert "-o/--output" in message and reason in message
 
 
 def test_every_script_that_takes_an_output_checks_it_when_parsing(tmp_path, capsys):
-    from benchmarks import entropy_coding, kamisli_decoding, patch_overhead, train_throughput
+    from benchmarks import (
+        entropy_coding,
+        kamisli_decoding,
+        patch_overhead,
+        train_throughput,
+    )
 
     for script in (entropy_coding, kamisli_decoding, patch_overhead, train_throughput):
         message = _usage_error(script.parse_args, ["-o", str(tmp_path)], capsys)
         assert "is a folder" in message
 
 
-@pytest.mark.parametrize("script, argv, message", [
-    ("codec_speed", ["--modes", "exact", "fast", "exact"], "--modes names exact twice"),
-    ("entropy_coding", ["--sizes", "64x64", "64X64"], "--sizes names 64x64 twice"),
-    ("entropy_coding", ["--coders", "raster", "raster"], "--coders names raster twice"),
-    ("gpu_check", ["--dry-run", "--checks", "training", "training"],
-     "--checks names training twice"),
-    ("kamisli_decoding", ["--config", "a.yaml", "a.yaml"], "--config names a.yaml twice"),
-    ("memory_scaling", ["--methods", "mbt2018", "mbt2018"], "--methods names mbt2018 twice"),
-    ("memory_scaling", ["--sizes", "64x64", "64x64"], "--sizes names 64x64 twice"),
-])
-def test_a_list_option_naming_a_value_twice_is_a_usage_error(script, argv, message, capsys):
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        (
+            "codec_speed",
+            ["--modes", "exact", "fast", "exact"],
+            "--modes names exact twice",
+        ),
+        ("entropy_coding", ["--sizes", "64x64", "64X64"], "--sizes names 64x64 twice"),
+        (
+            "entropy_coding",
+            ["--coders", "raster", "raster"],
+            "--coders names raster twice",
+        ),
+        (
+            "gpu_check",
+            ["--dry-run", "--checks", "training", "training"],
+            "--checks names training twice",
+        ),
+        (
+            "kamisli_decoding",
+            ["--config", "a.yaml", "a.yaml"],
+            "--config names a.yaml twice",
+        ),
+        (
+            "memory_scaling",
+            ["--methods", "mbt2018", "mbt2018"],
+            "--methods names mbt2018 twice",
+        ),
+        ("memory_scaling", ["--sizes", "64x64", "64x64"], "--sizes names 64x64 twice"),
+    ],
+)
+def test_a_list_option_naming_a_value_twice_is_a_usage_error(
+    script, argv, message, capsys
+):
     # Measured twice, the value would get two rows in the results and the tables.
     module = importlib.import_module(f"benchmarks.{script}")
     assert _usage_error(module.parse_args, argv, capsys).endswith(message)
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--sizes", "abc"], "--sizes"), (["--sizes", "0x0"], "--sizes"),
-    (["--skip-above", "abc"], "--skip-above"), (["--max-memory", "abc"], "--max-memory"),
-    (["--N", "0"], "--N"), (["--N", "-8"], "--N"),
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--sizes", "abc"], "--sizes"),
+        (["--sizes", "0x0"], "--sizes"),
+        (["--skip-above", "abc"], "--skip-above"),
+        (["--max-memory", "abc"], "--max-memory"),
+        (["--N", "0"], "--N"),
+        (["--N", "-8"], "--N"),
+    ],
+)
 def test_memory_scaling_refuses_bad_sizes_and_widths_when_parsing(argv, named, capsys):
     assert named in _usage_error(memory_scaling.parse_args, argv, capsys)
 
@@ -415,12 +611,23 @@ def test_memory_scaling_reads_sizes_and_the_skip_limit_when_parsing():
     assert args.sizes == [(640, 360)] and args.skip_above == "1GB"
 
 
-@pytest.mark.parametrize("content", ["not json", "[]", '{"benchmark": "codec_speed"}',
-                                     '{"benchmark": "memory_scaling", "results": [{}]}'])
-def test_memory_scaling_update_needs_a_memory_scaling_results_file(tmp_path, capsys, content):
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[]",
+        '{"benchmark": "codec_speed"}',
+        '{"benchmark": "memory_scaling", "results": [{}]}',
+    ],
+)
+def test_memory_scaling_update_needs_a_memory_scaling_results_file(
+    tmp_path, capsys, content
+):
     output = tmp_path / "invalid.json"
     output.write_text(content)
-    message = _usage_error(memory_scaling.parse_args, ["--update", "-o", str(output)], capsys)
+    message = _usage_error(
+        memory_scaling.parse_args, ["--update", "-o", str(output)], capsys
+    )
     assert "--update" in message and str(output) in message
 
 
@@ -431,8 +638,9 @@ def test_memory_scaling_update_keeps_the_published_entries():
         assert args.previous == json.load(handle)["results"]
 
 
-def test_memory_scaling_with_a_wrong_authors_folder_stops_before_the_run(tmp_path, capsys,
-                                                                         monkeypatch):
+def test_memory_scaling_with_a_wrong_authors_folder_stops_before_the_run(
+    tmp_path, capsys, monkeypatch
+):
     def never(*_args):
         raise AssertionError("no run may start")
 
@@ -440,16 +648,24 @@ def test_memory_scaling_with_a_wrong_authors_folder_stops_before_the_run(tmp_pat
     argv = ["--authors-repo", str(tmp_path / "missing"), "-o", str(tmp_path / "x.json")]
     assert memory_scaling.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("memory_scaling.py: error: --authors-repo")
+    assert len(err) == 1 and err[0].startswith(
+        "memory_scaling.py: error: --authors-repo"
+    )
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.parametrize("source, why", [
-    ("def broken(:\n", "SyntaxError"),
-    ("import sys\nsys.exit('needs a GPU')\n", "SystemExit: needs a GPU"),
-    ("raise AttributeError('module has no attribute x')\n", "AttributeError: module has no"),
-    ("class CPS:\n    pass\n", "from_state_dict"),
-])
+@pytest.mark.parametrize(
+    "source, why",
+    [
+        ("def broken(:\n", "SyntaxError"),
+        ("import sys\nsys.exit('needs a GPU')\n", "SystemExit: needs a GPU"),
+        (
+            "raise AttributeError('module has no attribute x')\n",
+            "AttributeError: module has no",
+        ),
+        ("class CPS:\n    pass\n", "from_state_dict"),
+    ],
+)
 def test_an_unusable_authors_module_is_one_clear_error(tmp_path, source, why):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "cps.py").write_text(source)

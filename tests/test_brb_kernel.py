@@ -22,13 +22,21 @@ ABLATION = sorted(glob.glob(os.path.join(REPO, "configs", "ablation", "*.yaml"))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("kernel, expected", [(3, (72, 16, 64, 2)), (1, (16, 16, 0, 0))])
+@pytest.mark.parametrize(
+    "kernel, expected", [(3, (72, 16, 64, 2)), (1, (16, 16, 0, 0))]
+)
 def test_geometry_follows_the_brb_kernel(kernel, expected):
     model = models.build_model("cps", N=8, brb_kernel_size=kernel)
-    assert analysis_layers(model.g_a) == [(2, 2), (kernel, 1), (kernel, 1)] * 3 + [(2, 2)]
+    assert analysis_layers(model.g_a) == [(2, 2), (kernel, 1), (kernel, 1)] * 3 + [
+        (2, 2)
+    ]
     geometry = model_geometry(model)
-    assert (geometry.receptive_field, geometry.scale, geometry.overlap,
-            geometry.margin) == expected
+    assert (
+        geometry.receptive_field,
+        geometry.scale,
+        geometry.overlap,
+        geometry.margin,
+    ) == expected
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
@@ -39,11 +47,15 @@ def test_derived_geometry_matches_brute_force_measurement(kernel):
     probe = 5
     columns = _changed_columns(model.g_a, torch.rand(1, 3, 64, 160), 160, probe)
     assert columns == list(range(columns[0], columns[0] + geometry.receptive_field))
-    assert columns[0] == probe * geometry.scale - (geometry.receptive_field - geometry.scale) // 2
+    assert (
+        columns[0]
+        == probe * geometry.scale - (geometry.receptive_field - geometry.scale) // 2
+    )
     # The synthesis transform reaches exactly `margin` latent positions on each side.
     block = slice(6 * geometry.scale, 7 * geometry.scale)
-    influencing = _changed_columns(lambda y: model.g_s(y)[..., block],
-                                   torch.randn(1, 4, 4, 12), 12, slice(None))
+    influencing = _changed_columns(
+        lambda y: model.g_s(y)[..., block], torch.randn(1, 4, 4, 12), 12, slice(None)
+    )
     assert influencing == list(range(6 - geometry.margin, 6 + geometry.margin + 1))
 
 
@@ -51,7 +63,9 @@ def test_config_names_the_kernel_only_when_it_is_not_the_papers():
     assert models.build_model("cps", N=8).config == {"N": 8}
     assert models.build_model("cps", N=8, brb_kernel_size=3).config == {"N": 8}
     assert models.build_model("cps", N=8, brb_kernel_size=1).config == {
-        "N": 8, "brb_kernel_size": 1}
+        "N": 8,
+        "brb_kernel_size": 1,
+    }
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
@@ -89,11 +103,19 @@ def test_each_ablation_config_trains_two_steps(tmp_path, path):
     with open(path) as handle:
         raw = yaml.safe_load(handle)
     experiment = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, make_image_folder(tmp_path / "data"), experiment,
-                             train_params={"max_steps": 2}, **{
-                                 k: v for k, v in raw.items() if k == "model"})
+    cfg = write_train_config(
+        tmp_path,
+        make_image_folder(tmp_path / "data"),
+        experiment,
+        train_params={"max_steps": 2},
+        **{k: v for k, v in raw.items() if k == "model"},
+    )
     assert train.main(["--config", cfg]) == 0
-    saved = torch.load(experiment / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    saved = torch.load(
+        experiment / "checkpoint.pth.tar", map_location="cpu", weights_only=True
+    )
     assert saved["global_step"] == 2
     kernel = raw.get("model", {}).get("kwargs", {}).get("brb_kernel_size", 3)
-    assert saved["model_config"] == ({"N": 8} if kernel == 3 else {"N": 8, "brb_kernel_size": 1})
+    assert saved["model_config"] == (
+        {"N": 8} if kernel == 3 else {"N": 8, "brb_kernel_size": 1}
+    )

@@ -22,47 +22,85 @@ def _load_error(path) -> str:
 
 def test_a_valid_checkpoint_passes_validation(tmp_path, tiny_cps):
     model = models.load_checkpoint(_saved(tmp_path, tiny_cps.state_dict()), "cpu")
-    assert torch.equal(model.gaussian_conditional._quantized_cdf,
-                       tiny_cps.gaussian_conditional._quantized_cdf)
+    assert torch.equal(
+        model.gaussian_conditional._quantized_cdf,
+        tiny_cps.gaussian_conditional._quantized_cdf,
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_rejected(tmp_path, tiny_cps, value):
     state = tiny_cps.state_dict()
     state["h_s.2.bias"][3] = value
-    assert "entry h_s.2.bias holds non-finite values" in _load_error(_saved(tmp_path, state))
+    assert "entry h_s.2.bias holds non-finite values" in _load_error(
+        _saved(tmp_path, state)
+    )
 
 
 @pytest.mark.parametrize("module", ["gaussian_conditional", "entropy_bottleneck"])
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda cdf, lengths, offsets: cdf[1].__setitem__(slice(3, 5), cdf[1][4].item()),
-     "_quantized_cdf row 1 is not a CDF"),              # a zero-frequency symbol
-    (lambda cdf, lengths, offsets: cdf[0].__setitem__(2, cdf[0][1] - 1),
-     "_quantized_cdf row 0 is not a CDF"),              # decreasing
-    (lambda cdf, lengths, offsets: cdf[2].__setitem__(0, 7), "row 2 is not a CDF"),
-    (lambda cdf, lengths, offsets: lengths.__setitem__(1, 1), "_cdf_length[1] = 1 is outside"),
-    (lambda cdf, lengths, offsets: lengths.__setitem__(0, cdf.shape[1] + 1),
-     "_cdf_length[0]"),
-    (lambda cdf, lengths, offsets: lengths.__setitem__(2, lengths[2] - 1), "row 2 is not a CDF"),
-    (lambda cdf, lengths, offsets: offsets.__setitem__(1, 5), "_offset[1] = 5 is outside"),
-    (lambda cdf, lengths, offsets: offsets.__setitem__(1, -10 ** 6), "_offset[1] = -1000000"),
-])
-def test_hostile_entropy_tables_are_rejected(tmp_path, tiny_cps, module, corrupt, message):
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (
+            lambda cdf, lengths, offsets: cdf[1].__setitem__(
+                slice(3, 5), cdf[1][4].item()
+            ),
+            "_quantized_cdf row 1 is not a CDF",
+        ),  # a zero-frequency symbol
+        (
+            lambda cdf, lengths, offsets: cdf[0].__setitem__(2, cdf[0][1] - 1),
+            "_quantized_cdf row 0 is not a CDF",
+        ),  # decreasing
+        (lambda cdf, lengths, offsets: cdf[2].__setitem__(0, 7), "row 2 is not a CDF"),
+        (
+            lambda cdf, lengths, offsets: lengths.__setitem__(1, 1),
+            "_cdf_length[1] = 1 is outside",
+        ),
+        (
+            lambda cdf, lengths, offsets: lengths.__setitem__(0, cdf.shape[1] + 1),
+            "_cdf_length[0]",
+        ),
+        (
+            lambda cdf, lengths, offsets: lengths.__setitem__(2, lengths[2] - 1),
+            "row 2 is not a CDF",
+        ),
+        (
+            lambda cdf, lengths, offsets: offsets.__setitem__(1, 5),
+            "_offset[1] = 5 is outside",
+        ),
+        (
+            lambda cdf, lengths, offsets: offsets.__setitem__(1, -(10**6)),
+            "_offset[1] = -1000000",
+        ),
+    ],
+)
+def test_hostile_entropy_tables_are_rejected(
+    tmp_path, tiny_cps, module, corrupt, message
+):
     state = tiny_cps.state_dict()
-    corrupt(state[f"{module}._quantized_cdf"], state[f"{module}._cdf_length"],
-            state[f"{module}._offset"])
+    corrupt(
+        state[f"{module}._quantized_cdf"],
+        state[f"{module}._cdf_length"],
+        state[f"{module}._offset"],
+    )
     error = _load_error(_saved(tmp_path, state))
     assert f"entry {module}." in error and message in error
 
 
 def test_unsorted_scale_table_is_rejected(tmp_path, tiny_cps):
     state = tiny_cps.state_dict()
-    state["gaussian_conditional.scale_table"] = state["gaussian_conditional.scale_table"].flip(0)
-    assert "gaussian_conditional.scale_table must hold" in _load_error(_saved(tmp_path, state))
+    state["gaussian_conditional.scale_table"] = state[
+        "gaussian_conditional.scale_table"
+    ].flip(0)
+    assert "gaussian_conditional.scale_table must hold" in _load_error(
+        _saved(tmp_path, state)
+    )
 
 
 @pytest.mark.parametrize("architecture", [["cps"], 3, {"name": "cps"}])
-def test_architecture_that_is_not_a_string_is_rejected(tmp_path, tiny_cps, architecture):
+def test_architecture_that_is_not_a_string_is_rejected(
+    tmp_path, tiny_cps, architecture
+):
     path = _saved(tmp_path, tiny_cps.state_dict(), architecture=architecture)
     assert "'architecture' must be a model name string" in _load_error(path)
 
@@ -88,19 +126,37 @@ def _scalar_weight(state_dict, name):
     return state_dict
 
 
-@pytest.mark.parametrize("architecture, make_state, message", [
-    ("cps", lambda cps: {1: torch.zeros(1)}, "key 1 is not a parameter name string"),
-    ("cps", lambda cps: _scalar_weight(cps.state_dict(), "g_a.0.conv1.weight"),
-     "does not fit architecture 'cps'"),
-    ("kamisli2024", lambda cps: {"g_a_source.weight": torch.zeros(5)},
-     "does not fit architecture 'kamisli2024'"),
-    ("mbt2018", lambda cps: {"g_a.0.weight": torch.zeros(8, 3, 5, 5),
-                             "g_a.6.weight": torch.zeros(8, 8, 5, 5)},
-     "does not fit architecture 'mbt2018'"),
-])
-def test_weights_of_the_wrong_shape_or_kind_are_one_line_errors(tmp_path, tiny_cps,
-                                                                architecture, make_state,
-                                                                message):
+@pytest.mark.parametrize(
+    "architecture, make_state, message",
+    [
+        (
+            "cps",
+            lambda cps: {1: torch.zeros(1)},
+            "key 1 is not a parameter name string",
+        ),
+        (
+            "cps",
+            lambda cps: _scalar_weight(cps.state_dict(), "g_a.0.conv1.weight"),
+            "does not fit architecture 'cps'",
+        ),
+        (
+            "kamisli2024",
+            lambda cps: {"g_a_source.weight": torch.zeros(5)},
+            "does not fit architecture 'kamisli2024'",
+        ),
+        (
+            "mbt2018",
+            lambda cps: {
+                "g_a.0.weight": torch.zeros(8, 3, 5, 5),
+                "g_a.6.weight": torch.zeros(8, 8, 5, 5),
+            },
+            "does not fit architecture 'mbt2018'",
+        ),
+    ],
+)
+def test_weights_of_the_wrong_shape_or_kind_are_one_line_errors(
+    tmp_path, tiny_cps, architecture, make_state, message
+):
     """Sizes are read from the weights: a tensor of the wrong rank, a missing layer or a
     non-string key must not surface as IndexError or a CompressAI traceback."""
     path = tmp_path / "odd.pth"

@@ -21,7 +21,9 @@ def photo_like(height=67, width=91):
     generator = torch.Generator().manual_seed(0)
     rows = torch.arange(height, dtype=torch.float32)[:, None]
     cols = torch.arange(width, dtype=torch.float32)[None, :]
-    base = torch.stack([60 + rows + cols, 200 - rows + 0 * cols, 90 + 0.5 * cols + 0 * rows])
+    base = torch.stack(
+        [60 + rows + cols, 200 - rows + 0 * cols, 90 + 0.5 * cols + 0 * rows]
+    )
     base[:, 20:45, 30:60] += 50
     texture = torch.randint(-12, 13, (3, height, width), generator=generator)
     return (base + texture).clamp(0, 255).to(torch.uint8)
@@ -44,7 +46,12 @@ SWEEPS = {
     "x265": [45, 30, 10],
     "jxl": [20, 60, 95],
 }
-MAGIC = {"jpeg": b"\xff\xd8", "webp": b"RIFF", "jpeg2000": b"\xff\x4f\xff\x51", "jxl": b"\xff\x0a"}
+MAGIC = {
+    "jpeg": b"\xff\xd8",
+    "webp": b"RIFF",
+    "jpeg2000": b"\xff\x4f\xff\x51",
+    "jxl": b"\xff\x0a",
+}
 
 
 @pytest.mark.parametrize("name", sorted(SWEEPS))
@@ -97,14 +104,17 @@ def test_x265_at_qp_0_is_near_lossless():
     assert psnr(image, get_codec("x265").code(image, 0).reconstruction) > 45
 
 
-@pytest.mark.parametrize("name, quality, match", [
-    ("jpeg", 0, "outside 1..100"),
-    ("jpeg", 50.5, "must be an integer"),
-    ("webp", 101, "outside 0..100"),
-    ("x265", 52, "outside 0..51"),
-    ("jxl", 4, "outside 4.05..100"),
-    ("jpeg2000", 0.5, "compression ratio"),
-])
+@pytest.mark.parametrize(
+    "name, quality, match",
+    [
+        ("jpeg", 0, "outside 1..100"),
+        ("jpeg", 50.5, "must be an integer"),
+        ("webp", 101, "outside 0..100"),
+        ("x265", 52, "outside 0..51"),
+        ("jxl", 4, "outside 4.05..100"),
+        ("jpeg2000", 0.5, "compression ratio"),
+    ],
+)
 def test_qualities_outside_the_codec_scale_are_refused(name, quality, match):
     codec = CODECS[name]
     with pytest.raises(ValueError, match=match):

@@ -20,8 +20,10 @@ from utils.stitching.spec import PatchSpec
 REPO = __file__.rsplit("/tests/", 1)[0]
 
 
-@pytest.mark.parametrize("text, size", [("auto", None), ("whole", 0), ("0", 0), ("256", 256),
-                                        (" AUTO ", None)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("auto", None), ("whole", 0), ("0", 0), ("256", 256), (" AUTO ", None)],
+)
 def test_patch_sizes_are_read_once_into_a_patch_spec(text, size):
     assert PatchSpec.parse(text) == PatchSpec(size)
 
@@ -47,11 +49,17 @@ def checkpoint(tmp_path, tiny_cps):
     return str(save_model_checkpoint(tmp_path, tiny_cps, "tiny"))
 
 
-def test_several_inputs_are_coded_in_one_call_into_a_folder(tmp_path, checkpoint, capsys):
+def test_several_inputs_are_coded_in_one_call_into_a_folder(
+    tmp_path, checkpoint, capsys
+):
     photos = _photos(tmp_path, 3)
     out = tmp_path / "out"
-    assert codec.main(["encode", *map(str, photos), "-d", str(out), "-p", checkpoint]) == 0
-    assert sorted(path.name for path in out.iterdir()) == [f"photo{k}.cps" for k in range(3)]
+    assert (
+        codec.main(["encode", *map(str, photos), "-d", str(out), "-p", checkpoint]) == 0
+    )
+    assert sorted(path.name for path in out.iterdir()) == [
+        f"photo{k}.cps" for k in range(3)
+    ]
     decoded = tmp_path / "decoded"
     files = sorted(map(str, out.iterdir()))
     assert codec.main(["decode", *files, "-d", str(decoded), "-p", checkpoint]) == 0
@@ -65,45 +73,78 @@ def test_several_inputs_are_coded_in_one_call_into_a_folder(tmp_path, checkpoint
 
 @pytest.mark.parametrize("command", ["encode", "decode"])
 def test_a_batch_with_an_unreadable_input_is_refused_before_anything_is_written(
-        tmp_path, checkpoint, capsys, command):
+    tmp_path, checkpoint, capsys, command
+):
     """Headers (images) and whole files (.cps) are checked before the first is coded."""
     photos = _photos(tmp_path, 2)
     sources = photos
     if command == "decode":
         coded = tmp_path / "coded"
-        assert codec.main(["encode", *map(str, photos), "-d", str(coded), "-p", checkpoint]) == 0
+        assert (
+            codec.main(
+                ["encode", *map(str, photos), "-d", str(coded), "-p", checkpoint]
+            )
+            == 0
+        )
         sources = sorted(coded.iterdir())
     bad = tmp_path / f"bad.{'png' if command == 'encode' else 'cps'}"
-    bad.write_bytes(sources[0].read_bytes()[:len(sources[0].read_bytes()) // 2]
-                    if command == "decode" else b"not an image")
+    bad.write_bytes(
+        sources[0].read_bytes()[: len(sources[0].read_bytes()) // 2]
+        if command == "decode"
+        else b"not an image"
+    )
     capsys.readouterr()
     out = tmp_path / "out"
-    assert codec.main([command, *map(str, sources), str(bad), "-d", str(out),
-                       "-p", checkpoint]) == 1
+    assert (
+        codec.main(
+            [command, *map(str, sources), str(bad), "-d", str(out), "-p", checkpoint]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"codec.py: error: {bad}: ") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"codec.py: error: {bad}: ") and len(err.splitlines()) == 1, (
+        err
+    )
     assert list(out.iterdir()) == []
 
 
-def test_an_input_that_fails_while_coded_costs_only_its_own_output(tmp_path, checkpoint,
-                                                                      capsys):
+def test_an_input_that_fails_while_coded_costs_only_its_own_output(
+    tmp_path, checkpoint, capsys
+):
     """A truncated PNG has a good header: it fails once decoded, the others are coded,
     each failure is one line, and a last line counts them (status 1)."""
     first, second = _photos(tmp_path, 2)
     cut = tmp_path / "cut.png"
     data = first.read_bytes()
-    cut.write_bytes(data[:len(data) // 2])
+    cut.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    assert codec.main(["encode", str(cut), str(first), str(second), "-d", str(out),
-                       "-p", checkpoint]) == 1
+    assert (
+        codec.main(
+            [
+                "encode",
+                str(cut),
+                str(first),
+                str(second),
+                "-d",
+                str(out),
+                "-p",
+                checkpoint,
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith(f"codec.py: error: {cut}: "), err
-    assert err[1] == (f"codec.py: error: 1 of 3 inputs failed ({cut}); the outputs of the "
-                      f"others were written")
+    assert err[1] == (
+        f"codec.py: error: 1 of 3 inputs failed ({cut}); the outputs of the "
+        f"others were written"
+    )
     assert sorted(path.name for path in out.iterdir()) == ["photo0.cps", "photo1.cps"]
 
 
-def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, checkpoint, capsys):
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(
+    tmp_path, checkpoint, capsys
+):
     [photo] = _photos(tmp_path, 1)
     original = photo.read_bytes()
     assert codec.main(["encode", str(photo), str(photo), "-p", checkpoint]) == 1
@@ -112,8 +153,9 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, che
 
 
 @pytest.mark.parametrize("command", ["encode", "decode"])
-def test_a_missing_output_folder_is_refused_the_same_way_both_ways(tmp_path, checkpoint, capsys,
-                                                                   command):
+def test_a_missing_output_folder_is_refused_the_same_way_both_ways(
+    tmp_path, checkpoint, capsys, command
+):
     [photo] = _photos(tmp_path, 1)
     source = photo
     if command == "decode":
@@ -127,15 +169,28 @@ def test_a_missing_output_folder_is_refused_the_same_way_both_ways(tmp_path, che
     assert len(err.splitlines()) == 1
 
 
-def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path, checkpoint,
-                                                                        capsys):
+def test_inputs_that_would_share_an_output_are_refused_before_any_work(
+    tmp_path, checkpoint, capsys
+):
     [photo] = _photos(tmp_path, 1)
     other = tmp_path / "sub"
     other.mkdir()
     twin = other / photo.name
     twin.write_bytes(photo.read_bytes())
-    assert codec.main(["encode", str(photo), str(twin), "-d", str(tmp_path / "out"),
-                       "-p", checkpoint]) == 1
+    assert (
+        codec.main(
+            [
+                "encode",
+                str(photo),
+                str(twin),
+                "-d",
+                str(tmp_path / "out"),
+                "-p",
+                checkpoint,
+            ]
+        )
+        == 1
+    )
     assert "collide" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -143,15 +198,24 @@ def test_inputs_that_would_share_an_output_are_refused_before_any_work(tmp_path,
 def test_warnings_are_printed_as_one_line_without_python_source():
     """Python's format gave 'path/metrics.py:68: RuntimeWarning: ...' and the echoed
     source line on every small image test.py evaluated."""
-    script = ("import sys, warnings\n"
-              "from utils.cli import run_main\n"
-              "def work():\n"
-              "    warnings.warn('MS-SSIM needs larger images', RuntimeWarning)\n"
-              "    return 0\n"
-              "sys.exit(run_main(work, 'test.py'))")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0 and done.stderr == "warning: MS-SSIM needs larger images\n"
+    script = (
+        "import sys, warnings\n"
+        "from utils.cli import run_main\n"
+        "def work():\n"
+        "    warnings.warn('MS-SSIM needs larger images', RuntimeWarning)\n"
+        "    return 0\n"
+        "sys.exit(run_main(work, 'test.py'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        done.returncode == 0 and done.stderr == "warning: MS-SSIM needs larger images\n"
+    )
 
 
 def test_train_py_prints_warnings_as_one_line_too(tmp_path, monkeypatch, capsys):
@@ -159,9 +223,14 @@ def test_train_py_prints_warnings_as_one_line_too(tmp_path, monkeypatch, capsys)
 
     import train
 
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+    monkeypatch.setattr(
+        warnings, "formatwarning", warnings.formatwarning
+    )  # restored after
     assert train.main(["--config", str(tmp_path / "missing.yaml")]) == 1
-    assert warnings.formatwarning("slow", RuntimeWarning, "step.py", 3) == "warning: slow\n"
+    assert (
+        warnings.formatwarning("slow", RuntimeWarning, "step.py", 3)
+        == "warning: slow\n"
+    )
 
 
 def test_ctrl_c_is_one_line_and_status_130(capsys):
@@ -172,21 +241,34 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
     assert capsys.readouterr().err == "codec.py: interrupted\n"
 
 
-@pytest.mark.parametrize("script, argvs", [
-    ("codec", "(['--help'], ['encode', 'only-one', '-p', 'x'])"),
-    ("test", "(['--help'], ['checkpoint', '--help'], ['codec', '--codec', 'none', '-q', '1'])"),
-    ("train", "(['--help'], ['--set', 'x'])"),
-])
+@pytest.mark.parametrize(
+    "script, argvs",
+    [
+        ("codec", "(['--help'], ['encode', 'only-one', '-p', 'x'])"),
+        (
+            "test",
+            "(['--help'], ['checkpoint', '--help'], ['codec', '--codec', 'none', '-q', '1'])",
+        ),
+        ("train", "(['--help'], ['--set', 'x'])"),
+    ],
+)
 def test_help_and_argument_errors_come_back_before_pytorch_is_imported(script, argvs):
-    probe = (f"import sys, {script}\n"
-             f"for argv in {argvs}:\n"
-             "    try:\n"
-             f"        {script}.parse_args(argv)\n"
-             "    except SystemExit:\n"
-             "        pass\n"
-             "print('torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                            text=True, check=True)
+    probe = (
+        f"import sys, {script}\n"
+        f"for argv in {argvs}:\n"
+        "    try:\n"
+        f"        {script}.parse_args(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
@@ -199,39 +281,96 @@ def test_the_command_line_offers_exactly_the_implemented_names():
 
 def test_a_small_fixed_patch_is_warned_about(tmp_path, checkpoint, capsys):
     [photo] = _photos(tmp_path, 1)
-    assert codec.main(["encode", str(photo), str(tmp_path / "x.cps"), "-p", checkpoint,
-                       "--patch-size", "80"]) == 0
-    assert "the POPS overlap is 64 px for cps): coding is many times slower than at 256" \
+    assert (
+        codec.main(
+            [
+                "encode",
+                str(photo),
+                str(tmp_path / "x.cps"),
+                "-p",
+                checkpoint,
+                "--patch-size",
+                "80",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "the POPS overlap is 64 px for cps): coding is many times slower than at 256"
         in capsys.readouterr().err
-    assert codec.main(["encode", str(photo), str(tmp_path / "y.cps"), "-p", checkpoint,
-                       "--patch-size", "128"]) == 0
+    )
+    assert (
+        codec.main(
+            [
+                "encode",
+                str(photo),
+                str(tmp_path / "y.cps"),
+                "-p",
+                checkpoint,
+                "--patch-size",
+                "128",
+            ]
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().err
 
 
 @pytest.fixture
 def zoo_checkpoint(tmp_path):
     torch.manual_seed(0)
-    return str(save_model_checkpoint(tmp_path, models.build_model("bmshj2018-factorized",
-                                                                  N=8, M=8), "zoo"))
+    return str(
+        save_model_checkpoint(
+            tmp_path, models.build_model("bmshj2018-factorized", N=8, M=8), "zoo"
+        )
+    )
 
 
-def test_a_patch_size_a_whole_image_model_ignores_is_warned_about(tmp_path, zoo_checkpoint,
-                                                                   capsys):
+def test_a_patch_size_a_whole_image_model_ignores_is_warned_about(
+    tmp_path, zoo_checkpoint, capsys
+):
     [photo] = _photos(tmp_path, 1)
-    assert codec.main(["encode", str(photo), str(tmp_path / "x.cps"), "-p", zoo_checkpoint,
-                       "--patch-size", "128"]) == 0
-    assert "bmshj2018-factorized codes whole images (no POPS): --patch-size 128 is ignored" \
+    assert (
+        codec.main(
+            [
+                "encode",
+                str(photo),
+                str(tmp_path / "x.cps"),
+                "-p",
+                zoo_checkpoint,
+                "--patch-size",
+                "128",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "bmshj2018-factorized codes whole images (no POPS): --patch-size 128 is ignored"
         in capsys.readouterr().err
-    assert codec.main(["encode", str(photo), str(tmp_path / "y.cps"), "-p",
-                       zoo_checkpoint]) == 0  # auto: nothing to warn about
+    )
+    assert (
+        codec.main(
+            ["encode", str(photo), str(tmp_path / "y.cps"), "-p", zoo_checkpoint]
+        )
+        == 0
+    )  # auto: nothing to warn about
     assert "warning" not in capsys.readouterr().err
 
 
-def test_test_py_warns_of_an_ignored_patch_size_but_not_of_naive_tiles(tmp_path, zoo_checkpoint,
-                                                                       caplog):
+def test_test_py_warns_of_an_ignored_patch_size_but_not_of_naive_tiles(
+    tmp_path, zoo_checkpoint, caplog
+):
     _photos(tmp_path, 1)
-    base = ["checkpoint", "--dataset", str(tmp_path), "-p", zoo_checkpoint, "--no-progress",
-            "--patch-size", "64"]
+    base = [
+        "checkpoint",
+        "--dataset",
+        str(tmp_path),
+        "-p",
+        zoo_checkpoint,
+        "--no-progress",
+        "--patch-size",
+        "64",
+    ]
     with caplog.at_level(logging.WARNING, logger="cps.test"):
         assert test_script.main(base) == 0
         assert "--patch-size 64 is ignored" in caplog.text
@@ -241,21 +380,45 @@ def test_test_py_warns_of_an_ignored_patch_size_but_not_of_naive_tiles(tmp_path,
 
 
 def test_the_budget_and_batch_flags_are_typed_once(tmp_path):
-    args = codec.parse_args(["encode", "a.png", "b.cps", "-p", "c", "--max-memory", "1.5GB",
-                             "--patch-size", "whole", "--batch-size", "3"])
-    assert args.max_memory == 3 * 2 ** 29 and args.patch_size == PatchSpec(0)
-    assert codec.parse_args(["decode", "a", "b", "-p", "c", "--max-memory", "none"]).max_memory \
+    args = codec.parse_args(
+        [
+            "encode",
+            "a.png",
+            "b.cps",
+            "-p",
+            "c",
+            "--max-memory",
+            "1.5GB",
+            "--patch-size",
+            "whole",
+            "--batch-size",
+            "3",
+        ]
+    )
+    assert args.max_memory == 3 * 2**29 and args.patch_size == PatchSpec(0)
+    assert (
+        codec.parse_args(
+            ["decode", "a", "b", "-p", "c", "--max-memory", "none"]
+        ).max_memory
         is None
+    )
     with pytest.raises(SystemExit):
         codec.parse_args(["encode", "a", "b", "-p", "c", "--batch-size", "0"])
 
 
 def test_train_py_reports_config_errors_before_pytorch_is_imported():
-    probe = ("import sys, train\n"
-             "status = train.main(['--config', 'configs/cps_1_lambda00018.yaml',\n"
-             "                     '--set', 'train_params.N=5000'])\n"
-             "print(status, 'torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                            text=True, check=True)
+    probe = (
+        "import sys, train\n"
+        "status = train.main(['--config', 'configs/cps_1_lambda00018.yaml',\n"
+        "                     '--set', 'train_params.N=5000'])\n"
+        "print(status, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.split() == ["1", "False"]
     assert "train_params.N" in result.stderr

@@ -32,11 +32,16 @@ def _image(height, width, seed=0):
 @pytest.mark.parametrize("size", [(150, 230), (64, 64), (1, 1), (100, 400), (300, 70)])
 def test_file_and_reconstruction_do_not_depend_on_patch_sizes(tiny_cps, size):
     image = _image(*size)
-    files = {p: pack(tiny_cps.encode(image, CodingPlan(patch=PatchSpec(p)))) for p in (0, 128, 192)}
+    files = {
+        p: pack(tiny_cps.encode(image, CodingPlan(patch=PatchSpec(p))))
+        for p in (0, 128, 192)
+    }
     assert len(set(files.values())) == 1, "encoder patch size changed the bitstream"
     data = files[0]
-    decoded = [tiny_cps.decode(unpack(data), CodingPlan(patch=PatchSpec(p), batch_size=b))
-               for p, b in ((0, 1), (128, 3), (256, 8))]
+    decoded = [
+        tiny_cps.decode(unpack(data), CodingPlan(patch=PatchSpec(p), batch_size=b))
+        for p, b in ((0, 1), (128, 3), (256, 8))
+    ]
     assert decoded[0].shape == (3, *size) and decoded[0].dtype == torch.uint8
     assert all(torch.equal(d, decoded[0]) for d in decoded)
 
@@ -54,9 +59,12 @@ def test_decoder_rebuilds_the_encoders_latent_exactly(tiny_cps):
 
 def test_raster_and_wavefront_orders_give_the_same_image(tiny_cps):
     image = _image(128, 192)
-    outputs = [tiny_cps.decode(unpack(pack(tiny_cps.encode(image, CodingPlan(order=order)))),
-                               CodingPlan())
-               for order in ("wavefront", "raster")]
+    outputs = [
+        tiny_cps.decode(
+            unpack(pack(tiny_cps.encode(image, CodingPlan(order=order)))), CodingPlan()
+        )
+        for order in ("wavefront", "raster")
+    ]
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -66,13 +74,17 @@ def test_rate_is_counted_from_the_file_and_matches_the_estimate(tiny_cps):
     payload_bits = 8 * (len(compressed.y_string) + len(compressed.z_string))
     assert len(pack(compressed)) * 8 > payload_bits
     # rANS costs the likelihoods' bits plus a flush of up to 64 bits per string.
-    assert abs(payload_bits - compressed.estimated_bits) <= 0.1 * compressed.estimated_bits + 128
+    assert (
+        abs(payload_bits - compressed.estimated_bits)
+        <= 0.1 * compressed.estimated_bits + 128
+    )
 
 
 def test_grayscale_flag_decodes_to_one_channel(tiny_cps):
     gray = _image(64, 96)[:1].expand(3, -1, -1).contiguous()
-    decoded = tiny_cps.decode(unpack(pack(tiny_cps.encode(gray, CodingPlan(grayscale=True)))),
-                              CodingPlan())
+    decoded = tiny_cps.decode(
+        unpack(pack(tiny_cps.encode(gray, CodingPlan(grayscale=True)))), CodingPlan()
+    )
     assert decoded.shape == (1, 64, 96)
 
 
@@ -122,9 +134,13 @@ def test_desynchronised_decoder_is_an_error_not_garbage(tiny_cps, encoded):
 
 def test_inconsistent_header_is_an_error(tiny_cps, encoded):
     body = bytearray(encoded[:-4])
-    struct.pack_into(">H", body, 14, 200)  # bottom padding larger than the 64-pixel multiple
+    struct.pack_into(
+        ">H", body, 14, 200
+    )  # bottom padding larger than the 64-pixel multiple
     with pytest.raises(BitstreamError, match="inconsistent size"):
-        tiny_cps.decode(unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))), CodingPlan())
+        tiny_cps.decode(
+            unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))), CodingPlan()
+        )
 
 
 def test_bytes_after_the_last_string_are_an_error_even_under_a_valid_checksum(encoded):
@@ -137,18 +153,34 @@ def test_bytes_after_the_last_string_are_an_error_even_under_a_valid_checksum(en
 
 def _sized(height, width, layered):
     if layered:
-        return LayeredImage(height=height, width=width, architecture="mei2021-quality",
-                            fingerprint=bytes(8), total_layers=2, streams=[b"base"],
-                            latent_crcs=[7])
-    return CompressedImage(height=height, width=width, pad_bottom=1, pad_right=1,
-                           architecture="cps", fingerprint=bytes(8), order="raster",
-                           grayscale=False, y_hat_crc=7, z_string=b"z", y_string=b"y")
+        return LayeredImage(
+            height=height,
+            width=width,
+            architecture="mei2021-quality",
+            fingerprint=bytes(8),
+            total_layers=2,
+            streams=[b"base"],
+            latent_crcs=[7],
+        )
+    return CompressedImage(
+        height=height,
+        width=width,
+        pad_bottom=1,
+        pad_right=1,
+        architecture="cps",
+        fingerprint=bytes(8),
+        order="raster",
+        grayscale=False,
+        y_hat_crc=7,
+        z_string=b"z",
+        y_string=b"y",
+    )
 
 
 def _claiming_width(data, width, layered):
     """``data`` with its header's width field set to ``width`` and its CRC recomputed."""
     header_end = len(data) - len(b"base") if layered else len(data)
-    body = bytearray(data[:header_end - 4])
+    body = bytearray(data[: header_end - 4])
     struct.pack_into(">I", body, 11 if layered else 10, width)
     return bytes(body) + struct.pack(">I", zlib.crc32(body)) + data[header_end:]
 
@@ -185,9 +217,16 @@ def test_a_file_written_before_the_fixed_point_entropy_model_decodes_or_is_refus
     from utils.image_io import read_image
 
     assets = os.path.join(os.path.dirname(__file__), "assets")
-    model = models.load_checkpoint(os.path.join(
-        os.path.dirname(os.path.dirname(__file__)), "experiment", "shipped",
-        "cps_n64_lambda00035", "model.pth"), device="cpu")
+    model = models.load_checkpoint(
+        os.path.join(
+            os.path.dirname(os.path.dirname(__file__)),
+            "experiment",
+            "shipped",
+            "cps_n64_lambda00035",
+            "model.pth",
+        ),
+        device="cpu",
+    )
     with open(os.path.join(assets, "legacy_v1.cps"), "rb") as handle:
         compressed = unpack(handle.read())
     assert not compressed.fixed_point

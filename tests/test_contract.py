@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from compressai.utils.eval_model.__main__ import eval_model
-from compressai.utils.eval_model.__main__ import load_checkpoint as eval_model_checkpoint
+from compressai.utils.eval_model.__main__ import (
+    load_checkpoint as eval_model_checkpoint,
+)
 from PIL import Image
 
 import codec
@@ -19,7 +21,13 @@ import models
 import test as test_script
 from models.base import CodingPlan, LearnedCodec, check_decoded
 from models.cps.network import CPS
-from utils.coding.container import BitstreamError, CompressedImage, LayeredImage, pack, unpack
+from utils.coding.container import (
+    BitstreamError,
+    CompressedImage,
+    LayeredImage,
+    pack,
+    unpack,
+)
 from utils.training.build import build_configured_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,19 +63,31 @@ def test_every_registered_architecture_is_listed_here():
 
 def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first():
     # eval_model adds CompressAI's variable-rate models to the zoo's own table on import.
-    probe = ("import compressai.utils.eval_model.__main__\n"
-             "import models\n"
-             "print(sorted({cls.registry_name for cls in models.MODELS.values()}))\n")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, check=True)
+    probe = (
+        "import compressai.utils.eval_model.__main__\n"
+        "import models\n"
+        "print(sorted({cls.registry_name for cls in models.MODELS.values()}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip() == str(sorted(SMALL))
 
 
 def test_importing_the_models_package_prints_no_warning_a_user_cannot_act_on():
     # The README's Python example starts with `import models`; CompressAI's use of the
     # deprecated torch.jit.script warned there, under every default warning filter.
-    done = subprocess.run([sys.executable, "-W", "default", "-c", "import models"], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "import models"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stderr == ""
 
 
@@ -82,8 +102,10 @@ def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
     class NoCoder(LearnedCodec):
         downsampling_factor = 16
 
-    with pytest.raises(TypeError, match="NoCoder does not implement config, decode, encode, "
-                                        "from_state_dict"):
+    with pytest.raises(
+        TypeError,
+        match="NoCoder does not implement config, decode, encode, from_state_dict",
+    ):
         models.register_model("no-coder")(NoCoder)
 
     # Complete, but the loader and the trainer could not build its entropy tables.
@@ -91,7 +113,9 @@ def test_registering_a_name_twice_or_an_incomplete_codec_is_refused():
         downsampling_factor, config = 16, {}
         encode = decode = from_state_dict = None
 
-    with pytest.raises(TypeError, match="NoTables is not a CompressAI CompressionModel"):
+    with pytest.raises(
+        TypeError, match="NoTables is not a CompressAI CompressionModel"
+    ):
         models.register_model("no-tables")(NoTables)
     assert "no-tables" not in models.MODELS
 
@@ -118,18 +142,32 @@ class _LossWithoutRate(CPS):
         return lambda out, x: {"loss": (out["x_hat"] - x).pow(2).mean()}
 
 
-@pytest.mark.parametrize("cls, kwargs, message", [
-    (_ForgetsASetting, {"clamp": True}, r"from_state_dict rebuilds config \{'N': 8, 'clamp': "
-                                        r"False\} .* no checkpoint of this run would load"),
-    (_ForwardReturnsATensor, {}, "forward must return a dict with 'x_hat'"),
-    (_LossWithoutRate, {}, "default_loss must return a dict with 'loss' and 'bpp_loss'"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [
+        (
+            _ForgetsASetting,
+            {"clamp": True},
+            r"from_state_dict rebuilds config \{'N': 8, 'clamp': "
+            r"False\} .* no checkpoint of this run would load",
+        ),
+        (_ForwardReturnsATensor, {}, "forward must return a dict with 'x_hat'"),
+        (
+            _LossWithoutRate,
+            {},
+            "default_loss must return a dict with 'loss' and 'bpp_loss'",
+        ),
+    ],
+)
 def test_training_refuses_a_model_that_breaks_the_contract_before_its_first_step(
-        monkeypatch, cls, kwargs, message):
+    monkeypatch, cls, kwargs, message
+):
     # Found at the start, not at the first checkpoint or the first step hours later.
     monkeypatch.setitem(models.MODELS, "new-model", cls)
-    cfg = {"model": {"name": "new-model", "kwargs": kwargs},
-           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
+    cfg = {
+        "model": {"name": "new-model", "kwargs": kwargs},
+        "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01},
+    }
     with pytest.raises(ValueError, match=f"model 'new-model': {message}"):
         build_configured_model(cfg)
 
@@ -139,13 +177,20 @@ class _TakesNoWidth(CPS):
         super().__init__(N=8, brb_kernel_size=brb_kernel_size)
 
 
-def test_a_model_whose_constructor_takes_no_n_is_told_that_training_passes_it(monkeypatch):
+def test_a_model_whose_constructor_takes_no_n_is_told_that_training_passes_it(
+    monkeypatch,
+):
     monkeypatch.setitem(models.MODELS, "new-model", _TakesNoWidth)
-    cfg = {"model": {"name": "new-model", "kwargs": {}},
-           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
-    with pytest.raises(ValueError, match="unexpected keyword argument 'N'; train.py passes "
-                                         "train_params.N to every model, so its __init__ must "
-                                         "accept N"):
+    cfg = {
+        "model": {"name": "new-model", "kwargs": {}},
+        "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01},
+    }
+    with pytest.raises(
+        ValueError,
+        match="unexpected keyword argument 'N'; train.py passes "
+        "train_params.N to every model, so its __init__ must "
+        "accept N",
+    ):
         build_configured_model(cfg)
 
 
@@ -162,19 +207,27 @@ def test_the_contract_check_leaves_the_model_and_the_random_draws_of_a_run_uncha
     torch.manual_seed(0)
     assert torch.equal(next_draw, torch.rand(4))
     assert [module.training for module in model.modules()] == modes
-    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert all(
+        torch.equal(value, state[key]) for key, value in model.state_dict().items()
+    )
 
 
-def test_a_member_that_raises_during_the_check_is_one_error_naming_the_model(monkeypatch):
+def test_a_member_that_raises_during_the_check_is_one_error_naming_the_model(
+    monkeypatch,
+):
     class ReadsAnotherKey(CPS):
         @classmethod
         def from_state_dict(cls, state_dict):
             return cls(N=state_dict["g_a.0.weight"].size(0))
 
     monkeypatch.setitem(models.MODELS, "new-model", ReadsAnotherKey)
-    cfg = {"model": {"name": "new-model", "kwargs": {}},
-           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
-    with pytest.raises(ValueError, match="^model 'new-model': KeyError: 'g_a.0.weight'$"):
+    cfg = {
+        "model": {"name": "new-model", "kwargs": {}},
+        "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01},
+    }
+    with pytest.raises(
+        ValueError, match="^model 'new-model': KeyError: 'g_a.0.weight'$"
+    ):
         build_configured_model(cfg)
 
 
@@ -195,19 +248,27 @@ def photo(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_every_architecture_round_trips_through_the_codec_cli(tmp_path, photo, capsys, name):
+def test_every_architecture_round_trips_through_the_codec_cli(
+    tmp_path, photo, capsys, name
+):
     model = small_model(name)
     checkpoint = tmp_path / "model.pth.tar"
     torch.save({"architecture": name, "state_dict": model.state_dict()}, checkpoint)
     encoded = tmp_path / "in.cps"
     assert codec.main(["encode", str(photo), str(encoded), "-p", str(checkpoint)]) == 0
-    assert codec.main(["decode", str(encoded), str(tmp_path / "out.png"),
-                       "-p", str(checkpoint)]) == 0
+    assert (
+        codec.main(
+            ["decode", str(encoded), str(tmp_path / "out.png"), "-p", str(checkpoint)]
+        )
+        == 0
+    )
     capsys.readouterr()
     decoded = np.asarray(Image.open(tmp_path / "out.png"))
     image = torch.from_numpy(np.asarray(Image.open(photo)).copy()).permute(2, 0, 1)
-    expected = model.decode(unpack(pack(model.encode(image, CodingPlan()))),
-                            CodingPlan(layers=model.operating_points))
+    expected = model.decode(
+        unpack(pack(model.encode(image, CodingPlan()))),
+        CodingPlan(layers=model.operating_points),
+    )
     assert np.array_equal(decoded, expected.permute(1, 2, 0).numpy())
 
 
@@ -216,8 +277,18 @@ def test_every_architecture_evaluates_through_test_py(tmp_path, photo, capsys, n
     model = small_model(name)
     checkpoint = tmp_path / "model.pth.tar"
     torch.save({"architecture": name, "state_dict": model.state_dict()}, checkpoint)
-    status = test_script.main(["checkpoint", "--dataset", str(photo.parent), "-p",
-                               str(checkpoint), "--no-progress", "--max-memory", "none"])
+    status = test_script.main(
+        [
+            "checkpoint",
+            "--dataset",
+            str(photo.parent),
+            "-p",
+            str(checkpoint),
+            "--no-progress",
+            "--max-memory",
+            "none",
+        ]
+    )
     document = json.loads(capsys.readouterr().out)
     assert status == 0
     assert len(document["results"]["bpp"]) == model.operating_points
@@ -242,15 +313,21 @@ def new_model_checkpoint(tmp_path, monkeypatch):
         monkeypatch.setitem(models.MODELS, "new-model", cls)
         monkeypatch.setattr(cls, "registry_name", "new-model")
         checkpoint = tmp_path / "new.pth.tar"
-        torch.save({"architecture": "new-model", "state_dict": small_model("cps").state_dict()},
-                   checkpoint)
+        torch.save(
+            {
+                "architecture": "new-model",
+                "state_dict": small_model("cps").state_dict(),
+            },
+            checkpoint,
+        )
         return str(checkpoint)
 
     return register
 
 
-def test_a_model_breaking_the_contract_is_named_and_writes_nothing(tmp_path, photo, capsys,
-                                                                   new_model_checkpoint):
+def test_a_model_breaking_the_contract_is_named_and_writes_nothing(
+    tmp_path, photo, capsys, new_model_checkpoint
+):
     # A model bug must not pass for a damaged file, nor leave a PNG a row short.
     checkpoint = new_model_checkpoint(_DecodesARowShort)
     encoded, decoded = tmp_path / "in.cps", tmp_path / "out.png"
@@ -258,27 +335,55 @@ def test_a_model_breaking_the_contract_is_named_and_writes_nothing(tmp_path, pho
     capsys.readouterr()
     assert codec.main(["decode", str(encoded), str(decoded), "-p", checkpoint]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("new-model's decode returned a torch.uint8 tensor (3, 69, 90) for "
-                            "a 90x70 file; the contract is a uint8 (3, 70, 90) tensor "
-                            "(models/base.py)")
+    assert err[-1].endswith(
+        "new-model's decode returned a torch.uint8 tensor (3, 69, 90) for "
+        "a 90x70 file; the contract is a uint8 (3, 70, 90) tensor "
+        "(models/base.py)"
+    )
     assert not decoded.exists()
-    status = test_script.main(["checkpoint", "--dataset", str(photo.parent), "-p", checkpoint,
-                               "--no-progress", "--max-memory", "none"])
+    status = test_script.main(
+        [
+            "checkpoint",
+            "--dataset",
+            str(photo.parent),
+            "-p",
+            checkpoint,
+            "--no-progress",
+            "--max-memory",
+            "none",
+        ]
+    )
     assert status == 1 and "new-model's decode returned" in capsys.readouterr().err
 
     checkpoint = new_model_checkpoint(_EncodesADict)
-    assert codec.main(["encode", str(photo), str(tmp_path / "b.cps"), "-p", checkpoint]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "new-model's encode returned a dict, not a CompressedImage or LayeredImage "
-        "(models/base.py)")
+    assert (
+        codec.main(["encode", str(photo), str(tmp_path / "b.cps"), "-p", checkpoint])
+        == 1
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            "new-model's encode returned a dict, not a CompressedImage or LayeredImage "
+            "(models/base.py)"
+        )
+    )
     assert not (tmp_path / "b.cps").exists()
 
 
-@pytest.mark.parametrize("name, layers, size", [
-    ("mei2021-quality", 1, (40, 56)), ("mei2021-spatial", 1, (20, 28)),
-    ("mei2021-spatial", 0, (40, 56)), ("cps", 0, (40, 56)),
-])
-def test_a_decoded_image_must_have_exactly_the_size_of_its_operating_point(name, layers, size):
+@pytest.mark.parametrize(
+    "name, layers, size",
+    [
+        ("mei2021-quality", 1, (40, 56)),
+        ("mei2021-spatial", 1, (20, 28)),
+        ("mei2021-spatial", 0, (40, 56)),
+        ("cps", 0, (40, 56)),
+    ],
+)
+def test_a_decoded_image_must_have_exactly_the_size_of_its_operating_point(
+    name, layers, size
+):
     model = small_model(name)
     image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
     payload = unpack(pack(model.encode(image, CodingPlan())))
@@ -304,23 +409,46 @@ def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
             model.encode(bad, plan)
     payload = model.encode(image, plan)
     foreign = small_model("mbt2018" if name == "cps" else "cps").encode(image, plan)
-    forged = [dataclasses.replace(payload, height=8 * payload.height, width=8 * payload.width)]
+    forged = [
+        dataclasses.replace(payload, height=8 * payload.height, width=8 * payload.width)
+    ]
     if isinstance(payload, CompressedImage):  # .cpsl headers store no padding
         forged.append(dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64))
         if payload.z_string:  # a hyperprior's file without its z string
             forged.append(dataclasses.replace(payload, z_string=b""))
         # A forged file of the other kind, with this model's name and fingerprint.
-        forged.append(LayeredImage(payload.height, payload.width, payload.architecture,
-                                   payload.fingerprint, 1, [payload.y_string], [0]))
+        forged.append(
+            LayeredImage(
+                payload.height,
+                payload.width,
+                payload.architecture,
+                payload.fingerprint,
+                1,
+                [payload.y_string],
+                [0],
+            )
+        )
     else:
-        forged.append(CompressedImage(payload.height, payload.width, 0, 0,
-                                      payload.architecture, payload.fingerprint, "wavefront",
-                                      False, 0, b"", payload.streams[0]))
+        forged.append(
+            CompressedImage(
+                payload.height,
+                payload.width,
+                0,
+                0,
+                payload.architecture,
+                payload.fingerprint,
+                "wavefront",
+                False,
+                0,
+                b"",
+                payload.streams[0],
+            )
+        )
     for wrong in (foreign, *forged):
         with pytest.raises(BitstreamError):
             model.decode(unpack(pack(wrong)), plan)
     with pytest.raises(ValueError, match="memory budget 1 MB is too small"):
-        model.decode(unpack(pack(payload)), plan.with_(budget_bytes=2 ** 20))
+        model.decode(unpack(pack(payload)), plan.with_(budget_bytes=2**20))
     assert model.decode(unpack(pack(payload)), plan).shape == image.shape
 
 
@@ -346,15 +474,34 @@ def test_a_compressai_checkpoint_evaluates_as_compressais_eval_model(tmp_path, c
     torch.manual_seed(0)
     trained = models.get_model_class("mbt2018").zoo_class(N=8, M=8)
     checkpoint = tmp_path / "my_mbt2018.pth.tar"
-    torch.save({"state_dict": trained.state_dict()}, checkpoint)  # CompressAI's train.py layout
+    torch.save(
+        {"state_dict": trained.state_dict()}, checkpoint
+    )  # CompressAI's train.py layout
     paths = _write_photos(tmp_path / "images", [(192, 256), (170, 200)])
 
     reference_model = eval_model_checkpoint("mbt2018", False, str(checkpoint))
-    reference = eval_model(reference_model, tmp_path, tmp_path / "images", paths,
-                           architecture="mbt2018", half=False, per_image=False)
+    reference = eval_model(
+        reference_model,
+        tmp_path,
+        tmp_path / "images",
+        paths,
+        architecture="mbt2018",
+        half=False,
+        per_image=False,
+    )
 
-    status = test_script.main(["checkpoint", "-a", "mbt2018", "-p", str(checkpoint),
-                               "--dataset", str(tmp_path / "images"), "--no-progress"])
+    status = test_script.main(
+        [
+            "checkpoint",
+            "-a",
+            "mbt2018",
+            "-p",
+            str(checkpoint),
+            "--dataset",
+            str(tmp_path / "images"),
+            "--no-progress",
+        ]
+    )
     ours = json.loads(capsys.readouterr().out)["results"]
     assert status == 0
     assert ours["bpp"][0] == pytest.approx(reference["bpp"], rel=1e-12)
@@ -374,10 +521,16 @@ def test_a_zoo_subclass_with_other_strides_measures_its_latent_sizes_and_round_t
 
         def __init__(self, N=8, M=8):
             super().__init__(N=N, M=M)
-            self.g_a = torch.nn.Sequential(conv(3, N), torch.nn.ReLU(), conv(N, N),
-                                           torch.nn.ReLU(), conv(N, M))
-            self.g_s = torch.nn.Sequential(deconv(M, N), torch.nn.ReLU(), deconv(N, N),
-                                           torch.nn.ReLU(), deconv(N, 3))
+            self.g_a = torch.nn.Sequential(
+                conv(3, N), torch.nn.ReLU(), conv(N, N), torch.nn.ReLU(), conv(N, M)
+            )
+            self.g_s = torch.nn.Sequential(
+                deconv(M, N),
+                torch.nn.ReLU(),
+                deconv(N, N),
+                torch.nn.ReLU(),
+                deconv(N, 3),
+            )
 
         @property
         def downsampling_factor(self):
@@ -385,10 +538,18 @@ def test_a_zoo_subclass_with_other_strides_measures_its_latent_sizes_and_round_t
 
         from_state_dict = None
 
-    assert models.get_model_class("bmshj2018-hyperprior")(N=8, M=12).latent_layout == \
-        (12, 16, 8, 64)
-    assert models.get_model_class("bmshj2018-factorized")(N=8, M=12).latent_layout == \
-        (12, 16, 0, 0)
+    assert models.get_model_class("bmshj2018-hyperprior")(N=8, M=12).latent_layout == (
+        12,
+        16,
+        8,
+        64,
+    )
+    assert models.get_model_class("bmshj2018-factorized")(N=8, M=12).latent_layout == (
+        12,
+        16,
+        0,
+        0,
+    )
     torch.manual_seed(0)
     model = FinerHyperprior().eval()
     model.registry_name = "finer-hyperprior"
@@ -397,12 +558,18 @@ def test_a_zoo_subclass_with_other_strides_measures_its_latent_sizes_and_round_t
     image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
     payload = unpack(pack(model.encode(image, CodingPlan())))
     assert model.decode(payload, CodingPlan()).shape == image.shape
-    with pytest.raises(BitstreamError, match="has a hyperprior, but the file holds no z"):
+    with pytest.raises(
+        BitstreamError, match="has a hyperprior, but the file holds no z"
+    ):
         model.decode(dataclasses.replace(payload, z_string=b""), CodingPlan())
     factorized = small_model("bmshj2018-factorized")
     payload = unpack(pack(factorized.encode(image, CodingPlan())))
-    with pytest.raises(BitstreamError, match="has no hyperprior, but the file holds a z"):
-        factorized.decode(dataclasses.replace(payload, z_string=b"\0" * 8), CodingPlan())
+    with pytest.raises(
+        BitstreamError, match="has no hyperprior, but the file holds a z"
+    ):
+        factorized.decode(
+            dataclasses.replace(payload, z_string=b"\0" * 8), CodingPlan()
+        )
 
 
 def test_a_zoo_subclass_that_names_no_zoo_class_is_refused_where_it_is_defined():
@@ -410,6 +577,9 @@ def test_a_zoo_subclass_that_names_no_zoo_class_is_refused_where_it_is_defined()
 
     from models.zoo import ZooCodec
 
-    with pytest.raises(TypeError, match="Forgot must set zoo_class, the CompressAI class"):
+    with pytest.raises(
+        TypeError, match="Forgot must set zoo_class, the CompressAI class"
+    ):
+
         class Forgot(ZooCodec, FactorizedPrior):
             pass

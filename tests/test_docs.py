@@ -28,7 +28,9 @@ from utils.coding.container import BitstreamError, pack, unpack
 from utils.evaluation import rd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+PAGES = [os.path.join(REPO, "README.md")] + sorted(
+    glob.glob(os.path.join(REPO, "docs", "*.md"))
+)
 SHELL_BLOCK = re.compile(r"^```(bash|sh|console)\n(.*?)^```", re.S | re.M)
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 SHIPPED = "experiment/shipped/cps_n64_lambda00035/model.pth"
@@ -47,7 +49,7 @@ def documented_commands() -> List[Tuple[str, List[str]]]:
     for page in PAGES:
         text = _read(page)
         for match in SHELL_BLOCK.finditer(text):
-            first_line = text[:match.start(2)].count("\n") + 1
+            first_line = text[: match.start(2)].count("\n") + 1
             lines = match.group(2).replace("\\\n", " ").split("\n")
             number = first_line
             for line, raw_count in zip(lines, _raw_line_counts(match.group(2))):
@@ -88,7 +90,9 @@ def script(relative: str):
     under a private name so that ``test.py`` cannot collide with Python's ``test``."""
     if relative not in _SCRIPTS:
         name = "docs_script_" + re.sub(r"\W", "_", relative)
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative))
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(REPO, relative)
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _SCRIPTS[relative] = module
@@ -96,8 +100,9 @@ def script(relative: str):
 
 
 COMMANDS = documented_commands()
-SCRIPT_COMMANDS = [(where, argv) for where, argv in COMMANDS
-                   if argv and argv[0] != "-m"]
+SCRIPT_COMMANDS = [
+    (where, argv) for where, argv in COMMANDS if argv and argv[0] != "-m"
+]
 
 
 def test_the_pages_document_the_main_scripts():
@@ -106,7 +111,9 @@ def test_the_pages_document_the_main_scripts():
     assert any(name.startswith("benchmarks/") for name in scripts)
 
 
-@pytest.mark.parametrize("where, argv", SCRIPT_COMMANDS, ids=[w for w, _ in SCRIPT_COMMANDS])
+@pytest.mark.parametrize(
+    "where, argv", SCRIPT_COMMANDS, ids=[w for w, _ in SCRIPT_COMMANDS]
+)
 def test_documented_command_parses(where, argv):
     path = os.path.join(REPO, argv[0])
     assert os.path.isfile(path), f"{where}: no script {argv[0]}"
@@ -127,7 +134,9 @@ def test_relative_links_point_to_files():
             if "://" in target:
                 continue
             resolved = os.path.normpath(os.path.join(os.path.dirname(page), target))
-            assert os.path.exists(resolved), f"{os.path.relpath(page, REPO)} links {target}"
+            assert os.path.exists(resolved), (
+                f"{os.path.relpath(page, REPO)} links {target}"
+            )
 
 
 def test_pages_cite_nothing_outside_the_repository():
@@ -139,13 +148,22 @@ def test_pages_cite_nothing_outside_the_repository():
 
 def test_readme_codec_commands_run_on_the_bundled_image(tmp_path, capsys):
     """The quick start's encode, and the decode it mentions, on the shipped model."""
-    encode = next(argv for _, argv in COMMANDS
-                  if argv[:2] == ["codec.py", "encode"] and BUNDLED_IMAGE in argv)
+    encode = next(
+        argv
+        for _, argv in COMMANDS
+        if argv[:2] == ["codec.py", "encode"] and BUNDLED_IMAGE in argv
+    )
     assert SHIPPED in encode
     codec = script("codec.py")
     cps = str(tmp_path / "astronaut.cps")
-    argv = [cps if arg == "astronaut.cps" else os.path.join(REPO, arg) if "/" in arg else arg
-            for arg in encode[1:]]
+    argv = [
+        cps
+        if arg == "astronaut.cps"
+        else os.path.join(REPO, arg)
+        if "/" in arg
+        else arg
+        for arg in encode[1:]
+    ]
     assert codec.main(argv) == 0
     png = str(tmp_path / "out.png")
     assert codec.main(["decode", cps, png, "-p", os.path.join(REPO, SHIPPED)]) == 0
@@ -156,8 +174,9 @@ def test_readme_codec_commands_run_on_the_bundled_image(tmp_path, capsys):
 
 def _bdrate_rows(argv: List[str]) -> Dict[str, Dict[str, float]]:
     test_script = script("test.py")
-    args = test_script.parse_args([os.path.join(REPO, a) if a.startswith("assets/") else a
-                                   for a in argv[1:]])
+    args = test_script.parse_args(
+        [os.path.join(REPO, a) if a.startswith("assets/") else a for a in argv[1:]]
+    )
     from utils.evaluation import app
 
     table = app.run_bdrate(args)
@@ -165,11 +184,15 @@ def _bdrate_rows(argv: List[str]) -> Dict[str, Dict[str, float]]:
 
 
 def test_readme_bd_rate_table_is_what_the_documented_command_computes():
-    argv = next(argv for _, argv in COMMANDS if argv[:2] == ["test.py", "bdrate"]
-                and "assets/results/kodak/jpeg_pillow.json" in argv)
+    argv = next(
+        argv
+        for _, argv in COMMANDS
+        if argv[:2] == ["test.py", "bdrate"]
+        and "assets/results/kodak/jpeg_pillow.json" in argv
+    )
     computed = _bdrate_rows(argv)
     readme = _read(os.path.join(REPO, "README.md"))
-    table = readme[readme.index("| Method | Points | BD-rate psnr-rgb"):]
+    table = readme[readme.index("| Method | Points | BD-rate psnr-rgb") :]
     rows = [line for line in table.split("\n\n")[0].splitlines()[2:]]
     assert len(rows) == len(computed)
     for row in rows:
@@ -185,18 +208,26 @@ def test_readme_bd_rate_table_is_what_the_documented_command_computes():
 def _options(relative: str) -> Dict[str, List[argparse.Action]]:
     """{sub-command: its options (not --help)} of the script at ``relative``, read from
     its ``build_parser``. argparse lists a parser's actions only in private attributes."""
-    [commands] = [action for action in script(relative).build_parser()._actions
-                  if isinstance(action, argparse._SubParsersAction)]
-    return {name: [action for action in parser._actions
-                   if action.option_strings and not isinstance(action, argparse._HelpAction)]
-            for name, parser in commands.choices.items()}
+    [commands] = [
+        action
+        for action in script(relative).build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    return {
+        name: [
+            action
+            for action in parser._actions
+            if action.option_strings and not isinstance(action, argparse._HelpAction)
+        ]
+        for name, parser in commands.choices.items()
+    }
 
 
 def _flag_reference() -> Dict[str, str]:
     """{"script command": the text of every docs/evaluation.md flag-reference section
     whose heading names that command}."""
     text = _read(os.path.join(REPO, "docs", "evaluation.md"))
-    reference = text[text.index("\n## Flag reference"):]
+    reference = text[text.index("\n## Flag reference") :]
     covered: Dict[str, str] = {}
     for section in reference.split("\n### ")[1:]:
         heading = section.split("\n", 1)[0]
@@ -213,17 +244,22 @@ def test_every_flag_is_in_the_flag_reference_of_its_command(relative):
     reference = _flag_reference()
     for command, options in _options(relative).items():
         text = reference.get(f"{relative} {command}")
-        assert text, f"docs/evaluation.md has no flag-reference section for {relative} {command}"
+        assert text, (
+            f"docs/evaluation.md has no flag-reference section for {relative} {command}"
+        )
         for flag in (flag for option in options for flag in option.option_strings):
-            assert re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", text), \
+            assert re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", text), (
                 f"docs/evaluation.md does not document {relative} {command} {flag}"
+            )
 
 
 @pytest.mark.parametrize("relative", DOCUMENTED_SCRIPTS)
 def test_every_flag_has_a_help_text(relative):
     for command, options in _options(relative).items():
         for option in options:
-            assert option.help, f"{relative} {command} {option.option_strings[0]} has no help"
+            assert option.help, (
+                f"{relative} {command} {option.option_strings[0]} has no help"
+            )
 
 
 def _evaluation_points(argv: List[str]) -> int:
@@ -231,8 +267,9 @@ def _evaluation_points(argv: List[str]) -> int:
     quality, or per checkpoint. A checkpoint pattern is expanded in the repository; one
     that matches nothing there names files the reader downloads (the authors' six), and
     counts as enough."""
-    args = script("test.py").parse_args([os.path.join(REPO, a) if a.startswith("assets/") else a
-                                         for a in argv[1:]])
+    args = script("test.py").parse_args(
+        [os.path.join(REPO, a) if a.startswith("assets/") else a for a in argv[1:]]
+    )
     if args.command != "checkpoint":
         return len(args.quality)
     count = 0
@@ -248,11 +285,21 @@ def test_documented_bd_rates_have_enough_points_to_give_numbers():
     checkpoint's results would give a table of ``-``."""
     written = {}
     for _, argv in SCRIPT_COMMANDS:
-        if argv[:2] in (["test.py", "checkpoint"], ["test.py", "pretrained"],
-                        ["test.py", "codec"]) and "-d" in argv:
+        if (
+            argv[:2]
+            in (
+                ["test.py", "checkpoint"],
+                ["test.py", "pretrained"],
+                ["test.py", "codec"],
+            )
+            and "-d" in argv
+        ):
             written[os.path.join(argv[argv.index("-d") + 1], "results.json")] = argv
-    bdrates = [(where, argv) for where, argv in SCRIPT_COMMANDS if argv[:2] == ["test.py",
-                                                                              "bdrate"]]
+    bdrates = [
+        (where, argv)
+        for where, argv in SCRIPT_COMMANDS
+        if argv[:2] == ["test.py", "bdrate"]
+    ]
     assert len(bdrates) >= 4
     for where, argv in bdrates:
         args = script("test.py").parse_args(argv[1:])
@@ -260,7 +307,9 @@ def test_documented_bd_rates_have_enough_points_to_give_numbers():
             if path in written:
                 points = _evaluation_points(written[path])
             else:
-                assert path.startswith("assets/"), f"{where}: no documented command writes {path}"
+                assert path.startswith("assets/"), (
+                    f"{where}: no documented command writes {path}"
+                )
                 points = len(rd.load_curve(os.path.join(REPO, path)).bpp)
             assert points >= rd.MIN_POINTS, f"{where}: {path} has {points} RD points"
 
@@ -271,8 +320,13 @@ def test_from_python_snippet_runs_from_the_repository_root(tmp_path):
     decoded = tmp_path / "decoded.png"
     assert '"decoded.png"' in snippet
     code = snippet.replace('"decoded.png"', repr(str(decoded)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     from utils.image_io import read_image
 
@@ -292,13 +346,20 @@ def registry_snapshot():
     models.MODELS.update(before)
 
 
-@pytest.mark.parametrize("page, heading, name", [
-    ("README.md", "## Add a model", "toy-factorized"),
-    ("docs/architecture.md", "## Adding a model with its own encode and decode",
-     "toy-factorized"),
-])
-def test_add_a_model_example_registers_and_codes(page, heading, name, tmp_path,
-                                                 registry_snapshot, capsys):
+@pytest.mark.parametrize(
+    "page, heading, name",
+    [
+        ("README.md", "## Add a model", "toy-factorized"),
+        (
+            "docs/architecture.md",
+            "## Adding a model with its own encode and decode",
+            "toy-factorized",
+        ),
+    ],
+)
+def test_add_a_model_example_registers_and_codes(
+    page, heading, name, tmp_path, registry_snapshot, capsys
+):
     namespace = {"__name__": "models.toy"}
     exec(compile(python_snippet(page, heading), f"{page} example", "exec"), namespace)
     torch.manual_seed(0)
@@ -307,15 +368,17 @@ def test_add_a_model_example_registers_and_codes(page, heading, name, tmp_path,
     checkpoint = tmp_path / "toy.pth.tar"
     torch.save({"architecture": name, "state_dict": model.state_dict()}, checkpoint)
     image = torch.randint(0, 256, (3, 37, 50), dtype=torch.uint8)
-    plan = CodingPlan(budget_bytes=2 ** 31)
+    plan = CodingPlan(budget_bytes=2**31)
     payload = model.encode(image, plan)
     decoded = model.decode(unpack(pack(payload)), plan)
     assert decoded.shape == image.shape and decoded.dtype == torch.uint8
     # The header is untrusted: a forged padding and a budget too small are refused.
     with pytest.raises(BitstreamError, match="padding"):
-        model.decode(dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64), plan)
+        model.decode(
+            dataclasses.replace(payload, pad_bottom=payload.pad_bottom + 64), plan
+        )
     with pytest.raises(ValueError, match="memory budget"):
-        model.decode(payload, plan.with_(budget_bytes=2 ** 20))
+        model.decode(payload, plan.with_(budget_bytes=2**20))
     loaded = models.load_checkpoint(str(checkpoint))
     assert loaded.config == {"N": 8, "M": 8}
     # codec.py resolves the name through the registry, as for every model.
@@ -324,22 +387,51 @@ def test_add_a_model_example_registers_and_codes(page, heading, name, tmp_path,
 
     write_png(str(source), image)
     codec = script("codec.py")
-    assert codec.main(["encode", str(source), str(tmp_path / "i.cps"), "-p",
-                       str(checkpoint)]) == 0
-    assert codec.main(["decode", str(tmp_path / "i.cps"), str(tmp_path / "i.png"), "-p",
-                       str(checkpoint)]) == 0
+    assert (
+        codec.main(
+            ["encode", str(source), str(tmp_path / "i.cps"), "-p", str(checkpoint)]
+        )
+        == 0
+    )
+    assert (
+        codec.main(
+            [
+                "decode",
+                str(tmp_path / "i.cps"),
+                str(tmp_path / "i.png"),
+                "-p",
+                str(checkpoint),
+            ]
+        )
+        == 0
+    )
     assert "37" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("page, heading", [
-    ("README.md", "## Add a model"),
-    ("docs/architecture.md", "## Adding a model with its own encode and decode"),
-])
+@pytest.mark.parametrize(
+    "page, heading",
+    [
+        ("README.md", "## Add a model"),
+        ("docs/architecture.md", "## Adding a model with its own encode and decode"),
+    ],
+)
 def test_add_a_model_example_passes_the_repositorys_lint(page, heading):
     # A reader saves it as models/toy.py; test_lint then checks it with the rest.
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--stdin-filename",
-                           "models/toy.py", "-"], input=python_snippet(page, heading),
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--stdin-filename",
+            "models/toy.py",
+            "-",
+        ],
+        input=python_snippet(page, heading),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -348,8 +440,19 @@ def test_demo_runs_on_one_bundled_photograph(tmp_path):
     """``python test.py demo``, cut to one model and one photograph."""
     assert any(argv == ["test.py", "demo"] for _, argv in COMMANDS)
     test_script = script("test.py")
-    assert test_script.main(["demo", "--images", "coffee", "--models",
-                             os.path.join(REPO, os.path.dirname(SHIPPED)),
-                             "-d", str(tmp_path)]) == 0
+    assert (
+        test_script.main(
+            [
+                "demo",
+                "--images",
+                "coffee",
+                "--models",
+                os.path.join(REPO, os.path.dirname(SHIPPED)),
+                "-d",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     for name in ("results.json", "rd.png", "crops.png"):
         assert (tmp_path / name).is_file()

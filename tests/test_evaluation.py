@@ -15,9 +15,20 @@ import models
 import test as test_script
 from models.base import CodingPlan
 from utils.coding.container import pack, unpack
-from utils.evaluation.coders import Coded, LearnedOptions, ModelCoder, NaiveTiles, learned_coders
+from utils.evaluation.coders import (
+    Coded,
+    LearnedOptions,
+    ModelCoder,
+    NaiveTiles,
+    learned_coders,
+)
 from utils.evaluation.metrics import psnr, psnr_b
-from utils.evaluation.runs import aggregate, environment_variable, resolve_dataset, to_json
+from utils.evaluation.runs import (
+    aggregate,
+    environment_variable,
+    resolve_dataset,
+    to_json,
+)
 from utils.image_io import read_image, write_png
 from utils.memory import memory_in_use
 from utils.stitching.spec import PatchSpec
@@ -25,16 +36,27 @@ from utils.stitching.spec import PatchSpec
 pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULT_KEYS = {"bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
-               "encoding_time", "decoding_time", "peak_memory_mb", "verification_peak_memory_mb"}
+RESULT_KEYS = {
+    "bpp",
+    "bpp_est",
+    "psnr-rgb",
+    "ms-ssim-rgb",
+    "psnr-b",
+    "psnr-b-y",
+    "encoding_time",
+    "decoding_time",
+    "peak_memory_mb",
+    "verification_peak_memory_mb",
+}
 
 
 def smooth_image(height, width, seed):
     generator = torch.Generator().manual_seed(seed)
     rows = torch.linspace(0, 1, height)[:, None]
     cols = torch.linspace(0, 1, width)[None, :]
-    base = torch.stack([80 + 100 * rows * cols, 180 - 90 * rows + 0 * cols,
-                        60 + 120 * cols + 0 * rows])
+    base = torch.stack(
+        [80 + 100 * rows * cols, 180 - 90 * rows + 0 * cols, 60 + 120 * cols + 0 * rows]
+    )
     noise = torch.randint(-10, 11, (3, height, width), generator=generator)
     return (base + noise).clamp(0, 255).to(torch.uint8)
 
@@ -62,11 +84,29 @@ def run_cli(capsys, argv):
 
 
 def test_checkpoint_run_reports_real_file_sizes_and_the_saved_pngs_psnr(
-        capsys, tmp_path, images, checkpoint, tiny_cps):
+    capsys, tmp_path, images, checkpoint, tiny_cps
+):
     out_dir = tmp_path / "out"
-    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", images, "-a", "cps",
-                                       "-p", checkpoint, "--patch-size", 80, "-d", out_dir,
-                                       "--per-image", "--save-image", "--verify", "--no-progress"])
+    code, stdout, _ = run_cli(
+        capsys,
+        [
+            "checkpoint",
+            "--dataset",
+            images,
+            "-a",
+            "cps",
+            "-p",
+            checkpoint,
+            "--patch-size",
+            80,
+            "-d",
+            out_dir,
+            "--per-image",
+            "--save-image",
+            "--verify",
+            "--no-progress",
+        ],
+    )
     assert code == 0
     document = json.loads(stdout)
     assert document["name"] == "cps"
@@ -79,14 +119,22 @@ def test_checkpoint_run_reports_real_file_sizes_and_the_saved_pngs_psnr(
         page = json.loads((out_dir / "per-image" / f"{stem}.json").read_text())
         original, _ = read_image(str(images / f"{stem}.png"))
         height, width = original.shape[1:]
-        file_bytes = len(pack(tiny_cps.encode(original, CodingPlan(patch=PatchSpec(80)))))
+        file_bytes = len(
+            pack(tiny_cps.encode(original, CodingPlan(patch=PatchSpec(80))))
+        )
         expected = file_bytes * 8 / (height * width)
         assert page["results"]["bpp"][0] == pytest.approx(expected, rel=1e-12)
         sizes.append(page["results"]["bpp"][0])
         saved, _ = read_image(str(out_dir / "reconstructions" / f"{stem}.png"))
-        assert page["results"]["psnr-rgb"][0] == pytest.approx(psnr(original, saved), abs=1e-9)
-        assert page["results"]["psnr-b"][0] == pytest.approx(psnr_b(original, saved), abs=1e-9)
-        assert page["results"]["bpp_est"][0] < page["results"]["bpp"][0]  # the header costs
+        assert page["results"]["psnr-rgb"][0] == pytest.approx(
+            psnr(original, saved), abs=1e-9
+        )
+        assert page["results"]["psnr-b"][0] == pytest.approx(
+            psnr_b(original, saved), abs=1e-9
+        )
+        assert (
+            page["results"]["bpp_est"][0] < page["results"]["bpp"][0]
+        )  # the header costs
     assert document["results"]["bpp"][0] == pytest.approx(sum(sizes) / 2, rel=1e-12)
     small = json.loads((out_dir / "per-image" / "small.json").read_text())
     assert small["results"]["ms-ssim-rgb"] == [None]
@@ -96,27 +144,50 @@ def test_checkpoint_run_reports_real_file_sizes_and_the_saved_pngs_psnr(
 
 
 def test_several_checkpoints_give_one_entry_each_and_tagged_pngs(
-        capsys, tmp_path, images, checkpoint):
+    capsys, tmp_path, images, checkpoint
+):
     second = tmp_path / "other.pth"
     second.write_bytes(checkpoint.read_bytes())
     out_dir = tmp_path / "out"
-    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", images, "-p", checkpoint, second,
-                                       "--tiling", "none", "--max-images", 1, "-d", out_dir,
-                                       "--save-image", "--no-progress"])
+    code, stdout, _ = run_cli(
+        capsys,
+        [
+            "checkpoint",
+            "--dataset",
+            images,
+            "-p",
+            checkpoint,
+            second,
+            "--tiling",
+            "none",
+            "--max-images",
+            1,
+            "-d",
+            out_dir,
+            "--save-image",
+            "--no-progress",
+        ],
+    )
     assert code == 0
     results = json.loads(stdout)["results"]
     assert len(results["bpp"]) == 2 and results["bpp"][0] == results["bpp"][1]
-    assert sorted(os.listdir(out_dir / "reconstructions")) == ["large-other.png", "large-tiny.png"]
+    assert sorted(os.listdir(out_dir / "reconstructions")) == [
+        "large-other.png",
+        "large-tiny.png",
+    ]
 
 
-def test_a_memory_budget_changes_the_patches_but_not_the_results(capsys, images, checkpoint):
+def test_a_memory_budget_changes_the_patches_but_not_the_results(
+    capsys, images, checkpoint
+):
     """--patch-size auto under a budget codes the same files as the whole image."""
     common = ["checkpoint", "--dataset", images, "-p", checkpoint, "--no-progress"]
     code, whole, _ = run_cli(capsys, common + ["--patch-size", 0])
     assert code == 0
-    budget = (memory_in_use(torch.device("cpu")) + 300 * 2 ** 20) // 2 ** 20
-    code, budgeted, _ = run_cli(capsys, common + ["--patch-size", "auto",
-                                                  "--max-memory", f"{budget}MB"])
+    budget = (memory_in_use(torch.device("cpu")) + 300 * 2**20) // 2**20
+    code, budgeted, _ = run_cli(
+        capsys, common + ["--patch-size", "auto", "--max-memory", f"{budget}MB"]
+    )
     assert code == 0
     whole, budgeted = json.loads(whole), json.loads(budgeted)
     for key in ("bpp", "psnr-rgb", "psnr-b"):
@@ -125,18 +196,36 @@ def test_a_memory_budget_changes_the_patches_but_not_the_results(capsys, images,
 
 
 def test_entropy_estimation_reports_the_likelihood_rate(capsys, images, checkpoint):
-    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", images, "-p", checkpoint,
-                                       "--entropy-estimation", "--no-progress"])
+    code, stdout, _ = run_cli(
+        capsys,
+        [
+            "checkpoint",
+            "--dataset",
+            images,
+            "-p",
+            checkpoint,
+            "--entropy-estimation",
+            "--no-progress",
+        ],
+    )
     document = json.loads(stdout)
     assert code == 0 and "entropy estimation" in document["description"]
-    assert "bpp_est" not in document["results"] and document["results"]["decoding_time"] == [None]
+    assert "bpp_est" not in document["results"] and document["results"][
+        "decoding_time"
+    ] == [None]
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("mei2021-spatial", {"num_filters": [8, 10, 12], "lmbdas": [3.0, 2.0, 1.0]}),
-    ("kamisli2024", {"block_size": 4, "N": 16, "M": 4, "kernel_sizes": [3, 1, 1, 1]}),
-    ("mbt2018", {"N": 8, "M": 8}),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("mei2021-spatial", {"num_filters": [8, 10, 12], "lmbdas": [3.0, 2.0, 1.0]}),
+        (
+            "kamisli2024",
+            {"block_size": 4, "N": 16, "M": 4, "kernel_sizes": [3, 1, 1, 1]},
+        ),
+        ("mbt2018", {"N": 8, "M": 8}),
+    ],
+)
 def test_entropy_estimation_pads_to_each_models_own_multiple(name, kwargs):
     """Mei 2021 spatial needs multiples of 128, Kamisli of its block: a 70x150 image
     is padded to what each model's forward pass takes."""
@@ -150,11 +239,25 @@ def test_entropy_estimation_pads_to_each_models_own_multiple(name, kwargs):
 
 
 def test_codec_command_evaluates_jpeg_at_each_quality(capsys, images):
-    code, stdout, _ = run_cli(capsys, ["codec", "--dataset", images, "--codec", "jpeg",
-                                       "-q", "20,80", "--no-progress"])
+    code, stdout, _ = run_cli(
+        capsys,
+        [
+            "codec",
+            "--dataset",
+            images,
+            "--codec",
+            "jpeg",
+            "-q",
+            "20,80",
+            "--no-progress",
+        ],
+    )
     results = json.loads(stdout)["results"]
     assert code == 0
-    assert results["bpp"][0] < results["bpp"][1] and results["psnr-rgb"][0] < results["psnr-rgb"][1]
+    assert (
+        results["bpp"][0] < results["bpp"][1]
+        and results["psnr-rgb"][0] < results["psnr-rgb"][1]
+    )
     assert "bpp_est" not in results
 
 
@@ -169,7 +272,9 @@ class IdentityTile:
 
     def code(self, tile):
         self.shapes.append(tuple(tile.shape))
-        return Coded(bits=1.0, reconstruction=tile.clone(), encoding_time=0.0, decoding_time=0.0)
+        return Coded(
+            bits=1.0, reconstruction=tile.clone(), encoding_time=0.0, decoding_time=0.0
+        )
 
 
 class FlatTile(IdentityTile):
@@ -177,8 +282,12 @@ class FlatTile(IdentityTile):
 
     def code(self, tile):
         mean = tile.float().mean(dim=(1, 2), keepdim=True).round().to(torch.uint8)
-        return Coded(bits=1.0, reconstruction=mean.expand_as(tile).clone(),
-                     encoding_time=0.0, decoding_time=0.0)
+        return Coded(
+            bits=1.0,
+            reconstruction=mean.expand_as(tile).clone(),
+            encoding_time=0.0,
+            decoding_time=0.0,
+        )
 
 
 def test_naive_tiles_cover_the_padded_image_and_crop_back():
@@ -224,8 +333,9 @@ def zoo_model():
 
 def test_a_zoo_model_codes_whole_images_and_naive_tiles(zoo_model):
     image = smooth_image(70, 100, 4)
-    [whole] = learned_coders(zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(64)),
-                                                       verify=True))
+    [whole] = learned_coders(
+        zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(64)), verify=True)
+    )
     assert isinstance(whole, ModelCoder)
     coded = whole.code(image)
     # CompressAI's eval_model: zeros around the image, centred, up to a multiple of 64.
@@ -233,16 +343,18 @@ def test_a_zoo_model_codes_whole_images_and_naive_tiles(zoo_model):
     strings = zoo_model.compress(x)["strings"]
     assert coded.bits == 8 * sum(len(s) for group in strings for s in group)
     assert coded.reconstruction.shape == image.shape
-    [tiled] = learned_coders(zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(64)),
-                                                       tiling="naive"))
+    [tiled] = learned_coders(
+        zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(64)), tiling="naive")
+    )
     coded = tiled.code(image)
     assert coded.reconstruction.shape == image.shape and coded.bits > 0
 
 
 def test_pops_tiling_is_refused_for_a_model_with_padded_convolutions(zoo_model):
     with pytest.raises(ValueError, match="--tiling pops needs a padding-free model"):
-        learned_coders(zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(128)),
-                                                 tiling="pops"))
+        learned_coders(
+            zoo_model, LearnedOptions(CodingPlan(patch=PatchSpec(128)), tiling="pops")
+        )
 
 
 def test_a_bad_cps_patch_size_is_refused_before_coding(tiny_cps):
@@ -257,8 +369,19 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(compressai.zoo.image, "load_state_dict_from_url", offline)
-    code, stdout, stderr = run_cli(capsys, ["pretrained", "--dataset", images, "-a", "mbt2018",
-                                            "-q", "1", "--no-progress"])
+    code, stdout, stderr = run_cli(
+        capsys,
+        [
+            "pretrained",
+            "--dataset",
+            images,
+            "-a",
+            "mbt2018",
+            "-q",
+            "1",
+            "--no-progress",
+        ],
+    )
     assert code == 1 and stdout == ""
     lines = stderr.strip().splitlines()
     assert "cannot download pretrained mbt2018" in lines[-1] and "https://" in lines[-1]
@@ -266,62 +389,112 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
 
 
 @pytest.mark.parametrize("content", [b"", b"random bytes", "weights of another model"])
-def test_a_broken_cached_pretrained_file_is_named_with_the_way_out(capsys, monkeypatch,
-                                                                   tmp_path, images, content):
+def test_a_broken_cached_pretrained_file_is_named_with_the_way_out(
+    capsys, monkeypatch, tmp_path, images, content
+):
     """Offline users are told to put the file in the cache: one that is empty, not a
     checkpoint or another model's ended in EOFError, UnpicklingError or KeyError."""
     from utils.evaluation.coders import pretrained_url
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(
-        pretrained_url("mbt2018", 1, "mse"))
+    cached = (
+        tmp_path
+        / "hub"
+        / "checkpoints"
+        / os.path.basename(pretrained_url("mbt2018", 1, "mse"))
+    )
     cached.parent.mkdir(parents=True)
     if isinstance(content, bytes):
         cached.write_bytes(content)
     else:
         torch.save({"g_a.0.weight": torch.zeros(3)}, cached)
-    code, stdout, stderr = run_cli(capsys, ["pretrained", "--dataset", images, "-a", "mbt2018",
-                                            "-q", "1", "--no-progress"])
+    code, stdout, stderr = run_cli(
+        capsys,
+        [
+            "pretrained",
+            "--dataset",
+            images,
+            "-a",
+            "mbt2018",
+            "-q",
+            "1",
+            "--no-progress",
+        ],
+    )
     lines = stderr.strip().splitlines()
     assert code == 1 and stdout == "" and len(lines) == 1, lines
-    assert lines[0].startswith(f"test.py: error: cannot load pretrained mbt2018 (metric mse, "
-                               f"quality 1) from the cached file {cached}: ")
+    assert lines[0].startswith(
+        f"test.py: error: cannot load pretrained mbt2018 (metric mse, "
+        f"quality 1) from the cached file {cached}: "
+    )
     assert lines[0].endswith("; delete it to download it again")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["codec", "--codec", "jpeg", "-q", "500"], "outside 1..100"),
-    (["checkpoint", "-p", "missing.pth"], "checkpoint not found"),
-    (["checkpoint", "-p", "x.pth", "--half"], "--half needs --entropy-estimation"),
-    (["checkpoint", "-p", "x.pth", "--save-image"], "need -d OUTDIR"),
-    (["pretrained", "-a", "mbt2018", "-q", "1", "--tiling", "naive", "--patch-size", "0"], None),
-    (["checkpoint", "-p", "x.pth", "--tiling", "naive", "--patch-size", "auto"], "not auto"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["codec", "--codec", "jpeg", "-q", "500"], "outside 1..100"),
+        (["checkpoint", "-p", "missing.pth"], "checkpoint not found"),
+        (["checkpoint", "-p", "x.pth", "--half"], "--half needs --entropy-estimation"),
+        (["checkpoint", "-p", "x.pth", "--save-image"], "need -d OUTDIR"),
+        (
+            [
+                "pretrained",
+                "-a",
+                "mbt2018",
+                "-q",
+                "1",
+                "--tiling",
+                "naive",
+                "--patch-size",
+                "0",
+            ],
+            None,
+        ),
+        (
+            ["checkpoint", "-p", "x.pth", "--tiling", "naive", "--patch-size", "auto"],
+            "not auto",
+        ),
+    ],
+)
 def test_bad_command_lines_end_in_one_stderr_line(capsys, images, argv, message):
     if message is None:  # naive tiling without a tile size: refused before any download
         message = "--tiling naive needs a fixed --patch-size > 0"
-    code, stdout, stderr = run_cli(capsys, argv + ["--dataset", images, "--no-progress"])
+    code, stdout, stderr = run_cli(
+        capsys, argv + ["--dataset", images, "--no-progress"]
+    )
     lines = stderr.strip().splitlines()
     assert code == 1 and stdout == ""
     assert lines[-1].startswith("test.py: error:") and message in lines[-1]
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--max-memory", "lots", "cannot read memory size 'lots'"),
-    ("--patch-size", "big", "must be pixels, 'whole' or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--max-memory", "lots", "cannot read memory size 'lots'"),
+        ("--patch-size", "big", "must be pixels, 'whole' or 'auto'"),
+    ],
+)
 def test_unreadable_sizes_are_usage_errors(capsys, images, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
-        test_script.main(["checkpoint", "-p", "x.pth", "--dataset", str(images), option, value])
+        test_script.main(
+            ["checkpoint", "-p", "x.pth", "--dataset", str(images), option, value]
+        )
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_dataset_name_resolves_through_the_config_and_its_variable(tmp_path, monkeypatch):
+def test_a_dataset_name_resolves_through_the_config_and_its_variable(
+    tmp_path, monkeypatch
+):
     config = tmp_path / "datasets.yaml"
     config.write_text("Kodak:\n  path: nowhere\n  patch_size: 128\n")
     monkeypatch.setenv("CPS_KODAK", str(tmp_path))
     dataset = resolve_dataset("kodak", str(config))
-    assert (dataset.name, dataset.folder, dataset.patch_size) == ("Kodak", str(tmp_path), 128)
+    assert (dataset.name, dataset.folder, dataset.patch_size) == (
+        "Kodak",
+        str(tmp_path),
+        128,
+    )
     monkeypatch.delenv("CPS_KODAK")
     with pytest.raises(ValueError, match="set CPS_KODAK"):
         resolve_dataset("Kodak", str(config))
@@ -333,7 +506,7 @@ def test_a_dataset_name_resolves_through_the_config_and_its_variable(tmp_path, m
     assert environment_variable("DIV8K") == "CPS_DIV8K"
     with pytest.raises(ValueError, match="datasets config not found"):
         resolve_dataset("Kodak", str(tmp_path / "missing.yaml"))
-    config.write_bytes(b"Kodak: [" + b"1, " * 2 ** 19 + b"]")
+    config.write_bytes(b"Kodak: [" + b"1, " * 2**19 + b"]")
     with pytest.raises(ValueError, match="more than the"):
         resolve_dataset("Kodak", str(config))
 
@@ -343,22 +516,39 @@ def test_the_shipped_datasets_config_has_the_papers_patch_sizes():
 
     config = load_datasets_config()
     assert {name: entry["patch_size"] for name, entry in config.items()} == {
-        "Kodak": 128, "CLIC": 256, "DIV8K": 256}
+        "Kodak": 128,
+        "CLIC": 256,
+        "DIV8K": 256,
+    }
 
 
 def test_aggregate_averages_present_values_and_json_turns_inf_into_null():
-    records = [[{"bpp": 1.0, "psnr-rgb": float("inf"), "ms-ssim-rgb": None},
-                {"bpp": 3.0, "psnr-rgb": 30.0, "ms-ssim-rgb": 0.9}]]
+    records = [
+        [
+            {"bpp": 1.0, "psnr-rgb": float("inf"), "ms-ssim-rgb": None},
+            {"bpp": 3.0, "psnr-rgb": 30.0, "ms-ssim-rgb": 0.9},
+        ]
+    ]
     results = aggregate(records, ["run"])
     assert results["bpp"] == [2.0] and results["ms-ssim-rgb"] == [0.9]
     assert json.loads(to_json({"results": results}))["results"]["psnr-rgb"] == [None]
 
 
 @pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
-def test_torchrun_shards_images_and_merges_the_same_results(capsys, tmp_path, images, checkpoint):
+def test_torchrun_shards_images_and_merges_the_same_results(
+    capsys, tmp_path, images, checkpoint
+):
     write_png(str(images / "third.png"), smooth_image(64, 80, 5))
-    common = ["checkpoint", "--dataset", images, "-p", checkpoint, "--patch-size", 80,
-              "--no-progress"]
+    common = [
+        "checkpoint",
+        "--dataset",
+        images,
+        "-p",
+        checkpoint,
+        "--patch-size",
+        80,
+        "--no-progress",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process runs
     try:
@@ -369,11 +559,26 @@ def test_torchrun_shards_images_and_merges_the_same_results(capsys, tmp_path, im
     single = json.loads(stdout)
 
     out_dir = tmp_path / "sharded"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "test.py")] + [str(a) for a in common] + ["-d", str(out_dir),
-                                                                           "--save-image"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=240,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(REPO, "test.py"),
+        ]
+        + [str(a) for a in common]
+        + ["-d", str(out_dir), "--save-image"]
+    )
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     sharded = json.loads(done.stdout)
     assert "2 processes" in done.stderr
@@ -385,40 +590,76 @@ def test_torchrun_shards_images_and_merges_the_same_results(capsys, tmp_path, im
 
 
 def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
-        capsys, tmp_path):
+    capsys, tmp_path
+):
     folder = tmp_path / "same"
     write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
-    Image.fromarray(smooth_image(40, 48, 1).permute(1, 2, 0).numpy()).save(folder / "a.jpg")
-    code, _, err = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
-                                    "-d", tmp_path / "out", "--per-image", "--no-progress"])
+    Image.fromarray(smooth_image(40, 48, 1).permute(1, 2, 0).numpy()).save(
+        folder / "a.jpg"
+    )
+    code, _, err = run_cli(
+        capsys,
+        [
+            "codec",
+            "--dataset",
+            folder,
+            "--codec",
+            "jpeg",
+            "-q",
+            50,
+            "-d",
+            tmp_path / "out",
+            "--per-image",
+            "--no-progress",
+        ],
+    )
     assert code == 1 and "a.jpg and a.png would write the same per-image files" in err
     assert not (tmp_path / "out" / "per-image").exists()
 
 
-@pytest.mark.parametrize("qualities, message", [
-    (",", "expected comma-separated finite floats, got ','"),
-    # inf passed jpeg2000's open range (a near-lossless run) and crashed the others.
-    ("10,inf", "expected comma-separated finite floats, got '10,inf'"),
-    ("nan", "expected comma-separated finite floats, got 'nan'"),
-    ("50,30,50", "50 is given twice in '50,30,50'"),
-])
-def test_quality_lists_that_cannot_be_coded_are_usage_errors(capsys, images, qualities,
-                                                              message):
+@pytest.mark.parametrize(
+    "qualities, message",
+    [
+        (",", "expected comma-separated finite floats, got ','"),
+        # inf passed jpeg2000's open range (a near-lossless run) and crashed the others.
+        ("10,inf", "expected comma-separated finite floats, got '10,inf'"),
+        ("nan", "expected comma-separated finite floats, got 'nan'"),
+        ("50,30,50", "50 is given twice in '50,30,50'"),
+    ],
+)
+def test_quality_lists_that_cannot_be_coded_are_usage_errors(
+    capsys, images, qualities, message
+):
     with pytest.raises(SystemExit) as exit_info:
-        test_script.main(["codec", "--dataset", str(images), "--codec", "jpeg2000", "-q",
-                          qualities])
+        test_script.main(
+            ["codec", "--dataset", str(images), "--codec", "jpeg2000", "-q", qualities]
+        )
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_grayscale_image_is_measured_as_the_gray_png_codec_py_writes(
-        capsys, tmp_path, checkpoint, tiny_cps):
+    capsys, tmp_path, checkpoint, tiny_cps
+):
     folder = tmp_path / "gray"
     gray = smooth_image(60, 70, 5)[:1]
     write_png(str(folder / "g.png"), gray)
-    code, stdout, _ = run_cli(capsys, ["checkpoint", "--dataset", folder, "-p", checkpoint,
-                                       "--tiling", "none", "-d", tmp_path / "out",
-                                       "--save-image", "--no-progress"])
+    code, stdout, _ = run_cli(
+        capsys,
+        [
+            "checkpoint",
+            "--dataset",
+            folder,
+            "-p",
+            checkpoint,
+            "--tiling",
+            "none",
+            "-d",
+            tmp_path / "out",
+            "--save-image",
+            "--no-progress",
+        ],
+    )
     assert code == 0
     original, info = read_image(str(folder / "g.png"))
     assert info.grayscale
@@ -428,21 +669,38 @@ def test_a_grayscale_image_is_measured_as_the_gray_png_codec_py_writes(
     saved = Image.open(tmp_path / "out" / "reconstructions" / "g.png")
     assert saved.mode == "L"
     expected = psnr(original, written.expand(3, -1, -1))
-    assert json.loads(stdout)["results"]["psnr-rgb"][0] == pytest.approx(expected, abs=1e-9)
+    assert json.loads(stdout)["results"]["psnr-rgb"][0] == pytest.approx(
+        expected, abs=1e-9
+    )
 
 
-def test_an_earlier_evaluation_in_the_output_folder_is_kept_unless_forced(capsys, tmp_path,
-                                                                         images):
+def test_an_earlier_evaluation_in_the_output_folder_is_kept_unless_forced(
+    capsys, tmp_path, images
+):
     out_dir = tmp_path / "out"
-    argv = ["codec", "--dataset", images, "--codec", "jpeg", "-q", 50, "-d", out_dir,
-            "--per-image", "--save-image", "--no-progress"]
+    argv = [
+        "codec",
+        "--dataset",
+        images,
+        "--codec",
+        "jpeg",
+        "-q",
+        50,
+        "-d",
+        out_dir,
+        "--per-image",
+        "--save-image",
+        "--no-progress",
+    ]
     assert run_cli(capsys, argv)[0] == 0
     written = sorted(path for path in out_dir.rglob("*") if path.is_file())
     before = {path: path.stat().st_mtime_ns for path in written}
     code, stdout, err = run_cli(capsys, argv)
     assert code == 1 and stdout == ""
-    assert err.strip() == (f"test.py: error: {out_dir}/results.json exists (and 4 more outputs); "
-                           "pass --force to overwrite")
+    assert err.strip() == (
+        f"test.py: error: {out_dir}/results.json exists (and 4 more outputs); "
+        "pass --force to overwrite"
+    )
     assert {path: path.stat().st_mtime_ns for path in written} == before
     assert run_cli(capsys, argv + ["--force"])[0] == 0
     assert all(path.stat().st_mtime_ns != before[path] for path in written)
@@ -457,32 +715,55 @@ def test_previous_outputs_are_the_files_this_run_would_write(tmp_path):
     for name in names:
         (folder / name).write_bytes(b"")
     (tmp_path / "results.json").write_text("{}")
-    found = previous_outputs(str(tmp_path), ["/data/a.jpg"], ["q1", "q2"], per_image=True,
-                             save_image=True)
+    found = previous_outputs(
+        str(tmp_path), ["/data/a.jpg"], ["q1", "q2"], per_image=True, save_image=True
+    )
     assert found == [str(tmp_path / "results.json")] + [
-        str(folder / name) for name in ("a-q1-L2.png", "a-q1.png", "a.png")]
-    assert previous_outputs(str(tmp_path), ["/data/a.jpg"], ["q1"], per_image=False,
-                            save_image=False) == [str(tmp_path / "results.json")]
+        str(folder / name) for name in ("a-q1-L2.png", "a-q1.png", "a.png")
+    ]
+    assert previous_outputs(
+        str(tmp_path), ["/data/a.jpg"], ["q1"], per_image=False, save_image=False
+    ) == [str(tmp_path / "results.json")]
 
 
 def test_a_missing_checkpoint_is_the_only_line_before_any_image_is_read(
-        capsys, caplog, tmp_path, images, checkpoint):
+    capsys, caplog, tmp_path, images, checkpoint
+):
     missing = tmp_path / "missing.pth"
     with caplog.at_level("INFO", logger="cps.test"):
-        code, stdout, err = run_cli(capsys, ["checkpoint", "--dataset", images, "-p", checkpoint,
-                                             missing, "--no-progress"])
+        code, stdout, err = run_cli(
+            capsys,
+            [
+                "checkpoint",
+                "--dataset",
+                images,
+                "-p",
+                checkpoint,
+                missing,
+                "--no-progress",
+            ],
+        )
     assert code == 1 and stdout == ""
     assert err.strip() == f"test.py: error: checkpoint not found: {missing}"
     assert caplog.text == ""
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pretrained", "-a", "mbt2018", "-q", "1,99"], "no pretrained mbt2018 for metric 'mse' and "
-                                                    "quality 99"),
-    (["checkpoint", "-a", "no-such-model", "-p", "CKPT"], "unknown architecture 'no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["pretrained", "-a", "mbt2018", "-q", "1,99"],
+            "no pretrained mbt2018 for metric 'mse' and quality 99",
+        ),
+        (
+            ["checkpoint", "-a", "no-such-model", "-p", "CKPT"],
+            "unknown architecture 'no-such-model'",
+        ),
+    ],
+)
 def test_a_model_that_cannot_exist_is_refused_before_the_dataset_summary(
-        capsys, caplog, monkeypatch, images, checkpoint, argv, message):
+    capsys, caplog, monkeypatch, images, checkpoint, argv, message
+):
     import compressai.zoo.image
 
     def offline(*args, **kwargs):
@@ -496,14 +777,31 @@ def test_a_model_that_cannot_exist_is_refused_before_the_dataset_summary(
     assert "images from" not in caplog.text
 
 
-def test_an_unreadable_image_in_the_dataset_is_refused_before_any_is_coded(capsys, tmp_path):
+def test_an_unreadable_image_in_the_dataset_is_refused_before_any_is_coded(
+    capsys, tmp_path
+):
     folder = tmp_path / "mixed"
     write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
     (folder / "b.png").write_text("not an image")
-    code, _, err = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
-                                    "-d", tmp_path / "out", "--save-image", "--no-progress"])
+    code, _, err = run_cli(
+        capsys,
+        [
+            "codec",
+            "--dataset",
+            folder,
+            "--codec",
+            "jpeg",
+            "-q",
+            50,
+            "-d",
+            tmp_path / "out",
+            "--save-image",
+            "--no-progress",
+        ],
+    )
     assert code == 1 and err.strip().splitlines()[-1].startswith(
-        f"test.py: error: cannot read image {folder / 'b.png'}: ")
+        f"test.py: error: cannot read image {folder / 'b.png'}: "
+    )
     assert not (tmp_path / "out" / "reconstructions").exists()
 
 
@@ -514,14 +812,48 @@ def test_a_run_that_fails_midway_removes_the_reconstructions_it_wrote(capsys, tm
     write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
     write_png(str(folder / "c.png"), smooth_image(40, 48, 1))
     data = (folder / "c.png").read_bytes()
-    (folder / "c.png").write_bytes(data[:len(data) // 2])
+    (folder / "c.png").write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
-                                    "-d", out, "--save-image", "--no-progress"])
+    code, _, err = run_cli(
+        capsys,
+        [
+            "codec",
+            "--dataset",
+            folder,
+            "--codec",
+            "jpeg",
+            "-q",
+            50,
+            "-d",
+            out,
+            "--save-image",
+            "--no-progress",
+        ],
+    )
     assert code == 1 and f"{folder / 'c.png'}" in err.strip().splitlines()[-1]
-    assert os.listdir(out / "reconstructions") == [] and not (out / "results.json").exists()
+    assert (
+        os.listdir(out / "reconstructions") == []
+        and not (out / "results.json").exists()
+    )
     # Nothing is left to refuse: the same command runs again without --force.
     write_png(str(folder / "c.png"), smooth_image(40, 48, 1))
-    code, _, _ = run_cli(capsys, ["codec", "--dataset", folder, "--codec", "jpeg", "-q", 50,
-                                  "-d", out, "--save-image", "--no-progress"])
-    assert code == 0 and sorted(os.listdir(out / "reconstructions")) == ["a.png", "c.png"]
+    code, _, _ = run_cli(
+        capsys,
+        [
+            "codec",
+            "--dataset",
+            folder,
+            "--codec",
+            "jpeg",
+            "-q",
+            50,
+            "-d",
+            out,
+            "--save-image",
+            "--no-progress",
+        ],
+    )
+    assert code == 0 and sorted(os.listdir(out / "reconstructions")) == [
+        "a.png",
+        "c.png",
+    ]

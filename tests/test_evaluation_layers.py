@@ -19,22 +19,44 @@ def images(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for index in range(2):
-        pixels = np.linspace(0, 200, 90)[None, :, None] + rng.integers(0, 40, (70, 90, 3))
+        pixels = np.linspace(0, 200, 90)[None, :, None] + rng.integers(
+            0, 40, (70, 90, 3)
+        )
         Image.fromarray(pixels.astype(np.uint8)).save(folder / f"im{index}.png")
     return folder
 
 
-@pytest.mark.parametrize("kind, sizes", [(Mei2021Quality, [(70, 90)] * 3),
-                                         (Mei2021Spatial, [(18, 23), (35, 45), (70, 90)])])
-def test_each_layer_is_an_operating_point_with_cumulative_real_rate(tmp_path, images, capsys,
-                                                                    kind, sizes):
+@pytest.mark.parametrize(
+    "kind, sizes",
+    [
+        (Mei2021Quality, [(70, 90)] * 3),
+        (Mei2021Spatial, [(18, 23), (35, 45), (70, 90)]),
+    ],
+)
+def test_each_layer_is_an_operating_point_with_cumulative_real_rate(
+    tmp_path, images, capsys, kind, sizes
+):
     torch.manual_seed(0)
-    checkpoints = [save_model_checkpoint(tmp_path, kind(num_filters=[8, 10, 12],
-                                                        lmbdas=[3.0, 2.0, 1.0]), f"m{i}")
-                   for i in range(2)]
+    checkpoints = [
+        save_model_checkpoint(
+            tmp_path, kind(num_filters=[8, 10, 12], lmbdas=[3.0, 2.0, 1.0]), f"m{i}"
+        )
+        for i in range(2)
+    ]
     out = tmp_path / "out"
-    status = test_script.main(["checkpoint", "--dataset", str(images), "-p", *map(str, checkpoints),
-                               "-d", str(out), "--per-image", "--no-progress"])
+    status = test_script.main(
+        [
+            "checkpoint",
+            "--dataset",
+            str(images),
+            "-p",
+            *map(str, checkpoints),
+            "-d",
+            str(out),
+            "--per-image",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert results["layer"] == [0, 1, 2, 0, 1, 2]
@@ -43,10 +65,16 @@ def test_each_layer_is_an_operating_point_with_cumulative_real_rate(tmp_path, im
         # Bits of every stream up to layer k, over the pixels of layer k.
         num_bytes = page["bpp"][k] * height * width / 8
         assert num_bytes == pytest.approx(round(num_bytes), abs=1e-6)
-    assert page["bpp"][0] * sizes[0][0] * sizes[0][1] < page["bpp"][2] * sizes[2][0] * sizes[2][1]
+    assert (
+        page["bpp"][0] * sizes[0][0] * sizes[0][1]
+        < page["bpp"][2] * sizes[2][0] * sizes[2][1]
+    )
     curves = load_curves(str(out / "results.json"))
-    assert [c.name.rsplit(" ", 2)[-2:] for c in curves] == [["layer", "0"], ["layer", "1"],
-                                                           ["layer", "2"]]
+    assert [c.name.rsplit(" ", 2)[-2:] for c in curves] == [
+        ["layer", "0"],
+        ["layer", "1"],
+        ["layer", "2"],
+    ]
     assert all(len(c.bpp) == 2 for c in curves)
     plot = ["plot", str(out / "results.json"), "-o", str(tmp_path / "rd.png")]
     assert test_script.main(plot) == 0

@@ -19,13 +19,18 @@ from utils.coding.fixed_point import ACTIVATION_BOUND, GridLinear, hyper_synthes
 from utils.image_io import read_image
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiment", "shipped",
-                       "cps_n64_lambda00035", "model.pth")
+SHIPPED = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)),
+    "experiment",
+    "shipped",
+    "cps_n64_lambda00035",
+    "model.pth",
+)
 
 
 def _layer(outputs=48, inputs=96, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(outputs, inputs, generator=generator) / inputs ** 0.5
+    weight = torch.randn(outputs, inputs, generator=generator) / inputs**0.5
     bias = torch.randn(outputs, generator=generator)
     return weight, bias, generator
 
@@ -34,7 +39,7 @@ def _reversed_blocked_sum(inputs, columns):
     """The same integer sum in another order: column blocks of 7, last block first."""
     total = torch.zeros(inputs.shape[0], columns.shape[1], dtype=torch.float64)
     for start in reversed(range(0, inputs.shape[1], 7)):
-        total = total + inputs[:, start:start + 7] @ columns[start:start + 7]
+        total = total + inputs[:, start : start + 7] @ columns[start : start + 7]
     return total
 
 
@@ -45,8 +50,9 @@ def test_a_layer_gives_the_same_bits_in_any_summation_order():
     whole = GridLinear.partial_sum(inputs, layer.columns(0, 96))
     permutation = torch.randperm(96, generator=generator)
     permuted = inputs[:, permutation] @ layer.columns(0, 96)[permutation]
-    split = (GridLinear.partial_sum(inputs[:, 50:], layer.columns(50, 96))
-             + GridLinear.partial_sum(inputs[:, :50], layer.columns(0, 50)))
+    split = GridLinear.partial_sum(
+        inputs[:, 50:], layer.columns(50, 96)
+    ) + GridLinear.partial_sum(inputs[:, :50], layer.columns(0, 50))
     for other in (permuted, split, _reversed_blocked_sum(inputs, layer.columns(0, 96))):
         assert torch.equal(layer.finish(other, 0.01), layer.finish(whole, 0.01))
     # The integer sums are the exact ones.
@@ -61,10 +67,10 @@ def test_sums_stay_exact_at_the_largest_inputs():
     weight[0] *= 50
     layer = GridLinear(weight, bias)
     inputs = layer.to_grid(torch.sign(weight) * ACTIVATION_BOUND * 4)  # clipped
-    assert inputs.abs().max() == ACTIVATION_BOUND * 2 ** layer.input_bits
+    assert inputs.abs().max() == ACTIVATION_BOUND * 2**layer.input_bits
     totals = (inputs * layer.weight).sum(1, dtype=torch.float64) + layer.bias
     exact = (inputs.long() * layer.weight.long()).sum(1) + layer.bias.long()
-    assert totals.abs().max() < 2 ** 53
+    assert totals.abs().max() < 2**53
     assert torch.equal(totals.long(), exact)
 
 
@@ -76,10 +82,16 @@ def test_a_layer_follows_the_float_layer_to_grid_precision():
     assert layer.input_bits >= 14 and layer.weight_bits >= 14
     # Rounding moves each input and weight by at most half a step of its grid, the
     # bias by half a step of the output grid.
-    input_error, weight_error = 2.0 ** -(layer.input_bits + 1), 2.0 ** -(layer.weight_bits + 1)
-    bound = (inputs.double().abs().sum(1, keepdim=True) * weight_error
-             + weight.double().abs().sum(1) * input_error
-             + 96 * input_error * weight_error + layer.output_scale / 2)
+    input_error, weight_error = (
+        2.0 ** -(layer.input_bits + 1),
+        2.0 ** -(layer.weight_bits + 1),
+    )
+    bound = (
+        inputs.double().abs().sum(1, keepdim=True) * weight_error
+        + weight.double().abs().sum(1) * input_error
+        + 96 * input_error * weight_error
+        + layer.output_scale / 2
+    )
     error = (layer(inputs) - expected).abs()
     assert torch.all(error <= bound) and error.max() < 1e-3
     leaky = torch.nn.functional.leaky_relu(layer(inputs), 0.01)
@@ -101,14 +113,16 @@ def test_hyper_synthesis_equals_h_s_to_grid_precision(tiny_cps):
     assert (params - expected).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("chunk", [1, 12, 10 ** 9])
+@pytest.mark.parametrize("chunk", [1, 12, 10**9])
 def test_hyper_synthesis_does_not_depend_on_its_chunks(tiny_cps, monkeypatch, chunk):
     """One z_hat row at a time, several rows, or all at once: the same bits (a large
     image is synthesised in chunks to bound its float64 work)."""
     z_hat = torch.round(torch.randn(1, tiny_cps.N, 7, 5) * 4)
     whole = hyper_synthesis(tiny_cps.h_s, z_hat)
     monkeypatch.setattr(fixed_point, "CHUNK_POSITIONS", chunk)
-    assert fixed_point.chunk_positions(5) == {1: 5, 12: 10, 10 ** 9: 10 ** 9 // 5 * 5}[chunk]
+    assert (
+        fixed_point.chunk_positions(5) == {1: 5, 12: 10, 10**9: 10**9 // 5 * 5}[chunk]
+    )
     assert torch.equal(hyper_synthesis(tiny_cps.h_s, z_hat), whole)
 
 
@@ -119,9 +133,11 @@ def test_hyper_synthesis_names_a_layer_it_cannot_run():
 
 def _image(height=96, width=80, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, height // 8, width // 8,
-                                                        generator=generator) * 255,
-                                             size=(height, width), mode="bilinear")
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(1, 3, height // 8, width // 8, generator=generator) * 255,
+        size=(height, width),
+        mode="bilinear",
+    )
     return smooth[0].round().to(torch.uint8)
 
 
@@ -134,10 +150,13 @@ def test_a_decoder_that_sums_in_another_order_rebuilds_the_file(tiny_cps, monkey
     assert unpack(data).fixed_point
     reference = tiny_cps.decode(unpack(data), CodingPlan())
     monkeypatch.setattr(GridLinear, "partial_sum", staticmethod(_reversed_blocked_sum))
-    monkeypatch.setattr(fixed_point.GridLinear, "__call__",
-                        lambda self, inputs, slope=None: self.finish(
-                            _reversed_blocked_sum(self.to_grid(inputs), self.weight.t()),
-                            slope))
+    monkeypatch.setattr(
+        fixed_point.GridLinear,
+        "__call__",
+        lambda self, inputs, slope=None: self.finish(
+            _reversed_blocked_sum(self.to_grid(inputs), self.weight.t()), slope
+        ),
+    )
     assert torch.equal(tiny_cps.decode(unpack(data), CodingPlan()), reference)
     # And an encoder summing in that order writes the same file.
     assert pack(tiny_cps.encode(image, CodingPlan())) == data

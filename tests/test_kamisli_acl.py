@@ -28,7 +28,9 @@ from utils.training.config import SCHEMA, parse_config
 
 def acl_defaults():
     """The ``acl`` block of a config that sets none of its keys."""
-    return EasyDict({key: copy.deepcopy(spec.default) for key, spec in SCHEMA["acl"].items()})
+    return EasyDict(
+        {key: copy.deepcopy(spec.default) for key, spec in SCHEMA["acl"].items()}
+    )
 
 
 def write_images(folder, count, size, seed):
@@ -36,8 +38,9 @@ def write_images(folder, count, size, seed):
     g = torch.Generator().manual_seed(seed)
     for i in range(count):
         low = torch.rand(3, 3, 3, generator=g)
-        picture = torch.nn.functional.interpolate(low[None], size=size, mode="bilinear",
-                                                  align_corners=False)[0]
+        picture = torch.nn.functional.interpolate(
+            low[None], size=size, mode="bilinear", align_corners=False
+        )[0]
         array = picture.mul(255).round().byte().permute(1, 2, 0).numpy()
         Image.fromarray(array).save(os.path.join(folder, f"img{i}.png"))
 
@@ -46,20 +49,46 @@ def config(tmp_path, **acl):
     data = tmp_path / "data"
     write_images(data / "train", 4, (20, 24), seed=0)
     write_images(data / "test", 2, (16, 20), seed=1)
-    settings = {"itr0_threshold": 1e9, "count_thresholds": [0], "max_iterations": 2,
-                "max_epochs_per_iteration": 2, "closed_loop_every": 1, "closed_loop_tile": 2}
+    settings = {
+        "itr0_threshold": 1e9,
+        "count_thresholds": [0],
+        "max_iterations": 2,
+        "max_epochs_per_iteration": 2,
+        "closed_loop_every": 1,
+        "closed_loop_tile": 2,
+    }
     settings.update(acl)
-    return parse_config({
-        "train_data": {"data_path": str(data), "experiment_path": str(tmp_path / "exp"),
-                       "batch_size": 2, "num_workers": 0, "use_checkpoint_path": "",
-                       "init_checkpoint_path": ""},
-        "train_params": {"crop_size": 16, "learning_rate": 1e-3, "lmbda": 0.01,
-                         "distortion_metric": "mse", "seed": 0, "N": 8},
-        "model": {"name": "kamisli2024",
-                  "kwargs": {"block_size": 4, "M": 4, "kernel_sizes": [3, 1, 1, 1]}},
-        "lr_schedule": {"type": "plateau", "factor": 0.8, "patience": 4, "min_lr": 4e-5},
-        "acl": settings,
-    })
+    return parse_config(
+        {
+            "train_data": {
+                "data_path": str(data),
+                "experiment_path": str(tmp_path / "exp"),
+                "batch_size": 2,
+                "num_workers": 0,
+                "use_checkpoint_path": "",
+                "init_checkpoint_path": "",
+            },
+            "train_params": {
+                "crop_size": 16,
+                "learning_rate": 1e-3,
+                "lmbda": 0.01,
+                "distortion_metric": "mse",
+                "seed": 0,
+                "N": 8,
+            },
+            "model": {
+                "name": "kamisli2024",
+                "kwargs": {"block_size": 4, "M": 4, "kernel_sizes": [3, 1, 1, 1]},
+            },
+            "lr_schedule": {
+                "type": "plateau",
+                "factor": 0.8,
+                "patience": 4,
+                "min_lr": 4e-5,
+            },
+            "acl": settings,
+        }
+    )
 
 
 def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp_path):
@@ -68,8 +97,14 @@ def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp
     state = run_acl(cfg, torch.device("cpu"), log.append)
     exp = cfg["train_data"]["experiment_path"]
     assert state.iteration == 1 and state.phase == "regenerate"
-    assert [r["iteration"] for r in state.history] == [0, 1, 1]  # itr 0 stops at its threshold
-    assert all(math.isfinite(r["open_loop"]) and "closed_loop" in r for r in state.history)
+    assert [r["iteration"] for r in state.history] == [
+        0,
+        1,
+        1,
+    ]  # itr 0 stops at its threshold
+    assert all(
+        math.isfinite(r["open_loop"]) and "closed_loop" in r for r in state.history
+    )
     assert os.path.exists(os.path.join(exp, STATE_NAME))
     best = os.path.join(exp, "model_best_acl_0.pth.tar")
     assert state.selected in ("model_best_acl_1.pth.tar", "model_best_acl_1rr.pth.tar")
@@ -80,7 +115,11 @@ def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp
     contexts = sorted(os.listdir(os.path.join(exp, "acl", "contexts_1", "train")))
     assert len(contexts) == 4
     assert len(os.listdir(os.path.join(exp, "acl", "contexts_1", "val"))) == 2
-    x = read_image(str(tmp_path / "data" / "train" / "img0.png"))[0].float().div(255)[None]
+    x = (
+        read_image(str(tmp_path / "data" / "train" / "img0.png"))[0]
+        .float()
+        .div(255)[None]
+    )
     with torch.no_grad():
         expected = model(x)["x_hat"].clamp(0, 1).mul(255).round().byte()[0]
     stored = read_image(os.path.join(exp, "acl", "contexts_1", "train", contexts[0]))[0]
@@ -96,17 +135,23 @@ def test_an_interrupted_acl_run_resumes_to_the_same_result(tmp_path):
         run_acl(first, torch.device("cpu"), lambda _: None)
     resumed_cfg = config(tmp_path / "b")
     resumed_cfg["train_data"]["use_checkpoint_path"] = os.path.join(
-        resumed_cfg["train_data"]["experiment_path"], STATE_NAME)
+        resumed_cfg["train_data"]["experiment_path"], STATE_NAME
+    )
     resumed = run_acl(resumed_cfg, torch.device("cpu"), lambda _: None)
     assert resumed.history == straight.history
     assert resumed.learning_rate == straight.learning_rate
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"blok_size": 4}, "rejects its kwargs"),
-    ({"block_size": 3}, "must be a multiple of 3"),
-])
-def test_a_model_config_acl_cannot_build_is_refused_as_in_open_loop(tmp_path, change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"blok_size": 4}, "rejects its kwargs"),
+        ({"block_size": 3}, "must be a multiple of 3"),
+    ],
+)
+def test_a_model_config_acl_cannot_build_is_refused_as_in_open_loop(
+    tmp_path, change, message
+):
     """Both training modes build the model through one function, with one-line errors."""
     cfg = config(tmp_path)
     kwargs = {k: v for k, v in cfg["model"]["kwargs"].items() if k != "block_size"}
@@ -119,8 +164,11 @@ def test_acl_refuses_a_model_without_the_closed_loop_contract(tmp_path):
     cfg = config(tmp_path)
     cfg["model"] = {"name": "cps", "kwargs": {}}
     cfg["train_params"]["crop_size"] = 64
-    with pytest.raises(ValueError, match="ACL training needs a block-based model that "
-                                         "implements models.base.ClosedLoopTrainable"):
+    with pytest.raises(
+        ValueError,
+        match="ACL training needs a block-based model that "
+        "implements models.base.ClosedLoopTrainable",
+    ):
         run_acl(cfg, torch.device("cpu"), lambda _: None)
 
 
@@ -138,10 +186,17 @@ def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
     for epoch in range(12):
         pairs.set_epoch(epoch)
         x, z = pairs[0]
-        assert x.shape == (3, 8, 8) and torch.allclose(z, 1 - x)  # same crop, same flips
-        found = [(t, left, fh, fv) for t in range(0, 13) for left in range(0, 21)
-                 for fh in (False, True) for fv in (False, True)
-                 if torch.equal(_flip(whole_x[:, t:t + 8, left:left + 8], fh, fv), x)]
+        assert x.shape == (3, 8, 8) and torch.allclose(
+            z, 1 - x
+        )  # same crop, same flips
+        found = [
+            (t, left, fh, fv)
+            for t in range(0, 13)
+            for left in range(0, 21)
+            for fh in (False, True)
+            for fv in (False, True)
+            if torch.equal(_flip(whole_x[:, t : t + 8, left : left + 8], fh, fv), x)
+        ]
         assert found and all(t % 4 == 0 and left % 4 == 0 for t, left, _, _ in found)
         seen.update((fh, fv) for _, _, fh, fv in found)
         pairs.set_epoch(epoch)
@@ -191,12 +246,17 @@ def test_the_chained_loss_averages_two_passes_and_trains_through_the_first():
             loss.backward()
             return net.g_a_source.weight.grad.clone()
         before = net.g_a_source.weight.detach().clone()
-        train_epoch(net, [(x, z)], optimizer, criterion, torch.device("cpu"), chained, 0.0)
+        train_epoch(
+            net, [(x, z)], optimizer, criterion, torch.device("cpu"), chained, 0.0
+        )
         return before - net.g_a_source.weight.detach()
 
     torch.manual_seed(5)
     out = model(x, z)
-    manual = 0.5 * criterion(out, x)["loss"] + 0.5 * criterion(model(x, out["x_hat"]), x)["loss"]
+    manual = (
+        0.5 * criterion(out, x)["loss"]
+        + 0.5 * criterion(model(x, out["x_hat"]), x)["loss"]
+    )
     manual.backward()
     assert torch.allclose(gradient(True), model.g_a_source.weight.grad, atol=1e-6)
     assert not torch.allclose(gradient(True), gradient(True, detach=True), atol=1e-6)
@@ -244,16 +304,24 @@ def test_closed_loop_validation_equals_block_by_block_recursion():
         for i in range(5):
             for j in range(6):
                 out = model(x, context)
-                block = out["x_hat"][:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].clamp(0, 1)
-                context[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = block.mul(255).round() / 255
+                block = out["x_hat"][:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].clamp(
+                    0, 1
+                )
+                context[:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4] = (
+                    block.mul(255).round() / 255
+                )
     assert torch.allclose(fast["x_hat"], out["x_hat"].clamp(0, 1), atol=1e-6)
     assert torch.allclose(fast["likelihoods"]["y"], out["likelihoods"]["y"], rtol=1e-5)
     # tiles: a 2x2-block tile sees mid-grey outside itself, so tiling changes the result
     tiled = model.closed_loop(x, tile_blocks=2, context_bits=8)
-    assert tiled["x_hat"].shape == x.shape and not torch.allclose(tiled["x_hat"], fast["x_hat"])
+    assert tiled["x_hat"].shape == x.shape and not torch.allclose(
+        tiled["x_hat"], fast["x_hat"]
+    )
 
 
-def test_a_broken_training_image_is_skipped_with_a_warning_and_too_many_stop_the_run(tmp_path):
+def test_a_broken_training_image_is_skipped_with_a_warning_and_too_many_stop_the_run(
+    tmp_path,
+):
     cfg = config(tmp_path)
     broken = os.path.join(cfg["train_data"]["data_path"], "train", "img9.png")
     with open(broken, "wb") as handle:
@@ -263,8 +331,16 @@ def test_a_broken_training_image_is_skipped_with_a_warning_and_too_many_stop_the
     run_acl(cfg, torch.device("cpu"), log.append)
     warnings = [line for line in log if line.startswith("warning: skipping")]
     assert len(warnings) == 1 and "img9.png" in warnings[0] and "1 of 5" in warnings[0]
-    assert len(os.listdir(os.path.join(cfg["train_data"]["experiment_path"], "acl",
-                                       "contexts_1", "train"))) == 4
+    assert (
+        len(
+            os.listdir(
+                os.path.join(
+                    cfg["train_data"]["experiment_path"], "acl", "contexts_1", "train"
+                )
+            )
+        )
+        == 4
+    )
     cfg["train_data"]["max_bad_fraction"] = 0.1
     cfg["train_data"]["experiment_path"] = str(tmp_path / "exp2")
     with pytest.raises(RuntimeError, match="1 of 5 train images are unusable"):

@@ -22,20 +22,26 @@ def coding_model(kernel_sizes, seed=0, block_size=4, spread=True):
     """A tiny random model; with ``spread`` its latents cost real bits (y spans
     dozens of quantisation steps, scales about 10)."""
     torch.manual_seed(seed)
-    model = Kamisli2024(block_size=block_size, N=8, M=4, kernel_sizes=kernel_sizes).eval()
+    model = Kamisli2024(
+        block_size=block_size, N=8, M=4, kernel_sizes=kernel_sizes
+    ).eval()
     if spread:
         with torch.no_grad():
             model.g_a[-1].weight.mul_(100)
             model.entropy_parameters[-1].weight.mul_(0.1)
-            model.entropy_parameters[-1].bias[:model.M] = 10.0
+            model.entropy_parameters[-1].bias[: model.M] = 10.0
     model.update(force=True)
     return model
 
 
 def image(height, width, seed=1):
     torch.manual_seed(seed)
-    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4), size=(height, width),
-                                             mode="bilinear", align_corners=False)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 4, 4),
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    )
     return (smooth + 0.1 * torch.rand(1, 3, height, width)).clamp(0, 1)
 
 
@@ -45,7 +51,9 @@ def grid(model, x):
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
-def test_decoder_rebuilds_the_encoders_latent_and_reconstruction_bit_for_bit(name, order):
+def test_decoder_rebuilds_the_encoders_latent_and_reconstruction_bit_for_bit(
+    name, order
+):
     model = coding_model(KERNELS[name])
     x = image(21, 30)
     coder = BlockCoder(model, order)
@@ -73,7 +81,9 @@ def test_wavefront_decode_equals_the_block_by_block_decode(name):
     raster = model.compress(x, order="raster")
     assert wave.y_hat_crc == raster.y_hat_crc
     assert abs(len(wave.string) - len(raster.string)) <= 4  # same symbols, other order
-    assert torch.equal(model.decompress(wave)["x_hat"], model.decompress(raster)["x_hat"])
+    assert torch.equal(
+        model.decompress(wave)["x_hat"], model.decompress(raster)["x_hat"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
@@ -100,8 +110,12 @@ def test_changing_one_image_block_never_changes_an_earlier_decoded_block():
     order = torch.arange(6 * 7).reshape(6, 7)
     for q in [(1, 5), (3, 0), (4, 3)]:
         x2 = x.clone()
-        block = (slice(None), slice(None),
-                 slice(4 * q[0], 4 * q[0] + 4), slice(4 * q[1], 4 * q[1] + 4))
+        block = (
+            slice(None),
+            slice(None),
+            slice(4 * q[0], 4 * q[0] + 4),
+            slice(4 * q[1], 4 * q[1] + 4),
+        )
         x2[block] = 1 - x2[block]
         _, y_hat2, reconstruction2, _ = coder.encode(grid(model, x2))
         earlier = order < q[0] * 7 + q[1]
@@ -147,15 +161,21 @@ def test_cps_files_round_trip_and_their_size_is_the_rate():
     pixels = x.mul(255).round().to(torch.uint8)[0]
     compressed = model.encode(pixels, CodingPlan(order="raster"))
     data = pack(compressed)
-    assert (compressed.pad_bottom, compressed.pad_right) == (3, 2) and compressed.z_string == b""
+    assert (compressed.pad_bottom, compressed.pad_right) == (
+        3,
+        2,
+    ) and compressed.z_string == b""
     # fixed fields 18, name 1 + 11, fingerprint 8, CRCs 4 + 4, two string lengths 4 + 4
     assert len(data) == 54 + len(compressed.y_string)
     decoded = model.decode(unpack(data), CodingPlan())
-    expected = model.decompress(model.compress(pixels[None].float() / 255, order="raster"))["x_hat"]
+    expected = model.decompress(
+        model.compress(pixels[None].float() / 255, order="raster")
+    )["x_hat"]
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 30)
     assert torch.equal(decoded, expected[0].mul(255).round().to(torch.uint8))
-    gray = model.decode(unpack(pack(model.encode(pixels, CodingPlan(grayscale=True)))),
-                        CodingPlan())
+    gray = model.decode(
+        unpack(pack(model.encode(pixels, CodingPlan(grayscale=True)))), CodingPlan()
+    )
     assert gray.shape == (1, 21, 30)
     assert torch.equal(gray[0], decoded.float().mean(0).round().to(torch.uint8))
     with pytest.raises(BitstreamError, match="another checkpoint"):
@@ -181,19 +201,37 @@ def test_the_benchmark_times_both_orders_and_checks_they_agree(tmp_path):
     from benchmarks import kamisli_decoding
 
     # A preset shrunk to N=8, M=4: the benchmark reads it as train.py does.
-    preset = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                          "kamisli_B4_KS3311_N512M96.yaml")
+    preset = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)),
+        "configs",
+        "kamisli_B4_KS3311_N512M96.yaml",
+    )
     config = tmp_path / "tiny.yaml"
     with open(preset, encoding="utf-8") as f:
         raw = yaml.safe_load(f)
     raw["train_params"]["N"], raw["model"]["kwargs"]["M"] = 8, 4
     config.write_text(yaml.safe_dump(raw))
     output = tmp_path / "bench.json"
-    assert kamisli_decoding.main(["--config", str(config), "--size", "40x22",
-                                  "--reference-rows", "2", "--output", str(output)]) == 0
+    assert (
+        kamisli_decoding.main(
+            [
+                "--config",
+                str(config),
+                "--size",
+                "40x22",
+                "--reference-rows",
+                "2",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     (run,) = json.loads(output.read_text())["runs"]
     assert run["grid"] == [6, 10] and run["wavefront_slope"] == 2
-    assert run["wavefront"]["steps"] == 2 * 5 + 10 and run["block_by_block"]["steps"] == 60
+    assert (
+        run["wavefront"]["steps"] == 2 * 5 + 10 and run["block_by_block"]["steps"] == 60
+    )
     assert run["block_by_block"]["extrapolated_from_blocks"] == 20
     assert run["reconstructions_identical"] and run["decode_speedup"] > 0
     with pytest.raises(SystemExit):
@@ -208,7 +246,9 @@ def test_a_stream_written_by_a_cuda_model_decodes_on_the_cpu():
     x = image(20, 28, seed=13)
     payload = on_gpu.compress(x.cuda())
     assert payload.string == model.compress(x).string
-    assert torch.equal(model.decompress(payload)["x_hat"], on_gpu.decompress(payload)["x_hat"])
+    assert torch.equal(
+        model.decompress(payload)["x_hat"], on_gpu.decompress(payload)["x_hat"]
+    )
 
 
 def _reversed_blocked_call(self, inputs, negative_slope=None):
@@ -217,7 +257,7 @@ def _reversed_blocked_call(self, inputs, negative_slope=None):
     grid_inputs, weight = self.to_grid(inputs), self.weight.t()
     total = torch.zeros(grid_inputs.shape[0], weight.shape[1], dtype=torch.float64)
     for start in reversed(range(0, grid_inputs.shape[1], 5)):
-        total = total + grid_inputs[:, start:start + 5] @ weight[start:start + 5]
+        total = total + grid_inputs[:, start : start + 5] @ weight[start : start + 5]
     return self.finish(total, negative_slope)
 
 
@@ -241,8 +281,12 @@ def test_files_written_with_float32_products_still_decode_in_either_order(name):
     x = grid(model, image(21, 30))
     results = {}
     for order in ("wavefront", "raster"):
-        string, y_hat, reconstruction, _ = BlockCoder(model, order, fixed_point=False).encode(x)
-        decoded_y, decoded = BlockCoder(model, order, fixed_point=False).decode(string, 6, 8)
+        string, y_hat, reconstruction, _ = BlockCoder(
+            model, order, fixed_point=False
+        ).encode(x)
+        decoded_y, decoded = BlockCoder(model, order, fixed_point=False).decode(
+            string, 6, 8
+        )
         assert torch.equal(decoded_y, y_hat) and torch.equal(decoded, reconstruction)
         results[order] = y_hat, reconstruction
     assert torch.equal(results["wavefront"][0], results["raster"][0])

@@ -19,7 +19,9 @@ from utils.coding.context_coder import ContextCoder
 from utils.coding.scan_order import causal_taps, coding_order, wavefront_slope
 
 
-def spread_scales(model: torch.nn.Module, seed: int = 0, high: float = 16.0) -> torch.nn.Module:
+def spread_scales(
+    model: torch.nn.Module, seed: int = 0, high: float = 16.0
+) -> torch.nn.Module:
     """Make a random model predict scales over the whole table (log-uniform 0.11..high
     per channel) and means around zero, as a trained model does, then update it."""
     channels = model.M
@@ -27,8 +29,9 @@ def spread_scales(model: torch.nn.Module, seed: int = 0, high: float = 16.0) -> 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         last.weight.mul_(0.1)
-        log_scales = torch.empty(channels).uniform_(math.log(0.11), math.log(high),
-                                                    generator=generator)
+        log_scales = torch.empty(channels).uniform_(
+            math.log(0.11), math.log(high), generator=generator
+        )
         last.bias[:channels] = log_scales.exp()
         last.bias[channels:] = 0.5 * torch.randn(channels, generator=generator)
     model.update(force=True)
@@ -44,7 +47,7 @@ def random_latent(model, height, width, seed, outliers=False):
     """(y, params) with values at the model's scales; ``outliers`` adds values far
     outside the CDF tables, which the rANS coder escapes with Elias-gamma bits."""
     generator = torch.Generator().manual_seed(seed)
-    scales = model.entropy_parameters[-1].bias[:model.M].detach()
+    scales = model.entropy_parameters[-1].bias[: model.M].detach()
     y = torch.randn(model.M, height, width, generator=generator) * scales[:, None, None]
     if outliers:
         far = torch.rand(y.shape, generator=generator) < 0.02
@@ -72,8 +75,12 @@ def dependencies(kernel_size, height, width):
         one_hot = torch.zeros(1, 1, height * width)
         one_hot[0, 0, read] = 1.0
         with torch.no_grad():
-            readers = torch.nonzero(conv(one_hot.view(1, 1, height, width)).view(-1)).view(-1)
-        pairs += [(divmod(int(reader), width), divmod(read, width)) for reader in readers]
+            readers = torch.nonzero(
+                conv(one_hot.view(1, 1, height, width)).view(-1)
+            ).view(-1)
+        pairs += [
+            (divmod(int(reader), width), divmod(read, width)) for reader in readers
+        ]
     return pairs
 
 
@@ -84,7 +91,9 @@ def test_the_5x5_mask_reads_two_rows_above_and_two_positions_to_the_left():
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5, 7])
-def test_wavefront_slope_is_the_smallest_that_orders_every_brute_force_dependency(kernel_size):
+def test_wavefront_slope_is_the_smallest_that_orders_every_brute_force_dependency(
+    kernel_size,
+):
     pairs = dependencies(kernel_size, 9, 11)
     assert pairs, "the masked convolution read nothing"
 
@@ -92,7 +101,10 @@ def test_wavefront_slope_is_the_smallest_that_orders_every_brute_force_dependenc
         return all(slope * p[0] + p[1] > slope * q[0] + q[1] for p, q in pairs)
 
     brute_force = next(slope for slope in range(1, 50) if orders_all(slope))
-    assert wavefront_slope(causal_taps(MaskedConv2d(1, 1, kernel_size).mask)) == brute_force
+    assert (
+        wavefront_slope(causal_taps(MaskedConv2d(1, 1, kernel_size).mask))
+        == brute_force
+    )
     if kernel_size == 5:
         assert brute_force == 3
 
@@ -103,30 +115,38 @@ def test_a_mask_that_reads_the_current_position_is_rejected():
         wavefront_slope(causal_taps(mask))
 
 
-@pytest.mark.parametrize("height,width", [(1, 1), (1, 7), (6, 1), (2, 2), (5, 9), (8, 3)])
+@pytest.mark.parametrize(
+    "height,width", [(1, 1), (1, 7), (6, 1), (2, 2), (5, 9), (8, 3)]
+)
 def test_no_position_reads_a_position_of_its_own_or_a_later_front(height, width):
     positions, sizes = coding_order(height, width, "wavefront", 3)
     assert sorted(positions.tolist()) == list(range(height * width))
     front_of = torch.empty(height * width, dtype=torch.long)
-    front_of[positions] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    front_of[positions] = torch.repeat_interleave(
+        torch.arange(len(sizes)), torch.tensor(sizes)
+    )
     for (pi, pj), (qi, qj) in dependencies(5, height, width):
         assert front_of[qi * width + qj] < front_of[pi * width + pj]
     rows = positions // width
     starts = [0] + torch.tensor(sizes).cumsum(0).tolist()
     for start, stop in zip(starts, starts[1:]):
-        assert torch.all(rows[start + 1:stop] > rows[start:stop - 1])
+        assert torch.all(rows[start + 1 : stop] > rows[start : stop - 1])
     if width >= 3:
         assert len(sizes) == 3 * (height - 1) + width
 
 
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
 @pytest.mark.parametrize("height,width", [(1, 1), (3, 2), (6, 5), (4, 9)])
-def test_the_worker_thread_only_reads_fronts_that_are_final(coding_model, order, height, width):
+def test_the_worker_thread_only_reads_fronts_that_are_final(
+    coding_model, order, height, width
+):
     """Far taps of front k (computed while front k-1 is coded) must read fronts <= k-2
     or the zero padding; near taps fronts <= k-1."""
     layout = ContextCoder(coding_model, order)._layout(height, width)
     front_of = torch.full(((height + 4) * (width + 4),), -1)
-    fronts = torch.repeat_interleave(torch.arange(len(layout.sizes)), torch.tensor(layout.sizes))
+    fronts = torch.repeat_interleave(
+        torch.arange(len(layout.sizes)), torch.tensor(layout.sizes)
+    )
     front_of[layout.centres] = fronts
     for windows, lag in ((layout.far_windows, 2), (layout.near_windows, 1)):
         taps = windows.numel() // fronts.numel()
@@ -136,7 +156,9 @@ def test_the_worker_thread_only_reads_fronts_that_are_final(coding_model, order,
 
 
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
-def test_pipelined_and_sequential_coders_write_and_read_the_same_stream(coding_model, order):
+def test_pipelined_and_sequential_coders_write_and_read_the_same_stream(
+    coding_model, order
+):
     y, params = random_latent(coding_model, 9, 14, 21, outliers=True)
     pipelined = ContextCoder(coding_model, order, pipeline=True)
     sequential = ContextCoder(coding_model, order, pipeline=False)
@@ -148,7 +170,8 @@ def test_pipelined_and_sequential_coders_write_and_read_the_same_stream(coding_m
 
 
 def test_the_callers_matmul_precision_and_threads_neither_change_the_stream_nor_get_lost(
-        coding_model):
+    coding_model,
+):
     y, params = random_latent(coding_model, 6, 8, 5)
     coder = ContextCoder(coding_model)
     string, y_hat, _ = coder.encode(y, params)
@@ -168,9 +191,13 @@ def test_raster_order_has_one_position_per_front_in_reading_order():
 
 
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
-@pytest.mark.parametrize("height,width,seed", [(1, 1, 0), (1, 9, 1), (9, 1, 2), (4, 5, 3),
-                                               (7, 13, 4), (16, 11, 5), (12, 12, 6)])
-def test_decoder_rebuilds_exactly_the_encoders_y_hat(coding_model, order, height, width, seed):
+@pytest.mark.parametrize(
+    "height,width,seed",
+    [(1, 1, 0), (1, 9, 1), (9, 1, 2), (4, 5, 3), (7, 13, 4), (16, 11, 5), (12, 12, 6)],
+)
+def test_decoder_rebuilds_exactly_the_encoders_y_hat(
+    coding_model, order, height, width, seed
+):
     y, params = random_latent(coding_model, height, width, seed, outliers=seed % 2 == 1)
     string, y_hat, _ = ContextCoder(coding_model, order).encode(y, params)
     decoded = ContextCoder(coding_model, order).decode(string, params)
@@ -184,7 +211,9 @@ def test_many_random_latents_round_trip_bit_exactly(coding_model):
     generator = torch.Generator().manual_seed(7)
     for trial in range(12):
         height, width = torch.randint(1, 15, (2,), generator=generator).tolist()
-        y, params = random_latent(coding_model, height, width, 100 + trial, outliers=trial % 3 == 0)
+        y, params = random_latent(
+            coding_model, height, width, 100 + trial, outliers=trial % 3 == 0
+        )
         encoder, decoder = coders if trial % 2 else coders[::-1]
         string, y_hat, _ = encoder.encode(y, params)
         assert torch.equal(decoder.decode(string, params), y_hat), (height, width)
@@ -200,7 +229,9 @@ def test_coded_means_and_scales_are_the_models_masked_convolution(coding_model):
     assert (offsets - offsets.round()).abs().max() < 1e-4
     assert torch.equal(offsets.round(), (y - means[0]).round())
     # The rANS stream costs what the model's likelihoods predict.
-    likelihoods = coding_model.gaussian_conditional._likelihood(y_hat[None], scales, means)
+    likelihoods = coding_model.gaussian_conditional._likelihood(
+        y_hat[None], scales, means
+    )
     predicted_bits = -likelihoods.clamp_min(1e-9).log2().sum().item()
     assert abs(len(string) * 8 - predicted_bits) < 0.05 * predicted_bits + 64
 
@@ -208,10 +239,19 @@ def test_coded_means_and_scales_are_the_models_masked_convolution(coding_model):
 def test_scale_indexes_equal_compressais_build_indexes(coding_model):
     conditional = coding_model.gaussian_conditional
     table = conditional.scale_table
-    scales = torch.cat((torch.rand(2000) * 300 - 10, table, torch.nextafter(table, table + 1),
-                        torch.nextafter(table, table - 1), torch.tensor([0.0, -1.0]))).view(2, -1)
-    assert torch.equal(ContextCoder(coding_model).scale_indexes(scales),
-                       conditional.build_indexes(scales))
+    scales = torch.cat(
+        (
+            torch.rand(2000) * 300 - 10,
+            table,
+            torch.nextafter(table, table + 1),
+            torch.nextafter(table, table - 1),
+            torch.tensor([0.0, -1.0]),
+        )
+    ).view(2, -1)
+    assert torch.equal(
+        ContextCoder(coding_model).scale_indexes(scales),
+        conditional.build_indexes(scales),
+    )
 
 
 def test_raster_decoder_reads_compressais_mbt2018_stream(coding_model):
@@ -221,7 +261,9 @@ def test_raster_decoder_reads_compressais_mbt2018_stream(coding_model):
     y_padded = F.pad(y[None], (2, 2, 2, 2))
     with torch.no_grad():
         string = coding_model._compress_ar(y_padded, params[None], 5, 7, 5, 2)
-    ours = ContextCoder(coding_model, "raster", fixed_point=False).decode(string, params)
+    ours = ContextCoder(coding_model, "raster", fixed_point=False).decode(
+        string, params
+    )
     assert torch.allclose(ours, y_padded[0, :, 2:-2, 2:-2], atol=1e-5)
 
 
@@ -230,18 +272,23 @@ def test_raster_and_wavefront_streams_differ_but_each_decodes_its_own(coding_mod
     results = {}
     for order in ("raster", "wavefront"):
         string, y_hat, _ = ContextCoder(coding_model, order).encode(y, params)
-        assert torch.equal(ContextCoder(coding_model, order).decode(string, params), y_hat)
+        assert torch.equal(
+            ContextCoder(coding_model, order).decode(string, params), y_hat
+        )
         results[order] = string, y_hat
     assert results["raster"][0] != results["wavefront"][0]
     assert torch.allclose(results["raster"][1], results["wavefront"][1], atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 7])
-def test_other_mask_sizes_derive_their_own_slope_and_round_trip(coding_model, kernel_size):
+def test_other_mask_sizes_derive_their_own_slope_and_round_trip(
+    coding_model, kernel_size
+):
     channels = coding_model.M
     torch.manual_seed(kernel_size)
-    coding_model.context_prediction = MaskedConv2d(channels, 2 * channels, kernel_size,
-                                                   padding=kernel_size // 2)
+    coding_model.context_prediction = MaskedConv2d(
+        channels, 2 * channels, kernel_size, padding=kernel_size // 2
+    )
     coder = ContextCoder(coding_model)
     assert coder.slope == kernel_size // 2 + 1
     y, params = random_latent(coding_model, 8, 9, kernel_size)
@@ -257,7 +304,9 @@ def test_bad_arguments_raise_one_clear_error(coding_model):
     y, params = random_latent(coding_model, 3, 4, 0)
     with pytest.raises(ValueError, match="unknown entropy coder order 'zigzag'"):
         ContextCoder(coding_model, "zigzag")
-    with pytest.raises(ValueError, match=r"params must have shape \(2M, H, W\) = \(16, H, W\)"):
+    with pytest.raises(
+        ValueError, match=r"params must have shape \(2M, H, W\) = \(16, H, W\)"
+    ):
         coder.encode(y, params[:8])
     with pytest.raises(ValueError, match="y has shape"):
         coder.encode(y[:, :2], params)
@@ -279,15 +328,20 @@ def test_bad_arguments_raise_one_clear_error(coding_model):
 
 
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
-@pytest.mark.parametrize("name,rows,cols", [("kodim01", (0, 128), (0, 192)),
-                                            ("kodim07", (256, 320), (64, 512)),
-                                            ("kodim23", (0, 512), (0, 768))])
+@pytest.mark.parametrize(
+    "name,rows,cols",
+    [
+        ("kodim01", (0, 128), (0, 192)),
+        ("kodim07", (256, 320), (64, 512)),
+        ("kodim23", (0, 512), (0, 768)),
+    ],
+)
 def test_real_image_latents_round_trip_bit_exactly(tiny_cps, name, rows, cols, order):
     """Kodak crops of several sizes through the (random) analysis transforms."""
     from utils.image_io import read_image
 
     image, _ = read_image(f"{data_dir('CPS_KODAK')}/{name}.png")
-    x = image[None, :, rows[0]:rows[1], cols[0]:cols[1]].float() / 255
+    x = image[None, :, rows[0] : rows[1], cols[0] : cols[1]].float() / 255
     with torch.no_grad():
         y = tiny_cps.g_a(x)
         z_hat, _ = tiny_cps.entropy_bottleneck(tiny_cps.h_a(y))
@@ -302,16 +356,38 @@ def test_the_benchmark_writes_a_table_of_bit_exact_timings(tmp_path):
     from benchmarks import entropy_coding
 
     output = tmp_path / "bench.json"
-    assert entropy_coding.main(["--sizes", "200x70", "-N", "8", "--reference-positions", "20",
-                                "--output", str(output)]) == 0
+    assert (
+        entropy_coding.main(
+            [
+                "--sizes",
+                "200x70",
+                "-N",
+                "8",
+                "--reference-positions",
+                "20",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     report = json.loads(output.read_text())
     (entry,) = report["results"]
     assert entry["latent"] == [8, 16] and entry["fronts"] == 3 * 7 + 16
-    assert all(entry[name]["bit_exact"] for name in ("wavefront", "raster", "compressai"))
-    assert entry["raster"]["measured_positions"] == 32 and entry["raster"]["extrapolated"]
+    assert all(
+        entry[name]["bit_exact"] for name in ("wavefront", "raster", "compressai")
+    )
+    assert (
+        entry["raster"]["measured_positions"] == 32 and entry["raster"]["extrapolated"]
+    )
     assert not entry["wavefront"]["extrapolated"]
-    assert entry["decode_speedup_vs_raster"] > 0 and "| 200x70 | 8x16 | 37 |" in report["table"]
-    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, before any run
+    assert (
+        entry["decode_speedup_vs_raster"] > 0
+        and "| 200x70 | 8x16 | 37 |" in report["table"]
+    )
+    with pytest.raises(
+        SystemExit
+    ) as exit_info:  # refused while parsing, before any run
         entropy_coding.main(["--output", str(tmp_path / "missing" / "x.json")])
     assert exit_info.value.code == 2
 
@@ -342,13 +418,18 @@ def test_an_image_encoded_on_cuda_decodes_on_the_cpu_and_back(tiny_cps):
         assert (decoded.int() - reference.int()).abs().max() <= 1
 
 
-@pytest.mark.parametrize("all_busy, own_busy, idle", [(0.2, 0.2, True), (0.3, 0.1, False),
-                                                      (0.12, 0.1, True)])
-def test_idle_core_check_does_not_count_this_process(monkeypatch, all_busy, own_busy, idle):
+@pytest.mark.parametrize(
+    "all_busy, own_busy, idle", [(0.2, 0.2, True), (0.3, 0.1, False), (0.12, 0.1, True)]
+)
+def test_idle_core_check_does_not_count_this_process(
+    monkeypatch, all_busy, own_busy, idle
+):
     """Busy seconds over the 0.1 s window on 2 CPUs: only other processes' count."""
     samples = iter([(100.0, 50.0), (100.0 + all_busy, 50.0 + own_busy)])
     monkeypatch.setattr(coder_threads, "_busy_seconds", lambda: next(samples))
-    monkeypatch.setattr(coder_threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(
+        coder_threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False
+    )
     monkeypatch.setattr(coder_threads.time, "sleep", lambda seconds: None)
     assert coder_threads.idle_core_available(window=0.1) is idle
 
@@ -367,13 +448,17 @@ def test_stream_starts_follow_front_boundaries_past_each_stream_budget(monkeypat
 
 @pytest.mark.parametrize("order", ["wavefront", "raster"])
 def test_a_latent_in_many_streams_round_trips_and_each_stream_is_padded_alone(
-        coding_model, order, monkeypatch):
+    coding_model, order, monkeypatch
+):
     monkeypatch.setattr(latent_streams, "STREAM_SYMBOLS", 64)
     y, params = random_latent(coding_model, 9, 11, 13, outliers=True)
     padded = []
     real_safe_string = latent_coding.safe_string
-    monkeypatch.setattr(latent_coding, "safe_string",
-                        lambda *args: padded.append(args[1]) or real_safe_string(*args))
+    monkeypatch.setattr(
+        latent_coding,
+        "safe_string",
+        lambda *args: padded.append(args[1]) or real_safe_string(*args),
+    )
     coder = ContextCoder(coding_model, order)
     string, y_hat, _ = coder.encode(y, params)
     assert torch.equal(coder.decode(string, params), y_hat)
@@ -381,7 +466,9 @@ def test_a_latent_in_many_streams_round_trips_and_each_stream_is_padded_alone(
     starts = latent_streams.stream_starts(layout.sizes, coding_model.M)
     assert len(padded) == len(starts) > 3
     assert sum(padded) == 9 * 11 * coding_model.M
-    assert max(padded) <= latent_streams.largest_stream_symbols(9, 11, coding_model.M, True)
+    assert max(padded) <= latent_streams.largest_stream_symbols(
+        9, 11, coding_model.M, True
+    )
 
 
 def test_a_stream_starts_at_the_front_that_reaches_the_budget_exactly(monkeypatch):
@@ -401,7 +488,7 @@ def test_the_stream_bound_of_a_small_latent_is_the_whole_latent():
 def test_the_stream_framing_of_the_cps_format_is_fixed():
     # Decoders of existing .cps files rely on these: a new stream every 2**18 symbols,
     # each after its length as 4 big-endian bytes.
-    assert latent_streams.STREAM_SYMBOLS == 2 ** 18
+    assert latent_streams.STREAM_SYMBOLS == 2**18
     string = latent_streams.join_streams([b"abc", b""])
     assert string == b"\x00\x00\x00\x03abc\x00\x00\x00\x00"
     assert latent_streams.split_streams(string, 2) == [b"abc", b""]

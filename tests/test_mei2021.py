@@ -22,7 +22,9 @@ SPATIAL_WIDTHS = [8, 10, 12]
 
 def tiny_quality(**kwargs):
     torch.manual_seed(0)
-    return Mei2021Quality(num_filters=QUALITY_WIDTHS, lmbdas=[4.0, 3.0, 2.0, 1.0], **kwargs)
+    return Mei2021Quality(
+        num_filters=QUALITY_WIDTHS, lmbdas=[4.0, 3.0, 2.0, 1.0], **kwargs
+    )
 
 
 def tiny_spatial(**kwargs):
@@ -66,13 +68,25 @@ def test_spatial_forward_works_at_quarter_half_and_full_resolution():
     out = model(x)
     shapes = [tuple(p.shape[-2:]) for p in out["likelihoods"].values()]
     assert shapes == [(2, 4), (4, 8), (8, 16)]  # H/64, H/32, H/16
-    assert [tuple(t.shape[-2:]) for t in out["x_hats"]] == [(32, 64), (64, 128), (128, 256)]
-    assert [tuple(t.shape[-2:]) for t in out["targets"]] == [(32, 64), (64, 128), (128, 256)]
+    assert [tuple(t.shape[-2:]) for t in out["x_hats"]] == [
+        (32, 64),
+        (64, 128),
+        (128, 256),
+    ]
+    assert [tuple(t.shape[-2:]) for t in out["targets"]] == [
+        (32, 64),
+        (64, 128),
+        (128, 256),
+    ]
     assert out["targets"][-1] is x
 
 
-@pytest.mark.parametrize("factory, size", [(tiny_quality, (64, 100)), (tiny_spatial, (64, 64))])
-def test_forward_rejects_sides_that_are_not_multiples_of_the_downsampling_factor(factory, size):
+@pytest.mark.parametrize(
+    "factory, size", [(tiny_quality, (64, 100)), (tiny_spatial, (64, 64))]
+)
+def test_forward_rejects_sides_that_are_not_multiples_of_the_downsampling_factor(
+    factory, size
+):
     with pytest.raises(ValueError, match="multiples of"):
         factory()(torch.rand(1, 3, *size))
 
@@ -92,10 +106,12 @@ def test_prediction_transform_sums_its_skips_as_the_paper_draws_them():
     seen = {}
     for name in ("conv5", "deconv7"):
         getattr(predictor, name).register_forward_hook(
-            lambda module, args, output, name=name: seen.__setitem__(name, args[0]))
+            lambda module, args, output, name=name: seen.__setitem__(name, args[0])
+        )
     for name in ("gdn2", "conv4", "conv6"):
         getattr(predictor, name).register_forward_hook(
-            lambda module, args, output, name=name: seen.__setitem__(name, output))
+            lambda module, args, output, name=name: seen.__setitem__(name, output)
+        )
     out = predictor(torch.randn(1, 8, 8, 8))
     assert torch.allclose(seen["conv5"], seen["conv4"] + seen["gdn2"])
     assert torch.allclose(seen["deconv7"], seen["conv6"] + seen["conv4"] + seen["gdn2"])
@@ -107,12 +123,12 @@ def test_base_loss_ignores_enhancement_modules_but_enhancement_loss_trains_the_b
     x = torch.rand(1, 3, 64, 64)
     out = model(x)
     losses = ScalableRDLoss([1.0, 1.0, 1.0, 1.0], cumulative=True)(out, x)
-    base_loss = 4.0 * losses["bpp_loss_0"] + 255.0 ** 2 * losses["mse_loss_0"]
+    base_loss = 4.0 * losses["bpp_loss_0"] + 255.0**2 * losses["mse_loss_0"]
     e1_modules = [model.g_a[1], model.predictors[0], model.g_s[1]]
     e1_params = [p for m in e1_modules for p in m.parameters()]
     grads = torch.autograd.grad(base_loss, e1_params, allow_unused=True)
     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
-    e1_loss = losses["bpp_loss_1"] + 255.0 ** 2 * losses["mse_loss_1"]
+    e1_loss = losses["bpp_loss_1"] + 255.0**2 * losses["mse_loss_1"]
     grads = torch.autograd.grad(e1_loss, list(model.g_a[0].parameters()))
     assert any(torch.count_nonzero(g) > 0 for g in grads)
 
@@ -122,9 +138,16 @@ def _fake_output(sizes, bits_per_element, batch=2):
     torch.manual_seed(1)
     targets = [torch.rand(batch, 3, h, w) for h, w in sizes]
     x_hats = [t + 0.01 * (k + 1) for k, t in enumerate(targets)]
-    likelihoods = {f"l{k}": torch.full((batch, 4, h // 16, w // 16), 2.0 ** -bits_per_element[k])
-                   for k, (h, w) in enumerate(sizes)}
-    return {"x_hat": x_hats[-1], "x_hats": x_hats, "targets": targets, "likelihoods": likelihoods}
+    likelihoods = {
+        f"l{k}": torch.full((batch, 4, h // 16, w // 16), 2.0 ** -bits_per_element[k])
+        for k, (h, w) in enumerate(sizes)
+    }
+    return {
+        "x_hat": x_hats[-1],
+        "x_hats": x_hats,
+        "targets": targets,
+        "likelihoods": likelihoods,
+    }
 
 
 def test_quality_loss_charges_cumulative_rates():
@@ -134,8 +157,8 @@ def test_quality_loss_charges_cumulative_rates():
     pixels = 2 * 32 * 64
     bits = [2 * 4 * 2 * 4 * b for b in (1.0, 2.0, 3.0)]  # elements x bits per element
     rates = [sum(bits[: k + 1]) / pixels for k in range(3)]
-    mses = [0.01 ** 2, 0.02 ** 2, 0.03 ** 2]
-    expected = sum(lam * r + 255.0 ** 2 * m for lam, r, m in zip(lmbdas, rates, mses))
+    mses = [0.01**2, 0.02**2, 0.03**2]
+    expected = sum(lam * r + 255.0**2 * m for lam, r, m in zip(lmbdas, rates, mses))
     assert losses["loss"].item() == pytest.approx(expected, rel=1e-4)
     assert losses["bpp_loss"].item() == pytest.approx(rates[-1], rel=1e-5)
     assert losses["bpp_loss_1"].item() == pytest.approx(rates[1], rel=1e-5)
@@ -150,11 +173,13 @@ def test_spatial_loss_normalises_each_rate_by_its_own_resolution_without_accumul
     bits = [2 * 4 * (h // 16) * (w // 16) * 2.0 for h, w in sizes]
     rates = [b / (2 * h * w) for b, (h, w) in zip(bits, sizes)]
     assert rates == pytest.approx([1 / 32] * 3)
-    mses = [0.01 ** 2, 0.02 ** 2, 0.03 ** 2]
-    expected = sum(lam * r + 255.0 ** 2 * m for lam, r, m in zip(lmbdas, rates, mses))
+    mses = [0.01**2, 0.02**2, 0.03**2]
+    expected = sum(lam * r + 255.0**2 * m for lam, r, m in zip(lmbdas, rates, mses))
     assert losses["loss"].item() == pytest.approx(expected, rel=1e-4)
     assert losses["bpp_loss_2"].item() == pytest.approx(rates[2], rel=1e-5)
-    assert losses["bpp_loss"].item() == pytest.approx(sum(bits) / (2 * 128 * 128), rel=1e-5)
+    assert losses["bpp_loss"].item() == pytest.approx(
+        sum(bits) / (2 * 128 * 128), rel=1e-5
+    )
 
 
 def test_loss_rejects_an_output_with_another_number_of_layers():
@@ -170,15 +195,24 @@ def test_joint_loss_decreases_on_a_tiny_run(cls):
     criterion = model.default_loss()
     side = 64
     ramp = torch.linspace(0, 1, side)
-    gradient = torch.stack([ramp[None, :].expand(side, side), ramp[:, None].expand(side, side),
-                            torch.full((side, side), 0.3)])
+    gradient = torch.stack(
+        [
+            ramp[None, :].expand(side, side),
+            ramp[:, None].expand(side, side),
+            torch.full((side, side), 0.3),
+        ]
+    )
     images = torch.stack([gradient, torch.rand(3, side, side).mul(0.2).add(0.4)])
     optimizer, aux_optimizer = build_optimizers(model, 2e-3, 1e-3)
     # The generic training step of train.py, with the model's own joint loss.
-    step = TrainStep(model, model, criterion, optimizer, aux_optimizer, clip_max_norm=0.0)
+    step = TrainStep(
+        model, model, criterion, optimizer, aux_optimizer, clip_max_norm=0.0
+    )
     stats = [step(images, k) for k in range(20)]
     losses = [s["loss"] for s in stats]
-    assert all(math.isfinite(v) for v in losses) and not any(s["skipped"] for s in stats)
+    assert all(math.isfinite(v) for v in losses) and not any(
+        s["skipped"] for s in stats
+    )
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert stats[-1]["aux"] < stats[0]["aux"]
 
@@ -194,27 +228,36 @@ def test_config_and_from_state_dict_rebuild_the_same_model_with_its_lambdas():
     assert clone.default_loss().lmbdas == [3.0, 2.0, 1.0]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_filters": [8], "lmbdas": [1.0]}, "at least 2 layers"),
-    ({"num_filters": [8, 8], "lmbdas": [1.0]}, "one lambda per layer"),
-    ({"num_filters": [8, 0], "lmbdas": [1.0, 1.0]}, "integers in"),
-    ({"num_filters": [8, 8], "lmbdas": [1.0, -2.0]}, "positive"),
-    ({"num_filters": [8, 8], "lmbdas": [1.0, 1.0], "N": 192}, "train_params.N"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_filters": [8], "lmbdas": [1.0]}, "at least 2 layers"),
+        ({"num_filters": [8, 8], "lmbdas": [1.0]}, "one lambda per layer"),
+        ({"num_filters": [8, 0], "lmbdas": [1.0, 1.0]}, "integers in"),
+        ({"num_filters": [8, 8], "lmbdas": [1.0, -2.0]}, "positive"),
+        ({"num_filters": [8, 8], "lmbdas": [1.0, 1.0], "N": 192}, "train_params.N"),
+    ],
+)
 def test_constructor_rejects_inconsistent_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Mei2021Quality(**kwargs)
 
 
 def test_generic_trainer_width_is_accepted_when_it_names_the_base_width():
-    assert Mei2021Quality(num_filters=[8, 8], lmbdas=[2.0, 1.0], N=8).num_filters == (8, 8)
+    assert Mei2021Quality(num_filters=[8, 8], lmbdas=[2.0, 1.0], N=8).num_filters == (
+        8,
+        8,
+    )
 
 
-@pytest.mark.parametrize("height, width, expected", [
-    (37, 50, [(10, 13), (19, 25), (37, 50)]),
-    (1, 3, [(1, 1), (1, 2), (1, 3)]),
-    (128, 64, [(32, 16), (64, 32), (128, 64)]),
-])
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [
+        (37, 50, [(10, 13), (19, 25), (37, 50)]),
+        (1, 3, [(1, 1), (1, 2), (1, 3)]),
+        (128, 64, [(32, 16), (64, 32), (128, 64)]),
+    ],
+)
 def test_pyramid_sizes_round_odd_sides_up(height, width, expected):
     assert pyramid_sizes(height, width, 3) == expected
 
@@ -247,7 +290,9 @@ def test_load_checkpoint_rebuilds_a_saved_model_from_its_architecture_entry(tmp_
     model = tiny_quality().eval()
     model.update(force=True)
     path = tmp_path / "mei.pth.tar"
-    torch.save({"architecture": "mei2021-quality", "state_dict": model.state_dict()}, path)
+    torch.save(
+        {"architecture": "mei2021-quality", "state_dict": model.state_dict()}, path
+    )
     loaded = models.load_checkpoint(str(path), "cpu")
     assert isinstance(loaded, Mei2021Quality) and loaded.config == model.config
     x = torch.rand(1, 3, 64, 64)
@@ -258,7 +303,9 @@ def test_a_bfloat16_step_keeps_the_per_layer_outputs_the_joint_loss_needs():
     torch.manual_seed(0)
     model = Mei2021Quality(num_filters=[6, 8], lmbdas=[2.0, 1.0])
     optimizer, aux_optimizer = build_optimizers(model, 1e-3, 1e-3)
-    step = TrainStep(model, model, model.default_loss(), optimizer, aux_optimizer, amp=True)
+    step = TrainStep(
+        model, model, model.default_loss(), optimizer, aux_optimizer, amp=True
+    )
     before = [p.clone() for p in model.parameters()]
     stats = step(torch.rand(2, 3, 64, 64), 0)
     assert stats["skipped"] == 0.0 and math.isfinite(stats["loss"])
@@ -277,12 +324,17 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
     from utils.training.loop import Trainer
 
     data = make_image_folder(tmp_path / "data")
-    config = write_train_config(tmp_path, data, tmp_path / "run",
-                                train_params={"max_steps": 2, "N": 8},
-                                model={"name": name, "kwargs": {"num_filters": [8, 8],
-                                                                "lmbdas": [2.0, 1.0]}})
+    config = write_train_config(
+        tmp_path,
+        data,
+        tmp_path / "run",
+        train_params={"max_steps": 2, "N": 8},
+        model={"name": name, "kwargs": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]}},
+    )
     with open(os.devnull, "w") as quiet:
-        trainer = Trainer(load_config(config), DistContext(0, 1, torch.device("cpu")), log=quiet)
+        trainer = Trainer(
+            load_config(config), DistContext(0, 1, torch.device("cpu")), log=quiet
+        )
         assert isinstance(trainer.criterion, ScalableRDLoss)
         assert trainer.fit() == 0
     assert (tmp_path / "run" / "checkpoint_best_loss.pth.tar").is_file()

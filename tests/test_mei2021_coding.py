@@ -97,7 +97,9 @@ def test_eval_forward_reproduces_the_decoded_reconstructions(name, request):
     model = request.getfixturevalue(name)
     side = model.downsampling_factor
     image = smooth_image(side, 2 * side, seed=3)
-    with transform_mode(torch.device("cpu"), exact=True):  # the coder's convolution settings
+    with transform_mode(
+        torch.device("cpu"), exact=True
+    ):  # the coder's convolution settings
         forward = model(image.float().div(255)[None])["x_hats"]
     decoded = decode_layers(model, model.encode(image, CodingPlan()))
     for k in range(model.num_layers):
@@ -122,7 +124,9 @@ def test_a_container_truncated_to_k_layers_still_decodes_layers_up_to_k(name, re
             decode_layers(model, partial, upto=keep + 1)
 
 
-def test_corrupting_a_higher_stream_leaves_lower_layers_unchanged(quality, coded_quality):
+def test_corrupting_a_higher_stream_leaves_lower_layers_unchanged(
+    quality, coded_quality
+):
     _, layered, _ = coded_quality
     reference = decode_layers(quality, layered, upto=2)
     streams = list(layered.streams)
@@ -136,10 +140,13 @@ def test_corrupting_a_higher_stream_leaves_lower_layers_unchanged(quality, coded
         decode_layers(quality, damaged)
 
 
-def test_output_sizes_follow_the_original_image_and_the_pyramid(quality, spatial, coded_quality,
-                                                               coded_spatial):
+def test_output_sizes_follow_the_original_image_and_the_pyramid(
+    quality, spatial, coded_quality, coded_spatial
+):
     image, layered, _ = coded_quality
-    assert [tuple(x.shape) for x in decode_layers(quality, layered)] == [(3, 70, 90)] * 3
+    assert [tuple(x.shape) for x in decode_layers(quality, layered)] == [
+        (3, 70, 90)
+    ] * 3
     image, layered, _ = coded_spatial
     sizes = [tuple(x.shape[1:]) for x in decode_layers(spatial, layered)]
     assert sizes == pyramid_sizes(130, 75, 3) == [(33, 19), (65, 38), (130, 75)]
@@ -184,17 +191,21 @@ def test_decoding_with_the_other_mode_is_an_error(spatial, coded_quality):
         decode_layers(spatial, coded_quality[1])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: b"XXXX" + d[4:], "bad magic"),
-    (lambda d: d[:4] + bytes([9]) + d[5:], "version 9"),
-    (lambda d: d[:8] + bytes([d[8] ^ 1]) + d[9:], "header"),
-    (lambda d: d[:-3], "incomplete"),
-    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
-    (lambda d: d + b"\x00", "trailing"),
-    (lambda d: d[:10], "truncated"),
-])
-def test_damaged_containers_are_rejected_with_a_specific_error(quality, coded_quality, damage,
-                                                                message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: b"XXXX" + d[4:], "bad magic"),
+        (lambda d: d[:4] + bytes([9]) + d[5:], "version 9"),
+        (lambda d: d[:8] + bytes([d[8] ^ 1]) + d[9:], "header"),
+        (lambda d: d[:-3], "incomplete"),
+        (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
+        (lambda d: d + b"\x00", "trailing"),
+        (lambda d: d[:10], "truncated"),
+    ],
+)
+def test_damaged_containers_are_rejected_with_a_specific_error(
+    quality, coded_quality, damage, message
+):
     data = pack(coded_quality[1])
     assert data[:4] == LAYERED_MAGIC
     with pytest.raises(BitstreamError, match=message):
@@ -205,15 +216,23 @@ def test_a_header_with_an_impossible_layer_count_is_refused(coded_quality):
     # Forged with valid checksums, so the layer count is the only fault: three layers
     # stored for a two-layer model, and no layer at all. pack() refuses to write either.
     layered = coded_quality[1]
-    for impossible in (dataclasses.replace(layered, total_layers=2),
-                       dataclasses.replace(layered, streams=[], latent_crcs=[])):
+    for impossible in (
+        dataclasses.replace(layered, total_layers=2),
+        dataclasses.replace(layered, streams=[], latent_crcs=[]),
+    ):
         with pytest.raises(ValueError, match="a .cpsl payload holds 1 to total_layers"):
             pack(impossible)
-        layers = [(len(stream), zlib.crc32(stream), crc)
-                  for stream, crc in zip(impossible.streams, impossible.latent_crcs)]
-        data = container._layered_header(impossible, layers) + b"".join(impossible.streams)
+        layers = [
+            (len(stream), zlib.crc32(stream), crc)
+            for stream, crc in zip(impossible.streams, impossible.latent_crcs)
+        ]
+        data = container._layered_header(impossible, layers) + b"".join(
+            impossible.streams
+        )
         for read in (unpack, lambda data: truncate_layers(data, 1)):
-            with pytest.raises(BitstreamError, match=r"^truncated or corrupted \.cpsl header$"):
+            with pytest.raises(
+                BitstreamError, match=r"^truncated or corrupted \.cpsl header$"
+            ):
                 read(data)
 
 
@@ -242,17 +261,22 @@ def _predictions_rounded_differently(model):
     patches = []
     for predictor in model.predictors:
         original = predictor.forward
-        patches.append(mock.patch.object(
-            predictor, "forward",
-            side_effect=lambda x, original=original: original(x) * (1 + 2 ** -23)))
+        patches.append(
+            mock.patch.object(
+                predictor,
+                "forward",
+                side_effect=lambda x, original=original: original(x) * (1 + 2**-23),
+            )
+        )
     return patches
 
 
 def _as_version_1(model, image):
     """The file this codec wrote before version 2: y^_k CRCs instead of coded values'."""
     layered, encoder = encode_latents(model, image)
-    return dataclasses.replace(layered, version=1,
-                               latent_crcs=[tensor_crc(y) for y in encoder["y_hat"]])
+    return dataclasses.replace(
+        layered, version=1, latent_crcs=[tensor_crc(y) for y in encoder["y_hat"]]
+    )
 
 
 def test_a_machine_with_other_float_rounding_decodes_the_file(quality, coded_quality):
@@ -265,7 +289,9 @@ def test_a_machine_with_other_float_rounding_decodes_the_file(quality, coded_qua
         for patch in _predictions_rounded_differently(quality):
             stack.enter_context(patch)
         decoded = decode_latents(quality, layered)
-    assert not torch.equal(decoded["y_hat"][1], encoder["y_hat"][1])  # the rounding did differ
+    assert not torch.equal(
+        decoded["y_hat"][1], encoder["y_hat"][1]
+    )  # the rounding did differ
     for ours, theirs in zip(decoded["x_hat"], encoder["x_hat"]):
         assert (ours - theirs).abs().max() < 1e-4
 
@@ -276,13 +302,17 @@ def test_version_1_files_decode_where_written_and_are_refused_elsewhere(quality)
     assert data[4] == 1
     old = unpack(data)
     assert old.version == 1
-    assert torch.equal(quality.decode(old, CodingPlan()), quality.decode(
-        encode_latents(quality, image)[0], CodingPlan()))
+    assert torch.equal(
+        quality.decode(old, CodingPlan()),
+        quality.decode(encode_latents(quality, image)[0], CodingPlan()),
+    )
     assert unpack(truncate_layers(data, 2)).version == 1
     with contextlib.ExitStack() as stack:
         for patch in _predictions_rounded_differently(quality):
             stack.enter_context(patch)
-        with pytest.raises(BitstreamError, match="version 1 file decodes on the encoder's"):
+        with pytest.raises(
+            BitstreamError, match="version 1 file decodes on the encoder's"
+        ):
             quality.decode(old, CodingPlan())
 
 
@@ -293,7 +323,9 @@ def test_a_grayscale_source_decodes_to_one_channel_at_every_layer(spatial, layer
     gray = smooth_image(70, 90, seed=4)[:1].expand(3, -1, -1).contiguous()
     data = pack(spatial.encode(gray, CodingPlan(grayscale=True, layers=layers)))
     decoded = spatial.decode(unpack(data), CodingPlan())
-    colour = spatial.decode(spatial.encode(gray, CodingPlan(layers=layers)), CodingPlan())
+    colour = spatial.decode(
+        spatial.encode(gray, CodingPlan(layers=layers)), CodingPlan()
+    )
     assert decoded.shape[0] == 1 and colour.shape[0] == 3
     assert torch.equal(decoded, colour.float().mean(0, keepdim=True).round().byte())
     assert unpack(truncate_layers(data, 1)).grayscale
@@ -306,7 +338,9 @@ def test_version_2_files_without_a_flags_byte_still_decode(quality):
     assert len(data) == len(pack(layered)) - 1 and data[4] == 2
     old = unpack(data)
     assert (old.version, old.grayscale) == (2, False)
-    assert torch.equal(quality.decode(old, CodingPlan()), quality.decode(layered, CodingPlan()))
+    assert torch.equal(
+        quality.decode(old, CodingPlan()), quality.decode(layered, CodingPlan())
+    )
     with pytest.raises(ValueError, match="cannot mark a grayscale source"):
         pack(dataclasses.replace(layered, version=2, grayscale=True))
 
@@ -317,6 +351,8 @@ def test_unknown_cpsl_flag_bits_are_refused(quality):
     flags_at = 15 + 1 + len(layered.architecture) + 8
     header_end = flags_at + 1 + 12 * len(layered.streams)
     data[flags_at] |= 0x80
-    data[header_end:header_end + 4] = zlib.crc32(bytes(data[:header_end])).to_bytes(4, "big")
+    data[header_end : header_end + 4] = zlib.crc32(bytes(data[:header_end])).to_bytes(
+        4, "big"
+    )
     with pytest.raises(BitstreamError, match="unknown .cpsl flag bits"):
         unpack(bytes(data))

@@ -20,13 +20,21 @@ from utils.stitching.geometry import PopsGeometry, plan_patches
 from utils.stitching.planner import Planner, TransformCost, choose_patches
 from utils.stitching.spec import PatchSpec
 
-MB = 2 ** 20
+MB = 2**20
 REPO = __file__.rsplit("/tests/", 1)[0]
 
 
-@pytest.mark.parametrize("text, size", [("2GB", 2 * 2 ** 30), ("1.5G", 3 * 2 ** 29),
-                                        ("512MB", 512 * MB), ("640 mib", 640 * MB),
-                                        ("100000", 100000), ("8kb", 8192)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("2GB", 2 * 2**30),
+        ("1.5G", 3 * 2**29),
+        ("512MB", 512 * MB),
+        ("640 mib", 640 * MB),
+        ("100000", 100000),
+        ("8kb", 8192),
+    ],
+)
 def test_memory_sizes_are_read_in_binary_units(text, size):
     assert parse_memory(text) == size
 
@@ -46,19 +54,32 @@ def _computed(plan_shape, height=768, width=1280):
 
 
 def _plan(budget_mb, patch_size=None, height=768, width=1280, held_mb=100, max_batch=8):
-    return choose_patches(GEOMETRY, (height // 16, width // 16),
-                          TransformCost(bytes_per_pixel=1000.0), held_mb * MB, budget_mb * MB,
-                          max_batch, PatchSpec(patch_size))
+    return choose_patches(
+        GEOMETRY,
+        (height // 16, width // 16),
+        TransformCost(bytes_per_pixel=1000.0),
+        held_mb * MB,
+        budget_mb * MB,
+        max_batch,
+        PatchSpec(patch_size),
+    )
 
 
 def _fitting_shapes(budget_mb):
     """Every rectangular shape on the 16-pixel grid whose single patch fits what
     :func:`_plan` leaves of ``budget_mb``."""
     cost = TransformCost(1000.0)
-    shapes = [(rows, cols) for rows in [0] + list(range(80, 768, 16))
-              for cols in [0] + list(range(80, 1280, 16))]
-    return [shape for shape in shapes
-            if cost.batch_bytes(1, shape[0] or 768, shape[1] or 1280) <= (budget_mb - 100) * MB]
+    shapes = [
+        (rows, cols)
+        for rows in [0] + list(range(80, 768, 16))
+        for cols in [0] + list(range(80, 1280, 16))
+    ]
+    return [
+        shape
+        for shape in shapes
+        if cost.batch_bytes(1, shape[0] or 768, shape[1] or 1280)
+        <= (budget_mb - 100) * MB
+    ]
 
 
 def test_plan_takes_the_whole_image_when_it_fits():
@@ -89,7 +110,9 @@ def test_plan_batches_fixed_patches_as_far_as_the_budget_allows():
     assert small.patch_size == large.patch_size == (128, 128)
     assert small.batch_size < large.batch_size == 8
     assert large.peak_bytes <= 2000 * MB
-    assert _plan(4000, patch_size=640).batch_size == 6  # never more than there are patches
+    assert (
+        _plan(4000, patch_size=640).batch_size == 6
+    )  # never more than there are patches
 
 
 @pytest.mark.parametrize("budget_mb", [600, 450, 200])
@@ -99,21 +122,29 @@ def test_plan_takes_the_largest_patch_among_equally_costly_ones(budget_mb):
     plan = _plan(budget_mb)
     fitting = _fitting_shapes(budget_mb)
     fewest = min(_computed(shape) for shape in fitting)
-    areas = {(shape[0] or 768) * (shape[1] or 1280)
-             for shape in fitting if _computed(shape) <= 1.02 * fewest}
+    areas = {
+        (shape[0] or 768) * (shape[1] or 1280)
+        for shape in fitting
+        if _computed(shape) <= 1.02 * fewest
+    }
     assert len(areas) > 1
     assert (plan.patch_size[0] or 768) * (plan.patch_size[1] or 1280) == max(areas)
 
 
 @pytest.mark.parametrize("device, counted", [("cpu", True), ("cuda", False)])
-def test_memory_held_on_the_cpu_during_a_phase_adds_to_a_cpu_plans_peak(tiny_cps, monkeypatch,
-                                                                        device, counted):
+def test_memory_held_on_the_cpu_during_a_phase_adds_to_a_cpu_plans_peak(
+    tiny_cps, monkeypatch, device, counted
+):
     # Fixed process memory and transform cost, so the plans differ only by what is held.
-    monkeypatch.setattr(utils.stitching.planner, "memory_in_use", lambda device: 100 * MB)
+    monkeypatch.setattr(
+        utils.stitching.planner, "memory_in_use", lambda device: 100 * MB
+    )
     planner = Planner(tiny_cps, torch.device(device), budget_bytes=2000 * MB)
     monkeypatch.setattr(planner, "cost", lambda direction: TransformCost(1000.0))
-    free, holding = (planner.plan("synthesis", (48, 80), PatchSpec(None), 8, held)
-                     for held in (0, 300 * MB))
+    free, holding = (
+        planner.plan("synthesis", (48, 80), PatchSpec(None), 8, held)
+        for held in (0, 300 * MB)
+    )
     assert free.patch_size == holding.patch_size == (0, 0)
     assert holding.peak_bytes - free.peak_bytes == (300 * MB if counted else 0)
     # Held memory that leaves no room for even one patch is refused.
@@ -123,7 +154,9 @@ def test_memory_held_on_the_cpu_during_a_phase_adds_to_a_cpu_plans_peak(tiny_cps
 
 
 def test_impossible_budget_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"memory budget 101 MB is too small .* at least"):
+    with pytest.raises(
+        ValueError, match=r"memory budget 101 MB is too small .* at least"
+    ):
         _plan(101)
     with pytest.raises(ValueError, match="too small"):
         _plan(120, patch_size=1024)
@@ -134,7 +167,9 @@ def _smooth_image(height, width, seed=0):
     generator = torch.Generator().manual_seed(seed)
     rows = torch.linspace(0, 1, height)[:, None]
     cols = torch.linspace(0, 1, width)[None]
-    base = torch.stack([rows * cols, rows.expand(height, width), cols.expand(height, width)])
+    base = torch.stack(
+        [rows * cols, rows.expand(height, width), cols.expand(height, width)]
+    )
     noise = torch.rand(3, height, width, generator=generator) * 0.1
     return ((base * 0.8 + noise) * 255).round().to(torch.uint8)
 
@@ -144,11 +179,14 @@ def large_case():
     """A 3000x2000 image (sides not multiples of 64) and its whole-image file and decode."""
     torch.manual_seed(0)
     from models import build_model
+
     model = build_model("cps", N=4).eval()
     model.update(force=True)
     image = _smooth_image(2000, 3000)
     data = pack(model.encode(image, CodingPlan(patch=PatchSpec(0), budget_bytes=None)))
-    whole = model.decode(unpack(data), CodingPlan(patch=PatchSpec(0), budget_bytes=None))
+    whole = model.decode(
+        unpack(data), CodingPlan(patch=PatchSpec(0), budget_bytes=None)
+    )
     return model, image, data, whole
 
 
@@ -165,13 +203,18 @@ def record_plans(monkeypatch):
             plans.append(planner(*args, **kwargs))
             return plans[-1]
 
-        monkeypatch.setattr(utils.stitching.planner, "choose_patches", recording_planner)
+        monkeypatch.setattr(
+            utils.stitching.planner, "choose_patches", recording_planner
+        )
         return plans
+
     return start
 
 
 @pytest.mark.slow  # a large image or a whole demo run
-def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, record_plans):
+def test_large_image_within_a_small_budget_decodes_exactly_as_whole(
+    large_case, record_plans
+):
     model, image, data, whole = large_case
     plans = record_plans()
     budget = memory_in_use(torch.device("cpu")) + 160 * MB
@@ -184,8 +227,9 @@ def test_large_image_within_a_small_budget_decodes_exactly_as_whole(large_case, 
 
 
 @pytest.mark.slow  # an end-to-end run in a fresh process or a large image
-def test_verification_decodes_within_the_same_budget_with_another_plan(large_case,
-                                                                        record_plans):
+def test_verification_decodes_within_the_same_budget_with_another_plan(
+    large_case, record_plans
+):
     """``--verify`` on an image whose whole-image decode does not fit the budget: both
     decodes stay within it, tile differently, and their peaks are reported apart."""
     model, image, data, whole = large_case
@@ -218,13 +262,34 @@ def test_codec_cli_stays_within_its_budget(large_case, tmp_path):
     output = tmp_path / "large.png"
     # What a fresh codec.py process holds once its libraries are imported, plus room to work.
     baseline = subprocess.run(
-        [sys.executable, "-c", "import codec, models; from utils.memory import proc_status_kb; "
-                               "print(proc_status_kb('VmRSS'))"],
-        cwd=REPO, capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-c",
+            "import codec, models; from utils.memory import proc_status_kb; "
+            "print(proc_status_kb('VmRSS'))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     budget_mb = int(baseline.stdout.split()[-1]) // 1024 + 250
     result = subprocess.run(
-        [sys.executable, "codec.py", "decode", str(encoded), str(output), "-p", str(checkpoint),
-         "--max-memory", f"{budget_mb}MB"], cwd=REPO, capture_output=True, text=True)
+        [
+            sys.executable,
+            "codec.py",
+            "decode",
+            str(encoded),
+            str(output),
+            "-p",
+            str(checkpoint),
+            "--max-memory",
+            f"{budget_mb}MB",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     peak = re.search(r"peak memory (\d+) MB \(budget (\d+) MB\)", result.stdout)
     assert peak and int(peak.group(2)) == budget_mb
@@ -240,13 +305,28 @@ def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
     encoded = tmp_path / "large.cps"
     encoded.write_bytes(data)
     result = subprocess.run(
-        [sys.executable, "codec.py", "decode", str(encoded), str(tmp_path / "out.png"),
-         "-p", str(checkpoint), "--max-memory", "200MB"], cwd=REPO, capture_output=True, text=True)
+        [
+            sys.executable,
+            "codec.py",
+            "decode",
+            str(encoded),
+            str(tmp_path / "out.png"),
+            "-p",
+            str(checkpoint),
+            "--max-memory",
+            "200MB",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert re.match(r"codec.py: error: .*large.cps: memory budget 200 MB is too small for "
-                    r"the .*: it needs",
-                    result.stderr)
+    assert re.match(
+        r"codec.py: error: .*large.cps: memory budget 200 MB is too small for "
+        r"the .*: it needs",
+        result.stderr,
+    )
     assert not (tmp_path / "out.png").exists()
 
 
@@ -257,15 +337,30 @@ def test_format_memory_matches_parse_memory():
 @pytest.mark.slow  # an end-to-end run in a fresh process or a large image
 def test_codec_cli_runs_without_a_budget_when_asked(large_case, tmp_path, capsys):
     import codec
+
     model, _, data, whole = large_case
     checkpoint = save_model_checkpoint(tmp_path, model, "tiny")
     encoded = tmp_path / "large.cps"
     encoded.write_bytes(data)
     output = tmp_path / "large.png"
-    assert codec.main(["decode", str(encoded), str(output), "-p", str(checkpoint),
-                       "--max-memory", "none"]) == 0
+    assert (
+        codec.main(
+            [
+                "decode",
+                str(encoded),
+                str(output),
+                "-p",
+                str(checkpoint),
+                "--max-memory",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert "(budget none)" in capsys.readouterr().out
-    assert np.array_equal(np.asarray(Image.open(output)), whole.permute(1, 2, 0).numpy())
+    assert np.array_equal(
+        np.asarray(Image.open(output)), whole.permute(1, 2, 0).numpy()
+    )
 
 
 @pytest.mark.slow  # a 1920x1080 image at N = 192, about 20 s on 2 cores

@@ -58,7 +58,9 @@ def test_identical_images_have_infinite_psnr_and_psnr_b_and_unit_ms_ssim():
 def test_psnr_matches_the_closed_form_for_a_known_mse():
     image = ramp()
     distorted = add(image, pixel_checkerboard(64, 96, amplitude=5))  # MSE = 25 exactly
-    assert psnr(image, distorted) == pytest.approx(10 * math.log10(255 ** 2 / 25), abs=1e-12)
+    assert psnr(image, distorted) == pytest.approx(
+        10 * math.log10(255**2 / 25), abs=1e-12
+    )
 
 
 def test_psnr_b_equals_psnr_when_errors_do_not_line_up_with_block_borders():
@@ -86,10 +88,15 @@ def test_psnr_b_never_exceeds_psnr_on_gray_images(seed):
 
 def test_psnr_b_is_the_mean_of_the_channels_psnr_b():
     image = ramp()
-    errors = [block_checkerboard(64, 96, amplitude=4), block_checkerboard(64, 96, amplitude=8),
-              pixel_checkerboard(64, 96, amplitude=3)]
+    errors = [
+        block_checkerboard(64, 96, amplitude=4),
+        block_checkerboard(64, 96, amplitude=8),
+        pixel_checkerboard(64, 96, amplitude=3),
+    ]
     distorted = add(image, torch.stack(errors))
-    per_channel = [psnr_b(image, add(image, error.expand(3, -1, -1))) for error in errors]
+    per_channel = [
+        psnr_b(image, add(image, error.expand(3, -1, -1))) for error in errors
+    ]
     assert len(set(round(v, 6) for v in per_channel)) == 3
     assert psnr_b(image, distorted) == pytest.approx(sum(per_channel) / 3, abs=1e-9)
 
@@ -111,17 +118,20 @@ def three_block_columns():
 
 
 def test_blocking_effect_factor_matches_a_hand_computed_example():
-    assert blocking_effect_factor(three_block_columns()) == pytest.approx(6.75, abs=1e-12)
+    assert blocking_effect_factor(three_block_columns()) == pytest.approx(
+        6.75, abs=1e-12
+    )
 
 
 def test_psnr_b_gray_adds_the_bef_of_the_reconstruction_to_the_mse():
     reconstruction = three_block_columns()
     original = reconstruction + pixel_checkerboard(16, 24, amplitude=1)  # MSE = 1
-    expected = 10 * math.log10(255 ** 2 / (1 + 6.75))
+    expected = 10 * math.log10(255**2 / (1 + 6.75))
     assert psnr_b_gray(original, reconstruction) == pytest.approx(expected, abs=1e-12)
     # torchmetrics divides by 16*24/8 - 1 = 47 border pairs per direction instead of 32 + 24.
     theirs = peak_signal_noise_ratio_with_blocked_effect(
-        reconstruction[None, None], original[None, None], data_range=255.0).item()
+        reconstruction[None, None], original[None, None], data_range=255.0
+    ).item()
     assert theirs - expected > 0.1
 
 
@@ -132,7 +142,9 @@ def test_a_bef_that_is_smaller_on_borders_than_inside_is_zero():
 def test_luma_is_the_bt601_weighting():
     image = torch.zeros(3, 9, 9, dtype=torch.uint8)
     image[0], image[1], image[2] = 100, 200, 50
-    assert luma(image)[4, 4].item() == pytest.approx(0.299 * 100 + 0.587 * 200 + 0.114 * 50)
+    assert luma(image)[4, 4].item() == pytest.approx(
+        0.299 * 100 + 0.587 * 200 + 0.114 * 50
+    )
 
 
 def test_psnr_b_y_of_a_gray_image_is_psnr_b_gray_of_that_gray():
@@ -171,11 +183,14 @@ def test_image_metrics_returns_the_four_result_keys():
     assert set(values) == {"psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y"}
 
 
-@pytest.mark.parametrize("bad", [
-    torch.zeros(3, 64, 96),                        # float
-    torch.zeros(1, 64, 96, dtype=torch.uint8),     # one channel
-    torch.zeros(3, 64, 95, dtype=torch.uint8),     # other size
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(3, 64, 96),  # float
+        torch.zeros(1, 64, 96, dtype=torch.uint8),  # one channel
+        torch.zeros(3, 64, 95, dtype=torch.uint8),  # other size
+    ],
+)
 def test_metrics_reject_wrong_inputs(bad):
     with pytest.raises(ValueError):
         psnr(ramp(), bad)
@@ -188,13 +203,19 @@ def test_bits_per_pixel_counts_the_original_pixels():
 
 
 def test_likelihood_bits_is_minus_log2_of_the_probabilities():
-    likelihoods = {"y": torch.full((1, 2, 2, 2), 0.5), "z": torch.full((1, 1, 1, 1), 0.25)}
+    likelihoods = {
+        "y": torch.full((1, 2, 2, 2), 0.5),
+        "z": torch.full((1, 1, 1, 1), 0.25),
+    }
     assert likelihood_bits(likelihoods) == pytest.approx(8 * 1 + 2)
 
 
 def _resident_mb() -> float:
     with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 1024
+        return (
+            next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+            / 1024
+        )
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -207,7 +228,7 @@ def test_peak_memory_sees_a_large_allocation():
     resident_before = _resident_mb()
     with PeakMemory(torch.device("cpu")) as large:
         # Fresh pages (an anonymous map), not a block the allocator kept from earlier tests.
-        block = mmap.mmap(-1, 64 * 2 ** 20)
+        block = mmap.mmap(-1, 64 * 2**20)
         block.write(b"\1" * len(block))
         block.close()
     assert large.peak_mb - resident_before > 48
@@ -215,7 +236,7 @@ def test_peak_memory_sees_a_large_allocation():
 
 def _touch_fresh_pages(megabytes: int) -> None:
     """Raise the peak RSS by about ``megabytes`` (an anonymous map, written, then unmapped)."""
-    block = mmap.mmap(-1, megabytes * 2 ** 20)
+    block = mmap.mmap(-1, megabytes * 2**20)
     block.write(b"\1" * len(block))
     block.close()
 
@@ -248,8 +269,9 @@ def test_ms_ssim_uses_the_8_bit_data_range():
     # must equal [0, 1] with range 1, not a 255-fold too small range.
     image = ramp(170, 180)
     distorted = add(image, block_checkerboard(170, 180, amplitude=20))
-    expected = ms_ssim(image[None].float() / 255, distorted[None].float() / 255,
-                       data_range=1.0).item()
+    expected = ms_ssim(
+        image[None].float() / 255, distorted[None].float() / 255, data_range=1.0
+    ).item()
     assert ms_ssim_rgb(image, distorted) == pytest.approx(expected, abs=1e-5)
 
 
@@ -261,7 +283,9 @@ def test_psnr_b_forms_honour_a_block_size_other_than_8():
     assert psnr_b(image, distorted, block_size=16) < psnr_b(image, distorted) - 1.0
     assert psnr_b_y(image, distorted, block_size=16) < psnr_b_y(image, distorted) - 1.0
     expected = psnr_b_gray(image[0], distorted[0], block_size=16)
-    assert psnr_b_y(image, distorted, block_size=16) == pytest.approx(expected, abs=1e-9)
+    assert psnr_b_y(image, distorted, block_size=16) == pytest.approx(
+        expected, abs=1e-9
+    )
 
 
 def test_blocking_effect_factor_refuses_an_image_of_one_block_on_a_side():
@@ -273,23 +297,31 @@ def test_blocking_effect_factor_refuses_an_image_of_one_block_on_a_side():
 def test_metrics_reject_a_pair_of_one_channel_images():
     # Matching shapes are not enough: a grayscale pair must not pass as RGB.
     gray = torch.zeros(1, 64, 96, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"original must be a uint8 tensor \(3, H, W\)"):
+    with pytest.raises(
+        ValueError, match=r"original must be a uint8 tensor \(3, H, W\)"
+    ):
         psnr(gray, gray)
 
 
 def test_image_metrics_puts_each_value_under_its_own_key():
     # Channels with different errors: the RGB-mean and the luma PSNR-B differ.
     image = ramp(170, 180)
-    errors = torch.stack([block_checkerboard(170, 180, amplitude=8),
-                          pixel_checkerboard(170, 180, amplitude=3),
-                          block_checkerboard(170, 180, amplitude=2)])
+    errors = torch.stack(
+        [
+            block_checkerboard(170, 180, amplitude=8),
+            pixel_checkerboard(170, 180, amplitude=3),
+            block_checkerboard(170, 180, amplitude=2),
+        ]
+    )
     distorted = add(image, errors)
     values = image_metrics(image, distorted)
     assert values["psnr-b"] != pytest.approx(values["psnr-b-y"], abs=0.1)
-    assert values == {"psnr-rgb": psnr(image, distorted),
-                      "ms-ssim-rgb": ms_ssim_rgb(image, distorted),
-                      "psnr-b": psnr_b(image, distorted),
-                      "psnr-b-y": psnr_b_y(image, distorted)}
+    assert values == {
+        "psnr-rgb": psnr(image, distorted),
+        "ms-ssim-rgb": ms_ssim_rgb(image, distorted),
+        "psnr-b": psnr_b(image, distorted),
+        "psnr-b-y": psnr_b_y(image, distorted),
+    }
 
 
 @pytest.mark.parametrize("height, width", [(0, 20), (10, 0), (-10, 20), (10, -20)])

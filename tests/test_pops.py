@@ -28,17 +28,22 @@ def test_layer_list_is_read_from_the_network():
 
 
 def test_the_side_multiple_follows_the_strides_of_both_analysis_transforms():
-    assert models.build_model("cps", N=8).downsampling_factor == 64  # 16 in g_a, 4 in h_a
+    assert (
+        models.build_model("cps", N=8).downsampling_factor == 64
+    )  # 16 in g_a, 4 in h_a
     # A researcher's deeper hyper-analysis changes it with no other edit; h_a runs on
     # the whole latent, so it may pad, as CompressAI's hyper-analyses do.
     deeper = models.build_model("cps", N=8)
     deeper.h_a.append(torch.nn.Conv2d(8, 8, kernel_size=2, stride=2))
     assert deeper.downsampling_factor == 128
     padded = models.build_model("cps", N=8)
-    padded.h_a = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-                                     torch.nn.Conv2d(8, 8, 5, stride=2, padding=2),
-                                     torch.nn.ReLU(),
-                                     torch.nn.Conv2d(8, 8, 5, stride=2, padding=2))
+    padded.h_a = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 5, stride=2, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 5, stride=2, padding=2),
+    )
     assert padded.downsampling_factor == 64
     from models.base import CodingPlan
     from utils.coding.container import pack, unpack
@@ -46,8 +51,10 @@ def test_the_side_multiple_follows_the_strides_of_both_analysis_transforms():
     padded.update(force=True)
     image = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)
     plan = CodingPlan()
-    assert padded.eval().decode(unpack(pack(padded.encode(image, plan))), plan).shape == \
-        image.shape
+    assert (
+        padded.eval().decode(unpack(pack(padded.encode(image, plan))), plan).shape
+        == image.shape
+    )
 
 
 def test_pointwise_layers_and_gdn_variants_add_no_reach():
@@ -55,18 +62,40 @@ def test_pointwise_layers_and_gdn_variants_add_no_reach():
     variant of a padding-free transform keeps its geometry."""
     from compressai.layers import GDN, GDN1
 
-    transform = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, stride=2), GDN1(4),
-                                    torch.nn.Conv2d(4, 4, 3), GDN(4), torch.nn.LeakyReLU())
+    transform = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 2, stride=2),
+        GDN1(4),
+        torch.nn.Conv2d(4, 4, 3),
+        GDN(4),
+        torch.nn.LeakyReLU(),
+    )
     assert analysis_layers(transform) == [(2, 2), (3, 1)]
-    with pytest.raises(ValueError, match="cannot derive the POPS geometry of BatchNorm2d"):
+    with pytest.raises(
+        ValueError, match="cannot derive the POPS geometry of BatchNorm2d"
+    ):
         analysis_layers(torch.nn.BatchNorm2d(4))
 
 
-@pytest.mark.parametrize("layers, r, rho, eq4_overlap, overlap", [
-    ([(2, 2)] * 4, 16, 16, 0, 0),        # EDRB only: r = rho, no overlap needed (Sec. II.B)
-    ([(3, 1)], 3, 1, 2, 2),              # r mod rho == 0: o = r - rho
-    ([(5, 2), (5, 2)], 13, 4, 12, 16),   # r mod rho != 0: o = rho * floor(r / rho); an odd 2e
-])                                       # is rounded up to a symmetric margin
+@pytest.mark.parametrize(
+    "layers, r, rho, eq4_overlap, overlap",
+    [
+        (
+            [(2, 2)] * 4,
+            16,
+            16,
+            0,
+            0,
+        ),  # EDRB only: r = rho, no overlap needed (Sec. II.B)
+        ([(3, 1)], 3, 1, 2, 2),  # r mod rho == 0: o = r - rho
+        (
+            [(5, 2), (5, 2)],
+            13,
+            4,
+            12,
+            16,
+        ),  # r mod rho != 0: o = rho * floor(r / rho); an odd 2e
+    ],
+)  # is rounded up to a symmetric margin
 def test_overlap_follows_equation_4(layers, r, rho, eq4_overlap, overlap):
     geometry = geometry_from_layers(layers)
     assert (geometry.receptive_field, geometry.scale) == (r, rho)
@@ -97,7 +126,10 @@ def test_receptive_field_matches_brute_force_measurement():
     columns = _changed_columns(model.g_a, torch.rand(1, 3, 64, 160), 160, probe)
     assert columns == list(range(columns[0], columns[0] + geometry.receptive_field))
     # Centred on the latent position's own 16-pixel block.
-    assert columns[0] == probe * geometry.scale - (geometry.receptive_field - geometry.scale) // 2
+    assert (
+        columns[0]
+        == probe * geometry.scale - (geometry.receptive_field - geometry.scale) // 2
+    )
 
 
 def test_synthesis_reaches_margin_latent_positions_on_each_side():
@@ -107,7 +139,9 @@ def test_synthesis_reaches_margin_latent_positions_on_each_side():
     latent = torch.randn(1, 4, 4, 12)
     # Which latent columns influence the 16 output pixel columns of latent column 6?
     block = slice(6 * geometry.scale, 7 * geometry.scale)
-    influencing = _changed_columns(lambda y: model.g_s(y)[..., block], latent, 12, slice(None))
+    influencing = _changed_columns(
+        lambda y: model.g_s(y)[..., block], latent, 12, slice(None)
+    )
     assert influencing == list(range(6 - geometry.margin, 6 + geometry.margin + 1))
 
 
@@ -131,12 +165,16 @@ def test_tiling_owns_every_position_once_and_only_exact_ones(length, patch):
 def test_patch_as_large_as_the_image_owns_everything():
     # The authors' stitching left black rows here (256x256 at P=256).
     geometry = model_geometry(models.build_model("cps", N=4))
-    assert [(r.own_start, r.own_stop, c.own_start, c.own_stop)
-            for r, c in plan_patches(16, 16, 256, geometry)] == [(0, 16, 0, 16)]
+    assert [
+        (r.own_start, r.own_stop, c.own_start, c.own_stop)
+        for r, c in plan_patches(16, 16, 256, geometry)
+    ] == [(0, 16, 0, 16)]
 
 
-@pytest.mark.parametrize("patch_size, message", [(200, "multiple of 16"), (64, "minimum 80"),
-                                                 (-16, "multiple of 16")])
+@pytest.mark.parametrize(
+    "patch_size, message",
+    [(200, "multiple of 16"), (64, "minimum 80"), (-16, "multiple of 16")],
+)
 def test_unusable_patch_size_is_a_clear_error(patch_size, message):
     geometry = model_geometry(models.build_model("cps", N=4))
     with pytest.raises(ValueError, match=message):
@@ -178,8 +216,9 @@ def test_rectangular_patches_take_the_height_first():
 def test_a_patch_size_of_zero_processes_that_axis_whole():
     geometry = geometry_from_layers(PAPER_LAYERS)
     check_patch_size(0, geometry)
-    assert [(r.start, r.stop, c.start, c.stop)
-            for r, c in plan_patches(12, 30, 0, geometry)] == [(0, 12, 0, 30)]
+    assert [
+        (r.start, r.stop, c.start, c.stop) for r, c in plan_patches(12, 30, 0, geometry)
+    ] == [(0, 12, 0, 30)]
     patches = plan_patches(12, 30, (0, 96), geometry)
     assert {(row.start, row.stop) for row, _ in patches} == {(0, 12)}
     assert len({(col.start, col.stop) for _, col in patches}) > 1
@@ -202,7 +241,9 @@ def _deeper_cps(analysis: bool, synthesis: bool):
 
 
 @pytest.mark.parametrize("brb_kernel_size, reach", [(3, 2), (1, 0)])
-def test_the_measured_synthesis_reach_is_the_margin_of_the_analysis(brb_kernel_size, reach):
+def test_the_measured_synthesis_reach_is_the_margin_of_the_analysis(
+    brb_kernel_size, reach
+):
     model = models.build_model("cps", N=8, brb_kernel_size=brb_kernel_size)
     assert synthesis_reach(model) == model_geometry(model).margin == reach
     check_synthesis_reach(model)
@@ -211,9 +252,14 @@ def test_the_measured_synthesis_reach_is_the_margin_of_the_analysis(brb_kernel_s
 def test_a_decoder_reaching_further_than_the_encoder_margin_is_refused(monkeypatch):
     # Patch-wise decoding would differ from the whole image's at every seam.
     deeper_decoder = _deeper_cps(analysis=False, synthesis=True)()
-    assert synthesis_reach(deeper_decoder) == 3 and model_geometry(deeper_decoder).margin == 2
-    message = ("g_s reads 3 latent positions on each side, more than the 2 that g_a's "
-               "geometry leaves, so patches would leave seams")
+    assert (
+        synthesis_reach(deeper_decoder) == 3
+        and model_geometry(deeper_decoder).margin == 2
+    )
+    message = (
+        "g_s reads 3 latent positions on each side, more than the 2 that g_a's "
+        "geometry leaves, so patches would leave seams"
+    )
     with pytest.raises(ValueError, match=message):
         check_synthesis_reach(deeper_decoder)
     # The reach is the architecture's: an added block that starts as the identity
@@ -226,8 +272,10 @@ def test_a_decoder_reaching_further_than_the_encoder_margin_is_refused(monkeypat
     from utils.training.build import build_configured_model
 
     monkeypatch.setitem(models.MODELS, "deeper-decoder", type(deeper_decoder))
-    cfg = {"model": {"name": "deeper-decoder", "kwargs": {}},
-           "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01}}
+    cfg = {
+        "model": {"name": "deeper-decoder", "kwargs": {}},
+        "train_params": {"N": 8, "crop_size": 64, "lmbda": 0.01},
+    }
     with pytest.raises(ValueError, match=f"model 'deeper-decoder': {message}"):
         build_configured_model(cfg)
 

@@ -32,7 +32,10 @@ def _int32(value):
 
 def _emulate(buffer, indexes, cdfs, lengths, offsets):
     """CompressAI 1.2.8's ``decode_with_indexes`` in Python: (symbols, words read)."""
-    words = [int.from_bytes(buffer[i:i + 4], "little") for i in range(0, len(buffer) - 3, 4)]
+    words = [
+        int.from_bytes(buffer[i : i + 4], "little")
+        for i in range(0, len(buffer) - 3, 4)
+    ]
     state = {"x": words[0] | words[1] << 32, "ptr": 2}
 
     def refill_if_low(x):
@@ -76,19 +79,32 @@ def test_emulator_reproduces_compressai_on_real_and_random_strings():
     encoder = BufferedRansEncoder()
     encoder.encode_with_indexes(symbols, indexes, cdfs, lengths, offsets)
     real = encoder.flush()
-    forged = b"\xff" * 8 + torch.randint(0, 256, (40,), generator=generator,
-                                        dtype=torch.uint8).numpy().tobytes()
+    forged = (
+        b"\xff" * 8
+        + torch.randint(0, 256, (40,), generator=generator, dtype=torch.uint8)
+        .numpy()
+        .tobytes()
+    )
     for string in (real, forged):
         buffer = safe_string(string, len(indexes))
-        expected = RansDecoder().decode_with_indexes(buffer, indexes, cdfs, lengths, offsets)
+        expected = RansDecoder().decode_with_indexes(
+            buffer, indexes, cdfs, lengths, offsets
+        )
         decoded, read = _emulate(buffer, indexes, cdfs, lengths, offsets)
         assert decoded == expected
         if string is real:
             assert decoded == symbols and read * 4 == len(real)
 
 
-@pytest.mark.parametrize("string", [b"\xff" * 64, b"\xff" * 8 + b"\x0f" * 24,
-                                    b"\x00\x00\x00\x80" * 2, bytes(range(256)) * 2])
+@pytest.mark.parametrize(
+    "string",
+    [
+        b"\xff" * 64,
+        b"\xff" * 8 + b"\x0f" * 24,
+        b"\x00\x00\x00\x80" * 2,
+        bytes(range(256)) * 2,
+    ],
+)
 def test_words_read_stay_within_the_bound_for_adversarial_strings(string):
     cdfs, lengths, offsets = _tables()
     escape = len(cdfs) - 1
@@ -105,8 +121,9 @@ def test_bound_is_needed_an_all_ones_string_reads_far_past_its_end():
     assert 4 * read > 10 * len(string)
 
 
-@pytest.mark.parametrize("string, message", [(b"\x01" * 7, "truncated"),
-                                             (b"\x00" * 8, "below 2\\*\\*31")])
+@pytest.mark.parametrize(
+    "string, message", [(b"\x01" * 7, "truncated"), (b"\x00" * 8, "below 2\\*\\*31")]
+)
 def test_strings_no_encoder_writes_are_rejected(string, message):
     with pytest.raises(BitstreamError, match=message):
         safe_string(string, 10)
@@ -122,7 +139,7 @@ def _decode_forged_strings(strings, indexes, tables):
         decoder = RansDecoder()
         decoder.set_stream(padded)
         for start in range(0, len(indexes), 20_000):
-            decoder.decode_stream(indexes[start:start + 20_000], *tables)
+            decoder.decode_stream(indexes[start : start + 20_000], *tables)
     os._exit(0)
 
 
@@ -130,16 +147,28 @@ def test_forged_short_strings_decode_garbage_without_a_signal():
     gaussian_tables = _tables()
     bottleneck = EntropyBottleneck(4)
     bottleneck.update(force=True)
-    bottleneck_tables = (bottleneck.quantized_cdf.tolist(), bottleneck.cdf_length.tolist(),
-                         bottleneck.offset.tolist())
+    bottleneck_tables = (
+        bottleneck.quantized_cdf.tolist(),
+        bottleneck.cdf_length.tolist(),
+        bottleneck.offset.tolist(),
+    )
     symbols = 60_000
-    forged = [safe_string(s, symbols) for s in (b"\xff" * 8, b"\x00\x00\x00\x80" * 2,
-                                                 bytes(range(8, 20)))]
+    forged = [
+        safe_string(s, symbols)
+        for s in (b"\xff" * 8, b"\x00\x00\x00\x80" * 2, bytes(range(8, 20)))
+    ]
     context = multiprocessing.get_context("fork")
     for indexes, strings, tables in (
-            ([k * 7 % len(gaussian_tables[0]) for k in range(symbols)], forged, gaussian_tables),
-            ([k % 4 for k in range(symbols)], forged[:1], bottleneck_tables)):
-        child = context.Process(target=_decode_forged_strings, args=(strings, indexes, tables))
+        (
+            [k * 7 % len(gaussian_tables[0]) for k in range(symbols)],
+            forged,
+            gaussian_tables,
+        ),
+        ([k % 4 for k in range(symbols)], forged[:1], bottleneck_tables),
+    ):
+        child = context.Process(
+            target=_decode_forged_strings, args=(strings, indexes, tables)
+        )
         child.start()
         child.join(timeout=60)
         assert child.exitcode == 0  # negative: killed by that signal

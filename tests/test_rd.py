@@ -18,8 +18,12 @@ from utils.evaluation.rd import (
     rd_figure,
 )
 
-ANCHORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "assets", "anchors", "kodak")
+ANCHORS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "assets",
+    "anchors",
+    "kodak",
+)
 
 
 def write_results(path, name, bpp, psnr, **more):
@@ -40,14 +44,26 @@ def test_a_curve_has_zero_bd_rate_against_itself(tmp_path):
 @pytest.mark.parametrize("factor", [0.9, 1.25])
 def test_scaling_every_rate_gives_that_bd_rate(tmp_path, factor):
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
-    test = load_curve(write_results(tmp_path / "t.json", "t", [b * factor for b in BPP], PSNR))
+    test = load_curve(
+        write_results(tmp_path / "t.json", "t", [b * factor for b in BPP], PSNR)
+    )
     assert bd_rate(anchor, test) == pytest.approx((factor - 1) * 100, abs=1e-6)
 
 
 def test_old_keys_are_read_and_points_sorted_by_rate(tmp_path):
     path = tmp_path / "old.json"
-    path.write_text(json.dumps({"name": "old", "results": {
-        "bpp": [0.8, 0.1, 0.4], "psnr": [35.0, 28.0, 32.0], "ms-ssim": [0.99, 0.9, 0.97]}}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "old",
+                "results": {
+                    "bpp": [0.8, 0.1, 0.4],
+                    "psnr": [35.0, 28.0, 32.0],
+                    "ms-ssim": [0.99, 0.9, 0.97],
+                },
+            }
+        )
+    )
     curve = load_curve(str(path))
     assert curve.bpp == [0.1, 0.4, 0.8]
     assert curve.metrics["psnr-rgb"] == [28.0, 32.0, 35.0]
@@ -55,17 +71,31 @@ def test_old_keys_are_read_and_points_sorted_by_rate(tmp_path):
 
 
 def test_missing_values_are_left_out_of_a_curve(tmp_path):
-    curve = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR,
-                                     **{"ms-ssim-rgb": [None, 0.95, 0.97, 0.98, 0.99]}))
+    curve = load_curve(
+        write_results(
+            tmp_path / "a.json",
+            "a",
+            BPP,
+            PSNR,
+            **{"ms-ssim-rgb": [None, 0.95, 0.97, 0.98, 0.99]},
+        )
+    )
     assert len(curve.points("ms-ssim-rgb")) == 4
-    assert curve.points("ms-ssim-rgb")[0][1] == pytest.approx(13.0103, abs=1e-4)  # 0.95 in dB
+    assert curve.points("ms-ssim-rgb")[0][1] == pytest.approx(
+        13.0103, abs=1e-4
+    )  # 0.95 in dB
 
 
 def test_too_few_points_and_non_monotonic_curves_are_refused(tmp_path):
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
-    short = load_curve(write_results(tmp_path / "s.json", "s", BPP[:MIN_POINTS - 1],
-                                     PSNR[:MIN_POINTS - 1]))
-    wavy = load_curve(write_results(tmp_path / "w.json", "w", BPP, [28, 31, 30, 35, 38]))
+    short = load_curve(
+        write_results(
+            tmp_path / "s.json", "s", BPP[: MIN_POINTS - 1], PSNR[: MIN_POINTS - 1]
+        )
+    )
+    wavy = load_curve(
+        write_results(tmp_path / "w.json", "w", BPP, [28, 31, 30, 35, 38])
+    )
     with pytest.raises(ValueError, match="a BD-rate needs at least"):
         bd_rate(anchor, short)
     with pytest.raises(ValueError, match="does not increase strictly"):
@@ -74,7 +104,9 @@ def test_too_few_points_and_non_monotonic_curves_are_refused(tmp_path):
 
 def test_curves_that_do_not_overlap_give_no_number_and_a_note(tmp_path):
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
-    far = load_curve(write_results(tmp_path / "f.json", "far", BPP, [p + 20 for p in PSNR]))
+    far = load_curve(
+        write_results(tmp_path / "f.json", "far", BPP, [p + 20 for p in PSNR])
+    )
     table = bd_rate_table(anchor, [far], metrics=["psnr-rgb"])
     assert table["rows"][0]["bd-rate"]["psnr-rgb"] is None
     assert "does not overlap" in table["notes"][0]
@@ -83,21 +115,35 @@ def test_curves_that_do_not_overlap_give_no_number_and_a_note(tmp_path):
 
 def test_bdrate_command_prints_the_table_json_for_the_shipped_anchors(capsys, tmp_path):
     markdown = tmp_path / "table.md"
-    code = test_script.main(["bdrate", "--anchor", os.path.join(ANCHORS, "hm.json"),
-                             os.path.join(ANCHORS, "vtm.json"), os.path.join(ANCHORS, "jpeg.json"),
-                             "-o", str(markdown)])
+    code = test_script.main(
+        [
+            "bdrate",
+            "--anchor",
+            os.path.join(ANCHORS, "hm.json"),
+            os.path.join(ANCHORS, "vtm.json"),
+            os.path.join(ANCHORS, "jpeg.json"),
+            "-o",
+            str(markdown),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0
     table = json.loads(out.out)
     rates = {row["name"]: row["bd-rate"]["psnr-rgb"] for row in table["rows"]}
-    assert rates["VTM"] < -15 and rates["JPEG"] > 100  # VVC saves bits over HEVC, JPEG costs
+    assert (
+        rates["VTM"] < -15 and rates["JPEG"] > 100
+    )  # VVC saves bits over HEVC, JPEG costs
     assert "| VTM |" in markdown.read_text() and "| VTM |" in out.err
 
 
 def test_plot_command_writes_one_panel_per_available_metric(capsys, tmp_path):
     output = tmp_path / "rd.png"
-    first = write_results(tmp_path / "a.json", "a", BPP, PSNR, **{"psnr-b": [p - 1 for p in PSNR]})
-    code = test_script.main(["plot", first, os.path.join(ANCHORS, "hm.json"), "-o", str(output)])
+    first = write_results(
+        tmp_path / "a.json", "a", BPP, PSNR, **{"psnr-b": [p - 1 for p in PSNR]}
+    )
+    code = test_script.main(
+        ["plot", first, os.path.join(ANCHORS, "hm.json"), "-o", str(output)]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["metrics"] == ["psnr-rgb", "ms-ssim-rgb", "psnr-b"]
@@ -107,9 +153,19 @@ def test_plot_command_writes_one_panel_per_available_metric(capsys, tmp_path):
 def test_plot_labels_rename_two_files_that_carry_the_same_name(capsys, tmp_path):
     first = write_results(tmp_path / "a.json", "cps", BPP, PSNR)
     second = write_results(tmp_path / "b.json", "cps", BPP, [p + 0.5 for p in PSNR])
-    code = test_script.main(["plot", first, second, "-o", str(tmp_path / "rd.png"),
-                             "--label", f"{first}=CPS P=128",
-                             "--label", f"{tmp_path}/./b.json=CPS P=256"])
+    code = test_script.main(
+        [
+            "plot",
+            first,
+            second,
+            "-o",
+            str(tmp_path / "rd.png"),
+            "--label",
+            f"{first}=CPS P=128",
+            "--label",
+            f"{tmp_path}/./b.json=CPS P=256",
+        ]
+    )
     assert code == 0
     assert json.loads(capsys.readouterr().out)["curves"] == ["CPS P=128", "CPS P=256"]
 
@@ -120,27 +176,42 @@ def test_runs_of_one_model_are_told_apart_by_their_files(capsys, tmp_path):
     entry for two curves."""
     anchor = write_results(tmp_path / "old.json", "cps", BPP, PSNR)
     other = write_results(tmp_path / "new.json", "cps", [b * 0.8 for b in BPP], PSNR)
-    code = test_script.main(["bdrate", "--anchor", anchor, other, "--metrics", "psnr-rgb"])
+    code = test_script.main(
+        ["bdrate", "--anchor", anchor, other, "--metrics", "psnr-rgb"]
+    )
     table = json.loads(capsys.readouterr().out)
-    assert code == 0 and (table["anchor"], table["rows"][0]["name"]) == ("cps (old.json)",
-                                                                          "cps (new.json)")
+    assert code == 0 and (table["anchor"], table["rows"][0]["name"]) == (
+        "cps (old.json)",
+        "cps (new.json)",
+    )
     assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(-20.0, abs=1e-6)
     code = test_script.main(["plot", anchor, other, "-o", str(tmp_path / "rd.png")])
     assert code == 0
-    assert json.loads(capsys.readouterr().out)["curves"] == ["cps (old.json)", "cps (new.json)"]
+    assert json.loads(capsys.readouterr().out)["curves"] == [
+        "cps (old.json)",
+        "cps (new.json)",
+    ]
     # Same file names in two folders: the paths tell them apart.
     (tmp_path / "b").mkdir()
     twin = write_results(tmp_path / "b" / "old.json", "cps", BPP, PSNR)
-    assert test_script.main(["plot", anchor, twin, "-o", str(tmp_path / "rd2.png")]) == 0
-    assert json.loads(capsys.readouterr().out)["curves"] == [f"cps ({anchor})", f"cps ({twin})"]
+    assert (
+        test_script.main(["plot", anchor, twin, "-o", str(tmp_path / "rd2.png")]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["curves"] == [
+        f"cps ({anchor})",
+        f"cps ({twin})",
+    ]
 
 
 @pytest.mark.parametrize("command", ["plot", "bdrate"])
 def test_a_metric_named_twice_is_a_usage_error(capsys, tmp_path, command):
     """It drew its panel, or its column, twice."""
     first = write_results(tmp_path / "a.json", "a", BPP, PSNR)
-    argv = ([command, first, "-o", str(tmp_path / "x.png")] if command == "plot"
-            else [command, "--anchor", first, first])
+    argv = (
+        [command, first, "-o", str(tmp_path / "x.png")]
+        if command == "plot"
+        else [command, "--anchor", first, first]
+    )
     with pytest.raises(SystemExit) as exit_info:
         test_script.main(argv + ["--metrics", "psnr-rgb, psnr-rgb"])
     assert exit_info.value.code == 2
@@ -156,18 +227,39 @@ def test_a_bdrate_output_named_empty_is_refused(capsys, tmp_path):
 def test_bdrate_labels_rename_the_anchor_and_a_row(capsys, tmp_path):
     anchor = write_results(tmp_path / "a.json", "cps", BPP, PSNR)
     other = write_results(tmp_path / "b.json", "cps", [b * 0.9 for b in BPP], PSNR)
-    code = test_script.main(["bdrate", "--anchor", anchor, other, "--metrics", "psnr-rgb",
-                             "--label", f"{anchor}=old", "--label", f"{other}=new"])
+    code = test_script.main(
+        [
+            "bdrate",
+            "--anchor",
+            anchor,
+            other,
+            "--metrics",
+            "psnr-rgb",
+            "--label",
+            f"{anchor}=old",
+            "--label",
+            f"{other}=new",
+        ]
+    )
     table = json.loads(capsys.readouterr().out)
     assert code == 0 and table["anchor"] == "old" and table["rows"][0]["name"] == "new"
 
 
-@pytest.mark.parametrize("label, message", [("nameless.json", "expected FILE=NAME"),
-                                            ("other.json=x", "is not one of the results")])
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        ("nameless.json", "expected FILE=NAME"),
+        ("other.json=x", "is not one of the results"),
+    ],
+)
 def test_a_bad_label_is_one_line_on_stderr(capsys, tmp_path, label, message):
     first = write_results(tmp_path / "a.json", "a", BPP, PSNR)
-    assert test_script.main(["plot", first, "-o", str(tmp_path / "x.png"),
-                             "--label", label]) == 1
+    assert (
+        test_script.main(
+            ["plot", first, "-o", str(tmp_path / "x.png"), "--label", label]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 
@@ -178,11 +270,21 @@ def test_twenty_curve_styles_differ_in_colour_and_in_marker():
     assert len({style["marker"] for style in styles}) == 20
 
 
-def test_fourteen_curves_are_told_apart_and_the_legend_sits_outside_the_panels(tmp_path):
-    curves = [load_curve(write_results(tmp_path / f"c{i}.json", f"method {i}", BPP,
-                                       [p + i * 0.3 for p in PSNR],
-                                       **{"psnr-b-y": [p - 1 for p in PSNR]}))
-              for i in range(14)]
+def test_fourteen_curves_are_told_apart_and_the_legend_sits_outside_the_panels(
+    tmp_path,
+):
+    curves = [
+        load_curve(
+            write_results(
+                tmp_path / f"c{i}.json",
+                f"method {i}",
+                BPP,
+                [p + i * 0.3 for p in PSNR],
+                **{"psnr-b-y": [p - 1 for p in PSNR]},
+            )
+        )
+        for i in range(14)
+    ]
     figure, shown = rd_figure(curves, title="fourteen")
     assert shown == ["psnr-rgb", "psnr-b-y"]
     for axis in figure.axes:
@@ -191,13 +293,17 @@ def test_fourteen_curves_are_told_apart_and_the_legend_sits_outside_the_panels(t
         assert len({(line.get_color(), line.get_marker()) for line in lines}) == 14
         assert len({line.get_marker() for line in lines}) == 14
     legend = figure.legends[0]
-    assert [text.get_text() for text in legend.get_texts()] == [f"method {i}" for i in range(14)]
+    assert [text.get_text() for text in legend.get_texts()] == [
+        f"method {i}" for i in range(14)
+    ]
     renderer = figure.canvas.get_renderer()
     box = legend.get_window_extent(renderer)
     assert all(box.x0 >= axis.get_window_extent(renderer).x1 for axis in figure.axes)
 
 
-@pytest.mark.parametrize("text", ["{not json", "[" * 100000, '{"a": 1' + "0" * 5000 + "}"])
+@pytest.mark.parametrize(
+    "text", ["{not json", "[" * 100000, '{"a": 1' + "0" * 5000 + "}"]
+)
 def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path, text):
     broken = tmp_path / "broken.json"
     broken.write_text(text)
@@ -207,26 +313,56 @@ def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path, text):
 
 
 @pytest.mark.parametrize("command", ["plot", "bdrate"])
-@pytest.mark.parametrize("results, message", [
-    ({"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34], "layer": [None, 1, 1, 2]},
-     "results.layer must hold integers"),
-    ({"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": ["28", "30", "32", "34"]},
-     "psnr-rgb[0] = '28' is not a number"),
-    ({"bpp": ["0.1", 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = '0.1'"),
-    ({"bpp": [0.1, 0.0, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[1] = 0.0 is not a"),
-    ({"bpp": [[0.1], [0.2], [0.4], [0.8]], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = [0.1]"),
-    # JSON integers have no bound: one past float's range is not a positive finite rate.
-    ({"bpp": [10 ** 400, 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]}, "bpp[0] = 1000"),
-])
-def test_malformed_values_are_one_line_errors_naming_file_and_field(capsys, tmp_path, command,
-                                                                   results, message):
+@pytest.mark.parametrize(
+    "results, message",
+    [
+        (
+            {
+                "bpp": [0.1, 0.2, 0.4, 0.8],
+                "psnr-rgb": [28, 30, 32, 34],
+                "layer": [None, 1, 1, 2],
+            },
+            "results.layer must hold integers",
+        ),
+        (
+            {"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": ["28", "30", "32", "34"]},
+            "psnr-rgb[0] = '28' is not a number",
+        ),
+        (
+            {"bpp": ["0.1", 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]},
+            "bpp[0] = '0.1'",
+        ),
+        (
+            {"bpp": [0.1, 0.0, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]},
+            "bpp[1] = 0.0 is not a",
+        ),
+        (
+            {"bpp": [[0.1], [0.2], [0.4], [0.8]], "psnr-rgb": [28, 30, 32, 34]},
+            "bpp[0] = [0.1]",
+        ),
+        # JSON integers have no bound: one past float's range is not a positive finite rate.
+        (
+            {"bpp": [10**400, 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]},
+            "bpp[0] = 1000",
+        ),
+    ],
+)
+def test_malformed_values_are_one_line_errors_naming_file_and_field(
+    capsys, tmp_path, command, results, message
+):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"results": results}))
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"results": {"bpp": [0.1, 0.2, 0.4, 0.8],
-                                            "psnr-rgb": [27, 29, 31, 33]}}))
-    argv = (["plot", str(bad), "-o", str(tmp_path / "x.png")] if command == "plot"
-            else ["bdrate", "--anchor", str(good), str(bad)])
+    good.write_text(
+        json.dumps(
+            {"results": {"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": [27, 29, 31, 33]}}
+        )
+    )
+    argv = (
+        ["plot", str(bad), "-o", str(tmp_path / "x.png")]
+        if command == "plot"
+        else ["bdrate", "--anchor", str(good), str(bad)]
+    )
     assert test_script.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and message in err[0]
@@ -234,11 +370,18 @@ def test_malformed_values_are_one_line_errors_naming_file_and_field(capsys, tmp_
 
 def test_an_output_that_is_one_of_the_results_files_is_refused(capsys, tmp_path):
     results = tmp_path / "ours.json"
-    results.write_text(json.dumps({"results": {"bpp": [0.1, 0.2, 0.4, 0.8],
-                                               "psnr-rgb": [27, 29, 31, 33]}}))
+    results.write_text(
+        json.dumps(
+            {"results": {"bpp": [0.1, 0.2, 0.4, 0.8], "psnr-rgb": [27, 29, 31, 33]}}
+        )
+    )
     before = results.read_text()
-    assert test_script.main(["bdrate", "--anchor", str(results), str(results),
-                             "-o", str(results)]) == 1
+    assert (
+        test_script.main(
+            ["bdrate", "--anchor", str(results), str(results), "-o", str(results)]
+        )
+        == 1
+    )
     assert "refusing to overwrite" in capsys.readouterr().err
     assert results.read_text() == before
 
@@ -256,9 +399,15 @@ def test_every_shipped_anchor_cites_its_source_and_is_sorted(path):
 
 def test_lossless_and_non_finite_points_are_left_out_of_a_curve(tmp_path):
     # MS-SSIM 1 is infinite in dB, like a lossless PSNR: neither can be drawn or fitted.
-    curve = load_curve(write_results(tmp_path / "a.json", "a", BPP,
-                                     [28.0, 30.5, float("inf"), float("nan"), 38.0],
-                                     **{"ms-ssim-rgb": [0.9, 0.95, 0.97, 0.99, 1.0]}))
+    curve = load_curve(
+        write_results(
+            tmp_path / "a.json",
+            "a",
+            BPP,
+            [28.0, 30.5, float("inf"), float("nan"), 38.0],
+            **{"ms-ssim-rgb": [0.9, 0.95, 0.97, 0.99, 1.0]},
+        )
+    )
     assert curve.points("psnr-rgb") == [(0.1, 28.0), (0.2, 30.5), (1.6, 38.0)]
     assert [rate for rate, _ in curve.points("ms-ssim-rgb")] == [0.1, 0.2, 0.4, 0.8]
 
@@ -266,16 +415,25 @@ def test_lossless_and_non_finite_points_are_left_out_of_a_curve(tmp_path):
 def test_a_curve_with_a_flat_step_is_refused(tmp_path):
     # Equal qualities at two rates: the rate is no function of the quality there.
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
-    flat = load_curve(write_results(tmp_path / "f.json", "f", BPP, [28, 30, 30, 35, 38]))
+    flat = load_curve(
+        write_results(tmp_path / "f.json", "f", BPP, [28, 30, 30, 35, 38])
+    )
     with pytest.raises(ValueError, match="does not increase strictly"):
         bd_rate(anchor, flat)
 
 
 def test_exactly_min_points_points_give_a_bd_rate(tmp_path):
-    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP[:MIN_POINTS],
-                                      PSNR[:MIN_POINTS]))
-    test = load_curve(write_results(tmp_path / "t.json", "t", [b * 1.25 for b in BPP[:MIN_POINTS]],
-                                    PSNR[:MIN_POINTS]))
+    anchor = load_curve(
+        write_results(tmp_path / "a.json", "a", BPP[:MIN_POINTS], PSNR[:MIN_POINTS])
+    )
+    test = load_curve(
+        write_results(
+            tmp_path / "t.json",
+            "t",
+            [b * 1.25 for b in BPP[:MIN_POINTS]],
+            PSNR[:MIN_POINTS],
+        )
+    )
     assert bd_rate(anchor, test) == pytest.approx(25.0, abs=1e-6)
 
 
@@ -284,14 +442,23 @@ def test_curves_below_above_or_touching_the_anchor_give_no_number(tmp_path, shif
     # A shift of exactly one range (PSNR spans 10 dB) leaves one shared value, no
     # interval: the fit would return NaN, not a BD-rate.
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
-    other = load_curve(write_results(tmp_path / "o.json", "o", BPP, [p + shift for p in PSNR]))
+    other = load_curve(
+        write_results(tmp_path / "o.json", "o", BPP, [p + shift for p in PSNR])
+    )
     assert bd_rate(anchor, other) is None
 
 
 def test_table_lists_only_the_metrics_of_the_anchor_and_signs_every_number(tmp_path):
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
-    costly = load_curve(write_results(tmp_path / "c.json", "costly", [b * 1.25 for b in BPP],
-                                      PSNR, **{"psnr-b": [p - 1 for p in PSNR]}))
+    costly = load_curve(
+        write_results(
+            tmp_path / "c.json",
+            "costly",
+            [b * 1.25 for b in BPP],
+            PSNR,
+            **{"psnr-b": [p - 1 for p in PSNR]},
+        )
+    )
     table = bd_rate_table(anchor, [costly])
     assert table["metrics"] == ["psnr-rgb"]
     assert table["rows"][0]["bd-rate"] == {"psnr-rgb": pytest.approx(25.0, abs=1e-6)}
@@ -312,8 +479,13 @@ def test_a_nameless_results_file_is_named_after_its_file(tmp_path):
 
 
 def test_a_scalable_results_file_gives_one_curve_per_layer(tmp_path):
-    path = write_results(tmp_path / "s.json", "scalable", [0.3, 0.1, 0.4, 0.2], [31, 28, 33, 30],
-                         layer=[1, 0, 1, 0])
+    path = write_results(
+        tmp_path / "s.json",
+        "scalable",
+        [0.3, 0.1, 0.4, 0.2],
+        [31, 28, 33, 30],
+        layer=[1, 0, 1, 0],
+    )
     curves = load_curves(path)
     assert [curve.name for curve in curves] == ["scalable layer 0", "scalable layer 1"]
     assert [curve.bpp for curve in curves] == [[0.1, 0.2], [0.3, 0.4]]
@@ -324,10 +496,16 @@ def test_a_scalable_results_file_gives_one_curve_per_layer(tmp_path):
 
 
 def test_every_dash_in_a_table_has_a_note_saying_why(tmp_path):
-    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR,
-                                      **{"psnr-b": [p - 1 for p in PSNR]}))
-    single = load_curve(write_results(tmp_path / "s.json", "single", BPP[:1], PSNR[:1],
-                                      **{"psnr-b": PSNR[:1]}))
+    anchor = load_curve(
+        write_results(
+            tmp_path / "a.json", "a", BPP, PSNR, **{"psnr-b": [p - 1 for p in PSNR]}
+        )
+    )
+    single = load_curve(
+        write_results(
+            tmp_path / "s.json", "single", BPP[:1], PSNR[:1], **{"psnr-b": PSNR[:1]}
+        )
+    )
     no_psnr_b = load_curve(write_results(tmp_path / "n.json", "plain", BPP, PSNR))
     table = bd_rate_table(anchor, [single, no_psnr_b], metrics=["psnr-rgb", "psnr-b"])
     assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None, "psnr-b": None}
@@ -335,13 +513,16 @@ def test_every_dash_in_a_table_has_a_note_saying_why(tmp_path):
     assert table["notes"] == [
         f"single: 1 RD point, but a BD-rate needs at least {MIN_POINTS} per curve (evaluate "
         f"at least {MIN_POINTS} checkpoints or qualities)",
-        f"plain: no psnr-b values in {tmp_path / 'n.json'}"]
+        f"plain: no psnr-b values in {tmp_path / 'n.json'}",
+    ]
     assert format_table(table).endswith("\n- " + "\n- ".join(table["notes"]))
 
 
 def test_an_anchor_with_too_few_points_is_one_note_for_the_whole_table(tmp_path):
     anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP[:2], PSNR[:2]))
-    tests = [load_curve(write_results(tmp_path / f"{k}.json", k, BPP, PSNR)) for k in "tu"]
+    tests = [
+        load_curve(write_results(tmp_path / f"{k}.json", k, BPP, PSNR)) for k in "tu"
+    ]
     table = bd_rate_table(anchor, tests, metrics=["psnr-rgb"])
     assert [row["bd-rate"] for row in table["rows"]] == [{"psnr-rgb": None}] * 2
     assert len(table["notes"]) == 1 and table["notes"][0].startswith("a: 2 RD points")
@@ -352,10 +533,15 @@ def test_an_existing_output_is_refused_unless_forced(capsys, tmp_path, command):
     results = write_results(tmp_path / "a.json", "a", BPP, PSNR)
     output = tmp_path / ("out.png" if command == "plot" else "out.md")
     output.write_text("earlier")
-    argv = (["plot", results] if command == "plot" else ["bdrate", "--anchor", results, results])
+    argv = (
+        ["plot", results]
+        if command == "plot"
+        else ["bdrate", "--anchor", results, results]
+    )
     assert test_script.main(argv + ["-o", str(output)]) == 1
-    assert capsys.readouterr().err.strip() == (f"test.py: error: {output} exists; pass --force "
-                                               "to overwrite")
+    assert capsys.readouterr().err.strip() == (
+        f"test.py: error: {output} exists; pass --force to overwrite"
+    )
     assert output.read_bytes() == b"earlier"
     assert test_script.main(argv + ["-o", str(output), "--force"]) == 0
     assert output.read_bytes() != b"earlier"

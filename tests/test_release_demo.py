@@ -9,9 +9,19 @@ import models
 import test as test_cli
 from models.base import CodingPlan
 from utils.evaluation import demo
-from utils.evaluation.demo import SHIPPED_DIR, _crop_window, demo_image, find_shipped_models
+from utils.evaluation.demo import (
+    SHIPPED_DIR,
+    _crop_window,
+    demo_image,
+    find_shipped_models,
+)
 from utils.stitching.spec import PatchSpec
-from utils.training.release import export_curves, export_weights, read_scalars, training_wall_time
+from utils.training.release import (
+    export_curves,
+    export_weights,
+    read_scalars,
+    training_wall_time,
+)
 
 
 @pytest.fixture
@@ -29,7 +39,9 @@ def test_export_stores_half_precision_weights_that_code_consistently(release, ti
     stored = torch.load(release / "model.pth", map_location="cpu", weights_only=True)
     weight = stored["state_dict"]["g_a.0.conv1.weight"]
     assert weight.dtype == torch.float16
-    assert stored["state_dict"]["gaussian_conditional._quantized_cdf"].dtype == torch.int32
+    assert (
+        stored["state_dict"]["gaussian_conditional._quantized_cdf"].dtype == torch.int32
+    )
     info = json.loads((release / "training.json").read_text())
     assert info["model_config"] == {"N": 8} and info["train_params"]["lmbda"] == 0.01
     assert info["parameters"] == sum(p.numel() for p in tiny_cps.parameters())
@@ -52,14 +64,29 @@ def test_training_curves_merge_resumptions_and_chain_fine_tuning(tmp_path):
     # A run to step 2, resumed from its step-1 checkpoint up to step 3 (same folder,
     # a second event file), then a fine-tuning run (its first log at its step 1) in
     # another folder, whose step k is step 3 + k of the whole history.
-    launches = ((base, 0, [5.0, 4.0, 3.5]), (base, 1, [3.75, 3.0, 2.0]), (tuned, 1, [1.5, 1.0]))
+    launches = (
+        (base, 0, [5.0, 4.0, 3.5]),
+        (base, 1, [3.75, 3.0, 2.0]),
+        (tuned, 1, [1.5, 1.0]),
+    )
     for number, (folder, start, values) in enumerate(launches):
         with SummaryWriter(str(folder), filename_suffix=f".{number}") as writer:
             for step, value in enumerate(values, start):
-                writer.add_scalar("train/loss", value, step, walltime=1000.0 * number + 10 * step)
-            writer.add_scalar("val/psnr", 20.0 + number, start, walltime=1000.0 * number)
+                writer.add_scalar(
+                    "train/loss", value, step, walltime=1000.0 * number + 10 * step
+                )
+            writer.add_scalar(
+                "val/psnr", 20.0 + number, start, walltime=1000.0 * number
+            )
     scalars = read_scalars([str(base), str(tuned)])
-    assert scalars["train/loss"] == [(0, 5.0), (1, 3.75), (2, 3.0), (3, 2.0), (4, 1.5), (5, 1.0)]
+    assert scalars["train/loss"] == [
+        (0, 5.0),
+        (1, 3.75),
+        (2, 3.0),
+        (3, 2.0),
+        (4, 1.5),
+        (5, 1.0),
+    ]
     # Spans of the three launches (20 s, 30 s and 20 s), not the pauses between them.
     assert training_wall_time([str(base), str(tuned)]) == 20.0 + 30.0 + 20.0
     output = tmp_path / "curves.png"
@@ -90,8 +117,19 @@ def test_crop_window_sits_on_a_tile_corner_inside_the_image():
 @pytest.mark.slow  # a large image or a whole demo run
 def test_demo_writes_table_plots_and_results(tmp_path, release, capsys):
     output = tmp_path / "demo"
-    status = test_cli.main(["demo", "--models", str(release), "--images", "chelsea",
-                            "-d", str(output), "--patch-size", "128"])
+    status = test_cli.main(
+        [
+            "demo",
+            "--models",
+            str(release),
+            "--images",
+            "chelsea",
+            "-d",
+            str(output),
+            "--patch-size",
+            "128",
+        ]
+    )
     assert status == 0
     table = capsys.readouterr().out
     assert "CPS λ=0.01 (POPS, P=128)" in table and "naive 128px tiles" in table
@@ -107,9 +145,13 @@ def test_demo_writes_table_plots_and_results(tmp_path, release, capsys):
 
 
 def test_demo_reports_a_missing_model_in_one_line(tmp_path, capsys):
-    status = test_cli.main(["demo", "--models", str(tmp_path / "absent"), "-d", str(tmp_path)])
+    status = test_cli.main(
+        ["demo", "--models", str(tmp_path / "absent"), "-d", str(tmp_path)]
+    )
     assert status == 1
-    assert capsys.readouterr().err.strip().startswith("test.py: error: no model weights")
+    assert (
+        capsys.readouterr().err.strip().startswith("test.py: error: no model weights")
+    )
 
 
 def test_an_earlier_demo_is_kept_unless_forced(tmp_path, capsys):
@@ -117,8 +159,9 @@ def test_an_earlier_demo_is_kept_unless_forced(tmp_path, capsys):
     (tmp_path / "rd.png").write_bytes(b"earlier")
     argv = ["demo", "--models", str(tmp_path / "absent"), "-d", str(tmp_path)]
     assert test_cli.main(argv) == 1
-    assert capsys.readouterr().err.strip() == (f"test.py: error: {tmp_path / 'rd.png'} exists; "
-                                               "pass --force to overwrite")
+    assert capsys.readouterr().err.strip() == (
+        f"test.py: error: {tmp_path / 'rd.png'} exists; pass --force to overwrite"
+    )
     assert test_cli.main(argv + ["--force"]) == 1
     assert "no model weights" in capsys.readouterr().err
     assert (tmp_path / "rd.png").read_bytes() == b"earlier"
@@ -127,8 +170,10 @@ def test_an_earlier_demo_is_kept_unless_forced(tmp_path, capsys):
 @pytest.fixture
 def no_coding(monkeypatch):
     """Makes coding an image fail the test: a refusal must come before any of it."""
+
     def refuse(*args):
         raise AssertionError("the demo started coding before refusing")
+
     monkeypatch.setattr(demo, "ClassicalCoder", refuse)
 
 
@@ -138,14 +183,21 @@ def _one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("info, field", [
-    ("[1]", "must hold a JSON object"),
-    ('{"train_params": [0.01]}', "train_params must be an object"),
-    ('{"train_params": {"lmbda": "abc"}}', "train_params.lmbda must be a positive number"),
-    ('{"train_params": {"lmbda": 0.01', "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "info, field",
+    [
+        ("[1]", "must hold a JSON object"),
+        ('{"train_params": [0.01]}', "train_params must be an object"),
+        (
+            '{"train_params": {"lmbda": "abc"}}',
+            "train_params.lmbda must be a positive number",
+        ),
+        ('{"train_params": {"lmbda": 0.01', "is not valid JSON"),
+    ],
+)
 def test_demo_refuses_a_damaged_training_json_naming_the_file_and_field(
-        tmp_path, release, no_coding, capsys, info, field):
+    tmp_path, release, no_coding, capsys, info, field
+):
     (release / "training.json").write_text(info)
     output = tmp_path / "demo"
     assert test_cli.main(["demo", "--models", str(release), "-d", str(output)]) == 1
@@ -153,17 +205,24 @@ def test_demo_refuses_a_damaged_training_json_naming_the_file_and_field(
     assert not output.exists()
 
 
-@pytest.mark.parametrize("patch_size, message", [
-    ("0", "--patch-size must be a positive multiple of 16 (the POPS patch and naive tile side), "
-          "got 0"),
-    ("-16", "--patch-size must be a positive multiple of 16"),
-    ("7", "--patch-size must be a positive multiple of 16"),
-    # The largest demo image side is 741 px (motorcycle): naive tiles of 8192 px were
-    # padded out to 4 GB after minutes of coding.
-    ("8192", "--patch-size 8192 is larger than the demo images need: at most 752"),
-])
+@pytest.mark.parametrize(
+    "patch_size, message",
+    [
+        (
+            "0",
+            "--patch-size must be a positive multiple of 16 (the POPS patch and naive tile side), "
+            "got 0",
+        ),
+        ("-16", "--patch-size must be a positive multiple of 16"),
+        ("7", "--patch-size must be a positive multiple of 16"),
+        # The largest demo image side is 741 px (motorcycle): naive tiles of 8192 px were
+        # padded out to 4 GB after minutes of coding.
+        ("8192", "--patch-size 8192 is larger than the demo images need: at most 752"),
+    ],
+)
 def test_demo_refuses_a_patch_size_before_coding_and_leaves_no_folder(
-        tmp_path, no_coding, capsys, patch_size, message):
+    tmp_path, no_coding, capsys, patch_size, message
+):
     output = tmp_path / "demo"
     shipped = f"{SHIPPED_DIR}/cps_n64_lambda0013"
     argv = ["demo", "--models", shipped, "-d", str(output), "--patch-size", patch_size]
@@ -177,8 +236,14 @@ def test_demo_loads_every_model_before_coding(tmp_path, no_coding, capsys):
     model codes anything."""
     (tmp_path / "notamodel.pth").write_bytes(b"not a checkpoint")
     output = tmp_path / "demo"
-    argv = ["demo", "--models", f"{SHIPPED_DIR}/cps_n64_lambda0013",
-            str(tmp_path / "notamodel.pth"), "-d", str(output)]
+    argv = [
+        "demo",
+        "--models",
+        f"{SHIPPED_DIR}/cps_n64_lambda0013",
+        str(tmp_path / "notamodel.pth"),
+        "-d",
+        str(output),
+    ]
     assert test_cli.main(argv) == 1
     assert "cannot read checkpoint" in _one_error_line(capsys)
     assert not output.exists()
@@ -186,8 +251,9 @@ def test_demo_loads_every_model_before_coding(tmp_path, no_coding, capsys):
 
 def test_demo_refuses_an_empty_output_folder_name(no_coding, capsys):
     assert test_cli.main(["demo", "-d", ""]) == 1
-    assert _one_error_line(capsys) == ("test.py: error: -d/--output-dir is empty: name the "
-                                       "folder for the demo's files")
+    assert _one_error_line(capsys) == (
+        "test.py: error: -d/--output-dir is empty: name the folder for the demo's files"
+    )
 
 
 def test_half_precision_rounds_the_model_itself_and_keeps_buffer_dtypes(tiny_cps):
@@ -206,23 +272,44 @@ def test_half_precision_rounds_the_model_itself_and_keeps_buffer_dtypes(tiny_cps
             assert state[name].dtype == dtype, name
 
 
-def test_training_json_records_the_checkpoints_run_and_the_extra_facts_win(tmp_path, tiny_cps):
+def test_training_json_records_the_checkpoints_run_and_the_extra_facts_win(
+    tmp_path, tiny_cps
+):
     checkpoint = tmp_path / "checkpoint_best_loss.pth.tar"
-    config = {"train_params": {"lmbda": 0.0035, "N": 8}, "lr_schedule": {"type": "plateau"},
-              "train_data": {"batch_size": 16}}
-    torch.save({"architecture": "cps", "state_dict": tiny_cps.state_dict(), "config": config,
-                "global_step": 1200, "epoch": 3, "best_loss": 0.75, "loss": 0.8}, checkpoint)
-    export_weights(str(checkpoint), str(tmp_path / "out"), {"epoch": 4, "data": "flickr"})
+    config = {
+        "train_params": {"lmbda": 0.0035, "N": 8},
+        "lr_schedule": {"type": "plateau"},
+        "train_data": {"batch_size": 16},
+    }
+    torch.save(
+        {
+            "architecture": "cps",
+            "state_dict": tiny_cps.state_dict(),
+            "config": config,
+            "global_step": 1200,
+            "epoch": 3,
+            "best_loss": 0.75,
+            "loss": 0.8,
+        },
+        checkpoint,
+    )
+    export_weights(
+        str(checkpoint), str(tmp_path / "out"), {"epoch": 4, "data": "flickr"}
+    )
     info = json.loads((tmp_path / "out" / "training.json").read_text())
     assert info["train_params"] == config["train_params"] and info["batch_size"] == 16
-    assert (info["global_step"], info["best_validation_loss"], info["validation_loss"]) == (
-        1200, 0.75, 0.8)
+    assert (
+        info["global_step"],
+        info["best_validation_loss"],
+        info["validation_loss"],
+    ) == (1200, 0.75, 0.8)
     assert info["epoch"] == 4 and info["data"] == "flickr"  # what --info says is kept
     assert info["source_checkpoint"] == "checkpoint_best_loss.pth.tar"
 
 
 def test_release_command_keeps_a_given_wall_time_and_reports_bad_info_in_one_line(
-        tmp_path, capsys):
+    tmp_path, capsys
+):
     from torch.utils.tensorboard import SummaryWriter
 
     from utils.training.release import main
@@ -230,19 +317,41 @@ def test_release_command_keeps_a_given_wall_time_and_reports_bad_info_in_one_lin
     checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
     checkpoint.parent.mkdir()
     torch.manual_seed(0)
-    torch.save({"architecture": "cps",
-                "state_dict": models.build_model("cps", N=8).state_dict()}, checkpoint)
+    torch.save(
+        {
+            "architecture": "cps",
+            "state_dict": models.build_model("cps", N=8).state_dict(),
+        },
+        checkpoint,
+    )
     with SummaryWriter(str(tmp_path / "run")) as writer:
         for step in range(3):
-            writer.add_scalar("train/loss", 1.0 / (step + 1), step, walltime=100.0 + 3600 * step)
+            writer.add_scalar(
+                "train/loss", 1.0 / (step + 1), step, walltime=100.0 + 3600 * step
+            )
     (tmp_path / "info.json").write_text(json.dumps({"training_wall_time_h": 30.5}))
     out = tmp_path / "shipped" / "tiny"
-    assert main([str(checkpoint), str(out), "--runs", str(tmp_path / "run"),
-                 "--info", str(tmp_path / "info.json")]) == 0
-    assert json.loads((out / "training.json").read_text())["training_wall_time_h"] == 30.5
+    assert (
+        main(
+            [
+                str(checkpoint),
+                str(out),
+                "--runs",
+                str(tmp_path / "run"),
+                "--info",
+                str(tmp_path / "info.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        json.loads((out / "training.json").read_text())["training_wall_time_h"] == 30.5
+    )
     assert (out / "training_curves.png").exists()
     assert main([str(checkpoint), str(out), "--runs", str(tmp_path / "run")]) == 0
-    assert json.loads((out / "training.json").read_text())["training_wall_time_h"] == 2.0
+    assert (
+        json.loads((out / "training.json").read_text())["training_wall_time_h"] == 2.0
+    )
     capsys.readouterr()
     (tmp_path / "info.json").write_text("{not json")
     assert main([str(checkpoint), str(out), "--info", str(tmp_path / "info.json")]) == 1

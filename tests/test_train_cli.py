@@ -19,28 +19,42 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_true_without_cuda_trains_on_the_cpu_with_one_warning(tmp_path, train_images, capsys):
+def test_cuda_true_without_cuda_trains_on_the_cpu_with_one_warning(
+    tmp_path, train_images, capsys
+):
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1},
-                             train_data={"cuda": True})
+    cfg = write_train_config(
+        tmp_path,
+        train_images,
+        exp,
+        train_params={"max_steps": 1},
+        train_data={"cuda": True},
+    )
     assert train.main(["--config", cfg]) == 0
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if "warning" in line] == [
         "train.py: warning: train_data.cuda is true but CUDA is not available on this "
-        "machine; training on the CPU"]
+        "machine; training on the CPU"
+    ]
     stored = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
     assert stored["config"]["train_data"]["cuda"] is True and stored["global_step"] == 1
 
 
-@pytest.mark.parametrize("argv_extra, message", [
-    (["--resume"], "checkpoint not found"),
-    (["--init-from", "nowhere.pth"], "checkpoint not found"),
-    (["--set", "train_data.batch_size=64"], "give no full batch"),
-])
+@pytest.mark.parametrize(
+    "argv_extra, message",
+    [
+        (["--resume"], "checkpoint not found"),
+        (["--init-from", "nowhere.pth"], "checkpoint not found"),
+        (["--set", "train_data.batch_size=64"], "give no full batch"),
+    ],
+)
 def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(
-        tmp_path, train_images, capsys, argv_extra, message):
+    tmp_path, train_images, capsys, argv_extra, message
+):
     exp = tmp_path / "runs" / "exp"
-    cfg = write_train_config(tmp_path, train_images, exp, train_data={"num_workers": 64})
+    cfg = write_train_config(
+        tmp_path, train_images, exp, train_data={"num_workers": 64}
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert train.main(["--config", cfg] + argv_extra) == 1
@@ -50,18 +64,25 @@ def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(
     assert not [w for w in caught if "worker" in str(w.message)]
 
 
-def test_an_experiment_path_that_is_a_file_is_a_one_line_error(tmp_path, train_images, capsys):
+def test_an_experiment_path_that_is_a_file_is_a_one_line_error(
+    tmp_path, train_images, capsys
+):
     exp = tmp_path / "exp"
     exp.write_text("notes")
     cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1})
     assert train.main(["--config", cfg]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "experiment_path" in err[0] and "is a file, not a folder" in err[0]
+    assert (
+        len(err) == 1
+        and "experiment_path" in err[0]
+        and "is a file, not a folder" in err[0]
+    )
     assert exp.read_text() == "notes"
 
 
-def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_path, train_images,
-                                                                         monkeypatch):
+def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(
+    tmp_path, train_images, monkeypatch
+):
     import tqdm
 
     class EveryUpdate(tqdm.tqdm):  # redraw at each update, however fast the steps are
@@ -69,9 +90,15 @@ def test_the_bar_shows_running_means_and_is_not_redrawn_after_validation(tmp_pat
             super().__init__(*args, mininterval=0, miniters=1, **kwargs)
 
     monkeypatch.setattr(tqdm, "tqdm", EveryUpdate)
-    cfg = load_config(write_train_config(
-        tmp_path, train_images, tmp_path / "exp", train_params={"max_steps": 4},
-        logging={"progress": True, "val_interval": 0}))
+    cfg = load_config(
+        write_train_config(
+            tmp_path,
+            train_images,
+            tmp_path / "exp",
+            train_params={"max_steps": 4},
+            logging={"progress": True, "val_interval": 0},
+        )
+    )
     out = io.StringIO()
     assert Trainer(cfg, DistContext(0, 1, torch.device("cpu")), log=out).fit() == 0
     text = out.getvalue()
@@ -105,25 +132,32 @@ def test_unusable_images_count_each_image_once_including_index_0():
     tracker.note(torch.tensor([-1, 0, 3, 3, -1]))
     tracker.note(torch.tensor([0, -1]))
     assert tracker.count == 2
-    assert log == ["warning: skipping training image img0.png (broken 0); 1 of 10 unusable so far",
-                   "warning: skipping training image img3.png (broken 3); 2 of 10 unusable so far"]
+    assert log == [
+        "warning: skipping training image img0.png (broken 0); 1 of 10 unusable so far",
+        "warning: skipping training image img3.png (broken 3); 2 of 10 unusable so far",
+    ]
 
 
 def test_unusable_images_stop_the_run_only_past_the_fraction():
     from utils.training.bad_images import UnusableImages
 
     # 2 of 10 at max_bad_fraction 0.2 is at the limit, not past it: the run goes on.
-    tracker = UnusableImages(_Split(10, [("listed.png", "too small")]), "validation", 0.2,
-                             lambda line: None)
+    tracker = UnusableImages(
+        _Split(10, [("listed.png", "too small")]), "validation", 0.2, lambda line: None
+    )
     tracker.note(torch.tensor([4]))
     assert tracker.count == 2
-    with pytest.raises(RuntimeError, match=r"^3 of 10 validation images are unusable, more than "
-                                           r"train_data.max_bad_fraction=0.2; the last: img5.png"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^3 of 10 validation images are unusable, more than "
+        r"train_data.max_bad_fraction=0.2; the last: img5.png",
+    ):
         tracker.note(torch.tensor([5]))
 
 
 def test_the_acl_check_up_front_keeps_the_good_images_and_stops_only_past_the_fraction(
-        tmp_path):
+    tmp_path,
+):
     from PIL import Image
 
     from utils.training.bad_images import usable_images
@@ -138,7 +172,11 @@ def test_the_acl_check_up_front_keeps_the_good_images_and_stops_only_past_the_fr
         paths.append(str(path))
     log = []
     # 1 of 4 at 0.25 is at the limit: kept images only, one warning.
-    assert usable_images(paths, "train", 0.25, None, log.append) == [paths[0]] + paths[2:]
-    assert len(log) == 1 and log[0].startswith(f"warning: skipping train image {paths[1]} (")
+    assert (
+        usable_images(paths, "train", 0.25, None, log.append) == [paths[0]] + paths[2:]
+    )
+    assert len(log) == 1 and log[0].startswith(
+        f"warning: skipping train image {paths[1]} ("
+    )
     with pytest.raises(RuntimeError, match="1 of 4 train images are unusable"):
         usable_images(paths, "train", 0.2, None, log.append)

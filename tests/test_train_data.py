@@ -34,7 +34,9 @@ def make_image_folder(root, n_train=4, n_test=2, size=(72, 80), small=(40, 48)):
         for i in range(count):
             w, h = small if i == 0 else size
             coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
-            coarse.resize((w, h), Image.BILINEAR).save(os.path.join(root, split, f"{i:02d}.png"))
+            coarse.resize((w, h), Image.BILINEAR).save(
+                os.path.join(root, split, f"{i:02d}.png")
+            )
     return str(root)
 
 
@@ -44,9 +46,15 @@ def write_train_config(tmp_path, data, experiment, **blocks):
     ``blocks`` update the defaults, e.g. ``train_params={"max_steps": 3}``.
     """
     cfg = {
-        "train_data": {"data_path": str(data), "batch_size": 2, "test_batch_size": 2,
-                       "epochs": 100, "num_workers": 0, "cuda": False,
-                       "experiment_path": str(experiment)},
+        "train_data": {
+            "data_path": str(data),
+            "batch_size": 2,
+            "test_batch_size": 2,
+            "epochs": 100,
+            "num_workers": 0,
+            "cuda": False,
+            "experiment_path": str(experiment),
+        },
         "train_params": {"crop_size": 64, "lmbda": 0.01, "N": 8, "learning_rate": 1e-3},
         "logging": {"progress": False, "tensorboard": False, "log_interval": 1},
     }
@@ -58,7 +66,9 @@ def write_train_config(tmp_path, data, experiment, **blocks):
 
 
 def test_missing_or_empty_folders_are_one_line_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"missing image folder .*train \(data_path must hold"):
+    with pytest.raises(
+        ValueError, match=r"missing image folder .*train \(data_path must hold"
+    ):
         CropImageFolder(str(tmp_path), "train", 64, True)
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "README.txt").write_text("not an image")
@@ -94,7 +104,9 @@ def test_small_images_are_edge_padded_or_skipped(tmp_path):
     crop, skipped = padded[(0, 0)]  # image 0 is 40 wide, 48 high
     assert skipped.tolist() == [-1] * REPLACEMENTS
     assert crop.shape == (3, 64, 64)
-    original = torch.from_numpy(np.array(Image.open(padded.samples[0]))).permute(2, 0, 1)
+    original = torch.from_numpy(np.array(Image.open(padded.samples[0]))).permute(
+        2, 0, 1
+    )
     original = original.float() / 255
     # A centre crop of the padded 64x64 image is the whole padded image.
     assert torch.allclose(crop[:, :48, :40], original)
@@ -113,13 +125,15 @@ def write_broken_images(folder):
     image = Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG")
-    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    (folder / "truncated.jpg").write_bytes(
+        buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    )
     (folder / "text.jpg").write_text("<html>404 not found</html>")
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
     at = data.index(b"IDAT")
-    data[at + 4 + int.from_bytes(data[at - 4:at], "big")] ^= 0xFF  # the IDAT checksum
+    data[at + 4 + int.from_bytes(data[at - 4 : at], "big")] ^= 0xFF  # the IDAT checksum
     (folder / "bad_crc.png").write_bytes(bytes(data))
     Image.new("L", (12000, 12000)).save(folder / "huge.png")
     return ["bad_crc.png", "huge.png", "text.jpg", "truncated.jpg"]
@@ -133,8 +147,9 @@ def test_unusable_images_are_refused_with_a_reason_before_decoding(tmp_path):
             open_rgb(tmp_path / name, max_pixels=64_000_000)
         reasons[name] = str(info.value)
     assert "checksum" in reasons["bad_crc.png"]
-    assert reasons["huge.png"] == ("12000x12000 pixels is more than "
-                                   "train_data.max_image_pixels=64000000")
+    assert reasons["huge.png"] == (
+        "12000x12000 pixels is more than train_data.max_image_pixels=64000000"
+    )
     assert reasons["text.jpg"] == "not an image file of a format PIL reads"
     assert "truncated" in reasons["truncated.jpg"]
     assert all("\n" not in r for r in reasons.values())
@@ -148,7 +163,9 @@ def test_deep_samples_are_read_for_training_as_for_evaluation(tmp_path):
     from utils.image_io import read_image
 
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 65536, (40, 48), dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 48), dtype=np.uint16)).save(
+        tmp_path / "g16.png"
+    )
     _png16(tmp_path / "c16.png", rng.integers(0, 65536, (40, 48, 3)).astype(np.uint16))
     for name in ("g16.png", "c16.png"):
         expected, _ = read_image(str(tmp_path / name))
@@ -159,8 +176,10 @@ def test_deep_samples_are_read_for_training_as_for_evaluation(tmp_path):
     samples = np.full((40, 48), 1000, np.int32)
     samples[0, 0] = 70000
     Image.fromarray(samples).save(tmp_path / "i32.tif")
-    for name, reason in (("f.tif", "floating-point images are not supported"),
-                         ("i32.tif", "integer samples from 1000 to 70000 do not fit 16 bits")):
+    for name, reason in (
+        ("f.tif", "floating-point images are not supported"),
+        ("i32.tif", "integer samples from 1000 to 70000 do not fit 16 bits"),
+    ):
         with pytest.raises(UnreadableImage) as info:
             open_rgb(tmp_path / name)
         assert str(info.value).startswith(reason), info.value
@@ -170,30 +189,43 @@ def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     broken = write_broken_images(tmp_path / "train")
     ds = CropImageFolder(root, "train", 64, random_crop=False, max_pixels=64_000_000)
-    names = [p.name for p in ds.samples]  # 00.png 01.png 02.png bad_crc huge text truncated
+    names = [
+        p.name for p in ds.samples
+    ]  # 00.png 01.png 02.png bad_crc huge text truncated
     crop, skipped = ds[(names.index("bad_crc.png"), 0)]
-    assert skipped.tolist() == [names.index(n) for n in broken] + [-1] * (REPLACEMENTS - 4)
+    assert skipped.tolist() == [names.index(n) for n in broken] + [-1] * (
+        REPLACEMENTS - 4
+    )
     assert torch.equal(crop, ds[(0, 0)][0])  # the index wrapped around to 00.png
     assert ds.why_unusable(names.index("huge.png")).startswith("12000x12000")
     assert ds.why_unusable(0) == ""
     # Five unusable images in a row: the sample gives up with one line.
     (tmp_path / "train" / "zz.jpg").write_text("not an image either")
     ds = CropImageFolder(root, "train", 64, random_crop=False, max_pixels=64_000_000)
-    with pytest.raises(RuntimeError, match=r"^5 images in a row cannot be used, the last "
-                                           r".*zz\.jpg \(not an image file"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^5 images in a row cannot be used, the last "
+        r".*zz\.jpg \(not an image file",
+    ):
         ds[(names.index("bad_crc.png"), 0)]
 
 
 def test_skip_mode_sets_aside_unreadable_headers_while_listing(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     write_broken_images(tmp_path / "train")
-    ds = CropImageFolder(root, "train", 64, random_crop=True, small_images="skip",
-                         max_pixels=64_000_000)
+    ds = CropImageFolder(
+        root, "train", 64, random_crop=True, small_images="skip", max_pixels=64_000_000
+    )
     # 00.png is too small; text.jpg and huge.png fail at the header; the truncated
     # JPEG and the bad checksum only show when decoded.
     assert ds.skipped == 1 and ds.total == 7
     assert sorted(p.name for p, _ in ds.unusable) == ["huge.png", "text.jpg"]
-    assert [p.name for p in ds.samples] == ["01.png", "02.png", "bad_crc.png", "truncated.jpg"]
+    assert [p.name for p in ds.samples] == [
+        "01.png",
+        "02.png",
+        "bad_crc.png",
+        "truncated.jpg",
+    ]
 
 
 def test_random_crop_depends_only_on_its_seed(tmp_path):
@@ -212,7 +244,9 @@ def test_random_crop_depends_only_on_its_seed(tmp_path):
 def test_sampler_shards_an_epoch_across_ranks_and_resumes_mid_epoch():
     n, world = 10, 3
     samplers = [EpochSampler(n, seed=5, rank=r, world_size=world) for r in range(world)]
-    assert all(isinstance(s, DistributedSampler) and s.num_replicas == world for s in samplers)
+    assert all(
+        isinstance(s, DistributedSampler) and s.num_replicas == world for s in samplers
+    )
     shards = [list(s) for s in samplers]
     assert all(len(s) == 4 for s in shards)  # padded to 12 so all ranks step together
     counts = Counter(i for s in shards for i, _ in s)
@@ -234,8 +268,10 @@ def test_the_largest_config_seed_gives_a_valid_order():
 
 
 def test_validation_sampler_visits_every_image_exactly_once():
-    shards = [list(EpochSampler(5, shuffle=False, rank=r, world_size=2, pad=False))
-              for r in range(2)]
+    shards = [
+        list(EpochSampler(5, shuffle=False, rank=r, world_size=2, pad=False))
+        for r in range(2)
+    ]
     assert sorted(i for s in shards for i, _ in s) == [0, 1, 2, 3, 4]
     assert [i for i, _ in shards[0]] == [0, 2, 4]
 
@@ -257,7 +293,9 @@ def test_images_of_exactly_the_crop_size_are_kept_and_cropped_whole(tmp_path):
     kept = CropImageFolder(root, "train", 64, random_crop=True, small_images="skip")
     assert [p.name for p in kept.samples] == ["01.png", "02.png"] and kept.skipped == 1
     # The only 64x64 window of a 64x64 image is the image, whatever the seed.
-    whole = torch.from_numpy(np.array(Image.open(kept.samples[0]))).permute(2, 0, 1) / 255
+    whole = (
+        torch.from_numpy(np.array(Image.open(kept.samples[0]))).permute(2, 0, 1) / 255
+    )
     for crop_seed in (0, 1, 2):
         assert torch.allclose(kept[(0, crop_seed)][0], whole)
 
@@ -267,7 +305,7 @@ def test_validation_crops_the_centre_of_the_image(tmp_path):
     ds = CropImageFolder(root, "test", 64, random_crop=False)
     image = torch.from_numpy(np.array(Image.open(ds.samples[1]))).permute(2, 0, 1) / 255
     top, left = (150 - 64) // 2, (200 - 64) // 2
-    assert torch.allclose(ds[(1, 0)][0], image[:, top:top + 64, left:left + 64])
+    assert torch.allclose(ds[(1, 0)][0], image[:, top : top + 64, left : left + 64])
 
 
 def test_an_image_of_exactly_max_pixels_is_read(tmp_path):

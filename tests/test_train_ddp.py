@@ -47,10 +47,23 @@ def _torchrun(script, *args):
     """Run ``script`` under torchrun with 2 CPU processes; return its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # Own session, so that a timeout kills the workers too, not only torchrun.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -67,8 +80,13 @@ def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
     # (4 without DDP), so 2 epochs end at global step 4.
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
     exp = tmp_path / "exp"
-    cfg = write_train_config(tmp_path, data, exp, train_data={"batch_size": 1, "epochs": 2},
-                             logging={"tensorboard": True, "progress": False})
+    cfg = write_train_config(
+        tmp_path,
+        data,
+        exp,
+        train_data={"batch_size": 1, "epochs": 2},
+        logging={"tensorboard": True, "progress": False},
+    )
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(repo=REPO, out=str(tmp_path)))
     stderr = _torchrun(wrapper, "--config", cfg)
@@ -78,7 +96,9 @@ def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
     quantiles = [k for k in ranks[0] if k.endswith(".quantiles")]
     assert quantiles == ["entropy_bottleneck.quantiles"]
     for name in ranks[0]:
-        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
+        assert torch.equal(ranks[0][name], ranks[1][name]), (
+            f"{name} differs between ranks"
+        )
 
     ckpt = torch.load(exp / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
     assert (ckpt["global_step"], ckpt["epoch"], ckpt["epoch_step"]) == (4, 2, 0)
@@ -98,8 +118,9 @@ def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["x", "0"])
-def test_a_bad_torchrun_environment_is_a_one_line_error(tmp_path, value, capsys,
-                                                        monkeypatch):
+def test_a_bad_torchrun_environment_is_a_one_line_error(
+    tmp_path, value, capsys, monkeypatch
+):
     import train
 
     data = make_image_folder(tmp_path / "data")
@@ -108,7 +129,11 @@ def test_a_bad_torchrun_environment_is_a_one_line_error(tmp_path, value, capsys,
         monkeypatch.setenv(name, text)
     assert train.main(["--config", cfg]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("train.py: error: ") and "WORLD_SIZE" in err[0]
+    assert (
+        len(err) == 1
+        and err[0].startswith("train.py: error: ")
+        and "WORLD_SIZE" in err[0]
+    )
 
 
 @pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
@@ -117,17 +142,27 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
     straight, split = tmp_path / "straight", tmp_path / "split"
     epochs = {"batch_size": 1, "epochs": 2}
-    _torchrun("train.py", "--config",
-              write_train_config(tmp_path, data, straight, train_data=epochs))
+    _torchrun(
+        "train.py",
+        "--config",
+        write_train_config(tmp_path, data, straight, train_data=epochs),
+    )
     cfg = write_train_config(tmp_path, data, split, train_data=epochs)
     _torchrun("train.py", "--config", cfg, "--set", "train_params.max_steps=1")
-    middle = torch.load(split / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    middle = torch.load(
+        split / "checkpoint.pth.tar", map_location="cpu", weights_only=True
+    )
     assert (middle["global_step"], middle["epoch"], middle["epoch_step"]) == (1, 0, 1)
     _torchrun("train.py", "--config", cfg, "--resume")
 
-    a, b = (torch.load(folder / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-            for folder in (straight, split))
-    assert (a["global_step"], a["epoch"], a["epoch_step"]) == (b["global_step"], b["epoch"],
-                                                             b["epoch_step"]) == (4, 2, 0)
+    a, b = (
+        torch.load(folder / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+        for folder in (straight, split)
+    )
+    assert (
+        (a["global_step"], a["epoch"], a["epoch_step"])
+        == (b["global_step"], b["epoch"], b["epoch_step"])
+        == (4, 2, 0)
+    )
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name

@@ -13,7 +13,8 @@ from utils.training.step import TrainStep, build_optimizers, step_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(
-    "train_throughput", os.path.join(REPO, "benchmarks", "train_throughput.py"))
+    "train_throughput", os.path.join(REPO, "benchmarks", "train_throughput.py")
+)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
@@ -36,9 +37,13 @@ def test_train_step_updates_the_network_exactly_like_the_compressai_example_loop
         optimizer, aux_optimizer = build_optimizers(model, 1e-3, 1e-3)
         criterion = RateDistortionLoss(0.01)
         if use_train_step:
-            step = TrainStep(model, model, criterion, optimizer, aux_optimizer, clip_max_norm=0.1)
+            step = TrainStep(
+                model, model, criterion, optimizer, aux_optimizer, clip_max_norm=0.1
+            )
         else:
-            step = bench.compressai_example_step(model, criterion, optimizer, aux_optimizer, 0.1)
+            step = bench.compressai_example_step(
+                model, criterion, optimizer, aux_optimizer, 0.1
+            )
         for i in range(2):
             torch.manual_seed(step_seed(0, i, 0))  # what TrainStep does itself
             step(x, i)
@@ -56,8 +61,22 @@ def test_train_step_updates_the_network_exactly_like_the_compressai_example_loop
 
 def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "tt.json"
-    argv = ["--batch-size", "1", "--crop", "64", "--N", "8", "--steps", "2", "--warmup", "1",
-            "--repeats", "2", "-o", str(out)]
+    argv = [
+        "--batch-size",
+        "1",
+        "--crop",
+        "64",
+        "--N",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "-o",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["settings"]["N"] == 8 and record["settings"]["crop"] == 64

@@ -14,8 +14,13 @@ import os
 import stat
 import tempfile
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "strict_json", "atomic_write_json",
-           "save_json"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_torch_save",
+    "strict_json",
+    "atomic_write_json",
+    "save_json",
+]
 
 
 def atomic_write_bytes(path, data):
@@ -34,7 +39,9 @@ def atomic_write_bytes(path, data):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
+        raise FileNotFoundError(
+            f"cannot write {path!r}: directory {directory!r} does not exist"
+        )
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path!r}: it is a folder")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
@@ -43,7 +50,9 @@ def atomic_write_bytes(path, data):
         with open(path, "wb") as stream:
             stream.write(data)
         return
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -86,8 +95,9 @@ def _finite_or_none(value):
 def strict_json(document, indent: int = 2, sort_keys: bool = False) -> str:
     """JSON text every parser reads: infinite or NaN numbers (a lossless PSNR, an
     unmeasured figure) become ``null`` instead of Python's non-standard ``NaN``."""
-    return json.dumps(_finite_or_none(document), indent=indent, sort_keys=sort_keys,
-                      allow_nan=False)
+    return json.dumps(
+        _finite_or_none(document), indent=indent, sort_keys=sort_keys, allow_nan=False
+    )
 
 
 def atomic_write_json(path, document, indent: int = 2, sort_keys: bool = False) -> None:

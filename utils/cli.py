@@ -52,36 +52,59 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_coding_arguments(group, patch_default: Optional[str], patch_help_default: str) -> None:
+def add_coding_arguments(
+    group, patch_default: Optional[str], patch_help_default: str
+) -> None:
     """The flags of a learned codec run: patching, batch, budget, device, exactness.
 
     ``patch_default`` None leaves ``--patch-size`` unset (the caller picks a default,
     e.g. the dataset's); ``patch_help_default`` says what that default is.
     """
-    group.add_argument("--patch-size", type=patch_spec,
-                       default=None if patch_default is None else PatchSpec.parse(patch_default),
-                       help=f"POPS patch side in pixels (a multiple of 16 for CPS; models without "
-                            f"POPS code whole images and ignore it), {WHOLE!r} (or 0) for "
-                            f"the whole image, or {AUTO!r} for the patches that fit --max-memory "
-                            f"with the least recomputed overlap (default: {patch_help_default})")
-    group.add_argument("--batch-size", type=positive_int, default=8,
-                       help="most patches per forward pass (default: %(default)s)")
-    group.add_argument("--max-memory", type=memory_budget, default=parse_memory(DEFAULT_BUDGET),
-                       help=f"peak memory of the process (RSS; CUDA allocated memory with "
-                            f"--cuda), e.g. 1GB or 800MB, or {NO_BUDGET} (default: "
-                            f"{DEFAULT_BUDGET})")
-    group.add_argument("--entropy-coder-order", choices=ORDERS, default="wavefront",
-                       help="order in which the context model codes the latent when "
-                            "encoding (raster: CompressAI's, slower); a file records its own, "
-                            "so decoding does not need it (default: %(default)s)")
-    group.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
-    group.add_argument("--fast", action="store_true",
-                       help="CPU: oneDNN convolutions (faster; patch-wise results then equal "
-                            "whole-image ones to float rounding instead of bit for bit)")
+    group.add_argument(
+        "--patch-size",
+        type=patch_spec,
+        default=None if patch_default is None else PatchSpec.parse(patch_default),
+        help=f"POPS patch side in pixels (a multiple of 16 for CPS; models without "
+        f"POPS code whole images and ignore it), {WHOLE!r} (or 0) for "
+        f"the whole image, or {AUTO!r} for the patches that fit --max-memory "
+        f"with the least recomputed overlap (default: {patch_help_default})",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="most patches per forward pass (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-memory",
+        type=memory_budget,
+        default=parse_memory(DEFAULT_BUDGET),
+        help=f"peak memory of the process (RSS; CUDA allocated memory with "
+        f"--cuda), e.g. 1GB or 800MB, or {NO_BUDGET} (default: "
+        f"{DEFAULT_BUDGET})",
+    )
+    group.add_argument(
+        "--entropy-coder-order",
+        choices=ORDERS,
+        default="wavefront",
+        help="order in which the context model codes the latent when "
+        "encoding (raster: CompressAI's, slower); a file records its own, "
+        "so decoding does not need it (default: %(default)s)",
+    )
+    group.add_argument(
+        "--cuda", action="store_true", help="run the networks on the GPU"
+    )
+    group.add_argument(
+        "--fast",
+        action="store_true",
+        help="CPU: oneDNN convolutions (faster; patch-wise results then equal "
+        "whole-image ones to float rounding instead of bit for bit)",
+    )
 
 
-def check_patch_size_for_model(spec: Optional[PatchSpec], model, tiling: Optional[str],
-                               warn: Callable[[str], None]) -> None:
+def check_patch_size_for_model(
+    spec: Optional[PatchSpec], model, tiling: Optional[str], warn: Callable[[str], None]
+) -> None:
     """Check a fixed ``--patch-size`` against the model once it is loaded, before any
     coding: refuse one POPS cannot stitch (``ValueError``, and no warning first), then
     say so when it will not do what it seems to. A model that codes whole images (no
@@ -91,8 +114,10 @@ def check_patch_size_for_model(spec: Optional[PatchSpec], model, tiling: Optiona
     if spec is None or not spec.size or tiling == "naive":
         return
     if not model.supports_patches:
-        warn(f"{model.registry_name} codes whole images (no POPS): --patch-size {spec.size} "
-             f"is ignored (--tiling naive in test.py cuts independent tiles of that size)")
+        warn(
+            f"{model.registry_name} codes whole images (no POPS): --patch-size {spec.size} "
+            f"is ignored (--tiling naive in test.py cuts independent tiles of that size)"
+        )
         return
     if tiling == "none":  # the model codes the whole image, as asked
         return
@@ -101,9 +126,11 @@ def check_patch_size_for_model(spec: Optional[PatchSpec], model, tiling: Optiona
     geometry = model_geometry(model)
     check_patch_size(spec.size, geometry)
     if spec.size < 2 * geometry.overlap:
-        warn(f"--patch-size {spec.size} recomputes most of every patch as overlap (the POPS "
-             f"overlap is {geometry.overlap} px for {model.registry_name}): coding is many "
-             f"times slower than at {4 * geometry.overlap} or auto")
+        warn(
+            f"--patch-size {spec.size} recomputes most of every patch as overlap (the POPS "
+            f"overlap is {geometry.overlap} px for {model.registry_name}): coding is many "
+            f"times slower than at {4 * geometry.overlap} or auto"
+        )
 
 
 # Errors a script reports in one line with exit status 1: bad input, a file system
@@ -185,9 +212,11 @@ def _check_writable(folder: str, what: str) -> None:
 
 def add_force_argument(parser) -> None:
     """``--force``: the one switch that lets a script write over existing output files."""
-    parser.add_argument("--force", action="store_true",
-                        help="write over output files that exist (an input is never "
-                             "overwritten)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write over output files that exist (an input is never overwritten)",
+    )
 
 
 def refuse_existing_outputs(outputs, force: bool) -> None:
@@ -214,7 +243,9 @@ def check_output_path(output: str, inputs) -> None:
     target = os.path.realpath(output)
     for source in inputs:
         if os.path.exists(source) and os.path.realpath(source) == target:
-            raise ValueError(f"output {output} is the input {source}: refusing to overwrite it")
+            raise ValueError(
+                f"output {output} is the input {source}: refusing to overwrite it"
+            )
     if os.path.isdir(output):
         raise ValueError(f"output {output} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(output))

@@ -37,14 +37,20 @@ def save_figure(figure, output: str, title: str = "", dpi: int = 150) -> None:
     directory = os.path.dirname(os.path.abspath(output))
     try:
         if not os.path.isdir(directory):
-            raise ValueError(f"cannot write {output}: folder {directory} does not exist")
+            raise ValueError(
+                f"cannot write {output}: folder {directory} does not exist"
+            )
         if title:
             figure.suptitle(title)
         figure.tight_layout()
         rendered = io.BytesIO()
         # A tight box keeps a legend placed outside the panels in the picture.
-        figure.savefig(rendered, format=os.path.splitext(output)[1].lstrip(".") or "png",
-                       dpi=dpi, bbox_inches="tight")
+        figure.savefig(
+            rendered,
+            format=os.path.splitext(output)[1].lstrip(".") or "png",
+            dpi=dpi,
+            bbox_inches="tight",
+        )
         atomic_write_bytes(output, rendered.getbuffer())
     finally:
         plt.close(figure)

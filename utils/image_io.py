@@ -31,14 +31,17 @@ _IDENTIFY_ONLY_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"
 # File suffixes (lower case) of the formats Pillow decodes, and so :func:`read_image`:
 # training folders and evaluation datasets both list their images by this one set.
 IMAGE_SUFFIXES = frozenset(
-    suffix.lower() for suffix, image_format in Image.registered_extensions().items()
-    if image_format in Image.OPEN and image_format not in _IDENTIFY_ONLY_FORMATS)
+    suffix.lower()
+    for suffix, image_format in Image.registered_extensions().items()
+    if image_format in Image.OPEN and image_format not in _IDENTIFY_ONLY_FORMATS
+)
 
 
 # PIL modes of 8-bit samples, which PIL's own convert("RGB") turns into RGB exactly;
 # other modes (16- and 32-bit integers, floats) need :func:`read_image`'s rules.
-EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK",
-                             "YCbCr", "La", "RGBa"})
+EIGHT_BIT_MODES = frozenset(
+    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
+)
 
 
 def is_image_file(name: str) -> bool:
@@ -55,7 +58,9 @@ class ImageInfo:
     conversions: List[str] = field(default_factory=list)
 
 
-_FLOAT_MESSAGE = "floating-point images are not supported; save the image as 8- or 16-bit PNG"
+_FLOAT_MESSAGE = (
+    "floating-point images are not supported; save the image as 8- or 16-bit PNG"
+)
 
 
 def _to_8bit(array: np.ndarray) -> np.ndarray:
@@ -67,8 +72,10 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
     # values that fit 16 bits can be scaled as 16-bit samples, and clipping the rest
     # would code a different picture.
     if array.size and (int(array.min()) < 0 or int(array.max()) > 65535):
-        raise ValueError(f"integer samples from {int(array.min())} to {int(array.max())} "
-                         "do not fit 16 bits; save the image as 8- or 16-bit PNG")
+        raise ValueError(
+            f"integer samples from {int(array.min())} to {int(array.max())} "
+            "do not fit 16 bits; save the image as 8- or 16-bit PNG"
+        )
     # round(v / 257) in integers (v / 257 is never halfway for an integer v), with
     # 4-byte temporaries instead of float64 ones.
     samples = array.astype(np.uint32)
@@ -120,8 +127,13 @@ def colour_png16_type(header: bytes) -> Optional[int]:
     the module doc says.
     """
     header = header[:_PNG_HEADER_BYTES]
-    if (len(header) == _PNG_HEADER_BYTES and header[:8] == _PNG_SIGNATURE
-            and header[12:16] == b"IHDR" and header[24] == 16 and header[25] in _PNG_COLOUR_TYPES):
+    if (
+        len(header) == _PNG_HEADER_BYTES
+        and header[:8] == _PNG_SIGNATURE
+        and header[12:16] == b"IHDR"
+        and header[24] == 16
+        and header[25] in _PNG_COLOUR_TYPES
+    ):
         return header[25]
     return None
 
@@ -136,8 +148,9 @@ def _read_16bit_colour_png(path: str, colour_type: int) -> Tuple[Tensor, ImageIn
         reason = re.sub(r"^.*?\.cpp:\d+,\s*", "", (str(exc).splitlines() or [""])[0])
         raise ValueError(f"cannot read image {path}: {reason}") from None
     image = torch.from_numpy(_to_8bit(samples.numpy()))
-    info = ImageInfo(mode="RGB;16", grayscale=False,
-                     conversions=["16-bit samples scaled to 8 bits"])
+    info = ImageInfo(
+        mode="RGB;16", grayscale=False, conversions=["16-bit samples scaled to 8 bits"]
+    )
     if colour_type == 6:
         info.conversions.insert(0, "alpha channel dropped")
     return image, info
@@ -178,7 +191,9 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
             mode = image.mode
             gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
             info = ImageInfo(mode=mode, grayscale=gray, conversions=notes)
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+            if mode in ("RGBA", "LA", "PA") or (
+                mode == "P" and "transparency" in image.info
+            ):
                 info.conversions.append("alpha channel dropped")
             if mode == "P":
                 info.conversions.append("palette converted to RGB")
@@ -209,8 +224,10 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
 def write_png(path: str, image: Tensor) -> None:
     """Write a uint8 tensor (1 or 3, H, W) as PNG, atomically."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"expected a uint8 tensor (1 or 3, H, W), "
-                         f"got {image.dtype} {tuple(image.shape)}")
+        raise ValueError(
+            f"expected a uint8 tensor (1 or 3, H, W), "
+            f"got {image.dtype} {tuple(image.shape)}"
+        )
     array = image.permute(1, 2, 0).cpu().numpy()
     picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     buffer = io.BytesIO()

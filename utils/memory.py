@@ -23,7 +23,7 @@ from typing import Iterator, List, Optional
 
 NO_BUDGET_HINT = "run without one (--max-memory none) and choose --patch-size yourself"
 
-_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def parse_memory(text: str) -> int:
@@ -32,11 +32,14 @@ def parse_memory(text: str) -> int:
     Units are binary (1 GB = 2**30 bytes, as for RAM); ``KiB``/``MiB``/``GiB``
     spellings are accepted too.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text),
-                         re.IGNORECASE)
+    match = re.fullmatch(
+        r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE
+    )
     if not match:
-        raise ValueError(f"cannot read memory size {text!r}: expected a number with an optional "
-                         "unit, e.g. 2GB, 512MB")
+        raise ValueError(
+            f"cannot read memory size {text!r}: expected a number with an optional "
+            "unit, e.g. 2GB, 512MB"
+        )
     value = float(match.group(1)) * _UNITS[match.group(2).upper()]
     if value < 1:
         raise ValueError(f"memory size {text!r} is zero")
@@ -46,10 +49,10 @@ def parse_memory(text: str) -> int:
 def format_memory(size: float) -> str:
     """``1536 * 2**20`` -> ``'1536 MB'`` (binary units, as :func:`parse_memory` reads);
     sizes under a megabyte in kilobytes or bytes, so that none reads as ``0 MB``."""
-    if size >= 2 ** 20:
-        return f"{size / 2 ** 20:.0f} MB"
-    if size >= 2 ** 10:
-        return f"{size / 2 ** 10:.0f} KB"
+    if size >= 2**20:
+        return f"{size / 2**20:.0f} MB"
+    if size >= 2**10:
+        return f"{size / 2**10:.0f} KB"
     return f"{size:.0f} B"
 
 
@@ -68,7 +71,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
 _LIBC = _glibc()
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
-_TUNED_THRESHOLD = 2 ** 20  # mmap and trim thresholds once return_freed_memory has run
+_TUNED_THRESHOLD = 2**20  # mmap and trim thresholds once return_freed_memory has run
 _MALLOC_TUNED = False
 
 
@@ -104,13 +107,15 @@ def reuse_freed_memory() -> Iterator[None]:
         yield
         return
     _LIBC.mallopt(_M_MMAP_MAX, 0)
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     try:
         yield
     finally:
         _LIBC.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD,
-                      _TUNED_THRESHOLD if _MALLOC_TUNED else _DEFAULT_TRIM_THRESHOLD)
+        _LIBC.mallopt(
+            _M_TRIM_THRESHOLD,
+            _TUNED_THRESHOLD if _MALLOC_TUNED else _DEFAULT_TRIM_THRESHOLD,
+        )
         _LIBC.malloc_trim(0)
 
 
@@ -145,8 +150,10 @@ def memory_in_use(device) -> int:
         return torch.cuda.memory_allocated(device)
     resident = proc_status_kb("VmRSS")
     if resident is None:
-        raise ValueError(f"a memory budget needs the process's resident memory from "
-                         f"/proc/self/status, which this system lacks; {NO_BUDGET_HINT}")
+        raise ValueError(
+            f"a memory budget needs the process's resident memory from "
+            f"/proc/self/status, which this system lacks; {NO_BUDGET_HINT}"
+        )
     return resident * 1024
 
 
@@ -193,7 +200,7 @@ class PeakMemory:
 
     @property
     def peak_mb(self) -> Optional[float]:
-        return None if self.peak_bytes is None else self.peak_bytes / 2 ** 20
+        return None if self.peak_bytes is None else self.peak_bytes / 2**20
 
     def _read_peak(self) -> int:
         if self.device.type == "cuda":

@@ -30,10 +30,16 @@ class _StrictLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+        if (
+            isinstance(event, yaml.AliasEvent)
+            or getattr(event, "anchor", None) is not None
+        ):
             kind = "alias" if isinstance(event, yaml.AliasEvent) else "anchor"
-            raise _Refused(f"YAML {kind} {('*' if kind == 'alias' else '&') + event.anchor} "
-                           "is not allowed (write the value out)", event.start_mark)
+            raise _Refused(
+                f"YAML {kind} {('*' if kind == 'alias' else '&') + event.anchor} "
+                "is not allowed (write the value out)",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -45,8 +51,10 @@ class _StrictLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: let PyYAML report it
                 break
             if first is not None:
-                raise _Refused(f"duplicate key {key!r} (first on line {first})",
-                               key_node.start_mark)
+                raise _Refused(
+                    f"duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -77,7 +85,9 @@ def load_yaml_text(text: str, source: str) -> Any:
         raise ValueError(f"{source} is not valid YAML: {_describe(exc)}") from None
 
 
-def load_yaml_file(path: str, what: str = "config file", max_bytes: int = MAX_BYTES) -> Any:
+def load_yaml_file(
+    path: str, what: str = "config file", max_bytes: int = MAX_BYTES
+) -> Any:
     """Read and parse the YAML file ``path`` strictly (see the module docstring).
 
     ``what`` starts the error messages (``"config file"``, ``"datasets config"``).
@@ -89,8 +99,10 @@ def load_yaml_file(path: str, what: str = "config file", max_bytes: int = MAX_BY
         raise ValueError(f"{what} not found: {path}")
     size = os.path.getsize(path)
     if size > max_bytes:
-        raise ValueError(f"{what} {path} is {size} bytes, more than the {max_bytes} a "
-                         "config may have")
+        raise ValueError(
+            f"{what} {path} is {size} bytes, more than the {max_bytes} a "
+            "config may have"
+        )
     try:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()

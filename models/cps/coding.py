@@ -82,20 +82,34 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage
     geometry = planner.geometry
     multiple = model.downsampling_factor
     height, width = image.shape[1:]
-    latent_size = (-(-height // multiple) * multiple // geometry.scale,
-                   -(-width // multiple) * multiple // geometry.scale)
+    latent_size = (
+        -(-height // multiple) * multiple // geometry.scale,
+        -(-width // multiple) * multiple // geometry.scale,
+    )
     positions = latent_size[0] * latent_size[1]
     planner.return_freed_memory()
     planner.check_entropy_phase(latent_size, encoding=True, fixed_point=True)
-    patches = planner.plan("analysis", latent_size, plan.patch, plan.batch_size,
-                           held_on_cpu=4 * model.M * positions)
+    patches = planner.plan(
+        "analysis",
+        latent_size,
+        plan.patch,
+        plan.batch_size,
+        held_on_cpu=4 * model.M * positions,
+    )
 
     y = channels_last_buffer(model.M, *latent_size)
     with transform_mode(device, plan.exact):
-        run_patchwise(model.g_a, image[None], y,
-                      plan_patches(*latent_size, patches.patch_size, geometry),
-                      geometry.scale, 1, patches.batch_size, device,
-                      prepare=input_preparation("analysis", device))
+        run_patchwise(
+            model.g_a,
+            image[None],
+            y,
+            plan_patches(*latent_size, patches.patch_size, geometry),
+            geometry.scale,
+            1,
+            patches.batch_size,
+            device,
+            prepare=input_preparation("analysis", device),
+        )
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
@@ -106,21 +120,32 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage
         z_bits = float(-entropy.entropy_bottleneck(z)[1].log2().sum())
     y_string, y_hat, y_bits = ContextCoder(entropy, plan.order).encode(y[0], params)
     return CompressedImage(
-        height=height, width=width,
+        height=height,
+        width=width,
         pad_bottom=latent_size[0] * geometry.scale - height,
         pad_right=latent_size[1] * geometry.scale - width,
-        architecture=model.registry_name, fingerprint=model_fingerprint(model),
-        order=plan.order, grayscale=plan.grayscale, y_hat_crc=tensor_crc(y_hat),
-        z_string=z_string, y_string=y_string, estimated_bits=y_bits + z_bits, fixed_point=True,
+        architecture=model.registry_name,
+        fingerprint=model_fingerprint(model),
+        order=plan.order,
+        grayscale=plan.grayscale,
+        y_hat_crc=tensor_crc(y_hat),
+        z_string=z_string,
+        y_string=y_string,
+        estimated_bits=y_bits + z_bits,
+        fixed_point=True,
     )
 
 
 def _check_padding(model: nn.Module, compressed: CompressedImage) -> None:
     multiple = model.downsampling_factor
-    for size, pad in ((compressed.height, compressed.pad_bottom),
-                      (compressed.width, compressed.pad_right)):
+    for size, pad in (
+        (compressed.height, compressed.pad_bottom),
+        (compressed.width, compressed.pad_right),
+    ):
         if (size + pad) % multiple or pad >= multiple:
-            raise BitstreamError(f"inconsistent size {size} with padding {pad} in the file header")
+            raise BitstreamError(
+                f"inconsistent size {size} with padding {pad} in the file header"
+            )
 
 
 def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> Tensor:
@@ -135,20 +160,31 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
     device = model_device(model)
     planner = Planner(model, device, plan.budget_bytes, plan.exact)
     geometry = planner.geometry
-    latent_size = ((compressed.height + compressed.pad_bottom) // geometry.scale,
-                   (compressed.width + compressed.pad_right) // geometry.scale)
-    z_size = (latent_size[0] * geometry.scale // model.downsampling_factor,
-              latent_size[1] * geometry.scale // model.downsampling_factor)
+    latent_size = (
+        (compressed.height + compressed.pad_bottom) // geometry.scale,
+        (compressed.width + compressed.pad_right) // geometry.scale,
+    )
+    z_size = (
+        latent_size[0] * geometry.scale // model.downsampling_factor,
+        latent_size[1] * geometry.scale // model.downsampling_factor,
+    )
     channels = 1 if compressed.grayscale else 3
     planner.return_freed_memory()
-    planner.check_entropy_phase(latent_size, encoding=False, fixed_point=compressed.fixed_point)
+    planner.check_entropy_phase(
+        latent_size, encoding=False, fixed_point=compressed.fixed_point
+    )
     # Planned before any work, counting what the synthesis phase will hold: y_hat's
     # padded buffer and the output image.
     border = 2 * (model.context_prediction.kernel_size[0] // 2)
     y_hat_bytes = 4 * model.M * (latent_size[0] + border) * (latent_size[1] + border)
     image_bytes = channels * compressed.height * compressed.width
-    patches = planner.plan("synthesis", latent_size, plan.patch, plan.batch_size,
-                           held_on_cpu=y_hat_bytes + image_bytes)
+    patches = planner.plan(
+        "synthesis",
+        latent_size,
+        plan.patch,
+        plan.batch_size,
+        held_on_cpu=y_hat_bytes + image_bytes,
+    )
 
     entropy = _cpu_copy(model)
     with torch.inference_mode(), single_threaded():
@@ -156,22 +192,36 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
         z_string = safe_string(compressed.z_string, z_symbols, "z")
         z_hat = entropy.entropy_bottleneck.decompress([z_string], z_size)
         params = _hyper_params(entropy, z_hat, compressed.fixed_point)
-    y_hat = ContextCoder(entropy, compressed.order,
-                         fixed_point=compressed.fixed_point).decode(compressed.y_string, params)
+    y_hat = ContextCoder(
+        entropy, compressed.order, fixed_point=compressed.fixed_point
+    ).decode(compressed.y_string, params)
     del params
     if tensor_crc(y_hat) != compressed.y_hat_crc:
-        cause = ("the file is damaged" if compressed.fixed_point else
-                 "the file is damaged, or was written before the fixed-point entropy model on "
-                 "a machine whose float32 results differ from this one")
-        raise BitstreamError(f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
-                             f"{cause}")
+        cause = (
+            "the file is damaged"
+            if compressed.fixed_point
+            else "the file is damaged, or was written before the fixed-point entropy model on "
+            "a machine whose float32 results differ from this one"
+        )
+        raise BitstreamError(
+            f"decoded latent differs from the encoder's (y_hat CRC mismatch): {cause}"
+        )
 
     planner.return_freed_memory()
-    output = channels_last_buffer(channels, compressed.height, compressed.width, torch.uint8)
+    output = channels_last_buffer(
+        channels, compressed.height, compressed.width, torch.uint8
+    )
     with transform_mode(device, plan.exact):
-        run_patchwise(model.g_s, y_hat[None], output,
-                      plan_patches(*latent_size, patches.patch_size, geometry),
-                      1, geometry.scale, patches.batch_size, device,
-                      prepare=input_preparation("synthesis", device),
-                      finish=gray_uint8 if compressed.grayscale else to_uint8)
+        run_patchwise(
+            model.g_s,
+            y_hat[None],
+            output,
+            plan_patches(*latent_size, patches.patch_size, geometry),
+            1,
+            geometry.scale,
+            patches.batch_size,
+            device,
+            prepare=input_preparation("synthesis", device),
+            finish=gray_uint8 if compressed.grayscale else to_uint8,
+        )
     return output[0]

@@ -115,10 +115,16 @@ class CapturableEntropyBottleneck(EntropyBottleneck):
     Parameters, buffers, coding and the auxiliary loss are inherited unchanged.
     """
 
-    def forward(self, x: Tensor, training: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, training: Optional[bool] = None
+    ) -> Tuple[Tensor, Tensor]:
         if training is None:
             training = self.training
-        swap = (1, 0, *range(2, x.dim()))  # (B, C, ...) <-> (C, B, ...); its own inverse
+        swap = (
+            1,
+            0,
+            *range(2, x.dim()),
+        )  # (B, C, ...) <-> (C, B, ...); its own inverse
         channels_first = x.permute(*swap).contiguous()
         shape = channels_first.shape
         values = channels_first.reshape(shape[0], 1, -1)
@@ -127,5 +133,7 @@ class CapturableEntropyBottleneck(EntropyBottleneck):
         likelihood = self._likelihood(outputs)[0]
         if self.use_likelihood_bound:
             likelihood = self.likelihood_lower_bound(likelihood)
-        return (outputs.reshape(shape).permute(*swap).contiguous(),
-                likelihood.reshape(shape).permute(*swap).contiguous())
+        return (
+            outputs.reshape(shape).permute(*swap).contiguous(),
+            likelihood.reshape(shape).permute(*swap).contiguous(),
+        )

@@ -56,8 +56,10 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
 
     def __init__(self, N: int = 192, brb_kernel_size: int = 3):
         if brb_kernel_size not in BRB_KERNEL_SIZES:
-            raise ValueError(f"brb_kernel_size must be one of {BRB_KERNEL_SIZES}, "
-                             f"got {brb_kernel_size!r}")
+            raise ValueError(
+                f"brb_kernel_size must be one of {BRB_KERNEL_SIZES}, "
+                f"got {brb_kernel_size!r}"
+            )
         super().__init__(N=N, M=N)
         # Built on a side RNG and given the original's initial values, so that the
         # weights drawn below (and every seeded model) stay as they were.
@@ -98,7 +100,9 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
             nn.LeakyReLU(inplace=True),
             nn.Conv2d(N * 3 // 2, N * 2, kernel_size=1),
         )
-        self.context_prediction = CausalConv2d(N, 2 * N, kernel_size=5, padding=2, stride=1)
+        self.context_prediction = CausalConv2d(
+            N, 2 * N, kernel_size=5, padding=2, stride=1
+        )
 
     @property
     def downsampling_factor(self) -> int:
@@ -131,8 +135,10 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
     def from_state_dict(cls, state_dict):
         """Build a model whose width N and BRB kernel are read from the weights,
         then load them."""
-        net = cls(N=state_dict["g_a.0.conv1.weight"].size(0),
-                  brb_kernel_size=state_dict["g_a.1.conv1.weight"].size(-1))
+        net = cls(
+            N=state_dict["g_a.0.conv1.weight"].size(0),
+            brb_kernel_size=state_dict["g_a.1.conv1.weight"].size(-1),
+        )
         load_state_dict_into(net, state_dict)
         return net
 
@@ -147,10 +153,14 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
     def compress(self, x, *args, **kwargs):
         """Refused: CPS codes through :meth:`encode`, whose files carry the POPS
         geometry's padding, the checkpoint fingerprint and the latent CRC."""
-        raise NotImplementedError("CPS does not use CompressAI's compress(); call "
-                                  "model.encode(image_uint8, CodingPlan()) instead")
+        raise NotImplementedError(
+            "CPS does not use CompressAI's compress(); call "
+            "model.encode(image_uint8, CodingPlan()) instead"
+        )
 
     def decompress(self, *args, **kwargs):
         """Refused, as :meth:`compress`."""
-        raise NotImplementedError("CPS does not use CompressAI's decompress(); call "
-                                  "model.decode(payload, CodingPlan()) instead")
+        raise NotImplementedError(
+            "CPS does not use CompressAI's decompress(); call "
+            "model.decode(payload, CodingPlan()) instead"
+        )

@@ -98,8 +98,12 @@ class _Float32Product:
         self.weight, self.bias = weight, bias
 
     def __call__(self, h: Tensor) -> Tensor:
-        return torch.cat([F.linear(chunk.clone(), self.weight, self.bias)
-                          for chunk in h.split(ROWS_PER_PRODUCT)])
+        return torch.cat(
+            [
+                F.linear(chunk.clone(), self.weight, self.bias)
+                for chunk in h.split(ROWS_PER_PRODUCT)
+            ]
+        )
 
 
 class _FixedPointProduct:
@@ -132,7 +136,9 @@ class _Front(NamedTuple):
 def _front_slots(rows: Tensor, cols: Tensor, grid_rows: int) -> _Front:
     """Block row ``i`` goes to slot ``i % ROWS_PER_PRODUCT`` of its product."""
     base = int(rows.min()) // ROWS_PER_PRODUCT * ROWS_PER_PRODUCT
-    span = (int(rows.max()) - base) // ROWS_PER_PRODUCT * ROWS_PER_PRODUCT + ROWS_PER_PRODUCT
+    span = (
+        int(rows.max()) - base
+    ) // ROWS_PER_PRODUCT * ROWS_PER_PRODUCT + ROWS_PER_PRODUCT
     used = torch.zeros(span, dtype=torch.bool)
     used[rows - base] = True
     slot_cols = torch.zeros(span, dtype=torch.long)
@@ -151,8 +157,11 @@ class _Linear:
     def __init__(self, conv: nn.Conv2d, fixed_point: bool):
         if conv.kernel_size != (1, 1):
             raise ValueError(f"expected a 1x1 convolution, got {conv.kernel_size}")
-        self.product = _product(_cpu(conv.weight).reshape(conv.out_channels, -1),
-                                _cpu(conv.bias), fixed_point)
+        self.product = _product(
+            _cpu(conv.weight).reshape(conv.out_channels, -1),
+            _cpu(conv.bias),
+            fixed_point,
+        )
 
     def __call__(self, h: Tensor) -> Tensor:
         return self.product(h)
@@ -162,8 +171,11 @@ class _GDN:
     """CompressAI's GDN / IGDN on rows: ``x * rsqrt(beta + gamma x^2)`` (sqrt if inverse)."""
 
     def __init__(self, gdn: GDN, fixed_point: bool):
-        self.norm = _product(_cpu(gdn.gamma_reparam(gdn.gamma)), _cpu(gdn.beta_reparam(gdn.beta)),
-                             fixed_point)
+        self.norm = _product(
+            _cpu(gdn.gamma_reparam(gdn.gamma)),
+            _cpu(gdn.beta_reparam(gdn.beta)),
+            fixed_point,
+        )
         self.inverse = gdn.inverse
 
     def __call__(self, h: Tensor) -> Tensor:
@@ -190,13 +202,17 @@ class _Masked:
         centre = conv.kernel_size[0] // 2
         weight = _cpu(conv.weight)[:, :, self.tap_rows + centre, self.tap_cols + centre]
         # Channel-major, taps inner.
-        self.product = _product(weight.reshape(conv.out_channels, -1), _cpu(conv.bias),
-                                fixed_point)
+        self.product = _product(
+            weight.reshape(conv.out_channels, -1), _cpu(conv.bias), fixed_point
+        )
         self.in_channels = conv.in_channels
 
-    def __call__(self, feature_map: Tensor, pad: int, rows: Tensor, cols: Tensor) -> Tensor:
-        window = feature_map[:, rows[:, None] + self.tap_rows + pad,
-                             cols[:, None] + self.tap_cols + pad]        # (C, n, taps)
+    def __call__(
+        self, feature_map: Tensor, pad: int, rows: Tensor, cols: Tensor
+    ) -> Tensor:
+        window = feature_map[
+            :, rows[:, None] + self.tap_rows + pad, cols[:, None] + self.tap_cols + pad
+        ]  # (C, n, taps)
         window = window.permute(1, 0, 2).reshape(len(rows), -1)
         return self.product(window)
 
@@ -227,21 +243,32 @@ class _Session:
         return self.maps[id(layer)]
 
     def reconstruction(self) -> Tensor:
-        return self.z_hat[:, self.pad:self.pad + self.rows, self.pad:self.pad + self.cols]
+        return self.z_hat[
+            :, self.pad : self.pad + self.rows, self.pad : self.pad + self.cols
+        ]
 
 
 class _RowNetwork:
     """``layers(context(z_hat) [+ source(side input)])`` evaluated at given positions."""
 
-    def __init__(self, context: BlockMaskedConv2d, layers: nn.Module, fixed_point: bool,
-                 source: Optional[nn.Conv2d] = None):
+    def __init__(
+        self,
+        context: BlockMaskedConv2d,
+        layers: nn.Module,
+        fixed_point: bool,
+        source: Optional[nn.Conv2d] = None,
+    ):
         self.context = _Masked(context, fixed_point)
         self.source = _Linear(source, fixed_point) if source is not None else None
         self.layers = [_row_layer(m, fixed_point) for m in layers]
-        self.reach = max([self.context.reach]
-                         + [m.reach for m in self.layers if isinstance(m, _Masked)])
+        self.reach = max(
+            [self.context.reach]
+            + [m.reach for m in self.layers if isinstance(m, _Masked)]
+        )
 
-    def __call__(self, session: _Session, front: _Front, side: Optional[Tensor] = None) -> Tensor:
+    def __call__(
+        self, session: _Session, front: _Front, side: Optional[Tensor] = None
+    ) -> Tensor:
         pad, rows, cols = session.pad, front.rows, front.cols
         h = self.context(session.z_hat, pad, rows, cols)
         if self.source is not None:
@@ -249,7 +276,9 @@ class _RowNetwork:
         for layer in self.layers:
             if isinstance(layer, _Masked):
                 feature_map = session.feature_map(layer)
-                feature_map[:, rows[front.used] + pad, cols[front.used] + pad] = h[front.used].t()
+                feature_map[:, rows[front.used] + pad, cols[front.used] + pad] = h[
+                    front.used
+                ].t()
                 h = layer(feature_map, pad, rows, cols)
             else:
                 h = layer(h)
@@ -267,23 +296,31 @@ class BlockCoder:
             every machine), or float32 as files written before it.
     """
 
-    def __init__(self, model: nn.Module, order: str = "wavefront", fixed_point: bool = True):
+    def __init__(
+        self, model: nn.Module, order: str = "wavefront", fixed_point: bool = True
+    ):
         if order not in ORDERS:
-            raise ValueError(f"unknown block coding order {order!r}; choose from {ORDERS}")
+            raise ValueError(
+                f"unknown block coding order {order!r}; choose from {ORDERS}"
+            )
         conditional = model.gaussian_conditional
         if conditional.quantized_cdf.numel() == 0:
-            raise RuntimeError("the model has no entropy tables: "
-                               "call model.update(force=True) first")
+            raise RuntimeError(
+                "the model has no entropy tables: call model.update(force=True) first"
+            )
         self.order = order
         self.slope = model.wavefront_slope
         self.channels = model.block_channels
         self.latent_channels = model.M
-        self.entropy = _RowNetwork(model.entropy_parameters[0], model.entropy_parameters[1:],
-                                   fixed_point)
-        self.encoder = _RowNetwork(model.g_a_context, model.g_a, fixed_point,
-                                   source=model.g_a_source)
-        self.decoder = _RowNetwork(model.g_s_context, model.g_s, fixed_point,
-                                   source=model.g_s_latent)
+        self.entropy = _RowNetwork(
+            model.entropy_parameters[0], model.entropy_parameters[1:], fixed_point
+        )
+        self.encoder = _RowNetwork(
+            model.g_a_context, model.g_a, fixed_point, source=model.g_a_source
+        )
+        self.decoder = _RowNetwork(
+            model.g_s_context, model.g_s, fixed_point, source=model.g_s_latent
+        )
         self.pad = max(self.entropy.reach, self.encoder.reach, self.decoder.reach)
         self.conditional = copy.deepcopy(conditional).cpu()
         self.cdfs = self.conditional.quantized_cdf.tolist()
@@ -303,7 +340,9 @@ class BlockCoder:
     def _reconstruct(self, session: _Session, front: _Front, y_hat: Tensor) -> None:
         x_hat = self.decoder(session, front, side=y_hat).clamp_(-0.5, 0.5)[front.used]
         pad = session.pad
-        session.z_hat[:, front.rows[front.used] + pad, front.cols[front.used] + pad] = x_hat.t()
+        session.z_hat[:, front.rows[front.used] + pad, front.cols[front.used] + pad] = (
+            x_hat.t()
+        )
 
     def _bits(self, y_hat: Tensor, scales: Tensor, means: Tensor) -> float:
         likelihood = self.conditional._likelihood(y_hat, scales, means)
@@ -318,8 +357,10 @@ class BlockCoder:
         """
         blocks = _cpu(blocks)
         if blocks.dim() != 3 or blocks.shape[0] != self.channels:
-            raise ValueError(f"expected a block grid ({self.channels}, R, K), "
-                             f"got {tuple(blocks.shape)}")
+            raise ValueError(
+                f"expected a block grid ({self.channels}, R, K), "
+                f"got {tuple(blocks.shape)}"
+            )
         grid_rows, grid_cols = blocks.shape[1:]
         session = _Session(self.channels, grid_rows, grid_cols, self.pad)
         y_hat_grid = torch.zeros(self.latent_channels, grid_rows, grid_cols)
@@ -330,7 +371,9 @@ class BlockCoder:
             for rows, cols in self.fronts(grid_rows, grid_cols):
                 front = _front_slots(rows, cols, grid_rows)
                 scales, means = self._parameters(session, front)
-                y = self.encoder(session, front, side=blocks[:, front.rows, front.cols].t())
+                y = self.encoder(
+                    session, front, side=blocks[:, front.rows, front.cols].t()
+                )
                 front_symbols = self.conditional.quantize(y, "symbols", means)
                 y_hat = self.conditional.dequantize(front_symbols, means)
                 self._reconstruct(session, front, y_hat)
@@ -340,34 +383,47 @@ class BlockCoder:
                 indexes.append(self.conditional.build_indexes(scales[used]).reshape(-1))
                 bits += self._bits(y_hat[used], scales[used], means[used])
         encoder = BufferedRansEncoder()
-        encoder.encode_with_indexes(torch.cat(symbols).tolist(), torch.cat(indexes).tolist(),
-                                    self.cdfs, self.cdf_lengths, self.offsets)
+        encoder.encode_with_indexes(
+            torch.cat(symbols).tolist(),
+            torch.cat(indexes).tolist(),
+            self.cdfs,
+            self.cdf_lengths,
+            self.offsets,
+        )
         return encoder.flush(), y_hat_grid, session.reconstruction().clone(), bits
 
     def _decode_front(self, decoder: RansDecoder, indexes: Tensor) -> Tensor:
         """Decode one front's symbols, handing rANS only the CDF rows the front uses."""
         used, local = torch.unique(indexes.reshape(-1), return_inverse=True)
         used = used.tolist()
-        values = decoder.decode_stream(local.tolist(), [self.cdfs[i] for i in used],
-                                       [self.cdf_lengths[i] for i in used],
-                                       [self.offsets[i] for i in used])
+        values = decoder.decode_stream(
+            local.tolist(),
+            [self.cdfs[i] for i in used],
+            [self.cdf_lengths[i] for i in used],
+            [self.offsets[i] for i in used],
+        )
         return torch.tensor(values, dtype=torch.int32).reshape(indexes.shape)
 
     @torch.inference_mode()
-    def decode(self, string: bytes, grid_rows: int, grid_cols: int) -> Tuple[Tensor, Tensor]:
+    def decode(
+        self, string: bytes, grid_rows: int, grid_cols: int
+    ) -> Tuple[Tensor, Tensor]:
         """Rebuild (y_hat (M, R, K), reconstruction (3B^2, R, K)) from ``string``;
         any string is safe to decode (:func:`~utils.coding.rans.safe_string`)."""
         session = _Session(self.channels, grid_rows, grid_cols, self.pad)
         y_hat_grid = torch.zeros(self.latent_channels, grid_rows, grid_cols)
         decoder = RansDecoder()
-        decoder.set_stream(safe_string(string, self.latent_channels * grid_rows * grid_cols, "y"))
+        decoder.set_stream(
+            safe_string(string, self.latent_channels * grid_rows * grid_cols, "y")
+        )
         with single_threaded():
             for rows, cols in self.fronts(grid_rows, grid_cols):
                 front = _front_slots(rows, cols, grid_rows)
                 scales, means = self._parameters(session, front)
                 front_symbols = torch.zeros(means.shape, dtype=torch.int32)
                 front_symbols[front.used] = self._decode_front(
-                    decoder, self.conditional.build_indexes(scales[front.used]))
+                    decoder, self.conditional.build_indexes(scales[front.used])
+                )
                 y_hat = self.conditional.dequantize(front_symbols, means)
                 self._reconstruct(session, front, y_hat)
                 y_hat_grid[:, rows, cols] = y_hat[front.used].t()

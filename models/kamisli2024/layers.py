@@ -28,18 +28,24 @@ def to_blocks(x: Tensor, block_size: int) -> Tensor:
     """
     n, c, height, width = x.shape
     if height % block_size or width % block_size:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the block size "
-                         f"{block_size}; pad it first")
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the block size "
+            f"{block_size}; pad it first"
+        )
     rows, cols = height // block_size, width // block_size
     x = x.reshape(n, c, rows, block_size, cols, block_size)
-    return x.permute(0, 3, 5, 1, 2, 4).reshape(n, block_size * block_size * c, rows, cols)
+    return x.permute(0, 3, 5, 1, 2, 4).reshape(
+        n, block_size * block_size * c, rows, cols
+    )
 
 
 def from_blocks(blocks: Tensor, block_size: int, channels: int = 3) -> Tensor:
     """Exact inverse of :func:`to_blocks`: (N, C*B*B, R, K) -> (N, C, R*B, K*B)."""
     n, _, rows, cols = blocks.shape
     x = blocks.reshape(n, block_size, block_size, channels, rows, cols)
-    return x.permute(0, 3, 4, 1, 5, 2).reshape(n, channels, rows * block_size, cols * block_size)
+    return x.permute(0, 3, 4, 1, 5, 2).reshape(
+        n, channels, rows * block_size, cols * block_size
+    )
 
 
 def block_mask(kind: str, kernel_size: int) -> Tensor:
@@ -52,7 +58,9 @@ def block_mask(kind: str, kernel_size: int) -> Tensor:
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind {kind!r}; choose from {MASK_KINDS}")
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"masked convolutions need an odd kernel size, got {kernel_size}")
+        raise ValueError(
+            f"masked convolutions need an odd kernel size, got {kernel_size}"
+        )
     centre = kernel_size // 2
     mask = torch.zeros(kernel_size, kernel_size, device="cpu")
     mask[:centre] = 1
@@ -72,15 +80,23 @@ class BlockMaskedConv2d(nn.Conv2d):
     that state dicts hold no meaningless values.
     """
 
-    def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size: int):
+    def __init__(
+        self, kind: str, in_channels: int, out_channels: int, kernel_size: int
+    ):
         mask = block_mask(kind, kernel_size)
         if mask.sum() == 0:
             raise ValueError(f"a kind {kind!r} mask of size {kernel_size} sees nothing")
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2
+        )
         self.kind = kind
         centre = kernel_size // 2
-        self._taps = [(int(i) - centre, int(j) - centre) for i, j in torch.nonzero(mask)]
-        self.register_buffer("mask", mask[None, None].to(self.weight.device), persistent=False)
+        self._taps = [
+            (int(i) - centre, int(j) - centre) for i, j in torch.nonzero(mask)
+        ]
+        self.register_buffer(
+            "mask", mask[None, None].to(self.weight.device), persistent=False
+        )
         with torch.no_grad():
             self.weight.mul_(self.mask)
 
@@ -97,7 +113,9 @@ def layer_taps(layer: nn.Module) -> List[Offset]:
     if isinstance(layer, BlockMaskedConv2d):
         return layer.taps()
     if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
-        raise ValueError(f"unmasked {layer.kernel_size} convolution would break causality")
+        raise ValueError(
+            f"unmasked {layer.kernel_size} convolution would break causality"
+        )
     return [(0, 0)]
 
 

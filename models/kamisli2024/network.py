@@ -39,7 +39,12 @@ from torch import Tensor, nn
 from models.base import ClosedLoopTrainable, CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.kamisli2024.coding import BlockCoder, BlockPayload
-from models.kamisli2024.layers import BlockMaskedConv2d, from_blocks, network_reach, to_blocks
+from models.kamisli2024.layers import (
+    BlockMaskedConv2d,
+    from_blocks,
+    network_reach,
+    to_blocks,
+)
 from models.kamisli2024.published import (
     check_authors_masks,
     is_authors_layout,
@@ -59,35 +64,53 @@ from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.stitching.planner import check_whole_image_fits
 
 
-def _masked_or_plain(kind: str, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
+def _masked_or_plain(
+    kind: str, in_channels: int, out_channels: int, kernel_size: int
+) -> nn.Conv2d:
     """A 1x1 kind-B masked convolution is a plain 1x1 convolution."""
     if kernel_size == 1 and kind == "B":
         return nn.Conv2d(in_channels, out_channels, 1)
     return BlockMaskedConv2d(kind, in_channels, out_channels, kernel_size)
 
 
-def _check_arguments(block_size: int, N: int, M: int, kernel_sizes: Sequence[int]) -> None:
+def _check_arguments(
+    block_size: int, N: int, M: int, kernel_sizes: Sequence[int]
+) -> None:
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if not isinstance(N, int) or N < 8 or N % 8:
-        raise ValueError(f"N must be a positive multiple of 8 (widths 7N/8, 6N/8, ...), got {N!r}")
+        raise ValueError(
+            f"N must be a positive multiple of 8 (widths 7N/8, 6N/8, ...), got {N!r}"
+        )
     if not isinstance(M, int) or M < 1:
         raise ValueError(f"M must be a positive integer, got {M!r}")
     if len(kernel_sizes) != 4 or any(not isinstance(k, int) for k in kernel_sizes):
-        raise ValueError(f"kernel_sizes must be 4 integers like [3, 1, 1, 1], got {kernel_sizes!r}")
-    if (kernel_sizes[0] < 3 or kernel_sizes[0] % 2 == 0
-            or kernel_sizes[1] < 1 or kernel_sizes[1] % 2 == 0):
-        raise ValueError(f"kernel_sizes[0] must be odd and >= 3, kernel_sizes[1] odd, "
-                         f"got {kernel_sizes!r}")
+        raise ValueError(
+            f"kernel_sizes must be 4 integers like [3, 1, 1, 1], got {kernel_sizes!r}"
+        )
+    if (
+        kernel_sizes[0] < 3
+        or kernel_sizes[0] % 2 == 0
+        or kernel_sizes[1] < 1
+        or kernel_sizes[1] % 2 == 0
+    ):
+        raise ValueError(
+            f"kernel_sizes[0] must be odd and >= 3, kernel_sizes[1] odd, "
+            f"got {kernel_sizes!r}"
+        )
     if tuple(kernel_sizes[2:]) != (1, 1):
-        raise ValueError(f"the v9 network uses 1x1 layers after the second; kernel_sizes[2:] must "
-                         f"be [1, 1], got {list(kernel_sizes[2:])}")
+        raise ValueError(
+            f"the v9 network uses 1x1 layers after the second; kernel_sizes[2:] must "
+            f"be [1, 1], got {list(kernel_sizes[2:])}"
+        )
 
 
 def _split_tiles(x: Tensor, rows: int, cols: int) -> Tensor:
     """(N, C, H, W) -> (N*rows*cols, C, H/rows, W/cols), tiles in raster order."""
     n, c, height, width = x.shape
-    x = x.reshape(n, c, rows, height // rows, cols, width // cols).permute(0, 2, 4, 1, 3, 5)
+    x = x.reshape(n, c, rows, height // rows, cols, width // cols).permute(
+        0, 2, 4, 1, 3, 5
+    )
     return x.reshape(n * rows * cols, c, height // rows, width // cols)
 
 
@@ -111,8 +134,13 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
             ``KS[2:]`` must be 1 (v9 uses 1x1 layers there).
     """
 
-    def __init__(self, block_size: int = 8, N: int = 768, M: int = 96,
-                 kernel_sizes: Sequence[int] = (3, 1, 1, 1)):
+    def __init__(
+        self,
+        block_size: int = 8,
+        N: int = 768,
+        M: int = 96,
+        kernel_sizes: Sequence[int] = (3, 1, 1, 1),
+    ):
         _check_arguments(block_size, N, M, kernel_sizes)
         super().__init__()
         self.block_size, self.N, self.M = block_size, N, M
@@ -125,21 +153,30 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         self.g_a_source = nn.Conv2d(channels, c1, 1)
         self.g_a_context = BlockMaskedConv2d("A", channels, c1, k1)
         self.g_a = nn.Sequential(
-            GDN(c1), nn.Conv2d(c1, c2, 1),
-            GDN(c2), nn.Conv2d(c2, c3, 1),
-            GDN(c3), nn.Conv2d(c3, M, 1),
+            GDN(c1),
+            nn.Conv2d(c1, c2, 1),
+            GDN(c2),
+            nn.Conv2d(c2, c3, 1),
+            GDN(c3),
+            nn.Conv2d(c3, M, 1),
         )
         self.g_s_latent = nn.Conv2d(M, c1, 1)
         self.g_s_context = BlockMaskedConv2d("A", channels, c1, k1)
         self.g_s = nn.Sequential(
-            GDN(c1, inverse=True), nn.Conv2d(c1, c2, 1),
-            GDN(c2, inverse=True), nn.Conv2d(c2, c3, 1),
-            GDN(c3, inverse=True), nn.Conv2d(c3, channels, 1),
+            GDN(c1, inverse=True),
+            nn.Conv2d(c1, c2, 1),
+            GDN(c2, inverse=True),
+            nn.Conv2d(c2, c3, 1),
+            GDN(c3, inverse=True),
+            nn.Conv2d(c3, channels, 1),
         )
         self.entropy_parameters = nn.Sequential(
-            BlockMaskedConv2d("A", channels, e1, k1), nn.LeakyReLU(),
-            _masked_or_plain("B", e1, e2, k2), nn.LeakyReLU(),
-            nn.Conv2d(e2, e3, 1), nn.LeakyReLU(),
+            BlockMaskedConv2d("A", channels, e1, k1),
+            nn.LeakyReLU(),
+            _masked_or_plain("B", e1, e2, k2),
+            nn.LeakyReLU(),
+            nn.Conv2d(e2, e3, 1),
+            nn.LeakyReLU(),
             nn.Conv2d(e3, 2 * M, 1),
         )
         self.gaussian_conditional = GaussianConditional(None)
@@ -147,7 +184,7 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
     @property
     def block_channels(self) -> int:
         """Channels of one block: 3 B^2 samples."""
-        return 3 * self.block_size ** 2
+        return 3 * self.block_size**2
 
     @property
     def downsampling_factor(self) -> int:
@@ -157,14 +194,21 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
     @property
     def config(self) -> dict:
         """Constructor arguments, stored in checkpoints."""
-        return {"block_size": self.block_size, "N": self.N, "M": self.M,
-                "kernel_sizes": list(self.kernel_sizes)}
+        return {
+            "block_size": self.block_size,
+            "N": self.N,
+            "M": self.M,
+            "kernel_sizes": list(self.kernel_sizes),
+        }
 
     def context_reach(self) -> set:
         """Block offsets (di, dj) of z_hat that a block's scales, means, latent or
         reconstruction depend on, composed from the masks of every network."""
         reach = network_reach(self.entropy_parameters)
-        for context, layers in ((self.g_a_context, self.g_a), (self.g_s_context, self.g_s)):
+        for context, layers in (
+            (self.g_a_context, self.g_a),
+            (self.g_s_context, self.g_s),
+        ):
             reach |= network_reach([context, *layers])
         return reach
 
@@ -182,7 +226,9 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         rows, cols = self.grid_size(*x.shape[-2:])
         bottom = rows * self.block_size - x.shape[-2]
         right = cols * self.block_size - x.shape[-1]
-        return F.pad(x, (0, right, 0, bottom), mode="replicate") if bottom or right else x
+        return (
+            F.pad(x, (0, right, 0, bottom), mode="replicate") if bottom or right else x
+        )
 
     def forward(self, x: Tensor, x_ctx: Tensor = None) -> dict:
         """Open-loop pass: every block sees ``x_ctx``'s blocks as its reconstructed neighbours.
@@ -197,8 +243,10 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         if x_ctx is None:
             x_ctx = x
         elif x_ctx.shape != x.shape:
-            raise ValueError(f"context shape {tuple(x_ctx.shape)} differs from image shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"context shape {tuple(x_ctx.shape)} differs from image shape "
+                f"{tuple(x.shape)}"
+            )
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected RGB images (N, 3, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
@@ -212,8 +260,9 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods}}
 
     @torch.no_grad()
-    def closed_loop(self, x: Tensor, tile_blocks: int = 0,
-                    context_bits: Optional[int] = None) -> dict:
+    def closed_loop(
+        self, x: Tensor, tile_blocks: int = 0, context_bits: Optional[int] = None
+    ) -> dict:
         """Closed-loop reconstruction of ``x`` (1, 3, H, W) by repeated open-loop passes.
 
         What the codec computes, without a bitstream: every block sees the
@@ -241,19 +290,25 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         padded = F.pad(x, (0, sides[1] - width, 0, sides[0] - height), mode="replicate")
         x_tiles = _split_tiles(padded, *tiles)
         context = torch.full_like(x_tiles, 0.5)
-        fronts = self.wavefront_slope * torch.arange(tile[0])[:, None] + torch.arange(tile[1])
-        fronts = fronts.repeat_interleave(self.block_size, 0).repeat_interleave(self.block_size, 1)
+        fronts = self.wavefront_slope * torch.arange(tile[0])[:, None] + torch.arange(
+            tile[1]
+        )
+        fronts = fronts.repeat_interleave(self.block_size, 0).repeat_interleave(
+            self.block_size, 1
+        )
         fronts = fronts.to(x.device)
         for t in range(int(fronts.max()) + 1):
             out = self(x_tiles, context)
             written = out["x_hat"].clamp(0, 1)
             if context_bits:
-                levels = 2 ** context_bits - 1
+                levels = 2**context_bits - 1
                 written = written.mul(levels).round_().div_(levels)
             context = torch.where(fronts == t, written, context)
         self.train(was_training)
         x_hat = _join_tiles(out["x_hat"].clamp(0, 1), *tiles)[:, :, :height, :width]
-        likelihoods = _join_tiles(out["likelihoods"]["y"], *tiles)[:, :, :grid[0], :grid[1]]
+        likelihoods = _join_tiles(out["likelihoods"]["y"], *tiles)[
+            :, :, : grid[0], : grid[1]
+        ]
         return {"x_hat": x_hat, "likelihoods": {"y": likelihoods}}
 
     def compress(self, x: Tensor, order: str = "wavefront") -> BlockPayload:
@@ -263,12 +318,22 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         ``models/kamisli2024/coding.py``); ``update(force=True)`` must have run.
         """
         if x.dim() != 4 or x.shape[:2] != (1, 3):
-            raise ValueError(f"compress codes one RGB image (1, 3, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"compress codes one RGB image (1, 3, H, W), got {tuple(x.shape)}"
+            )
         height, width = x.shape[-2:]
-        blocks = to_blocks(self._pad(x.detach().float().cpu()) - 0.5, self.block_size)[0]
+        blocks = to_blocks(self._pad(x.detach().float().cpu()) - 0.5, self.block_size)[
+            0
+        ]
         string, y_hat, _, bits = BlockCoder(self, order).encode(blocks)
-        return BlockPayload(string=string, height=height, width=width, order=order,
-                            y_hat_crc=tensor_crc(y_hat), estimated_bits=bits)
+        return BlockPayload(
+            string=string,
+            height=height,
+            width=width,
+            order=order,
+            y_hat_crc=tensor_crc(y_hat),
+            estimated_bits=bits,
+        )
 
     def decompress(self, payload: BlockPayload) -> dict:
         """Rebuild ``{"x_hat": (1, 3, H, W) in [0, 1] on the CPU}`` from a payload.
@@ -281,13 +346,18 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         coder = BlockCoder(self, payload.order, fixed_point=payload.fixed_point)
         y_hat, reconstruction = coder.decode(payload.string, rows, cols)
         if tensor_crc(y_hat) != payload.y_hat_crc:
-            cause = ("a damaged file or the wrong checkpoint" if payload.fixed_point else
-                     "a damaged file, the wrong checkpoint, or a file written before the "
-                     "fixed-point coder on a machine whose float32 results differ")
-            raise BitstreamError(f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
-                                 f"{cause}")
+            cause = (
+                "a damaged file or the wrong checkpoint"
+                if payload.fixed_point
+                else "a damaged file, the wrong checkpoint, or a file written before the "
+                "fixed-point coder on a machine whose float32 results differ"
+            )
+            raise BitstreamError(
+                f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
+                f"{cause}"
+            )
         x_hat = from_blocks(reconstruction[None], self.block_size) + 0.5
-        return {"x_hat": x_hat[:, :, :payload.height, :payload.width]}
+        return {"x_hat": x_hat[:, :, : payload.height, : payload.width]}
 
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
         """Code a uint8 RGB image (3, H, W) into the ``.cps`` container.
@@ -300,33 +370,56 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         """
         check_image(image)
         height, width = image.shape[1:]
-        check_whole_image_fits(self, model_device(self), plan.budget_bytes, height, width)
+        check_whole_image_fits(
+            self, model_device(self), plan.budget_bytes, height, width
+        )
         payload = self.compress(to_unit_float(image[None]), plan.order)
         rows, cols = self.grid_size(height, width)
         return CompressedImage(
-            height=height, width=width, pad_bottom=rows * self.block_size - height,
-            pad_right=cols * self.block_size - width, architecture=self.registry_name,
-            fingerprint=model_fingerprint(self), order=plan.order, grayscale=plan.grayscale,
-            y_hat_crc=payload.y_hat_crc, z_string=b"", y_string=payload.string,
-            estimated_bits=payload.estimated_bits, fixed_point=payload.fixed_point)
+            height=height,
+            width=width,
+            pad_bottom=rows * self.block_size - height,
+            pad_right=cols * self.block_size - width,
+            architecture=self.registry_name,
+            fingerprint=model_fingerprint(self),
+            order=plan.order,
+            grayscale=plan.grayscale,
+            y_hat_crc=payload.y_hat_crc,
+            z_string=b"",
+            y_string=payload.string,
+            estimated_bits=payload.estimated_bits,
+            fixed_point=payload.fixed_point,
+        )
 
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
         """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source, from
         an :meth:`encode` payload; payloads of another model raise ``BitstreamError``."""
         check_model(payload, self)
         rows, cols = self.grid_size(payload.height, payload.width)
-        if (rows * self.block_size - payload.height, cols * self.block_size - payload.width) != \
-                (payload.pad_bottom, payload.pad_right):
-            raise BitstreamError(f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
-                                 f"for a {payload.width}x{payload.height} image in the file header")
+        if (
+            rows * self.block_size - payload.height,
+            cols * self.block_size - payload.width,
+        ) != (payload.pad_bottom, payload.pad_right):
+            raise BitstreamError(
+                f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
+                f"for a {payload.width}x{payload.height} image in the file header"
+            )
         if payload.z_string:
-            raise BitstreamError("the file has a hyperprior string, which kamisli2024 files "
-                                 "never have: it was not written by this model")
-        check_whole_image_fits(self, model_device(self), plan.budget_bytes, payload.height,
-                               payload.width)
-        blocks = BlockPayload(string=payload.y_string, height=payload.height,
-                              width=payload.width, order=payload.order,
-                              y_hat_crc=payload.y_hat_crc, fixed_point=payload.fixed_point)
+            raise BitstreamError(
+                "the file has a hyperprior string, which kamisli2024 files "
+                "never have: it was not written by this model"
+            )
+        check_whole_image_fits(
+            self, model_device(self), plan.budget_bytes, payload.height, payload.width
+        )
+        blocks = BlockPayload(
+            string=payload.y_string,
+            height=payload.height,
+            width=payload.width,
+            order=payload.order,
+            y_hat_crc=payload.y_hat_crc,
+            fixed_point=payload.fixed_point,
+        )
         image = to_uint8(self.decompress(blocks)["x_hat"][0])
         if payload.grayscale:
             image = to_grayscale(image)
@@ -348,10 +441,18 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
             state_dict, masks = split_authors_state_dict(state_dict)
         source = state_dict["g_a_source.weight"]
         block_size = math.isqrt(source.shape[1] // 3)
-        kernel_sizes = [state_dict["g_a_context.weight"].shape[-1],
-                        state_dict["entropy_parameters.2.weight"].shape[-1], 1, 1]
-        net = cls(block_size=block_size, N=source.shape[0],
-                  M=state_dict["g_a.5.weight"].shape[0], kernel_sizes=kernel_sizes)
+        kernel_sizes = [
+            state_dict["g_a_context.weight"].shape[-1],
+            state_dict["entropy_parameters.2.weight"].shape[-1],
+            1,
+            1,
+        ]
+        net = cls(
+            block_size=block_size,
+            N=source.shape[0],
+            M=state_dict["g_a.5.weight"].shape[0],
+            kernel_sizes=kernel_sizes,
+        )
         check_authors_masks(net, masks)
         load_state_dict_into(net, state_dict)
         return net

@@ -49,9 +49,11 @@ def is_authors_layout(state_dict: Mapping[str, Tensor]) -> bool:
 def _our_name(name: str) -> str:
     for theirs, ours in AUTHORS_PREFIXES:
         if name.startswith(theirs):
-            return ours + name[len(theirs):]
-    raise ValueError(f"checkpoint entry {name!r} is not part of Kamisli's v9 network "
-                     f"(expected names starting with {', '.join(p for p, _ in AUTHORS_PREFIXES)})")
+            return ours + name[len(theirs) :]
+    raise ValueError(
+        f"checkpoint entry {name!r} is not part of Kamisli's v9 network "
+        f"(expected names starting with {', '.join(p for p, _ in AUTHORS_PREFIXES)})"
+    )
 
 
 def split_authors_state_dict(state_dict: Mapping[str, Tensor]) -> tuple:
@@ -61,7 +63,7 @@ def split_authors_state_dict(state_dict: Mapping[str, Tensor]) -> tuple:
     for name, value in state_dict.items():
         ours = _our_name(name)
         if ours.endswith(".mask"):
-            masks[ours[:-len(".mask")]] = value
+            masks[ours[: -len(".mask")]] = value
         else:
             weights[ours] = value
     return weights, masks
@@ -73,11 +75,21 @@ def check_authors_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     for name, stored in masks.items():
         module = modules.get(name)
         if not isinstance(module, nn.Conv2d):
-            raise ValueError(f"checkpoint has a mask for {name!r}, which is not a convolution")
+            raise ValueError(
+                f"checkpoint has a mask for {name!r}, which is not a convolution"
+            )
         size = module.kernel_size
-        applied = (module.mask if isinstance(module, BlockMaskedConv2d)
-                   else torch.ones(size)).reshape(size).cpu()
-        if stored.dim() < 2 or tuple(stored.shape[-2:]) != size \
-                or not (stored.float().reshape(-1, *size) == applied).all():
-            raise ValueError(f"checkpoint mask of {name!r} differs from the block mask this "
-                             "implementation applies: the weights were trained with another mask")
+        applied = (
+            (module.mask if isinstance(module, BlockMaskedConv2d) else torch.ones(size))
+            .reshape(size)
+            .cpu()
+        )
+        if (
+            stored.dim() < 2
+            or tuple(stored.shape[-2:]) != size
+            or not (stored.float().reshape(-1, *size) == applied).all()
+        ):
+            raise ValueError(
+                f"checkpoint mask of {name!r} differs from the block mask this "
+                "implementation applies: the weights were trained with another mask"
+            )

@@ -50,9 +50,13 @@ __all__ = ["encode", "decode", "encode_latents", "decode_latents", "layer_sizes"
 
 def _check_model(model: nn.Module) -> None:
     if model.training:
-        raise RuntimeError("layered coding needs the model in eval mode (call model.eval())")
+        raise RuntimeError(
+            "layered coding needs the model in eval mode (call model.eval())"
+        )
     if not entropy_tables_ready(model):
-        raise RuntimeError("the entropy models have no CDF tables; call model.update() first")
+        raise RuntimeError(
+            "the entropy models have no CDF tables; call model.update() first"
+        )
 
 
 def _padded_size(model: nn.Module, height: int, width: int):
@@ -64,14 +68,16 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     """Code a uint8 (3, H, W) image into one stream per layer of ``model``, keeping
     the first ``plan.layers`` of them (all for 0)."""
     if plan.layers > model.num_layers:
-        raise ValueError(f"cannot keep {plan.layers} layers: {model.registry_name} has "
-                         f"{model.num_layers}")
+        raise ValueError(
+            f"cannot keep {plan.layers} layers: {model.registry_name} has "
+            f"{model.num_layers}"
+        )
     layered = encode_latents(model, image, plan.budget_bytes)[0]
     layered.grayscale = plan.grayscale
     if plan.layers:
-        layered.streams = layered.streams[:plan.layers]
-        layered.latent_crcs = layered.latent_crcs[:plan.layers]
-        layered.estimated_bits = layered.estimated_bits[:plan.layers]
+        layered.streams = layered.streams[: plan.layers]
+        layered.latent_crcs = layered.latent_crcs[: plan.layers]
+        layered.estimated_bits = layered.estimated_bits[: plan.layers]
     return layered
 
 
@@ -94,21 +100,34 @@ def encode_latents(model: nn.Module, image: Tensor, budget_bytes: Optional[int] 
     def code(k, value, _size):
         entropy_model = model.entropy_bottlenecks[k]
         streams.append(entropy_model.compress(value)[0])
-        decoded, likelihoods = entropy_model(value)  # eval mode: round around the medians
+        decoded, likelihoods = entropy_model(
+            value
+        )  # eval mode: round around the medians
         estimated.append(float(-torch.log2(likelihoods.double()).sum()))
         crcs.append(tensor_crc(decoded))
         return decoded, None
 
     with transform_mode(device, exact=True):
         out = model._run_layers(model.layer_inputs(x), code, tuple(x.shape[-2:]))
-    layered = LayeredImage(height=height, width=width, architecture=model.registry_name,
-                           fingerprint=model_fingerprint(model), total_layers=model.num_layers,
-                           streams=streams, latent_crcs=crcs, estimated_bits=estimated)
+    layered = LayeredImage(
+        height=height,
+        width=width,
+        architecture=model.registry_name,
+        fingerprint=model_fingerprint(model),
+        total_layers=model.num_layers,
+        streams=streams,
+        latent_crcs=crcs,
+        estimated_bits=estimated,
+    )
     return layered, out
 
 
-def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] = None,
-                   budget_bytes: Optional[int] = None) -> dict:
+def decode_latents(
+    model: nn.Module,
+    layered: LayeredImage,
+    upto: Optional[int] = None,
+    budget_bytes: Optional[int] = None,
+) -> dict:
     """Decode layers 0..upto-1 and return the model's per-layer outputs (uncropped).
 
     Only ``layered.streams[:upto]`` is read. Raises :class:`BitstreamError` when the
@@ -120,12 +139,16 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
     stored = len(layered.streams)
     upto = stored if upto is None else upto
     if not 1 <= upto <= stored:
-        raise ValueError(f"cannot decode {upto} layers: the file holds {stored} "
-                         f"(of {model.num_layers})")
+        raise ValueError(
+            f"cannot decode {upto} layers: the file holds {stored} "
+            f"(of {model.num_layers})"
+        )
     check_model(layered, model, layered=True)
     if layered.total_layers != model.num_layers:
-        raise BitstreamError(f"the file says the model has {layered.total_layers} layers; "
-                             f"this one has {model.num_layers}")
+        raise BitstreamError(
+            f"the file says the model has {layered.total_layers} layers; "
+            f"this one has {model.num_layers}"
+        )
     device = model_device(model)
     check_whole_image_fits(model, device, budget_bytes, layered.height, layered.width)
 
@@ -135,8 +158,10 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
         stream = safe_string(layered.streams[k], symbols, f"layer {k}")
         decoded = entropy_model.decompress([stream], latent_size)
         if layered.version >= 2 and tensor_crc(decoded) != layered.latent_crcs[k]:
-            raise BitstreamError(f"layer {k}: the decoded values differ from the encoder's "
-                                 "(CRC mismatch): a damaged stream or other entropy tables")
+            raise BitstreamError(
+                f"layer {k}: the decoded values differ from the encoder's "
+                "(CRC mismatch): a damaged stream or other entropy tables"
+            )
         return decoded, None
 
     size = _padded_size(model, layered.height, layered.width)
@@ -147,7 +172,8 @@ def decode_latents(model: nn.Module, layered: LayeredImage, upto: Optional[int] 
             if tensor_crc(y_hat) != layered.latent_crcs[k]:
                 raise BitstreamError(
                     f"layer {k}: the decoded latent differs from the encoder's (CRC mismatch "
-                    f"on {device}); a version 1 file decodes on the encoder's platform only")
+                    f"on {device}); a version 1 file decodes on the encoder's platform only"
+                )
     return out
 
 
@@ -159,7 +185,9 @@ def decode(model: nn.Module, layered: LayeredImage, plan: CodingPlan) -> Tensor:
     check_kind(layered, model, layered=True)  # decode_latents checks the rest
     stored = len(layered.streams)
     if plan.layers > stored:
-        raise ValueError(f"the file holds {stored} layers; cannot decode layer {plan.layers}")
+        raise ValueError(
+            f"the file holds {stored} layers; cannot decode layer {plan.layers}"
+        )
     upto = plan.layers or stored
     x_hat = decode_latents(model, layered, upto, plan.budget_bytes)["x_hat"][-1]
     height, width = decoded_size(model, layered, plan)

@@ -13,15 +13,23 @@ from compressai.layers import GDN
 from compressai.models.utils import conv, deconv
 from torch import Tensor, nn
 
-__all__ = ["analysis_transform", "synthesis_transform", "PredictionTransform", "up_transform"]
+__all__ = [
+    "analysis_transform",
+    "synthesis_transform",
+    "PredictionTransform",
+    "up_transform",
+]
 
 
 def analysis_transform(N: int) -> nn.Sequential:
     """g_a: RGB (3, H, W) -> latent (N, H/16, W/16); four stride-2 5x5 convolutions."""
     return nn.Sequential(
-        conv(3, N, 5, 2), GDN(N),
-        conv(N, N, 5, 2), GDN(N),
-        conv(N, N, 5, 2), GDN(N),
+        conv(3, N, 5, 2),
+        GDN(N),
+        conv(N, N, 5, 2),
+        GDN(N),
+        conv(N, N, 5, 2),
+        GDN(N),
         conv(N, N, 5, 2),
     )
 
@@ -33,9 +41,12 @@ def synthesis_transform(in_channels: int, N: int) -> nn.Sequential:
     216 for the first quality enhancement layer (base and first enhancement latents).
     """
     return nn.Sequential(
-        deconv(in_channels, N, 5, 2), GDN(N, inverse=True),
-        deconv(N, N, 5, 2), GDN(N, inverse=True),
-        deconv(N, N, 5, 2), GDN(N, inverse=True),
+        deconv(in_channels, N, 5, 2),
+        GDN(N, inverse=True),
+        deconv(N, N, 5, 2),
+        GDN(N, inverse=True),
+        deconv(N, N, 5, 2),
+        GDN(N, inverse=True),
         deconv(N, 3, 5, 2),
     )
 

@@ -39,14 +39,20 @@ class ScalableRDLoss(nn.Module):
         x_hats, targets = output["x_hats"], output["targets"]
         likelihoods = list(output["likelihoods"].values())
         if not len(x_hats) == len(targets) == len(likelihoods) == len(self.lmbdas):
-            raise ValueError(f"loss has {len(self.lmbdas)} lambdas but the output has "
-                             f"{len(x_hats)} layers and {len(likelihoods)} likelihoods")
+            raise ValueError(
+                f"loss has {len(self.lmbdas)} lambdas but the output has "
+                f"{len(x_hats)} layers and {len(likelihoods)} likelihoods"
+            )
         if targets[-1].shape != target.shape:
-            raise ValueError(f"target {tuple(target.shape)} does not match the top layer "
-                             f"{tuple(targets[-1].shape)}")
+            raise ValueError(
+                f"target {tuple(target.shape)} does not match the top layer "
+                f"{tuple(targets[-1].shape)}"
+            )
         batch = target.shape[0]
         result, loss, total_bits = {}, 0.0, 0.0
-        for k, (x_hat, ref, p, lmbda) in enumerate(zip(x_hats, targets, likelihoods, self.lmbdas)):
+        for k, (x_hat, ref, p, lmbda) in enumerate(
+            zip(x_hats, targets, likelihoods, self.lmbdas)
+        ):
             bits = torch.log(p).sum() / -math.log(2)
             total_bits = total_bits + bits
             if self.cumulative:
@@ -54,8 +60,10 @@ class ScalableRDLoss(nn.Module):
             else:
                 rate = bits / (batch * ref.shape[-2] * ref.shape[-1])
             mse = F.mse_loss(x_hat, ref)
-            loss = loss + lmbda * rate + 255.0 ** 2 * mse
+            loss = loss + lmbda * rate + 255.0**2 * mse
             result[f"bpp_loss_{k}"], result[f"mse_loss_{k}"] = rate, mse
         pixels = batch * target.shape[-2] * target.shape[-1]
-        result.update(loss=loss, bpp_loss=total_bits / pixels, mse_loss=result[f"mse_loss_{k}"])
+        result.update(
+            loss=loss, bpp_loss=total_bits / pixels, mse_loss=result[f"mse_loss_{k}"]
+        )
         return result

@@ -62,26 +62,46 @@ from models.registry import register_model
 __all__ = ["Mei2021Quality", "Mei2021Spatial"]
 
 # code(k, value, latent_size) -> (decoded value, likelihoods or None); see _run_layers.
-LayerCoder = Callable[[int, Optional[Tensor], Tuple[int, int]], Tuple[Tensor, Optional[Tensor]]]
+LayerCoder = Callable[
+    [int, Optional[Tensor], Tuple[int, int]], Tuple[Tensor, Optional[Tensor]]
+]
 
 
-def _check_lists(num_filters: Sequence[int], lmbdas: Sequence[float], N: Optional[int]) -> None:
+def _check_lists(
+    num_filters: Sequence[int], lmbdas: Sequence[float], N: Optional[int]
+) -> None:
     if not isinstance(num_filters, (list, tuple)) or len(num_filters) < 2:
-        raise ValueError("num_filters must list the widths of at least 2 layers, "
-                         f"got {num_filters!r}")
+        raise ValueError(
+            "num_filters must list the widths of at least 2 layers, "
+            f"got {num_filters!r}"
+        )
     for width in num_filters:
-        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1024:
-            raise ValueError("num_filters entries must be integers in [1, 1024], "
-                             f"got {num_filters!r}")
+        if (
+            not isinstance(width, int)
+            or isinstance(width, bool)
+            or not 1 <= width <= 1024
+        ):
+            raise ValueError(
+                "num_filters entries must be integers in [1, 1024], "
+                f"got {num_filters!r}"
+            )
     if not isinstance(lmbdas, (list, tuple)) or len(lmbdas) != len(num_filters):
-        raise ValueError(f"lmbdas must give one lambda per layer ({len(num_filters)}), "
-                         f"got {lmbdas!r}")
+        raise ValueError(
+            f"lmbdas must give one lambda per layer ({len(num_filters)}), "
+            f"got {lmbdas!r}"
+        )
     for lmbda in lmbdas:
-        if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not lmbda > 0:
+        if (
+            isinstance(lmbda, bool)
+            or not isinstance(lmbda, (int, float))
+            or not lmbda > 0
+        ):
             raise ValueError(f"lmbdas entries must be positive numbers, got {lmbdas!r}")
     if N is not None and N != num_filters[0]:
-        raise ValueError(f"N={N} must equal the base-layer width num_filters[0]={num_filters[0]} "
-                         "(set train_params.N to it)")
+        raise ValueError(
+            f"N={N} must equal the base-layer width num_filters[0]={num_filters[0]} "
+            "(set train_params.N to it)"
+        )
 
 
 class _MeiScalable(LearnedCodec, CompressionModel):
@@ -94,10 +114,16 @@ class _MeiScalable(LearnedCodec, CompressionModel):
             equal ``num_filters[0]``.
     """
 
-    upsampling_predictor = False  # P_k keeps (quality) or doubles (spatial) the resolution
+    upsampling_predictor = (
+        False  # P_k keeps (quality) or doubles (spatial) the resolution
+    )
 
-    def __init__(self, num_filters: Sequence[int], lmbdas: Sequence[float],
-                 N: Optional[int] = None):
+    def __init__(
+        self,
+        num_filters: Sequence[int],
+        lmbdas: Sequence[float],
+        N: Optional[int] = None,
+    ):
         super().__init__()
         _check_lists(num_filters, lmbdas, N)
         self.num_filters = tuple(num_filters)
@@ -106,13 +132,16 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         widths = self.num_filters
         self.g_a = nn.ModuleList(analysis_transform(n) for n in widths)
         self.entropy_bottlenecks = nn.ModuleList(
-            EntropyBottleneck(n, filters=(3, 3, 3)) for n in widths)  # tfc 1.x filters
+            EntropyBottleneck(n, filters=(3, 3, 3)) for n in widths
+        )  # tfc 1.x filters
         feature = self.feature_channels
         self.predictors = nn.ModuleList(
             PredictionTransform(feature[k - 1], widths[k], self.upsampling_predictor)
-            for k in range(1, len(widths)))
+            for k in range(1, len(widths))
+        )
         self.g_s = nn.ModuleList(
-            synthesis_transform(feature[k], widths[k]) for k in range(len(widths)))
+            synthesis_transform(feature[k], widths[k]) for k in range(len(widths))
+        )
 
     # geometry -------------------------------------------------------------------------
     @property
@@ -138,11 +167,15 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         """Constructor arguments, stored in checkpoints and checked against files."""
         return {"num_filters": list(self.num_filters), "lmbdas": self.lmbdas.tolist()}
 
-    def default_loss(self, lmbda: Optional[float] = None, metric: str = "mse") -> ScalableRDLoss:
+    def default_loss(
+        self, lmbda: Optional[float] = None, metric: str = "mse"
+    ) -> ScalableRDLoss:
         """The joint loss of the paper with this model's own per-layer lambdas (the
         training config's single ``lmbda`` does not apply); MSE only."""
         if metric != "mse":
-            raise ValueError(f"{self.registry_name} trains with MSE only, not {metric!r}")
+            raise ValueError(
+                f"{self.registry_name} trains with MSE only, not {metric!r}"
+            )
         return ScalableRDLoss(self.lmbdas.tolist(), cumulative=self.cumulative_rate)
 
     # the codec contract ---------------------------------------------------------------
@@ -167,7 +200,9 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         """The image itself for quality layers, its pyramid level for spatial ones."""
         if all(scale == 1 for scale in self.layer_scales()):
             return image
-        return reference_pyramid(image, self.num_layers, self.downsampling_factor)[point]
+        return reference_pyramid(image, self.num_layers, self.downsampling_factor)[
+            point
+        ]
 
     # the layer loop -------------------------------------------------------------------
     def layer_inputs(self, x: Tensor) -> List[Tensor]:
@@ -181,11 +216,18 @@ class _MeiScalable(LearnedCodec, CompressionModel):
     def check_size(self, height: int, width: int) -> None:
         factor = self.downsampling_factor
         if height % factor or width % factor or height <= 0 or width <= 0:
-            raise ValueError(f"{type(self).__name__} needs sides that are multiples of {factor}, "
-                             f"got {height}x{width}; pad the image (the codec does)")
+            raise ValueError(
+                f"{type(self).__name__} needs sides that are multiples of {factor}, "
+                f"got {height}x{width}; pad the image (the codec does)"
+            )
 
-    def _run_layers(self, inputs: Optional[List[Tensor]], code: LayerCoder,
-                    size: Tuple[int, int], upto: Optional[int] = None) -> dict:
+    def _run_layers(
+        self,
+        inputs: Optional[List[Tensor]],
+        code: LayerCoder,
+        size: Tuple[int, int],
+        upto: Optional[int] = None,
+    ) -> dict:
         """Run layers 0..upto-1 with ``code`` doing the (real or simulated) coding.
 
         ``code(k, r, latent_size)`` receives the value to code (the base latent or a
@@ -194,7 +236,10 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         encoder and the decoder is what makes their predictions agree exactly.
         """
         upto = self.num_layers if upto is None else upto
-        feature, out = None, {"x_hat": [], "y_hat": [], "prediction": [], "likelihoods": []}
+        feature, out = (
+            None,
+            {"x_hat": [], "y_hat": [], "prediction": [], "likelihoods": []},
+        )
         for k in range(upto):
             prediction = None if k == 0 else self.predictors[k - 1](feature)
             value = None
@@ -231,8 +276,12 @@ class _MeiScalable(LearnedCodec, CompressionModel):
 
         out = self._run_layers(inputs, simulate, tuple(x.shape[-2:]))
         names = ["yB"] + [f"r{k}" for k in range(1, self.num_layers)]
-        return {"x_hat": out["x_hat"][-1], "x_hats": out["x_hat"], "targets": inputs,
-                "likelihoods": dict(zip(names, out["likelihoods"]))}
+        return {
+            "x_hat": out["x_hat"][-1],
+            "x_hats": out["x_hat"],
+            "targets": inputs,
+            "likelihoods": dict(zip(names, out["likelihoods"])),
+        }
 
     @classmethod
     def from_state_dict(cls, state_dict):
@@ -259,8 +308,12 @@ class Mei2021Quality(_MeiScalable):
 
     cumulative_rate = True
 
-    def __init__(self, num_filters: Sequence[int] = (96, 120, 144, 196),
-                 lmbdas: Sequence[float] = (250.0, 100.0, 50.0, 25.0), N: Optional[int] = None):
+    def __init__(
+        self,
+        num_filters: Sequence[int] = (96, 120, 144, 196),
+        lmbdas: Sequence[float] = (250.0, 100.0, 50.0, 25.0),
+        N: Optional[int] = None,
+    ):
         super().__init__(num_filters, lmbdas, N)
 
     @property
@@ -294,12 +347,18 @@ class Mei2021Spatial(_MeiScalable):
     cumulative_rate = False
     upsampling_predictor = True
 
-    def __init__(self, num_filters: Sequence[int] = (96, 96, 96),
-                 lmbdas: Sequence[float] = (400.0, 300.0, 200.0), N: Optional[int] = None):
+    def __init__(
+        self,
+        num_filters: Sequence[int] = (96, 96, 96),
+        lmbdas: Sequence[float] = (400.0, 300.0, 200.0),
+        N: Optional[int] = None,
+    ):
         super().__init__(num_filters, lmbdas, N)
         feature = self.feature_channels
-        self.up = nn.ModuleList(up_transform(feature[k - 1], self.num_filters[k - 1])
-                                for k in range(1, self.num_layers))
+        self.up = nn.ModuleList(
+            up_transform(feature[k - 1], self.num_filters[k - 1])
+            for k in range(1, self.num_layers)
+        )
 
     @property
     def downsampling_factor(self) -> int:

@@ -29,10 +29,14 @@ def pyramid_sizes(height: int, width: int, levels: int) -> List[Tuple[int, int]]
     rate is counted over these pixels.
     """
     if height <= 0 or width <= 0 or levels < 1:
-        raise ValueError(f"need a positive image size and level count, got {height}x{width}, "
-                         f"{levels} levels")
-    return [(math.ceil(height / 2 ** j), math.ceil(width / 2 ** j))
-            for j in range(levels - 1, -1, -1)]
+        raise ValueError(
+            f"need a positive image size and level count, got {height}x{width}, "
+            f"{levels} levels"
+        )
+    return [
+        (math.ceil(height / 2**j), math.ceil(width / 2**j))
+        for j in range(levels - 1, -1, -1)
+    ]
 
 
 def image_pyramid(x: Tensor, levels: int) -> List[Tensor]:
@@ -44,12 +48,16 @@ def image_pyramid(x: Tensor, levels: int) -> List[Tensor]:
     factor = 2 ** (levels - 1)
     height, width = x.shape[-2:]
     if height % factor or width % factor:
-        raise ValueError(f"a {levels}-level pyramid needs sides that are multiples of {factor}, "
-                         f"got {height}x{width}")
+        raise ValueError(
+            f"a {levels}-level pyramid needs sides that are multiples of {factor}, "
+            f"got {height}x{width}"
+        )
     out = []
     for j in range(levels - 1, 0, -1):
-        size = (height // 2 ** j, width // 2 ** j)
-        level = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        size = (height // 2**j, width // 2**j)
+        level = F.interpolate(
+            x, size=size, mode="bicubic", antialias=True, align_corners=False
+        )
         out.append(level.clamp(0, 1))
     out.append(x)
     return out
@@ -65,5 +73,7 @@ def reference_pyramid(image: Tensor, levels: int, multiple: int) -> List[Tensor]
     height, width = image.shape[-2:]
     padded = to_unit_float(pad_replicate(image, multiple))[None]
     levels_ = image_pyramid(padded, levels)
-    return [to_uint8(level[0, :, :h, :w])
-            for level, (h, w) in zip(levels_, pyramid_sizes(height, width, levels))]
+    return [
+        to_uint8(level[0, :, :h, :w])
+        for level, (h, w) in zip(levels_, pyramid_sizes(height, width, levels))
+    ]

@@ -178,7 +178,11 @@ def tensor_crc(tensor: torch.Tensor) -> int:
     channels-last is not copied whole.
     """
     crc = 0
-    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor]:
+    for part in (
+        tensor.detach().reshape(-1, *tensor.shape[-2:])
+        if tensor.dim() > 2
+        else [tensor]
+    ):
         crc = zlib.crc32(part.float().cpu().contiguous().numpy(), crc)
     return crc
 
@@ -188,17 +192,23 @@ def check_size(height: int, width: int) -> None:
     a header that claims one, or an image given to an encoder (before any work, so
     that no file is written that no decoder would read)."""
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
-        raise BitstreamError(f"a {width}x{height} image does not fit the .cps/.cpsl formats, "
-                             f"which hold 1 to {MAX_SIDE} pixels a side")
+        raise BitstreamError(
+            f"a {width}x{height} image does not fit the .cps/.cpsl formats, "
+            f"which hold 1 to {MAX_SIDE} pixels a side"
+        )
 
 
 def check_kind(payload: Payload, model: nn.Module, layered: bool = False) -> None:
     """Raise :class:`BitstreamError` if ``payload`` is not of the kind ``model`` writes
     (``.cpsl`` for a layered model, as ``layered`` says, ``.cps`` otherwise)."""
     if layered and not isinstance(payload, LayeredImage):
-        raise BitstreamError(f"{model.registry_name} decodes layered .cpsl files, not .cps ones")
+        raise BitstreamError(
+            f"{model.registry_name} decodes layered .cpsl files, not .cps ones"
+        )
     if not layered and not isinstance(payload, CompressedImage):
-        raise BitstreamError(f"{model.registry_name} decodes .cps files, not layered ones")
+        raise BitstreamError(
+            f"{model.registry_name} decodes .cps files, not layered ones"
+        )
 
 
 def check_model(payload: Payload, model: nn.Module, layered: bool = False) -> None:
@@ -207,12 +217,16 @@ def check_model(payload: Payload, model: nn.Module, layered: bool = False) -> No
     checkpoint."""
     check_kind(payload, model, layered)
     if payload.architecture != model.registry_name:
-        raise BitstreamError(f"file was encoded with architecture {payload.architecture!r}, "
-                             f"not {model.registry_name!r}")
+        raise BitstreamError(
+            f"file was encoded with architecture {payload.architecture!r}, "
+            f"not {model.registry_name!r}"
+        )
     fingerprint = model_fingerprint(model)
     if payload.fingerprint != fingerprint:
-        raise BitstreamError(f"file was encoded with another checkpoint (model fingerprint "
-                             f"{payload.fingerprint.hex()}, this one is {fingerprint.hex()})")
+        raise BitstreamError(
+            f"file was encoded with another checkpoint (model fingerprint "
+            f"{payload.fingerprint.hex()}, this one is {fingerprint.hex()})"
+        )
 
 
 def _with_crc(body: bytes) -> bytes:
@@ -221,8 +235,8 @@ def _with_crc(body: bytes) -> bytes:
 
 def _checked_body(data: bytes, what: str) -> bytes:
     """``data`` without its trailing CRC-32, which must match."""
-    body = data[:-_CRC.size]
-    if zlib.crc32(body) != _CRC.unpack(data[-_CRC.size:])[0]:
+    body = data[: -_CRC.size]
+    if zlib.crc32(body) != _CRC.unpack(data[-_CRC.size :])[0]:
         raise BitstreamError(f"corrupted or truncated {what} (checksum mismatch)")
     return body
 
@@ -236,7 +250,7 @@ class _Reader:
     def take(self, count: int) -> bytes:
         if self.position + count > len(self.data):
             raise BitstreamError(f"truncated {self.kind} file")
-        chunk = self.data[self.position:self.position + count]
+        chunk = self.data[self.position : self.position + count]
         self.position += count
         return chunk
 
@@ -251,22 +265,42 @@ class _Reader:
 def _check_version(data: bytes, kind: str, supported: Tuple[int, ...]) -> None:
     if data[4] not in supported:
         readable = " and ".join(str(version) for version in supported)
-        raise BitstreamError(f"{kind} format version {data[4]} is not supported (this code "
-                             f"reads {readable})")
+        raise BitstreamError(
+            f"{kind} format version {data[4]} is not supported (this code "
+            f"reads {readable})"
+        )
 
 
 def _pack_image(image: CompressedImage) -> bytes:
     name = image.architecture.encode("ascii")
-    flags = (ORDER_FLAGS[image.order] | (_GRAYSCALE_FLAG if image.grayscale else 0)
-             | (_FIXED_POINT_FLAG if image.fixed_point else 0))
-    return _with_crc(b"".join([
-        _FIXED.pack(MAGIC, VERSION, flags, image.height, image.width,
-                    image.pad_bottom, image.pad_right),
-        struct.pack(">B", len(name)), name, image.fingerprint,
-        _CRC.pack(image.y_hat_crc),
-        struct.pack(">I", len(image.z_string)), image.z_string,
-        struct.pack(">I", len(image.y_string)), image.y_string,
-    ]))
+    flags = (
+        ORDER_FLAGS[image.order]
+        | (_GRAYSCALE_FLAG if image.grayscale else 0)
+        | (_FIXED_POINT_FLAG if image.fixed_point else 0)
+    )
+    return _with_crc(
+        b"".join(
+            [
+                _FIXED.pack(
+                    MAGIC,
+                    VERSION,
+                    flags,
+                    image.height,
+                    image.width,
+                    image.pad_bottom,
+                    image.pad_right,
+                ),
+                struct.pack(">B", len(name)),
+                name,
+                image.fingerprint,
+                _CRC.pack(image.y_hat_crc),
+                struct.pack(">I", len(image.z_string)),
+                image.z_string,
+                struct.pack(">I", len(image.y_string)),
+                image.y_string,
+            ]
+        )
+    )
 
 
 def _unpack_image(data: bytes) -> CompressedImage:
@@ -276,7 +310,9 @@ def _unpack_image(data: bytes) -> CompressedImage:
     reader = _Reader(_checked_body(data, ".cps file"), ".cps")
     _, _, flags, height, width, pad_bottom, pad_right = reader.unpack(_FIXED)
     if flags & ~_KNOWN_FLAGS:
-        raise BitstreamError(f"unknown .cps flag bits {flags:#04x}: written by a newer version")
+        raise BitstreamError(
+            f"unknown .cps flag bits {flags:#04x}: written by a newer version"
+        )
     check_size(height, width)
     architecture = reader.name()
     fingerprint = reader.take(8)
@@ -286,35 +322,63 @@ def _unpack_image(data: bytes) -> CompressedImage:
     if reader.position != len(reader.data):
         raise BitstreamError("corrupted .cps file (trailing bytes)")
     orders = {value: key for key, value in ORDER_FLAGS.items()}
-    return CompressedImage(height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
-                           architecture=architecture, fingerprint=fingerprint,
-                           order=orders[flags & 1], grayscale=bool(flags & _GRAYSCALE_FLAG),
-                           y_hat_crc=y_hat_crc, z_string=z_string, y_string=y_string,
-                           fixed_point=bool(flags & _FIXED_POINT_FLAG))
+    return CompressedImage(
+        height=height,
+        width=width,
+        pad_bottom=pad_bottom,
+        pad_right=pad_right,
+        architecture=architecture,
+        fingerprint=fingerprint,
+        order=orders[flags & 1],
+        grayscale=bool(flags & _GRAYSCALE_FLAG),
+        y_hat_crc=y_hat_crc,
+        z_string=z_string,
+        y_string=y_string,
+        fixed_point=bool(flags & _FIXED_POINT_FLAG),
+    )
 
 
 def _layered_header(layered: LayeredImage, layers: List[tuple]) -> bytes:
     name = layered.architecture.encode("ascii")
-    fixed = _LAYERED_FIXED.pack(LAYERED_MAGIC, layered.version, len(layers),
-                                layered.total_layers, layered.height, layered.width, len(name))
+    fixed = _LAYERED_FIXED.pack(
+        LAYERED_MAGIC,
+        layered.version,
+        len(layers),
+        layered.total_layers,
+        layered.height,
+        layered.width,
+        len(name),
+    )
     if layered.version >= _LAYERED_FLAGS_VERSION:
         flags = bytes([_GRAYSCALE_FLAG if layered.grayscale else 0])
     elif layered.grayscale:
-        raise ValueError(f".cpsl version {layered.version} cannot mark a grayscale source")
+        raise ValueError(
+            f".cpsl version {layered.version} cannot mark a grayscale source"
+        )
     else:
         flags = b""
-    return _with_crc(fixed + name + layered.fingerprint + flags
-                     + b"".join(_LAYER.pack(*layer) for layer in layers))
+    return _with_crc(
+        fixed
+        + name
+        + layered.fingerprint
+        + flags
+        + b"".join(_LAYER.pack(*layer) for layer in layers)
+    )
 
 
 def _pack_layered(layered: LayeredImage) -> bytes:
-    if not 1 <= len(layered.streams) <= layered.total_layers \
-            or len(layered.latent_crcs) != len(layered.streams):
-        raise ValueError(f"a .cpsl payload holds 1 to total_layers={layered.total_layers} "
-                         f"layers, each with a latent CRC; got {len(layered.streams)} "
-                         f"streams and {len(layered.latent_crcs)} CRCs")
-    layers = [(len(stream), zlib.crc32(stream), crc)
-              for stream, crc in zip(layered.streams, layered.latent_crcs)]
+    if not 1 <= len(layered.streams) <= layered.total_layers or len(
+        layered.latent_crcs
+    ) != len(layered.streams):
+        raise ValueError(
+            f"a .cpsl payload holds 1 to total_layers={layered.total_layers} "
+            f"layers, each with a latent CRC; got {len(layered.streams)} "
+            f"streams and {len(layered.latent_crcs)} CRCs"
+        )
+    layers = [
+        (len(stream), zlib.crc32(stream), crc)
+        for stream, crc in zip(layered.streams, layered.latent_crcs)
+    ]
     return _layered_header(layered, layers) + b"".join(layered.streams)
 
 
@@ -323,31 +387,42 @@ def _read_layered_header(data: bytes):
     if len(data) < _LAYERED_FIXED.size:
         raise BitstreamError("truncated .cpsl file (incomplete header)")
     _check_version(data, ".cpsl", _LAYERED_VERSIONS)
-    version, stored, total, height, width, name_length = _LAYERED_FIXED.unpack_from(data)[1:]
+    version, stored, total, height, width, name_length = _LAYERED_FIXED.unpack_from(
+        data
+    )[1:]
     flag_bytes = 1 if version >= _LAYERED_FLAGS_VERSION else 0
     end = _LAYERED_FIXED.size + name_length + 8 + flag_bytes + _LAYER.size * stored
     if len(data) < end + _CRC.size or not 1 <= stored <= total:
         raise BitstreamError("truncated or corrupted .cpsl header")
-    reader = _Reader(_checked_body(data[:end + _CRC.size], ".cpsl header"), ".cpsl")
+    reader = _Reader(_checked_body(data[: end + _CRC.size], ".cpsl header"), ".cpsl")
     reader.take(_LAYERED_FIXED.size - 1)
     check_size(height, width)
     architecture = reader.name()
     fingerprint = reader.take(8)
     flags = reader.take(flag_bytes)[0] if flag_bytes else 0
     if flags & ~_GRAYSCALE_FLAG:
-        raise BitstreamError(f"unknown .cpsl flag bits {flags:#04x}: written by a newer version")
+        raise BitstreamError(
+            f"unknown .cpsl flag bits {flags:#04x}: written by a newer version"
+        )
     layers = [reader.unpack(_LAYER) for _ in range(stored)]
-    layered = LayeredImage(height=height, width=width, architecture=architecture,
-                           fingerprint=fingerprint, total_layers=total, streams=[],
-                           latent_crcs=[latent_crc for _, _, latent_crc in layers],
-                           version=version, grayscale=bool(flags & _GRAYSCALE_FLAG))
+    layered = LayeredImage(
+        height=height,
+        width=width,
+        architecture=architecture,
+        fingerprint=fingerprint,
+        total_layers=total,
+        streams=[],
+        latent_crcs=[latent_crc for _, _, latent_crc in layers],
+        version=version,
+        grayscale=bool(flags & _GRAYSCALE_FLAG),
+    )
     return layered, layers, end + _CRC.size
 
 
 def _unpack_layered(data: bytes) -> LayeredImage:
     layered, layers, offset = _read_layered_header(data)
     for k, (length, crc, _) in enumerate(layers):
-        stream = data[offset:offset + length]
+        stream = data[offset : offset + length]
         if len(stream) != length:
             raise BitstreamError(f"truncated .cpsl file: layer {k} is incomplete")
         if zlib.crc32(stream) != crc:
@@ -393,4 +468,4 @@ def truncate_layers(data: bytes, keep: int) -> bytes:
     if not 1 <= keep <= len(layers):
         raise ValueError(f"can keep 1..{len(layers)} layers of this file, got {keep}")
     length = sum(layer[0] for layer in layers[:keep])
-    return _layered_header(layered, layers[:keep]) + data[offset:offset + length]
+    return _layered_header(layered, layers[:keep]) + data[offset : offset + length]

@@ -101,20 +101,34 @@ def channels_last_rows(tensor: Tensor) -> Tensor:
 
 
 def _as_linear_layers(
-        entropy_parameters: nn.Module) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
+    entropy_parameters: nn.Module,
+) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
     """(weight (out, in), bias, LeakyReLU slope or None) per 1x1 convolution."""
     layers: List[list] = []
     for module in entropy_parameters.children():
-        if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1 \
-                and module.stride == (1, 1) and module.bias is not None:
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.kernel_size == (1, 1)
+            and module.groups == 1
+            and module.stride == (1, 1)
+            and module.bias is not None
+        ):
             weight = module.weight.detach().cpu().float()[:, :, 0, 0].contiguous()
             layers.append([weight, module.bias.detach().cpu().float(), None])
-        elif isinstance(module, (nn.LeakyReLU, nn.ReLU)) and layers and layers[-1][2] is None:
-            layers[-1][2] = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+        elif (
+            isinstance(module, (nn.LeakyReLU, nn.ReLU))
+            and layers
+            and layers[-1][2] is None
+        ):
+            layers[-1][2] = (
+                module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+            )
         else:
-            raise ValueError(f"entropy_parameters layer {module} is not supported by the context "
-                             "coder (expected 1x1 convolutions with bias, each optionally followed "
-                             "by one LeakyReLU/ReLU)")
+            raise ValueError(
+                f"entropy_parameters layer {module} is not supported by the context "
+                "coder (expected 1x1 convolutions with bias, each optionally followed "
+                "by one LeakyReLU/ReLU)"
+            )
     if not layers:
         raise ValueError("entropy_parameters has no 1x1 convolution")
     return [tuple(layer) for layer in layers]
@@ -123,12 +137,12 @@ def _as_linear_layers(
 class _Layout(NamedTuple):
     """Index tensors and context weights for one latent size and order."""
 
-    positions: Tensor     # (P,) flat indexes i*W + j in coding order
-    centres: Tensor       # (P,) row of each position in the padded y_hat buffer
-    sizes: List[int]      # positions per front
-    far_windows: Tensor   # (P*far,) buffer rows the far taps read, in coding order
+    positions: Tensor  # (P,) flat indexes i*W + j in coding order
+    centres: Tensor  # (P,) row of each position in the padded y_hat buffer
+    sizes: List[int]  # positions per front
+    far_windows: Tensor  # (P*far,) buffer rows the far taps read, in coding order
     near_windows: Tensor  # (P*near,) buffer rows the near taps read
-    far_weight: Tensor    # context weight of the far taps, in the network's form
+    far_weight: Tensor  # context weight of the far taps, in the network's form
     near_weight: Tensor
     far_taps: int
     near_taps: int
@@ -156,19 +170,30 @@ class ContextCoder:
             machine; the default), or float32 as files written before it.
     """
 
-    def __init__(self, model: nn.Module, order: str = "wavefront", pipeline: Optional[bool] = None,
-                 fixed_point: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        order: str = "wavefront",
+        pipeline: Optional[bool] = None,
+        fixed_point: bool = True,
+    ):
         if order not in ORDERS:
-            raise ValueError(f"unknown entropy coder order {order!r}; choose from {ORDERS}")
+            raise ValueError(
+                f"unknown entropy coder order {order!r}; choose from {ORDERS}"
+            )
         self.pipeline = pipeline
         self.last_pipelined: Optional[bool] = None  # what the last encode/decode did
         context = model.context_prediction
         conditional = model.gaussian_conditional
-        if conditional.scale_table.device.type != "cpu":  # its bit estimate runs on the CPU
+        if (
+            conditional.scale_table.device.type != "cpu"
+        ):  # its bit estimate runs on the CPU
             conditional = copy.deepcopy(conditional).cpu()
         self.conditional = conditional
         if conditional.quantized_cdf.numel() == 0:
-            raise RuntimeError("the model's entropy tables are empty: call model.update() first")
+            raise RuntimeError(
+                "the model's entropy tables are empty: call model.update() first"
+            )
         self.order = order
         self.taps = causal_taps(context.mask)
         self.slope = wavefront_slope(self.taps)
@@ -183,20 +208,27 @@ class ContextCoder:
         inputs = layers[0][0].shape[1]
         hyper_width = inputs - context.out_channels
         if hyper_width != 2 * self.channels:
-            raise ValueError(f"entropy_parameters reads {inputs} channels, expected "
-                             f"params + context = {2 * self.channels} + {context.out_channels}")
+            raise ValueError(
+                f"entropy_parameters reads {inputs} channels, expected "
+                f"params + context = {2 * self.channels} + {context.out_channels}"
+            )
         self.fixed_point = fixed_point
         network = FixedPointNetwork if fixed_point else Float32Network
-        self.network = network(context_weight, context.bias.detach().cpu().float(), layers,
-                               hyper_width)
+        self.network = network(
+            context_weight, context.bias.detach().cpu().float(), layers, hyper_width
+        )
         self.scale_floor = conditional.lower_bound_scale.bound.detach().cpu().float()
-        self.scale_bounds = conditional.scale_table.detach().cpu().float()[:-1].contiguous()
+        self.scale_bounds = (
+            conditional.scale_table.detach().cpu().float()[:-1].contiguous()
+        )
         lengths = conditional.cdf_length.reshape(-1).int().tolist()
         self.cdf_lengths = lengths
         self.cdf_offsets = conditional.offset.reshape(-1).int().tolist()
         # Rows trimmed to their length: the padding is never read by the coder.
-        self.cdfs = [row[:length]
-                     for row, length in zip(conditional.quantized_cdf.tolist(), lengths)]
+        self.cdfs = [
+            row[:length]
+            for row, length in zip(conditional.quantized_cdf.tolist(), lengths)
+        ]
 
     def _layout(self, height: int, width: int) -> _Layout:
         """Coding order, buffer rows, and the split of the taps into *near* ones,
@@ -217,16 +249,27 @@ class ContextCoder:
         near = [k for k, back in enumerate(steps_back) if back == 1]
         far = [k for k, back in enumerate(steps_back) if back != 1]
         padded_width = width + 2 * self.pad[1]
-        centres = ((positions // width + self.pad[0]) * padded_width
-                   + positions % width + self.pad[1])
+        centres = (
+            (positions // width + self.pad[0]) * padded_width
+            + positions % width
+            + self.pad[1]
+        )
         offsets = torch.tensor([di * padded_width + dj for di, dj in self.taps])
 
         def windows(taps: List[int]) -> Tensor:
             return (centres[:, None] + offsets[taps]).reshape(-1)
 
-        return _Layout(positions, centres, sizes, windows(far), windows(near),
-                       self.network.tap_weights(far), self.network.tap_weights(near),
-                       len(far), len(near))
+        return _Layout(
+            positions,
+            centres,
+            sizes,
+            windows(far),
+            windows(near),
+            self.network.tap_weights(far),
+            self.network.tap_weights(near),
+            len(far),
+            len(near),
+        )
 
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
@@ -235,45 +278,70 @@ class ContextCoder:
         idle core."""
         if self.pipeline is not None:
             return self.pipeline
-        return (self.order == "wavefront" and positions >= _PIPELINE_MIN_POSITIONS
-                and idle_core_available())
+        return (
+            self.order == "wavefront"
+            and positions >= _PIPELINE_MIN_POSITIONS
+            and idle_core_available()
+        )
 
-    def _gather(self, y_hat: Tensor, windows: Tensor, start: int, stop: int, taps: int) -> Tensor:
+    def _gather(
+        self, y_hat: Tensor, windows: Tensor, start: int, stop: int, taps: int
+    ) -> Tensor:
         """(n, taps*M) window values of the positions start..stop in coding order."""
-        rows = y_hat.index_select(0, windows[start * taps:stop * taps])
+        rows = y_hat.index_select(0, windows[start * taps : stop * taps])
         return rows.view(stop - start, taps * self.channels)
 
     @torch.inference_mode()
-    def _far_part(self, y_hat: Tensor, layout: _Layout, hyper: Tensor, start: int,
-                  stop: int) -> Tuple[Tensor, Tensor]:
+    def _far_part(
+        self, y_hat: Tensor, layout: _Layout, hyper: Tensor, start: int, stop: int
+    ) -> Tuple[Tensor, Tensor]:
         """What does not depend on the previous front: the far taps' context plus
         bias, and the params half of the first 1x1 convolution plus its bias."""
         windows = self._gather(y_hat, layout.far_windows, start, stop, layout.far_taps)
         front_params = hyper.index_select(0, layout.positions[start:stop])
         return self.network.far_part(windows, layout.far_weight, front_params)
 
-    def _front_parameters(self, y_hat: Tensor, layout: _Layout, start: int, stop: int,
-                          partial_context: Tensor,
-                          partial_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _front_parameters(
+        self,
+        y_hat: Tensor,
+        layout: _Layout,
+        start: int,
+        stop: int,
+        partial_context: Tensor,
+        partial_hidden: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """CDF indexes, means and scales (n, M) of the front start..stop, given its
         far part."""
-        windows = self._gather(y_hat, layout.near_windows, start, stop, layout.near_taps)
-        scales, means = self.network.scales_and_means(windows, layout.near_weight,
-                                                      (partial_context, partial_hidden))
+        windows = self._gather(
+            y_hat, layout.near_windows, start, stop, layout.near_taps
+        )
+        scales, means = self.network.scales_and_means(
+            windows, layout.near_weight, (partial_context, partial_hidden)
+        )
         return self.scale_indexes(scales), means, scales
 
     def scale_indexes(self, scales: Tensor) -> Tensor:
         """CDF table index of each scale: CompressAI's ``build_indexes`` (a loop of
         63 comparisons over the whole tensor) as one binary search."""
-        return torch.bucketize(torch.maximum(scales, self.scale_floor), self.scale_bounds).int()
+        return torch.bucketize(
+            torch.maximum(scales, self.scale_floor), self.scale_bounds
+        ).int()
 
     def _check_params(self, params: Tensor) -> None:
         if params.dim() != 3 or params.shape[0] != 2 * self.channels:
-            raise ValueError(f"params must have shape (2M, H, W) = ({2 * self.channels}, H, W), "
-                             f"got {tuple(params.shape)}")
+            raise ValueError(
+                f"params must have shape (2M, H, W) = ({2 * self.channels}, H, W), "
+                f"got {tuple(params.shape)}"
+            )
 
-    def _far_parts(self, y_hat: Tensor, layout: _Layout, hyper: Tensor, bounds: List[int],
-                   worker: Optional[ThreadPoolExecutor]) -> Iterator[Tuple[Tensor, Tensor]]:
+    def _far_parts(
+        self,
+        y_hat: Tensor,
+        layout: _Layout,
+        hyper: Tensor,
+        bounds: List[int],
+        worker: Optional[ThreadPoolExecutor],
+    ) -> Iterator[Tuple[Tensor, Tensor]]:
         """Far part of each front in turn. With a worker, the far part of front k+1
         is submitted before front k's is handed out, so it runs while front k is
         coded; it reads only fronts <= k-1, which are final by then."""
@@ -281,16 +349,28 @@ class ContextCoder:
             for start, stop in zip(bounds, bounds[1:]):
                 yield self._far_part(y_hat, layout, hyper, start, stop)
             return
-        pending = worker.submit(self._far_part, y_hat, layout, hyper, bounds[0], bounds[1])
+        pending = worker.submit(
+            self._far_part, y_hat, layout, hyper, bounds[0], bounds[1]
+        )
         for front in range(len(bounds) - 1):
             partial = pending.result()
             if front + 2 < len(bounds):
-                pending = worker.submit(self._far_part, y_hat, layout, hyper, bounds[front + 1],
-                                        bounds[front + 2])
+                pending = worker.submit(
+                    self._far_part,
+                    y_hat,
+                    layout,
+                    hyper,
+                    bounds[front + 1],
+                    bounds[front + 2],
+                )
             yield partial
 
-    def _scan(self, params: Tensor, layout: _Layout,
-              symbols_of: Callable[[int, int, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    def _scan(
+        self,
+        params: Tensor,
+        layout: _Layout,
+        symbols_of: Callable[[int, int, Tensor, Tensor, Tensor], Tensor],
+    ) -> Tensor:
         """The loop both sides share: for each front, compute its CDF indexes and
         means, get its symbols from ``symbols_of(start, stop, indexes, means,
         scales)`` (quantised ``y`` or rANS-decoded, int32 (n, M)) and write symbols +
@@ -305,17 +385,24 @@ class ContextCoder:
         hyper = channels_last_rows(params.float().cpu())
         bounds = torch.tensor([0] + layout.sizes).cumsum(0).tolist()
         self.last_pipelined = self._pipelined(len(layout.positions))
-        worker = (ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
-                  if self.last_pipelined else contextlib.nullcontext())
+        worker = (
+            ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+            if self.last_pipelined
+            else contextlib.nullcontext()
+        )
         with single_threaded(), worker as pool:
             far_parts = self._far_parts(y_hat, layout, hyper, bounds, pool)
             for start, stop, partial in zip(bounds, bounds[1:], far_parts):
-                indexes, means, scales = self._front_parameters(y_hat, layout, start, stop,
-                                                                *partial)
+                indexes, means, scales = self._front_parameters(
+                    y_hat, layout, start, stop, *partial
+                )
                 values = symbols_of(start, stop, indexes, means, scales)
-                y_hat.index_copy_(0, layout.centres[start:stop], values.type_as(means) + means)
-        inner = y_hat.view(*padded, self.channels)[self.pad[0]:self.pad[0] + height,
-                                                   self.pad[1]:self.pad[1] + width]
+                y_hat.index_copy_(
+                    0, layout.centres[start:stop], values.type_as(means) + means
+                )
+        inner = y_hat.view(*padded, self.channels)[
+            self.pad[0] : self.pad[0] + height, self.pad[1] : self.pad[1] + width
+        ]
         return inner.permute(2, 0, 1)
 
     @torch.inference_mode()
@@ -327,8 +414,10 @@ class ContextCoder:
         """
         self._check_params(params)
         if y.shape != (self.channels, *params.shape[1:]):
-            raise ValueError(f"y has shape {tuple(y.shape)}, expected "
-                             f"{(self.channels, *params.shape[1:])} to match params")
+            raise ValueError(
+                f"y has shape {tuple(y.shape)}, expected "
+                f"{(self.channels, *params.shape[1:])} to match params"
+            )
         layout = self._layout(*params.shape[1:])
         y_rows = channels_last_rows(y.float().cpu())
         later_starts = set(self._streams(layout)[0][1:])
@@ -339,9 +428,13 @@ class ContextCoder:
         estimated_bits = [0.0]
 
         def send_pending() -> None:
-            encoder.encode_with_indexes(torch.cat(pending_symbols).view(-1).tolist(),
-                                        torch.cat(pending_indexes).view(-1).tolist(),
-                                        self.cdfs, self.cdf_lengths, self.cdf_offsets)
+            encoder.encode_with_indexes(
+                torch.cat(pending_symbols).view(-1).tolist(),
+                torch.cat(pending_indexes).view(-1).tolist(),
+                self.cdfs,
+                self.cdf_lengths,
+                self.cdf_offsets,
+            )
             pending_symbols.clear()
             pending_indexes.clear()
 
@@ -352,11 +445,14 @@ class ContextCoder:
             streams.append(encoder.flush())
             encoder = BufferedRansEncoder()
 
-        def quantise(start: int, stop: int, front_indexes: Tensor, means: Tensor,
-                     scales: Tensor) -> Tensor:
+        def quantise(
+            start: int, stop: int, front_indexes: Tensor, means: Tensor, scales: Tensor
+        ) -> Tensor:
             if start in later_starts:
                 end_stream()
-            values = torch.round(y_rows.index_select(0, layout.positions[start:stop]) - means).int()
+            values = torch.round(
+                y_rows.index_select(0, layout.positions[start:stop]) - means
+            ).int()
             likelihood = self.conditional._likelihood(values.float(), scales)
             bounded = self.conditional.likelihood_lower_bound(likelihood)
             bits = -bounded.log2().sum(dtype=torch.float64)
@@ -379,7 +475,9 @@ class ContextCoder:
         else:
             starts = [0]
         ends = starts[1:] + [len(layout.positions)]
-        return starts, [(end - start) * self.channels for start, end in zip(starts, ends)]
+        return starts, [
+            (end - start) * self.channels for start, end in zip(starts, ends)
+        ]
 
     @torch.inference_mode()
     def decode(self, string: bytes, params: Tensor) -> Tensor:
@@ -395,11 +493,15 @@ class ContextCoder:
         streams = split_streams(string, len(starts)) if self.fixed_point else [string]
         # Each stream is padded only when its turn comes, so one padded stream is held
         # at a time (see the module doc, Memory).
-        pending = {start: (stream, count) for start, stream, count in zip(starts, streams, symbols)}
+        pending = {
+            start: (stream, count)
+            for start, stream, count in zip(starts, streams, symbols)
+        }
         decoder = RansDecoder()
 
-        def decode_front(start: int, stop: int, indexes: Tensor, means: Tensor,
-                         _: Tensor) -> Tensor:
+        def decode_front(
+            start: int, stop: int, indexes: Tensor, means: Tensor, _: Tensor
+        ) -> Tensor:
             if start in pending:
                 stream, count = pending.pop(start)
                 decoder.set_stream(safe_string(stream, count, "y"))
@@ -407,10 +509,12 @@ class ContextCoder:
             used = torch.bincount(indexes.view(-1), minlength=len(self.cdfs)) > 0
             remap = torch.cumsum(used, 0, dtype=torch.int32) - 1
             rows = torch.nonzero(used).view(-1).tolist()
-            values = decoder.decode_stream(remap[indexes.view(-1)].tolist(),
-                                           [self.cdfs[k] for k in rows],
-                                           [self.cdf_lengths[k] for k in rows],
-                                           [self.cdf_offsets[k] for k in rows])
+            values = decoder.decode_stream(
+                remap[indexes.view(-1)].tolist(),
+                [self.cdfs[k] for k in rows],
+                [self.cdf_lengths[k] for k in rows],
+                [self.cdf_offsets[k] for k in rows],
+            )
             # struct unboxes a list of ints much faster than torch.tensor does.
             packed = bytearray(struct.pack(f"{len(values)}i", *values))
             return torch.frombuffer(packed, dtype=torch.int32).view(indexes.shape)

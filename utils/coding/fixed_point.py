@@ -34,9 +34,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-ACTIVATION_BOUND = 2.0 ** 15
+ACTIVATION_BOUND = 2.0**15
 # Integers up to 2**53 are exact in float64; one bit is kept for the bias sum.
-_EXACT_LIMIT = 2.0 ** 52
+_EXACT_LIMIT = 2.0**52
 # Finer than float32 resolves at the bound: more input bits would buy nothing.
 _MAX_INPUT_BITS = 24
 
@@ -53,17 +53,21 @@ def fraction_bits(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
     weight = weight.detach().double()
     inputs = weight.shape[1]
     row_sum = float(weight.abs().sum(1).max())
-    largest_bias = float(bias.detach().double().abs().max()) if bias is not None else 0.0
+    largest_bias = (
+        float(bias.detach().double().abs().max()) if bias is not None else 0.0
+    )
     for total in range(2 * _MAX_INPUT_BITS, -1, -1):
         input_bits = min(_MAX_INPUT_BITS, (total + 1) // 2)
         weight_bits = total - input_bits
-        input_units = ACTIVATION_BOUND * 2.0 ** input_bits
+        input_units = ACTIVATION_BOUND * 2.0**input_bits
         # Rounding moves each weight by at most half a unit, the bias by half a step.
-        products = input_units * (row_sum * 2.0 ** weight_bits + 0.5 * inputs)
-        bias_units = largest_bias * 2.0 ** total + 0.5
+        products = input_units * (row_sum * 2.0**weight_bits + 0.5 * inputs)
+        bias_units = largest_bias * 2.0**total + 0.5
         if products + bias_units < _EXACT_LIMIT:
             return input_bits, weight_bits
-    raise ValueError(f"weights summing to {row_sum:.3g} per output do not fit a fixed-point grid")
+    raise ValueError(
+        f"weights summing to {row_sum:.3g} per output do not fit a fixed-point grid"
+    )
 
 
 class GridLinear:
@@ -77,15 +81,22 @@ class GridLinear:
     def __init__(self, weight: Tensor, bias: Optional[Tensor]):
         self.input_bits, self.weight_bits = fraction_bits(weight, bias)
         self.output_scale = 2.0 ** -(self.input_bits + self.weight_bits)
-        self.weight = torch.round(weight.detach().double().cpu() * 2.0 ** self.weight_bits)
-        self.bias = (None if bias is None else
-                     torch.round(bias.detach().double().cpu() / self.output_scale))
+        self.weight = torch.round(
+            weight.detach().double().cpu() * 2.0**self.weight_bits
+        )
+        self.bias = (
+            None
+            if bias is None
+            else torch.round(bias.detach().double().cpu() / self.output_scale)
+        )
 
     def to_grid(self, values: Tensor) -> Tensor:
         """``values`` clipped to ``±ACTIVATION_BOUND`` and rounded to this layer's input
         grid, as float64 integers (multiples of one grid step)."""
-        scale = 2.0 ** self.input_bits
-        return torch.round(values.double().clamp(-ACTIVATION_BOUND, ACTIVATION_BOUND) * scale)
+        scale = 2.0**self.input_bits
+        return torch.round(
+            values.double().clamp(-ACTIVATION_BOUND, ACTIVATION_BOUND) * scale
+        )
 
     def columns(self, start: int, stop: int) -> Tensor:
         """The integer weight of input columns start..stop, transposed for
@@ -108,7 +119,9 @@ class GridLinear:
             output = torch.where(output < 0, output * negative_slope, output)
         return output
 
-    def __call__(self, inputs: Tensor, negative_slope: Optional[float] = None) -> Tensor:
+    def __call__(
+        self, inputs: Tensor, negative_slope: Optional[float] = None
+    ) -> Tensor:
         """The whole layer on float ``inputs`` (n, in), rounded onto the grid first."""
         return self.finish(self.to_grid(inputs) @ self.weight.t(), negative_slope)
 
@@ -150,25 +163,48 @@ def _grid_stages(h_s: nn.Sequential) -> List[_Stage]:
     while index < len(layers):
         layer = layers[index]
         slope = None
-        if index + 1 < len(layers) and isinstance(layers[index + 1], (nn.LeakyReLU, nn.ReLU)):
+        if index + 1 < len(layers) and isinstance(
+            layers[index + 1], (nn.LeakyReLU, nn.ReLU)
+        ):
             activation = layers[index + 1]
-            slope = activation.negative_slope if isinstance(activation, nn.LeakyReLU) else 0.0
+            slope = (
+                activation.negative_slope
+                if isinstance(activation, nn.LeakyReLU)
+                else 0.0
+            )
             index += 1
         index += 1
         if _is_pointwise_convolution(layer):
-            stages.append(_Stage(GridLinear(layer.weight[:, :, 0, 0], layer.bias), slope,
-                                 (1, 1), layer.out_channels))
+            stages.append(
+                _Stage(
+                    GridLinear(layer.weight[:, :, 0, 0], layer.bias),
+                    slope,
+                    (1, 1),
+                    layer.out_channels,
+                )
+            )
         elif _is_block_transposed_convolution(layer):
             factor_h, factor_w = layer.stride
             # (in, out, kh, kw) -> (out*kh*kw, in): one output row per (channel, offset).
             weight = layer.weight.permute(1, 2, 3, 0).reshape(-1, layer.in_channels)
-            bias = (None if layer.bias is None else
-                    layer.bias.repeat_interleave(factor_h * factor_w))
-            stages.append(_Stage(GridLinear(weight, bias), slope, (factor_h, factor_w),
-                                 layer.out_channels))
+            bias = (
+                None
+                if layer.bias is None
+                else layer.bias.repeat_interleave(factor_h * factor_w)
+            )
+            stages.append(
+                _Stage(
+                    GridLinear(weight, bias),
+                    slope,
+                    (factor_h, factor_w),
+                    layer.out_channels,
+                )
+            )
         else:
-            raise ValueError(f"h_s layer {layer} has no fixed-point form (expected 1x1 "
-                             "convolutions and transposed convolutions with kernel = stride)")
+            raise ValueError(
+                f"h_s layer {layer} has no fixed-point form (expected 1x1 "
+                "convolutions and transposed convolutions with kernel = stride)"
+            )
     return stages
 
 
@@ -200,29 +236,46 @@ def hyper_synthesis(h_s: nn.Sequential, z_hat: Tensor) -> Tensor:
         ValueError: a layer of another kind.
     """
     if z_hat.dim() != 4 or z_hat.shape[0] != 1:
-        raise ValueError(f"hyper_synthesis codes one latent (1, C, h, w), got {tuple(z_hat.shape)}")
+        raise ValueError(
+            f"hyper_synthesis codes one latent (1, C, h, w), got {tuple(z_hat.shape)}"
+        )
     stages = _grid_stages(h_s)
     height, width = z_hat.shape[2:]
     scale_h = math.prod(stage.factor[0] for stage in stages)
     scale_w = math.prod(stage.factor[1] for stage in stages)
-    output = z_hat.new_empty(1, height * scale_h, width * scale_w, stages[-1].outputs,
-                             dtype=torch.float32)
+    output = z_hat.new_empty(
+        1, height * scale_h, width * scale_w, stages[-1].outputs, dtype=torch.float32
+    )
     chunk_rows = chunk_positions(width) // width
     for top in range(0, height, chunk_rows):
         bottom = min(height, top + chunk_rows)
-        rows = z_hat[0, :, top:bottom].permute(1, 2, 0).reshape((bottom - top) * width, -1)
+        rows = (
+            z_hat[0, :, top:bottom].permute(1, 2, 0).reshape((bottom - top) * width, -1)
+        )
         result = _run_stages(stages, rows, bottom - top, width)
-        output[0, top * scale_h:bottom * scale_h] = result.view(
-            (bottom - top) * scale_h, width * scale_w, -1)
+        output[0, top * scale_h : bottom * scale_h] = result.view(
+            (bottom - top) * scale_h, width * scale_w, -1
+        )
     return output.permute(0, 3, 1, 2)
 
 
 def _is_pointwise_convolution(layer: nn.Module) -> bool:
-    return (type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
-            and layer.groups == 1 and layer.padding == (0, 0) and layer.dilation == (1, 1))
+    return (
+        type(layer) is nn.Conv2d
+        and layer.kernel_size == (1, 1)
+        and layer.stride == (1, 1)
+        and layer.groups == 1
+        and layer.padding == (0, 0)
+        and layer.dilation == (1, 1)
+    )
 
 
 def _is_block_transposed_convolution(layer: nn.Module) -> bool:
-    return (type(layer) is nn.ConvTranspose2d and layer.kernel_size == layer.stride
-            and layer.groups == 1 and layer.padding == (0, 0)
-            and layer.output_padding == (0, 0) and layer.dilation == (1, 1))
+    return (
+        type(layer) is nn.ConvTranspose2d
+        and layer.kernel_size == layer.stride
+        and layer.groups == 1
+        and layer.padding == (0, 0)
+        and layer.output_padding == (0, 0)
+        and layer.dilation == (1, 1)
+    )

@@ -38,8 +38,13 @@ class Float32Network:
         hyper_width: the number of params channels (2M).
     """
 
-    def __init__(self, context_weight: Tensor, context_bias: Tensor, layers: List[LinearLayer],
-                 hyper_width: int):
+    def __init__(
+        self,
+        context_weight: Tensor,
+        context_bias: Tensor,
+        layers: List[LinearLayer],
+        hyper_width: int,
+    ):
         self.context_weight = context_weight
         self.context_bias = context_bias
         first_weight, self.first_bias, self.first_slope = layers[0]
@@ -52,15 +57,19 @@ class Float32Network:
         outputs = self.context_weight.shape[0]
         return self.context_weight[:, list(taps)].reshape(outputs, -1).contiguous()
 
-    def far_part(self, far_windows: Tensor, far_weight: Tensor,
-                 front_params: Tensor) -> Tuple[Tensor, Tensor]:
+    def far_part(
+        self, far_windows: Tensor, far_weight: Tensor, front_params: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """The far taps' context plus bias, and the params half of the first 1x1
         convolution plus its bias."""
-        return (F.linear(far_windows, far_weight, self.context_bias),
-                F.linear(front_params, self.hyper_weight, self.first_bias))
+        return (
+            F.linear(far_windows, far_weight, self.context_bias),
+            F.linear(front_params, self.hyper_weight, self.first_bias),
+        )
 
-    def scales_and_means(self, near_windows: Tensor, near_weight: Tensor,
-                         partial: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+    def scales_and_means(
+        self, near_windows: Tensor, near_weight: Tensor, partial: Tuple[Tensor, Tensor]
+    ) -> Tuple[Tensor, Tensor]:
         """float32 scales and means (n, M) of a front, given its far part."""
         partial_context, partial_hidden = partial
         context = torch.addmm(partial_context, near_windows, near_weight.t())
@@ -82,40 +91,59 @@ class FixedPointNetwork:
     :class:`~utils.coding.fixed_point.GridLinear` each, so splitting them changes
     nothing."""
 
-    def __init__(self, context_weight: Tensor, context_bias: Tensor, layers: List[LinearLayer],
-                 hyper_width: int):
+    def __init__(
+        self,
+        context_weight: Tensor,
+        context_bias: Tensor,
+        layers: List[LinearLayer],
+        hyper_width: int,
+    ):
         outputs, taps, channels = context_weight.shape
         self.channels = channels
-        self.context = GridLinear(context_weight.reshape(outputs, taps * channels), context_bias)
+        self.context = GridLinear(
+            context_weight.reshape(outputs, taps * channels), context_bias
+        )
         first_weight, first_bias, self.first_slope = layers[0]
         self.first = GridLinear(first_weight, first_bias)
         self.hyper_columns = self.first.columns(0, hyper_width)
         self.context_columns = self.first.columns(hyper_width, first_weight.shape[1])
-        self.layers = [(GridLinear(weight, bias), slope) for weight, bias, slope in layers[1:]]
+        self.layers = [
+            (GridLinear(weight, bias), slope) for weight, bias, slope in layers[1:]
+        ]
 
     def tap_weights(self, taps: Sequence[int]) -> Tensor:
         """The integer context weight of ``taps``, (taps*M, 2M)."""
-        blocks = [self.context.columns(tap * self.channels, (tap + 1) * self.channels)
-                  for tap in taps]
+        blocks = [
+            self.context.columns(tap * self.channels, (tap + 1) * self.channels)
+            for tap in taps
+        ]
         if not blocks:
             return self.context.weight.new_zeros(0, self.context.weight.shape[0])
         return torch.cat(blocks)
 
-    def far_part(self, far_windows: Tensor, far_weight: Tensor,
-                 front_params: Tensor) -> Tuple[Tensor, Tensor]:
+    def far_part(
+        self, far_windows: Tensor, far_weight: Tensor, front_params: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """Integer sums of the far taps and of the params half of the first convolution."""
-        return (GridLinear.partial_sum(self.context.to_grid(far_windows), far_weight),
-                GridLinear.partial_sum(self.first.to_grid(front_params), self.hyper_columns))
+        return (
+            GridLinear.partial_sum(self.context.to_grid(far_windows), far_weight),
+            GridLinear.partial_sum(
+                self.first.to_grid(front_params), self.hyper_columns
+            ),
+        )
 
-    def scales_and_means(self, near_windows: Tensor, near_weight: Tensor,
-                         partial: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+    def scales_and_means(
+        self, near_windows: Tensor, near_weight: Tensor, partial: Tuple[Tensor, Tensor]
+    ) -> Tuple[Tensor, Tensor]:
         """float32 scales and means (n, M) of a front, given its far part."""
         partial_context, partial_hidden = partial
         context_sum = partial_context + GridLinear.partial_sum(
-            self.context.to_grid(near_windows), near_weight)
+            self.context.to_grid(near_windows), near_weight
+        )
         context = self.context.finish(context_sum)
-        hidden_sum = partial_hidden + GridLinear.partial_sum(self.first.to_grid(context),
-                                                             self.context_columns)
+        hidden_sum = partial_hidden + GridLinear.partial_sum(
+            self.first.to_grid(context), self.context_columns
+        )
         hidden = self.first.finish(hidden_sum, self.first_slope)
         for layer, slope in self.layers:
             hidden = layer(hidden, slope)

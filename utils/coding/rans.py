@@ -83,9 +83,13 @@ def safe_string(string: bytes, symbols: int, name: str = "rANS") -> bytes:
     """
     string = bytes(string)
     if len(string) < 8:
-        raise BitstreamError(f"{name} string of {len(string)} bytes is truncated: it must hold "
-                             "at least the encoder's 8-byte final state")
+        raise BitstreamError(
+            f"{name} string of {len(string)} bytes is truncated: it must hold "
+            "at least the encoder's 8-byte final state"
+        )
     if int.from_bytes(string[:8], "little") < RANS64_L:
-        raise BitstreamError(f"{name} string is corrupted: its initial state is below 2**31, "
-                             "which no encoder writes")
+        raise BitstreamError(
+            f"{name} string is corrupted: its initial state is below 2**31, "
+            "which no encoder writes"
+        )
     return string + bytes(max_bytes_read(len(string), symbols) - len(string))

@@ -39,7 +39,9 @@ def wavefront_slope(taps: List[Tuple[int, int]]) -> int:
     return slope
 
 
-def coding_order(height: int, width: int, order: str, slope: int) -> Tuple[Tensor, List[int]]:
+def coding_order(
+    height: int, width: int, order: str, slope: int
+) -> Tuple[Tensor, List[int]]:
     """Positions of a (height, width) latent in coding order, and the front sizes.
 
     Returns:

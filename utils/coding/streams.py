@@ -12,8 +12,13 @@ from typing import List
 
 from utils.coding.container import BitstreamError
 
-__all__ = ["STREAM_SYMBOLS", "stream_starts", "largest_stream_symbols", "join_streams",
-           "split_streams"]
+__all__ = [
+    "STREAM_SYMBOLS",
+    "stream_starts",
+    "largest_stream_symbols",
+    "join_streams",
+    "split_streams",
+]
 
 # Symbols after which the fixed-point coder starts a new rANS stream (at the next
 # front boundary): part of the file format.
@@ -35,7 +40,9 @@ def stream_starts(sizes: List[int], channels: int) -> List[int]:
     return starts
 
 
-def largest_stream_symbols(height: int, width: int, channels: int, fixed_point: bool) -> int:
+def largest_stream_symbols(
+    height: int, width: int, channels: int, fixed_point: bool
+) -> int:
     """An upper bound on the symbols of one rANS stream of a (height, width) latent:
     the whole latent for float32 files, else :data:`STREAM_SYMBOLS` plus one front
     (at most one position per row)."""
@@ -59,14 +66,20 @@ def split_streams(string: bytes, count: int) -> List[bytes]:
     streams, offset = [], 0
     for _ in range(count):
         if offset + _STREAM_LENGTH.size > len(string):
-            raise BitstreamError(f"y string is truncated: it holds fewer than the {count} "
-                                 "streams of this latent")
+            raise BitstreamError(
+                f"y string is truncated: it holds fewer than the {count} "
+                "streams of this latent"
+            )
         (length,) = _STREAM_LENGTH.unpack_from(string, offset)
         offset += _STREAM_LENGTH.size
         if offset + length > len(string):
-            raise BitstreamError("y string is truncated: a stream is shorter than its length")
-        streams.append(string[offset:offset + length])
+            raise BitstreamError(
+                "y string is truncated: a stream is shorter than its length"
+            )
+        streams.append(string[offset : offset + length])
         offset += length
     if offset != len(string):
-        raise BitstreamError(f"y string has {len(string) - offset} bytes after its {count} streams")
+        raise BitstreamError(
+            f"y string has {len(string) - offset} bytes after its {count} streams"
+        )
     return streams

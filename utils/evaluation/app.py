@@ -63,16 +63,28 @@ FOLDER_PATCH_SIZE = 256
 
 def _unique_tags(tags: List[str]) -> List[str]:
     safe = [re.sub(r"[^A-Za-z0-9._=-]+", "_", tag) for tag in tags]
-    return safe if len(set(safe)) == len(safe) else [f"run{i}" for i in range(len(tags))]
+    return (
+        safe if len(set(safe)) == len(safe) else [f"run{i}" for i in range(len(tags))]
+    )
 
 
-def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
-                  names: List[str]) -> List[Run]:
-    plan = CodingPlan(patch=patch, batch_size=args.batch_size, budget_bytes=args.max_memory,
-                      order=args.entropy_coder_order, exact=not args.fast)
-    options = LearnedOptions(plan=plan, tiling=args.tiling,
-                             entropy_estimation=args.entropy_estimation, half=args.half,
-                             verify=args.verify)
+def _learned_runs(
+    args: argparse.Namespace, device, patch: PatchSpec, names: List[str]
+) -> List[Run]:
+    plan = CodingPlan(
+        patch=patch,
+        batch_size=args.batch_size,
+        budget_bytes=args.max_memory,
+        order=args.entropy_coder_order,
+        exact=not args.fast,
+    )
+    options = LearnedOptions(
+        plan=plan,
+        tiling=args.tiling,
+        entropy_estimation=args.entropy_estimation,
+        half=args.half,
+        verify=args.verify,
+    )
 
     def build(load):
         def make():
@@ -83,23 +95,44 @@ def _learned_runs(args: argparse.Namespace, device, patch: PatchSpec,
             check_patch_size_for_model(args.patch_size, model, args.tiling, log.warning)
             log.info("%s: %s", model.registry_name, coders[0].description)
             return coders
+
         return make
 
     if args.command == "checkpoint":
         if args.architecture:
-            models.get_model_class(args.architecture)  # an unknown name, before any work
+            models.get_model_class(
+                args.architecture
+            )  # an unknown name, before any work
         if args.config:
-            log.info("--config %s is not needed: the model is built from the checkpoint",
-                     args.config)
+            log.info(
+                "--config %s is not needed: the model is built from the checkpoint",
+                args.config,
+            )
         stems = [_checkpoint_stem(path) for path in args.checkpoints]
-        return [Run(path, tag, build(lambda path=path: models.load_checkpoint(
-                    path, device, architecture=args.architecture)))
-                for path, tag in zip(args.checkpoints, _unique_tags(stems))]
+        return [
+            Run(
+                path,
+                tag,
+                build(
+                    lambda path=path: models.load_checkpoint(
+                        path, device, architecture=args.architecture
+                    )
+                ),
+            )
+            for path, tag in zip(args.checkpoints, _unique_tags(stems))
+        ]
     for quality in args.quality:
         pretrained_url(args.architecture, quality, args.metric)  # before any download
-    return [Run(f"{args.architecture} q{q}", f"q{q}", build(lambda q=q: load_pretrained(
-                args.architecture, q, args.metric, device)))
-            for q in args.quality]
+    return [
+        Run(
+            f"{args.architecture} q{q}",
+            f"q{q}",
+            build(
+                lambda q=q: load_pretrained(args.architecture, q, args.metric, device)
+            ),
+        )
+        for q in args.quality
+    ]
 
 
 def _check_distinct_stems(paths: List[str]) -> None:
@@ -108,8 +141,10 @@ def _check_distinct_stems(paths: List[str]) -> None:
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
         if stem in seen:
-            raise ValueError(f"{os.path.basename(seen[stem])} and {os.path.basename(path)} "
-                             f"would write the same per-image files ({stem}.*); rename one")
+            raise ValueError(
+                f"{os.path.basename(seen[stem])} and {os.path.basename(path)} "
+                f"would write the same per-image files ({stem}.*); rename one"
+            )
         seen[stem] = path
 
 
@@ -129,8 +164,10 @@ def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
     names.append(args.codec)
     for quality in args.quality:
         codec.scale.check(args.codec, quality)
-    return [Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: [ClassicalCoder(codec, q)])
-            for q in args.quality]
+    return [
+        Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: [ClassicalCoder(codec, q)])
+        for q in args.quality
+    ]
 
 
 def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
@@ -142,7 +179,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     if args.output_dir:
         prepare_output_folder(args.output_dir, "-d")
     paths = list_images(dataset.folder)
-    paths = paths[:args.max_images] if args.max_images else paths
+    paths = paths[: args.max_images] if args.max_images else paths
     for path in paths:  # every header before the first image is coded
         image_size(path)
     if args.per_image or args.save_image:
@@ -151,19 +188,39 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     if args.command == "codec":
         runs = _codec_runs(args, names)
     else:
-        patch = args.patch_size or PatchSpec(FOLDER_PATCH_SIZE if dataset.patch_size is None
-                                             else dataset.patch_size)
+        patch = args.patch_size or PatchSpec(
+            FOLDER_PATCH_SIZE if dataset.patch_size is None else dataset.patch_size
+        )
         runs = _learned_runs(args, device, patch, names)
     if args.output_dir:
-        refuse_existing_outputs(previous_outputs(args.output_dir, paths, [run.tag for run in runs],
-                                                 args.per_image, args.save_image), args.force)
+        refuse_existing_outputs(
+            previous_outputs(
+                args.output_dir,
+                paths,
+                [run.tag for run in runs],
+                args.per_image,
+                args.save_image,
+            ),
+            args.force,
+        )
     rank, world = shard()
-    log.info("%s: %d image%s from %s, %d run%s%s", dataset.name, len(paths),
-             "" if len(paths) == 1 else "s", dataset.folder, len(runs),
-             "" if len(runs) == 1 else "s", f", {world} processes" if world > 1 else "")
+    log.info(
+        "%s: %d image%s from %s, %d run%s%s",
+        dataset.name,
+        len(paths),
+        "" if len(paths) == 1 else "s",
+        dataset.folder,
+        len(runs),
+        "" if len(runs) == 1 else "s",
+        f", {world} processes" if world > 1 else "",
+    )
 
-    image_folder = os.path.join(args.output_dir, "reconstructions") if args.save_image else None
-    records, entries = evaluate(runs, paths, image_folder, progress=not args.no_progress)
+    image_folder = (
+        os.path.join(args.output_dir, "reconstructions") if args.save_image else None
+    )
+    records, entries = evaluate(
+        runs, paths, image_folder, progress=not args.no_progress
+    )
     if rank != 0:
         return None
     labels = [entry.label for entry in entries]
@@ -171,18 +228,26 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     header = {
         "name": "+".join(dict.fromkeys(names)),
         "description": " | ".join(dict.fromkeys(descriptions)),
-        "meta": {"dataset": dataset.name, "folder": dataset.folder, "images": len(paths),
-                 "runs": labels, "device": device.type, "peak_memory": PeakMemory(device).kind,
-                 "psnr-b": "Yim & Bovik 2011, 8x8 blocks, mean over R, G, B (torchmetrics)",
-                 "psnr-b-y": "Yim & Bovik 2011, 8x8 blocks, BT.601 luma, the paper's border "
-                             "counts"},
+        "meta": {
+            "dataset": dataset.name,
+            "folder": dataset.folder,
+            "images": len(paths),
+            "runs": labels,
+            "device": device.type,
+            "peak_memory": PeakMemory(device).kind,
+            "psnr-b": "Yim & Bovik 2011, 8x8 blocks, mean over R, G, B (torchmetrics)",
+            "psnr-b-y": "Yim & Bovik 2011, 8x8 blocks, BT.601 luma, the paper's border "
+            "counts",
+        },
     }
     document = dict(header, results=aggregate(records, labels))
     if args.output_dir:
         save_json(os.path.join(args.output_dir, "results.json"), document)
         if args.per_image:
             for stem, page in per_image_documents(records, paths, header).items():
-                save_json(os.path.join(args.output_dir, "per-image", f"{stem}.json"), page)
+                save_json(
+                    os.path.join(args.output_dir, "per-image", f"{stem}.json"), page
+                )
     return document
 
 
@@ -190,8 +255,13 @@ def run_plot(args: argparse.Namespace) -> dict:
     check_output_path(args.output, args.results)
     refuse_existing_outputs([args.output], args.force)
     labels = parse_labels(args.label, args.results)
-    curves = distinct_names([curve for path in args.results
-                             for curve in load_curves(path, labels.get(path))])
+    curves = distinct_names(
+        [
+            curve
+            for path in args.results
+            for curve in load_curves(path, labels.get(path))
+        ]
+    )
     shown = plot_curves(curves, args.output, args.metrics, args.title)
     log.info("wrote %s", args.output)
     return {"plot": args.output, "metrics": shown, "curves": [c.name for c in curves]}
@@ -202,8 +272,9 @@ def run_bdrate(args: argparse.Namespace) -> dict:
         check_output_path(args.output, [args.anchor, *args.results])
         refuse_existing_outputs([args.output], args.force)
     labels = parse_labels(args.label, [args.anchor, *args.results])
-    anchor, *tests = distinct_names([load_curve(path, labels.get(path))
-                                     for path in (args.anchor, *args.results)])
+    anchor, *tests = distinct_names(
+        [load_curve(path, labels.get(path)) for path in (args.anchor, *args.results)]
+    )
     table = bd_rate_table(anchor, tests, args.metrics, args.interpolation)
     text = format_table(table)
     print(text, file=sys.stderr)
@@ -220,8 +291,15 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "bdrate":
             document = run_bdrate(args)
         elif args.command == "demo":
-            document = run_demo(args.models, args.images, args.output_dir,
-                                select_device(args.cuda), args.patch_size, log.info, args.force)
+            document = run_demo(
+                args.models,
+                args.images,
+                args.output_dir,
+                select_device(args.cuda),
+                args.patch_size,
+                log.info,
+                args.force,
+            )
             print(document["table"])
             log.info("wrote %s/{results.json,rd.png,crops.png}", args.output_dir)
             document = None

@@ -65,16 +65,21 @@ class QualityScale:
 
     def check(self, codec: str, quality: float) -> None:
         if self.integer and quality != int(quality):
-            raise ValueError(f"{codec} quality must be an integer ({self.meaning}), got {quality}")
+            raise ValueError(
+                f"{codec} quality must be an integer ({self.meaning}), got {quality}"
+            )
         if not self.low <= quality <= self.high:
-            raise ValueError(f"{codec} quality {quality} is outside {self.low:g}..{self.high:g} "
-                             f"({self.meaning})")
+            raise ValueError(
+                f"{codec} quality {quality} is outside {self.low:g}..{self.high:g} "
+                f"({self.meaning})"
+            )
 
 
 def _to_pil(image: Tensor) -> Image.Image:
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a uint8 tensor (3, H, W), "
-                         f"got {image.dtype} {tuple(image.shape)}")
+        raise ValueError(
+            f"expected a uint8 tensor (3, H, W), got {image.dtype} {tuple(image.shape)}"
+        )
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), mode="RGB")
 
 
@@ -86,15 +91,24 @@ def _from_pil(picture: Image.Image) -> Tensor:
 class PillowCodec:
     """A codec Pillow can write and read in memory."""
 
-    def __init__(self, name: str, pil_format: str, feature: str, scale: QualityScale,
-                 options: Callable[[float], dict], summary: str):
+    def __init__(
+        self,
+        name: str,
+        pil_format: str,
+        feature: str,
+        scale: QualityScale,
+        options: Callable[[float], dict],
+        summary: str,
+    ):
         self.name, self.pil_format, self.feature = name, pil_format, feature
         self.scale, self.options, self.summary = scale, options, summary
 
     def check_available(self) -> None:
         if not features.check(self.feature):
-            raise RuntimeError(f"codec {self.name} needs Pillow built with {self.feature} support; "
-                               "install the pinned Pillow wheel (pip install -r requirements.txt)")
+            raise RuntimeError(
+                f"codec {self.name} needs Pillow built with {self.feature} support; "
+                "install the pinned Pillow wheel (pip install -r requirements.txt)"
+            )
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
@@ -108,7 +122,9 @@ class PillowCodec:
         with Image.open(io.BytesIO(data)) as decoded:
             decoded.load()
             reconstruction = _from_pil(decoded)
-        return ClassicalResult(data, reconstruction, encoding_time, time.perf_counter() - start)
+        return ClassicalResult(
+            data, reconstruction, encoding_time, time.perf_counter() - start
+        )
 
 
 class ToolCodec:
@@ -118,10 +134,17 @@ class ToolCodec:
     the encoder reads ``input.png`` (or raw RGB for ffmpeg) and writes ``stream``.
     """
 
-    def __init__(self, name: str, tools: List[str], package: str, scale: QualityScale,
-                 encode: Callable[[str, float, Tuple[int, int]], List[List[str]]],
-                 decode: Callable[[str, Tuple[int, int]], List[List[str]]],
-                 raw_io: bool, summary: str):
+    def __init__(
+        self,
+        name: str,
+        tools: List[str],
+        package: str,
+        scale: QualityScale,
+        encode: Callable[[str, float, Tuple[int, int]], List[List[str]]],
+        decode: Callable[[str, Tuple[int, int]], List[List[str]]],
+        raw_io: bool,
+        summary: str,
+    ):
         self.name, self.tools, self.package = name, tools, package
         self.scale, self.encode, self.decode = scale, encode, decode
         self.raw_io, self.summary = raw_io, summary
@@ -129,8 +152,10 @@ class ToolCodec:
     def check_available(self) -> None:
         for tool in self.tools:
             if shutil.which(tool) is None:
-                raise RuntimeError(f"codec {self.name} needs the {tool} command: "
-                                   f"apt-get install {self.package}")
+                raise RuntimeError(
+                    f"codec {self.name} needs the {tool} command: "
+                    f"apt-get install {self.package}"
+                )
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
@@ -160,7 +185,9 @@ class ToolCodec:
 def _run(codec: str, command: List[str]) -> None:
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if done.returncode != 0:
-        message = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+        message = (
+            (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+        )
         detail = message[-1] if message else f"exit status {done.returncode}"
         raise RuntimeError(f"codec {codec}: {command[0]} failed: {detail}")
 
@@ -170,7 +197,9 @@ def _read_decoded(folder: str, raw_io: bool, height: int, width: int) -> Tensor:
         with open(os.path.join(folder, "output.rgb"), "rb") as handle:
             raw = handle.read()
         if len(raw) != height * width * 3:
-            raise RuntimeError(f"decoder wrote {len(raw)} bytes, expected {height}x{width}x3")
+            raise RuntimeError(
+                f"decoder wrote {len(raw)} bytes, expected {height}x{width}x3"
+            )
         array = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     with Image.open(os.path.join(folder, "output.png")) as decoded:
@@ -186,61 +215,139 @@ _FFMPEG = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y"]
 
 def _x265_encode(folder: str, qp: float, size: Tuple[int, int]) -> List[List[str]]:
     height, width = size
-    return [_FFMPEG + [
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-        "-i", os.path.join(folder, "input.rgb"),
-        "-vf", f"scale=out_color_matrix={_YUV}:out_range=full", "-pix_fmt", "yuv444p",
-        "-c:v", "libx265", "-preset", "medium",
-        "-x265-params", f"qp={int(qp)}:keyint=1:range=full:colormatrix={_YUV}:log-level=error",
-        "-frames:v", "1", "-f", "hevc", os.path.join(folder, "stream"),
-    ]]
+    return [
+        _FFMPEG
+        + [
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{width}x{height}",
+            "-i",
+            os.path.join(folder, "input.rgb"),
+            "-vf",
+            f"scale=out_color_matrix={_YUV}:out_range=full",
+            "-pix_fmt",
+            "yuv444p",
+            "-c:v",
+            "libx265",
+            "-preset",
+            "medium",
+            "-x265-params",
+            f"qp={int(qp)}:keyint=1:range=full:colormatrix={_YUV}:log-level=error",
+            "-frames:v",
+            "1",
+            "-f",
+            "hevc",
+            os.path.join(folder, "stream"),
+        ]
+    ]
 
 
 def _x265_decode(folder: str, size: Tuple[int, int]) -> List[List[str]]:
-    return [_FFMPEG + [
-        "-f", "hevc", "-i", os.path.join(folder, "stream"),
-        "-vf", f"scale=in_color_matrix={_YUV}:in_range=full", "-pix_fmt", "rgb24",
-        "-frames:v", "1", "-f", "rawvideo", os.path.join(folder, "output.rgb"),
-    ]]
+    return [
+        _FFMPEG
+        + [
+            "-f",
+            "hevc",
+            "-i",
+            os.path.join(folder, "stream"),
+            "-vf",
+            f"scale=in_color_matrix={_YUV}:in_range=full",
+            "-pix_fmt",
+            "rgb24",
+            "-frames:v",
+            "1",
+            "-f",
+            "rawvideo",
+            os.path.join(folder, "output.rgb"),
+        ]
+    ]
 
 
 def _jxl_encode(folder: str, quality: float, size: Tuple[int, int]) -> List[List[str]]:
-    return [["cjxl", os.path.join(folder, "input.png"), os.path.join(folder, "stream"),
-             "-q", f"{quality:g}"]]
+    return [
+        [
+            "cjxl",
+            os.path.join(folder, "input.png"),
+            os.path.join(folder, "stream"),
+            "-q",
+            f"{quality:g}",
+        ]
+    ]
 
 
 def _jxl_decode(folder: str, size: Tuple[int, int]) -> List[List[str]]:
-    return [["djxl", os.path.join(folder, "stream"), os.path.join(folder, "output.png")]]
+    return [
+        ["djxl", os.path.join(folder, "stream"), os.path.join(folder, "output.png")]
+    ]
 
 
 _PERCENT = QualityScale(0, 100, True, "0..100, higher is better")
 
 CODECS: Dict[str, object] = {
     "jpeg": PillowCodec(
-        "jpeg", "JPEG", "jpg", QualityScale(1, 100, True, "1..100, higher is better"),
-        lambda q: {"quality": int(q)}, "JPEG (Pillow/libjpeg, 4:2:0)"),
+        "jpeg",
+        "JPEG",
+        "jpg",
+        QualityScale(1, 100, True, "1..100, higher is better"),
+        lambda q: {"quality": int(q)},
+        "JPEG (Pillow/libjpeg, 4:2:0)",
+    ),
     "webp": PillowCodec(
-        "webp", "WEBP", "webp", _PERCENT,
-        lambda q: {"quality": int(q), "method": 4}, "WebP (Pillow/libwebp, method 4)"),
+        "webp",
+        "WEBP",
+        "webp",
+        _PERCENT,
+        lambda q: {"quality": int(q), "method": 4},
+        "WebP (Pillow/libwebp, method 4)",
+    ),
     "jpeg2000": PillowCodec(
-        "jpeg2000", "JPEG2000", "jpg_2000",
+        "jpeg2000",
+        "JPEG2000",
+        "jpg_2000",
         QualityScale(1, float("inf"), False, "compression ratio, lower is better"),
-        lambda q: {"quality_mode": "rates", "quality_layers": [q], "irreversible": True,
-                   "mct": 1, "no_jp2": True},
-        "JPEG 2000 (Pillow/OpenJPEG, 9/7 wavelet, RGB->YCbCr, J2K codestream)"),
+        lambda q: {
+            "quality_mode": "rates",
+            "quality_layers": [q],
+            "irreversible": True,
+            "mct": 1,
+            "no_jp2": True,
+        },
+        "JPEG 2000 (Pillow/OpenJPEG, 9/7 wavelet, RGB->YCbCr, J2K codestream)",
+    ),
     "avif": PillowCodec(
-        "avif", "AVIF", "avif", _PERCENT,
+        "avif",
+        "AVIF",
+        "avif",
+        _PERCENT,
         lambda q: {"quality": int(q), "subsampling": "4:4:4", "speed": 6},
-        "AVIF (Pillow/libavif, AV1 intra, 4:4:4, speed 6)"),
+        "AVIF (Pillow/libavif, AV1 intra, 4:4:4, speed 6)",
+    ),
     "x265": ToolCodec(
-        "x265", ["ffmpeg"], "ffmpeg", QualityScale(0, 51, True, "QP 0..51, lower is better"),
-        _x265_encode, _x265_decode, raw_io=True,
+        "x265",
+        ["ffmpeg"],
+        "ffmpeg",
+        QualityScale(0, 51, True, "QP 0..51, lower is better"),
+        _x265_encode,
+        _x265_decode,
+        raw_io=True,
         summary="HEVC intra (ffmpeg/libx265, preset medium, YCbCr 4:4:4 BT.709 full range, "
-                "raw Annex-B stream)"),
+        "raw Annex-B stream)",
+    ),
     "jxl": ToolCodec(
-        "jxl", ["cjxl", "djxl"], "libjxl-tools",
-        QualityScale(4.05, 100, False, "cjxl quality, 100 = lossless, higher is better"),
-        _jxl_encode, _jxl_decode, raw_io=False, summary="JPEG XL (cjxl/djxl, effort 7)"),
+        "jxl",
+        ["cjxl", "djxl"],
+        "libjxl-tools",
+        QualityScale(
+            4.05, 100, False, "cjxl quality, 100 = lossless, higher is better"
+        ),
+        _jxl_encode,
+        _jxl_decode,
+        raw_io=False,
+        summary="JPEG XL (cjxl/djxl, effort 7)",
+    ),
 }
 
 
@@ -249,6 +356,8 @@ def get_codec(name: str):
     try:
         codec = CODECS[name]
     except KeyError:
-        raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)}") from None
+        raise ValueError(
+            f"unknown codec {name!r}; choose from {', '.join(CODECS)}"
+        ) from None
     codec.check_available()
     return codec

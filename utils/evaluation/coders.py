@@ -87,8 +87,10 @@ def _clock(device: torch.device) -> float:
 def _check_same(first: Tensor, second: Tensor, what: str) -> None:
     if not torch.equal(first, second):
         differing = (first.int() - second.int()).abs()
-        raise RuntimeError(f"--verify failed: {what} ({int((differing > 0).sum())} samples "
-                           f"differ, by up to {int(differing.max())})")
+        raise RuntimeError(
+            f"--verify failed: {what} ({int((differing > 0).sum())} samples "
+            f"differ, by up to {int(differing.max())})"
+        )
 
 
 def forward_bits(model: nn.Module, image: Tensor) -> float:
@@ -126,11 +128,19 @@ class ModelCoder(Coder):
             itself already checks that it rebuilt the encoder's latent.
     """
 
-    def __init__(self, model: nn.Module, plan: CodingPlan, point: int = 0,
-                 count_header: bool = True, verify: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: CodingPlan,
+        point: int = 0,
+        count_header: bool = True,
+        verify: bool = False,
+    ):
         if not 0 <= point < model.operating_points:
-            raise ValueError(f"operating point {point} does not exist; "
-                             f"{model.registry_name} has {model.operating_points}")
+            raise ValueError(
+                f"operating point {point} does not exist; "
+                f"{model.registry_name} has {model.operating_points}"
+            )
         self.model, self.point, self.verify = model, point, verify
         self.plan = plan.with_(layers=point + 1) if model.operating_points > 1 else plan
         self.layer = point if model.operating_points > 1 else None
@@ -142,14 +152,21 @@ class ModelCoder(Coder):
         parts = [f"{self.model.registry_name} codec"]
         if self.model.supports_patches:
             if self.plan.patch.is_auto:
-                parts.append(f"POPS patches planned within {format_memory(self.plan.budget_bytes)}"
-                             if self.plan.budget_bytes else "whole image")
+                parts.append(
+                    f"POPS patches planned within {format_memory(self.plan.budget_bytes)}"
+                    if self.plan.budget_bytes
+                    else "whole image"
+                )
             else:
                 parts.append(f"POPS patches of {self.plan.patch}")
             parts.append(f"{self.plan.order} entropy coder")
         if self.layer is not None:
-            parts.append("container cut to layers <= k, bpp cumulative over layer k's pixels")
-        counted = "file size, header included" if self.count_header else "rANS strings only"
+            parts.append(
+                "container cut to layers <= k, bpp cumulative over layer k's pixels"
+            )
+        counted = (
+            "file size, header included" if self.count_header else "rANS strings only"
+        )
         return f"{parts[0]} ({'; '.join(parts[1:]) or 'whole image'}); bpp from the {counted}"
 
     def reference_image(self, image: Tensor) -> Tensor:
@@ -162,27 +179,36 @@ class ModelCoder(Coder):
             data = pack(payload)
             middle = _clock(self.device)
             decoded = unpack(data)
-            reconstruction = check_decoded(self.model, decoded, self.plan,
-                                           self.model.decode(decoded, self.plan)).cpu()
+            reconstruction = check_decoded(
+                self.model, decoded, self.plan, self.model.decode(decoded, self.plan)
+            ).cpu()
             end = _clock(self.device)
-        coded = Coded(bits=8.0 * (len(data) if self.count_header else payload.stream_bytes),
-                      reconstruction=reconstruction, encoding_time=middle - start,
-                      decoding_time=end - middle, estimated_bits=self._estimate(payload, image),
-                      peak_mb=coding.peak_mb)
+        coded = Coded(
+            bits=8.0 * (len(data) if self.count_header else payload.stream_bytes),
+            reconstruction=reconstruction,
+            encoding_time=middle - start,
+            decoding_time=end - middle,
+            estimated_bits=self._estimate(payload, image),
+            peak_mb=coding.peak_mb,
+        )
         if self.verify:
             with PeakMemory(self.device) as verification:
                 decoded, plan = unpack(data), verification_plan(self.model, self.plan)
-                again = check_decoded(self.model, decoded, plan,
-                                      self.model.decode(decoded, plan))
+                again = check_decoded(
+                    self.model, decoded, plan, self.model.decode(decoded, plan)
+                )
             coded.verification_peak_mb = verification.peak_mb
-            _check_same(reconstruction, again.cpu(), "a second decode with another patch plan "
-                                                     "gives other pixels")
+            _check_same(
+                reconstruction,
+                again.cpu(),
+                "a second decode with another patch plan gives other pixels",
+            )
         return coded
 
     def _estimate(self, payload, image: Tensor) -> float:
         """The encoder's own estimate, or a forward pass's where it gives none."""
         if isinstance(payload, LayeredImage):
-            return sum(payload.estimated_bits[:self.point + 1])
+            return sum(payload.estimated_bits[: self.point + 1])
         if math.isfinite(payload.estimated_bits):
             return payload.estimated_bits
         return forward_bits(self.model, image)
@@ -199,8 +225,10 @@ class EstimationCoder(Coder):
         self.model = model.half() if half else model
         self.dtype = torch.float16 if half else torch.float32
         self.device = model_device(model)
-        self.description = (f"entropy estimation: bpp from the likelihoods of a "
-                            f"{'float16' if half else 'float32'} forward pass, no bitstream")
+        self.description = (
+            f"entropy estimation: bpp from the likelihoods of a "
+            f"{'float16' if half else 'float32'} forward pass, no bitstream"
+        )
 
     def code(self, image: Tensor) -> Coded:
         height, width = image.shape[1:]
@@ -209,9 +237,12 @@ class EstimationCoder(Coder):
             start = _clock(self.device)
             output = self.model(x.to(device=self.device, dtype=self.dtype))
             end = _clock(self.device)
-        return Coded(bits=likelihood_bits(output["likelihoods"]),
-                     reconstruction=to_uint8(output["x_hat"][0, :, :height, :width]).cpu(),
-                     encoding_time=end - start, decoding_time=None)
+        return Coded(
+            bits=likelihood_bits(output["likelihoods"]),
+            reconstruction=to_uint8(output["x_hat"][0, :, :height, :width]).cpu(),
+            encoding_time=end - start,
+            decoding_time=None,
+        )
 
 
 class NaiveTiles(Coder):
@@ -226,29 +257,46 @@ class NaiveTiles(Coder):
             raise ValueError(f"naive tiling needs a tile size > 0, got {tile}")
         self.inner, self.tile = inner, tile
         self.device = inner.device
-        self.description = (f"naive tiling: independent {tile}x{tile} tiles of the image padded "
-                            f"(replicate) to a multiple of {tile}; each tile: {inner.description}")
+        self.description = (
+            f"naive tiling: independent {tile}x{tile} tiles of the image padded "
+            f"(replicate) to a multiple of {tile}; each tile: {inner.description}"
+        )
 
     def code(self, image: Tensor) -> Coded:
         height, width = image.shape[1:]
         padded = pad_replicate(image, self.tile)
         output = torch.empty_like(padded)
-        totals = Coded(bits=0.0, reconstruction=output, encoding_time=0.0, decoding_time=0.0,
-                       estimated_bits=0.0, peak_mb=0.0, verification_peak_mb=0.0)
+        totals = Coded(
+            bits=0.0,
+            reconstruction=output,
+            encoding_time=0.0,
+            decoding_time=0.0,
+            estimated_bits=0.0,
+            peak_mb=0.0,
+            verification_peak_mb=0.0,
+        )
         # Estimation coders have no decoding time, and so the tiles' total has none;
         # peaks are the largest tile's (None if the inner coder does not measure its own).
         for top in range(0, padded.shape[1], self.tile):
             for left in range(0, padded.shape[2], self.tile):
-                block = padded[:, top:top + self.tile, left:left + self.tile].contiguous()
+                block = padded[
+                    :, top : top + self.tile, left : left + self.tile
+                ].contiguous()
                 coded = self.inner.code(block)
-                output[:, top:top + self.tile, left:left + self.tile] = coded.reconstruction
-                totals = replace(totals, bits=totals.bits + coded.bits,
-                                 encoding_time=totals.encoding_time + coded.encoding_time,
-                                 decoding_time=_add(totals.decoding_time, coded.decoding_time),
-                                 estimated_bits=_add(totals.estimated_bits, coded.estimated_bits),
-                                 peak_mb=_max(totals.peak_mb, coded.peak_mb),
-                                 verification_peak_mb=_max(totals.verification_peak_mb,
-                                                           coded.verification_peak_mb))
+                output[:, top : top + self.tile, left : left + self.tile] = (
+                    coded.reconstruction
+                )
+                totals = replace(
+                    totals,
+                    bits=totals.bits + coded.bits,
+                    encoding_time=totals.encoding_time + coded.encoding_time,
+                    decoding_time=_add(totals.decoding_time, coded.decoding_time),
+                    estimated_bits=_add(totals.estimated_bits, coded.estimated_bits),
+                    peak_mb=_max(totals.peak_mb, coded.peak_mb),
+                    verification_peak_mb=_max(
+                        totals.verification_peak_mb, coded.verification_peak_mb
+                    ),
+                )
         return replace(totals, reconstruction=output[:, :height, :width].contiguous())
 
 
@@ -267,13 +315,18 @@ class ClassicalCoder(Coder):
 
     def __init__(self, codec, quality: float):
         self.codec, self.quality = codec, quality
-        self.description = (f"{codec.summary}; quality: {codec.scale.meaning}; "
-                            "bpp from the file size")
+        self.description = (
+            f"{codec.summary}; quality: {codec.scale.meaning}; bpp from the file size"
+        )
 
     def code(self, image: Tensor) -> Coded:
         result = self.codec.code(image, self.quality)
-        return Coded(bits=8.0 * len(result.data), reconstruction=result.reconstruction,
-                     encoding_time=result.encoding_time, decoding_time=result.decoding_time)
+        return Coded(
+            bits=8.0 * len(result.data),
+            reconstruction=result.reconstruction,
+            encoding_time=result.encoding_time,
+            decoding_time=result.decoding_time,
+        )
 
 
 @dataclass
@@ -297,8 +350,10 @@ def learned_coders(model: nn.Module, options: LearnedOptions):
     tiling = options.tiling or ("pops" if model.supports_patches else "none")
     patch = options.plan.patch
     if tiling == "pops" and not model.supports_patches:
-        raise ValueError(f"--tiling pops needs a padding-free model such as cps; "
-                         f"{model.registry_name} pads its convolutions: use none or naive")
+        raise ValueError(
+            f"--tiling pops needs a padding-free model such as cps; "
+            f"{model.registry_name} pads its convolutions: use none or naive"
+        )
     if tiling == "naive" and not (patch.size and patch.size > 0):
         raise ValueError("--tiling naive needs a fixed --patch-size > 0")
     if tiling == "pops" and not patch.is_auto:
@@ -307,10 +362,17 @@ def learned_coders(model: nn.Module, options: LearnedOptions):
         coder = EstimationCoder(model, half=options.half)
         return [NaiveTiles(coder, patch.size) if tiling == "naive" else coder]
     plan = options.plan if tiling == "pops" else options.plan.with_(patch=PatchSpec(0))
-    coders = [ModelCoder(model, plan, point, count_header=tiling != "naive",
-                         verify=options.verify)
-              for point in range(model.operating_points)]
-    return [NaiveTiles(coder, patch.size) for coder in coders] if tiling == "naive" else coders
+    coders = [
+        ModelCoder(
+            model, plan, point, count_header=tiling != "naive", verify=options.verify
+        )
+        for point in range(model.operating_points)
+    ]
+    return (
+        [NaiveTiles(coder, patch.size) for coder in coders]
+        if tiling == "naive"
+        else coders
+    )
 
 
 def pretrained_url(architecture: str, quality: int, metric: str) -> str:
@@ -320,18 +382,23 @@ def pretrained_url(architecture: str, quality: int, metric: str) -> str:
     from compressai.zoo.image import model_urls
 
     if architecture not in model_urls:
-        raise ValueError(f"no pretrained CompressAI model {architecture!r}; choose from "
-                         f"{', '.join(sorted(model_urls))}")
+        raise ValueError(
+            f"no pretrained CompressAI model {architecture!r}; choose from "
+            f"{', '.join(sorted(model_urls))}"
+        )
     try:
         return model_urls[architecture][metric][quality]
     except KeyError:
         qualities = sorted(model_urls[architecture].get(metric, {}))
-        raise ValueError(f"no pretrained {architecture} for metric {metric!r} and quality "
-                         f"{quality}; qualities: {qualities}") from None
+        raise ValueError(
+            f"no pretrained {architecture} for metric {metric!r} and quality "
+            f"{quality}; qualities: {qualities}"
+        ) from None
 
 
-def load_pretrained(architecture: str, quality: int, metric: str,
-                    device: torch.device) -> nn.Module:
+def load_pretrained(
+    architecture: str, quality: int, metric: str, device: torch.device
+) -> nn.Module:
     """A CompressAI zoo model with its published weights (downloaded once by torch.hub),
     as the registered contract class of that architecture."""
     from compressai.zoo import image_models
@@ -343,19 +410,28 @@ def load_pretrained(architecture: str, quality: int, metric: str,
     try:
         # torch.hub announces downloads on stdout, which belongs to the results JSON.
         with contextlib.redirect_stdout(sys.stderr):
-            zoo_model = image_models[architecture](quality=quality, metric=metric,
-                                                   pretrained=True, progress=False)
-    except Exception as exc:  # a failed download, or a cached file that holds no weights
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            zoo_model = image_models[architecture](
+                quality=quality, metric=metric, pretrained=True, progress=False
+            )
+    except (
+        Exception
+    ) as exc:  # a failed download, or a cached file that holds no weights
+        reason = (
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         if was_cached:  # users are told to put the file there themselves
-            raise ValueError(f"cannot load pretrained {architecture} (metric {metric}, quality "
-                             f"{quality}) from the cached file {cached}: "
-                             f"{type(exc).__name__}: {reason}; delete it to download it "
-                             "again") from None
+            raise ValueError(
+                f"cannot load pretrained {architecture} (metric {metric}, quality "
+                f"{quality}) from the cached file {cached}: "
+                f"{type(exc).__name__}: {reason}; delete it to download it "
+                "again"
+            ) from None
         if not isinstance(exc, (OSError, RuntimeError)):
             raise
-        raise RuntimeError(f"cannot download pretrained {architecture} (metric {metric}, quality "
-                           f"{quality}) from {url}: {reason}; without network, put that file in "
-                           f"{cache}") from None
+        raise RuntimeError(
+            f"cannot download pretrained {architecture} (metric {metric}, quality "
+            f"{quality}) from {url}: {reason}; without network, put that file in "
+            f"{cache}"
+        ) from None
     model = get_model_class(architecture).from_state_dict(zoo_model.state_dict())
     return model.to(device).eval()

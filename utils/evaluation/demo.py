@@ -31,7 +31,12 @@ from utils.atomic import atomic_write_json
 from utils.cli import prepare_output_folder, refuse_existing_outputs
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
-from utils.evaluation.coders import ClassicalCoder, Coded, LearnedOptions, learned_coders
+from utils.evaluation.coders import (
+    ClassicalCoder,
+    Coded,
+    LearnedOptions,
+    learned_coders,
+)
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd import Curve, plot_curves
 from utils.evaluation.runs import mean_over_images
@@ -42,7 +47,14 @@ SHIPPED_DIR = os.path.join(REPO_ROOT, "experiment", "shipped")
 _CPU = torch.device("cpu")  # run_demo's default device
 JPEG_QUALITIES = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 OUTPUT_FILES = ("results.json", "rd.png", "crops.png")
-METRIC_KEYS = ("bpp", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "encoding_time", "decoding_time")
+METRIC_KEYS = (
+    "bpp",
+    "psnr-rgb",
+    "ms-ssim-rgb",
+    "psnr-b",
+    "encoding_time",
+    "decoding_time",
+)
 
 
 def _skimage_photo(name: str) -> Callable[[], np.ndarray]:
@@ -52,19 +64,21 @@ def _skimage_photo(name: str) -> Callable[[], np.ndarray]:
         if name == "motorcycle":
             return skimage.data.stereo_motorcycle()[0]
         return getattr(skimage.data, name)()
+
     return load
 
 
 DEMO_IMAGES: Dict[str, Callable[[], np.ndarray]] = {
-    name: _skimage_photo(name)
-    for name in DEMO_IMAGE_NAMES
+    name: _skimage_photo(name) for name in DEMO_IMAGE_NAMES
 }
 
 
 def demo_image(name: str) -> torch.Tensor:
     """The bundled photograph ``name`` as a uint8 (3, H, W) tensor."""
     if name not in DEMO_IMAGES:
-        raise ValueError(f"unknown demo image {name!r}; choose from {', '.join(DEMO_IMAGES)}")
+        raise ValueError(
+            f"unknown demo image {name!r}; choose from {', '.join(DEMO_IMAGES)}"
+        )
     pixels = np.ascontiguousarray(DEMO_IMAGES[name]()[..., :3])
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
@@ -78,7 +92,11 @@ class ShippedModel:
 
     @property
     def label(self) -> str:
-        return f"CPS λ={self.lmbda:g}" if self.lmbda is not None else os.path.basename(self.path)
+        return (
+            f"CPS λ={self.lmbda:g}"
+            if self.lmbda is not None
+            else os.path.basename(self.path)
+        )
 
 
 def find_shipped_models(paths: Sequence[str] = ()) -> List[ShippedModel]:
@@ -114,25 +132,35 @@ def _trained_lambda(info_path: str) -> Optional[float]:
     except ValueError as exc:  # not JSON, or not UTF-8
         raise ValueError(f"{info_path} is not valid JSON: {exc}") from None
     if not isinstance(info, dict):
-        raise ValueError(f"{info_path} must hold a JSON object, not a {type(info).__name__}")
+        raise ValueError(
+            f"{info_path} must hold a JSON object, not a {type(info).__name__}"
+        )
     params = info.get("train_params")
     if params is None:
         return None
     if not isinstance(params, dict):
-        raise ValueError(f"{info_path}: train_params must be an object, not a "
-                         f"{type(params).__name__}")
+        raise ValueError(
+            f"{info_path}: train_params must be an object, not a "
+            f"{type(params).__name__}"
+        )
     lmbda = params.get("lmbda")
     if lmbda is None:
         return None
-    if (isinstance(lmbda, bool) or not isinstance(lmbda, (int, float))
-            or not math.isfinite(lmbda) or lmbda <= 0):
-        raise ValueError(f"{info_path}: train_params.lmbda must be a positive number, "
-                         f"got {lmbda!r}")
+    if (
+        isinstance(lmbda, bool)
+        or not isinstance(lmbda, (int, float))
+        or not math.isfinite(lmbda)
+        or lmbda <= 0
+    ):
+        raise ValueError(
+            f"{info_path}: train_params.lmbda must be a positive number, got {lmbda!r}"
+        )
     return float(lmbda)
 
 
-def _demo_coders(model_info: ShippedModel, device: torch.device, patch_size: int,
-                 largest_side: int) -> tuple:
+def _demo_coders(
+    model_info: ShippedModel, device: torch.device, patch_size: int, largest_side: int
+) -> tuple:
     """The POPS and naive-tile coders of one model at ``patch_size``.
 
     Built for every model before anything is coded, so that a file that is no model,
@@ -143,17 +171,23 @@ def _demo_coders(model_info: ShippedModel, device: torch.device, patch_size: int
     """
     model = models.load_checkpoint(model_info.path, device)
     if not model.supports_patches:
-        raise ValueError(f"{model_info.path}: the demo codes POPS patches, which "
-                         f"{model.registry_name} cannot (it pads its convolutions)")
+        raise ValueError(
+            f"{model_info.path}: the demo codes POPS patches, which "
+            f"{model.registry_name} cannot (it pads its convolutions)"
+        )
     scale = model_geometry(model).scale
     if patch_size <= 0 or patch_size % scale:
-        raise ValueError(f"--patch-size must be a positive multiple of {scale} (the POPS "
-                         f"patch and naive tile side), got {patch_size}")
+        raise ValueError(
+            f"--patch-size must be a positive multiple of {scale} (the POPS "
+            f"patch and naive tile side), got {patch_size}"
+        )
     limit = -(-largest_side // scale) * scale
     if patch_size > limit:
-        raise ValueError(f"--patch-size {patch_size} is larger than the demo images need: at "
-                         f"most {limit} (their largest side, {largest_side} px, rounded up "
-                         f"to a multiple of {scale})")
+        raise ValueError(
+            f"--patch-size {patch_size} is larger than the demo images need: at "
+            f"most {limit} (their largest side, {largest_side} px, rounded up "
+            f"to a multiple of {scale})"
+        )
     plan = CodingPlan(patch=PatchSpec(patch_size))
     [pops] = learned_coders(model, LearnedOptions(plan, tiling="pops"))
     [naive] = learned_coders(model, LearnedOptions(plan, tiling="naive"))
@@ -162,15 +196,21 @@ def _demo_coders(model_info: ShippedModel, device: torch.device, patch_size: int
 
 def _record(original: torch.Tensor, coded: Coded, **extra) -> dict:
     height, width = original.shape[1:]
-    return {"bpp": bits_per_pixel(int(round(coded.bits / 8)), height, width),
-            **image_metrics(original, coded.reconstruction),
-            "encoding_time": coded.encoding_time, "decoding_time": coded.decoding_time, **extra}
+    return {
+        "bpp": bits_per_pixel(int(round(coded.bits / 8)), height, width),
+        **image_metrics(original, coded.reconstruction),
+        "encoding_time": coded.encoding_time,
+        "decoding_time": coded.decoding_time,
+        **extra,
+    }
 
 
 def _mean(records: List[dict]) -> dict:
     """Each metric averaged over the demo images."""
-    return {key: mean_over_images([record.get(key) for record in records], key, "demo")
-            for key in METRIC_KEYS}
+    return {
+        key: mean_over_images([record.get(key) for record in records], key, "demo")
+        for key in METRIC_KEYS
+    }
 
 
 def _crop_window(height: int, width: int, tile: int, side: int):
@@ -196,13 +236,16 @@ def _write_crops(panels: List[tuple], output: str, tile: int) -> None:
     top, left = _crop_window(height, width, tile, side)
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for axis, (title, picture) in zip(axes, panels):
-        crop = picture[:, top:top + side, left:left + side].permute(1, 2, 0).numpy()
+        crop = picture[:, top : top + side, left : left + side].permute(1, 2, 0).numpy()
         axis.imshow(crop, interpolation="nearest")
         axis.set_title(title, fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
-    save_figure(figure, output,
-                f"{side}x{side} crop at ({top}, {left}), tile corner near the centre")
+    save_figure(
+        figure,
+        output,
+        f"{side}x{side} crop at ({top}, {left}), tile corner near the centre",
+    )
 
 
 def _format_table(rows: List[tuple]) -> str:
@@ -217,10 +260,15 @@ def _format_table(rows: List[tuple]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple(DEMO_IMAGES),
-             output_dir: str = DEMO_OUTPUT, device: torch.device = _CPU,
-             patch_size: int = 128, log: Callable[[str], None] = print,
-             force: bool = False) -> dict:
+def run_demo(
+    model_paths: Sequence[str] = (),
+    image_names: Sequence[str] = tuple(DEMO_IMAGES),
+    output_dir: str = DEMO_OUTPUT,
+    device: torch.device = _CPU,
+    patch_size: int = 128,
+    log: Callable[[str], None] = print,
+    force: bool = False,
+) -> dict:
     """Run the demo; return the results document (also written to ``results.json``).
     ``force`` writes over the files of an earlier demo in ``output_dir``.
 
@@ -228,13 +276,20 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
     ``output_dir`` is created only then, so a refused run leaves no empty folder.
     """
     if not output_dir:
-        raise ValueError("-d/--output-dir is empty: name the folder for the demo's files")
-    results_path, rd_path, crops_path = (os.path.join(output_dir, name) for name in OUTPUT_FILES)
+        raise ValueError(
+            "-d/--output-dir is empty: name the folder for the demo's files"
+        )
+    results_path, rd_path, crops_path = (
+        os.path.join(output_dir, name) for name in OUTPUT_FILES
+    )
     refuse_existing_outputs([results_path, rd_path, crops_path], force)
     shipped = find_shipped_models(model_paths)
     images = {name: demo_image(name) for name in image_names}
     largest_side = max(max(image.shape[1:]) for image in images.values())
-    coders = [_demo_coders(model_info, device, patch_size, largest_side) for model_info in shipped]
+    coders = [
+        _demo_coders(model_info, device, patch_size, largest_side)
+        for model_info in shipped
+    ]
     jpeg = get_codec("jpeg")
     jpeg.check_available()
     prepare_output_folder(output_dir, "-d")
@@ -244,11 +299,17 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
     for name, image in images.items():
         for quality in JPEG_QUALITIES:
             coded = ClassicalCoder(jpeg, quality).code(image)
-            jpeg_records[quality].append(_record(image, coded, image=name, quality=quality))
+            jpeg_records[quality].append(
+                _record(image, coded, image=name, quality=quality)
+            )
             jpeg_pictures[name, quality] = coded.reconstruction
 
-    document = {"images": list(images), "patch_size": patch_size, "models": [], "jpeg": {
-        "per_quality": {str(q): _mean(r) for q, r in jpeg_records.items()}}}
+    document = {
+        "images": list(images),
+        "patch_size": patch_size,
+        "models": [],
+        "jpeg": {"per_quality": {str(q): _mean(r) for q, r in jpeg_records.items()}},
+    }
     rows, crops = [], None
     cps_curve, naive_curve = {"bpp": [], "metrics": {}}, {"bpp": [], "metrics": {}}
     for model_info, (pops, naive) in zip(shipped, coders):
@@ -256,41 +317,74 @@ def run_demo(model_paths: Sequence[str] = (), image_names: Sequence[str] = tuple
         per_image = {"cps": [], "naive": [], "jpeg": []}
         for number, (name, image) in enumerate(images.items(), 1):
             cps_coded, naive_coded = pops.code(image), naive.code(image)
-            log(f"  {model_info.label}: image {number}/{len(images)} ({name}) coded with POPS "
-                f"and naive tiles")
+            log(
+                f"  {model_info.label}: image {number}/{len(images)} ({name}) coded with POPS "
+                f"and naive tiles"
+            )
             per_image["cps"].append(_record(image, cps_coded, image=name))
             per_image["naive"].append(_record(image, naive_coded, image=name))
             target = per_image["cps"][-1]["bpp"]
-            match = min((records[len(per_image["cps"]) - 1] for records in jpeg_records.values()),
-                        key=lambda r: abs(r["bpp"] - target))
+            match = min(
+                (
+                    records[len(per_image["cps"]) - 1]
+                    for records in jpeg_records.values()
+                ),
+                key=lambda r: abs(r["bpp"] - target),
+            )
             per_image["jpeg"].append(match)
             if crops is None:  # lowest-rate model, first image
-                crops = [("original", image),
-                         (f"CPS (POPS) {per_image['cps'][-1]['bpp']:.2f} bpp",
-                          cps_coded.reconstruction),
-                         (f"naive tiles {per_image['naive'][-1]['bpp']:.2f} bpp",
-                          naive_coded.reconstruction),
-                         (f"JPEG q{match['quality']} {match['bpp']:.2f} bpp",
-                          jpeg_pictures[name, match["quality"]])]
+                crops = [
+                    ("original", image),
+                    (
+                        f"CPS (POPS) {per_image['cps'][-1]['bpp']:.2f} bpp",
+                        cps_coded.reconstruction,
+                    ),
+                    (
+                        f"naive tiles {per_image['naive'][-1]['bpp']:.2f} bpp",
+                        naive_coded.reconstruction,
+                    ),
+                    (
+                        f"JPEG q{match['quality']} {match['bpp']:.2f} bpp",
+                        jpeg_pictures[name, match["quality"]],
+                    ),
+                ]
         means = {kind: _mean(records) for kind, records in per_image.items()}
-        rows += [(f"{model_info.label} (POPS, P={patch_size})", means["cps"]),
-                 (f"{model_info.label} naive {patch_size}px tiles", means["naive"]),
-                 (f"JPEG at the size of {model_info.label}", means["jpeg"])]
+        rows += [
+            (f"{model_info.label} (POPS, P={patch_size})", means["cps"]),
+            (f"{model_info.label} naive {patch_size}px tiles", means["naive"]),
+            (f"JPEG at the size of {model_info.label}", means["jpeg"]),
+        ]
         for curve, kind in ((cps_curve, "cps"), (naive_curve, "naive")):
             curve["bpp"].append(means[kind]["bpp"])
             for metric in ("psnr-rgb", "ms-ssim-rgb", "psnr-b"):
                 curve["metrics"].setdefault(metric, []).append(means[kind][metric])
-        document["models"].append({"path": os.path.relpath(model_info.path, REPO_ROOT),
-                                   "lmbda": model_info.lmbda, "mean": means,
-                                   "per_image": per_image})
+        document["models"].append(
+            {
+                "path": os.path.relpath(model_info.path, REPO_ROOT),
+                "lmbda": model_info.lmbda,
+                "mean": means,
+                "per_image": per_image,
+            }
+        )
 
     jpeg_means = [document["jpeg"]["per_quality"][str(q)] for q in JPEG_QUALITIES]
-    curves = [Curve(f"CPS, POPS P={patch_size}", cps_curve["bpp"], cps_curve["metrics"]),
-              Curve(f"CPS, naive {patch_size}px tiles", naive_curve["bpp"], naive_curve["metrics"]),
-              Curve("JPEG (Pillow, 4:2:0)", [m["bpp"] for m in jpeg_means],
-                    {k: [m[k] for m in jpeg_means] for k in ("psnr-rgb", "ms-ssim-rgb", "psnr-b")})]
-    plot_curves(curves, rd_path,
-                title=f"demo: {len(images)} scikit-image photographs")
+    curves = [
+        Curve(f"CPS, POPS P={patch_size}", cps_curve["bpp"], cps_curve["metrics"]),
+        Curve(
+            f"CPS, naive {patch_size}px tiles",
+            naive_curve["bpp"],
+            naive_curve["metrics"],
+        ),
+        Curve(
+            "JPEG (Pillow, 4:2:0)",
+            [m["bpp"] for m in jpeg_means],
+            {
+                k: [m[k] for m in jpeg_means]
+                for k in ("psnr-rgb", "ms-ssim-rgb", "psnr-b")
+            },
+        ),
+    ]
+    plot_curves(curves, rd_path, title=f"demo: {len(images)} scikit-image photographs")
     _write_crops(crops, crops_path, patch_size)
     table = _format_table(rows)
     document["table"] = table

@@ -46,18 +46,22 @@ PSNR_B_BLOCK = 8
 def _check_pair(original: Tensor, reconstruction: Tensor) -> None:
     for name, image in (("original", original), ("reconstruction", reconstruction)):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"{name} must be a uint8 tensor (3, H, W), "
-                             f"got {image.dtype} {tuple(image.shape)}")
+            raise ValueError(
+                f"{name} must be a uint8 tensor (3, H, W), "
+                f"got {image.dtype} {tuple(image.shape)}"
+            )
     if original.shape != reconstruction.shape:
-        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} does not match "
-                         f"the original {tuple(original.shape)}")
+        raise ValueError(
+            f"reconstruction {tuple(reconstruction.shape)} does not match "
+            f"the original {tuple(original.shape)}"
+        )
 
 
 def psnr(original: Tensor, reconstruction: Tensor) -> float:
     """PSNR in dB of two uint8 (3, H, W) images over all channels (inf if equal)."""
     _check_pair(original, reconstruction)
     mse = (original.double() - reconstruction.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def ms_ssim_rgb(original: Tensor, reconstruction: Tensor) -> Optional[float]:
@@ -65,10 +69,16 @@ def ms_ssim_rgb(original: Tensor, reconstruction: Tensor) -> Optional[float]:
     _check_pair(original, reconstruction)
     height, width = original.shape[1:]
     if min(height, width) < MS_SSIM_MIN_SIDE:
-        warnings.warn(f"MS-SSIM needs both sides >= {MS_SSIM_MIN_SIDE} px, the image is "
-                      f"{width}x{height}: reported as null", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"MS-SSIM needs both sides >= {MS_SSIM_MIN_SIDE} px, the image is "
+            f"{width}x{height}: reported as null",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
-    value = ms_ssim(original[None].float(), reconstruction[None].float(), data_range=255.0)
+    value = ms_ssim(
+        original[None].float(), reconstruction[None].float(), data_range=255.0
+    )
     return value.item()
 
 
@@ -77,13 +87,18 @@ def _fits_blocks(image: Tensor, block_size: int) -> bool:
     height, width = image.shape[-2:]
     if min(height, width) > block_size:
         return True
-    warnings.warn(f"PSNR-B needs both sides > {block_size} px, the image is {width}x{height}: "
-                  "reported as null", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"PSNR-B needs both sides > {block_size} px, the image is {width}x{height}: "
+        "reported as null",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return False
 
 
-def psnr_b(original: Tensor, reconstruction: Tensor,
-           block_size: int = PSNR_B_BLOCK) -> Optional[float]:
+def psnr_b(
+    original: Tensor, reconstruction: Tensor, block_size: int = PSNR_B_BLOCK
+) -> Optional[float]:
     """PSNR-B in dB: torchmetrics' grayscale PSNR-B on R, G and B, averaged.
 
     ``None`` (with a warning) if a side is ``block_size`` pixels or less.
@@ -93,8 +108,11 @@ def psnr_b(original: Tensor, reconstruction: Tensor,
         return None
     values = [
         peak_signal_noise_ratio_with_blocked_effect(
-            reconstruction[c][None, None].double(), original[c][None, None].double(),
-            data_range=255.0, block_size=block_size).item()
+            reconstruction[c][None, None].double(),
+            original[c][None, None].double(),
+            data_range=255.0,
+            block_size=block_size,
+        ).item()
         for c in range(3)
     ]
     return sum(values) / 3
@@ -117,8 +135,10 @@ def blocking_effect_factor(image: Tensor, block_size: int = PSNR_B_BLOCK) -> flo
     image = image.double()
     height, width = image.shape
     if min(height, width) <= block_size:
-        raise ValueError(f"blocking_effect_factor needs both sides > {block_size} px, "
-                         f"got {width}x{height}")
+        raise ValueError(
+            f"blocking_effect_factor needs both sides > {block_size} px, "
+            f"got {width}x{height}"
+        )
     squared = {"border": 0.0, "inner": 0.0}
     counts = {"border": 0, "inner": 0}
     for steps in (image[:, 1:] - image[:, :-1], (image[1:, :] - image[:-1, :]).T):
@@ -129,21 +149,31 @@ def blocking_effect_factor(image: Tensor, block_size: int = PSNR_B_BLOCK) -> flo
         squared["inner"] += squared_steps[:, ~is_border].sum().item()
         counts["border"] += steps.shape[0] * int(is_border.sum())
         counts["inner"] += steps.shape[0] * int((~is_border).sum())
-    difference = squared["border"] / counts["border"] - squared["inner"] / counts["inner"]
+    difference = (
+        squared["border"] / counts["border"] - squared["inner"] / counts["inner"]
+    )
     if difference <= 0:
         return 0.0
     return math.log2(block_size) / math.log2(min(height, width)) * difference
 
 
-def psnr_b_gray(original: Tensor, reconstruction: Tensor, data_range: float = 255.0,
-                block_size: int = PSNR_B_BLOCK) -> float:
+def psnr_b_gray(
+    original: Tensor,
+    reconstruction: Tensor,
+    data_range: float = 255.0,
+    block_size: int = PSNR_B_BLOCK,
+) -> float:
     """PSNR-B in dB of two grayscale (H, W) images: ``MSE + BEF(reconstruction)``."""
     if original.shape != reconstruction.shape or original.dim() != 2:
-        raise ValueError(f"psnr_b_gray needs two (H, W) images of one size, got "
-                         f"{tuple(original.shape)} and {tuple(reconstruction.shape)}")
+        raise ValueError(
+            f"psnr_b_gray needs two (H, W) images of one size, got "
+            f"{tuple(original.shape)} and {tuple(reconstruction.shape)}"
+        )
     mse = (original.double() - reconstruction.double()).pow(2).mean().item()
     degradation = mse + blocking_effect_factor(reconstruction, block_size)
-    return math.inf if degradation == 0 else 10 * math.log10(data_range ** 2 / degradation)
+    return (
+        math.inf if degradation == 0 else 10 * math.log10(data_range**2 / degradation)
+    )
 
 
 def luma(image: Tensor) -> Tensor:
@@ -152,8 +182,9 @@ def luma(image: Tensor) -> Tensor:
     return 0.299 * red + 0.587 * green + 0.114 * blue
 
 
-def psnr_b_y(original: Tensor, reconstruction: Tensor,
-             block_size: int = PSNR_B_BLOCK) -> Optional[float]:
+def psnr_b_y(
+    original: Tensor, reconstruction: Tensor, block_size: int = PSNR_B_BLOCK
+) -> Optional[float]:
     """PSNR-B in dB on BT.601 luma, with the paper's border counts.
 
     ``None`` (with a warning) if a side is ``block_size`` pixels or less.
@@ -164,7 +195,9 @@ def psnr_b_y(original: Tensor, reconstruction: Tensor,
     return psnr_b_gray(luma(original), luma(reconstruction), block_size=block_size)
 
 
-def image_metrics(original: Tensor, reconstruction: Tensor) -> Dict[str, Optional[float]]:
+def image_metrics(
+    original: Tensor, reconstruction: Tensor
+) -> Dict[str, Optional[float]]:
     """The distortion metrics of the results JSON (CompressAI's keys plus PSNR-B)."""
     return {
         "psnr-rgb": psnr(original, reconstruction),

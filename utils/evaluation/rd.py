@@ -49,10 +49,17 @@ class Curve:
     def points(self, metric: str) -> List[tuple]:
         """(bpp, value) pairs of ``metric`` without missing values; MS-SSIM in dB."""
         values = self.metrics.get(metric, [])
-        pairs = [(rate, value) for rate, value in zip(self.bpp, values)
-                 if rate is not None and value is not None and _is_finite(value)]
+        pairs = [
+            (rate, value)
+            for rate, value in zip(self.bpp, values)
+            if rate is not None and value is not None and _is_finite(value)
+        ]
         if metric == "ms-ssim-rgb":
-            pairs = [(rate, -10 * math.log10(1 - value)) for rate, value in pairs if value < 1]
+            pairs = [
+                (rate, -10 * math.log10(1 - value))
+                for rate, value in pairs
+                if value < 1
+            ]
         return pairs
 
 
@@ -74,18 +81,25 @@ def _check_values(path: str, results: dict) -> None:
     for); rates are positive and finite; layers are integers. Anything else would fail
     deep inside matplotlib or the BD-rate fit, or be drawn as a category."""
     for index, rate in enumerate(results["bpp"]):
-        if rate is not None and not (_is_number(rate) and _is_finite(rate) and rate > 0):
-            raise ValueError(f"results file {path}: bpp[{index}] = {rate!r} is not a positive "
-                             "finite number")
+        if rate is not None and not (
+            _is_number(rate) and _is_finite(rate) and rate > 0
+        ):
+            raise ValueError(
+                f"results file {path}: bpp[{index}] = {rate!r} is not a positive "
+                "finite number"
+            )
     for key, values in results.items():
         if _ALIASES.get(key, key) in METRICS and isinstance(values, list):
             for index, value in enumerate(values):
                 if value is not None and not _is_number(value):
-                    raise ValueError(f"results file {path}: {key}[{index}] = {value!r} is not "
-                                     "a number")
+                    raise ValueError(
+                        f"results file {path}: {key}[{index}] = {value!r} is not "
+                        "a number"
+                    )
     layers = results.get("layer")
-    if isinstance(layers, list) and any(not (isinstance(k, int) and not isinstance(k, bool))
-                                        for k in layers):
+    if isinstance(layers, list) and any(
+        not (isinstance(k, int) and not isinstance(k, bool)) for k in layers
+    ):
         raise ValueError(f"results file {path}: results.layer must hold integers")
 
 
@@ -97,18 +111,23 @@ def _read_results(path: str) -> dict:
         raise ValueError(f"cannot read results file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ValueError(f"results file {path} is not UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:  # bad syntax, a 4300-digit number, deep nesting
+    except (
+        ValueError,
+        RecursionError,
+    ) as exc:  # bad syntax, a 4300-digit number, deep nesting
         raise ValueError(f"results file {path} is not valid JSON: {exc}") from None
     results = document.get("results") if isinstance(document, dict) else None
     if not isinstance(results, dict) or not isinstance(results.get("bpp"), list):
-        raise ValueError(f"results file {path} has no results.bpp list "
-                         "(CompressAI format expected)")
+        raise ValueError(
+            f"results file {path} has no results.bpp list (CompressAI format expected)"
+        )
     _check_values(path, results)
     return document
 
 
-def _curve(document: dict, path: str, keep=None, suffix: str = "",
-           name: Optional[str] = None) -> Curve:
+def _curve(
+    document: dict, path: str, keep=None, suffix: str = "", name: Optional[str] = None
+) -> Curve:
     """The points of ``document`` (those at indexes ``keep``, default all) as a Curve,
     named ``name``, else the file's ``name`` field, else the file name."""
     results = document["results"]
@@ -119,13 +138,19 @@ def _curve(document: dict, path: str, keep=None, suffix: str = "",
         metric = _ALIASES.get(key, key)
         if metric in METRICS and isinstance(values, list):
             if len(values) != len(bpp):
-                raise ValueError(f"results file {path}: {key} has {len(values)} values "
-                                 f"but bpp has {len(bpp)}")
+                raise ValueError(
+                    f"results file {path}: {key} has {len(values)} values "
+                    f"but bpp has {len(bpp)}"
+                )
             metrics[metric] = values
     order = sorted(keep, key=lambda i: (bpp[i] is None, bpp[i]))
     name = name or document.get("name") or os.path.splitext(os.path.basename(path))[0]
-    return Curve(name=str(name) + suffix, bpp=[bpp[i] for i in order],
-                 metrics={m: [v[i] for i in order] for m, v in metrics.items()}, path=path)
+    return Curve(
+        name=str(name) + suffix,
+        bpp=[bpp[i] for i in order],
+        metrics={m: [v[i] for i in order] for m, v in metrics.items()},
+        path=path,
+    )
 
 
 def load_curve(path: str, name: Optional[str] = None) -> Curve:
@@ -140,8 +165,16 @@ def load_curves(path: str, name: Optional[str] = None) -> List[Curve]:
     layers = document["results"].get("layer")
     if not isinstance(layers, list) or len(layers) != len(document["results"]["bpp"]):
         return [_curve(document, path, name=name)]
-    return [_curve(document, path, [i for i, k in enumerate(layers) if k == layer],
-                   f" layer {layer}", name) for layer in sorted(set(layers))]
+    return [
+        _curve(
+            document,
+            path,
+            [i for i, k in enumerate(layers) if k == layer],
+            f" layer {layer}",
+            name,
+        )
+        for layer in sorted(set(layers))
+    ]
 
 
 def distinct_names(curves: Sequence[Curve]) -> List[Curve]:
@@ -177,15 +210,37 @@ def parse_labels(items: Sequence[str], paths: Sequence[str]) -> Dict[str, str]:
             raise ValueError(f"--label {item!r}: expected FILE=NAME")
         path = by_location.get(os.path.realpath(file))
         if path is None:
-            raise ValueError(f"--label {item!r}: {file} is not one of the results files")
+            raise ValueError(
+                f"--label {item!r}: {file} is not one of the results files"
+            )
         labels[path] = name
     return labels
 
 
 # Twenty colours (tab20, dark shades first) and twenty markers, so that curves
 # differ in both, and a curve stays identifiable in grayscale print.
-MARKERS = ("o", "s", "^", "v", "D", "<", ">", "p", "h", "*",
-           "X", "P", "d", "8", "H", "1", "2", "3", "4", "+")
+MARKERS = (
+    "o",
+    "s",
+    "^",
+    "v",
+    "D",
+    "<",
+    ">",
+    "p",
+    "h",
+    "*",
+    "X",
+    "P",
+    "d",
+    "8",
+    "H",
+    "1",
+    "2",
+    "3",
+    "4",
+    "+",
+)
 
 
 def curve_styles(count: int) -> List[dict]:
@@ -195,11 +250,19 @@ def curve_styles(count: int) -> List[dict]:
 
     palette = colormaps["tab20"].colors
     colours = palette[0::2] + palette[1::2]
-    return [{"color": colours[i % 20], "marker": MARKERS[i % 20],
-             "linestyle": "-" if i % 20 < 10 else "--"} for i in range(count)]
+    return [
+        {
+            "color": colours[i % 20],
+            "marker": MARKERS[i % 20],
+            "linestyle": "-" if i % 20 < 10 else "--",
+        }
+        for i in range(count)
+    ]
 
 
-def rd_figure(curves: Sequence[Curve], metrics: Sequence[str] = METRICS, title: str = ""):
+def rd_figure(
+    curves: Sequence[Curve], metrics: Sequence[str] = METRICS, title: str = ""
+):
     """One RD panel per metric that some curve has, with one legend right of the panels.
 
     Returns ``(figure, metrics shown)``; the caller saves or closes the figure.
@@ -212,26 +275,40 @@ def rd_figure(curves: Sequence[Curve], metrics: Sequence[str] = METRICS, title: 
     shown = [m for m in metrics if any(len(c.points(m)) > 0 for c in curves)]
     if not shown:
         raise ValueError(f"no curve has any of the metrics {', '.join(metrics)}")
-    figure, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False
+    )
     handles = {}
     for axis, metric in zip(axes[0], shown):
         for curve, style in zip(curves, curve_styles(len(curves))):
             pairs = curve.points(metric)
             if pairs:
-                (line,) = axis.plot(*zip(*pairs), markersize=4, label=curve.name, **style)
+                (line,) = axis.plot(
+                    *zip(*pairs), markersize=4, label=curve.name, **style
+                )
                 handles.setdefault(curve.name, line)
         style_axis(axis, "bits per pixel", AXIS_LABELS[metric], legend=False)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
     # Outside the panels, so that no curve hides under it however many there are.
-    figure.legend(handles.values(), handles.keys(), loc="upper left", fontsize="small",
-                  bbox_to_anchor=(1.0, 0.95), bbox_transform=figure.transFigure)
+    figure.legend(
+        handles.values(),
+        handles.keys(),
+        loc="upper left",
+        fontsize="small",
+        bbox_to_anchor=(1.0, 0.95),
+        bbox_transform=figure.transFigure,
+    )
     return figure, shown
 
 
-def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = METRICS,
-                title: str = "") -> List[str]:
+def plot_curves(
+    curves: Sequence[Curve],
+    output: str,
+    metrics: Sequence[str] = METRICS,
+    title: str = "",
+) -> List[str]:
     """Draw :func:`rd_figure` and write it to ``output`` atomically.
 
     Returns the metrics that were plotted.
@@ -241,26 +318,32 @@ def plot_curves(curves: Sequence[Curve], output: str, metrics: Sequence[str] = M
     return shown
 
 
-def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",
-            method: str = "pchip") -> Optional[float]:
+def bd_rate(
+    anchor: Curve, test: Curve, metric: str = "psnr-rgb", method: str = "pchip"
+) -> Optional[float]:
     """BD-rate in percent of ``test`` against ``anchor`` (negative: fewer bits).
 
     Returns ``None`` when the two curves' quality ranges do not overlap. Raises
     ``ValueError`` for too few points or a curve that is not monotonic.
     """
     if method not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {method!r}; "
-                         f"choose from {', '.join(INTERPOLATIONS)}")
+        raise ValueError(
+            f"unknown interpolation {method!r}; choose from {', '.join(INTERPOLATIONS)}"
+        )
     both = []  # a list, not keyed by name: the two curves may share one
     for curve in (anchor, test):
         pairs = curve.points(metric)
         if len(pairs) < MIN_POINTS:
-            raise ValueError(f"{curve.name}: {len(pairs)} {metric} points, a BD-rate needs "
-                             f"at least {MIN_POINTS}")
+            raise ValueError(
+                f"{curve.name}: {len(pairs)} {metric} points, a BD-rate needs "
+                f"at least {MIN_POINTS}"
+            )
         values = [value for _, value in pairs]
         if any(b <= a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{curve.name}: {metric} does not increase strictly with bpp, "
-                             "so the rate cannot be interpolated from it")
+            raise ValueError(
+                f"{curve.name}: {metric} does not increase strictly with bpp, "
+                "so the rate cannot be interpolated from it"
+            )
         both.append(pairs)
     (rate_a, dist_a), (rate_t, dist_t) = (list(zip(*pairs)) for pairs in both)
     if max(dist_a) <= min(dist_t) or max(dist_t) <= min(dist_a):
@@ -268,8 +351,9 @@ def bd_rate(anchor: Curve, test: Curve, metric: str = "psnr-rgb",
     with warnings.catch_warnings():
         # Partial overlap is normal between codecs; the package's warning is noise here.
         warnings.simplefilter("ignore", UserWarning)
-        value = bjontegaard.bd_rate(rate_a, dist_a, rate_t, dist_t, method=method,
-                                    require_matching_points=False)
+        value = bjontegaard.bd_rate(
+            rate_a, dist_a, rate_t, dist_t, method=method, require_matching_points=False
+        )
     return float(value)
 
 
@@ -279,13 +363,19 @@ def too_few_points(curve: Curve) -> Optional[str]:
     count = sum(rate is not None for rate in curve.bpp)
     if count >= MIN_POINTS:
         return None
-    return (f"{curve.name}: {count} RD point{'' if count == 1 else 's'}, but a BD-rate needs "
-            f"at least {MIN_POINTS} per curve (evaluate at least {MIN_POINTS} checkpoints or "
-            "qualities)")
+    return (
+        f"{curve.name}: {count} RD point{'' if count == 1 else 's'}, but a BD-rate needs "
+        f"at least {MIN_POINTS} per curve (evaluate at least {MIN_POINTS} checkpoints or "
+        "qualities)"
+    )
 
 
-def bd_rate_table(anchor: Curve, tests: Sequence[Curve], metrics: Sequence[str] = METRICS,
-                  method: str = "pchip") -> dict:
+def bd_rate_table(
+    anchor: Curve,
+    tests: Sequence[Curve],
+    metrics: Sequence[str] = METRICS,
+    method: str = "pchip",
+) -> dict:
     """BD-rates of every test curve against ``anchor`` for each metric both have.
 
     A cell is ``None`` where the metric is missing, the ranges do not overlap or a
@@ -306,14 +396,27 @@ def bd_rate_table(anchor: Curve, tests: Sequence[Curve], metrics: Sequence[str] 
         elif not anchor_problem:
             for metric in usable:
                 cells[metric] = _bd_rate_cell(anchor, test, metric, method, notes)
-        rows.append({"name": test.name, "file": test.path, "points": len(test.bpp),
-                     "bd-rate": cells})
-    return {"anchor": anchor.name, "anchor_file": anchor.path, "interpolation": method,
-            "metrics": usable, "rows": rows, "notes": notes}
+        rows.append(
+            {
+                "name": test.name,
+                "file": test.path,
+                "points": len(test.bpp),
+                "bd-rate": cells,
+            }
+        )
+    return {
+        "anchor": anchor.name,
+        "anchor_file": anchor.path,
+        "interpolation": method,
+        "metrics": usable,
+        "rows": rows,
+        "notes": notes,
+    }
 
 
-def _bd_rate_cell(anchor: Curve, test: Curve, metric: str, method: str,
-                  notes: List[str]) -> Optional[float]:
+def _bd_rate_cell(
+    anchor: Curve, test: Curve, metric: str, method: str, notes: List[str]
+) -> Optional[float]:
     """One cell of :func:`bd_rate_table`; a ``None`` cell adds its reason to ``notes``."""
     if not test.points(metric):
         where = f" in {test.path}" if test.path else ""
@@ -335,9 +438,13 @@ def format_table(table: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         cells = [row["name"], str(row["points"])]
-        cells += ["-" if row["bd-rate"][m] is None else f"{row['bd-rate'][m]:+.2f}"
-                  for m in table["metrics"]]
+        cells += [
+            "-" if row["bd-rate"][m] is None else f"{row['bd-rate'][m]:+.2f}"
+            for m in table["metrics"]
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nAnchor: {table['anchor']} ({table['interpolation']} interpolation; "
-                 "negative = fewer bits than the anchor at equal quality)")
+    lines.append(
+        f"\nAnchor: {table['anchor']} ({table['interpolation']} interpolation; "
+        "negative = fewer bits than the anchor at equal quality)"
+    )
     return "\n".join(lines + [f"- {note}" for note in table["notes"]])

@@ -36,9 +36,19 @@ from utils.yaml_io import load_yaml_file
 
 log = logging.getLogger("cps.test")
 
-RESULT_KEYS = ("bpp", "bpp_est", "psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y",
-               "encoding_time", "decoding_time", "peak_memory_mb",
-               "verification_peak_memory_mb", "layer")
+RESULT_KEYS = (
+    "bpp",
+    "bpp_est",
+    "psnr-rgb",
+    "ms-ssim-rgb",
+    "psnr-b",
+    "psnr-b-y",
+    "encoding_time",
+    "decoding_time",
+    "peak_memory_mb",
+    "verification_peak_memory_mb",
+    "layer",
+)
 
 
 @dataclass(frozen=True)
@@ -57,13 +67,17 @@ def load_datasets_config(path: str = DATASETS_CONFIG) -> Dict[str, dict]:
         raise ValueError(f"{path}: expected a mapping of dataset names")
     for name, entry in config.items():
         if not isinstance(entry, dict) or set(entry) != {"path", "patch_size"}:
-            raise ValueError(f"{path}: dataset {name!r} must have exactly the keys "
-                             "path and patch_size")
+            raise ValueError(
+                f"{path}: dataset {name!r} must have exactly the keys "
+                "path and patch_size"
+            )
         if not isinstance(entry["path"], str):
             raise ValueError(f"{path}: dataset {name!r}: path must be a string")
         size = entry["patch_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"{path}: dataset {name!r}: patch_size must be an integer >= 0")
+            raise ValueError(
+                f"{path}: dataset {name!r}: patch_size must be an integer >= 0"
+            )
     return config
 
 
@@ -83,21 +97,28 @@ def resolve_dataset(spec: str, config_path: str = DATASETS_CONFIG) -> Dataset:
     config = load_datasets_config(config_path)
     names = {name.lower(): name for name in config}
     if spec.lower() not in names:
-        raise ValueError(f"--dataset {spec!r} is neither a folder nor a dataset of {config_path} "
-                         f"({', '.join(config)})")
+        raise ValueError(
+            f"--dataset {spec!r} is neither a folder nor a dataset of {config_path} "
+            f"({', '.join(config)})"
+        )
     name = names[spec.lower()]
     variable = environment_variable(name)
     folder = os.environ.get(variable) or os.path.join(REPO_ROOT, config[name]["path"])
     if not os.path.isdir(folder):
-        raise ValueError(f"dataset {name}: folder {folder} does not exist; set {variable} "
-                         f"or edit {config_path}")
+        raise ValueError(
+            f"dataset {name}: folder {folder} does not exist; set {variable} "
+            f"or edit {config_path}"
+        )
     return Dataset(name, folder, config[name]["patch_size"])
 
 
 def list_images(folder: str) -> List[str]:
     """Image files directly inside ``folder``, sorted by name."""
-    paths = sorted(os.path.join(folder, entry) for entry in os.listdir(folder)
-                   if is_image_file(entry))
+    paths = sorted(
+        os.path.join(folder, entry)
+        for entry in os.listdir(folder)
+        if is_image_file(entry)
+    )
     if not paths:
         raise ValueError(f"no images (files in a format Pillow reads) in {folder}")
     return paths
@@ -126,8 +147,11 @@ class Entry:
 def _entry(run: Run, coder: Coder, several: bool) -> Entry:
     if coder.layer is None or not several:
         return Entry(run.label, run.tag, coder.description)
-    return Entry(f"{run.label} layer {coder.layer}", f"{run.tag}-L{coder.layer}",
-                 coder.description)
+    return Entry(
+        f"{run.label} layer {coder.layer}",
+        f"{run.tag}-L{coder.layer}",
+        coder.description,
+    )
 
 
 def shard() -> Tuple[int, int]:
@@ -142,8 +166,13 @@ def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
     return f"{stem}-{tag}.png" if several_runs else f"{stem}.png"
 
 
-def previous_outputs(output_dir: str, paths: Sequence[str], tags: Sequence[str],
-                     per_image: bool, save_image: bool) -> List[str]:
+def previous_outputs(
+    output_dir: str,
+    paths: Sequence[str],
+    tags: Sequence[str],
+    per_image: bool,
+    save_image: bool,
+) -> List[str]:
     """The files in ``output_dir`` that an evaluation of ``paths`` by the runs ``tags``
     would write over: ``results.json``, the per-image documents and the reconstructions.
 
@@ -154,25 +183,38 @@ def previous_outputs(output_dir: str, paths: Sequence[str], tags: Sequence[str],
     found = [os.path.join(output_dir, "results.json")]
     stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
     if per_image:
-        found += [os.path.join(output_dir, "per-image", f"{stem}.json") for stem in stems]
+        found += [
+            os.path.join(output_dir, "per-image", f"{stem}.json") for stem in stems
+        ]
     folder = os.path.join(output_dir, "reconstructions")
     if save_image and os.path.isdir(folder):
-        names = [re.escape(stem) + "(-(" + "|".join(map(re.escape, tags)) + r")(-L\d+)?)?\.png"
-                 for stem in stems]
+        names = [
+            re.escape(stem)
+            + "(-("
+            + "|".join(map(re.escape, tags))
+            + r")(-L\d+)?)?\.png"
+            for stem in stems
+        ]
         pattern = re.compile("|".join(names))
-        found += [os.path.join(folder, name) for name in sorted(os.listdir(folder))
-                  if pattern.fullmatch(name)]
+        found += [
+            os.path.join(folder, name)
+            for name in sorted(os.listdir(folder))
+            if pattern.fullmatch(name)
+        ]
     return [path for path in found if os.path.isfile(path)]
 
 
-def _code_image(coder: Coder, image: torch.Tensor,
-                grayscale: bool = False) -> Tuple[dict, torch.Tensor]:
+def _code_image(
+    coder: Coder, image: torch.Tensor, grayscale: bool = False
+) -> Tuple[dict, torch.Tensor]:
     """Code one image and measure it. A grayscale source is measured, and returned, as
     the one-channel image ``codec.py`` writes for it (the channel mean of the decoded
     RGB, which the file's grayscale flag asks for; the flag costs no bits)."""
     with PeakMemory(coder.device) as memory:
         coded = coder.code(image)
-    reconstruction = to_grayscale(coded.reconstruction) if grayscale else coded.reconstruction
+    reconstruction = (
+        to_grayscale(coded.reconstruction) if grayscale else coded.reconstruction
+    )
     # A layer of a spatially scalable model reconstructs a smaller reference image.
     reference = coder.reference_image(image)
     height, width = reference.shape[1:]
@@ -182,8 +224,11 @@ def _code_image(coder: Coder, image: torch.Tensor,
     record.update(image_metrics(reference, reconstruction.expand(3, -1, -1)))
     # A coder that measured its own peak (apart from a verification decode) knows better.
     peak = memory.peak_mb if coded.peak_mb is None else coded.peak_mb
-    record.update(encoding_time=coded.encoding_time, decoding_time=coded.decoding_time,
-                  peak_memory_mb=peak)
+    record.update(
+        encoding_time=coded.encoding_time,
+        decoding_time=coded.decoding_time,
+        peak_memory_mb=peak,
+    )
     if coded.verification_peak_mb is not None:
         record["verification_peak_memory_mb"] = coded.verification_peak_mb
     if coder.layer is not None:
@@ -191,8 +236,14 @@ def _code_image(coder: Coder, image: torch.Tensor,
     return record, reconstruction
 
 
-def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
-                    image_folder: Optional[str], rank: int, progress: bool):
+def _evaluate_shard(
+    runs: Sequence[Run],
+    paths: Sequence[str],
+    indexes: Sequence[int],
+    image_folder: Optional[str],
+    rank: int,
+    progress: bool,
+):
     written: List[str] = []
     try:
         return _code_shard(runs, paths, indexes, image_folder, rank, progress, written)
@@ -203,8 +254,15 @@ def _evaluate_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence
         raise
 
 
-def _code_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int],
-                image_folder: Optional[str], rank: int, progress: bool, written: List[str]):
+def _code_shard(
+    runs: Sequence[Run],
+    paths: Sequence[str],
+    indexes: Sequence[int],
+    image_folder: Optional[str],
+    rank: int,
+    progress: bool,
+    written: List[str],
+):
     records, entries = {}, []
     for run in runs:
         coders = run.build()
@@ -213,28 +271,35 @@ def _code_shard(runs: Sequence[Run], paths: Sequence[str], indexes: Sequence[int
             number = len(entries)
             entries.append(entry)
             label = f"[rank {rank}] {entry.label}" if shard()[1] > 1 else entry.label
-            for index in tqdm(indexes, desc=label, unit="image", disable=not progress,
-                              leave=False):
+            for index in tqdm(
+                indexes, desc=label, unit="image", disable=not progress, leave=False
+            ):
                 image, info = read_image(paths[index])
                 if number == 0:
                     for change in info.conversions:
                         log.warning("%s: %s", paths[index], change)
                 try:
-                    records[number, index], reconstruction = _code_image(coder, image,
-                                                                          info.grayscale)
+                    records[number, index], reconstruction = _code_image(
+                        coder, image, info.grayscale
+                    )
                 except (ValueError, RuntimeError) as exc:
                     raise type(exc)(f"{paths[index]}: {exc}") from None
                 if image_folder is not None:
-                    name = reconstruction_name(paths[index], entry.tag,
-                                               len(runs) > 1 or len(coders) > 1)
+                    name = reconstruction_name(
+                        paths[index], entry.tag, len(runs) > 1 or len(coders) > 1
+                    )
                     write_png(os.path.join(image_folder, name), reconstruction)
                     written.append(os.path.join(image_folder, name))
         del coders
     return records, entries
 
 
-def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[str] = None,
-             progress: bool = True) -> Tuple[List[List[dict]], List[Entry]]:
+def evaluate(
+    runs: Sequence[Run],
+    paths: Sequence[str],
+    image_folder: Optional[str] = None,
+    progress: bool = True,
+) -> Tuple[List[List[dict]], List[Entry]]:
     """Code every image with every operating point of every run, sharded over the
     ``torchrun`` processes.
 
@@ -246,10 +311,14 @@ def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[s
     rank, world = shard()
     indexes = range(rank, len(paths), world)
     if world == 1:
-        records, entries = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
+        records, entries = _evaluate_shard(
+            runs, paths, indexes, image_folder, rank, progress
+        )
     else:
         try:
-            outcome = _evaluate_shard(runs, paths, indexes, image_folder, rank, progress)
+            outcome = _evaluate_shard(
+                runs, paths, indexes, image_folder, rank, progress
+            )
         except Exception as exc:  # passed on to every process below, then raised there
             if not isinstance(exc, REPORTED_ERRORS):  # a bug: keep its traceback
                 traceback.print_exc()
@@ -261,40 +330,61 @@ def evaluate(runs: Sequence[Run], paths: Sequence[str], image_folder: Optional[s
             raise RuntimeError(failures[0])
         records = {key: value for part, _ in gathered for key, value in part.items()}
         entries = gathered[0][1]
-    table = [[records[number, index] for index in range(len(paths))]
-             for number in range(len(entries))]
+    table = [
+        [records[number, index] for index in range(len(paths))]
+        for number in range(len(entries))
+    ]
     return table, entries
 
 
-def mean_over_images(values: List[Optional[float]], key: str, label: str) -> Optional[float]:
+def mean_over_images(
+    values: List[Optional[float]], key: str, label: str
+) -> Optional[float]:
     """The mean of the per-image values that exist (a metric an image is too small for is
     None), with a warning naming ``label`` when some are missing; None when all are."""
     present = [v for v in values if v is not None]
     if not present:
         return None
     if len(present) < len(values):
-        log.warning("%s: %s missing for %d of %d images; averaged over the others",
-                    label, key, len(values) - len(present), len(values))
+        log.warning(
+            "%s: %s missing for %d of %d images; averaged over the others",
+            label,
+            key,
+            len(values) - len(present),
+            len(values),
+        )
     return sum(present) / len(present)
 
 
 def aggregate(records: List[List[dict]], labels: Sequence[str]) -> Dict[str, list]:
     """CompressAI-style ``results``: per key, one dataset mean per run."""
-    keys = [k for k in RESULT_KEYS if any(k in record for run in records for record in run)]
+    keys = [
+        k for k in RESULT_KEYS if any(k in record for run in records for record in run)
+    ]
     # The layer index of a scalable model's operating point is the same on every image.
-    return {key: [run[0].get(key) if key == "layer" else
-                  mean_over_images([record.get(key) for record in run], key, label)
-                  for run, label in zip(records, labels)] for key in keys}
+    return {
+        key: [
+            run[0].get(key)
+            if key == "layer"
+            else mean_over_images([record.get(key) for record in run], key, label)
+            for run, label in zip(records, labels)
+        ]
+        for key in keys
+    }
 
 
-def per_image_documents(records: List[List[dict]], paths: Sequence[str],
-                        header: dict) -> Dict[str, dict]:
+def per_image_documents(
+    records: List[List[dict]], paths: Sequence[str], header: dict
+) -> Dict[str, dict]:
     """One results document per image (same schema, one entry per run), by stem."""
     documents = {}
     for index, path in enumerate(paths):
         stem = os.path.splitext(os.path.basename(path))[0]
-        results = {key: [run[index].get(key) for run in records]
-                   for key in RESULT_KEYS if any(key in run[index] for run in records)}
+        results = {
+            key: [run[index].get(key) for run in records]
+            for key in RESULT_KEYS
+            if any(key in run[index] for run in records)
+        }
         documents[stem] = dict(header, image=path, results=results)
     return documents
 

@@ -60,8 +60,14 @@ def _as_image(rows: Tensor, batch: int, height: int, width: int) -> Tensor:
     return rows.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
-def _products(inputs: Tensor, weights: Sequence[Tensor], offsets: Sequence[int],
-              bias: Optional[Tensor], count: int, allocate: int = 0) -> Tensor:
+def _products(
+    inputs: Tensor,
+    weights: Sequence[Tensor],
+    offsets: Sequence[int],
+    bias: Optional[Tensor],
+    count: int,
+    allocate: int = 0,
+) -> Tensor:
     """``out[r] = bias + sum_t inputs[r + offsets[t]] @ weights[t]`` for ``r < count``,
     in products of exactly :data:`ROWS` rows, the taps added in the given order.
 
@@ -70,26 +76,34 @@ def _products(inputs: Tensor, weights: Sequence[Tensor], offsets: Sequence[int],
     """
     reach = max(offsets)
     padded_count = -(-count // ROWS) * ROWS
-    output = torch.empty(max(padded_count, allocate), weights[0].shape[1], dtype=inputs.dtype)
+    output = torch.empty(
+        max(padded_count, allocate), weights[0].shape[1], dtype=inputs.dtype
+    )
     full = count - count % ROWS
     for start in range(0, full, ROWS):
-        _accumulate(output[start:start + ROWS], inputs, start, weights, offsets, bias)
+        _accumulate(output[start : start + ROWS], inputs, start, weights, offsets, bias)
     if full < count:  # the last rows, zero-padded to a whole product
         tail = inputs.new_zeros(ROWS + reach, inputs.shape[1])
-        tail[:count - full + reach] = inputs[full:count + reach]
+        tail[: count - full + reach] = inputs[full : count + reach]
         _accumulate(output[full:padded_count], tail, 0, weights, offsets, bias)
     return output
 
 
-def _accumulate(target: Tensor, inputs: Tensor, start: int, weights: Sequence[Tensor],
-                offsets: Sequence[int], bias: Optional[Tensor]) -> None:
-    first = inputs[start + offsets[0]:start + offsets[0] + ROWS]
+def _accumulate(
+    target: Tensor,
+    inputs: Tensor,
+    start: int,
+    weights: Sequence[Tensor],
+    offsets: Sequence[int],
+    bias: Optional[Tensor],
+) -> None:
+    first = inputs[start + offsets[0] : start + offsets[0] + ROWS]
     if bias is None:
         torch.mm(first, weights[0], out=target)
     else:
         torch.addmm(bias, first, weights[0], out=target)
     for weight, offset in zip(weights[1:], offsets[1:]):
-        target.addmm_(inputs[start + offset:start + offset + ROWS], weight)
+        target.addmm_(inputs[start + offset : start + offset + ROWS], weight)
 
 
 def _stride_one(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -101,8 +115,14 @@ def _stride_one(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     weights = [weight[:, :, dy, dx].t().contiguous() for dy, dx in taps]
     offsets = [dy * width + dx for dy, dx in taps]
     pixels = batch * height * width
-    rows = _products(_rows(x.contiguous(memory_format=torch.channels_last)), weights,
-                     offsets, bias, pixels - offsets[-1], allocate=pixels)
+    rows = _products(
+        _rows(x.contiguous(memory_format=torch.channels_last)),
+        weights,
+        offsets,
+        bias,
+        pixels - offsets[-1],
+        allocate=pixels,
+    )
     # Row r is pixel (b, i, j) of the input grid; keep those whose window fits.
     return _as_image(rows[:pixels], batch, height, width)[:, :, :out_h, :out_w]
 
@@ -112,17 +132,21 @@ def _space_to_depth_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> T
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = height // kernel_h, width // kernel_w
-    blocks = (x[:, :, :out_h * kernel_h, :out_w * kernel_w]
-              .permute(0, 2, 3, 1)
-              .reshape(batch, out_h, kernel_h, out_w, kernel_w, channels)
-              .permute(0, 1, 3, 2, 4, 5)
-              .reshape(-1, kernel_h * kernel_w * channels))
+    blocks = (
+        x[:, :, : out_h * kernel_h, : out_w * kernel_w]
+        .permute(0, 2, 3, 1)
+        .reshape(batch, out_h, kernel_h, out_w, kernel_w, channels)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(-1, kernel_h * kernel_w * channels)
+    )
     matrix = weight.permute(2, 3, 1, 0).reshape(-1, out_channels)
     rows = _products(blocks, [matrix], [0], bias, blocks.shape[0])
-    return _as_image(rows[:blocks.shape[0]], batch, out_h, out_w)
+    return _as_image(rows[: blocks.shape[0]], batch, out_h, out_w)
 
 
-def _depth_to_space_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _depth_to_space_transpose(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor]
+) -> Tensor:
     """Transposed convolution whose stride equals its kernel: one product per input
     pixel, each giving a ``k x k`` block of outputs."""
     batch, _, height, width = x.shape
@@ -131,9 +155,12 @@ def _depth_to_space_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor])
     block_bias = None if bias is None else bias.repeat(kernel_h * kernel_w)
     pixels = batch * height * width
     rows = _products(_rows(x), [matrix], [0], block_bias, pixels)
-    image = (rows[:pixels].view(batch, height, width, kernel_h, kernel_w, out_channels)
-             .permute(0, 1, 3, 2, 4, 5)
-             .reshape(batch, height * kernel_h, width * kernel_w, out_channels))
+    image = (
+        rows[:pixels]
+        .view(batch, height, width, kernel_h, kernel_w, out_channels)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch, height * kernel_h, width * kernel_w, out_channels)
+    )
     return image.permute(0, 3, 1, 2)
 
 
@@ -143,21 +170,32 @@ def _full_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     batch, channels, height, width = x.shape
     pad_h, pad_w = weight.shape[2] - 1, weight.shape[3] - 1
     padded = x.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
-    padded[:, pad_h:pad_h + height, pad_w:pad_w + width] = x.permute(0, 2, 3, 1)
+    padded[:, pad_h : pad_h + height, pad_w : pad_w + width] = x.permute(0, 2, 3, 1)
     flipped = weight.flip(2, 3).transpose(0, 1)
     return _stride_one(padded.permute(0, 3, 1, 2), flipped, bias)
 
 
-def _products_apply(x: Tensor, groups: int, dilation: _Pair,
-                    padded: bool) -> bool:
+def _products_apply(x: Tensor, groups: int, dilation: _Pair, padded: bool) -> bool:
     """Whether a convolution call is a form computed here: float32 CPU images, no
     groups, dilation or padding."""
-    return (groups == 1 and _pair(dilation) == (1, 1) and not padded and x.dim() == 4
-            and x.dtype == torch.float32 and x.device.type == "cpu")
+    return (
+        groups == 1
+        and _pair(dilation) == (1, 1)
+        and not padded
+        and x.dim() == 4
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+    )
 
 
-def _by_stride(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: _Pair,
-               stride_one, stride_kernel) -> Optional[Tensor]:
+def _by_stride(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: _Pair,
+    stride_one,
+    stride_kernel,
+) -> Optional[Tensor]:
     stride = _pair(stride)
     if stride == (1, 1):
         return stride_one(x, weight, bias)
@@ -166,9 +204,15 @@ def _by_stride(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: _Pair,
     return None
 
 
-def exact_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Pair = 1,
-                 padding: Union[_Pair, str] = 0, dilation: _Pair = 1,
-                 groups: int = 1) -> Optional[Tensor]:
+def exact_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: _Pair = 1,
+    padding: Union[_Pair, str] = 0,
+    dilation: _Pair = 1,
+    groups: int = 1,
+) -> Optional[Tensor]:
     """``F.conv2d`` as fixed-shape products, or ``None`` for a form not handled here."""
     padded = padding not in (0, (0, 0), [0, 0], "valid")
     too_small = x.dim() == 4 and any(x.shape[i] < weight.shape[i] for i in (2, 3))
@@ -177,14 +221,23 @@ def exact_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     return _by_stride(x, weight, bias, stride, _stride_one, _space_to_depth_conv)
 
 
-def exact_conv_transpose2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                           stride: _Pair = 1, padding: _Pair = 0, output_padding: _Pair = 0,
-                           groups: int = 1, dilation: _Pair = 1) -> Optional[Tensor]:
+def exact_conv_transpose2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: _Pair = 1,
+    padding: _Pair = 0,
+    output_padding: _Pair = 0,
+    groups: int = 1,
+    dilation: _Pair = 1,
+) -> Optional[Tensor]:
     """``F.conv_transpose2d`` as fixed-shape products, or ``None`` if not handled."""
     padded = _pair(padding) != (0, 0) or _pair(output_padding) != (0, 0)
     if not _products_apply(x, groups, dilation, padded):
         return None
-    return _by_stride(x, weight, bias, stride, _full_transpose, _depth_to_space_transpose)
+    return _by_stride(
+        x, weight, bias, stride, _full_transpose, _depth_to_space_transpose
+    )
 
 
 class ExactConvolutions(TorchFunctionMode):

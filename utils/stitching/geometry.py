@@ -45,8 +45,9 @@ def analysis_layers(module: nn.Module) -> List[Layer]:
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         (kernel, _), (stride, _) = module.kernel_size, module.stride
         if isinstance(module, nn.ConvTranspose2d) and stride != 1:
-            raise ValueError("a strided transposed convolution has no place in an analysis "
-                             "transform")
+            raise ValueError(
+                "a strided transposed convolution has no place in an analysis transform"
+            )
         if any(p != 0 for p in module.padding):
             raise ValueError(f"{module} is padded: POPS needs padding-free layers")
         return [(kernel, stride)]
@@ -125,9 +126,14 @@ def synthesis_reach(model: nn.Module) -> int:
     with torch.no_grad():
         for parameter in transform.parameters():
             fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
-            parameter.copy_(torch.rand(parameter.shape, generator=generator,
-                                       dtype=torch.float64).add(0.5).div(fan_in))
-        latent = torch.rand(1, model.M, 3, columns, generator=generator, dtype=torch.float64)
+            parameter.copy_(
+                torch.rand(parameter.shape, generator=generator, dtype=torch.float64)
+                .add(0.5)
+                .div(fan_in)
+            )
+        latent = torch.rand(
+            1, model.M, 3, columns, generator=generator, dtype=torch.float64
+        )
         batch = latent.repeat(2, 1, 1, 1)
         batch[1, :, :, probe] += 1.0
         output = transform(batch)
@@ -144,9 +150,11 @@ def check_synthesis_reach(model: nn.Module) -> None:
     whole image's at every seam (a researcher's deeper decoder, say)."""
     margin, reach = model_geometry(model).margin, synthesis_reach(model)
     if reach > margin:
-        raise ValueError(f"g_s reads {reach} latent positions on each side, more than the "
-                         f"{margin} that g_a's geometry leaves, so patches would leave seams: "
-                         "give g_a at least g_s's reach")
+        raise ValueError(
+            f"g_s reads {reach} latent positions on each side, more than the "
+            f"{margin} that g_a's geometry leaves, so patches would leave seams: "
+            "give g_a at least g_s's reach"
+        )
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,9 @@ def tile_axis(length: int, patch: int, margin: int) -> List[AxisTile]:
         return [AxisTile(0, length, 0, length)]
     step = patch - 2 * margin
     if step <= 0:
-        raise ValueError(f"patch of {patch} latent positions is too small for margin {margin}")
+        raise ValueError(
+            f"patch of {patch} latent positions is too small for margin {margin}"
+        )
     starts = list(range(0, length - patch, step)) + [length - patch]
     tiles, owned_until = [], 0
     for start in starts:
@@ -190,16 +200,21 @@ def tile_axis(length: int, patch: int, margin: int) -> List[AxisTile]:
     return tiles
 
 
-def plan_patches(latent_height: int, latent_width: int, patch_size: Union[int, Tuple[int, int]],
-                 geometry: PopsGeometry) -> List[Tuple[AxisTile, AxisTile]]:
+def plan_patches(
+    latent_height: int,
+    latent_width: int,
+    patch_size: Union[int, Tuple[int, int]],
+    geometry: PopsGeometry,
+) -> List[Tuple[AxisTile, AxisTile]]:
     """All (row tile, column tile) pairs for a latent of the given size.
 
     ``patch_size`` is in pixels: one side for square patches, or (height, width);
     0 for a side means the whole axis. Each side must be a multiple of the scale
     (otherwise patches fall off the latent grid) and at least ``min_patch_size``.
     """
-    patch_height, patch_width = ((patch_size, patch_size) if isinstance(patch_size, int)
-                                 else patch_size)
+    patch_height, patch_width = (
+        (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    )
     for side in (patch_height, patch_width):
         check_patch_size(side, geometry)
     rows = tile_axis(latent_height, patch_height // geometry.scale, geometry.margin)
@@ -212,10 +227,13 @@ def check_patch_size(patch_size: int, geometry: PopsGeometry) -> None:
     if patch_size == 0:
         return
     if patch_size < 0 or patch_size % geometry.scale:
-        raise ValueError(f"patch size {patch_size} must be 0 (whole image) or a positive "
-                         f"multiple of {geometry.scale}")
+        raise ValueError(
+            f"patch size {patch_size} must be 0 (whole image) or a positive "
+            f"multiple of {geometry.scale}"
+        )
     if patch_size < geometry.min_patch_size:
-        raise ValueError(f"patch size {patch_size} is below the minimum "
-                         f"{geometry.min_patch_size} "
-                         f"(overlap {geometry.overlap} + {geometry.scale})")
-
+        raise ValueError(
+            f"patch size {patch_size} is below the minimum "
+            f"{geometry.min_patch_size} "
+            f"(overlap {geometry.overlap} + {geometry.scale})"
+        )

@@ -31,8 +31,13 @@ def pad_replicate(image: Tensor, multiple: int) -> Tensor:
     """Pad a (C, H, W) tensor of any dtype at the bottom and right by repeating the
     last row and column, up to the next multiple of ``multiple``."""
     height, width = image.shape[-2:]
-    return read_region(image, 0, math.ceil(height / multiple) * multiple,
-                       0, math.ceil(width / multiple) * multiple)
+    return read_region(
+        image,
+        0,
+        math.ceil(height / multiple) * multiple,
+        0,
+        math.ceil(width / multiple) * multiple,
+    )
 
 
 def read_region(source: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
@@ -46,11 +51,18 @@ def read_region(source: Tensor, top: int, bottom: int, left: int, right: int) ->
     return source.index_select(-2, rows).index_select(-1, cols)
 
 
-def run_patchwise(transform: Callable[[Tensor], Tensor], source: Tensor, target: Tensor,
-                  patches: List[Patch], in_factor: int, out_factor: int,
-                  batch_size: int, device: torch.device,
-                  prepare: Optional[Callable[[Tensor], Tensor]] = None,
-                  finish: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+def run_patchwise(
+    transform: Callable[[Tensor], Tensor],
+    source: Tensor,
+    target: Tensor,
+    patches: List[Patch],
+    in_factor: int,
+    out_factor: int,
+    batch_size: int,
+    device: torch.device,
+    prepare: Optional[Callable[[Tensor], Tensor]] = None,
+    finish: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
     """Fill ``target`` (1, C_out, ...) with ``transform`` applied patch-wise to ``source``.
 
     Args:
@@ -70,12 +82,19 @@ def run_patchwise(transform: Callable[[Tensor], Tensor], source: Tensor, target:
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     for first in range(0, len(patches), batch_size):
-        group = patches[first:first + batch_size]
-        batch = torch.cat([
-            read_region(source, r.start * in_factor, r.stop * in_factor,
-                        c.start * in_factor, c.stop * in_factor)
-            for r, c in group
-        ]).to(device)
+        group = patches[first : first + batch_size]
+        batch = torch.cat(
+            [
+                read_region(
+                    source,
+                    r.start * in_factor,
+                    r.stop * in_factor,
+                    c.start * in_factor,
+                    c.stop * in_factor,
+                )
+                for r, c in group
+            ]
+        ).to(device)
         output = transform(prepare(batch) if prepare else batch)
         del batch
         for index, (r, c) in enumerate(group):
@@ -84,9 +103,12 @@ def run_patchwise(transform: Callable[[Tensor], Tensor], source: Tensor, target:
             right = min(c.own_stop * out_factor, target.shape[-1])
             if bottom <= top or right <= left:
                 continue
-            region = output[index:index + 1, :,
-                            top - r.start * out_factor:bottom - r.start * out_factor,
-                            left - c.start * out_factor:right - c.start * out_factor]
+            region = output[
+                index : index + 1,
+                :,
+                top - r.start * out_factor : bottom - r.start * out_factor,
+                left - c.start * out_factor : right - c.start * out_factor,
+            ]
             if finish is not None:
                 region = finish(region)
             target[..., top:bottom, left:right] = region.to(target.device, target.dtype)

@@ -38,7 +38,12 @@ from utils.memory import (
     memory_in_use,
     return_freed_memory,
 )
-from utils.stitching.geometry import PopsGeometry, check_patch_size, model_geometry, tile_axis
+from utils.stitching.geometry import (
+    PopsGeometry,
+    check_patch_size,
+    model_geometry,
+    tile_axis,
+)
 from utils.stitching.spec import PatchSpec
 from utils.stitching.transforms import input_preparation, transform_mode
 
@@ -54,7 +59,7 @@ _SAFETY_FACTOR = 1.1
 _HEAP_FRAGMENTATION = 1.2
 # Copies of a padded rANS string alive while CompressAI's decoder takes it.
 _PADDED_STREAM_COPIES = 3
-_SAFETY_BYTES = 16 * 2 ** 20
+_SAFETY_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,10 @@ class TransformCost:
 
     def batch_bytes(self, batch: int, height: int, width: int) -> int:
         """Predicted peak added by one batch of ``batch`` patches of height x width pixels."""
-        return int(self.bytes_per_pixel * batch * height * width * _SAFETY_FACTOR) + _SAFETY_BYTES
+        return (
+            int(self.bytes_per_pixel * batch * height * width * _SAFETY_FACTOR)
+            + _SAFETY_BYTES
+        )
 
 
 @dataclass(frozen=True)
@@ -81,19 +89,28 @@ class PatchPlan:
 
 # Measured costs, per transform module or model (weakly held: a freed model takes its
 # costs with it, and a new module never inherits another's) and per (device, mode).
-_COSTS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, object], TransformCost]]" = \
+CostsByDeviceAndMode = Dict[Tuple[str, object], TransformCost]
+_COSTS: "weakref.WeakKeyDictionary[nn.Module, CostsByDeviceAndMode]" = (
     weakref.WeakKeyDictionary()
+)
 
 
 def check_fits(needed: int, budget: int, what: str) -> None:
     """Raise ``ValueError`` if ``needed`` bytes exceed ``budget``."""
     if needed > budget:
-        raise ValueError(f"memory budget {format_memory(budget)} is too small for the {what}: it "
-                         f"needs about {format_memory(needed)}")
+        raise ValueError(
+            f"memory budget {format_memory(budget)} is too small for the {what}: it "
+            f"needs about {format_memory(needed)}"
+        )
 
 
-def entropy_phase_bytes(channels: int, positions: int, encoding: bool,
-                        stream_symbols: int, hyper_chunk: int = 0) -> int:
+def entropy_phase_bytes(
+    channels: int,
+    positions: int,
+    encoding: bool,
+    stream_symbols: int,
+    hyper_chunk: int = 0,
+) -> int:
     """Memory of the entropy phase for ``positions`` latent positions of ``channels``
     (M) channels, float32: params (2M), the padded y_hat buffer (M) and its
     channels-last result view, ``y`` (M, encoder), a transient copy of params while
@@ -113,16 +130,25 @@ def entropy_phase_bytes(channels: int, positions: int, encoding: bool,
     return int((per_position * positions + hyper_bytes + stream_bytes) * _SAFETY_FACTOR)
 
 
-def _axis_tiling(latent_length: int, side: int, geometry: PopsGeometry) -> Tuple[int, int]:
+def _axis_tiling(
+    latent_length: int, side: int, geometry: PopsGeometry
+) -> Tuple[int, int]:
     """(number of tiles, pixels they cover in total) along one axis, for a patch side
     in pixels (0: the whole axis)."""
     tiles = tile_axis(latent_length, side // geometry.scale, geometry.margin)
     return len(tiles), sum(tile.stop - tile.start for tile in tiles) * geometry.scale
 
 
-def choose_patches(geometry: PopsGeometry, latent_size: Tuple[int, int], cost: TransformCost,
-                   held_bytes: int, budget: int, max_batch: int, patch: PatchSpec,
-                   what: str = "transform") -> PatchPlan:
+def choose_patches(
+    geometry: PopsGeometry,
+    latent_size: Tuple[int, int],
+    cost: TransformCost,
+    held_bytes: int,
+    budget: int,
+    max_batch: int,
+    patch: PatchSpec,
+    what: str = "transform",
+) -> PatchPlan:
     """The patch shape, then the batch, for a transform within ``budget``.
 
     Patches may be rectangular and may span a whole axis. Among the shapes whose
@@ -148,27 +174,39 @@ def choose_patches(geometry: PopsGeometry, latent_size: Tuple[int, int], cost: T
         return cost.batch_bytes(batch, extent(0, shape[0]), extent(1, shape[1]))
 
     if patch.is_auto:
-        sides = [[0] + list(range(geometry.min_patch_size, length, geometry.scale))
-                 for length in image_size]
+        sides = [
+            [0] + list(range(geometry.min_patch_size, length, geometry.scale))
+            for length in image_size
+        ]
     else:
         sides = [[patch.size], [patch.size]]
-    tilings = [{side: _axis_tiling(latent_size[axis], side, geometry) for side in sides[axis]}
-               for axis in (0, 1)]
-    fitting = [(rows, cols) for rows in sides[0] for cols in sides[1]
-               if batch_bytes(1, (rows, cols)) <= available]
+    tilings = [
+        {side: _axis_tiling(latent_size[axis], side, geometry) for side in sides[axis]}
+        for axis in (0, 1)
+    ]
+    fitting = [
+        (rows, cols)
+        for rows in sides[0]
+        for cols in sides[1]
+        if batch_bytes(1, (rows, cols)) <= available
+    ]
     if not fitting:
         smallest = (sides[0][-1], sides[1][-1])
         shape = "x".join(str(extent(axis, smallest[axis])) for axis in (0, 1))
-        raise ValueError(f"memory budget {format_memory(budget)} is too small for the {what}: it "
-                         f"needs at least {format_memory(held_bytes + batch_bytes(1, smallest))} "
-                         f"({format_memory(held_bytes)} already held, plus one {shape} px patch)")
+        raise ValueError(
+            f"memory budget {format_memory(budget)} is too small for the {what}: it "
+            f"needs at least {format_memory(held_bytes + batch_bytes(1, smallest))} "
+            f"({format_memory(held_bytes)} already held, plus one {shape} px patch)"
+        )
 
     def computed(shape: Tuple[int, int]) -> int:
         return tilings[0][shape[0]][1] * tilings[1][shape[1]][1]
 
     fewest = min(computed(shape) for shape in fitting)
-    shape = max((shape for shape in fitting if computed(shape) <= 1.02 * fewest),
-                key=lambda shape: extent(0, shape[0]) * extent(1, shape[1]))
+    shape = max(
+        (shape for shape in fitting if computed(shape) <= 1.02 * fewest),
+        key=lambda shape: extent(0, shape[0]) * extent(1, shape[1]),
+    )
     patches = tilings[0][shape[0]][0] * tilings[1][shape[1]][0]
     batch = max(1, min(max_batch, patches))
     while batch > 1 and batch_bytes(batch, shape) > available:
@@ -183,9 +221,19 @@ class Planner:
     ``auto`` means the whole image, and the batch is the one asked for.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, budget_bytes: Optional[int],
-                 exact: bool = True):
-        self.model, self.device, self.budget, self.exact = model, device, budget_bytes, exact
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        budget_bytes: Optional[int],
+        exact: bool = True,
+    ):
+        self.model, self.device, self.budget, self.exact = (
+            model,
+            device,
+            budget_bytes,
+            exact,
+        )
         self.geometry = model_geometry(model)
 
     def return_freed_memory(self) -> None:
@@ -193,8 +241,9 @@ class Planner:
         if self.budget is not None:
             return_freed_memory()
 
-    def check_entropy_phase(self, latent_size: Tuple[int, int], encoding: bool,
-                            fixed_point: bool) -> None:
+    def check_entropy_phase(
+        self, latent_size: Tuple[int, int], encoding: bool, fixed_point: bool
+    ) -> None:
         """Fail before any work if the entropy phase's buffers alone break the budget
         (they live on the CPU whatever the transforms' device); ``fixed_point``: the
         file's latent is coded in several streams (``utils/coding/context_coder.py``)."""
@@ -203,16 +252,27 @@ class Planner:
         stream_symbols = largest_stream_symbols(*latent_size, self.model.M, fixed_point)
         positions = latent_size[0] * latent_size[1]
         hyper_chunk = 0
-        if fixed_point:  # h_s maps each z_hat position to an upsampling x upsampling block
+        if (
+            fixed_point
+        ):  # h_s maps each z_hat position to an upsampling x upsampling block
             upsampling = self.model.downsampling_factor // self.geometry.scale
-            hyper_chunk = min(positions, upsampling ** 2 * chunk_positions(
-                -(-latent_size[1] // upsampling)))
+            hyper_chunk = min(
+                positions,
+                upsampling**2 * chunk_positions(-(-latent_size[1] // upsampling)),
+            )
         needed = memory_in_use(self.device) + entropy_phase_bytes(
-            self.model.M, positions, encoding, stream_symbols, hyper_chunk)
+            self.model.M, positions, encoding, stream_symbols, hyper_chunk
+        )
         check_fits(needed, self.budget, "entropy coding of this image's latent")
 
-    def plan(self, direction: str, latent_size: Tuple[int, int], patch: PatchSpec,
-             max_batch: int, held_on_cpu: int) -> PatchPlan:
+    def plan(
+        self,
+        direction: str,
+        latent_size: Tuple[int, int],
+        patch: PatchSpec,
+        max_batch: int,
+        held_on_cpu: int,
+    ) -> PatchPlan:
         """Patch and batch for ``"analysis"`` (``g_a``) or ``"synthesis"`` (``g_s``) of a
         latent of ``latent_size``; ``held_on_cpu`` bytes will be allocated on the CPU
         during the phase on top of what the process holds now."""
@@ -221,9 +281,19 @@ class Planner:
         if self.budget is None:
             side = patch.size or 0
             return PatchPlan((side, side), max_batch, 0)
-        held = memory_in_use(self.device) + (held_on_cpu if self.device.type == "cpu" else 0)
-        return choose_patches(self.geometry, latent_size, self.cost(direction), held, self.budget,
-                              max_batch, patch, what=f"{direction} transform")
+        held = memory_in_use(self.device) + (
+            held_on_cpu if self.device.type == "cpu" else 0
+        )
+        return choose_patches(
+            self.geometry,
+            latent_size,
+            self.cost(direction),
+            held,
+            self.budget,
+            max_batch,
+            patch,
+            what=f"{direction} transform",
+        )
 
     def cost(self, direction: str) -> TransformCost:
         """What one calibration patch adds to the peak, per pixel; measured once per
@@ -248,13 +318,16 @@ class Planner:
 
         def run() -> None:
             with transform_mode(self.device, self.exact):
-                output = transform(prepare(torch.zeros(shape, dtype=dtype, device=self.device)))
+                output = transform(
+                    prepare(torch.zeros(shape, dtype=dtype, device=self.device))
+                )
                 if direction == "synthesis":
                     to_uint8(output)
 
         fragmentation = _HEAP_FRAGMENTATION if self.device.type == "cpu" else 1.0
-        return TransformCost(_peak_added(self.device, run) * fragmentation
-                             / CALIBRATION_PATCH ** 2)
+        return TransformCost(
+            _peak_added(self.device, run) * fragmentation / CALIBRATION_PATCH**2
+        )
 
 
 def _peak_added(device: torch.device, run: Callable[[], None]) -> int:
@@ -263,8 +336,10 @@ def _peak_added(device: torch.device, run: Callable[[], None]) -> int:
     before = memory_in_use(device)
     meter = PeakMemory(device)
     if not meter.resettable:
-        raise ValueError(f"a memory budget needs to reset the process's peak memory through "
-                         f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}")
+        raise ValueError(
+            f"a memory budget needs to reset the process's peak memory through "
+            f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}"
+        )
     with meter:
         run()
     return_freed_memory()
@@ -284,12 +359,17 @@ def _forward_cost(model: nn.Module, device: torch.device) -> TransformCost:
             with torch.inference_mode():
                 model(torch.zeros(1, 3, side, side, device=device))
 
-        costs[key] = TransformCost(_peak_added(device, run) / side ** 2)
+        costs[key] = TransformCost(_peak_added(device, run) / side**2)
     return costs[key]
 
 
-def check_whole_image_fits(model: nn.Module, device: torch.device, budget_bytes: Optional[int],
-                           height: int, width: int) -> None:
+def check_whole_image_fits(
+    model: nn.Module,
+    device: torch.device,
+    budget_bytes: Optional[int],
+    height: int,
+    width: int,
+) -> None:
     """For models that code the whole image at once (no POPS): refuse, before any
     allocation, an image whose coding would break the budget. The working memory is
     estimated from a measured forward pass (the coders' own buffers are of the same
@@ -301,7 +381,9 @@ def check_whole_image_fits(model: nn.Module, device: torch.device, budget_bytes:
     cost = _forward_cost(model, device)
     needed = memory_in_use(device) + cost.batch_bytes(1, padded, 1)
     if needed > budget_bytes:
-        raise ValueError(f"memory budget {format_memory(budget_bytes)} is too small for "
-                         f"{model.registry_name} coding of a {width}x{height} image, which it "
-                         f"codes whole: it needs about {format_memory(needed)}; raise "
-                         f"--max-memory, or give none")
+        raise ValueError(
+            f"memory budget {format_memory(budget_bytes)} is too small for "
+            f"{model.registry_name} coding of a {width}x{height} image, which it "
+            f"codes whole: it needs about {format_memory(needed)}; raise "
+            f"--max-memory, or give none"
+        )

@@ -31,8 +31,9 @@ class PatchSpec:
         try:
             size = int(text)
         except ValueError:
-            raise ValueError(f"patch size must be pixels, {WHOLE!r} or {AUTO!r}, "
-                             f"got {text!r}") from None
+            raise ValueError(
+                f"patch size must be pixels, {WHOLE!r} or {AUTO!r}, got {text!r}"
+            ) from None
         if size < 0:
             raise ValueError(f"patch size must be >= 0 (0: whole image), got {size}")
         return cls(size)

@@ -43,17 +43,24 @@ def transform_mode(device: torch.device, exact: bool) -> Iterator[None]:
             mkldnn_was_enabled = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = not exact
             try:
-                with torch.backends.nnpack.flags(enabled=not exact), reuse_freed_memory(), \
-                        (ExactConvolutions() if exact else contextlib.nullcontext()):
+                with (
+                    torch.backends.nnpack.flags(enabled=not exact),
+                    reuse_freed_memory(),
+                    ExactConvolutions() if exact else contextlib.nullcontext(),
+                ):
                     yield
             finally:
                 torch.backends.mkldnn.enabled = mkldnn_was_enabled
         else:
-            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            with torch.backends.cudnn.flags(
+                enabled=True, benchmark=False, deterministic=True
+            ):
                 yield
 
 
-def input_preparation(direction: str, device: torch.device) -> Callable[[Tensor], Tensor]:
+def input_preparation(
+    direction: str, device: torch.device
+) -> Callable[[Tensor], Tensor]:
     """What each patch batch goes through before the transform: uint8 -> [0, 1] for
     ``"analysis"``, and on the CPU a channels-last layout, which makes the
     convolutions faster and is the layout the exact mode's products read."""
@@ -62,7 +69,12 @@ def input_preparation(direction: str, device: torch.device) -> Callable[[Tensor]
     def prepare(batch: Tensor) -> Tensor:
         if direction == "analysis":
             batch = to_unit_float(batch)
-        return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+        return (
+            batch.contiguous(memory_format=torch.channels_last)
+            if channels_last
+            else batch
+        )
+
     return prepare
 
 
@@ -71,6 +83,8 @@ def gray_uint8(batch: Tensor) -> Tensor:
     return to_grayscale(to_uint8(batch))
 
 
-def channels_last_buffer(channels: int, height: int, width: int, dtype=torch.float32) -> Tensor:
+def channels_last_buffer(
+    channels: int, height: int, width: int, dtype=torch.float32
+) -> Tensor:
     """An uninitialised (1, C, H, W) tensor stored as (H, W, C)."""
     return torch.empty(1, height, width, channels, dtype=dtype).permute(0, 3, 1, 2)

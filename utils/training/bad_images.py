@@ -31,9 +31,19 @@ class UnusableImages:
         log: prints one line (rank 0 only in the trainer).
     """
 
-    def __init__(self, dataset: CropImageFolder, split: str, max_fraction: float,
-                 log: Callable[[str], None]):
-        self.dataset, self.split, self.max_fraction, self.log = dataset, split, max_fraction, log
+    def __init__(
+        self,
+        dataset: CropImageFolder,
+        split: str,
+        max_fraction: float,
+        log: Callable[[str], None],
+    ):
+        self.dataset, self.split, self.max_fraction, self.log = (
+            dataset,
+            split,
+            max_fraction,
+            log,
+        )
         self.seen: Set[str] = set()
         for path, reason in dataset.unusable:  # found while listing the folder
             self._add(str(path), reason)
@@ -52,17 +62,25 @@ class UnusableImages:
     def _add(self, path: str, reason: str) -> None:
         self.seen.add(path)
         total = self.dataset.total
-        self.log(f"warning: skipping {self.split} image {path} ({reason}); "
-                 f"{self.count} of {total} unusable so far")
+        self.log(
+            f"warning: skipping {self.split} image {path} ({reason}); "
+            f"{self.count} of {total} unusable so far"
+        )
         if self.count > self.max_fraction * total:
             raise TooManyUnusableImages(
                 f"{self.count} of {total} {self.split} images are unusable, more than "
                 f"train_data.max_bad_fraction={self.max_fraction:g}; the last: {path} "
-                f"({reason}); repair the folder or raise train_data.max_bad_fraction")
+                f"({reason}); repair the folder or raise train_data.max_bad_fraction"
+            )
 
 
-def usable_images(paths: Sequence[str], split: str, max_fraction: float,
-                  max_pixels: Optional[int], log: Callable[[str], None]) -> List[str]:
+def usable_images(
+    paths: Sequence[str],
+    split: str,
+    max_fraction: float,
+    max_pixels: Optional[int],
+    log: Callable[[str], None],
+) -> List[str]:
     """The images of ``paths`` that decode, checked once up front (for the ACL runs, whose
     originals and context images must stay paired): one warning per unusable image,
     and a one-line error past ``max_fraction`` of them, as :class:`UnusableImages`."""
@@ -72,13 +90,16 @@ def usable_images(paths: Sequence[str], split: str, max_fraction: float,
             open_rgb(path, max_pixels).close()
         except UnreadableImage as exc:
             unusable += 1
-            log(f"warning: skipping {split} image {path} ({exc}); {unusable} of {len(paths)} "
-                f"unusable so far")
+            log(
+                f"warning: skipping {split} image {path} ({exc}); {unusable} of {len(paths)} "
+                f"unusable so far"
+            )
             if unusable > max_fraction * len(paths):
                 raise RuntimeError(
                     f"{unusable} of {len(paths)} {split} images are unusable, more than "
                     f"train_data.max_bad_fraction={max_fraction:g}; the last: {path} ({exc}); "
-                    f"repair the folder or raise train_data.max_bad_fraction") from None
+                    f"repair the folder or raise train_data.max_bad_fraction"
+                ) from None
             continue
         kept.append(path)
     return kept

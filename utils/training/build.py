@@ -27,13 +27,21 @@ def build_configured_model(cfg):
     try:
         model = models.build_model(name, **kwargs)
     except TypeError as exc:
-        hint = ("; train.py passes train_params.N to every model, so its __init__ must "
-                "accept N" if "'N'" in str(exc) else "")
-        raise ValueError(f"model {name!r} rejects its kwargs {kwargs}: {exc}{hint}") from None
+        hint = (
+            "; train.py passes train_params.N to every model, so its __init__ must "
+            "accept N"
+            if "'N'" in str(exc)
+            else ""
+        )
+        raise ValueError(
+            f"model {name!r} rejects its kwargs {kwargs}: {exc}{hint}"
+        ) from None
     factor = model.downsampling_factor
     if params["crop_size"] % factor:
-        raise ValueError(f"train_params.crop_size={params['crop_size']} must be a "
-                         f"multiple of {factor} for model {name!r}")
+        raise ValueError(
+            f"train_params.crop_size={params['crop_size']} must be a "
+            f"multiple of {factor} for model {name!r}"
+        )
     _check_trainable(model, name, params["lmbda"])
     return model
 
@@ -61,7 +69,9 @@ def _check_trainable(model, name: str, lmbda: float) -> None:
         with torch.random.fork_rng(devices=[]):
             _check_members(model, lmbda)
     except Exception as exc:  # a new model's bug, reported as the contract's
-        detail = exc if isinstance(exc, _ContractError) else f"{type(exc).__name__}: {exc}"
+        detail = (
+            exc if isinstance(exc, _ContractError) else f"{type(exc).__name__}: {exc}"
+        )
         raise ValueError(f"model {name!r}: {detail}") from None
     finally:
         for module, training in modes.items():
@@ -76,25 +86,36 @@ def _check_members(model, lmbda: float) -> None:
     """The checks of :func:`_check_trainable`; the model is left in eval mode."""
     rebuilt = type(model).from_state_dict(model.state_dict()).config
     if rebuilt != model.config:
-        raise _ContractError(f"from_state_dict rebuilds config {rebuilt} from the weights, "
-                             f"not {model.config}, so no checkpoint of this run would load; "
-                             "store settings that are not layer sizes in buffers")
+        raise _ContractError(
+            f"from_state_dict rebuilds config {rebuilt} from the weights, "
+            f"not {model.config}, so no checkpoint of this run would load; "
+            "store settings that are not layer sizes in buffers"
+        )
     side = model.downsampling_factor
     x = torch.full((1, 3, side, side), 0.5)
     model.eval()
     with torch.no_grad():
         out = model(x)
-        if not (isinstance(out, dict) and {"x_hat", "likelihoods"} <= set(out)
-                and isinstance(out["likelihoods"], dict)):
-            raise _ContractError("forward must return a dict with 'x_hat' and a "
-                                 "'likelihoods' dict, as CompressAI models do")
+        if not (
+            isinstance(out, dict)
+            and {"x_hat", "likelihoods"} <= set(out)
+            and isinstance(out["likelihoods"], dict)
+        ):
+            raise _ContractError(
+                "forward must return a dict with 'x_hat' and a "
+                "'likelihoods' dict, as CompressAI models do"
+            )
         if tuple(out["x_hat"].shape) != tuple(x.shape):
-            raise _ContractError(f"forward of a {side}x{side} image (its downsampling_factor) "
-                                 f"gave x_hat {tuple(out['x_hat'].shape)}")
+            raise _ContractError(
+                f"forward of a {side}x{side} image (its downsampling_factor) "
+                f"gave x_hat {tuple(out['x_hat'].shape)}"
+            )
         losses = model.default_loss(lmbda)(out, x)
     if not (isinstance(losses, dict) and {"loss", "bpp_loss"} <= set(losses)):
-        raise _ContractError("default_loss must return a dict with 'loss' and 'bpp_loss' (and "
-                             "optionally 'mse_loss'), as CompressAI's RateDistortionLoss does")
+        raise _ContractError(
+            "default_loss must return a dict with 'loss' and 'bpp_loss' (and "
+            "optionally 'mse_loss'), as CompressAI's RateDistortionLoss does"
+        )
     if model.supports_patches:
         try:
             check_synthesis_reach(model)

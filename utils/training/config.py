@@ -36,8 +36,15 @@ from utils.yaml_io import load_yaml_file, load_yaml_text
 LAST_NAME = "checkpoint.pth.tar"
 BEST_NAME = "checkpoint_best_loss.pth.tar"
 
-__all__ = ["SCHEMA", "load_config", "parse_config", "apply_overrides",
-           "rename_legacy_keys", "resolve_paths", "to_plain_dict"]
+__all__ = [
+    "SCHEMA",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "rename_legacy_keys",
+    "resolve_paths",
+    "to_plain_dict",
+]
 
 # The CPS authors' names for keys this repository renamed: (block, authors' key, ours).
 LEGACY_KEYS = (("train_params", "patch_size", "crop_size"),)
@@ -58,16 +65,20 @@ def rename_legacy_keys(raw: Mapping, source: str = "config") -> dict:
         given = raw.get(block)
         if isinstance(given, Mapping) and key in given:
             if given[key] != accepted:
-                raise ValueError(f"{source}: {block}.{key} must be {accepted!r} (the only "
-                                 f"mode there is), got {given[key]!r}")
+                raise ValueError(
+                    f"{source}: {block}.{key} must be {accepted!r} (the only "
+                    f"mode there is), got {given[key]!r}"
+                )
             raw[block] = {k: v for k, v in given.items() if k != key}
     for block, old, new in LEGACY_KEYS:
         given = raw.get(block)
         if not isinstance(given, Mapping) or old not in given:
             continue
         if new in given:
-            raise ValueError(f"{source}: set only one of {block}.{new} and {block}.{old} "
-                             f"(the authors' name for {new})")
+            raise ValueError(
+                f"{source}: set only one of {block}.{new} and {block}.{old} "
+                f"(the authors' name for {new})"
+            )
         given = dict(given)
         given[new] = given.pop(old)
         raw[block] = given
@@ -79,12 +90,19 @@ def _cross_checks(cfg: Mapping) -> List[str]:
     problems = []
     params, data = cfg.get("train_params", {}), cfg.get("train_data", {})
     sched, model = cfg.get("lr_schedule", {}), cfg.get("model", {})
-    if params.get("distortion_metric") == "ms-ssim" and params.get("crop_size", 161) < 161:
-        problems.append(f"train_params.crop_size={params['crop_size']} is too small for ms-ssim "
-                        "(5 scales need sides of at least 161 pixels)")
+    if (
+        params.get("distortion_metric") == "ms-ssim"
+        and params.get("crop_size", 161) < 161
+    ):
+        problems.append(
+            f"train_params.crop_size={params['crop_size']} is too small for ms-ssim "
+            "(5 scales need sides of at least 161 pixels)"
+        )
     if data.get("use_checkpoint_path") and data.get("init_checkpoint_path"):
-        problems.append("set only one of train_data.use_checkpoint_path (resume) and "
-                        "train_data.init_checkpoint_path (initialise from weights)")
+        problems.append(
+            "set only one of train_data.use_checkpoint_path (resume) and "
+            "train_data.init_checkpoint_path (initialise from weights)"
+        )
     if sched.get("type") == "multistep" and sched.get("milestones") == []:
         problems.append("lr_schedule.type=multistep needs lr_schedule.milestones")
     if "N" in model.get("kwargs", {}):
@@ -100,18 +118,26 @@ def _validate(raw: Any, source: str) -> Tuple[dict, List[str]]:
         raw = rename_legacy_keys(raw, source)
     except ValueError as exc:
         return {}, [str(exc).removeprefix(f"{source}: ")]
-    problems = [f"unknown block {b!r}; known: {', '.join(SCHEMA)}" for b in raw
-                if b not in SCHEMA]
+    problems = [
+        f"unknown block {b!r}; known: {', '.join(SCHEMA)}"
+        for b in raw
+        if b not in SCHEMA
+    ]
     cfg = {}
     for block, keys in SCHEMA.items():
         given = raw.get(block)
         if given is None:
             given = {}
         if not isinstance(given, Mapping):
-            problems.append(f"block {block!r} must be a mapping, got {type(given).__name__}")
+            problems.append(
+                f"block {block!r} must be a mapping, got {type(given).__name__}"
+            )
             given = {}
-        problems += [f"unknown key {block}.{key}; known in {block}: {', '.join(keys)}"
-                     for key in given if key not in keys]
+        problems += [
+            f"unknown key {block}.{key}; known in {block}: {', '.join(keys)}"
+            for key in given
+            if key not in keys
+        ]
         cfg[block] = {}
         for key, spec in keys.items():
             if key in given:
@@ -152,17 +178,25 @@ def _override(raw: dict, assignment: str) -> None:
         raise ValueError(f"override {assignment!r} must look like block.key=value")
     block, key = name.split(".", 1)
     if block not in SCHEMA:
-        raise ValueError(f"override {assignment!r}: unknown block {block!r}; known blocks: "
-                         f"{', '.join(SCHEMA)}")
+        raise ValueError(
+            f"override {assignment!r}: unknown block {block!r}; known blocks: "
+            f"{', '.join(SCHEMA)}"
+        )
     renamed = {(b, old): new for b, old, new in LEGACY_KEYS}.get((block, key))
     if renamed:
-        raise ValueError(f"override {assignment!r}: {block}.{key} is called {block}.{renamed}")
+        raise ValueError(
+            f"override {assignment!r}: {block}.{key} is called {block}.{renamed}"
+        )
     if key not in SCHEMA[block]:
-        raise ValueError(f"override {assignment!r}: unknown key {block}.{key}; known in "
-                         f"{block}: {', '.join(SCHEMA[block])}")
+        raise ValueError(
+            f"override {assignment!r}: unknown key {block}.{key}; known in "
+            f"{block}: {', '.join(SCHEMA[block])}"
+        )
     value = load_yaml_text(text, f"override {assignment!r}") if text.strip() else ""
     if SCHEMA[block][key].path and isinstance(value, str) and value.strip():
-        value = os.path.abspath(value)  # typed in a shell: relative to the current folder
+        value = os.path.abspath(
+            value
+        )  # typed in a shell: relative to the current folder
     if not isinstance(raw.get(block), dict):
         raw[block] = {}
     raw[block][key] = value
@@ -200,11 +234,17 @@ def resolve_paths(raw: dict, folder: str) -> None:
         for key, spec in keys.items():
             value = given.get(key)
             if spec.path and isinstance(value, str) and value.strip():
-                given[key] = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+                given[key] = os.path.normpath(
+                    os.path.join(folder, os.path.expanduser(value))
+                )
 
 
-def load_config(path: Optional[str], overrides: Iterable[str] = (),
-                base: Optional[Mapping] = None, source: str = "stored config") -> EasyDict:
+def load_config(
+    path: Optional[str],
+    overrides: Iterable[str] = (),
+    base: Optional[Mapping] = None,
+    source: str = "stored config",
+) -> EasyDict:
     """Read the YAML file ``path``, apply ``overrides`` and validate the result.
 
     ``base`` (a config stored in a checkpoint, for resuming; ``source`` names it in
@@ -218,8 +258,10 @@ def load_config(path: Optional[str], overrides: Iterable[str] = (),
         raw = load_yaml_file(path)
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
-            raise ValueError(f"config file {path}: expected a mapping of blocks, "
-                             f"got {type(raw).__name__}")
+            raise ValueError(
+                f"config file {path}: expected a mapping of blocks, "
+                f"got {type(raw).__name__}"
+            )
         resolve_paths(raw, os.path.dirname(os.path.abspath(path)))
     raw = rename_legacy_keys(raw, source)  # before the overrides, which use our names
     problems = apply_overrides(raw, overrides)

@@ -28,8 +28,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
-    "DistContext", "init_distributed", "wrap_ddp", "average_gradients", "all_reduce_sum",
-    "aux_parameter_names", "cleanup",
+    "DistContext",
+    "init_distributed",
+    "wrap_ddp",
+    "average_gradients",
+    "all_reduce_sum",
+    "aux_parameter_names",
+    "cleanup",
 ]
 
 
@@ -61,7 +66,9 @@ def _env_int(name: str) -> Optional[int]:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ValueError(
+            f"environment variable {name}={value!r} is not an integer"
+        ) from None
 
 
 def init_distributed(cuda: bool, timeout_s: int = 1800) -> DistContext:
@@ -76,19 +83,25 @@ def init_distributed(cuda: bool, timeout_s: int = 1800) -> DistContext:
         return DistContext(0, 1, torch.device("cuda" if cuda else "cpu"))
     rank, local_rank = _env_int("RANK") or 0, _env_int("LOCAL_RANK") or 0
     if world_size < 1 or not 0 <= rank < world_size:
-        raise RuntimeError(f"WORLD_SIZE={world_size} and RANK={rank} are inconsistent; "
-                           "launch several processes with torchrun --nproc_per_node=K")
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} and RANK={rank} are inconsistent; "
+            "launch several processes with torchrun --nproc_per_node=K"
+        )
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only "
-                               f"{torch.cuda.device_count()} CUDA devices are visible")
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} but only "
+                f"{torch.cuda.device_count()} CUDA devices are visible"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return DistContext(rank, world_size, device)
 
 
@@ -114,7 +127,9 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     for name in ignored:
         dist.broadcast(params[name].data, src=0)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(
+        model, device_ids=device_ids, forward_sync_buffers=False
+    )
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:

@@ -71,33 +71,62 @@ class Trainer:
         self.log_stream = log or sys.stderr
         data, params = cfg.train_data, cfg.train_params
         self.exp = data.experiment_path
-        last, best = os.path.join(self.exp, LAST_NAME), os.path.join(self.exp, BEST_NAME)
+        last, best = (
+            os.path.join(self.exp, LAST_NAME),
+            os.path.join(self.exp, BEST_NAME),
+        )
         if not data.use_checkpoint_path and os.path.exists(last):
-            raise ValueError(f"{last} exists: pass --resume to continue that run, or choose "
-                             "another train_data.experiment_path")
+            raise ValueError(
+                f"{last} exists: pass --resume to continue that run, or choose "
+                "another train_data.experiment_path"
+            )
         if not data.use_checkpoint_path and os.path.exists(best):
-            raise ValueError(f"{best} exists, which a new run would overwrite: choose another "
-                             "train_data.experiment_path, or move that file away")
+            raise ValueError(
+                f"{best} exists, which a new run would overwrite: choose another "
+                "train_data.experiment_path, or move that file away"
+            )
         torch.manual_seed(params.seed)  # identical initial weights on every rank
 
-        self.train_set = CropImageFolder(data.data_path, "train", params.crop_size, True,
-                                         data.small_images, data.max_image_pixels)
-        self.test_set = CropImageFolder(data.data_path, "test", params.crop_size, False,
-                                        data.small_images, data.max_image_pixels)
+        self.train_set = CropImageFolder(
+            data.data_path,
+            "train",
+            params.crop_size,
+            True,
+            data.small_images,
+            data.max_image_pixels,
+        )
+        self.test_set = CropImageFolder(
+            data.data_path,
+            "test",
+            params.crop_size,
+            False,
+            data.small_images,
+            data.max_image_pixels,
+        )
         for ds in (self.train_set, self.test_set):
             if ds.skipped:
-                self.log(f"skipped {ds.skipped} images smaller than {params.crop_size} px")
-        self.unusable = {name: UnusableImages(ds, name, data.max_bad_fraction, self.log)
-                         for name, ds in (("training", self.train_set),
-                                          ("validation", self.test_set))}
-        self.train_sampler = EpochSampler(len(self.train_set), params.seed, True, ctx.rank,
-                                          ctx.world_size, pad=True)
-        self.test_sampler = EpochSampler(len(self.test_set), params.seed, False, ctx.rank,
-                                         ctx.world_size, pad=False)
+                self.log(
+                    f"skipped {ds.skipped} images smaller than {params.crop_size} px"
+                )
+        self.unusable = {
+            name: UnusableImages(ds, name, data.max_bad_fraction, self.log)
+            for name, ds in (
+                ("training", self.train_set),
+                ("validation", self.test_set),
+            )
+        }
+        self.train_sampler = EpochSampler(
+            len(self.train_set), params.seed, True, ctx.rank, ctx.world_size, pad=True
+        )
+        self.test_sampler = EpochSampler(
+            len(self.test_set), params.seed, False, ctx.rank, ctx.world_size, pad=False
+        )
         self.steps_per_epoch = self.train_sampler.per_rank() // data.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training images give no full batch of "
-                             f"{data.batch_size} per process ({ctx.world_size} processes)")
+            raise ValueError(
+                f"{len(self.train_set)} training images give no full batch of "
+                f"{data.batch_size} per process ({ctx.world_size} processes)"
+            )
 
         self.raw = build_configured_model(cfg).to(ctx.device)
         if params.channels_last:
@@ -105,27 +134,39 @@ class Trainer:
         # Models with a loss of their own (the layered mei2021 models) bring it.
         self.criterion = self.raw.default_loss(params.lmbda, params.distortion_metric)
         self.optimizer, self.aux_optimizer = build_optimizers(
-            self.raw, params.learning_rate, params.aux_learning_rate)
+            self.raw, params.learning_rate, params.aux_learning_rate
+        )
         self.total_steps = params.max_steps or data.epochs * self.steps_per_epoch
         self.scheduler, self.schedule_per = build_scheduler(
-            self.optimizer, cfg.lr_schedule, self.total_steps)
+            self.optimizer, cfg.lr_schedule, self.total_steps
+        )
         self.pos = TrainPosition()
         self._load_start_state()
         # Built once every check has passed: a DataLoader warns at construction when
         # num_workers exceeds the CPUs, which must not precede a refusal.
         self._build_loaders()
         self.model = distributed.wrap_ddp(self.raw, ctx)
-        self.step = TrainStep(self.model, self.raw, self.criterion, self.optimizer,
-                              self.aux_optimizer, params.clip_max_norm, params.amp,
-                              params.channels_last, params.max_nonfinite_steps, params.seed,
-                              ctx.rank,
-                              cuda_graph=params.cuda_graphs and ctx.world_size == 1)
+        self.step = TrainStep(
+            self.model,
+            self.raw,
+            self.criterion,
+            self.optimizer,
+            self.aux_optimizer,
+            params.clip_max_norm,
+            params.amp,
+            params.channels_last,
+            params.max_nonfinite_steps,
+            params.seed,
+            ctx.rank,
+            cuda_graph=params.cuda_graphs and ctx.world_size == 1,
+        )
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
         if ctx.is_main:  # only now: a refused run leaves no empty folder behind
             prepare_output_folder(self.exp, "train_data.experiment_path")
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=self.exp)
         self._stop_signal: Optional[int] = None
         self._saved_at = -1
@@ -133,36 +174,56 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def _build_loaders(self) -> None:
         data = self.cfg.train_data
-        self.train_loader = self._loader(self.train_set, self.train_sampler, data.batch_size, True)
-        self.test_loader = self._loader(self.test_set, self.test_sampler, data.test_batch_size,
-                                        False)
+        self.train_loader = self._loader(
+            self.train_set, self.train_sampler, data.batch_size, True
+        )
+        self.test_loader = self._loader(
+            self.test_set, self.test_sampler, data.test_batch_size, False
+        )
 
     def _loader(self, dataset, sampler, batch_size: int, train: bool) -> DataLoader:
         data = self.cfg.train_data
         workers = data.num_workers
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=workers, worker_init_fn=leave_process_group,
-                          pin_memory=data.pin_memory and self.ctx.device.type == "cuda",
-                          persistent_workers=data.persistent_workers and workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=workers,
+            worker_init_fn=leave_process_group,
+            pin_memory=data.pin_memory and self.ctx.device.type == "cuda",
+            persistent_workers=data.persistent_workers and workers > 0,
+        )
 
     def _load_start_state(self) -> None:
         data = self.cfg.train_data
         if data.use_checkpoint_path:
             path = data.use_checkpoint_path
             checkpoint = read_resume_checkpoint(path)
-            restore(checkpoint, self.raw, self.optimizer, self.aux_optimizer, self.scheduler,
-                    self.pos, path)
+            restore(
+                checkpoint,
+                self.raw,
+                self.optimizer,
+                self.aux_optimizer,
+                self.scheduler,
+                self.pos,
+                path,
+            )
             # A refused resume says so first, without announcing that it resumes.
             self._check_resume_position(path, checkpoint.get("config"))
-            self.log(f"resuming {path} at step {self.pos.global_step} "
-                     f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})")
+            self.log(
+                f"resuming {path} at step {self.pos.global_step} "
+                f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})"
+            )
             changes = self._config_changes(checkpoint.get("config"))
             for change in changes:
                 self.log(f"warning: config changed since the checkpoint: {change}")
             if changes:
-                self.log("warning: the run continues with the changed values; "
-                         "train.py --resume CHECKPOINT without --config or --set keeps the "
-                         "checkpoint's config")
+                self.log(
+                    "warning: the run continues with the changed values; "
+                    "train.py --resume CHECKPOINT without --config or --set keeps the "
+                    "checkpoint's config"
+                )
         elif data.init_checkpoint_path:
             init_weights_from(data.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {data.init_checkpoint_path}")
@@ -180,27 +241,36 @@ class Trainer:
             stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
             count = self.ctx.world_size
             processes = f"{count} process{'es' if count > 1 else ''}"
-            if stored_batch in (None, data.batch_size) and pos.epoch_step >= self.steps_per_epoch:
+            if (
+                stored_batch in (None, data.batch_size)
+                and pos.epoch_step >= self.steps_per_epoch
+            ):
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch}, but an "
                     f"epoch of this run has {self.steps_per_epoch} batches per process "
                     f"({len(self.train_set)} training images in {data.data_path}, {processes}): "
                     "fewer images or more processes than when the run began; resume with the "
                     "same folder and process count, or start a new run from its weights with "
-                    "--init-from")
+                    "--init-from"
+                )
             if stored_batch not in (None, data.batch_size):
                 raise ValueError(
                     f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch} with "
                     f"batch_size {stored_batch or 'unknown'}; a mid-epoch resume needs that "
                     f"batch_size and the same process count (this run: batch_size "
                     f"{data.batch_size}, {processes}), "
-                    "or start a new run from its weights with --init-from")
+                    "or start a new run from its weights with --init-from"
+                )
         if self._finished():
-            limit = (f"train_params.max_steps={params.max_steps}"
-                     if params.max_steps and pos.global_step >= params.max_steps
-                     else f"train_data.epochs={data.epochs}")
-            raise ValueError(f"{path} already finished its run at step {pos.global_step} "
-                             f"({limit}); raise that limit with --set to train further")
+            limit = (
+                f"train_params.max_steps={params.max_steps}"
+                if params.max_steps and pos.global_step >= params.max_steps
+                else f"train_data.epochs={data.epochs}"
+            )
+            raise ValueError(
+                f"{path} already finished its run at step {pos.global_step} "
+                f"({limit}); raise that limit with --set to train further"
+            )
 
     def _config_changes(self, stored: Optional[dict]) -> List[str]:
         """``block.key: old -> new`` for each key that differs from the stored config.
@@ -215,9 +285,13 @@ class Trainer:
             stored = to_plain_dict(parse_config(stored, "stored config"))
         except ValueError:  # a config from another version: compare it as it is
             stored = rename_legacy_keys(stored)
-        return [change for change in config_differences(stored, to_plain_dict(self.cfg))
-                if not change.startswith(("train_data.use_checkpoint_path:",
-                                          "train_data.init_checkpoint_path:"))]
+        return [
+            change
+            for change in config_differences(stored, to_plain_dict(self.cfg))
+            if not change.startswith(
+                ("train_data.use_checkpoint_path:", "train_data.init_checkpoint_path:")
+            )
+        ]
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""
@@ -261,8 +335,10 @@ class Trainer:
             return ""
         if self._saved_at != step:
             self._save(best=False)
-        return (f"; the {step} steps done are saved: after the repair, continue with "
-                f"--resume {os.path.join(self.exp, LAST_NAME)}")
+        return (
+            f"; the {step} steps done are saved: after the repair, continue with "
+            f"--resume {os.path.join(self.exp, LAST_NAME)}"
+        )
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -282,17 +358,26 @@ class Trainer:
         data = self.cfg.train_data
         self.raw.train()
         while not self._finished():
-            self.train_sampler.set_epoch(self.pos.epoch, self.pos.epoch_step * data.batch_size)
-            bar = tqdm(total=self.steps_per_epoch, initial=self.pos.epoch_step,
-                       desc=f"epoch {self.pos.epoch}", dynamic_ncols=True, leave=False,
-                       disable=not (self.ctx.is_main and log_settings.progress),
-                       file=self.log_stream)
+            self.train_sampler.set_epoch(
+                self.pos.epoch, self.pos.epoch_step * data.batch_size
+            )
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.pos.epoch_step,
+                desc=f"epoch {self.pos.epoch}",
+                dynamic_ncols=True,
+                leave=False,
+                disable=not (self.ctx.is_main and log_settings.progress),
+                file=self.log_stream,
+            )
             window, running = _Window(), _Window()  # running: this epoch, for the bar
             for x, skipped in self.train_loader:
                 window.data_done()
                 self.unusable["training"].note(skipped)
                 x = x.to(self.ctx.device, non_blocking=True)
-                stats = self.step(x, self.pos.global_step, self._stop_signal is not None)
+                stats = self.step(
+                    x, self.pos.global_step, self._stop_signal is not None
+                )
                 self.pos.global_step += 1
                 self.pos.epoch_step += 1
                 self.pos.nonfinite_in_a_row = self.step.nonfinite_in_a_row
@@ -302,8 +387,12 @@ class Trainer:
                 running.add(stats)
                 if running.count:  # shown by the update's refresh
                     means = running.means()
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", bpp=f"{means['bpp']:.3f}",
-                                    psnr=f"{means['psnr']:.2f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{means['loss']:.4f}",
+                        bpp=f"{means['bpp']:.3f}",
+                        psnr=f"{means['psnr']:.2f}",
+                        refresh=False,
+                    )
                 bar.update(1)
                 if self.pos.global_step % log_settings.log_interval == 0:
                     self._log_train(window)
@@ -330,8 +419,10 @@ class Trainer:
             self._validate_and_save()
         elif self._saved_at != self.pos.global_step:
             self._save(best=False)
-        self.log(f"done at step {self.pos.global_step}; checkpoints in {self.exp}"
-                 f"{self._best_note()}")
+        self.log(
+            f"done at step {self.pos.global_step}; checkpoints in {self.exp}"
+            f"{self._best_note()}"
+        )
         return 0
 
     def _best_note(self) -> str:
@@ -341,16 +432,23 @@ class Trainer:
         if best is None or best == step:
             return ""
         interval = self.cfg.logging.val_interval
-        schedule = (f"every {interval} steps (logging.val_interval)" if interval
-                    else "at the end of each epoch")
-        return (f"; {BEST_NAME} is from step {best}, the best of the validations, which "
-                f"run {schedule}")
+        schedule = (
+            f"every {interval} steps (logging.val_interval)"
+            if interval
+            else "at the end of each epoch"
+        )
+        return (
+            f"; {BEST_NAME} is from step {best}, the best of the validations, which "
+            f"run {schedule}"
+        )
 
     def _after_step(self, epoch_done: bool) -> None:
         val_interval = self.cfg.logging.val_interval
         checkpoint_interval = self.cfg.logging.checkpoint_interval
         step = self.pos.global_step
-        if (val_interval and step % val_interval == 0) or (not val_interval and epoch_done):
+        if (val_interval and step % val_interval == 0) or (
+            not val_interval and epoch_done
+        ):
             self._validate_and_save()
         elif checkpoint_interval and step % checkpoint_interval == 0:
             self._save(best=False)
@@ -360,8 +458,10 @@ class Trainer:
         if self._saved_at != self.pos.global_step:
             self._save(best=False)
         name = signal.Signals(signum).name
-        self.log(f"stopped by {name} at step {self.pos.global_step}; checkpoint saved in "
-                 f"{self.exp}; continue with --resume")
+        self.log(
+            f"stopped by {name} at step {self.pos.global_step}; checkpoint saved in "
+            f"{self.exp}; continue with --resume"
+        )
         return 128 + int(signum)
 
     # ------------------------------------------------------ validation/saving
@@ -375,16 +475,20 @@ class Trainer:
         if is_best:
             self.pos.best_loss, self.pos.best_step = loss, self.pos.global_step
         self._save(best=is_best)
-        self.log(f"step {self.pos.global_step} validation: loss {loss:.4f} bpp "
-                 f"{metrics['bpp']:.4f} psnr {metrics['psnr']:.2f} dB aux {metrics['aux']:.1f}"
-                 + (" (best)" if is_best else ""))
+        self.log(
+            f"step {self.pos.global_step} validation: loss {loss:.4f} bpp "
+            f"{metrics['bpp']:.4f} psnr {metrics['psnr']:.2f} dB aux {metrics['aux']:.1f}"
+            + (" (best)" if is_best else "")
+        )
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
         """Estimated-rate loss, bpp, MSE and mean per-image PSNR on the test centre crops."""
         raw, device = self.raw, self.ctx.device
         raw.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, loss, mse, bpp, psnr
+        sums = torch.zeros(
+            5, dtype=torch.float64, device=device
+        )  # n, loss, mse, bpp, psnr
         shown = []  # (original, reconstruction) pairs for TensorBoard
         for x, skipped in self.test_loader:
             self.unusable["validation"].note(skipped)
@@ -396,25 +500,39 @@ class Trainer:
             x_hat = out["x_hat"].clamp(0, 1)
             mse = (x_hat - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
             n = x.shape[0]
-            sums += torch.stack([torch.tensor(float(n), device=device, dtype=torch.float64),
-                                 losses["loss"].double() * n, mse.double().sum(),
-                                 losses["bpp_loss"].double() * n,
-                                 (-10 * torch.log10(mse)).double().sum()])
+            sums += torch.stack(
+                [
+                    torch.tensor(float(n), device=device, dtype=torch.float64),
+                    losses["loss"].double() * n,
+                    mse.double().sum(),
+                    losses["bpp_loss"].double() * n,
+                    (-10 * torch.log10(mse)).double().sum(),
+                ]
+            )
             shown.extend(zip(x, x_hat))
-            del shown[self.cfg.logging.num_images:]
+            del shown[self.cfg.logging.num_images :]
         distributed.all_reduce_sum(sums)
         raw.train()
         n, loss, mse, bpp, psnr_sum = sums.tolist()
-        metrics = {"loss": loss / n, "mse": mse / n, "bpp": bpp / n, "psnr": psnr_sum / n,
-                   "aux": float(raw.aux_loss())}
+        metrics = {
+            "loss": loss / n,
+            "mse": mse / n,
+            "bpp": bpp / n,
+            "psnr": psnr_sum / n,
+            "aux": float(raw.aux_loss()),
+        }
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, self.pos.global_step)
             if shown:
                 from torchvision.utils import make_grid
-                grid = make_grid(torch.stack([t for pair in shown for t in pair]).float(), nrow=2)
-                self.writer.add_image("val/original_vs_reconstruction", grid.cpu(),
-                                      self.pos.global_step)
+
+                grid = make_grid(
+                    torch.stack([t for pair in shown for t in pair]).float(), nrow=2
+                )
+                self.writer.add_image(
+                    "val/original_vs_reconstruction", grid.cpu(), self.pos.global_step
+                )
         return metrics
 
     def _save(self, best: bool) -> None:
@@ -423,11 +541,19 @@ class Trainer:
             return
         with torch.no_grad():
             self.raw.update(force=True)
-        checkpoint = build_checkpoint(self.raw, self.optimizer, self.aux_optimizer,
-                                      self.scheduler, self.cfg, self.pos)
+        checkpoint = build_checkpoint(
+            self.raw,
+            self.optimizer,
+            self.aux_optimizer,
+            self.scheduler,
+            self.cfg,
+            self.pos,
+        )
         save_checkpoint(checkpoint, self.exp, LAST_NAME)
         if best:
-            checkpoint["state_dict"], checkpoint["aux_loss"] = coding_state_dict(self.raw)
+            checkpoint["state_dict"], checkpoint["aux_loss"] = coding_state_dict(
+                self.raw
+            )
             checkpoint["quantiles_solved"] = True
             save_checkpoint(checkpoint, self.exp, BEST_NAME)
 
@@ -442,8 +568,12 @@ class Trainer:
         for key in ("loss", "mse", "bpp", "aux", "grad_norm", "psnr"):
             self.writer.add_scalar(f"train/{key}", means[key], step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
-        self.writer.add_scalar("train/data_wait_s", window.data_wait_s / window.count, step)
-        self.writer.add_scalar("train/unusable_images", self.unusable["training"].count, step)
+        self.writer.add_scalar(
+            "train/data_wait_s", window.data_wait_s / window.count, step
+        )
+        self.writer.add_scalar(
+            "train/unusable_images", self.unusable["training"].count, step
+        )
 
 
 class _Window:

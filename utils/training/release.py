@@ -76,20 +76,29 @@ def _checkpoint_summary(path: str) -> dict:
     }
 
 
-def export_weights(checkpoint_path: str, output_dir: str,
-                   extra_info: Optional[dict] = None) -> str:
+def export_weights(
+    checkpoint_path: str, output_dir: str, extra_info: Optional[dict] = None
+) -> str:
     """Write ``output_dir/model.pth`` and ``output_dir/training.json``; return the weights path."""
     model = load_checkpoint(checkpoint_path, torch.device("cpu"))
     state = half_precision_state_dict(model)
     os.makedirs(output_dir, exist_ok=True)
     weights = os.path.join(output_dir, WEIGHTS_NAME)
-    atomic_torch_save({"architecture": model.registry_name,
-                       "model_config": dict(model.config), "state_dict": state}, weights)
+    atomic_torch_save(
+        {
+            "architecture": model.registry_name,
+            "model_config": dict(model.config),
+            "state_dict": state,
+        },
+        weights,
+    )
     info = {
         "architecture": model.registry_name,
         "model_config": dict(model.config),
         "source_checkpoint": os.path.basename(checkpoint_path),
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
         "weights": f"{WEIGHTS_NAME}: float16 parameters, float32/int32 buffers and entropy tables",
         "parameters": sum(p.numel() for p in model.parameters()),
         "file_bytes": os.path.getsize(weights),
@@ -138,8 +147,11 @@ def training_wall_time(run_dirs: Sequence[str]) -> float:
     for run_dir in run_dirs:
         for name in sorted(os.listdir(run_dir)):
             if name.startswith("events.out.tfevents"):
-                times = [event.wall_time for event in EventFileLoader(
-                    os.path.join(run_dir, name)).Load() if event.HasField("summary")]
+                times = [
+                    event.wall_time
+                    for event in EventFileLoader(os.path.join(run_dir, name)).Load()
+                    if event.HasField("summary")
+                ]
                 total += max(times) - min(times) if times else 0.0
     return total
 
@@ -157,16 +169,26 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
     from utils.figures import save_figure, style_axis
 
     scalars = read_scalars(run_dirs)
-    panels = [(label, [t for t in tags if t in scalars]) for label, tags in CURVE_PANELS]
+    panels = [
+        (label, [t for t in tags if t in scalars]) for label, tags in CURVE_PANELS
+    ]
     panels = [(label, tags) for label, tags in panels if tags]
     if not panels:
         raise ValueError(f"no training scalars in {', '.join(run_dirs)}")
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False
+    )
     for axis, (label, tags) in zip(axes[0], panels):
         for tag in tags:
             steps, values = zip(*scalars[tag])
-            axis.plot(steps, values, label=tag, marker="o" if tag.startswith("val/") else None,
-                      markersize=3, linewidth=1)
+            axis.plot(
+                steps,
+                values,
+                label=tag,
+                marker="o" if tag.startswith("val/") else None,
+                markersize=3,
+                linewidth=1,
+            )
         if label in ("loss", "aux loss"):
             axis.set_yscale("log")
         style_axis(axis, "step", label)
@@ -176,13 +198,23 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint",
-                        help="training checkpoint (e.g. checkpoint_best_loss.pth.tar)")
-    parser.add_argument("output_dir", help="release folder (model.pth, training.json, curves)")
-    parser.add_argument("--runs", nargs="*", default=[],
-                        help="TensorBoard folders of the run (and of runs it continued)")
-    parser.add_argument("--info", default=None,
-                        help="JSON file of extra facts to record (data, wall time, ...)")
+    parser.add_argument(
+        "checkpoint", help="training checkpoint (e.g. checkpoint_best_loss.pth.tar)"
+    )
+    parser.add_argument(
+        "output_dir", help="release folder (model.pth, training.json, curves)"
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        help="TensorBoard folders of the run (and of runs it continued)",
+    )
+    parser.add_argument(
+        "--info",
+        default=None,
+        help="JSON file of extra facts to record (data, wall time, ...)",
+    )
     args = parser.parse_args(argv)
     try:
         extra = {}
@@ -190,12 +222,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(args.info) as handle:
                 extra = json.load(handle)
         if args.runs:
-            extra.setdefault("training_wall_time_h", round(training_wall_time(args.runs) / 3600, 2))
+            extra.setdefault(
+                "training_wall_time_h", round(training_wall_time(args.runs) / 3600, 2)
+            )
         weights = export_weights(args.checkpoint, args.output_dir, extra)
         print(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.1f} MB)")
         if args.runs:
             curves = os.path.join(args.output_dir, CURVES_NAME)
-            export_curves(args.runs, curves, title=os.path.basename(args.output_dir.rstrip("/")))
+            export_curves(
+                args.runs, curves, title=os.path.basename(args.output_dir.rstrip("/"))
+            )
             print(f"wrote {curves}")
     except (ValueError, RuntimeError, OSError, json.JSONDecodeError) as exc:
         print(f"release: error: {exc}", file=sys.stderr)

@@ -33,8 +33,15 @@ class _Key:
         doc: one line for ``docs/training.md``.
     """
 
-    def __init__(self, kind: type, default: Any = REQUIRED, check: Optional[Callable] = None,
-                 choices: Optional[Sequence[str]] = None, path: bool = False, doc: str = ""):
+    def __init__(
+        self,
+        kind: type,
+        default: Any = REQUIRED,
+        check: Optional[Callable] = None,
+        choices: Optional[Sequence[str]] = None,
+        path: bool = False,
+        doc: str = "",
+    ):
         self.kind, self.default, self.check = kind, default, check
         self.choices, self.path, self.doc = choices, path, doc
 
@@ -46,25 +53,34 @@ def _non_empty(value: str) -> Optional[str]:
 
 def _within(low, high, low_open: bool = False) -> Callable:
     """A check for ``low <= v <= high`` (``low < v`` with ``low_open``)."""
+
     def check(v):
         above = v > low if low_open else v >= low
         if above and v <= high:
             return None
         return f"must be in {'(' if low_open else '['}{low}, {high}]"
+
     return check
 
 
-def _int_list(low: int, high: int, min_length: int, max_length: int,
-              increasing: bool = False) -> Callable:
+def _int_list(
+    low: int, high: int, min_length: int, max_length: int, increasing: bool = False
+) -> Callable:
     """A check for a list of integers in ``[low, high]``."""
+
     def check(v):
         if not min_length <= len(v) <= max_length or any(
-                not isinstance(x, int) or isinstance(x, bool) or not low <= x <= high for x in v):
-            return (f"must be a list of {min_length} to {max_length} integers in "
-                    f"[{low}, {high}]")
+            not isinstance(x, int) or isinstance(x, bool) or not low <= x <= high
+            for x in v
+        ):
+            return (
+                f"must be a list of {min_length} to {max_length} integers in "
+                f"[{low}, {high}]"
+            )
         if increasing and list(v) != sorted(set(v)):
             return "must be strictly increasing"
         return None
+
     return check
 
 
@@ -72,7 +88,9 @@ def _sane_width(v):
     # SPL-CPS ships a config with ``N: 1923`` (a typo for 192): refuse the absurd.
     # (Kamisli's presets use N up to 1280.)
     if not 1 <= v <= 1536:
-        return "must be in [1, 1536] (CPS uses 192, kamisli2024 up to 1280); is it a typo?"
+        return (
+            "must be in [1, 1536] (CPS uses 192, kamisli2024 up to 1280); is it a typo?"
+        )
     return None
 
 
@@ -84,96 +102,206 @@ _FRACTION = _within(0.0, 1.0, low_open=True)
 
 SCHEMA: Dict[str, Dict[str, _Key]] = {
     "train_data": {
-        "data_path": _Key(str, path=True, check=_non_empty,
-                          doc="folder holding train/ and test/ image folders"),
-        "use_checkpoint_path": _Key(str, "", path=True,
-                                    doc="resume this checkpoint exactly (same as --resume)"),
-        "init_checkpoint_path": _Key(str, "", path=True,
-                                     doc="start from these weights only (--init-from)"),
+        "data_path": _Key(
+            str,
+            path=True,
+            check=_non_empty,
+            doc="folder holding train/ and test/ image folders",
+        ),
+        "use_checkpoint_path": _Key(
+            str, "", path=True, doc="resume this checkpoint exactly (same as --resume)"
+        ),
+        "init_checkpoint_path": _Key(
+            str, "", path=True, doc="start from these weights only (--init-from)"
+        ),
         "batch_size": _Key(int, 32, _within(1, 4096), doc="training crops per step"),
-        "test_batch_size": _Key(int, 4, _within(1, 4096), doc="validation crops per batch"),
-        "epochs": _Key(int, 200, _within(1, 1_000_000), doc="passes over the training set"),
+        "test_batch_size": _Key(
+            int, 4, _within(1, 4096), doc="validation crops per batch"
+        ),
+        "epochs": _Key(
+            int, 200, _within(1, 1_000_000), doc="passes over the training set"
+        ),
         "num_workers": _Key(int, 4, _within(0, 256), doc="DataLoader worker processes"),
-        "cuda": _Key(bool, False, doc="train on the GPU (the CPU, with a warning, without one)"),
-        "experiment_path": _Key(str, path=True, check=_non_empty,
-                                doc="checkpoints and TensorBoard logs go here"),
-        "small_images": _Key(str, "pad", choices=("pad", "skip"),
-                             doc="images smaller than the crop: edge-padded or left out"),
+        "cuda": _Key(
+            bool, False, doc="train on the GPU (the CPU, with a warning, without one)"
+        ),
+        "experiment_path": _Key(
+            str,
+            path=True,
+            check=_non_empty,
+            doc="checkpoints and TensorBoard logs go here",
+        ),
+        "small_images": _Key(
+            str,
+            "pad",
+            choices=("pad", "skip"),
+            doc="images smaller than the crop: edge-padded or left out",
+        ),
         "pin_memory": _Key(bool, True, doc="page-locked batches (GPU runs)"),
-        "persistent_workers": _Key(bool, True, doc="keep DataLoader workers between epochs"),
-        "max_bad_fraction": _Key(float, 0.01, _within(0.0, 1.0),
-                                 doc="share of unusable images (per split) that stops a run"),
-        "max_image_pixels": _Key(int, 64_000_000, _within(1, PIL_PIXEL_LIMIT),
-                                 doc="larger images are skipped unread (decompression bombs)"),
+        "persistent_workers": _Key(
+            bool, True, doc="keep DataLoader workers between epochs"
+        ),
+        "max_bad_fraction": _Key(
+            float,
+            0.01,
+            _within(0.0, 1.0),
+            doc="share of unusable images (per split) that stops a run",
+        ),
+        "max_image_pixels": _Key(
+            int,
+            64_000_000,
+            _within(1, PIL_PIXEL_LIMIT),
+            doc="larger images are skipped unread (decompression bombs)",
+        ),
     },
     "train_params": {
-        "crop_size": _Key(int, 256, _within(8, 4096), doc="square training crop side (pixels)"),
+        "crop_size": _Key(
+            int, 256, _within(8, 4096), doc="square training crop side (pixels)"
+        ),
         "learning_rate": _Key(float, 1e-4, _LR, doc="Adam, network parameters"),
-        "aux_learning_rate": _Key(float, 1e-3, _LR, doc="Adam, entropy-bottleneck quantiles"),
-        "lmbda": _Key(float, check=_within(0.0, 10_000.0, low_open=True),
-                      doc="rate-distortion trade-off: loss = lmbda * D + bpp"),
-        "clip_max_norm": _Key(float, 1.0, _within(0.0, 1e6), doc="gradient norm; 0: no clip"),
+        "aux_learning_rate": _Key(
+            float, 1e-3, _LR, doc="Adam, entropy-bottleneck quantiles"
+        ),
+        "lmbda": _Key(
+            float,
+            check=_within(0.0, 10_000.0, low_open=True),
+            doc="rate-distortion trade-off: loss = lmbda * D + bpp",
+        ),
+        "clip_max_norm": _Key(
+            float, 1.0, _within(0.0, 1e6), doc="gradient norm; 0: no clip"
+        ),
         "N": _Key(int, 192, _sane_width, doc="model width (channels)"),
-        "distortion_metric": _Key(str, "mse", choices=("mse", "ms-ssim"),
-                                  doc="D: 255^2 * MSE or 1 - MS-SSIM"),
+        "distortion_metric": _Key(
+            str, "mse", choices=("mse", "ms-ssim"), doc="D: 255^2 * MSE or 1 - MS-SSIM"
+        ),
         "seed": _Key(int, 0, _within(0, INT64_MAX), doc="weights, crops and noise"),
-        "max_steps": _Key(int, 0, _STEPS, doc="stop after this many steps; 0: epochs decide"),
-        "max_nonfinite_steps": _Key(int, 10, _within(1, 1_000_000),
-                                    doc="consecutive non-finite steps before the run stops"),
+        "max_steps": _Key(
+            int, 0, _STEPS, doc="stop after this many steps; 0: epochs decide"
+        ),
+        "max_nonfinite_steps": _Key(
+            int,
+            10,
+            _within(1, 1_000_000),
+            doc="consecutive non-finite steps before the run stops",
+        ),
         "amp": _Key(bool, False, doc="bfloat16 autocast for the forward pass"),
         "channels_last": _Key(bool, False, doc="channels-last memory format"),
-        "cuda_graphs": _Key(bool, False, doc="replay each step as a CUDA graph (one GPU; "
-                                             "ignored on the CPU)"),
-        "training_mode": _Key(str, "open_loop", choices=("open_loop", "acl"),
-                              doc="acl: asymptotic closed-loop training (kamisli2024)"),
+        "cuda_graphs": _Key(
+            bool,
+            False,
+            doc="replay each step as a CUDA graph (one GPU; ignored on the CPU)",
+        ),
+        "training_mode": _Key(
+            str,
+            "open_loop",
+            choices=("open_loop", "acl"),
+            doc="acl: asymptotic closed-loop training (kamisli2024)",
+        ),
     },
     "model": {
         "name": _Key(str, "cps", doc="registry name (models/registry.py)"),
         "kwargs": _Key(dict, {}, doc="constructor kwargs besides N"),
     },
     "lr_schedule": {
-        "type": _Key(str, "plateau", choices=("plateau", "multistep", "cosine", "constant"),
-                     doc="plateau: on the validation loss; multistep/cosine: per step"),
-        "factor": _Key(float, 0.1, _within(0.0, 1.0, low_open=True),
-                       doc="plateau/multistep: LR multiplier"),
+        "type": _Key(
+            str,
+            "plateau",
+            choices=("plateau", "multistep", "cosine", "constant"),
+            doc="plateau: on the validation loss; multistep/cosine: per step",
+        ),
+        "factor": _Key(
+            float,
+            0.1,
+            _within(0.0, 1.0, low_open=True),
+            doc="plateau/multistep: LR multiplier",
+        ),
         "patience": _Key(int, 10, _COUNT, doc="plateau: validations to wait"),
-        "milestones": _Key(list, [], _int_list(1, INT64_MAX, 0, 10_000, increasing=True),
-                           doc="multistep: global steps"),
+        "milestones": _Key(
+            list,
+            [],
+            _int_list(1, INT64_MAX, 0, 10_000, increasing=True),
+            doc="multistep: global steps",
+        ),
         "min_lr": _Key(float, 0.0, _LR_FLOOR, doc="plateau/cosine: floor"),
     },
     # Asymptotic closed-loop training (utils/training/acl.py, read when
     # train_params.training_mode is acl); defaults: the Kamisli authors' B8 low-rate run.
     "acl": {
-        "itr0_threshold": _Key(float, 0.32, _within(0.0, 1e12, low_open=True),
-                               doc="open-loop validation loss that ends iteration 0"),
-        "count_thresholds": _Key(list, [8, 8, 7, 6, 5, 5], _int_list(0, 1_000_000, 1, 1000),
-                                 doc="stale epochs ending iteration k (last: later ones)"),
-        "max_iterations": _Key(int, 8, _within(1, 1000), doc="the authors' finals: 4 to 16"),
+        "itr0_threshold": _Key(
+            float,
+            0.32,
+            _within(0.0, 1e12, low_open=True),
+            doc="open-loop validation loss that ends iteration 0",
+        ),
+        "count_thresholds": _Key(
+            list,
+            [8, 8, 7, 6, 5, 5],
+            _int_list(0, 1_000_000, 1, 1000),
+            doc="stale epochs ending iteration k (last: later ones)",
+        ),
+        "max_iterations": _Key(
+            int, 8, _within(1, 1000), doc="the authors' finals: 4 to 16"
+        ),
         "max_epochs_per_iteration": _Key(int, 0, _COUNT, doc="0: no limit"),
-        "closed_loop_every": _Key(int, 5, _within(1, 1000),
-                                  doc="closed-loop validation every max(1, this - k) epochs"),
-        "closed_loop_tile": _Key(int, 16, _within(0, 4096), doc="tile side in blocks; 0: whole"),
-        "switch_from_iteration": _Key(int, 2, _within(0, 1000),
-                                      doc="first iteration that may switch to closed loop"),
-        "switch_ratio": _Key(float, 0.99, _FRACTION,
-                             doc="switch unless best closed-loop loss < ratio * previous"),
-        "switch_lr_factor": _Key(float, 0.66, _FRACTION, doc="LR multiplier at the switch"),
-        "min_lr_closed_loop": _Key(float, 2e-5, _LR_FLOOR, doc="LR floor after the switch"),
-        "plateau_threshold": _Key(float, 3e-4, _within(0.0, 1.0),
-                                  doc="relative improvement the plateau schedule needs"),
-        "plateau_cooldown": _Key(int, 1, _COUNT, doc="plateau schedule cooldown (epochs)"),
-        "clip_value": _Key(float, 0.5, _within(0.0, 1e6), doc="gradient clip by value; 0: off"),
-        "validation_path": _Key(str, "", path=True,
-                                doc="validation images; empty: data_path/test"),
+        "closed_loop_every": _Key(
+            int,
+            5,
+            _within(1, 1000),
+            doc="closed-loop validation every max(1, this - k) epochs",
+        ),
+        "closed_loop_tile": _Key(
+            int, 16, _within(0, 4096), doc="tile side in blocks; 0: whole"
+        ),
+        "switch_from_iteration": _Key(
+            int,
+            2,
+            _within(0, 1000),
+            doc="first iteration that may switch to closed loop",
+        ),
+        "switch_ratio": _Key(
+            float,
+            0.99,
+            _FRACTION,
+            doc="switch unless best closed-loop loss < ratio * previous",
+        ),
+        "switch_lr_factor": _Key(
+            float, 0.66, _FRACTION, doc="LR multiplier at the switch"
+        ),
+        "min_lr_closed_loop": _Key(
+            float, 2e-5, _LR_FLOOR, doc="LR floor after the switch"
+        ),
+        "plateau_threshold": _Key(
+            float,
+            3e-4,
+            _within(0.0, 1.0),
+            doc="relative improvement the plateau schedule needs",
+        ),
+        "plateau_cooldown": _Key(
+            int, 1, _COUNT, doc="plateau schedule cooldown (epochs)"
+        ),
+        "clip_value": _Key(
+            float, 0.5, _within(0.0, 1e6), doc="gradient clip by value; 0: off"
+        ),
+        "validation_path": _Key(
+            str, "", path=True, doc="validation images; empty: data_path/test"
+        ),
     },
     "logging": {
-        "log_interval": _Key(int, 100, _within(1, INT64_MAX),
-                             doc="steps between TensorBoard scalars"),
-        "val_interval": _Key(int, 0, _STEPS, doc="steps between validations; 0: each epoch"),
-        "checkpoint_interval": _Key(int, 0, _STEPS,
-                                    doc="steps between extra saves; 0: at validation only"),
-        "num_images": _Key(int, 4, _within(0, 64), doc="reconstructions shown per validation"),
-        "tensorboard": _Key(bool, True, doc="write TensorBoard events to experiment_path"),
+        "log_interval": _Key(
+            int, 100, _within(1, INT64_MAX), doc="steps between TensorBoard scalars"
+        ),
+        "val_interval": _Key(
+            int, 0, _STEPS, doc="steps between validations; 0: each epoch"
+        ),
+        "checkpoint_interval": _Key(
+            int, 0, _STEPS, doc="steps between extra saves; 0: at validation only"
+        ),
+        "num_images": _Key(
+            int, 4, _within(0, 64), doc="reconstructions shown per validation"
+        ),
+        "tensorboard": _Key(
+            bool, True, doc="write TensorBoard events to experiment_path"
+        ),
         "progress": _Key(bool, True, doc="tqdm progress bar"),
     },
 }
@@ -196,12 +324,16 @@ def check_value(where: str, spec: _Key, value: Any) -> Any:
     if kind in (dict, list) and value is None:
         value = kind()
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"config key {where} must be {kind.__name__}, got {_short(value)}")
+        raise ValueError(
+            f"config key {where} must be {kind.__name__}, got {_short(value)}"
+        )
     if kind is float and not math.isfinite(value):
         raise ValueError(f"config key {where} must be finite, got {value!r}")
     if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"config key {where} must be one of {list(spec.choices)}, "
-                         f"got {_short(value)}")
+        raise ValueError(
+            f"config key {where} must be one of {list(spec.choices)}, "
+            f"got {_short(value)}"
+        )
     if spec.check is not None:
         problem = spec.check(value)
         if problem:
@@ -212,4 +344,4 @@ def check_value(where: str, spec: _Key, value: Any) -> Any:
 def _short(value: Any, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters (a pasted list can be long)."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

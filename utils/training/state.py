@@ -44,9 +44,18 @@ from models.checkpoint import (
 from utils.atomic import atomic_torch_save
 from utils.training.config import LAST_NAME, to_plain_dict
 
-__all__ = ["TrainPosition", "build_checkpoint", "save_checkpoint",
-           "read_resume_checkpoint", "check_resume_entries", "stored_config", "load_entry",
-           "restore", "init_weights_from", "config_differences"]
+__all__ = [
+    "TrainPosition",
+    "build_checkpoint",
+    "save_checkpoint",
+    "read_resume_checkpoint",
+    "check_resume_entries",
+    "stored_config",
+    "load_entry",
+    "restore",
+    "init_weights_from",
+    "config_differences",
+]
 
 RNG_SCHEME = "crops: EpochSampler(seed, epoch); noise: step_seed(seed, step, rank)"
 
@@ -64,8 +73,16 @@ class TrainPosition:
         self.nonfinite_in_a_row = 0
 
 
-def build_checkpoint(raw: nn.Module, optimizer, aux_optimizer, scheduler, config,
-                     pos: TrainPosition, state_dict=None, aux_loss=None) -> dict:
+def build_checkpoint(
+    raw: nn.Module,
+    optimizer,
+    aux_optimizer,
+    scheduler,
+    config,
+    pos: TrainPosition,
+    state_dict=None,
+    aux_loss=None,
+) -> dict:
     """Assemble the checkpoint dict. ``state_dict`` (and its ``aux_loss``) default to
     ``raw``'s own.
 
@@ -97,7 +114,10 @@ def build_checkpoint(raw: nn.Module, optimizer, aux_optimizer, scheduler, config
         "quantiles_solved": False,
         "rng": _rng_state(int(config["train_params"]["seed"])),
         "aux_loss": aux_loss,
-        "versions": {"torch": str(torch.__version__), "compressai": str(compressai.__version__)},
+        "versions": {
+            "torch": str(torch.__version__),
+            "compressai": str(compressai.__version__),
+        },
     }
 
 
@@ -119,19 +139,32 @@ def _restore_rng(rng: dict) -> None:
     if isinstance(rng.get("torch"), torch.Tensor):
         torch.set_rng_state(rng["torch"])
     cuda_states = rng.get("cuda")
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+    if (
+        cuda_states
+        and torch.cuda.is_available()
+        and len(cuda_states) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-def save_checkpoint(checkpoint: dict, experiment_path: str, name: str = LAST_NAME) -> str:
+def save_checkpoint(
+    checkpoint: dict, experiment_path: str, name: str = LAST_NAME
+) -> str:
     """Write ``checkpoint`` atomically to ``experiment_path/name``; return the path."""
     path = os.path.join(experiment_path, name)
     atomic_torch_save(checkpoint, path)
     return path
 
 
-_RESUME_KEYS = ("state_dict", "optimizer", "aux_optimizer", "lr_scheduler", "global_step",
-                "epoch", "epoch_step")
+_RESUME_KEYS = (
+    "state_dict",
+    "optimizer",
+    "aux_optimizer",
+    "lr_scheduler",
+    "global_step",
+    "epoch",
+    "epoch_step",
+)
 
 
 def _is_count(v) -> bool:
@@ -143,10 +176,16 @@ def _is_number(v) -> bool:
 
 
 def _is_optimizer_state(v) -> bool:
-    return (isinstance(v, dict) and isinstance(v.get("state"), dict)
-            and isinstance(v.get("param_groups"), list) and len(v["param_groups"]) > 0
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                    for g in v["param_groups"]))
+    return (
+        isinstance(v, dict)
+        and isinstance(v.get("state"), dict)
+        and isinstance(v.get("param_groups"), list)
+        and len(v["param_groups"]) > 0
+        and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list)
+            for g in v["param_groups"]
+        )
+    )
 
 
 def _is_byte_tensor(v) -> bool:
@@ -157,14 +196,21 @@ def _is_rng_state(v) -> bool:
     if not isinstance(v, dict):
         return False
     cuda = v.get("cuda", [])
-    return (("torch" not in v or _is_byte_tensor(v["torch"]))
-            and isinstance(cuda, (list, tuple)) and all(_is_byte_tensor(t) for t in cuda))
+    return (
+        ("torch" not in v or _is_byte_tensor(v["torch"]))
+        and isinstance(cuda, (list, tuple))
+        and all(_is_byte_tensor(t) for t in cuda)
+    )
 
 
 # What each entry of a resume checkpoint must be: (test, description for the error).
 ENTRY_CHECKS = {
-    "state_dict": (lambda v: isinstance(v, dict) and all(
-        isinstance(t, torch.Tensor) for t in v.values()), "a mapping of tensors"),
+    "state_dict": (
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())
+        ),
+        "a mapping of tensors",
+    ),
     "optimizer": (_is_optimizer_state, "an optimizer state (state, param_groups)"),
     "aux_optimizer": (_is_optimizer_state, "an optimizer state (state, param_groups)"),
     "lr_scheduler": (lambda v: isinstance(v, dict) and len(v) > 0, "a scheduler state"),
@@ -175,7 +221,10 @@ ENTRY_CHECKS = {
     "best_loss": (_is_number, "a number"),
     "best_step": (lambda v: v is None or _is_count(v), "an integer >= 0 or null"),
     "loss": (lambda v: v is None or _is_number(v), "a number or null"),
-    "config": (lambda v: isinstance(v, dict), "a mapping (the resolved training config)"),
+    "config": (
+        lambda v: isinstance(v, dict),
+        "a mapping (the resolved training config)",
+    ),
     "rng": (_is_rng_state, "a mapping of uint8 generator states ('torch', 'cuda')"),
     "acl_state": (lambda v: isinstance(v, dict), "a mapping (the ACL position)"),
 }
@@ -189,18 +238,23 @@ def check_resume_entries(checkpoint, path: str, required=_RESUME_KEYS) -> dict:
     naming the entry, and not deep inside ``load_state_dict``.
     """
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"cannot resume from {path}: it holds a {type(checkpoint).__name__}, "
-                         "not a training checkpoint")
+        raise ValueError(
+            f"cannot resume from {path}: it holds a {type(checkpoint).__name__}, "
+            "not a training checkpoint"
+        )
     missing = [k for k in required if k not in checkpoint]
     if missing:
-        raise ValueError(f"cannot resume from {path}: it has no {missing[0]!r} entry (not "
-                         "written by this train.py); use --init-from to start from its weights")
+        raise ValueError(
+            f"cannot resume from {path}: it has no {missing[0]!r} entry (not "
+            "written by this train.py); use --init-from to start from its weights"
+        )
     for key, (test, what) in ENTRY_CHECKS.items():
         if key in checkpoint and not test(checkpoint[key]):
             got = checkpoint[key]
             shown = repr(got) if len(repr(got)) <= 40 else type(got).__name__
-            raise ValueError(f"cannot resume from {path}: entry {key!r} must be {what}, "
-                             f"got {shown}")
+            raise ValueError(
+                f"cannot resume from {path}: entry {key!r} must be {what}, got {shown}"
+            )
     return checkpoint
 
 
@@ -222,8 +276,10 @@ def load_entry(target, checkpoint: dict, key: str, path: str) -> None:
         target.load_state_dict(checkpoint[key])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ValueError(f"cannot resume from {path}: entry {key!r} does not fit this model "
-                         f"and config ({reason})") from None
+        raise ValueError(
+            f"cannot resume from {path}: entry {key!r} does not fit this model "
+            f"and config ({reason})"
+        ) from None
 
 
 def _check_like(fresh: dict, stored: dict) -> None:
@@ -242,13 +298,24 @@ def _check_like(fresh: dict, stored: dict) -> None:
             continue
         if _is_number(expected) and _is_number(value):
             continue
-        if not isinstance(value, type(expected)) and not isinstance(expected, type(value)):
-            raise TypeError(f"{name!r} is a {type(value).__name__}, "
-                            f"expected a {type(expected).__name__}")
+        if not isinstance(value, type(expected)) and not isinstance(
+            expected, type(value)
+        ):
+            raise TypeError(
+                f"{name!r} is a {type(value).__name__}, "
+                f"expected a {type(expected).__name__}"
+            )
 
 
-def restore(checkpoint: dict, raw: nn.Module, optimizer, aux_optimizer, scheduler,
-            pos: TrainPosition, path: str = "checkpoint") -> None:
+def restore(
+    checkpoint: dict,
+    raw: nn.Module,
+    optimizer,
+    aux_optimizer,
+    scheduler,
+    pos: TrainPosition,
+    path: str = "checkpoint",
+) -> None:
     """Load model, optimizers, schedule and position from a checked resume checkpoint."""
     try:
         load_state_dict_into(raw, unwrap_state_dict(checkpoint))
@@ -274,17 +341,28 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
     """
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"cannot initialise from {path}: it holds a {type(checkpoint).__name__}")
+        raise ValueError(
+            f"cannot initialise from {path}: it holds a {type(checkpoint).__name__}"
+        )
     stored_architecture = checkpoint.get("architecture")
-    if isinstance(stored_architecture, str) and stored_architecture != raw.registry_name:
-        raise ValueError(f"cannot initialise a {raw.registry_name!r} model from {path}: it "
-                         f"holds a {stored_architecture!r} model (model.architecture)")
+    if (
+        isinstance(stored_architecture, str)
+        and stored_architecture != raw.registry_name
+    ):
+        raise ValueError(
+            f"cannot initialise a {raw.registry_name!r} model from {path}: it "
+            f"holds a {stored_architecture!r} model (model.architecture)"
+        )
     try:
         state_dict = unwrap_state_dict(checkpoint)
         load_state_dict_into(raw, state_dict)
     except ValueError as exc:
-        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(raw, state_dict)
-        raise ValueError(f"cannot initialise from {path}: {difference or exc}") from None
+        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
+            raw, state_dict
+        )
+        raise ValueError(
+            f"cannot initialise from {path}: {difference or exc}"
+        ) from None
 
 
 def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
@@ -303,8 +381,9 @@ def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
         return None
     sizes = ", ".join(f"{key}={stored[key]!r}" for key in differing)
     ours = ", ".join(f"{key}={raw.config.get(key)!r}" for key in differing)
-    keys = ", ".join("train_params.N" if key == "N" else f"model.kwargs.{key}"
-                     for key in differing)
+    keys = ", ".join(
+        "train_params.N" if key == "N" else f"model.kwargs.{key}" for key in differing
+    )
     return f"its weights have {sizes}, this run's model {ours} (set {keys} to match)"
 
 

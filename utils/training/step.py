@@ -27,11 +27,20 @@ import torch.nn.functional as F
 from compressai.optimizers import net_aux_optimizer
 from torch import Tensor, nn
 
-from utils.training.distributed import all_reduce_sum, aux_parameter_names, average_gradients
+from utils.training.distributed import (
+    all_reduce_sum,
+    aux_parameter_names,
+    average_gradients,
+)
 
 __all__ = [
-    "build_optimizers", "build_scheduler", "step_seed",
-    "TrainStep", "NonFiniteLossError", "coding_state_dict", "STAT_NAMES",
+    "build_optimizers",
+    "build_scheduler",
+    "step_seed",
+    "TrainStep",
+    "NonFiniteLossError",
+    "coding_state_dict",
+    "STAT_NAMES",
 ]
 
 # Order of the statistics vector a step returns (averaged over ranks).
@@ -63,8 +72,10 @@ def build_optimizers(model: nn.Module, lr: float, aux_lr: float):
     if not aux_parameter_names(model):
         # No EntropyBottleneck (kamisli2024): no quantiles to train. The aux optimizer
         # then holds one empty tensor, so that steps, checkpoints and resume stay uniform.
-        return (torch.optim.Adam(model.parameters(), lr=lr),
-                torch.optim.Adam([torch.zeros(0, requires_grad=True)], lr=aux_lr))
+        return (
+            torch.optim.Adam(model.parameters(), lr=lr),
+            torch.optim.Adam([torch.zeros(0, requires_grad=True)], lr=aux_lr),
+        )
     conf = {"net": {"type": "Adam", "lr": lr}, "aux": {"type": "Adam", "lr": aux_lr}}
     optimizers = net_aux_optimizer(model, conf)
     return optimizers["net"], optimizers["aux"]
@@ -80,15 +91,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, total_steps: in
     kind = sched_cfg["type"]
     lr_sched = torch.optim.lr_scheduler
     if kind == "plateau":
-        return lr_sched.ReduceLROnPlateau(optimizer, "min", factor=sched_cfg["factor"],
-                                          patience=sched_cfg["patience"],
-                                          min_lr=sched_cfg["min_lr"]), "validation"
+        return lr_sched.ReduceLROnPlateau(
+            optimizer,
+            "min",
+            factor=sched_cfg["factor"],
+            patience=sched_cfg["patience"],
+            min_lr=sched_cfg["min_lr"],
+        ), "validation"
     if kind == "multistep":
-        return lr_sched.MultiStepLR(optimizer, milestones=list(sched_cfg["milestones"]),
-                                    gamma=sched_cfg["factor"]), "step"
+        return lr_sched.MultiStepLR(
+            optimizer,
+            milestones=list(sched_cfg["milestones"]),
+            gamma=sched_cfg["factor"],
+        ), "step"
     if kind == "cosine":
-        return lr_sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps),
-                                          eta_min=sched_cfg["min_lr"]), "step"
+        return lr_sched.CosineAnnealingLR(
+            optimizer, T_max=max(1, total_steps), eta_min=sched_cfg["min_lr"]
+        ), "step"
     if kind == "constant":
         return lr_sched.ConstantLR(optimizer, factor=1.0, total_iters=0), "step"
     raise ValueError(f"unknown lr_schedule.type {kind!r}")
@@ -96,7 +115,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, total_steps: in
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNG for training step ``step`` on ``rank`` (a 63-bit mix)."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB)
+    mixed = (
+        seed * 0x9E3779B97F4A7C15
+        + step * 0xBF58476D1CE4E5B9
+        + rank * 0x94D049BB133111EB
+    )
     return mixed % (2**63 - 1)
 
 
@@ -139,10 +162,21 @@ class TrainStep:
             after one warning. Ignored on the CPU.
     """
 
-    def __init__(self, model: nn.Module, raw: nn.Module, criterion: nn.Module,
-                 optimizer, aux_optimizer, clip_max_norm: float = 1.0, amp: bool = False,
-                 channels_last: bool = False, max_nonfinite_steps: int = 10,
-                 seed: int = 0, rank: int = 0, cuda_graph: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        raw: nn.Module,
+        criterion: nn.Module,
+        optimizer,
+        aux_optimizer,
+        clip_max_norm: float = 1.0,
+        amp: bool = False,
+        channels_last: bool = False,
+        max_nonfinite_steps: int = 10,
+        seed: int = 0,
+        rank: int = 0,
+        cuda_graph: bool = False,
+    ):
         self.model, self.raw, self.criterion = model, raw, criterion
         self.optimizer, self.aux_optimizer = optimizer, aux_optimizer
         self.clip_max_norm = clip_max_norm
@@ -153,7 +187,9 @@ class TrainStep:
         self.nonfinite_in_a_row = 0
         aux_names = set(aux_parameter_names(raw))
         named = list(raw.named_parameters())
-        self.net_params = [p for n, p in named if n not in aux_names and p.requires_grad]
+        self.net_params = [
+            p for n, p in named if n not in aux_names and p.requires_grad
+        ]
         self.aux_params = [p for n, p in named if n in aux_names]
         self.cuda_graph = cuda_graph
         self.steps_taken = 0
@@ -170,19 +206,27 @@ class TrainStep:
         per-crop PSNR of the clamped x_hat)."""
         device_type = x.device.type
         # A graph replays the casts it captured, so autocast must not cache them.
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp,
-                            cache_enabled=not self.cuda_graph):
+        with torch.autocast(
+            device_type,
+            dtype=torch.bfloat16,
+            enabled=self.amp,
+            cache_enabled=not self.cuda_graph,
+        ):
             out = self.model(x)
         if self.amp:  # the rate and the loss are computed in float32
             out = _to_float32(out)
         losses = self.criterion(out, x)
-        mse = losses["mse_loss"] if "mse_loss" in losses else F.mse_loss(out["x_hat"], x)
+        mse = (
+            losses["mse_loss"] if "mse_loss" in losses else F.mse_loss(out["x_hat"], x)
+        )
         with torch.no_grad():
             error = (out["x_hat"].float().clamp(0, 1) - x).pow(2).flatten(1).mean(1)
             psnr_mean = (-10 * torch.log10(error.clamp_min(1e-10))).mean()
         return losses, mse.detach(), psnr_mean
 
-    def __call__(self, x: Tensor, step: int, stop_request: bool = False) -> Dict[str, float]:
+    def __call__(
+        self, x: Tensor, step: int, stop_request: bool = False
+    ) -> Dict[str, float]:
         """Train on batch ``x`` (B, 3, H, W) in [0, 1] as global step ``step``.
 
         ``stop_request`` (e.g. a signal arrived) is OR-ed over ranks and returned
@@ -201,8 +245,14 @@ class TrainStep:
         else:
             statistics = self._capture_and_replay(x)
         self.steps_taken += 1
-        stats = torch.cat([statistics, torch.tensor([float(stop_request)], device=x.device)])
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        stats = torch.cat(
+            [statistics, torch.tensor([float(stop_request)], device=x.device)]
+        )
+        world = (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_initialized()
+            else 1
+        )
         values = (all_reduce_sum(stats) / world).tolist()
         result = dict(zip(STAT_NAMES, values))
 
@@ -217,9 +267,14 @@ class TrainStep:
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
-                f"gradient (last at step {step}); lower the learning rate or check the data")
-        warnings.warn(f"step {step}: non-finite loss or gradient, update skipped "
-                      f"({self.nonfinite_in_a_row} in a row)", RuntimeWarning, stacklevel=2)
+                f"gradient (last at step {step}); lower the learning rate or check the data"
+            )
+        warnings.warn(
+            f"step {step}: non-finite loss or gradient, update skipped "
+            f"({self.nonfinite_in_a_row} in a row)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return result
 
     def _statistics(self, x: Tensor) -> Tensor:
@@ -234,9 +289,16 @@ class TrainStep:
         if aux_loss.requires_grad:
             aux_loss.backward()
         average_gradients(self.aux_params)
-        return torch.stack([losses["loss"].detach().float(), mse.float(),
-                            losses["bpp_loss"].detach().float(), aux_loss.detach().float(),
-                            grad_norm.detach().float().to(x.device), psnr_mean.float()])
+        return torch.stack(
+            [
+                losses["loss"].detach().float(),
+                mse.float(),
+                losses["bpp_loss"].detach().float(),
+                aux_loss.detach().float(),
+                grad_norm.detach().float().to(x.device),
+                psnr_mean.float(),
+            ]
+        )
 
     def _clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -269,14 +331,21 @@ class TrainStep:
             reason = str(exc).splitlines()[0]
         else:
             reason = None
-        if reason is not None:  # outside the handler: its traceback holds the autograd graph
-            warnings.warn(f"the training step cannot be captured as a CUDA graph ({reason}); "
-                          f"training eagerly", RuntimeWarning, stacklevel=3)
+        if (
+            reason is not None
+        ):  # outside the handler: its traceback holds the autograd graph
+            warnings.warn(
+                f"the training step cannot be captured as a CUDA graph ({reason}); "
+                f"training eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self.cuda_graph = False
             return self._eager_statistics(x)
         params = self.net_params + self.aux_params
-        self._captured = _CapturedStep(graph, batch, statistics, params,
-                                       [p.grad for p in params])
+        self._captured = _CapturedStep(
+            graph, batch, statistics, params, [p.grad for p in params]
+        )
         return self._replay(x)
 
     def _replay(self, x: Tensor) -> Tensor:
