@@ -1,7 +1,9 @@
 """Compress images to ``.cps`` files, or decompress them, with any registered model.
 
-    python codec.py encode IN.png OUT.cps -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
-    python codec.py decode IN.cps OUT.png -p CKPT [--max-memory 2GB] [--patch-size P] [--cuda]
+    python codec.py encode IN.png OUT.cps -p CKPT [--max-memory 2GB] [--patch-size P]
+        [--cuda]
+    python codec.py decode IN.cps OUT.png -p CKPT [--max-memory 2GB] [--patch-size P]
+        [--cuda]
     python codec.py encode A.png B.png C.png -d OUTDIR -p CKPT      (OUTDIR/A.cps, ...)
     python codec.py ... --force     (write over output files that exist)
 
@@ -180,7 +182,8 @@ def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
             else:
                 with open(source, "rb") as handle:
                     payload = unpack(handle.read())
-                # Architecture and checkpoint; the model's decode refuses the wrong kind.
+                # Architecture and checkpoint; the model's decode refuses the
+                # wrong kind.
                 check_model(payload, model, layered=isinstance(payload, LayeredImage))
         except ValueError as exc:
             raise ValueError(_naming(source, str(exc))) from None
@@ -211,7 +214,8 @@ def encode(args, model, plan, source: str, target: str) -> str:
     if model.operating_points > 1:
         return (
             f"{target}: {len(data)} bytes ({len(payload.streams)} of "
-            f"{model.operating_points} layers), {len(data) * 8 / pixels:.4f} bpp over the "
+            f"{model.operating_points} layers), "
+            f"{len(data) * 8 / pixels:.4f} bpp over the "
             f"full-resolution pixels, encoded in {seconds:.2f} s"
         )
     estimate = payload.estimated_bits / pixels
@@ -242,7 +246,8 @@ def decode(args, model, plan, source: str, target: str) -> str:
         )
     pixels = payload.height * payload.width
     return (
-        f"{target}: {payload.width}x{payload.height}, {len(data) * 8 / pixels:.4f} bpp, "
+        f"{target}: {payload.width}x{payload.height}, "
+        f"{len(data) * 8 / pixels:.4f} bpp, "
         f"decoded in {seconds:.2f} s{_peak_note(args)}"
     )
 
@@ -309,8 +314,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 and model.operating_points > 1
             ):
                 pairs = jobs(args, layered_suffix=True)
-            # Once the names are final (.cpsl for a layered model), and all of them before
-            # the first is written, so that a refused batch writes nothing.
+            # Once the names are final (.cpsl for a layered model), and all of them
+            # before the first is written, so that a refused batch writes nothing.
             refuse_existing_outputs([target for _, target in pairs], args.force)
             check_inputs(args, model, plan, pairs)
         except REPORTED_ERRORS as exc:
@@ -337,8 +342,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return report_error(
                 "codec.py",
                 ValueError(
-                    f"{len(failed)} of {len(pairs)} inputs failed ({', '.join(failed)}); "
-                    f"the outputs of the others were written"
+                    f"{len(failed)} of {len(pairs)} inputs failed "
+                    f"({', '.join(failed)}); the outputs of the others were written"
                 ),
             )
         return 1 if failed else 0

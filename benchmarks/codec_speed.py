@@ -20,8 +20,8 @@ With ``--authors-repo PATH`` (a checkout of github.com/bblgbr/SPL-CPS) the autho
 ``CPS`` model is built from the same weights and times its ``compress`` and
 ``decompress`` (``compress_patch``/``decompress_patch`` at the same P with
 ``--patch-size P``) on the same images in the same run (``benchmarks/authors.py``);
-the table then gives each mode's time as a ratio of theirs. Without the flag the authors' column
-reads "not measured".
+the table then gives each mode's time as a ratio of theirs. Without the flag the
+authors' column reads "not measured".
 
 Images come from ``--images`` (or ``$CPS_KODAK``); without them, synthetic 768x512
 images are used. Writes JSON to ``benchmarks/results/local/codec_speed.json``
@@ -178,7 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             authors = time_authors(
                 args.authors_repo, model.state_dict(), images, device, args.patch_size
             )
-        # One untimed run: first calls pay for oneDNN primitive creation and page faults.
+        # One untimed run: first calls pay for oneDNN primitive creation and
+        # page faults.
         model.encode(images[0], CodingPlan(patch=args.patch_size))
         results = {
             mode: time_mode(model, images, args.patch_size, exact=mode == "exact")

@@ -136,7 +136,10 @@ def synthetic_model(channels: int, seed: int) -> torch.nn.Module:
 def synthetic_latent(
     model: torch.nn.Module, rows: int, cols: int, seed: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``y`` (M, rows, cols) drawn with the model's per-channel scales, and ``params``."""
+    """``y`` (M, rows, cols) drawn with the model's per-channel scales.
+
+    Returned with ``params``.
+    """
     generator = torch.Generator().manual_seed(seed)
     channels = model.M
     scales = model.entropy_parameters[-1].bias[:channels].detach()
@@ -305,7 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(
             f"{width}x{height}: "
             + ", ".join(
-                f"{name} {results[-1][name]['encode_s']:.2f}/{results[-1][name]['decode_s']:.2f} s"
+                f"{name} {results[-1][name]['encode_s']:.2f}/"
+                f"{results[-1][name]['decode_s']:.2f} s"
                 for name in args.coders
             ),
             flush=True,

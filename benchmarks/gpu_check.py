@@ -257,7 +257,7 @@ def evaluate_step(work: str, weights: str, kodak: str) -> Step:
 
 
 def _pixel_difference(path: str, reference: str):
-    """Largest absolute difference of two 8-bit images, and the share of values that differ."""
+    """Largest absolute difference of two 8-bit images; share of values that differ."""
     import numpy
     from PIL import Image
 

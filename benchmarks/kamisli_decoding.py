@@ -19,7 +19,8 @@ depend on the image size) and extrapolates; the table marks such times with ``*`
 Usage::
 
     python benchmarks/kamisli_decoding.py                 # B8 low-rate preset, 768x512
-    python benchmarks/kamisli_decoding.py --config configs/kamisli_*.yaml --reference-rows 8
+    python benchmarks/kamisli_decoding.py --config configs/kamisli_*.yaml
+        --reference-rows 8
 """
 
 import argparse

@@ -135,8 +135,8 @@ def main(argv=None):
         memory_ratio = patched["peak_mb"] / whole["peak_mb"]
         for mode, result in (("whole", whole), (f"P={args.patch_size}", patched)):
             print(
-                f"{size:>10} {mode:>12} {result['analysis_s']:8.2f} {result['synthesis_s']:8.2f} "
-                f"{result['peak_mb']:9.0f}"
+                f"{size:>10} {mode:>12} {result['analysis_s']:8.2f} "
+                f"{result['synthesis_s']:8.2f} {result['peak_mb']:9.0f}"
                 + (
                     f" {time_ratio:7.2f} {memory_ratio:6.2f}"
                     if result is patched

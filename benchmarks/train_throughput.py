@@ -1,7 +1,7 @@
 """Training throughput (images/s) of train.py's step vs a CompressAI-example loop.
 
-    python benchmarks/train_throughput.py [--cuda] [--batch-size 8] [--crop 256] [--N 192]
-        [--steps 30] [--warmup 5] [--repeats 3] [-o FILE | --publish]
+    python benchmarks/train_throughput.py [--cuda] [--batch-size 8] [--crop 256]
+        [--N 192] [--steps 30] [--warmup 5] [--repeats 3] [-o FILE | --publish]
 
 Both loops train the same CPS model (same initial weights, same batch) with
 CompressAI's ``RateDistortionLoss``, Adam, gradient clipping at 1.0 and a separate
@@ -76,7 +76,10 @@ def parse_args(argv):
 
 
 def compressai_example_step(model, criterion, optimizer, aux_optimizer, clip_max_norm):
-    """``step(x, i)``: one iteration of CompressAI's example training loop on batch ``x``."""
+    """``step(x, i)``: one iteration of CompressAI's example training loop.
+
+    The iteration runs on batch ``x``.
+    """
 
     def step(x, _):
         optimizer.zero_grad()
@@ -136,7 +139,10 @@ def _sync(device):
 
 
 def measure(step, x, device, steps, warmup, repeats):
-    """Median images/s and ms/step of ``step`` over ``repeats`` runs of ``steps`` calls."""
+    """Median images/s and ms/step of ``step``.
+
+    Taken over ``repeats`` runs of ``steps`` calls.
+    """
     for i in range(warmup):
         step(x, i)
     _sync(device)
@@ -191,8 +197,8 @@ def main(argv=None):
         else platform.processor() or "cpu"
     )
     print(
-        f"batch {args.batch_size}, crop {args.crop}, N {args.N}, {args.steps} timed steps "
-        f"x {args.repeats} on {where}"
+        f"batch {args.batch_size}, crop {args.crop}, N {args.N}, "
+        f"{args.steps} timed steps x {args.repeats} on {where}"
     )
     print(f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}")
     for row in rows:

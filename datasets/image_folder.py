@@ -1,4 +1,5 @@
-"""Square crops from a CompressAI ``ImageFolder`` whose randomness comes from the sampler.
+"""Square crops from a CompressAI ``ImageFolder`` whose randomness comes from
+the sampler.
 
 Training takes random ``crop x crop`` crops, validation centre crops (the CPS
 authors' recipe, ``RandomCrop(256)`` / ``CenterCrop(256)``). Two differences:
@@ -225,7 +226,8 @@ class CropImageFolder(Dataset):
 
 
 def _image_size(path: Path, max_pixels: Optional[int]) -> Sequence[int]:
-    """``(width, height)`` from the header alone; :class:`UnreadableImage` if unusable."""
+    """``(width, height)`` from the header alone;
+    :class:`UnreadableImage` if unusable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

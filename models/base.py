@@ -5,8 +5,10 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
 
 .. code-block:: none
 
-    image uint8 (3, H, W) --encode(image, plan)--> payload --container.pack--> .cps / .cpsl bytes
-    .cps / .cpsl bytes --container.unpack--> payload --decode(payload, plan)--> image uint8
+    image uint8 (3, H, W) --encode(image, plan)--> payload
+        --container.pack--> .cps / .cpsl bytes
+    .cps / .cpsl bytes --container.unpack--> payload
+        --decode(payload, plan)--> image uint8
 
 * :meth:`LearnedCodec.encode` / :meth:`LearnedCodec.decode`: real bitstreams. The
   payload is one of the container's types (``utils/coding/container.py``), so
@@ -164,7 +166,8 @@ class LearnedCodec(nn.Module, abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_state_dict(cls, state_dict) -> "LearnedCodec":
-        """The model whose sizes are read from ``state_dict``, with those weights loaded."""
+        """The model whose sizes are read from ``state_dict``, with
+        those weights loaded."""
 
     @classmethod
     def holds_published_weights(cls, state_dict) -> bool:

@@ -32,7 +32,8 @@ _ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
 def _strip_wrapper_prefixes(name: str) -> str:
-    """Drop ``module.`` / ``_orig_mod.`` however they nest (DataParallel around compile, ...)."""
+    """Drop ``module.`` / ``_orig_mod.`` however they nest
+    (DataParallel around compile, ...)."""
     stripped = True
     while stripped:
         stripped = False
@@ -259,7 +260,8 @@ def read_checkpoint_file(path: str) -> dict:
 
 
 def _plain(value):
-    """``value`` with tuples as lists, so a config compares equal however it was stored."""
+    """``value`` with tuples as lists, so a config compares equal however
+    it was stored."""
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -268,7 +270,8 @@ def _plain(value):
 
 
 def _check_stored_config(path: str, stored, rebuilt: Mapping) -> None:
-    """Refuse a checkpoint whose ``model_config`` disagrees with the model its weights give.
+    """Refuse a checkpoint whose ``model_config`` disagrees with the model its
+    weights give.
 
     Our checkpoints store the constructor arguments beside the weights; every model
     rebuilds them from the weights alone (tested for each architecture), so a
@@ -375,7 +378,8 @@ def _model_from_weights(path: str, name: str, state_dict: dict) -> nn.Module:
         ) from None
     except (IndexError, TypeError, AttributeError, RuntimeError) as exc:
         # A tensor of the wrong rank where a size is read, or CompressAI's own
-        # load_state_dict refusing (its message lists every key: the first line says it).
+        # load_state_dict refusing (its message lists every key: the first line
+        # says it).
         reason = (
             str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         )

@@ -56,7 +56,8 @@ def register_model(
 
 
 def _declaring_class(cls: type, member: str) -> str:
-    """The full name of the class in ``cls``'s bases that declares ``member`` abstract."""
+    """The full name of the class in ``cls``'s bases that declares
+    ``member`` abstract."""
     return next(
         f"{base.__module__}.{base.__qualname__}"
         for base in cls.__mro__

@@ -1,4 +1,5 @@
-"""CompressAI's zoo architectures, registered under their zoo names behind the codec contract.
+"""CompressAI's zoo architectures, registered under their zoo names behind the
+codec contract.
 
 Each zoo class (``mbt2018``, ``cheng2020-anchor``, ...) gets a subclass that keeps
 its parameter names, so a researcher's own CompressAI checkpoint loads as it is,
@@ -115,7 +116,8 @@ class ZooCodec(LearnedCodec):
             self, model_device(self), plan.budget_bytes, payload.height, payload.width
         )
         y_channels, y_stride, z_channels, z_stride = self.latent_layout
-        # decompress takes the shape of the deepest latent: z's, or y's without a hyperprior.
+        # decompress takes the shape of the deepest latent: z's, or y's
+        # without a hyperprior.
         deepest = z_stride or y_stride
         shape = (padded[0] // deepest, padded[1] // deepest)
         y_symbols = y_channels * padded[0] * padded[1] // y_stride**2
@@ -186,8 +188,8 @@ def _register(name: str, base: Type[nn.Module]) -> Type[ZooCodec]:
         base.__name__,
         (ZooCodec, base),
         {
-            "__doc__": f"CompressAI's ``{base.__name__}`` (zoo name ``{name}``) behind the "
-            "codec contract.",
+            "__doc__": f"CompressAI's ``{base.__name__}`` (zoo name ``{name}``) "
+            "behind the codec contract.",
             "__module__": __name__,
             "zoo_class": base,
             "from_state_dict": classmethod(from_state_dict),

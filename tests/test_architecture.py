@@ -2,11 +2,11 @@
 
 Tiers, top to bottom (a module may import from its own tier or below):
 
-    scripts            train.py, test.py, codec.py
-    applications       utils/training/, utils/evaluation/, utils/cli.py, datasets/
-    models             models/ (networks, their coding, the contract, the registry)
-    machinery          utils/coding/, utils/stitching/, utils/memory.py, utils/device.py,
-                       utils/image_io.py, utils/atomic.py
+    scripts       train.py, test.py, codec.py
+    applications  utils/training/, utils/evaluation/, utils/cli.py, datasets/
+    models        models/ (networks, their coding, the contract, the registry)
+    machinery     utils/coding/, utils/stitching/, utils/memory.py, utils/device.py,
+                  utils/image_io.py, utils/atomic.py
 
 Every import counts, function-level ones included.
 """
@@ -37,7 +37,10 @@ def _project_modules() -> Dict[str, str]:
 
 
 def _imports(path: str, modules: Set[str]) -> Set[str]:
-    """Project modules ``path`` imports; ``from pkg import sub`` counts as ``pkg.sub``."""
+    """Project modules ``path`` imports.
+
+    ``from pkg import sub`` counts as ``pkg.sub``.
+    """
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):

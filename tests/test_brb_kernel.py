@@ -99,7 +99,10 @@ def test_ablation_covers_the_channels_and_kernels_of_table_2():
 
 @pytest.mark.parametrize("path", ABLATION, ids=os.path.basename)
 def test_each_ablation_config_trains_two_steps(tmp_path, path):
-    """The config's model block as written; data, width and batch shrunk to a tiny run."""
+    """The config's model block as written.
+
+    Data, width and batch are shrunk to a tiny run.
+    """
     with open(path) as handle:
         raw = yaml.safe_load(handle)
     experiment = tmp_path / "exp"

@@ -1,4 +1,7 @@
-"""Checkpoints the codec cannot use are one-line errors at load time, naming the entry."""
+"""Checkpoints the codec cannot use are one-line errors at load time.
+
+Each error names the entry.
+"""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""The shared command-line layer: typed flags parsed once, several inputs per call, no
-input ever overwritten, Ctrl-C as one line, and no PyTorch before the arguments are checked."""
+"""The shared command-line layer: typed flags parsed once, several inputs per call,
+no input ever overwritten, Ctrl-C as one line, and no PyTorch before the arguments
+are checked."""
 
 import logging
 import subprocess
@@ -247,7 +248,8 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
         ("codec", "(['--help'], ['encode', 'only-one', '-p', 'x'])"),
         (
             "test",
-            "(['--help'], ['checkpoint', '--help'], ['codec', '--codec', 'none', '-q', '1'])",
+            "(['--help'], ['checkpoint', '--help'], "
+            "['codec', '--codec', 'none', '-q', '1'])",
         ),
         ("train", "(['--help'], ['--set', 'x'])"),
     ],

@@ -178,7 +178,10 @@ def _sized(height, width, layered):
 
 
 def _claiming_width(data, width, layered):
-    """``data`` with its header's width field set to ``width`` and its CRC recomputed."""
+    """``data`` with its header's width field set to ``width``.
+
+    Its CRC is recomputed.
+    """
     header_end = len(data) - len(b"base") if layered else len(data)
     body = bytearray(data[: header_end - 4])
     struct.pack_into(">I", body, 11 if layered else 10, width)

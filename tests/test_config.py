@@ -1,4 +1,7 @@
-"""utils.training.config: the authors' YAML layout, defaults, validation and --set overrides."""
+"""utils.training.config: the authors' YAML layout, defaults and validation.
+
+Also the --set overrides.
+"""
 
 import glob
 import os
@@ -104,7 +107,8 @@ def test_shipped_configs_are_the_six_paper_lambdas_with_n_192():
             ('training_modality: "patch"', 'training_modality: "full"'),
             "train_params.training_modality must be 'patch'",
         ),
-        # The acl block is checked in open-loop mode too (training_mode defaults to open_loop).
+        # The acl block is checked in open-loop mode too (training_mode defaults to
+        # open_loop).
         (("N: 192", "N: 192\nacl:\n  thresholds: [1]"), "unknown key acl.thresholds"),
         (
             ("N: 192", "N: 192\nacl:\n  max_iterations: '8'"),
@@ -392,7 +396,8 @@ def test_values_on_the_edge_of_their_range_are_accepted(block, keys):
         (
             "train_params",
             {"distortion_metric": "msssim"},
-            "train_params.distortion_metric must be one of ['mse', 'ms-ssim'], got 'msssim'",
+            "train_params.distortion_metric must be one of ['mse', 'ms-ssim'], "
+            "got 'msssim'",
         ),
         # bool is an int subclass in Python: `batch_size: true` must not mean 1.
         (

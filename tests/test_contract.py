@@ -1,5 +1,6 @@
-"""The codec contract: every registered architecture, built small, goes through the same
-code path of codec.py and test.py; zoo models evaluate as CompressAI's eval_model does."""
+"""The codec contract: every registered architecture, built small, goes through the
+same code path of codec.py and test.py; zoo models evaluate as CompressAI's eval_model
+does."""
 
 import dataclasses
 import json
@@ -62,7 +63,8 @@ def test_every_registered_architecture_is_listed_here():
 
 
 def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first():
-    # eval_model adds CompressAI's variable-rate models to the zoo's own table on import.
+    # eval_model adds CompressAI's variable-rate models to the zoo's own table on
+    # import.
     probe = (
         "import compressai.utils.eval_model.__main__\n"
         "import models\n"

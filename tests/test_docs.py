@@ -86,8 +86,9 @@ _SCRIPTS: Dict[str, object] = {}
 
 
 def script(relative: str):
-    """The script module at ``relative`` (train.py, benchmarks/x.py, ...), loaded by path
-    under a private name so that ``test.py`` cannot collide with Python's ``test``."""
+    """The script module at ``relative`` (train.py, benchmarks/x.py, ...), loaded by
+    path under a private name so that ``test.py`` cannot collide with Python's
+    ``test``."""
     if relative not in _SCRIPTS:
         name = "docs_script_" + re.sub(r"\W", "_", relative)
         spec = importlib.util.spec_from_file_location(
@@ -206,8 +207,9 @@ def test_readme_bd_rate_table_is_what_the_documented_command_computes():
 
 
 def _options(relative: str) -> Dict[str, List[argparse.Action]]:
-    """{sub-command: its options (not --help)} of the script at ``relative``, read from
-    its ``build_parser``. argparse lists a parser's actions only in private attributes."""
+    """{sub-command: its options (not --help)} of the script at ``relative``, read
+    from its ``build_parser``. argparse lists a parser's actions only in private
+    attributes."""
     [commands] = [
         action
         for action in script(relative).build_parser()._actions
@@ -280,9 +282,9 @@ def _evaluation_points(argv: List[str]) -> int:
 
 
 def test_documented_bd_rates_have_enough_points_to_give_numbers():
-    """Every curve of a documented ``bdrate`` command is a bundled file or the results of
-    a documented evaluation, with at least ``MIN_POINTS`` points either way: a single
-    checkpoint's results would give a table of ``-``."""
+    """Every curve of a documented ``bdrate`` command is a bundled file or the results
+    of a documented evaluation, with at least ``MIN_POINTS`` points either way: a
+    single checkpoint's results would give a table of ``-``."""
     written = {}
     for _, argv in SCRIPT_COMMANDS:
         if (

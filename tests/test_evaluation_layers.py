@@ -1,4 +1,7 @@
-"""test.py with scalable models (mei2021): one RD point per layer, one curve per layer."""
+"""test.py with scalable models (mei2021).
+
+One RD point per layer, one curve per layer.
+"""
 
 import json
 

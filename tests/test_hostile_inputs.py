@@ -4,10 +4,10 @@ Every case runs codec.py or test.py and must end with exit status 1, exactly one
 on stderr, no traceback, no signal, within a time limit, and with every file the user
 gave left as it was. The cases of one test run one after the other in one child
 process (so PyTorch loads once per test, not once per case); a signal kills the child
-and fails the test, naming the case it was running. The cases are the ones a fuzzing run found:
-forged headers with valid CRCs claiming huge images, latent strings far too short
-for their header, damaged and truncated files, hostile checkpoints, and outputs that
-would overwrite an input.
+and fails the test, naming the case it was running. The cases are the ones a fuzzing
+run found: forged headers with valid CRCs claiming huge images, latent strings far
+too short for their header, damaged and truncated files, hostile checkpoints, and
+outputs that would overwrite an input.
 """
 
 import json
@@ -48,8 +48,8 @@ for name, script, argv in cases:
             status = (codec if script == 'codec' else test).main(argv)
         except SystemExit as exc:
             status = exc.code
-    results[name] = {'returncode': status, 'stdout': out.getvalue(), 'stderr': err.getvalue(),
-                     'seconds': time.perf_counter() - start}
+    results[name] = {'returncode': status, 'stdout': out.getvalue(),
+                     'stderr': err.getvalue(), 'seconds': time.perf_counter() - start}
 json.dump(results, open(sys.argv[2], 'w'))
 """
 

@@ -1,4 +1,7 @@
-"""Real bitstreams of the Kamisli (2024) codec: bit-exact decoding, wavefront == raster."""
+"""Real bitstreams of the Kamisli (2024) codec.
+
+Bit-exact decoding, wavefront == raster.
+"""
 
 import copy
 import dataclasses
@@ -155,7 +158,10 @@ def test_streams_from_another_model_or_with_a_wrong_checksum_are_refused():
 
 
 def test_cps_files_round_trip_and_their_size_is_the_rate():
-    """The ``.cps`` container path (what codec.py and test.py call): header + one string."""
+    """The ``.cps`` container path (what codec.py and test.py call).
+
+    A header + one string.
+    """
     model = coding_model(KERNELS["KS3311"], seed=14)
     x = image(21, 30, seed=15)
     pixels = x.mul(255).round().to(torch.uint8)[0]
@@ -240,7 +246,7 @@ def test_the_benchmark_times_both_orders_and_checks_they_agree(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_stream_written_by_a_cuda_model_decodes_on_the_cpu():
-    """The coder copies the weights to the CPU, so the model's device changes nothing."""
+    """The coder copies the weights to the CPU: the model's device changes nothing."""
     model = coding_model(KERNELS["KS3311"], seed=12)
     on_gpu = copy.deepcopy(model).cuda()
     x = image(20, 28, seed=13)

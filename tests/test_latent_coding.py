@@ -169,7 +169,7 @@ def test_pipelined_and_sequential_coders_write_and_read_the_same_stream(
     assert torch.equal(pipelined.decode(string, params), y_hat)
 
 
-def test_the_callers_matmul_precision_and_threads_neither_change_the_stream_nor_get_lost(
+def test_the_callers_matmul_precision_and_threads_keep_the_stream_and_are_restored(
     coding_model,
 ):
     y, params = random_latent(coding_model, 6, 8, 5)

@@ -134,7 +134,10 @@ def test_base_loss_ignores_enhancement_modules_but_enhancement_loss_trains_the_b
 
 
 def _fake_output(sizes, bits_per_element, batch=2):
-    """Model-like output whose likelihoods make each layer cost a known number of bits."""
+    """Model-like output.
+
+    Its likelihoods make each layer cost a known number of bits.
+    """
     torch.manual_seed(1)
     targets = [torch.rand(batch, 3, h, w) for h, w in sizes]
     x_hats = [t + 0.01 * (k + 1) for k, t in enumerate(targets)]

@@ -1,4 +1,6 @@
-"""Layered bitstreams of the Mei et al. 2021 models: exactness, layer independence, container.
+"""Layered bitstreams of the Mei et al. 2021 models.
+
+Exactness, layer independence, container.
 
 Random tiny models (widths 8-12) with entropy tables; images synthesised in memory,
 with sides that are not multiples of 64/128 so that padding and cropping are exercised.
@@ -272,7 +274,10 @@ def _predictions_rounded_differently(model):
 
 
 def _as_version_1(model, image):
-    """The file this codec wrote before version 2: y^_k CRCs instead of coded values'."""
+    """The file this codec wrote before version 2.
+
+    It has y^_k CRCs instead of coded values'.
+    """
     layered, encoder = encode_latents(model, image)
     return dataclasses.replace(
         layered, version=1, latent_crcs=[tensor_crc(y) for y in encoder["y_hat"]]

@@ -176,7 +176,10 @@ def _smooth_image(height, width, seed=0):
 
 @pytest.fixture(scope="module")
 def large_case():
-    """A 3000x2000 image (sides not multiples of 64) and its whole-image file and decode."""
+    """A 3000x2000 image (sides not multiples of 64).
+
+    Also its whole-image file and decode.
+    """
     torch.manual_seed(0)
     from models import build_model
 
@@ -260,7 +263,8 @@ def test_codec_cli_stays_within_its_budget(large_case, tmp_path):
     encoded = tmp_path / "large.cps"
     encoded.write_bytes(data)
     output = tmp_path / "large.png"
-    # What a fresh codec.py process holds once its libraries are imported, plus room to work.
+    # What a fresh codec.py process holds once its libraries are imported, plus room
+    # to work.
     baseline = subprocess.run(
         [
             sys.executable,

@@ -35,14 +35,20 @@ def add(image, offsets):
 
 
 def block_checkerboard(height, width, block=8, amplitude=4):
-    """+-amplitude, constant over each block: every error jump sits on a block border."""
+    """+-amplitude, constant over each block.
+
+    Every error jump sits on a block border.
+    """
     rows = (torch.arange(height) // block)[:, None]
     cols = (torch.arange(width) // block)[None, :]
     return ((rows + cols) % 2 * 2 - 1) * amplitude
 
 
 def pixel_checkerboard(height, width, amplitude=4):
-    """+-amplitude alternating every pixel: error jumps everywhere, borders are not special."""
+    """+-amplitude alternating every pixel.
+
+    Error jumps everywhere, borders are not special.
+    """
     rows = torch.arange(height)[:, None]
     cols = torch.arange(width)[None, :]
     return ((rows + cols) % 2 * 2 - 1) * amplitude
@@ -128,7 +134,8 @@ def test_psnr_b_gray_adds_the_bef_of_the_reconstruction_to_the_mse():
     original = reconstruction + pixel_checkerboard(16, 24, amplitude=1)  # MSE = 1
     expected = 10 * math.log10(255**2 / (1 + 6.75))
     assert psnr_b_gray(original, reconstruction) == pytest.approx(expected, abs=1e-12)
-    # torchmetrics divides by 16*24/8 - 1 = 47 border pairs per direction instead of 32 + 24.
+    # torchmetrics divides by 16*24/8 - 1 = 47 border pairs per direction instead of
+    # 32 + 24.
     theirs = peak_signal_noise_ratio_with_blocked_effect(
         reconstruction[None, None], original[None, None], data_range=255.0
     ).item()
@@ -227,7 +234,8 @@ def test_peak_memory_sees_a_large_allocation():
     # The peak restarts from the resident size at entry, whatever earlier tests left.
     resident_before = _resident_mb()
     with PeakMemory(torch.device("cpu")) as large:
-        # Fresh pages (an anonymous map), not a block the allocator kept from earlier tests.
+        # Fresh pages (an anonymous map), not a block the allocator kept from earlier
+        # tests.
         block = mmap.mmap(-1, 64 * 2**20)
         block.write(b"\1" * len(block))
         block.close()
@@ -235,7 +243,10 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def _touch_fresh_pages(megabytes: int) -> None:
-    """Raise the peak RSS by about ``megabytes`` (an anonymous map, written, then unmapped)."""
+    """Raise the peak RSS by about ``megabytes``.
+
+    An anonymous map, written, then unmapped.
+    """
     block = mmap.mmap(-1, megabytes * 2**20)
     block.write(b"\1" * len(block))
     block.close()

@@ -156,7 +156,8 @@ def test_tiling_owns_every_position_once_and_only_exact_ones(length, patch):
         assert tile.stop - tile.start == min(patch or length, length)
         for position in range(tile.own_start, tile.own_stop):
             owners[position] += 1
-            # Exact: at least `margin` from every patch edge that is not the image border.
+            # Exact: at least `margin` from every patch edge that is not the image
+            # border.
             assert tile.start == 0 or position - tile.start >= margin
             assert tile.stop == length or tile.stop - 1 - position >= margin
     assert owners == [1] * length

@@ -340,7 +340,8 @@ def test_a_broken_results_file_is_one_line_on_stderr(capsys, tmp_path, text):
             {"bpp": [[0.1], [0.2], [0.4], [0.8]], "psnr-rgb": [28, 30, 32, 34]},
             "bpp[0] = [0.1]",
         ),
-        # JSON integers have no bound: one past float's range is not a positive finite rate.
+        # JSON integers have no bound: one past float's range is not a positive finite
+        # rate.
         (
             {"bpp": [10**400, 0.2, 0.4, 0.8], "psnr-rgb": [28, 30, 32, 34]},
             "bpp[0] = 1000",
@@ -511,8 +512,8 @@ def test_every_dash_in_a_table_has_a_note_saying_why(tmp_path):
     assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None, "psnr-b": None}
     assert table["rows"][1]["bd-rate"]["psnr-b"] is None
     assert table["notes"] == [
-        f"single: 1 RD point, but a BD-rate needs at least {MIN_POINTS} per curve (evaluate "
-        f"at least {MIN_POINTS} checkpoints or qualities)",
+        f"single: 1 RD point, but a BD-rate needs at least {MIN_POINTS} per curve "
+        f"(evaluate at least {MIN_POINTS} checkpoints or qualities)",
         f"plain: no psnr-b values in {tmp_path / 'n.json'}",
     ]
     assert format_table(table).endswith("\n- " + "\n- ".join(table["notes"]))

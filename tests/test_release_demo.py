@@ -210,13 +210,13 @@ def test_demo_refuses_a_damaged_training_json_naming_the_file_and_field(
     [
         (
             "0",
-            "--patch-size must be a positive multiple of 16 (the POPS patch and naive tile side), "
-            "got 0",
+            "--patch-size must be a positive multiple of 16 "
+            "(the POPS patch and naive tile side), got 0",
         ),
         ("-16", "--patch-size must be a positive multiple of 16"),
         ("7", "--patch-size must be a positive multiple of 16"),
-        # The largest demo image side is 741 px (motorcycle): naive tiles of 8192 px were
-        # padded out to 4 GB after minutes of coding.
+        # The largest demo image side is 741 px (motorcycle): naive tiles of 8192 px
+        # were padded out to 4 GB after minutes of coding.
         ("8192", "--patch-size 8192 is larger than the demo images need: at most 752"),
     ],
 )

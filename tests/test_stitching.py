@@ -39,7 +39,8 @@ def _patchwise(
     )
 
 
-# Sizes: a Kodak-like one, odd multiples of 64, sides below, equal to and above P, tall and wide.
+# Sizes: a Kodak-like one, odd multiples of 64, sides below, equal to and above P,
+# tall and wide.
 SIZES = [(192, 320), (64, 448), (448, 64), (128, 128), (256, 192)]
 
 

@@ -138,7 +138,10 @@ def test_a_bad_torchrun_environment_is_a_one_line_error(
 
 @pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
 def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
-    """Stop both ranks mid-epoch (step 1 of 2), resume, and end where a straight run ends."""
+    """Stop both ranks mid-epoch (step 1 of 2) and resume.
+
+    The run ends where a straight run ends.
+    """
     data = make_image_folder(tmp_path / "data", n_train=4, n_test=3)
     straight, split = tmp_path / "straight", tmp_path / "split"
     epochs = {"batch_size": 1, "epochs": 2}

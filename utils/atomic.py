@@ -45,8 +45,9 @@ def atomic_write_bytes(path, data):
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path!r}: it is a folder")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        # A device or a pipe (/dev/null, a FIFO): renaming over it would replace the
-        # node itself with a file, so it is written in place; atomicity means nothing there.
+        # A device or a pipe (/dev/null, a FIFO): renaming over it would replace
+        # the node itself with a file, so it is written in place; atomicity means
+        # nothing there.
         with open(path, "wb") as stream:
             stream.write(data)
         return
@@ -75,7 +76,8 @@ def atomic_torch_save(obj, path):
     Serialising to memory first means a pickling error leaves no file behind at
     all, and the old checkpoint at ``path`` stays intact.
     """
-    import torch  # here, so that scripts can write JSON and figures before PyTorch loads
+    # here, so that scripts can write JSON and figures before PyTorch loads
+    import torch
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -115,8 +115,9 @@ def check_patch_size_for_model(
         return
     if not model.supports_patches:
         warn(
-            f"{model.registry_name} codes whole images (no POPS): --patch-size {spec.size} "
-            f"is ignored (--tiling naive in test.py cuts independent tiles of that size)"
+            f"{model.registry_name} codes whole images (no POPS): "
+            f"--patch-size {spec.size} is ignored "
+            f"(--tiling naive in test.py cuts independent tiles of that size)"
         )
         return
     if tiling == "none":  # the model codes the whole image, as asked
@@ -127,9 +128,9 @@ def check_patch_size_for_model(
     check_patch_size(spec.size, geometry)
     if spec.size < 2 * geometry.overlap:
         warn(
-            f"--patch-size {spec.size} recomputes most of every patch as overlap (the POPS "
-            f"overlap is {geometry.overlap} px for {model.registry_name}): coding is many "
-            f"times slower than at {4 * geometry.overlap} or auto"
+            f"--patch-size {spec.size} recomputes most of every patch as overlap "
+            f"(the POPS overlap is {geometry.overlap} px for {model.registry_name}): "
+            f"coding is many times slower than at {4 * geometry.overlap} or auto"
         )
 
 
@@ -156,7 +157,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def report_error(program: str, exc: BaseException) -> int:
-    """Print ``program: error: message`` on stderr, on one line; return the status, 1."""
+    """Print ``program: error: message`` on stderr, on one line.
+
+    Returns the status, 1.
+    """
     print(f"{program}: error: {one_line(exc)}", file=sys.stderr)
     return 1
 
@@ -166,8 +170,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def show_warnings_as_one_line() -> None:
-    """Print warnings as ``warning: message``, as the scripts print their own, instead
-    of Python's file, line number and echoed source line, which say nothing to a user."""
+    """Print warnings as ``warning: message``, as the scripts print their own,
+    instead of Python's file, line number and echoed source line, which say nothing
+    to a user."""
     warnings.formatwarning = _one_line_warning
 
 
@@ -211,7 +216,7 @@ def _check_writable(folder: str, what: str) -> None:
 
 
 def add_force_argument(parser) -> None:
-    """``--force``: the one switch that lets a script write over existing output files."""
+    """``--force``: the one switch letting a script write over existing output files."""
     parser.add_argument(
         "--force",
         action="store_true",

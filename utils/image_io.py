@@ -113,7 +113,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = (2, 6)
 
 
-# Bytes of a file that :func:`colour_png16_type` reads: the signature and the IHDR chunk.
+# Bytes of a file that :func:`colour_png16_type` reads: the signature and
+# the IHDR chunk.
 _PNG_HEADER_BYTES = 26
 
 
@@ -173,7 +174,10 @@ def _as_viewed(opened: Image.Image) -> Tuple[Image.Image, List[str]]:
 
 
 def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
-    """Return the image at ``path`` as a uint8 tensor (3, H, W) and what was converted."""
+    """Return the image at ``path`` as a uint8 tensor (3, H, W).
+
+    Also returns what was converted.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
     with open(path, "rb") as handle:
@@ -237,7 +241,10 @@ def write_png(path: str, image: Tensor) -> None:
 
 
 def to_grayscale(image: Tensor) -> Tensor:
-    """Mean of the three channels of a uint8 (..., 3, H, W) tensor, rounded: (..., 1, H, W)."""
+    """Mean of the three channels of a uint8 (..., 3, H, W) tensor, rounded.
+
+    Returns (..., 1, H, W).
+    """
     return image.float().mean(dim=-3, keepdim=True).round_().to(torch.uint8)
 
 

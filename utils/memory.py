@@ -120,7 +120,10 @@ def reuse_freed_memory() -> Iterator[None]:
 
 
 def proc_status_kb(field: str) -> Optional[int]:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux."""
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``).
+
+    Returns None off Linux.
+    """
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
@@ -132,7 +135,10 @@ def proc_status_kb(field: str) -> Optional[int]:
 
 
 def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (``VmHWM``) to its current RSS; False where unsupported."""
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS.
+
+    Returns False where unsupported.
+    """
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -159,7 +165,10 @@ def memory_in_use(device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _peak_rss_resettable() -> bool:
-    """Whether this system gives a resettable peak RSS (probed once: the probe resets it)."""
+    """Whether this system gives a resettable peak RSS.
+
+    Probed once: the probe resets it.
+    """
     return proc_status_kb("VmHWM") is not None and reset_peak_rss()
 
 

@@ -1,10 +1,12 @@
-"""The CPS codec: a uint8 image to a :class:`~utils.coding.container.CompressedImage` and back.
+"""The CPS codec: a uint8 image to a
+:class:`~utils.coding.container.CompressedImage` and back.
 
 .. code-block:: none
 
-    encoder (device)   |  entropy path (CPU, fixed-point, 1 thread)   |  decoder (device)
-    g_a patch-wise ->  y -> h_a -> z -> EB -> z_hat -> h_s -> params
-                          y, params -> ContextCoder -> y string   |  y_hat -> g_s patch-wise -> crop
+    encoder (device)  | entropy path (CPU, fixed-point, 1 thread) | decoder (device)
+    g_a patch-wise -> y -> h_a -> z -> EB -> z_hat -> h_s -> params
+                      y, params -> ContextCoder -> y string | y_hat -> g_s patch-wise
+                                                            |   -> crop
 
 The transforms run patch by patch with POPS (``utils/stitching/patches.py``), so
 their memory follows the patch size, not the image. A memory budget
@@ -19,8 +21,9 @@ parameters) run at both ends on the CPU, whatever the transforms' device, as exa
 sums on a fixed-point grid (``utils/coding/fixed_point.py``), so a file written on
 one machine decodes on any other, with CUDA or without (CompressAI issues 54, 279,
 320). Files written before that grid, without its header flag, decode with the
-float32 arithmetic they were written with. In exact mode (``utils/stitching/transforms.py``)
-neither side's patch size changes a bit of the file or of the decoded image.
+float32 arithmetic they were written with. In exact mode
+(``utils/stitching/transforms.py``) neither side's patch size changes a bit of the
+file or of the decoded image.
 """
 
 import copy
@@ -200,8 +203,8 @@ def decode(model: nn.Module, compressed: CompressedImage, plan: CodingPlan) -> T
         cause = (
             "the file is damaged"
             if compressed.fixed_point
-            else "the file is damaged, or was written before the fixed-point entropy model on "
-            "a machine whose float32 results differ from this one"
+            else "the file is damaged, or was written before the fixed-point entropy "
+            "model on a machine whose float32 results differ from this one"
         )
         raise BitstreamError(
             f"decoded latent differs from the encoder's (y_hat CRC mismatch): {cause}"

@@ -4,8 +4,9 @@ Every convolution here is "valid" (no padding), so a block's output at a positio
 depends only on a fixed window of its input. That locality is what lets POPS cut an
 image into overlapping patches and stitch their features back exactly.
 
-Each block declares the (kernel, stride) list of its longest path in ``pops_layers``;
-``utils.stitching.geometry`` reads these lists to compute the receptive field and the overlap.
+Each block declares the (kernel, stride) list of its longest path in
+``pops_layers``; ``utils.stitching.geometry`` reads these lists to compute the
+receptive field and the overlap.
 
 Module and attribute names follow the authors' checkpoints key for key, so their
 published weights load without renaming.
@@ -34,7 +35,8 @@ class EDRB(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=1)
         self.gdn = GDN(out_ch)
         self.skip = nn.Conv2d(in_ch, out_ch, kernel_size=2, stride=2)
-        # conv1 sets the geometry: conv2 and GDN are pointwise, the skip is conv1's twin.
+        # conv1 sets the geometry: conv2 and GDN are pointwise,
+        # the skip is conv1's twin.
         self.pops_layers = ((self.conv1.kernel_size[0], self.conv1.stride[0]),)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -143,7 +143,7 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
         return net
 
     def encode(self, image: Tensor, plan: CodingPlan):
-        """POPS-coded ``.cps`` payload of a uint8 image (see ``models/cps/coding.py``)."""
+        """POPS-coded ``.cps`` payload of a uint8 image (``models/cps/coding.py``)."""
         return coding.encode(self, image, plan)
 
     def decode(self, payload, plan: CodingPlan) -> Tensor:

@@ -1,4 +1,5 @@
-"""Real bitstreams for the Kamisli (2024) block-based codec, decoded wavefront by wavefront.
+"""Real bitstreams for the Kamisli (2024) block-based codec, decoded wavefront
+by wavefront.
 
 Decoding is inherently sequential: block (i, j) needs the reconstructions of the
 blocks its masks reach. The published codec therefore visits the (H/B)*(W/B) blocks
@@ -168,7 +169,8 @@ class _Linear:
 
 
 class _GDN:
-    """CompressAI's GDN / IGDN on rows: ``x * rsqrt(beta + gamma x^2)`` (sqrt if inverse)."""
+    """CompressAI's GDN / IGDN on rows: ``x * rsqrt(beta + gamma x^2)``
+    (sqrt if inverse)."""
 
     def __init__(self, gdn: GDN, fixed_point: bool):
         self.norm = _product(
@@ -192,7 +194,8 @@ class _LeakyReLU:
 
 
 class _Masked:
-    """A block-masked convolution evaluated at chosen positions of a padded feature map."""
+    """A block-masked convolution evaluated at chosen positions of a padded
+    feature map."""
 
     def __init__(self, conv: BlockMaskedConv2d, fixed_point: bool):
         taps = conv.taps()
@@ -230,7 +233,8 @@ def _row_layer(module: nn.Module, fixed_point: bool):
 
 
 class _Session:
-    """The growing reconstruction z_hat and the feature maps of one image, zero-padded."""
+    """The growing reconstruction z_hat and the feature maps of
+    one image, zero-padded."""
 
     def __init__(self, channels: int, rows: int, cols: int, pad: int):
         self.pad, self.rows, self.cols = pad, rows, cols
@@ -249,7 +253,8 @@ class _Session:
 
 
 class _RowNetwork:
-    """``layers(context(z_hat) [+ source(side input)])`` evaluated at given positions."""
+    """``layers(context(z_hat) [+ source(side input)])`` evaluated
+    at given positions."""
 
     def __init__(
         self,
@@ -286,7 +291,8 @@ class _RowNetwork:
 
 
 class BlockCoder:
-    """Entropy codes a block grid with a :class:`~models.kamisli2024.network.Kamisli2024`.
+    """Entropy codes a block grid with a
+    :class:`~models.kamisli2024.network.Kamisli2024`.
 
     Args:
         model: the model, on any device, with entropy tables (``update()`` has run).
@@ -328,7 +334,8 @@ class BlockCoder:
         self.offsets = self.conditional.offset.reshape(-1).int().tolist()
 
     def fronts(self, rows: int, cols: int) -> Iterator[Tuple[Tensor, Tensor]]:
-        """(rows, cols) of the blocks coded together, step by step, by increasing row."""
+        """(rows, cols) of the blocks coded together, step by step, by
+        increasing row."""
         positions, sizes = coding_order(rows, cols, self.order, self.slope)
         for front in torch.split(positions, sizes):
             yield front // cols, front % cols

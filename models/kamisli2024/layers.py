@@ -53,7 +53,8 @@ def block_mask(kind: str, kernel_size: int) -> Tensor:
 
     Every row above the centre is open (the upper-right diagonal included), the
     centre row is open left of the centre, and the centre itself is open for kind
-    ``"B"`` only. For k = 3: A = [[1,1,1],[1,0,0],[0,0,0]], B = [[1,1,1],[1,1,0],[0,0,0]].
+    ``"B"`` only. For k = 3: A = [[1,1,1],[1,0,0],[0,0,0]],
+    B = [[1,1,1],[1,1,0],[0,0,0]].
     """
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind {kind!r}; choose from {MASK_KINDS}")
@@ -109,7 +110,8 @@ class BlockMaskedConv2d(nn.Conv2d):
 
 
 def layer_taps(layer: nn.Module) -> List[Offset]:
-    """Offsets a layer reads: its mask's for a masked conv, the centre for a 1x1 conv."""
+    """Offsets a layer reads: its mask's for a masked conv, the centre for a
+    1x1 conv."""
     if isinstance(layer, BlockMaskedConv2d):
         return layer.taps()
     if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
@@ -133,5 +135,6 @@ def compose_reach(tap_sets: Sequence[Iterable[Offset]]) -> Set[Offset]:
 
 
 def network_reach(layers: Iterable[nn.Module]) -> Set[Offset]:
-    """:func:`compose_reach` of the convolutions in ``layers`` (other layers act per position)."""
+    """:func:`compose_reach` of the convolutions in ``layers`` (other layers act
+    per position)."""
     return compose_reach([layer_taps(m) for m in layers if isinstance(m, nn.Conv2d)])

@@ -1,6 +1,7 @@
-"""Kamisli's learned block-based codec (F. Kamisli, "End-to-end learned block-based image
-compression with block-level masked convolutions and asymptotic closed-loop training",
-Multimedia Tools and Applications, 2024), network version "v9" of the authors' code.
+"""Kamisli's learned block-based codec (F. Kamisli, "End-to-end learned block-based
+image compression with block-level masked convolutions and asymptotic closed-loop
+training", Multimedia Tools and Applications, 2024), network version "v9" of the
+authors' code.
 
 The image is cut into B x B blocks, each a position of a coarse grid with 3B^2
 channels (``models/kamisli2024/layers.py``). Every network works on that grid with
@@ -9,21 +10,25 @@ block-level masks, so a block is coded from the *reconstructed* blocks before it
 
 .. code-block:: none
 
-    x, z_hat in [-0.5, 0.5] as block grids (3B^2, H/B, W/B); z_hat = reconstructed neighbours
+    x, z_hat in [-0.5, 0.5] as block grids (3B^2, H/B, W/B);
+            z_hat = reconstructed neighbours
     y     = g_a( g_a_source(x) + g_a_context(z_hat) )           1x1 + masked A KxK, then
             GDN, 1x1 (N -> 7N/8), GDN, 1x1 (-> 6N/8), GDN, 1x1 (-> M)
-    psi   = entropy_parameters(z_hat)                           masked A K1 -> 12N/8, LReLU,
-            masked B K2 -> 10N/8, LReLU, 1x1 -> 8N/8, LReLU, 1x1 -> 2M;  scales, means = split
+    psi   = entropy_parameters(z_hat)                           masked A K1 -> 12N/8,
+            LReLU, masked B K2 -> 10N/8, LReLU, 1x1 -> 8N/8, LReLU, 1x1 -> 2M;
+            scales, means = split
     y_hat = round(y - means) + means (noise in training)        GaussianConditional
-    x_hat = g_s( g_s_latent(y_hat) + g_s_context(z_hat) )       mirror of g_a with IGDN -> 3B^2
+    x_hat = g_s( g_s_latent(y_hat) + g_s_context(z_hat) )       mirror of g_a with
+                                                                IGDN -> 3B^2
 
 Training is open loop: ``forward(x, x_ctx)`` takes the neighbour context ``x_ctx``
 from outside, ``x`` itself by default (iteration 0 of the asymptotic closed-loop
-procedure, ``utils/training/acl.py``). Real coding is closed loop and sequential over blocks;
-``compress``/``decompress`` run it wavefront by wavefront (``models/kamisli2024/coding.py``).
-Images and reconstructions are in [0, 1] at the interface, as for every CompressAI
-model; internally samples are shifted to [-0.5, 0.5] so that the zero padding of the
-masked convolutions (frame border, blocks not decoded yet) means mid-grey.
+procedure, ``utils/training/acl.py``). Real coding is closed loop and sequential over
+blocks; ``compress``/``decompress`` run it wavefront by wavefront
+(``models/kamisli2024/coding.py``). Images and reconstructions are in [0, 1] at the
+interface, as for every CompressAI model; internally samples are shifted to
+[-0.5, 0.5] so that the zero padding of the masked convolutions (frame border,
+blocks not decoded yet) means mid-grey.
 """
 
 import math
@@ -231,14 +236,16 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         )
 
     def forward(self, x: Tensor, x_ctx: Tensor = None) -> dict:
-        """Open-loop pass: every block sees ``x_ctx``'s blocks as its reconstructed neighbours.
+        """Open-loop pass: every block sees ``x_ctx``'s blocks as its
+        reconstructed neighbours.
 
         Args:
             x: images (N, 3, H, W) in [0, 1], any size (padded internally).
             x_ctx: neighbour context of the same shape in [0, 1]; ``x`` if omitted.
 
         Returns:
-            ``{"x_hat": (N, 3, H, W) unclamped, "likelihoods": {"y": (N, M, H/B, W/B)}}``.
+            ``{"x_hat": (N, 3, H, W) unclamped,
+            "likelihoods": {"y": (N, M, H/B, W/B)}}``.
         """
         if x_ctx is None:
             x_ctx = x
@@ -263,7 +270,8 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
     def closed_loop(
         self, x: Tensor, tile_blocks: int = 0, context_bits: Optional[int] = None
     ) -> dict:
-        """Closed-loop reconstruction of ``x`` (1, 3, H, W) by repeated open-loop passes.
+        """Closed-loop reconstruction of ``x`` (1, 3, H, W) by repeated
+        open-loop passes.
 
         What the codec computes, without a bitstream: every block sees the
         reconstructions of the blocks before it. Blocks of one wavefront only depend on
@@ -349,8 +357,8 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
             cause = (
                 "a damaged file or the wrong checkpoint"
                 if payload.fixed_point
-                else "a damaged file, the wrong checkpoint, or a file written before the "
-                "fixed-point coder on a machine whose float32 results differ"
+                else "a damaged file, the wrong checkpoint, or a file written before "
+                "the fixed-point coder on a machine whose float32 results differ"
             )
             raise BitstreamError(
                 f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
@@ -392,8 +400,9 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         )
 
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
-        """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source, from
-        an :meth:`encode` payload; payloads of another model raise ``BitstreamError``."""
+        """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source,
+        from an :meth:`encode` payload; payloads of another model raise
+        ``BitstreamError``."""
         check_model(payload, self)
         rows, cols = self.grid_size(payload.height, payload.width)
         if (

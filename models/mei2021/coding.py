@@ -1,4 +1,5 @@
-"""Layered bitstreams of the Mei et al. 2021 models: one stream per layer, in one container.
+"""Layered bitstreams of the Mei et al. 2021 models: one stream per layer,
+in one container.
 
 :func:`encode` pads the image (replicate) to a multiple of the model's
 :attr:`downsampling_factor`, then codes the base latent and each enhancement
@@ -171,8 +172,9 @@ def decode_latents(
         for k, y_hat in enumerate(out["y_hat"]):
             if tensor_crc(y_hat) != layered.latent_crcs[k]:
                 raise BitstreamError(
-                    f"layer {k}: the decoded latent differs from the encoder's (CRC mismatch "
-                    f"on {device}); a version 1 file decodes on the encoder's platform only"
+                    f"layer {k}: the decoded latent differs from the encoder's "
+                    f"(CRC mismatch on {device}); a version 1 file decodes on the "
+                    f"encoder's platform only"
                 )
     return out
 

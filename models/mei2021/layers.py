@@ -1,11 +1,13 @@
-"""Building blocks of Mei et al. 2021 (see ``models/mei2021/network.py``), ported from TF1.
+"""Building blocks of Mei et al. 2021 (see ``models/mei2021/network.py``), ported
+from TF1.
 
-tensorflow-compression's ``SignalConv2D(5, corr=True, strides_down=s, padding="same_zeros")``
-is CompressAI's ``conv(cin, cout, 5, s)`` and its transposed counterpart
-(``strides_up=s``) is ``deconv(cin, cout, 5, s)``: padding 2 and, for stride 2,
-``output_padding=1`` give the same "same" geometry (a side ``n`` maps to ``n/s`` and
-back to ``n*s``). ``tfc.GDN`` is CompressAI's :class:`~compressai.layers.GDN` with
-the same reparametrisation. A stride-1 transposed convolution is built with
+tensorflow-compression's
+``SignalConv2D(5, corr=True, strides_down=s, padding="same_zeros")`` is CompressAI's
+``conv(cin, cout, 5, s)`` and its transposed counterpart (``strides_up=s``) is
+``deconv(cin, cout, 5, s)``: padding 2 and, for stride 2, ``output_padding=1`` give
+the same "same" geometry (a side ``n`` maps to ``n/s`` and back to ``n*s``).
+``tfc.GDN`` is CompressAI's :class:`~compressai.layers.GDN` with the same
+reparametrisation. A stride-1 transposed convolution is built with
 ``deconv(..., stride=1)``, which sets padding 2 and no output padding.
 """
 

@@ -30,8 +30,9 @@ Q adds uniform noise in training and rounds around the entropy model's medians a
 test time, so in eval mode ``forward`` reproduces the decoder's reconstructions.
 Inputs to ``forward`` must have sides that are multiples of
 :attr:`~_MeiScalable.downsampling_factor` (64 quality, 128 spatial with 3 layers);
-the codec pads other sizes. The spatial model builds its input pyramid itself from
-the full-resolution image (``models.mei2021.pyramid.image_pyramid``: antialiased bicubic).
+the codec pads other sizes. The spatial model builds its input pyramid itself
+from the full-resolution image (``models.mei2021.pyramid.image_pyramid``:
+antialiased bicubic).
 
 Training is joint and single-stage: one loss sums every layer's rate-distortion term
 (:class:`models.mei2021.loss.ScalableRDLoss`), built by
@@ -150,7 +151,8 @@ class _MeiScalable(LearnedCodec, CompressionModel):
 
     @property
     def feature_channels(self) -> List[int]:
-        """Channels of the reused feature f_k (quality) / z_k (spatial) of each layer."""
+        """Channels of the reused feature f_k (quality) / z_k (spatial)
+        of each layer."""
         raise NotImplementedError
 
     def layer_scales(self) -> List[int]:
@@ -158,7 +160,8 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         raise NotImplementedError
 
     def latent_size(self, k: int, height: int, width: int) -> Tuple[int, int]:
-        """Latent size of layer ``k`` for a (padded) full-resolution ``height x width``."""
+        """Latent size of layer ``k`` for a (padded) full-resolution
+        ``height x width``."""
         step = 16 * self.layer_scales()[k]
         return height // step, width // step
 
@@ -180,7 +183,8 @@ class _MeiScalable(LearnedCodec, CompressionModel):
 
     # the codec contract ---------------------------------------------------------------
     def encode(self, image: Tensor, plan: CodingPlan):
-        """One stream per layer (the first ``plan.layers`` for > 0) in a ``.cpsl`` payload."""
+        """One stream per layer (the first ``plan.layers`` for > 0) in a
+        ``.cpsl`` payload."""
         return coding.encode(self, image, plan)
 
     def decode(self, payload, plan: CodingPlan) -> Tensor:
@@ -285,7 +289,8 @@ class _MeiScalable(LearnedCodec, CompressionModel):
 
     @classmethod
     def from_state_dict(cls, state_dict):
-        """Build a model whose widths and lambdas are read from the weights, then load them."""
+        """Build a model whose widths and lambdas are read from the weights,
+        then load them."""
         num_filters, k = [], 0
         while f"g_a.{k}.0.weight" in state_dict:
             num_filters.append(int(state_dict[f"g_a.{k}.0.weight"].size(0)))

@@ -1,4 +1,5 @@
-"""The two file formats every model writes: ``.cps`` (one stream set) and ``.cpsl`` (layers).
+"""The two file formats every model writes: ``.cps`` (one stream set) and
+``.cpsl`` (layers).
 
 One module owns both, with one header reader, one CRC rule and one set of size
 limits, so every model's files are checked the same way before any allocation.
@@ -131,7 +132,8 @@ class CompressedImage:
 
 @dataclass
 class LayeredImage:
-    """A ``.cpsl`` file's content: the first ``len(streams)`` of ``total_layers`` layers.
+    """A ``.cpsl`` file's content: the first ``len(streams)`` of
+    ``total_layers`` layers.
 
     ``latent_crcs`` holds one CRC-32 per layer (:func:`tensor_crc`): from ``version`` 2
     on (3 is written now) of the layer's coded values, the base latent or the residual
@@ -383,7 +385,8 @@ def _pack_layered(layered: LayeredImage) -> bytes:
 
 
 def _read_layered_header(data: bytes):
-    """(image without streams, per-layer (length, CRC, latent CRC), offset of the streams)."""
+    """(image without streams, per-layer (length, CRC, latent CRC),
+    offset of the streams)."""
     if len(data) < _LAYERED_FIXED.size:
         raise BitstreamError("truncated .cpsl file (incomplete header)")
     _check_version(data, ".cpsl", _LAYERED_VERSIONS)
@@ -461,7 +464,8 @@ def unpack(data: bytes) -> Payload:
 
 
 def truncate_layers(data: bytes, keep: int) -> bytes:
-    """The ``.cpsl`` file ``data`` with only its first ``keep`` layers (header rewritten)."""
+    """The ``.cpsl`` file ``data`` with only its first ``keep`` layers
+    (header rewritten)."""
     if data[:4] != LAYERED_MAGIC:
         raise BitstreamError("not a layered .cpsl file (bad magic number)")
     layered, layers, offset = _read_layered_header(data)

@@ -5,8 +5,8 @@ context only reads the positions its masked convolution marks causal; with the 5
 mask these are rows i-2, i-1 (columns j-2..j+2) and (i, j-2), (i, j-1). Numbering the
 positions ``t = a*i + j`` with the smallest slope ``a`` for which every causal tap has
 a smaller ``t`` (``utils/coding/scan_order.py``, a = 3 for the 5x5 mask) makes all
-positions with the same ``t`` independent, so they are coded together: ``a*(H-1) + W`` steps
-instead of ``H*W`` (321 instead of 8160 for a 68x120 latent).
+positions with the same ``t`` independent, so they are coded together:
+``a*(H-1) + W`` steps instead of ``H*W`` (321 instead of 8160 for a 68x120 latent).
 
 Both orders share one implementation: a *front* is a set of positions coded in one
 step; ``raster`` order has one position per front (the reference, CompressAI's
@@ -45,9 +45,10 @@ arithmetic is computed once per latent. About half of the multiply-adds (10 of t
 12 context taps and the params half of the first 1x1 convolution) do not depend on
 the previous front, so a second thread can compute them for front k+1 while front k
 is finished and entropy-coded (``pipeline``; by default it is used where a core is
-idle, see :func:`idle_core_available`). The decoder hands the rANS coder only the CDF rows a
-front uses: converting the whole padded table (64 rows of 3135 ints) to C++ at
-every ``decode_stream`` call was a fixed cost per front that dominated decoding.
+idle, see :func:`idle_core_available`). The decoder hands the rANS coder only
+the CDF rows a front uses: converting the whole padded table (64 rows of 3135
+ints) to C++ at every ``decode_stream`` call was a fixed cost per front that
+dominated decoding.
 
 Memory. Besides its inputs, the coder holds the padded y_hat buffer (M floats per
 position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol
@@ -96,7 +97,8 @@ _ENCODE_CHUNK_SYMBOLS = 1 << 20
 
 
 def channels_last_rows(tensor: Tensor) -> Tensor:
-    """(C, H, W) -> (H*W, C): a view if ``tensor`` is stored channels-last, else a copy."""
+    """(C, H, W) -> (H*W, C): a view if ``tensor`` is stored channels-last,
+    else a copy."""
     return tensor.permute(1, 2, 0).reshape(-1, tensor.shape[0])
 
 

@@ -185,7 +185,8 @@ def _grid_stages(h_s: nn.Sequential) -> List[_Stage]:
             )
         elif _is_block_transposed_convolution(layer):
             factor_h, factor_w = layer.stride
-            # (in, out, kh, kw) -> (out*kh*kw, in): one output row per (channel, offset).
+            # (in, out, kh, kw) -> (out*kh*kw, in): one output row per
+            # (channel, offset).
             weight = layer.weight.permute(1, 2, 3, 0).reshape(-1, layer.in_channels)
             bias = (
                 None

@@ -53,7 +53,8 @@ class Float32Network:
         self.layers = layers[1:]
 
     def tap_weights(self, taps: Sequence[int]) -> Tensor:
-        """The context weight of ``taps`` for windows gathered tap-major, (2M, taps*M)."""
+        """The context weight of ``taps`` for windows gathered tap-major,
+        (2M, taps*M)."""
         outputs = self.context_weight.shape[0]
         return self.context_weight[:, list(taps)].reshape(outputs, -1).contiguous()
 
@@ -124,7 +125,8 @@ class FixedPointNetwork:
     def far_part(
         self, far_windows: Tensor, far_weight: Tensor, front_params: Tensor
     ) -> Tuple[Tensor, Tensor]:
-        """Integer sums of the far taps and of the params half of the first convolution."""
+        """Integer sums of the far taps and of the params half of the
+        first convolution."""
         return (
             GridLinear.partial_sum(self.context.to_grid(far_windows), far_weight),
             GridLinear.partial_sum(

@@ -50,7 +50,8 @@ def idle_core_available(window: float = 0.1) -> bool:
     CPU time, so that the codec's own busy transforms do not count; where that is
     unavailable, from the one-minute load average. Pipelining speeds coding up only
     when a core is idle; on busy cores the second thread competes for them and
-    slows coding down (``benchmarks/entropy_coding.py --pipeline on|off`` compares them).
+    slows coding down (``benchmarks/entropy_coding.py --pipeline on|off``
+    compares them).
     """
     try:
         cpus = len(os.sched_getaffinity(0))

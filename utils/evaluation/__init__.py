@@ -1,1 +1,4 @@
-"""Evaluation: runs over datasets, coders, metrics, RD curves, classical codecs, demo."""
+"""Evaluation.
+
+Runs over datasets, coders, metrics, RD curves, classical codecs, demo.
+"""

@@ -149,9 +149,9 @@ def _check_distinct_stems(paths: List[str]) -> None:
 
 
 def _checkpoint_stem(path: str) -> str:
-    """A checkpoint's name for file names: its file name without ``.pth``/``.tar``, or its
-    folder's name for the names every run or release folder uses (``train.py``'s
-    ``checkpoint``/``checkpoint_best_loss``, a release's ``model``)."""
+    """A checkpoint's name for file names: its file name without ``.pth``/``.tar``,
+    or its folder's name for the names every run or release folder uses
+    (``train.py``'s ``checkpoint``/``checkpoint_best_loss``, a release's ``model``)."""
     stem = re.sub(r"(\.pth)?(\.tar)?$", "", os.path.basename(path))
     if stem in ("model", "checkpoint", "checkpoint_best_loss"):
         folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
@@ -284,7 +284,10 @@ def run_bdrate(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the parsed command; print its JSON document on stdout. Returns the exit status."""
+    """Run the parsed command; print its JSON document on stdout.
+
+    Returns the exit status.
+    """
     try:
         if args.command == "plot":
             document = run_plot(args)

@@ -6,18 +6,18 @@ size of what the codec writes (headers included), like the ``.cps`` files.
 
 Quality is given in each codec's own scale (the ``-q`` values of ``test.py codec``):
 
-==========  =====================================  ==========================  ===========
-codec       implementation                         quality                      better is
-==========  =====================================  ==========================  ===========
-jpeg        Pillow (libjpeg), 4:2:0                quality 1..100               higher
-webp        Pillow (libwebp), method 4             quality 0..100               higher
-jpeg2000    Pillow (OpenJPEG), 9/7 wavelet + MCT,  compression ratio >= 1       lower
-            raw J2K codestream
-avif        Pillow (libavif, AV1 intra), 4:4:4     quality 0..100               higher
-x265        ffmpeg + libx265 (HEVC intra),         QP 0..51                     lower
-            YCbCr 4:4:4 full range, raw stream
-jxl         cjxl/djxl (libjxl)                     quality 4.05..100 (cjxl -q)  higher
-==========  =====================================  ==========================  ===========
+========  =====================================  ===========================  =========
+codec     implementation                         quality                      better is
+========  =====================================  ===========================  =========
+jpeg      Pillow (libjpeg), 4:2:0                quality 1..100               higher
+webp      Pillow (libwebp), method 4             quality 0..100               higher
+jpeg2000  Pillow (OpenJPEG), 9/7 wavelet + MCT,  compression ratio >= 1       lower
+          raw J2K codestream
+avif      Pillow (libavif, AV1 intra), 4:4:4     quality 0..100               higher
+x265      ffmpeg + libx265 (HEVC intra),         QP 0..51                     lower
+          YCbCr 4:4:4 full range, raw stream
+jxl       cjxl/djxl (libjxl)                     quality 4.05..100 (cjxl -q)  higher
+========  =====================================  ===========================  =========
 
 cjxl documents its quality as -inf..100 but turns it into a butteraugli distance,
 and libjxl refuses distances above 25: with libjxl 0.7 (Debian's package, which
@@ -333,8 +333,8 @@ CODECS: Dict[str, object] = {
         _x265_encode,
         _x265_decode,
         raw_io=True,
-        summary="HEVC intra (ffmpeg/libx265, preset medium, YCbCr 4:4:4 BT.709 full range, "
-        "raw Annex-B stream)",
+        summary="HEVC intra (ffmpeg/libx265, preset medium, YCbCr 4:4:4 BT.709 "
+        "full range, raw Annex-B stream)",
     ),
     "jxl": ToolCodec(
         "jxl",

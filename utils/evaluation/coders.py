@@ -13,7 +13,8 @@ bits, the 8-bit reconstruction and the encoding/decoding times.
   PSNR-B measures.
 * :class:`EstimationCoder` runs one forward pass and takes the rate from the
   likelihoods (``--entropy-estimation``); nothing is entropy-coded.
-* :class:`ClassicalCoder` calls a classical codec (``utils.evaluation.classical_codecs``).
+* :class:`ClassicalCoder` calls a classical codec
+  (``utils.evaluation.classical_codecs``).
 
 Times are wall-clock seconds, with CUDA synchronised before each reading.
 """
@@ -153,7 +154,10 @@ class ModelCoder(Coder):
         if self.model.supports_patches:
             if self.plan.patch.is_auto:
                 parts.append(
-                    f"POPS patches planned within {format_memory(self.plan.budget_bytes)}"
+                    (
+                        "POPS patches planned within "
+                        f"{format_memory(self.plan.budget_bytes)}"
+                    )
                     if self.plan.budget_bytes
                     else "whole image"
                 )
@@ -167,7 +171,10 @@ class ModelCoder(Coder):
         counted = (
             "file size, header included" if self.count_header else "rANS strings only"
         )
-        return f"{parts[0]} ({'; '.join(parts[1:]) or 'whole image'}); bpp from the {counted}"
+        return (
+            f"{parts[0]} ({'; '.join(parts[1:]) or 'whole image'}); "
+            f"bpp from the {counted}"
+        )
 
     def reference_image(self, image: Tensor) -> Tensor:
         return self.model.reference_image(image, self.point).cpu()
@@ -246,7 +253,7 @@ class EstimationCoder(Coder):
 
 
 class NaiveTiles(Coder):
-    """Non-overlapping ``tile`` x ``tile`` blocks, each coded independently by ``inner``.
+    """Non-overlapping ``tile`` x ``tile`` blocks, coded independently by ``inner``.
 
     The image is padded (replicate) to a multiple of ``tile``; the rates of all tiles
     add up and are charged to the original pixels.
@@ -276,7 +283,8 @@ class NaiveTiles(Coder):
             verification_peak_mb=0.0,
         )
         # Estimation coders have no decoding time, and so the tiles' total has none;
-        # peaks are the largest tile's (None if the inner coder does not measure its own).
+        # peaks are the largest tile's (None if the inner coder does not measure
+        # its own).
         for top in range(0, padded.shape[1], self.tile):
             for left in range(0, padded.shape[2], self.tile):
                 block = padded[
@@ -311,7 +319,10 @@ def _max(peak: Optional[float], value: Optional[float]) -> Optional[float]:
 
 
 class ClassicalCoder(Coder):
-    """One classical codec at one quality (see ``utils.evaluation.classical_codecs``)."""
+    """One classical codec at one quality.
+
+    See ``utils.evaluation.classical_codecs``.
+    """
 
     def __init__(self, codec, quality: float):
         self.codec, self.quality = codec, quality

@@ -318,8 +318,8 @@ def run_demo(
         for number, (name, image) in enumerate(images.items(), 1):
             cps_coded, naive_coded = pops.code(image), naive.code(image)
             log(
-                f"  {model_info.label}: image {number}/{len(images)} ({name}) coded with POPS "
-                f"and naive tiles"
+                f"  {model_info.label}: image {number}/{len(images)} ({name}) "
+                f"coded with POPS and naive tiles"
             )
             per_image["cps"].append(_record(image, cps_coded, image=name))
             per_image["naive"].append(_record(image, naive_coded, image=name))

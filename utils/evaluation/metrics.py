@@ -65,7 +65,10 @@ def psnr(original: Tensor, reconstruction: Tensor) -> float:
 
 
 def ms_ssim_rgb(original: Tensor, reconstruction: Tensor) -> Optional[float]:
-    """MS-SSIM of two uint8 (3, H, W) images, or ``None`` (with a warning) if too small."""
+    """MS-SSIM of two uint8 (3, H, W) images.
+
+    Returns ``None`` (with a warning) if they are too small.
+    """
     _check_pair(original, reconstruction)
     height, width = original.shape[1:]
     if min(height, width) < MS_SSIM_MIN_SIDE:
@@ -142,7 +145,7 @@ def blocking_effect_factor(image: Tensor, block_size: int = PSNR_B_BLOCK) -> flo
     squared = {"border": 0.0, "inner": 0.0}
     counts = {"border": 0, "inner": 0}
     for steps in (image[:, 1:] - image[:, :-1], (image[1:, :] - image[:-1, :]).T):
-        # ``steps[:, j]`` is the difference between pixel j + 1 and pixel j along a line.
+        # ``steps[:, j]``: the difference between pixel j + 1 and pixel j along a line.
         is_border = torch.arange(steps.shape[1]) % block_size == block_size - 1
         squared_steps = steps.pow(2)
         squared["border"] += squared_steps[:, is_border].sum().item()
@@ -177,7 +180,10 @@ def psnr_b_gray(
 
 
 def luma(image: Tensor) -> Tensor:
-    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of a (3, H, W) image, float64 (H, W)."""
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of a (3, H, W) image.
+
+    Returns float64 (H, W).
+    """
     red, green, blue = image.double()
     return 0.299 * red + 0.587 * green + 0.114 * blue
 

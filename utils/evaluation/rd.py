@@ -39,7 +39,10 @@ INTERPOLATIONS = ("pchip", "akima", "cubic")
 
 @dataclass
 class Curve:
-    """One method's RD points, sorted by bpp; ``metrics`` maps a metric to its values."""
+    """One method's RD points, sorted by bpp.
+
+    ``metrics`` maps a metric to its values.
+    """
 
     name: str
     bpp: List[float]
@@ -364,9 +367,9 @@ def too_few_points(curve: Curve) -> Optional[str]:
     if count >= MIN_POINTS:
         return None
     return (
-        f"{curve.name}: {count} RD point{'' if count == 1 else 's'}, but a BD-rate needs "
-        f"at least {MIN_POINTS} per curve (evaluate at least {MIN_POINTS} checkpoints or "
-        "qualities)"
+        f"{curve.name}: {count} RD point{'' if count == 1 else 's'}, "
+        f"but a BD-rate needs at least {MIN_POINTS} per curve "
+        f"(evaluate at least {MIN_POINTS} checkpoints or qualities)"
     )
 
 
@@ -417,7 +420,10 @@ def bd_rate_table(
 def _bd_rate_cell(
     anchor: Curve, test: Curve, metric: str, method: str, notes: List[str]
 ) -> Optional[float]:
-    """One cell of :func:`bd_rate_table`; a ``None`` cell adds its reason to ``notes``."""
+    """One cell of :func:`bd_rate_table`.
+
+    A ``None`` cell adds its reason to ``notes``.
+    """
     if not test.points(metric):
         where = f" in {test.path}" if test.path else ""
         notes.append(f"{test.name}: no {metric} values{where}")

@@ -3,8 +3,8 @@
 A *run* is one operating point (a checkpoint, a zoo quality, a codec quality). Every
 run codes every image of the dataset; per image it records the real rate, the
 likelihood estimate where there is one, PSNR-RGB, MS-SSIM-RGB, PSNR-B, the times and
-the peak memory (``utils.evaluation.metrics``). The dataset result of a run is the mean over
-images of each quantity, as in CompressAI's published results.
+the peak memory (``utils.evaluation.metrics``). The dataset result of a run is the
+mean over images of each quantity, as in CompressAI's published results.
 
 Under ``torchrun --nproc_per_node=K`` the images are sharded: process ``r`` codes
 images ``r, r+K, r+2K, ...`` (each on its own GPU with ``--cuda``), every process
@@ -61,7 +61,10 @@ class Dataset:
 
 
 def load_datasets_config(path: str = DATASETS_CONFIG) -> Dict[str, dict]:
-    """Read and validate ``configs/datasets.yaml``: ``NAME: {path: str, patch_size: int}``."""
+    """Read and validate ``configs/datasets.yaml``.
+
+    Each entry is ``NAME: {path: str, patch_size: int}``.
+    """
     config = load_yaml_file(path, "datasets config") or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of dataset names")
@@ -82,7 +85,7 @@ def load_datasets_config(path: str = DATASETS_CONFIG) -> Dict[str, dict]:
 
 
 def environment_variable(name: str) -> str:
-    """``CPS_<NAME>``: the variable that overrides a dataset's folder (CPS_KODAK, ...)."""
+    """``CPS_<NAME>``: the variable overriding a dataset's folder (CPS_KODAK, ...)."""
     return "CPS_" + re.sub(r"[^A-Z0-9]", "_", name.upper())
 
 
@@ -222,7 +225,8 @@ def _code_image(
     if coded.estimated_bits is not None:
         record["bpp_est"] = coded.estimated_bits / (height * width)
     record.update(image_metrics(reference, reconstruction.expand(3, -1, -1)))
-    # A coder that measured its own peak (apart from a verification decode) knows better.
+    # A coder that measured its own peak (apart from a verification decode)
+    # knows better.
     peak = memory.peak_mb if coded.peak_mb is None else coded.peak_mb
     record.update(
         encoding_time=coded.encoding_time,
@@ -340,8 +344,9 @@ def evaluate(
 def mean_over_images(
     values: List[Optional[float]], key: str, label: str
 ) -> Optional[float]:
-    """The mean of the per-image values that exist (a metric an image is too small for is
-    None), with a warning naming ``label`` when some are missing; None when all are."""
+    """The mean of the per-image values that exist (a metric an image is too small
+    for is None), with a warning naming ``label`` when some are missing; None when
+    all are."""
     present = [v for v in values if v is not None]
     if not present:
         return None

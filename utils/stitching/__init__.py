@@ -1,1 +1,2 @@
-"""POPS: receptive-field geometry, patch tiling and stitching, and the memory planner."""
+"""POPS: receptive-field geometry, patch tiling and stitching,
+and the memory planner."""

@@ -65,7 +65,8 @@ class PopsGeometry:
 
     @property
     def unreachable(self) -> int:
-        """2e of eq. (3): latent positions per patch that depend on pixels outside it."""
+        """2e of eq. (3): latent positions per patch that depend on pixels
+        outside it."""
         return math.ceil(self.receptive_field / self.scale) - 1
 
     @property

@@ -1,9 +1,12 @@
 """Run a transform patch by patch and stitch the exact parts (POPS, Fig. 1).
 
-Both directions use the same latent-unit tiling from :func:`utils.stitching.geometry.plan_patches`:
+Both directions use the same latent-unit tiling from
+:func:`utils.stitching.geometry.plan_patches`:
 
-* analysis: pixel patch ``[start*rho, stop*rho)`` -> latent, keep ``[own_start, own_stop)``
-* synthesis: latent patch ``[start, stop)`` -> pixels, keep ``[own_start*rho, own_stop*rho)``
+* analysis: pixel patch ``[start*rho, stop*rho)`` -> latent,
+  keep ``[own_start, own_stop)``
+* synthesis: latent patch ``[start, stop)`` -> pixels,
+  keep ``[own_start*rho, own_stop*rho)``
 
 Every patch has the same size (patches are clipped to the image, never padded), so
 patches run in batches of ``batch_size`` on the transform's device, and only one
@@ -63,7 +66,8 @@ def run_patchwise(
     prepare: Optional[Callable[[Tensor], Tensor]] = None,
     finish: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
-    """Fill ``target`` (1, C_out, ...) with ``transform`` applied patch-wise to ``source``.
+    """Fill ``target`` (1, C_out, ...) with ``transform`` applied patch-wise
+    to ``source``.
 
     Args:
         transform: maps a batch (B, C_in, h, w) on ``device`` to (B, C_out, h', w').

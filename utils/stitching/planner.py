@@ -71,7 +71,8 @@ class TransformCost:
     bytes_per_pixel: float
 
     def batch_bytes(self, batch: int, height: int, width: int) -> int:
-        """Predicted peak added by one batch of ``batch`` patches of height x width pixels."""
+        """Predicted peak added by one batch of ``batch`` patches of
+        height x width pixels."""
         return (
             int(self.bytes_per_pixel * batch * height * width * _SAFETY_FACTOR)
             + _SAFETY_BYTES
@@ -237,7 +238,8 @@ class Planner:
         self.geometry = model_geometry(model)
 
     def return_freed_memory(self) -> None:
-        """Trim the heap before a phase is planned, so the RSS read is the live memory."""
+        """Trim the heap before a phase is planned, so the RSS read is the
+        live memory."""
         if self.budget is not None:
             return_freed_memory()
 
@@ -246,7 +248,8 @@ class Planner:
     ) -> None:
         """Fail before any work if the entropy phase's buffers alone break the budget
         (they live on the CPU whatever the transforms' device); ``fixed_point``: the
-        file's latent is coded in several streams (``utils/coding/context_coder.py``)."""
+        file's latent is coded in several streams
+        (``utils/coding/context_coder.py``)."""
         if self.budget is None or self.device.type != "cpu":
             return
         stream_symbols = largest_stream_symbols(*latent_size, self.model.M, fixed_point)
@@ -273,9 +276,9 @@ class Planner:
         max_batch: int,
         held_on_cpu: int,
     ) -> PatchPlan:
-        """Patch and batch for ``"analysis"`` (``g_a``) or ``"synthesis"`` (``g_s``) of a
-        latent of ``latent_size``; ``held_on_cpu`` bytes will be allocated on the CPU
-        during the phase on top of what the process holds now."""
+        """Patch and batch for ``"analysis"`` (``g_a``) or ``"synthesis"`` (``g_s``)
+        of a latent of ``latent_size``; ``held_on_cpu`` bytes will be allocated on
+        the CPU during the phase on top of what the process holds now."""
         if not patch.is_auto:
             check_patch_size(patch.size, self.geometry)
         if self.budget is None:
@@ -306,9 +309,10 @@ class Planner:
         return costs[key]
 
     def _measure(self, transform: nn.Module, direction: str) -> TransformCost:
-        """The calibration patch is 256 pixels: per pixel, the cost of a CPS transform is
-        within 12 % of its value at 768 pixels and above it (the padding-free borders
-        make small patches dearer per pixel), so larger patches are not underestimated."""
+        """The calibration patch is 256 pixels: per pixel, the cost of a CPS
+        transform is within 12 % of its value at 768 pixels and above it (the
+        padding-free borders make small patches dearer per pixel), so larger patches
+        are not underestimated."""
         if direction == "analysis":
             shape, dtype = (1, 3, CALIBRATION_PATCH, CALIBRATION_PATCH), torch.uint8
         else:
@@ -347,8 +351,9 @@ def _peak_added(device: torch.device, run: Callable[[], None]) -> int:
 
 
 def _forward_cost(model: nn.Module, device: torch.device) -> TransformCost:
-    """Peak bytes per pixel of one whole-image forward pass, measured once per model on a
-    calibration image of about 128 x 128 pixels (a multiple of the model's factor)."""
+    """Peak bytes per pixel of one whole-image forward pass, measured once per
+    model on a calibration image of about 128 x 128 pixels (a multiple of the
+    model's factor)."""
     costs = _COSTS.setdefault(model, {})
     key = (str(device), "forward")
     if key not in costs:

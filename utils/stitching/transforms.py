@@ -37,9 +37,10 @@ def transform_mode(device: torch.device, exact: bool) -> Iterator[None]:
     """Inference with deterministic convolution settings on ``device``."""
     with torch.inference_mode():
         if device.type == "cpu":
-            # oneDNN picks kernels by tensor size and NNPACK takes over from batch 16 on.
-            # Exact mode runs the convolutions as fixed-shape products instead, and
-            # the forms those do not cover natively with both libraries off.
+            # oneDNN picks kernels by tensor size and NNPACK takes over from
+            # batch 16 on. Exact mode runs the convolutions as fixed-shape
+            # products instead, and the forms those do not cover natively with
+            # both libraries off.
             mkldnn_was_enabled = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = not exact
             try:
