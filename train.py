@@ -1,9 +1,10 @@
-"""Rate-distortion training of a registered model (CPS, the baselines) from a YAML config.
+"""Rate-distortion training of a registered model (CPS, baselines) from a YAML config.
 
 Single process (GPU or CPU)::
 
     python train.py --config configs/cps_1_lambda00018.yaml
-    python train.py --config configs/cps_1_lambda00018.yaml --set train_params.lmbda=0.025
+    python train.py --config configs/cps_1_lambda00018.yaml \\
+        --set train_params.lmbda=0.025
 
 Several GPUs (DistributedDataParallel, one process per GPU)::
 
@@ -116,7 +117,7 @@ def _log(message: str) -> None:
 
 
 def use_cuda(cfg) -> bool:
-    """``train_data.cuda``, unless this machine has no CUDA: then the CPU, with a warning.
+    """``train_data.cuda``, or the CPU with a warning if this machine has no CUDA.
 
     The paper configs say ``cuda: true``; on a CPU-only machine they still run as
     written (slowly), and the stored config keeps ``cuda: true`` for the next resume.
@@ -126,8 +127,8 @@ def use_cuda(cfg) -> bool:
     if cfg.train_data.cuda and not torch.cuda.is_available():
         if os.environ.get("RANK") in (None, "0"):
             _log(
-                "train.py: warning: train_data.cuda is true but CUDA is not available on "
-                "this machine; training on the CPU"
+                "train.py: warning: train_data.cuda is true but CUDA is not "
+                "available on this machine; training on the CPU"
             )
         return False
     return cfg.train_data.cuda
@@ -141,7 +142,7 @@ def _run_acl(cfg, cuda: bool) -> int:
             "with python, not torchrun"
         )
     from utils.device import select_device
-    from utils.training.acl import run_acl
+    from utils.training.acl_run import run_acl
 
     run_acl(cfg, select_device(cuda), _log)
     return 0

@@ -1,4 +1,7 @@
-"""Asymptotic closed-loop training (utils/training/acl.py) on a tiny model and generated images."""
+"""Asymptotic closed-loop training (utils/training/acl.py).
+
+Runs on a tiny model and generated images.
+"""
 
 import copy
 import math
@@ -15,14 +18,13 @@ from datasets.context_pairs import ContextPairs
 from models.kamisli2024.network import Kamisli2024
 from utils.image_io import read_image
 from utils.training.acl import (
-    STATE_NAME,
     ACLState,
     count_threshold,
     finish_iteration,
     next_learning_rate,
-    run_acl,
     train_epoch,
 )
+from utils.training.acl_run import STATE_NAME, run_acl
 from utils.training.config import SCHEMA, parse_config
 
 
@@ -152,7 +154,10 @@ def test_an_interrupted_acl_run_resumes_to_the_same_result(tmp_path):
 def test_a_model_config_acl_cannot_build_is_refused_as_in_open_loop(
     tmp_path, change, message
 ):
-    """Both training modes build the model through one function, with one-line errors."""
+    """Both training modes build the model through one function.
+
+    Its errors are one line each.
+    """
     cfg = config(tmp_path)
     kwargs = {k: v for k, v in cfg["model"]["kwargs"].items() if k != "block_size"}
     cfg["model"]["kwargs"] = dict(kwargs, **change)
@@ -205,7 +210,8 @@ def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
 
 
 def test_context_pair_crops_of_neighbouring_seeds_are_not_shifted_epochs(tmp_path):
-    # Seeding with seed + epoch gave seed 4 at epoch e the crops of seed 3 at epoch e + 1.
+    # Seeding with seed + epoch gave seed 4 at epoch e the crops of seed 3 at
+    # epoch e + 1.
     write_images(tmp_path, 1, (20, 28), seed=2)
     original = str(next(tmp_path.glob("*.png")))
 

@@ -158,7 +158,8 @@ def test_checkpoints_are_self_describing_and_ready_for_coding(tmp_path, train_im
 def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_interruption(
     tmp_path, train_images, monkeypatch, capsys
 ):
-    # Validation stubbed: loss 1.0 at step 2, before the interruption, then 2.0 at step 4.
+    # Validation stubbed: loss 1.0 at step 2, before the interruption, then 2.0 at
+    # step 4.
     losses = iter([1.0, 2.0])
     monkeypatch.setattr(
         Trainer,
@@ -224,7 +225,7 @@ def test_a_resumed_run_carries_over_its_streak_of_nonfinite_steps(
         trainer.step(torch.full((2, 3, 64, 64), float("nan")), trainer.pos.global_step)
 
 
-def test_the_plateau_schedule_lowers_the_lr_only_once_the_validation_loss_stops_falling():
+def test_the_plateau_schedule_lowers_the_lr_only_once_validation_stops_improving():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler, per = build_scheduler(
         optimizer, {"type": "plateau", "factor": 0.5, "patience": 1, "min_lr": 0.0}, 100
@@ -506,9 +507,9 @@ class _RaiseSignalAt:
 def test_sigint_mid_epoch_saves_the_current_step_and_exits_130(tmp_path, train_images):
     cfg = load_config(write_train_config(tmp_path, train_images, tmp_path / "exp"))
     trainer = Trainer(cfg, CPU, log=io.StringIO())
-    trainer.train_loader = trainer._loader(
-        _RaiseSignalAt(trainer.train_set, 5, signal.SIGINT),
-        trainer.train_sampler,
+    trainer.train_loader = trainer.images.loader(
+        _RaiseSignalAt(trainer.images.train_set, 5, signal.SIGINT),
+        trainer.images.train_sampler,
         2,
         True,
     )
@@ -619,7 +620,8 @@ def test_unusable_training_images_are_skipped_counted_and_past_the_limit_stop_th
         "(not an image file of a format PIL reads); 1 of 7 unusable so far"
     ]
 
-    # Four more broken files: 5 of 11 is more than 20 %, a one-line error through a worker.
+    # Four more broken files: 5 of 11 is more than 20 %, a one-line error through a
+    # worker.
     write_broken_images(tmp_path / "data" / "train")
     status, err = run_cli(
         ["--config", cfg, "--set", f"train_data.experiment_path={exp}2"], capsys
@@ -728,7 +730,8 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
     )
     assert status == 0
     assert [line for line in err if "config changed" in line] == [
-        "warning: config changed since the checkpoint: train_params.lmbda: 0.01 -> 0.02",
+        "warning: config changed since the checkpoint: "
+        "train_params.lmbda: 0.01 -> 0.02",
         "warning: config changed since the checkpoint: train_params.max_steps: 3 -> 4",
     ]
     assert err[
@@ -738,8 +741,8 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
         )
         + 1
     ] == (
-        "warning: the run continues with the changed values; train.py --resume CHECKPOINT "
-        "without --config or --set keeps the checkpoint's config"
+        "warning: the run continues with the changed values; train.py --resume "
+        "CHECKPOINT without --config or --set keeps the checkpoint's config"
     )
     with pytest.raises(
         SystemExit
@@ -991,8 +994,9 @@ def test_resuming_mid_epoch_after_the_folder_shrank_says_so(
         ["--resume", ckpt, "--set", "train_params.max_steps=5"], capsys
     )
     assert status == 1 and err[-1] == (
-        f"train.py: error: {ckpt} stopped at batch 3 of epoch 0, but an epoch of this run has "
-        f"2 batches per process (2 training images in {train_images}, 1 process): fewer "
-        "images or more processes than when the run began; resume with the same folder and "
-        "process count, or start a new run from its weights with --init-from"
+        f"train.py: error: {ckpt} stopped at batch 3 of epoch 0, but an epoch of this "
+        f"run has 2 batches per process (2 training images in {train_images}, "
+        "1 process): fewer images or more processes than when the run began; resume "
+        "with the same folder and process count, or start a new run from its weights "
+        "with --init-from"
     )

@@ -12,8 +12,8 @@ model's own closed-loop reconstructions:
     z_0 = x                                     (iteration 0: teacher forcing)
     iteration k: epochs of RD training on (x, z_k), loss = RD(f(x, z_k))
                  chained (after the switch): 1/2 RD(f(x, z_k)) + 1/2 RD(f(x, x_hat_1))
-                 each epoch   L_ol = open-loop RD on validation pairs -> LR plateau step,
-                              best -> model_best_acl_{k}
+                 each epoch   L_ol = open-loop RD on validation pairs
+                              -> LR plateau step, best -> model_best_acl_{k}
                  every max(1, closed_loop_every - k) epochs
                               L_cl = closed-loop RD (recursive reconstruction),
                               best over all iterations -> model_best_acl_{k}rr
@@ -25,38 +25,22 @@ model's own closed-loop reconstructions:
     z_{k+1} = clamp(f(x, z_k)) in eval mode as 8-bit PNGs, new Adam with
     lr = lr0*w + lr*(1-w), w = max(5 - (k+1), 0)/10, and a new plateau scheduler.
 
-Entry point for ``train.py``: :func:`run_acl`. The state is saved after every epoch
-and phase (``checkpoint.pth.tar``, so ``train.py --resume`` finds it) and regeneration
-skips images already written, so an interrupted run continues where it stopped.
+This module holds the procedure's rules and steps; :mod:`utils.training.acl_run`
+runs them with files, phases and resumption (``run_acl``, the entry point for
+``train.py``).
 """
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import list_split
 from datasets.context_pairs import ContextPairs
-from datasets.sampler import epoch_seed
-from datasets.workers import leave_process_group
-from models.base import ClosedLoopTrainable
-from models.checkpoint import (
-    load_state_dict_into,
-    read_checkpoint_file,
-    unwrap_state_dict,
-)
-from utils.atomic import atomic_torch_save
-from utils.cli import prepare_output_folder
 from utils.image_io import to_uint8, write_png
-from utils.training.bad_images import usable_images
-from utils.training.build import build_configured_model
-from utils.training.config import LAST_NAME as STATE_NAME
-from utils.training.config import to_plain_dict
-from utils.training.state import check_resume_entries, load_entry
 
 __all__ = [
     "count_threshold",
@@ -67,8 +51,7 @@ __all__ = [
     "train_epoch",
     "next_learning_rate",
     "finish_iteration",
-    "run_acl",
-    "STATE_NAME",
+    "iteration_converged",
 ]
 
 
@@ -203,144 +186,10 @@ def next_learning_rate(initial: float, current: float, iteration: int) -> float:
     return initial * weight + current * (1.0 - weight)
 
 
-class _Run:
-    """The model, data lists, criterion and files of one ACL run (from the train config)."""
-
-    def __init__(
-        self, cfg: Mapping, settings: Mapping, device: torch.device, log: Callable
-    ):
-        data, params, model_cfg = cfg["train_data"], cfg["train_params"], cfg["model"]
-        self.settings, self.device, self.log, self.config = settings, device, log, cfg
-        torch.manual_seed(params["seed"])  # the same initial weights in every run
-        self.model = build_configured_model(cfg)
-        if not isinstance(self.model, ClosedLoopTrainable):
-            raise ValueError(
-                f"ACL training needs a block-based model that implements "
-                f"models.base.ClosedLoopTrainable, such as kamisli2024, not "
-                f"{model_cfg['name']!r}"
-            )
-        self.model.to(device)
-        self.block_size = self.model.block_size
-        self.exp = data["experiment_path"]
-        self.batch_size, self.workers = data["batch_size"], data["num_workers"]
-        self.crop, self.seed = params["crop_size"], params["seed"]
-        self.initial_lr = params["learning_rate"]
-        self.plateau = cfg["lr_schedule"]
-        if self.plateau["type"] != "plateau":
-            raise ValueError(
-                f"ACL steps a plateau schedule on the validation loss; "
-                f"lr_schedule.type is {self.plateau['type']!r}"
-            )
-        self.criterion = self.model.default_loss(
-            params["lmbda"], params["distortion_metric"]
-        )
-        validation = settings.validation_path or os.path.join(data["data_path"], "test")
-        listed = {
-            "train": list_split(data["data_path"], "train").samples,
-            "val": list_split(
-                os.path.dirname(os.path.abspath(validation)),
-                os.path.basename(os.path.abspath(validation)),
-            ).samples,
-        }
-        self.originals = {
-            split: usable_images(
-                [str(p) for p in paths],
-                split,
-                data["max_bad_fraction"],
-                data["max_image_pixels"],
-                log,
-            )
-            for split, paths in listed.items()
-        }
-        log(
-            f"acl: {len(self.originals['train'])} training images; validation and model "
-            f"selection on {os.path.abspath(validation)} ({len(self.originals['val'])} images)"
-        )
-
-    def contexts(self, split: str, iteration: int) -> Optional[List[str]]:
-        """Context images of iteration ``iteration`` (None at iteration 0: z = x)."""
-        if iteration == 0:
-            return None
-        folder = os.path.join(self.exp, "acl", f"contexts_{iteration}", split)
-        return [
-            os.path.join(
-                folder, f"{i:06d}_{os.path.splitext(os.path.basename(p))[0]}.png"
-            )
-            for i, p in enumerate(self.originals[split])
-        ]
-
-    def train_loader(self, iteration: int, epoch: int) -> DataLoader:
-        pairs = ContextPairs(
-            self.originals["train"],
-            self.contexts("train", iteration),
-            self.crop,
-            self.block_size,
-            self.seed,
-        )
-        pairs.set_epoch(epoch)
-        return DataLoader(
-            pairs,
-            self.batch_size,
-            shuffle=True,
-            num_workers=self.workers,
-            worker_init_fn=leave_process_group,
-            generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)),
-        )
-
-    def val_pairs(self, iteration: int) -> ContextPairs:
-        return ContextPairs(
-            self.originals["val"], self.contexts("val", iteration), 0, self.block_size
-        )
-
-    def optimizer(self, lr: float, mode: str):
-        """Adam and the authors' plateau schedule (a fresh pair at every iteration)."""
-        settings, plateau = self.settings, self.plateau
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            factor=plateau["factor"],
-            patience=plateau["patience"],
-            threshold=settings.plateau_threshold,
-            threshold_mode="rel",
-            cooldown=settings.plateau_cooldown,
-            min_lr=plateau["min_lr"]
-            if mode == "ol_loss"
-            else settings.min_lr_closed_loop,
-        )
-        return optimizer, scheduler
-
-    def _checkpoint(self, **extra) -> dict:
-        state_dict = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return {
-            "architecture": self.model.registry_name,
-            "model_config": self.model.config,
-            "state_dict": state_dict,
-            **extra,
-        }
-
-    def save_model(self, name: str, **info) -> None:
-        """A coding-ready checkpoint (entropy tables built) that load_checkpoint reads."""
-        with torch.no_grad():
-            self.model.update(force=True)
-        atomic_torch_save(self._checkpoint(**info), os.path.join(self.exp, name))
-
-    def save_state(self, state: ACLState, optimizer, scheduler) -> None:
-        atomic_torch_save(
-            self._checkpoint(
-                optimizer=optimizer.state_dict(),
-                lr_scheduler=scheduler.state_dict(),
-                acl_state=asdict(state),
-                epoch=state.epoch,
-                config=to_plain_dict(self.config),
-            ),
-            os.path.join(self.exp, STATE_NAME),
-        )
-
-    def load_weights(self, path: str) -> None:
-        load_state_dict_into(self.model, unwrap_state_dict(read_checkpoint_file(path)))
-
-
-def _converged(state: ACLState, settings: Mapping, open_loop: float) -> bool:
+def iteration_converged(state: ACLState, settings: Mapping, open_loop: float) -> bool:
+    """Whether the training phase of ``state.iteration`` ends: the watched loss
+    (closed-loop after the switch, else open-loop) has not improved for more than
+    :func:`count_threshold` epochs; iteration 0 ends below ``itr0_threshold``."""
     threshold = count_threshold(settings, state.iteration)
     if state.mode == "cl_loss":
         return state.cl_stale > threshold
@@ -369,170 +218,3 @@ def finish_iteration(state: ACLState, settings: Mapping, optimizer) -> None:
                 group["lr"] *= settings.switch_lr_factor
     state.learning_rate = optimizer.param_groups[0]["lr"]
     state.phase = "regenerate"
-
-
-def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
-    settings, k = run.settings, state.iteration
-    if state.iteration_epochs == 0 and state.mode == "ol_loss":
-        state.best_ol = math.inf
-    val_loader = DataLoader(run.val_pairs(k), batch_size=1)
-    while True:
-        # quantisation noise: resumable per epoch
-        torch.manual_seed(epoch_seed(run.seed, state.epoch))
-        train = train_epoch(
-            run.model,
-            run.train_loader(k, state.epoch),
-            optimizer,
-            run.criterion,
-            run.device,
-            state.chained,
-            settings.clip_value,
-        )
-        state.epoch += 1
-        state.iteration_epochs += 1
-        open_loop = open_loop_loss(run.model, val_loader, run.criterion, run.device)
-        scheduler.step(open_loop)
-        record = {
-            "iteration": k,
-            "epoch": state.epoch,
-            "train": train,
-            "open_loop": open_loop,
-        }
-        if open_loop < state.best_ol:
-            state.best_ol, state.ol_stale = open_loop, 0
-            run.save_model(
-                f"model_best_acl_{k}.pth.tar", acl_iteration=k, loss=open_loop
-            )
-        else:
-            state.ol_stale += 1
-        if state.epoch % max(1, settings.closed_loop_every - k) == 0:
-            closed = closed_loop_loss(
-                run.model,
-                val_loader,
-                run.criterion,
-                run.device,
-                settings.closed_loop_tile,
-            )
-            record["closed_loop"] = closed
-            if closed < state.best_cl:
-                state.best_cl, state.cl_stale = closed, 0
-                run.save_model(
-                    f"model_best_acl_{k}rr.pth.tar", acl_iteration=k, loss=closed
-                )
-            else:
-                state.cl_stale += 1
-        state.history.append(record)
-        run.log(
-            f"acl iteration {k} epoch {state.epoch}: "
-            + ", ".join(
-                f"{key} {value:.4f}"
-                for key, value in record.items()
-                if isinstance(value, float)
-            )
-        )
-        done = _converged(state, settings, open_loop) or (
-            0 < settings.max_epochs_per_iteration <= state.iteration_epochs
-        )
-        if done:
-            finish_iteration(state, settings, optimizer)
-        run.save_state(state, optimizer, scheduler)
-        if done:
-            return
-
-
-def _regenerate_phase(run: _Run, state: ACLState):
-    k = state.iteration
-    selected = os.path.join(run.exp, state.selected)
-    if os.path.exists(selected):
-        run.load_weights(selected)
-    else:  # no closed-loop validation beat the earlier iterations' best
-        run.log(
-            f"{state.selected} does not exist; iteration {k + 1} starts from the "
-            "current weights"
-        )
-    for split in ("train", "val"):
-        pairs = ContextPairs(
-            run.originals[split], run.contexts(split, k), 0, run.block_size
-        )
-        count = regenerate_contexts(
-            run.model, pairs, run.contexts(split, k + 1), run.device
-        )
-        run.log(f"acl iteration {k + 1}: wrote {count} {split} context images")
-    state.iteration, state.phase = k + 1, "train"
-    state.iteration_epochs = state.ol_stale = state.cl_stale = 0
-    state.learning_rate = next_learning_rate(run.initial_lr, state.learning_rate, k + 1)
-    optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
-    run.save_state(state, optimizer, scheduler)
-    return optimizer, scheduler
-
-
-_RESUME_KEYS = (
-    "state_dict",
-    "optimizer",
-    "lr_scheduler",
-    "acl_state",
-    "epoch",
-    "config",
-)
-
-
-def run_acl(
-    cfg: Mapping, device: torch.device, log: Callable[[str], None] = print
-) -> ACLState:
-    """Train ``cfg``'s model with ACL until ``acl.max_iterations`` iterations are done.
-
-    ``cfg`` is the validated training config (:func:`utils.training.config.parse_config`,
-    which also holds the ``acl`` block's defaults and checks): ``train_data``
-    (data_path, experiment_path, batch_size, num_workers, use_checkpoint_path to
-    resume, init_checkpoint_path), ``train_params`` (crop_size, learning_rate, lmbda,
-    distortion_metric, seed, N), ``model`` (name, kwargs) and ``acl``
-    (the procedure's settings). Single process. Returns the final state; the model to
-    use is ``experiment_path/<state.selected>``.
-    """
-    settings = cfg["acl"]
-    run = _Run(cfg, settings, device, log)
-    data = cfg["train_data"]
-    last = os.path.join(run.exp, STATE_NAME)
-    if data["use_checkpoint_path"]:
-        path = data["use_checkpoint_path"]
-        checkpoint = read_checkpoint_file(path)
-        if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
-            raise ValueError(f"{path} is not an ACL checkpoint")
-        check_resume_entries(checkpoint, path, _RESUME_KEYS)
-        try:
-            state = ACLState(**checkpoint["acl_state"])
-        except TypeError:
-            raise ValueError(
-                f"cannot resume from {path}: entry 'acl_state' has other keys "
-                f"than {', '.join(f.name for f in fields(ACLState))}"
-            ) from None
-        run.load_weights(path)
-        optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
-        load_entry(optimizer, checkpoint, "optimizer", path)
-        load_entry(scheduler, checkpoint, "lr_scheduler", path)
-        log(
-            f"resuming ACL iteration {state.iteration} ({state.phase}) after epoch {state.epoch}"
-        )
-    elif os.path.exists(last):
-        raise ValueError(
-            f"{last} exists: pass --resume to continue that run, or choose "
-            "another train_data.experiment_path"
-        )
-    else:
-        if data["init_checkpoint_path"]:
-            run.load_weights(data["init_checkpoint_path"])
-        state = ACLState(learning_rate=run.initial_lr)
-        optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
-    # Only now: a refused run leaves no empty folder.
-    prepare_output_folder(run.exp, "train_data.experiment_path")
-    while True:
-        if state.phase == "train":
-            _train_phase(run, state, optimizer, scheduler)
-        if state.iteration + 1 >= settings.max_iterations:
-            break
-        optimizer, scheduler = _regenerate_phase(run, state)
-    log(
-        f"ACL finished after iteration {state.iteration}; use "
-        f"{os.path.join(run.exp, state.selected)}"
-    )
-    return state

@@ -81,9 +81,10 @@ def usable_images(
     max_pixels: Optional[int],
     log: Callable[[str], None],
 ) -> List[str]:
-    """The images of ``paths`` that decode, checked once up front (for the ACL runs, whose
-    originals and context images must stay paired): one warning per unusable image,
-    and a one-line error past ``max_fraction`` of them, as :class:`UnusableImages`."""
+    """The images of ``paths`` that decode, checked once up front (for the ACL
+    runs, whose originals and context images must stay paired): one warning per
+    unusable image, and a one-line error past ``max_fraction`` of them, as
+    :class:`UnusableImages`."""
     kept, unusable = [], 0
     for path in paths:
         try:
@@ -91,14 +92,15 @@ def usable_images(
         except UnreadableImage as exc:
             unusable += 1
             log(
-                f"warning: skipping {split} image {path} ({exc}); {unusable} of {len(paths)} "
-                f"unusable so far"
+                f"warning: skipping {split} image {path} ({exc}); {unusable} of "
+                f"{len(paths)} unusable so far"
             )
             if unusable > max_fraction * len(paths):
                 raise RuntimeError(
-                    f"{unusable} of {len(paths)} {split} images are unusable, more than "
-                    f"train_data.max_bad_fraction={max_fraction:g}; the last: {path} ({exc}); "
-                    f"repair the folder or raise train_data.max_bad_fraction"
+                    f"{unusable} of {len(paths)} {split} images are unusable, more "
+                    f"than train_data.max_bad_fraction={max_fraction:g}; the last: "
+                    f"{path} ({exc}); repair the folder or raise "
+                    f"train_data.max_bad_fraction"
                 ) from None
             continue
         kept.append(path)

@@ -1,4 +1,4 @@
-"""Training configuration: the authors' YAML layout, validated, with defaults and overrides.
+"""Training config: the authors' YAML layout, validated, with defaults and overrides.
 
 The CPS authors' files have two blocks and load unchanged::
 
@@ -171,7 +171,7 @@ def parse_config(raw: Any, source: str = "config") -> EasyDict:
 
 
 def _override(raw: dict, assignment: str) -> None:
-    """Apply one ``block.key=value`` assignment to ``raw`` in place (one-line errors)."""
+    """Apply a ``block.key=value`` assignment to ``raw`` in place (one-line errors)."""
     name, sep, text = assignment.partition("=")
     name = name.strip()
     if not sep or "." not in name:
@@ -271,7 +271,7 @@ def load_config(
 
 
 def to_plain_dict(cfg: Mapping) -> dict:
-    """Deep copy of ``cfg`` made of plain dicts/lists (safe for ``weights_only`` loads)."""
+    """Deep copy of ``cfg`` as plain dicts/lists (safe for ``weights_only`` loads)."""
     if isinstance(cfg, Mapping):
         return {str(k): to_plain_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):

@@ -133,7 +133,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over all ranks (no-op when single-process)."""
+    """Average the gradients of ``params`` over all ranks (no-op if single-process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     world_size = dist.get_world_size()

@@ -17,52 +17,46 @@ the test crops (the sums are all-reduced) and steps the same LR schedule.
 import os
 import signal
 import sys
-import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
-from datasets import CropImageFolder, EpochSampler
-from datasets.workers import leave_process_group
 from utils.cli import prepare_output_folder
 from utils.training import distributed
-from utils.training.bad_images import TooManyUnusableImages, UnusableImages
+from utils.training.bad_images import TooManyUnusableImages
 from utils.training.build import build_configured_model
-from utils.training.config import (
-    BEST_NAME,
-    LAST_NAME,
-    parse_config,
-    rename_legacy_keys,
-    to_plain_dict,
-)
+from utils.training.config import BEST_NAME, LAST_NAME
+from utils.training.images import RunImages
+from utils.training.monitor import StepWindow, write_train_scalars, write_validation
+from utils.training.resume import check_resume_position, config_changes, run_finished
 from utils.training.state import (
     TrainPosition,
     build_checkpoint,
-    config_differences,
     init_weights_from,
     read_resume_checkpoint,
     restore,
     save_checkpoint,
 )
 from utils.training.step import (
-    STAT_NAMES,
     TrainStep,
     build_optimizers,
     build_scheduler,
     coding_state_dict,
 )
+from utils.training.validation import validate
 
 __all__ = ["Trainer"]
 
 
 class Trainer:
-    """Builds everything from a validated config (:func:`utils.training.config.load_config`).
+    """Builds everything from a validated config.
 
     Args:
-        cfg: the config; ``train_data.use_checkpoint_path`` resumes,
+        cfg: the config (:func:`utils.training.config.load_config`);
+            ``train_data.use_checkpoint_path`` resumes,
             ``train_data.init_checkpoint_path`` initialises the weights only.
-        ctx: rank, world size and device (:func:`utils.training.distributed.init_distributed`).
+        ctx: rank, world size and device
+            (:func:`utils.training.distributed.init_distributed`).
         log: where rank 0 prints one-line messages (default: stderr).
     """
 
@@ -87,46 +81,9 @@ class Trainer:
             )
         torch.manual_seed(params.seed)  # identical initial weights on every rank
 
-        self.train_set = CropImageFolder(
-            data.data_path,
-            "train",
-            params.crop_size,
-            True,
-            data.small_images,
-            data.max_image_pixels,
-        )
-        self.test_set = CropImageFolder(
-            data.data_path,
-            "test",
-            params.crop_size,
-            False,
-            data.small_images,
-            data.max_image_pixels,
-        )
-        for ds in (self.train_set, self.test_set):
-            if ds.skipped:
-                self.log(
-                    f"skipped {ds.skipped} images smaller than {params.crop_size} px"
-                )
-        self.unusable = {
-            name: UnusableImages(ds, name, data.max_bad_fraction, self.log)
-            for name, ds in (
-                ("training", self.train_set),
-                ("validation", self.test_set),
-            )
-        }
-        self.train_sampler = EpochSampler(
-            len(self.train_set), params.seed, True, ctx.rank, ctx.world_size, pad=True
-        )
-        self.test_sampler = EpochSampler(
-            len(self.test_set), params.seed, False, ctx.rank, ctx.world_size, pad=False
-        )
-        self.steps_per_epoch = self.train_sampler.per_rank() // data.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.train_set)} training images give no full batch of "
-                f"{data.batch_size} per process ({ctx.world_size} processes)"
-            )
+        self.images = RunImages(data, params, ctx, self.log)
+        self.unusable = self.images.unusable
+        self.steps_per_epoch = self.images.steps_per_epoch
 
         self.raw = build_configured_model(cfg).to(ctx.device)
         if params.channels_last:
@@ -173,27 +130,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _build_loaders(self) -> None:
-        data = self.cfg.train_data
-        self.train_loader = self._loader(
-            self.train_set, self.train_sampler, data.batch_size, True
-        )
-        self.test_loader = self._loader(
-            self.test_set, self.test_sampler, data.test_batch_size, False
-        )
-
-    def _loader(self, dataset, sampler, batch_size: int, train: bool) -> DataLoader:
-        data = self.cfg.train_data
-        workers = data.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=workers,
-            worker_init_fn=leave_process_group,
-            pin_memory=data.pin_memory and self.ctx.device.type == "cuda",
-            persistent_workers=data.persistent_workers and workers > 0,
-        )
+        self.train_loader, self.test_loader = self.images.loaders()
 
     def _load_start_state(self) -> None:
         data = self.cfg.train_data
@@ -210,12 +147,20 @@ class Trainer:
                 path,
             )
             # A refused resume says so first, without announcing that it resumes.
-            self._check_resume_position(path, checkpoint.get("config"))
+            check_resume_position(
+                path,
+                checkpoint.get("config"),
+                self.cfg,
+                self.pos,
+                self.steps_per_epoch,
+                len(self.images.train_set),
+                self.ctx.world_size,
+            )
             self.log(
                 f"resuming {path} at step {self.pos.global_step} "
                 f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})"
             )
-            changes = self._config_changes(checkpoint.get("config"))
+            changes = config_changes(checkpoint.get("config"), self.cfg)
             for change in changes:
                 self.log(f"warning: config changed since the checkpoint: {change}")
             if changes:
@@ -227,71 +172,6 @@ class Trainer:
         elif data.init_checkpoint_path:
             init_weights_from(data.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {data.init_checkpoint_path}")
-
-    def _check_resume_position(self, path: str, stored: Optional[dict]) -> None:
-        """Refuse a resume that cannot continue where the checkpoint stopped.
-
-        Mid-epoch, the samples already seen are ``epoch_step * batch_size`` per process:
-        another batch size or process count would repeat or skip images, or leave no
-        full batch in the epoch (the loader would then yield nothing, forever). A run
-        that already reached ``max_steps`` or ``epochs`` has nothing left to do.
-        """
-        data, params, pos = self.cfg.train_data, self.cfg.train_params, self.pos
-        if pos.epoch_step:
-            stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
-            count = self.ctx.world_size
-            processes = f"{count} process{'es' if count > 1 else ''}"
-            if (
-                stored_batch in (None, data.batch_size)
-                and pos.epoch_step >= self.steps_per_epoch
-            ):
-                raise ValueError(
-                    f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch}, but an "
-                    f"epoch of this run has {self.steps_per_epoch} batches per process "
-                    f"({len(self.train_set)} training images in {data.data_path}, {processes}): "
-                    "fewer images or more processes than when the run began; resume with the "
-                    "same folder and process count, or start a new run from its weights with "
-                    "--init-from"
-                )
-            if stored_batch not in (None, data.batch_size):
-                raise ValueError(
-                    f"{path} stopped at batch {pos.epoch_step} of epoch {pos.epoch} with "
-                    f"batch_size {stored_batch or 'unknown'}; a mid-epoch resume needs that "
-                    f"batch_size and the same process count (this run: batch_size "
-                    f"{data.batch_size}, {processes}), "
-                    "or start a new run from its weights with --init-from"
-                )
-        if self._finished():
-            limit = (
-                f"train_params.max_steps={params.max_steps}"
-                if params.max_steps and pos.global_step >= params.max_steps
-                else f"train_data.epochs={data.epochs}"
-            )
-            raise ValueError(
-                f"{path} already finished its run at step {pos.global_step} "
-                f"({limit}); raise that limit with --set to train further"
-            )
-
-    def _config_changes(self, stored: Optional[dict]) -> List[str]:
-        """``block.key: old -> new`` for each key that differs from the stored config.
-
-        The stored config is read as a config file would be (the authors' key names
-        of older checkpoints are mapped to ours); where the checkpoint came from is
-        not a change.
-        """
-        if not stored:
-            return []
-        try:
-            stored = to_plain_dict(parse_config(stored, "stored config"))
-        except ValueError:  # a config from another version: compare it as it is
-            stored = rename_legacy_keys(stored)
-        return [
-            change
-            for change in config_differences(stored, to_plain_dict(self.cfg))
-            if not change.startswith(
-                ("train_data.use_checkpoint_path:", "train_data.init_checkpoint_path:")
-            )
-        ]
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""
@@ -345,20 +225,14 @@ class Trainer:
         # A second Ctrl-C kills the process at once.
         signal.signal(signum, signal.SIG_DFL)
 
-    def _finished(self) -> bool:
-        max_steps = self.cfg.train_params.max_steps
-        if max_steps and self.pos.global_step >= max_steps:
-            return True
-        return self.pos.epoch >= self.cfg.train_data.epochs
-
     def _fit(self) -> int:
         from tqdm import tqdm
 
         log_settings = self.cfg.logging
         data = self.cfg.train_data
         self.raw.train()
-        while not self._finished():
-            self.train_sampler.set_epoch(
+        while not run_finished(self.cfg, self.pos):
+            self.images.train_sampler.set_epoch(
                 self.pos.epoch, self.pos.epoch_step * data.batch_size
             )
             bar = tqdm(
@@ -370,7 +244,10 @@ class Trainer:
                 disable=not (self.ctx.is_main and log_settings.progress),
                 file=self.log_stream,
             )
-            window, running = _Window(), _Window()  # running: this epoch, for the bar
+            window, running = (
+                StepWindow(),
+                StepWindow(),
+            )  # running: this epoch, for the bar
             for x, skipped in self.train_loader:
                 window.data_done()
                 self.unusable["training"].note(skipped)
@@ -396,7 +273,7 @@ class Trainer:
                 bar.update(1)
                 if self.pos.global_step % log_settings.log_interval == 0:
                     self._log_train(window)
-                    window = _Window()
+                    window = StepWindow()
                 epoch_done = self.pos.epoch_step == self.steps_per_epoch
                 if epoch_done:
                     self.pos.epoch += 1
@@ -406,7 +283,7 @@ class Trainer:
                 if stats["stop"] > 0:
                     bar.close()
                     return self._stop()
-                if self._finished():
+                if run_finished(self.cfg, self.pos):
                     break
                 window.data_wait()
             bar.close()
@@ -477,62 +354,24 @@ class Trainer:
         self._save(best=is_best)
         self.log(
             f"step {self.pos.global_step} validation: loss {loss:.4f} bpp "
-            f"{metrics['bpp']:.4f} psnr {metrics['psnr']:.2f} dB aux {metrics['aux']:.1f}"
-            + (" (best)" if is_best else "")
+            f"{metrics['bpp']:.4f} psnr {metrics['psnr']:.2f} dB "
+            f"aux {metrics['aux']:.1f}" + (" (best)" if is_best else "")
         )
 
-    @torch.no_grad()
     def validate(self) -> Dict[str, float]:
-        """Estimated-rate loss, bpp, MSE and mean per-image PSNR on the test centre crops."""
-        raw, device = self.raw, self.ctx.device
-        raw.eval()
-        sums = torch.zeros(
-            5, dtype=torch.float64, device=device
-        )  # n, loss, mse, bpp, psnr
-        shown = []  # (original, reconstruction) pairs for TensorBoard
-        for x, skipped in self.test_loader:
-            self.unusable["validation"].note(skipped)
-            x = x.to(device, non_blocking=True)
-            if self.cfg.train_params.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = raw(x)
-            losses = self.criterion(out, x)
-            x_hat = out["x_hat"].clamp(0, 1)
-            mse = (x_hat - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-            n = x.shape[0]
-            sums += torch.stack(
-                [
-                    torch.tensor(float(n), device=device, dtype=torch.float64),
-                    losses["loss"].double() * n,
-                    mse.double().sum(),
-                    losses["bpp_loss"].double() * n,
-                    (-10 * torch.log10(mse)).double().sum(),
-                ]
-            )
-            shown.extend(zip(x, x_hat))
-            del shown[self.cfg.logging.num_images :]
-        distributed.all_reduce_sum(sums)
-        raw.train()
-        n, loss, mse, bpp, psnr_sum = sums.tolist()
-        metrics = {
-            "loss": loss / n,
-            "mse": mse / n,
-            "bpp": bpp / n,
-            "psnr": psnr_sum / n,
-            "aux": float(raw.aux_loss()),
-        }
+        """Validation metrics of the model now (:func:`utils.training.validation.
+        validate`), also written to TensorBoard."""
+        metrics, shown = validate(
+            self.raw,
+            self.criterion,
+            self.test_loader,
+            self.ctx.device,
+            self.cfg.train_params.channels_last,
+            self.cfg.logging.num_images,
+            self.unusable["validation"].note,
+        )
         if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"val/{key}", value, self.pos.global_step)
-            if shown:
-                from torchvision.utils import make_grid
-
-                grid = make_grid(
-                    torch.stack([t for pair in shown for t in pair]).float(), nrow=2
-                )
-                self.writer.add_image(
-                    "val/original_vs_reconstruction", grid.cpu(), self.pos.global_step
-                )
+            write_validation(self.writer, metrics, shown, self.pos.global_step)
         return metrics
 
     def _save(self, best: bool) -> None:
@@ -557,47 +396,12 @@ class Trainer:
             checkpoint["quantiles_solved"] = True
             save_checkpoint(checkpoint, self.exp, BEST_NAME)
 
-    def _log_train(self, window: "_Window") -> None:
-        if self.writer is None:
-            return
-        step = self.pos.global_step
-        self.writer.add_scalar("train/skipped_steps", window.skipped, step)
-        if window.count == 0:
-            return
-        means = window.means()
-        for key in ("loss", "mse", "bpp", "aux", "grad_norm", "psnr"):
-            self.writer.add_scalar(f"train/{key}", means[key], step)
-        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
-        self.writer.add_scalar(
-            "train/data_wait_s", window.data_wait_s / window.count, step
-        )
-        self.writer.add_scalar(
-            "train/unusable_images", self.unusable["training"].count, step
-        )
-
-
-class _Window:
-    """Running sums of step statistics between two TensorBoard writes."""
-
-    def __init__(self):
-        self._clock = time.perf_counter
-        self.count, self.skipped, self.data_wait_s = 0, 0, 0.0
-        self.sums = dict.fromkeys(STAT_NAMES, 0.0)
-        self._waiting_since = self._clock()
-
-    def data_wait(self) -> None:
-        self._waiting_since = self._clock()
-
-    def data_done(self) -> None:
-        self.data_wait_s += self._clock() - self._waiting_since
-
-    def add(self, stats: Dict[str, float]) -> None:
-        if stats["skipped"]:
-            self.skipped += 1
-            return
-        self.count += 1
-        for key in self.sums:
-            self.sums[key] += stats[key]
-
-    def means(self) -> Dict[str, float]:
-        return {k: v / self.count for k, v in self.sums.items()}
+    def _log_train(self, window: StepWindow) -> None:
+        if self.writer is not None:
+            write_train_scalars(
+                self.writer,
+                window,
+                self.pos.global_step,
+                self.optimizer.param_groups[0]["lr"],
+                self.unusable["training"].count,
+            )

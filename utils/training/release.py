@@ -79,7 +79,10 @@ def _checkpoint_summary(path: str) -> dict:
 def export_weights(
     checkpoint_path: str, output_dir: str, extra_info: Optional[dict] = None
 ) -> str:
-    """Write ``output_dir/model.pth`` and ``output_dir/training.json``; return the weights path."""
+    """Write ``output_dir/model.pth`` and ``output_dir/training.json``.
+
+    Returns the weights path.
+    """
     model = load_checkpoint(checkpoint_path, torch.device("cpu"))
     state = half_precision_state_dict(model)
     os.makedirs(output_dir, exist_ok=True)
@@ -99,7 +102,10 @@ def export_weights(
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
         ),
-        "weights": f"{WEIGHTS_NAME}: float16 parameters, float32/int32 buffers and entropy tables",
+        "weights": (
+            f"{WEIGHTS_NAME}: float16 parameters, float32/int32 buffers "
+            "and entropy tables"
+        ),
         "parameters": sum(p.numel() for p in model.parameters()),
         "file_bytes": os.path.getsize(weights),
         "hardware": f"{cpu_model_name()}, {os.cpu_count()} CPU cores",

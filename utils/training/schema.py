@@ -224,8 +224,9 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         ),
         "min_lr": _Key(float, 0.0, _LR_FLOOR, doc="plateau/cosine: floor"),
     },
-    # Asymptotic closed-loop training (utils/training/acl.py, read when
-    # train_params.training_mode is acl); defaults: the Kamisli authors' B8 low-rate run.
+    # Asymptotic closed-loop training (utils/training/acl.py,
+    # read when train_params.training_mode is acl); defaults: the Kamisli
+    # authors' B8 low-rate run.
     "acl": {
         "itr0_threshold": _Key(
             float,

@@ -4,13 +4,15 @@ A checkpoint is a plain dict in the CPS authors' format (``epoch``, ``state_dict
 ``loss``, ``optimizer``, ``aux_optimizer``, ``lr_scheduler``) extended with what
 exact resumption and self-description need::
 
-    architecture, model_config   registry name and constructor kwargs (models.load_checkpoint
-                                 builds the first and checks the second against the weights)
+    architecture, model_config   registry name and constructor kwargs
+                                 (models.load_checkpoint builds the first and
+                                 checks the second against the weights)
     config                       the full resolved training config
     global_step, epoch_step      position: steps done in total and in the current epoch
     best_loss, nonfinite_in_a_row
-    quantiles_solved             False in the last state, True in the best one: whether the
-                                 entropy bottlenecks' quantiles were solved for coding
+    quantiles_solved             False in the last state, True in the best one:
+                                 whether the entropy bottlenecks' quantiles were
+                                 solved for coding
     rng                          {"seed", "scheme", "torch", "cuda"}: how every random
                                  draw is derived, and the global generators' states
     aux_loss, versions
@@ -54,7 +56,6 @@ __all__ = [
     "load_entry",
     "restore",
     "init_weights_from",
-    "config_differences",
 ]
 
 RNG_SCHEME = "crops: EpochSampler(seed, epoch); noise: step_seed(seed, step, rank)"
@@ -231,7 +232,7 @@ ENTRY_CHECKS = {
 
 
 def check_resume_entries(checkpoint, path: str, required=_RESUME_KEYS) -> dict:
-    """Check a loaded resume checkpoint's entries; return it or raise one ValueError line.
+    """Check a loaded resume checkpoint; return it or raise one ValueError line.
 
     ``required`` must all be present; every entry of :data:`ENTRY_CHECKS` that is
     present must have the expected type, so a damaged or hand-edited file fails here,
@@ -259,7 +260,10 @@ def check_resume_entries(checkpoint, path: str, required=_RESUME_KEYS) -> dict:
 
 
 def read_resume_checkpoint(path: str, required=_RESUME_KEYS) -> dict:
-    """Read and check a checkpoint written by this trainer (see :func:`check_resume_entries`)."""
+    """Read and check a checkpoint written by this trainer.
+
+    See :func:`check_resume_entries`.
+    """
     return check_resume_entries(read_checkpoint_file(path), path, required)
 
 
@@ -270,7 +274,7 @@ def stored_config(path: str) -> dict:
 
 
 def load_entry(target, checkpoint: dict, key: str, path: str) -> None:
-    """``target.load_state_dict(checkpoint[key])`` with a one-line error naming ``key``."""
+    """``target.load_state_dict(checkpoint[key])``; a one-line error names ``key``."""
     try:
         _check_like(target.state_dict(), checkpoint[key])
         target.load_state_dict(checkpoint[key])
@@ -283,8 +287,8 @@ def load_entry(target, checkpoint: dict, key: str, path: str) -> None:
 
 
 def _check_like(fresh: dict, stored: dict) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``stored`` has only keys of ``fresh``, each
-    holding the same kind of value.
+    """Raise ``ValueError``/``TypeError`` unless ``stored`` has only keys of
+    ``fresh``, each holding the same kind of value.
 
     Schedulers' ``load_state_dict`` copies whatever it is given into the object, so
     a damaged entry would only fail steps later, inside ``step()``. (Keys missing
@@ -316,7 +320,7 @@ def restore(
     pos: TrainPosition,
     path: str = "checkpoint",
 ) -> None:
-    """Load model, optimizers, schedule and position from a checked resume checkpoint."""
+    """Load model, optimizers, schedule, position from a checked resume checkpoint."""
     try:
         load_state_dict_into(raw, unwrap_state_dict(checkpoint))
     except ValueError as exc:
@@ -385,16 +389,3 @@ def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
         "train_params.N" if key == "N" else f"model.kwargs.{key}" for key in differing
     )
     return f"its weights have {sizes}, this run's model {ours} (set {keys} to match)"
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list:
-    """``["block.key: old -> new", ...]`` for the entries that differ."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_differences(a, b, prefix=name + ".")
-        elif a != b:
-            changes.append(f"{name}: {a!r} -> {b!r}")
-    return changes

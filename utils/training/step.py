@@ -68,10 +68,11 @@ class _CapturedStep(NamedTuple):
 
 
 def build_optimizers(model: nn.Module, lr: float, aux_lr: float):
-    """Adam for the network and a separate Adam for the quantiles (CompressAI's split)."""
+    """Adam for the network, a separate Adam for the quantiles (CompressAI's split)."""
     if not aux_parameter_names(model):
-        # No EntropyBottleneck (kamisli2024): no quantiles to train. The aux optimizer
-        # then holds one empty tensor, so that steps, checkpoints and resume stay uniform.
+        # No EntropyBottleneck (kamisli2024): no quantiles to train. The aux
+        # optimizer then holds one empty tensor, so that steps, checkpoints and
+        # resume stay uniform.
         return (
             torch.optim.Adam(model.parameters(), lr=lr),
             torch.optim.Adam([torch.zeros(0, requires_grad=True)], lr=aux_lr),
@@ -266,8 +267,9 @@ class TrainStep:
         result["skipped"] = 1.0
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
-                f"gradient (last at step {step}); lower the learning rate or check the data"
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss "
+                f"or gradient (last at step {step}); lower the learning rate or "
+                "check the data"
             )
         warnings.warn(
             f"step {step}: non-finite loss or gradient, update skipped "

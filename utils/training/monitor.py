@@ -1,0 +1,84 @@
+"""What a training run shows while it runs: step statistics gathered between two
+TensorBoard writes, and the scalars and images written (``train/*``, ``val/*``)."""
+
+import time
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from utils.training.step import STAT_NAMES
+
+__all__ = ["StepWindow", "write_train_scalars", "write_validation"]
+
+# The step statistics logged as ``train/<name>`` (``stop`` is a flag, not a figure).
+LOGGED_STATS = ("loss", "mse", "bpp", "aux", "grad_norm", "psnr")
+
+
+class StepWindow:
+    """Running sums of step statistics, and of the time spent waiting for data.
+
+    A step the loss skipped (non-finite) is counted apart, not averaged in.
+    """
+
+    def __init__(self):
+        self._clock = time.perf_counter
+        self.count, self.skipped, self.data_wait_s = 0, 0, 0.0
+        self.sums = dict.fromkeys(STAT_NAMES, 0.0)
+        self._waiting_since = self._clock()
+
+    def data_wait(self) -> None:
+        """The loop now waits for the next batch."""
+        self._waiting_since = self._clock()
+
+    def data_done(self) -> None:
+        """The batch arrived: the wait since :meth:`data_wait` is added."""
+        self.data_wait_s += self._clock() - self._waiting_since
+
+    def add(self, stats: Dict[str, float]) -> None:
+        """One step's statistics (:data:`utils.training.step.STAT_NAMES`)."""
+        if stats["skipped"]:
+            self.skipped += 1
+            return
+        self.count += 1
+        for key in self.sums:
+            self.sums[key] += stats[key]
+
+    def means(self) -> Dict[str, float]:
+        """The mean of each statistic over the steps added (at least one)."""
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+def write_train_scalars(
+    writer, window: StepWindow, step: int, lr: float, unusable_images: int
+) -> None:
+    """The means of ``window`` as ``train/*`` scalars at ``step``, with the learning
+    rate, the mean data wait per step and the unusable images met so far."""
+    writer.add_scalar("train/skipped_steps", window.skipped, step)
+    if window.count == 0:
+        return
+    means = window.means()
+    for key in LOGGED_STATS:
+        writer.add_scalar(f"train/{key}", means[key], step)
+    writer.add_scalar("train/lr", lr, step)
+    writer.add_scalar("train/data_wait_s", window.data_wait_s / window.count, step)
+    writer.add_scalar("train/unusable_images", unusable_images, step)
+
+
+def write_validation(
+    writer,
+    metrics: Dict[str, float],
+    shown: List[Tuple[Tensor, Tensor]],
+    step: int,
+) -> None:
+    """Validation ``metrics`` as ``val/*`` scalars, and the (original,
+    reconstruction) pairs ``shown`` side by side as one image grid."""
+    for key, value in metrics.items():
+        writer.add_scalar(f"val/{key}", value, step)
+    if shown:
+        from torchvision.utils import make_grid
+
+        grid = make_grid(
+            torch.stack([t for pair in shown for t in pair]).float(), nrow=2
+        )
+        writer.add_image("val/original_vs_reconstruction", grid.cpu(), step)

@@ -1,0 +1,117 @@
+"""Whether a run can go on from a checkpoint, and what changed since it was written.
+
+A resume continues bit for bit only where the images of the current epoch are drawn
+as before: mid-epoch, ``epoch_step * batch_size`` samples per process are already
+used, so the batch size and the process count must not change, and the epoch must
+still hold that many batches. A run that reached its limit has nothing left to do.
+These checks run before the run announces that it resumes.
+"""
+
+from typing import List, Optional
+
+from utils.training.config import parse_config, rename_legacy_keys, to_plain_dict
+from utils.training.state import TrainPosition
+
+__all__ = ["run_finished", "check_resume_position", "config_changes"]
+
+# Where the weights come from is not a change of the run.
+_START_KEYS = ("train_data.use_checkpoint_path:", "train_data.init_checkpoint_path:")
+
+
+def run_finished(cfg, position: TrainPosition) -> bool:
+    """Whether ``position`` has reached ``max_steps`` (when set) or ``epochs``."""
+    max_steps = cfg.train_params.max_steps
+    if max_steps and position.global_step >= max_steps:
+        return True
+    return position.epoch >= cfg.train_data.epochs
+
+
+def check_resume_position(
+    path: str,
+    stored: Optional[dict],
+    cfg,
+    position: TrainPosition,
+    steps_per_epoch: int,
+    train_images: int,
+    world_size: int,
+) -> None:
+    """Refuse a resume that cannot continue where the checkpoint at ``path`` stopped.
+
+    Args:
+        stored: the checkpoint's config (``None`` for an old one without it).
+        cfg: this run's config; ``position`` the restored position.
+        steps_per_epoch: batches per process in an epoch of this run.
+        train_images: the training images this run found.
+        world_size: this run's process count.
+
+    Raises:
+        ValueError: mid-epoch with another batch size, or an epoch now too short
+            for the batches already done; or a run already finished.
+    """
+    data, params = cfg.train_data, cfg.train_params
+    if position.epoch_step:
+        stored_batch = ((stored or {}).get("train_data") or {}).get("batch_size")
+        processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+        stopped_at = f"{path} stopped at batch {position.epoch_step} of epoch "
+        if (
+            stored_batch in (None, data.batch_size)
+            and position.epoch_step >= steps_per_epoch
+        ):
+            raise ValueError(
+                f"{stopped_at}{position.epoch}, but an epoch of this run has "
+                f"{steps_per_epoch} batches per process ({train_images} training "
+                f"images in {data.data_path}, {processes}): fewer images or more "
+                "processes than when the run began; resume with the same folder and "
+                "process count, or start a new run from its weights with --init-from"
+            )
+        if stored_batch not in (None, data.batch_size):
+            raise ValueError(
+                f"{stopped_at}{position.epoch} with batch_size "
+                f"{stored_batch or 'unknown'}; a mid-epoch resume needs that "
+                f"batch_size and the same process count (this run: batch_size "
+                f"{data.batch_size}, {processes}), "
+                "or start a new run from its weights with --init-from"
+            )
+    if run_finished(cfg, position):
+        limit = (
+            f"train_params.max_steps={params.max_steps}"
+            if params.max_steps and position.global_step >= params.max_steps
+            else f"train_data.epochs={data.epochs}"
+        )
+        raise ValueError(
+            f"{path} already finished its run at step {position.global_step} "
+            f"({limit}); raise that limit with --set to train further"
+        )
+
+
+def config_changes(stored: Optional[dict], cfg) -> List[str]:
+    """``block.key: old -> new`` for each key of ``cfg`` that differs from ``stored``.
+
+    The stored config is read as a config file would be (the authors' key names of
+    older checkpoints are mapped to ours); where the checkpoint came from is not a
+    change.
+    """
+    if not stored:
+        return []
+    try:
+        stored = to_plain_dict(parse_config(stored, "stored config"))
+    except ValueError:  # a config from another version: compare it as it is
+        stored = rename_legacy_keys(stored)
+    return [
+        change
+        for change in config_differences(stored, to_plain_dict(cfg))
+        if not change.startswith(_START_KEYS)
+    ]
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> List[str]:
+    """``["block.key: old -> new", ...]`` for the entries that differ."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_differences(a, b, prefix=name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
