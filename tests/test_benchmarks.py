@@ -333,9 +333,9 @@ def test_the_gpu_check_dry_run_validates_every_command_and_writes_both_reports(
 
 
 def test_the_gpu_check_names_a_flag_that_a_script_does_not_take(tmp_path):
-    from benchmarks import gpu_check
+    from benchmarks import gpu_check, gpu_steps
 
-    command = gpu_check.memory_step(str(tmp_path)).commands[0] + ["--no-such-flag"]
+    command = gpu_steps.memory_step(str(tmp_path)).commands[0] + ["--no-such-flag"]
     assert "--no-such-flag" in gpu_check.validate_command(command)
     missing = [command[0], os.path.join(gpu_check.ROOT, "benchmarks", "gone.py")]
     assert gpu_check.validate_command(missing) == "benchmarks/gone.py does not exist"
@@ -344,13 +344,13 @@ def test_the_gpu_check_names_a_flag_that_a_script_does_not_take(tmp_path):
 def test_the_gpu_check_without_kodak_refuses_to_run_but_can_dry_run(
     tmp_path, monkeypatch
 ):
-    from benchmarks import gpu_check
+    from benchmarks import gpu_check, gpu_steps
 
     monkeypatch.delenv("CPS_KODAK", raising=False)
     with pytest.raises(SystemExit):
         gpu_check.parse_args([])
     with pytest.raises(ValueError, match="need 3"):
-        gpu_check.kodak_images(str(tmp_path))
+        gpu_steps.kodak_images(str(tmp_path))
 
 
 def _done(code=0, stderr=""):
@@ -376,14 +376,14 @@ def test_cross_device_decodes_must_agree_within_a_level_or_be_refused_on_the_crc
     import numpy
     from PIL import Image
 
-    from benchmarks import gpu_check
+    from benchmarks import gpu_steps
 
     def write_png(name, offset=0):
         pixels = numpy.full((2, 2, 3), 100, dtype=numpy.uint8)
         pixels[0, 0] += offset
         Image.fromarray(pixels).save(tmp_path / name)
 
-    step = gpu_check.cross_device_step(str(tmp_path), "w.pth", "kodim01.png")
+    step = gpu_steps.cross_device_step(str(tmp_path), "w.pth", "kodim01.png")
     for name in ("encoded_cuda.cps", "encoded_cpu.cps"):
         (tmp_path / name).write_bytes(b"file")
     for name in ("cuda_to_cuda.png", "cpu_to_cuda.png", "cpu_to_cpu.png"):
@@ -407,15 +407,15 @@ def test_cross_device_decodes_must_agree_within_a_level_or_be_refused_on_the_crc
 
 
 def test_a_failing_or_slow_command_stops_its_check(tmp_path):
-    from benchmarks import gpu_check
+    from benchmarks import gpu_check, gpu_steps
 
     def never(_results):
         raise AssertionError("summarise must not run")
 
-    failing = gpu_check.Step(
+    failing = gpu_steps.Step(
         "f", "", [[sys.executable, "-c", "raise SystemExit(3)"]], 30, never
     )
-    slow = gpu_check.Step(
+    slow = gpu_steps.Step(
         "s", "", [[sys.executable, "-c", "import time; time.sleep(5)"]], 1, never
     )
     assert gpu_check.run_step(failing, time.monotonic() + 30)["status"] == "error"
@@ -488,9 +488,9 @@ def test_startup_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_the_cuda_tests_check_reports_the_failed_tests():
-    from benchmarks import gpu_check
+    from benchmarks import gpu_check, gpu_steps
 
-    step = gpu_check.cuda_tests_step()
+    step = gpu_steps.cuda_tests_step()
     assert (
         step.commands[0][1:3] == ["-m", "pytest"]
         and gpu_check.validate_command(step.commands[0]) is None
