@@ -8,16 +8,20 @@ built model's, and tables that were never computed because ``update()`` was not 
 :func:`load_checkpoint` handles all four and reports anything else as one clear error.
 """
 
-import os
 import warnings
-import zipfile
 from typing import Mapping, Optional
 
 import torch
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import Tensor, nn
 
+from models.checkpoint_file import read_checkpoint_file
 from models.registry import MODELS, get_model_class
+from models.weight_checks import (
+    check_buildable,
+    check_dtypes,
+    is_entropy_table,
+    validate_loaded_model,
+)
 
 
 class ArchitectureMismatch(ValueError):
@@ -28,7 +32,6 @@ class ArchitectureMismatch(ValueError):
 # Prefixes added by DataParallel/DistributedDataParallel and by torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers that update() computes; a checkpoint may lack them or hold other sizes.
-_ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
 def _strip_wrapper_prefixes(name: str) -> str:
@@ -76,19 +79,17 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
     return state_dict
 
 
-def _is_entropy_table(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in _ENTROPY_TABLES
-
-
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """Load ``state_dict`` into ``model``, tolerating only absent entropy tables.
 
     Tables of a different size are resized by CompressAI's ``load_state_dict``;
     missing or empty ones are recomputed with ``update(force=True)``. Any other
-    missing, unexpected or mis-shaped entry raises ``ValueError``.
+    missing, unexpected or mis-shaped entry, or one of a dtype that cannot hold the
+    model's values (:func:`~models.weight_checks.check_dtypes`), raises ``ValueError``.
     """
+    check_buildable(state_dict)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not _is_entropy_table(k)]
+    missing = [k for k in expected if k not in state_dict and not is_entropy_table(k)]
     unexpected = [k for k in state_dict if k not in expected]
     # An entry of the wrong rank first: it is the likely cause of the others (a size
     # read from a reshaped tensor builds a model that every other entry then misfits).
@@ -100,7 +101,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
                 item[0] not in expected or item[1].dim() == expected[item[0]].dim()
             ),
         )
-        if k in expected and not _is_entropy_table(k) and v.shape != expected[k].shape
+        if k in expected and not is_entropy_table(k) and v.shape != expected[k].shape
     ]
     problems = []
     if missing:
@@ -114,149 +115,20 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
             f"checkpoint does not fit architecture "
             f"{model.registry_name!r}: " + "; ".join(problems)
         )
+    check_dtypes(state_dict, expected)
 
     tables_present = all(
         k in state_dict and state_dict[k].numel() > 0
         for k in expected
-        if _is_entropy_table(k)
+        if is_entropy_table(k)
     )
     if tables_present:
         model.load_state_dict(dict(state_dict), strict=True)
     else:
-        weights = {k: v for k, v in state_dict.items() if not _is_entropy_table(k)}
+        weights = {k: v for k, v in state_dict.items() if not is_entropy_table(k)}
         nn.Module.load_state_dict(model, weights, strict=False)
         model.update(force=True)
     validate_loaded_model(model)
-
-
-# Cumulative frequencies of CompressAI's rANS coder sum to 2**16.
-_CDF_TOTAL = 1 << 16
-
-
-def _check_entropy_tables(prefix: str, module: nn.Module) -> None:
-    """Tables the rANS coder can use without dividing by zero or reading outside a
-    row: for every row, ``2 <= length <= width``, ``cdf[0] == 0``, strictly increasing
-    up to ``cdf[length - 1] == 2**16`` (every symbol has a frequency >= 1, as
-    CompressAI's ``pmf_to_quantized_cdf`` makes it), and ``-width < offset <= 0``."""
-    cdf, lengths, offsets = module._quantized_cdf, module._cdf_length, module._offset
-    if cdf.numel() == 0:
-        return
-    if (
-        cdf.dim() != 2
-        or lengths.shape != (cdf.shape[0],)
-        or offsets.shape != (cdf.shape[0],)
-    ):
-        raise ValueError(
-            f"checkpoint entry {prefix}._quantized_cdf {tuple(cdf.shape)} does not "
-            f"match _cdf_length {tuple(lengths.shape)} and _offset "
-            f"{tuple(offsets.shape)}"
-        )
-    width = cdf.shape[1]
-    lengths, offsets = lengths.long(), offsets.long()
-    bad = (lengths < 2) | (lengths > width)
-    if bad.any():
-        row = int(bad.nonzero()[0])
-        raise ValueError(
-            f"checkpoint entry {prefix}._cdf_length[{row}] = {int(lengths[row])} "
-            f"is outside [2, {width}] (the table width)"
-        )
-    bad = (offsets > 0) | (offsets <= -width)
-    if bad.any():
-        row = int(bad.nonzero()[0])
-        raise ValueError(
-            f"checkpoint entry {prefix}._offset[{row}] = {int(offsets[row])} is "
-            f"outside ({-width}, 0]"
-        )
-    cdf = cdf.long()
-    inside = torch.arange(width) < lengths[:, None]
-    steps = torch.diff(cdf, dim=1)
-    last = cdf.gather(1, (lengths - 1)[:, None])[:, 0]
-    bad = (
-        (cdf[:, 0] != 0)
-        | (last != _CDF_TOTAL)
-        | ((steps <= 0) & inside[:, 1:]).any(dim=1)
-    )
-    if bad.any():
-        row = int(bad.nonzero()[0])
-        raise ValueError(
-            f"checkpoint entry {prefix}._quantized_cdf row {row} is not a CDF: it "
-            f"must rise strictly from 0 to {_CDF_TOTAL} over its {int(lengths[row])} "
-            "entries; delete the entropy tables from the checkpoint to recompute them"
-        )
-    if isinstance(module, GaussianConditional):
-        scales = module.scale_table
-        if (
-            scales.numel() != cdf.shape[0]
-            or not (scales > 0).all()
-            or not (torch.diff(scales) > 0).all()
-        ):
-            raise ValueError(
-                f"checkpoint entry {prefix}.scale_table must hold {cdf.shape[0]} "
-                "positive increasing scales, one per CDF row"
-            )
-
-
-def validate_loaded_model(model: nn.Module) -> None:
-    """Reject weights the codec cannot use, with a one-line ``ValueError`` naming the
-    entry: non-finite floats (a diverged run; they make the encoder's wavefront loop
-    spin on NaN scales) and entropy tables that would make the rANS coder divide by
-    zero or index outside a CDF row (see :func:`_check_entropy_tables`)."""
-    for name, value in model.state_dict().items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(
-                f"checkpoint entry {name} holds non-finite values (NaN or inf): "
-                "the weights are unusable, e.g. from a diverged training run"
-            )
-    for prefix, module in model.named_modules():
-        if isinstance(module, (EntropyBottleneck, GaussianConditional)):
-            _check_entropy_tables(prefix, module)
-
-
-def entropy_tables_ready(model: nn.Module) -> bool:
-    """True when every entropy model has its CDF tables (``update()`` has run)."""
-    return all(
-        m._quantized_cdf.numel() > 0
-        for m in model.modules()
-        if isinstance(m, (EntropyBottleneck, GaussianConditional))
-    )
-
-
-def read_checkpoint_file(path: str) -> dict:
-    """``torch.load`` with ``weights_only=True`` and one-line errors."""
-    if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint not found: {path}")
-    with open(path, "rb") as handle:
-        # torch.save writes a zip archive; files of torch < 1.6 are pickles (0x80).
-        is_zip = zipfile.is_zipfile(handle)
-        handle.seek(0)
-        start = handle.read(4)
-        if not is_zip and start == b"PK\x03\x04":  # a zip without its closing directory
-            raise ValueError(
-                f"cannot read checkpoint {path}: the file is truncated or "
-                "damaged (a torch.save zip archive without its end)"
-            )
-        if not is_zip and start[:1] != b"\x80":
-            raise ValueError(
-                f"cannot read checkpoint {path}: not a PyTorch checkpoint "
-                "(neither a torch.save zip archive nor a pickle)"
-            )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all land here
-        first_line = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
-        if first_line.startswith("Weights only load failed"):
-            # PyTorch's first line announces options its later lines give; the reason is
-            # what matters here, and loading the objects could run code from the file.
-            first_line = (
-                "it holds Python objects besides tensors and plain containers, "
-                "which are not loaded because unpickling them can run code; save "
-                "the weights alone (torch.save of the state_dict)"
-            )
-        raise ValueError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
 def _plain(value):
@@ -370,7 +242,17 @@ def _model_from_weights(path: str, name: str, state_dict: dict) -> nn.Module:
     weights that do not fit raise :class:`ArchitectureMismatch`."""
     cls = get_model_class(name)
     try:
+        check_buildable(state_dict)
         return cls.from_state_dict(state_dict)
+    except ValueError as exc:  # a check that names the entry: add the file
+        if path in str(exc):
+            raise
+        error = (
+            ArchitectureMismatch
+            if isinstance(exc, ArchitectureMismatch)
+            else ValueError
+        )
+        raise error(f"{path}: {exc}") from None
     except KeyError as exc:
         raise ArchitectureMismatch(
             f"checkpoint {path} does not fit architecture {name!r}: "

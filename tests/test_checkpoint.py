@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import models
-from models.checkpoint import entropy_tables_ready, unwrap_state_dict
+from models.checkpoint import unwrap_state_dict
+from models.weight_checks import entropy_tables_ready
 
 LAYOUT = os.path.join(
     os.path.dirname(__file__), "assets", "official_checkpoint_keys.tsv"

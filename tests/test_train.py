@@ -20,7 +20,7 @@ from test_train_data import make_image_folder, write_train_config
 
 import models
 import train
-from models.checkpoint import entropy_tables_ready
+from models.weight_checks import entropy_tables_ready
 from utils.training.config import load_config, to_plain_dict
 from utils.training.distributed import DistContext
 from utils.training.loop import Trainer

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from models.base import CodingPlan, check_image
-from models.checkpoint import entropy_tables_ready
 from models.mei2021.pyramid import pyramid_sizes
+from models.weight_checks import entropy_tables_ready
 from utils.coding.container import (
     BitstreamError,
     LayeredImage,

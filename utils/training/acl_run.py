@@ -22,9 +22,9 @@ from datasets.workers import leave_process_group
 from models.base import ClosedLoopTrainable
 from models.checkpoint import (
     load_state_dict_into,
-    read_checkpoint_file,
     unwrap_state_dict,
 )
+from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save
 from utils.cli import prepare_output_folder
 from utils.training.acl import (

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from models.checkpoint import load_checkpoint, read_checkpoint_file
+from models.checkpoint import load_checkpoint
+from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save, atomic_write_json
 from utils.device import cpu_model_name
 

@@ -40,9 +40,9 @@ from torch import nn
 from models.checkpoint import (
     ArchitectureMismatch,
     load_state_dict_into,
-    read_checkpoint_file,
     unwrap_state_dict,
 )
+from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save
 from utils.training.config import LAST_NAME, to_plain_dict
 
