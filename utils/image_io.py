@@ -1,30 +1,44 @@
 """Reading any image file as 8-bit RGB, writing PNGs atomically, and 8-bit <-> float.
 
-CPS codes 8-bit RGB. Other inputs are converted, and the conversion is reported in
+CPS codes 8-bit RGB. Other inputs are converted, and every conversion is reported in
 :class:`ImageInfo` so that callers can warn about it:
 
-* grayscale (L, I, I;16): replicated to three channels for coding and marked so the
-  decoder writes a grayscale PNG again;
-* 16-bit samples: scaled to 8 bits (``round(v / 257)``);
-* palette (P) and CMYK/YCbCr: converted to RGB;
-* an alpha channel (RGBA, LA, PA): dropped, because CPS does not code transparency;
-* an EXIF orientation: applied, so the image is coded as viewers show it;
+* grayscale (1-, 2-, 4-, 8- or 16-bit, with or without alpha): replicated to three
+  channels for coding and marked so the decoder writes a grayscale PNG again;
+* 16-bit samples (PNG, TIFF, PNM): scaled to 8 bits (``round(v / 257)``); PNM samples
+  of another maximum value are scaled by PIL;
+* palette (P, PA) and other colour models (CMYK, YCbCr...): converted to RGB;
+* an alpha channel or a transparent colour: dropped, because CPS does not code
+  transparency;
+* an EXIF orientation (2 to 8): applied, so the image is coded as viewers show it; a
+  value outside 1 to 8 is ignored, with a note that says so;
 * several frames (an animated GIF, a multi-page TIFF): the first is coded.
+
+What cannot be read exactly is refused with a ``ValueError`` naming the file:
+floating-point samples, integers wider than 16 bits, colour samples of other depths
+than 8 and 16 bits. The size limits are the repository's own, not PIL's
+decompression-bomb limit (about 179 Mpx): the sides the .cps/.cpsl formats hold
+(:func:`utils.coding.container.check_size`), checked from the header before
+decoding, and the memory budget, which callers check against
+:data:`READ_BYTES_PER_PIXEL` times :func:`image_size`.
 """
 
 import io
 import os
 import re
+import reprlib
+import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from utils.atomic import atomic_write_bytes
+from utils.coding.container import check_size
 
 # Formats Pillow only identifies: decoding them needs an external handler or program.
 _IDENTIFY_ONLY_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"})
@@ -42,6 +56,9 @@ IMAGE_SUFFIXES = frozenset(
 EIGHT_BIT_MODES = frozenset(
     {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
 )
+_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+_RGB_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa"})
 
 
 def is_image_file(name: str) -> bool:
@@ -61,6 +78,10 @@ class ImageInfo:
 _FLOAT_MESSAGE = (
     "floating-point images are not supported; save the image as 8- or 16-bit PNG"
 )
+_SCALED = "16-bit samples scaled to 8 bits"
+# What each reader of samples returns: (H, W) or (H, W, 3) uint8 samples, the mode
+# read, whether the image is grayscale, and notes on what was changed.
+_Samples = Tuple[np.ndarray, str, bool, List[str]]
 
 
 def _to_8bit(array: np.ndarray) -> np.ndarray:
@@ -77,54 +98,131 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
             "do not fit 16 bits; save the image as 8- or 16-bit PNG"
         )
     # round(v / 257) in integers (v / 257 is never halfway for an integer v), with
-    # 4-byte temporaries instead of float64 ones.
-    samples = array.astype(np.uint32)
-    samples += 128
-    samples //= 257
-    return samples.astype(np.uint8)
+    # 4-byte temporaries instead of float64 ones, a few megabytes at a time so that
+    # reading holds no more than READ_BYTES_PER_PIXEL.
+    scaled = np.empty(array.shape, np.uint8)
+    step = max(1, (1 << 20) // max(1, array[0].size))
+    for start in range(0, len(array), step):
+        samples = array[start : start + step].astype(np.uint32)
+        samples += 128
+        samples //= 257
+        scaled[start : start + step] = samples
+    return scaled
 
 
-# Bytes per pixel that reading an image may hold at once: PIL's decoded buffer (up to
-# four 8-bit channels, or 16-bit samples) and the RGB tensor made from it.
+# Bytes per pixel that reading an image may hold at once: the decoded buffer (up to
+# four 8-bit channels in PIL, or four 16-bit samples) and the RGB array made from it.
 READ_BYTES_PER_PIXEL = 8 + 3
+
+_T = TypeVar("_T")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _beyond_pil_limit(read: Callable[[str], _T], path: str) -> _T:
+    """``read(path)``, whatever PIL's decompression-bomb limit says.
+
+    PIL refuses to open an image over twice ``Image.MAX_IMAGE_PIXELS`` (about 179 Mpx)
+    and warns over it; :func:`_check_header` and the caller's memory budget decide
+    instead. The limit is one process-wide setting, so it is lifted only to read a file
+    PIL refused, under a lock, and restored at once.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return read(path)
+        except Image.DecompressionBombError:
+            pass
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return read(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _reason(exc: BaseException) -> str:
+    """``exc``'s message on one line, without the file name that PIL and the OS put in
+    theirs: the caller names the file once."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image file of a format PIL reads"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return exc.strerror or type(exc).__name__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_header(image: Image.Image) -> bool:
+    """Refuse, from the header alone, an image :func:`read_image` cannot read right:
+    floating-point samples, a side the .cps/.cpsl formats cannot hold, colour samples
+    wider than 8 bits that only PIL could read. True for a TIFF of 16-bit colour
+    samples, which tifffile reads instead.
+
+    PIL has no mode for wide colour samples and reads them by keeping one byte of each;
+    16-bit PNGs are decoded apart (:func:`colour_png16_type`), and PNM ones PIL scales
+    right itself (the "ppm" decoders).
+    """
+    if image.mode == "F":
+        raise ValueError(_FLOAT_MESSAGE)
+    width, height = image.size
+    check_size(height, width)
+    if image.mode.startswith("I") or image.format == "PNG":
+        return False
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258, 1)  # BitsPerSample, one value per channel
+        bits = tuple(bits) if isinstance(bits, tuple) else (bits,)
+        if max(bits) <= 8:
+            return False
+        if set(bits) == {16}:
+            return True
+        raise ValueError(
+            f"TIFF samples of {'/'.join(map(str, bits))} bits are not supported; "
+            "save the image as 8- or 16-bit PNG"
+        )
+    for codec, _, _, args in getattr(image, "tile", ()):
+        rawmode = args if isinstance(args, str) else (args or ("",))[0]
+        if codec == "SGI16" or (isinstance(rawmode, str) and ";16" in rawmode):
+            raise ValueError(
+                f"16-bit colour samples of {image.format} images are not supported; "
+                "save the image as 16-bit PNG"
+            )
+    return False
 
 
 def image_size(path: str) -> Tuple[int, int]:
     """(width, height) from the file's header, without decoding the pixels; a file
     that is not an image, or one whose header already says :func:`read_image` will
-    refuse it (floating-point samples), is a ``ValueError`` here, so that callers can
-    check every input before coding the first."""
+    refuse it (see :func:`_check_header`), is a ``ValueError`` here, so that callers
+    can check every input before coding the first."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
+
+    def header(name: str) -> Tuple[int, int]:
+        with Image.open(name) as image:
+            _check_header(image)
+            return image.size
+
     try:
-        # PIL warns about large images on opening; the caller checks the size itself.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.mode == "F":
-                    raise ValueError(_FLOAT_MESSAGE)
-                return image.size
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        return _beyond_pil_limit(header, path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {_reason(exc)}") from None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG colour types with three colour samples: RGB (2) and RGBA (6).
-_PNG_COLOUR_TYPES = (2, 6)
-
-
-# Bytes of a file that :func:`colour_png16_type` reads: the signature and
-# the IHDR chunk.
+# PNG colour types of 16-bit samples that PIL reads by keeping one byte of each: RGB
+# (2), gray with alpha (4, which PIL opens as RGBA) and RGBA (6); 16-bit gray (0) it
+# reads whole, as mode I;16.
+_PNG16_MISREAD_TYPES = (2, 4, 6)
+# Bytes of a file that :func:`colour_png16_type` reads: the signature and IHDR chunk.
 _PNG_HEADER_BYTES = 26
 
 
 def colour_png16_type(header: bytes) -> Optional[int]:
-    """The PNG colour type (RGB 2, RGBA 6) if ``header``, the first bytes of a file, is
-    that of a PNG of 16-bit colour samples (read from its IHDR chunk); None for
-    anything else. Callers that hold the file's bytes pass them, without reopening it.
+    """The PNG colour type (RGB 2, gray with alpha 4, RGBA 6) if ``header``, the first
+    bytes of a file, is that of a PNG of 16-bit samples that PIL misreads (read from
+    its IHDR chunk); None for anything else. Callers that hold the file's bytes pass
+    them, without reopening it.
 
-    PIL has no 16-bit RGB mode and reads these by keeping each sample's high byte
-    (``v >> 8``); they are decoded by torchvision instead, so that they are scaled as
+    PIL has no 16-bit mode of several channels and reads these by keeping one byte of
+    each sample; they are decoded by torchvision instead, so that they are scaled as
     the module doc says.
     """
     header = header[:_PNG_HEADER_BYTES]
@@ -133,91 +231,171 @@ def colour_png16_type(header: bytes) -> Optional[int]:
         and header[:8] == _PNG_SIGNATURE
         and header[12:16] == b"IHDR"
         and header[24] == 16
-        and header[25] in _PNG_COLOUR_TYPES
+        and header[25] in _PNG16_MISREAD_TYPES
     ):
         return header[25]
     return None
 
 
-def _read_16bit_colour_png(path: str, colour_type: int) -> Tuple[Tensor, ImageInfo]:
-    from torchvision.io import ImageReadMode, decode_png, read_file
+def _png_chunk(data: np.ndarray, kind: bytes) -> Optional[bytes]:
+    """The content of the first ``kind`` chunk of the PNG file ``data``, or None."""
+    offset = len(_PNG_SIGNATURE)
+    while offset + 8 <= len(data):
+        length = int.from_bytes(data[offset : offset + 4].tobytes(), "big")
+        name = data[offset + 4 : offset + 8].tobytes()
+        if name == kind:
+            return data[offset + 8 : offset + 8 + length].tobytes()
+        if name == b"IEND":
+            break
+        offset += 12 + length
+    return None
 
+
+def _png16_samples(opened: Image.Image, path: str, colour_type: int) -> _Samples:
+    """A PNG that :func:`colour_png16_type` names, decoded by torchvision; its EXIF is
+    put where ``opened.getexif()`` finds it without decoding the image again (PIL
+    finds an eXIf chunk after the pixels only so)."""
+    from torchvision.io import ImageReadMode, decode_png
+
+    data = np.fromfile(path, np.uint8)
+    gray = colour_type == 4
     try:
-        samples = decode_png(read_file(path), ImageReadMode.RGB)
+        samples = decode_png(
+            torch.from_numpy(data), ImageReadMode.GRAY if gray else ImageReadMode.RGB
+        )
     except RuntimeError as exc:
         # torchvision prefixes the C++ function and source line: not the user's concern.
         reason = re.sub(r"^.*?\.cpp:\d+,\s*", "", (str(exc).splitlines() or [""])[0])
-        raise ValueError(f"cannot read image {path}: {reason}") from None
-    image = torch.from_numpy(_to_8bit(samples.numpy()))
-    info = ImageInfo(
-        mode="RGB;16", grayscale=False, conversions=["16-bit samples scaled to 8 bits"]
-    )
-    if colour_type == 6:
-        info.conversions.insert(0, "alpha channel dropped")
-    return image, info
+        raise ValueError(reason) from None
+    if "exif" not in opened.info:
+        opened.info["exif"] = _png_chunk(data, b"eXIf") or b""
+    planes = samples.numpy()
+    array = _to_8bit(planes[0] if gray else planes.transpose(1, 2, 0))
+    mode = {2: "RGB;16", 4: "LA;16", 6: "RGBA;16"}[colour_type]
+    return array, mode, gray, ["alpha channel dropped"] * (colour_type > 2) + [_SCALED]
+
+
+def _tiff16_samples(path: str) -> _Samples:
+    """A TIFF of 16-bit colour samples (see :func:`_check_header`), read by tifffile
+    (installed with scikit-image, which requirements.txt pins)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            samples, axes, photometric = page.asarray(), page.axes, page.photometric
+    except MemoryError:
+        raise
+    except Exception as exc:  # tifffile fails in many ways (codecs, tags, truncation)
+        raise ValueError(f"{type(exc).__name__}: {_reason(exc)}") from None
+    if axes == "SYX":  # one plane per channel
+        samples = np.moveaxis(samples, 0, -1)
+    if photometric != 2 or samples.ndim != 3 or samples.shape[2] < 3:
+        raise ValueError(
+            "16-bit TIFF samples are supported for RGB only; save the image as "
+            "16-bit PNG"
+        )
+    notes = ["alpha channel dropped"] * (samples.shape[2] > 3) + [_SCALED]
+    return _to_8bit(samples[:, :, :3]), "RGB;16", False, notes
+
+
+def _pnm_scale_note(image: Image.Image) -> Optional[str]:
+    """The note for PNM samples whose maximum value is not 255, which PIL scales to 8
+    bits itself (16 bits as ``round(v / 257)``, as :func:`_to_8bit`), or None."""
+    for codec, _, _, args in getattr(image, "tile", ()):
+        if codec in ("ppm", "ppm_plain") and image.mode != "1":
+            maxval = args[1]
+            if maxval == 65535:
+                return _SCALED
+            if maxval > 255 or 255 % maxval:  # 1, 3, 15...: exact, as 2- or 4-bit PNG
+                return f"samples of maximum value {maxval} scaled to 8 bits"
+    return None
+
+
+def _pil_samples(image: Image.Image) -> _Samples:
+    """An image that PIL reads right."""
+    scale_note = _pnm_scale_note(image)  # before load() clears the tiles
+    image.load()
+    mode = image.mode
+    notes = []
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        notes.append("alpha channel dropped")
+    if mode.startswith("I"):
+        return _to_8bit(np.asarray(image)), mode, True, notes + [scale_note or _SCALED]
+    notes += [scale_note] if scale_note else []
+    if mode in _GRAY_MODES:
+        return np.asarray(image.convert("L")), mode, True, notes
+    if mode in ("P", "PA"):
+        notes.append("palette converted to RGB")
+    elif mode not in _RGB_MODES:
+        notes.append(f"{mode} colours converted to RGB")
+    return np.asarray(image.convert("RGB")), mode, False, notes
 
 
 _EXIF_ORIENTATION = 0x0112
+# EXIF orientations 2 to 8 as what turns (H, W, ...) samples upright, as
+# PIL.ImageOps.exif_transpose does, but on views of the array.
+_TURNS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a),
+}
 
 
-def _as_viewed(opened: Image.Image) -> Tuple[Image.Image, List[str]]:
-    """The frame a viewer shows first, turned as its EXIF orientation says, and notes
-    on what that changed (PIL sets ``n_frames`` on multi-frame formats only)."""
-    notes = []
-    frames = getattr(opened, "n_frames", 1)
-    if frames > 1:
-        notes.append(f"the first of its {frames} frames coded")
-    if opened.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-        notes.append("rotated or flipped as its EXIF orientation says")
-        return ImageOps.exif_transpose(opened), notes
-    return opened, notes
+def _orientation(opened: Image.Image) -> Tuple[int, List[str]]:
+    """The EXIF orientation to apply (1: none) and the note that says so."""
+    try:
+        value = opened.getexif().get(_EXIF_ORIENTATION, 1)
+    except MemoryError:
+        raise
+    except Exception:  # PIL's EXIF parser fails in many ways on damaged data
+        return 1, ["EXIF data unreadable, so its orientation was ignored"]
+    if type(value) is int and value in _TURNS:
+        return value, ["rotated or flipped as its EXIF orientation says"]
+    if value == 1:
+        return 1, []
+    return 1, [f"EXIF orientation {reprlib.repr(value)} is not 1 to 8, so ignored"]
+
+
+def _decode(path: str) -> Tuple[np.ndarray, ImageInfo, int]:
+    """(H, W[, 3]) uint8 samples, what was found and changed, and the orientation."""
+    with open(path, "rb") as handle:
+        colour_type = colour_png16_type(handle.read(_PNG_HEADER_BYTES))
+    with Image.open(path) as opened:
+        tiff16 = _check_header(opened)
+        frames = getattr(opened, "n_frames", 1)  # multi-frame formats only
+        notes = [f"the first of its {frames} frames coded"] if frames > 1 else []
+        if colour_type is not None:
+            array, mode, gray, found = _png16_samples(opened, path, colour_type)
+        elif tiff16:
+            array, mode, gray, found = _tiff16_samples(path)
+        else:
+            array, mode, gray, found = _pil_samples(opened)
+        turn, turned = _orientation(opened)
+    return array, ImageInfo(mode, gray, notes + turned + found), turn
 
 
 def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
-    """Return the image at ``path`` as a uint8 tensor (3, H, W).
+    """Return the image at ``path`` as a uint8 tensor (3, H, W), turned upright.
 
-    Also returns what was converted.
+    Also returns what was converted. Raises ``ValueError`` naming the file for one
+    that cannot be read exactly (see the module doc).
     """
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
-    with open(path, "rb") as handle:
-        colour_type = colour_png16_type(handle.read(_PNG_HEADER_BYTES))
-    if colour_type is not None:
-        return _read_16bit_colour_png(path, colour_type)
     try:
-        # PIL warns about images over 89 Mpx; the codec's memory budget decides instead.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)
-        with opened:
-            image, notes = _as_viewed(opened)
-            image.load()
-            mode = image.mode
-            gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
-            info = ImageInfo(mode=mode, grayscale=gray, conversions=notes)
-            if mode in ("RGBA", "LA", "PA") or (
-                mode == "P" and "transparency" in image.info
-            ):
-                info.conversions.append("alpha channel dropped")
-            if mode == "P":
-                info.conversions.append("palette converted to RGB")
-                image = image.convert("RGB")
-            if mode.startswith("I"):
-                array = _to_8bit(np.asarray(image))
-                info.conversions.append("16-bit samples scaled to 8 bits")
-            elif mode == "F":
-                raise ValueError(_FLOAT_MESSAGE)
-            elif info.grayscale:
-                array = np.asarray(image.convert("L"))
-            else:
-                array = np.asarray(image.convert("RGB"))
-    except ValueError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        array, info, turn = _beyond_pil_limit(_decode, path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {_reason(exc)}") from None
+    if turn != 1:
+        array = _TURNS[turn](array)
     if array.ndim == 2:
         array = np.broadcast_to(array[:, :, None], (*array.shape, 3))
-    # One copy, straight from PIL's (H, W, 3) array to a writable (3, H, W) tensor (a
+    # One copy, straight from the (H, W, 3) array to a writable (3, H, W) tensor (a
     # 1x1 image's transpose is contiguous already, and PIL's buffer read-only).
     planes = np.ascontiguousarray(array.transpose(2, 0, 1))
     if not planes.flags.writeable:
