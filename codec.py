@@ -41,11 +41,13 @@ from utils.cli import (
     REPORTED_ERRORS,
     add_coding_arguments,
     add_force_argument,
+    check_output_folder,
     check_output_path,
     check_patch_size_for_model,
+    create_output_folder,
     one_line,
-    prepare_output_folder,
     refuse_existing_outputs,
+    remove_unused_folders,
     report_error,
     run_main,
 )
@@ -112,7 +114,8 @@ def jobs(
     args: argparse.Namespace, layered_suffix: bool = False
 ) -> List[Tuple[str, str]]:
     """(input, output) pairs, checked before any work: inputs exist, outputs do not
-    overwrite an input, and two inputs do not share an output."""
+    overwrite an input, two inputs do not share an output, and ``-d`` can be made
+    (it is made by :func:`main`, once the model and inputs have passed too)."""
     if args.output_dir is None:
         pairs = [(args.paths[0], args.paths[1])]
     else:
@@ -141,7 +144,11 @@ def jobs(
             "two inputs have the same name, so their outputs would collide"
         )
     if args.output_dir is not None:
-        prepare_output_folder(args.output_dir, "-d")
+        # Made only once every check has passed (main), so that a refused run leaves
+        # no empty folder; one still to be made holds no input and no file to lose.
+        check_output_folder(args.output_dir, "-d")
+        if not os.path.isdir(args.output_dir):
+            return pairs
     for target in outputs:
         # The checkpoint is read too: writing over it would destroy the model.
         check_output_path(target, inputs + [args.checkpoint])
@@ -190,8 +197,11 @@ def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
 
 
 def _naming(source: str, message: str) -> str:
-    """``message``, starting with the input it concerns."""
-    return message if message.startswith(source) else f"{source}: {message}"
+    """``message``, starting with the input it concerns and naming it once
+    (``cannot read image PATH: why`` becomes ``PATH: cannot read image: why``)."""
+    if message.startswith(source):
+        return message
+    return f"{source}: {message.replace(f' {source}:', ':')}"
 
 
 def encode(args, model, plan, source: str, target: str) -> str:
@@ -295,6 +305,29 @@ def _load(args: argparse.Namespace):
     return model, plan
 
 
+def _code_all(args: argparse.Namespace, model, plan, pairs) -> List[str]:
+    """Code every (input, output) pair; return the inputs that failed. One input's
+    failure (found only once its pixels are decoded) does not cost the others: each
+    output is whole, or not written at all."""
+    code = encode if args.command == "encode" else decode
+    failed = []
+    for source, target in pairs:
+        if args.command == "decode" and not target.lower().endswith(".png"):
+            print(
+                f"warning: {target}: decode writes PNG data whatever the name",
+                file=sys.stderr,
+            )
+        try:
+            print(code(args, model, plan, source, target), flush=True)
+        except REPORTED_ERRORS as exc:
+            print(
+                f"codec.py: error: {_naming(source, one_line(exc))}",
+                file=sys.stderr,
+            )
+            failed.append(source)
+    return failed
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
 
@@ -318,32 +351,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             # before the first is written, so that a refused batch writes nothing.
             refuse_existing_outputs([target for _, target in pairs], args.force)
             check_inputs(args, model, plan, pairs)
+            # Only now, so that a refused run leaves no empty folder behind.
+            created = (
+                []
+                if args.output_dir is None
+                else create_output_folder(args.output_dir, "-d")
+            )
         except REPORTED_ERRORS as exc:
             return report_error("codec.py", exc)
-        code = encode if args.command == "encode" else decode
-        failed = []
-        for source, target in pairs:
-            if args.command == "decode" and not target.lower().endswith(".png"):
-                print(
-                    f"warning: {target}: decode writes PNG data whatever the name",
-                    file=sys.stderr,
-                )
-            try:
-                print(code(args, model, plan, source, target), flush=True)
-            except REPORTED_ERRORS as exc:
-                # One input's failure (found only once its pixels are decoded) does not
-                # cost the others: each output is whole, or not written at all.
-                print(
-                    f"codec.py: error: {_naming(source, one_line(exc))}",
-                    file=sys.stderr,
-                )
-                failed.append(source)
+        try:
+            failed = _code_all(args, model, plan, pairs)
+        except BaseException:  # Ctrl-C, or a bug
+            remove_unused_folders(created)
+            raise
+        if len(failed) == len(pairs):  # nothing was written: no empty folder either
+            remove_unused_folders(created)
         if failed and len(pairs) > 1:
+            others = (
+                "nothing was written"
+                if len(failed) == len(pairs)
+                else "the outputs of the others were written"
+            )
             return report_error(
                 "codec.py",
                 ValueError(
                     f"{len(failed)} of {len(pairs)} inputs failed "
-                    f"({', '.join(failed)}); the outputs of the others were written"
+                    f"({', '.join(failed)}); {others}"
                 ),
             )
         return 1 if failed else 0

@@ -329,7 +329,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _check_checkpoints_exist(args: argparse.Namespace) -> None:
     """Every checkpoint exists, before the dataset is read or PyTorch loads: a missing
-    sixth checkpoint would otherwise end the run after five were evaluated."""
+    sixth checkpoint would otherwise end the run after five were evaluated. The first,
+    cheap check: each is then loaded and checked (readable, a known architecture,
+    weights that fit) before the first is evaluated, by
+    ``utils.evaluation.app._check_checkpoints``."""
     for path in args.checkpoints if args.command == "checkpoint" else []:
         if os.path.isdir(path):
             raise ValueError(f"checkpoint {path} is a folder, not a file")

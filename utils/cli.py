@@ -8,12 +8,13 @@ library never parses strings again.
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import tempfile
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from utils.coding import ORDERS
 from utils.memory import parse_memory
@@ -187,21 +188,97 @@ def run_main(main: Callable[[], int], program: str) -> int:
         return 128 + signal.SIGINT
 
 
-def prepare_output_folder(folder: str, name: str) -> None:
-    """Create the output folder ``folder`` (and its parents) unless it exists, before
-    any work, so that a bad path fails in the first second; ``name`` is the flag or
-    config key that gave it, for the message.
+def check_output_folder(folder: str, name: str) -> None:
+    """Refuse, without creating anything, an output folder that cannot be made or
+    written: a file, a path under a file, or a folder (itself, or its nearest existing
+    parent if it is still to be made) where no file can be created. A script calls it
+    with its other checks, so that a bad path fails in the first second while the
+    folder itself is made only once the run is known to start
+    (:func:`output_folder`); ``name`` is the flag or config key that gave it.
 
     Raises:
-        ValueError: ``folder`` is a file, or is not writable.
+        ValueError: naming ``folder`` and what is wrong with it.
     """
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{name} {folder} is a file, not a folder")
+    if not folder:
+        raise ValueError(f"{name} is empty: name a folder")
+    if os.path.exists(folder):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{name} {folder} is a file, not a folder")
+        _check_writable(folder, f"{name} {folder}")
+        return
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name} {folder} cannot be created: {parent} is a file")
+    _check_writable(parent, f"{name} {folder} cannot be created: {parent}")
+
+
+def create_output_folder(folder: str, name: str) -> List[str]:
+    """Create the output folder ``folder`` and its missing parents, after the checks of
+    :func:`check_output_folder`.
+
+    Returns the folders this call created, outermost first (empty when ``folder``
+    existed), for :func:`remove_unused_folders`.
+
+    Raises:
+        ValueError: ``folder`` is a file, or cannot be created or written.
+    """
+    check_output_folder(folder, name)
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    if missing:  # an existing folder was found writable by the check
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(
+                f"{name} {folder} cannot be created: {exc.strerror}"
+            ) from None
+        _check_writable(folder, f"{name} {folder}")
+    return missing[::-1]
+
+
+def prepare_output_folder(folder: str, name: str) -> None:
+    """Create the output folder ``folder`` (and its parents) unless it exists, for a
+    caller that removes nothing on failure (:func:`create_output_folder`)."""
+    create_output_folder(folder, name)
+
+
+def remove_unused_folders(created: Sequence[str]) -> None:
+    """Remove the folders of ``created`` (as :func:`create_output_folder` returns them)
+    that hold no file, and the empty folders a run made inside them, so that a run that
+    wrote nothing leaves nothing behind. Everything under the outermost one is this
+    run's, since it did not exist before; a folder that holds a file is kept, and a
+    folder that existed before the run is never in ``created``."""
+    if not created:
+        return
+    for root, _, _ in os.walk(created[0], topdown=False):
+        try:
+            os.rmdir(root)
+        except OSError:  # holds a file (or another process removed it first)
+            pass
+
+
+@contextlib.contextmanager
+def output_folder(folder: Optional[str], name: str) -> Iterator[List[str]]:
+    """Create ``folder`` and its missing parents (:func:`create_output_folder`) for the
+    ``with`` block, and if the block raises (Ctrl-C included), remove those of them
+    that hold no file (:func:`remove_unused_folders`): a refused or failed run leaves
+    no empty folder behind, and never touches one that existed. Removal waits for an
+    error because, under ``torchrun``, a process that wrote nothing may end while
+    rank 0 still writes. ``folder`` None creates nothing.
+
+    Yields the created folders, outermost first.
+    """
+    created = create_output_folder(folder, name) if folder is not None else []
     try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{name} {folder} cannot be created: {exc.strerror}") from None
-    _check_writable(folder, f"{name} {folder}")
+        yield created
+    except BaseException:
+        remove_unused_folders(created)
+        raise
 
 
 def _check_writable(folder: str, what: str) -> None:

@@ -7,16 +7,18 @@ import logging
 import os
 import re
 import sys
-from typing import List, Optional
+import warnings
+from typing import Dict, List, Optional
 
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes, save_json
 from utils.cli import (
     REPORTED_ERRORS,
+    check_output_folder,
     check_output_path,
     check_patch_size_for_model,
-    prepare_output_folder,
+    output_folder,
     refuse_existing_outputs,
     report_error,
 )
@@ -108,31 +110,80 @@ def _learned_runs(
                 "--config %s is not needed: the model is built from the checkpoint",
                 args.config,
             )
-        stems = [_checkpoint_stem(path) for path in args.checkpoints]
+        kept = _check_checkpoints(args, device, options)
+
+        def load(path: str):
+            model = kept.pop(path, None)  # the run then owns it, and releases it
+            if model is None:
+                model = models.load_checkpoint(
+                    path, device, architecture=args.architecture
+                )
+            return model
+
         return [
-            Run(
-                path,
-                tag,
-                build(
-                    lambda path=path: models.load_checkpoint(
-                        path, device, architecture=args.architecture
-                    )
-                ),
-            )
-            for path, tag in zip(args.checkpoints, _unique_tags(stems))
+            Run(path, tag, build(lambda path=path: load(path)))
+            for path, tag in zip(args.checkpoints, _run_tags(args))
         ]
     for quality in args.quality:
         pretrained_url(args.architecture, quality, args.metric)  # before any download
     return [
         Run(
             f"{args.architecture} q{q}",
-            f"q{q}",
+            tag,
             build(
                 lambda q=q: load_pretrained(args.architecture, q, args.metric, device)
             ),
         )
-        for q in args.quality
+        for q, tag in zip(args.quality, _run_tags(args))
     ]
+
+
+def _run_tags(args: argparse.Namespace) -> List[str]:
+    """The runs' names in output file names (``q<quality>``, or the checkpoint's
+    name), known before any model loads, so that existing outputs are refused first."""
+    if args.command == "checkpoint":
+        return _unique_tags([_checkpoint_stem(path) for path in args.checkpoints])
+    return [f"q{q:g}" for q in args.quality]
+
+
+def _check_checkpoints(
+    args: argparse.Namespace, device, options: LearnedOptions
+) -> Dict[str, object]:
+    """Load every checkpoint and build its coders before the first image is coded,
+    so that a damaged sixth checkpoint (unreadable, of an unknown architecture, with
+    weights that do not fit, or refusing the coding options) ends the run before five
+    were evaluated, not after. Each model is released once checked, so no more than
+    two are held at once; the first is kept for its run, so that a lone checkpoint is
+    read once.
+
+    Returns ``{path: model}`` for the first checkpoint.
+    """
+    kept = {}
+    for number, path in enumerate(args.checkpoints):
+        try:
+            with warnings.catch_warnings():
+                if number:  # said when its run loads it, not twice
+                    warnings.simplefilter("ignore")
+                model = models.load_checkpoint(
+                    path,
+                    device if number == 0 else "cpu",
+                    architecture=args.architecture,
+                )
+            learned_coders(model, options)
+            check_patch_size_for_model(args.patch_size, model, args.tiling, _silent)
+        except (ValueError, RuntimeError) as exc:
+            if path in str(exc):
+                raise
+            # Among several checkpoints, the message must say which one.
+            raise type(exc)(f"{path}: {exc}") from None
+        if number == 0:
+            kept[path] = model
+        del model
+    return kept
+
+
+def _silent(message: str) -> None:
+    """A warning not to give yet: the run gives it when it starts."""
 
 
 def _check_distinct_stems(paths: List[str]) -> None:
@@ -165,8 +216,8 @@ def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
     for quality in args.quality:
         codec.scale.check(args.codec, quality)
     return [
-        Run(f"{args.codec} q{q:g}", f"q{q:g}", lambda q=q: [ClassicalCoder(codec, q)])
-        for q in args.quality
+        Run(f"{args.codec} q{q:g}", tag, lambda q=q: [ClassicalCoder(codec, q)])
+        for q, tag in zip(args.quality, _run_tags(args))
     ]
 
 
@@ -177,13 +228,24 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     device = context.device
     dataset = resolve_dataset(args.dataset, args.datasets_config)
     if args.output_dir:
-        prepare_output_folder(args.output_dir, "-d")
+        check_output_folder(args.output_dir, "-d")  # made once every check passed
     paths = list_images(dataset.folder)
     paths = paths[: args.max_images] if args.max_images else paths
     for path in paths:  # every header before the first image is coded
         image_size(path)
     if args.per_image or args.save_image:
         _check_distinct_stems(paths)
+    if args.output_dir:
+        refuse_existing_outputs(
+            previous_outputs(
+                args.output_dir,
+                paths,
+                _run_tags(args),
+                args.per_image,
+                args.save_image,
+            ),
+            args.force,
+        )
     names: List[str] = []
     if args.command == "codec":
         runs = _codec_runs(args, names)
@@ -191,18 +253,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         patch = args.patch_size or PatchSpec(
             FOLDER_PATCH_SIZE if dataset.patch_size is None else dataset.patch_size
         )
-        runs = _learned_runs(args, device, patch, names)
-    if args.output_dir:
-        refuse_existing_outputs(
-            previous_outputs(
-                args.output_dir,
-                paths,
-                [run.tag for run in runs],
-                args.per_image,
-                args.save_image,
-            ),
-            args.force,
-        )
+        runs = _learned_runs(args, device, patch, names)  # checkpoints loaded here
     rank, world = shard()
     log.info(
         "%s: %d image%s from %s, %d run%s%s",
@@ -218,11 +269,20 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     image_folder = (
         os.path.join(args.output_dir, "reconstructions") if args.save_image else None
     )
-    records, entries = evaluate(
-        runs, paths, image_folder, progress=not args.no_progress
-    )
-    if rank != 0:
-        return None
+    # A run that fails before writing anything removes the folders it made: the
+    # reconstructions it wrote are removed by evaluate(), and then these are empty.
+    with output_folder(args.output_dir or None, "-d"):
+        with output_folder(image_folder, "-d"):
+            records, entries = evaluate(
+                runs, paths, image_folder, progress=not args.no_progress
+            )
+        if rank != 0:
+            return None
+        return _results_document(args, dataset, paths, device, names, records, entries)
+
+
+def _results_document(args, dataset, paths, device, names, records, entries) -> dict:
+    """The results document of an evaluation, also written under ``-d``."""
     labels = [entry.label for entry in entries]
     descriptions = [entry.description for entry in entries]
     header = {

@@ -28,7 +28,11 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_json
-from utils.cli import prepare_output_folder, refuse_existing_outputs
+from utils.cli import (
+    check_output_folder,
+    output_folder,
+    refuse_existing_outputs,
+)
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import (
@@ -273,7 +277,8 @@ def run_demo(
     ``force`` writes over the files of an earlier demo in ``output_dir``.
 
     Every input is checked, and every model loaded, before the first image is coded;
-    ``output_dir`` is created only then, so a refused run leaves no empty folder.
+    ``output_dir`` is created only then, and removed again by a run that fails before
+    writing a file in it, so a refused run leaves no empty folder.
     """
     if not output_dir:
         raise ValueError(
@@ -283,6 +288,7 @@ def run_demo(
         os.path.join(output_dir, name) for name in OUTPUT_FILES
     )
     refuse_existing_outputs([results_path, rd_path, crops_path], force)
+    check_output_folder(output_dir, "-d")
     shipped = find_shipped_models(model_paths)
     images = {name: demo_image(name) for name in image_names}
     largest_side = max(max(image.shape[1:]) for image in images.values())
@@ -292,8 +298,22 @@ def run_demo(
     ]
     jpeg = get_codec("jpeg")
     jpeg.check_available()
-    prepare_output_folder(output_dir, "-d")
+    with output_folder(output_dir, "-d"):  # a failure before any file removes it
+        return _code_and_write(
+            shipped,
+            coders,
+            images,
+            jpeg,
+            patch_size,
+            log,
+            (results_path, rd_path, crops_path),
+        )
 
+
+def _code_and_write(shipped, coders, images, jpeg, patch_size, log, outputs) -> dict:
+    """The demo once every input has passed its checks: code, measure, write
+    ``outputs`` (results, RD plot, crops) and return the results document."""
+    results_path, rd_path, crops_path = outputs
     jpeg_records = {q: [] for q in JPEG_QUALITIES}
     jpeg_pictures = {}
     for name, image in images.items():

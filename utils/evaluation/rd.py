@@ -385,9 +385,21 @@ def bd_rate_table(
     curve has too few points; ``notes`` says why, once for each ``None`` cell, or once
     for a curve with too few points (every cell of its row, or of the table for the
     anchor).
+
+    Raises:
+        ValueError: the anchor has none of ``metrics``, so the table would have no
+            column; the message names the metrics it has.
     """
     rows, notes = [], []
     usable = [m for m in metrics if anchor.points(m)]
+    if not usable:  # a table of names without a single column answers nothing
+        held = [m for m in METRICS if anchor.points(m)]
+        where = f" ({anchor.path})" if anchor.path else ""
+        raise ValueError(
+            f"the anchor {anchor.name}{where} has no values of "
+            f"{', '.join(metrics)}, so no BD-rate can be computed; it has "
+            + (f"{', '.join(held)}: choose --metrics from these" if held else "none")
+        )
     anchor_problem = too_few_points(anchor)
     if anchor_problem:
         notes.append(anchor_problem)
