@@ -546,3 +546,38 @@ def test_an_existing_output_is_refused_unless_forced(capsys, tmp_path, command):
     assert output.read_bytes() == b"earlier"
     assert test_script.main(argv + ["-o", str(output), "--force"]) == 0
     assert output.read_bytes() != b"earlier"
+
+
+def _with_images(path, dataset, images):
+    document = json.loads(path.read_text())
+    document["meta"] = {"dataset": dataset, "images": images}
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_results_on_other_images_than_the_anchor_give_no_number_and_a_note(tmp_path):
+    """Evaluated with --max-images 1 against an anchor of 2 images: the BD-rate would
+    compare different pictures, so its cells stay empty and the note says why."""
+    write_results(tmp_path / "a.json", "anchor", BPP, PSNR)
+    write_results(tmp_path / "t.json", "few", BPP, PSNR)
+    write_results(tmp_path / "s.json", "same", [b * 0.9 for b in BPP], PSNR)
+    anchor = load_curve(_with_images(tmp_path / "a.json", "Kodak", 2))
+    few = load_curve(_with_images(tmp_path / "t.json", "Kodak", 1))
+    same = load_curve(_with_images(tmp_path / "s.json", "Kodak", 2))
+    table = bd_rate_table(anchor, [few, same], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None}
+    assert table["rows"][1]["bd-rate"]["psnr-rgb"] == pytest.approx(-10, abs=1e-6)
+    assert table["notes"] == [
+        "few: measured on 1 images of Kodak, the anchor on 2 of Kodak; evaluate "
+        "both on the same images"
+    ]
+
+
+def test_a_file_that_does_not_name_its_images_is_compared_as_before(tmp_path):
+    """The published anchors carry no image count: nothing to compare against."""
+    anchor = load_curve(write_results(tmp_path / "a.json", "anchor", BPP, PSNR))
+    write_results(tmp_path / "t.json", "t", BPP, PSNR)
+    test = load_curve(_with_images(tmp_path / "t.json", "Kodak", 1))
+    table = bd_rate_table(anchor, [test], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
+    assert table["notes"] == []

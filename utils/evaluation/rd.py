@@ -19,7 +19,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import bjontegaard
 
@@ -48,6 +48,8 @@ class Curve:
     bpp: List[float]
     metrics: Dict[str, List[Optional[float]]]
     path: str = ""
+    # (dataset, image count) of a results file written by test.py, else None.
+    image_set: Optional[Tuple[str, int]] = None
 
     def points(self, metric: str) -> List[tuple]:
         """(bpp, value) pairs of ``metric`` without missing values; MS-SSIM in dB."""
@@ -153,6 +155,36 @@ def _curve(
         bpp=[bpp[i] for i in order],
         metrics={m: [v[i] for i in order] for m, v in metrics.items()},
         path=path,
+        image_set=_image_set(document.get("meta")),
+    )
+
+
+def _image_set(meta) -> Optional[Tuple[str, int]]:
+    """(dataset, image count) from a results file's ``meta`` (test.py writes both),
+    or None when the file does not say (the published anchors)."""
+    if not isinstance(meta, dict):
+        return None
+    dataset, images = meta.get("dataset"), meta.get("images")
+    if isinstance(dataset, str) and _is_number(images):
+        return dataset, int(images)
+    return None
+
+
+def other_images(anchor: Curve, test: Curve) -> Optional[str]:
+    """Why ``test`` was measured on other images than ``anchor`` (a BD-rate between
+    them compares different content), or None when they match or a file does not
+    say. ``--max-images`` makes this easy to do by accident."""
+    if anchor.image_set is None or test.image_set is None:
+        return None
+    if anchor.image_set == test.image_set:
+        return None
+    (test_set, test_count), (anchor_set, anchor_count) = (
+        test.image_set,
+        anchor.image_set,
+    )
+    return (
+        f"{test.name}: measured on {test_count} images of {test_set}, the anchor on "
+        f"{anchor_count} of {anchor_set}; evaluate both on the same images"
     )
 
 
@@ -381,10 +413,10 @@ def bd_rate_table(
 ) -> dict:
     """BD-rates of every test curve against ``anchor`` for each metric both have.
 
-    A cell is ``None`` where the metric is missing, the ranges do not overlap or a
-    curve has too few points; ``notes`` says why, once for each ``None`` cell, or once
-    for a curve with too few points (every cell of its row, or of the table for the
-    anchor).
+    A cell is ``None`` where the metric is missing, the ranges do not overlap, a
+    curve has too few points or was measured on other images than the anchor;
+    ``notes`` says why, once for each ``None`` cell, or once for a curve whose every
+    cell is ``None`` (every cell of its row, or of the table for the anchor).
 
     Raises:
         ValueError: the anchor has none of ``metrics``, so the table would have no
@@ -405,7 +437,7 @@ def bd_rate_table(
         notes.append(anchor_problem)
     for test in tests:
         cells = dict.fromkeys(usable)
-        problem = too_few_points(test)
+        problem = other_images(anchor, test) or too_few_points(test)
         if problem:
             notes.append(problem)
         elif not anchor_problem:
