@@ -39,7 +39,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from utils.image_io import EIGHT_BIT_MODES, colour_png16_type, is_image_file, read_image
+from utils.image_io import is_image_file, pil_reads_right, read_image
 
 __all__ = [
     "CropImageFolder",
@@ -74,7 +74,7 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
                 if image.format == "PNG":
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
-                if image.mode in EIGHT_BIT_MODES and colour_png16_type(data) is None:
+                if pil_reads_right(image, data):
                     return image.convert("RGB")
         return _read_deep_samples(path)
     except (UnreadableImage, MemoryError):  # the machine's problem, not the file's

@@ -180,3 +180,25 @@ def test_the_acl_check_up_front_keeps_the_good_images_and_stops_only_past_the_fr
     )
     with pytest.raises(RuntimeError, match="1 of 4 train images are unusable"):
         usable_images(paths, "train", 0.2, None, log.append)
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["made", "existing"])
+def test_a_run_stopped_before_its_first_step_removes_only_the_folders_it_made(
+    tmp_path, capsys, existed
+):
+    """Bad images stop the run before any step: the experiment folder (and its parent)
+    that the run created go, but a folder the user had made stays."""
+    from test_train_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_train=4)
+    for name in ("01.png", "02.png"):
+        path = tmp_path / "data" / "train" / name
+        path.write_bytes(path.read_bytes()[:60])
+    exp = tmp_path / "runs" / "exp"
+    if existed:
+        exp.mkdir(parents=True)
+    cfg = write_train_config(tmp_path, data, exp, train_params={"max_steps": 4})
+    status = train.main(["--config", cfg])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and "training images are unusable" in err[-1], err
+    assert exp.is_dir() == existed and (tmp_path / "runs").exists() == existed

@@ -156,8 +156,9 @@ def test_unusable_images_are_refused_with_a_reason_before_decoding(tmp_path):
 
 
 def test_deep_samples_are_read_for_training_as_for_evaluation(tmp_path):
-    """PIL's convert("RGB") made a 16-bit grayscale PNG nearly white and a float
-    TIFF black, silently; training now reads them as read_image does."""
+    """PIL's convert("RGB") made a 16-bit grayscale PNG nearly white, a 16-bit
+    colour TIFF noise and a float TIFF black, silently; training now reads them as
+    read_image does."""
     from test_codec_cli import _png16
 
     from utils.image_io import read_image
@@ -167,7 +168,12 @@ def test_deep_samples_are_read_for_training_as_for_evaluation(tmp_path):
         tmp_path / "g16.png"
     )
     _png16(tmp_path / "c16.png", rng.integers(0, 65536, (40, 48, 3)).astype(np.uint16))
-    for name in ("g16.png", "c16.png"):
+    names = ["g16.png", "c16.png"]
+    tifffile = pytest.importorskip("tifffile")
+    colour = rng.integers(0, 65536, (40, 48, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c16.tif", colour, photometric="rgb")
+    names.append("c16.tif")  # PIL alone keeps one byte of each sample
+    for name in names:
         expected, _ = read_image(str(tmp_path / name))
         trained = np.asarray(open_rgb(tmp_path / name))
         assert np.array_equal(trained, expected.permute(1, 2, 0).numpy()), name
@@ -342,3 +348,35 @@ def test_more_ranks_than_samples_still_give_every_rank_one_sample():
     shards = [list(EpochSampler(2, seed=0, rank=r, world_size=5)) for r in range(5)]
     assert [len(shard) for shard in shards] == [1] * 5
     assert {index for shard in shards for index, _ in shard} == {0, 1}
+
+
+def test_workers_beyond_the_cpus_are_not_started_and_the_run_says_so(
+    tmp_path, monkeypatch, recwarn
+):
+    """Four workers asked for on one CPU: one loads the images, one line says so, and
+    PyTorch's warning about too many workers never comes."""
+    from utils.training.config import load_config
+    from utils.training.distributed import DistContext
+    from utils.training.images import RunImages
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    data = make_image_folder(tmp_path / "data")
+    cfg = load_config(
+        write_train_config(
+            tmp_path, data, tmp_path / "exp", train_data={"num_workers": 4}
+        )
+    )
+    lines = []
+    images = RunImages(
+        cfg.train_data,
+        cfg.train_params,
+        DistContext(0, 1, torch.device("cpu")),
+        lines.append,
+    )
+    loaders = images.loaders()
+    assert [loader.num_workers for loader in loaders] == [1, 1]
+    assert lines[-1] == (
+        "train_data.num_workers is 4, more than the 1 CPUs this process may use: "
+        "1 workers load the images"
+    )
+    assert not [w for w in recwarn if "worker" in str(w.message)]

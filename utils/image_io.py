@@ -153,17 +153,23 @@ def _reason(exc: BaseException) -> str:
 def _check_header(image: Image.Image) -> bool:
     """Refuse, from the header alone, an image :func:`read_image` cannot read right:
     floating-point samples, a side the .cps/.cpsl formats cannot hold, colour samples
-    wider than 8 bits that only PIL could read. True for a TIFF of 16-bit colour
-    samples, which tifffile reads instead.
+    wider than 8 bits that only PIL could read (:func:`_wide_colour_tiff`). True for
+    a TIFF of 16-bit colour samples, which tifffile reads instead."""
+    if image.mode == "F":
+        raise ValueError(_FLOAT_MESSAGE)
+    width, height = image.size
+    check_size(height, width)
+    return _wide_colour_tiff(image)
+
+
+def _wide_colour_tiff(image: Image.Image) -> bool:
+    """True for a TIFF of 16-bit colour samples; ``ValueError`` for colour samples of
+    another width over 8 bits; False for the rest.
 
     PIL has no mode for wide colour samples and reads them by keeping one byte of each;
     16-bit PNGs are decoded apart (:func:`colour_png16_type`), and PNM ones PIL scales
     right itself (the "ppm" decoders).
     """
-    if image.mode == "F":
-        raise ValueError(_FLOAT_MESSAGE)
-    width, height = image.size
-    check_size(height, width)
     if image.mode.startswith("I") or image.format == "PNG":
         return False
     if image.format == "TIFF":
@@ -185,6 +191,20 @@ def _check_header(image: Image.Image) -> bool:
                 "save the image as 16-bit PNG"
             )
     return False
+
+
+def pil_reads_right(image: Image.Image, header: bytes) -> bool:
+    """Whether PIL's ``convert("RGB")`` gives the samples of ``image`` (opened, not
+    decoded; ``header`` the first bytes of its file) as :func:`read_image` would:
+    8-bit samples, not 16-bit ones that PIL reads by keeping one byte of each (PNG
+    colour or gray with alpha, TIFF colour) and :func:`read_image` scales or refuses.
+    """
+    if image.mode not in EIGHT_BIT_MODES or colour_png16_type(header) is not None:
+        return False
+    try:
+        return not _wide_colour_tiff(image)
+    except ValueError:
+        return False
 
 
 def image_size(path: str) -> Tuple[int, int]:

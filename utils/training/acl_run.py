@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from datasets import list_split
 from datasets.context_pairs import ContextPairs
 from datasets.sampler import epoch_seed
-from datasets.workers import leave_process_group
+from datasets.workers import leave_process_group, usable_workers
 from models.base import ClosedLoopTrainable
 from models.checkpoint import (
     load_state_dict_into,
@@ -66,7 +66,8 @@ class _Run:
         self.model.to(device)
         self.block_size = self.model.block_size
         self.exp = data["experiment_path"]
-        self.batch_size, self.workers = data["batch_size"], data["num_workers"]
+        self.batch_size = data["batch_size"]
+        self.workers = usable_workers(data["num_workers"], log)
         self.crop, self.seed = params["crop_size"], params["seed"]
         self.initial_lr = params["learning_rate"]
         self.plateau = cfg["lr_schedule"]

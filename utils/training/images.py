@@ -5,7 +5,7 @@ from typing import Callable, Tuple
 from torch.utils.data import DataLoader
 
 from datasets import CropImageFolder, EpochSampler
-from datasets.workers import leave_process_group
+from datasets.workers import leave_process_group, usable_workers
 from utils.training.bad_images import UnusableImages
 from utils.training.distributed import DistContext
 
@@ -29,6 +29,7 @@ class RunImages:
 
     def __init__(self, data, params, ctx: DistContext, log: Callable[[str], None]):
         self.data, self.device = data, ctx.device
+        self.workers = usable_workers(data.num_workers, log)
         self.train_set, self.test_set = (
             CropImageFolder(
                 data.data_path,
@@ -79,7 +80,7 @@ class RunImages:
         """A loader of ``dataset`` in ``sampler``'s order; training drops the last
         partial batch. Workers leave the process group, so that a stop signal to
         the group reaches the main process alone (``datasets/workers.py``)."""
-        workers = self.data.num_workers
+        workers = self.workers
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 
 import torch
 
-from utils.cli import prepare_output_folder
+from utils.cli import create_output_folder, remove_unused_folders
 from utils.training import distributed
 from utils.training.bad_images import TooManyUnusableImages
 from utils.training.build import build_configured_model
@@ -99,8 +99,6 @@ class Trainer:
         )
         self.pos = TrainPosition()
         self._load_start_state()
-        # Built once every check has passed: a DataLoader warns at construction when
-        # num_workers exceeds the CPUs, which must not precede a refusal.
         self._build_loaders()
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(
@@ -118,8 +116,13 @@ class Trainer:
             cuda_graph=params.cuda_graphs and ctx.world_size == 1,
         )
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
-        if ctx.is_main:  # only now: a refused run leaves no empty folder behind
-            prepare_output_folder(self.exp, "train_data.experiment_path")
+        # Only now: a refused run leaves no empty folder behind. The folders made here
+        # are removed again if the run stops before its first step.
+        self._created = (
+            create_output_folder(self.exp, "train_data.experiment_path")
+            if ctx.is_main
+            else []
+        )
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -207,11 +210,10 @@ class Trainer:
     def _keep_progress(self) -> str:
         """Save the steps done before a stop for bad data (validation images are first
         read at the first validation, maybe hours in), and say how to go on; a run
-        that had done nothing leaves no empty folder."""
+        that had done nothing leaves no folder it made (one that existed is kept)."""
         step = self.pos.global_step
         if step == 0:
-            if self.ctx.is_main and self.writer is None and not os.listdir(self.exp):
-                os.rmdir(self.exp)
+            remove_unused_folders(self._created)
             return ""
         if self._saved_at != step:
             self._save(best=False)

@@ -121,7 +121,12 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "epochs": _Key(
             int, 200, _within(1, 1_000_000), doc="passes over the training set"
         ),
-        "num_workers": _Key(int, 4, _within(0, 256), doc="DataLoader worker processes"),
+        "num_workers": _Key(
+            int,
+            4,
+            _within(0, 256),
+            doc="DataLoader worker processes, at most one per CPU",
+        ),
         "cuda": _Key(
             bool, False, doc="train on the GPU (the CPU, with a warning, without one)"
         ),
