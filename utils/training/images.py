@@ -1,5 +1,6 @@
 """The images of a training run: the crop folders, their samplers and loaders."""
 
+from functools import cached_property
 from typing import Callable, Tuple
 
 from torch.utils.data import DataLoader
@@ -29,7 +30,7 @@ class RunImages:
 
     def __init__(self, data, params, ctx: DistContext, log: Callable[[str], None]):
         self.data, self.device = data, ctx.device
-        self.workers = usable_workers(data.num_workers, log)
+        self._log = log
         self.train_set, self.test_set = (
             CropImageFolder(
                 data.data_path,
@@ -66,6 +67,13 @@ class RunImages:
                 f"{len(self.train_set)} training images give no full batch of "
                 f"{data.batch_size} per process ({ctx.world_size} processes)"
             )
+
+    @cached_property
+    def workers(self) -> int:
+        """Worker processes per loader (:func:`datasets.workers.usable_workers`),
+        counted when the first loader is made: after the run's checks, so that a
+        refused run prints its error alone."""
+        return usable_workers(self.data.num_workers, self._log)
 
     def loaders(self) -> Tuple[DataLoader, DataLoader]:
         """New training and validation loaders; their workers start when iterated."""
