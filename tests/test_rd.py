@@ -11,12 +11,11 @@ from utils.evaluation.rd import (
     MIN_POINTS,
     bd_rate,
     bd_rate_table,
-    curve_styles,
     format_table,
     load_curve,
     load_curves,
-    rd_figure,
 )
+from utils.evaluation.rd_plot import curve_styles, rd_figure
 
 ANCHORS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -39,8 +39,8 @@ from utils.evaluation.rd import (
     load_curve,
     load_curves,
     parse_labels,
-    plot_curves,
 )
+from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import (
     Run,
     aggregate,

@@ -42,7 +42,8 @@ from utils.evaluation.coders import (
     learned_coders,
 )
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
-from utils.evaluation.rd import Curve, plot_curves
+from utils.evaluation.rd import Curve
+from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import mean_over_images
 from utils.stitching.geometry import model_geometry
 from utils.stitching.spec import PatchSpec

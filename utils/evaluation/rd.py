@@ -1,4 +1,5 @@
-"""Rate-distortion curves: reading results files, RD plots and BD-rate tables.
+"""Rate-distortion curves: reading results files and BD-rate tables (plots:
+:mod:`utils.evaluation.rd_plot`).
 
 Results files use CompressAI's schema (``{"name", "description", "results": {"bpp":
 [...], "psnr-rgb": [...], ...}}``); the older keys ``psnr`` and ``ms-ssim`` found in
@@ -22,8 +23,6 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import bjontegaard
-
-from utils.figures import save_figure, style_axis
 
 MIN_POINTS = 4
 METRICS = ("psnr-rgb", "ms-ssim-rgb", "psnr-b", "psnr-b-y")
@@ -250,107 +249,6 @@ def parse_labels(items: Sequence[str], paths: Sequence[str]) -> Dict[str, str]:
             )
         labels[path] = name
     return labels
-
-
-# Twenty colours (tab20, dark shades first) and twenty markers, so that curves
-# differ in both, and a curve stays identifiable in grayscale print.
-MARKERS = (
-    "o",
-    "s",
-    "^",
-    "v",
-    "D",
-    "<",
-    ">",
-    "p",
-    "h",
-    "*",
-    "X",
-    "P",
-    "d",
-    "8",
-    "H",
-    "1",
-    "2",
-    "3",
-    "4",
-    "+",
-)
-
-
-def curve_styles(count: int) -> List[dict]:
-    """Matplotlib keyword arguments for ``count`` curves: the first 20 all differ in
-    colour and in marker (dashed lines from the 11th on); more curves repeat them."""
-    from matplotlib import colormaps
-
-    palette = colormaps["tab20"].colors
-    colours = palette[0::2] + palette[1::2]
-    return [
-        {
-            "color": colours[i % 20],
-            "marker": MARKERS[i % 20],
-            "linestyle": "-" if i % 20 < 10 else "--",
-        }
-        for i in range(count)
-    ]
-
-
-def rd_figure(
-    curves: Sequence[Curve], metrics: Sequence[str] = METRICS, title: str = ""
-):
-    """One RD panel per metric that some curve has, with one legend right of the panels.
-
-    Returns ``(figure, metrics shown)``; the caller saves or closes the figure.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [m for m in metrics if any(len(c.points(m)) > 0 for c in curves)]
-    if not shown:
-        raise ValueError(f"no curve has any of the metrics {', '.join(metrics)}")
-    figure, axes = plt.subplots(
-        1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False
-    )
-    handles = {}
-    for axis, metric in zip(axes[0], shown):
-        for curve, style in zip(curves, curve_styles(len(curves))):
-            pairs = curve.points(metric)
-            if pairs:
-                (line,) = axis.plot(
-                    *zip(*pairs), markersize=4, label=curve.name, **style
-                )
-                handles.setdefault(curve.name, line)
-        style_axis(axis, "bits per pixel", AXIS_LABELS[metric], legend=False)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    # Outside the panels, so that no curve hides under it however many there are.
-    figure.legend(
-        handles.values(),
-        handles.keys(),
-        loc="upper left",
-        fontsize="small",
-        bbox_to_anchor=(1.0, 0.95),
-        bbox_transform=figure.transFigure,
-    )
-    return figure, shown
-
-
-def plot_curves(
-    curves: Sequence[Curve],
-    output: str,
-    metrics: Sequence[str] = METRICS,
-    title: str = "",
-) -> List[str]:
-    """Draw :func:`rd_figure` and write it to ``output`` atomically.
-
-    Returns the metrics that were plotted.
-    """
-    figure, shown = rd_figure(curves, metrics, title)
-    save_figure(figure, output)
-    return shown
 
 
 def bd_rate(
