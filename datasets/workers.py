@@ -25,9 +25,9 @@ def usable_workers(requested: int, log: Callable[[str], None]) -> int:
     """``requested`` DataLoader workers, at most one for each CPU this process may run
     on: more only take turns on the same cores, and PyTorch warns at every loader.
     ``log`` is told when there are fewer."""
-    if hasattr(os, "sched_getaffinity"):  # Linux: the CPUs this process is allowed
-        cpus = len(os.sched_getaffinity(0))
-    else:
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except AttributeError:  # no such call outside Linux: all of the machine's
         cpus = os.cpu_count() or 1
     if requested > cpus:
         log(
