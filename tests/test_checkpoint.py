@@ -107,6 +107,21 @@ def test_checkpoint_saved_before_update_gets_its_entropy_tables(tmp_path):
     assert entropy_tables_ready(models.load_checkpoint(path, "cpu"))
 
 
+@pytest.mark.parametrize("module", ["gaussian_conditional", "entropy_bottleneck"])
+def test_a_checkpoint_missing_one_modules_entropy_tables_gets_them_recomputed(
+    tmp_path, tiny_cps, module
+):
+    # What the refusal of a damaged table advises: delete that module's tables.
+    state = tiny_cps.state_dict()
+    for table in ("_quantized_cdf", "_offset", "_cdf_length"):
+        del state[f"{module}.{table}"]
+    model = models.load_checkpoint(_save(tmp_path / "edited.pth.tar", state), "cpu")
+    expected = tiny_cps.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_tables_of_another_size_are_resized(tmp_path, tiny_cps):
     path = _save(tmp_path / "bare.pth.tar", tiny_cps.state_dict())
     model = models.load_checkpoint(path, "cpu")

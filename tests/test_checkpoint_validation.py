@@ -44,16 +44,18 @@ def test_non_finite_weights_are_rejected(tmp_path, tiny_cps, value):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
+        # a zero-frequency symbol
         (
             lambda cdf, lengths, offsets: cdf[1].__setitem__(
                 slice(3, 5), cdf[1][4].item()
             ),
             "_quantized_cdf row 1 is not a CDF",
-        ),  # a zero-frequency symbol
+        ),
+        # decreasing
         (
             lambda cdf, lengths, offsets: cdf[0].__setitem__(2, cdf[0][1] - 1),
             "_quantized_cdf row 0 is not a CDF",
-        ),  # decreasing
+        ),
         (lambda cdf, lengths, offsets: cdf[2].__setitem__(0, 7), "row 2 is not a CDF"),
         (
             lambda cdf, lengths, offsets: lengths.__setitem__(1, 1),
@@ -88,6 +90,33 @@ def test_hostile_entropy_tables_are_rejected(
     )
     error = _load_error(_saved(tmp_path, state))
     assert f"entry {module}." in error and message in error
+
+
+@pytest.mark.parametrize("module", ["gaussian_conditional", "entropy_bottleneck"])
+@pytest.mark.parametrize(
+    "offset, accepted",
+    [
+        (lambda width: -width, False),
+        (lambda width: 1 - width, True),
+        (lambda width: 0, True),
+        (lambda width: 1, False),
+    ],
+    ids=["-width", "1-width", "0", "1"],
+)
+def test_offsets_are_accepted_from_just_above_minus_the_table_width_up_to_zero(
+    tmp_path, tiny_cps, module, offset, accepted
+):
+    # The documented rule is -width < offset <= 0; both ends are pinned here.
+    state = tiny_cps.state_dict()
+    width = state[f"{module}._quantized_cdf"].shape[1]
+    state[f"{module}._offset"][1] = offset(width)
+    path = _saved(tmp_path, state)
+    if accepted:
+        model = models.load_checkpoint(path, "cpu")
+        assert int(model.state_dict()[f"{module}._offset"][1]) == offset(width)
+    else:
+        message = f"{module}._offset[1] = {offset(width)} is outside ({-width}, 0]"
+        assert message in _load_error(path)
 
 
 def test_unsorted_scale_table_is_rejected(tmp_path, tiny_cps):

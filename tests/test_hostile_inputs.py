@@ -295,7 +295,13 @@ def outcomes(folder, cps, mei, kamisli):
         "1 to 65535",
         suffix=".cpsl",
     )
-    decode_case("unknown flags", _unknown_flags(cps_model), cps_checkpoint, "flag")
+    # The name must not hold the fragment: the error line quotes the file's path.
+    decode_case(
+        "newer header bits",
+        _unknown_flags(cps_model),
+        cps_checkpoint,
+        "unknown .cps flag bits 0x80: written by a newer version",
+    )
 
     shuffle = random.Random(0)
     for kind, (model, checkpoint) in (("cps", cps), ("mei", mei), ("kamisli", kamisli)):
@@ -428,7 +434,7 @@ def _error_cases():
         for side in (4096, 30000)
         for kind in ("kamisli", "cpsl")
     ]
-    names += ["zero-sized cps", "oversized cps", "zero-sized cpsl", "unknown flags"]
+    names += ["zero-sized cps", "oversized cps", "zero-sized cpsl", "newer header bits"]
     names += [
         f"damaged {kind} {n}"
         for kind in ("cps", "mei", "kamisli")

@@ -110,9 +110,8 @@ def test_plan_batches_fixed_patches_as_far_as_the_budget_allows():
     assert small.patch_size == large.patch_size == (128, 128)
     assert small.batch_size < large.batch_size == 8
     assert large.peak_bytes <= 2000 * MB
-    assert (
-        _plan(4000, patch_size=640).batch_size == 6
-    )  # never more than there are patches
+    # Never more than there are patches.
+    assert _plan(4000, patch_size=640).batch_size == 6
 
 
 @pytest.mark.parametrize("budget_mb", [600, 450, 200])
@@ -160,6 +159,25 @@ def test_impossible_budget_is_a_clear_error():
         _plan(101)
     with pytest.raises(ValueError, match="too small"):
         _plan(120, patch_size=1024)
+
+
+@pytest.mark.parametrize("channels, latent_size", [(8, (5, 7)), (320, (48, 80))])
+@pytest.mark.parametrize("hyper_chunk", [0, 64])
+def test_the_encoders_entropy_phase_counts_the_latent_y_the_decoder_never_holds(
+    channels, latent_size, hyper_chunk
+):
+    # Both hold params, the y_hat buffer and the fixed-point h_s work; the encoder
+    # also holds the analysis output y, one float32 latent. (The rANS streams differ
+    # the other way round, so they are left out.)
+    y = torch.empty(1, channels, *latent_size)
+    positions = latent_size[0] * latent_size[1]
+    encoder, decoder = (
+        utils.stitching.planner.entropy_phase_bytes(
+            channels, positions, encoding, 0, hyper_chunk
+        )
+        for encoding in (True, False)
+    )
+    assert encoder - decoder >= y.nbytes
 
 
 def _smooth_image(height, width, seed=0):

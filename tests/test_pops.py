@@ -28,9 +28,8 @@ def test_layer_list_is_read_from_the_network():
 
 
 def test_the_side_multiple_follows_the_strides_of_both_analysis_transforms():
-    assert (
-        models.build_model("cps", N=8).downsampling_factor == 64
-    )  # 16 in g_a, 4 in h_a
+    # 16 in g_a, 4 in h_a.
+    assert models.build_model("cps", N=8).downsampling_factor == 64
     # A researcher's deeper hyper-analysis changes it with no other edit; h_a runs on
     # the whole latent, so it may pad, as CompressAI's hyper-analyses do.
     deeper = models.build_model("cps", N=8)
@@ -79,23 +78,14 @@ def test_pointwise_layers_and_gdn_variants_add_no_reach():
 @pytest.mark.parametrize(
     "layers, r, rho, eq4_overlap, overlap",
     [
-        (
-            [(2, 2)] * 4,
-            16,
-            16,
-            0,
-            0,
-        ),  # EDRB only: r = rho, no overlap needed (Sec. II.B)
+        # EDRB only: r = rho, no overlap needed (Sec. II.B)
+        ([(2, 2)] * 4, 16, 16, 0, 0),
         ([(3, 1)], 3, 1, 2, 2),  # r mod rho == 0: o = r - rho
-        (
-            [(5, 2), (5, 2)],
-            13,
-            4,
-            12,
-            16,
-        ),  # r mod rho != 0: o = rho * floor(r / rho); an odd 2e
+        # r mod rho != 0: o = rho * floor(r / rho); an odd 2e is rounded up to a
+        # symmetric margin
+        ([(5, 2), (5, 2)], 13, 4, 12, 16),
     ],
-)  # is rounded up to a symmetric margin
+)
 def test_overlap_follows_equation_4(layers, r, rho, eq4_overlap, overlap):
     geometry = geometry_from_layers(layers)
     assert (geometry.receptive_field, geometry.scale) == (r, rho)
@@ -279,6 +269,41 @@ def test_a_decoder_reaching_further_than_the_encoder_margin_is_refused(monkeypat
     }
     with pytest.raises(ValueError, match=f"model 'deeper-decoder': {message}"):
         build_configured_model(cfg)
+
+
+class _LopsidedDecoder(torch.nn.Module):
+    """Scale 16; each output pixel reads ``behind`` pixels to its left and ``ahead``
+    to its right after the upsampling, so g_s reaches unequally far on each side."""
+
+    M = 4
+
+    def __init__(self, behind: int, ahead: int):
+        super().__init__()
+        self.g_a = torch.nn.Conv2d(3, self.M, kernel_size=16, stride=16)
+        self.g_s = torch.nn.Sequential(
+            torch.nn.ConvTranspose2d(self.M, 3, kernel_size=16, stride=16),
+            torch.nn.ZeroPad2d((behind, ahead, 0, 0)),
+            torch.nn.Conv2d(3, 3, kernel_size=(1, behind + ahead + 1)),
+        )
+
+
+@pytest.mark.parametrize(
+    "behind, ahead, reach",
+    [(0, 0, 0), (0, 1, 1), (0, 16, 1), (0, 17, 2), (1, 0, 1), (17, 0, 2), (3, 20, 2)],
+)
+def test_the_synthesis_reach_is_the_farther_side_of_a_lopsided_decoder(
+    behind, ahead, reach
+):
+    torch.manual_seed(0)
+    model = _LopsidedDecoder(behind, ahead)
+    # Brute force: which latent columns move the 16 pixel columns of column 6?
+    block = slice(6 * 16, 7 * 16)
+    influencing = _changed_columns(
+        lambda y: model.g_s(y)[..., block], torch.rand(1, 4, 2, 13), 13, slice(None)
+    )
+    assert influencing == list(range(influencing[0], influencing[-1] + 1))
+    assert max(6 - influencing[0], influencing[-1] - 6) == reach
+    assert synthesis_reach(model) == reach
 
 
 def test_a_cps_variant_with_deeper_transforms_codes_patch_wise_bit_exactly():

@@ -463,6 +463,27 @@ def test_amp_channels_last_and_ms_ssim_steps_train_the_model(options, side):
     assert not torch.equal(model.g_s[-1].conv.weight, before)
 
 
+def test_each_step_moves_every_quantile_by_the_aux_lr_and_lowers_the_aux_loss():
+    # The aux loss is an L1 distance, so each quantile's gradient is +-1 at every
+    # step and Adam moves it by exactly the aux learning rate (which differs from
+    # the network's here, to show which optimizer moved it).
+    torch.manual_seed(0)
+    model = models.build_model("cps", N=8).train()
+    optimizer, aux_optimizer = build_optimizers(model, 1e-3, 1e-2)
+    step = TrainStep(model, model, RateDistortionLoss(0.01), optimizer, aux_optimizer)
+    quantiles = model.entropy_bottleneck.quantiles
+    start = quantiles.detach().clone()
+    aux = [step(torch.rand(2, 3, 64, 64), i)["aux"] for i in range(3)]
+    moved = (quantiles.detach() - start).abs()
+    assert moved.flatten().tolist() == pytest.approx([3e-2] * moved.numel(), rel=1e-3)
+    assert aux[0] > aux[1] > aux[2]
+    # The network's own step also changes the aux loss; the quantiles alone lower it.
+    with torch.no_grad():
+        trained = model.aux_loss().item()
+        quantiles.copy_(start)
+        assert model.aux_loss().item() > trained
+
+
 def test_training_lowers_the_validation_loss(tmp_path, train_images):
     # At lmbda 0.01 the first tens of steps only pull the (unclamped) output back
     # into [0, 1]: the loss halves while the PSNR of the clamped output stands still.
@@ -591,10 +612,8 @@ def test_tensorboard_gets_training_scalars_validation_scalars_and_images(
     (image,) = [
         e for e in events.Images("val/original_vs_reconstruction") if e.step == 4
     ]
-    assert (image.width, image.height) == (
-        2 * 64 + 3 * 2,
-        64 + 2 * 2,
-    )  # one pair, 2px grid
+    # One pair, 2px grid.
+    assert (image.width, image.height) == (2 * 64 + 3 * 2, 64 + 2 * 2)
 
 
 def test_unusable_training_images_are_skipped_counted_and_past_the_limit_stop_the_run(
@@ -744,9 +763,8 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
         "warning: the run continues with the changed values; train.py --resume "
         "CHECKPOINT without --config or --set keeps the checkpoint's config"
     )
-    with pytest.raises(
-        SystemExit
-    ) as info:  # argparse: neither --config nor a checkpoint
+    # argparse: neither --config nor a checkpoint.
+    with pytest.raises(SystemExit) as info:
         train.main(["--set", "train_params.max_steps=5"])
     assert info.value.code == 2
     assert (
@@ -771,9 +789,8 @@ def test_a_checkpoint_written_before_the_crop_size_rename_still_resumes(
     # The same config: nothing changed (the run is finished, which is said instead).
     status, err = run_cli(["--config", cfg, "--resume", str(ckpt)], capsys)
     assert status == 1 and not [line for line in err if "config changed" in line]
-    assert not [
-        line for line in err if line.startswith("resuming")
-    ]  # refused, not resumed
+    # Refused, not resumed.
+    assert not [line for line in err if line.startswith("resuming")]
     assert err[-1].endswith(
         "already finished its run at step 2 (train_params.max_steps=2); "
         "raise that limit with --set to train further"
