@@ -392,9 +392,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     def run() -> int:
-        from utils.evaluation import (
-            app,
-        )  # PyTorch and the models load here, after the checks
+        # PyTorch and the models load here, after the checks.
+        from utils.evaluation import app
 
         return app.run(args)
 

@@ -236,9 +236,8 @@ def measure_size(model, width: int, height: int, args) -> Dict[str, object]:
                     model, crop_y, crop_params, "raster", args.repeats
                 )
             else:
-                with (
-                    single_threaded()
-                ):  # its fastest setting here: 2 threads slow it down
+                # Its fastest setting here: 2 threads slow it down.
+                with single_threaded():
                     result = time_compressai(model, crop_y, crop_params, args.repeats)
             result["measured_positions"] = crop_rows * cols
             factor = positions / (crop_rows * cols)

@@ -161,9 +161,8 @@ def measure(step, x, device, steps, warmup, repeats):
         "ms_per_step": 1e3 * seconds / steps,
         "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings],
     }
-    if isinstance(
-        step, TrainStep
-    ):  # same weights, batch and seeds: comparable across loops
+    # Same weights, batch and seeds: comparable across loops.
+    if isinstance(step, TrainStep):
         result.update(final_loss=last["loss"], graph_replayed=step.graph_captured)
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

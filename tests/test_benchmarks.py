@@ -252,9 +252,8 @@ def test_memory_scaling_records_the_patches_the_budget_chose(capsys):
     argv = ["--child", "cps-budget", "300x200", "--N", "8", "--max-memory", "2GB"]
     assert memory_scaling.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (
-        len(result["patch_sizes"]) == len(result["batch_sizes"]) == 2
-    )  # encode and decode
+    # Encode and decode.
+    assert len(result["patch_sizes"]) == len(result["batch_sizes"]) == 2
     assert result["bytes"] > 0 and result["transform_s"] > 0
     assert (
         models.cps.coding.run_patchwise,
@@ -361,11 +360,8 @@ def _done(code=0, stderr=""):
     "cpu_decode_offset, outcome, status",
     [
         (0, {"max_abs_diff": 0, "pixels_differing": 0.0}, "pass"),
-        (
-            1,
-            {"max_abs_diff": 1, "pixels_differing": 0.25},
-            "pass",
-        ),  # float rounding in g_s
+        # float rounding in g_s
+        (1, {"max_abs_diff": 1, "pixels_differing": 0.25}, "pass"),
         (5, {"max_abs_diff": 5, "pixels_differing": 0.25}, "fail"),
         (None, "refused on the latent CRC", "pass"),
     ],

@@ -224,9 +224,8 @@ def test_train_py_prints_warnings_as_one_line_too(tmp_path, monkeypatch, capsys)
 
     import train
 
-    monkeypatch.setattr(
-        warnings, "formatwarning", warnings.formatwarning
-    )  # restored after
+    # Restored after.
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     assert train.main(["--config", str(tmp_path / "missing.yaml")]) == 1
     assert (
         warnings.formatwarning("slow", RuntimeWarning, "step.py", 3)
@@ -350,12 +349,13 @@ def test_a_patch_size_a_whole_image_model_ignores_is_warned_about(
         "bmshj2018-factorized codes whole images (no POPS): --patch-size 128 is ignored"
         in capsys.readouterr().err
     )
+    # Auto: nothing to warn about.
     assert (
         codec.main(
             ["encode", str(photo), str(tmp_path / "y.cps"), "-p", zoo_checkpoint]
         )
         == 0
-    )  # auto: nothing to warn about
+    )
     assert "warning" not in capsys.readouterr().err
 
 

@@ -134,9 +134,8 @@ def test_desynchronised_decoder_is_an_error_not_garbage(tiny_cps, encoded):
 
 def test_inconsistent_header_is_an_error(tiny_cps, encoded):
     body = bytearray(encoded[:-4])
-    struct.pack_into(
-        ">H", body, 14, 200
-    )  # bottom padding larger than the 64-pixel multiple
+    # Bottom padding larger than the 64-pixel multiple.
+    struct.pack_into(">H", body, 14, 200)
     with pytest.raises(BitstreamError, match="inconsistent size"):
         tiny_cps.decode(
             unpack(bytes(body) + struct.pack(">I", zlib.crc32(body))), CodingPlan()

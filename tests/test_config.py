@@ -47,9 +47,8 @@ def test_authors_layout_loads_unchanged_and_new_keys_get_defaults(tmp_path):
     assert cfg.train_data.batch_size == 32 and cfg.train_data.cuda is True
     assert cfg.train_params.lmbda == 0.0018 and cfg.train_params.N == 192
     assert cfg.train_params.crop_size == 256 and "patch_size" not in cfg.train_params
-    assert (
-        "training_modality" not in cfg.train_params
-    )  # read by nothing: accepted, dropped
+    # Read by nothing: accepted, dropped.
+    assert "training_modality" not in cfg.train_params
     assert cfg.train_params.distortion_metric == "mse"
     assert cfg.model.name == "cps" and cfg.model.kwargs == {}
     assert cfg.lr_schedule.type == "plateau"
@@ -370,10 +369,8 @@ def _minimal(**blocks):
         ("train_params", {"learning_rate": 1.0}),  # closed upper bounds are inclusive
         ("train_data", {"batch_size": 4096, "max_bad_fraction": 0.0}),
         ("train_params", {"N": 1, "crop_size": 8}),
-        (
-            "train_params",
-            {"distortion_metric": "ms-ssim", "crop_size": 161},
-        ),  # 5 scales fit
+        # 5 scales fit
+        ("train_params", {"distortion_metric": "ms-ssim", "crop_size": 161}),
         ("lr_schedule", {"milestones": [1, 2]}),
     ],
 )
@@ -555,9 +552,8 @@ def test_override_names_may_be_padded_and_an_empty_value_clears_a_path(tmp_path)
         [" train_params.lmbda = 0.5", "train_data.use_checkpoint_path="],
     )
     assert cfg.train_params.lmbda == 0.5
-    assert (
-        cfg.train_data.use_checkpoint_path == ""
-    )  # not resumed, not the current folder
+    # Not resumed, not the current folder.
+    assert cfg.train_data.use_checkpoint_path == ""
 
 
 def test_empty_paths_stay_empty_and_a_home_path_is_expanded(tmp_path, monkeypatch):

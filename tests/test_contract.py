@@ -476,9 +476,8 @@ def test_a_compressai_checkpoint_evaluates_as_compressais_eval_model(tmp_path, c
     torch.manual_seed(0)
     trained = models.get_model_class("mbt2018").zoo_class(N=8, M=8)
     checkpoint = tmp_path / "my_mbt2018.pth.tar"
-    torch.save(
-        {"state_dict": trained.state_dict()}, checkpoint
-    )  # CompressAI's train.py layout
+    # CompressAI's train.py layout.
+    torch.save({"state_dict": trained.state_dict()}, checkpoint)
     paths = _write_photos(tmp_path / "images", [(192, 256), (170, 200)])
 
     reference_model = eval_model_checkpoint("mbt2018", False, str(checkpoint))

@@ -132,9 +132,8 @@ def test_checkpoint_run_reports_real_file_sizes_and_the_saved_pngs_psnr(
         assert page["results"]["psnr-b"][0] == pytest.approx(
             psnr_b(original, saved), abs=1e-9
         )
-        assert (
-            page["results"]["bpp_est"][0] < page["results"]["bpp"][0]
-        )  # the header costs
+        # The header costs.
+        assert page["results"]["bpp_est"][0] < page["results"]["bpp"][0]
     assert document["results"]["bpp"][0] == pytest.approx(sum(sizes) / 2, rel=1e-12)
     small = json.loads((out_dir / "per-image" / "small.json").read_text())
     assert small["results"]["ms-ssim-rgb"] == [None]

@@ -93,9 +93,8 @@ def test_masked_taps_are_zero_stay_zero_and_get_no_gradient():
     x = torch.randn(1, 2, 5, 5)
     out = conv(x)
     out.sum().backward()
-    assert torch.equal(
-        conv.weight, before
-    )  # ... the forward does not rewrite the weight,
+    # ... the forward does not rewrite the weight,
+    assert torch.equal(conv.weight, before)
     expected = torch.nn.functional.conv2d(x, before * ~closed, conv.bias, padding=1)
     assert torch.allclose(out, expected, atol=1e-6)  # ... it ignores them
     assert torch.all(conv.weight.grad[:, :, closed] == 0)
@@ -223,9 +222,8 @@ def test_registry_config_and_state_dict_round_trip(tmp_path):
         == {"block_size": 4, "N": 8, "M": 4, "kernel_sizes": [3, 3, 1, 1]}
     )
     path = tmp_path / "k.pth.tar"
-    wrapped = {
-        "module." + k: v for k, v in model.state_dict().items()
-    }  # as DDP saves it
+    # As DDP saves it.
+    wrapped = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"architecture": "kamisli2024", "state_dict": wrapped}, path)
     loaded = models.load_checkpoint(str(path))
     x = torch.rand(1, 3, 16, 16)

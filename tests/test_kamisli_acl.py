@@ -99,11 +99,8 @@ def test_a_tiny_acl_run_completes_two_iterations_and_regenerates_the_context(tmp
     state = run_acl(cfg, torch.device("cpu"), log.append)
     exp = cfg["train_data"]["experiment_path"]
     assert state.iteration == 1 and state.phase == "regenerate"
-    assert [r["iteration"] for r in state.history] == [
-        0,
-        1,
-        1,
-    ]  # itr 0 stops at its threshold
+    # itr 0 stops at its threshold.
+    assert [r["iteration"] for r in state.history] == [0, 1, 1]
     assert all(
         math.isfinite(r["open_loop"]) and "closed_loop" in r for r in state.history
     )
@@ -191,9 +188,8 @@ def test_context_pairs_crop_on_the_block_grid_and_flip_both_images(tmp_path):
     for epoch in range(12):
         pairs.set_epoch(epoch)
         x, z = pairs[0]
-        assert x.shape == (3, 8, 8) and torch.allclose(
-            z, 1 - x
-        )  # same crop, same flips
+        # Same crop, same flips.
+        assert x.shape == (3, 8, 8) and torch.allclose(z, 1 - x)
         found = [
             (t, left, fh, fv)
             for t in range(0, 13)

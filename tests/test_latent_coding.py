@@ -385,9 +385,8 @@ def test_the_benchmark_writes_a_table_of_bit_exact_timings(tmp_path):
         entry["decode_speedup_vs_raster"] > 0
         and "| 200x70 | 8x16 | 37 |" in report["table"]
     )
-    with pytest.raises(
-        SystemExit
-    ) as exit_info:  # refused while parsing, before any run
+    # Refused while parsing, before any run.
+    with pytest.raises(SystemExit) as exit_info:
         entropy_coding.main(["--output", str(tmp_path / "missing" / "x.json")])
     assert exit_info.value.code == 2
 

@@ -99,9 +99,8 @@ def test_eval_forward_reproduces_the_decoded_reconstructions(name, request):
     model = request.getfixturevalue(name)
     side = model.downsampling_factor
     image = smooth_image(side, 2 * side, seed=3)
-    with transform_mode(
-        torch.device("cpu"), exact=True
-    ):  # the coder's convolution settings
+    # The coder's convolution settings.
+    with transform_mode(torch.device("cpu"), exact=True):
         forward = model(image.float().div(255)[None])["x_hats"]
     decoded = decode_layers(model, model.encode(image, CodingPlan()))
     for k in range(model.num_layers):
@@ -294,9 +293,8 @@ def test_a_machine_with_other_float_rounding_decodes_the_file(quality, coded_qua
         for patch in _predictions_rounded_differently(quality):
             stack.enter_context(patch)
         decoded = decode_latents(quality, layered)
-    assert not torch.equal(
-        decoded["y_hat"][1], encoder["y_hat"][1]
-    )  # the rounding did differ
+    # The rounding did differ.
+    assert not torch.equal(decoded["y_hat"][1], encoder["y_hat"][1])
     for ours, theirs in zip(decoded["x_hat"], encoder["x_hat"]):
         assert (ours - theirs).abs().max() < 1e-4
 

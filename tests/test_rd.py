@@ -80,9 +80,8 @@ def test_missing_values_are_left_out_of_a_curve(tmp_path):
         )
     )
     assert len(curve.points("ms-ssim-rgb")) == 4
-    assert curve.points("ms-ssim-rgb")[0][1] == pytest.approx(
-        13.0103, abs=1e-4
-    )  # 0.95 in dB
+    # 0.95 in dB.
+    assert curve.points("ms-ssim-rgb")[0][1] == pytest.approx(13.0103, abs=1e-4)
 
 
 def test_too_few_points_and_non_monotonic_curves_are_refused(tmp_path):
@@ -129,9 +128,8 @@ def test_bdrate_command_prints_the_table_json_for_the_shipped_anchors(capsys, tm
     assert code == 0
     table = json.loads(out.out)
     rates = {row["name"]: row["bd-rate"]["psnr-rgb"] for row in table["rows"]}
-    assert (
-        rates["VTM"] < -15 and rates["JPEG"] > 100
-    )  # VVC saves bits over HEVC, JPEG costs
+    # VVC saves bits over HEVC, JPEG costs.
+    assert rates["VTM"] < -15 and rates["JPEG"] > 100
     assert "| VTM |" in markdown.read_text() and "| VTM |" in out.err
 
 

@@ -195,9 +195,8 @@ def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     broken = write_broken_images(tmp_path / "train")
     ds = CropImageFolder(root, "train", 64, random_crop=False, max_pixels=64_000_000)
-    names = [
-        p.name for p in ds.samples
-    ]  # 00.png 01.png 02.png bad_crc huge text truncated
+    # The names: 00.png 01.png 02.png bad_crc huge text truncated.
+    names = [p.name for p in ds.samples]
     crop, skipped = ds[(names.index("bad_crc.png"), 0)]
     assert skipped.tolist() == [names.index(n) for n in broken] + [-1] * (
         REPLACEMENTS - 4

@@ -122,11 +122,8 @@ class CapturableEntropyBottleneck(EntropyBottleneck):
     ) -> Tuple[Tensor, Tensor]:
         if training is None:
             training = self.training
-        swap = (
-            1,
-            0,
-            *range(2, x.dim()),
-        )  # (B, C, ...) <-> (C, B, ...); its own inverse
+        # (B, C, ...) <-> (C, B, ...); its own inverse.
+        swap = (1, 0, *range(2, x.dim()))
         channels_first = x.permute(*swap).contiguous()
         shape = channels_first.shape
         values = channels_first.reshape(shape[0], 1, -1)

@@ -213,9 +213,10 @@ class _Masked:
     def __call__(
         self, feature_map: Tensor, pad: int, rows: Tensor, cols: Tensor
     ) -> Tensor:
+        # The window: (C, n, taps).
         window = feature_map[
             :, rows[:, None] + self.tap_rows + pad, cols[:, None] + self.tap_cols + pad
-        ]  # (C, n, taps)
+        ]
         window = window.permute(1, 0, 2).reshape(len(rows), -1)
         return self.product(window)
 

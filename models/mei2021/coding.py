@@ -101,9 +101,8 @@ def encode_latents(model: nn.Module, image: Tensor, budget_bytes: Optional[int] 
     def code(k, value, _size):
         entropy_model = model.entropy_bottlenecks[k]
         streams.append(entropy_model.compress(value)[0])
-        decoded, likelihoods = entropy_model(
-            value
-        )  # eval mode: round around the medians
+        # Eval mode: round around the medians.
+        decoded, likelihoods = entropy_model(value)
         estimated.append(float(-torch.log2(likelihoods.double()).sum()))
         crcs.append(tensor_crc(decoded))
         return decoded, None

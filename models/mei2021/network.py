@@ -132,9 +132,10 @@ class _MeiScalable(LearnedCodec, CompressionModel):
         self.register_buffer("lmbdas", lmbdas)
         widths = self.num_filters
         self.g_a = nn.ModuleList(analysis_transform(n) for n in widths)
+        # tfc 1.x filters.
         self.entropy_bottlenecks = nn.ModuleList(
             EntropyBottleneck(n, filters=(3, 3, 3)) for n in widths
-        )  # tfc 1.x filters
+        )
         feature = self.feature_channels
         self.predictors = nn.ModuleList(
             PredictionTransform(feature[k - 1], widths[k], self.upsampling_predictor)

@@ -187,9 +187,8 @@ class ContextCoder:
         self.last_pipelined: Optional[bool] = None  # what the last encode/decode did
         context = model.context_prediction
         conditional = model.gaussian_conditional
-        if (
-            conditional.scale_table.device.type != "cpu"
-        ):  # its bit estimate runs on the CPU
+        # Its bit estimate runs on the CPU.
+        if conditional.scale_table.device.type != "cpu":
             conditional = copy.deepcopy(conditional).cpu()
         self.conditional = conditional
         if conditional.quantized_cdf.numel() == 0:

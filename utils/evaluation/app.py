@@ -102,9 +102,8 @@ def _learned_runs(
 
     if args.command == "checkpoint":
         if args.architecture:
-            models.get_model_class(
-                args.architecture
-            )  # an unknown name, before any work
+            # An unknown name, before any work.
+            models.get_model_class(args.architecture)
         if args.config:
             log.info(
                 "--config %s is not needed: the model is built from the checkpoint",

@@ -424,9 +424,8 @@ def load_pretrained(
             zoo_model = image_models[architecture](
                 quality=quality, metric=metric, pretrained=True, progress=False
             )
-    except (
-        Exception
-    ) as exc:  # a failed download, or a cached file that holds no weights
+    except Exception as exc:
+        # A failed download, or a cached file that holds no weights.
         reason = (
             str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         )

@@ -115,10 +115,8 @@ def _read_results(path: str) -> dict:
         raise ValueError(f"cannot read results file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ValueError(f"results file {path} is not UTF-8 text") from None
-    except (
-        ValueError,
-        RecursionError,
-    ) as exc:  # bad syntax, a 4300-digit number, deep nesting
+    except (ValueError, RecursionError) as exc:
+        # Bad syntax, a 4300-digit number, deep nesting.
         raise ValueError(f"results file {path} is not valid JSON: {exc}") from None
     results = document.get("results") if isinstance(document, dict) else None
     if not isinstance(results, dict) or not isinstance(results.get("bpp"), list):

@@ -255,9 +255,8 @@ class Planner:
         stream_symbols = largest_stream_symbols(*latent_size, self.model.M, fixed_point)
         positions = latent_size[0] * latent_size[1]
         hyper_chunk = 0
-        if (
-            fixed_point
-        ):  # h_s maps each z_hat position to an upsampling x upsampling block
+        # h_s maps each z_hat position to an upsampling x upsampling block.
+        if fixed_point:
             upsampling = self.model.downsampling_factor // self.geometry.scale
             hyper_chunk = min(
                 positions,

@@ -194,9 +194,8 @@ def _override(raw: dict, assignment: str) -> None:
         )
     value = load_yaml_text(text, f"override {assignment!r}") if text.strip() else ""
     if SCHEMA[block][key].path and isinstance(value, str) and value.strip():
-        value = os.path.abspath(
-            value
-        )  # typed in a shell: relative to the current folder
+        # Typed in a shell: relative to the current folder.
+        value = os.path.abspath(value)
     if not isinstance(raw.get(block), dict):
         raw[block] = {}
     raw[block][key] = value

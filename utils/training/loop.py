@@ -246,10 +246,8 @@ class Trainer:
                 disable=not (self.ctx.is_main and log_settings.progress),
                 file=self.log_stream,
             )
-            window, running = (
-                StepWindow(),
-                StepWindow(),
-            )  # running: this epoch, for the bar
+            # running: this epoch, for the bar.
+            window, running = StepWindow(), StepWindow()
             for x, skipped in self.train_loader:
                 window.data_done()
                 self.unusable["training"].note(skipped)

@@ -333,9 +333,8 @@ class TrainStep:
             reason = str(exc).splitlines()[0]
         else:
             reason = None
-        if (
-            reason is not None
-        ):  # outside the handler: its traceback holds the autograd graph
+        # Outside the handler: its traceback holds the autograd graph.
+        if reason is not None:
             warnings.warn(
                 f"the training step cannot be captured as a CUDA graph ({reason}); "
                 f"training eagerly",
