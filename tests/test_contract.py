@@ -62,6 +62,7 @@ def test_every_registered_architecture_is_listed_here():
     assert primary == set(SMALL)
 
 
+@pytest.mark.slow  # a fresh interpreter imports PyTorch and CompressAI
 def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first():
     # eval_model adds CompressAI's variable-rate models to the zoo's own table on
     # import.
@@ -80,6 +81,7 @@ def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first(
     assert done.stdout.strip() == str(sorted(SMALL))
 
 
+@pytest.mark.slow  # a fresh interpreter imports PyTorch and CompressAI
 def test_importing_the_models_package_prints_no_warning_a_user_cannot_act_on():
     # The README's Python example starts with `import models`; CompressAI's use of the
     # deprecated torch.jit.script warned there, under every default warning filter.
