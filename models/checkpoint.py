@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint_file import read_checkpoint_file
+from models.checkpoint_file import first_line, read_checkpoint_file
 from models.registry import MODELS, get_model_class
 from models.weight_checks import (
     check_buildable,
@@ -262,9 +262,6 @@ def _model_from_weights(path: str, name: str, state_dict: dict) -> nn.Module:
         # A tensor of the wrong rank where a size is read, or CompressAI's own
         # load_state_dict refusing (its message lists every key: the first line
         # says it).
-        reason = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
         raise ArchitectureMismatch(
-            f"checkpoint {path} does not fit architecture {name!r}: {reason}"
+            f"checkpoint {path} does not fit architecture {name!r}: {first_line(exc)}"
         ) from None

@@ -9,7 +9,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["read_checkpoint_file"]
+__all__ = ["read_checkpoint_file", "first_line"]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none:
+    PyTorch and zipfile put details a one-line report leaves out on later lines."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _check_torch_zip(path: str) -> None:
@@ -27,9 +34,8 @@ def _check_torch_zip(path: str) -> None:
             names = archive.namelist()
             mismatch = archive.testzip()
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise ValueError(
-            f"cannot read checkpoint {path}: the file is damaged ({reason}); "
+            f"cannot read checkpoint {path}: the file is damaged ({first_line(exc)}); "
             "re-download or re-export it"
         ) from None
     except (NotImplementedError, RuntimeError) as exc:  # compressed or encrypted
@@ -91,15 +97,13 @@ def read_checkpoint_file(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all land here
-        first_line = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
-        if first_line.startswith("Weights only load failed"):
+        reason = first_line(exc)
+        if reason.startswith("Weights only load failed"):
             # PyTorch's first line announces options its later lines give; the reason is
             # what matters here, and loading the objects could run code from the file.
-            first_line = (
+            reason = (
                 "it holds Python objects besides tensors and plain containers, "
                 "which are not loaded because unpickling them can run code; save "
                 "the weights alone (torch.save of the state_dict)"
             )
-        raise ValueError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None

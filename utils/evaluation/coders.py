@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from models import get_model_class
 from models.base import CodingPlan, check_decoded, check_payload
+from models.checkpoint_file import first_line
 from utils.coding.container import LayeredImage, pack, unpack
 from utils.device import model_device
 from utils.evaluation.metrics import likelihood_bits
@@ -426,9 +427,7 @@ def load_pretrained(
             )
     except Exception as exc:
         # A failed download, or a cached file that holds no weights.
-        reason = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
+        reason = first_line(exc)
         if was_cached:  # users are told to put the file there themselves
             raise ValueError(
                 f"cannot load pretrained {architecture} (metric {metric}, quality "
