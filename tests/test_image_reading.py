@@ -266,3 +266,50 @@ def test_an_unreadable_file_is_named_once_in_its_error(tmp_path):
             f"cannot read image {tmp_path / 'text.png'}: "
             "not an image file of a format PIL reads"
         )
+
+
+def _interlaced_png(path, samples, colour_type):
+    """A 16-bit PNG of ``samples`` in the seven Adam7 passes (PIL writes none)."""
+    height, width = samples.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 1)
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4))
+    passes += ((0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    data = b"".join(
+        _rows(samples[row::row_step, column::column_step], 16)
+        for column, row, column_step, row_step in passes
+        if column < width and row < height
+    )
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(data))
+        + _chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (9, 2), (16, 17)])
+def test_an_interlaced_sixteen_bit_png_reads_as_its_samples(tmp_path, size):
+    """Its data length, summed over the Adam7 passes, passes the length check."""
+    samples = np.random.default_rng(3).integers(0, 65536, (*size, 3), dtype=np.uint16)
+    _interlaced_png(tmp_path / "i16.png", samples, 2)
+    image, info = read_image(str(tmp_path / "i16.png"))
+    assert np.array_equal(_hwc(image), _rounded(samples))
+    assert info.conversions == [SCALED]
+
+
+@pytest.mark.parametrize("colour_type", [2, 4, 6])
+def test_a_sixteen_bit_png_with_too_little_image_data_is_refused(tmp_path, colour_type):
+    """Complete chunks, but data for 2 of 50 rows: libpng only warns, and torchvision
+    then crashed the whole process (a segmentation fault) instead of an error."""
+    channels = {2: 3, 4: 2, 6: 4}[colour_type]
+    samples = np.zeros((2, 70, channels), np.uint16)
+    path = tmp_path / "short.png"
+    _png(path, samples, 16, colour_type, size=(70, 50))
+    needed = 50 * (1 + 70 * 2 * channels)
+    with pytest.raises(ValueError) as caught:
+        read_image(str(path))
+    assert str(caught.value) == (
+        f"cannot read image {path}: the image data holds "
+        f"{2 * (1 + 70 * 2 * channels)} of the {needed} bytes its header says "
+        "(a damaged or truncated file)"
+    )

@@ -29,8 +29,9 @@ import re
 import reprlib
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -257,17 +258,81 @@ def colour_png16_type(header: bytes) -> Optional[int]:
     return None
 
 
-def _png_chunk(data: np.ndarray, kind: bytes) -> Optional[bytes]:
-    """The content of the first ``kind`` chunk of the PNG file ``data``, or None."""
+def _png_chunks(data: np.ndarray) -> Iterator[Tuple[bytes, np.ndarray]]:
+    """(type, content) of each chunk of the PNG file ``data``, up to IEND."""
     offset = len(_PNG_SIGNATURE)
     while offset + 8 <= len(data):
         length = int.from_bytes(data[offset : offset + 4].tobytes(), "big")
         name = data[offset + 4 : offset + 8].tobytes()
-        if name == kind:
-            return data[offset + 8 : offset + 8 + length].tobytes()
+        yield name, data[offset + 8 : offset + 8 + length]
         if name == b"IEND":
-            break
+            return
         offset += 12 + length
+
+
+# Samples per pixel of each PNG colour type, and the Adam7 passes (first column and
+# row, column and row steps) of an interlaced image.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+
+
+def _png16_data_bytes(header: bytes) -> int:
+    """Bytes of filtered scanlines that a PNG of 16-bit samples with the IHDR content
+    ``header`` must decompress to: one filter byte per row of every pass."""
+    width = int.from_bytes(header[0:4], "big")
+    height = int.from_bytes(header[4:8], "big")
+    pixel_bytes = 2 * _PNG_CHANNELS[header[9]]
+    passes = _ADAM7 if header[12] == 1 else ((0, 0, 1, 1),)
+    total = 0
+    for column, row, column_step, row_step in passes:
+        columns = max(0, -(-(width - column) // column_step))
+        rows = max(0, -(-(height - row) // row_step))
+        if columns and rows:
+            total += rows * (1 + columns * pixel_bytes)
+    return total
+
+
+def _check_png16_data(data: np.ndarray) -> None:
+    """Refuse a 16-bit PNG whose image data is shorter than its header says (damaged
+    or cut inside its last IDAT chunk), before torchvision decodes it: libpng only
+    warns about it, and torchvision then crashes the process. The data is
+    decompressed a piece at a time, up to the size needed, and not kept."""
+    header = _png_chunk(data, b"IHDR") or b""
+    if len(header) != 13:
+        raise ValueError("damaged PNG header (IHDR)")
+    needed = _png16_data_bytes(header)
+    inflate, found = zlib.decompressobj(), 0
+    try:
+        for name, content in _png_chunks(data):
+            if name != b"IDAT":
+                continue
+            pending = content.tobytes()
+            while pending and found < needed:
+                found += len(inflate.decompress(pending, 1 << 20))
+                pending = inflate.unconsumed_tail
+            if found >= needed:
+                return
+    except zlib.error as exc:
+        raise ValueError(f"damaged image data ({exc})") from None
+    raise ValueError(
+        f"the image data holds {found} of the {needed} bytes its header says "
+        "(a damaged or truncated file)"
+    )
+
+
+def _png_chunk(data: np.ndarray, kind: bytes) -> Optional[bytes]:
+    """The content of the first ``kind`` chunk of the PNG file ``data``, or None."""
+    for name, content in _png_chunks(data):
+        if name == kind:
+            return content.tobytes()
     return None
 
 
@@ -278,6 +343,7 @@ def _png16_samples(opened: Image.Image, path: str, colour_type: int) -> _Samples
     from torchvision.io import ImageReadMode, decode_png
 
     data = np.fromfile(path, np.uint8)
+    _check_png16_data(data)
     gray = colour_type == 4
     try:
         samples = decode_png(
