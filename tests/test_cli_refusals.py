@@ -246,3 +246,16 @@ def test_output_folder_removes_only_the_empty_folders_it_made(tmp_path):
     with output_folder(str(tmp_path / "ok"), "-d"):
         pass
     assert (tmp_path / "ok").is_dir()  # a run that ends well keeps its folder
+
+
+def test_a_folder_named_through_dotdot_is_made_alone_and_removed_alone(
+    tmp_path, monkeypatch
+):
+    """-d x/../y makes y only: an x made on the way would be left behind, since x/..
+    is not the folder the run writes to."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with output_folder("x/../y", "-d"):
+            assert (tmp_path / "y").is_dir() and not (tmp_path / "x").exists()
+            raise RuntimeError("refused")
+    assert sorted(os.listdir(tmp_path)) == []

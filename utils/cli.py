@@ -226,13 +226,14 @@ def create_output_folder(folder: str, name: str) -> List[str]:
     """
     check_output_folder(folder, name)
     missing = []
-    path = os.path.abspath(folder)
+    # Resolved first, so that "x/../y" makes y alone, not an x left behind.
+    target = path = os.path.realpath(folder)
     while not os.path.exists(path):
         missing.append(path)
         path = os.path.dirname(path)
     if missing:  # an existing folder was found writable by the check
         try:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(target, exist_ok=True)
         except OSError as exc:
             raise ValueError(
                 f"{name} {folder} cannot be created: {exc.strerror}"
