@@ -313,3 +313,21 @@ def test_a_sixteen_bit_png_with_too_little_image_data_is_refused(tmp_path, colou
         f"{2 * (1 + 70 * 2 * channels)} of the {needed} bytes its header says "
         "(a damaged or truncated file)"
     )
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_a_tiff_that_pil_would_scramble_is_refused(tmp_path, orientation):
+    """PIL 13 gives an uncompressed grayscale TIFF turned a quarter by its EXIF
+    orientation the turned size but the stored data: refused, never scrambled (a PIL
+    that reads it must give what the PNG with the same tag gives)."""
+    samples = np.arange(35, dtype=np.uint8).reshape(5, 7)
+    Image.fromarray(samples).save(tmp_path / "twin.png", exif=_exif(orientation))
+    expected, _ = read_image(str(tmp_path / "twin.png"))
+    path = tmp_path / "turned.tif"
+    Image.fromarray(samples).save(path, tiffinfo={0x0112: orientation})
+    try:
+        image, _ = read_image(str(path))
+    except ValueError as exc:
+        assert "PIL misreads this TIFF file" in str(exc)
+    else:
+        assert np.array_equal(image.numpy(), expected.numpy())

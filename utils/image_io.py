@@ -401,6 +401,17 @@ def _pnm_scale_note(image: Image.Image) -> Optional[str]:
 def _pil_samples(image: Image.Image) -> _Samples:
     """An image that PIL reads right."""
     scale_note = _pnm_scale_note(image)  # before load() clears the tiles
+    width, height = image.size
+    for tile in getattr(image, "tile", ()):
+        if tile[1][2] > width or tile[1][3] > height:
+            # PIL 13 swaps the size of an uncompressed grayscale TIFF whose EXIF
+            # orientation turns it a quarter, but not its data: the pixels would be
+            # scrambled.
+            raise ValueError(
+                f"PIL misreads this {image.format} file (its data is laid out for "
+                f"{tile[1][2]}x{tile[1][3]} pixels, its size says {width}x{height}); "
+                "save the image as PNG"
+            )
     image.load()
     mode = image.mode
     notes = []
