@@ -4,7 +4,6 @@ checks that turn a missing, truncated, damaged or foreign file into one clear li
 
 import os
 import zipfile
-import zlib
 from typing import Optional
 
 import torch
@@ -19,6 +18,32 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _damaged(path: str, reason: str) -> ValueError:
+    return ValueError(
+        f"cannot read checkpoint {path}: the file is damaged ({reason}); "
+        "re-download or re-export it"
+    )
+
+
+def _first_crc_mismatch(archive: zipfile.ZipFile) -> Optional[str]:
+    """The first member whose bytes or local header do not match the directory, or
+    None. Like ``testzip``, but a member stored with CRC 0 is not read: that is what
+    ``torch.save`` writes after ``torch.serialization.set_crc32_options(False)``, and
+    ``torch.load`` reads such files (an empty member has CRC 0 too). Reading a member
+    through ``open`` checks its CRC at the end: one extra read of the file (torch
+    stores members uncompressed)."""
+    for member in archive.infolist():
+        if member.CRC == 0:
+            continue
+        try:
+            with archive.open(member) as stream:
+                while stream.read(1 << 20):
+                    pass
+        except zipfile.BadZipFile:
+            return member.filename
+    return None
+
+
 def _check_torch_zip(path: str) -> None:
     """Refuse a zip archive that is damaged or that ``torch.save`` did not write.
 
@@ -26,28 +51,22 @@ def _check_torch_zip(path: str) -> None:
     loads as a wrong weight, and the codec then writes files the intact checkpoint
     refuses as another's) nor, in one line, the layout it needs: every member in one
     folder that holds ``data.pkl`` and ``version`` (or ``.data/version``).
-    ``testzip`` reads every member once and compares its CRC: one extra read of the
-    file (torch stores members uncompressed).
     """
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-            mismatch = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise ValueError(
-            f"cannot read checkpoint {path}: the file is damaged ({first_line(exc)}); "
-            "re-download or re-export it"
-        ) from None
+            mismatch = _first_crc_mismatch(archive)
     except (NotImplementedError, RuntimeError) as exc:  # compressed or encrypted
         raise ValueError(
             f"cannot read checkpoint {path}: not a PyTorch checkpoint (a zip archive "
-            f"torch.save does not write: {exc})"
+            f"torch.save does not write: {first_line(exc)})"
         ) from None
+    except Exception as exc:
+        # Damaged sizes, offsets or names fail in zipfile as BadZipFile, EOFError,
+        # OSError (a negative seek), OverflowError, UnicodeDecodeError and others.
+        raise _damaged(path, first_line(exc)) from None
     if mismatch is not None:
-        raise ValueError(
-            f"cannot read checkpoint {path}: the file is damaged (checksum or "
-            f"header mismatch in {mismatch}); re-download or re-export it"
-        )
+        raise _damaged(path, f"checksum or header mismatch in {mismatch}")
     missing = _missing_torch_layout(names)
     if missing:
         raise ValueError(
@@ -79,7 +98,10 @@ def read_checkpoint_file(path: str) -> dict:
         raise ValueError(f"checkpoint not found: {path}")
     with open(path, "rb") as handle:
         # torch.save writes a zip archive; files of torch < 1.6 are pickles (0x80).
-        is_zip = zipfile.is_zipfile(handle)
+        try:
+            is_zip = zipfile.is_zipfile(handle)
+        except Exception as exc:  # an end record that zipfile reads and refuses
+            raise _damaged(path, first_line(exc)) from None
         handle.seek(0)
         start = handle.read(4)
         if not is_zip and start == b"PK\x03\x04":  # a zip without its closing directory

@@ -65,7 +65,9 @@ def check_dtypes(state_dict: Mapping[str, Tensor], expected: Mapping) -> None:
             )
         if kind == "integer" and value.dtype != want:
             limits = torch.iinfo(want)
-            if value.min() < limits.min or value.max() > limits.max:
+            # Python ints: a narrower tensor would compare with the limits
+            # wrapped into its own dtype (int32's minimum is 0 as an int16).
+            if int(value.min()) < limits.min or int(value.max()) > limits.max:
                 raise ValueError(
                     f"checkpoint entry {name} holds values outside the range of "
                     f"{_dtype_name(want)}, the dtype the model keeps there"

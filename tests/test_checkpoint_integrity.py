@@ -18,6 +18,7 @@ from PIL import Image
 
 import codec
 import models
+from models.checkpoint_file import read_checkpoint_file
 from utils.training.state import init_weights_from
 
 
@@ -203,17 +204,83 @@ def test_other_dtypes_of_the_same_kind_load_as_their_values(
     assert torch.equal(model.state_dict()[key], expected.to(dtype).to(expected.dtype))
 
 
+def test_entropy_tables_stored_in_narrower_integers_load_as_their_values(
+    tmp_path, tiny_cps
+):
+    """int16 (or int8 where the values fit) offsets and lengths: compared in their own
+    dtype, int32's limits wrapped around and a valid negative offset was refused."""
+    narrow = {
+        "entropy_bottleneck._offset": torch.int8,
+        "entropy_bottleneck._cdf_length": torch.int8,
+        "gaussian_conditional._offset": torch.int16,
+        "gaussian_conditional._cdf_length": torch.int16,
+    }
+    original = tiny_cps.state_dict()
+    state = {
+        name: tensor.to(narrow.get(name, tensor.dtype))
+        for name, tensor in original.items()
+    }
+    model = models.load_checkpoint(str(_save(tmp_path / "narrow.pth", state)), "cpu")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], original[name]) for name in original)
+
+
+def test_a_checkpoint_saved_without_crc32_loads(tmp_path, tiny_cps):
+    """torch.serialization.set_crc32_options(False) stores CRC 0 for every member;
+    testzip called all of them damaged although torch.load reads them."""
+    path = tmp_path / "no-crc.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        _save(path, tiny_cps.state_dict())
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(path) as archive:
+        assert {member.CRC for member in archive.infolist()} == {0}
+    model = models.load_checkpoint(str(path), "cpu")
+    assert torch.equal(model.h_s[2].bias, tiny_cps.h_s[2].bias)
+
+
+def _multi_disk(tmp_path, tiny_cps):
+    """A checkpoint whose zip64 end locator counts 2 disks: zipfile.is_zipfile raised
+    BadZipFile ("zipfiles that span multiple disks are not supported")."""
+    path = _save(tmp_path / "disks.pth", tiny_cps.state_dict())
+    data = bytearray(path.read_bytes())
+    data[data.rfind(b"PK\x06\x07") + 16] = 2
+    path.write_bytes(data)
+    return path
+
+
+def test_bytes_flipped_anywhere_give_the_checkpoint_or_one_line_naming_it(tmp_path):
+    """Damaged names, sizes and offsets failed inside zipfile with errors that did not
+    name the file (UnicodeDecodeError, OSError, OverflowError). A small checkpoint is
+    mostly zip structure; each of 30 seeded offsets is damaged on its own."""
+    torch.manual_seed(0)
+    state = {"w": torch.randn(4, 3), "b": torch.randn(5), "n": torch.arange(3)}
+    data = _save(tmp_path / "small.pth", state).read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "flipped.pth"
+    for offset in rng.choice(len(data), size=30, replace=False):
+        damaged = bytearray(data)
+        damaged[offset] ^= int(rng.integers(1, 256))
+        path.write_bytes(damaged)
+        try:
+            read_checkpoint_file(str(path))
+        except ValueError as error:
+            assert str(path) in str(error) and "\n" not in str(error), offset
+
+
 @pytest.mark.parametrize(
     "make_checkpoint",
     [
         _damaged,
         _empty_weight,
         lambda tmp_path, tiny_cps: _zip_of(tmp_path, "a.txt"),
+        _multi_disk,
         lambda tmp_path, tiny_cps: _with_entry(
             tmp_path, tiny_cps, "g_a.0.conv1.weight", lambda t: t.to(torch.complex64)
         ),
     ],
-    ids=["damaged", "empty weight", "zip of text", "complex weight"],
+    ids=["damaged", "empty weight", "zip of text", "multi-disk", "complex weight"],
 )
 def test_codec_refuses_a_bad_checkpoint_in_one_line_and_writes_nothing(
     tmp_path, tiny_cps, capsys, make_checkpoint

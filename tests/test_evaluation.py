@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from models.base import CodingPlan
 from utils.coding.container import pack, unpack
 from utils.evaluation.coders import (
     Coded,
+    Coder,
     LearnedOptions,
     ModelCoder,
     NaiveTiles,
@@ -24,8 +26,10 @@ from utils.evaluation.coders import (
 )
 from utils.evaluation.metrics import psnr, psnr_b
 from utils.evaluation.runs import (
+    Run,
     aggregate,
     environment_variable,
+    evaluate,
     resolve_dataset,
     to_json,
 )
@@ -854,3 +858,34 @@ def test_a_run_that_fails_midway_removes_the_reconstructions_it_wrote(capsys, tm
         "a.png",
         "c.png",
     ]
+
+
+class _HoldingCoder(Coder):
+    """A coder that holds a model, as ModelCoder does, and returns the image."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def code(self, image):
+        return Coded(8.0 * image.numel(), image.clone(), 0.0, 0.0)
+
+
+def test_a_runs_model_is_released_before_the_next_run_builds_its_own(tmp_path):
+    """The loop variable kept the last coder of a run, and so its model, while the
+    next run's build() loaded another: two models at once on the GPU."""
+    write_png(str(tmp_path / "a.png"), smooth_image(16, 16, 0))
+    first, alive_at_second_build = [], []
+
+    def build_first():
+        model = torch.nn.Linear(2, 2)
+        first.append(weakref.ref(model))
+        return [_HoldingCoder(model)]
+
+    def build_second():
+        alive_at_second_build.append(first[0]() is not None)
+        return [_HoldingCoder(torch.nn.Linear(2, 2))]
+
+    runs = [Run("one", "one", build_first), Run("two", "two", build_second)]
+    table, entries = evaluate(runs, [str(tmp_path / "a.png")], progress=False)
+    assert [entry.tag for entry in entries] == ["one", "two"] and len(table) == 2
+    assert alive_at_second_build == [False]

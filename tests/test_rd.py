@@ -570,6 +570,36 @@ def test_results_on_other_images_than_the_anchor_give_no_number_and_a_note(tmp_p
     ]
 
 
+def test_a_dataset_named_by_config_or_by_folder_is_the_same_set_of_images(tmp_path):
+    """--dataset Kodak records "Kodak", --dataset data/kodak the folder's "kodak": the
+    same 24 images, so no note; a different count still gets one."""
+    write_results(tmp_path / "a.json", "anchor", BPP, PSNR)
+    write_results(tmp_path / "t.json", "folder", BPP, PSNR)
+    write_results(tmp_path / "f.json", "few", BPP, PSNR)
+    anchor = load_curve(_with_images(tmp_path / "a.json", "Kodak", 24))
+    folder = load_curve(_with_images(tmp_path / "t.json", "kodak", 24))
+    few = load_curve(_with_images(tmp_path / "f.json", "kodak", 1))
+    table = bd_rate_table(anchor, [folder, few], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
+    assert table["rows"][1]["bd-rate"] == {"psnr-rgb": None}
+    assert table["notes"] == [
+        "few: measured on 1 images of kodak, the anchor on 24 of Kodak; evaluate "
+        "both on the same images"
+    ]
+
+
+@pytest.mark.parametrize("images", [float("inf"), float("nan"), 2.5])
+def test_an_image_count_that_is_not_a_whole_number_is_unknown(tmp_path, images):
+    """json reads Infinity and NaN: int() of them raised OverflowError or a ValueError
+    that named no file. Such a count says nothing, as if the file had none."""
+    anchor = load_curve(write_results(tmp_path / "a.json", "anchor", BPP, PSNR))
+    write_results(tmp_path / "t.json", "t", BPP, PSNR)
+    test = load_curve(_with_images(tmp_path / "t.json", "Kodak", images))
+    assert test.image_set is None
+    table = bd_rate_table(anchor, [test], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
+
+
 def test_a_file_that_does_not_name_its_images_is_compared_as_before(tmp_path):
     """The published anchors carry no image count: nothing to compare against."""
     anchor = load_curve(write_results(tmp_path / "a.json", "anchor", BPP, PSNR))

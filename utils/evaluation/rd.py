@@ -158,27 +158,31 @@ def _curve(
 
 def _image_set(meta) -> Optional[Tuple[str, int]]:
     """(dataset, image count) from a results file's ``meta`` (test.py writes both),
-    or None when the file does not say (the published anchors)."""
+    or None when the file does not say (the published anchors) or gives a count that
+    is not a whole number (``Infinity``, ``NaN``, ``2.5``)."""
     if not isinstance(meta, dict):
         return None
     dataset, images = meta.get("dataset"), meta.get("images")
-    if isinstance(dataset, str) and _is_number(images):
-        return dataset, int(images)
+    if isinstance(dataset, str) and _is_number(images) and _is_finite(images):
+        if images == int(images):
+            return dataset, int(images)
     return None
 
 
 def other_images(anchor: Curve, test: Curve) -> Optional[str]:
     """Why ``test`` was measured on other images than ``anchor`` (a BD-rate between
     them compares different content), or None when they match or a file does not
-    say. ``--max-images`` makes this easy to do by accident."""
+    say. ``--max-images`` makes this easy to do by accident. Dataset names are
+    compared case-insensitively: ``--dataset Kodak`` names the set from the config,
+    ``--dataset data/kodak`` from its folder."""
     if anchor.image_set is None or test.image_set is None:
-        return None
-    if anchor.image_set == test.image_set:
         return None
     (test_set, test_count), (anchor_set, anchor_count) = (
         test.image_set,
         anchor.image_set,
     )
+    if test_set.casefold() == anchor_set.casefold() and test_count == anchor_count:
+        return None
     return (
         f"{test.name}: measured on {test_count} images of {test_set}, the anchor on "
         f"{anchor_count} of {anchor_set}; evaluate both on the same images"
