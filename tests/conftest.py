@@ -68,3 +68,18 @@ def save_model_checkpoint(folder, model, name):
         path,
     )
     return path
+
+
+def noisy_photos(folder, count=2):
+    """``count`` small noisy PNGs of growing heights in ``folder`` (created)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for number in range(count):
+        pixels = rng.integers(0, 255, (40 + 8 * number, 56, 3)).astype(np.uint8)
+        paths.append(folder / f"photo{number}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths

@@ -6,10 +6,9 @@ import logging
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from conftest import save_model_checkpoint
+from conftest import noisy_photos, save_model_checkpoint
 from PIL import Image
 
 import codec
@@ -35,16 +34,6 @@ def test_unreadable_patch_sizes_are_refused(text):
         PatchSpec.parse(text)
 
 
-def _photos(folder, count):
-    rng = np.random.default_rng(0)
-    paths = []
-    for number in range(count):
-        pixels = rng.integers(0, 255, (40 + 8 * number, 56, 3)).astype(np.uint8)
-        paths.append(folder / f"photo{number}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
-
-
 @pytest.fixture
 def checkpoint(tmp_path, tiny_cps):
     return str(save_model_checkpoint(tmp_path, tiny_cps, "tiny"))
@@ -53,7 +42,7 @@ def checkpoint(tmp_path, tiny_cps):
 def test_several_inputs_are_coded_in_one_call_into_a_folder(
     tmp_path, checkpoint, capsys
 ):
-    photos = _photos(tmp_path, 3)
+    photos = noisy_photos(tmp_path, 3)
     out = tmp_path / "out"
     assert (
         codec.main(["encode", *map(str, photos), "-d", str(out), "-p", checkpoint]) == 0
@@ -77,7 +66,7 @@ def test_a_batch_with_an_unreadable_input_is_refused_before_anything_is_written(
     tmp_path, checkpoint, capsys, command
 ):
     """Headers (images) and whole files (.cps) are checked before the first is coded."""
-    photos = _photos(tmp_path, 2)
+    photos = noisy_photos(tmp_path, 2)
     sources = photos
     if command == "decode":
         coded = tmp_path / "coded"
@@ -114,7 +103,7 @@ def test_an_input_that_fails_while_coded_costs_only_its_own_output(
 ):
     """A truncated PNG has a good header: it fails once decoded, the others are coded,
     each failure is one line, and a last line counts them (status 1)."""
-    first, second = _photos(tmp_path, 2)
+    first, second = noisy_photos(tmp_path, 2)
     cut = tmp_path / "cut.png"
     data = first.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
@@ -146,7 +135,7 @@ def test_an_input_that_fails_while_coded_costs_only_its_own_output(
 def test_an_output_that_is_the_input_is_refused_and_the_input_kept(
     tmp_path, checkpoint, capsys
 ):
-    [photo] = _photos(tmp_path, 1)
+    [photo] = noisy_photos(tmp_path, 1)
     original = photo.read_bytes()
     assert codec.main(["encode", str(photo), str(photo), "-p", checkpoint]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
@@ -157,7 +146,7 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(
 def test_a_missing_output_folder_is_refused_the_same_way_both_ways(
     tmp_path, checkpoint, capsys, command
 ):
-    [photo] = _photos(tmp_path, 1)
+    [photo] = noisy_photos(tmp_path, 1)
     source = photo
     if command == "decode":
         source = tmp_path / "photo.cps"
@@ -173,7 +162,7 @@ def test_a_missing_output_folder_is_refused_the_same_way_both_ways(
 def test_inputs_that_would_share_an_output_are_refused_before_any_work(
     tmp_path, checkpoint, capsys
 ):
-    [photo] = _photos(tmp_path, 1)
+    [photo] = noisy_photos(tmp_path, 1)
     other = tmp_path / "sub"
     other.mkdir()
     twin = other / photo.name
@@ -281,7 +270,7 @@ def test_the_command_line_offers_exactly_the_implemented_names():
 
 
 def test_a_small_fixed_patch_is_warned_about(tmp_path, checkpoint, capsys):
-    [photo] = _photos(tmp_path, 1)
+    [photo] = noisy_photos(tmp_path, 1)
     assert (
         codec.main(
             [
@@ -330,7 +319,7 @@ def zoo_checkpoint(tmp_path):
 def test_a_patch_size_a_whole_image_model_ignores_is_warned_about(
     tmp_path, zoo_checkpoint, capsys
 ):
-    [photo] = _photos(tmp_path, 1)
+    [photo] = noisy_photos(tmp_path, 1)
     assert (
         codec.main(
             [
@@ -362,7 +351,7 @@ def test_a_patch_size_a_whole_image_model_ignores_is_warned_about(
 def test_test_py_warns_of_an_ignored_patch_size_but_not_of_naive_tiles(
     tmp_path, zoo_checkpoint, caplog
 ):
-    _photos(tmp_path, 1)
+    noisy_photos(tmp_path, 1)
     base = [
         "checkpoint",
         "--dataset",

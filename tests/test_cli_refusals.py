@@ -9,11 +9,9 @@ folders left empty by runs that failed before writing anything.
 
 import os
 
-import numpy as np
 import pytest
 import torch
-from conftest import save_model_checkpoint
-from PIL import Image
+from conftest import noisy_photos, save_model_checkpoint
 
 import codec
 import test as test_script
@@ -30,18 +28,6 @@ JPEG = "assets/results/kodak/jpeg_pillow.json"  # all four metrics
 def _in_repository(monkeypatch):
     """The bundled results files are named relative to the repository root."""
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _photos(folder, count=2):
-    """``count`` small noisy PNGs in ``folder`` (created), of odd-ish sizes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for number in range(count):
-        pixels = rng.integers(0, 255, (40 + 8 * number, 56, 3)).astype(np.uint8)
-        paths.append(folder / f"photo{number}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
 
 
 @pytest.fixture
@@ -95,7 +81,7 @@ def test_a_bad_second_checkpoint_stops_the_run_before_the_first_is_evaluated(
     }[make_bad]()
     evaluated = []
     monkeypatch.setattr(app, "evaluate", lambda *a, **k: evaluated.append(a))
-    _photos(tmp_path / "images")
+    noisy_photos(tmp_path / "images")
     argv = ["checkpoint", "-p", good, bad, "--dataset", str(tmp_path / "images")]
     assert test_script.main(argv + ["--no-progress"]) == 1
     assert bad in _one_error_line(capsys, "test.py")
@@ -119,7 +105,7 @@ def test_the_check_reads_a_lone_checkpoint_once_and_each_other_one_twice(
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(models, "load_checkpoint", counting)
-    _photos(tmp_path / "images", 1)
+    noisy_photos(tmp_path / "images", 1)
     common = ["--dataset", str(tmp_path / "images"), "--no-progress"]
     assert test_script.main(["checkpoint", "-p", good, *common]) == 0
     assert loads == [good]
@@ -156,7 +142,7 @@ def test_bdrate_keeps_the_columns_the_anchor_has_when_it_lacks_others(capsys):
 def test_codec_with_an_unreadable_checkpoint_creates_no_output_folder(
     tmp_path, truncated, capsys
 ):
-    [photo] = _photos(tmp_path / "in", 1)
+    [photo] = noisy_photos(tmp_path / "in", 1)
     target = tmp_path / "new1" / "deep"
     argv = ["encode", str(photo), "-d", str(target), "-p", truncated]
     assert codec.main(argv) == 1
@@ -170,7 +156,7 @@ def test_codec_whose_every_input_fails_while_coded_leaves_only_what_existed(
 ):
     """A truncated PNG passes the header check and fails once decoded: with nothing
     written, the folder this run made goes, and one that existed stays."""
-    [photo] = _photos(tmp_path / "in", 1)
+    [photo] = noisy_photos(tmp_path / "in", 1)
     data = photo.read_bytes()
     photo.write_bytes(data[: len(data) // 2])
     target = tmp_path / "out"
@@ -185,7 +171,7 @@ def test_codec_whose_every_input_fails_while_coded_leaves_only_what_existed(
 def test_test_py_with_an_unreadable_checkpoint_creates_no_output_folder(
     tmp_path, truncated, capsys
 ):
-    _photos(tmp_path / "images")
+    noisy_photos(tmp_path / "images")
     argv = ["checkpoint", "-p", truncated, "--dataset", str(tmp_path / "images")]
     assert test_script.main(argv + ["-d", str(tmp_path / "new3"), "--no-progress"]) == 1
     assert truncated in _one_error_line(capsys, "test.py")
@@ -200,7 +186,7 @@ def test_test_py_with_a_bad_image_leaves_only_the_folders_that_existed(
     """A bad header is refused before the folder is made; bad pixels fail midway,
     after it was: either way a made folder (with its parents and the reconstructions
     folder) goes, and one that existed stays, empty."""
-    first, second = _photos(tmp_path / "images")
+    first, second = noisy_photos(tmp_path / "images")
     data = second.read_bytes()
     second.write_bytes(
         b"not an image" if damage == "header" else data[: len(data) // 2]
