@@ -29,9 +29,8 @@ import re
 import reprlib
 import threading
 import warnings
-import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +39,12 @@ from torch import Tensor
 
 from utils.atomic import atomic_write_bytes
 from utils.coding.container import check_size
+from utils.png16 import (
+    PNG_HEADER_BYTES,
+    check_png16_data,
+    colour_png16_type,
+    png_chunk,
+)
 
 # Formats Pillow only identifies: decoding them needs an external handler or program.
 _IDENTIFY_ONLY_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"})
@@ -168,8 +173,8 @@ def _wide_colour_tiff(image: Image.Image) -> bool:
     another width over 8 bits; False for the rest.
 
     PIL has no mode for wide colour samples and reads them by keeping one byte of each;
-    16-bit PNGs are decoded apart (:func:`colour_png16_type`), and PNM ones PIL scales
-    right itself (the "ppm" decoders).
+    16-bit PNGs are decoded apart (:mod:`utils.png16`), and PNM ones PIL scales right
+    itself (the "ppm" decoders).
     """
     if image.mode.startswith("I") or image.format == "PNG":
         return False
@@ -227,115 +232,6 @@ def image_size(path: str) -> Tuple[int, int]:
         raise ValueError(f"cannot read image {path}: {_reason(exc)}") from None
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG colour types of 16-bit samples that PIL reads by keeping one byte of each: RGB
-# (2), gray with alpha (4, which PIL opens as RGBA) and RGBA (6); 16-bit gray (0) it
-# reads whole, as mode I;16.
-_PNG16_MISREAD_TYPES = (2, 4, 6)
-# Bytes of a file that :func:`colour_png16_type` reads: the signature and IHDR chunk.
-_PNG_HEADER_BYTES = 26
-
-
-def colour_png16_type(header: bytes) -> Optional[int]:
-    """The PNG colour type (RGB 2, gray with alpha 4, RGBA 6) if ``header``, the first
-    bytes of a file, is that of a PNG of 16-bit samples that PIL misreads (read from
-    its IHDR chunk); None for anything else. Callers that hold the file's bytes pass
-    them, without reopening it.
-
-    PIL has no 16-bit mode of several channels and reads these by keeping one byte of
-    each sample; they are decoded by torchvision instead, so that they are scaled as
-    the module doc says.
-    """
-    header = header[:_PNG_HEADER_BYTES]
-    if (
-        len(header) == _PNG_HEADER_BYTES
-        and header[:8] == _PNG_SIGNATURE
-        and header[12:16] == b"IHDR"
-        and header[24] == 16
-        and header[25] in _PNG16_MISREAD_TYPES
-    ):
-        return header[25]
-    return None
-
-
-def _png_chunks(data: np.ndarray) -> Iterator[Tuple[bytes, np.ndarray]]:
-    """(type, content) of each chunk of the PNG file ``data``, up to IEND."""
-    offset = len(_PNG_SIGNATURE)
-    while offset + 8 <= len(data):
-        length = int.from_bytes(data[offset : offset + 4].tobytes(), "big")
-        name = data[offset + 4 : offset + 8].tobytes()
-        yield name, data[offset + 8 : offset + 8 + length]
-        if name == b"IEND":
-            return
-        offset += 12 + length
-
-
-# Samples per pixel of each PNG colour type, and the Adam7 passes (first column and
-# row, column and row steps) of an interlaced image.
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-_ADAM7 = (
-    (0, 0, 8, 8),
-    (4, 0, 8, 8),
-    (0, 4, 4, 8),
-    (2, 0, 4, 4),
-    (0, 2, 2, 4),
-    (1, 0, 2, 2),
-    (0, 1, 1, 2),
-)
-
-
-def _png16_data_bytes(header: bytes) -> int:
-    """Bytes of filtered scanlines that a PNG of 16-bit samples with the IHDR content
-    ``header`` must decompress to: one filter byte per row of every pass."""
-    width = int.from_bytes(header[0:4], "big")
-    height = int.from_bytes(header[4:8], "big")
-    pixel_bytes = 2 * _PNG_CHANNELS[header[9]]
-    passes = _ADAM7 if header[12] == 1 else ((0, 0, 1, 1),)
-    total = 0
-    for column, row, column_step, row_step in passes:
-        columns = max(0, -(-(width - column) // column_step))
-        rows = max(0, -(-(height - row) // row_step))
-        if columns and rows:
-            total += rows * (1 + columns * pixel_bytes)
-    return total
-
-
-def _check_png16_data(data: np.ndarray) -> None:
-    """Refuse a 16-bit PNG whose image data is shorter than its header says (damaged
-    or cut inside its last IDAT chunk), before torchvision decodes it: libpng only
-    warns about it, and torchvision then crashes the process. The data is
-    decompressed a piece at a time, up to the size needed, and not kept."""
-    header = _png_chunk(data, b"IHDR") or b""
-    if len(header) != 13:
-        raise ValueError("damaged PNG header (IHDR)")
-    needed = _png16_data_bytes(header)
-    inflate, found = zlib.decompressobj(), 0
-    try:
-        for name, content in _png_chunks(data):
-            if name != b"IDAT":
-                continue
-            pending = content.tobytes()
-            while pending and found < needed:
-                found += len(inflate.decompress(pending, 1 << 20))
-                pending = inflate.unconsumed_tail
-            if found >= needed:
-                return
-    except zlib.error as exc:
-        raise ValueError(f"damaged image data ({exc})") from None
-    raise ValueError(
-        f"the image data holds {found} of the {needed} bytes its header says "
-        "(a damaged or truncated file)"
-    )
-
-
-def _png_chunk(data: np.ndarray, kind: bytes) -> Optional[bytes]:
-    """The content of the first ``kind`` chunk of the PNG file ``data``, or None."""
-    for name, content in _png_chunks(data):
-        if name == kind:
-            return content.tobytes()
-    return None
-
-
 def _png16_samples(opened: Image.Image, path: str, colour_type: int) -> _Samples:
     """A PNG that :func:`colour_png16_type` names, decoded by torchvision; its EXIF is
     put where ``opened.getexif()`` finds it without decoding the image again (PIL
@@ -343,7 +239,7 @@ def _png16_samples(opened: Image.Image, path: str, colour_type: int) -> _Samples
     from torchvision.io import ImageReadMode, decode_png
 
     data = np.fromfile(path, np.uint8)
-    _check_png16_data(data)
+    check_png16_data(data)
     gray = colour_type == 4
     try:
         samples = decode_png(
@@ -354,7 +250,7 @@ def _png16_samples(opened: Image.Image, path: str, colour_type: int) -> _Samples
         reason = re.sub(r"^.*?\.cpp:\d+,\s*", "", (str(exc).splitlines() or [""])[0])
         raise ValueError(reason) from None
     if "exif" not in opened.info:
-        opened.info["exif"] = _png_chunk(data, b"eXIf") or b""
+        opened.info["exif"] = png_chunk(data, b"eXIf") or b""
     planes = samples.numpy()
     array = _to_8bit(planes[0] if gray else planes.transpose(1, 2, 0))
     mode = {2: "RGB;16", 4: "LA;16", 6: "RGBA;16"}[colour_type]
@@ -461,7 +357,7 @@ def _orientation(opened: Image.Image) -> Tuple[int, List[str]]:
 def _decode(path: str) -> Tuple[np.ndarray, ImageInfo, int]:
     """(H, W[, 3]) uint8 samples, what was found and changed, and the orientation."""
     with open(path, "rb") as handle:
-        colour_type = colour_png16_type(handle.read(_PNG_HEADER_BYTES))
+        colour_type = colour_png16_type(handle.read(PNG_HEADER_BYTES))
     with Image.open(path) as opened:
         tiff16 = _check_header(opened)
         frames = getattr(opened, "n_frames", 1)  # multi-frame formats only
