@@ -22,6 +22,7 @@ from models.weight_checks import (
     is_entropy_table,
     validate_loaded_model,
 )
+from utils.stitching.geometry import check_synthesis_reach
 
 
 class ArchitectureMismatch(ValueError):
@@ -215,6 +216,7 @@ def load_checkpoint(
             "and test.py)"
         ) from None
     _check_stored_config(path, checkpoint.get("model_config"), model.config)
+    _check_seamless(model, path, name)
     if checkpoint.get("quantiles_solved") is False and any(
         key.endswith(".quantiles") for key in state_dict
     ):
@@ -226,6 +228,27 @@ def load_checkpoint(
             stacklevel=2,
         )
     return model.to(device).eval()
+
+
+# (class, constructor kwargs) of the POPS architectures whose synthesis reach was
+# checked in this process: the probe depends on the architecture, not the weights.
+_SEAMLESS_ARCHITECTURES = set()
+
+
+def _check_seamless(model: nn.Module, path: str, name: str) -> None:
+    """Refuse a POPS variant whose g_s reaches further than g_a's margin: it would
+    leave seams between patches (``check_synthesis_reach`` in
+    ``utils/stitching/geometry.py``). ``train.py`` refuses it before training; this
+    catches one trained elsewhere. Probed once per architecture and process (0.2 s
+    at N=192)."""
+    key = (type(model), repr(sorted(model.config.items())))
+    if not model.supports_patches or key in _SEAMLESS_ARCHITECTURES:
+        return
+    try:
+        check_synthesis_reach(model)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} ({name!r}): {exc}") from None
+    _SEAMLESS_ARCHITECTURES.add(key)
 
 
 def _published_architecture(state_dict: dict) -> str:

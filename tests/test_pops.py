@@ -271,6 +271,32 @@ def test_a_decoder_reaching_further_than_the_encoder_margin_is_refused(monkeypat
         build_configured_model(cfg)
 
 
+def test_a_checkpoint_of_a_decoder_reaching_too_far_is_refused_on_loading(
+    tmp_path, monkeypatch
+):
+    """Trained outside train.py, the variant still never reaches the coders: codec.py
+    and test.py load it through load_checkpoint, which refuses it in one line."""
+    deeper = _deeper_cps(analysis=False, synthesis=True)
+    monkeypatch.setitem(models.MODELS, "deeper-decoder", deeper)
+    model = deeper()
+    model.update(force=True)
+    path = tmp_path / "deeper.pth.tar"
+    torch.save(
+        {
+            "architecture": "deeper-decoder",
+            "model_config": dict(model.config),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+    with pytest.raises(ValueError) as caught:
+        models.load_checkpoint(str(path), "cpu")
+    assert str(caught.value).startswith(
+        f"checkpoint {path} ('deeper-decoder'): g_s reads 3 latent positions on each "
+        "side, more than the 2 that g_a's geometry leaves"
+    )
+
+
 class _LopsidedDecoder(torch.nn.Module):
     """Scale 16; each output pixel reads ``behind`` pixels to its left and ``ahead``
     to its right after the upsampling, so g_s reaches unequally far on each side."""
