@@ -269,64 +269,35 @@ def _code_shard(
 ):
     records, entries = {}, []
     for run in runs:
-        # The coders live in _code_run alone: once it returns nothing refers to this
-        # run's models, so the next build() does not load its own beside them (a
-        # loop variable here kept the last one, twice the memory on a GPU).
-        _code_run(
-            run,
-            run.build(),
-            len(runs) > 1,
-            paths,
-            indexes,
-            image_folder,
-            rank,
-            progress,
-            written,
-            records,
-            entries,
-        )
+        coders = run.build()
+        for coder in coders:
+            entry = _entry(run, coder, len(coders) > 1)
+            number = len(entries)
+            entries.append(entry)
+            label = f"[rank {rank}] {entry.label}" if shard()[1] > 1 else entry.label
+            for index in tqdm(
+                indexes, desc=label, unit="image", disable=not progress, leave=False
+            ):
+                image, info = read_image(paths[index])
+                if number == 0:
+                    for change in info.conversions:
+                        log.warning("%s: %s", paths[index], change)
+                try:
+                    records[number, index], reconstruction = _code_image(
+                        coder, image, info.grayscale
+                    )
+                except (ValueError, RuntimeError) as exc:
+                    raise type(exc)(f"{paths[index]}: {exc}") from None
+                if image_folder is not None:
+                    name = reconstruction_name(
+                        paths[index], entry.tag, len(runs) > 1 or len(coders) > 1
+                    )
+                    write_png(os.path.join(image_folder, name), reconstruction)
+                    written.append(os.path.join(image_folder, name))
+        # Nothing may hold this run's models when the next build() loads its own
+        # (the loop variable would keep the last one: twice the memory on a GPU).
+        coders = coder = None
     return records, entries
-
-
-def _code_run(
-    run: Run,
-    coders: List[Coder],
-    several_runs: bool,
-    paths: Sequence[str],
-    indexes: Sequence[int],
-    image_folder: Optional[str],
-    rank: int,
-    progress: bool,
-    written: List[str],
-    records: Dict[Tuple[int, int], dict],
-    entries: List[Entry],
-) -> None:
-    """Code the images ``indexes`` with every coder of ``run``, adding to ``records``
-    (by entry number and image index), ``entries`` and ``written``."""
-    for coder in coders:
-        entry = _entry(run, coder, len(coders) > 1)
-        number = len(entries)
-        entries.append(entry)
-        label = f"[rank {rank}] {entry.label}" if shard()[1] > 1 else entry.label
-        for index in tqdm(
-            indexes, desc=label, unit="image", disable=not progress, leave=False
-        ):
-            image, info = read_image(paths[index])
-            if number == 0:
-                for change in info.conversions:
-                    log.warning("%s: %s", paths[index], change)
-            try:
-                records[number, index], reconstruction = _code_image(
-                    coder, image, info.grayscale
-                )
-            except (ValueError, RuntimeError) as exc:
-                raise type(exc)(f"{paths[index]}: {exc}") from None
-            if image_folder is not None:
-                name = reconstruction_name(
-                    paths[index], entry.tag, several_runs or len(coders) > 1
-                )
-                write_png(os.path.join(image_folder, name), reconstruction)
-                written.append(os.path.join(image_folder, name))
 
 
 def evaluate(
