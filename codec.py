@@ -361,10 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return report_error("codec.py", exc)
         try:
             failed = _code_all(args, model, plan, pairs)
-        except BaseException:  # Ctrl-C, or a bug
-            remove_unused_folders(created)
-            raise
-        if len(failed) == len(pairs):  # nothing was written: no empty folder either
+        finally:  # a folder that received an output holds a file and stays
             remove_unused_folders(created)
         if failed and len(pairs) > 1:
             others = (

@@ -242,12 +242,6 @@ def create_output_folder(folder: str, name: str) -> List[str]:
     return missing[::-1]
 
 
-def prepare_output_folder(folder: str, name: str) -> None:
-    """Create the output folder ``folder`` (and its parents) unless it exists, for a
-    caller that removes nothing on failure (:func:`create_output_folder`)."""
-    create_output_folder(folder, name)
-
-
 def remove_unused_folders(created: Sequence[str]) -> None:
     """Remove the folders of ``created`` (as :func:`create_output_folder` returns them)
     that hold no file, and the empty folders a run made inside them, so that a run that

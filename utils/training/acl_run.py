@@ -26,7 +26,7 @@ from models.checkpoint import (
 )
 from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save
-from utils.cli import prepare_output_folder
+from utils.cli import create_output_folder
 from utils.training.acl import (
     ACLState,
     closed_loop_loss,
@@ -342,7 +342,7 @@ def run_acl(
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
     # Only now: a refused run leaves no empty folder.
-    prepare_output_folder(run.exp, "train_data.experiment_path")
+    create_output_folder(run.exp, "train_data.experiment_path")
     while True:
         if state.phase == "train":
             _train_phase(run, state, optimizer, scheduler)
