@@ -73,16 +73,25 @@ import contextlib
 import copy
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
-from utils.coding.parameter_network import FixedPointNetwork, Float32Network
+from utils.coding.parameter_network import (
+    FixedPointNetwork,
+    Float32Network,
+    linear_layers,
+)
 from utils.coding.rans import safe_string
-from utils.coding.scan_order import causal_taps, coding_order, wavefront_slope
+from utils.coding.scan_order import (
+    FrontLayout,
+    causal_taps,
+    front_layout,
+    wavefront_slope,
+)
 from utils.coding.streams import join_streams, split_streams, stream_starts
 from utils.coding.threads import idle_core_available, single_threaded
 
@@ -100,54 +109,6 @@ def channels_last_rows(tensor: Tensor) -> Tensor:
     """(C, H, W) -> (H*W, C): a view if ``tensor`` is stored channels-last,
     else a copy."""
     return tensor.permute(1, 2, 0).reshape(-1, tensor.shape[0])
-
-
-def _as_linear_layers(
-    entropy_parameters: nn.Module,
-) -> List[Tuple[Tensor, Tensor, Optional[float]]]:
-    """(weight (out, in), bias, LeakyReLU slope or None) per 1x1 convolution."""
-    layers: List[list] = []
-    for module in entropy_parameters.children():
-        if (
-            isinstance(module, nn.Conv2d)
-            and module.kernel_size == (1, 1)
-            and module.groups == 1
-            and module.stride == (1, 1)
-            and module.bias is not None
-        ):
-            weight = module.weight.detach().cpu().float()[:, :, 0, 0].contiguous()
-            layers.append([weight, module.bias.detach().cpu().float(), None])
-        elif (
-            isinstance(module, (nn.LeakyReLU, nn.ReLU))
-            and layers
-            and layers[-1][2] is None
-        ):
-            layers[-1][2] = (
-                module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
-            )
-        else:
-            raise ValueError(
-                f"entropy_parameters layer {module} is not supported by the context "
-                "coder (expected 1x1 convolutions with bias, each optionally followed "
-                "by one LeakyReLU/ReLU)"
-            )
-    if not layers:
-        raise ValueError("entropy_parameters has no 1x1 convolution")
-    return [tuple(layer) for layer in layers]
-
-
-class _Layout(NamedTuple):
-    """Index tensors and context weights for one latent size and order."""
-
-    positions: Tensor  # (P,) flat indexes i*W + j in coding order
-    centres: Tensor  # (P,) row of each position in the padded y_hat buffer
-    sizes: List[int]  # positions per front
-    far_windows: Tensor  # (P*far,) buffer rows the far taps read, in coding order
-    near_windows: Tensor  # (P*near,) buffer rows the near taps read
-    far_weight: Tensor  # context weight of the far taps, in the network's form
-    near_weight: Tensor
-    far_taps: int
-    near_taps: int
 
 
 class ContextCoder:
@@ -205,7 +166,7 @@ class ContextCoder:
         # Causal taps only, tap-major like the gathered windows: (2M, taps, M).
         weight = context.weight.detach().cpu().float()[:, :, tap_rows, tap_cols]
         context_weight = weight.permute(0, 2, 1).contiguous()
-        layers = _as_linear_layers(model.entropy_parameters)
+        layers = linear_layers(model.entropy_parameters)
         inputs = layers[0][0].shape[1]
         hyper_width = inputs - context.out_channels
         if hyper_width != 2 * self.channels:
@@ -218,6 +179,8 @@ class ContextCoder:
         self.network = network(
             context_weight, context.bias.detach().cpu().float(), layers, hyper_width
         )
+        # Context weight of a split of the taps (FrontLayout.far_taps / near_taps).
+        self.tap_weights: Dict[Tuple[int, ...], Tensor] = {}
         self.scale_floor = conditional.lower_bound_scale.bound.detach().cpu().float()
         self.scale_bounds = (
             conditional.scale_table.detach().cpu().float()[:-1].contiguous()
@@ -231,46 +194,16 @@ class ContextCoder:
             for row, length in zip(conditional.quantized_cdf.tolist(), lengths)
         ]
 
-    def _layout(self, height: int, width: int) -> _Layout:
-        """Coding order, buffer rows, and the split of the taps into *near* ones,
-        which read the previous front, and *far* ones, which read older fronts.
-
-        A tap (di, dj) reads the front ``di*slope + dj`` (wavefront) or
-        ``di*width + dj`` (raster) steps back. When some wavefront steps hold no
-        position (width < slope) fronts are not consecutive steps and every tap
-        counts as near.
-        """
-        positions, sizes = coding_order(height, width, self.order, self.slope)
-        if self.order == "raster":
-            steps_back = [-(di * width + dj) for di, dj in self.taps]
-        elif len(sizes) == self.slope * (height - 1) + width:
-            steps_back = [-(di * self.slope + dj) for di, dj in self.taps]
-        else:
-            steps_back = [1] * len(self.taps)
-        near = [k for k, back in enumerate(steps_back) if back == 1]
-        far = [k for k, back in enumerate(steps_back) if back != 1]
-        padded_width = width + 2 * self.pad[1]
-        centres = (
-            (positions // width + self.pad[0]) * padded_width
-            + positions % width
-            + self.pad[1]
+    def _layout(self, height: int, width: int) -> FrontLayout:
+        """The fronts of a (height, width) latent; the network's context weight of
+        its near and far taps is made here, once per split, for the scan to read."""
+        layout = front_layout(
+            height, width, self.order, self.taps, self.slope, self.pad
         )
-        offsets = torch.tensor([di * padded_width + dj for di, dj in self.taps])
-
-        def windows(taps: List[int]) -> Tensor:
-            return (centres[:, None] + offsets[taps]).reshape(-1)
-
-        return _Layout(
-            positions,
-            centres,
-            sizes,
-            windows(far),
-            windows(near),
-            self.network.tap_weights(far),
-            self.network.tap_weights(near),
-            len(far),
-            len(near),
-        )
+        for taps in (layout.far_taps, layout.near_taps):
+            if taps not in self.tap_weights:
+                self.tap_weights[taps] = self.network.tap_weights(taps)
+        return layout
 
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
@@ -294,18 +227,21 @@ class ContextCoder:
 
     @torch.inference_mode()
     def _far_part(
-        self, y_hat: Tensor, layout: _Layout, hyper: Tensor, start: int, stop: int
+        self, y_hat: Tensor, layout: FrontLayout, hyper: Tensor, start: int, stop: int
     ) -> Tuple[Tensor, Tensor]:
         """What does not depend on the previous front: the far taps' context plus
         bias, and the params half of the first 1x1 convolution plus its bias."""
-        windows = self._gather(y_hat, layout.far_windows, start, stop, layout.far_taps)
+        windows = self._gather(
+            y_hat, layout.far_windows, start, stop, len(layout.far_taps)
+        )
         front_params = hyper.index_select(0, layout.positions[start:stop])
-        return self.network.far_part(windows, layout.far_weight, front_params)
+        far_weight = self.tap_weights[layout.far_taps]
+        return self.network.far_part(windows, far_weight, front_params)
 
     def _front_parameters(
         self,
         y_hat: Tensor,
-        layout: _Layout,
+        layout: FrontLayout,
         start: int,
         stop: int,
         partial_context: Tensor,
@@ -314,10 +250,12 @@ class ContextCoder:
         """CDF indexes, means and scales (n, M) of the front start..stop, given its
         far part."""
         windows = self._gather(
-            y_hat, layout.near_windows, start, stop, layout.near_taps
+            y_hat, layout.near_windows, start, stop, len(layout.near_taps)
         )
         scales, means = self.network.scales_and_means(
-            windows, layout.near_weight, (partial_context, partial_hidden)
+            windows,
+            self.tap_weights[layout.near_taps],
+            (partial_context, partial_hidden),
         )
         return self.scale_indexes(scales), means, scales
 
@@ -338,7 +276,7 @@ class ContextCoder:
     def _far_parts(
         self,
         y_hat: Tensor,
-        layout: _Layout,
+        layout: FrontLayout,
         hyper: Tensor,
         bounds: List[int],
         worker: Optional[ThreadPoolExecutor],
@@ -369,7 +307,7 @@ class ContextCoder:
     def _scan(
         self,
         params: Tensor,
-        layout: _Layout,
+        layout: FrontLayout,
         symbols_of: Callable[[int, int, Tensor, Tensor, Tensor], Tensor],
     ) -> Tensor:
         """The loop both sides share: for each front, compute its CDF indexes and
@@ -469,7 +407,7 @@ class ContextCoder:
         string = join_streams(streams) if self.fixed_point else streams[0]
         return string, y_hat, estimated_bits[0]
 
-    def _streams(self, layout: _Layout) -> Tuple[List[int], List[int]]:
+    def _streams(self, layout: FrontLayout) -> Tuple[List[int], List[int]]:
         """Start position (coding order) and symbol count of each rANS stream."""
         if self.fixed_point:
             starts = stream_starts(layout.sizes, self.channels)

@@ -19,12 +19,46 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from utils.coding.fixed_point import GridLinear
 
 # (weight (out, in), bias, LeakyReLU slope or None) of one 1x1 convolution.
 LinearLayer = Tuple[Tensor, Tensor, Optional[float]]
+
+
+def linear_layers(entropy_parameters: nn.Module) -> List[LinearLayer]:
+    """The entropy-parameter network as float32 CPU GEMM operands, one per 1x1
+    convolution; anything else than 1x1 convolutions each optionally followed by
+    one LeakyReLU/ReLU is refused."""
+    layers: List[list] = []
+    for module in entropy_parameters.children():
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.kernel_size == (1, 1)
+            and module.groups == 1
+            and module.stride == (1, 1)
+            and module.bias is not None
+        ):
+            weight = module.weight.detach().cpu().float()[:, :, 0, 0].contiguous()
+            layers.append([weight, module.bias.detach().cpu().float(), None])
+        elif (
+            isinstance(module, (nn.LeakyReLU, nn.ReLU))
+            and layers
+            and layers[-1][2] is None
+        ):
+            layers[-1][2] = (
+                module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+            )
+        else:
+            raise ValueError(
+                f"entropy_parameters layer {module} is not supported by the context "
+                "coder (expected 1x1 convolutions with bias, each optionally followed "
+                "by one LeakyReLU/ReLU)"
+            )
+    if not layers:
+        raise ValueError("entropy_parameters has no 1x1 convolution")
+    return [tuple(layer) for layer in layers]
 
 
 class Float32Network:

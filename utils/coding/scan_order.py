@@ -6,16 +6,26 @@ has a smaller ``t`` makes all positions with the same ``t`` (a *front*) independ
 of each other, so they are coded in one step. CPS's latent context coder
 (``utils/coding/context_coder.py``) and Kamisli 2024's block coder both walk these
 fronts; ``raster`` order has one position per front.
+
+:func:`front_layout` adds what a coder needs to walk the fronts: where each
+position's context taps read in a padded buffer, and which taps read the previous
+front (*near*) or older ones (*far*, computable a front ahead).
 """
 
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
 
 from utils.coding import ORDERS
 
-__all__ = ["causal_taps", "wavefront_slope", "coding_order"]
+__all__ = [
+    "causal_taps",
+    "wavefront_slope",
+    "coding_order",
+    "FrontLayout",
+    "front_layout",
+]
 
 
 def causal_taps(mask: Tensor) -> List[Tuple[int, int]]:
@@ -66,3 +76,52 @@ def coding_order(
     positions = slots[slots >= 0]
     sizes = torch.bincount(front)
     return positions, sizes[sizes > 0].tolist()
+
+
+class FrontLayout(NamedTuple):
+    """The fronts of one latent size and order, and the buffer rows their taps read."""
+
+    positions: Tensor  # (P,) flat indexes i*W + j in coding order
+    centres: Tensor  # (P,) row of each position in the padded buffer
+    sizes: List[int]  # positions per front
+    far_taps: Tuple[int, ...]  # indexes into the taps of those reading older fronts
+    near_taps: Tuple[int, ...]  # those reading the previous front
+    far_windows: Tensor  # (P*far,) buffer rows the far taps read, in coding order
+    near_windows: Tensor  # (P*near,) buffer rows the near taps read
+
+
+def front_layout(
+    height: int,
+    width: int,
+    order: str,
+    taps: List[Tuple[int, int]],
+    slope: int,
+    pad: Tuple[int, int],
+) -> FrontLayout:
+    """Coding order, buffer rows, and the split of ``taps`` into near and far ones.
+
+    The buffer holds the latent with ``pad`` (rows, columns) of zeros on each side,
+    one row per position. A tap (di, dj) reads the front ``di*slope + dj``
+    (wavefront) or ``di*width + dj`` (raster) steps back. When some wavefront steps
+    hold no position (width < slope) fronts are not consecutive steps and every tap
+    counts as near.
+    """
+    positions, sizes = coding_order(height, width, order, slope)
+    if order == "raster":
+        steps_back = [-(di * width + dj) for di, dj in taps]
+    elif len(sizes) == slope * (height - 1) + width:
+        steps_back = [-(di * slope + dj) for di, dj in taps]
+    else:
+        steps_back = [1] * len(taps)
+    near = tuple(k for k, back in enumerate(steps_back) if back == 1)
+    far = tuple(k for k, back in enumerate(steps_back) if back != 1)
+    padded_width = width + 2 * pad[1]
+    centres = (positions // width + pad[0]) * padded_width + positions % width + pad[1]
+    offsets = torch.tensor([di * padded_width + dj for di, dj in taps])
+
+    def windows(chosen: Tuple[int, ...]) -> Tensor:
+        return (centres[:, None] + offsets[list(chosen)]).reshape(-1)
+
+    return FrontLayout(
+        positions, centres, sizes, far, near, windows(far), windows(near)
+    )
