@@ -53,7 +53,7 @@ from benchmarks.authors import (
     run_authors,
 )
 from benchmarks.entropy_coding import synthetic_model
-from benchmarks.memory_scaling import synthetic_image
+from benchmarks.memory_scaling_child import synthetic_image
 from benchmarks.results_io import (
     add_output_arguments,
     machine_info,

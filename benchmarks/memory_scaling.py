@@ -33,6 +33,11 @@ the CPS scale predictions spread over the scale table as in
 
 Writes a JSON file and a PNG plot next to it (``benchmarks/results/local/`` unless
 ``--publish``) and prints a Markdown table.
+
+This module is the driver: the command line, which runs to start, a child process
+per run, and the merge with ``--update``'s earlier results.
+``benchmarks/memory_scaling_child.py`` is the child's side (one codec on one image);
+``benchmarks/memory_scaling_report.py`` makes the table and the plot.
 """
 
 import argparse
@@ -40,9 +45,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,9 +55,9 @@ warnings.filterwarnings(
     "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
 )
 
-import torch
-
 from benchmarks.authors import NOT_MEASURED, load_authors_cps
+from benchmarks.memory_scaling_child import AUTHORS, METHODS, run_child
+from benchmarks.memory_scaling_report import authors_ratios, format_table, plot
 from benchmarks.results_io import (
     add_output_arguments,
     machine_info,
@@ -63,14 +66,9 @@ from benchmarks.results_io import (
 )
 from utils.atomic import save_json
 from utils.cli import DEFAULT_BUDGET, positive_int
-from utils.figures import save_figure
 from utils.memory import format_memory, parse_memory
 
 SIZES = ("640x360", "1280x720", "1920x1080", "3840x2160", "7680x4320")
-METHODS = ("cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor", "authors-cps")
-AUTHORS = "authors-cps"
-# CompressAI zoo models: (zoo name, quality), each at N = 192.
-ZOO = {"mbt2018": ("mbt2018", 3), "cheng2020-anchor": ("cheng2020-anchor", 4)}
 # Peak bytes per image pixel above the libraries, measured on the CPU (N=192) at
 # 1920x1080 and 3840x2160: used only to decide which runs would not fit the machine.
 PREDICTED_BYTES_PER_PIXEL = {"cps-whole": 1150, "mbt2018": 800, "cheng2020-anchor": 900}
@@ -203,132 +201,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def synthetic_image(width: int, height: int) -> torch.Tensor:
-    """Smooth colour gradients plus 10 % noise, uint8 (3, H, W)."""
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.linspace(0, 1, height)[:, None].expand(height, width)
-    cols = torch.linspace(0, 1, width)[None].expand(height, width)
-    image = torch.stack([rows * cols, rows, cols]).mul_(0.8)
-    image.add_(torch.rand(3, height, width, generator=generator), alpha=0.1)
-    return image.mul_(255).round_().to(torch.uint8)
-
-
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def run_cps(
-    method: str, image: torch.Tensor, args, device: torch.device
-) -> Dict[str, object]:
-    import models.cps.coding as codec
-    import utils.stitching.planner as planner
-    from benchmarks.entropy_coding import synthetic_model
-    from models.base import CodingPlan
-    from utils.coding.container import pack, unpack
-    from utils.stitching.spec import PatchSpec
-
-    model = synthetic_model(args.N, seed=0).to(device)
-    transform_seconds = [0.0]
-    plans = []
-    run_patchwise, choose_patches = codec.run_patchwise, planner.choose_patches
-
-    def timed_run_patchwise(*run_args, **kwargs):
-        start = time.perf_counter()
-        result = run_patchwise(*run_args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        transform_seconds[0] += time.perf_counter() - start
-        return result
-
-    def recorded_plan(*plan_args, **kwargs):
-        plans.append(choose_patches(*plan_args, **kwargs))
-        return plans[-1]
-
-    budget = parse_memory(args.max_memory) if method == "cps-budget" else None
-    coding_plan = CodingPlan(
-        patch=PatchSpec(None if method == "cps-budget" else 0), budget_bytes=budget
-    )
-    with (
-        mock.patch.object(codec, "run_patchwise", timed_run_patchwise),
-        mock.patch.object(planner, "choose_patches", recorded_plan),
-    ):
-        start = time.perf_counter()
-        data = pack(model.encode(image, coding_plan))
-        middle = time.perf_counter()
-        decoded = model.decode(unpack(data), coding_plan)
-    end = time.perf_counter()
-    assert decoded.shape == image.shape
-    timings = {
-        "encode_s": middle - start,
-        "decode_s": end - middle,
-        "transform_s": transform_seconds[0],
-        "bytes": len(data),
-    }
-    if budget is None:  # no planning: one whole-image patch each way, batch 8
-        return {**timings, "patch_sizes": [[0, 0], [0, 0]], "batch_sizes": [8, 8]}
-    return {
-        **timings,
-        "patch_sizes": [list(plan.patch_size) for plan in plans],
-        "batch_sizes": [plan.batch_size for plan in plans],
-    }
-
-
-def run_authors_cps(
-    image: torch.Tensor, args, device: torch.device
-) -> Dict[str, object]:
-    from benchmarks.authors import authors_model, load_authors_cps, run_authors
-    from benchmarks.entropy_coding import synthetic_model
-
-    state_dict = synthetic_model(args.N, seed=0).state_dict()
-    model = authors_model(load_authors_cps(args.authors_repo), state_dict, device)
-    del state_dict
-    return run_authors(model, image, args.authors_patch_size)
-
-
-def run_zoo(
-    method: str, image: torch.Tensor, device: torch.device
-) -> Dict[str, object]:
-    from compressai.zoo import image_models
-
-    from utils.stitching.patches import pad_replicate
-
-    name, quality = ZOO[method]
-    torch.manual_seed(0)
-    model = image_models[name](quality=quality, pretrained=False).eval().to(device)
-    model.update(force=True)
-    x = pad_replicate(image, 64).float().div_(255)[None].to(device)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        compressed = model.compress(x)
-        middle = time.perf_counter()
-        model.decompress(compressed["strings"], compressed["shape"])
-        end = time.perf_counter()
-    size = sum(len(string[0]) for string in compressed["strings"])
-    return {"encode_s": middle - start, "decode_s": end - middle, "bytes": size}
-
-
-def child(args) -> int:
-    method, size = args.child
-    width, height = parse_size(size)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    image = synthetic_image(width, height)
-    if method in ZOO:
-        result = run_zoo(method, image, device)
-    elif method == AUTHORS:
-        result = run_authors_cps(image, args, device)
-    else:
-        result = run_cps(method, image, args, device)
-    result["peak_mb"] = peak_bytes(device) / 2**20
-    print(json.dumps(result))
-    return 0
-
-
 def predicted_bytes(
     method: str, width: int, height: int, authors_patch_size: int = 0
 ) -> int:
@@ -382,117 +254,11 @@ def measure(method: str, width: int, height: int, args) -> Dict[str, object]:
     return entry
 
 
-def _entry(entries: List[Dict[str, object]], size: str, method: str) -> Optional[dict]:
-    return next(
-        (e for e in entries if e["image"] == size and e["method"] == method), None
-    )
-
-
-def authors_ratios(entries: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Per image: the authors' peak and time over ``cps-budget``'s, where both ran."""
-    ratios = []
-    for size in dict.fromkeys(entry["image"] for entry in entries):
-        ours, theirs = (
-            _entry(entries, size, "cps-budget"),
-            _entry(entries, size, AUTHORS),
-        )
-        if ours and theirs and "peak_mb" in ours and "peak_mb" in theirs:
-            ratios.append(
-                {
-                    "image": size,
-                    "peak_ratio": theirs["peak_mb"] / ours["peak_mb"],
-                    "time_ratio": (theirs["encode_s"] + theirs["decode_s"])
-                    / (ours["encode_s"] + ours["decode_s"]),
-                }
-            )
-    return ratios
-
-
-def format_table(entries: List[Dict[str, object]], methods: Sequence[str]) -> str:
-    """Peak and time per image and method; the authors' columns are always shown."""
-    shown = list(methods) + ([AUTHORS] if AUTHORS not in methods else [])
-    header = "| image | " + " | ".join(f"{m} peak (MB) | {m} time (s)" for m in shown)
-    lines = [
-        header + " | authors / cps-budget peak, time |",
-        "|" + "---|" * (2 + 2 * len(shown)),
-    ]
-    ratios = {ratio["image"]: ratio for ratio in authors_ratios(entries)}
-    for size in dict.fromkeys(entry["image"] for entry in entries):
-        cells = [size]
-        for method in shown:
-            entry = _entry(entries, size, method)
-            if entry is None and method == AUTHORS:
-                cells += [NOT_MEASURED, NOT_MEASURED]
-            elif entry is None:
-                cells += ["", ""]
-            elif entry.get("skipped"):
-                cells += [f"(~{entry['predicted_peak_mb']:.0f}, not run)", ""]
-            elif entry.get("failed"):
-                cells += ["failed", ""]
-            else:
-                time_text = f"{entry['encode_s'] + entry['decode_s']:.1f}"
-                if "transform_s" in entry:
-                    time_text += f" ({entry['transform_s']:.1f} transforms)"
-                cells += [f"{entry['peak_mb']:.0f}", time_text]
-        ratio = ratios.get(size)
-        cells.append(
-            NOT_MEASURED
-            if ratio is None
-            else f"{ratio['peak_ratio']:.2f}x, {ratio['time_ratio']:.2f}x"
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(
-    entries: List[Dict[str, object]], methods: Sequence[str], path: str, budget: str
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in methods:
-        done = [e for e in entries if e["method"] == method and "peak_mb" in e]
-        if not done:
-            continue
-        megapixels = [e["megapixels"] for e in done]
-        memory_axis.plot(
-            megapixels, [e["peak_mb"] / 1024 for e in done], "o-", label=method
-        )
-        time_axis.plot(
-            megapixels,
-            [e["encode_s"] + e["decode_s"] for e in done],
-            "o-",
-            label=method,
-        )
-    memory_axis.axhline(
-        parse_memory(budget) / 2**30,
-        color="grey",
-        linestyle=":",
-        label=f"budget {budget}",
-    )
-    memory_axis.set(
-        xscale="log",
-        yscale="log",
-        xlabel="megapixels",
-        ylabel="peak memory of the process (GB)",
-    )
-    time_axis.set(
-        xscale="log", yscale="log", xlabel="megapixels", ylabel="encode + decode (s)"
-    )
-    for axis in (memory_axis, time_axis):
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_figure(figure, path, dpi=110)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.child:
-        return child(args)
+        method, size = args.child
+        return run_child(method, *parse_size(size), args)
     if AUTHORS in args.methods:
         try:
             load_authors_cps(args.authors_repo)

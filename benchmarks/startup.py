@@ -138,7 +138,7 @@ def prepare(folder: str, args: argparse.Namespace) -> Dict[str, object]:
     from PIL import Image
 
     from benchmarks.entropy_coding import synthetic_model
-    from benchmarks.memory_scaling import synthetic_image
+    from benchmarks.memory_scaling_child import synthetic_image
     from utils.atomic import atomic_torch_save
 
     weights = os.path.join(folder, "weights.pth.tar")

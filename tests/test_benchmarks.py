@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import codec_speed, memory_scaling
+from benchmarks import codec_speed, memory_scaling, memory_scaling_report
 from benchmarks.authors import authors_model, load_authors_cps, run_authors
 from benchmarks.results_io import LOCAL_DIR, RESULTS_DIR
 
@@ -284,15 +284,15 @@ def test_memory_scaling_table_gives_the_authors_ratios_or_not_measured():
         }
 
     ours = [entry("cps-budget", 1000.0, 4.0)]
-    table = memory_scaling.format_table(ours, ["cps-budget"])
+    table = memory_scaling_report.format_table(ours, ["cps-budget"])
     assert table.splitlines()[2] == (
         "| 640x360 | 1000 | 4.0 | not measured | not measured | not measured |"
     )
     both = ours + [entry("authors-cps", 3000.0, 10.0)]
-    (ratio,) = memory_scaling.authors_ratios(both)
+    (ratio,) = memory_scaling_report.authors_ratios(both)
     assert ratio == {"image": "640x360", "peak_ratio": 3.0, "time_ratio": 2.5}
     assert (
-        memory_scaling.format_table(both, ["cps-budget", "authors-cps"])
+        memory_scaling_report.format_table(both, ["cps-budget", "authors-cps"])
         .splitlines()[2]
         .endswith("| 3000 | 10.0 | 3.00x, 2.50x |")
     )
