@@ -52,8 +52,6 @@ from benchmarks.authors import (
     load_authors_cps,
     run_authors,
 )
-from benchmarks.entropy_coding import synthetic_model
-from benchmarks.memory_scaling_child import synthetic_image
 from benchmarks.results_io import (
     add_output_arguments,
     machine_info,
@@ -61,6 +59,7 @@ from benchmarks.results_io import (
     resolve_output,
     save_results,
 )
+from benchmarks.synthetic import synthetic_image, synthetic_model
 from models.base import CodingPlan
 from utils.coding.container import pack, unpack
 from utils.image_io import read_image

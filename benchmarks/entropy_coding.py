@@ -45,13 +45,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models
 from benchmarks.memory_scaling import parse_size
 from benchmarks.results_io import (
     machine_info,
     parse_with_output,
     refuse_repeats,
 )
+from benchmarks.synthetic import synthetic_model
 from utils.atomic import save_json
 from utils.coding.context_coder import ContextCoder
 from utils.coding.scan_order import coding_order
@@ -116,21 +116,6 @@ def latent_size(model: torch.nn.Module, width: int, height: int) -> Tuple[int, i
         math.ceil(height / multiple) * multiple // scale,
         math.ceil(width / multiple) * multiple // scale,
     )
-
-
-def synthetic_model(channels: int, seed: int) -> torch.nn.Module:
-    """A CPS model whose predicted scales spread over the whole scale table."""
-    torch.manual_seed(seed)
-    model = models.build_model("cps", N=channels).eval()
-    last = model.entropy_parameters[-1]
-    with torch.no_grad():
-        last.weight.mul_(0.1)
-        last.bias[:channels] = (
-            torch.empty(channels).uniform_(math.log(0.11), math.log(16.0)).exp()
-        )
-        last.bias[channels:] = 0.0
-    model.update(force=True)
-    return model
 
 
 def synthetic_latent(

@@ -142,7 +142,7 @@ def validate_command(command: List[str]) -> Optional[str]:
 
 def save_weights(path: str) -> None:
     """Random N=192 CPS weights as the authors publish them: a bare state dict."""
-    from benchmarks.entropy_coding import synthetic_model
+    from benchmarks.synthetic import synthetic_model
 
     atomic_torch_save(synthetic_model(192, seed=0).state_dict(), path)
 

@@ -28,8 +28,8 @@ predicted to need more than ``--skip-above`` (default 18 GB, this machine has 24
 are not started and their prediction is reported instead. ``transform_s`` is the
 time spent in the analysis and synthesis transforms (patch loops included), which
 is where patch-wise and whole-image CPS differ. Models have random weights, with
-the CPS scale predictions spread over the scale table as in
-``benchmarks/entropy_coding.py``: memory and transform time do not depend on them.
+the CPS scale predictions spread over the scale table
+(``benchmarks/synthetic.py``): memory and transform time do not depend on them.
 
 Writes a JSON file and a PNG plot next to it (``benchmarks/results/local/`` unless
 ``--publish``) and prints a Markdown table.

@@ -6,8 +6,7 @@
 and the codec, compresses and decompresses to real bytes, and prints the times, the
 size and the process peak as one JSON line for the parent to read. The codec names,
 shared with the driver and the report, are defined here because this is where each
-one is run; :func:`synthetic_image` also gives ``codec_speed.py`` and ``startup.py``
-their images.
+one is run.
 """
 
 import json
@@ -17,22 +16,13 @@ from unittest import mock
 
 import torch
 
+from benchmarks.synthetic import synthetic_image
 from utils.memory import parse_memory
 
 METHODS = ("cps-budget", "cps-whole", "mbt2018", "cheng2020-anchor", "authors-cps")
 AUTHORS = "authors-cps"
 # CompressAI zoo models: (zoo name, quality), each at N = 192.
 ZOO = {"mbt2018": ("mbt2018", 3), "cheng2020-anchor": ("cheng2020-anchor", 4)}
-
-
-def synthetic_image(width: int, height: int) -> torch.Tensor:
-    """Smooth colour gradients plus 10 % noise, uint8 (3, H, W)."""
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.linspace(0, 1, height)[:, None].expand(height, width)
-    cols = torch.linspace(0, 1, width)[None].expand(height, width)
-    image = torch.stack([rows * cols, rows, cols]).mul_(0.8)
-    image.add_(torch.rand(3, height, width, generator=generator), alpha=0.1)
-    return image.mul_(255).round_().to(torch.uint8)
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -50,7 +40,7 @@ def run_cps(
 ) -> Dict[str, object]:
     import models.cps.coding as codec
     import utils.stitching.planner as planner
-    from benchmarks.entropy_coding import synthetic_model
+    from benchmarks.synthetic import synthetic_model
     from models.base import CodingPlan
     from utils.coding.container import pack, unpack
     from utils.stitching.spec import PatchSpec
@@ -105,7 +95,7 @@ def run_authors_cps(
     image: torch.Tensor, args, device: torch.device
 ) -> Dict[str, object]:
     from benchmarks.authors import authors_model, load_authors_cps, run_authors
-    from benchmarks.entropy_coding import synthetic_model
+    from benchmarks.synthetic import synthetic_model
 
     state_dict = synthetic_model(args.N, seed=0).state_dict()
     model = authors_model(load_authors_cps(args.authors_repo), state_dict, device)

@@ -137,8 +137,7 @@ def prepare(folder: str, args: argparse.Namespace) -> Dict[str, object]:
     """Random N weights (a bare state dict) and ``--batch`` PNGs in ``folder``."""
     from PIL import Image
 
-    from benchmarks.entropy_coding import synthetic_model
-    from benchmarks.memory_scaling_child import synthetic_image
+    from benchmarks.synthetic import synthetic_image, synthetic_model
     from utils.atomic import atomic_torch_save
 
     weights = os.path.join(folder, "weights.pth.tar")
