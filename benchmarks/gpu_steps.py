@@ -17,10 +17,11 @@ user would, with random N=192 weights saved in the authors' layout:
 4. ``wavefront``: ``benchmarks/entropy_coding.py`` times the wavefront context coder
    on the latents of 1920x1080 and 7680x4320 images;
 5. ``training``: ``benchmarks/train_throughput.py --cuda`` runs 200 steps of the
-   CompressAI example loop, of ``train.py``'s step and of that step with bfloat16
-   autocast and channels_last, each also replayed as a CUDA graph, in images/s; it
-   passes when the graph-replayed step reaches :data:`TRAINING_TARGETS` (1.0x the
-   example in float32, 1.3x with both options).
+   CompressAI example loop (also with one host read per step), of ``train.py``'s
+   step and of that step with bfloat16 autocast and channels_last, each also
+   replayed as a CUDA graph, in images/s; it passes when the graph-replayed step
+   reaches :data:`TRAINING_TARGETS` (1.0x the example in float32, 1.3x with both
+   options).
 """
 
 import glob

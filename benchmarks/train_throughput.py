@@ -16,7 +16,12 @@ auxiliary optimizer:
   with bfloat16 autocast, and with both (``train_py_channels_last``,
   ``train_py_bf16``, ``train_py_bf16_channels_last``), so that each option's share
   of the speed-up is visible, and replayed as a CUDA graph in float32 and with both
-  options (``train_py_cuda_graph``, ``train_py_bf16_channels_last_cuda_graph``).
+  options (``train_py_cuda_graph``, ``train_py_bf16_channels_last_cuda_graph``);
+* on CUDA, ``compressai_example_host_read``: the example loop reading its loss back
+  to the CPU where ``train_py`` reads its statistics (after clipping, before the
+  optimizers step). The example never waits for the GPU, so the CPU queues step
+  k+1 while the GPU runs step k; the read makes the CPU wait instead. This row shows
+  how much of ``train_py``'s gap to the example that one wait costs.
 
 The batch is a fixed random tensor already on the device, so the figures measure
 the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
@@ -75,10 +80,14 @@ def parse_args(argv):
     return args
 
 
-def compressai_example_step(model, criterion, optimizer, aux_optimizer, clip_max_norm):
+def compressai_example_step(
+    model, criterion, optimizer, aux_optimizer, clip_max_norm, read_loss=False
+):
     """``step(x, i)``: one iteration of CompressAI's example training loop.
 
-    The iteration runs on batch ``x``.
+    The iteration runs on batch ``x``; with ``read_loss`` it also reads the loss
+    back to the CPU before the optimizer steps, as ``train_py`` reads its
+    statistics there (the same updates, one wait for the GPU per step).
     """
 
     def step(x, _):
@@ -87,6 +96,8 @@ def compressai_example_step(model, criterion, optimizer, aux_optimizer, clip_max
         out_criterion = criterion(model(x), x)
         out_criterion["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if read_loss:
+            float(out_criterion["loss"].detach())
         optimizer.step()
         aux_loss = model.aux_loss()
         aux_loss.backward()
@@ -104,6 +115,7 @@ def _loops(base, device, lmbda):
     if device.type == "cuda":  # each option alone too, to see which one pays
         both = {"amp": True, "channels_last": True}
         variants += [
+            ("compressai_example_host_read", {"read_loss": True}),
             ("train_py_channels_last", {"channels_last": True}),
             ("train_py_bf16", {"amp": True}),
             ("train_py_bf16_channels_last", both),
@@ -116,9 +128,9 @@ def _loops(base, device, lmbda):
             model = model.to(memory_format=torch.channels_last)
         criterion = RateDistortionLoss(lmbda)
         optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
-        if name == "compressai_example":
+        if name.startswith("compressai_example"):
             step = compressai_example_step(
-                model, criterion, optimizer, aux_optimizer, 1.0
+                model, criterion, optimizer, aux_optimizer, 1.0, **options
             )
         else:
             step = TrainStep(

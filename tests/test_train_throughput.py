@@ -88,3 +88,35 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
     assert "compressai_example" in table and "train_py" in table and "1.00x" in table
     with pytest.raises(SystemExit):
         bench.parse_args(["--crop", "100"])
+
+
+def test_host_read_example_loop_reads_the_loss_once_per_step_and_updates_the_same(
+    monkeypatch,
+):
+    """The GPU check's ``compressai_example_host_read`` row must differ from the
+    example loop by the one read alone, or it cannot attribute train.py's gap."""
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(
+        torch.Tensor, "__float__", lambda t: reads.append(t) or real_float(t)
+    )
+    batch = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    updated = []
+    for read_loss in (False, True):
+        torch.manual_seed(0)
+        model = models.build_model("cps", N=8)
+        optimizer, aux_optimizer = build_optimizers(model, 1e-3, 1e-3)
+        step = bench.compressai_example_step(
+            model,
+            RateDistortionLoss(0.01),
+            optimizer,
+            aux_optimizer,
+            1.0,
+            read_loss=read_loss,
+        )
+        reads.clear()
+        step(batch, 0)
+        assert len(reads) == read_loss
+        updated.append(model.state_dict())
+    plain, with_read = updated
+    assert all(torch.equal(plain[name], with_read[name]) for name in plain)
