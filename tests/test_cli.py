@@ -222,6 +222,37 @@ def test_train_py_prints_warnings_as_one_line_too(tmp_path, monkeypatch, capsys)
     )
 
 
+def test_a_reader_of_stdout_that_goes_away_ends_the_program_quietly_with_141():
+    """``test.py bdrate ... | head -1`` ended in a BrokenPipeError traceback."""
+    script = (
+        "import sys\n"
+        "from utils.cli import run_main\n"
+        "def work():\n"
+        "    for _ in range(100000):\n"
+        "        print('a results table row')\n"
+        "    return 0\n"
+        "sys.exit(run_main(work, 'test.py'))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child.stdout.close()  # the reader goes away before the output ends
+    stderr = child.stderr.read()
+    assert child.wait(timeout=60) == 141 and stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(capsys):
+    def worker_died():
+        raise BrokenPipeError("a DataLoader worker's pipe")
+
+    with pytest.raises(BrokenPipeError):
+        run_main(worker_died, "test.py")
+
+
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     def interrupted():
         raise KeyboardInterrupt

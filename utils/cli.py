@@ -10,6 +10,7 @@ library never parses strings again.
 import argparse
 import contextlib
 import os
+import select
 import signal
 import sys
 import tempfile
@@ -178,14 +179,34 @@ def show_warnings_as_one_line() -> None:
 
 
 def run_main(main: Callable[[], int], program: str) -> int:
-    """Run ``main`` so that Ctrl-C ends the program with one line and status 130, and
-    warnings are one line each (:func:`show_warnings_as_one_line`)."""
+    """Run ``main`` so that Ctrl-C ends the program with one line and status 130,
+    a reader of stdout that went away (``... | head``) ends it quietly with status
+    141, as a shell reports a program stopped by SIGPIPE, and warnings are one line
+    each (:func:`show_warnings_as_one_line`)."""
     show_warnings_as_one_line()
     try:
         return main()
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # Another pipe (a codec's subprocess, a DataLoader worker) is an error.
+        if not _stdout_reader_gone():
+            raise
+        # Python flushes stdout at exit and would fail again, with a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (it polls as an error)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced or closed stream
+        return False
+    poller = select.poll()
+    poller.register(descriptor, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def check_output_folder(folder: str, name: str) -> None:
