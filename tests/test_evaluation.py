@@ -486,6 +486,27 @@ def test_unreadable_sizes_are_usage_errors(capsys, images, option, value, messag
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("points_to", ["missing", "file"])
+def test_a_dataset_variable_that_points_nowhere_is_named_as_the_culprit(
+    tmp_path, monkeypatch, points_to
+):
+    """The message said "set CPS_KODAK" when CPS_KODAK was set, and "does not exist"
+    of a file."""
+    config = tmp_path / "datasets.yaml"
+    config.write_text("Kodak:\n  path: nowhere\n  patch_size: 128\n")
+    target = tmp_path / "kodim01.png"
+    if points_to == "file":
+        target.write_bytes(b"")
+    monkeypatch.setenv("CPS_KODAK", str(target))
+    with pytest.raises(ValueError) as error:
+        resolve_dataset("Kodak", str(config))
+    problem = "a file, not a folder" if points_to == "file" else "missing"
+    assert str(error.value) == (
+        f"dataset Kodak: CPS_KODAK is {target} ({problem}); set it to the "
+        "dataset's folder"
+    )
+
+
 def test_a_dataset_name_resolves_through_the_config_and_its_variable(
     tmp_path, monkeypatch
 ):

@@ -106,12 +106,16 @@ def resolve_dataset(spec: str, config_path: str = DATASETS_CONFIG) -> Dataset:
         )
     name = names[spec.lower()]
     variable = environment_variable(name)
-    folder = os.environ.get(variable) or os.path.join(REPO_ROOT, config[name]["path"])
+    from_variable = os.environ.get(variable)
+    folder = from_variable or os.path.join(REPO_ROOT, config[name]["path"])
     if not os.path.isdir(folder):
-        raise ValueError(
-            f"dataset {name}: folder {folder} does not exist; set {variable} "
-            f"or edit {config_path}"
+        problem = "a file, not a folder" if os.path.exists(folder) else "missing"
+        where = (
+            f"{variable} is {folder} ({problem}); set it to the dataset's folder"
+            if from_variable
+            else f"folder {folder} ({problem}); set {variable} or edit {config_path}"
         )
+        raise ValueError(f"dataset {name}: {where}")
     return Dataset(name, folder, config[name]["patch_size"])
 
 
