@@ -38,6 +38,7 @@ import time
 from typing import List, Optional, Tuple
 
 from utils.cli import (
+    ARCHITECTURE_HELP,
     REPORTED_ERRORS,
     add_coding_arguments,
     add_force_argument,
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             "-a",
             "--architecture",
             default=None,
-            help="architecture name when the checkpoint does not say (default: cps)",
+            help=ARCHITECTURE_HELP,
         )
         add_coding_arguments(command, "auto", "auto")
         command.add_argument(

@@ -35,7 +35,12 @@ warnings.filterwarnings(
     "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
 )
 
-from utils.cli import add_coding_arguments, add_force_argument, run_main
+from utils.cli import (
+    ARCHITECTURE_HELP,
+    add_coding_arguments,
+    add_force_argument,
+    run_main,
+)
 from utils.evaluation.choices import (
     CODEC_NAMES,
     DATASETS_CONFIG,
@@ -133,7 +138,10 @@ def _add_learned_arguments(parser: argparse.ArgumentParser) -> None:
         help="same as --tiling pops (the CPS authors' flag)",
     )
     add_coding_arguments(
-        group, None, "the dataset's: 128 Kodak, 256 CLIC/DIV8K and folders"
+        group,
+        None,
+        "the dataset's: 128 Kodak, 256 CLIC/DIV8K and folders",
+        naive_tiles=True,
     )
     group.add_argument(
         "--entropy-estimation",
@@ -164,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-a",
         "--architecture",
         default=None,
-        help="registered architecture (default: the checkpoint's, else cps)",
+        help=ARCHITECTURE_HELP,
     )
     checkpoint.add_argument(
         "-p",
@@ -291,16 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         type=_comma_list(str),
         default=list(DEMO_IMAGE_NAMES),
-        help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)}",
+        help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)} (default: all)",
     )
     demo.add_argument(
         "-d",
         "--output-dir",
         default=DEMO_OUTPUT,
-        help="results.json, rd.png and crops.png go here",
+        help="results.json, rd.png and crops.png go here (default: %(default)s)",
     )
     demo.add_argument(
-        "--patch-size", type=int, default=128, help="POPS patch and naive tile side"
+        "--patch-size",
+        type=int,
+        default=128,
+        help="POPS patch and naive tile side (default: %(default)s)",
     )
     demo.add_argument("--cuda", action="store_true", help="run the networks on the GPU")
     add_force_argument(demo)

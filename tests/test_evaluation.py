@@ -196,6 +196,8 @@ def test_a_memory_budget_changes_the_patches_but_not_the_results(
     for key in ("bpp", "psnr-rgb", "psnr-b"):
         assert budgeted["results"][key] == whole["results"][key]
     assert f"POPS patches planned within {budget} MB" in budgeted["description"]
+    # It said "POPS patches of whole".
+    assert "cps codec (whole image; wavefront" in whole["description"]
 
 
 def test_entropy_estimation_reports_the_likelihood_rate(capsys, images, checkpoint):

@@ -54,20 +54,37 @@ def positive_int(text: str) -> int:
     return value
 
 
+# The -a help of the commands that load a checkpoint (codec.py, test.py checkpoint).
+ARCHITECTURE_HELP = (
+    "registered architecture, for weights that do not name theirs (default: the "
+    "checkpoint's, else the one whose published layout the weights match, else cps)"
+)
+
+
 def add_coding_arguments(
-    group, patch_default: Optional[str], patch_help_default: str
+    group,
+    patch_default: Optional[str],
+    patch_help_default: str,
+    naive_tiles: bool = False,
 ) -> None:
     """The flags of a learned codec run: patching, batch, budget, device, exactness.
 
     ``patch_default`` None leaves ``--patch-size`` unset (the caller picks a default,
     e.g. the dataset's); ``patch_help_default`` says what that default is.
+    ``naive_tiles``: the command also has ``--tiling naive``, which cuts every
+    model's input into tiles of ``--patch-size``.
     """
+    without_pops = "models without POPS code whole images and ignore it"
+    if naive_tiles:
+        without_pops = (
+            f"with --tiling naive the tile side of any model; otherwise {without_pops}"
+        )
     group.add_argument(
         "--patch-size",
         type=patch_spec,
         default=None if patch_default is None else PatchSpec.parse(patch_default),
-        help=f"POPS patch side in pixels (a multiple of 16 for CPS; models without "
-        f"POPS code whole images and ignore it), {WHOLE!r} (or 0) for "
+        help=f"POPS patch side in pixels (a multiple of 16 for CPS; "
+        f"{without_pops}), {WHOLE!r} (or 0) for "
         f"the whole image, or {AUTO!r} for the patches that fit --max-memory "
         f"with the least recomputed overlap (default: {patch_help_default})",
     )

@@ -162,6 +162,8 @@ class ModelCoder(Coder):
                     if self.plan.budget_bytes
                     else "whole image"
                 )
+            elif self.plan.patch.is_whole:
+                parts.append("whole image")
             else:
                 parts.append(f"POPS patches of {self.plan.patch}")
             parts.append(f"{self.plan.order} entropy coder")
