@@ -80,11 +80,25 @@ def parse_args(argv):
     return args
 
 
+def model_problems(cfg) -> list:
+    """:func:`utils.training.build.model_problems`, when the keys the model is
+    built from are valid. While one of them is refused (and reported), the model is
+    not checked, and the config's problems come back before PyTorch is imported."""
+    model, params = cfg.get("model", {}), cfg.get("train_params", {})
+    if not ("name" in model and "kwargs" in model and "N" in params):
+        return []
+    from utils.training.build import model_problems
+
+    return model_problems(cfg)
+
+
 def resolve_config(args):
     """The validated config with ``--resume``/``--init-from`` folded in.
 
     ``--resume CHECKPOINT`` without ``--config`` starts from the resolved config
-    stored in the checkpoint; ``--set`` overrides apply on top of either.
+    stored in the checkpoint; ``--set`` overrides apply on top of either. The model
+    the config names is checked with it (:func:`model_problems`), before any image
+    is read, and its problems are reported with the config's.
     """
     if args.config is None:
         from utils.training.state import stored_config  # reads a PyTorch checkpoint
@@ -95,9 +109,10 @@ def resolve_config(args):
             args.overrides,
             base=stored_config(path),
             source=f"{path} (stored config)",
+            checks=[model_problems],
         )
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, checks=[model_problems])
     if args.resume is None and args.init_from is None:
         return cfg
     raw = to_plain_dict(cfg)

@@ -64,6 +64,69 @@ def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(
     assert not [w for w in caught if "worker" in str(w.message)]
 
 
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"name": "kamisli"}, "unknown architecture 'kamisli'; known: "),
+        (
+            {"kwargs": {"depth": 3}},
+            "model 'cps' rejects its kwargs {'depth': 3, 'N': 8}: ",
+        ),
+    ],
+    ids=["architecture", "kwarg"],
+)
+def test_a_model_the_config_cannot_build_is_reported_before_the_images_are_counted(
+    tmp_path, train_images, capsys, model, message
+):
+    # 4 training images give no batch of 64 either: the config's mistake comes first.
+    exp = tmp_path / "runs" / "exp"
+    cfg = write_train_config(
+        tmp_path, train_images, exp, train_data={"batch_size": 64}, model=model
+    )
+    assert train.main(["--config", cfg]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "full batch" not in err[0], err
+    assert not (tmp_path / "runs").exists()
+    # So does the trainer itself, given a config checked without the model.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Trainer(load_config(cfg), DistContext(0, 1, torch.device("cpu")))
+
+
+def test_a_crop_the_model_cannot_take_is_reported_with_the_other_config_problems(
+    tmp_path, train_images, capsys
+):
+    cfg = write_train_config(tmp_path, train_images, tmp_path / "exp")
+    overrides = ["train_params.crop_size=100", "train_data.batch_size=0"]
+    assert train.main(["--config", cfg, "--set"] + overrides) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"train.py: error: {cfg}: 2 problems: config key train_data.batch_size must "
+        "be in [1, 4096], got 0; train_params.crop_size=100 must be a multiple of 64 "
+        "for model 'cps'"
+    ]
+
+
+def test_every_model_and_acl_problem_is_reported_with_the_config_problems(
+    tmp_path, train_images, capsys
+):
+    cfg = write_train_config(
+        tmp_path,
+        train_images,
+        tmp_path / "exp",
+        train_data={"batch_size": 0},
+        train_params={"training_mode": "acl", "crop_size": 96},
+        lr_schedule={"type": "cosine"},
+    )
+    assert train.main(["--config", cfg]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 problems: config key train_data.batch_size " in err[0]
+    assert (
+        "implements models.base.ClosedLoopTrainable" in err[0] and "not 'cps'" in err[0]
+    )
+    assert "lr_schedule.type is 'cosine'" in err[0]
+    assert "train_params.crop_size=96 must be a multiple of 64" in err[0]
+
+
 def test_an_experiment_path_that_is_a_file_is_a_one_line_error(
     tmp_path, train_images, capsys
 ):

@@ -19,7 +19,6 @@ from datasets import list_split
 from datasets.context_pairs import ContextPairs
 from datasets.sampler import epoch_seed
 from datasets.workers import leave_process_group, usable_workers
-from models.base import ClosedLoopTrainable
 from models.checkpoint import (
     load_state_dict_into,
     unwrap_state_dict,
@@ -38,7 +37,7 @@ from utils.training.acl import (
     train_epoch,
 )
 from utils.training.bad_images import usable_images
-from utils.training.build import build_configured_model
+from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.state import check_resume_entries, load_entry
@@ -53,16 +52,13 @@ class _Run:
     def __init__(
         self, cfg: Mapping, settings: Mapping, device: torch.device, log: Callable
     ):
-        data, params, model_cfg = cfg["train_data"], cfg["train_params"], cfg["model"]
+        data, params = cfg["train_data"], cfg["train_params"]
         self.settings, self.device, self.log, self.config = settings, device, log, cfg
         torch.manual_seed(params["seed"])  # the same initial weights in every run
         self.model = build_configured_model(cfg)
-        if not isinstance(self.model, ClosedLoopTrainable):
-            raise ValueError(
-                f"ACL training needs a block-based model that implements "
-                f"models.base.ClosedLoopTrainable, such as kamisli2024, not "
-                f"{model_cfg['name']!r}"
-            )
+        problems = acl_problems(cfg, type(self.model))
+        if problems:
+            raise ValueError("; ".join(problems))
         self.model.to(device)
         self.block_size = self.model.block_size
         self.exp = data["experiment_path"]
@@ -71,11 +67,6 @@ class _Run:
         self.crop, self.seed = params["crop_size"], params["seed"]
         self.initial_lr = params["learning_rate"]
         self.plateau = cfg["lr_schedule"]
-        if self.plateau["type"] != "plateau":
-            raise ValueError(
-                f"ACL steps a plateau schedule on the validation loss; "
-                f"lr_schedule.type is {self.plateau['type']!r}"
-            )
         self.criterion = self.model.default_loss(
             params["lmbda"], params["distortion_metric"]
         )

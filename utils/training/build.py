@@ -1,15 +1,19 @@
 """The model a training config describes, for both training modes.
 
 Kept apart from :mod:`utils.training.config`, which reads and checks configs
-without importing PyTorch (so that ``train.py`` reports config errors at once).
+without importing PyTorch: ``train.py`` passes it :func:`model_problems` as a check,
+so that the model's problems are reported with the config's, before any image is read.
 """
+
+from typing import List, Mapping, Optional, Type
 
 import torch
 
 import models
+from models.base import ClosedLoopTrainable, LearnedCodec
 from utils.stitching.geometry import check_synthesis_reach
 
-__all__ = ["build_configured_model"]
+__all__ = ["acl_problems", "build_configured_model", "model_problems"]
 
 
 def build_configured_model(cfg):
@@ -23,9 +27,79 @@ def build_configured_model(cfg):
             (:func:`_check_trainable`).
     """
     name, params = cfg["model"]["name"], cfg["train_params"]
-    kwargs = dict(cfg["model"]["kwargs"], N=params["N"])
+    model = _construct(name, cfg["model"]["kwargs"], params["N"])
+    problem = _crop_problem(params["crop_size"], model, name)
+    if problem:
+        raise ValueError(problem)
+    _check_trainable(model, name, params["lmbda"])
+    return model
+
+
+def model_problems(cfg: Mapping) -> List[str]:
+    """The problems of the config's model that need no data: an unknown
+    architecture, kwargs its constructor refuses, a training crop that is not a
+    multiple of its ``downsampling_factor``, and :func:`acl_problems`.
+
+    A check for :func:`utils.training.config.load_config`: ``cfg`` holds the keys
+    whose values passed the schema (a refused one is absent, already reported, and
+    the checks that need it are left out), ``model.name``, ``model.kwargs`` and
+    ``train_params.N`` among them. Builds the model once on the CPU, leaving the
+    global random generator as it was.
+    """
+    name, params = cfg["model"]["name"], cfg["train_params"]
     try:
-        model = models.build_model(name, **kwargs)
+        model_class = models.get_model_class(name)
+    except ValueError as exc:
+        return [str(exc)] + _acl_problems_if_acl(cfg)
+    problems = _acl_problems_if_acl(cfg, model_class)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = _construct(name, cfg["model"]["kwargs"], params["N"])
+    except ValueError as exc:
+        return problems + [str(exc)]
+    crop = params.get("crop_size")
+    problem = None if crop is None else _crop_problem(crop, model, name)
+    return problems + ([problem] if problem else [])
+
+
+def _acl_problems_if_acl(
+    cfg: Mapping, model_class: Optional[Type[LearnedCodec]] = None
+) -> List[str]:
+    """:func:`acl_problems` when ``train_params.training_mode`` is ``acl``."""
+    if cfg.get("train_params", {}).get("training_mode") != "acl":
+        return []
+    return acl_problems(cfg, model_class)
+
+
+def acl_problems(
+    cfg: Mapping, model_class: Optional[Type[LearnedCodec]] = None
+) -> List[str]:
+    """Why asymptotic closed-loop training cannot train ``cfg``: the model
+    (``model_class``, when known) must implement
+    :class:`~models.base.ClosedLoopTrainable`, and the schedule must be ``plateau``.
+    """
+    problems = []
+    if model_class is not None and not issubclass(model_class, ClosedLoopTrainable):
+        problems.append(
+            f"ACL training needs a block-based model that implements "
+            f"models.base.ClosedLoopTrainable, such as kamisli2024, not "
+            f"{cfg['model']['name']!r}"
+        )
+    schedule = cfg.get("lr_schedule", {}).get("type")
+    if schedule not in (None, "plateau"):
+        problems.append(
+            f"ACL steps a plateau schedule on the validation loss; "
+            f"lr_schedule.type is {schedule!r}"
+        )
+    return problems
+
+
+def _construct(name: str, kwargs: Mapping, width: int) -> LearnedCodec:
+    """The registered model ``name`` built from ``kwargs`` and ``N=width``; a
+    constructor that refuses them is one ValueError."""
+    kwargs = dict(kwargs, N=width)
+    try:
+        return models.build_model(name, **kwargs)
     except TypeError as exc:
         hint = (
             "; train.py passes train_params.N to every model, so its __init__ must "
@@ -36,14 +110,16 @@ def build_configured_model(cfg):
         raise ValueError(
             f"model {name!r} rejects its kwargs {kwargs}: {exc}{hint}"
         ) from None
+
+
+def _crop_problem(crop: int, model: LearnedCodec, name: str) -> Optional[str]:
     factor = model.downsampling_factor
-    if params["crop_size"] % factor:
-        raise ValueError(
-            f"train_params.crop_size={params['crop_size']} must be a "
-            f"multiple of {factor} for model {name!r}"
+    if crop % factor:
+        return (
+            f"train_params.crop_size={crop} must be a multiple of {factor} for "
+            f"model {name!r}"
         )
-    _check_trainable(model, name, params["lmbda"])
-    return model
+    return None
 
 
 def _check_trainable(model, name: str, lmbda: float) -> None:

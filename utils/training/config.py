@@ -16,15 +16,17 @@ dropped. Everything this repository adds is optional and has a default
 
 Every value of every block is checked when the file is read (in any training mode),
 ``--set block.key=value`` overrides and the configs stored in checkpoints go through
-the very same checks, and all the problems are reported together in one line, so a
-config fails in the first second of a run, once, and not after a day of training.
+the very same checks, and all the problems are reported together in one line
+(``train.py`` adds the model's, :func:`utils.training.build.model_problems`, to the
+same line), so a config fails in the first seconds of a run, once, before any image
+is read, and not after a day of training.
 Relative paths in a file are relative to the file's folder; relative paths given
 with ``--set`` are relative to the current directory.
 """
 
 import copy
 import os
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
 
 from easydict import EasyDict
 
@@ -243,12 +245,16 @@ def load_config(
     overrides: Iterable[str] = (),
     base: Optional[Mapping] = None,
     source: str = "stored config",
+    checks: Iterable[Callable[[dict], List[str]]] = (),
 ) -> EasyDict:
     """Read the YAML file ``path``, apply ``overrides`` and validate the result.
 
     ``base`` (a config stored in a checkpoint, for resuming; ``source`` names it in
-    errors) stands in for the file when ``path`` is ``None``. Every problem of the
-    file and of the overrides is reported together in one ``ValueError``.
+    errors) stands in for the file when ``path`` is ``None``. ``checks`` find more
+    problems, such as the model's (:func:`utils.training.build.model_problems`):
+    each gets the config with its defaults, less the keys whose values were refused,
+    even when other keys were. Every problem of the file, of the overrides and of the
+    checks is reported together in one ``ValueError``.
     """
     if path is None:
         raw = copy.deepcopy(dict(base or {}))
@@ -265,6 +271,8 @@ def load_config(
     raw = rename_legacy_keys(raw, source)  # before the overrides, which use our names
     problems = apply_overrides(raw, overrides)
     cfg, more = _validate(raw, source)
+    for check in checks:
+        more += check(cfg)
     _raise_if_any(problems + more, source)
     return EasyDict(cfg)
 

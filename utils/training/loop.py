@@ -2,8 +2,8 @@
 
 .. code-block:: none
 
-    config ──► Trainer.__init__: datasets + EpochSampler ─► DataLoader
-                                 build_model (registry) ─► resume | init-from ─► DDP
+    config ──► Trainer.__init__: build_model (registry) ─► datasets + EpochSampler
+                                 ─► resume | init-from ─► DataLoader ─► DDP
     fit(): for epoch, for batch:  TrainStep (seeded by step) ─► log (tqdm, TensorBoard)
                                   ├─ epoch end / val_interval: validate ─► LR plateau
                                   │                            ─► save last (+ best)
@@ -81,13 +81,13 @@ class Trainer:
             )
         torch.manual_seed(params.seed)  # identical initial weights on every rank
 
-        self.images = RunImages(data, params, ctx, self.log)
-        self.unusable = self.images.unusable
-        self.steps_per_epoch = self.images.steps_per_epoch
-
+        # The model first: its problems are the config's, and come before the data's.
         self.raw = build_configured_model(cfg).to(ctx.device)
         if params.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.images = RunImages(data, params, ctx, self.log)
+        self.unusable = self.images.unusable
+        self.steps_per_epoch = self.images.steps_per_epoch
         # Models with a loss of their own (the layered mei2021 models) bring it.
         self.criterion = self.raw.default_loss(params.lmbda, params.distortion_metric)
         self.optimizer, self.aux_optimizer = build_optimizers(
