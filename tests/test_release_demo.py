@@ -348,12 +348,79 @@ def test_release_command_keeps_a_given_wall_time_and_reports_bad_info_in_one_lin
         json.loads((out / "training.json").read_text())["training_wall_time_h"] == 30.5
     )
     assert (out / "training_curves.png").exists()
-    assert main([str(checkpoint), str(out), "--runs", str(tmp_path / "run")]) == 0
+    argv = [str(checkpoint), str(out), "--runs", str(tmp_path / "run"), "--force"]
+    assert main(argv) == 0
     assert (
         json.loads((out / "training.json").read_text())["training_wall_time_h"] == 2.0
     )
     capsys.readouterr()
     (tmp_path / "info.json").write_text("{not json")
-    assert main([str(checkpoint), str(out), "--info", str(tmp_path / "info.json")]) == 1
+    argv = [str(checkpoint), str(out), "--info", str(tmp_path / "info.json"), "--force"]
+    assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("release: error: ")
+
+
+@pytest.mark.parametrize("existing", ["model.pth", "training.json", "curves"])
+def test_release_command_refuses_existing_outputs_unless_forced(
+    tmp_path, capsys, existing
+):
+    """A second release into the same folder (a shipped model, say) is refused in one
+    line with status 1 and nothing written, whichever output exists; --force writes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils.training.release import main
+
+    checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
+    checkpoint.parent.mkdir()
+    torch.manual_seed(0)
+    model = models.build_model("cps", N=8)
+    torch.save({"architecture": "cps", "state_dict": model.state_dict()}, checkpoint)
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        writer.add_scalar("train/loss", 1.0, 0)
+    out = tmp_path / "shipped" / "tiny"
+    out.mkdir(parents=True)
+    name = "training_curves.png" if existing == "curves" else existing
+    (out / name).write_bytes(b"shipped")
+    argv = [str(checkpoint), str(out), "--runs", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("release: error: "), err
+    assert str(out / name) in err[0] and "--force" in err[0]
+    assert captured.out == ""
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing else written
+    assert (out / name).read_bytes() == b"shipped"  # and that one untouched
+
+    assert main(argv + ["--force"]) == 0
+    assert {p.name for p in out.iterdir()} == {
+        "model.pth",
+        "training.json",
+        "training_curves.png",
+    }
+    assert (out / name).read_bytes() != b"shipped"
+
+
+def test_release_command_without_runs_ignores_curves_and_refuses_a_file_folder(
+    tmp_path, capsys
+):
+    """Without --runs no curves are written, so existing curves are no reason to
+    refuse (and stay as they were); an output folder that is a file is refused."""
+    from utils.training.release import main
+
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    model = models.build_model("cps", N=8)
+    torch.save({"architecture": "cps", "state_dict": model.state_dict()}, checkpoint)
+    out = tmp_path / "tiny"
+    out.mkdir()
+    (out / "training_curves.png").write_bytes(b"kept")
+    assert main([str(checkpoint), str(out)]) == 0
+    assert (out / "training_curves.png").read_bytes() == b"kept"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert main([str(checkpoint), str(blocker)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0], err
+    assert blocker.read_text() == "x"

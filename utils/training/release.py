@@ -8,7 +8,11 @@ model the file really holds), and a ``training.json`` saying how the model was m
 :func:`export_curves` draws the run's TensorBoard scalars as a PNG.
 
     python -m utils.training.release experiment/run/checkpoint_best_loss.pth.tar \\
-        experiment/shipped/cps_n64_lambda00035 --runs experiment/run [--note "..."]
+        experiment/shipped/cps_n64_lambda00035 --runs experiment/run [--force]
+
+An output that exists already (``model.pth``, ``training.json``, and with ``--runs``
+``training_curves.png``) is refused, before anything is written, unless ``--force``
+is given: a shipped model is never replaced by accident.
 """
 
 import argparse
@@ -23,6 +27,12 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save, atomic_write_json
+from utils.cli import (
+    add_force_argument,
+    check_output_folder,
+    output_folder,
+    refuse_existing_outputs,
+)
 from utils.device import cpu_model_name
 
 WEIGHTS_NAME = "model.pth"
@@ -203,6 +213,13 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
     return [label for label, _ in panels]
 
 
+def release_outputs(output_dir: str, runs: Sequence[str]) -> List[str]:
+    """The files a release into ``output_dir`` writes: the weights and their
+    ``training.json``, and the curves when TensorBoard folders are given."""
+    names = [WEIGHTS_NAME, INFO_NAME] + ([CURVES_NAME] if runs else [])
+    return [os.path.join(output_dir, name) for name in names]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -222,8 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=None,
         help="JSON file of extra facts to record (data, wall time, ...)",
     )
+    add_force_argument(parser)
     args = parser.parse_args(argv)
     try:
+        refuse_existing_outputs(release_outputs(args.output_dir, args.runs), args.force)
+        check_output_folder(args.output_dir, "output_dir")
         extra = {}
         if args.info:
             with open(args.info) as handle:
@@ -232,7 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             extra.setdefault(
                 "training_wall_time_h", round(training_wall_time(args.runs) / 3600, 2)
             )
-        weights = export_weights(args.checkpoint, args.output_dir, extra)
+        with output_folder(args.output_dir, "output_dir"):  # removed if left empty
+            weights = export_weights(args.checkpoint, args.output_dir, extra)
         print(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.1f} MB)")
         if args.runs:
             curves = os.path.join(args.output_dir, CURVES_NAME)
