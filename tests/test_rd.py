@@ -2,12 +2,14 @@
 
 import glob
 import json
+import math
 import os
 
 import pytest
 
 import test as test_script
 from utils.evaluation.rd import (
+    METRICS,
     MIN_POINTS,
     bd_rate,
     bd_rate_table,
@@ -17,11 +19,11 @@ from utils.evaluation.rd import (
 )
 from utils.evaluation.rd_plot import curve_styles, rd_figure
 
-ANCHORS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "assets",
-    "anchors",
-    "kodak",
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANCHORS = os.path.join(REPO, "assets", "anchors", "kodak")
+# What test.py measured here (assets/results/<dataset>/): not third-party anchors.
+MEASURED_HERE = sorted(
+    glob.glob(os.path.join(REPO, "assets", "results", "*", "*.json"))
 )
 
 
@@ -393,6 +395,35 @@ def test_every_shipped_anchor_cites_its_source_and_is_sorted(path):
     curve = load_curve(path)
     assert curve.bpp == sorted(curve.bpp)
     assert len(curve.points("psnr-rgb")) == len(curve.bpp) >= 3
+
+
+def test_results_measured_here_are_found():
+    assert len(MEASURED_HERE) >= 3  # the shipped models, JPEG and WebP on Kodak
+
+
+@pytest.mark.parametrize(
+    "path", MEASURED_HERE, ids=[os.path.basename(p) for p in MEASURED_HERE]
+)
+def test_every_result_measured_here_has_every_metric_test_py_writes(path):
+    """A shipped file of test.py's is complete: every distortion metric test.py
+    writes (psnr-b-y included, so a BD-rate on it against JPEG or WebP is possible),
+    a value for every point, and the meta that says which images it covers. The
+    published anchors (assets/anchors/) may lack metrics and are not checked here."""
+    with open(path) as handle:
+        document = json.load(handle)
+    results, meta = document["results"], document["meta"]
+    for key in ("bpp", *METRICS, "encoding_time", "decoding_time", "peak_memory_mb"):
+        assert key in results, f"{path} has no {key}"
+        assert len(results[key]) == len(results["bpp"]), f"{path}: {key}"
+        assert all(_is_finite_number(v) for v in results[key]), f"{path}: {key}"
+    assert isinstance(meta["dataset"], str) and meta["images"] > 0
+    assert len(meta["runs"]) == len(results["bpp"])
+    for metric in ("psnr-b", "psnr-b-y"):  # how each PSNR-B was computed
+        assert meta[metric], f"{path}: meta says nothing of {metric}"
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def test_lossless_and_non_finite_points_are_left_out_of_a_curve(tmp_path):
