@@ -596,8 +596,8 @@ def test_results_on_other_images_than_the_anchor_give_no_number_and_a_note(tmp_p
     assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None}
     assert table["rows"][1]["bd-rate"]["psnr-rgb"] == pytest.approx(-10, abs=1e-6)
     assert table["notes"] == [
-        "few: measured on 1 images of Kodak, the anchor on 2 of Kodak; evaluate "
-        "both on the same images"
+        "few: measured on 1 images of Kodak, the anchor on 2 images of Kodak; "
+        "evaluate both on the same images"
     ]
 
 
@@ -614,8 +614,8 @@ def test_a_dataset_named_by_config_or_by_folder_is_the_same_set_of_images(tmp_pa
     assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
     assert table["rows"][1]["bd-rate"] == {"psnr-rgb": None}
     assert table["notes"] == [
-        "few: measured on 1 images of kodak, the anchor on 24 of Kodak; evaluate "
-        "both on the same images"
+        "few: measured on 1 images of kodak, the anchor on 24 images of Kodak; "
+        "evaluate both on the same images"
     ]
 
 
@@ -626,16 +626,121 @@ def test_an_image_count_that_is_not_a_whole_number_is_unknown(tmp_path, images):
     anchor = load_curve(write_results(tmp_path / "a.json", "anchor", BPP, PSNR))
     write_results(tmp_path / "t.json", "t", BPP, PSNR)
     test = load_curve(_with_images(tmp_path / "t.json", "Kodak", images))
-    assert test.image_set is None
+    assert test.image_set == ("Kodak", None)
     table = bd_rate_table(anchor, [test], metrics=["psnr-rgb"])
     assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
+    assert table["notes"] == []  # neither file gives a count: nothing to tell
 
 
-def test_a_file_that_does_not_name_its_images_is_compared_as_before(tmp_path):
-    """The published anchors carry no image count: nothing to compare against."""
+def test_an_anchor_without_an_image_count_keeps_the_number_with_a_note(tmp_path):
+    """A file with no count at all, against ours of 1 image: the BD-rate may compare
+    different images, so the row says so instead of giving a silent number."""
     anchor = load_curve(write_results(tmp_path / "a.json", "anchor", BPP, PSNR))
     write_results(tmp_path / "t.json", "t", BPP, PSNR)
     test = load_curve(_with_images(tmp_path / "t.json", "Kodak", 1))
     table = bd_rate_table(anchor, [test], metrics=["psnr-rgb"])
     assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
-    assert table["notes"] == []
+    assert table["notes"] == [
+        "t: measured on 1 images of Kodak, the anchor on an unknown number of "
+        "images; the anchor does not say how many images it was measured on, so "
+        "this BD-rate may compare different images"
+    ]
+    assert "- t: measured on 1 images of Kodak" in format_table(table)
+
+
+def _published(path, name, bpp, psnr, **top):
+    """A results file like the shipped anchors: ``dataset`` at top level, no meta."""
+    document = {"name": name, "results": {"bpp": bpp, "psnr-rgb": psnr}, **top}
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_a_published_anchors_top_level_dataset_is_read(tmp_path):
+    """hm.json names its dataset at top level only; meta (test.py's) wins over it."""
+    assert load_curve(os.path.join(ANCHORS, "hm.json")).image_set == ("kodak", None)
+    both = _published(tmp_path / "b.json", "B", BPP, PSNR, dataset="x", images=9)
+    assert load_curve(_with_images(tmp_path / "b.json", "Kodak", 2)).image_set == (
+        "Kodak",
+        2,
+    )
+    assert load_curve(both).image_set == ("Kodak", 2)
+
+
+def test_a_subset_against_a_published_anchor_is_never_a_silent_number(capsys, tmp_path):
+    """The walkthrough's case: `test.py checkpoint --max-images 2` against hm.json,
+    which says kodak but no count. The number stays, with a note naming both sides;
+    two published anchors (no count on either side) still compare without one."""
+    hm = os.path.join(ANCHORS, "hm.json")
+    with open(os.path.join(ANCHORS, "vtm.json")) as handle:
+        vtm = json.load(handle)
+    ours = tmp_path / "results.json"
+    ours.write_text(
+        json.dumps(
+            {
+                "name": "cps",
+                "meta": {"dataset": "Kodak", "images": 2},
+                "results": vtm["results"],
+            }
+        )
+    )
+    argv = ["bdrate", "--anchor", hm, str(ours), os.path.join(ANCHORS, "vtm.json")]
+    assert test_script.main(argv + ["--metrics", "psnr-rgb"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert [row["bd-rate"]["psnr-rgb"] is not None for row in table["rows"]] == [
+        True,
+        True,
+    ]
+    assert table["notes"] == [
+        "cps: measured on 2 images of Kodak, the anchor on an unknown number of "
+        "images of kodak; the anchor does not say how many images it was measured "
+        "on, so this BD-rate may compare different images"
+    ]
+
+
+def test_an_anchor_known_to_cover_other_images_blanks_the_row(tmp_path):
+    """A top-level count or dataset counts as the file saying so: a different count
+    (whatever the dataset) or a different dataset gives no number."""
+    counted = load_curve(
+        _published(tmp_path / "a.json", "A", BPP, PSNR, dataset="kodak", images=3)
+    )
+    clic = load_curve(_published(tmp_path / "c.json", "C", BPP, PSNR, dataset="CLIC"))
+    write_results(tmp_path / "t.json", "few", BPP, PSNR)
+    few = load_curve(_with_images(tmp_path / "t.json", "Kodak", 2))
+    write_results(tmp_path / "s.json", "same", BPP, PSNR)
+    same = load_curve(_with_images(tmp_path / "s.json", "Kodak", 3))
+    table = bd_rate_table(counted, [few, same], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None}
+    assert table["rows"][1]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
+    assert table["notes"] == [
+        "few: measured on 2 images of Kodak, the anchor on 3 images of kodak; "
+        "evaluate both on the same images"
+    ]
+    table = bd_rate_table(clic, [same], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None}
+    assert table["notes"] == [
+        "same: measured on 3 images of Kodak, the anchor on an unknown number of "
+        "images of CLIC; evaluate both on the same images"
+    ]
+
+
+def test_a_row_whose_count_or_dataset_is_unknown_against_ours_has_a_note(tmp_path):
+    """Our file as the anchor and a published one as the row, or equal counts where a
+    file names no dataset: the number stays, with a note saying what is unknown."""
+    write_results(tmp_path / "a.json", "ours", BPP, PSNR)
+    ours = load_curve(_with_images(tmp_path / "a.json", "Kodak", 3))
+    published = load_curve(
+        _published(tmp_path / "p.json", "P", BPP, PSNR, dataset="kodak")
+    )
+    nameless = load_curve(_published(tmp_path / "n.json", "N", BPP, PSNR, images=3))
+    table = bd_rate_table(ours, [published, nameless], metrics=["psnr-rgb"])
+    assert [row["bd-rate"]["psnr-rgb"] for row in table["rows"]] == [
+        pytest.approx(0, abs=1e-9),
+        pytest.approx(0, abs=1e-9),
+    ]
+    assert table["notes"] == [
+        "P: measured on an unknown number of images of kodak, the anchor on 3 "
+        "images of Kodak; P does not say how many images it was measured on, so "
+        "this BD-rate may compare different images",
+        "N: measured on 3 images, the anchor on 3 images of Kodak; N does not say "
+        "its dataset, so this BD-rate may compare different images",
+    ]

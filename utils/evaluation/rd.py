@@ -47,8 +47,10 @@ class Curve:
     bpp: List[float]
     metrics: Dict[str, List[Optional[float]]]
     path: str = ""
-    # (dataset, image count) of a results file written by test.py, else None.
-    image_set: Optional[Tuple[str, int]] = None
+    # (dataset, image count) the file names (test.py writes both in its meta, a
+    # published anchor its dataset at top level), either None where not given; None
+    # when it names neither.
+    image_set: Optional[Tuple[Optional[str], Optional[int]]] = None
 
     def points(self, metric: str) -> List[tuple]:
         """(bpp, value) pairs of ``metric`` without missing values; MS-SSIM in dB."""
@@ -152,40 +154,102 @@ def _curve(
         bpp=[bpp[i] for i in order],
         metrics={m: [v[i] for i in order] for m, v in metrics.items()},
         path=path,
-        image_set=_image_set(document.get("meta")),
+        image_set=_image_set(document),
     )
 
 
-def _image_set(meta) -> Optional[Tuple[str, int]]:
-    """(dataset, image count) from a results file's ``meta`` (test.py writes both),
-    or None when the file does not say (the published anchors) or gives a count that
-    is not a whole number (``Infinity``, ``NaN``, ``2.5``)."""
-    if not isinstance(meta, dict):
+def _image_set(document: dict) -> Optional[Tuple[Optional[str], Optional[int]]]:
+    """(dataset, image count) from a results file: ``meta`` first (test.py writes
+    both there), else the top level (a published anchor names its ``dataset`` there).
+    A part not given is None, and so is a count that is not a whole number
+    (``Infinity``, ``NaN``, ``2.5``); None when the file names neither."""
+    meta = document.get("meta")
+    places = [meta, document] if isinstance(meta, dict) else [document]
+    dataset = next(
+        (p["dataset"] for p in places if isinstance(p.get("dataset"), str)), None
+    )
+    count = None
+    for place in places:
+        images = place.get("images")
+        if images is not None:
+            if _is_number(images) and _is_finite(images) and images == int(images):
+                count = int(images)
+            break  # a count given but unusable is not replaced by another
+    if dataset is None and count is None:
         return None
-    dataset, images = meta.get("dataset"), meta.get("images")
-    if isinstance(dataset, str) and _is_number(images) and _is_finite(images):
-        if images == int(images):
-            return dataset, int(images)
-    return None
+    return dataset, count
+
+
+def _same_dataset(first: Optional[str], second: Optional[str]) -> Optional[bool]:
+    """Whether two dataset names are the same set, None if either is unknown. Names
+    are compared case-insensitively: ``--dataset Kodak`` names the set from the
+    config, ``--dataset data/kodak`` from its folder."""
+    if first is None or second is None:
+        return None
+    return first.casefold() == second.casefold()
+
+
+def _images(image_set: Optional[Tuple[Optional[str], Optional[int]]]) -> str:
+    """``24 images of Kodak``, ``an unknown number of images of kodak``..."""
+    dataset, count = image_set or (None, None)
+    counted = "an unknown number of images" if count is None else f"{count} images"
+    return counted + (f" of {dataset}" if dataset is not None else "")
 
 
 def other_images(anchor: Curve, test: Curve) -> Optional[str]:
-    """Why ``test`` was measured on other images than ``anchor`` (a BD-rate between
-    them compares different content), or None when they match or a file does not
-    say. ``--max-images`` makes this easy to do by accident. Dataset names are
-    compared case-insensitively: ``--dataset Kodak`` names the set from the config,
-    ``--dataset data/kodak`` from its folder."""
-    if anchor.image_set is None or test.image_set is None:
-        return None
+    """Why ``test`` is known to be measured on other images than ``anchor`` (a
+    BD-rate between them compares different content): both name their dataset and
+    the names differ, or both give an image count and the counts differ. None when
+    nothing says they differ (:func:`unknown_images` says whether that is known).
+    ``--max-images`` makes this easy to do by accident."""
     (test_set, test_count), (anchor_set, anchor_count) = (
-        test.image_set,
-        anchor.image_set,
+        test.image_set or (None, None),
+        anchor.image_set or (None, None),
     )
-    if test_set.casefold() == anchor_set.casefold() and test_count == anchor_count:
+    counts_differ = (
+        None not in (test_count, anchor_count) and test_count != anchor_count
+    )
+    if _same_dataset(test_set, anchor_set) is False or counts_differ:
+        return (
+            f"{test.name}: measured on {_images(test.image_set)}, the anchor on "
+            f"{_images(anchor.image_set)}; evaluate both on the same images"
+        )
+    return None
+
+
+def unknown_images(anchor: Curve, test: Curve) -> Optional[str]:
+    """Why a BD-rate of ``test`` against ``anchor`` may compare different images
+    although nothing says it does: one file gives its image count and the other does
+    not (a published anchor names no count, a subset of ``--max-images`` images
+    would not be seen), or the counts match but a file does not name its dataset.
+    The row keeps its numbers and carries this note. None when both files say the
+    same images, or neither says anything of its count."""
+    (test_set, test_count), (anchor_set, anchor_count) = (
+        test.image_set or (None, None),
+        anchor.image_set or (None, None),
+    )
+    if test_count is None and anchor_count is None:
         return None
+    if test_count is None or anchor_count is None:
+        silent = "the anchor" if anchor_count is None else test.name
+        missing = f"{silent} does not say how many images it was measured on"
+    elif _same_dataset(test_set, anchor_set) is None:
+        silent = [
+            who
+            for who, dataset in (("the anchor", anchor_set), (test.name, test_set))
+            if dataset is None
+        ]
+        missing = (
+            "neither file says its dataset"
+            if len(silent) == 2
+            else f"{silent[0]} does not say its dataset"
+        )
+    else:
+        return None  # the same images: other_images found no difference
     return (
-        f"{test.name}: measured on {test_count} images of {test_set}, the anchor on "
-        f"{anchor_count} of {anchor_set}; evaluate both on the same images"
+        f"{test.name}: measured on {_images(test.image_set)}, the anchor on "
+        f"{_images(anchor.image_set)}; {missing}, so this BD-rate may compare "
+        "different images"
     )
 
 
@@ -314,9 +378,12 @@ def bd_rate_table(
     """BD-rates of every test curve against ``anchor`` for each metric both have.
 
     A cell is ``None`` where the metric is missing, the ranges do not overlap, a
-    curve has too few points or was measured on other images than the anchor;
-    ``notes`` says why, once for each ``None`` cell, or once for a curve whose every
-    cell is ``None`` (every cell of its row, or of the table for the anchor).
+    curve has too few points or is known to be measured on other images than the
+    anchor (:func:`other_images`); ``notes`` says why, once for each ``None`` cell, or
+    once for a curve whose every cell is ``None`` (every cell of its row, or of the
+    table for the anchor). A row whose images cannot be compared with the anchor's
+    (:func:`unknown_images`: one file gives its image count, the other does not)
+    keeps its numbers and has a note saying so.
 
     Raises:
         ValueError: the anchor has none of ``metrics``, so the table would have no
@@ -341,6 +408,9 @@ def bd_rate_table(
         if problem:
             notes.append(problem)
         elif not anchor_problem:
+            caution = unknown_images(anchor, test)
+            if caution:
+                notes.append(caution)
             for metric in usable:
                 cells[metric] = _bd_rate_cell(anchor, test, metric, method, notes)
         rows.append(
