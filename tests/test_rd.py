@@ -655,9 +655,9 @@ def _published(path, name, bpp, psnr, **top):
     return str(path)
 
 
-def test_a_published_anchors_top_level_dataset_is_read(tmp_path):
-    """hm.json names its dataset at top level only; meta (test.py's) wins over it."""
-    assert load_curve(os.path.join(ANCHORS, "hm.json")).image_set == ("kodak", None)
+def test_a_published_anchors_top_level_image_set_is_read(tmp_path):
+    """hm.json names its image set at top level only; meta (test.py's) wins over it."""
+    assert load_curve(os.path.join(ANCHORS, "hm.json")).image_set == ("kodak", 24)
     both = _published(tmp_path / "b.json", "B", BPP, PSNR, dataset="x", images=9)
     assert load_curve(_with_images(tmp_path / "b.json", "Kodak", 2)).image_set == (
         "Kodak",
@@ -666,10 +666,18 @@ def test_a_published_anchors_top_level_dataset_is_read(tmp_path):
     assert load_curve(both).image_set == ("Kodak", 2)
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(ANCHORS)))
+def test_every_shipped_anchor_names_its_dataset_and_image_count(name):
+    """Without both, a BD-rate of a --max-images subset against it cannot be
+    refused."""
+    image_set = load_curve(os.path.join(ANCHORS, name)).image_set
+    assert image_set is not None and None not in image_set
+
+
 def test_a_subset_against_a_published_anchor_is_never_a_silent_number(capsys, tmp_path):
-    """The walkthrough's case: `test.py checkpoint --max-images 2` against hm.json,
-    which says kodak but no count. The number stays, with a note naming both sides;
-    two published anchors (no count on either side) still compare without one."""
+    """The walkthrough's case: `test.py checkpoint --max-images 2` against hm.json
+    gave a number and no note. Its row is now empty, with a note naming both sides,
+    while two published anchors compare as before."""
     hm = os.path.join(ANCHORS, "hm.json")
     with open(os.path.join(ANCHORS, "vtm.json")) as handle:
         vtm = json.load(handle)
@@ -687,13 +695,12 @@ def test_a_subset_against_a_published_anchor_is_never_a_silent_number(capsys, tm
     assert test_script.main(argv + ["--metrics", "psnr-rgb"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert [row["bd-rate"]["psnr-rgb"] is not None for row in table["rows"]] == [
-        True,
+        False,
         True,
     ]
     assert table["notes"] == [
-        "cps: measured on 2 images of Kodak, the anchor on an unknown number of "
-        "images of kodak; the anchor does not say how many images it was measured "
-        "on, so this BD-rate may compare different images"
+        "cps: measured on 2 images of Kodak, the anchor on 24 images of kodak; "
+        "evaluate both on the same images"
     ]
 
 
