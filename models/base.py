@@ -82,6 +82,7 @@ class CodingPlan:
     layers: int = 0
 
     def __post_init__(self):
+        self._check_types()
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.budget_bytes is not None and self.budget_bytes < 1:
@@ -94,6 +95,32 @@ class CodingPlan:
             )
         if self.layers < 0:
             raise ValueError(f"layers must be >= 0 (0: all), got {self.layers}")
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong type, which would otherwise fail deep in a
+        codec (``patch=256``) or be taken for another (``grayscale="no"`` is true)."""
+        if not isinstance(self.patch, PatchSpec):
+            raise TypeError(
+                f"patch must be a PatchSpec (PatchSpec(256), PatchSpec(0) for the "
+                f"whole image, PatchSpec() for auto), got {self.patch!r}"
+            )
+        for name in ("exact", "grayscale"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
+        for name in ("batch_size", "layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        budget = self.budget_bytes
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int)
+        ):
+            raise TypeError(
+                f"budget_bytes must be an int or None (utils.memory.parse_memory "
+                f"reads '2GB'), got {budget!r}"
+            )
 
     def with_(self, **changes) -> "CodingPlan":
         """A copy with ``changes`` applied (and checked)."""
@@ -242,12 +269,21 @@ def check_decoded(
     return image
 
 
-def check_image(image: Tensor) -> None:
-    """Refuse anything but a uint8 RGB tensor (3, H, W) of a size the container holds
-    (an encoder calls this first, before any work)."""
+def check_image(image: Tensor, grayscale: bool = False) -> None:
+    """Refuse anything but a uint8 RGB tensor (3, H, W) of a size the container holds,
+    and a colour image coded as ``grayscale`` (a plan's flag), whose decoder would
+    write the mean of its channels (an encoder calls this first, before any work)."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(
             f"expected a uint8 RGB tensor (3, H, W), got {image.dtype} "
             f"{tuple(image.shape)}"
         )
     check_size(*image.shape[1:])
+    if grayscale and not (
+        torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    ):
+        raise ValueError(
+            "plan.grayscale is set but the image's channels differ: a grayscale "
+            "image comes as one plane repeated three times (utils.image_io.read_image "
+            "gives it so), or leave grayscale False"
+        )

@@ -70,7 +70,7 @@ class ZooCodec(LearnedCodec):
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
         """The rANS strings of ``compress`` on the zero-padded image; the plan's
         ``grayscale`` and budget apply, its patching does not (whole image)."""
-        check_image(image)
+        check_image(image, plan.grayscale)
         self.apply_masks()
         height, width = image.shape[1:]
         check_whole_image_fits(

@@ -193,6 +193,9 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
         load_config(write(tmp_path, "train_data:\n  a: b: c\n"))
     with pytest.raises(ValueError, match="expected a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+    # It said "config file not found: /dev/null".
+    with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+        load_config("/dev/null")
 
 
 def test_plain_dict_round_trip_keeps_every_value(tmp_path):

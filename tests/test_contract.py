@@ -411,6 +411,14 @@ def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     for bad in (image.float(), image[:1], image[None]):
         with pytest.raises(ValueError, match="expected a uint8 RGB tensor"):
             model.encode(bad, plan)
+    # A colour image marked grayscale would decode to the mean of its channels.
+    with pytest.raises(ValueError, match="plan.grayscale is set but the image's"):
+        model.encode(image, plan.with_(grayscale=True))
+    gray = image[:1].expand(3, -1, -1)
+    assert model.decode(model.encode(gray, plan.with_(grayscale=True)), plan).shape == (
+        1,
+        *image.shape[1:],
+    )
     payload = model.encode(image, plan)
     foreign = small_model("mbt2018" if name == "cps" else "cps").encode(image, plan)
     forged = [
@@ -454,6 +462,23 @@ def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     with pytest.raises(ValueError, match="memory budget 1 MB is too small"):
         model.decode(unpack(pack(payload)), plan.with_(budget_bytes=2**20))
     assert model.decode(unpack(pack(payload)), plan).shape == image.shape
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"patch": 256}, "patch must be a PatchSpec"),
+        ({"grayscale": "no"}, "grayscale must be True or False"),
+        ({"exact": 1}, "exact must be True or False"),
+        ({"batch_size": 2.0}, "batch_size must be an int"),
+        ({"layers": True}, "layers must be an int"),
+        ({"budget_bytes": "2GB"}, "budget_bytes must be an int or None"),
+    ],
+)
+def test_a_coding_plan_of_the_wrong_types_is_refused_where_it_is_made(changes, message):
+    """``patch=256`` failed deep in the planner, and ``grayscale="no"`` was true."""
+    with pytest.raises(TypeError, match=message):
+        CodingPlan(**changes)
 
 
 def test_cps_refuses_compressais_compress_with_a_pointer_to_the_contract(tiny_cps):

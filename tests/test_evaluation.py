@@ -30,10 +30,11 @@ from utils.evaluation.runs import (
     aggregate,
     environment_variable,
     evaluate,
+    list_images,
     resolve_dataset,
     to_json,
 )
-from utils.image_io import read_image, write_png
+from utils.image_io import image_size, read_image, write_png
 from utils.memory import memory_in_use
 from utils.stitching.spec import PatchSpec
 
@@ -829,6 +830,20 @@ def test_an_unreadable_image_in_the_dataset_is_refused_before_any_is_coded(
         f"test.py: error: cannot read image {folder / 'b.png'}: "
     )
     assert not (tmp_path / "out" / "reconstructions").exists()
+
+
+def test_a_folder_named_like_an_image_is_left_out_and_a_dead_link_is_named(tmp_path):
+    """``x.png/`` was listed and refused as "image not found"."""
+    folder = tmp_path / "set"
+    write_png(str(folder / "a.png"), smooth_image(40, 48, 0))
+    (folder / "x.png").mkdir()
+    assert list_images(str(folder)) == [str(folder / "a.png")]
+    (folder / "b.png").symlink_to(tmp_path / "gone.png")
+    assert list_images(str(folder)) == [str(folder / "a.png"), str(folder / "b.png")]
+    with pytest.raises(ValueError, match="b.png is a link to nothing"):
+        image_size(str(folder / "b.png"))
+    with pytest.raises(ValueError, match="x.png is a folder, not an image"):
+        read_image(str(folder / "x.png"))
 
 
 def test_a_run_that_fails_midway_removes_the_reconstructions_it_wrote(capsys, tmp_path):

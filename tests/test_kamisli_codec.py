@@ -179,11 +179,15 @@ def test_cps_files_round_trip_and_their_size_is_the_rate():
     )["x_hat"]
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 30)
     assert torch.equal(decoded, expected[0].mul(255).round().to(torch.uint8))
-    gray = model.decode(
-        unpack(pack(model.encode(pixels, CodingPlan(grayscale=True)))), CodingPlan()
+    one_plane = pixels[:1].expand(
+        3, -1, -1
+    )  # a grayscale image, as read_image gives it
+    gray, colour = (
+        model.decode(unpack(pack(model.encode(one_plane, plan))), CodingPlan())
+        for plan in (CodingPlan(grayscale=True), CodingPlan())
     )
     assert gray.shape == (1, 21, 30)
-    assert torch.equal(gray[0], decoded.float().mean(0).round().to(torch.uint8))
+    assert torch.equal(gray[0], colour.float().mean(0).round().to(torch.uint8))
     with pytest.raises(BitstreamError, match="another checkpoint"):
         coding_model(KERNELS["KS3311"], seed=16).decode(unpack(data), CodingPlan())
     with pytest.raises(BitstreamError, match="hyperprior string"):

@@ -213,13 +213,25 @@ def pil_reads_right(image: Image.Image, header: bytes) -> bool:
         return False
 
 
+def _check_is_file(path: str) -> None:
+    """Refuse a ``path`` that is not a file, saying what it is instead."""
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an image")
+    if os.path.islink(path):
+        raise ValueError(f"image not found: {path} is a link to nothing")
+    if os.path.exists(path):
+        raise ValueError(f"{path} is not a regular file (a device or a pipe)")
+    raise ValueError(f"image not found: {path}")
+
+
 def image_size(path: str) -> Tuple[int, int]:
     """(width, height) from the file's header, without decoding the pixels; a file
     that is not an image, or one whose header already says :func:`read_image` will
     refuse it (see :func:`_check_header`), is a ``ValueError`` here, so that callers
     can check every input before coding the first."""
-    if not os.path.isfile(path):
-        raise ValueError(f"image not found: {path}")
+    _check_is_file(path)
 
     def header(name: str) -> Tuple[int, int]:
         with Image.open(name) as image:
@@ -378,8 +390,7 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     Also returns what was converted. Raises ``ValueError`` naming the file for one
     that cannot be read exactly (see the module doc).
     """
-    if not os.path.isfile(path):
-        raise ValueError(f"image not found: {path}")
+    _check_is_file(path)
     try:
         array, info, turn = _beyond_pil_limit(_decode, path)
     except (OSError, SyntaxError, ValueError) as exc:

@@ -96,6 +96,10 @@ def load_yaml_file(
     if os.path.isdir(path):
         raise ValueError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # /dev/null, a pipe: its size says nothing
+            raise ValueError(
+                f"{what} {path} is not a regular file (a device or a pipe)"
+            )
         raise ValueError(f"{what} not found: {path}")
     size = os.path.getsize(path)
     if size > max_bytes:

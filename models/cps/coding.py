@@ -79,7 +79,7 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage
         ValueError: bad input, a patch size off the POPS grid, or a budget too small
             for this image.
     """
-    check_image(image)
+    check_image(image, plan.grayscale)
     device = model_device(model)
     planner = Planner(model, device, plan.budget_bytes, plan.exact)
     geometry = planner.geometry

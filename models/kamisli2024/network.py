@@ -376,7 +376,7 @@ class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
         ``order`` and ``grayscale`` apply: the blocks are coded one by one, so there
         are no patches to plan.
         """
-        check_image(image)
+        check_image(image, plan.grayscale)
         height, width = image.shape[1:]
         check_whole_image_fits(
             self, model_device(self), plan.budget_bytes, height, width

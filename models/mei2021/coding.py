@@ -68,6 +68,7 @@ def _padded_size(model: nn.Module, height: int, width: int):
 def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     """Code a uint8 (3, H, W) image into one stream per layer of ``model``, keeping
     the first ``plan.layers`` of them (all for 0)."""
+    check_image(image, plan.grayscale)
     if plan.layers > model.num_layers:
         raise ValueError(
             f"cannot keep {plan.layers} layers: {model.registry_name} has "

@@ -120,11 +120,12 @@ def resolve_dataset(spec: str, config_path: str = DATASETS_CONFIG) -> Dataset:
 
 
 def list_images(folder: str) -> List[str]:
-    """Image files directly inside ``folder``, sorted by name."""
+    """Image files directly inside ``folder``, sorted by name; sub-folders are left
+    out, even one named like an image (a link to nothing stays, and is refused)."""
     paths = sorted(
         os.path.join(folder, entry)
         for entry in os.listdir(folder)
-        if is_image_file(entry)
+        if is_image_file(entry) and not os.path.isdir(os.path.join(folder, entry))
     )
     if not paths:
         raise ValueError(f"no images (files in a format Pillow reads) in {folder}")
