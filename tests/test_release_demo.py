@@ -424,3 +424,195 @@ def test_release_command_without_runs_ignores_curves_and_refuses_a_file_folder(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file" in err[0], err
     assert blocker.read_text() == "x"
+
+
+@pytest.fixture
+def run(tmp_path, tiny_cps):
+    """A training run folder: a checkpoint with a config, and logged scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save(
+        {"architecture": "cps", "state_dict": tiny_cps.state_dict(), "config": {}},
+        folder / "checkpoint.pth.tar",
+    )
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_scalar("train/loss", 1.0, 0)
+    return folder
+
+
+def _release_error(capsys) -> str:
+    """The one line a refused release prints, checked to be all it prints."""
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("release: error: "), err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return err[0]
+
+
+def _files(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_release_refuses_a_runs_folder_without_scalars_before_writing(
+    tmp_path, run, capsys
+):
+    """An empty --runs folder was found only after model.pth and training.json (with
+    a training time of 0 h) were written."""
+    from utils.training.release import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "shipped" / "tiny"
+    argv = [str(run / "checkpoint.pth.tar"), str(out), "--runs", str(empty)]
+    assert main(argv) == 1
+    assert (
+        _release_error(capsys) == f"release: error: no TensorBoard scalars in {empty}"
+    )
+    assert not (tmp_path / "shipped").exists()
+    # A continued run's folder that holds nothing is refused as well.
+    assert main(argv[:3] + [str(run), str(empty)]) == 1
+    assert str(empty) in _release_error(capsys)
+    # Into an earlier release with --force: its files stay as they were.
+    assert main(argv[:3] + [str(run)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(argv + ["--force"]) == 1
+    assert str(empty) in _release_error(capsys)
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize(
+    "config, entry",
+    [
+        ("lambda 0.01", "'config' must be a dict, got str"),
+        ({"train_data": 16}, "'config.train_data' must be a dict, got int"),
+    ],
+)
+def test_release_refuses_a_stored_config_of_the_wrong_shape_before_writing(
+    tmp_path, tiny_cps, capsys, config, entry
+):
+    from utils.training.release import main
+
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    torch.save(
+        {"architecture": "cps", "state_dict": tiny_cps.state_dict(), "config": config},
+        checkpoint,
+    )
+    out = tmp_path / "shipped" / "tiny"
+    assert main([str(checkpoint), str(out)]) == 1
+    assert _release_error(capsys) == f"release: error: checkpoint {checkpoint}: {entry}"
+    assert not (tmp_path / "shipped").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "must hold a JSON object, got list"),
+        ("{not json", "is not valid JSON: "),
+        (None, "cannot read --info"),
+    ],
+)
+def test_release_refuses_an_info_file_that_is_no_json_object_naming_it(
+    tmp_path, run, capsys, text, message
+):
+    from utils.training.release import main
+
+    info = tmp_path / "info.json"
+    if text is not None:
+        info.write_text(text)
+    out = tmp_path / "shipped" / "tiny"
+    argv = [str(run / "checkpoint.pth.tar"), str(out), "--info", str(info)]
+    assert main(argv) == 1
+    error = _release_error(capsys)
+    assert str(info) in error and message in error, error
+    assert not (tmp_path / "shipped").exists()
+
+
+def test_a_release_that_fails_while_writing_leaves_the_previous_one(
+    tmp_path, run, capsys, monkeypatch
+):
+    """A full disk while writing the last file: no file of the earlier release was
+    replaced, no temporary is left, and a new folder is removed again."""
+    from utils import atomic
+    from utils.training.release import main
+
+    out = tmp_path / "shipped" / "tiny"
+    argv = [str(run / "checkpoint.pth.tar"), str(out), "--runs", str(run)]
+    assert main(argv) == 0
+    before = _files(out)
+    capsys.readouterr()
+    calls = []
+    real_fsync = atomic.os.fsync
+
+    def full_on_the_third_file(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", full_on_the_third_file)
+    assert main(argv + ["--force"]) == 1
+    assert "No space left on device" in _release_error(capsys)
+    assert _files(out) == before
+    calls.clear()
+    fresh = tmp_path / "fresh" / "tiny"
+    assert main([argv[0], str(fresh), "--runs", str(run)]) == 1
+    assert "No space left on device" in _release_error(capsys)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_release_solves_the_quantiles_of_a_runs_last_state_and_says_so(
+    tmp_path, tiny_cps, capsys
+):
+    """A last state's quantiles follow the auxiliary loss and loading it warns; its
+    release loaded without a warning but coded like it. The release now solves them,
+    silently for the loader, and training.json records that it did."""
+    import warnings
+
+    from utils.training.release import main
+
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    state = {"architecture": "cps", "state_dict": tiny_cps.state_dict()}
+    torch.save({**state, "quantiles_solved": False}, checkpoint)
+    with pytest.warns(UserWarning, match="training run's last state"):
+        models.load_checkpoint(str(checkpoint))
+    unsolved = float(tiny_cps.aux_loss().detach())
+    out = tmp_path / "last"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([str(checkpoint), str(out)]) == 0
+        released = models.load_checkpoint(str(out / "model.pth"))
+    assert "solved the entropy-bottleneck quantiles" in capsys.readouterr().out
+    assert json.loads((out / "training.json").read_text())[
+        "quantiles_solved_at_release"
+    ]
+    assert float(released.aux_loss().detach()) < min(0.1, unsolved / 10)
+
+    # A best checkpoint's quantiles were solved in training: kept (in float16).
+    torch.save({**state, "quantiles_solved": True}, checkpoint)
+    assert main([str(checkpoint), str(tmp_path / "best")]) == 0
+    info = json.loads((tmp_path / "best" / "training.json").read_text())
+    assert info["quantiles_solved_at_release"] is False
+    kept = models.load_checkpoint(str(tmp_path / "best" / "model.pth"))
+    assert torch.equal(
+        kept.entropy_bottleneck.quantiles,
+        tiny_cps.entropy_bottleneck.quantiles.half().float(),
+    )
+
+
+def test_release_prints_warnings_as_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from utils.training.release import main
+
+    # Python's format (an earlier test's main may have set the one-line one already);
+    # restored after.
+    monkeypatch.setattr(warnings, "formatwarning", lambda *args: "file:3: echoed\n")
+    assert main([str(tmp_path / "missing.pth"), str(tmp_path / "out")]) == 1
+    assert "missing.pth" in _release_error(capsys)
+    assert (
+        warnings.formatwarning("slow", RuntimeWarning, "release.py", 3)
+        == "warning: slow\n"
+    )

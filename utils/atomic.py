@@ -16,6 +16,7 @@ import tempfile
 
 __all__ = [
     "atomic_write_bytes",
+    "atomic_write_files",
     "atomic_torch_save",
     "strict_json",
     "atomic_write_json",
@@ -34,9 +35,51 @@ def atomic_write_bytes(path, data):
         TypeError: ``data`` is not bytes-like (a ``str`` would be ambiguous).
         FileNotFoundError: the destination directory does not exist.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"atomic_write_bytes expects bytes, got {type(data).__name__}")
-    path = os.fspath(path)
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files):
+    """Write several files (``{path: bytes}``) so that either all of them are replaced
+    or none is: each is first written in full to a temporary file in its folder, and
+    only once every one is on disk are they renamed into place. A failure while
+    writing (a full disk, an interrupt) removes the temporaries and leaves every
+    earlier file as it was; a rename within one folder does not fail short of the
+    folder itself going away. A device or a pipe that exists (``/dev/null``, a FIFO)
+    is written in place at the end: renaming over it would replace the node itself.
+
+    Raises:
+        TypeError: some data is not bytes-like (a ``str`` would be ambiguous).
+        FileNotFoundError: a destination directory does not exist.
+        IsADirectoryError: a destination is a folder.
+    """
+    paths = {}
+    for path, data in files.items():
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{path}: expected bytes, got {type(data).__name__}")
+        path = os.fspath(path)
+        _check_destination(path)
+        paths[path] = data
+    temporaries = {}
+    try:
+        for path, data in paths.items():
+            if _is_regular_or_absent(path):
+                temporaries[path] = _temporary_copy(path, data)
+        for path, data in paths.items():
+            if path in temporaries:
+                os.replace(temporaries.pop(path), path)
+            else:
+                with open(path, "wb") as stream:
+                    stream.write(data)
+    except BaseException:
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
+def _check_destination(path: str) -> None:
+    """Refuse ``path`` before anything is written: its folder must exist and it must
+    not be a folder itself."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(
@@ -44,15 +87,20 @@ def atomic_write_bytes(path, data):
         )
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path!r}: it is a folder")
-    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        # A device or a pipe (/dev/null, a FIFO): renaming over it would replace
-        # the node itself with a file, so it is written in place; atomicity means
-        # nothing there.
-        with open(path, "wb") as stream:
-            stream.write(data)
-        return
+
+
+def _is_regular_or_absent(path: str) -> bool:
+    return not os.path.exists(path) or stat.S_ISREG(os.stat(path).st_mode)
+
+
+def _temporary_copy(path: str, data) -> str:
+    """A temporary file beside ``path`` (same file system, so the final rename is
+    atomic) holding ``data``, flushed to disk, with the permissions a plain ``open``
+    would give; removed again if writing it fails."""
     fd, tmp = tempfile.mkstemp(
-        prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory
+        prefix=".tmp-",
+        suffix="-" + os.path.basename(path),
+        dir=os.path.dirname(os.path.abspath(path)),
     )
     try:
         with os.fdopen(fd, "wb") as f:
@@ -63,11 +111,10 @@ def atomic_write_bytes(path, data):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.remove(tmp)
         raise
+    return tmp
 
 
 def atomic_torch_save(obj, path):

@@ -10,7 +10,7 @@ import os
 
 from utils.atomic import atomic_write_bytes
 
-__all__ = ["style_axis", "save_figure"]
+__all__ = ["style_axis", "render_figure", "save_figure"]
 
 
 def style_axis(axis, xlabel: str, ylabel: str, legend: bool = True) -> None:
@@ -20,6 +20,25 @@ def style_axis(axis, xlabel: str, ylabel: str, legend: bool = True) -> None:
     axis.grid(True, alpha=0.3)
     if legend:
         axis.legend(fontsize="small")
+
+
+def render_figure(
+    figure, title: str = "", dpi: int = 150, file_format: str = "png"
+) -> bytes:
+    """Title and lay out ``figure``, then return it rendered in ``file_format`` and
+    release it: for a caller that writes the picture together with other files."""
+    import matplotlib.pyplot as plt
+
+    try:
+        if title:
+            figure.suptitle(title)
+        figure.tight_layout()
+        rendered = io.BytesIO()
+        # A tight box keeps a legend placed outside the panels in the picture.
+        figure.savefig(rendered, format=file_format, dpi=dpi, bbox_inches="tight")
+        return rendered.getvalue()
+    finally:
+        plt.close(figure)
 
 
 def save_figure(figure, output: str, title: str = "", dpi: int = 150) -> None:
@@ -35,22 +54,10 @@ def save_figure(figure, output: str, title: str = "", dpi: int = 150) -> None:
     import matplotlib.pyplot as plt
 
     directory = os.path.dirname(os.path.abspath(output))
-    try:
-        if not os.path.isdir(directory):
-            raise ValueError(
-                f"cannot write {output}: folder {directory} does not exist"
-            )
-        if title:
-            figure.suptitle(title)
-        figure.tight_layout()
-        rendered = io.BytesIO()
-        # A tight box keeps a legend placed outside the panels in the picture.
-        figure.savefig(
-            rendered,
-            format=os.path.splitext(output)[1].lstrip(".") or "png",
-            dpi=dpi,
-            bbox_inches="tight",
-        )
-        atomic_write_bytes(output, rendered.getbuffer())
-    finally:
+    if not os.path.isdir(directory):
         plt.close(figure)
+        raise ValueError(f"cannot write {output}: folder {directory} does not exist")
+    rendered = render_figure(
+        figure, title, dpi, os.path.splitext(output)[1].lstrip(".") or "png"
+    )
+    atomic_write_bytes(output, rendered)

@@ -12,26 +12,35 @@ model the file really holds), and a ``training.json`` saying how the model was m
 
 An output that exists already (``model.pth``, ``training.json``, and with ``--runs``
 ``training_curves.png``) is refused, before anything is written, unless ``--force``
-is given: a shipped model is never replaced by accident.
+is given: a shipped model is never replaced by accident. Every other check comes
+first too (the checkpoint and its stored config, the ``--info`` file, scalars in
+each ``--runs`` folder): the release is made in memory, and its files are written
+together (:func:`utils.atomic.atomic_write_files`), so a refused or failed release
+leaves no half-made folder, and with ``--force`` the previous files stay as they were.
 """
 
 import argparse
 import datetime
+import io
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import UnsolvedQuantilesWarning, load_checkpoint
 from models.checkpoint_file import read_checkpoint_file
-from utils.atomic import atomic_torch_save, atomic_write_json
+from utils.atomic import atomic_write_bytes, atomic_write_files, strict_json
 from utils.cli import (
+    REPORTED_ERRORS,
     add_force_argument,
     check_output_folder,
     output_folder,
     refuse_existing_outputs,
+    report_error,
+    show_warnings_as_one_line,
 )
 from utils.device import cpu_model_name
 
@@ -47,18 +56,32 @@ CURVE_PANELS = (
 )
 
 
-def half_precision_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def _round_parameters(model: torch.nn.Module) -> None:
+    """Round ``model``'s float parameters to float16 values, in place (kept float32)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.copy_(parameter.half().float())
+
+
+def half_precision_state_dict(
+    model: torch.nn.Module, solve_quantiles: bool = False
+) -> Dict[str, torch.Tensor]:
     """Round ``model``'s float parameters to float16 in place and return its state dict
     with those parameters stored as float16; buffers keep their dtype.
 
     The entropy tables are recomputed after the rounding, so the file's tables are
-    exactly those of the float16 model that a user will load.
+    exactly those of the float16 model that a user will load. ``solve_quantiles``
+    first solves the entropy bottlenecks' quantiles for the rounded network by
+    CompressAI's bisection (``update(update_quantiles=True)``, what
+    :func:`utils.training.step.coding_state_dict` does for a run's best checkpoint),
+    and rounds them to float16 like every parameter before the tables are made.
     """
     parameter_names = {name for name, _ in model.named_parameters()}
     with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.is_floating_point():
-                parameter.copy_(parameter.half().float())
+        _round_parameters(model)
+        if solve_quantiles:
+            model.update(force=True, update_quantiles=True)
+            _round_parameters(model)
         model.update(force=True)
     state = {}
     for name, value in model.state_dict().items():
@@ -68,12 +91,28 @@ def half_precision_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]
     return state
 
 
-def _checkpoint_summary(path: str) -> dict:
-    """What a training checkpoint says about its run (plain values only)."""
-    checkpoint = read_checkpoint_file(path)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+def _mapping_entry(path: str, parent: Mapping, key: str, what: str) -> Mapping:
+    """``parent[key]`` if it is a dict (an empty one if absent), else ``ValueError``
+    naming the checkpoint ``path`` and the entry ``what``."""
+    value = parent.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"checkpoint {path}: {what} must be a dict, got {type(value).__name__}"
+        )
+    return value
+
+
+def _checkpoint_summary(checkpoint: Mapping, path: str) -> dict:
+    """What a training checkpoint says about its run (plain values only); a file
+    without a training ``config`` (published weights) says nothing.
+
+    Raises:
+        ValueError: the stored ``config`` or its ``train_data`` is not a dict.
+    """
+    if "config" not in checkpoint:
         return {}
-    config = checkpoint["config"]
+    config = _mapping_entry(path, checkpoint, "config", "'config'")
+    train_data = _mapping_entry(path, config, "train_data", "'config.train_data'")
     return {
         "global_step": checkpoint.get("global_step"),
         "epoch": checkpoint.get("epoch"),
@@ -82,23 +121,43 @@ def _checkpoint_summary(path: str) -> dict:
         "validation_loss": checkpoint.get("loss"),
         "train_params": config.get("train_params"),
         "lr_schedule": config.get("lr_schedule"),
-        "batch_size": config.get("train_data", {}).get("batch_size"),
+        "batch_size": train_data.get("batch_size"),
         "versions": checkpoint.get("versions"),
     }
 
 
-def export_weights(
-    checkpoint_path: str, output_dir: str, extra_info: Optional[dict] = None
-) -> str:
-    """Write ``output_dir/model.pth`` and ``output_dir/training.json``.
+def build_release(
+    checkpoint_path: str, extra_info: Optional[dict] = None
+) -> Tuple[Dict[str, bytes], dict]:
+    """The contents of ``model.pth`` and ``training.json`` for ``checkpoint_path``
+    (``{file name: bytes}``), made in memory so that every check comes before any
+    file is written, and the run description that ``training.json`` holds.
 
-    Returns the weights path.
+    A training run's last state (``quantiles_solved`` False: its quantiles follow the
+    auxiliary loss) has its quantiles solved here and ``training.json`` records
+    ``quantiles_solved_at_release``. Solving is chosen over carrying the flag into
+    ``model.pth`` (where loading would warn): a released model is coded by users who
+    cannot retrain it, and solved quantiles give its weights the bitstream they can
+    reach, as the run's best checkpoint would have; the tables are made for the
+    solved float16 quantiles the file stores, so encoder and decoder still agree, and
+    what differs from the checkpoint is written down rather than lost. The loader's
+    warning about those quantiles is silenced for that reason only.
+
+    Raises:
+        ValueError: the checkpoint cannot be read or built, its stored config is not
+            of the expected shape, or its run description cannot be written as JSON.
     """
-    model = load_checkpoint(checkpoint_path, torch.device("cpu"))
-    state = half_precision_state_dict(model)
-    os.makedirs(output_dir, exist_ok=True)
-    weights = os.path.join(output_dir, WEIGHTS_NAME)
-    atomic_torch_save(
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsolvedQuantilesWarning)  # solved below
+        model = load_checkpoint(checkpoint_path, torch.device("cpu"))
+    checkpoint = read_checkpoint_file(checkpoint_path)  # a dict: the model loaded
+    summary = _checkpoint_summary(checkpoint, checkpoint_path)
+    solve = checkpoint.get("quantiles_solved") is False and any(
+        name.endswith(".quantiles") for name, _ in model.named_parameters()
+    )
+    state = half_precision_state_dict(model, solve_quantiles=solve)
+    weights = io.BytesIO()
+    torch.save(
         {
             "architecture": model.registry_name,
             "model_config": dict(model.config),
@@ -118,13 +177,37 @@ def export_weights(
             "and entropy tables"
         ),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "file_bytes": os.path.getsize(weights),
+        "file_bytes": weights.getbuffer().nbytes,
         "hardware": f"{cpu_model_name()}, {os.cpu_count()} CPU cores",
-        **_checkpoint_summary(checkpoint_path),
+        "quantiles_solved_at_release": solve,
+        **summary,
         **(extra_info or {}),
     }
-    atomic_write_json(os.path.join(output_dir, INFO_NAME), info, sort_keys=True)
-    return weights
+    try:
+        text = strict_json(info, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"checkpoint {checkpoint_path}: its run description cannot be written "
+            f"as JSON ({exc})"
+        ) from None
+    files = {WEIGHTS_NAME: weights.getvalue(), INFO_NAME: (text + "\n").encode()}
+    return files, info
+
+
+def export_weights(
+    checkpoint_path: str, output_dir: str, extra_info: Optional[dict] = None
+) -> str:
+    """Write ``output_dir/model.pth`` and ``output_dir/training.json`` together
+    (:func:`build_release`).
+
+    Returns the weights path.
+    """
+    files, _ = build_release(checkpoint_path, extra_info)
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_files(
+        {os.path.join(output_dir, name): data for name, data in files.items()}
+    )
+    return os.path.join(output_dir, WEIGHTS_NAME)
 
 
 def read_scalars(run_dirs: Sequence[str]) -> Dict[str, List[tuple]]:
@@ -135,6 +218,10 @@ def read_scalars(run_dirs: Sequence[str]) -> Dict[str, List[tuple]]:
     repeats the steps since its last checkpoint). Each further folder is a run that
     started from the previous one's weights (``--init-from``) and counts its steps
     from 0 again, so its steps are shifted to follow the previous folder's last step.
+
+    Raises:
+        ValueError: a folder is missing or holds no scalars (a wrong path would
+            otherwise draw nothing and count no training time).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -145,8 +232,11 @@ def read_scalars(run_dirs: Sequence[str]) -> Dict[str, List[tuple]]:
             raise ValueError(f"no TensorBoard folder {run_dir}")
         accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
         accumulator.Reload()
+        tags = accumulator.Tags()["scalars"]
+        if not tags:
+            raise ValueError(f"no TensorBoard scalars in {run_dir}")
         last = offset
-        for tag in accumulator.Tags()["scalars"]:
+        for tag in tags:
             for event in accumulator.Scalars(tag):
                 merged.setdefault(tag, {})[offset + event.step] = event.value
                 last = max(last, offset + event.step)
@@ -173,25 +263,35 @@ def training_wall_time(run_dirs: Sequence[str]) -> float:
     return total
 
 
-def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List[str]:
-    """Draw the run's loss, bpp, PSNR and aux-loss curves into ``output`` (PNG).
+def curve_panels(
+    scalars: Mapping[str, list], run_dirs: Sequence[str]
+) -> List[Tuple[str, List[str]]]:
+    """The panels of :data:`CURVE_PANELS` that ``scalars`` (from ``run_dirs``) can
+    draw, each with its logged tags.
 
-    Returns the panels drawn; raises ``ValueError`` when the runs logged none of them.
+    Raises:
+        ValueError: the runs logged none of them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils.figures import save_figure, style_axis
-
-    scalars = read_scalars(run_dirs)
     panels = [
         (label, [t for t in tags if t in scalars]) for label, tags in CURVE_PANELS
     ]
     panels = [(label, tags) for label, tags in panels if tags]
     if not panels:
         raise ValueError(f"no training scalars in {', '.join(run_dirs)}")
+    return panels
+
+
+def render_curves(
+    scalars: Mapping[str, list], panels: Sequence[Tuple[str, List[str]]], title: str
+) -> bytes:
+    """The PNG of ``panels`` (:func:`curve_panels`) drawn from ``scalars``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.figures import render_figure, style_axis
+
     figure, axes = plt.subplots(
         1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False
     )
@@ -209,7 +309,17 @@ def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List
         if label in ("loss", "aux loss"):
             axis.set_yscale("log")
         style_axis(axis, "step", label)
-    save_figure(figure, output, title)
+    return render_figure(figure, title)
+
+
+def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List[str]:
+    """Draw the run's loss, bpp, PSNR and aux-loss curves into ``output`` (PNG).
+
+    Returns the panels drawn; raises ``ValueError`` when the runs logged none of them.
+    """
+    scalars = read_scalars(run_dirs)
+    panels = curve_panels(scalars, run_dirs)
+    atomic_write_bytes(output, render_curves(scalars, panels, title))
     return [label for label, _ in panels]
 
 
@@ -220,7 +330,29 @@ def release_outputs(output_dir: str, runs: Sequence[str]) -> List[str]:
     return [os.path.join(output_dir, name) for name in names]
 
 
+def read_info(path: str) -> dict:
+    """The extra facts of ``--info``: a JSON object.
+
+    Raises:
+        ValueError: naming ``path``, which cannot be read, is not JSON, or holds
+            something else than an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except OSError as exc:
+        raise ValueError(f"cannot read --info {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ValueError(f"--info {path} is not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ValueError(
+            f"--info {path} must hold a JSON object, got {type(info).__name__}"
+        )
+    return info
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    show_warnings_as_one_line()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "checkpoint", help="training checkpoint (e.g. checkpoint_best_loss.pth.tar)"
@@ -242,28 +374,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_force_argument(parser)
     args = parser.parse_args(argv)
     try:
-        refuse_existing_outputs(release_outputs(args.output_dir, args.runs), args.force)
+        outputs = release_outputs(args.output_dir, args.runs)
+        refuse_existing_outputs(outputs, args.force)
         check_output_folder(args.output_dir, "output_dir")
-        extra = {}
-        if args.info:
-            with open(args.info) as handle:
-                extra = json.load(handle)
+        extra = read_info(args.info) if args.info else {}
         if args.runs:
+            scalars = read_scalars(args.runs)
+            panels = curve_panels(scalars, args.runs)
             extra.setdefault(
                 "training_wall_time_h", round(training_wall_time(args.runs) / 3600, 2)
             )
-        with output_folder(args.output_dir, "output_dir"):  # removed if left empty
-            weights = export_weights(args.checkpoint, args.output_dir, extra)
-        print(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.1f} MB)")
+        files, info = build_release(args.checkpoint, extra)
         if args.runs:
-            curves = os.path.join(args.output_dir, CURVES_NAME)
-            export_curves(
-                args.runs, curves, title=os.path.basename(args.output_dir.rstrip("/"))
+            title = os.path.basename(os.path.normpath(args.output_dir))
+            files[CURVES_NAME] = render_curves(scalars, panels, title)
+        with output_folder(args.output_dir, "output_dir"):  # removed if left empty
+            atomic_write_files(
+                {
+                    os.path.join(args.output_dir, name): data
+                    for name, data in files.items()
+                }
             )
-            print(f"wrote {curves}")
-    except (ValueError, RuntimeError, OSError, json.JSONDecodeError) as exc:
-        print(f"release: error: {exc}", file=sys.stderr)
-        return 1
+    except REPORTED_ERRORS as exc:
+        return report_error("release", exc)
+    weights = os.path.join(args.output_dir, WEIGHTS_NAME)
+    print(f"wrote {weights} ({len(files[WEIGHTS_NAME]) / 1e6:.1f} MB)")
+    if info["quantiles_solved_at_release"]:
+        print(
+            f"solved the entropy-bottleneck quantiles of {args.checkpoint} (a training "
+            f"run's last state) for coding; {INFO_NAME} records it"
+        )
+    for path in outputs[1:]:
+        print(f"wrote {path}")
     return 0
 
 
