@@ -596,7 +596,7 @@ def test_results_on_other_images_than_the_anchor_give_no_number_and_a_note(tmp_p
     assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None}
     assert table["rows"][1]["bd-rate"]["psnr-rgb"] == pytest.approx(-10, abs=1e-6)
     assert table["notes"] == [
-        "few: measured on 1 images of Kodak, the anchor on 2 images of Kodak; "
+        "few: measured on 1 image of Kodak, the anchor on 2 images of Kodak; "
         "evaluate both on the same images"
     ]
 
@@ -614,7 +614,7 @@ def test_a_dataset_named_by_config_or_by_folder_is_the_same_set_of_images(tmp_pa
     assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
     assert table["rows"][1]["bd-rate"] == {"psnr-rgb": None}
     assert table["notes"] == [
-        "few: measured on 1 images of kodak, the anchor on 24 images of Kodak; "
+        "few: measured on 1 image of kodak, the anchor on 24 images of Kodak; "
         "evaluate both on the same images"
     ]
 
@@ -632,27 +632,44 @@ def test_an_image_count_that_is_not_a_whole_number_is_unknown(tmp_path, images):
     assert table["notes"] == []  # neither file gives a count: nothing to tell
 
 
-def test_an_anchor_without_an_image_count_keeps_the_number_with_a_note(tmp_path):
-    """A file with no count at all, against ours of 1 image: the BD-rate may compare
-    different images, so the row says so instead of giving a silent number."""
-    anchor = load_curve(write_results(tmp_path / "a.json", "anchor", BPP, PSNR))
-    write_results(tmp_path / "t.json", "t", BPP, PSNR)
-    test = load_curve(_with_images(tmp_path / "t.json", "Kodak", 1))
-    table = bd_rate_table(anchor, [test], metrics=["psnr-rgb"])
-    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
-    assert table["notes"] == [
-        "t: measured on 1 images of Kodak, the anchor on an unknown number of "
-        "images; the anchor does not say how many images it was measured on, so "
-        "this BD-rate may compare different images"
-    ]
-    assert "- t: measured on 1 images of Kodak" in format_table(table)
-
-
 def _published(path, name, bpp, psnr, **top):
     """A results file like the shipped anchors: ``dataset`` at top level, no meta."""
     document = {"name": name, "results": {"bpp": bpp, "psnr-rgb": psnr}, **top}
     path.write_text(json.dumps(document))
     return str(path)
+
+
+@pytest.mark.parametrize(
+    "anchor_set, ours, note",
+    [
+        (  # a file with no count at all, against ours of 1 image
+            {},
+            ("Kodak", 1),
+            "t: measured on 1 image of Kodak, the anchor on an unknown number of "
+            "images; the anchor does not say how many images it was measured on, so "
+            "this BD-rate may compare different images",
+        ),
+        (  # test.py --dataset /data/Kodak24 names its results after the folder
+            {"dataset": "kodak", "images": 24},
+            ("Kodak24", 24),
+            "t: measured on 24 images of Kodak24, the anchor on 24 images of kodak; "
+            "the datasets are named differently, so this BD-rate may compare "
+            "different images",
+        ),
+    ],
+)
+def test_images_that_may_differ_from_the_anchors_keep_the_number_with_a_note(
+    tmp_path, anchor_set, ours, note
+):
+    """Nothing proves the images differ, nothing shows they are the same: the row
+    says so instead of giving a silent number (or, for a folder's name, no number)."""
+    anchor = load_curve(_published(tmp_path / "a.json", "A", BPP, PSNR, **anchor_set))
+    write_results(tmp_path / "t.json", "t", BPP, PSNR)
+    test = load_curve(_with_images(tmp_path / "t.json", *ours))
+    table = bd_rate_table(anchor, [test], metrics=["psnr-rgb"])
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
+    assert table["notes"] == [note]
+    assert f"- {note}" in format_table(table)
 
 
 def test_a_published_anchors_top_level_image_set_is_read(tmp_path):
@@ -705,8 +722,9 @@ def test_a_subset_against_a_published_anchor_is_never_a_silent_number(capsys, tm
 
 
 def test_an_anchor_known_to_cover_other_images_blanks_the_row(tmp_path):
-    """A top-level count or dataset counts as the file saying so: a different count
-    (whatever the dataset) or a different dataset gives no number."""
+    """A top-level count counts as the file saying so: a different count (whatever
+    the dataset) gives no number; a different dataset name alone (it may be a
+    folder's) keeps the number, with a note."""
     counted = load_curve(
         _published(tmp_path / "a.json", "A", BPP, PSNR, dataset="kodak", images=3)
     )
@@ -723,10 +741,12 @@ def test_an_anchor_known_to_cover_other_images_blanks_the_row(tmp_path):
         "evaluate both on the same images"
     ]
     table = bd_rate_table(clic, [same], metrics=["psnr-rgb"])
-    assert table["rows"][0]["bd-rate"] == {"psnr-rgb": None}
+    assert table["rows"][0]["bd-rate"]["psnr-rgb"] == pytest.approx(0, abs=1e-9)
     assert table["notes"] == [
         "same: measured on 3 images of Kodak, the anchor on an unknown number of "
-        "images of CLIC; evaluate both on the same images"
+        "images of CLIC; the anchor does not say how many images it was measured on "
+        "and the datasets are named differently, so this BD-rate may compare "
+        "different images"
     ]
 
 

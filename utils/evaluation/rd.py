@@ -20,7 +20,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import bjontegaard
 
@@ -36,6 +36,24 @@ _ALIASES = {"psnr": "psnr-rgb", "ms-ssim": "ms-ssim-rgb"}
 INTERPOLATIONS = ("pchip", "akima", "cubic")
 
 
+class ImageSet(NamedTuple):
+    """The images a results file says it was measured on: its dataset's name and its
+    image count, None where it does not say. ``test.py`` writes both in its ``meta``
+    (the name from ``datasets.yaml``, or of the ``--dataset`` folder); a published
+    anchor gives them at its top level."""
+
+    dataset: Optional[str] = None
+    count: Optional[int] = None
+
+    def __str__(self) -> str:
+        """``24 images of Kodak``, ``1 image``, ``an unknown number of images``."""
+        if self.count is None:
+            counted = "an unknown number of images"
+        else:
+            counted = f"{self.count} image{'s' * (self.count != 1)}"
+        return counted + (f" of {self.dataset}" if self.dataset is not None else "")
+
+
 @dataclass
 class Curve:
     """One method's RD points, sorted by bpp.
@@ -47,10 +65,7 @@ class Curve:
     bpp: List[float]
     metrics: Dict[str, List[Optional[float]]]
     path: str = ""
-    # (dataset, image count) the file names (test.py writes both in its meta, a
-    # published anchor its dataset at top level), either None where not given; None
-    # when it names neither.
-    image_set: Optional[Tuple[Optional[str], Optional[int]]] = None
+    image_set: ImageSet = ImageSet()  # what the file says it was measured on
 
     def points(self, metric: str) -> List[tuple]:
         """(bpp, value) pairs of ``metric`` without missing values; MS-SSIM in dB."""
@@ -158,11 +173,10 @@ def _curve(
     )
 
 
-def _image_set(document: dict) -> Optional[Tuple[Optional[str], Optional[int]]]:
-    """(dataset, image count) from a results file: ``meta`` first (test.py writes
-    both there), else the top level (a published anchor names its ``dataset`` there).
-    A part not given is None, and so is a count that is not a whole number
-    (``Infinity``, ``NaN``, ``2.5``); None when the file names neither."""
+def _image_set(document: dict) -> ImageSet:
+    """The :class:`ImageSet` of a results file: ``meta`` first, else the top level. A
+    count that is not a whole number (``Infinity``, ``NaN``, ``2.5``) is not given,
+    and is not replaced by the other place's."""
     meta = document.get("meta")
     places = [meta, document] if isinstance(meta, dict) else [document]
     dataset = next(
@@ -174,82 +188,47 @@ def _image_set(document: dict) -> Optional[Tuple[Optional[str], Optional[int]]]:
         if images is not None:
             if _is_number(images) and _is_finite(images) and images == int(images):
                 count = int(images)
-            break  # a count given but unusable is not replaced by another
-    if dataset is None and count is None:
-        return None
-    return dataset, count
+            break
+    return ImageSet(dataset, count)
 
 
-def _same_dataset(first: Optional[str], second: Optional[str]) -> Optional[bool]:
-    """Whether two dataset names are the same set, None if either is unknown. Names
-    are compared case-insensitively: ``--dataset Kodak`` names the set from the
-    config, ``--dataset data/kodak`` from its folder."""
-    if first is None or second is None:
-        return None
-    return first.casefold() == second.casefold()
+def image_mismatch(anchor: Curve, test: Curve) -> Tuple[Optional[str], Optional[str]]:
+    """Whether ``test`` was measured on the anchor's images: ``(refusal, caution)``.
 
-
-def _images(image_set: Optional[Tuple[Optional[str], Optional[int]]]) -> str:
-    """``24 images of Kodak``, ``an unknown number of images of kodak``..."""
-    dataset, count = image_set or (None, None)
-    counted = "an unknown number of images" if count is None else f"{count} images"
-    return counted + (f" of {dataset}" if dataset is not None else "")
-
-
-def other_images(anchor: Curve, test: Curve) -> Optional[str]:
-    """Why ``test`` is known to be measured on other images than ``anchor`` (a
-    BD-rate between them compares different content): both name their dataset and
-    the names differ, or both give an image count and the counts differ. None when
-    nothing says they differ (:func:`unknown_images` says whether that is known).
-    ``--max-images`` makes this easy to do by accident."""
-    (test_set, test_count), (anchor_set, anchor_count) = (
-        test.image_set or (None, None),
-        anchor.image_set or (None, None),
-    )
-    counts_differ = (
-        None not in (test_count, anchor_count) and test_count != anchor_count
-    )
-    if _same_dataset(test_set, anchor_set) is False or counts_differ:
-        return (
-            f"{test.name}: measured on {_images(test.image_set)}, the anchor on "
-            f"{_images(anchor.image_set)}; evaluate both on the same images"
-        )
-    return None
-
-
-def unknown_images(anchor: Curve, test: Curve) -> Optional[str]:
-    """Why a BD-rate of ``test`` against ``anchor`` may compare different images
-    although nothing says it does: one file gives its image count and the other does
-    not (a published anchor names no count, a subset of ``--max-images`` images
-    would not be seen), or the counts match but a file does not name its dataset.
-    The row keeps its numbers and carries this note. None when both files say the
-    same images, or neither says anything of its count."""
-    (test_set, test_count), (anchor_set, anchor_count) = (
-        test.image_set or (None, None),
-        anchor.image_set or (None, None),
-    )
-    if test_count is None and anchor_count is None:
-        return None
-    if test_count is None or anchor_count is None:
-        silent = "the anchor" if anchor_count is None else test.name
-        missing = f"{silent} does not say how many images it was measured on"
-    elif _same_dataset(test_set, anchor_set) is None:
-        silent = [
+    ``refusal`` (the row stays empty): both files give their image count and the
+    counts differ, so the BD-rate would compare different content (``--max-images``
+    makes this easy to do by accident). ``caution`` (the row keeps its numbers, with
+    this note): nothing proves the images differ, but nothing shows they are the
+    same: one file gives its count and the other does not, or the dataset names
+    differ (a name may be a folder's: ``--dataset data/kodak24`` is Kodak too), or
+    the counts match and a file names no dataset. Both None when the files agree or
+    neither says anything. Names are compared case-insensitively."""
+    ours, theirs = test.image_set, anchor.image_set
+    both = f"{test.name}: measured on {ours}, the anchor on {theirs}"
+    if None not in (ours.count, theirs.count) and ours.count != theirs.count:
+        return f"{both}; evaluate both on the same images", None
+    doubts = []
+    if (ours.count is None) != (theirs.count is None):
+        silent = "the anchor" if theirs.count is None else test.name
+        doubts.append(f"{silent} does not say how many images it was measured on")
+    if None not in (ours.dataset, theirs.dataset):
+        if ours.dataset.casefold() != theirs.dataset.casefold():
+            doubts.append("the datasets are named differently")
+    elif ours.count is not None and ours.count == theirs.count:
+        named = [
             who
-            for who, dataset in (("the anchor", anchor_set), (test.name, test_set))
-            if dataset is None
+            for who, image_set in (("the anchor", theirs), (test.name, ours))
+            if image_set.dataset is None
         ]
-        missing = (
+        doubts.append(
             "neither file says its dataset"
-            if len(silent) == 2
-            else f"{silent[0]} does not say its dataset"
+            if len(named) == 2
+            else f"{named[0]} does not say its dataset"
         )
-    else:
-        return None  # the same images: other_images found no difference
-    return (
-        f"{test.name}: measured on {_images(test.image_set)}, the anchor on "
-        f"{_images(anchor.image_set)}; {missing}, so this BD-rate may compare "
-        "different images"
+    if not doubts:
+        return None, None
+    return None, (
+        f"{both}; {' and '.join(doubts)}, so this BD-rate may compare different images"
     )
 
 
@@ -379,11 +358,10 @@ def bd_rate_table(
 
     A cell is ``None`` where the metric is missing, the ranges do not overlap, a
     curve has too few points or is known to be measured on other images than the
-    anchor (:func:`other_images`); ``notes`` says why, once for each ``None`` cell, or
-    once for a curve whose every cell is ``None`` (every cell of its row, or of the
-    table for the anchor). A row whose images cannot be compared with the anchor's
-    (:func:`unknown_images`: one file gives its image count, the other does not)
-    keeps its numbers and has a note saying so.
+    anchor (:func:`image_mismatch`); ``notes`` says why, once for each ``None`` cell,
+    or once for a curve whose every cell is ``None`` (every cell of its row, or of the
+    table for the anchor). A row whose images may differ from the anchor's keeps its
+    numbers and has a note saying so.
 
     Raises:
         ValueError: the anchor has none of ``metrics``, so the table would have no
@@ -404,11 +382,11 @@ def bd_rate_table(
         notes.append(anchor_problem)
     for test in tests:
         cells = dict.fromkeys(usable)
-        problem = other_images(anchor, test) or too_few_points(test)
+        refusal, caution = image_mismatch(anchor, test)
+        problem = refusal or too_few_points(test)
         if problem:
             notes.append(problem)
         elif not anchor_problem:
-            caution = unknown_images(anchor, test)
             if caution:
                 notes.append(caution)
             for metric in usable:
