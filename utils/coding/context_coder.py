@@ -71,9 +71,10 @@ one stream for the whole latent.
 
 import contextlib
 import copy
+import functools
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from compressai.ans import BufferedRansEncoder, RansDecoder
@@ -179,8 +180,6 @@ class ContextCoder:
         self.network = network(
             context_weight, context.bias.detach().cpu().float(), layers, hyper_width
         )
-        # Context weight of a split of the taps (FrontLayout.far_taps / near_taps).
-        self.tap_weights: Dict[Tuple[int, ...], Tensor] = {}
         self.scale_floor = conditional.lower_bound_scale.bound.detach().cpu().float()
         self.scale_bounds = (
             conditional.scale_table.detach().cpu().float()[:-1].contiguous()
@@ -195,15 +194,7 @@ class ContextCoder:
         ]
 
     def _layout(self, height: int, width: int) -> FrontLayout:
-        """The fronts of a (height, width) latent; the network's context weight of
-        its near and far taps is made here, once per split, for the scan to read."""
-        layout = front_layout(
-            height, width, self.order, self.taps, self.slope, self.pad
-        )
-        for taps in (layout.far_taps, layout.near_taps):
-            if taps not in self.tap_weights:
-                self.tap_weights[taps] = self.network.tap_weights(taps)
-        return layout
+        return front_layout(height, width, self.order, self.taps, self.slope, self.pad)
 
     def _pipelined(self, positions: int) -> bool:
         """The ``pipeline`` choice, made per latent when it was left to the coder:
@@ -227,7 +218,13 @@ class ContextCoder:
 
     @torch.inference_mode()
     def _far_part(
-        self, y_hat: Tensor, layout: FrontLayout, hyper: Tensor, start: int, stop: int
+        self,
+        y_hat: Tensor,
+        layout: FrontLayout,
+        far_weight: Tensor,
+        hyper: Tensor,
+        start: int,
+        stop: int,
     ) -> Tuple[Tensor, Tensor]:
         """What does not depend on the previous front: the far taps' context plus
         bias, and the params half of the first 1x1 convolution plus its bias."""
@@ -235,13 +232,13 @@ class ContextCoder:
             y_hat, layout.far_windows, start, stop, len(layout.far_taps)
         )
         front_params = hyper.index_select(0, layout.positions[start:stop])
-        far_weight = self.tap_weights[layout.far_taps]
         return self.network.far_part(windows, far_weight, front_params)
 
     def _front_parameters(
         self,
         y_hat: Tensor,
         layout: FrontLayout,
+        near_weight: Tensor,
         start: int,
         stop: int,
         partial_context: Tensor,
@@ -253,9 +250,7 @@ class ContextCoder:
             y_hat, layout.near_windows, start, stop, len(layout.near_taps)
         )
         scales, means = self.network.scales_and_means(
-            windows,
-            self.tap_weights[layout.near_taps],
-            (partial_context, partial_hidden),
+            windows, near_weight, (partial_context, partial_hidden)
         )
         return self.scale_indexes(scales), means, scales
 
@@ -273,35 +268,25 @@ class ContextCoder:
                 f"got {tuple(params.shape)}"
             )
 
+    @staticmethod
     def _far_parts(
-        self,
-        y_hat: Tensor,
-        layout: FrontLayout,
-        hyper: Tensor,
+        far_part: Callable[[int, int], Tuple[Tensor, Tensor]],
         bounds: List[int],
         worker: Optional[ThreadPoolExecutor],
     ) -> Iterator[Tuple[Tensor, Tensor]]:
-        """Far part of each front in turn. With a worker, the far part of front k+1
-        is submitted before front k's is handed out, so it runs while front k is
-        coded; it reads only fronts <= k-1, which are final by then."""
+        """``far_part(start, stop)`` of each front in turn. With a worker, the far
+        part of front k+1 is submitted before front k's is handed out, so it runs
+        while front k is coded; it reads only fronts <= k-1, which are final by
+        then."""
         if worker is None:
             for start, stop in zip(bounds, bounds[1:]):
-                yield self._far_part(y_hat, layout, hyper, start, stop)
+                yield far_part(start, stop)
             return
-        pending = worker.submit(
-            self._far_part, y_hat, layout, hyper, bounds[0], bounds[1]
-        )
+        pending = worker.submit(far_part, bounds[0], bounds[1])
         for front in range(len(bounds) - 1):
             partial = pending.result()
             if front + 2 < len(bounds):
-                pending = worker.submit(
-                    self._far_part,
-                    y_hat,
-                    layout,
-                    hyper,
-                    bounds[front + 1],
-                    bounds[front + 2],
-                )
+                pending = worker.submit(far_part, bounds[front + 1], bounds[front + 2])
             yield partial
 
     def _scan(
@@ -329,11 +314,14 @@ class ContextCoder:
             if self.last_pipelined
             else contextlib.nullcontext()
         )
+        far_weight = self.network.tap_weights(layout.far_taps)
+        near_weight = self.network.tap_weights(layout.near_taps)
+        far_part = functools.partial(self._far_part, y_hat, layout, far_weight, hyper)
         with single_threaded(), worker as pool:
-            far_parts = self._far_parts(y_hat, layout, hyper, bounds, pool)
+            far_parts = self._far_parts(far_part, bounds, pool)
             for start, stop, partial in zip(bounds, bounds[1:], far_parts):
                 indexes, means, scales = self._front_parameters(
-                    y_hat, layout, start, stop, *partial
+                    y_hat, layout, near_weight, start, stop, *partial
                 )
                 values = symbols_of(start, stop, indexes, means, scales)
                 y_hat.index_copy_(
