@@ -45,7 +45,8 @@ def atomic_write_files(files):
     writing (a full disk, an interrupt) removes the temporaries and leaves every
     earlier file as it was; a rename within one folder does not fail short of the
     folder itself going away. A device or a pipe that exists (``/dev/null``, a FIFO)
-    is written in place at the end: renaming over it would replace the node itself.
+    is written in place after all the renames (renaming over it would replace the
+    node itself), so a failure there leaves the regular files already replaced.
 
     Raises:
         TypeError: some data is not bytes-like (a ``str`` would be ambiguous).
@@ -64,12 +65,12 @@ def atomic_write_files(files):
         for path, data in paths.items():
             if _is_regular_or_absent(path):
                 temporaries[path] = _temporary_copy(path, data)
-        for path, data in paths.items():
-            if path in temporaries:
-                os.replace(temporaries.pop(path), path)
-            else:
-                with open(path, "wb") as stream:
-                    stream.write(data)
+        in_place = [path for path in paths if path not in temporaries]
+        for path in list(temporaries):
+            os.replace(temporaries.pop(path), path)
+        for path in in_place:
+            with open(path, "wb") as stream:
+                stream.write(paths[path])
     except BaseException:
         for tmp in temporaries.values():
             if os.path.exists(tmp):

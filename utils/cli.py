@@ -56,8 +56,9 @@ def positive_int(text: str) -> int:
 
 # The -a help of the commands that load a checkpoint (codec.py, test.py checkpoint).
 ARCHITECTURE_HELP = (
-    "registered architecture, for weights that do not name theirs (default: the "
-    "checkpoint's, else the one whose published layout the weights match, else cps)"
+    "registered architecture to build, over the one the checkpoint names (default: "
+    "the checkpoint's, else the one whose published layout the weights match, else "
+    "cps)"
 )
 
 
