@@ -37,7 +37,7 @@ warnings.filterwarnings(
     "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
 )
 
-from utils.cli import REPORTED_ERRORS, report_error, show_warnings_as_one_line
+from utils.cli import REPORTED_ERRORS, outputs_gone, report_error, run_main
 from utils.training.config import LAST_NAME, load_config, parse_config, to_plain_dict
 
 
@@ -164,8 +164,14 @@ def _run_acl(cfg, cuda: bool) -> int:
 
 
 def main(argv=None) -> int:
+    """Train; the exit status. Errors are one line with status 1; Ctrl-C (before the
+    loop handles it) is status 130 and a log reader that went away (``2>&1 | head``)
+    status 141, quietly (:func:`utils.cli.run_main`)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    show_warnings_as_one_line()
+    return run_main(lambda: _train(args), "train.py")
+
+
+def _train(args) -> int:
     try:
         cfg = resolve_config(args)
         cuda = use_cuda(cfg)
@@ -184,11 +190,19 @@ def main(argv=None) -> int:
             return status
         finally:
             distributed.cleanup()
+    except BrokenPipeError as exc:
+        if outputs_gone():  # the log's reader: run_main ends the run quietly
+            raise
+        return _report(exc)  # another pipe (a DataLoader worker's)
     except REPORTED_ERRORS as exc:
-        rank = os.environ.get("RANK")
-        return report_error(
-            "train.py" if rank in (None, "0") else f"train.py [rank {rank}]", exc
-        )
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    rank = os.environ.get("RANK")
+    return report_error(
+        "train.py" if rank in (None, "0") else f"train.py [rank {rank}]", exc
+    )
 
 
 if __name__ == "__main__":

@@ -245,6 +245,29 @@ def test_a_reader_of_stdout_that_goes_away_ends_the_program_quietly_with_141():
     assert child.wait(timeout=60) == 141 and stderr == ""
 
 
+@pytest.mark.parametrize("stdout", ["the same pipe", "elsewhere"])
+def test_a_reader_of_stderr_that_goes_away_ends_the_program_quietly_with_141(stdout):
+    """``train.py ... 2>&1 | head`` logs to stderr: a reader gone from stderr alone
+    (stdout elsewhere) was a broken pipe that was not stdout's, re-raised, and the
+    traceback failed again on the closed stderr."""
+    script = (
+        "import sys\n"
+        "from utils.cli import run_main\n"
+        "def work():\n"
+        "    for _ in range(100000):\n"
+        "        print('a log line', file=sys.stderr)\n"
+        "    return 0\n"
+        "sys.exit(run_main(work, 'train.py'))"
+    )
+    if stdout == "the same pipe":  # 2>&1 | head
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    else:  # 2>&1 >/dev/null | head
+        streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, **streams)
+    (child.stdout or child.stderr).close()
+    assert child.wait(timeout=60) == 141
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(capsys):
     def worker_died():
         raise BrokenPipeError("a DataLoader worker's pipe")

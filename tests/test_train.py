@@ -1017,3 +1017,41 @@ def test_resuming_mid_epoch_after_the_folder_shrank_says_so(
         "with the same folder and process count, or start a new run from its weights "
         "with --init-from"
     )
+
+
+def test_a_log_reader_that_goes_away_stops_the_run_as_a_signal_would(
+    tmp_path, train_images
+):
+    """``train.py ... 2>&1 | head -2`` ended at the first line after head left, with
+    status 1, a traceback and the steps since the last checkpoint lost."""
+    cfg = load_config(write_train_config(tmp_path, train_images, tmp_path / "exp"))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    with os.fdopen(write, "w", buffering=1) as log:  # as stderr: each line written
+        trainer = Trainer(cfg, CPU, log=log)
+        assert trainer.fit() == 128 + signal.SIGPIPE
+    # The first line is step 2's validation; step 3 completes, then the run stops.
+    ckpt = load(tmp_path / "exp" / "checkpoint.pth.tar")
+    assert (ckpt["global_step"], ckpt["epoch"], ckpt["epoch_step"]) == (3, 1, 1)
+
+
+def test_train_py_piped_to_a_reader_that_exits_early_ends_quietly_with_141(
+    tmp_path, train_images
+):
+    """The whole path of ``train.py ... 2>&1 | head -1``: stdout and stderr are one
+    pipe, whose reader leaves after the first line."""
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp)
+    child = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config", cfg],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert child.stdout.readline().startswith("step 2 validation: ")
+    child.stdout.close()
+    assert child.wait(timeout=600) == 128 + signal.SIGPIPE
+    # Saved after the step in which the next line (step 4's validation) failed.
+    assert load(exp / "checkpoint.pth.tar")["global_step"] == 5

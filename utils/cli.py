@@ -198,9 +198,9 @@ def show_warnings_as_one_line() -> None:
 
 def run_main(main: Callable[[], int], program: str) -> int:
     """Run ``main`` so that Ctrl-C ends the program with one line and status 130,
-    a reader of stdout that went away (``... | head``) ends it quietly with status
-    141, as a shell reports a program stopped by SIGPIPE, and warnings are one line
-    each (:func:`show_warnings_as_one_line`)."""
+    a reader of stdout or stderr that went away (``... | head``, ``... 2>&1 | head``)
+    ends it quietly with status 141, as a shell reports a program stopped by SIGPIPE,
+    and warnings are one line each (:func:`show_warnings_as_one_line`)."""
     show_warnings_as_one_line()
     try:
         return main()
@@ -209,22 +209,45 @@ def run_main(main: Callable[[], int], program: str) -> int:
         return 128 + signal.SIGINT
     except BrokenPipeError:
         # Another pipe (a codec's subprocess, a DataLoader worker) is an error.
-        if not _stdout_reader_gone():
+        if not silence_gone_readers():
             raise
-        # Python flushes stdout at exit and would fail again, with a message.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
 
 
-def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reading end is closed (it polls as an error)."""
+def reader_gone(stream) -> bool:
+    """Whether ``stream`` writes to a pipe whose reading end is closed (it polls as an
+    error); False for a stream without a descriptor (replaced, closed, in memory)."""
     try:
-        descriptor = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):  # replaced or closed stream
+        descriptor = stream.fileno()
+    except (AttributeError, ValueError, OSError):
         return False
     poller = select.poll()
     poller.register(descriptor, select.POLLOUT)
     return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def outputs_gone() -> bool:
+    """Whether the reader of stdout or of stderr went away (:func:`reader_gone`)."""
+    return reader_gone(sys.stdout) or reader_gone(sys.stderr)
+
+
+def silence_gone_readers(*streams) -> bool:
+    """After a ``BrokenPipeError``: point stdout, stderr and ``streams`` at /dev/null
+    where their reader went away (:func:`reader_gone`), so that what is still written
+    to them is dropped quietly; Python flushes stdout at exit, and would otherwise fail
+    again, with a message on a stderr that may be gone too (``2>&1 | head``).
+
+    Returns whether any of them had lost its reader: if none had, the broken pipe was
+    another one's (a codec's subprocess, a DataLoader worker), which is an error.
+    """
+    gone = False
+    for stream in (sys.stdout, sys.stderr, *streams):
+        if reader_gone(stream):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+            gone = True
+    return gone
 
 
 def check_output_folder(folder: str, name: str) -> None:

@@ -8,7 +8,8 @@
                                   ├─ epoch end / val_interval: validate ─► LR plateau
                                   │                            ─► save last (+ best)
                                   ├─ checkpoint_interval: save last
-                                  └─ SIGINT/SIGTERM: save last, exit 128+signal
+                                  └─ SIGINT/SIGTERM, or the log's reader gone
+                                     (SIGPIPE): save last, exit 128+signal
 
 Rank 0 alone logs and writes files; every rank trains, validates on its share of
 the test crops (the sums are all-reduced) and steps the same LR schedule.
@@ -21,7 +22,11 @@ from typing import Dict, Optional
 
 import torch
 
-from utils.cli import create_output_folder, remove_unused_folders
+from utils.cli import (
+    create_output_folder,
+    remove_unused_folders,
+    silence_gone_readers,
+)
 from utils.training import distributed
 from utils.training.bad_images import TooManyUnusableImages
 from utils.training.build import build_configured_model
@@ -48,6 +53,38 @@ from utils.training.validation import validate
 __all__ = ["Trainer"]
 
 
+class _LogStream:
+    """The stream rank 0 logs to (messages and the progress bar), which turns a reader
+    that went away (``train.py ... 2>&1 | head``) into a stop, as a signal would: the
+    run saves its checkpoint after the current step and ends with status 141 (128 +
+    SIGPIPE), where the write error used to end it at once, without a checkpoint and
+    with a traceback. The gone output is pointed at /dev/null
+    (:func:`utils.cli.silence_gone_readers`), so the lines still to come are dropped;
+    a broken pipe that is not an output's is raised."""
+
+    def __init__(self, stream, on_gone):
+        self.stream, self.on_gone = stream, on_gone
+
+    def write(self, text: str):
+        return self._call(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._call(self.stream.flush)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            if not silence_gone_readers(self.stream):
+                raise
+            self.on_gone()
+            return len(args[0]) if args else None
+
+    def __getattr__(self, name: str):
+        # What tqdm asks of its file besides writing: fileno, isatty, encoding.
+        return getattr(self.stream, name)
+
+
 class Trainer:
     """Builds everything from a validated config.
 
@@ -62,7 +99,8 @@ class Trainer:
 
     def __init__(self, cfg, ctx: distributed.DistContext, log=None):
         self.cfg, self.ctx = cfg, ctx
-        self.log_stream = log or sys.stderr
+        self.log_stream = _LogStream(log or sys.stderr, self._on_reader_gone)
+        self._stop_signal: Optional[int] = None
         data, params = cfg.train_data, cfg.train_params
         self.exp = data.experiment_path
         last, best = (
@@ -128,7 +166,6 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=self.exp)
-        self._stop_signal: Optional[int] = None
         self._saved_at = -1
 
     # ----------------------------------------------------------------- setup
@@ -226,6 +263,11 @@ class Trainer:
         self._stop_signal = signum
         # A second Ctrl-C kills the process at once.
         signal.signal(signum, signal.SIG_DFL)
+
+    def _on_reader_gone(self) -> None:
+        """The log's reader went away: stop after this step (a signal's stop wins)."""
+        if self._stop_signal is None:
+            self._stop_signal = signal.SIGPIPE
 
     def _fit(self) -> int:
         from tqdm import tqdm
