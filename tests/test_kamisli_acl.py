@@ -347,3 +347,21 @@ def test_a_broken_training_image_is_skipped_with_a_warning_and_too_many_stop_the
     cfg["train_data"]["experiment_path"] = str(tmp_path / "exp2")
     with pytest.raises(RuntimeError, match="1 of 5 train images are unusable"):
         run_acl(cfg, torch.device("cpu"), log.append)
+
+
+def test_an_acl_run_is_refused_in_a_folder_another_run_holds(tmp_path):
+    from utils.training.run_lock import lock_experiment
+
+    cfg = config(tmp_path)
+    exp = cfg["train_data"]["experiment_path"]
+    os.makedirs(exp)
+    other = lock_experiment(exp)  # as another train.py would
+    with pytest.raises(
+        ValueError,
+        match=f"^train_data.experiment_path {exp} is in use by another training run",
+    ):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)
+    other.release()
+    cfg["acl"]["max_iterations"] = 1
+    run_acl(cfg, torch.device("cpu"), lambda _: None)
+    assert not os.path.exists(os.path.join(exp, ".train.lock"))

@@ -7,6 +7,7 @@ Every run uses a tiny CPS (N=8), 64x64 crops of a few synthetic images in
 import io
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -274,6 +275,7 @@ def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images
         if value.numel():
             assert torch.equal(trainer.raw.state_dict()[name], value), name
     assert trainer.criterion.lmbda == 0.05
+    trainer.close()  # built to look at, not run: the folder is free again
 
     other = tmp_path / "wide.pth.tar"
     torch.save(models.build_model("cps", N=16).state_dict(), other)
@@ -1055,3 +1057,75 @@ def test_train_py_piped_to_a_reader_that_exits_early_ends_quietly_with_141(
     assert child.wait(timeout=600) == 128 + signal.SIGPIPE
     # Saved after the step in which the next line (step 4's validation) failed.
     assert load(exp / "checkpoint.pth.tar")["global_step"] == 5
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(
+    tmp_path, train_images, capsys
+):
+    """Two runs on one experiment_path were both accepted (the refusal only looked for
+    a checkpoint, which the first had not written yet), and overwrote each other's
+    checkpoints."""
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2})
+    in_use = (
+        rf"train_data.experiment_path {exp} is in use by another training run "
+        rf"\(process {os.getpid()} on [^ ]+\): wait for it to end, or choose another "
+        r"train_data.experiment_path"
+    )
+    first = Trainer(load_config(cfg), CPU, log=io.StringIO())
+    with pytest.raises(ValueError, match=f"^{in_use}$"):
+        Trainer(load_config(cfg), CPU, log=io.StringIO())
+    status, err = run_cli(["--config", cfg], capsys)
+    assert status == 1 and len(err) == 1
+    assert re.fullmatch(f"train.py: error: {in_use}", err[0])
+    assert first.fit() == 0
+    assert not (exp / ".train.lock").exists()  # a run that ends removes its lock
+    # A resume holds the folder too.
+    resume = ["--config", cfg, "--resume", "--set", "train_params.max_steps=4"]
+    resumed = Trainer(
+        train.resolve_config(train.parse_args(resume)), CPU, log=io.StringIO()
+    )
+    status, err = run_cli(resume, capsys)
+    assert (
+        status == 1
+        and len(err) == 1
+        and re.fullmatch(f"train.py: error: {in_use}", err[0])
+    )
+    assert resumed.fit() == 0
+    assert load(exp / "checkpoint.pth.tar")["global_step"] == 4
+
+
+def test_a_run_that_died_holding_the_folder_leaves_no_stale_lock(
+    tmp_path, train_images
+):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "os.write(fd, b'%d crashed-host' % os.getpid())\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(600)",
+            str(exp / ".train.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(
+            ValueError,
+            match=rf"in use by another training run \(process {holder.pid} "
+            r"on crashed-host\)",
+        ):
+            Trainer(load_config(cfg), CPU, log=io.StringIO())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (exp / ".train.lock").exists()  # the file stays; its lock went with the run
+    assert Trainer(load_config(cfg), CPU, log=io.StringIO()).fit() == 0

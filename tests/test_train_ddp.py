@@ -169,3 +169,42 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
     )
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+@pytest.mark.slow  # an end-to-end run in a fresh process or a large image
+def test_a_folder_another_run_holds_refuses_every_rank_at_once(tmp_path):
+    """Rank 0 alone takes the experiment folder; a refusal must not leave the other
+    ranks waiting for it until the process group's timeout (30 minutes)."""
+    from utils.training.run_lock import lock_experiment
+
+    data = make_image_folder(tmp_path / "data")
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    cfg = write_train_config(tmp_path, data, exp, train_data={"batch_size": 1})
+    other = lock_experiment(str(exp))  # as another train.py would
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(REPO, "train.py"),
+            "--config",
+            cfg,
+        ],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    other.release()
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert f"train.py: error: train_data.experiment_path {exp} is in use by " in (
+        "\n".join(lines)
+    )
+    assert (
+        "train.py [rank 1]: error: rank 0 refused the run (its error says why)" in lines
+    )

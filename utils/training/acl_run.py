@@ -40,6 +40,7 @@ from utils.training.bad_images import usable_images
 from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
+from utils.training.run_lock import lock_experiment, refuse_if_locked
 from utils.training.state import check_resume_entries, load_entry
 
 __all__ = ["STATE_NAME", "run_acl"]
@@ -283,6 +284,14 @@ _RESUME_KEYS = (
 )
 
 
+def _exists(last: str) -> ValueError:
+    """The refusal of a new run in a folder that holds a run's state."""
+    return ValueError(
+        f"{last} exists: pass --resume to continue that run, or choose "
+        "another train_data.experiment_path"
+    )
+
+
 def run_acl(
     cfg: Mapping, device: torch.device, log: Callable[[str], None] = print
 ) -> ACLState:
@@ -298,6 +307,7 @@ def run_acl(
     ``experiment_path/<state.selected>``.
     """
     settings = cfg["acl"]
+    refuse_if_locked(cfg["train_data"]["experiment_path"])
     run = _Run(cfg, settings, device, log)
     data = cfg["train_data"]
     last = os.path.join(run.exp, STATE_NAME)
@@ -323,23 +333,28 @@ def run_acl(
             f"{state.epoch}"
         )
     elif os.path.exists(last):
-        raise ValueError(
-            f"{last} exists: pass --resume to continue that run, or choose "
-            "another train_data.experiment_path"
-        )
+        raise _exists(last)
     else:
         if data["init_checkpoint_path"]:
             run.load_weights(data["init_checkpoint_path"])
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
-    # Only now: a refused run leaves no empty folder.
+    # Only now: a refused run leaves no empty folder. The folder is this run's alone
+    # until it ends (utils/training/run_lock.py), and checked again under the lock,
+    # since another run may have written its state in the meantime.
     create_output_folder(run.exp, "train_data.experiment_path")
-    while True:
-        if state.phase == "train":
-            _train_phase(run, state, optimizer, scheduler)
-        if state.iteration + 1 >= settings.max_iterations:
-            break
-        optimizer, scheduler = _regenerate_phase(run, state)
+    lock = lock_experiment(run.exp)
+    try:
+        if not data["use_checkpoint_path"] and os.path.exists(last):
+            raise _exists(last)
+        while True:
+            if state.phase == "train":
+                _train_phase(run, state, optimizer, scheduler)
+            if state.iteration + 1 >= settings.max_iterations:
+                break
+            optimizer, scheduler = _regenerate_phase(run, state)
+    finally:
+        lock.release()
     log(
         f"ACL finished after iteration {state.iteration}; use "
         f"{os.path.join(run.exp, state.selected)}"

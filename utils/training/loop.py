@@ -34,6 +34,7 @@ from utils.training.config import BEST_NAME, LAST_NAME
 from utils.training.images import RunImages
 from utils.training.monitor import StepWindow, write_train_scalars, write_validation
 from utils.training.resume import check_resume_position, config_changes, run_finished
+from utils.training.run_lock import lock_experiment, refuse_if_locked
 from utils.training.state import (
     TrainPosition,
     build_checkpoint,
@@ -103,20 +104,8 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         data, params = cfg.train_data, cfg.train_params
         self.exp = data.experiment_path
-        last, best = (
-            os.path.join(self.exp, LAST_NAME),
-            os.path.join(self.exp, BEST_NAME),
-        )
-        if not data.use_checkpoint_path and os.path.exists(last):
-            raise ValueError(
-                f"{last} exists: pass --resume to continue that run, or choose "
-                "another train_data.experiment_path"
-            )
-        if not data.use_checkpoint_path and os.path.exists(best):
-            raise ValueError(
-                f"{best} exists, which a new run would overwrite: choose another "
-                "train_data.experiment_path, or move that file away"
-            )
+        self._check_folder()
+        self._on_rank_0(lambda: refuse_if_locked(self.exp))
         torch.manual_seed(params.seed)  # identical initial weights on every rank
 
         # The model first: its problems are the config's, and come before the data's.
@@ -154,13 +143,7 @@ class Trainer:
             cuda_graph=params.cuda_graphs and ctx.world_size == 1,
         )
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
-        # Only now: a refused run leaves no empty folder behind. The folders made here
-        # are removed again if the run stops before its first step.
-        self._created = (
-            create_output_folder(self.exp, "train_data.experiment_path")
-            if ctx.is_main
-            else []
-        )
+        self._created, self._lock = self._take_folder()
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -169,6 +152,80 @@ class Trainer:
         self._saved_at = -1
 
     # ----------------------------------------------------------------- setup
+    def _check_folder(self) -> None:
+        """Refuse a new run in a folder that holds another run's checkpoints."""
+        if self.cfg.train_data.use_checkpoint_path:
+            return
+        last, best = (
+            os.path.join(self.exp, LAST_NAME),
+            os.path.join(self.exp, BEST_NAME),
+        )
+        if os.path.exists(last):
+            raise ValueError(
+                f"{last} exists: pass --resume to continue that run, or choose "
+                "another train_data.experiment_path"
+            )
+        if os.path.exists(best):
+            raise ValueError(
+                f"{best} exists, which a new run would overwrite: choose another "
+                "train_data.experiment_path, or move that file away"
+            )
+
+    def _take_folder(self):
+        """Create the experiment folder and lock it for this run
+        (:mod:`utils.training.run_lock`), on rank 0, which alone writes; return the
+        folders made (removed again if the run stops before its first step) and the
+        lock (None on other ranks).
+
+        Only now, once the model and data are known to be fine: a refused run leaves
+        no empty folder behind. The folder is checked again under the lock, since
+        another run may have written a checkpoint since :meth:`_check_folder`.
+        """
+        taken = ([], None)
+
+        def take() -> None:
+            nonlocal taken
+            created = create_output_folder(self.exp, "train_data.experiment_path")
+            try:
+                lock = lock_experiment(self.exp)
+            except ValueError:
+                remove_unused_folders(created)
+                raise
+            try:
+                self._check_folder()
+            except ValueError:
+                lock.release()
+                remove_unused_folders(created)
+                raise
+            taken = (created, lock)
+
+        self._on_rank_0(take)
+        return taken
+
+    def _on_rank_0(self, action) -> None:
+        """Run ``action`` on rank 0 alone; if it raises ``ValueError`` or ``OSError``,
+        every rank raises, so that under torchrun the other ranks do not wait for rank
+        0 in their first collective until the process group's timeout."""
+        refusal = None
+        if self.ctx.is_main:
+            try:
+                action()
+            except (ValueError, OSError) as exc:
+                refusal = exc
+        refused = distributed.all_reduce_sum(
+            torch.tensor([float(refusal is not None)], device=self.ctx.device)
+        )
+        if refusal is not None:
+            raise refusal
+        if refused.item():
+            raise ValueError("rank 0 refused the run (its error says why)")
+
+    def close(self) -> None:
+        """Let another run use the experiment folder (rank 0's lock, if held): at the
+        end of :meth:`fit`, or for a trainer built and not run (to inspect it)."""
+        if self._lock is not None:
+            self._lock.release()
+
     def _build_loaders(self) -> None:
         self.train_loader, self.test_loader = self.images.loaders()
 
@@ -236,6 +293,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
             self._stop_workers()
+            self.close()
 
     def _stop_workers(self) -> None:
         """Stop the DataLoader workers now, by dropping their loaders for unused ones
@@ -250,6 +308,7 @@ class Trainer:
         that had done nothing leaves no folder it made (one that existed is kept)."""
         step = self.pos.global_step
         if step == 0:
+            self.close()  # its file would keep the folder
             remove_unused_folders(self._created)
             return ""
         if self._saved_at != step:
