@@ -13,7 +13,9 @@ Several GPUs (DistributedDataParallel, one process per GPU)::
 Resume exactly where a run stopped: the checkpoint alone restores the resolved
 config stored in it (``--config``/``--set`` given again override it, and each
 difference is printed), or ``--resume`` without a path takes
-``experiment_path/checkpoint.pth.tar`` of ``--config``. Or start a new run from
+``experiment_path/checkpoint.pth.tar`` of ``--config``. The run goes on in the
+folder that holds the checkpoint (``--set train_data.experiment_path=...`` names
+another). Or start a new run from
 another run's weights (fine-tuning to a new lambda; optimizers and step start
 afresh)::
 
@@ -66,8 +68,8 @@ def parse_args(argv):
         const="",
         default=None,
         metavar="CHECKPOINT",
-        help="continue a run exactly, with the config stored in CHECKPOINT "
-        "(default: experiment_path/" + LAST_NAME + " of --config)",
+        help="continue a run exactly, in the folder of CHECKPOINT and with the "
+        "config stored in it (default: experiment_path/" + LAST_NAME + " of --config)",
     )
     start.add_argument(
         "--init-from",
@@ -96,7 +98,9 @@ def resolve_config(args):
     """The validated config with ``--resume``/``--init-from`` folded in.
 
     ``--resume CHECKPOINT`` without ``--config`` starts from the resolved config
-    stored in the checkpoint; ``--set`` overrides apply on top of either. The model
+    stored in the checkpoint; ``--set`` overrides apply on top of either. A resumed
+    run writes to the folder that holds its checkpoint, unless ``--set
+    train_data.experiment_path=...`` names another. The model
     the config names is checked with it (:func:`model_problems`), before any image
     is read, and its problems are reported with the config's.
     """
@@ -117,14 +121,28 @@ def resolve_config(args):
         return cfg
     raw = to_plain_dict(cfg)
     if args.resume is not None:
-        raw["train_data"]["use_checkpoint_path"] = os.path.abspath(
+        checkpoint = os.path.abspath(
             args.resume or os.path.join(cfg.train_data.experiment_path, LAST_NAME)
         )
+        raw["train_data"]["use_checkpoint_path"] = checkpoint
         raw["train_data"]["init_checkpoint_path"] = ""
+        if EXPERIMENT_KEY not in _overridden_keys(args.overrides):
+            # The run goes on where its checkpoint is: the experiment_path stored in it
+            # is where it was written, a folder that may since have been moved, or the
+            # original of a copy, whose checkpoints the resume would overwrite.
+            raw["train_data"]["experiment_path"] = os.path.dirname(checkpoint)
     else:
         raw["train_data"]["init_checkpoint_path"] = os.path.abspath(args.init_from)
         raw["train_data"]["use_checkpoint_path"] = ""
     return parse_config(raw, source=args.config or args.resume)
+
+
+EXPERIMENT_KEY = "train_data.experiment_path"
+
+
+def _overridden_keys(overrides) -> set:
+    """The ``block.key`` names that ``--set`` assigns."""
+    return {assignment.partition("=")[0].strip() for assignment in overrides}
 
 
 def _log(message: str) -> None:

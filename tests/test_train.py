@@ -8,6 +8,7 @@ import io
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1129,3 +1130,76 @@ def test_a_run_that_died_holding_the_folder_leaves_no_stale_lock(
         holder.wait()
     assert (exp / ".train.lock").exists()  # the file stays; its lock went with the run
     assert Trainer(load_config(cfg), CPU, log=io.StringIO()).fit() == 0
+
+
+def test_a_resume_continues_in_the_folder_that_holds_its_checkpoint(
+    tmp_path, train_images, capsys
+):
+    """After ``mv runs/a runs/b``, ``--resume runs/b/checkpoint.pth.tar`` re-created
+    runs/a and wrote there: the experiment_path stored in the checkpoint won; and a
+    resumed copy overwrote the original's checkpoint."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cfg = write_train_config(tmp_path, train_images, a, train_params={"max_steps": 2})
+    assert train.main(["--config", cfg]) == 0
+    os.rename(a, b)
+    status, err = run_cli(
+        [
+            "--resume",
+            str(b / "checkpoint.pth.tar"),
+            "--set",
+            "train_params.max_steps=3",
+        ],
+        capsys,
+    )
+    assert status == 0 and not a.exists()
+    assert f"the run continues in {b}; it was written in {a}" in err
+    assert not any("experiment_path" in line for line in err if "changed" in line)
+    resumed = load(b / "checkpoint.pth.tar")
+    assert resumed["global_step"] == 3
+    assert resumed["config"]["train_data"]["experiment_path"] == str(b)
+    # A copy goes on in the copy; the original is not touched.
+    shutil.copytree(b, c)
+    original = (b / "checkpoint.pth.tar").read_bytes()
+    resume_c = ["--resume", str(c / "checkpoint.pth.tar")]
+    assert train.main([*resume_c, "--set", "train_params.max_steps=4"]) == 0
+    assert (b / "checkpoint.pth.tar").read_bytes() == original
+    assert load(c / "checkpoint.pth.tar")["global_step"] == 4
+    # --set names another folder explicitly, and is obeyed.
+    d = tmp_path / "d"
+    overrides = ["train_params.max_steps=5", f"train_data.experiment_path={d}"]
+    assert train.main([*resume_c, "--set", *overrides]) == 0
+    assert load(c / "checkpoint.pth.tar")["global_step"] == 4
+    assert load(d / "checkpoint.pth.tar")["global_step"] == 5
+
+
+def test_a_resume_that_would_replace_a_later_checkpoint_is_refused(
+    tmp_path, train_images, capsys
+):
+    """``--resume RUN/checkpoint_best_loss.pth.tar`` replaced RUN/checkpoint.pth.tar,
+    at a later step, with an earlier state, and the steps between were lost."""
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 2})
+    assert train.main(["--config", cfg]) == 0  # validates at step 2: the best
+    assert (
+        train.main(["--config", cfg, "--resume", "--set", "train_params.max_steps=3"])
+        == 0
+    )
+    last, best = exp / "checkpoint.pth.tar", exp / "checkpoint_best_loss.pth.tar"
+    before = last.read_bytes()
+    assert (load(last)["global_step"], load(best)["global_step"]) == (3, 2)
+    capsys.readouterr()
+    status, err = run_cli(
+        ["--resume", str(best), "--set", "train_params.max_steps=4"], capsys
+    )
+    assert status == 1 and err == [
+        f"train.py: error: {last} is at global step 3, past {best} (global step 2), "
+        f"and resuming would replace it: resume from {last} to continue that run, or "
+        "write elsewhere with --set train_data.experiment_path=FOLDER"
+    ]
+    assert last.read_bytes() == before
+    # Written elsewhere, the best state goes on; the run's own folder is untouched.
+    other = tmp_path / "from_best"
+    overrides = ["train_params.max_steps=4", f"train_data.experiment_path={other}"]
+    assert train.main(["--resume", str(best), "--set", *overrides]) == 0
+    assert load(other / "checkpoint.pth.tar")["global_step"] == 4
+    assert last.read_bytes() == before

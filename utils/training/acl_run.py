@@ -40,6 +40,7 @@ from utils.training.bad_images import usable_images
 from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
+from utils.training.resume import check_not_behind
 from utils.training.run_lock import lock_experiment, refuse_if_locked
 from utils.training.state import check_resume_entries, load_entry
 
@@ -324,6 +325,7 @@ def run_acl(
                 f"cannot resume from {path}: entry 'acl_state' has other keys "
                 f"than {', '.join(f.name for f in fields(ACLState))}"
             ) from None
+        check_not_behind(path, run.exp, checkpoint["epoch"], "epoch")
         run.load_weights(path)
         optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
         load_entry(optimizer, checkpoint, "optimizer", path)
@@ -345,7 +347,9 @@ def run_acl(
     create_output_folder(run.exp, "train_data.experiment_path")
     lock = lock_experiment(run.exp)
     try:
-        if not data["use_checkpoint_path"] and os.path.exists(last):
+        if data["use_checkpoint_path"]:
+            check_not_behind(data["use_checkpoint_path"], run.exp, state.epoch, "epoch")
+        elif os.path.exists(last):
             raise _exists(last)
         while True:
             if state.phase == "train":

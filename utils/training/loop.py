@@ -33,7 +33,12 @@ from utils.training.build import build_configured_model
 from utils.training.config import BEST_NAME, LAST_NAME
 from utils.training.images import RunImages
 from utils.training.monitor import StepWindow, write_train_scalars, write_validation
-from utils.training.resume import check_resume_position, config_changes, run_finished
+from utils.training.resume import (
+    check_not_behind,
+    check_resume_position,
+    config_changes,
+    run_finished,
+)
 from utils.training.run_lock import lock_experiment, refuse_if_locked
 from utils.training.state import (
     TrainPosition,
@@ -84,6 +89,10 @@ class _LogStream:
     def __getattr__(self, name: str):
         # What tqdm asks of its file besides writing: fileno, isatty, encoding.
         return getattr(self.stream, name)
+
+
+def _folder(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
 
 
 class Trainer:
@@ -152,9 +161,14 @@ class Trainer:
         self._saved_at = -1
 
     # ----------------------------------------------------------------- setup
-    def _check_folder(self) -> None:
-        """Refuse a new run in a folder that holds another run's checkpoints."""
-        if self.cfg.train_data.use_checkpoint_path:
+    def _check_folder(self, resumed_step: Optional[int] = None) -> None:
+        """Refuse a new run in a folder that holds another run's checkpoints, and a
+        resume (at ``resumed_step``, once known) in one that holds a later state
+        (:func:`utils.training.resume.check_not_behind`)."""
+        resumed = self.cfg.train_data.use_checkpoint_path
+        if resumed:
+            if resumed_step is not None:
+                check_not_behind(resumed, self.exp, resumed_step)
             return
         last, best = (
             os.path.join(self.exp, LAST_NAME),
@@ -192,7 +206,7 @@ class Trainer:
                 remove_unused_folders(created)
                 raise
             try:
-                self._check_folder()
+                self._check_folder(self.pos.global_step)
             except ValueError:
                 lock.release()
                 remove_unused_folders(created)
@@ -253,10 +267,18 @@ class Trainer:
                 len(self.images.train_set),
                 self.ctx.world_size,
             )
+            check_not_behind(path, self.exp, self.pos.global_step)
             self.log(
                 f"resuming {path} at step {self.pos.global_step} "
                 f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})"
             )
+            written_in = ((checkpoint.get("config") or {}).get("train_data") or {}).get(
+                "experiment_path"
+            )
+            if isinstance(written_in, str) and _folder(written_in) != _folder(self.exp):
+                self.log(
+                    f"the run continues in {self.exp}; it was written in {written_in}"
+                )
             changes = config_changes(checkpoint.get("config"), self.cfg)
             for change in changes:
                 self.log(f"warning: config changed since the checkpoint: {change}")

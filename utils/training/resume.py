@@ -7,15 +7,31 @@ still hold that many batches. A run that reached its limit has nothing left to d
 These checks run before the run announces that it resumes.
 """
 
+import os
 from typing import List, Optional
 
-from utils.training.config import parse_config, rename_legacy_keys, to_plain_dict
-from utils.training.state import TrainPosition
+from utils.training.config import (
+    LAST_NAME,
+    parse_config,
+    rename_legacy_keys,
+    to_plain_dict,
+)
+from utils.training.state import TrainPosition, read_resume_checkpoint
 
-__all__ = ["run_finished", "check_resume_position", "config_changes"]
+__all__ = [
+    "run_finished",
+    "check_resume_position",
+    "check_not_behind",
+    "config_changes",
+]
 
-# Where the weights come from is not a change of the run.
-_START_KEYS = ("train_data.use_checkpoint_path:", "train_data.init_checkpoint_path:")
+# Where the weights come from is not a change of the run, nor where it writes (the
+# folder of its checkpoint, unless --set names another; the trainer says which).
+_START_KEYS = (
+    "train_data.use_checkpoint_path:",
+    "train_data.init_checkpoint_path:",
+    "train_data.experiment_path:",
+)
 
 
 def run_finished(cfg, position: TrainPosition) -> bool:
@@ -81,6 +97,38 @@ def check_resume_position(
         raise ValueError(
             f"{path} already finished its run at step {position.global_step} "
             f"({limit}); raise that limit with --set to train further"
+        )
+
+
+def check_not_behind(
+    path: str, experiment_path: str, position: int, counter: str = "global_step"
+) -> None:
+    """Refuse a resume from ``path`` that would replace a later state of the run in
+    ``experiment_path``: its ``checkpoint.pth.tar``, when it is another file than
+    ``path`` and its ``counter`` (the step; an ACL run's epoch) is past ``position``,
+    the resumed one. Resuming a run's ``checkpoint_best_loss.pth.tar`` replaced the
+    run's later last state with an earlier one, losing the steps between, silently.
+    A last state that cannot be read holds no steps to lose, and is not compared.
+
+    Raises:
+        ValueError: saying how to go on: resume from the later checkpoint, or write
+            elsewhere with ``--set train_data.experiment_path``.
+    """
+    last = os.path.join(experiment_path, LAST_NAME)
+    if not os.path.isfile(last) or (
+        os.path.exists(path) and os.path.samefile(last, path)
+    ):
+        return
+    try:
+        later = read_resume_checkpoint(last, required=(counter,))[counter]
+    except (ValueError, OSError):
+        return
+    if later > position:
+        name = counter.replace("_", " ")
+        raise ValueError(
+            f"{last} is at {name} {later}, past {path} ({name} {position}), and "
+            f"resuming would replace it: resume from {last} to continue that run, or "
+            "write elsewhere with --set train_data.experiment_path=FOLDER"
         )
 
 
