@@ -3,6 +3,7 @@ no input ever overwritten, Ctrl-C as one line, and no PyTorch before the argumen
 are checked."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -266,6 +267,34 @@ def test_a_reader_of_stderr_that_goes_away_ends_the_program_quietly_with_141(std
     child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, **streams)
     (child.stdout or child.stderr).close()
     assert child.wait(timeout=60) == 141
+
+
+def test_a_reader_gone_before_the_last_buffered_output_is_flushed_ends_quietly():
+    """Block-buffered stdout (no PYTHONUNBUFFERED) still held the table when main
+    returned, and Python's flush at exit printed 'Exception ignored ...'."""
+    script = (
+        "import sys\n"
+        "from utils.cli import run_main\n"
+        "def work():\n"
+        "    print('a short table')\n"
+        "    sys.stdin.read()  # until the test has closed the reading end\n"
+        "    return 0\n"
+        "sys.exit(run_main(work, 'test.py'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child.stdout.close()
+    child.stdin.close()
+    stderr = child.stderr.read()
+    assert child.wait(timeout=60) == 141 and stderr == ""
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(capsys):

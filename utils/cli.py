@@ -203,7 +203,11 @@ def run_main(main: Callable[[], int], program: str) -> int:
     and warnings are one line each (:func:`show_warnings_as_one_line`)."""
     show_warnings_as_one_line()
     try:
-        return main()
+        status = main()
+        # Piped output is block-buffered: a reader gone before the last block is met
+        # here, not in Python's flush at exit (a message and status 120).
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
