@@ -17,11 +17,21 @@ from utils.evaluation.demo import (
 )
 from utils.stitching.spec import PatchSpec
 from utils.training.release import (
-    export_curves,
-    export_weights,
+    curve_panels,
+    main,
     read_scalars,
+    render_curves,
     training_wall_time,
 )
+
+
+def release_into(checkpoint, folder, info):
+    """Release ``checkpoint`` into ``folder`` as the command does, with ``info``
+    given as the ``--info`` file."""
+    info_file = folder.parent / f"{folder.name}-info.json"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    info_file.write_text(json.dumps(info))
+    assert main([str(checkpoint), str(folder), "--info", str(info_file)]) == 0
 
 
 @pytest.fixture
@@ -31,7 +41,7 @@ def release(tmp_path, tiny_cps):
     checkpoint.parent.mkdir()
     torch.save({"architecture": "cps", "state_dict": tiny_cps.state_dict()}, checkpoint)
     folder = tmp_path / "shipped" / "tiny"
-    export_weights(str(checkpoint), str(folder), {"train_params": {"lmbda": 0.01}})
+    release_into(checkpoint, folder, {"train_params": {"lmbda": 0.01}})
     return folder
 
 
@@ -89,9 +99,9 @@ def test_training_curves_merge_resumptions_and_chain_fine_tuning(tmp_path):
     ]
     # Spans of the three launches (20 s, 30 s and 20 s), not the pauses between them.
     assert training_wall_time([str(base), str(tuned)]) == 20.0 + 30.0 + 20.0
-    output = tmp_path / "curves.png"
-    assert export_curves([str(base), str(tuned)], str(output)) == ["loss", "PSNR (dB)"]
-    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = curve_panels(scalars, [str(base), str(tuned)])
+    assert [label for label, _ in panels] == ["loss", "PSNR (dB)"]
+    assert render_curves(scalars, panels, "tiny")[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no TensorBoard folder"):
         read_scalars([str(tmp_path / "missing")])
 
@@ -293,9 +303,7 @@ def test_training_json_records_the_checkpoints_run_and_the_extra_facts_win(
         },
         checkpoint,
     )
-    export_weights(
-        str(checkpoint), str(tmp_path / "out"), {"epoch": 4, "data": "flickr"}
-    )
+    release_into(checkpoint, tmp_path / "out", {"epoch": 4, "data": "flickr"})
     info = json.loads((tmp_path / "out" / "training.json").read_text())
     assert info["train_params"] == config["train_params"] and info["batch_size"] == 16
     assert (
@@ -311,8 +319,6 @@ def test_release_command_keeps_a_given_wall_time_and_reports_bad_info_in_one_lin
     tmp_path, capsys
 ):
     from torch.utils.tensorboard import SummaryWriter
-
-    from utils.training.release import main
 
     checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
     checkpoint.parent.mkdir()
@@ -369,8 +375,6 @@ def test_release_command_refuses_existing_outputs_unless_forced(
     line with status 1 and nothing written, whichever output exists; --force writes."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from utils.training.release import main
-
     checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
     checkpoint.parent.mkdir()
     torch.manual_seed(0)
@@ -406,9 +410,8 @@ def test_release_command_without_runs_ignores_curves_and_refuses_a_file_folder(
     tmp_path, capsys
 ):
     """Without --runs no curves are written, so existing curves are no reason to
-    refuse (and stay as they were); an output folder that is a file is refused."""
-    from utils.training.release import main
-
+    refuse (and stay as they were), unless --force replaces the model they showed;
+    an output folder that is a file is refused."""
     checkpoint = tmp_path / "checkpoint.pth.tar"
     model = models.build_model("cps", N=8)
     torch.save({"architecture": "cps", "state_dict": model.state_dict()}, checkpoint)
@@ -417,6 +420,8 @@ def test_release_command_without_runs_ignores_curves_and_refuses_a_file_folder(
     (out / "training_curves.png").write_bytes(b"kept")
     assert main([str(checkpoint), str(out)]) == 0
     assert (out / "training_curves.png").read_bytes() == b"kept"
+    assert main([str(checkpoint), str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.pth", "training.json"]
     blocker = tmp_path / "file"
     blocker.write_text("x")
     capsys.readouterr()
@@ -460,8 +465,6 @@ def test_release_refuses_a_runs_folder_without_scalars_before_writing(
 ):
     """An empty --runs folder was found only after model.pth and training.json (with
     a training time of 0 h) were written."""
-    from utils.training.release import main
-
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "shipped" / "tiny"
@@ -493,8 +496,6 @@ def test_release_refuses_a_runs_folder_without_scalars_before_writing(
 def test_release_refuses_a_stored_config_of_the_wrong_shape_before_writing(
     tmp_path, tiny_cps, capsys, config, entry
 ):
-    from utils.training.release import main
-
     checkpoint = tmp_path / "checkpoint.pth.tar"
     torch.save(
         {"architecture": "cps", "state_dict": tiny_cps.state_dict(), "config": config},
@@ -517,8 +518,6 @@ def test_release_refuses_a_stored_config_of_the_wrong_shape_before_writing(
 def test_release_refuses_an_info_file_that_is_no_json_object_naming_it(
     tmp_path, run, capsys, text, message
 ):
-    from utils.training.release import main
-
     info = tmp_path / "info.json"
     if text is not None:
         info.write_text(text)
@@ -536,7 +535,6 @@ def test_a_release_that_fails_while_writing_leaves_the_previous_one(
     """A full disk while writing the last file: no file of the earlier release was
     replaced, no temporary is left, and a new folder is removed again."""
     from utils import atomic
-    from utils.training.release import main
 
     out = tmp_path / "shipped" / "tiny"
     argv = [str(run / "checkpoint.pth.tar"), str(out), "--runs", str(run)]
@@ -571,8 +569,6 @@ def test_release_solves_the_quantiles_of_a_runs_last_state_and_says_so(
     silently for the loader, and training.json records that it did."""
     import warnings
 
-    from utils.training.release import main
-
     checkpoint = tmp_path / "checkpoint.pth.tar"
     state = {"architecture": "cps", "state_dict": tiny_cps.state_dict()}
     torch.save({**state, "quantiles_solved": False}, checkpoint)
@@ -604,8 +600,6 @@ def test_release_solves_the_quantiles_of_a_runs_last_state_and_says_so(
 
 def test_release_prints_warnings_as_one_line(tmp_path, capsys, monkeypatch):
     import warnings
-
-    from utils.training.release import main
 
     # Python's format (an earlier test's main may have set the one-line one already);
     # restored after.

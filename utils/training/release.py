@@ -1,11 +1,12 @@
 """Turn a training run into the small release the repository ships.
 
 A training checkpoint holds optimizer moments, schedulers and float32 weights: about
-four times the size of what a user needs to code images. :func:`export_weights`
-writes only the state dict, with the learned parameters in float16, entropy tables
-recomputed for those rounded weights (so that encoder and decoder agree with the
-model the file really holds), and a ``training.json`` saying how the model was made.
-:func:`export_curves` draws the run's TensorBoard scalars as a PNG.
+four times the size of what a user needs to code images. A release
+(:func:`build_release`) keeps only the state dict, with the learned parameters in
+float16, entropy tables recomputed for those rounded weights (so that encoder and
+decoder agree with the model the file really holds), and a ``training.json`` saying
+how the model was made; :func:`render_curves` draws the run's TensorBoard scalars as
+a PNG.
 
     python -m utils.training.release experiment/run/checkpoint_best_loss.pth.tar \\
         experiment/shipped/cps_n64_lambda00035 --runs experiment/run [--force]
@@ -17,6 +18,8 @@ first too (the checkpoint and its stored config, the ``--info`` file, scalars in
 each ``--runs`` folder): the release is made in memory, and its files are written
 together (:func:`utils.atomic.atomic_write_files`), so a refused or failed release
 leaves no half-made folder, and with ``--force`` the previous files stay as they were.
+A release with ``--force`` but without ``--runs`` removes the curves of the model it
+replaces.
 """
 
 import argparse
@@ -32,7 +35,7 @@ import torch
 
 from models.checkpoint import UnsolvedQuantilesWarning, load_checkpoint
 from models.checkpoint_file import read_checkpoint_file
-from utils.atomic import atomic_write_bytes, atomic_write_files, strict_json
+from utils.atomic import atomic_write_files, strict_json
 from utils.cli import (
     REPORTED_ERRORS,
     add_force_argument,
@@ -47,7 +50,7 @@ from utils.device import cpu_model_name
 WEIGHTS_NAME = "model.pth"
 INFO_NAME = "training.json"
 CURVES_NAME = "training_curves.png"
-# TensorBoard tags drawn by export_curves, one panel each, if the run logged them.
+# TensorBoard tags drawn by render_curves, one panel each, if the run logged them.
 CURVE_PANELS = (
     ("loss", ("train/loss", "val/loss")),
     ("bits per pixel", ("train/bpp", "val/bpp")),
@@ -147,12 +150,16 @@ def build_release(
         ValueError: the checkpoint cannot be read or built, its stored config is not
             of the expected shape, or its run description cannot be written as JSON.
     """
+    checkpoint = read_checkpoint_file(checkpoint_path)
+    if not isinstance(checkpoint, Mapping):  # load_checkpoint says what it holds
+        checkpoint = {}
+    summary = _checkpoint_summary(checkpoint, checkpoint_path)
+    unsolved = checkpoint.get("quantiles_solved") is False
+    del checkpoint  # the optimizer state it holds is freed before the model loads
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnsolvedQuantilesWarning)  # solved below
         model = load_checkpoint(checkpoint_path, torch.device("cpu"))
-    checkpoint = read_checkpoint_file(checkpoint_path)  # a dict: the model loaded
-    summary = _checkpoint_summary(checkpoint, checkpoint_path)
-    solve = checkpoint.get("quantiles_solved") is False and any(
+    solve = unsolved and any(
         name.endswith(".quantiles") for name, _ in model.named_parameters()
     )
     state = half_precision_state_dict(model, solve_quantiles=solve)
@@ -192,22 +199,6 @@ def build_release(
         ) from None
     files = {WEIGHTS_NAME: weights.getvalue(), INFO_NAME: (text + "\n").encode()}
     return files, info
-
-
-def export_weights(
-    checkpoint_path: str, output_dir: str, extra_info: Optional[dict] = None
-) -> str:
-    """Write ``output_dir/model.pth`` and ``output_dir/training.json`` together
-    (:func:`build_release`).
-
-    Returns the weights path.
-    """
-    files, _ = build_release(checkpoint_path, extra_info)
-    os.makedirs(output_dir, exist_ok=True)
-    atomic_write_files(
-        {os.path.join(output_dir, name): data for name, data in files.items()}
-    )
-    return os.path.join(output_dir, WEIGHTS_NAME)
 
 
 def read_scalars(run_dirs: Sequence[str]) -> Dict[str, List[tuple]]:
@@ -312,17 +303,6 @@ def render_curves(
     return render_figure(figure, title)
 
 
-def export_curves(run_dirs: Sequence[str], output: str, title: str = "") -> List[str]:
-    """Draw the run's loss, bpp, PSNR and aux-loss curves into ``output`` (PNG).
-
-    Returns the panels drawn; raises ``ValueError`` when the runs logged none of them.
-    """
-    scalars = read_scalars(run_dirs)
-    panels = curve_panels(scalars, run_dirs)
-    atomic_write_bytes(output, render_curves(scalars, panels, title))
-    return [label for label, _ in panels]
-
-
 def release_outputs(output_dir: str, runs: Sequence[str]) -> List[str]:
     """The files a release into ``output_dir`` writes: the weights and their
     ``training.json``, and the curves when TensorBoard folders are given."""
@@ -388,6 +368,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.runs:
             title = os.path.basename(os.path.normpath(args.output_dir))
             files[CURVES_NAME] = render_curves(scalars, panels, title)
+        # Curves of the model --force replaces would be left beside the new one.
+        stale_curves = os.path.join(args.output_dir, CURVES_NAME)
+        stale = args.force and not args.runs and os.path.isfile(stale_curves)
         with output_folder(args.output_dir, "output_dir"):  # removed if left empty
             atomic_write_files(
                 {
@@ -395,6 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for name, data in files.items()
                 }
             )
+        if stale:
+            os.remove(stale_curves)
     except REPORTED_ERRORS as exc:
         return report_error("release", exc)
     weights = os.path.join(args.output_dir, WEIGHTS_NAME)
@@ -406,6 +391,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     for path in outputs[1:]:
         print(f"wrote {path}")
+    if stale:
+        print(f"removed {stale_curves}: it showed the training of the model replaced")
     return 0
 
 
