@@ -82,7 +82,7 @@ def parse_args(argv):
     return args
 
 
-def model_problems(cfg) -> list:
+def problems_of_the_model(cfg) -> list:
     """:func:`utils.training.build.model_problems`, when the keys the model is
     built from are valid. While one of them is refused (and reported), the model is
     not checked, and the config's problems come back before PyTorch is imported."""
@@ -100,9 +100,9 @@ def resolve_config(args):
     ``--resume CHECKPOINT`` without ``--config`` starts from the resolved config
     stored in the checkpoint; ``--set`` overrides apply on top of either. A resumed
     run writes to the folder that holds its checkpoint, unless ``--set
-    train_data.experiment_path=...`` names another. The model
-    the config names is checked with it (:func:`model_problems`), before any image
-    is read, and its problems are reported with the config's.
+    train_data.experiment_path=...`` names another. The model the config names is
+    checked with it (:func:`problems_of_the_model`), before any image is read, and
+    its problems are reported with the config's.
     """
     if args.config is None:
         from utils.training.state import stored_config  # reads a PyTorch checkpoint
@@ -113,10 +113,10 @@ def resolve_config(args):
             args.overrides,
             base=stored_config(path),
             source=f"{path} (stored config)",
-            checks=[model_problems],
+            checks=[problems_of_the_model],
         )
     else:
-        cfg = load_config(args.config, args.overrides, checks=[model_problems])
+        cfg = load_config(args.config, args.overrides, checks=[problems_of_the_model])
     if args.resume is None and args.init_from is None:
         return cfg
     raw = to_plain_dict(cfg)

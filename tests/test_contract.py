@@ -415,10 +415,10 @@ def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     with pytest.raises(ValueError, match="plan.grayscale is set but the image's"):
         model.encode(image, plan.with_(grayscale=True))
     gray = image[:1].expand(3, -1, -1)
-    assert model.decode(model.encode(gray, plan.with_(grayscale=True)), plan).shape == (
-        1,
-        *image.shape[1:],
-    )
+    one_channel = model.decode(model.encode(gray, plan.with_(grayscale=True)), plan)
+    three = model.decode(model.encode(gray, plan), plan)
+    assert torch.equal(one_channel[0], three.float().mean(0).round().to(torch.uint8))
+    assert one_channel.shape == (1, *image.shape[1:])
     payload = model.encode(image, plan)
     foreign = small_model("mbt2018" if name == "cps" else "cps").encode(image, plan)
     forged = [

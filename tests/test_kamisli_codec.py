@@ -179,9 +179,8 @@ def test_cps_files_round_trip_and_their_size_is_the_rate():
     )["x_hat"]
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 21, 30)
     assert torch.equal(decoded, expected[0].mul(255).round().to(torch.uint8))
-    one_plane = pixels[:1].expand(
-        3, -1, -1
-    )  # a grayscale image, as read_image gives it
+    # A grayscale image, as read_image gives it.
+    one_plane = pixels[:1].expand(3, -1, -1)
     gray, colour = (
         model.decode(unpack(pack(model.encode(one_plane, plan))), CodingPlan())
         for plan in (CodingPlan(grayscale=True), CodingPlan())

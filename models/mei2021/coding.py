@@ -68,13 +68,12 @@ def _padded_size(model: nn.Module, height: int, width: int):
 def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     """Code a uint8 (3, H, W) image into one stream per layer of ``model``, keeping
     the first ``plan.layers`` of them (all for 0)."""
-    check_image(image, plan.grayscale)
     if plan.layers > model.num_layers:
         raise ValueError(
             f"cannot keep {plan.layers} layers: {model.registry_name} has "
             f"{model.num_layers}"
         )
-    layered = encode_latents(model, image, plan.budget_bytes)[0]
+    layered = encode_latents(model, image, plan.budget_bytes, plan.grayscale)[0]
     layered.grayscale = plan.grayscale
     if plan.layers:
         layered.streams = layered.streams[: plan.layers]
@@ -83,16 +82,22 @@ def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> LayeredImage:
     return layered
 
 
-def encode_latents(model: nn.Module, image: Tensor, budget_bytes: Optional[int] = None):
+def encode_latents(
+    model: nn.Module,
+    image: Tensor,
+    budget_bytes: Optional[int] = None,
+    grayscale: bool = False,
+):
     """All layers' payload, and the encoder's per-layer outputs.
 
     The second value holds the lists ``x_hat``, ``y_hat`` and ``prediction`` (None for
     the base) of the encoder's own reconstruction loop, for comparison with
     :func:`decode_latents`. With ``budget_bytes``, an image whose coding would break
-    it is refused before any work.
+    it is refused before any work, and so is a colour image coded as ``grayscale``
+    (:func:`~models.base.check_image`).
     """
     _check_model(model)
-    check_image(image)
+    check_image(image, grayscale)
     height, width = image.shape[1:]
     device = model_device(model)
     check_whole_image_fits(model, device, budget_bytes, height, width)
