@@ -25,7 +25,6 @@ from models.checkpoint import (
 )
 from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save
-from utils.cli import create_output_folder
 from utils.training.acl import (
     ACLState,
     closed_loop_loss,
@@ -41,7 +40,7 @@ from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.resume import check_not_behind
-from utils.training.run_lock import lock_experiment, refuse_if_locked
+from utils.training.run_lock import refuse_if_locked, take_experiment_folder
 from utils.training.state import check_resume_entries, load_entry
 
 __all__ = ["STATE_NAME", "run_acl"]
@@ -341,16 +340,17 @@ def run_acl(
             run.load_weights(data["init_checkpoint_path"])
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
-    # Only now: a refused run leaves no empty folder. The folder is this run's alone
-    # until it ends (utils/training/run_lock.py), and checked again under the lock,
-    # since another run may have written its state in the meantime.
-    create_output_folder(run.exp, "train_data.experiment_path")
-    lock = lock_experiment(run.exp)
-    try:
+
+    def recheck() -> None:  # under the lock: another run may have written since
         if data["use_checkpoint_path"]:
             check_not_behind(data["use_checkpoint_path"], run.exp, state.epoch, "epoch")
         elif os.path.exists(last):
             raise _exists(last)
+
+    # Only now: a refused run leaves no empty folder. The folder is this run's alone
+    # until it ends (utils/training/run_lock.py).
+    _, lock = take_experiment_folder(run.exp, recheck)
+    try:
         while True:
             if state.phase == "train":
                 _train_phase(run, state, optimizer, scheduler)

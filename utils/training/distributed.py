@@ -20,7 +20,7 @@ the agreement exact and the quantiles stay bit-identical across ranks.
 
 import datetime
 import os
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -154,3 +154,23 @@ def cleanup() -> None:
     """Leave the process group, if any."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_rank_0(ctx: DistContext, action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 alone (the rank that writes files); if it raises
+    ``ValueError`` or ``OSError``, every rank raises, so that under torchrun the other
+    ranks do not wait for rank 0 in their next collective until the process group's
+    timeout. Every rank must call it."""
+    refusal = None
+    if ctx.is_main:
+        try:
+            action()
+        except (ValueError, OSError) as exc:
+            refusal = exc
+    refused = all_reduce_sum(
+        torch.tensor([float(refusal is not None)], device=ctx.device)
+    )
+    if refusal is not None:
+        raise refusal
+    if refused.item():
+        raise ValueError("rank 0 refused the run (its error says why)")

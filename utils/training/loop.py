@@ -23,23 +23,28 @@ from typing import Dict, Optional
 import torch
 
 from utils.cli import (
-    create_output_folder,
     remove_unused_folders,
-    silence_gone_readers,
 )
 from utils.training import distributed
 from utils.training.bad_images import TooManyUnusableImages
 from utils.training.build import build_configured_model
 from utils.training.config import BEST_NAME, LAST_NAME
+from utils.training.distributed import on_rank_0
 from utils.training.images import RunImages
-from utils.training.monitor import StepWindow, write_train_scalars, write_validation
+from utils.training.monitor import (
+    LogStream,
+    StepWindow,
+    write_train_scalars,
+    write_validation,
+)
 from utils.training.resume import (
+    check_experiment_folder,
     check_not_behind,
     check_resume_position,
     config_changes,
     run_finished,
 )
-from utils.training.run_lock import lock_experiment, refuse_if_locked
+from utils.training.run_lock import refuse_if_locked, take_experiment_folder
 from utils.training.state import (
     TrainPosition,
     build_checkpoint,
@@ -57,38 +62,6 @@ from utils.training.step import (
 from utils.training.validation import validate
 
 __all__ = ["Trainer"]
-
-
-class _LogStream:
-    """The stream rank 0 logs to (messages and the progress bar), which turns a reader
-    that went away (``train.py ... 2>&1 | head``) into a stop, as a signal would: the
-    run saves its checkpoint after the current step and ends with status 141 (128 +
-    SIGPIPE), where the write error used to end it at once, without a checkpoint and
-    with a traceback. The gone output is pointed at /dev/null
-    (:func:`utils.cli.silence_gone_readers`), so the lines still to come are dropped;
-    a broken pipe that is not an output's is raised."""
-
-    def __init__(self, stream, on_gone):
-        self.stream, self.on_gone = stream, on_gone
-
-    def write(self, text: str):
-        return self._call(self.stream.write, text)
-
-    def flush(self) -> None:
-        self._call(self.stream.flush)
-
-    def _call(self, method, *args):
-        try:
-            return method(*args)
-        except BrokenPipeError:
-            if not silence_gone_readers(self.stream):
-                raise
-            self.on_gone()
-            return len(args[0]) if args else None
-
-    def __getattr__(self, name: str):
-        # What tqdm asks of its file besides writing: fileno, isatty, encoding.
-        return getattr(self.stream, name)
 
 
 def _folder(path: str) -> str:
@@ -109,12 +82,17 @@ class Trainer:
 
     def __init__(self, cfg, ctx: distributed.DistContext, log=None):
         self.cfg, self.ctx = cfg, ctx
-        self.log_stream = _LogStream(log or sys.stderr, self._on_reader_gone)
+        self.log_stream = LogStream(log or sys.stderr, self._on_reader_gone)
         self._stop_signal: Optional[int] = None
         data, params = cfg.train_data, cfg.train_params
         self.exp = data.experiment_path
-        self._check_folder()
-        self._on_rank_0(lambda: refuse_if_locked(self.exp))
+        resumed_from = data.use_checkpoint_path
+
+        def check_folder() -> None:  # refused in the first second, before any loading
+            check_experiment_folder(self.exp, resumed_from)
+            refuse_if_locked(self.exp)
+
+        on_rank_0(ctx, check_folder)
         torch.manual_seed(params.seed)  # identical initial weights on every rank
 
         # The model first: its problems are the config's, and come before the data's.
@@ -152,7 +130,19 @@ class Trainer:
             cuda_graph=params.cuda_graphs and ctx.world_size == 1,
         )
         self.step.nonfinite_in_a_row = self.pos.nonfinite_in_a_row
-        self._created, self._lock = self._take_folder()
+        # Only now, once model and data are known to be fine: a refused run leaves no
+        # empty folder. Rank 0 alone writes, so it alone takes the folder.
+        self._created, self._lock = [], None
+
+        def take() -> None:
+            self._created, self._lock = take_experiment_folder(
+                self.exp,
+                lambda: check_experiment_folder(
+                    self.exp, resumed_from, self.pos.global_step
+                ),
+            )
+
+        on_rank_0(ctx, take)
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -161,79 +151,6 @@ class Trainer:
         self._saved_at = -1
 
     # ----------------------------------------------------------------- setup
-    def _check_folder(self, resumed_step: Optional[int] = None) -> None:
-        """Refuse a new run in a folder that holds another run's checkpoints, and a
-        resume (at ``resumed_step``, once known) in one that holds a later state
-        (:func:`utils.training.resume.check_not_behind`)."""
-        resumed = self.cfg.train_data.use_checkpoint_path
-        if resumed:
-            if resumed_step is not None:
-                check_not_behind(resumed, self.exp, resumed_step)
-            return
-        last, best = (
-            os.path.join(self.exp, LAST_NAME),
-            os.path.join(self.exp, BEST_NAME),
-        )
-        if os.path.exists(last):
-            raise ValueError(
-                f"{last} exists: pass --resume to continue that run, or choose "
-                "another train_data.experiment_path"
-            )
-        if os.path.exists(best):
-            raise ValueError(
-                f"{best} exists, which a new run would overwrite: choose another "
-                "train_data.experiment_path, or move that file away"
-            )
-
-    def _take_folder(self):
-        """Create the experiment folder and lock it for this run
-        (:mod:`utils.training.run_lock`), on rank 0, which alone writes; return the
-        folders made (removed again if the run stops before its first step) and the
-        lock (None on other ranks).
-
-        Only now, once the model and data are known to be fine: a refused run leaves
-        no empty folder behind. The folder is checked again under the lock, since
-        another run may have written a checkpoint since :meth:`_check_folder`.
-        """
-        taken = ([], None)
-
-        def take() -> None:
-            nonlocal taken
-            created = create_output_folder(self.exp, "train_data.experiment_path")
-            try:
-                lock = lock_experiment(self.exp)
-            except ValueError:
-                remove_unused_folders(created)
-                raise
-            try:
-                self._check_folder(self.pos.global_step)
-            except ValueError:
-                lock.release()
-                remove_unused_folders(created)
-                raise
-            taken = (created, lock)
-
-        self._on_rank_0(take)
-        return taken
-
-    def _on_rank_0(self, action) -> None:
-        """Run ``action`` on rank 0 alone; if it raises ``ValueError`` or ``OSError``,
-        every rank raises, so that under torchrun the other ranks do not wait for rank
-        0 in their first collective until the process group's timeout."""
-        refusal = None
-        if self.ctx.is_main:
-            try:
-                action()
-            except (ValueError, OSError) as exc:
-                refusal = exc
-        refused = distributed.all_reduce_sum(
-            torch.tensor([float(refusal is not None)], device=self.ctx.device)
-        )
-        if refusal is not None:
-            raise refusal
-        if refused.item():
-            raise ValueError("rank 0 refused the run (its error says why)")
-
     def close(self) -> None:
         """Let another run use the experiment folder (rank 0's lock, if held): at the
         end of :meth:`fit`, or for a trainer built and not run (to inspect it)."""

@@ -1,5 +1,6 @@
-"""What a training run shows while it runs: step statistics gathered between two
-TensorBoard writes, and the scalars and images written (``train/*``, ``val/*``)."""
+"""What a training run shows while it runs: its log stream, step statistics gathered
+between two TensorBoard writes, and the scalars and images written (``train/*``,
+``val/*``)."""
 
 import time
 from typing import Dict, List, Tuple
@@ -7,12 +8,45 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
+from utils.cli import silence_gone_readers
 from utils.training.step import STAT_NAMES
 
-__all__ = ["StepWindow", "write_train_scalars", "write_validation"]
+__all__ = ["LogStream", "StepWindow", "write_train_scalars", "write_validation"]
 
 # The step statistics logged as ``train/<name>`` (``stop`` is a flag, not a figure).
 LOGGED_STATS = ("loss", "mse", "bpp", "aux", "grad_norm", "psnr")
+
+
+class LogStream:
+    """The stream rank 0 logs to (messages and the progress bar), which turns a reader
+    that went away (``train.py ... 2>&1 | head``) into a stop, as a signal would: the
+    run saves its checkpoint after the current step and ends with status 141 (128 +
+    SIGPIPE), where the write error used to end it at once, without a checkpoint and
+    with a traceback. The gone output is pointed at /dev/null
+    (:func:`utils.cli.silence_gone_readers`), so the lines still to come are dropped;
+    a broken pipe that is not an output's is raised."""
+
+    def __init__(self, stream, on_gone):
+        self.stream, self.on_gone = stream, on_gone
+
+    def write(self, text: str):
+        return self._call(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._call(self.stream.flush)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            if not silence_gone_readers(self.stream):
+                raise
+            self.on_gone()
+            return len(args[0]) if args else None
+
+    def __getattr__(self, name: str):
+        # What tqdm asks of its file besides writing: fileno, isatty, encoding.
+        return getattr(self.stream, name)
 
 
 class StepWindow:

@@ -11,6 +11,7 @@ import os
 from typing import List, Optional
 
 from utils.training.config import (
+    BEST_NAME,
     LAST_NAME,
     parse_config,
     rename_legacy_keys,
@@ -22,6 +23,7 @@ __all__ = [
     "run_finished",
     "check_resume_position",
     "check_not_behind",
+    "check_experiment_folder",
     "config_changes",
 ]
 
@@ -163,3 +165,30 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> List[str]:
         elif a != b:
             changes.append(f"{name}: {a!r} -> {b!r}")
     return changes
+
+
+def check_experiment_folder(
+    folder: str, resumed_from: str, resumed_step: Optional[int] = None
+) -> None:
+    """Refuse a new run (``resumed_from`` empty) in a ``folder`` that holds another
+    run's checkpoints, and a resume from ``resumed_from`` at ``resumed_step`` (once
+    known) in one that holds a later state (:func:`check_not_behind`).
+
+    Raises:
+        ValueError: naming the file in the way and what to do.
+    """
+    if resumed_from:
+        if resumed_step is not None:
+            check_not_behind(resumed_from, folder, resumed_step)
+        return
+    last, best = os.path.join(folder, LAST_NAME), os.path.join(folder, BEST_NAME)
+    if os.path.exists(last):
+        raise ValueError(
+            f"{last} exists: pass --resume to continue that run, or choose "
+            "another train_data.experiment_path"
+        )
+    if os.path.exists(best):
+        raise ValueError(
+            f"{best} exists, which a new run would overwrite: choose another "
+            "train_data.experiment_path, or move that file away"
+        )

@@ -16,9 +16,17 @@ Trainer`).
 import fcntl
 import os
 import socket
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
-__all__ = ["LOCK_NAME", "ExperimentLock", "lock_experiment", "refuse_if_locked"]
+from utils.cli import create_output_folder, remove_unused_folders
+
+__all__ = [
+    "LOCK_NAME",
+    "ExperimentLock",
+    "lock_experiment",
+    "refuse_if_locked",
+    "take_experiment_folder",
+]
 
 LOCK_NAME = ".train.lock"
 
@@ -94,6 +102,35 @@ def lock_experiment(folder: str, name: str = "train_data.experiment_path"):
             return ExperimentLock(path, descriptor)
         # The run that held it ended and removed the file in between: lock the new one.
         os.close(descriptor)
+
+
+def take_experiment_folder(
+    folder: str, recheck: Callable[[], None], name: str = "train_data.experiment_path"
+) -> Tuple[List[str], ExperimentLock]:
+    """Create ``folder`` (and its missing parents), lock it for this run, and run
+    ``recheck`` under the lock: another run may have written its checkpoints since
+    the folder was first checked. A refusal leaves no lock and no folder it made.
+
+    Returns:
+        the folders made (for :func:`utils.cli.remove_unused_folders`, should the
+        run stop before its first step) and the :class:`ExperimentLock`.
+
+    Raises:
+        ValueError: the folder cannot be made or locked, or ``recheck`` refuses.
+    """
+    created = create_output_folder(folder, name)
+    try:
+        lock = lock_experiment(folder, name)
+    except ValueError:
+        remove_unused_folders(created)
+        raise
+    try:
+        recheck()
+    except ValueError:
+        lock.release()
+        remove_unused_folders(created)
+        raise
+    return created, lock
 
 
 def refuse_if_locked(folder: str, name: str = "train_data.experiment_path") -> None:
