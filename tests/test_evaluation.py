@@ -23,6 +23,7 @@ from utils.evaluation.coders import (
     ModelCoder,
     NaiveTiles,
     learned_coders,
+    load_pretrained,
 )
 from utils.evaluation.metrics import psnr, psnr_b
 from utils.evaluation.runs import (
@@ -392,6 +393,18 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
     lines = stderr.strip().splitlines()
     assert "cannot download pretrained mbt2018" in lines[-1] and "https://" in lines[-1]
     assert all("Traceback" not in line for line in lines)
+
+
+def test_a_torch_home_that_is_a_file_is_named_not_offered_as_a_place(
+    tmp_path, monkeypatch
+):
+    """It said "put that file in TORCH_HOME/hub/checkpoints", under a file."""
+    blocker = tmp_path / "torch_home"
+    blocker.write_text("a file")
+    monkeypatch.setenv("TORCH_HOME", str(blocker))
+    with pytest.raises(RuntimeError) as error:
+        load_pretrained("mbt2018", 1, "mse", torch.device("cpu"))
+    assert f"{blocker} is a file, not a folder; point TORCH_HOME" in str(error.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"random bytes", "weights of another model"])

@@ -16,6 +16,7 @@ from utils.evaluation.rd import (
     format_table,
     load_curve,
     load_curves,
+    parse_labels,
 )
 from utils.evaluation.rd_plot import curve_styles, rd_figure
 
@@ -261,6 +262,35 @@ def test_a_bad_label_is_one_line_on_stderr(capsys, tmp_path, label, message):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_labels_may_hold_equals_signs_and_a_file_is_labelled_once(tmp_path):
+    """``--label a=b.json=X`` could not name the file ``a=b.json``, and a second
+    label for one file silently replaced the first."""
+    odd = write_results(tmp_path / "a=b.json", "a", BPP, PSNR)
+    plain = write_results(tmp_path / "c.json", "c", BPP, PSNR)
+    assert parse_labels([f"{odd}=λ=0.01", f"{plain}=x=y"], [odd, plain]) == {
+        odd: "λ=0.01",
+        plain: "x=y",
+    }
+    with pytest.raises(ValueError, match="labelled twice"):
+        parse_labels([f"{plain}=x", f"{plain}=y"], [odd, plain])
+
+
+@pytest.mark.parametrize("value", [-5.0, 1.5])
+def test_an_ms_ssim_outside_0_to_1_is_refused_not_drawn_or_dropped(tmp_path, value):
+    path = tmp_path / "m.json"
+    values = [0.9, 0.95, value, 0.99]
+    path.write_text(json.dumps({"results": {"bpp": BPP[:4], "ms-ssim-rgb": values}}))
+    with pytest.raises(ValueError, match=r"ms-ssim-rgb\[2\] = .* is not an MS-SSIM"):
+        load_curve(str(path))
+
+
+def test_points_sharing_a_bpp_give_no_bd_rate(tmp_path):
+    anchor = load_curve(write_results(tmp_path / "a.json", "a", BPP, PSNR))
+    flat = load_curve(write_results(tmp_path / "f.json", "f", [0.5] * 5, PSNR))
+    with pytest.raises(ValueError, match="share a bpp"):
+        bd_rate(anchor, flat)
 
 
 def test_twenty_curve_styles_differ_in_colour_and_in_marker():

@@ -410,6 +410,17 @@ def pretrained_url(architecture: str, quality: int, metric: str) -> str:
         ) from None
 
 
+def _first_file_on_the_way(folder: str) -> Optional[str]:
+    """The first existing path along ``folder`` (from the root) that is not a folder,
+    or None: where the folder can never be made."""
+    parts = os.path.abspath(folder).split(os.sep)
+    for depth in range(2, len(parts) + 1):
+        path = os.sep.join(parts[:depth])
+        if os.path.exists(path) and not os.path.isdir(path):
+            return path
+    return None
+
+
 def load_pretrained(
     architecture: str, quality: int, metric: str, device: torch.device
 ) -> nn.Module:
@@ -439,6 +450,12 @@ def load_pretrained(
             ) from None
         if not isinstance(exc, (OSError, RuntimeError)):
             raise
+        blocked = _first_file_on_the_way(cache)
+        if blocked:  # TORCH_HOME (or a folder under it) is a file
+            raise RuntimeError(
+                f"cannot keep pretrained weights in {cache}: {blocked} is a file, "
+                "not a folder; point TORCH_HOME at a folder"
+            ) from None
         raise RuntimeError(
             f"cannot download pretrained {architecture} (metric {metric}, quality "
             f"{quality}) from {url}: {reason}; without network, put that file in "

@@ -117,6 +117,17 @@ def _check_values(path: str, results: dict) -> None:
                         f"results file {path}: {key}[{index}] = {value!r} is not "
                         "a number"
                     )
+                # Outside it, the dB form is negative or undefined: a wrong curve,
+                # or a point silently left out.
+                if (
+                    _ALIASES.get(key, key) == "ms-ssim-rgb"
+                    and value is not None
+                    and not 0 <= value <= 1
+                ):
+                    raise ValueError(
+                        f"results file {path}: {key}[{index}] = {value!r} is not an "
+                        "MS-SSIM (between 0 and 1)"
+                    )
     layers = results.get("layer")
     if isinstance(layers, list) and any(
         not (isinstance(k, int) and not isinstance(k, bool)) for k in layers
@@ -279,19 +290,31 @@ def parse_labels(items: Sequence[str], paths: Sequence[str]) -> Dict[str, str]:
 
     FILE may be written differently from the path it names (``./a.json`` for
     ``a.json``); it is matched by its resolved location. A FILE that is not among
-    ``paths`` is an error, so a typo cannot leave a curve silently unlabelled.
+    ``paths`` is an error, so a typo cannot leave a curve silently unlabelled, and so
+    is a second label for one file. FILE ends at the first ``=`` before which the
+    text names one of ``paths``, so a FILE or a NAME may hold ``=`` too.
     """
     by_location = {os.path.realpath(path): path for path in paths}
     labels = {}
     for item in items:
-        file, separator, name = item.partition("=")
-        if not separator or not file or not name:
+        splits = [i for i, char in enumerate(item) if char == "="]
+        if not splits or not item[: splits[0]] or not item[splits[-1] + 1 :]:
             raise ValueError(f"--label {item!r}: expected FILE=NAME")
-        path = by_location.get(os.path.realpath(file))
-        if path is None:
+        named = [
+            (by_location[os.path.realpath(item[:i])], item[i + 1 :])
+            for i in splits
+            if os.path.realpath(item[:i]) in by_location
+        ]
+        if not named:
+            file = item[: splits[0]]
             raise ValueError(
                 f"--label {item!r}: {file} is not one of the results files"
             )
+        path, name = named[0]
+        if not name:
+            raise ValueError(f"--label {item!r}: expected FILE=NAME")
+        if path in labels:
+            raise ValueError(f"--label: {path} is labelled twice")
         labels[path] = name
     return labels
 
@@ -316,7 +339,12 @@ def bd_rate(
                 f"{curve.name}: {len(pairs)} {metric} points, a BD-rate needs "
                 f"at least {MIN_POINTS}"
             )
-        values = [value for _, value in pairs]
+        rates, values = zip(*pairs)
+        if any(b <= a for a, b in zip(rates, rates[1:])):
+            raise ValueError(
+                f"{curve.name}: two {metric} points share a bpp, so the rate cannot "
+                "be interpolated from the quality"
+            )
         if any(b <= a for a, b in zip(values, values[1:])):
             raise ValueError(
                 f"{curve.name}: {metric} does not increase strictly with bpp, "
