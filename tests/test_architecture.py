@@ -6,7 +6,7 @@ Tiers, top to bottom (a module may import from its own tier or below):
     applications  utils/training/, utils/evaluation/, utils/cli.py, datasets/
     models        models/ (networks, their coding, the contract, the registry)
     machinery     utils/coding/, utils/stitching/, utils/memory.py, utils/device.py,
-                  utils/image_io.py, utils/atomic.py
+                  utils/image_io.py, utils/atomic.py, utils/folder_lock.py
 
 Every import counts, function-level ones included.
 """

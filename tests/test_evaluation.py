@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -746,24 +747,30 @@ def test_an_earlier_evaluation_in_the_output_folder_is_kept_unless_forced(
     assert all(path.stat().st_mtime_ns != before[path] for path in written)
 
 
-def test_previous_outputs_are_the_files_this_run_would_write(tmp_path):
-    from utils.evaluation.runs import previous_outputs
+def test_previous_outputs_are_the_files_this_run_would_replace(tmp_path):
+    """per-image/ and reconstructions/ are replaced whole: every file in them counts."""
+    from utils.evaluation.outputs import previous_outputs
 
     folder = tmp_path / "reconstructions"
     folder.mkdir()
-    names = ["a.png", "a-q1.png", "a-q1-L2.png", "a-q10.png", "b-q1.png", "a-q1.txt"]
+    names = ["a.png", "a-q1.png", "b-q1.png", "a-q1.txt"]
     for name in names:
         (folder / name).write_bytes(b"")
+    (tmp_path / "per-image").mkdir()
+    (tmp_path / "per-image" / "z.json").write_text("{}")
     (tmp_path / "results.json").write_text("{}")
-    found = previous_outputs(
-        str(tmp_path), ["/data/a.jpg"], ["q1", "q2"], per_image=True, save_image=True
-    )
-    assert found == [str(tmp_path / "results.json")] + [
-        str(folder / name) for name in ("a-q1-L2.png", "a-q1.png", "a.png")
+    everything = [str(folder / name) for name in sorted(names)]
+    found = previous_outputs(str(tmp_path), per_image=True, save_image=True)
+    assert found == [
+        str(tmp_path / "results.json"),
+        str(tmp_path / "per-image" / "z.json"),
+        *everything,
     ]
-    assert previous_outputs(
-        str(tmp_path), ["/data/a.jpg"], ["q1"], per_image=False, save_image=False
-    ) == [str(tmp_path / "results.json")]
+    found = previous_outputs(str(tmp_path), per_image=False, save_image=True)
+    assert found == [str(tmp_path / "results.json"), *everything]
+    assert previous_outputs(str(tmp_path), per_image=False, save_image=False) == [
+        str(tmp_path / "results.json")
+    ]
 
 
 def test_a_missing_checkpoint_is_the_only_line_before_any_image_is_read(
@@ -940,3 +947,172 @@ def test_a_runs_model_is_released_before_the_next_run_builds_its_own(tmp_path):
     table, entries = evaluate(runs, [str(tmp_path / "a.png")], progress=False)
     assert [entry.tag for entry in entries] == ["one", "two"] and len(table) == 2
     assert alive_at_second_build == [False]
+
+
+def _codec_argv(dataset, out, *extra):
+    return ["codec", "--dataset", dataset, "--codec", "jpeg", "-q", "50", "-d", out] + [
+        "--per-image",
+        "--save-image",
+        "--no-progress",
+        *map(str, extra),
+    ]
+
+
+def _files(folder):
+    """Every file under ``folder`` (hidden ones included) and its bytes."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_a_second_evaluation_in_the_same_folder_is_refused_while_one_runs(
+    capsys, monkeypatch, tmp_path, images
+):
+    """Two runs on one -d (both with --force) mixed their outputs and both exited 0:
+    the folder is locked for the whole run, and the second is refused in one line."""
+    import utils.evaluation.runs as runs
+
+    out = tmp_path / "out"
+    inner = []
+    code_image = runs._code_image
+
+    def code_and_start_another(*args, **kwargs):
+        if not inner:
+            inner.append(run_cli(capsys, _codec_argv(images, out, "--force")))
+        return code_image(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "_code_image", code_and_start_another)
+    code, _, err = run_cli(capsys, _codec_argv(images, out))
+    assert code == 0, err
+    [(inner_code, inner_stdout, inner_err)] = inner
+    assert inner_code == 1 and inner_stdout == ""
+    assert re.fullmatch(
+        rf"test.py: error: -d/--output-dir {out} is in use by another test.py "
+        rf"evaluation \(process {os.getpid()} on \S+\): wait for it to end, or "
+        r"choose another -d/--output-dir",
+        inner_err.strip(),
+    )
+    assert sorted(_files(out)) == [
+        "per-image/large.json",
+        "per-image/small.json",
+        "reconstructions/large.png",
+        "reconstructions/small.png",
+        "results.json",
+    ]  # and neither the lock file nor the staging folder is left
+
+
+@pytest.mark.parametrize("failure", ["truncated image", "Ctrl-C"])
+def test_a_failed_forced_run_leaves_the_previous_outputs_as_they_were(
+    capsys, monkeypatch, tmp_path, failure
+):
+    import utils.evaluation.runs as runs
+
+    folder = tmp_path / "images"
+    for number, name in enumerate(["a.png", "b.png", "c.png"]):
+        write_png(str(folder / name), smooth_image(40, 48, number))
+    out = tmp_path / "out"
+    assert run_cli(capsys, _codec_argv(folder, out))[0] == 0
+    before = _files(out)
+    if failure == "Ctrl-C":
+        calls = []
+        code_image = runs._code_image
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return code_image(*args, **kwargs)
+
+        monkeypatch.setattr(runs, "_code_image", interrupted)
+        expected = 130
+    else:
+        data = (folder / "c.png").read_bytes()
+        (folder / "c.png").write_bytes(data[: len(data) // 2])
+        expected = 1
+    code, stdout, _ = run_cli(capsys, _codec_argv(folder, out, "-q", "30", "--force"))
+    assert code == expected and stdout == ""
+    assert _files(out) == before
+    assert sorted(os.listdir(out)) == ["per-image", "reconstructions", "results.json"]
+
+
+def test_a_forced_run_replaces_the_previous_outputs_as_a_whole(
+    capsys, tmp_path, images
+):
+    """Files of the previous run that this one does not write (other images, other
+    qualities) go with it, instead of lying beside a results.json that does not
+    count them."""
+    write_png(str(images / "third.png"), smooth_image(40, 48, 2))
+    out = tmp_path / "out"
+    argv = _codec_argv(images, out, "-q", "50,20")
+    assert run_cli(capsys, argv)[0] == 0
+    assert len(os.listdir(out / "reconstructions")) == 6
+    argv = _codec_argv(images, out, "--max-images", 2, "--force")
+    code, stdout, _ = run_cli(capsys, argv)
+    assert code == 0
+    assert sorted(_files(out)) == [
+        "per-image/large.json",
+        "per-image/small.json",
+        "reconstructions/large.png",
+        "reconstructions/small.png",
+        "results.json",
+    ]
+    assert json.loads((out / "results.json").read_text()) == json.loads(stdout)
+
+
+@pytest.mark.parametrize(
+    "in_the_way, message",
+    [
+        ("per-image", "per-image is not a folder"),
+        ("reconstructions", "reconstructions is not a folder"),
+        ("results.json", "results.json is a folder, not a file"),
+    ],
+)
+def test_a_path_in_the_way_is_refused_before_the_first_image_is_coded(
+    capsys, monkeypatch, tmp_path, images, in_the_way, message
+):
+    import utils.evaluation.runs as runs
+
+    def never(*args, **kwargs):
+        raise AssertionError("an image was coded")
+
+    monkeypatch.setattr(runs, "_code_image", never)
+    out = tmp_path / "out"
+    out.mkdir()
+    if in_the_way == "results.json":
+        (out / in_the_way).mkdir()
+    else:
+        (out / in_the_way).write_text("in the way")
+    code, stdout, err = run_cli(capsys, _codec_argv(images, out, "--force"))
+    assert code == 1 and stdout == ""
+    assert err.strip() == (
+        f"test.py: error: -d/--output-dir {out}: {out / in_the_way} "
+        f"{message.split(' ', 1)[1]}; move it away or choose another -d"
+    )
+    assert sorted(os.listdir(out)) == [in_the_way]
+
+
+def test_qualities_that_format_alike_get_distinct_file_names(capsys, tmp_path, images):
+    """q{q:g} named 10 and 10.0000001 both q10: the second overwrote the first's
+    reconstructions."""
+    from utils.evaluation.app import _run_tags
+
+    args = test_script.parse_args(
+        [
+            "codec",
+            "--dataset",
+            str(images),
+            "--codec",
+            "jpeg2000",
+            "-q",
+            "10,10.0000001",
+        ]
+    )
+    tags = _run_tags(args)
+    assert len(set(tags)) == 2
+    out = tmp_path / "out"
+    argv = ["codec", "--dataset", images, "--codec", "jpeg2000", "-q", "10,10.0000001"]
+    code, _, err = run_cli(capsys, argv + ["-d", out, "--save-image", "--no-progress"])
+    assert code == 0, err
+    assert len(os.listdir(out / "reconstructions")) == 4

@@ -12,13 +12,12 @@ from typing import Dict, List, Optional
 
 import models
 from models.base import CodingPlan
-from utils.atomic import atomic_write_bytes, save_json
+from utils.atomic import atomic_write_bytes
 from utils.cli import (
     REPORTED_ERRORS,
     check_output_folder,
     check_output_path,
     check_patch_size_for_model,
-    output_folder,
     refuse_existing_outputs,
     report_error,
 )
@@ -32,6 +31,7 @@ from utils.evaluation.coders import (
     pretrained_url,
 )
 from utils.evaluation.demo import run_demo
+from utils.evaluation.outputs import EvaluationOutputs, on_writer
 from utils.evaluation.rd import (
     bd_rate_table,
     distinct_names,
@@ -47,7 +47,6 @@ from utils.evaluation.runs import (
     evaluate,
     list_images,
     per_image_documents,
-    previous_outputs,
     resolve_dataset,
     shard,
     to_json,
@@ -142,7 +141,7 @@ def _run_tags(args: argparse.Namespace) -> List[str]:
     name), known before any model loads, so that existing outputs are refused first."""
     if args.command == "checkpoint":
         return _unique_tags([_checkpoint_stem(path) for path in args.checkpoints])
-    return [f"q{q:g}" for q in args.quality]
+    return _unique_tags([f"q{q:g}" for q in args.quality])
 
 
 def _check_checkpoints(
@@ -234,17 +233,10 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         image_size(path)
     if args.per_image or args.save_image:
         _check_distinct_stems(paths)
-    if args.output_dir:
-        refuse_existing_outputs(
-            previous_outputs(
-                args.output_dir,
-                paths,
-                _run_tags(args),
-                args.per_image,
-                args.save_image,
-            ),
-            args.force,
-        )
+    outputs = EvaluationOutputs(
+        args.output_dir, args.per_image, args.save_image, args.force
+    )
+    on_writer(outputs.check)  # in use, a path in the way, outputs without --force
     names: List[str] = []
     if args.command == "codec":
         runs = _codec_runs(args, names)
@@ -265,23 +257,25 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         f", {world} processes" if world > 1 else "",
     )
 
-    image_folder = (
-        os.path.join(args.output_dir, "reconstructions") if args.save_image else None
-    )
-    # A run that fails before writing anything removes the folders it made: the
-    # reconstructions it wrote are removed by evaluate(), and then these are empty.
-    with output_folder(args.output_dir or None, "-d"):
-        with output_folder(image_folder, "-d"):
-            records, entries = evaluate(
-                runs, paths, image_folder, progress=not args.no_progress
-            )
+    # Rank 0 makes and locks -d, and the staging folder every process writes its
+    # reconstructions into; a failure removes the staging folder and the folders the
+    # run made, and leaves the previous run's outputs as they were.
+    with outputs:
+        records, entries = evaluate(
+            runs, paths, outputs.image_folder, progress=not args.no_progress
+        )
         if rank != 0:
             return None
-        return _results_document(args, dataset, paths, device, names, records, entries)
+        document, pages = _results_document(
+            args, dataset, paths, device, names, records, entries
+        )
+        outputs.commit(document, pages)
+    return document
 
 
-def _results_document(args, dataset, paths, device, names, records, entries) -> dict:
-    """The results document of an evaluation, also written under ``-d``."""
+def _results_document(args, dataset, paths, device, names, records, entries):
+    """The results document of an evaluation and, with ``--per-image``, the per-image
+    documents by stem, for ``-d``."""
     labels = [entry.label for entry in entries]
     descriptions = [entry.description for entry in entries]
     header = {
@@ -300,14 +294,8 @@ def _results_document(args, dataset, paths, device, names, records, entries) -> 
         },
     }
     document = dict(header, results=aggregate(records, labels))
-    if args.output_dir:
-        save_json(os.path.join(args.output_dir, "results.json"), document)
-        if args.per_image:
-            for stem, page in per_image_documents(records, paths, header).items():
-                save_json(
-                    os.path.join(args.output_dir, "per-image", f"{stem}.json"), page
-                )
-    return document
+    pages = per_image_documents(records, paths, header) if args.per_image else {}
+    return document, pages
 
 
 def run_plot(args: argparse.Namespace) -> dict:

@@ -174,44 +174,6 @@ def reconstruction_name(path: str, tag: str, several_runs: bool) -> str:
     return f"{stem}-{tag}.png" if several_runs else f"{stem}.png"
 
 
-def previous_outputs(
-    output_dir: str,
-    paths: Sequence[str],
-    tags: Sequence[str],
-    per_image: bool,
-    save_image: bool,
-) -> List[str]:
-    """The files in ``output_dir`` that an evaluation of ``paths`` by the runs ``tags``
-    would write over: ``results.json``, the per-image documents and the reconstructions.
-
-    A reconstruction is named ``<stem>.png``, ``<stem>-<tag>.png``, or, for a layer of a
-    scalable model, ``<stem>-<tag>-L<k>.png``; which one depends on the model, known
-    only once it is loaded, so every form counts.
-    """
-    found = [os.path.join(output_dir, "results.json")]
-    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    if per_image:
-        found += [
-            os.path.join(output_dir, "per-image", f"{stem}.json") for stem in stems
-        ]
-    folder = os.path.join(output_dir, "reconstructions")
-    if save_image and os.path.isdir(folder):
-        names = [
-            re.escape(stem)
-            + "(-("
-            + "|".join(map(re.escape, tags))
-            + r")(-L\d+)?)?\.png"
-            for stem in stems
-        ]
-        pattern = re.compile("|".join(names))
-        found += [
-            os.path.join(folder, name)
-            for name in sorted(os.listdir(folder))
-            if pattern.fullmatch(name)
-        ]
-    return [path for path in found if os.path.isfile(path)]
-
-
 def _code_image(
     coder: Coder, image: torch.Tensor, grayscale: bool = False
 ) -> Tuple[dict, torch.Tensor]:
@@ -245,24 +207,6 @@ def _code_image(
     return record, reconstruction
 
 
-def _evaluate_shard(
-    runs: Sequence[Run],
-    paths: Sequence[str],
-    indexes: Sequence[int],
-    image_folder: Optional[str],
-    rank: int,
-    progress: bool,
-):
-    written: List[str] = []
-    try:
-        return _code_shard(runs, paths, indexes, image_folder, rank, progress, written)
-    except BaseException:
-        # Reconstructions without the results they belong to are a half-done run.
-        for path in written:
-            os.remove(path)
-        raise
-
-
 def _code_shard(
     runs: Sequence[Run],
     paths: Sequence[str],
@@ -270,8 +214,10 @@ def _code_shard(
     image_folder: Optional[str],
     rank: int,
     progress: bool,
-    written: List[str],
 ):
+    """Code the images ``indexes`` of ``paths`` with every run; write the
+    reconstructions into ``image_folder`` (a staging folder that the caller removes
+    if this fails: utils/evaluation/outputs.py)."""
     records, entries = {}, []
     for run in runs:
         coders = run.build()
@@ -298,7 +244,6 @@ def _code_shard(
                         paths[index], entry.tag, len(runs) > 1 or len(coders) > 1
                     )
                     write_png(os.path.join(image_folder, name), reconstruction)
-                    written.append(os.path.join(image_folder, name))
         # Nothing may hold this run's models when the next build() loads its own
         # (the loop variable would keep the last one: twice the memory on a GPU).
         coders = coder = None
@@ -316,20 +261,18 @@ def evaluate(
 
     Returns ``records[entry][image]`` (every process gets all of them) and the
     entries (one per operating point). With ``image_folder``, reconstructions are
-    written there as ``<stem>.png`` (one entry) or ``<stem>-<tag>.png``; a process
-    that fails or is interrupted removes those it wrote.
+    written there as ``<stem>.png`` (one entry) or ``<stem>-<tag>.png``: a staging
+    folder, which the caller removes if the run fails or is interrupted.
     """
     rank, world = shard()
     indexes = range(rank, len(paths), world)
     if world == 1:
-        records, entries = _evaluate_shard(
+        records, entries = _code_shard(
             runs, paths, indexes, image_folder, rank, progress
         )
     else:
         try:
-            outcome = _evaluate_shard(
-                runs, paths, indexes, image_folder, rank, progress
-            )
+            outcome = _code_shard(runs, paths, indexes, image_folder, rank, progress)
         except Exception as exc:  # passed on to every process below, then raised there
             if not isinstance(exc, REPORTED_ERRORS):  # a bug: keep its traceback
                 traceback.print_exc()

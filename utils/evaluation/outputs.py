@@ -1,0 +1,217 @@
+"""The output folder of an evaluation (``test.py ... -d OUTDIR``): one run at a time,
+and replaced as a whole or not at all.
+
+A run holds an exclusive lock on ``OUTDIR`` (:mod:`utils.folder_lock`) from the moment
+it makes or takes the folder to its end, so that two runs cannot mix their files. It
+writes its reconstructions and per-image documents into a hidden staging folder inside
+``OUTDIR``, and only once every image is coded replaces the previous run's outputs with
+them: ``per-image/`` and ``reconstructions/`` are swapped as folders (so that files of
+the previous run that this one does not write, other images or other qualities, go
+with them), and ``results.json`` comes last, written atomically. A run that fails or
+is interrupted removes its staging folder and leaves the previous outputs exactly as
+they were.
+
+Under ``torchrun`` only rank 0 makes, locks and fills the folder (every process writes
+its reconstructions into the staging folder rank 0 made); a refusal there is passed to
+every process, so that none waits for rank 0 in a collective.
+"""
+
+import os
+import shutil
+from typing import Callable, Dict, List, Optional
+
+import torch.distributed as dist
+
+from utils.atomic import save_json
+from utils.cli import (
+    create_output_folder,
+    refuse_existing_outputs,
+    remove_unused_folders,
+)
+from utils.evaluation.runs import shard
+from utils.folder_lock import FolderLock, lock_folder, refuse_if_locked
+
+LOCK_NAME = ".test.lock"
+STAGING_NAME = ".test-staging"
+NAME = "-d/--output-dir"
+HOLDER = "test.py evaluation"
+FOLDERS = ("per-image", "reconstructions")
+
+
+def on_writer(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 alone (the process that writes ``-d``); if it raises
+    ``ValueError`` or ``OSError``, every process raises, so that under torchrun the
+    others do not wait for rank 0 in their next collective. Every process calls it."""
+    rank, world = shard()
+    refusal = None
+    if rank == 0:
+        try:
+            action()
+        except (ValueError, OSError) as exc:
+            refusal = exc
+    if world > 1:
+        message = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(message, src=0)
+        if refusal is None and message[0] is not None:
+            raise ValueError("rank 0 refused the run (its error says why)")
+    if refusal is not None:
+        raise refusal
+
+
+def previous_outputs(output_dir: str, per_image: bool, save_image: bool) -> List[str]:
+    """The files in ``output_dir`` that an evaluation would replace: ``results.json``,
+    and every file of ``per-image/`` (with ``per_image``) and of ``reconstructions/``
+    (with ``save_image``), since those folders are replaced whole."""
+    found = [os.path.join(output_dir, "results.json")]
+    for folder, wanted in zip(FOLDERS, (per_image, save_image)):
+        folder = os.path.join(output_dir, folder)
+        if wanted and os.path.isdir(folder):
+            for root, _, files in sorted(os.walk(folder)):
+                found += [os.path.join(root, name) for name in sorted(files)]
+    return [path for path in found if os.path.isfile(path)]
+
+
+def check_paths(output_dir: str, per_image: bool, save_image: bool) -> None:
+    """Refuse a path in ``output_dir`` that the run could not replace once every image
+    is coded: a folder named ``results.json``, or something other than a folder named
+    ``per-image`` or ``reconstructions`` where the run writes one.
+
+    Raises:
+        ValueError: naming the path in the way.
+    """
+    results = os.path.join(output_dir, "results.json")
+    if os.path.isdir(results):
+        raise ValueError(
+            f"{NAME} {output_dir}: {results} is a folder, not a file; "
+            "move it away or choose another -d"
+        )
+    for folder, wanted in zip(FOLDERS, (per_image, save_image)):
+        path = os.path.join(output_dir, folder)
+        if wanted and os.path.lexists(path) and not os.path.isdir(path):
+            raise ValueError(
+                f"{NAME} {output_dir}: {path} is not a folder; "
+                "move it away or choose another -d"
+            )
+
+
+class EvaluationOutputs:
+    """The outputs of one evaluation in ``output_dir`` (None: no ``-d``, nothing to
+    write), used as a ``with`` block around the coding: entering it makes and locks
+    the folder and its staging folder (rank 0), :meth:`commit` replaces the previous
+    outputs (rank 0), and leaving it releases the lock, after removing the staging
+    folder and the folders the run made if the block raised (Ctrl-C included)."""
+
+    def __init__(
+        self, output_dir: Optional[str], per_image: bool, save_image: bool, force: bool
+    ):
+        self.output_dir = output_dir or None
+        self.folders = [
+            folder for folder, wanted in zip(FOLDERS, (per_image, save_image)) if wanted
+        ]
+        self.force = force
+        self._lock: Optional[FolderLock] = None
+        self._created: List[str] = []
+        self.staging = (
+            os.path.join(self.output_dir, STAGING_NAME) if self.output_dir else None
+        )
+
+    @property
+    def image_folder(self) -> Optional[str]:
+        """Where every process writes its reconstructions (None without them)."""
+        if self.staging is None or "reconstructions" not in self.folders:
+            return None
+        return os.path.join(self.staging, "reconstructions")
+
+    def check(self) -> None:
+        """The refusals that need no lock, for the first second of a run (rank 0): the
+        folder in use by another run, a path in the way, outputs that exist without
+        ``--force``. They are made again under the lock (:meth:`__enter__`)."""
+        if self.output_dir is None:
+            return
+        if os.path.isdir(self.output_dir):
+            refuse_if_locked(self.output_dir, LOCK_NAME, NAME, HOLDER)
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        per_image, save_image = (folder in self.folders for folder in FOLDERS)
+        check_paths(self.output_dir, per_image, save_image)
+        refuse_existing_outputs(
+            previous_outputs(self.output_dir, per_image, save_image), self.force
+        )
+
+    def __enter__(self) -> "EvaluationOutputs":
+        if self.output_dir is not None:
+            on_writer(self._take)
+        return self
+
+    def _take(self) -> None:
+        """Make and lock the folder, check it again (another run may have written
+        there since :meth:`check`), and make the staging folder, in place of any a
+        killed run left."""
+        self._created = create_output_folder(self.output_dir, "-d")
+        try:
+            self._lock = lock_folder(self.output_dir, LOCK_NAME, NAME, HOLDER)
+            self._check_outputs()
+            _remove(self.staging)
+            os.mkdir(self.staging)
+            for folder in self.folders:
+                os.mkdir(os.path.join(self.staging, folder))
+        except BaseException:
+            self._abandon()
+            raise
+
+    def commit(self, document: dict, pages: Dict[str, dict]) -> None:
+        """Write ``pages`` (per-image documents by stem) into the staging folder, then
+        replace the previous outputs: the folders first, ``results.json`` last. A
+        failure on the way puts the previous folders back."""
+        if self.output_dir is None:
+            return
+        if "per-image" in self.folders:
+            for stem, page in pages.items():
+                save_json(os.path.join(self.staging, "per-image", f"{stem}.json"), page)
+        previous = os.path.join(self.staging, ".previous")
+        os.mkdir(previous)
+        swapped = []
+        try:
+            for folder in self.folders:
+                target = os.path.join(self.output_dir, folder)
+                if os.path.lexists(target):
+                    os.rename(target, os.path.join(previous, folder))
+                swapped.append(folder)
+                os.rename(os.path.join(self.staging, folder), target)
+            save_json(os.path.join(self.output_dir, "results.json"), document)
+        except BaseException:
+            for folder in reversed(swapped):
+                target = os.path.join(self.output_dir, folder)
+                staged = os.path.join(self.staging, folder)
+                if os.path.lexists(target) and not os.path.lexists(staged):
+                    os.rename(target, staged)
+                if os.path.lexists(os.path.join(previous, folder)):
+                    os.rename(os.path.join(previous, folder), target)
+            raise
+        _remove(self.staging)  # and the previous folders in it
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self._abandon()
+        elif self._lock is not None:
+            self._lock.release()
+
+    def _abandon(self) -> None:
+        """Remove the staging folder, release the lock, and remove the folders this
+        run made if they hold nothing (rank 0; nothing to do elsewhere)."""
+        if self.staging is not None and self._lock is not None:
+            _remove(self.staging)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        remove_unused_folders(self._created)
+        self._created = []
+
+
+def _remove(path: str) -> None:
+    """Remove a file, link or folder tree at ``path``, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
