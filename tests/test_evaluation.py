@@ -760,16 +760,11 @@ def test_previous_outputs_are_the_files_this_run_would_replace(tmp_path):
     (tmp_path / "per-image" / "z.json").write_text("{}")
     (tmp_path / "results.json").write_text("{}")
     everything = [str(folder / name) for name in sorted(names)]
-    found = previous_outputs(str(tmp_path), per_image=True, save_image=True)
-    assert found == [
+    # Also for a run that writes neither folder: it removes them (see the test below).
+    assert previous_outputs(str(tmp_path)) == [
         str(tmp_path / "results.json"),
         str(tmp_path / "per-image" / "z.json"),
         *everything,
-    ]
-    found = previous_outputs(str(tmp_path), per_image=False, save_image=True)
-    assert found == [str(tmp_path / "results.json"), *everything]
-    assert previous_outputs(str(tmp_path), per_image=False, save_image=False) == [
-        str(tmp_path / "results.json")
     ]
 
 
@@ -1059,6 +1054,12 @@ def test_a_forced_run_replaces_the_previous_outputs_as_a_whole(
         "results.json",
     ]
     assert json.loads((out / "results.json").read_text()) == json.loads(stdout)
+    # A forced run that writes no images or per-image files removes the old ones,
+    # which described other results.
+    argv = _codec_argv(images, out, "--max-images", 1, "--force")
+    argv = [arg for arg in argv if arg not in ("--save-image", "--per-image")]
+    assert run_cli(capsys, argv)[0] == 0
+    assert sorted(_files(out)) == ["results.json"]
 
 
 @pytest.mark.parametrize(

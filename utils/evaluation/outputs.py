@@ -7,9 +7,10 @@ writes its reconstructions and per-image documents into a hidden staging folder 
 ``OUTDIR``, and only once every image is coded replaces the previous run's outputs with
 them: ``per-image/`` and ``reconstructions/`` are swapped as folders (so that files of
 the previous run that this one does not write, other images or other qualities, go
-with them), and ``results.json`` comes last, written atomically. A run that fails or
-is interrupted removes its staging folder and leaves the previous outputs exactly as
-they were.
+with them; a folder this run does not write at all goes too, as it described the
+previous results), and ``results.json`` comes last, written atomically. A run that
+fails or is interrupted removes its staging folder and leaves the previous outputs
+exactly as they were.
 
 Under ``torchrun`` only rank 0 makes, locks and fills the folder (every process writes
 its reconstructions into the staging folder rank 0 made); a refusal there is passed to
@@ -58,14 +59,15 @@ def on_writer(action: Callable[[], None]) -> None:
         raise refusal
 
 
-def previous_outputs(output_dir: str, per_image: bool, save_image: bool) -> List[str]:
+def previous_outputs(output_dir: str) -> List[str]:
     """The files in ``output_dir`` that an evaluation would replace: ``results.json``,
-    and every file of ``per-image/`` (with ``per_image``) and of ``reconstructions/``
-    (with ``save_image``), since those folders are replaced whole."""
+    and every file of ``per-image/`` and of ``reconstructions/``, since those folders
+    are replaced whole (or removed, by a run that writes none: they would describe
+    other results than the new ``results.json``)."""
     found = [os.path.join(output_dir, "results.json")]
-    for folder, wanted in zip(FOLDERS, (per_image, save_image)):
+    for folder in FOLDERS:
         folder = os.path.join(output_dir, folder)
-        if wanted and os.path.isdir(folder):
+        if os.path.isdir(folder):
             for root, _, files in sorted(os.walk(folder)):
                 found += [os.path.join(root, name) for name in sorted(files)]
     return [path for path in found if os.path.isfile(path)]
@@ -135,9 +137,7 @@ class EvaluationOutputs:
     def _check_outputs(self) -> None:
         per_image, save_image = (folder in self.folders for folder in FOLDERS)
         check_paths(self.output_dir, per_image, save_image)
-        refuse_existing_outputs(
-            previous_outputs(self.output_dir, per_image, save_image), self.force
-        )
+        refuse_existing_outputs(previous_outputs(self.output_dir), self.force)
 
     def __enter__(self) -> "EvaluationOutputs":
         if self.output_dir is not None:
@@ -171,23 +171,30 @@ class EvaluationOutputs:
                 save_json(os.path.join(self.staging, "per-image", f"{stem}.json"), page)
         previous = os.path.join(self.staging, ".previous")
         os.mkdir(previous)
-        swapped = []
+        moved_away, placed = [], []
         try:
-            for folder in self.folders:
+            for folder in FOLDERS:
                 target = os.path.join(self.output_dir, folder)
-                if os.path.lexists(target):
+                written = folder in self.folders
+                # check_paths refused anything but a folder where one is written.
+                if os.path.isdir(target) or (written and os.path.lexists(target)):
                     os.rename(target, os.path.join(previous, folder))
-                swapped.append(folder)
-                os.rename(os.path.join(self.staging, folder), target)
+                    moved_away.append(folder)
+                if written:
+                    os.rename(os.path.join(self.staging, folder), target)
+                    placed.append(folder)
             save_json(os.path.join(self.output_dir, "results.json"), document)
         except BaseException:
-            for folder in reversed(swapped):
-                target = os.path.join(self.output_dir, folder)
-                staged = os.path.join(self.staging, folder)
-                if os.path.lexists(target) and not os.path.lexists(staged):
-                    os.rename(target, staged)
-                if os.path.lexists(os.path.join(previous, folder)):
-                    os.rename(os.path.join(previous, folder), target)
+            for folder in reversed(placed):
+                os.rename(
+                    os.path.join(self.output_dir, folder),
+                    os.path.join(self.staging, folder),
+                )
+            for folder in reversed(moved_away):
+                os.rename(
+                    os.path.join(previous, folder),
+                    os.path.join(self.output_dir, folder),
+                )
             raise
         _remove(self.staging)  # and the previous folders in it
 
