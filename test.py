@@ -58,8 +58,10 @@ ZOO_METRICS = ("mse", "ms-ssim")
 def _comma_list(kind):
     """A parser of comma-separated values of ``kind``, each given once (a repeated
     quality was coded twice, its reconstruction overwritten; a repeated metric drew
-    its panel twice); numbers must be finite (``inf`` passed a codec's range check and
-    crashed it, ``nan`` every comparison)."""
+    its panel twice); numbers that read the same at 6 significant digits (``10`` and
+    ``10.0000001``) count as repeated, since runs, files and ``cjxl -q`` name them so;
+    numbers must be finite (``inf`` passed a codec's range check and crashed it,
+    ``nan`` every comparison)."""
 
     def parse(text: str) -> list:
         items = [item.strip() for item in text.split(",") if item.strip()]
@@ -72,9 +74,13 @@ def _comma_list(kind):
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {finite}{kind.__name__}s, got {text!r}"
             )
-        repeated = [
-            item for item, value in zip(items, values) if values.count(value) > 1
-        ]
+        names = [value if kind is str else f"{value:g}" for value in values]
+        repeated = [item for item, name in zip(items, names) if names.count(name) > 1]
+        if len(set(repeated)) > 1:  # different texts, one name
+            raise argparse.ArgumentTypeError(
+                f"{' and '.join(repeated)} in {text!r} are the same to 6 "
+                "significant digits"
+            )
         if repeated:
             raise argparse.ArgumentTypeError(
                 f"{repeated[0]} is given twice in {text!r}"

@@ -666,6 +666,7 @@ def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
         ("10,inf", "expected comma-separated finite floats, got '10,inf'"),
         ("nan", "expected comma-separated finite floats, got 'nan'"),
         ("50,30,50", "50 is given twice in '50,30,50'"),
+        ("10,10.0000001", "10 and 10.0000001 in '10,10.0000001' are the same to 6"),
     ],
 )
 def test_quality_lists_that_cannot_be_coded_are_usage_errors(
@@ -1092,28 +1093,3 @@ def test_a_path_in_the_way_is_refused_before_the_first_image_is_coded(
         f"{message.split(' ', 1)[1]}; move it away or choose another -d"
     )
     assert sorted(os.listdir(out)) == [in_the_way]
-
-
-def test_qualities_that_format_alike_get_distinct_file_names(capsys, tmp_path, images):
-    """q{q:g} named 10 and 10.0000001 both q10: the second overwrote the first's
-    reconstructions."""
-    from utils.evaluation.app import _run_tags
-
-    args = test_script.parse_args(
-        [
-            "codec",
-            "--dataset",
-            str(images),
-            "--codec",
-            "jpeg2000",
-            "-q",
-            "10,10.0000001",
-        ]
-    )
-    tags = _run_tags(args)
-    assert len(set(tags)) == 2
-    out = tmp_path / "out"
-    argv = ["codec", "--dataset", images, "--codec", "jpeg2000", "-q", "10,10.0000001"]
-    code, _, err = run_cli(capsys, argv + ["-d", out, "--save-image", "--no-progress"])
-    assert code == 0, err
-    assert len(os.listdir(out / "reconstructions")) == 4
