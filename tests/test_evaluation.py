@@ -396,6 +396,31 @@ def test_pretrained_offline_is_a_one_line_error(capsys, monkeypatch, images):
     assert all("Traceback" not in line for line in lines)
 
 
+def test_every_pretrained_quality_is_fetched_before_the_first_image_is_coded(
+    capsys, monkeypatch, images
+):
+    """With q1 cached and q2 not downloadable, q1 was evaluated before the error."""
+    import utils.evaluation.app as app
+    import utils.evaluation.runs as runs
+
+    def fetch(architecture, quality, metric, device):
+        if quality == 2:
+            raise RuntimeError(f"cannot download pretrained {architecture} q{quality}")
+        return models.build_model("mbt2018", N=8)
+
+    def never(*args, **kwargs):
+        raise AssertionError("an image was coded")
+
+    monkeypatch.setattr(app, "load_pretrained", fetch)
+    monkeypatch.setattr(runs, "_code_image", never)
+    argv = ["pretrained", "--dataset", images, "-a", "mbt2018", "-q", "1,2"]
+    code, stdout, err = run_cli(capsys, argv + ["--no-progress"])
+    assert code == 1 and stdout == ""
+    assert err.strip().splitlines()[-1] == (
+        "test.py: error: cannot download pretrained mbt2018 q2"
+    )
+
+
 def test_a_torch_home_that_is_a_file_is_named_not_offered_as_a_place(
     tmp_path, monkeypatch
 ):

@@ -10,6 +10,8 @@ import sys
 import warnings
 from typing import Dict, List, Optional
 
+import torch
+
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
@@ -124,6 +126,11 @@ def _learned_runs(
         ]
     for quality in args.quality:
         pretrained_url(args.architecture, quality, args.metric)  # before any download
+    # Every quality's weights fetched (or found in the cache) and loaded once before
+    # the first image, so that a failed download of the last quality does not end a
+    # run that has already evaluated the others.
+    for quality in args.quality:
+        load_pretrained(args.architecture, quality, args.metric, torch.device("cpu"))
     return [
         Run(
             f"{args.architecture} q{q}",
