@@ -48,7 +48,8 @@ from utils.evaluation.choices import (
     DEMO_OUTPUT,
     TILINGS,
 )
-from utils.evaluation.rd import INTERPOLATIONS, METRICS
+from utils.evaluation.curves import METRICS
+from utils.evaluation.rd import INTERPOLATIONS
 
 log = logging.getLogger("cps.test")
 

@@ -26,6 +26,7 @@ import models
 from models.base import CodingPlan
 from utils.coding.container import BitstreamError, pack, unpack
 from utils.evaluation import rd
+from utils.evaluation.curves import load_curve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(REPO, "README.md")] + sorted(
@@ -312,7 +313,7 @@ def test_documented_bd_rates_have_enough_points_to_give_numbers():
                 assert path.startswith("assets/"), (
                     f"{where}: no documented command writes {path}"
                 )
-                points = len(rd.load_curve(os.path.join(REPO, path)).bpp)
+                points = len(load_curve(os.path.join(REPO, path)).bpp)
             assert points >= rd.MIN_POINTS, f"{where}: {path} has {points} RD points"
 
 

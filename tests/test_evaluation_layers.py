@@ -13,7 +13,7 @@ from PIL import Image
 
 import test as test_script
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
-from utils.evaluation.rd import load_curves
+from utils.evaluation.curves import load_curves
 
 
 @pytest.fixture

@@ -8,16 +8,8 @@ import os
 import pytest
 
 import test as test_script
-from utils.evaluation.rd import (
-    METRICS,
-    MIN_POINTS,
-    bd_rate,
-    bd_rate_table,
-    format_table,
-    load_curve,
-    load_curves,
-    parse_labels,
-)
+from utils.evaluation.curves import METRICS, load_curve, load_curves, parse_labels
+from utils.evaluation.rd import MIN_POINTS, bd_rate, bd_rate_table, format_table
 from utils.evaluation.rd_plot import curve_styles, rd_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

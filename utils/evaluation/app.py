@@ -32,16 +32,15 @@ from utils.evaluation.coders import (
     load_pretrained,
     pretrained_url,
 )
-from utils.evaluation.demo import run_demo
-from utils.evaluation.outputs import EvaluationOutputs, on_writer
-from utils.evaluation.rd import (
-    bd_rate_table,
+from utils.evaluation.curves import (
     distinct_names,
-    format_table,
     load_curve,
     load_curves,
     parse_labels,
 )
+from utils.evaluation.demo import run_demo
+from utils.evaluation.outputs import EvaluationOutputs, on_writer
+from utils.evaluation.rd import bd_rate_table, format_table
 from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import (
     Run,

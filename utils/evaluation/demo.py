@@ -41,8 +41,8 @@ from utils.evaluation.coders import (
     LearnedOptions,
     learned_coders,
 )
+from utils.evaluation.curves import Curve
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
-from utils.evaluation.rd import Curve
 from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import mean_over_images
 from utils.stitching.geometry import model_geometry

@@ -1,12 +1,12 @@
 """RD plots: one panel per metric, every curve told apart by colour and marker.
 
 MS-SSIM is drawn in decibels, ``-10 log10(1 - MS-SSIM)``, as BD-rates use it
-(:mod:`utils.evaluation.rd`).
+(:mod:`utils.evaluation.curves`).
 """
 
 from typing import List, Sequence
 
-from utils.evaluation.rd import AXIS_LABELS, METRICS, Curve
+from utils.evaluation.curves import AXIS_LABELS, METRICS, Curve
 from utils.figures import save_figure, style_axis
 
 __all__ = ["curve_styles", "rd_figure", "plot_curves"]
