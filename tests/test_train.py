@@ -766,6 +766,15 @@ def test_resume_from_the_checkpoint_alone_restores_its_config_and_prints_each_ch
         "warning: the run continues with the changed values; train.py --resume "
         "CHECKPOINT without --config or --set keeps the checkpoint's config"
     )
+    # A new lambda makes the old best loss incomparable: the best checkpoint is this
+    # lambda's (it stayed the old lambda's model when the new losses were higher).
+    assert (
+        "warning: the loss changed, so earlier validation losses do not compare: "
+        "checkpoint_best_loss.pth.tar and the plateau schedule start again from the "
+        "next validation"
+    ) in err
+    best = load(str(exp / "checkpoint_best_loss.pth.tar"))
+    assert best["config"]["train_params"]["lmbda"] == 0.02
     # argparse: neither --config nor a checkpoint.
     with pytest.raises(SystemExit) as info:
         train.main(["--set", "train_params.max_steps=5"])

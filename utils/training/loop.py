@@ -63,6 +63,9 @@ from utils.training.validation import validate
 
 __all__ = ["Trainer"]
 
+# Config keys that change what the training loss measures (its scale included).
+LOSS_KEYS = ("train_params.lmbda:", "train_params.distortion_metric:")
+
 
 def _folder(path: str) -> str:
     return os.path.normcase(os.path.abspath(path))
@@ -205,9 +208,25 @@ class Trainer:
                     "train.py --resume CHECKPOINT without --config or --set keeps the "
                     "checkpoint's config"
                 )
+            if any(change.startswith(LOSS_KEYS) for change in changes):
+                self._forget_best_loss()
         elif data.init_checkpoint_path:
             init_weights_from(data.init_checkpoint_path, self.raw)
             self.log(f"initialised weights from {data.init_checkpoint_path}")
+
+    def _forget_best_loss(self) -> None:
+        """After a change of the loss itself (lambda, distortion metric) the losses
+        before and after cannot be compared: the best checkpoint, and the plateau
+        schedule, start again from the next validation."""
+        self.pos.best_loss, self.pos.best_step = float("inf"), None
+        if self.schedule_per == "validation":
+            self.scheduler.best = self.scheduler.mode_worse
+            self.scheduler.num_bad_epochs = 0
+        self.log(
+            "warning: the loss changed, so earlier validation losses do not compare: "
+            f"{BEST_NAME} and the plateau schedule start again from the next "
+            "validation"
+        )
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""
