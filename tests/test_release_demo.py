@@ -116,6 +116,9 @@ def test_shipped_models_are_listed_lowest_lambda_first(tmp_path, release):
     assert found[0].label == "CPS λ=0.002"
     with pytest.raises(ValueError, match="no model weights"):
         find_shipped_models([str(tmp_path / "nowhere")])
+    # A release folder and its weights file are one model: its rows were doubled.
+    with pytest.raises(ValueError, match="names .*model.pth twice"):
+        find_shipped_models([str(release), str(release / "model.pth")])
 
 
 def test_crop_window_sits_on_a_tile_corner_inside_the_image():

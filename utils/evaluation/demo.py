@@ -114,11 +114,15 @@ def find_shipped_models(paths: Sequence[str] = ()) -> List[ShippedModel]:
         paths = sorted(glob.glob(os.path.join(SHIPPED_DIR, "*", "model.pth")))
         if not paths:
             raise ValueError(f"no shipped model under {SHIPPED_DIR}; pass --models")
-    found = []
+    found, seen = [], {}
     for path in paths:
         weights = os.path.join(path, "model.pth") if os.path.isdir(path) else path
         if not os.path.isfile(weights):
             raise ValueError(f"no model weights at {weights}")
+        key = os.path.realpath(weights)
+        if key in seen:  # its rows would be printed twice
+            raise ValueError(f"--models names {weights} twice ({seen[key]} and {path})")
+        seen[key] = path
         info_path = os.path.join(os.path.dirname(weights), "training.json")
         lmbda = _trained_lambda(info_path) if os.path.isfile(info_path) else None
         found.append(ShippedModel(weights, lmbda))
