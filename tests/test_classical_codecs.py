@@ -137,3 +137,14 @@ def test_a_pillow_build_without_the_format_is_reported(monkeypatch):
     monkeypatch.setattr(features, "check", lambda feature: False)
     with pytest.raises(RuntimeError, match="Pillow built with avif support"):
         get_codec("avif")
+
+
+@pytest.mark.parametrize("height, width", [(16, 15), (9, 32)])
+def test_x265_refuses_an_image_below_its_smallest_side_in_one_line(height, width):
+    """ffmpeg/libx265 failed on such pictures with its own multi-part message."""
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    with pytest.raises(ValueError) as error:
+        CODECS["x265"].code(image, 30)
+    assert str(error.value) == (
+        f"x265 codes images of 16 pixels a side or more, not {width}x{height}"
+    )

@@ -132,6 +132,8 @@ class ToolCodec:
 
     ``encode``/``decode`` build the argument lists from the folder's file names;
     the encoder reads ``input.png`` (or raw RGB for ffmpeg) and writes ``stream``.
+    ``min_side``: the smallest side in pixels the tools code (a smaller image is
+    refused in one line naming it, instead of with the tool's own failure).
     """
 
     def __init__(
@@ -144,10 +146,11 @@ class ToolCodec:
         decode: Callable[[str, Tuple[int, int]], List[List[str]]],
         raw_io: bool,
         summary: str,
+        min_side: int = 1,
     ):
         self.name, self.tools, self.package = name, tools, package
         self.scale, self.encode, self.decode = scale, encode, decode
-        self.raw_io, self.summary = raw_io, summary
+        self.raw_io, self.summary, self.min_side = raw_io, summary, min_side
 
     def check_available(self) -> None:
         for tool in self.tools:
@@ -159,8 +162,13 @@ class ToolCodec:
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
-        self.check_available()
         height, width = image.shape[1:]
+        if min(height, width) < self.min_side:
+            raise ValueError(
+                f"{self.name} codes images of {self.min_side} pixels a side or more, "
+                f"not {width}x{height}"
+            )
+        self.check_available()
         with tempfile.TemporaryDirectory(prefix=f"cps-{self.name}-") as folder:
             source = os.path.join(folder, "input.rgb" if self.raw_io else "input.png")
             if self.raw_io:
@@ -335,6 +343,9 @@ CODECS: Dict[str, object] = {
         raw_io=True,
         summary="HEVC intra (ffmpeg/libx265, preset medium, YCbCr 4:4:4 BT.709 "
         "full range, raw Annex-B stream)",
+        # libx265 through ffmpeg fails to open a smaller picture (16x16 codes, 9 or
+        # 15 pixels a side do not).
+        min_side=16,
     ),
     "jxl": ToolCodec(
         "jxl",
