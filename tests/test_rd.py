@@ -285,6 +285,29 @@ def test_points_sharing_a_bpp_give_no_bd_rate(tmp_path):
         bd_rate(anchor, flat)
 
 
+def test_mathtext_that_cannot_be_drawn_is_named_with_its_flag(capsys, tmp_path):
+    """matplotlib's bare 'Unknown symbol: \\bad' did not say which text held it."""
+    first = write_results(tmp_path / "a.json", "a", BPP, PSNR)
+    out = str(tmp_path / "x.png")
+    argv = ["plot", first, "-o", out]
+    assert test_script.main(argv + ["--label", f"{first}=$\\bad$"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "test.py: error: the curve name '$\\bad$' (--label, or its file's name) "
+        "holds mathtext matplotlib cannot draw"
+    )
+    assert test_script.main(argv + ["--title", "$\\bad$"]) == 1
+    assert "the title (--title)" in capsys.readouterr().err
+    # An odd number of $ is plain text for matplotlib, and math that parses is drawn.
+    assert (
+        test_script.main(
+            argv + ["--title", "cost $5", "--label", f"{first}=$\\lambda$"]
+        )
+        == 0
+    )
+    assert os.path.isfile(out)
+
+
 def test_twenty_curve_styles_differ_in_colour_and_in_marker():
     styles = curve_styles(20)
     assert len({style["color"] for style in styles}) == 20

@@ -85,8 +85,33 @@ def plot_curves(
 ) -> List[str]:
     """Draw :func:`rd_figure` and write it to ``output`` atomically.
 
-    Returns the metrics that were plotted.
+    Returns the metrics that were plotted. Text between ``$`` signs is drawn as
+    matplotlib mathtext (``$\\lambda$``); text it cannot parse is a ``ValueError``
+    naming the curve or the title, not the parser's bare message.
     """
+    for text, what in [(title, "the title (--title)")] + [
+        (curve.name, f"the curve name '{curve.name}' (--label, or its file's name)")
+        for curve in curves
+    ]:
+        _check_mathtext(text, what)
     figure, shown = rd_figure(curves, metrics, title)
     save_figure(figure, output)
     return shown
+
+
+def _check_mathtext(text: str, what: str) -> None:
+    """Refuse ``text`` whose ``$...$`` parts matplotlib cannot parse."""
+    from matplotlib.mathtext import MathTextParser
+
+    parts = text.replace(r"\$", "").split("$")
+    # As matplotlib decides: an even number of unescaped $ makes the text math.
+    formulas = parts[1::2] if len(parts) > 1 and len(parts) % 2 else []
+    for formula in formulas:
+        try:
+            MathTextParser("path").parse(f"${formula}$")
+        except ValueError as exc:
+            reason = ([line for line in str(exc).splitlines() if line] or [""])[-1]
+            raise ValueError(
+                f"{what} holds mathtext matplotlib cannot draw ({reason}); write "
+                "\\$ for a dollar sign"
+            ) from None
