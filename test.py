@@ -75,17 +75,18 @@ def _comma_list(kind):
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {finite}{kind.__name__}s, got {text!r}"
             )
-        names = [value if kind is str else f"{value:g}" for value in values]
-        repeated = [item for item, name in zip(items, names) if names.count(name) > 1]
-        if len(set(repeated)) > 1:  # different texts, one name
-            raise argparse.ArgumentTypeError(
-                f"{' and '.join(repeated)} in {text!r} are the same to 6 "
-                "significant digits"
-            )
-        if repeated:
-            raise argparse.ArgumentTypeError(
-                f"{repeated[0]} is given twice in {text!r}"
-            )
+        names = [value if kind is not float else f"{value:g}" for value in values]
+        for name in names:
+            same = [item for item, other in zip(items, names) if other == name]
+            if len(same) > 1 and len(set(same)) == 1:
+                raise argparse.ArgumentTypeError(
+                    f"{same[0]} is given twice in {text!r}"
+                )
+            if len(same) > 1:  # different texts, one name
+                raise argparse.ArgumentTypeError(
+                    f"{' and '.join(same)} in {text!r} are the same to 6 "
+                    "significant digits"
+                )
         return values
 
     return parse

@@ -692,6 +692,7 @@ def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
         ("nan", "expected comma-separated finite floats, got 'nan'"),
         ("50,30,50", "50 is given twice in '50,30,50'"),
         ("10,10.0000001", "10 and 10.0000001 in '10,10.0000001' are the same to 6"),
+        ("10,10,20,20", "10 is given twice in '10,10,20,20'"),
     ],
 )
 def test_quality_lists_that_cannot_be_coded_are_usage_errors(
@@ -1118,3 +1119,28 @@ def test_a_path_in_the_way_is_refused_before_the_first_image_is_coded(
         f"{message.split(' ', 1)[1]}; move it away or choose another -d"
     )
     assert sorted(os.listdir(out)) == [in_the_way]
+
+
+@pytest.mark.parametrize("reached_the_commit_point", [False, True])
+def test_a_run_killed_inside_its_commit_leaves_the_outputs_of_one_run(
+    tmp_path, reached_the_commit_point
+):
+    """SIGKILL between moving the previous folders aside and moving results.json in
+    left them in the staging folder, which the next run deleted."""
+    from utils.evaluation.outputs import EvaluationOutputs
+
+    out = tmp_path / "out"
+    staging = out / ".test-staging"
+    (staging / ".previous" / "reconstructions").mkdir(parents=True)
+    (staging / ".previous" / "reconstructions" / "old.png").write_bytes(b"old")
+    (out / "reconstructions").mkdir()
+    (out / "reconstructions" / "new.png").write_bytes(b"new")
+    (out / "results.json").write_text('{"run": "new"}')
+    if not reached_the_commit_point:
+        (out / "results.json").write_text('{"run": "old"}')
+        (staging / "results.json").write_text('{"run": "new"}')
+    with EvaluationOutputs(str(out), False, True, force=True):
+        kept = sorted(os.listdir(out / "reconstructions"))
+        results = json.loads((out / "results.json").read_text())
+    expected = "new" if reached_the_commit_point else "old"
+    assert kept == [f"{expected}.png"] and results == {"run": expected}

@@ -250,7 +250,7 @@ def parse_labels(items: Sequence[str], paths: Sequence[str]) -> Dict[str, str]:
     labels = {}
     for item in items:
         splits = [i for i, char in enumerate(item) if char == "="]
-        if not splits or not item[: splits[0]] or not item[splits[-1] + 1 :]:
+        if not splits or not item[: splits[0]]:
             raise ValueError(f"--label {item!r}: expected FILE=NAME")
         named = [
             (by_location[os.path.realpath(item[:i])], item[i + 1 :])

@@ -34,6 +34,7 @@ from utils.folder_lock import FolderLock, lock_folder, refuse_if_locked
 
 LOCK_NAME = ".test.lock"
 STAGING_NAME = ".test-staging"
+PREVIOUS_NAME = ".previous"  # inside the staging folder, during a commit
 NAME = "-d/--output-dir"
 HOLDER = "test.py evaluation"
 FOLDERS = ("per-image", "reconstructions")
@@ -54,7 +55,7 @@ def on_writer(action: Callable[[], None]) -> None:
         message = [None if refusal is None else str(refusal)]
         dist.broadcast_object_list(message, src=0)
         if refusal is None and message[0] is not None:
-            raise ValueError("rank 0 refused the run (its error says why)")
+            raise ValueError(f"rank 0 refused the run: {message[0]}")
     if refusal is not None:
         raise refusal
 
@@ -151,6 +152,7 @@ class EvaluationOutputs:
         self._created = create_output_folder(self.output_dir, "-d")
         try:
             self._lock = lock_folder(self.output_dir, LOCK_NAME, NAME, HOLDER)
+            self._finish_a_killed_commit()
             self._check_outputs()
             _remove(self.staging)
             os.mkdir(self.staging)
@@ -160,16 +162,36 @@ class EvaluationOutputs:
             self._abandon()
             raise
 
+    def _finish_a_killed_commit(self) -> None:
+        """A run killed inside :meth:`commit` (SIGKILL, a power cut) left the previous
+        run's folders in the staging folder. Its ``results.json`` still there means it
+        never reached the commit point, so the previous folders go back in place of
+        what it had moved in; otherwise it had committed, and they are dropped."""
+        previous = os.path.join(self.staging, PREVIOUS_NAME)
+        unfinished = os.path.isfile(os.path.join(self.staging, "results.json"))
+        if not (os.path.isdir(previous) and unfinished):
+            return
+        for folder in FOLDERS:
+            kept = os.path.join(previous, folder)
+            if os.path.lexists(kept):
+                target = os.path.join(self.output_dir, folder)
+                _remove(target)
+                os.rename(kept, target)
+
     def commit(self, document: dict, pages: Dict[str, dict]) -> None:
         """Write ``pages`` (per-image documents by stem) into the staging folder, then
-        replace the previous outputs: the folders first, ``results.json`` last. A
-        failure on the way puts the previous folders back."""
+        replace the previous outputs: the folders first, ``results.json`` last, moved
+        in from the staging folder (the commit point: see
+        :meth:`_finish_a_killed_commit`). A failure on the way puts the previous
+        folders back."""
         if self.output_dir is None:
             return
         if "per-image" in self.folders:
             for stem, page in pages.items():
                 save_json(os.path.join(self.staging, "per-image", f"{stem}.json"), page)
-        previous = os.path.join(self.staging, ".previous")
+        staged_results = os.path.join(self.staging, "results.json")
+        save_json(staged_results, document)
+        previous = os.path.join(self.staging, PREVIOUS_NAME)
         os.mkdir(previous)
         moved_away, placed = [], []
         try:
@@ -183,7 +205,7 @@ class EvaluationOutputs:
                 if written:
                     os.rename(os.path.join(self.staging, folder), target)
                     placed.append(folder)
-            save_json(os.path.join(self.output_dir, "results.json"), document)
+            os.replace(staged_results, os.path.join(self.output_dir, "results.json"))
         except BaseException:
             for folder in reversed(placed):
                 os.rename(

@@ -100,17 +100,19 @@ def plot_curves(
 
 
 def _check_mathtext(text: str, what: str) -> None:
-    """Refuse ``text`` whose ``$...$`` parts matplotlib cannot parse."""
+    """Refuse ``text`` with a line that matplotlib reads as mathtext
+    (``cbook.is_math_text``: an even, non-zero number of unescaped ``$``) and cannot
+    parse, as it would draw it: line by line."""
+    from matplotlib import cbook
     from matplotlib.mathtext import MathTextParser
 
-    parts = text.replace(r"\$", "").split("$")
-    # As matplotlib decides: an even number of unescaped $ makes the text math.
-    formulas = parts[1::2] if len(parts) > 1 and len(parts) % 2 else []
-    for formula in formulas:
+    for line in text.split("\n"):
+        if not cbook.is_math_text(line):
+            continue
         try:
-            MathTextParser("path").parse(f"${formula}$")
+            MathTextParser("path").parse(line)
         except ValueError as exc:
-            reason = ([line for line in str(exc).splitlines() if line] or [""])[-1]
+            reason = ([part for part in str(exc).splitlines() if part] or [""])[-1]
             raise ValueError(
                 f"{what} holds mathtext matplotlib cannot draw ({reason}); write "
                 "\\$ for a dollar sign"

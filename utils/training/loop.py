@@ -64,7 +64,11 @@ from utils.training.validation import validate
 __all__ = ["Trainer"]
 
 # Config keys that change what the training loss measures (its scale included).
-LOSS_KEYS = ("train_params.lmbda:", "train_params.distortion_metric:")
+LOSS_KEYS = (
+    "train_params.lmbda:",
+    "train_params.distortion_metric:",
+    "model.kwargs.lmbdas:",  # the layered mei2021 models' own lambdas
+)
 
 
 def _folder(path: str) -> str:
