@@ -379,3 +379,38 @@ def test_workers_beyond_the_cpus_are_not_started_and_the_run_says_so(
         "1 workers load the images"
     )
     assert not [w for w in recwarn if "worker" in str(w.message)]
+
+
+def test_a_worker_started_as_the_group_was_signalled_drops_the_signal_and_lives():
+    """A stop signal sent to the process group while a DataLoader worker was still in
+    it killed the worker (and the run, without a checkpoint). GroupSafeDataLoader
+    starts workers with the signals blocked; leaving the group discards them."""
+    import subprocess
+    import sys
+
+    # A forked child has one thread, as a DataLoader worker has when it starts, so
+    # the blocked signal waits for it instead of going to another thread.
+    script = (
+        "import os, signal, sys\n"
+        "from datasets.workers import STOP_SIGNALS, leave_process_group\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # pending, as in a new worker\n"
+        "    leave_process_group(0)\n"
+        "    own_group = os.getpgid(0) == os.getpid()\n"
+        "    unblocked = not signal.pthread_sigmask(signal.SIG_BLOCK, set())\n"
+        "    default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\n"
+        "    os._exit(0 if own_group and unblocked and default else 3)\n"
+        "_, status = os.waitpid(child, 0)\n"
+        "print('alive' if status == 0 else f'status {status}')\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout == "alive\n", done.stderr

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from datasets import list_split
 from datasets.context_pairs import ContextPairs
 from datasets.sampler import epoch_seed
-from datasets.workers import leave_process_group, usable_workers
+from datasets.workers import GroupSafeDataLoader, leave_process_group, usable_workers
 from models.checkpoint import (
     load_state_dict_into,
     unwrap_state_dict,
@@ -116,7 +116,7 @@ class _Run:
             self.seed,
         )
         pairs.set_epoch(epoch)
-        return DataLoader(
+        return GroupSafeDataLoader(
             pairs,
             self.batch_size,
             shuffle=True,

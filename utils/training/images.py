@@ -6,7 +6,7 @@ from typing import Callable, Tuple
 from torch.utils.data import DataLoader
 
 from datasets import CropImageFolder, EpochSampler
-from datasets.workers import leave_process_group, usable_workers
+from datasets.workers import GroupSafeDataLoader, leave_process_group, usable_workers
 from utils.training.bad_images import UnusableImages
 from utils.training.distributed import DistContext
 
@@ -89,7 +89,7 @@ class RunImages:
         partial batch. Workers leave the process group, so that a stop signal to
         the group reaches the main process alone (``datasets/workers.py``)."""
         workers = self.workers
-        return DataLoader(
+        return GroupSafeDataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
