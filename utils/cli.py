@@ -254,6 +254,15 @@ def silence_gone_readers(*streams) -> bool:
     return gone
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute if it exists, else its nearest existing parent: where a
+    folder to be made at ``path`` would start (a file there means it never can)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_output_folder(folder: str, name: str) -> None:
     """Refuse, without creating anything, an output folder that cannot be made or
     written: a file, a path under a file, or a folder (itself, or its nearest existing
@@ -272,9 +281,7 @@ def check_output_folder(folder: str, name: str) -> None:
             raise ValueError(f"{name} {folder} is a file, not a folder")
         _check_writable(folder, f"{name} {folder}")
         return
-    parent = os.path.dirname(os.path.abspath(folder))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(folder)))
     if not os.path.isdir(parent):
         raise ValueError(f"{name} {folder} cannot be created: {parent} is a file")
     _check_writable(parent, f"{name} {folder} cannot be created: {parent}")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from models import get_model_class
 from models.base import CodingPlan, check_decoded, check_payload
 from models.checkpoint_file import first_line
+from utils.cli import nearest_existing
 from utils.coding.container import LayeredImage, pack, unpack
 from utils.device import model_device
 from utils.evaluation.metrics import likelihood_bits
@@ -410,17 +411,6 @@ def pretrained_url(architecture: str, quality: int, metric: str) -> str:
         ) from None
 
 
-def _first_file_on_the_way(folder: str) -> Optional[str]:
-    """The first existing path along ``folder`` (from the root) that is not a folder,
-    or None: where the folder can never be made."""
-    parts = os.path.abspath(folder).split(os.sep)
-    for depth in range(2, len(parts) + 1):
-        path = os.sep.join(parts[:depth])
-        if os.path.exists(path) and not os.path.isdir(path):
-            return path
-    return None
-
-
 def load_pretrained(
     architecture: str, quality: int, metric: str, device: torch.device
 ) -> nn.Module:
@@ -450,8 +440,8 @@ def load_pretrained(
             ) from None
         if not isinstance(exc, (OSError, RuntimeError)):
             raise
-        blocked = _first_file_on_the_way(cache)
-        if blocked:  # TORCH_HOME (or a folder under it) is a file
+        blocked = nearest_existing(cache)
+        if not os.path.isdir(blocked):  # TORCH_HOME (or a folder under it) is a file
             raise RuntimeError(
                 f"cannot keep pretrained weights in {cache}: {blocked} is a file, "
                 "not a folder; point TORCH_HOME at a folder"
