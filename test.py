@@ -62,15 +62,20 @@ def _comma_list(kind):
     its panel twice); numbers that read the same at 6 significant digits (``10`` and
     ``10.0000001``) count as repeated, since runs, files and ``cjxl -q`` name them so;
     numbers must be finite (``inf`` passed a codec's range check and crashed it,
-    ``nan`` every comparison)."""
+    ``nan`` every comparison); an empty item (``-q 50,``) is refused, since it is more
+    likely a value left out than a comma too many."""
 
     def parse(text: str) -> list:
-        items = [item.strip() for item in text.split(",") if item.strip()]
+        items = [item.strip() for item in text.split(",")]
         try:
-            values = [kind(item) for item in items]
+            values = [kind(item) for item in items if item]
         except ValueError:
             values = []
-        if not values or (kind is not str and not all(map(math.isfinite, values))):
+        if (
+            not all(items)
+            or not values
+            or (kind is not str and not all(map(math.isfinite, values)))
+        ):
             finite = "" if kind is str else "finite "
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {finite}{kind.__name__}s, got {text!r}"

@@ -690,6 +690,9 @@ def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
         # inf passed jpeg2000's open range (a near-lossless run) and crashed the others.
         ("10,inf", "expected comma-separated finite floats, got '10,inf'"),
         ("nan", "expected comma-separated finite floats, got 'nan'"),
+        # an empty item was dropped: "-q 50," coded one quality where two were meant
+        ("50,", "expected comma-separated finite floats, got '50,'"),
+        ("50,,60", "expected comma-separated finite floats, got '50,,60'"),
         ("50,30,50", "50 is given twice in '50,30,50'"),
         ("10,10.0000001", "10 and 10.0000001 in '10,10.0000001' are the same to 6"),
         ("10,10,20,20", "10 is given twice in '10,10,20,20'"),
