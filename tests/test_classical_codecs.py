@@ -148,3 +148,27 @@ def test_x265_refuses_an_image_below_its_smallest_side_in_one_line(height, width
     assert str(error.value) == (
         f"x265 codes images of 16 pixels a side or more, not {width}x{height}"
     )
+
+
+@pytest.mark.parametrize(
+    "name, largest",
+    [("jpeg", 65500), ("webp", 16383), ("avif", 32768)],
+)
+def test_a_side_beyond_the_library_limit_is_refused_in_one_line(name, largest):
+    """libwebp and libjpeg failed in their own words; libavif wrote a file it could
+    not read back. The largest side still codes and decodes."""
+    if not available(name):
+        pytest.skip(f"{name} is not available")
+    coded = CODECS[name].code(torch.zeros(3, 2, largest, dtype=torch.uint8), 50)
+    assert coded.reconstruction.shape == (3, 2, largest)
+    with pytest.raises(ValueError) as error:
+        CODECS[name].code(torch.zeros(3, largest + 1, 2, dtype=torch.uint8), 50)
+    assert str(error.value) == (
+        f"{name} codes images of at most {largest} pixels a side, not 2x{largest + 1}"
+    )
+
+
+def test_avif_refuses_more_pixels_than_its_decoder_reads():
+    with pytest.raises(ValueError, match="avif codes images of at most 268435456 "):
+        CODECS["avif"].sizes.check("avif", 16385, 16384)
+    CODECS["avif"].sizes.check("avif", 16384, 16384)

@@ -17,6 +17,7 @@ import models
 import test as test_script
 from models.base import CodingPlan
 from utils.coding.container import pack, unpack
+from utils.evaluation.classical_codecs import CODECS
 from utils.evaluation.coders import (
     Coded,
     Coder,
@@ -267,6 +268,28 @@ def test_codec_command_evaluates_jpeg_at_each_quality(capsys, images):
         and results["psnr-rgb"][0] < results["psnr-rgb"][1]
     )
     assert "bpp_est" not in results
+
+
+def test_an_image_the_codec_cannot_code_is_refused_before_the_first_is_coded(
+    capsys, monkeypatch, tmp_path
+):
+    """The size was checked only when the image was coded: a too-wide image late in
+    a dataset ended the run after the others had been coded for nothing."""
+    write_png(str(tmp_path / "a.png"), torch.zeros(3, 8, 8, dtype=torch.uint8))
+    write_png(str(tmp_path / "b.png"), torch.zeros(3, 2, 16384, dtype=torch.uint8))
+
+    def must_not_code(image, quality):
+        raise AssertionError("an image was coded")
+
+    monkeypatch.setattr(CODECS["webp"], "code", must_not_code)
+    code, _, err = run_cli(
+        capsys, ["codec", "--dataset", tmp_path, "--codec", "webp", "-q", 50]
+    )
+    assert code == 1
+    assert err.strip().endswith(
+        f"{tmp_path / 'b.png'}: webp codes images of at most 16383 pixels a side, "
+        "not 16384x2"
+    )
 
 
 class IdentityTile:

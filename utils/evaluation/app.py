@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -214,11 +214,20 @@ def _checkpoint_stem(path: str) -> str:
     return stem
 
 
-def _codec_runs(args: argparse.Namespace, names: List[str]) -> List[Run]:
+def _codec_runs(
+    args: argparse.Namespace, names: List[str], sizes: Dict[str, Tuple[int, int]]
+) -> List[Run]:
+    """The runs of a classical codec, after checking every quality and the size of
+    every image (``path: (width, height)``, from the headers) it is given."""
     codec = get_codec(args.codec)
     names.append(args.codec)
     for quality in args.quality:
         codec.scale.check(args.codec, quality)
+    for path, (width, height) in sizes.items():
+        try:
+            codec.sizes.check(args.codec, height, width)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return [
         Run(f"{args.codec} q{q:g}", tag, lambda q=q: [ClassicalCoder(codec, q)])
         for q, tag in zip(args.quality, _run_tags(args))
@@ -235,8 +244,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
         check_output_folder(args.output_dir, "-d")  # made once every check passed
     paths = list_images(dataset.folder)
     paths = paths[: args.max_images] if args.max_images else paths
-    for path in paths:  # every header before the first image is coded
-        image_size(path)
+    sizes = {path: image_size(path) for path in paths}  # every header before coding
     if args.per_image or args.save_image:
         _check_distinct_stems(paths)
     outputs = EvaluationOutputs(
@@ -245,7 +253,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     on_writer(outputs.check)  # in use, a path in the way, outputs without --force
     names: List[str] = []
     if args.command == "codec":
-        runs = _codec_runs(args, names)
+        runs = _codec_runs(args, names, sizes)
     else:
         patch = args.patch_size or PatchSpec(
             FOLDER_PATCH_SIZE if dataset.patch_size is None else dataset.patch_size

@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +75,39 @@ class QualityScale:
             )
 
 
+@dataclass(frozen=True)
+class SizeLimits:
+    """The image sizes a codec codes: sides from ``low`` to ``high`` pixels and at
+    most ``pixels`` in all (None: no limit known).
+
+    Beyond them the libraries fail in their own words, some only when decoding
+    (libavif writes a 65500-pixel-wide AVIF that it cannot read back); the limits
+    let ``test.py codec`` refuse such an image from its header, before the first
+    image is coded.
+    """
+
+    low: int = 1
+    high: Optional[int] = None
+    pixels: Optional[int] = None
+
+    def check(self, codec: str, height: int, width: int) -> None:
+        if min(height, width) < self.low:
+            raise ValueError(
+                f"{codec} codes images of {self.low} pixels a side or more, "
+                f"not {width}x{height}"
+            )
+        if self.high is not None and max(height, width) > self.high:
+            raise ValueError(
+                f"{codec} codes images of at most {self.high} pixels a side, "
+                f"not {width}x{height}"
+            )
+        if self.pixels is not None and height * width > self.pixels:
+            raise ValueError(
+                f"{codec} codes images of at most {self.pixels} pixels, "
+                f"not {width}x{height}"
+            )
+
+
 def _to_pil(image: Tensor) -> Image.Image:
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(
@@ -99,9 +132,11 @@ class PillowCodec:
         scale: QualityScale,
         options: Callable[[float], dict],
         summary: str,
+        sizes: SizeLimits = SizeLimits(),
     ):
         self.name, self.pil_format, self.feature = name, pil_format, feature
         self.scale, self.options, self.summary = scale, options, summary
+        self.sizes = sizes
 
     def check_available(self) -> None:
         if not features.check(self.feature):
@@ -112,6 +147,7 @@ class PillowCodec:
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
+        self.sizes.check(self.name, *image.shape[1:])
         picture = _to_pil(image)
         buffer = io.BytesIO()
         start = time.perf_counter()
@@ -132,8 +168,6 @@ class ToolCodec:
 
     ``encode``/``decode`` build the argument lists from the folder's file names;
     the encoder reads ``input.png`` (or raw RGB for ffmpeg) and writes ``stream``.
-    ``min_side``: the smallest side in pixels the tools code (a smaller image is
-    refused in one line naming it, instead of with the tool's own failure).
     """
 
     def __init__(
@@ -146,11 +180,11 @@ class ToolCodec:
         decode: Callable[[str, Tuple[int, int]], List[List[str]]],
         raw_io: bool,
         summary: str,
-        min_side: int = 1,
+        sizes: SizeLimits = SizeLimits(),
     ):
         self.name, self.tools, self.package = name, tools, package
         self.scale, self.encode, self.decode = scale, encode, decode
-        self.raw_io, self.summary, self.min_side = raw_io, summary, min_side
+        self.raw_io, self.summary, self.sizes = raw_io, summary, sizes
 
     def check_available(self) -> None:
         for tool in self.tools:
@@ -163,11 +197,7 @@ class ToolCodec:
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
         height, width = image.shape[1:]
-        if min(height, width) < self.min_side:
-            raise ValueError(
-                f"{self.name} codes images of {self.min_side} pixels a side or more, "
-                f"not {width}x{height}"
-            )
+        self.sizes.check(self.name, height, width)
         self.check_available()
         with tempfile.TemporaryDirectory(prefix=f"cps-{self.name}-") as folder:
             source = os.path.join(folder, "input.rgb" if self.raw_io else "input.png")
@@ -302,6 +332,7 @@ CODECS: Dict[str, object] = {
         QualityScale(1, 100, True, "1..100, higher is better"),
         lambda q: {"quality": int(q)},
         "JPEG (Pillow/libjpeg, 4:2:0)",
+        SizeLimits(high=65500),  # libjpeg's JPEG_MAX_DIMENSION
     ),
     "webp": PillowCodec(
         "webp",
@@ -310,6 +341,7 @@ CODECS: Dict[str, object] = {
         _PERCENT,
         lambda q: {"quality": int(q), "method": 4},
         "WebP (Pillow/libwebp, method 4)",
+        SizeLimits(high=16383),  # WEBP_MAX_DIMENSION
     ),
     "jpeg2000": PillowCodec(
         "jpeg2000",
@@ -332,6 +364,9 @@ CODECS: Dict[str, object] = {
         _PERCENT,
         lambda q: {"quality": int(q), "subsampling": "4:4:4", "speed": 6},
         "AVIF (Pillow/libavif, AV1 intra, 4:4:4, speed 6)",
+        # libavif's decoder limits (AVIF_DEFAULT_IMAGE_DIMENSION_LIMIT and
+        # AVIF_DEFAULT_IMAGE_SIZE_LIMIT): its encoder writes larger images.
+        SizeLimits(high=32768, pixels=16384 * 16384),
     ),
     "x265": ToolCodec(
         "x265",
@@ -345,7 +380,7 @@ CODECS: Dict[str, object] = {
         "full range, raw Annex-B stream)",
         # libx265 through ffmpeg fails to open a smaller picture (16x16 codes, 9 or
         # 15 pixels a side do not).
-        min_side=16,
+        sizes=SizeLimits(low=16),
     ),
     "jxl": ToolCodec(
         "jxl",
