@@ -39,6 +39,7 @@ from utils.cli import (
     ARCHITECTURE_HELP,
     add_coding_arguments,
     add_force_argument,
+    report_error,
     run_main,
 )
 from utils.evaluation.choices import (
@@ -412,8 +413,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parse_args(argv)
         _check_checkpoints_exist(args)
     except ValueError as exc:
-        print(f"test.py: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error("test.py", exc)
 
     def run() -> int:
         # PyTorch and the models load here, after the checks.

@@ -211,16 +211,9 @@ def _train(args) -> int:
     except BrokenPipeError as exc:
         if outputs_gone():  # the log's reader: run_main ends the run quietly
             raise
-        return _report(exc)  # another pipe (a DataLoader worker's)
+        return report_error("train.py", exc)  # another pipe (a DataLoader worker's)
     except REPORTED_ERRORS as exc:
-        return _report(exc)
-
-
-def _report(exc: BaseException) -> int:
-    rank = os.environ.get("RANK")
-    return report_error(
-        "train.py" if rank in (None, "0") else f"train.py [rank {rank}]", exc
-    )
+        return report_error("train.py", exc)
 
 
 if __name__ == "__main__":

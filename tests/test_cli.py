@@ -15,7 +15,7 @@ from PIL import Image
 import codec
 import models
 import test as test_script
-from utils.cli import run_main
+from utils.cli import report_error, run_main
 from utils.stitching.spec import PatchSpec
 
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -496,3 +496,18 @@ def test_train_py_reports_config_errors_before_pytorch_is_imported():
     )
     assert result.stdout.split() == ["1", "False"]
     assert "train_params.N" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "rank, program", [(None, "test.py"), ("0", "test.py"), ("1", "test.py [rank 1]")]
+)
+def test_an_error_names_the_torchrun_rank_that_reports_it(
+    capsys, monkeypatch, rank, program
+):
+    """Under torchrun the ranks share stderr and often repeat one refusal."""
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert report_error("test.py", ValueError("no such file")) == 1
+    assert capsys.readouterr().err == f"{program}: error: no such file\n"

@@ -678,6 +678,45 @@ def test_torchrun_shards_images_and_merges_the_same_results(
     assert json.loads((out_dir / "results.json").read_text()) == sharded
 
 
+@pytest.mark.slow  # two fresh processes under torchrun
+def test_a_folder_another_evaluation_holds_refuses_every_torchrun_rank(
+    tmp_path, images
+):
+    """Rank 0 alone takes -d; its refusal reaches the other ranks at once instead of
+    leaving them in their next collective until the process group's timeout."""
+    from utils.evaluation.outputs import HOLDER, LOCK_NAME, NAME
+    from utils.folder_lock import lock_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = lock_folder(str(out), LOCK_NAME, NAME, HOLDER)  # as another test.py would
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                os.path.join(REPO, "test.py"),
+                *_codec_argv(images, out),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=240,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+        )
+    finally:
+        other.release()
+    assert done.returncode != 0 and done.stdout == ""
+    refusal = f"-d/--output-dir {out} is in use by another test.py evaluation"
+    assert f"test.py: error: {refusal}" in done.stderr
+    # The ranks share stderr, so their lines may interleave.
+    assert f"test.py [rank 1]: error: rank 0 refused the run: {refusal}" in done.stderr
+    assert sorted(os.listdir(out)) == []
+
+
 def test_images_sharing_a_stem_are_refused_before_their_per_image_files_collide(
     capsys, tmp_path
 ):

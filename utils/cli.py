@@ -177,10 +177,15 @@ def one_line(exc: BaseException) -> str:
 
 
 def report_error(program: str, exc: BaseException) -> int:
-    """Print ``program: error: message`` on stderr, on one line.
+    """Print ``program: error: message`` on stderr, on one line; under torchrun, a
+    rank other than 0 names itself (``program [rank 1]: error: ...``), since the
+    ranks share stderr and often report the same refusal.
 
     Returns the status, 1.
     """
+    rank = os.environ.get("RANK")
+    if rank not in (None, "0"):
+        program = f"{program} [rank {rank}]"
     print(f"{program}: error: {one_line(exc)}", file=sys.stderr)
     return 1
 
