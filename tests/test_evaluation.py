@@ -623,6 +623,26 @@ def test_aggregate_averages_present_values_and_json_turns_inf_into_null():
     assert json.loads(to_json({"results": results}))["results"]["psnr-rgb"] == [None]
 
 
+def _torchrun_test_py(*argv) -> subprocess.CompletedProcess:
+    """``test.py argv`` under torchrun, as 2 CPU processes of one thread each."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(REPO, "test.py"),
+            *map(str, argv),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+    )
+
+
 @pytest.mark.slow  # an end-to-end run of over 20 s on 2 cores
 def test_torchrun_shards_images_and_merges_the_same_results(
     capsys, tmp_path, images, checkpoint
@@ -648,26 +668,7 @@ def test_torchrun_shards_images_and_merges_the_same_results(
     single = json.loads(stdout)
 
     out_dir = tmp_path / "sharded"
-    command = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            os.path.join(REPO, "test.py"),
-        ]
-        + [str(a) for a in common]
-        + ["-d", str(out_dir), "--save-image"]
-    )
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=240,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    done = _torchrun_test_py(*common, "-d", out_dir, "--save-image")
     assert done.returncode == 0, done.stderr[-2000:]
     sharded = json.loads(done.stdout)
     assert "2 processes" in done.stderr
@@ -691,22 +692,7 @@ def test_a_folder_another_evaluation_holds_refuses_every_torchrun_rank(
     out.mkdir()
     other = lock_folder(str(out), LOCK_NAME, NAME, HOLDER)  # as another test.py would
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                os.path.join(REPO, "test.py"),
-                *_codec_argv(images, out),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=240,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
-        )
+        done = _torchrun_test_py(*_codec_argv(images, out))
     finally:
         other.release()
     assert done.returncode != 0 and done.stdout == ""
