@@ -25,9 +25,9 @@ from utils.evaluation.coders import (
     ModelCoder,
     NaiveTiles,
     learned_coders,
-    load_pretrained,
 )
 from utils.evaluation.metrics import psnr, psnr_b
+from utils.evaluation.pretrained import load_pretrained
 from utils.evaluation.runs import (
     Run,
     aggregate,
@@ -462,7 +462,7 @@ def test_a_broken_cached_pretrained_file_is_named_with_the_way_out(
 ):
     """Offline users are told to put the file in the cache: one that is empty, not a
     checkpoint or another model's ended in EOFError, UnpicklingError or KeyError."""
-    from utils.evaluation.coders import pretrained_url
+    from utils.evaluation.pretrained import pretrained_url
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     cached = (

@@ -29,8 +29,6 @@ from utils.evaluation.coders import (
     ClassicalCoder,
     LearnedOptions,
     learned_coders,
-    load_pretrained,
-    pretrained_url,
 )
 from utils.evaluation.curves import (
     distinct_names,
@@ -40,6 +38,7 @@ from utils.evaluation.curves import (
 )
 from utils.evaluation.demo import run_demo
 from utils.evaluation.outputs import EvaluationOutputs, on_writer
+from utils.evaluation.pretrained import load_pretrained, pretrained_url
 from utils.evaluation.rd import bd_rate_table, format_table
 from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import (
