@@ -9,12 +9,8 @@ import models
 import test as test_cli
 from models.base import CodingPlan
 from utils.evaluation import demo
-from utils.evaluation.demo import (
-    SHIPPED_DIR,
-    _crop_window,
-    demo_image,
-    find_shipped_models,
-)
+from utils.evaluation.demo import _crop_window, demo_image
+from utils.evaluation.shipped import SHIPPED_DIR, find_shipped_models
 from utils.stitching.spec import PatchSpec
 from utils.training.release import (
     curve_panels,
