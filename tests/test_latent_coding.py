@@ -17,6 +17,7 @@ import utils.coding.threads as coder_threads
 from tests.conftest import data_dir
 from utils.coding.context_coder import ContextCoder
 from utils.coding.scan_order import causal_taps, coding_order, wavefront_slope
+from utils.memory import PeakMemory, memory_in_use
 
 
 def spread_scales(
@@ -498,3 +499,31 @@ def test_the_stream_framing_of_the_cps_format_is_fixed():
 def test_an_empty_latent_has_no_coding_order(order, height, width):
     with pytest.raises(ValueError, match=f"latent size {height}x{width} is empty"):
         coding_order(height, width, order, 3)
+
+
+@pytest.mark.parametrize("height,width", [(37, 5), (5, 37), (9, 9), (64, 1), (1, 64)])
+@pytest.mark.parametrize("slope", [1, 2, 3])
+def test_wavefront_order_is_the_stable_sort_of_the_positions_by_front(
+    height, width, slope
+):
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    expected = torch.argsort(slope * rows + cols, stable=True)
+    positions, sizes = coding_order(height, width, "wavefront", slope)
+    assert torch.equal(positions, expected)
+    assert sum(sizes) == height * width
+
+
+@pytest.mark.skipif(
+    not PeakMemory(torch.device("cpu")).resettable, reason="needs a resettable peak"
+)
+def test_the_order_of_a_tall_latent_needs_memory_linear_in_its_positions():
+    # A 65535 x 4 pixel image is a 16384 x 1 Kamisli block grid: ranking a front's
+    # positions by row made a key range of slope * height**2, 4 GB before any budget
+    # check. 4096 rows made 270 MB of keys.
+    cpu = torch.device("cpu")
+    before = memory_in_use(cpu)
+    with PeakMemory(cpu) as memory:
+        positions, sizes = coding_order(4096, 1, "wavefront", 2)
+    assert torch.equal(positions, torch.arange(4096)) and sizes == [1] * 4096
+    assert memory.peak_bytes - before < 32 << 20, memory.peak_mb

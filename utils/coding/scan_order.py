@@ -68,9 +68,16 @@ def coding_order(
     rows = torch.arange(height).repeat_interleave(width)
     cols = torch.arange(width).repeat(height)
     front = slope * rows + cols
-    # The keys are unique and dense enough to sort by scattering them into their
-    # range: linear time, where argsort's n log n is a visible cost on large latents.
-    keys = front * height + rows
+    # Sorted by scattering unique keys into their range: linear time, where argsort's
+    # n log n is a visible cost on large latents. Within a front the row fixes the
+    # column and a later row has a smaller column, so the key ranks the positions of
+    # a front by the shorter side: a key range of about (slope + 1) * height * width.
+    # Ranking by row on a tall latent made it slope * height**2 (4 GB of keys for a
+    # 65535 x 4 pixel Kamisli image), whatever the budget.
+    if height <= width:
+        keys = front * height + rows
+    else:
+        keys = front * width + (width - 1 - cols)
     slots = torch.full((int(keys[-1]) + 1,), -1)
     slots[keys] = torch.arange(height * width)
     positions = slots[slots >= 0]
