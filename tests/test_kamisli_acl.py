@@ -365,3 +365,65 @@ def test_an_acl_run_is_refused_in_a_folder_another_run_holds(tmp_path):
     cfg["acl"]["max_iterations"] = 1
     run_acl(cfg, torch.device("cpu"), lambda _: None)
     assert not os.path.exists(os.path.join(exp, ".train.lock"))
+
+
+class _Stop(Exception):
+    """Raised from the log to stop a run, as Ctrl-C would, between epochs."""
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train_params": {"lmbda": 1.0}},
+        {"acl": {"closed_loop_tile": 1}},
+        {"acl": {"validation_path": "other"}},
+    ],
+)
+def test_an_acl_run_resumed_with_another_loss_forgets_the_best_losses_before_it(
+    tmp_path, change
+):
+    """Losses of another lambda, closed-loop tiling or validation set do not
+    compare: the best checkpoints and the plateau schedule start again after the
+    resume."""
+    cfg = config(
+        tmp_path,
+        itr0_threshold=1e-9,
+        max_iterations=1,
+        max_epochs_per_iteration=3,
+        closed_loop_every=1,
+    )
+    write_images(tmp_path / "other", 2, (20, 16), seed=2)
+
+    def stop_in_epoch_2(line):
+        if line.startswith("acl iteration 0 epoch 2"):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_acl(cfg, torch.device("cpu"), stop_in_epoch_2)
+    exp = cfg["train_data"]["experiment_path"]
+    before = torch.load(os.path.join(exp, STATE_NAME), weights_only=True)
+    assert before["acl_state"]["epoch"] == 1
+    for block, values in change.items():
+        cfg[block].update(values)
+    if cfg["acl"]["validation_path"]:
+        cfg["acl"]["validation_path"] = str(tmp_path / "other")
+    cfg["train_data"]["use_checkpoint_path"] = os.path.join(exp, STATE_NAME)
+    log = []
+    state = run_acl(cfg, torch.device("cpu"), log.append)
+    new = state.history[1:]
+    assert [r["epoch"] for r in new] == [2, 3]
+    assert state.best_ol == min(r["open_loop"] for r in new)
+    assert state.best_cl == min(r["closed_loop"] for r in new)
+    for name, best in (("0", state.best_ol), ("0rr", state.best_cl)):
+        saved = torch.load(
+            os.path.join(exp, f"model_best_acl_{name}.pth.tar"), weights_only=True
+        )
+        assert saved["loss"] == best
+    schedule = torch.load(os.path.join(exp, STATE_NAME), weights_only=True)
+    assert schedule["lr_scheduler"]["best"] in [r["open_loop"] for r in new]
+    (key,) = [f"{block}.{name}" for block, kv in change.items() for name in kv]
+    assert any(
+        line.startswith(f"warning: config changed since the checkpoint: {key}: ")
+        for line in log
+    )
+    assert any("earlier validation losses do not compare" in line for line in log)

@@ -81,6 +81,14 @@ class ACLState:
     selected: str = ""  # checkpoint the regenerate phase starts from
     history: List[dict] = field(default_factory=list)
 
+    def forget_best_losses(self) -> None:
+        """Start the best open- and closed-loop losses (and their counts of epochs
+        without improvement) again, after a change of what the validation losses
+        measure. With no earlier closed-loop best to compare, the switch rule waits
+        for an iteration measured with the new loss."""
+        self.best_ol = self.best_cl = self.best_cl_previous = math.inf
+        self.ol_stale = self.cl_stale = 0
+
 
 @torch.no_grad()
 def open_loop_loss(

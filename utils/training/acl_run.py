@@ -39,11 +39,16 @@ from utils.training.bad_images import usable_images
 from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
-from utils.training.resume import check_not_behind
+from utils.training.resume import LOSS_KEYS, check_not_behind, report_config_changes
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
 from utils.training.state import check_resume_entries, load_entry
+from utils.training.step import restart_plateau
 
 __all__ = ["STATE_NAME", "run_acl"]
+
+# What the ACL validation losses also depend on: the closed-loop tiling and the
+# validation images.
+ACL_LOSS_KEYS = LOSS_KEYS + ("acl.closed_loop_tile:", "acl.validation_path:")
 
 
 class _Run:
@@ -292,6 +297,42 @@ def _exists(last: str) -> ValueError:
     )
 
 
+def _resume(run: _Run, path: str):
+    """The state, optimizer and schedule of the ACL checkpoint at ``path``, its
+    weights loaded into ``run.model``. A change of what the validation losses
+    measure (:data:`ACL_LOSS_KEYS`) forgets the best losses held.
+    """
+    checkpoint = read_checkpoint_file(path)
+    if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
+        raise ValueError(f"{path} is not an ACL checkpoint")
+    check_resume_entries(checkpoint, path, _RESUME_KEYS)
+    try:
+        state = ACLState(**checkpoint["acl_state"])
+    except TypeError:
+        raise ValueError(
+            f"cannot resume from {path}: entry 'acl_state' has other keys "
+            f"than {', '.join(f.name for f in fields(ACLState))}"
+        ) from None
+    check_not_behind(path, run.exp, checkpoint["epoch"], "epoch")
+    run.load_weights(path)
+    optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
+    load_entry(optimizer, checkpoint, "optimizer", path)
+    load_entry(scheduler, checkpoint, "lr_scheduler", path)
+    run.log(
+        f"resuming ACL iteration {state.iteration} ({state.phase}) after epoch "
+        f"{state.epoch}"
+    )
+    if report_config_changes(checkpoint["config"], run.config, run.log, ACL_LOSS_KEYS):
+        state.forget_best_losses()
+        restart_plateau(scheduler)
+        run.log(
+            "warning: the loss changed, so earlier validation losses do not "
+            "compare: the best open- and closed-loop checkpoints and the plateau "
+            "schedule start again from the next validation"
+        )
+    return state, optimizer, scheduler
+
+
 def run_acl(
     cfg: Mapping, device: torch.device, log: Callable[[str], None] = print
 ) -> ACLState:
@@ -312,27 +353,7 @@ def run_acl(
     data = cfg["train_data"]
     last = os.path.join(run.exp, STATE_NAME)
     if data["use_checkpoint_path"]:
-        path = data["use_checkpoint_path"]
-        checkpoint = read_checkpoint_file(path)
-        if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
-            raise ValueError(f"{path} is not an ACL checkpoint")
-        check_resume_entries(checkpoint, path, _RESUME_KEYS)
-        try:
-            state = ACLState(**checkpoint["acl_state"])
-        except TypeError:
-            raise ValueError(
-                f"cannot resume from {path}: entry 'acl_state' has other keys "
-                f"than {', '.join(f.name for f in fields(ACLState))}"
-            ) from None
-        check_not_behind(path, run.exp, checkpoint["epoch"], "epoch")
-        run.load_weights(path)
-        optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
-        load_entry(optimizer, checkpoint, "optimizer", path)
-        load_entry(scheduler, checkpoint, "lr_scheduler", path)
-        log(
-            f"resuming ACL iteration {state.iteration} ({state.phase}) after epoch "
-            f"{state.epoch}"
-        )
+        state, optimizer, scheduler = _resume(run, data["use_checkpoint_path"])
     elif os.path.exists(last):
         raise _exists(last)
     else:

@@ -41,7 +41,7 @@ from utils.training.resume import (
     check_experiment_folder,
     check_not_behind,
     check_resume_position,
-    config_changes,
+    report_config_changes,
     run_finished,
 )
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
@@ -58,17 +58,11 @@ from utils.training.step import (
     build_optimizers,
     build_scheduler,
     coding_state_dict,
+    restart_plateau,
 )
 from utils.training.validation import validate
 
 __all__ = ["Trainer"]
-
-# Config keys that change what the training loss measures (its scale included).
-LOSS_KEYS = (
-    "train_params.lmbda:",
-    "train_params.distortion_metric:",
-    "model.kwargs.lmbdas:",  # the layered mei2021 models' own lambdas
-)
 
 
 def _folder(path: str) -> str:
@@ -203,16 +197,7 @@ class Trainer:
                 self.log(
                     f"the run continues in {self.exp}; it was written in {written_in}"
                 )
-            changes = config_changes(checkpoint.get("config"), self.cfg)
-            for change in changes:
-                self.log(f"warning: config changed since the checkpoint: {change}")
-            if changes:
-                self.log(
-                    "warning: the run continues with the changed values; "
-                    "train.py --resume CHECKPOINT without --config or --set keeps the "
-                    "checkpoint's config"
-                )
-            if any(change.startswith(LOSS_KEYS) for change in changes):
+            if report_config_changes(checkpoint.get("config"), self.cfg, self.log):
                 self._forget_best_loss()
         elif data.init_checkpoint_path:
             init_weights_from(data.init_checkpoint_path, self.raw)
@@ -224,8 +209,7 @@ class Trainer:
         schedule, start again from the next validation."""
         self.pos.best_loss, self.pos.best_step = float("inf"), None
         if self.schedule_per == "validation":
-            self.scheduler.best = self.scheduler.mode_worse
-            self.scheduler.num_bad_epochs = 0
+            restart_plateau(self.scheduler)
         self.log(
             "warning: the loss changed, so earlier validation losses do not compare: "
             f"{BEST_NAME} and the plateau schedule start again from the next "

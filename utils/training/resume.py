@@ -8,7 +8,7 @@ These checks run before the run announces that it resumes.
 """
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from utils.training.config import (
     BEST_NAME,
@@ -25,6 +25,8 @@ __all__ = [
     "check_not_behind",
     "check_experiment_folder",
     "config_changes",
+    "LOSS_KEYS",
+    "report_config_changes",
 ]
 
 # Where the weights come from is not a change of the run, nor where it writes (the
@@ -33,6 +35,13 @@ _START_KEYS = (
     "train_data.use_checkpoint_path:",
     "train_data.init_checkpoint_path:",
     "train_data.experiment_path:",
+)
+
+# Config keys that change what the training loss measures (its scale included).
+LOSS_KEYS = (
+    "train_params.lmbda:",
+    "train_params.distortion_metric:",
+    "model.kwargs.lmbdas:",  # the layered mei2021 models' own lambdas
 )
 
 
@@ -152,6 +161,28 @@ def config_changes(stored: Optional[dict], cfg) -> List[str]:
         for change in config_differences(stored, to_plain_dict(cfg))
         if not change.startswith(_START_KEYS)
     ]
+
+
+def report_config_changes(
+    stored: Optional[dict], cfg, log, loss_keys: Tuple[str, ...] = LOSS_KEYS
+) -> bool:
+    """Log each key of ``cfg`` that differs from the checkpoint's ``stored`` config
+    (:func:`config_changes`) and a reminder of how to keep the stored values.
+
+    Returns whether one of the changes is of ``loss_keys``: the validation losses
+    of the checkpoint and those to come then measure different things, and the
+    caller forgets the best one it holds.
+    """
+    changes = config_changes(stored, cfg)
+    for change in changes:
+        log(f"warning: config changed since the checkpoint: {change}")
+    if changes:
+        log(
+            "warning: the run continues with the changed values; "
+            "train.py --resume CHECKPOINT without --config or --set keeps the "
+            "checkpoint's config"
+        )
+    return any(change.startswith(loss_keys) for change in changes)
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> List[str]:

@@ -36,6 +36,7 @@ from utils.training.distributed import (
 __all__ = [
     "build_optimizers",
     "build_scheduler",
+    "restart_plateau",
     "step_seed",
     "TrainStep",
     "NonFiniteLossError",
@@ -112,6 +113,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, total_steps: in
     if kind == "constant":
         return lr_sched.ConstantLR(optimizer, factor=1.0, total_iters=0), "step"
     raise ValueError(f"unknown lr_schedule.type {kind!r}")
+
+
+def restart_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
+    """Make ``scheduler`` forget its best loss and its epochs without improvement,
+    after a change of the loss: the next validation loss becomes its best."""
+    scheduler.best = scheduler.mode_worse
+    scheduler.num_bad_epochs = 0
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
