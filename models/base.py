@@ -44,7 +44,7 @@ closed-loop training (``training_mode: acl``) can train.
 
 import abc
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from compressai.entropy_models import EntropyBottleneck
@@ -183,6 +183,13 @@ class LearnedCodec(nn.Module, abc.ABC):
         """(height, width) that ``decode(payload, plan)`` returns: the header's size,
         unless the decoded operating point is a smaller pyramid level."""
         return payload.height, payload.width
+
+    def configured_state(self) -> Dict[str, Tensor]:
+        """State-dict entries that the constructor's arguments set and training does
+        not learn (Mei 2021's ``lmbdas``; none by default). Training keeps these
+        when it loads other weights (a resume, ``--init-from``): they say what the
+        run trains for, as its config does."""
+        return {}
 
     @property
     @abc.abstractmethod

@@ -341,3 +341,49 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
         assert isinstance(trainer.criterion, ScalableRDLoss)
         assert trainer.fit() == 0
     assert (tmp_path / "run" / "checkpoint_best_loss.pth.tar").is_file()
+
+
+def test_a_layered_run_resumed_or_fine_tuned_with_other_lmbdas_records_them(tmp_path):
+    """The lambdas the run trains with (the config's) are the ones its checkpoints
+    store: loading the earlier weights used to put the old lambdas back in the
+    model's buffer, so the files said the model was trained for those."""
+    import os
+
+    from test_train_data import make_image_folder, write_train_config
+
+    import train
+
+    data = make_image_folder(tmp_path / "data")
+    config = write_train_config(
+        tmp_path,
+        data,
+        tmp_path / "run",
+        train_params={"max_steps": 1, "N": 8},
+        model={
+            "name": "mei2021-quality",
+            "kwargs": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]},
+        },
+    )
+    assert train.main(["--config", config]) == 0
+    last = str(tmp_path / "run" / "checkpoint.pth.tar")
+    other = "model.kwargs={num_filters: [8, 8], lmbdas: [20.0, 10.0]}"
+    assert (
+        train.main(["--resume", last, "--set", other, "train_params.max_steps=2"]) == 0
+    )
+    fine_tuned = "train_data.experiment_path=" + str(tmp_path / "tuned")
+    assert (
+        train.main(
+            ["--config", config, "--init-from", last, "--set", other, fine_tuned]
+        )
+        == 0
+    )
+    for run in ("run", "tuned"):
+        for name in ("checkpoint.pth.tar", "checkpoint_best_loss.pth.tar"):
+            path = os.path.join(tmp_path, run, name)
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            assert stored["state_dict"]["lmbdas"].tolist() == [20.0, 10.0]
+            assert stored["model_config"]["lmbdas"] == [20.0, 10.0]
+            assert models.load_checkpoint(path, "cpu").default_loss().lmbdas == [
+                20.0,
+                10.0,
+            ]

@@ -40,7 +40,7 @@ Training is joint and single-stage: one loss sums every layer's rate-distortion 
 buffer, so checkpoints remember what they were trained for).
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from compressai.entropy_models import EntropyBottleneck
@@ -170,6 +170,10 @@ class _MeiScalable(LearnedCodec, CompressionModel):
     def config(self) -> dict:
         """Constructor arguments, stored in checkpoints and checked against files."""
         return {"num_filters": list(self.num_filters), "lmbdas": self.lmbdas.tolist()}
+
+    def configured_state(self) -> Dict[str, Tensor]:
+        """The per-layer lambdas: the loss this model trains with."""
+        return {"lmbdas": self.lmbdas.detach().clone()}
 
     def default_loss(
         self, lmbda: Optional[float] = None, metric: str = "mse"

@@ -311,6 +311,14 @@ def _check_like(fresh: dict, stored: dict) -> None:
             )
 
 
+def _configured(raw: nn.Module, state_dict) -> dict:
+    """``state_dict`` with ``raw``'s configured entries (``configured_state``, built
+    from this run's config) in place of the stored ones: the run trains with the
+    config's values, and a stored ``lmbdas`` buffer would have its checkpoints claim
+    the lambdas of the run it came from."""
+    return {**state_dict, **raw.configured_state()}
+
+
 def restore(
     checkpoint: dict,
     raw: nn.Module,
@@ -322,7 +330,7 @@ def restore(
 ) -> None:
     """Load model, optimizers, schedule, position from a checked resume checkpoint."""
     try:
-        load_state_dict_into(raw, unwrap_state_dict(checkpoint))
+        load_state_dict_into(raw, _configured(raw, unwrap_state_dict(checkpoint)))
     except ValueError as exc:
         raise ValueError(f"cannot resume from {path}: {exc}") from None
     load_entry(optimizer, checkpoint, "optimizer", path)
@@ -358,7 +366,7 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
             f"holds a {stored_architecture!r} model (model.architecture)"
         )
     try:
-        state_dict = unwrap_state_dict(checkpoint)
+        state_dict = _configured(raw, unwrap_state_dict(checkpoint))
         load_state_dict_into(raw, state_dict)
     except ValueError as exc:
         difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
