@@ -315,25 +315,30 @@ def test_a_bfloat16_step_keeps_the_per_layer_outputs_the_joint_loss_needs():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def write_layered_config(tmp_path, name, max_steps):
+    """A tiny two-layer ``name`` model's training config (lambdas 2 and 1) over
+    generated images, written in ``tmp_path``; the run writes to ``tmp_path/run``."""
+    from test_train_data import make_image_folder, write_train_config
+
+    return write_train_config(
+        tmp_path,
+        make_image_folder(tmp_path / "data"),
+        tmp_path / "run",
+        train_params={"max_steps": max_steps, "N": 8},
+        model={"name": name, "kwargs": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]}},
+    )
+
+
 @pytest.mark.parametrize("name", ["mei2021-quality", "mei2021-spatial"])
 def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
     import os
-
-    from test_train_data import make_image_folder, write_train_config
 
     from models.mei2021.loss import ScalableRDLoss
     from utils.training.config import load_config
     from utils.training.distributed import DistContext
     from utils.training.loop import Trainer
 
-    data = make_image_folder(tmp_path / "data")
-    config = write_train_config(
-        tmp_path,
-        data,
-        tmp_path / "run",
-        train_params={"max_steps": 2, "N": 8},
-        model={"name": name, "kwargs": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]}},
-    )
+    config = write_layered_config(tmp_path, name, max_steps=2)
     with open(os.devnull, "w") as quiet:
         trainer = Trainer(
             load_config(config), DistContext(0, 1, torch.device("cpu")), log=quiet
@@ -349,21 +354,9 @@ def test_a_layered_run_resumed_or_fine_tuned_with_other_lmbdas_records_them(tmp_
     model's buffer, so the files said the model was trained for those."""
     import os
 
-    from test_train_data import make_image_folder, write_train_config
-
     import train
 
-    data = make_image_folder(tmp_path / "data")
-    config = write_train_config(
-        tmp_path,
-        data,
-        tmp_path / "run",
-        train_params={"max_steps": 1, "N": 8},
-        model={
-            "name": "mei2021-quality",
-            "kwargs": {"num_filters": [8, 8], "lmbdas": [2.0, 1.0]},
-        },
-    )
+    config = write_layered_config(tmp_path, "mei2021-quality", max_steps=1)
     assert train.main(["--config", config]) == 0
     last = str(tmp_path / "run" / "checkpoint.pth.tar")
     other = "model.kwargs={num_filters: [8, 8], lmbdas: [20.0, 10.0]}"
