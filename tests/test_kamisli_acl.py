@@ -427,3 +427,36 @@ def test_an_acl_run_resumed_with_another_loss_forgets_the_best_losses_before_it(
         for line in log
     )
     assert any("earlier validation losses do not compare" in line for line in log)
+
+
+def test_acl_weights_that_do_not_fit_the_run_are_refused_naming_the_file(tmp_path):
+    """As in open-loop training: a resume names the checkpoint, and --init-from
+    names both architectures, or the size to set."""
+    cfg = config(tmp_path, max_iterations=1)
+    run_acl(cfg, torch.device("cpu"), lambda _: None)
+    exp = cfg["train_data"]["experiment_path"]
+    last = os.path.join(exp, STATE_NAME)
+    cfg["model"]["kwargs"]["M"] = 6
+    cfg["train_data"]["use_checkpoint_path"] = last
+    with pytest.raises(
+        ValueError, match=f"^cannot resume from {last}: checkpoint does not fit"
+    ):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)
+    cfg["train_data"]["use_checkpoint_path"] = ""
+    cfg["train_data"]["experiment_path"] = str(tmp_path / "tuned")
+    cfg["train_data"]["init_checkpoint_path"] = last
+    with pytest.raises(
+        ValueError,
+        match=r"its weights have M=4, this run's model M=6 \(set model.kwargs.M",
+    ):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)
+    other = str(tmp_path / "cps.pth.tar")
+    cps = models.build_model("cps", N=8)
+    torch.save({"architecture": "cps", "state_dict": cps.state_dict()}, other)
+    cfg["train_data"]["init_checkpoint_path"] = other
+    with pytest.raises(
+        ValueError,
+        match=f"^cannot initialise a 'kamisli2024' model from {other}: it holds a "
+        "'cps' model",
+    ):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)

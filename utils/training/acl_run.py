@@ -41,7 +41,7 @@ from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.resume import LOSS_KEYS, check_not_behind, report_config_changes
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
-from utils.training.state import check_resume_entries, load_entry
+from utils.training.state import check_resume_entries, init_weights_from, load_entry
 from utils.training.step import restart_plateau
 
 __all__ = ["STATE_NAME", "run_acl"]
@@ -314,7 +314,10 @@ def _resume(run: _Run, path: str):
             f"than {', '.join(f.name for f in fields(ACLState))}"
         ) from None
     check_not_behind(path, run.exp, checkpoint["epoch"], "epoch")
-    run.load_weights(path)
+    try:
+        run.load_weights(path)
+    except ValueError as exc:
+        raise ValueError(f"cannot resume from {path}: {exc}") from None
     optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
     load_entry(optimizer, checkpoint, "optimizer", path)
     load_entry(scheduler, checkpoint, "lr_scheduler", path)
@@ -358,7 +361,7 @@ def run_acl(
         raise _exists(last)
     else:
         if data["init_checkpoint_path"]:
-            run.load_weights(data["init_checkpoint_path"])
+            init_weights_from(data["init_checkpoint_path"], run.model)
         state = ACLState(learning_rate=run.initial_lr)
         optimizer, scheduler = run.optimizer(run.initial_lr, state.mode)
 
