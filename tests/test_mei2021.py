@@ -238,6 +238,12 @@ def test_config_and_from_state_dict_rebuild_the_same_model_with_its_lambdas():
         ({"num_filters": [8, 8], "lmbdas": [1.0]}, "one lambda per layer"),
         ({"num_filters": [8, 0], "lmbdas": [1.0, 1.0]}, "integers in"),
         ({"num_filters": [8, 8], "lmbdas": [1.0, -2.0]}, "positive"),
+        # It used to pass here and fail later as "non-finite weights ... from a
+        # diverged training run".
+        (
+            {"num_filters": [8, 8], "lmbdas": [math.inf, 1.0]},
+            r"lmbdas entries must be positive finite numbers, got \[inf, 1.0\]",
+        ),
         ({"num_filters": [8, 8], "lmbdas": [1.0, 1.0], "N": 192}, "train_params.N"),
     ],
 )

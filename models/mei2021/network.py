@@ -40,6 +40,7 @@ Training is joint and single-stage: one loss sums every layer's rate-distortion 
 buffer, so checkpoints remember what they were trained for).
 """
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -95,9 +96,11 @@ def _check_lists(
         if (
             isinstance(lmbda, bool)
             or not isinstance(lmbda, (int, float))
-            or not lmbda > 0
+            or not 0 < lmbda < math.inf
         ):
-            raise ValueError(f"lmbdas entries must be positive numbers, got {lmbdas!r}")
+            raise ValueError(
+                f"lmbdas entries must be positive finite numbers, got {lmbdas!r}"
+            )
     if N is not None and N != num_filters[0]:
         raise ValueError(
             f"N={N} must equal the base-layer width num_filters[0]={num_filters[0]} "
