@@ -4,6 +4,7 @@ Runs on a tiny model and generated images.
 """
 
 import copy
+import json
 import math
 import os
 
@@ -458,5 +459,29 @@ def test_acl_weights_that_do_not_fit_the_run_are_refused_naming_the_file(tmp_pat
         ValueError,
         match=f"^cannot initialise a 'kamisli2024' model from {other}: it holds a "
         "'cps' model",
+    ):
+        run_acl(cfg, torch.device("cpu"), lambda _: None)
+
+
+def test_a_released_acl_model_says_how_it_was_trained(tmp_path):
+    """model_best_acl_<k>[rr] are the models to use, and to ship: their release's
+    training.json records the run's lambda and the model's epoch and loss, as a
+    release of an open-loop run's best checkpoint does."""
+    from utils.training.release import INFO_NAME, build_release
+
+    cfg = config(tmp_path, max_iterations=1)
+    state = run_acl(cfg, torch.device("cpu"), lambda _: None)
+    model = os.path.join(cfg["train_data"]["experiment_path"], state.selected)
+    files, _ = build_release(model)
+    info = json.loads(files[INFO_NAME])
+    assert info["train_params"]["lmbda"] == 0.01
+    assert info["batch_size"] == 2
+    assert info["epoch"] == state.epoch
+    assert info["validation_loss"] == state.best_ol
+    # The model files now store the config, but they are still no state to resume.
+    cfg["train_data"]["use_checkpoint_path"] = model
+    with pytest.raises(
+        ValueError,
+        match=f"^cannot resume from {model}: it holds no ACL state .*--init-from",
     ):
         run_acl(cfg, torch.device("cpu"), lambda _: None)

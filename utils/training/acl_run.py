@@ -163,10 +163,14 @@ class _Run:
 
     def save_model(self, name: str, **info) -> None:
         """A coding-ready checkpoint (entropy tables built) that
-        ``models.load_checkpoint`` reads."""
+        ``models.load_checkpoint`` reads, with the run's config: a release of it
+        (:mod:`utils.training.release`) says how the model was trained."""
         with torch.no_grad():
             self.model.update(force=True)
-        atomic_torch_save(self._checkpoint(**info), os.path.join(self.exp, name))
+        atomic_torch_save(
+            self._checkpoint(config=to_plain_dict(self.config), **info),
+            os.path.join(self.exp, name),
+        )
 
     def save_state(self, state: ACLState, optimizer, scheduler) -> None:
         atomic_torch_save(
@@ -214,7 +218,10 @@ def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
         if open_loop < state.best_ol:
             state.best_ol, state.ol_stale = open_loop, 0
             run.save_model(
-                f"model_best_acl_{k}.pth.tar", acl_iteration=k, loss=open_loop
+                f"model_best_acl_{k}.pth.tar",
+                acl_iteration=k,
+                epoch=state.epoch,
+                loss=open_loop,
             )
         else:
             state.ol_stale += 1
@@ -230,7 +237,10 @@ def _train_phase(run: _Run, state: ACLState, optimizer, scheduler) -> None:
             if closed < state.best_cl:
                 state.best_cl, state.cl_stale = closed, 0
                 run.save_model(
-                    f"model_best_acl_{k}rr.pth.tar", acl_iteration=k, loss=closed
+                    f"model_best_acl_{k}rr.pth.tar",
+                    acl_iteration=k,
+                    epoch=state.epoch,
+                    loss=closed,
                 )
             else:
                 state.cl_stale += 1
@@ -304,7 +314,11 @@ def _resume(run: _Run, path: str):
     """
     checkpoint = read_checkpoint_file(path)
     if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
-        raise ValueError(f"{path} is not an ACL checkpoint")
+        raise ValueError(
+            f"cannot resume from {path}: it holds no ACL state (entry 'acl_state'); "
+            f"resume from the run's {STATE_NAME}, or start from its weights "
+            "with --init-from"
+        )
     check_resume_entries(checkpoint, path, _RESUME_KEYS)
     try:
         state = ACLState(**checkpoint["acl_state"])
