@@ -4,6 +4,7 @@ Runs on a tiny model and generated images.
 """
 
 import copy
+import glob
 import json
 import math
 import os
@@ -26,7 +27,14 @@ from utils.training.acl import (
     train_epoch,
 )
 from utils.training.acl_run import STATE_NAME, run_acl
-from utils.training.config import SCHEMA, parse_config
+from utils.training.config import SCHEMA, load_config, parse_config
+from utils.training.schema import unread_by_acl
+
+PRESETS = sorted(
+    glob.glob(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "kamisli_*.yaml")
+    )
+)
 
 
 def acl_defaults():
@@ -485,3 +493,26 @@ def test_a_released_acl_model_says_how_it_was_trained(tmp_path):
         match=f"^cannot resume from {model}: it holds no ACL state .*--init-from",
     ):
         run_acl(cfg, torch.device("cpu"), lambda _: None)
+
+
+def test_an_acl_run_warns_of_the_settings_it_does_not_read(tmp_path):
+    """max_steps, amp or logging settings had no effect on an ACL run, silently."""
+    cfg = config(tmp_path, max_iterations=1)
+    cfg.train_params.max_steps = 5
+    cfg.train_params.amp = True
+    cfg.logging.tensorboard = False
+    log = []
+    run_acl(cfg, torch.device("cpu"), log.append)
+    [warning] = [line for line in log if "does not read" in line]
+    assert warning == (
+        "warning: ACL training does not read train_params.max_steps = 5, "
+        "train_params.amp = True, logging.tensorboard = False; its acl block sets "
+        "its epochs, stopping, clipping and validation"
+    )
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_acl_presets_set_only_what_acl_reads(preset):
+    cfg = load_config(preset)
+    assert cfg.train_params.training_mode == "acl"
+    assert unread_by_acl(cfg) == []

@@ -41,6 +41,7 @@ from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
 from utils.training.resume import LOSS_KEYS, check_not_behind, report_config_changes
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
+from utils.training.schema import unread_by_acl
 from utils.training.state import check_resume_entries, init_weights_from, load_entry
 from utils.training.step import restart_plateau
 
@@ -366,6 +367,12 @@ def run_acl(
     """
     settings = cfg["acl"]
     refuse_if_locked(cfg["train_data"]["experiment_path"])
+    unread = unread_by_acl(cfg)
+    if unread:
+        log(
+            f"warning: ACL training does not read {', '.join(unread)}; its acl "
+            "block sets its epochs, stopping, clipping and validation"
+        )
     run = _Run(cfg, settings, device, log)
     data = cfg["train_data"]
     last = os.path.join(run.exp, STATE_NAME)

@@ -9,11 +9,11 @@ for every published setting and narrow enough to catch typos (``N: 1923`` for 19
 """
 
 import math
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from PIL import Image
 
-__all__ = ["SCHEMA", "REQUIRED", "INT64_MAX", "check_value"]
+__all__ = ["SCHEMA", "REQUIRED", "INT64_MAX", "check_value", "unread_by_acl"]
 
 REQUIRED = object()  # marks a key without a default
 INT64_MAX = 2**63 - 1  # seeds and step counts are stored as 64-bit integers
@@ -311,6 +311,48 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "progress": _Key(bool, True, doc="tqdm progress bar"),
     },
 }
+
+
+# What an asymptotic closed-loop run reads besides ``model`` and its own ``acl``
+# block (utils/training/acl_run.py): it has its own epochs, stopping rule, clipping
+# (acl.clip_value), validation and logging, so the open-loop trainer's other keys do
+# not apply to it.
+_ACL_READS = {
+    "train_data": (
+        "data_path",
+        "use_checkpoint_path",
+        "init_checkpoint_path",
+        "batch_size",
+        "num_workers",
+        "cuda",
+        "experiment_path",
+        "max_bad_fraction",
+        "max_image_pixels",
+    ),
+    "train_params": (
+        "crop_size",
+        "learning_rate",
+        "lmbda",
+        "N",
+        "distortion_metric",
+        "seed",
+        "training_mode",
+    ),
+    "lr_schedule": ("type", "factor", "patience", "min_lr"),
+    "logging": (),
+}
+
+
+def unread_by_acl(cfg: Dict[str, Dict[str, Any]]) -> List[str]:
+    """``block.key = value`` for each setting of the validated ``cfg`` that an ACL run
+    does not read and that differs from its default: an ACL run warns of them, since
+    a user who sets ``train_params.max_steps`` or ``amp`` expects them to act."""
+    return [
+        f"{block}.{key} = {cfg[block][key]!r}"
+        for block, read in _ACL_READS.items()
+        for key, spec in SCHEMA[block].items()
+        if key not in read and cfg[block][key] != spec.default
+    ]
 
 
 def check_value(where: str, spec: _Key, value: Any) -> Any:
