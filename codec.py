@@ -42,15 +42,17 @@ from utils.cli import (
     REPORTED_ERRORS,
     add_coding_arguments,
     add_force_argument,
-    check_output_folder,
-    check_output_path,
     check_patch_size_for_model,
-    create_output_folder,
     one_line,
-    refuse_existing_outputs,
-    remove_unused_folders,
     report_error,
     run_main,
+)
+from utils.output_paths import (
+    check_output_folder,
+    check_output_path,
+    create_output_folder,
+    refuse_existing_outputs,
+    remove_unused_folders,
 )
 
 COMMANDS = {

@@ -12,8 +12,8 @@ import os
 from typing import Optional, Sequence
 
 from utils.atomic import save_json
-from utils.cli import check_output_path
 from utils.device import cpu_model_name
+from utils.output_paths import check_output_path
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LOCAL_DIR = os.path.join(RESULTS_DIR, "local")

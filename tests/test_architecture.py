@@ -63,7 +63,7 @@ def _tier(module: str) -> int:
     if module in SCRIPTS:
         return 3
     applications = ("utils.training", "utils.evaluation", "datasets")
-    if module.startswith(applications) or module == "utils.cli":
+    if module.startswith(applications) or module in ("utils.cli", "utils.output_paths"):
         return 2
     if module.startswith("models"):
         return 1

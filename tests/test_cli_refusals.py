@@ -15,8 +15,8 @@ from conftest import noisy_photos, save_model_checkpoint
 
 import codec
 import test as test_script
-from utils.cli import output_folder
 from utils.evaluation import app
+from utils.output_paths import output_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:MS-SSIM needs both sides")
 

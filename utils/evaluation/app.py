@@ -15,14 +15,7 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_bytes
-from utils.cli import (
-    REPORTED_ERRORS,
-    check_output_folder,
-    check_output_path,
-    check_patch_size_for_model,
-    refuse_existing_outputs,
-    report_error,
-)
+from utils.cli import REPORTED_ERRORS, check_patch_size_for_model, report_error
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import (
@@ -53,6 +46,11 @@ from utils.evaluation.runs import (
 )
 from utils.image_io import image_size
 from utils.memory import PeakMemory
+from utils.output_paths import (
+    check_output_folder,
+    check_output_path,
+    refuse_existing_outputs,
+)
 from utils.stitching.spec import PatchSpec
 from utils.training.distributed import cleanup, init_distributed
 

@@ -24,11 +24,6 @@ import torch
 import models
 from models.base import CodingPlan
 from utils.atomic import atomic_write_json
-from utils.cli import (
-    check_output_folder,
-    output_folder,
-    refuse_existing_outputs,
-)
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
 from utils.evaluation.coders import (
@@ -42,6 +37,11 @@ from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import mean_over_images
 from utils.evaluation.shipped import ShippedModel, find_shipped_models
+from utils.output_paths import (
+    check_output_folder,
+    output_folder,
+    refuse_existing_outputs,
+)
 from utils.stitching.geometry import model_geometry
 from utils.stitching.spec import PatchSpec
 

@@ -24,13 +24,13 @@ from typing import Callable, Dict, List, Optional
 import torch.distributed as dist
 
 from utils.atomic import save_json
-from utils.cli import (
+from utils.evaluation.runs import shard
+from utils.folder_lock import FolderLock, lock_folder, refuse_if_locked
+from utils.output_paths import (
     create_output_folder,
     refuse_existing_outputs,
     remove_unused_folders,
 )
-from utils.evaluation.runs import shard
-from utils.folder_lock import FolderLock, lock_folder, refuse_if_locked
 
 LOCK_NAME = ".test.lock"
 STAGING_NAME = ".test-staging"

@@ -16,7 +16,7 @@ from torch import nn
 
 from models import get_model_class
 from models.checkpoint_file import first_line
-from utils.cli import nearest_existing
+from utils.output_paths import nearest_existing
 
 
 def pretrained_url(architecture: str, quality: int, metric: str) -> str:

@@ -22,9 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
-from utils.cli import (
-    remove_unused_folders,
-)
+from utils.output_paths import remove_unused_folders
 from utils.training import distributed
 from utils.training.bad_images import TooManyUnusableImages
 from utils.training.build import build_configured_model

@@ -39,13 +39,15 @@ from utils.atomic import atomic_write_files, strict_json
 from utils.cli import (
     REPORTED_ERRORS,
     add_force_argument,
-    check_output_folder,
-    output_folder,
-    refuse_existing_outputs,
     report_error,
     show_warnings_as_one_line,
 )
 from utils.device import cpu_model_name
+from utils.output_paths import (
+    check_output_folder,
+    output_folder,
+    refuse_existing_outputs,
+)
 
 WEIGHTS_NAME = "model.pth"
 INFO_NAME = "training.json"

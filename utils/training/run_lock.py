@@ -16,9 +16,9 @@ Trainer`).
 
 from typing import Callable, List, Tuple
 
-from utils.cli import create_output_folder, remove_unused_folders
 from utils.folder_lock import FolderLock, lock_folder
 from utils.folder_lock import refuse_if_locked as refuse_if_folder_locked
+from utils.output_paths import create_output_folder, remove_unused_folders
 
 __all__ = [
     "LOCK_NAME",
@@ -56,8 +56,8 @@ def take_experiment_folder(
     the folder was first checked. A refusal leaves no lock and no folder it made.
 
     Returns:
-        the folders made (for :func:`utils.cli.remove_unused_folders`, should the
-        run stop before its first step) and the :class:`ExperimentLock`.
+        the folders made (for :func:`utils.output_paths.remove_unused_folders`,
+        should the run stop before its first step) and the :class:`ExperimentLock`.
 
     Raises:
         ValueError: the folder cannot be made or locked, or ``recheck`` refuses.
