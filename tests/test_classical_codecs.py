@@ -172,3 +172,18 @@ def test_avif_refuses_more_pixels_than_its_decoder_reads():
     with pytest.raises(ValueError, match="avif codes images of at most 268435456 "):
         CODECS["avif"].sizes.check("avif", 16385, 16384)
     CODECS["avif"].sizes.check("avif", 16384, 16384)
+
+
+@pytest.mark.skipif(not available("x265"), reason="needs ffmpeg")
+def test_x265_refuses_a_thin_image_too_long_for_its_coding_tree_units():
+    """libx265 failed with ffmpeg's 'maybe incorrect parameters such as ... width or
+    height' on a picture under 32 pixels high and over 4216 wide."""
+    image = torch.zeros(3, 16, 4216, dtype=torch.uint8)
+    assert CODECS["x265"].code(image, 30).reconstruction.shape == image.shape
+    with pytest.raises(ValueError) as error:
+        CODECS["x265"].code(torch.zeros(3, 4217, 31, dtype=torch.uint8), 30)
+    assert str(error.value) == (
+        "x265 codes an image with a side under 32 pixels only up to 4216 pixels "
+        "long, not 31x4217"
+    )
+    CODECS["x265"].sizes.check("x265", 32, 8192)  # a wider tree unit codes it

@@ -89,12 +89,21 @@ class SizeLimits:
     low: int = 1
     high: Optional[int] = None
     pixels: Optional[int] = None
+    # (short, longest): an image with a side under ``short`` pixels codes only up to
+    # ``longest`` pixels long.
+    thin: Optional[Tuple[int, int]] = None
 
     def check(self, codec: str, height: int, width: int) -> None:
         if min(height, width) < self.low:
             raise ValueError(
                 f"{codec} codes images of {self.low} pixels a side or more, "
                 f"not {width}x{height}"
+            )
+        short, longest = self.thin or (0, None)
+        if min(height, width) < short and max(height, width) > longest:
+            raise ValueError(
+                f"{codec} codes an image with a side under {short} pixels only "
+                f"up to {longest} pixels long, not {width}x{height}"
             )
         if self.high is not None and max(height, width) > self.high:
             raise ValueError(
@@ -379,8 +388,10 @@ CODECS: Dict[str, object] = {
         summary="HEVC intra (ffmpeg/libx265, preset medium, YCbCr 4:4:4 BT.709 "
         "full range, raw Annex-B stream)",
         # libx265 through ffmpeg fails to open a smaller picture (16x16 codes, 9 or
-        # 15 pixels a side do not).
-        sizes=SizeLimits(low=16),
+        # 15 pixels a side do not). Under 32 pixels a side it codes 16-pixel coding
+        # tree units, which HEVC level 5 forbids, and a side over 4216 pixels (4224
+        # once padded to its 8-pixel grid) needs level 5: it refuses such a picture.
+        sizes=SizeLimits(low=16, thin=(32, 4216)),
     ),
     "jxl": ToolCodec(
         "jxl",
