@@ -354,6 +354,24 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
     assert (tmp_path / "run" / "checkpoint_best_loss.pth.tar").is_file()
 
 
+def test_init_from_weights_of_another_layer_count_names_the_keys_to_set(tmp_path):
+    """The file's own lambdas size it: with the run's swapped in, the three-layer
+    weights rebuilt nothing and the error listed 115 unexpected keys instead."""
+    from utils.training.state import init_weights_from
+
+    three = Mei2021Quality(num_filters=[8, 8, 8], lmbdas=[3.0, 2.0, 1.0])
+    path = tmp_path / "three.pth.tar"
+    torch.save({"state_dict": three.state_dict()}, path)
+    two = Mei2021Quality(num_filters=[8, 8], lmbdas=[2.0, 1.0])
+    with pytest.raises(ValueError) as error:
+        init_weights_from(str(path), two)
+    assert str(error.value) == (
+        f"cannot initialise from {path}: its weights have lmbdas=[3.0, 2.0, 1.0], "
+        "num_filters=[8, 8, 8], this run's model lmbdas=[2.0, 1.0], num_filters="
+        "[8, 8] (set model.kwargs.lmbdas, model.kwargs.num_filters to match)"
+    )
+
+
 def test_a_layered_run_resumed_or_fine_tuned_with_other_lmbdas_records_them(tmp_path):
     """The lambdas the run trains with (the config's) are the ones its checkpoints
     store: loading the earlier weights used to put the old lambdas back in the
@@ -382,7 +400,8 @@ def test_a_layered_run_resumed_or_fine_tuned_with_other_lmbdas_records_them(tmp_
             stored = torch.load(path, map_location="cpu", weights_only=True)
             assert stored["state_dict"]["lmbdas"].tolist() == [20.0, 10.0]
             assert stored["model_config"]["lmbdas"] == [20.0, 10.0]
-            assert models.load_checkpoint(path, "cpu").default_loss().lmbdas == [
-                20.0,
-                10.0,
-            ]
+        best = os.path.join(tmp_path, run, "checkpoint_best_loss.pth.tar")
+        assert models.load_checkpoint(best, "cpu").default_loss().lmbdas == [
+            20.0,
+            10.0,
+        ]

@@ -365,12 +365,13 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
             f"cannot initialise a {raw.registry_name!r} model from {path}: it "
             f"holds a {stored_architecture!r} model (model.architecture)"
         )
+    stored = unwrap_state_dict(checkpoint)
     try:
-        state_dict = _configured(raw, unwrap_state_dict(checkpoint))
-        load_state_dict_into(raw, state_dict)
+        load_state_dict_into(raw, _configured(raw, stored))
     except ValueError as exc:
+        # The stored sizes, as the file holds them (its own lambdas included).
         difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
-            raw, state_dict
+            raw, stored
         )
         raise ValueError(
             f"cannot initialise from {path}: {difference or exc}"
