@@ -298,6 +298,20 @@ def test_learning_rate_reset_and_switch_rule():
     assert state.mode == "ol_loss"
 
 
+def test_the_switch_rule_waits_for_a_measured_iteration_after_the_loss_changed():
+    """Forgotten bests (a resume with another lambda) are both infinite, and
+    ``not inf < 0.99 * inf`` switched to closed-loop mode, selecting a closed-loop
+    model the new loss had not chosen, and cut the learning rate."""
+    settings = acl_defaults()
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    state = ACLState(iteration=3, best_cl=0.9, best_cl_previous=1.0)
+    state.forget_best_losses()
+    finish_iteration(state, settings, optimizer)
+    assert (state.mode, state.chained) == ("ol_loss", False)
+    assert state.selected == "model_best_acl_3.pth.tar"
+    assert state.learning_rate == 1e-4
+
+
 def test_count_thresholds_hold_their_last_entry_for_later_iterations():
     settings = acl_defaults()
     settings.count_thresholds = [9, 4]

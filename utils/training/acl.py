@@ -210,9 +210,13 @@ def finish_iteration(state: ACLState, settings: Mapping, optimizer) -> None:
     """End the training phase of an iteration: pick the checkpoint the next one starts
     from (``state.selected``) and apply the switch rule (mode, chained loss, LR)."""
     k = state.iteration
+    # The rule compares two measured closed-loop bests: with none before this
+    # iteration (forgotten on a change of the loss) there is nothing to compare,
+    # and no closed-loop model to select.
     switch = (
         state.mode == "ol_loss"
         and k >= settings.switch_from_iteration
+        and math.isfinite(state.best_cl_previous)
         and not state.best_cl < settings.switch_ratio * state.best_cl_previous
     )
     if state.mode == "ol_loss" and not switch:
