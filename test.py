@@ -68,15 +68,15 @@ def _comma_list(kind):
 
     def parse(text: str) -> list:
         items = [item.strip() for item in text.split(",")]
+        if not all(items) and any(items):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has an empty item; give a value between every two commas"
+            )
         try:
             values = [kind(item) for item in items if item]
         except ValueError:
             values = []
-        if (
-            not all(items)
-            or not values
-            or (kind is not str and not all(map(math.isfinite, values)))
-        ):
+        if not values or (kind is not str and not all(map(math.isfinite, values))):
             finite = "" if kind is str else "finite "
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {finite}{kind.__name__}s, got {text!r}"

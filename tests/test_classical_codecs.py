@@ -187,3 +187,14 @@ def test_x265_refuses_a_thin_image_too_long_for_its_coding_tree_units():
         "long, not 31x4217"
     )
     CODECS["x265"].sizes.check("x265", 32, 8192)  # a wider tree unit codes it
+
+
+@pytest.mark.parametrize("name", ["jpeg", "x265"])
+@pytest.mark.parametrize(
+    "image",
+    [torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8)],
+    ids=["batched", "float"],
+)
+def test_every_codec_refuses_what_is_not_a_uint8_rgb_image(name, image):
+    with pytest.raises(ValueError, match=r"expected a uint8 tensor \(3, H, W\), got"):
+        CODECS[name].code(image, 30)

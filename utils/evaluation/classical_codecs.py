@@ -117,11 +117,15 @@ class SizeLimits:
             )
 
 
-def _to_pil(image: Tensor) -> Image.Image:
+def _check_image(image: Tensor) -> None:
+    """Refuse anything but what every codec codes: a uint8 RGB image (3, H, W)."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(
             f"expected a uint8 tensor (3, H, W), got {image.dtype} {tuple(image.shape)}"
         )
+
+
+def _to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), mode="RGB")
 
 
@@ -156,6 +160,7 @@ class PillowCodec:
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
+        _check_image(image)
         self.sizes.check(self.name, *image.shape[1:])
         picture = _to_pil(image)
         buffer = io.BytesIO()
@@ -205,6 +210,7 @@ class ToolCodec:
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
         self.scale.check(self.name, quality)
+        _check_image(image)
         height, width = image.shape[1:]
         self.sizes.check(self.name, height, width)
         self.check_available()
