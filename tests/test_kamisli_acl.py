@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -500,8 +501,10 @@ def test_a_released_acl_model_says_how_it_was_trained(tmp_path):
     assert info["batch_size"] == 2
     assert info["epoch"] == state.epoch
     assert info["validation_loss"] == state.best_ol
-    # The model files now store the config, but they are still no state to resume.
+    # The model files now store the config, but they are still no state to resume,
+    # which is said before the images are listed and checked (none are left here).
     cfg["train_data"]["use_checkpoint_path"] = model
+    shutil.rmtree(os.path.join(cfg["train_data"]["data_path"], "train"))
     with pytest.raises(
         ValueError,
         match=f"^cannot resume from {model}: it holds no ACL state .*--init-from",

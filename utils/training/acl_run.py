@@ -9,7 +9,7 @@ an interrupted run continues where it stopped.
 
 import math
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Callable, List, Mapping, Optional
 
 import torch
@@ -35,21 +35,17 @@ from utils.training.acl import (
     regenerate_contexts,
     train_epoch,
 )
+from utils.training.acl_resume import read_acl_checkpoint, resume_acl
 from utils.training.bad_images import usable_images
 from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
-from utils.training.resume import LOSS_KEYS, check_not_behind, report_config_changes
+from utils.training.resume import check_not_behind
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
 from utils.training.schema import unread_by_acl
-from utils.training.state import check_resume_entries, init_weights_from, load_entry
-from utils.training.step import restart_plateau
+from utils.training.state import init_weights_from
 
 __all__ = ["STATE_NAME", "run_acl"]
-
-# What the ACL validation losses also depend on: the closed-loop tiling and the
-# validation images.
-ACL_LOSS_KEYS = LOSS_KEYS + ("acl.closed_loop_tile:", "acl.validation_path:")
 
 
 class _Run:
@@ -290,65 +286,12 @@ def _regenerate_phase(run: _Run, state: ACLState):
     return optimizer, scheduler
 
 
-_RESUME_KEYS = (
-    "state_dict",
-    "optimizer",
-    "lr_scheduler",
-    "acl_state",
-    "epoch",
-    "config",
-)
-
-
 def _exists(last: str) -> ValueError:
     """The refusal of a new run in a folder that holds a run's state."""
     return ValueError(
         f"{last} exists: pass --resume to continue that run, or choose "
         "another train_data.experiment_path"
     )
-
-
-def _resume(run: _Run, path: str):
-    """The state, optimizer and schedule of the ACL checkpoint at ``path``, its
-    weights loaded into ``run.model``. A change of what the validation losses
-    measure (:data:`ACL_LOSS_KEYS`) forgets the best losses held.
-    """
-    checkpoint = read_checkpoint_file(path)
-    if isinstance(checkpoint, dict) and "acl_state" not in checkpoint:
-        raise ValueError(
-            f"cannot resume from {path}: it holds no ACL state (entry 'acl_state'); "
-            f"resume from the run's {STATE_NAME}, or start from its weights "
-            "with --init-from"
-        )
-    check_resume_entries(checkpoint, path, _RESUME_KEYS)
-    try:
-        state = ACLState(**checkpoint["acl_state"])
-    except TypeError:
-        raise ValueError(
-            f"cannot resume from {path}: entry 'acl_state' has other keys "
-            f"than {', '.join(f.name for f in fields(ACLState))}"
-        ) from None
-    check_not_behind(path, run.exp, checkpoint["epoch"], "epoch")
-    try:
-        run.load_weights(path)
-    except ValueError as exc:
-        raise ValueError(f"cannot resume from {path}: {exc}") from None
-    optimizer, scheduler = run.optimizer(state.learning_rate, state.mode)
-    load_entry(optimizer, checkpoint, "optimizer", path)
-    load_entry(scheduler, checkpoint, "lr_scheduler", path)
-    run.log(
-        f"resuming ACL iteration {state.iteration} ({state.phase}) after epoch "
-        f"{state.epoch}"
-    )
-    if report_config_changes(checkpoint["config"], run.config, run.log, ACL_LOSS_KEYS):
-        state.forget_best_losses()
-        restart_plateau(scheduler)
-        run.log(
-            "warning: the loss changed, so earlier validation losses do not "
-            "compare: the best open- and closed-loop checkpoints and the plateau "
-            "schedule start again from the next validation"
-        )
-    return state, optimizer, scheduler
 
 
 def run_acl(
@@ -373,11 +316,16 @@ def run_acl(
             f"warning: ACL training does not read {', '.join(unread)}; its acl "
             "block sets its epochs, stopping, clipping and validation"
         )
-    run = _Run(cfg, settings, device, log)
     data = cfg["train_data"]
+    resumed = None
+    if data["use_checkpoint_path"]:  # refused before any image is listed
+        resumed = read_acl_checkpoint(data["use_checkpoint_path"])
+    run = _Run(cfg, settings, device, log)
     last = os.path.join(run.exp, STATE_NAME)
-    if data["use_checkpoint_path"]:
-        state, optimizer, scheduler = _resume(run, data["use_checkpoint_path"])
+    if resumed is not None:
+        state, optimizer, scheduler = resume_acl(
+            run, data["use_checkpoint_path"], *resumed
+        )
     elif os.path.exists(last):
         raise _exists(last)
     else:

@@ -39,6 +39,7 @@ from utils.training.resume import (
     check_experiment_folder,
     check_not_behind,
     check_resume_position,
+    forgotten_bests_warning,
     report_config_changes,
     run_finished,
 )
@@ -208,11 +209,7 @@ class Trainer:
         self.pos.best_loss, self.pos.best_step = float("inf"), None
         if self.schedule_per == "validation":
             restart_plateau(self.scheduler)
-        self.log(
-            "warning: the loss changed, so earlier validation losses do not compare: "
-            f"{BEST_NAME} and the plateau schedule start again from the next "
-            "validation"
-        )
+        self.log(forgotten_bests_warning(BEST_NAME))
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""

@@ -163,6 +163,16 @@ def config_changes(stored: Optional[dict], cfg) -> List[str]:
     ]
 
 
+def forgotten_bests_warning(bests: str) -> str:
+    """The warning of a resume whose loss changed (:func:`report_config_changes`):
+    ``bests`` (the best checkpoints the run keeps) and the plateau schedule start
+    again."""
+    return (
+        "warning: the loss changed, so earlier validation losses do not compare: "
+        f"{bests} and the plateau schedule start again from the next validation"
+    )
+
+
 def report_config_changes(
     stored: Optional[dict], cfg, log, loss_keys: Tuple[str, ...] = LOSS_KEYS
 ) -> bool:

@@ -56,6 +56,7 @@ __all__ = [
     "load_entry",
     "restore",
     "init_weights_from",
+    "with_configured_state",
 ]
 
 RNG_SCHEME = "crops: EpochSampler(seed, epoch); noise: step_seed(seed, step, rank)"
@@ -311,7 +312,7 @@ def _check_like(fresh: dict, stored: dict) -> None:
             )
 
 
-def _configured(raw: nn.Module, state_dict) -> dict:
+def with_configured_state(raw: nn.Module, state_dict) -> dict:
     """``state_dict`` with ``raw``'s configured entries (``configured_state``, built
     from this run's config) in place of the stored ones: the run trains with the
     config's values, and a stored ``lmbdas`` buffer would have its checkpoints claim
@@ -330,7 +331,9 @@ def restore(
 ) -> None:
     """Load model, optimizers, schedule, position from a checked resume checkpoint."""
     try:
-        load_state_dict_into(raw, _configured(raw, unwrap_state_dict(checkpoint)))
+        load_state_dict_into(
+            raw, with_configured_state(raw, unwrap_state_dict(checkpoint))
+        )
     except ValueError as exc:
         raise ValueError(f"cannot resume from {path}: {exc}") from None
     load_entry(optimizer, checkpoint, "optimizer", path)
@@ -365,9 +368,9 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
             f"cannot initialise a {raw.registry_name!r} model from {path}: it "
             f"holds a {stored_architecture!r} model (model.architecture)"
         )
-    stored = unwrap_state_dict(checkpoint)
     try:
-        load_state_dict_into(raw, _configured(raw, stored))
+        stored = unwrap_state_dict(checkpoint)
+        load_state_dict_into(raw, with_configured_state(raw, stored))
     except ValueError as exc:
         # The stored sizes, as the file holds them (its own lambdas included).
         difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
