@@ -36,12 +36,14 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, features
 from torch import Tensor
+
+from utils.evaluation.codec_limits import ANY_SIZE, QualityScale, SizeLimits
 
 
 @dataclass
@@ -52,69 +54,6 @@ class ClassicalResult:
     reconstruction: Tensor  # uint8 (3, H, W)
     encoding_time: float
     decoding_time: float
-
-
-@dataclass(frozen=True)
-class QualityScale:
-    """Allowed quality values of a codec."""
-
-    low: float
-    high: float
-    integer: bool
-    meaning: str
-
-    def check(self, codec: str, quality: float) -> None:
-        if self.integer and quality != int(quality):
-            raise ValueError(
-                f"{codec} quality must be an integer ({self.meaning}), got {quality}"
-            )
-        if not self.low <= quality <= self.high:
-            raise ValueError(
-                f"{codec} quality {quality} is outside {self.low:g}..{self.high:g} "
-                f"({self.meaning})"
-            )
-
-
-@dataclass(frozen=True)
-class SizeLimits:
-    """The image sizes a codec codes: sides from ``low`` to ``high`` pixels and at
-    most ``pixels`` in all (None: no limit known).
-
-    Beyond them the libraries fail in their own words, some only when decoding
-    (libavif writes a 65500-pixel-wide AVIF that it cannot read back); the limits
-    let ``test.py codec`` refuse such an image from its header, before the first
-    image is coded.
-    """
-
-    low: int = 1
-    high: Optional[int] = None
-    pixels: Optional[int] = None
-    # (short, longest): an image with a side under ``short`` pixels codes only up to
-    # ``longest`` pixels long.
-    thin: Optional[Tuple[int, int]] = None
-
-    def check(self, codec: str, height: int, width: int) -> None:
-        if min(height, width) < self.low:
-            raise ValueError(
-                f"{codec} codes images of {self.low} pixels a side or more, "
-                f"not {width}x{height}"
-            )
-        short, longest = self.thin or (0, None)
-        if min(height, width) < short and max(height, width) > longest:
-            raise ValueError(
-                f"{codec} codes an image with a side under {short} pixels only "
-                f"up to {longest} pixels long, not {width}x{height}"
-            )
-        if self.high is not None and max(height, width) > self.high:
-            raise ValueError(
-                f"{codec} codes images of at most {self.high} pixels a side, "
-                f"not {width}x{height}"
-            )
-        if self.pixels is not None and height * width > self.pixels:
-            raise ValueError(
-                f"{codec} codes images of at most {self.pixels} pixels, "
-                f"not {width}x{height}"
-            )
 
 
 def _check_image(image: Tensor) -> None:
@@ -145,7 +84,7 @@ class PillowCodec:
         scale: QualityScale,
         options: Callable[[float], dict],
         summary: str,
-        sizes: SizeLimits = SizeLimits(),
+        sizes: SizeLimits = ANY_SIZE,
     ):
         self.name, self.pil_format, self.feature = name, pil_format, feature
         self.scale, self.options, self.summary = scale, options, summary
@@ -194,7 +133,7 @@ class ToolCodec:
         decode: Callable[[str, Tuple[int, int]], List[List[str]]],
         raw_io: bool,
         summary: str,
-        sizes: SizeLimits = SizeLimits(),
+        sizes: SizeLimits = ANY_SIZE,
     ):
         self.name, self.tools, self.package = name, tools, package
         self.scale, self.encode, self.decode = scale, encode, decode
