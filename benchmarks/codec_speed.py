@@ -55,6 +55,7 @@ from benchmarks.authors import (
 from benchmarks.results_io import (
     add_output_arguments,
     machine_info,
+    refuse_missing_cuda,
     refuse_repeats,
     resolve_output,
     save_results,
@@ -97,6 +98,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     refuse_repeats(parser, args, "--modes")
     if args.count < 1 or args.N < 1:
         parser.error("--count and --N must be positive")
+    refuse_missing_cuda(parser, args)
     resolve_output(parser, args)
     return args
 

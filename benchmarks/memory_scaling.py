@@ -61,6 +61,7 @@ from benchmarks.memory_scaling_report import authors_ratios, format_table, plot
 from benchmarks.results_io import (
     add_output_arguments,
     machine_info,
+    refuse_missing_cuda,
     refuse_repeats,
     resolve_output,
 )
@@ -191,6 +192,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--methods {AUTHORS} needs --authors-repo PATH")
     if args.authors_patch_size < 0:
         parser.error("--authors-patch-size must be >= 0")
+    refuse_missing_cuda(parser, args)
     resolve_output(parser, args)
     args.previous = None
     if args.update and os.path.exists(args.output):

@@ -21,8 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import models
-from benchmarks.results_io import parse_with_output
+from benchmarks.memory_scaling import parse_size
+from benchmarks.results_io import (
+    parse_with_output,
+    refuse_missing_cuda,
+    refuse_repeats,
+)
 from utils.atomic import save_json
+from utils.cli import positive_int
 from utils.stitching.geometry import model_geometry, plan_patches
 from utils.stitching.patches import pad_replicate, run_patchwise
 from utils.stitching.transforms import transform_mode
@@ -96,29 +102,43 @@ def measure(*args):
     return queue.get()
 
 
+def image_sizes(text):
+    """'768x512,1920x1080' -> [(768, 512), (1920, 1080)]; an argparse type."""
+    return [parse_size(size) for size in text.split(",")]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="768x512,1920x1080,3840x2160")
-    parser.add_argument("--N", type=int, default=192)
-    parser.add_argument("--patch-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--sizes",
+        type=image_sizes,
+        default="768x512,1920x1080,3840x2160",
+        help="comma-separated WIDTHxHEIGHT images (default: %(default)s)",
+    )
+    parser.add_argument("--N", type=positive_int, default=192)
+    parser.add_argument("--patch-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument(
         "--fast", action="store_true", help="CPU: oneDNN instead of exact mode"
     )
-    return parse_with_output(parser, argv, "patch_overhead.json")
+    args = parse_with_output(parser, argv, "patch_overhead.json")
+    refuse_repeats(parser, args, "--sizes")
+    refuse_missing_cuda(parser, args)
+    return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def measure_all(args):
+    """Whole and patch-wise figures of every size, printed as they come; returns the
+    report. RuntimeError if a measurement fails."""
     device = "cuda" if args.cuda else "cpu"
     rows = []
     print(
         f"{'size':>10} {'mode':>12} {'g_a s':>8} {'g_s s':>8} {'peak MB':>9} "
         f"{'time x':>7} {'mem x':>6}"
     )
-    for size in args.sizes.split(","):
-        width, height = (int(v) for v in size.split("x"))
+    for width, height in args.sizes:
+        size = f"{width}x{height}"
         whole = measure(width, height, args.N, 0, 1, device, not args.fast)
         patched = measure(
             width,
@@ -164,9 +184,20 @@ def main(argv=None):
         "machine": platform.processor() or platform.machine(),
         "results": rows,
     }
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        report = measure_all(args)
+    except RuntimeError as exc:
+        print(f"patch_overhead.py: error: {exc}", file=sys.stderr)
+        return 1
     save_json(args.output, report)
     print(f"written {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

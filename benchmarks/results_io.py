@@ -96,6 +96,20 @@ def refuse_repeats(
             seen.append(value)
 
 
+def refuse_missing_cuda(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> None:
+    """A usage error when ``--cuda`` is given on a machine without CUDA: a run would
+    fail on its first tensor, or in every child process that it records as failed."""
+    import torch
+
+    if args.cuda and not torch.cuda.is_available():
+        parser.error(
+            "--cuda was given but CUDA is not available on this machine; leave "
+            "--cuda out to measure on the CPU"
+        )
+
+
 def machine_info(**extra: object) -> dict:
     """The machine a result comes from: CPU model (from /proc/cpuinfo where there is
     one), the vector instructions PyTorch's CPU kernels use (``AVX2``, ``AVX512``:

@@ -43,7 +43,11 @@ import torch
 from compressai.losses import RateDistortionLoss
 
 import models
-from benchmarks.results_io import parse_with_output, save_results
+from benchmarks.results_io import (
+    parse_with_output,
+    refuse_missing_cuda,
+    save_results,
+)
 from utils.training.step import TrainStep, build_optimizers
 
 
@@ -75,8 +79,7 @@ def parse_args(argv):
             f"--crop {args.crop} must be a multiple of {multiple} (the CPS "
             "downsampling)"
         )
-    if args.cuda and not torch.cuda.is_available():
-        parser.error("--cuda was given but CUDA is not available")
+    refuse_missing_cuda(parser, args)
     return args
 
 

@@ -588,18 +588,30 @@ def test_a_list_option_naming_a_value_twice_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
-    "argv, named",
+    "script, argv, named",
     [
-        (["--sizes", "abc"], "--sizes"),
-        (["--sizes", "0x0"], "--sizes"),
-        (["--skip-above", "abc"], "--skip-above"),
-        (["--max-memory", "abc"], "--max-memory"),
-        (["--N", "0"], "--N"),
-        (["--N", "-8"], "--N"),
+        ("memory_scaling", ["--sizes", "abc"], "--sizes"),
+        ("memory_scaling", ["--sizes", "0x0"], "--sizes"),
+        ("memory_scaling", ["--skip-above", "abc"], "--skip-above"),
+        ("memory_scaling", ["--max-memory", "abc"], "--max-memory"),
+        ("memory_scaling", ["--N", "0"], "--N"),
+        ("memory_scaling", ["--N", "-8"], "--N"),
+        # patch_overhead's ended in a traceback after the first child process, or
+        # (--patch-size 0) timed the whole image against itself as a patch-wise run.
+        ("patch_overhead", ["--sizes", "abc"], "--sizes"),
+        ("patch_overhead", ["--sizes", "64x64,0x64"], "--sizes"),
+        ("patch_overhead", ["--sizes", "64x64,64x64"], "--sizes names 64x64 twice"),
+        ("patch_overhead", ["--N", "0"], "--N"),
+        ("patch_overhead", ["--patch-size", "0"], "--patch-size"),
+        ("patch_overhead", ["--patch-size", "-5"], "--patch-size"),
+        ("patch_overhead", ["--batch-size", "0"], "--batch-size"),
     ],
 )
-def test_memory_scaling_refuses_bad_sizes_and_widths_when_parsing(argv, named, capsys):
-    assert named in _usage_error(memory_scaling.parse_args, argv, capsys)
+def test_bad_sizes_counts_and_widths_are_usage_errors_when_parsing(
+    script, argv, named, capsys
+):
+    module = importlib.import_module(f"benchmarks.{script}")
+    assert named in _usage_error(module.parse_args, argv, capsys)
 
 
 def test_memory_scaling_reads_sizes_and_the_skip_limit_when_parsing():
@@ -670,3 +682,34 @@ def test_an_unusable_authors_module_is_one_clear_error(tmp_path, source, why):
     message = str(error.value)
     assert len(message.splitlines()) == 1 and why in message
     assert "not a usable checkout" in message and "bblgbr/SPL-CPS" in message
+
+
+@pytest.mark.parametrize(
+    "script", ["codec_speed", "memory_scaling", "patch_overhead", "train_throughput"]
+)
+def test_cuda_on_a_machine_without_it_is_a_usage_error_before_the_run(
+    script, capsys, monkeypatch
+):
+    # memory_scaling recorded every child as failed and wrote its results, exit 0;
+    # patch_overhead ended in a traceback; codec_speed failed in torch's words.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = importlib.import_module(f"benchmarks.{script}")
+    message = _usage_error(module.parse_args, ["--cuda"], capsys)
+    assert "--cuda was given but CUDA is not available" in message
+    assert "leave --cuda out" in message
+
+
+def test_patch_overhead_reports_a_failed_measurement_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    from benchmarks import patch_overhead
+
+    def failed(*args):
+        raise RuntimeError(f"measurement {args} failed with exit code 1")
+
+    monkeypatch.setattr(patch_overhead, "measure", failed)
+    output = tmp_path / "x.json"
+    assert patch_overhead.main(["--sizes", "64x64", "-o", str(output)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("patch_overhead.py: error: measurement")
+    assert not output.exists()
