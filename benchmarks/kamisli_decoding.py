@@ -81,7 +81,29 @@ def parse_args(argv):
         parser.error("--reference-rows must be >= 0")
     if args.checkpoint and len(args.config) > 1:
         parser.error("--checkpoint goes with a single --config")
+    try:
+        args.presets = {config: kamisli_config(config) for config in args.config}
+    except (ValueError, OSError) as exc:
+        parser.error(f"--config: {exc}")
     return args
+
+
+def kamisli_config(path: str) -> dict:
+    """The validated config at ``path``, checked to build a Kamisli model; read when
+    parsing, so that a bad one stops the run before the presets ahead of it.
+
+    Raises:
+        ValueError: the config is invalid or names another architecture.
+        OSError: it cannot be read.
+    """
+    cfg = load_config(path)
+    name = cfg["model"]["name"]
+    if models.get_model_class(name) is not models.get_model_class("kamisli2024"):
+        raise ValueError(
+            f"{path} configures a {name} model, not a Kamisli one: give a "
+            "configs/kamisli_*.yaml preset"
+        )
+    return cfg
 
 
 def build_model(args, config: str) -> torch.nn.Module:
@@ -91,7 +113,7 @@ def build_model(args, config: str) -> torch.nn.Module:
             args.checkpoint, "cpu", architecture="kamisli2024"
         )
     torch.manual_seed(args.seed)
-    model = build_configured_model(load_config(config)).eval()
+    model = build_configured_model(args.presets[config]).eval()
     with torch.no_grad():
         last = model.entropy_parameters[-1]
         last.weight.mul_(0.01)

@@ -713,3 +713,22 @@ def test_patch_overhead_reports_a_failed_measurement_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("patch_overhead.py: error: measurement")
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "config, why",
+    [
+        ("configs/cps_2_lambda00035.yaml", "configures a cps model, not a Kamisli one"),
+        ("configs/missing.yaml", "config file not found"),
+    ],
+)
+def test_kamisli_decoding_refuses_a_config_it_cannot_time_before_any_run(
+    config, why, capsys
+):
+    # A CPS preset ended in an AttributeError traceback; a bad second preset
+    # stopped the run after the first one had been timed, and nothing was written.
+    from benchmarks import kamisli_decoding
+
+    argv = ["--config", "configs/kamisli_B8_KS3111_N768M96.yaml", config]
+    message = _usage_error(kamisli_decoding.parse_args, argv, capsys)
+    assert "error: --config: " in message and why in message
