@@ -62,6 +62,7 @@ from benchmarks.results_io import (
 )
 from benchmarks.synthetic import synthetic_image, synthetic_model
 from models.base import CodingPlan
+from utils.cli import run_main
 from utils.coding.container import pack, unpack
 from utils.image_io import read_image
 from utils.stitching.spec import PatchSpec
@@ -212,4 +213,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "codec_speed.py"))

@@ -53,6 +53,7 @@ from benchmarks.results_io import (
 )
 from benchmarks.synthetic import synthetic_model
 from utils.atomic import save_json
+from utils.cli import run_main
 from utils.coding.context_coder import ContextCoder
 from utils.coding.scan_order import coding_order
 from utils.coding.threads import single_threaded
@@ -322,4 +323,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "entropy_coding.py"))

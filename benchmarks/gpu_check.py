@@ -46,6 +46,7 @@ from benchmarks.gpu_steps import (
 )
 from benchmarks.results_io import LOCAL_DIR, refuse_repeats
 from utils.atomic import atomic_torch_save, atomic_write_bytes, save_json
+from utils.cli import run_main
 
 DEFAULT_OUTPUT_DIR = os.path.join(LOCAL_DIR, "gpu_check")
 
@@ -306,4 +307,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "gpu_check.py"))

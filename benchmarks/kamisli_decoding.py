@@ -41,6 +41,7 @@ from benchmarks.results_io import parse_with_output, refuse_repeats
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import to_blocks
 from utils.atomic import save_json
+from utils.cli import run_main
 from utils.training.build import build_configured_model
 from utils.training.config import load_config
 
@@ -244,4 +245,4 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "kamisli_decoding.py"))

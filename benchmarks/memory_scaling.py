@@ -66,7 +66,7 @@ from benchmarks.results_io import (
     resolve_output,
 )
 from utils.atomic import save_json
-from utils.cli import DEFAULT_BUDGET, positive_int
+from utils.cli import DEFAULT_BUDGET, positive_int, run_main
 from utils.memory import format_memory, parse_memory
 
 SIZES = ("640x360", "1280x720", "1920x1080", "3840x2160", "7680x4320")
@@ -314,4 +314,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "memory_scaling.py"))

@@ -28,7 +28,7 @@ from benchmarks.results_io import (
     refuse_repeats,
 )
 from utils.atomic import save_json
-from utils.cli import positive_int
+from utils.cli import positive_int, run_main
 from utils.stitching.geometry import model_geometry, plan_patches
 from utils.stitching.patches import pad_replicate, run_patchwise
 from utils.stitching.transforms import transform_mode
@@ -200,4 +200,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "patch_overhead.py"))

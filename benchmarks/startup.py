@@ -41,6 +41,7 @@ from benchmarks.results_io import (
     resolve_output,
     save_results,
 )
+from utils.cli import run_main
 
 CODEC = os.path.join(ROOT, "codec.py")
 PEAK_MARK = "STARTUP_PEAK_KB"
@@ -229,4 +230,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "startup.py"))

@@ -48,6 +48,7 @@ from benchmarks.results_io import (
     refuse_missing_cuda,
     save_results,
 )
+from utils.cli import run_main
 from utils.training.step import TrainStep, build_optimizers
 
 
@@ -242,4 +243,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "train_throughput.py"))

@@ -3,9 +3,11 @@
 import importlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -732,3 +734,74 @@ def test_kamisli_decoding_refuses_a_config_it_cannot_time_before_any_run(
     argv = ["--config", "configs/kamisli_B8_KS3111_N768M96.yaml", config]
     message = _usage_error(kamisli_decoding.parse_args, argv, capsys)
     assert "error: --config: " in message and why in message
+
+
+def _run_script(script, argv, monkeypatch):
+    """Run ``benchmarks/<script>.py argv`` in this process as ``python`` would (its
+    ``__main__`` block included); return its exit status."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    # run_main makes warnings one line for the rest of the process.
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    path = os.path.join(os.path.dirname(RESULTS_DIR), f"{script}.py")
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    except KeyboardInterrupt:  # would end the test session itself
+        pytest.fail(f"{script}.py let Ctrl-C's KeyboardInterrupt out")
+    pytest.fail(f"{script}.py ended without sys.exit")
+
+
+def _interrupt(*_args, **_kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "script, argv, interrupted",
+    [
+        ("codec_speed", ["--count", "1"], "benchmarks.synthetic.synthetic_model"),
+        (
+            "entropy_coding",
+            ["--sizes", "64x64"],
+            "benchmarks.synthetic.synthetic_model",
+        ),
+        ("startup", [], "benchmarks.synthetic.synthetic_model"),
+        ("memory_scaling", ["--sizes", "64x64"], "subprocess.run"),
+        ("patch_overhead", ["--sizes", "64x64"], "multiprocessing.get_context"),
+        (
+            "train_throughput",
+            ["--N", "8", "--crop", "64", "--batch-size", "1"],
+            "compressai.losses.RateDistortionLoss",
+        ),
+        (
+            "kamisli_decoding",
+            ["--size", "64x64"],
+            "utils.training.build.build_configured_model",
+        ),
+    ],
+)
+def test_ctrl_c_mid_run_is_one_line_status_130_and_no_results_file(
+    script, argv, interrupted, tmp_path, capsys, monkeypatch
+):
+    # It ended in a KeyboardInterrupt traceback.
+    monkeypatch.setattr(interrupted, _interrupt)
+    output = tmp_path / "x.json"
+    assert _run_script(script, [*argv, "-o", str(output)], monkeypatch) == 130
+    assert capsys.readouterr().err == f"{script}.py: interrupted\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_reader_of_the_table_that_goes_away_ends_a_benchmark_quietly_with_141(
+    tmp_path, capsys, monkeypatch
+):
+    # ``gpu_check.py --dry-run | head -1`` ended in a BrokenPipeError traceback.
+    read, write = os.pipe()
+    os.close(read)
+    stdout = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["--dry-run", "--checks", "memory_8k", "--output-dir", str(tmp_path)]
+    try:
+        assert _run_script("gpu_check", argv, monkeypatch) == 141
+    finally:
+        stdout.close()
+    assert capsys.readouterr().err == ""
