@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from benchmarks.gpu_steps import (
 from benchmarks.results_io import LOCAL_DIR, refuse_repeats
 from utils.atomic import atomic_torch_save, atomic_write_bytes, save_json
 from utils.cli import run_main
+from utils.output_paths import check_output_folder
 
 DEFAULT_OUTPUT_DIR = os.path.join(LOCAL_DIR, "gpu_check")
 
@@ -89,8 +91,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     refuse_repeats(parser, args, "--checks")
-    if args.budget_s <= 0:
-        parser.error("--budget-s must be positive")
+    if not 0 < args.budget_s < math.inf:
+        parser.error(
+            f"--budget-s must be a positive number of seconds, got {args.budget_s}"
+        )
+    # Checked before the checks run: the report is first written after one.
+    folders = {"--output-dir": args.output_dir}
+    if args.work_dir is not None:
+        folders["--work-dir"] = args.work_dir
+    for flag, folder in folders.items():
+        try:
+            check_output_folder(folder, flag)
+        except ValueError as exc:
+            parser.error(str(exc))
     if not args.dry_run and not args.kodak:
         parser.error("give --kodak DIR or set $CPS_KODAK")
     return args

@@ -805,3 +805,30 @@ def test_a_reader_of_the_table_that_goes_away_ends_a_benchmark_quietly_with_141(
     finally:
         stdout.close()
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output-dir", "{file}"], "--output-dir {file} is a file, not a folder"),
+        (["--output-dir", "{file}/sub"], "--output-dir {file}/sub cannot be created"),
+        (["--output-dir", ""], "--output-dir is empty: name a folder"),
+        (["--work-dir", "{file}"], "--work-dir {file} is a file, not a folder"),
+        (["--budget-s", "nan"], "--budget-s must be a positive number of seconds"),
+        (["--budget-s", "inf"], "--budget-s must be a positive number of seconds"),
+    ],
+)
+def test_the_gpu_check_refuses_bad_folders_and_budgets_when_parsing(
+    argv, message, tmp_path, capsys
+):
+    # A file as --output-dir was a FileExistsError traceback once the checks had run
+    # (on a GPU, after the first one); an empty one wrote the reports into the
+    # current folder; a budget of nan was never reached.
+    from benchmarks import gpu_check
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    argv = ["--dry-run", *(arg.format(file=a_file) for arg in argv)]
+    assert message.format(file=a_file) in _usage_error(
+        gpu_check.parse_args, argv, capsys
+    )
