@@ -98,13 +98,25 @@ def memory_size(text: str) -> str:
     return text
 
 
-def previous_results(path: str) -> List[Dict[str, object]]:
+def run_settings(args: argparse.Namespace) -> Dict[str, object]:
+    """The settings a results file records, which every entry it holds shares."""
+    return {
+        "N": args.N,
+        "device": "cuda" if args.cuda else "cpu",
+        "budget_mb": parse_memory(args.max_memory) / 2**20,
+        "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
+    }
+
+
+def previous_results(path: str, settings: Dict[str, object]) -> List[Dict[str, object]]:
     """The entries of the memory_scaling results file ``path`` that ``--update``
     keeps, checked before any run so that the merge at the end cannot fail.
 
     Raises:
-        ValueError: ``path`` cannot be read, is not JSON, or is not a memory_scaling
-            results file whose entries name a method and an image.
+        ValueError: ``path`` cannot be read, is not JSON, is not a memory_scaling
+            results file whose entries name a method and an image, or records one
+            of ``settings`` (:func:`run_settings`) with another value: the merged
+            file would hold runs it does not describe.
     """
     try:
         with open(path) as handle:
@@ -117,6 +129,13 @@ def previous_results(path: str) -> List[Dict[str, object]]:
         or not isinstance(document.get("results"), list)
     ):
         raise ValueError(f"{path} is not a memory_scaling results file")
+    for key, value in settings.items():
+        recorded = document.get(key)
+        if None not in (recorded, value) and recorded != value:
+            raise ValueError(
+                f"{path} holds runs with {key} {recorded}, this run has {value}: "
+                "give the same setting, or another -o"
+            )
     for entry in document["results"]:
         if (
             not isinstance(entry, dict)
@@ -171,7 +190,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--authors-patch-size",
         type=int,
-        default=256,
+        default=None,
         help="patch size of the authors' codec, 0 = whole image (default: 256)",
     )
     add_output_arguments(parser, "memory_scaling.json")
@@ -190,6 +209,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.methods = [m for m in METHODS if m != AUTHORS or args.authors_repo]
     if AUTHORS in args.methods and not args.authors_repo:
         parser.error(f"--methods {AUTHORS} needs --authors-repo PATH")
+    if args.authors_repo and AUTHORS not in args.methods:
+        parser.error(
+            f"--authors-repo is for the {AUTHORS} method, which --methods leaves "
+            "out: add it, or leave --authors-repo out"
+        )
+    if args.authors_patch_size is None:
+        args.authors_patch_size = 256
+    elif not args.authors_repo:
+        parser.error(
+            "--authors-patch-size is for the authors' code: give --authors-repo"
+        )
     if args.authors_patch_size < 0:
         parser.error("--authors-patch-size must be >= 0")
     refuse_missing_cuda(parser, args)
@@ -197,7 +227,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.previous = None
     if args.update and os.path.exists(args.output):
         try:
-            args.previous = previous_results(args.output)
+            args.previous = previous_results(args.output, run_settings(args))
         except ValueError as exc:
             parser.error(f"--update: {exc}")
     return args
@@ -293,13 +323,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     document = {
         "benchmark": "memory_scaling",
-        "N": args.N,
+        **run_settings(args),
         "max_memory": args.max_memory,
-        "device": "cuda" if args.cuda else "cpu",
         "machine": machine_info(),
-        "budget_mb": parse_memory(args.max_memory) / 2**20,
         "authors_repo": args.authors_repo,
-        "authors_patch_size": args.authors_patch_size if args.authors_repo else None,
         "authors_ratios": authors_ratios(entries)
         if args.authors_repo
         else NOT_MEASURED,

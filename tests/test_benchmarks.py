@@ -832,3 +832,53 @@ def test_the_gpu_check_refuses_bad_folders_and_budgets_when_parsing(
     assert message.format(file=a_file) in _usage_error(
         gpu_check.parse_args, argv, capsys
     )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--N", "8"], "holds runs with N 192, this run has 8"),
+        (
+            ["--max-memory", "1GB"],
+            "holds runs with budget_mb 2048.0, this run has 1024",
+        ),
+        (
+            ["--methods", "authors-cps", "--authors-repo", "{repo}"],
+            "holds runs with authors_patch_size 128, this run has 256",
+        ),
+    ],
+)
+def test_memory_scaling_update_refuses_a_file_measured_with_other_settings(
+    argv, message, authors_repo, tmp_path, capsys
+):
+    # The merged file held the old N = 192 entries under the new run's "N": 8, and
+    # their ratios to the new runs' figures.
+    published = os.path.join(RESULTS_DIR, "memory_scaling_authors.json")
+    output = tmp_path / "update.json"
+    output.write_bytes(open(published, "rb").read())
+    argv = ["--update", "-o", str(output), *(a.format(repo=authors_repo) for a in argv)]
+    error = _usage_error(memory_scaling.parse_args, argv, capsys)
+    assert "--update" in error and message in error and "give the same setting" in error
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--authors-repo", "{repo}", "--methods", "cps-budget"],
+            "--authors-repo is for the authors-cps method, which --methods leaves "
+            "out: add it, or leave --authors-repo out",
+        ),
+        (
+            ["--authors-patch-size", "128"],
+            "--authors-patch-size is for the authors' code: give --authors-repo",
+        ),
+    ],
+)
+def test_memory_scaling_refuses_authors_flags_that_would_not_be_used(
+    argv, message, authors_repo, capsys
+):
+    # Both were accepted and silently had no effect; the first was also recorded in
+    # the results as the authors' checkout without being checked.
+    argv = [arg.format(repo=authors_repo) for arg in argv]
+    assert _usage_error(memory_scaling.parse_args, argv, capsys).endswith(message)
