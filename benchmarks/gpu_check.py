@@ -106,6 +106,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(str(exc))
     if not args.dry_run and not args.kodak:
         parser.error("give --kodak DIR or set $CPS_KODAK")
+    both = args.kodak and args.work_dir
+    if both and os.path.realpath(args.kodak) == os.path.realpath(args.work_dir):
+        # The decoded PNGs (cpu_to_cuda.png, ...) sort before kodim01.png: the
+        # next run would take them for Kodak images.
+        parser.error(
+            f"--work-dir {args.work_dir} is the Kodak folder: its decoded PNGs would "
+            "be read as Kodak images; give another folder"
+        )
     return args
 
 

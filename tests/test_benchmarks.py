@@ -882,3 +882,14 @@ def test_memory_scaling_refuses_authors_flags_that_would_not_be_used(
     # the results as the authors' checkout without being checked.
     argv = [arg.format(repo=authors_repo) for arg in argv]
     assert _usage_error(memory_scaling.parse_args, argv, capsys).endswith(message)
+
+
+def test_the_gpu_check_refuses_the_kodak_folder_as_its_work_folder(tmp_path, capsys):
+    # Its decoded PNGs (cpu_to_cpu.png, ...) went there and sort before kodim01.png,
+    # so the next gpu_check or codec_speed run took them for the first Kodak images.
+    from benchmarks import gpu_check
+
+    kodak = small_png(tmp_path / "kodak", name="kodim01.png")
+    argv = ["--dry-run", "--kodak", kodak, "--work-dir", f"{kodak}/."]
+    message = _usage_error(gpu_check.parse_args, argv, capsys)
+    assert f"--work-dir {kodak}/. is the Kodak folder" in message
