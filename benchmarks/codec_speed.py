@@ -62,7 +62,7 @@ from benchmarks.results_io import (
 )
 from benchmarks.synthetic import synthetic_image, synthetic_model
 from models.base import CodingPlan
-from utils.cli import run_main
+from utils.cli import patch_spec, run_main
 from utils.coding.container import pack, unpack
 from utils.image_io import read_image
 from utils.stitching.spec import PatchSpec
@@ -85,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cuda", action="store_true", help="transforms on the GPU")
     parser.add_argument(
         "--patch-size",
-        type=PatchSpec.parse,
+        type=patch_spec,
         default=PatchSpec(0),
         help="whole (default), auto, or P: P x P patches, for the authors' code too",
     )

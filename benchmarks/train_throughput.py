@@ -31,6 +31,7 @@ defaults are batch 8, 256x256 crops (the paper's crop size, Sec. III-A) and N = 
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -74,6 +75,9 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if not 0 < args.lmbda < math.inf:
+        # nan made every step non-finite: train_py skipped them all, and was timed.
+        parser.error(f"--lmbda must be a positive number, got {args.lmbda}")
     multiple = models.build_model("cps", N=1).downsampling_factor  # the same at every N
     if args.crop % multiple:
         parser.error(

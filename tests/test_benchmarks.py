@@ -607,9 +607,15 @@ def test_a_list_option_naming_a_value_twice_is_a_usage_error(
         ("patch_overhead", ["--patch-size", "0"], "--patch-size"),
         ("patch_overhead", ["--patch-size", "-5"], "--patch-size"),
         ("patch_overhead", ["--batch-size", "0"], "--batch-size"),
+        # codec_speed said only "invalid parse value: '-5'"; train_throughput timed
+        # train.py's step skipping every non-finite step under --lmbda nan.
+        ("codec_speed", ["--patch-size", "-5"], "patch size must be >= 0"),
+        ("codec_speed", ["--patch-size", "abc"], "patch size must be pixels"),
+        ("train_throughput", ["--lmbda", "nan"], "--lmbda must be a positive number"),
+        ("train_throughput", ["--lmbda", "-1"], "--lmbda must be a positive number"),
     ],
 )
-def test_bad_sizes_counts_and_widths_are_usage_errors_when_parsing(
+def test_bad_sizes_counts_widths_and_weights_are_usage_errors_when_parsing(
     script, argv, named, capsys
 ):
     module = importlib.import_module(f"benchmarks.{script}")
