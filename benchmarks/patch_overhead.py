@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 
@@ -29,7 +30,7 @@ from benchmarks.results_io import (
 )
 from utils.atomic import save_json
 from utils.cli import positive_int, run_main
-from utils.stitching.geometry import model_geometry, plan_patches
+from utils.stitching.geometry import check_patch_size, model_geometry, plan_patches
 from utils.stitching.patches import pad_replicate, run_patchwise
 from utils.stitching.transforms import transform_mode
 
@@ -92,8 +93,14 @@ def measure(*args):
     """Run :func:`_measure` in a fresh process and return its figures."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(*args, queue))
-    process.start()
+    process = context.Process(target=_measure, args=(*args, queue), daemon=True)
+    # Ctrl-C reaches the whole process group: the child ignores it (it printed a
+    # traceback), this process reports it in one line and ends the child at exit.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, handler)
     process.join()
     if process.exitcode != 0:
         raise RuntimeError(
@@ -124,6 +131,12 @@ def parse_args(argv=None):
     )
     args = parse_with_output(parser, argv, "patch_overhead.json")
     refuse_repeats(parser, args, "--sizes")
+    try:  # in the parent: the child's error would be a traceback after a run
+        check_patch_size(
+            args.patch_size, model_geometry(models.build_model("cps", N=1))
+        )
+    except ValueError as exc:
+        parser.error(f"--patch-size: {exc}")
     refuse_missing_cuda(parser, args)
     return args
 

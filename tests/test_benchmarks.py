@@ -2,12 +2,15 @@
 
 import importlib
 import json
+import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -607,6 +610,7 @@ def test_a_list_option_naming_a_value_twice_is_a_usage_error(
         ("patch_overhead", ["--patch-size", "0"], "--patch-size"),
         ("patch_overhead", ["--patch-size", "-5"], "--patch-size"),
         ("patch_overhead", ["--batch-size", "0"], "--batch-size"),
+        ("patch_overhead", ["--patch-size", "32"], "below the minimum 80"),
         # codec_speed said only "invalid parse value: '-5'"; train_throughput timed
         # train.py's step skipping every non-finite step under --lmbda nan.
         ("codec_speed", ["--patch-size", "-5"], "patch size must be >= 0"),
@@ -899,3 +903,33 @@ def test_the_gpu_check_refuses_the_kodak_folder_as_its_work_folder(tmp_path, cap
     argv = ["--dry-run", "--kodak", kodak, "--work-dir", f"{kodak}/."]
     message = _usage_error(gpu_check.parse_args, argv, capsys)
     assert f"--work-dir {kodak}/. is the Kodak folder" in message
+
+
+def test_patch_overhead_starts_its_child_deaf_to_ctrl_c_and_ended_at_exit(monkeypatch):
+    # Ctrl-C reaches the whole process group: the child printed a traceback of its
+    # own below the parent's one line.
+    from benchmarks import patch_overhead
+
+    started = {}
+
+    class Child:
+        def __init__(self, target, args, daemon):
+            started["daemon"] = daemon
+
+        def start(self):
+            started["sigint"] = signal.getsignal(signal.SIGINT)
+
+        def join(self):
+            self.exitcode = 0
+
+    class Context:
+        Process = Child
+
+        def Queue(self):
+            return mock.Mock(get=lambda: {"analysis_s": 1.0})
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: Context())
+    handler = signal.getsignal(signal.SIGINT)
+    assert patch_overhead.measure(64, 64, 8, 0, 1, "cpu", True) == {"analysis_s": 1.0}
+    assert started == {"daemon": True, "sigint": signal.SIG_IGN}
+    assert signal.getsignal(signal.SIGINT) is handler
