@@ -98,6 +98,11 @@ def memory_size(text: str) -> str:
     return text
 
 
+def figure_path(output: str) -> str:
+    """The plot written beside the results file ``output``."""
+    return os.path.splitext(output)[0] + ".png"
+
+
 def run_settings(args: argparse.Namespace) -> Dict[str, object]:
     """The settings a results file records, which every entry it holds shares."""
     return {
@@ -224,6 +229,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--authors-patch-size must be >= 0")
     refuse_missing_cuda(parser, args)
     resolve_output(parser, args)
+    if os.path.isdir(figure_path(args.output)):
+        parser.error(
+            f"-o/--output: its figure {figure_path(args.output)} is a folder; "
+            "remove it or give another -o"
+        )
     args.previous = None
     if args.update and os.path.exists(args.output):
         try:
@@ -334,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "table": table,
     }
     save_json(args.output, document)
-    plot(entries, methods, os.path.splitext(args.output)[0] + ".png", args.max_memory)
+    plot(entries, methods, figure_path(args.output), args.max_memory)
     budget = format_memory(parse_memory(args.max_memory))
     print(f"wrote {args.output} and its plot; budget {budget}")
     return 0

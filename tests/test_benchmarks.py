@@ -933,3 +933,13 @@ def test_patch_overhead_starts_its_child_deaf_to_ctrl_c_and_ended_at_exit(monkey
     assert patch_overhead.measure(64, 64, 8, 0, 1, "cpu", True) == {"analysis_s": 1.0}
     assert started == {"daemon": True, "sigint": signal.SIG_IGN}
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_memory_scaling_refuses_an_output_whose_figure_name_is_a_folder(
+    tmp_path, capsys
+):
+    # The plot was written once the run was over: a traceback, beside a results file.
+    (tmp_path / "x.png").mkdir()
+    argv = ["-o", str(tmp_path / "x.json")]
+    message = _usage_error(memory_scaling.parse_args, argv, capsys)
+    assert f"its figure {tmp_path / 'x.png'} is a folder" in message
