@@ -194,7 +194,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if authors is not None:
             result["time_vs_authors"] = result["total_s"] / authors["total_s"]
     table = format_table(results, authors)
-    print(table)
     document = {
         "benchmark": "codec_speed",
         "N": args.N,
@@ -208,7 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "results": results,
         "table": table,
     }
-    save_results(args.output, document)
+    save_results(args.output, document)  # before the table: a reader may leave
+    print(table)
     return 0
 
 

@@ -300,7 +300,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flush=True,
         )
     table = format_table(results, args.coders)
-    print(table)
     report = {
         "benchmark": "entropy_coding",
         "device": "cpu",
@@ -318,7 +317,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "results": results,
         "table": table,
     }
-    save_json(args.output, report)
+    save_json(args.output, report)  # before the table: a reader may leave
+    print(table)
     return 0
 
 

@@ -330,7 +330,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if any(entry["method"] == method for entry in entries)
     ]
     table = format_table(entries, methods)
-    print(table)
     document = {
         "benchmark": "memory_scaling",
         **run_settings(args),
@@ -345,6 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     save_json(args.output, document)
     plot(entries, methods, figure_path(args.output), args.max_memory)
+    print(table)  # after the files: a reader may leave
     budget = format_memory(parse_memory(args.max_memory))
     print(f"wrote {args.output} and its plot; budget {budget}")
     return 0

@@ -211,7 +211,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"startup.py: error: {exc}", file=sys.stderr)
         return 1
     table = format_table(rows, batch_in_one)
-    print(table)
     document = {
         "benchmark": "startup",
         "N": args.N,
@@ -225,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "results": rows,
         "table": table,
     }
-    save_results(args.output, document)
+    save_results(args.output, document)  # before the table: a reader may leave
+    print(table)
     return 0
 
 

@@ -215,16 +215,6 @@ def main(argv=None):
         if args.cuda
         else platform.processor() or "cpu"
     )
-    print(
-        f"batch {args.batch_size}, crop {args.crop}, N {args.N}, "
-        f"{args.steps} timed steps x {args.repeats} on {where}"
-    )
-    print(f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}")
-    for row in rows:
-        print(
-            f"{row['loop']:<30}{row['images_per_s']:>10.2f}{row['ms_per_step']:>10.1f}"
-            f"{row['images_per_s'] / reference:>11.2f}x"
-        )
     record = {
         "benchmark": "train_throughput",
         "settings": {
@@ -242,7 +232,17 @@ def main(argv=None):
         "torch": torch.__version__,
         "results": rows,
     }
-    save_results(args.output, record)
+    save_results(args.output, record)  # before the table: a reader may leave
+    print(
+        f"batch {args.batch_size}, crop {args.crop}, N {args.N}, "
+        f"{args.steps} timed steps x {args.repeats} on {where}"
+    )
+    print(f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}")
+    for row in rows:
+        print(
+            f"{row['loop']:<30}{row['images_per_s']:>10.2f}{row['ms_per_step']:>10.1f}"
+            f"{row['images_per_s'] / reference:>11.2f}x"
+        )
     return 0
 
 

@@ -817,6 +817,31 @@ def test_a_reader_of_the_table_that_goes_away_ends_a_benchmark_quietly_with_141(
     assert capsys.readouterr().err == ""
 
 
+def test_a_benchmark_whose_reader_left_keeps_its_results_file(
+    tmp_path, capsys, monkeypatch
+):
+    """The table was printed before the results were saved: a table longer than
+    the pipe's buffer (here, a line-buffered stream) met the gone reader first, and
+    ended a finished run with 141 and nothing written."""
+    from utils.image_io import write_png
+
+    images = tmp_path / "images"
+    write_png(str(images / "a.png"), torch.zeros(3, 64, 64, dtype=torch.uint8))
+    read, write = os.pipe()
+    os.close(read)
+    stdout = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    output = tmp_path / "speed.json"
+    argv = ["--images", str(images), "--count", "1", "--N", "8", "--modes", "fast"]
+    try:
+        assert (
+            _run_script("codec_speed", [*argv, "-o", str(output)], monkeypatch) == 141
+        )
+    finally:
+        stdout.close()
+    assert json.loads(output.read_text())["results"]["fast"]["total_s"] > 0
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
