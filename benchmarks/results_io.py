@@ -12,7 +12,6 @@ import os
 from typing import Optional, Sequence
 
 from utils.atomic import save_json
-from utils.device import cpu_model_name
 from utils.output_paths import check_output_path
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -118,6 +117,8 @@ def machine_info(**extra: object) -> dict:
     fields. PyTorch is imported on call so that importing this module stays light:
     startup.py loads PyTorch only once its measurements are done."""
     import torch
+
+    from utils.device import cpu_model_name  # imports PyTorch
 
     return {
         "cpu": cpu_model_name(),

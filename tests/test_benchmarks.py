@@ -968,3 +968,20 @@ def test_memory_scaling_refuses_an_output_whose_figure_name_is_a_folder(
     argv = ["-o", str(tmp_path / "x.json")]
     message = _usage_error(memory_scaling.parse_args, argv, capsys)
     assert f"its figure {tmp_path / 'x.png'} is a folder" in message
+
+
+def test_the_startup_benchmark_imports_pytorch_only_once_it_has_measured():
+    """results_io imported utils.device, and with it PyTorch, at the top, so the
+    parent of the timed processes held PyTorch's memory and threads while they ran."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, benchmarks.startup; print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(RESULTS_DIR).rsplit(os.sep, 1)[0],
+        timeout=60,
+    )
+    assert done.stdout.strip() == "False", done.stderr
