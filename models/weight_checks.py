@@ -74,12 +74,51 @@ def check_dtypes(state_dict: Mapping[str, Tensor], expected: Mapping) -> None:
                 )
 
 
+def _non_finite(name: str) -> ValueError:
+    return ValueError(
+        f"checkpoint entry {name} holds non-finite values (NaN or inf): "
+        "the weights are unusable, e.g. from a diverged training run"
+    )
+
+
+# The most symbols one entropy-bottleneck channel may span between its lower and
+# upper quantile. Trained models span tens (the published CPS files: at most 21).
+# update() builds the tables with CompressAI's pmf_to_quantized_cdf, which searches
+# the whole row for every symbol left without frequency: 4096 symbols take about
+# 0.01 s a channel, 2**16 (the most a 16-bit rANS table can give a frequency) about
+# 2 s, and a wider span cannot be tabulated at all (or exhausts the memory first).
+MAX_QUANTILE_SYMBOLS = 1 << 12
+
+
+def _check_quantile_span(name: str, quantiles: Tensor) -> None:
+    """Refuse entropy-bottleneck ``quantiles`` (channels, 1, 3) from which
+    ``update()`` would tabulate more than :data:`MAX_QUANTILE_SYMBOLS` symbols."""
+    if quantiles.dim() != 3 or quantiles.shape[1:] != (1, 3):
+        return  # a shape the model does not hold: load_state_dict_into names it
+    if not torch.isfinite(quantiles).all():
+        raise _non_finite(name)
+    lower, median, upper = quantiles.double()[:, 0].unbind(dim=1)
+    symbols = (
+        (median - lower).ceil().clamp(min=0) + (upper - median).ceil().clamp(min=0) + 1
+    )
+    if symbols.max() > MAX_QUANTILE_SYMBOLS:
+        channel = int(symbols.argmax())
+        raise ValueError(
+            f"checkpoint entry {name} spans {float(symbols[channel]):.6g} symbols in "
+            f"channel {channel} (quantiles {quantiles[channel, 0].tolist()}), more "
+            f"than the {MAX_QUANTILE_SYMBOLS} entropy tables can be built for: the "
+            "weights are unusable, e.g. from a diverged training run"
+        )
+
+
 def check_buildable(state_dict: Mapping[str, Tensor]) -> None:
     """Refuse an entry no model holds, before any model is built from the sizes of
     ``state_dict``: an empty weight (a width of 0 builds layers that PyTorch warns
     about, then misfits every other entry; only entropy tables may be empty,
-    ``update()`` fills them) or complex values (which a size read from them would
-    carry along). ``load_checkpoint`` builds one from the sizes, and so does
+    ``update()`` fills them), complex values (which a size read from them would
+    carry along) or entropy-bottleneck quantiles too far apart to tabulate
+    (:func:`_check_quantile_span`: ``update()`` would run for hours or exhaust the
+    memory). ``load_checkpoint`` builds one from the sizes, and so does
     ``train.py --init-from`` to explain a shape mismatch: both come here first."""
     for name, value in state_dict.items():
         if value.numel() == 0 and not is_entropy_table(name):
@@ -92,6 +131,8 @@ def check_buildable(state_dict: Mapping[str, Tensor]) -> None:
                 f"checkpoint entry {name} is {_dtype_name(value.dtype)}: no model "
                 "holds complex values; convert it to a real dtype and save again"
             )
+        if name.endswith(".quantiles") and value.is_floating_point():
+            _check_quantile_span(name, value)
 
 
 # Cumulative frequencies of CompressAI's rANS coder sum to 2**16.
@@ -168,10 +209,7 @@ def validate_loaded_model(model: nn.Module) -> None:
     zero or index outside a CDF row (see :func:`_check_entropy_tables`)."""
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(
-                f"checkpoint entry {name} holds non-finite values (NaN or inf): "
-                "the weights are unusable, e.g. from a diverged training run"
-            )
+            raise _non_finite(name)
     for prefix, module in model.named_modules():
         if isinstance(module, (EntropyBottleneck, GaussianConditional)):
             _check_entropy_tables(prefix, module)

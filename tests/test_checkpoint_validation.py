@@ -194,3 +194,30 @@ def test_weights_of_the_wrong_shape_or_kind_are_one_line_errors(
     path = tmp_path / "odd.pth"
     torch.save({"architecture": architecture, "state_dict": make_state(tiny_cps)}, path)
     assert message in _load_error(str(path))
+
+
+@pytest.mark.parametrize("tables", ["stored", "absent"])
+def test_quantiles_too_far_apart_to_tabulate_are_refused_before_update_runs(
+    tmp_path, tiny_cps, tables
+):
+    # update() would build a 2e7-symbol row per channel: 20 GB and many minutes.
+    state = tiny_cps.state_dict()
+    state["entropy_bottleneck.quantiles"][3, 0, 2] = 1e7
+    if tables == "absent":
+        state = {k: v for k, v in state.items() if "_quantized_cdf" not in k}
+    path = _saved(tmp_path, state)
+    message = _load_error(path)
+    assert message.startswith(f"{path}: checkpoint entry entropy_bottleneck.quantiles")
+    assert "spans 1e+07 symbols in channel 3" in message and "4096" in message
+
+
+def test_quantiles_spanning_the_most_symbols_allowed_get_their_tables(
+    tmp_path, tiny_cps
+):
+    state = tiny_cps.state_dict()
+    quantiles = state["entropy_bottleneck.quantiles"]
+    quantiles[:, 0, 0] = quantiles[:, 0, 1] - 2047.5
+    quantiles[:, 0, 2] = quantiles[:, 0, 1] + 2046.5
+    state = {k: v for k, v in state.items() if "_quantized_cdf" not in k}
+    model = models.load_checkpoint(_saved(tmp_path, state), "cpu")
+    assert model.entropy_bottleneck._quantized_cdf.shape[1] == 4096 + 2
