@@ -12,6 +12,7 @@ import warnings
 from typing import Mapping, Optional
 
 import torch
+from compressai.models import CompressionModel
 from torch import Tensor, nn
 
 from models.checkpoint_file import first_line, read_checkpoint_file
@@ -124,7 +125,9 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         if is_entropy_table(k)
     )
     if tables_present:
-        model.load_state_dict(dict(state_dict), strict=True)
+        # CompressAI's, which resizes the tables; a zoo model's own load_state_dict
+        # comes here.
+        CompressionModel.load_state_dict(model, dict(state_dict), strict=True)
     else:
         weights = {k: v for k, v in state_dict.items() if not is_entropy_table(k)}
         nn.Module.load_state_dict(model, weights, strict=False)

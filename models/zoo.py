@@ -10,8 +10,10 @@ and that codes the way CompressAI's ``eval_model`` does:
   it and the result is cropped;
 * the rate is counted from the rANS strings alone (:attr:`rate_includes_container`
   is False), as ``eval_model`` counts it;
-* weights are loaded with the class's own ``from_state_dict`` and the CDF tables are
-  rebuilt with ``update(force=True)``, as ``eval_model`` does by default.
+* weights are loaded with the class's own ``from_state_dict``, whose
+  ``load_state_dict`` is :func:`models.checkpoint.load_state_dict_into` here (so they
+  are checked as every architecture's are), and the CDF tables are rebuilt with
+  ``update(force=True)``, as ``eval_model`` does by default.
 
 The strings travel in the ``.cps`` container like every other model's (latent
 string ``y``, hyperprior string ``z``, empty for factorized models), and are padded
@@ -33,6 +35,7 @@ from compressai.zoo.image_vbr import model_architectures as vbr_architectures
 from torch import Tensor, nn
 
 from models.base import CodingPlan, LearnedCodec, check_image
+from models.checkpoint import load_state_dict_into
 from models.registry import register_model
 from utils.coding.container import (
     BitstreamError,
@@ -66,6 +69,16 @@ class ZooCodec(LearnedCodec):
                 f"{cls.__name__} must set zoo_class, the CompressAI class it "
                 "extends (e.g. zoo_class = FactorizedPrior)"
             )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict loads (those of CompressAI's ``from_state_dict``) go through
+        :func:`models.checkpoint.load_state_dict_into`, as every other architecture's:
+        one line naming the missing, unexpected or mis-shaped entries instead of
+        PyTorch's list of them, and weights refused when non-finite or of a dtype that
+        cannot hold them, which CompressAI's own load casts and keeps."""
+        if not strict or assign:
+            return super().load_state_dict(state_dict, strict, assign)
+        return load_state_dict_into(self, state_dict)
 
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
         """The rANS strings of ``compress`` on the zero-padded image; the plan's

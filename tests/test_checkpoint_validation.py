@@ -221,3 +221,42 @@ def test_quantiles_spanning_the_most_symbols_allowed_get_their_tables(
     state = {k: v for k, v in state.items() if "_quantized_cdf" not in k}
     model = models.load_checkpoint(_saved(tmp_path, state), "cpu")
     assert model.entropy_bottleneck._quantized_cdf.shape[1] == 4096 + 2
+
+
+def _zoo_weights(name):
+    torch.manual_seed(0)
+    return models.get_model_class(name).zoo_class(N=8, M=8).state_dict()
+
+
+@pytest.mark.parametrize(
+    "fill, dtype, message",
+    [
+        (float("nan"), "float32", "g_a.0.weight holds non-finite values"),
+        (1.0, "int64", "g_a.0.weight is int64, where the model holds real floating"),
+    ],
+)
+def test_a_compressai_zoo_checkpoint_is_checked_like_every_other(
+    tmp_path, fill, dtype, message
+):
+    # CompressAI's own load_state_dict loaded these, casting or keeping NaN.
+    state = _zoo_weights("mbt2018")
+    state["g_a.0.weight"] = torch.full_like(state["g_a.0.weight"], fill).to(
+        getattr(torch, dtype)
+    )
+    path = _saved(tmp_path, state, architecture="mbt2018")
+    assert message in _load_error(path)
+
+
+def test_zoo_weights_given_to_another_zoo_architecture_name_the_entries_that_differ(
+    tmp_path,
+):
+    # Before, the line was PyTorch's first one: "Error(s) in loading state_dict for
+    # ScaleHyperprior:".
+    path = _saved(tmp_path, _zoo_weights("mbt2018"))
+    with pytest.raises(models.checkpoint.ArchitectureMismatch) as caught:
+        models.load_checkpoint(path, "cpu", architecture="bmshj2018-hyperprior")
+    assert str(caught.value) == (
+        f"{path}: checkpoint does not fit architecture 'bmshj2018-hyperprior': "
+        "unexpected 9 keys (e.g. entropy_parameters.0.weight); 4 shape mismatches "
+        "(e.g. h_s.2.weight (8, 12, 5, 5) vs (8, 8, 5, 5))"
+    )
