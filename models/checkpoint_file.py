@@ -3,6 +3,7 @@ checks that turn a missing, truncated, damaged or foreign file into one clear li
 """
 
 import os
+import warnings
 import zipfile
 from typing import Optional
 
@@ -90,6 +91,19 @@ def _missing_torch_layout(names: list) -> Optional[str]:
     return None
 
 
+# How a file of torch.save's legacy (non-zip) format starts when torch.load can read
+# it with weights_only=True: pickle protocol 2 (torch.save's default) or 3, then the
+# format's magic number (a 10-byte LONG1). Protocols 4 and 5 frame it, and
+# weights_only cannot read their frames. Any other pickle (pickle.dump's) is refused
+# before torch.load, which would warn about its protocol and then call its tensors
+# Python objects.
+_LEGACY_STARTS = tuple(
+    bytes([0x80, protocol, 0x8A, 10])
+    + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+    for protocol in (2, 3)
+)
+
+
 def read_checkpoint_file(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and one-line errors."""
     if os.path.isdir(path):
@@ -103,8 +117,8 @@ def read_checkpoint_file(path: str) -> dict:
         except Exception as exc:  # an end record that zipfile reads and refuses
             raise _damaged(path, first_line(exc)) from None
         handle.seek(0)
-        start = handle.read(4)
-        if not is_zip and start == b"PK\x03\x04":  # a zip without its closing directory
+        start = handle.read(len(_LEGACY_STARTS[0]))
+        if not is_zip and start[:4] == b"PK\x03\x04":  # a zip without its end
             raise ValueError(
                 f"cannot read checkpoint {path}: the file is truncated or "
                 "damaged (a torch.save zip archive without its end)"
@@ -114,10 +128,20 @@ def read_checkpoint_file(path: str) -> dict:
                 f"cannot read checkpoint {path}: not a PyTorch checkpoint "
                 "(neither a torch.save zip archive nor a pickle)"
             )
+        if not is_zip and not start.startswith(_LEGACY_STARTS):
+            raise ValueError(
+                f"cannot read checkpoint {path}: not a PyTorch checkpoint that loads "
+                "without running its code (a pickle torch.save did not write, e.g. "
+                "pickle.dump's, or a legacy torch.save with pickle_protocol 4 or "
+                "more); load it in Python you trust and save it with torch.save"
+            )
     if is_zip:
         _check_torch_zip(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Raised for protocol 3, which loads: not the user's to act on.
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all land here
         reason = first_line(exc)
         if reason.startswith("Weights only load failed"):

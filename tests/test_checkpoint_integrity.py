@@ -8,6 +8,8 @@ output: a flipped byte in the zip (``torch.load`` checks no CRC), an empty weigh
 layout (a C++ "enforce fail"), and weights of a dtype the model would cast them from.
 """
 
+import os
+import pickle
 import warnings
 import zipfile
 
@@ -297,3 +299,58 @@ def test_codec_refuses_a_bad_checkpoint_in_one_line_and_writes_nothing(
     assert err.startswith("codec.py: error: ") and "\n" not in err
     assert str(path) in err
     assert not (tmp_path / "x.cps").exists()
+
+
+class _TouchesAFile:
+    """Unpickled, it runs ``touch`` on its path."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.parametrize("content", ["weights", "code"])
+def test_a_pickle_that_torch_save_did_not_write_is_refused_without_a_warning(
+    tmp_path, tiny_cps, content
+):
+    # torch.load printed "Detected pickle protocol 4 ... please file an issue" above
+    # the error, which called plain tensors "Python objects".
+    path, touched = tmp_path / "pickled.pth", tmp_path / "touched"
+    saved = (
+        {"state_dict": dict(tiny_cps.state_dict())}
+        if content == "weights"
+        else _TouchesAFile(touched)
+    )
+    path.write_bytes(pickle.dumps(saved, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as caught:
+            models.load_checkpoint(str(path), "cpu")
+    assert str(caught.value).startswith(
+        f"cannot read checkpoint {path}: not a PyTorch checkpoint that loads without "
+        "running its code (a pickle torch.save did not write, e.g. pickle.dump's, "
+    )
+    assert not touched.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+def test_a_legacy_checkpoint_loads_without_a_warning_where_torch_load_can_read_it(
+    tmp_path, tiny_cps, protocol
+):
+    path = tmp_path / "legacy.pth"
+    torch.save(
+        {"state_dict": tiny_cps.state_dict()},
+        path,
+        _use_new_zipfile_serialization=False,
+        pickle_protocol=protocol,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if protocol == 4:  # weights_only cannot read its frames
+            with pytest.raises(ValueError, match="legacy torch.save with pickle_pro"):
+                models.load_checkpoint(str(path), "cpu")
+            return
+        model = models.load_checkpoint(str(path), "cpu")
+    assert torch.equal(model.h_s[2].bias, tiny_cps.h_s[2].bias)
