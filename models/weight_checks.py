@@ -115,12 +115,25 @@ def check_buildable(state_dict: Mapping[str, Tensor]) -> None:
     """Refuse an entry no model holds, before any model is built from the sizes of
     ``state_dict``: an empty weight (a width of 0 builds layers that PyTorch warns
     about, then misfits every other entry; only entropy tables may be empty,
-    ``update()`` fills them), complex values (which a size read from them would
-    carry along) or entropy-bottleneck quantiles too far apart to tabulate
+    ``update()`` fills them), a tensor without values (on the meta device) or in a
+    sparse layout (PyTorch's copy into the model fails with a message listing every
+    key), complex values (which a size read from them would carry along) or
+    entropy-bottleneck quantiles too far apart to tabulate
     (:func:`_check_quantile_span`: ``update()`` would run for hours or exhaust the
     memory). ``load_checkpoint`` builds one from the sizes, and so does
     ``train.py --init-from`` to explain a shape mismatch: both come here first."""
     for name, value in state_dict.items():
+        if value.is_meta:
+            raise ValueError(
+                f"checkpoint entry {name} is on the meta device: it has a shape but "
+                "no values (saved from a model built without its weights); save the "
+                "weights of the trained model"
+            )
+        if value.layout != torch.strided:
+            raise ValueError(
+                f"checkpoint entry {name} is stored as {value.layout}: no model holds "
+                "sparse weights; save it dense (tensor.to_dense()) and load again"
+            )
         if value.numel() == 0 and not is_entropy_table(name):
             raise ValueError(
                 f"checkpoint entry {name} has shape {tuple(value.shape)}, with no "

@@ -115,6 +115,29 @@ def test_an_empty_weight_is_refused_before_a_model_is_built(
     assert f"entry {key} has shape {shape}, with no elements" in message
 
 
+@pytest.mark.parametrize("loader", ["load_checkpoint", "init_weights_from"])
+def test_a_weight_on_the_meta_device_is_refused_naming_it_and_the_file(
+    tmp_path, tiny_cps, loader
+):
+    # Before: "Error(s) in loading state_dict for CPS:", or with --init-from PyTorch's
+    # "Cannot copy out of meta tensor" without the file's name.
+    state = dict(tiny_cps.state_dict())
+    state["h_s.2.weight"] = torch.empty_like(state["h_s.2.weight"], device="meta")
+    message = _load_error(_save(tmp_path / "meta.pth", state), loader)
+    assert "checkpoint entry h_s.2.weight is on the meta device" in message
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_a_sparse_weight_is_refused_naming_it(tmp_path, tiny_cps):
+    state = dict(tiny_cps.state_dict())
+    state["h_s.2.weight"] = state["h_s.2.weight"].to_sparse()
+    path = _save(tmp_path / "sparse.pth", state)
+    with pytest.raises(
+        ValueError, match="entry h_s.2.weight is stored as torch.sparse_"
+    ):
+        models.load_checkpoint(str(path), "cpu")
+
+
 def _zip_of(tmp_path, *names):
     path = tmp_path / "notes.pth"
     with zipfile.ZipFile(path, "w") as archive:
