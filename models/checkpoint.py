@@ -49,6 +49,10 @@ def _strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
+# The entries that may hold the state dict, in the order they are tried.
+_WRAPPERS = ("state_dict", "network", "model", "model_state_dict")
+
+
 def unwrap_state_dict(checkpoint: Mapping) -> dict:
     """Return the bare ``{name: tensor}`` dict inside ``checkpoint``.
 
@@ -56,7 +60,7 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
     ``model`` or ``model_state_dict`` (the keys CompressAI's ``eval_model`` reads too),
     and strips wrapper prefixes such as ``module.``.
     """
-    for key in ("state_dict", "network", "model", "model_state_dict"):
+    for key in _WRAPPERS:
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
@@ -70,6 +74,13 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
         if not isinstance(name, str):
             raise ValueError(
                 f"not a state dict: key {name!r} is not a parameter name string"
+            )
+        if isinstance(value, Mapping):
+            entries = ", ".join(map(repr, _WRAPPERS))
+            raise ValueError(
+                f"not a state dict: entry {name!r} is a dict, not a tensor (weights "
+                f"are read from the top level or from one of the entries {entries}); "
+                f"if {name!r} holds them, save that dict alone with torch.save"
             )
         if not isinstance(value, Tensor):
             raise ValueError(

@@ -238,3 +238,19 @@ def test_running_the_model_never_changes_its_weights(tiny_cps):
     with torch.no_grad():
         tiny_cps(torch.rand(1, 3, 64, 64))
     assert all(torch.equal(before[k], v) for k, v in tiny_cps.state_dict().items())
+
+
+@pytest.mark.parametrize("wrapper", ["net", "ema", "state_dict_ema"])
+def test_weights_nested_under_an_unknown_entry_name_it_and_the_fix(
+    tmp_path, tiny_cps, wrapper
+):
+    path = tmp_path / "wrapped.pth"
+    torch.save({wrapper: tiny_cps.state_dict(), "epoch": 3}, path)
+    with pytest.raises(ValueError) as caught:
+        models.load_checkpoint(str(path), "cpu")
+    assert str(caught.value) == (
+        f"checkpoint {path}: not a state dict: entry {wrapper!r} is a dict, not a "
+        "tensor (weights are read from the top level or from one of the entries "
+        "'state_dict', 'network', 'model', 'model_state_dict'); if "
+        f"{wrapper!r} holds them, save that dict alone with torch.save"
+    )
