@@ -106,7 +106,7 @@ def _check_quantile_span(name: str, quantiles: Tensor) -> None:
         raise ValueError(
             f"checkpoint entry {name} spans {float(symbols[channel]):.6g} symbols in "
             f"channel {channel} (quantiles {quantiles[channel, 0].tolist()}), more "
-            f"than the {MAX_QUANTILE_SYMBOLS} entropy tables can be built for: the "
+            f"than the {MAX_QUANTILE_SYMBOLS} an entropy table is built for: the "
             "weights are unusable, e.g. from a diverged training run"
         )
 
