@@ -31,6 +31,7 @@ Every config key: ``docs/training.md`` (``utils/training/schema.py``); the loop:
 import argparse
 import os
 import sys
+import traceback
 import warnings
 
 # CompressAI wraps helpers in torch.jit.script, which PyTorch deprecates: a warning at
@@ -211,9 +212,23 @@ def _train(args) -> int:
     except BrokenPipeError as exc:
         if outputs_gone():  # the log's reader: run_main ends the run quietly
             raise
-        return report_error("train.py", exc)  # another pipe (a DataLoader worker's)
+        return _report(exc)  # another pipe (a DataLoader worker's)
     except REPORTED_ERRORS as exc:
-        return report_error("train.py", exc)
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    """Print ``exc`` as train.py's one-line error; the exit status.
+
+    An error re-raised from a DataLoader worker is in a reference cycle (PyTorch's
+    reraise frame holds it) that kept the loader's iterator alive: its workers were
+    left to the garbage collector, which may close the iterator's queues before
+    telling the workers to stop, or to the interpreter's exit, which waited for them
+    forever. Clearing the finished frames frees the iterator with the error, and
+    it stops its workers.
+    """
+    traceback.clear_frames(exc.__traceback__)
+    return report_error("train.py", exc)
 
 
 if __name__ == "__main__":
