@@ -23,8 +23,9 @@ allocating it; a PNG's checksums are verified. An image that is refused or fails
 decode is replaced by the next image of the folder (deterministically, so resumed
 runs still match), and the sample reports which indices it had to skip; the trainer
 warns once per such image and stops when their share exceeds a configured fraction.
-Images of 16-bit or wider samples are read by :func:`utils.image_io.read_image`'s
-rules, as evaluation reads them (PIL's own conversion clips them to white or black).
+Images are turned upright by their EXIF orientation, and images of 16-bit or wider
+samples read, by :func:`utils.image_io.read_image`'s rules, as evaluation reads them
+(PIL's own conversion keeps the orientation and clips such samples to white or black).
 """
 
 import io
@@ -39,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from utils.image_io import is_image_file, pil_reads_right, read_image
+from utils.image_io import is_image_file, pil_reads_right, read_image, upright_rgb
 
 __all__ = [
     "CropImageFolder",
@@ -58,7 +59,9 @@ class UnreadableImage(Exception):
 
 
 def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
-    """Decode ``path`` to an RGB ``PIL.Image``, or raise :class:`UnreadableImage`.
+    """Decode ``path`` to an RGB ``PIL.Image`` turned upright by its EXIF orientation,
+    as evaluation reads it (:func:`utils.image_io.read_image`), or raise
+    :class:`UnreadableImage`.
 
     The size is read from the header and checked against ``max_pixels`` (``None``:
     PIL's own decompression-bomb limit alone) before any pixel is decoded; PNG chunk
@@ -75,7 +78,7 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
                 if pil_reads_right(image, data):
-                    return image.convert("RGB")
+                    return upright_rgb(image)
         return _read_deep_samples(path)
     except (UnreadableImage, MemoryError):  # the machine's problem, not the file's
         raise

@@ -191,6 +191,30 @@ def test_deep_samples_are_read_for_training_as_for_evaluation(tmp_path):
         assert str(info.value).startswith(reason), info.value
 
 
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_training_crops_come_from_the_image_turned_upright_as_evaluation_reads_it(
+    tmp_path, suffix
+):
+    """A photo with an EXIF orientation was trained on lying on its side, while
+    evaluation, ACL training and 16-bit images were turned upright."""
+    from utils.image_io import read_image
+
+    (tmp_path / "test").mkdir()
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        photo.save(tmp_path / "test" / f"{orientation}.{suffix}", exif=exif)
+    folder = CropImageFolder(str(tmp_path), "test", 16, random_crop=False)
+    for index, path in enumerate(folder.samples):
+        upright, _ = read_image(str(path))
+        height, width = upright.shape[1:]
+        top, left = (height - 16) // 2, (width - 16) // 2
+        centre = upright[:, top : top + 16, left : left + 16].float() / 255
+        assert torch.equal(folder[index, 0][0], centre), path.name
+
+
 def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     broken = write_broken_images(tmp_path / "train")

@@ -213,6 +213,16 @@ def pil_reads_right(image: Image.Image, header: bytes) -> bool:
         return False
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (opened, one that :func:`pil_reads_right`) in RGB, turned as
+    :func:`read_image` turns it: by its EXIF orientation, under the same rules."""
+    rgb = image.convert("RGB")
+    turn, _ = _orientation(image)  # after decoding: a PNG's eXIf may follow the pixels
+    if turn == 1:
+        return rgb
+    return Image.fromarray(np.ascontiguousarray(_TURNS[turn](np.asarray(rgb))))
+
+
 def _check_is_file(path: str) -> None:
     """Refuse a ``path`` that is not a file, saying what it is instead."""
     if os.path.isfile(path):
