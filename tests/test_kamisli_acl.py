@@ -373,6 +373,25 @@ def test_a_broken_training_image_is_skipped_with_a_warning_and_too_many_stop_the
         run_acl(cfg, torch.device("cpu"), log.append)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_acl_run_with_no_usable_image_in_a_split_is_a_one_line_error(
+    tmp_path, split
+):
+    """With max_bad_fraction 1, a split of broken images left no image: the run
+    ended in a ZeroDivisionError traceback."""
+    cfg = config(tmp_path)
+    folder = os.path.join(cfg["train_data"]["data_path"], split)
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(b"not an image")
+    cfg["train_data"]["max_bad_fraction"] = 1.0
+    name = {"train": "train", "test": "val"}[split]
+    with pytest.raises(
+        RuntimeError, match=f"^none of the [0-9]+ {name} images in {folder} is usable"
+    ):
+        run_acl(cfg, torch.device("cpu"), lambda line: None)
+
+
 def test_an_acl_run_is_refused_in_a_folder_another_run_holds(tmp_path):
     from utils.training.run_lock import lock_experiment
 

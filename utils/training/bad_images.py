@@ -7,6 +7,7 @@ error once more than ``train_data.max_bad_fraction`` of a split has proved unusa
 a few broken files in a large folder are noise, many mean a wrong or damaged folder.
 """
 
+import os
 from typing import Callable, List, Optional, Sequence, Set
 
 from torch import Tensor
@@ -84,7 +85,8 @@ def usable_images(
     """The images of ``paths`` that decode, checked once up front (for the ACL
     runs, whose originals and context images must stay paired): one warning per
     unusable image, and a one-line error past ``max_fraction`` of them, as
-    :class:`UnusableImages`."""
+    :class:`UnusableImages`, or when none is usable (``max_fraction`` 1 allows them
+    all, and an epoch or a validation of no image would divide by zero)."""
     kept, unusable = [], 0
     for path in paths:
         try:
@@ -104,4 +106,9 @@ def usable_images(
                 ) from None
             continue
         kept.append(path)
+    if not kept:
+        raise RuntimeError(
+            f"none of the {len(paths)} {split} images in "
+            f"{os.path.dirname(paths[0])} is usable; repair the folder or add images"
+        )
     return kept
