@@ -118,6 +118,31 @@ def test_small_images_are_edge_padded_or_skipped(tmp_path):
     assert padded.samples[0] not in skipped.samples
 
 
+def test_the_run_says_which_split_lost_how_many_small_images(tmp_path):
+    """Both splits said "skipped 1 images smaller than 64 px", naming neither."""
+    from utils.training.config import load_config
+    from utils.training.distributed import DistContext
+    from utils.training.images import RunImages
+
+    data = make_image_folder(tmp_path / "data", n_train=3, n_test=3)
+    cfg = load_config(
+        write_train_config(
+            tmp_path, data, tmp_path / "exp", train_data={"small_images": "skip"}
+        )
+    )
+    lines = []
+    RunImages(
+        cfg.train_data,
+        cfg.train_params,
+        DistContext(0, 1, torch.device("cpu")),
+        lines.append,
+    )
+    assert lines == [
+        "skipped 1 training images smaller than 64 px",
+        "skipped 1 validation images smaller than 64 px",
+    ]
+
+
 def write_broken_images(folder):
     """Four unusable files: a truncated JPEG, text named .jpg, a PNG whose data chunk
     fails its checksum, and a 12000x12000 PNG (a few kB of zlib data)."""

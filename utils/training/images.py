@@ -42,18 +42,16 @@ class RunImages:
             )
             for split in ("train", "test")
         )
-        for dataset in (self.train_set, self.test_set):
+        splits = (("training", self.train_set), ("validation", self.test_set))
+        for name, dataset in splits:
             if dataset.skipped:
                 log(
-                    f"skipped {dataset.skipped} images smaller than "
+                    f"skipped {dataset.skipped} {name} images smaller than "
                     f"{params.crop_size} px"
                 )
         self.unusable = {
             name: UnusableImages(dataset, name, data.max_bad_fraction, log)
-            for name, dataset in (
-                ("training", self.train_set),
-                ("validation", self.test_set),
-            )
+            for name, dataset in splits
         }
         self.train_sampler, self.test_sampler = (
             EpochSampler(
