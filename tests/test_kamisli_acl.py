@@ -392,6 +392,25 @@ def test_an_acl_run_with_no_usable_image_in_a_split_is_a_one_line_error(
         run_acl(cfg, torch.device("cpu"), lambda line: None)
 
 
+def test_an_image_too_wide_to_read_is_left_out_of_an_acl_run_instead_of_ending_it(
+    tmp_path,
+):
+    """A 70000x1 image passed the check at the start, then read_image refused it
+    and the run stopped."""
+    from utils.training.bad_images import usable_images
+
+    cfg = config(tmp_path)
+    train = os.path.join(cfg["train_data"]["data_path"], "train")
+    Image.new("RGB", (70000, 1)).save(os.path.join(train, "wide.png"))
+    paths = sorted(glob.glob(os.path.join(train, "*.png")))
+    log = []
+    kept = usable_images(paths, "train", 0.25, None, log.append)
+    assert kept == [p for p in paths if not p.endswith("wide.png")]
+    assert len(log) == 1 and "a 70000x1 image does not fit" in log[0], log
+    for path in kept:
+        read_image(path)
+
+
 def test_an_acl_run_is_refused_in_a_folder_another_run_holds(tmp_path):
     from utils.training.run_lock import lock_experiment
 
