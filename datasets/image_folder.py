@@ -209,6 +209,11 @@ class CropImageFolder(Dataset):
                 image = open_rgb(self.samples[candidate], self.max_pixels)
                 break
             except UnreadableImage as exc:
+                if attempt + 1 == len(self):  # every image tried: do not count twice
+                    raise RuntimeError(
+                        f"none of the {len(self)} images can be used, the last "
+                        f"{self.samples[candidate]} ({exc}); check the image folder"
+                    ) from None
                 if attempt == REPLACEMENTS:
                     raise RuntimeError(
                         f"{REPLACEMENTS + 1} images in a row cannot be used, "

@@ -264,6 +264,20 @@ def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
         ds[(names.index("bad_crc.png"), 0)]
 
 
+def test_a_folder_with_fewer_images_than_replacements_says_none_can_be_used(tmp_path):
+    """Two unusable images were tried five times over and reported as '5 images in a
+    row cannot be used'."""
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (root / "train" / name).write_text("not an image")
+    ds = CropImageFolder(root, "train", 64, random_crop=False, max_pixels=64_000_000)
+    with pytest.raises(
+        RuntimeError, match=r"^none of the 2 images can be used, the last .*a\.png \("
+    ):
+        ds[(1, 0)]
+
+
 def test_skip_mode_sets_aside_unreadable_headers_while_listing(tmp_path):
     root = make_image_folder(tmp_path, n_train=3)
     write_broken_images(tmp_path / "train")
