@@ -86,6 +86,13 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
         raise
     except Image.UnidentifiedImageError:  # its message names a BytesIO, not the file
         raise UnreadableImage("not an image file of a format PIL reads") from None
+    except Image.DecompressionBombError:  # PIL's own limit, before the size is known
+        limit = (
+            f"train_data.max_image_pixels={max_pixels}"
+            if max_pixels is not None
+            else f"PIL's limit of {2 * Image.MAX_IMAGE_PIXELS}"
+        )
+        raise UnreadableImage(f"more pixels than {limit}") from None
     # Image plugins fail in many ways (OSError, SyntaxError, ValueError, zlib and
     # struct errors, DecompressionBombError): any of them means this file is unusable.
     except Exception as exc:

@@ -6,6 +6,8 @@ import (``from test_train_data import make_image_folder, write_train_config``).
 
 import io
 import os
+import struct
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -262,6 +264,37 @@ def test_an_unusable_image_is_replaced_by_the_next_and_reported(tmp_path):
         r".*zz\.jpg \(not an image file",
     ):
         ds[(names.index("bad_crc.png"), 0)]
+
+
+@pytest.mark.parametrize(
+    "max_pixels, limit",
+    [(64_000_000, "train_data.max_image_pixels=64000000"), (None, "PIL's limit of ")],
+)
+def test_an_image_past_pils_own_limit_is_named_by_the_setting_it_breaks(
+    tmp_path, max_pixels, limit
+):
+    """PIL refuses to open it before its size is read, in words of its own: 'could
+    be decompression bomb DOS attack'."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    with pytest.raises(UnreadableImage) as error:
+        open_rgb(path, max_pixels)
+    assert str(error.value).startswith(f"more pixels than {limit}")
 
 
 def test_a_folder_with_fewer_images_than_replacements_says_none_can_be_used(tmp_path):
