@@ -25,15 +25,26 @@ __all__ = ["GroupSafeDataLoader", "leave_process_group", "usable_workers"]
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
+# What a stop signal does to a worker: what it does to a Python program that sets no
+# handler. A forked worker inherits the trainer's handlers, which only set a flag
+# in the worker's copy of the trainer: PyTorch's SIGTERM to a worker it shuts down
+# would be swallowed.
+_WORKER_HANDLERS = {
+    signal.SIGINT: signal.default_int_handler,
+    signal.SIGTERM: signal.SIG_DFL,
+}
+
+
 def leave_process_group(worker_id: int) -> None:
     """``worker_init_fn`` of every training DataLoader: leave the main process's
     group, then discard the stop signals sent to the group meanwhile (ignoring a
-    pending signal discards it) and take them again as a worker normally does."""
+    pending signal discards it) and take them as a Python program with no handlers
+    of its own does (:data:`_WORKER_HANDLERS`), not as the trainer that forked it."""
     os.setpgid(0, 0)
     for stop in STOP_SIGNALS:
-        previous = signal.signal(stop, signal.SIG_IGN)
+        signal.signal(stop, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {stop})
-        signal.signal(stop, previous)
+        signal.signal(stop, _WORKER_HANDLERS[stop])
 
 
 class GroupSafeDataLoader(DataLoader):

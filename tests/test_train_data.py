@@ -7,6 +7,8 @@ import (``from test_train_data import make_image_folder, write_train_config``).
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from collections import Counter
 
@@ -477,13 +479,43 @@ def test_workers_beyond_the_cpus_are_not_started_and_the_run_says_so(
     assert not [w for w in recwarn if "worker" in str(w.message)]
 
 
+def _run_python(script: str) -> subprocess.CompletedProcess:
+    """``python -c script`` in a fresh process at the repository's root: the worker
+    tests fork, which a pytest process with threads must not."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_worker_stops_at_sigterm_whatever_handler_the_trainer_had():
+    """Workers inherited the trainer's SIGTERM handler, which only sets a flag: the
+    SIGTERM PyTorch sends a worker it shuts down was swallowed."""
+    script = (
+        "import os, signal, time\n"
+        "from datasets.workers import leave_process_group\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    leave_process_group(0)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "    os._exit(3)\n"
+        "_, status = os.waitpid(child, 0)\n"
+        "print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)\n"
+    )
+    done = _run_python(script)
+    assert done.stdout == "True\n", done.stderr
+
+
 def test_a_worker_started_as_the_group_was_signalled_drops_the_signal_and_lives():
     """A stop signal sent to the process group while a DataLoader worker was still in
     it killed the worker (and the run, without a checkpoint). GroupSafeDataLoader
     starts workers with the signals blocked; leaving the group discards them."""
-    import subprocess
-    import sys
-
     # A forked child has one thread, as a DataLoader worker has when it starts, so
     # the blocked signal waits for it instead of going to another thread.
     script = (
@@ -501,12 +533,5 @@ def test_a_worker_started_as_the_group_was_signalled_drops_the_signal_and_lives(
         "_, status = os.waitpid(child, 0)\n"
         "print('alive' if status == 0 else f'status {status}')\n"
     )
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run_python(script)
     assert done.returncode == 0 and done.stdout == "alive\n", done.stderr
