@@ -96,8 +96,10 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
     # Image plugins fail in many ways (OSError, SyntaxError, ValueError, zlib and
     # struct errors, DecompressionBombError): any of them means this file is unusable.
     except Exception as exc:
-        text = " ".join(str(exc).split()) or "no details"
-        raise UnreadableImage(f"{type(exc).__name__}: {text}") from None
+        # The OS names the file in its message; the warning names it once already.
+        named = isinstance(exc, OSError) and exc.filename is not None
+        text = exc.strerror if named else " ".join(str(exc).split())
+        raise UnreadableImage(f"{type(exc).__name__}: {text or 'no details'}") from None
 
 
 def _read_deep_samples(path) -> Image.Image:

@@ -299,6 +299,14 @@ def test_an_image_past_pils_own_limit_is_named_by_the_setting_it_breaks(
     assert str(error.value).startswith(f"more pixels than {limit}")
 
 
+def test_an_image_gone_since_listing_is_named_once(tmp_path):
+    """The OS's message repeated the path the warning already names."""
+    path = tmp_path / "gone.png"
+    with pytest.raises(UnreadableImage) as error:
+        open_rgb(path)
+    assert str(error.value) == "FileNotFoundError: No such file or directory"
+
+
 def test_a_folder_with_fewer_images_than_replacements_says_none_can_be_used(tmp_path):
     """Two unusable images were tried five times over and reported as '5 images in a
     row cannot be used'."""
