@@ -209,26 +209,20 @@ def _train(args) -> int:
             return status
         finally:
             distributed.cleanup()
-    except BrokenPipeError as exc:
-        if outputs_gone():  # the log's reader: run_main ends the run quietly
-            raise
-        return _report(exc)  # another pipe (a DataLoader worker's)
-    except REPORTED_ERRORS as exc:
-        return _report(exc)
-
-
-def _report(exc: BaseException) -> int:
-    """Print ``exc`` as train.py's one-line error; the exit status.
-
-    An error re-raised from a DataLoader worker is in a reference cycle (PyTorch's
-    reraise frame holds it) that kept the loader's iterator alive: its workers were
-    left to the garbage collector, which may close the iterator's queues before
-    telling the workers to stop, or to the interpreter's exit, which waited for them
-    forever. Clearing the finished frames frees the iterator with the error, and
-    it stops its workers.
-    """
-    traceback.clear_frames(exc.__traceback__)
-    return report_error("train.py", exc)
+    except BaseException as exc:
+        # An error re-raised from a DataLoader worker is in a reference cycle
+        # (PyTorch's reraise frame holds it) that kept the loader's iterator alive:
+        # its workers were left to the garbage collector, which may close the
+        # iterator's queues before telling the workers to stop, or to the
+        # interpreter's exit, which waited for them forever. Clearing the finished
+        # frames (their locals; a traceback still prints) frees the iterator, and it
+        # stops its workers, whatever the error.
+        traceback.clear_frames(exc.__traceback__)
+        if isinstance(exc, BrokenPipeError) and outputs_gone():
+            raise  # the log's reader left: run_main ends the run quietly
+        if isinstance(exc, REPORTED_ERRORS):  # a broken pipe here is a worker's
+            return report_error("train.py", exc)
+        raise
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Every run uses a tiny CPS (N=8), 64x64 crops of a few synthetic images in
 
 import io
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -696,8 +697,6 @@ def test_a_run_stopped_for_bad_images_before_its_first_step_leaves_no_folder(
 
 def test_a_worker_error_is_one_line_and_leaves_no_worker_running(tmp_path, capsys):
     """Workers left running made the process wait for them at exit: it hung."""
-    import multiprocessing
-
     data = make_image_folder(tmp_path / "data", n_train=1)
     for i in range(5):
         (tmp_path / "data" / "train" / f"x{i}.jpg").write_bytes(b"")
@@ -713,6 +712,25 @@ def test_a_worker_error_is_one_line_and_leaves_no_worker_running(tmp_path, capsy
     assert errors[0].startswith(
         "train.py: error: 5 images in a row cannot be used, the last "
     )
+    assert multiprocessing.active_children() == []
+
+
+def test_a_bug_raised_in_a_worker_leaves_no_worker_running(
+    tmp_path, train_images, monkeypatch
+):
+    """Only the reported errors freed the loader's iterator: a worker's TypeError (a
+    bug in cropping or collating) printed its traceback, then hung at exit."""
+    import datasets.image_folder
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the crop")
+
+    monkeypatch.setattr(datasets.image_folder, "open_rgb", broken)  # forked workers
+    cfg = write_train_config(
+        tmp_path, train_images, tmp_path / "exp", train_data={"num_workers": 1}
+    )
+    with pytest.raises(TypeError, match="a bug in the crop"):
+        train.main(["--config", cfg])
     assert multiprocessing.active_children() == []
 
 
