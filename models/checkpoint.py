@@ -92,13 +92,14 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
     return state_dict
 
 
-def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]):
     """Load ``state_dict`` into ``model``, tolerating only absent entropy tables.
 
     Tables of a different size are resized by CompressAI's ``load_state_dict``;
     missing or empty ones are recomputed with ``update(force=True)``. Any other
     missing, unexpected or mis-shaped entry, or one of a dtype that cannot hold the
     model's values (:func:`~models.weight_checks.check_dtypes`), raises ``ValueError``.
+    Returns what PyTorch's ``load_state_dict`` returns (the absent tables, if any).
     """
     check_buildable(state_dict)
     expected = model.state_dict()
@@ -138,12 +139,13 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     if tables_present:
         # CompressAI's, which resizes the tables; a zoo model's own load_state_dict
         # comes here.
-        CompressionModel.load_state_dict(model, dict(state_dict), strict=True)
+        loaded = CompressionModel.load_state_dict(model, dict(state_dict), strict=True)
     else:
         weights = {k: v for k, v in state_dict.items() if not is_entropy_table(k)}
-        nn.Module.load_state_dict(model, weights, strict=False)
+        loaded = nn.Module.load_state_dict(model, weights, strict=False)
         model.update(force=True)
     validate_loaded_model(model)
+    return loaded
 
 
 def _plain(value):

@@ -28,7 +28,10 @@ from typing import Dict, Tuple, Type
 
 import torch
 import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import MaskedConv2d
+from compressai.models import CompressionModel
+from compressai.models.utils import remap_old_keys
 from compressai.ops import compute_padding
 from compressai.zoo.image import model_architectures
 from compressai.zoo.image_vbr import model_architectures as vbr_architectures
@@ -75,9 +78,17 @@ class ZooCodec(LearnedCodec):
         :func:`models.checkpoint.load_state_dict_into`, as every other architecture's:
         one line naming the missing, unexpected or mis-shaped entries instead of
         PyTorch's list of them, and weights refused when non-finite or of a dtype that
-        cannot hold them, which CompressAI's own load casts and keeps."""
-        if not strict or assign:
-            return super().load_state_dict(state_dict, strict, assign)
+        cannot hold them, which CompressAI's own load casts and keeps. The entropy
+        bottlenecks' names of CompressAI before 1.2 (``_matrix0``) are renamed first,
+        as CompressAI's own load does. Other loads are CompressAI's (or, to assign
+        the tensors, PyTorch's)."""
+        for name, module in self.named_modules():
+            if isinstance(module, EntropyBottleneck):
+                state_dict = remap_old_keys(name, state_dict)
+        if assign:
+            return nn.Module.load_state_dict(self, state_dict, strict, assign)
+        if not strict:
+            return CompressionModel.load_state_dict(self, state_dict, strict)
         return load_state_dict_into(self, state_dict)
 
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:

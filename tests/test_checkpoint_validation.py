@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import models
+from models.weight_checks import is_entropy_table
 
 
 def _saved(tmp_path, state_dict, **extra):
@@ -260,3 +261,33 @@ def test_zoo_weights_given_to_another_zoo_architecture_name_the_entries_that_dif
         "unexpected 9 keys (e.g. entropy_parameters.0.weight); 4 shape mismatches "
         "(e.g. h_s.2.weight (8, 12, 5, 5) vs (8, 8, 5, 5))"
     )
+
+
+def test_zoo_weights_with_compressai_1_1_entropy_bottleneck_names_load(tmp_path):
+    """CompressAI before 1.2 named them _matrix0, _bias0, _factor0; its own load
+    renames them, and the checked load refused them as unexpected keys."""
+    state = _zoo_weights("bmshj2018-factorized")
+    old_names = {"matrices.": "_matrix", "biases.": "_bias", "factors.": "_factor"}
+    renamed = {}
+    for key, value in state.items():
+        for new, old in old_names.items():
+            key = key.replace(f"entropy_bottleneck.{new}", f"entropy_bottleneck.{old}")
+        renamed[key] = value
+    assert "entropy_bottleneck._matrix0" in renamed
+    path = _saved(tmp_path, renamed, architecture="bmshj2018-factorized")
+    model = models.load_checkpoint(path, "cpu")
+    for key, value in state.items():
+        if not is_entropy_table(key):  # rebuilt by update()
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_zoo_model_loads_non_strictly_as_pytorch_models_do():
+    """The checked load took CompressAI's signature, which has no assign: a
+    non-strict load raised a TypeError."""
+    model = models.get_model_class("bmshj2018-factorized").zoo_class(N=8, M=8)
+    zoo = models.build_model("bmshj2018-factorized", N=8, M=8)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("g_a")}
+    result = zoo.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == [] and "g_s.0.weight" in result.missing_keys
+    zoo.load_state_dict(model.state_dict(), assign=True)
+    assert torch.equal(zoo.g_a[0].weight, model.g_a[0].weight)
