@@ -82,12 +82,12 @@ def _non_finite(name: str) -> ValueError:
 
 
 # The most symbols one entropy-bottleneck channel may span between its lower and
-# upper quantile. Trained models span tens (the published CPS files: at most 21).
-# update() builds the tables with CompressAI's pmf_to_quantized_cdf, which searches
-# the whole row for every symbol left without frequency: 4096 symbols take about
-# 0.01 s a channel, 2**16 (the most a 16-bit rANS table can give a frequency) about
-# 2 s, and a wider span cannot be tabulated at all (or exhausts the memory first).
-MAX_QUANTILE_SYMBOLS = 1 << 12
+# upper quantile: 2**16, the most CompressAI's 16-bit rANS tables can give a
+# frequency. A wider span cannot be tabulated at all, and update() would build rows
+# that wide first (20 GB and many minutes for quantiles 1e7 apart). Trained models
+# span tens (the published CPS files: at most 21); building the tables with
+# pmf_to_quantized_cdf takes about 0.01 s a channel at 4096 symbols, 2 s at 2**16.
+MAX_QUANTILE_SYMBOLS = 1 << 16
 
 
 def _check_quantile_span(name: str, quantiles: Tensor) -> None:
@@ -106,8 +106,8 @@ def _check_quantile_span(name: str, quantiles: Tensor) -> None:
         raise ValueError(
             f"checkpoint entry {name} spans {float(symbols[channel]):.6g} symbols in "
             f"channel {channel} (quantiles {quantiles[channel, 0].tolist()}), more "
-            f"than the {MAX_QUANTILE_SYMBOLS} an entropy table is built for: the "
-            "weights are unusable, e.g. from a diverged training run"
+            f"than the {MAX_QUANTILE_SYMBOLS} a 16-bit entropy table can hold: no "
+            "table can be built for it (a damaged file, or a diverged training run)"
         )
 
 
