@@ -218,9 +218,8 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     :func:`read_image` turns it: by its EXIF orientation, under the same rules."""
     rgb = image.convert("RGB")
     turn, _ = _orientation(image)  # after decoding: a PNG's eXIf may follow the pixels
-    if turn == 1:
-        return rgb
-    return Image.fromarray(np.ascontiguousarray(_TURNS[turn](np.asarray(rgb))))
+    # PIL's own transpose: one copy, where the arrays of _TURNS take three.
+    return rgb if turn == 1 else rgb.transpose(_PIL_TURNS[turn])
 
 
 def _check_is_file(path: str) -> None:
@@ -358,6 +357,18 @@ _TURNS = {
     6: lambda a: np.rot90(a, -1),
     7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
     8: lambda a: np.rot90(a),
+}
+
+
+# _TURNS as PIL's transpositions (PIL's rotations are counter-clockwise).
+_PIL_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
 }
 
 
