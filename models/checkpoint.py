@@ -69,18 +69,20 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
                 f"not a state dict: its {key!r} entry is a "
                 f"{type(checkpoint[key]).__name__}, not a dict of tensors"
             )
-    state_dict = {}
+    # A nested dict first, wherever it is: the likely weights, beside an "epoch".
     for name, value in checkpoint.items():
-        if not isinstance(name, str):
-            raise ValueError(
-                f"not a state dict: key {name!r} is not a parameter name string"
-            )
         if isinstance(value, Mapping):
             entries = ", ".join(map(repr, _WRAPPERS))
             raise ValueError(
                 f"not a state dict: entry {name!r} is a dict, not a tensor (weights "
                 f"are read from the top level or from one of the entries {entries}); "
                 f"if {name!r} holds them, save that dict alone with torch.save"
+            )
+    state_dict = {}
+    for name, value in checkpoint.items():
+        if not isinstance(name, str):
+            raise ValueError(
+                f"not a state dict: key {name!r} is not a parameter name string"
             )
         if not isinstance(value, Tensor):
             raise ValueError(

@@ -240,12 +240,15 @@ def test_running_the_model_never_changes_its_weights(tiny_cps):
     assert all(torch.equal(before[k], v) for k, v in tiny_cps.state_dict().items())
 
 
+@pytest.mark.parametrize("epoch_first", [False, True])
 @pytest.mark.parametrize("wrapper", ["net", "ema", "state_dict_ema"])
 def test_weights_nested_under_an_unknown_entry_name_it_and_the_fix(
-    tmp_path, tiny_cps, wrapper
+    tmp_path, tiny_cps, wrapper, epoch_first
 ):
+    # With "epoch" first the line was "entry 'epoch' is not a tensor (int)".
     path = tmp_path / "wrapped.pth"
-    torch.save({wrapper: tiny_cps.state_dict(), "epoch": 3}, path)
+    entries = [(wrapper, tiny_cps.state_dict()), ("epoch", 3)]
+    torch.save(dict(entries[::-1] if epoch_first else entries), path)
     with pytest.raises(ValueError) as caught:
         models.load_checkpoint(str(path), "cpu")
     assert str(caught.value) == (
