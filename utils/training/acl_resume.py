@@ -75,8 +75,8 @@ def resume_acl(run, path: str, checkpoint: dict, state: ACLState):
         ``(state, optimizer, scheduler)``.
     """
     check_not_behind(path, run.exp, checkpoint["epoch"], "epoch")
-    weights = with_configured_state(run.model, unwrap_state_dict(checkpoint))
     try:
+        weights = with_configured_state(run.model, unwrap_state_dict(checkpoint))
         load_state_dict_into(run.model, weights)
     except ValueError as exc:
         raise ValueError(f"cannot resume from {path}: {exc}") from None
