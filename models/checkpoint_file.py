@@ -128,6 +128,12 @@ def read_checkpoint_file(path: str) -> dict:
                 f"cannot read checkpoint {path}: not a PyTorch checkpoint "
                 "(neither a torch.save zip archive nor a pickle)"
             )
+        cut_short = len(start) < len(_LEGACY_STARTS[0])
+        if cut_short and any(legacy.startswith(start) for legacy in _LEGACY_STARTS):
+            raise ValueError(  # not even the start of a legacy file's first pickle
+                f"cannot read checkpoint {path}: the file is truncated (a legacy "
+                f"torch.save file of {len(start)} bytes)"
+            )
         if not is_zip and not start.startswith(_LEGACY_STARTS):
             raise ValueError(
                 f"cannot read checkpoint {path}: not a PyTorch checkpoint that loads "

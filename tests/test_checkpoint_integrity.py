@@ -377,3 +377,19 @@ def test_a_legacy_checkpoint_loads_without_a_warning_where_torch_load_can_read_i
             return
         model = models.load_checkpoint(str(path), "cpu")
     assert torch.equal(model.h_s[2].bias, tiny_cps.h_s[2].bias)
+
+
+@pytest.mark.parametrize("length", [1, 5, 13])
+def test_a_legacy_checkpoint_cut_inside_its_first_bytes_is_called_truncated(
+    tmp_path, tiny_cps, length
+):
+    """It was called a pickle torch.save did not write, to be loaded in trusted
+    Python."""
+    path = tmp_path / "legacy.pth"
+    torch.save(tiny_cps.state_dict(), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:length])
+    with pytest.raises(ValueError) as error:
+        models.load_checkpoint(str(path), "cpu")
+    assert str(error.value).endswith(
+        f"the file is truncated (a legacy torch.save file of {length} bytes)"
+    )
