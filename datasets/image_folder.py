@@ -42,7 +42,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from utils.coding.container import check_size
-from utils.image_io import is_image_file, pil_reads_right, read_image, upright_rgb
+from utils.image_io import is_image_file, pil_reads_right, read_image
+from utils.orientation import upright_rgb
 
 __all__ = [
     "CropImageFolder",

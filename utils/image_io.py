@@ -26,7 +26,6 @@ decoding, and the memory budget, which callers check against
 import io
 import os
 import re
-import reprlib
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from utils.atomic import atomic_write_bytes
 from utils.coding.container import check_size
+from utils.orientation import ARRAY_TURNS, exif_orientation
 from utils.png16 import (
     PNG_HEADER_BYTES,
     check_png16_data,
@@ -213,15 +213,6 @@ def pil_reads_right(image: Image.Image, header: bytes) -> bool:
         return False
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """``image`` (opened, one that :func:`pil_reads_right`) in RGB, turned as
-    :func:`read_image` turns it: by its EXIF orientation, under the same rules."""
-    rgb = image.convert("RGB")
-    turn, _ = _orientation(image)  # after decoding: a PNG's eXIf may follow the pixels
-    # PIL's own transpose: one copy, where the arrays of _TURNS take three.
-    return rgb if turn == 1 else rgb.transpose(_PIL_TURNS[turn])
-
-
 def _check_is_file(path: str) -> None:
     """Refuse a ``path`` that is not a file, saying what it is instead."""
     if os.path.isfile(path):
@@ -346,47 +337,6 @@ def _pil_samples(image: Image.Image) -> _Samples:
     return np.asarray(image.convert("RGB")), mode, False, notes
 
 
-_EXIF_ORIENTATION = 0x0112
-# EXIF orientations 2 to 8 as what turns (H, W, ...) samples upright, as
-# PIL.ImageOps.exif_transpose does, but on views of the array.
-_TURNS = {
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
-    8: lambda a: np.rot90(a),
-}
-
-
-# _TURNS as PIL's transpositions (PIL's rotations are counter-clockwise).
-_PIL_TURNS = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _orientation(opened: Image.Image) -> Tuple[int, List[str]]:
-    """The EXIF orientation to apply (1: none) and the note that says so."""
-    try:
-        value = opened.getexif().get(_EXIF_ORIENTATION, 1)
-    except MemoryError:
-        raise
-    except Exception:  # PIL's EXIF parser fails in many ways on damaged data
-        return 1, ["EXIF data unreadable, so its orientation was ignored"]
-    if type(value) is int and value in _TURNS:
-        return value, ["rotated or flipped as its EXIF orientation says"]
-    if value == 1:
-        return 1, []
-    return 1, [f"EXIF orientation {reprlib.repr(value)} is not 1 to 8, so ignored"]
-
-
 def _decode(path: str) -> Tuple[np.ndarray, ImageInfo, int]:
     """(H, W[, 3]) uint8 samples, what was found and changed, and the orientation."""
     with open(path, "rb") as handle:
@@ -401,7 +351,7 @@ def _decode(path: str) -> Tuple[np.ndarray, ImageInfo, int]:
             array, mode, gray, found = _tiff16_samples(path)
         else:
             array, mode, gray, found = _pil_samples(opened)
-        turn, turned = _orientation(opened)
+        turn, turned = exif_orientation(opened)
     return array, ImageInfo(mode, gray, notes + turned + found), turn
 
 
@@ -417,7 +367,7 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {_reason(exc)}") from None
     if turn != 1:
-        array = _TURNS[turn](array)
+        array = ARRAY_TURNS[turn](array)
     if array.ndim == 2:
         array = np.broadcast_to(array[:, :, None], (*array.shape, 3))
     # One copy, straight from the (H, W, 3) array to a writable (3, H, W) tensor (a
