@@ -45,7 +45,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -113,9 +113,9 @@ def run_settings(args: argparse.Namespace) -> Dict[str, object]:
     }
 
 
-def previous_results(path: str, settings: Dict[str, object]) -> List[Dict[str, object]]:
-    """The entries of the memory_scaling results file ``path`` that ``--update``
-    keeps, checked before any run so that the merge at the end cannot fail.
+def previous_results(path: str, settings: Dict[str, object]) -> Dict[str, object]:
+    """The memory_scaling results file ``path`` whose entries ``--update`` keeps,
+    checked before any run so that the merge at the end cannot fail.
 
     Raises:
         ValueError: ``path`` cannot be read, is not JSON, is not a memory_scaling
@@ -152,7 +152,7 @@ def previous_results(path: str, settings: Dict[str, object]) -> List[Dict[str, o
                 f"{path}: an entry without a known method, an image and its "
                 f"megapixels: {json.dumps(entry)[:80]}"
             )
-    return document["results"]
+    return document
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -234,12 +234,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             f"-o/--output: its figure {figure_path(args.output)} is a folder; "
             "remove it or give another -o"
         )
-    args.previous = None
+    args.previous, args.previous_authors = None, {}
     if args.update and os.path.exists(args.output):
         try:
-            args.previous = previous_results(args.output, run_settings(args))
+            previous = previous_results(args.output, run_settings(args))
         except ValueError as exc:
             parser.error(f"--update: {exc}")
+        args.previous = previous["results"]
+        # The authors' runs it keeps, when this run does not measure them again.
+        args.previous_authors = {
+            key: previous.get(key) for key in ("authors_repo", "authors_patch_size")
+        }
     return args
 
 
@@ -330,15 +335,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if any(entry["method"] == method for entry in entries)
     ]
     table = format_table(entries, methods)
+    # Authors' entries kept by --update keep the settings they were measured with.
+    authors = {} if args.authors_repo else args.previous_authors
+    has_authors = AUTHORS in methods
     document = {
         "benchmark": "memory_scaling",
         **run_settings(args),
         "max_memory": args.max_memory,
         "machine": machine_info(),
         "authors_repo": args.authors_repo,
-        "authors_ratios": authors_ratios(entries)
-        if args.authors_repo
-        else NOT_MEASURED,
+        **(authors if has_authors else {}),
+        "authors_ratios": authors_ratios(entries) if has_authors else NOT_MEASURED,
         "results": entries,
         "table": table,
     }

@@ -658,6 +658,30 @@ def test_memory_scaling_update_keeps_the_published_entries():
         assert args.previous == json.load(handle)["results"]
 
 
+def test_memory_scaling_update_without_the_authors_keeps_their_settings(
+    tmp_path, monkeypatch
+):
+    """The authors' entries were kept but the file said authors_repo null and their
+    ratios "not measured": it held runs it did not describe."""
+    published = os.path.join(RESULTS_DIR, "memory_scaling_authors.json")
+    with open(published) as handle:
+        before = json.load(handle)
+    output = tmp_path / "update.json"
+    output.write_text(json.dumps(before))
+    kept = [e for e in before["results"] if e["method"] == "cps-budget"][0]
+    size = kept["image"]
+    monkeypatch.setattr(memory_scaling, "measure", lambda *_args: dict(kept))
+    monkeypatch.setattr(memory_scaling, "plot", lambda *_args: None)
+    budget = f"{before['budget_mb']:g}MB"
+    argv = ["--update", "--methods", "cps-budget", "--sizes", size]
+    argv += ["--max-memory", budget, "-o", str(output)]
+    assert memory_scaling.main(argv) == 0
+    after = json.loads(output.read_text())
+    assert after["authors_repo"] == before["authors_repo"] is not None
+    assert after["authors_patch_size"] == before["authors_patch_size"]
+    assert after["authors_ratios"] == before["authors_ratios"]
+
+
 def test_memory_scaling_with_a_wrong_authors_folder_stops_before_the_run(
     tmp_path, capsys, monkeypatch
 ):
