@@ -129,13 +129,16 @@ def test_a_weight_on_the_meta_device_is_refused_naming_it_and_the_file(
 
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
 def test_a_sparse_weight_is_refused_naming_it(tmp_path, tiny_cps):
+    # ... in one line, without PyTorch's warning about validating it above.
     state = dict(tiny_cps.state_dict())
     state["h_s.2.weight"] = state["h_s.2.weight"].to_sparse()
     path = _save(tmp_path / "sparse.pth", state)
-    with pytest.raises(
-        ValueError, match="entry h_s.2.weight is stored as torch.sparse_"
-    ):
-        models.load_checkpoint(str(path), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            ValueError, match="entry h_s.2.weight is stored as torch.sparse_"
+        ):
+            models.load_checkpoint(str(path), "cpu")
 
 
 def _zip_of(tmp_path, *names):
