@@ -18,12 +18,11 @@ A large image folder usually holds a few broken files (a truncated download, an
 HTML page saved as ``.jpg``, a PNG with a bad checksum) and sometimes a huge one.
 None of them may crash a run hours in, inside a DataLoader worker. An image is
 therefore checked before it is decoded: its header gives the size, and one above
-``max_pixels`` (a decompression bomb, a 12000x12000 scan), or with a side the
-.cps/.cpsl formats cannot hold, is refused without allocating it; a PNG's checksums
-are verified. An image that is refused or fails to decode is replaced by the next
-image of the folder (deterministically, so resumed runs still match), and the sample
-reports which indices it had to skip; the trainer warns once per such image and
-stops when their share exceeds a configured fraction.
+``max_pixels`` (a decompression bomb, a 12000x12000 scan) is refused without
+allocating it; a PNG's checksums are verified. An image that is refused or fails to
+decode is replaced by the next image of the folder (deterministically, so resumed
+runs still match), and the sample reports which indices it had to skip; the trainer
+warns once per such image and stops when their share exceeds a configured fraction.
 Images are turned upright by their EXIF orientation, and images of 16-bit or wider
 samples read, by :func:`utils.image_io.read_image`'s rules, as evaluation reads them
 (PIL's own conversion keeps the orientation and clips such samples to white or black).
@@ -41,7 +40,6 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from utils.coding.container import check_size
 from utils.image_io import is_image_file, pil_reads_right, read_image
 from utils.orientation import upright_rgb
 
@@ -266,10 +264,6 @@ def _image_size(path: Path, max_pixels: Optional[int]) -> Sequence[int]:
 
 
 def _check_pixels(size: Sequence[int], max_pixels: Optional[int]) -> None:
-    try:  # the sides read_image takes: ACL training and evaluation read by it
-        check_size(size[1], size[0])
-    except ValueError as exc:
-        raise UnreadableImage(str(exc)) from None
     if max_pixels is not None and size[0] * size[1] > max_pixels:
         raise UnreadableImage(
             f"{size[0]}x{size[1]} pixels is more than "

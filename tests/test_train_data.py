@@ -299,6 +299,14 @@ def test_an_image_past_pils_own_limit_is_named_by_the_setting_it_breaks(
     assert str(error.value).startswith(f"more pixels than {limit}")
 
 
+def test_a_panorama_wider_than_the_cps_format_still_gives_training_crops(tmp_path):
+    """Open-loop training only crops an image: a side over 65535 pixels, which no
+    .cps file holds, is no reason to skip it (ACL, which reads images whole, does)."""
+    Image.new("RGB", (70000, 20), (10, 20, 30)).save(tmp_path / "wide.png")
+    with open_rgb(tmp_path / "wide.png") as image:
+        assert image.size == (70000, 20)
+
+
 def test_an_image_gone_since_listing_is_named_once(tmp_path):
     """The OS's message repeated the path the warning already names."""
     path = tmp_path / "gone.png"
