@@ -495,59 +495,65 @@ def test_workers_beyond_the_cpus_are_not_started_and_the_run_says_so(
     assert not [w for w in recwarn if "worker" in str(w.message)]
 
 
-def _run_python(script: str) -> subprocess.CompletedProcess:
-    """``python -c script`` in a fresh process at the repository's root: the worker
-    tests fork, which a pytest process with threads must not."""
+# Both worker checks in one fresh process (importing PyTorch there takes seconds):
+# the worker tests fork, which a pytest process with threads must not. A forked
+# child has one thread, as a DataLoader worker has when it starts, so a blocked
+# signal waits for it instead of going to another thread.
+_WORKER_SIGNALS = """
+import os, signal, time
+from datasets.workers import STOP_SIGNALS, leave_process_group
+
+# A stop signal sent to the group while the worker starts: dropped.
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+child = os.fork()
+if child == 0:
+    os.kill(os.getpid(), signal.SIGTERM)  # pending, as in a new worker
+    leave_process_group(0)
+    own_group = os.getpgid(0) == os.getpid()
+    unblocked = not signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    os._exit(0 if own_group and unblocked else 3)
+_, status = os.waitpid(child, 0)
+print("alive" if status == 0 else f"status {status}")
+signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+# PyTorch's SIGTERM to a worker it shuts down, under the trainer's handler.
+signal.signal(signal.SIGTERM, lambda *_: None)
+child = os.fork()
+if child == 0:
+    leave_process_group(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    os._exit(3)
+_, status = os.waitpid(child, 0)
+print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+"""
+
+
+@pytest.fixture(scope="module")
+def worker_signals():
+    """The lines the worker-signal script prints, one per check."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run(
-        [sys.executable, "-c", script],
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER_SIGNALS],
         cwd=repo,
         capture_output=True,
         text=True,
         timeout=60,
     )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
 
 
-def test_a_worker_stops_at_sigterm_whatever_handler_the_trainer_had():
+def test_a_worker_stops_at_sigterm_whatever_handler_the_trainer_had(worker_signals):
     """Workers inherited the trainer's SIGTERM handler, which only sets a flag: the
     SIGTERM PyTorch sends a worker it shuts down was swallowed."""
-    script = (
-        "import os, signal, time\n"
-        "from datasets.workers import leave_process_group\n"
-        "signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's\n"
-        "child = os.fork()\n"
-        "if child == 0:\n"
-        "    leave_process_group(0)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(5)\n"
-        "    os._exit(3)\n"
-        "_, status = os.waitpid(child, 0)\n"
-        "print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)\n"
-    )
-    done = _run_python(script)
-    assert done.stdout == "True\n", done.stderr
+    assert worker_signals[1] == "True"
 
 
-def test_a_worker_started_as_the_group_was_signalled_drops_the_signal_and_lives():
+def test_a_worker_started_as_the_group_was_signalled_drops_the_signal_and_lives(
+    worker_signals,
+):
     """A stop signal sent to the process group while a DataLoader worker was still in
     it killed the worker (and the run, without a checkpoint). GroupSafeDataLoader
     starts workers with the signals blocked; leaving the group discards them."""
-    # A forked child has one thread, as a DataLoader worker has when it starts, so
-    # the blocked signal waits for it instead of going to another thread.
-    script = (
-        "import os, signal, sys\n"
-        "from datasets.workers import STOP_SIGNALS, leave_process_group\n"
-        "signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)\n"
-        "child = os.fork()\n"
-        "if child == 0:\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)  # pending, as in a new worker\n"
-        "    leave_process_group(0)\n"
-        "    own_group = os.getpgid(0) == os.getpid()\n"
-        "    unblocked = not signal.pthread_sigmask(signal.SIG_BLOCK, set())\n"
-        "    default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\n"
-        "    os._exit(0 if own_group and unblocked and default else 3)\n"
-        "_, status = os.waitpid(child, 0)\n"
-        "print('alive' if status == 0 else f'status {status}')\n"
-    )
-    done = _run_python(script)
-    assert done.returncode == 0 and done.stdout == "alive\n", done.stderr
+    assert worker_signals[0] == "alive"
