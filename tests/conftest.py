@@ -1,14 +1,32 @@
 """Shared fixtures: tiny models and synthetic images, so the suite needs no data."""
 
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import models
+
+
+def run_python(
+    code: str, timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh process at the repository's root, its output
+    captured as text: for what a test must not do in its own process (fork while
+    threads run, import a module afresh, exit)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
 
 
 @pytest.fixture

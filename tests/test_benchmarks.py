@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import run_python
 from PIL import Image
 
 from benchmarks import codec_speed, memory_scaling, memory_scaling_report
@@ -997,15 +998,6 @@ def test_memory_scaling_refuses_an_output_whose_figure_name_is_a_folder(
 def test_the_startup_benchmark_imports_pytorch_only_once_it_has_measured():
     """results_io imported utils.device, and with it PyTorch, at the top, so the
     parent of the timed processes held PyTorch's memory and threads while they ran."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, benchmarks.startup; print('torch' in sys.modules)",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(RESULTS_DIR).rsplit(os.sep, 1)[0],
-        timeout=60,
-    )
+    code = "import sys, benchmarks.startup; print('torch' in sys.modules)"
+    done = run_python(code, timeout=60)
     assert done.stdout.strip() == "False", done.stderr

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import noisy_photos, save_model_checkpoint
+from conftest import noisy_photos, run_python, save_model_checkpoint
 from PIL import Image
 
 import codec
@@ -197,13 +197,7 @@ def test_warnings_are_printed_as_one_line_without_python_source():
         "    return 0\n"
         "sys.exit(run_main(work, 'test.py'))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python(script, timeout=60)
     assert (
         done.returncode == 0 and done.stderr == "warning: MS-SSIM needs larger images\n"
     )
@@ -335,13 +329,7 @@ def test_help_and_argument_errors_come_back_before_pytorch_is_imported(script, a
         "        pass\n"
         "print('torch' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = run_python(probe, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
@@ -487,13 +475,7 @@ def test_train_py_reports_config_errors_before_pytorch_is_imported():
         "                     '--set', 'train_params.N=5000'])\n"
         "print(status, 'torch' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = run_python(probe, check=True)
     assert result.stdout.split() == ["1", "False"]
     assert "train_params.N" in result.stderr
 

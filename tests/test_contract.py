@@ -15,6 +15,7 @@ from compressai.utils.eval_model.__main__ import eval_model
 from compressai.utils.eval_model.__main__ import (
     load_checkpoint as eval_model_checkpoint,
 )
+from conftest import run_python
 from PIL import Image
 
 import codec
@@ -71,13 +72,7 @@ def test_the_registry_is_the_same_when_compressais_eval_model_is_imported_first(
         "import models\n"
         "print(sorted({cls.registry_name for cls in models.MODELS.values()}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = run_python(probe, check=True)
     assert done.stdout.strip() == str(sorted(SMALL))
 
 

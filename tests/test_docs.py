@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
+from conftest import run_python
 
 import models
 from models.base import CodingPlan
@@ -323,13 +324,7 @@ def test_from_python_snippet_runs_from_the_repository_root(tmp_path):
     decoded = tmp_path / "decoded.png"
     assert '"decoded.png"' in snippet
     code = snippet.replace('"decoded.png"', repr(str(decoded)))
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
     from utils.image_io import read_image
 

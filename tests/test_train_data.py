@@ -7,8 +7,6 @@ import (``from test_train_data import make_image_folder, write_train_config``).
 import io
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from collections import Counter
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import data_dir
+from conftest import data_dir, run_python
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
@@ -532,14 +530,7 @@ print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
 @pytest.fixture(scope="module")
 def worker_signals():
     """The lines the worker-signal script prints, one per check."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", _WORKER_SIGNALS],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python(_WORKER_SIGNALS, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
