@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from utils.coding.container import check_size
 from utils.image_io import is_image_file, pil_reads_right, read_image
 from utils.orientation import upright_rgb
 
@@ -59,14 +60,19 @@ class UnreadableImage(Exception):
     """An image file that cannot be used; the message says why, on one line."""
 
 
-def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
+def open_rgb(
+    path, max_pixels: Optional[int] = None, read_whole: bool = False
+) -> Image.Image:
     """Decode ``path`` to an RGB ``PIL.Image`` turned upright by its EXIF orientation,
     as evaluation reads it (:func:`utils.image_io.read_image`), or raise
     :class:`UnreadableImage`.
 
     The size is read from the header and checked against ``max_pixels`` (``None``:
-    PIL's own decompression-bomb limit alone) before any pixel is decoded; PNG chunk
-    checksums are verified (PIL's decoder skips them).
+    PIL's own decompression-bomb limit alone) before any pixel is decoded, and, with
+    ``read_whole`` (ACL, which reads its images whole with ``read_image``), against
+    the sides the .cps/.cpsl formats hold, which ``read_image`` refuses beyond (a
+    crop of a wider panorama trains as well); PNG chunk checksums are verified (PIL's
+    decoder skips them).
     """
     try:
         with open(path, "rb") as f:
@@ -75,6 +81,8 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 _check_pixels(image.size, max_pixels)
+                if read_whole:
+                    _check_sides(image.size)
                 if image.format == "PNG":
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
@@ -93,7 +101,7 @@ def open_rgb(path, max_pixels: Optional[int] = None) -> Image.Image:
         )
         raise UnreadableImage(f"more pixels than {limit}") from None
     # Image plugins fail in many ways (OSError, SyntaxError, ValueError, zlib and
-    # struct errors, DecompressionBombError): any of them means this file is unusable.
+    # struct errors): any of them means this file is unusable.
     except Exception as exc:
         # The OS names the file in its message; the warning names it once already.
         named = isinstance(exc, OSError) and exc.filename is not None
@@ -261,6 +269,13 @@ def _image_size(path: Path, max_pixels: Optional[int]) -> Sequence[int]:
         ) from None
     _check_pixels(size, max_pixels)
     return size
+
+
+def _check_sides(size: Sequence[int]) -> None:
+    try:
+        check_size(size[1], size[0])
+    except ValueError as exc:
+        raise UnreadableImage(str(exc)) from None
 
 
 def _check_pixels(size: Sequence[int], max_pixels: Optional[int]) -> None:

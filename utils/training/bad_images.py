@@ -8,15 +8,12 @@ a few broken files in a large folder are noise, many mean a wrong or damaged fol
 """
 
 import os
-import warnings
 from typing import Callable, List, Optional, Sequence, Set
 
-from PIL import Image
 from torch import Tensor
 
 from datasets import CropImageFolder
 from datasets.image_folder import UnreadableImage, open_rgb
-from utils.coding.container import check_size
 
 __all__ = ["UnusableImages", "usable_images"]
 
@@ -78,23 +75,6 @@ class UnusableImages:
             )
 
 
-def _check_whole_image_sides(path: str) -> None:
-    """Refuse an image whose side the .cps/.cpsl formats cannot hold: ACL reads its
-    images whole with :func:`utils.image_io.read_image`, which refuses them (a CPS
-    run only crops them, and keeps them)."""
-    try:
-        with warnings.catch_warnings():  # open_rgb checks the size against its limit
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-    except Exception:  # unreadable: open_rgb says why
-        return
-    try:
-        check_size(height, width)
-    except ValueError as exc:
-        raise UnreadableImage(str(exc)) from None
-
-
 def usable_images(
     paths: Sequence[str],
     split: str,
@@ -110,8 +90,7 @@ def usable_images(
     kept, unusable = [], 0
     for path in paths:
         try:
-            _check_whole_image_sides(path)
-            open_rgb(path, max_pixels).close()
+            open_rgb(path, max_pixels, read_whole=True).close()
         except UnreadableImage as exc:
             unusable += 1
             log(
