@@ -40,7 +40,7 @@ from utils.training.bad_images import usable_images
 from utils.training.build import acl_problems, build_configured_model
 from utils.training.config import LAST_NAME as STATE_NAME
 from utils.training.config import to_plain_dict
-from utils.training.resume import check_not_behind
+from utils.training.resume import check_not_behind, run_state_exists
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
 from utils.training.schema import unread_by_acl
 from utils.training.state import init_weights_from
@@ -286,14 +286,6 @@ def _regenerate_phase(run: _Run, state: ACLState):
     return optimizer, scheduler
 
 
-def _exists(last: str) -> ValueError:
-    """The refusal of a new run in a folder that holds a run's state."""
-    return ValueError(
-        f"{last} exists: pass --resume to continue that run, or choose "
-        "another train_data.experiment_path"
-    )
-
-
 def run_acl(
     cfg: Mapping, device: torch.device, log: Callable[[str], None] = print
 ) -> ACLState:
@@ -327,7 +319,7 @@ def run_acl(
             run, data["use_checkpoint_path"], *resumed
         )
     elif os.path.exists(last):
-        raise _exists(last)
+        raise run_state_exists(last)
     else:
         if data["init_checkpoint_path"]:
             init_weights_from(data["init_checkpoint_path"], run.model)
@@ -338,7 +330,7 @@ def run_acl(
         if data["use_checkpoint_path"]:
             check_not_behind(data["use_checkpoint_path"], run.exp, state.epoch, "epoch")
         elif os.path.exists(last):
-            raise _exists(last)
+            raise run_state_exists(last)
 
     # Only now: a refused run leaves no empty folder. The folder is this run's alone
     # until it ends (utils/training/run_lock.py).

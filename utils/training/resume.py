@@ -27,6 +27,7 @@ __all__ = [
     "config_changes",
     "LOSS_KEYS",
     "report_config_changes",
+    "run_state_exists",
 ]
 
 # Where the weights come from is not a change of the run, nor where it writes (the
@@ -208,6 +209,15 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> List[str]:
     return changes
 
 
+def run_state_exists(last: str) -> ValueError:
+    """The refusal of a new run in a folder whose ``last`` (a run's
+    ``checkpoint.pth.tar``) it would overwrite; open-loop and ACL runs alike."""
+    return ValueError(
+        f"{last} exists: pass --resume to continue that run, or choose "
+        "another train_data.experiment_path"
+    )
+
+
 def check_experiment_folder(
     folder: str, resumed_from: str, resumed_step: Optional[int] = None
 ) -> None:
@@ -224,10 +234,7 @@ def check_experiment_folder(
         return
     last, best = os.path.join(folder, LAST_NAME), os.path.join(folder, BEST_NAME)
     if os.path.exists(last):
-        raise ValueError(
-            f"{last} exists: pass --resume to continue that run, or choose "
-            "another train_data.experiment_path"
-        )
+        raise run_state_exists(last)
     if os.path.exists(best):
         raise ValueError(
             f"{best} exists, which a new run would overwrite: choose another "
