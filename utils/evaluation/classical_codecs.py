@@ -56,12 +56,15 @@ class ClassicalResult:
     decoding_time: float
 
 
-def _check_image(image: Tensor) -> None:
-    """Refuse anything but what every codec codes: a uint8 RGB image (3, H, W)."""
+def _check_request(codec, image: Tensor, quality: float) -> None:
+    """Refuse what ``codec`` cannot code: a quality off its scale, anything but a
+    uint8 RGB image (3, H, W), or a size beyond its library's limits."""
+    codec.scale.check(codec.name, quality)
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(
             f"expected a uint8 tensor (3, H, W), got {image.dtype} {tuple(image.shape)}"
         )
+    codec.sizes.check(codec.name, *image.shape[1:])
 
 
 def _to_pil(image: Tensor) -> Image.Image:
@@ -98,9 +101,7 @@ class PillowCodec:
             )
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
-        self.scale.check(self.name, quality)
-        _check_image(image)
-        self.sizes.check(self.name, *image.shape[1:])
+        _check_request(self, image, quality)
         picture = _to_pil(image)
         buffer = io.BytesIO()
         start = time.perf_counter()
@@ -148,10 +149,8 @@ class ToolCodec:
                 )
 
     def code(self, image: Tensor, quality: float) -> ClassicalResult:
-        self.scale.check(self.name, quality)
-        _check_image(image)
+        _check_request(self, image, quality)
         height, width = image.shape[1:]
-        self.sizes.check(self.name, height, width)
         self.check_available()
         with tempfile.TemporaryDirectory(prefix=f"cps-{self.name}-") as folder:
             source = os.path.join(folder, "input.rgb" if self.raw_io else "input.png")
