@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from models.base import CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.registry import register_model
+from models.whole_image_memory import check_whole_image_fits
 from utils.coding.container import (
     BitstreamError,
     CompressedImage,
@@ -49,7 +50,6 @@ from utils.coding.container import (
 from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
-from utils.stitching.planner import check_whole_image_fits
 
 # CompressAI's eval_model pads every image to this multiple (six stride-2 stages).
 EVAL_MODEL_MULTIPLE = 64

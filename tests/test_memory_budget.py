@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import save_model_checkpoint
+from conftest import run_python, save_model_checkpoint
 from PIL import Image
 
 import utils.stitching.planner
@@ -405,3 +405,51 @@ def test_a_wide_latent_decodes_within_a_tight_budget():
         decoded = model.decode(compressed, CodingPlan(budget_bytes=budget))
     assert decoded.shape == (3, 1080, 1920)
     assert peak.peak_bytes <= budget * 1.05
+
+
+_WHOLE_IMAGE_BUDGET_CHECK = """
+import torch
+from models import build_model
+from models.base import CodingPlan
+from models.whole_image_memory import check_whole_image_fits
+from utils.memory import PeakMemory, memory_in_use, return_freed_memory
+
+torch.set_num_threads(1)
+cpu = torch.device("cpu")
+model = build_model(
+    "mei2021-quality", num_filters=[48, 60, 72, 96], lmbdas=[250.0, 100.0, 50.0, 25.0]
+).eval()
+model.update(force=True)
+with torch.inference_mode():  # what validation or a rate estimate runs first
+    model(torch.zeros(1, 3, 128, 128))
+return_freed_memory()
+budget = memory_in_use(cpu) + 200 * 2**20
+side = 64
+for larger in range(128, 1025, 64):
+    try:
+        check_whole_image_fits(model, cpu, budget, larger, larger)
+    except ValueError:
+        break
+    side = larger
+generator = torch.Generator().manual_seed(1)
+image = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+plan = CodingPlan(budget_bytes=budget)
+return_freed_memory()
+with PeakMemory(cpu) as encoding:
+    payload = model.encode(image, plan)
+return_freed_memory()
+with PeakMemory(cpu) as decoding:
+    model.decode(payload, plan)
+print(side, max(encoding.peak_bytes, decoding.peak_bytes) - budget)
+"""
+
+
+def test_a_whole_image_model_allows_only_images_it_codes_within_the_budget():
+    """Mei 2021 codes the whole image, so its budget only refuses images; the largest
+    one it accepts must then code within the budget. Its coding needs about twice a
+    warm forward pass, so a cost measured on a forward pass after another had run
+    (as validation or a rate estimate does) let through images that broke it."""
+    result = run_python(_WHOLE_IMAGE_BUDGET_CHECK, timeout=300, check=True)
+    side, excess = (int(value) for value in result.stdout.split())
+    assert side >= 128  # the check allows images, not only refuses
+    assert excess <= 0, f"a {side}x{side} image broke the budget by {excess} bytes"

@@ -19,7 +19,7 @@ import ctypes.util
 import functools
 import re
 import sys
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 NO_BUDGET_HINT = "run without one (--max-memory none) and choose --patch-size yourself"
 
@@ -255,3 +255,20 @@ def _lifetime_peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_added(device, run: Callable[[], None]) -> int:
+    """Bytes ``run()`` adds to the peak of what a budget counts on ``device`` (a
+    ``torch.device``), its result freed: how the planners measure working memory."""
+    return_freed_memory()
+    before = memory_in_use(device)
+    meter = PeakMemory(device)
+    if not meter.resettable:
+        raise ValueError(
+            f"a memory budget needs to reset the process's peak memory through "
+            f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}"
+        )
+    with meter:
+        run()
+    return_freed_memory()
+    return max(meter.peak_bytes - before, 0)

@@ -56,6 +56,7 @@ from models.kamisli2024.published import (
     split_authors_state_dict,
 )
 from models.registry import register_model
+from models.whole_image_memory import check_whole_image_fits
 from utils.coding.container import (
     BitstreamError,
     CompressedImage,
@@ -66,7 +67,6 @@ from utils.coding.container import (
 from utils.coding.scan_order import wavefront_slope
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
-from utils.stitching.planner import check_whole_image_fits
 
 
 def _masked_or_plain(

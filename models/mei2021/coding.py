@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from models.base import CodingPlan, check_image
 from models.mei2021.pyramid import pyramid_sizes
 from models.weight_checks import entropy_tables_ready
+from models.whole_image_memory import check_whole_image_fits
 from utils.coding.container import (
     BitstreamError,
     LayeredImage,
@@ -43,7 +44,6 @@ from utils.coding.rans import safe_string
 from utils.device import model_device
 from utils.image_io import to_grayscale, to_uint8, to_unit_float
 from utils.stitching.patches import pad_replicate
-from utils.stitching.planner import check_whole_image_fits
 from utils.stitching.transforms import transform_mode
 
 __all__ = ["encode", "decode", "encode_latents", "decode_latents", "layer_sizes"]

@@ -21,7 +21,7 @@ one model: the measured costs, the memory held, and the plans.
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,10 +32,9 @@ from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
 from utils.coding.streams import largest_stream_symbols
 from utils.image_io import to_uint8
 from utils.memory import (
-    NO_BUDGET_HINT,
-    PeakMemory,
     format_memory,
     memory_in_use,
+    peak_added,
     return_freed_memory,
 )
 from utils.stitching.geometry import (
@@ -88,8 +87,8 @@ class PatchPlan:
     peak_bytes: int
 
 
-# Measured costs, per transform module or model (weakly held: a freed model takes its
-# costs with it, and a new module never inherits another's) and per (device, mode).
+# Measured costs, per transform module (weakly held: a freed model takes its costs
+# with it, and a new module never inherits another's) and per (device, mode).
 CostsByDeviceAndMode = Dict[Tuple[str, object], TransformCost]
 _COSTS: "weakref.WeakKeyDictionary[nn.Module, CostsByDeviceAndMode]" = (
     weakref.WeakKeyDictionary()
@@ -329,65 +328,5 @@ class Planner:
 
         fragmentation = _HEAP_FRAGMENTATION if self.device.type == "cpu" else 1.0
         return TransformCost(
-            _peak_added(self.device, run) * fragmentation / CALIBRATION_PATCH**2
-        )
-
-
-def _peak_added(device: torch.device, run: Callable[[], None]) -> int:
-    """Bytes ``run()`` adds to the peak of what the budget counts (its result freed)."""
-    return_freed_memory()
-    before = memory_in_use(device)
-    meter = PeakMemory(device)
-    if not meter.resettable:
-        raise ValueError(
-            f"a memory budget needs to reset the process's peak memory through "
-            f"/proc/self/clear_refs, which this system lacks; {NO_BUDGET_HINT}"
-        )
-    with meter:
-        run()
-    return_freed_memory()
-    return max(meter.peak_bytes - before, 0)
-
-
-def _forward_cost(model: nn.Module, device: torch.device) -> TransformCost:
-    """Peak bytes per pixel of one whole-image forward pass, measured once per
-    model on a calibration image of about 128 x 128 pixels (a multiple of the
-    model's factor)."""
-    costs = _COSTS.setdefault(model, {})
-    key = (str(device), "forward")
-    if key not in costs:
-        factor = model.downsampling_factor
-        side = factor * -(-CALIBRATION_PATCH // 2 // factor)
-
-        def run() -> None:
-            with torch.inference_mode():
-                model(torch.zeros(1, 3, side, side, device=device))
-
-        costs[key] = TransformCost(_peak_added(device, run) / side**2)
-    return costs[key]
-
-
-def check_whole_image_fits(
-    model: nn.Module,
-    device: torch.device,
-    budget_bytes: Optional[int],
-    height: int,
-    width: int,
-) -> None:
-    """For models that code the whole image at once (no POPS): refuse, before any
-    allocation, an image whose coding would break the budget. The working memory is
-    estimated from a measured forward pass (the coders' own buffers are of the same
-    order: one set of feature maps over the image)."""
-    if budget_bytes is None:
-        return
-    factor = model.downsampling_factor
-    padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
-    cost = _forward_cost(model, device)
-    needed = memory_in_use(device) + cost.batch_bytes(1, padded, 1)
-    if needed > budget_bytes:
-        raise ValueError(
-            f"memory budget {format_memory(budget_bytes)} is too small for "
-            f"{model.registry_name} coding of a {width}x{height} image, which it "
-            f"codes whole: it needs about {format_memory(needed)}; raise "
-            f"--max-memory, or give none"
+            peak_added(self.device, run) * fragmentation / CALIBRATION_PATCH**2
         )

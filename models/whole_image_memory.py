@@ -1,0 +1,119 @@
+"""The memory budget of models that code the whole image at once (no POPS).
+
+Kamisli 2024, Mei 2021 and the CompressAI zoo models cannot split an image, so the
+only thing a budget can do for them is refuse, before any allocation, an image whose
+coding would break it. What their coding needs is *measured*, through the model's
+own ``encode`` and ``decode`` (the contract's, :mod:`models.base`) on a calibration
+image. A forward pass is no reliable proxy: Mei 2021's coding needs about twice its
+warm forward pass, the zoo models' about a third of a cold one, and which of the two
+a calibration sees depends on what the process ran before.
+
+The peak grows with the area, plus fixed buffers that weigh most on small images
+(Kamisli 2024's weights unfolded per block, entropy tables), so one per-pixel figure
+would over-estimate large images several times and refuse images that fit. The
+calibration therefore codes two sizes, :data:`CALIBRATION_SIDES`, after a first run
+that takes the process's one-time allocations, and extrapolates each of encoding and
+decoding from its larger size along the line through both; below the larger size the
+larger one's peak is taken as it is.
+"""
+
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from models.base import CodingPlan
+from utils.memory import format_memory, memory_in_use, peak_added
+
+CALIBRATION_SIDES = (128, 256)
+_SAFETY_FACTOR = 1.1
+_SAFETY_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class CodingCost:
+    """Peak bytes added by coding an image whole, as a function of its padded area:
+    per direction (encoding, decoding), the peak measured at ``area`` pixels and the
+    bytes each further pixel adds."""
+
+    area: int
+    peaks: Tuple[int, ...]
+    bytes_per_pixel: Tuple[float, ...]
+
+    def bytes_for(self, area: int) -> int:
+        """Predicted peak added by coding an image of ``area`` padded pixels."""
+        further = max(area - self.area, 0)
+        peak = max(
+            measured + slope * further
+            for measured, slope in zip(self.peaks, self.bytes_per_pixel)
+        )
+        return int(peak * _SAFETY_FACTOR) + _SAFETY_BYTES
+
+
+# Per model (weakly held: a freed model takes its cost with it) and device.
+_COSTS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, CodingCost]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _coding_peaks(model: nn.Module, device: torch.device, side: int) -> List[int]:
+    """Peaks added by encoding and by decoding a side x side noise image (the
+    longest strings random weights write)."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(
+        0, 256, (3, side, side), dtype=torch.uint8, generator=generator
+    )
+    plan = CodingPlan()
+    payloads = []
+    encoding = peak_added(device, lambda: payloads.append(model.encode(image, plan)))
+    decoding = peak_added(device, lambda: model.decode(payloads[0], plan))
+    return [encoding, decoding]
+
+
+def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
+    """What coding an image whole costs ``model`` on ``device``, measured once (the
+    calibration sides rounded up to the model's factor)."""
+    costs = _COSTS.setdefault(model, {})
+    key = str(device)
+    if key not in costs:
+        factor = model.downsampling_factor
+        small, large = (factor * -(-side // factor) for side in CALIBRATION_SIDES)
+        _coding_peaks(model, device, small)  # the one-time allocations
+        small_peaks = _coding_peaks(model, device, small)
+        large_peaks = _coding_peaks(model, device, large)
+        added_area = large**2 - small**2
+        costs[key] = CodingCost(
+            area=large**2,
+            peaks=tuple(large_peaks),
+            bytes_per_pixel=tuple(
+                max(big - little, 0) / added_area
+                for little, big in zip(small_peaks, large_peaks)
+            ),
+        )
+    return costs[key]
+
+
+def check_whole_image_fits(
+    model: nn.Module,
+    device: torch.device,
+    budget_bytes: Optional[int],
+    height: int,
+    width: int,
+) -> None:
+    """Refuse, before any allocation, a height x width image whose coding by
+    ``model`` on ``device`` would break ``budget_bytes`` (None: no budget)."""
+    if budget_bytes is None:
+        return
+    factor = model.downsampling_factor
+    padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
+    cost = coding_cost(model, device)
+    needed = memory_in_use(device) + cost.bytes_for(padded)
+    if needed > budget_bytes:
+        raise ValueError(
+            f"memory budget {format_memory(budget_bytes)} is too small for "
+            f"{model.registry_name} coding of a {width}x{height} image, which it "
+            f"codes whole: it needs about {format_memory(needed)}; raise "
+            f"--max-memory, or give none"
+        )
