@@ -9,12 +9,12 @@ warm forward pass, the zoo models' about a third of a cold one, and which of the
 a calibration sees depends on what the process ran before.
 
 The peak grows with the area, plus fixed buffers that weigh most on small images
-(Kamisli 2024's weights unfolded per block, entropy tables), so one per-pixel figure
+(the coders' own copies of the weights, entropy tables), so one per-pixel figure
 would over-estimate large images several times and refuse images that fit. The
-calibration therefore codes two sizes, :data:`CALIBRATION_SIDES`, after a first run
-that takes the process's one-time allocations, and extrapolates each of encoding and
-decoding from its larger size along the line through both; below the larger size the
-larger one's peak is taken as it is.
+calibration therefore codes two sizes, :data:`CALIBRATION_SIDE` and twice it, after
+a first run that takes the process's one-time allocations, and extrapolates each of
+encoding and decoding from the larger size along the line through both; below the
+larger size, the larger one's peak is taken as it is.
 """
 
 import weakref
@@ -27,7 +27,7 @@ from torch import nn
 from models.base import CodingPlan
 from utils.memory import format_memory, memory_in_use, peak_added
 
-CALIBRATION_SIDES = (128, 256)
+CALIBRATION_SIDE = 128
 _SAFETY_FACTOR = 1.1
 _SAFETY_BYTES = 16 * 2**20
 
@@ -74,12 +74,13 @@ def _coding_peaks(model: nn.Module, device: torch.device, side: int) -> List[int
 
 def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
     """What coding an image whole costs ``model`` on ``device``, measured once (the
-    calibration sides rounded up to the model's factor)."""
+    smaller calibration side rounded up to the model's factor)."""
     costs = _COSTS.setdefault(model, {})
     key = str(device)
     if key not in costs:
         factor = model.downsampling_factor
-        small, large = (factor * -(-side // factor) for side in CALIBRATION_SIDES)
+        small = factor * -(-CALIBRATION_SIDE // factor)
+        large = 2 * small
         _coding_peaks(model, device, small)  # the one-time allocations
         small_peaks = _coding_peaks(model, device, small)
         large_peaks = _coding_peaks(model, device, large)
