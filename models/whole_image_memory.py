@@ -102,12 +102,17 @@ def check_whole_image_fits(
     budget_bytes: Optional[int],
     height: int,
     width: int,
+    multiple: Optional[int] = None,
 ) -> None:
     """Refuse, before any allocation, a height x width image whose coding by
-    ``model`` on ``device`` would break ``budget_bytes`` (None: no budget)."""
+    ``model`` on ``device`` would break ``budget_bytes`` (None: no budget).
+
+    The cost is that of the area coded: the sides padded to ``multiple``, the
+    model's ``downsampling_factor`` unless it pads to another (the zoo models, to
+    CompressAI's 64)."""
     if budget_bytes is None:
         return
-    factor = model.downsampling_factor
+    factor = multiple or model.downsampling_factor
     padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
     cost = coding_cost(model, device)
     needed = memory_in_use(device) + cost.bytes_for(padded)

@@ -98,7 +98,12 @@ class ZooCodec(LearnedCodec):
         self.apply_masks()
         height, width = image.shape[1:]
         check_whole_image_fits(
-            self, model_device(self), plan.budget_bytes, height, width
+            self,
+            model_device(self),
+            plan.budget_bytes,
+            height,
+            width,
+            EVAL_MODEL_MULTIPLE,
         )
         padding, _ = compute_padding(height, width, min_div=EVAL_MODEL_MULTIPLE)
         left, right, top, bottom = padding
@@ -137,7 +142,12 @@ class ZooCodec(LearnedCodec):
                 f"for a {payload.width}x{payload.height} image in the file header"
             )
         check_whole_image_fits(
-            self, model_device(self), plan.budget_bytes, payload.height, payload.width
+            self,
+            model_device(self),
+            plan.budget_bytes,
+            payload.height,
+            payload.width,
+            EVAL_MODEL_MULTIPLE,
         )
         y_channels, y_stride, z_channels, z_stride = self.latent_layout
         # decompress takes the shape of the deepest latent: z's, or y's

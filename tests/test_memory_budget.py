@@ -11,8 +11,11 @@ import torch
 from conftest import run_python, save_model_checkpoint
 from PIL import Image
 
+import models.whole_image_memory
 import utils.stitching.planner
+from models import build_model
 from models.base import CodingPlan
+from models.whole_image_memory import CodingCost
 from utils.coding.container import pack, unpack
 from utils.evaluation.coders import ModelCoder
 from utils.memory import format_memory, memory_in_use, parse_memory
@@ -465,3 +468,24 @@ def test_a_whole_image_model_allows_only_images_it_codes_within_the_budget():
     assert result.returncode == 0, result.stderr
     side, excess = (int(value) for value in result.stdout.split())
     assert excess <= 0, f"a {side}x{side} image broke the budget by {excess} bytes"
+
+
+def test_a_zoo_model_checks_the_area_it_codes(monkeypatch):
+    """CompressAI's zoo models pad images to multiples of 64, whatever their factor
+    (16 for bmshj2018-factorized): a 513x513 image is coded as 576x576, and both
+    its encoding and its decoding must be checked against that area, not against
+    528x528's (a fifth less)."""
+    model = build_model("bmshj2018-factorized", N=8, M=8).eval()
+    model.update(force=True)
+    cost = CodingCost(area=256**2, peaks=(0, 0), bytes_per_pixel=(1000.0, 1000.0))
+    monkeypatch.setattr(models.whole_image_memory, "coding_cost", lambda *_: cost)
+    monkeypatch.setattr(models.whole_image_memory, "memory_in_use", lambda _: 0)
+    image = torch.zeros((3, 513, 513), dtype=torch.uint8)
+    enough = CodingPlan(budget_bytes=cost.bytes_for(576**2))
+    payload = model.encode(image, enough)
+    assert model.decode(payload, enough).shape == (3, 513, 513)
+    short = CodingPlan(budget_bytes=cost.bytes_for(576**2) - 1)
+    with pytest.raises(ValueError, match="too small"):
+        model.encode(image, short)
+    with pytest.raises(ValueError, match="too small"):
+        model.decode(payload, short)
