@@ -15,6 +15,8 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
   every model's files share one header, one CRC rule and one set of size limits.
   The :class:`CodingPlan` says what the caller wants (patching, memory budget,
   entropy-coder order, exactness, layers); each model decides how to honour it.
+* :meth:`LearnedCodec.measure_budget_costs`: what checking a plan's memory budget
+  measures, taken before a caller starts timing.
 * :meth:`LearnedCodec.forward`: ``{"x_hat", "likelihoods"}`` as in CompressAI, for
   training and for rate estimation without coding.
 * :meth:`LearnedCodec.default_loss`: the loss ``train.py`` optimises, and
@@ -146,6 +148,13 @@ class LearnedCodec(nn.Module, abc.ABC):
             utils.coding.container.BitstreamError: a payload of another model or
                 checkpoint, or one this machine does not decode exactly.
         """
+
+    def measure_budget_costs(self, plan: CodingPlan) -> None:
+        """Take now the measurements that checking ``plan``'s memory budget needs, so
+        that they do not land in the first image's timed coding (``test.py`` calls
+        this before it times). Each is made once per model and device; coding makes
+        any that are missing. Nothing to measure without a budget, nor for a model
+        whose budget check measures nothing (this default)."""
 
     def default_loss(self, lmbda: float, metric: str = "mse") -> nn.Module:
         """The training loss: CompressAI's rate-distortion loss (``lmbda`` weighs the

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from models.base import CodingPlan
+from utils.device import model_device
 from utils.memory import format_memory, memory_in_use, peak_added
 
 CALIBRATION_SIDE = 128
@@ -123,3 +124,14 @@ def check_whole_image_fits(
             f"codes whole: it needs about {format_memory(needed)}; raise "
             f"--max-memory, or give none"
         )
+
+
+class CodesWholeImages:
+    """Mixin of the models that code images whole (listed before
+    ``models.base.LearnedCodec`` in the bases): their budget check's calibration,
+    taken ahead of timed coding."""
+
+    def measure_budget_costs(self, plan: CodingPlan) -> None:
+        """Calibrate :func:`check_whole_image_fits` for this model and its device."""
+        if plan.budget_bytes is not None:
+            coding_cost(self, model_device(self))

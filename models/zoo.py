@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from models.base import CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.registry import register_model
-from models.whole_image_memory import check_whole_image_fits
+from models.whole_image_memory import CodesWholeImages, check_whole_image_fits
 from utils.coding.container import (
     BitstreamError,
     CompressedImage,
@@ -55,7 +55,7 @@ from utils.image_io import to_grayscale, to_uint8, to_unit_float
 EVAL_MODEL_MULTIPLE = 64
 
 
-class ZooCodec(LearnedCodec):
+class ZooCodec(CodesWholeImages, LearnedCodec):
     """The codec contract over a CompressAI ``compress``/``decompress`` pair. The whole
     image is coded at once, so the plan's budget is checked against the image size
     first; patching does not apply."""

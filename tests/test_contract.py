@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ from PIL import Image
 
 import codec
 import models
+import models.whole_image_memory
 import test as test_script
+import utils.stitching.planner
 from models.base import CodingPlan, LearnedCodec, check_decoded
 from models.cps.network import CPS
 from utils.coding.container import (
@@ -30,6 +33,7 @@ from utils.coding.container import (
     pack,
     unpack,
 )
+from utils.evaluation.coders import ModelCoder
 from utils.training.build import build_configured_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -393,6 +397,63 @@ def test_a_decoded_image_must_have_exactly_the_size_of_its_operating_point(
     for wrong in (decoded[:, :-1], decoded[:, :1, :1], decoded.float(), decoded[None]):
         with pytest.raises(RuntimeError, match=f"{name}'s decode returned"):
             check_decoded(model, payload, plan, wrong)
+
+
+def _count_budget_measurements(monkeypatch) -> list:
+    """The calibrations the two budget checks run, recorded as they happen."""
+    runs = []
+
+    def recorded(function):
+        def run(*args, **kwargs):
+            runs.append(function.__name__)
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(
+        models.whole_image_memory,
+        "_coding_peaks",
+        recorded(models.whole_image_memory._coding_peaks),
+    )
+    monkeypatch.setattr(
+        utils.stitching.planner.Planner,
+        "_measure",
+        recorded(utils.stitching.planner.Planner._measure),
+    )
+    return runs
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_architecture_measures_its_budget_costs_before_coding(name, monkeypatch):
+    # test.py calls measure_budget_costs before it starts a clock, so a calibration
+    # must not be left for the first budgeted encode or decode to run.
+    runs = _count_budget_measurements(monkeypatch)
+    model = small_model(name)
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    plan = CodingPlan(budget_bytes=2**40)
+    model.measure_budget_costs(CodingPlan())
+    assert not runs  # nothing to measure without a budget
+    model.measure_budget_costs(plan)
+    assert runs
+    measured = len(runs)
+    model.decode(model.encode(image, plan), plan)
+    assert len(runs) == measured
+
+
+def test_test_py_times_the_first_image_without_the_budgets_calibration(monkeypatch):
+    calibrations = []
+    measure = models.whole_image_memory._coding_peaks
+
+    def slow_measure(*args):
+        calibrations.append(args[-1])
+        time.sleep(0.5)
+        return measure(*args)
+
+    monkeypatch.setattr(models.whole_image_memory, "_coding_peaks", slow_measure)
+    coder = ModelCoder(small_model("mbt2018-mean"), CodingPlan(budget_bytes=2**40))
+    coded = coder.code(torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8))
+    assert calibrations  # 1.5 s of calibration ran, outside the timed coding
+    assert coded.encoding_time < 0.5
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

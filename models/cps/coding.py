@@ -72,6 +72,15 @@ def _hyper_params(entropy: nn.Module, z_hat: Tensor, fixed_point: bool) -> Tenso
     return params.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[0]
 
 
+def measure_budget_costs(model: nn.Module, plan: CodingPlan) -> None:
+    """Measure now both transforms' working memory under ``plan``'s budget (see
+    ``LearnedCodec.measure_budget_costs``)."""
+    if plan.budget_bytes is not None:
+        planner = Planner(model, model_device(model), plan.budget_bytes, plan.exact)
+        planner.cost("analysis")
+        planner.cost("synthesis")
+
+
 def encode(model: nn.Module, image: Tensor, plan: CodingPlan) -> CompressedImage:
     """Compress a uint8 RGB image (3, H, W) with the CPS ``model`` (on its own device).
 

@@ -150,6 +150,11 @@ class CPS(LearnedCodec, JointAutoregressiveHierarchicalPriors):
         """The uint8 image of a payload written by this checkpoint."""
         return coding.decode(self, payload, plan)
 
+    def measure_budget_costs(self, plan: CodingPlan) -> None:
+        """Measure the transforms' working memory that the patch planner scales
+        (``utils/stitching/planner.py``)."""
+        coding.measure_budget_costs(self, plan)
+
     def compress(self, x, *args, **kwargs):
         """Refused: CPS codes through :meth:`encode`, whose files carry the POPS
         geometry's padding, the checkpoint fingerprint and the latent CRC."""

