@@ -81,3 +81,25 @@ def test_each_layer_is_an_operating_point_with_cumulative_real_rate(
     assert all(len(c.bpp) == 2 for c in curves)
     plot = ["plot", str(out / "results.json"), "-o", str(tmp_path / "rd.png")]
     assert test_script.main(plot) == 0
+
+
+def _small_checkpoint(tmp_path, kind):
+    torch.manual_seed(0)
+    model = kind(num_filters=[8, 10, 12], lmbdas=[3.0, 2.0, 1.0])
+    return save_model_checkpoint(tmp_path, model, "m")
+
+
+@pytest.mark.parametrize("kind", [Mei2021Quality, Mei2021Spatial])
+def test_entropy_estimation_gives_one_point_per_layer(tmp_path, images, capsys, kind):
+    checkpoint = _small_checkpoint(tmp_path, kind)
+    argv = ["checkpoint", "--dataset", str(images), "-p", str(checkpoint)]
+    assert test_script.main([*argv, "--no-progress"]) == 0
+    real = json.loads(capsys.readouterr().out)["results"]
+    status = test_script.main([*argv, "--no-progress", "--entropy-estimation"])
+    assert status == 0
+    estimated = json.loads(capsys.readouterr().out)["results"]
+    assert estimated["layer"] == [0, 1, 2]
+    # The likelihoods of layers <= k over the pixels of layer k: what the real
+    # coder reports beside its file sizes.
+    assert estimated["bpp"] == pytest.approx(real["bpp_est"], rel=1e-3)
+    assert estimated["psnr-rgb"] == pytest.approx(real["psnr-rgb"], abs=0.5)

@@ -112,6 +112,15 @@ def verification_plan(model: nn.Module, plan: CodingPlan) -> CodingPlan:
     return plan.with_(patch=PatchSpec(2 * geometry.min_patch_size))
 
 
+def _check_point(model: nn.Module, point: int) -> None:
+    """Refuse an operating point ``model`` does not have."""
+    if not 0 <= point < model.operating_points:
+        raise ValueError(
+            f"operating point {point} does not exist; "
+            f"{model.registry_name} has {model.operating_points}"
+        )
+
+
 class ModelCoder(Coder):
     """Operating point ``point`` of a registered model, coded to real container bytes.
 
@@ -133,11 +142,7 @@ class ModelCoder(Coder):
         count_header: bool = True,
         verify: bool = False,
     ):
-        if not 0 <= point < model.operating_points:
-            raise ValueError(
-                f"operating point {point} does not exist; "
-                f"{model.registry_name} has {model.operating_points}"
-            )
+        _check_point(model, point)
         self.model, self.point, self.verify = model, point, verify
         self.plan = plan.with_(layers=point + 1) if model.operating_points > 1 else plan
         self.layer = point if model.operating_points > 1 else None
@@ -224,28 +229,53 @@ class EstimationCoder(Coder):
     """One forward pass; the rate is ``sum(-log2 p)`` of the likelihoods.
 
     The forward time is reported as the encoding time; there is no decoding time.
-    ``half`` runs the pass in float16 (CUDA only).
+    ``half`` runs the pass in float16 (CUDA only). For a scalable model, ``point``
+    is the layer (default: the top one): the likelihoods of the layers up to it, and
+    its reconstruction, measured against its reference image, as
+    :class:`ModelCoder` measures it.
     """
 
-    def __init__(self, model: nn.Module, half: bool = False):
+    def __init__(
+        self, model: nn.Module, half: bool = False, point: Optional[int] = None
+    ):
+        if point is None:
+            point = model.operating_points - 1
+        _check_point(model, point)
         self.model = model.half() if half else model
         self.dtype = torch.float16 if half else torch.float32
         self.device = model_device(model)
+        self.point = point
+        self.layer = point if model.operating_points > 1 else None
         self.description = (
             f"entropy estimation: bpp from the likelihoods of a "
             f"{'float16' if half else 'float32'} forward pass, no bitstream"
         )
+        if self.layer is not None:
+            self.description += (
+                "; layer k: the likelihoods of layers <= k over layer k's pixels"
+            )
+
+    def reference_image(self, image: Tensor) -> Tensor:
+        if self.layer is None:
+            return image
+        return self.model.reference_image(image, self.point).cpu()
 
     def code(self, image: Tensor) -> Coded:
-        height, width = image.shape[1:]
+        height, width = self.reference_image(image).shape[1:]
         x = to_unit_float(pad_replicate(image, self.model.downsampling_factor))[None]
         with torch.inference_mode():
             start = _clock(self.device)
             output = self.model(x.to(device=self.device, dtype=self.dtype))
             end = _clock(self.device)
+        likelihoods, x_hat = output["likelihoods"], output["x_hat"]
+        if self.layer is not None:
+            # One likelihood entry per layer, base first (the layered models'
+            # forward contract), and every layer's reconstruction.
+            likelihoods = dict(list(likelihoods.items())[: self.point + 1])
+            x_hat = output["x_hats"][self.point]
         return Coded(
-            bits=likelihood_bits(output["likelihoods"]),
-            reconstruction=to_uint8(output["x_hat"][0, :, :height, :width]).cpu(),
+            bits=likelihood_bits(likelihoods),
+            reconstruction=to_uint8(x_hat[0, :, :height, :width]).cpu(),
             encoding_time=end - start,
             decoding_time=None,
         )
@@ -369,8 +399,15 @@ def learned_coders(model: nn.Module, options: LearnedOptions):
     if tiling == "pops" and not patch.is_auto:
         check_patch_size(patch.size, model_geometry(model))
     if options.entropy_estimation:
-        coder = EstimationCoder(model, half=options.half)
-        return [NaiveTiles(coder, patch.size) if tiling == "naive" else coder]
+        coders = [
+            EstimationCoder(model, half=options.half, point=point)
+            for point in range(model.operating_points)
+        ]
+        return (
+            [NaiveTiles(coder, patch.size) for coder in coders]
+            if tiling == "naive"
+            else coders
+        )
     plan = options.plan if tiling == "pops" else options.plan.with_(patch=PatchSpec(0))
     coders = [
         ModelCoder(
