@@ -103,3 +103,37 @@ def test_entropy_estimation_gives_one_point_per_layer(tmp_path, images, capsys, 
     # coder reports beside its file sizes.
     assert estimated["bpp"] == pytest.approx(real["bpp_est"], rel=1e-3)
     assert estimated["psnr-rgb"] == pytest.approx(real["psnr-rgb"], abs=0.5)
+
+
+def test_naive_tiles_of_a_quality_model_keep_their_layers(tmp_path, images, capsys):
+    checkpoint = _small_checkpoint(tmp_path, Mei2021Quality)
+    argv = ["checkpoint", "--dataset", str(images), "-p", str(checkpoint)]
+    status = test_script.main(
+        [*argv, "--no-progress", "--tiling", "naive", "--patch-size", "64"]
+    )
+    assert status == 0
+    assert json.loads(capsys.readouterr().out)["results"]["layer"] == [0, 1, 2]
+
+
+def test_naive_tiles_of_a_spatial_model_are_refused_before_coding(
+    tmp_path, images, capsys
+):
+    checkpoint = _small_checkpoint(tmp_path, Mei2021Spatial)
+    out = tmp_path / "out"
+    argv = ["checkpoint", "--dataset", str(images), "-p", str(checkpoint)]
+    status = test_script.main(
+        [
+            *argv,
+            "--no-progress",
+            "-d",
+            str(out),
+            "--tiling",
+            "naive",
+            "--patch-size",
+            "128",
+        ]
+    )
+    assert status == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "naive" in error and "mei2021-spatial" in error
+    assert not out.exists()

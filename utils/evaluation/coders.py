@@ -292,7 +292,8 @@ class NaiveTiles(Coder):
         if tile <= 0:
             raise ValueError(f"naive tiling needs a tile size > 0, got {tile}")
         self.inner, self.tile = inner, tile
-        self.device = inner.device
+        # A layer of a scalable model stays that layer, tile by tile.
+        self.device, self.layer = inner.device, getattr(inner, "layer", None)
         self.description = (
             f"naive tiling: independent {tile}x{tile} tiles of the image padded "
             f"(replicate) to a multiple of {tile}; each tile: {inner.description}"
@@ -384,6 +385,17 @@ class LearnedOptions:
     verify: bool = False
 
 
+def _layers_at_full_resolution(model: nn.Module) -> bool:
+    """Whether every operating point reconstructs the image at its own size (not a
+    spatially scalable model's smaller lower layers), as naive tiles need."""
+    side = model.downsampling_factor
+    image = torch.zeros(3, side, side, dtype=torch.uint8)
+    return all(
+        tuple(model.reference_image(image, point).shape) == tuple(image.shape)
+        for point in range(model.operating_points)
+    )
+
+
 def learned_coders(model: nn.Module, options: LearnedOptions):
     """One coder per operating point of ``model`` under ``options``; bad combinations
     raise ``ValueError``."""
@@ -396,6 +408,12 @@ def learned_coders(model: nn.Module, options: LearnedOptions):
         )
     if tiling == "naive" and not (patch.size and patch.size > 0):
         raise ValueError("--tiling naive needs a fixed --patch-size > 0")
+    if tiling == "naive" and not _layers_at_full_resolution(model):
+        raise ValueError(
+            f"--tiling naive needs every layer at the image's resolution; "
+            f"{model.registry_name} codes its lower layers at a smaller one: "
+            "use none"
+        )
     if tiling == "pops" and not patch.is_auto:
         check_patch_size(patch.size, model_geometry(model))
     if options.entropy_estimation:
