@@ -18,7 +18,10 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
 * :meth:`LearnedCodec.measure_budget_costs`: what checking a plan's memory budget
   measures, taken before a caller starts timing.
 * :meth:`LearnedCodec.forward`: ``{"x_hat", "likelihoods"}`` as in CompressAI, for
-  training and for rate estimation without coding.
+  training and for rate estimation without coding. A scalable model (more than one
+  operating point) also gives ``x_hats``, every point's reconstruction, and one
+  ``likelihoods`` entry per point, both base first: point ``k``'s estimated rate is
+  that of the first ``k + 1`` entries.
 * :meth:`LearnedCodec.default_loss`: the loss ``train.py`` optimises, and
   :meth:`LearnedCodec.aux_loss`, the quantile loss of the entropy bottlenecks.
 * :attr:`LearnedCodec.operating_points` and :meth:`LearnedCodec.reference_image`:

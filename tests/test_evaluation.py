@@ -292,7 +292,7 @@ def test_an_image_the_codec_cannot_code_is_refused_before_the_first_is_coded(
     )
 
 
-class IdentityTile:
+class IdentityTile(Coder):
     """Returns each tile unchanged for one bit, recording the tile shapes."""
 
     device = torch.device("cpu")

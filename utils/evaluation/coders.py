@@ -269,8 +269,8 @@ class EstimationCoder(Coder):
             end = _clock(self.device)
         likelihoods, x_hat = output["likelihoods"], output["x_hat"]
         if self.layer is not None:
-            # One likelihood entry per layer, base first (the layered models'
-            # forward contract), and every layer's reconstruction.
+            # A scalable model's forward gives one likelihood entry per operating
+            # point and every point's reconstruction, base first (models/base.py).
             likelihoods = dict(list(likelihoods.items())[: self.point + 1])
             x_hat = output["x_hats"][self.point]
         return Coded(
@@ -293,7 +293,7 @@ class NaiveTiles(Coder):
             raise ValueError(f"naive tiling needs a tile size > 0, got {tile}")
         self.inner, self.tile = inner, tile
         # A layer of a scalable model stays that layer, tile by tile.
-        self.device, self.layer = inner.device, getattr(inner, "layer", None)
+        self.device, self.layer = inner.device, inner.layer
         self.description = (
             f"naive tiling: independent {tile}x{tile} tiles of the image padded "
             f"(replicate) to a multiple of {tile}; each tile: {inner.description}"
