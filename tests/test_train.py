@@ -334,6 +334,21 @@ def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images
         )
 
 
+def test_a_resume_with_another_width_names_the_key_to_set(tmp_path):
+    """As --init-from does: a resume whose --set changes the model's sizes used to
+    list shape mismatches, which say nothing of the config key that caused them."""
+    from utils.training.state import restore
+
+    path = tmp_path / "wide.pth.tar"
+    torch.save({"state_dict": models.build_model("cps", N=16).state_dict()}, path)
+    with pytest.raises(ValueError) as caught:
+        restore(torch.load(path), models.build_model("cps", N=8), *[None] * 4, path)
+    assert str(caught.value) == (
+        f"cannot resume from {path}: its weights have N=16, this run's model N=8 "
+        "(set train_params.N to match)"
+    )
+
+
 def run_cli(argv, capsys):
     status = train.main(argv)
     return status, capsys.readouterr().err.strip().splitlines()

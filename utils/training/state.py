@@ -331,11 +331,14 @@ def restore(
 ) -> None:
     """Load model, optimizers, schedule, position from a checked resume checkpoint."""
     try:
-        load_state_dict_into(
-            raw, with_configured_state(raw, unwrap_state_dict(checkpoint))
-        )
+        stored = unwrap_state_dict(checkpoint)
+        load_state_dict_into(raw, with_configured_state(raw, stored))
     except ValueError as exc:
-        raise ValueError(f"cannot resume from {path}: {exc}") from None
+        # A --set that changed the sizes: name the key, as --init-from does.
+        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
+            raw, stored
+        )
+        raise ValueError(f"cannot resume from {path}: {difference or exc}") from None
     load_entry(optimizer, checkpoint, "optimizer", path)
     load_entry(aux_optimizer, checkpoint, "aux_optimizer", path)
     load_entry(scheduler, checkpoint, "lr_scheduler", path)
