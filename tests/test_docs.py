@@ -370,6 +370,10 @@ def test_add_a_model_example_registers_and_codes(
     payload = model.encode(image, plan)
     decoded = model.decode(unpack(pack(payload)), plan)
     assert decoded.shape == image.shape and decoded.dtype == torch.uint8
+    # A colour image marked grayscale would decode to the mean of its channels
+    # (the contract tests refuse a model that codes it).
+    with pytest.raises(ValueError, match="plan.grayscale is set"):
+        model.encode(image, plan.with_(grayscale=True))
     # The header is untrusted: a forged padding and a budget too small are refused.
     with pytest.raises(BitstreamError, match="padding"):
         model.decode(
