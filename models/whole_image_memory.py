@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from models.base import CodingPlan
+from models.base import CodingPlan, LearnedCodec
 from utils.device import model_device
 from utils.memory import format_memory, memory_in_use, peak_added
 
@@ -130,6 +130,20 @@ class CodesWholeImages:
     """Mixin of the models that code images whole (listed before
     ``models.base.LearnedCodec`` in the bases): their budget check's calibration,
     taken ahead of timed coding."""
+
+    def __init_subclass__(cls, **kwargs):
+        """Refuse a class that lists this mixin after ``LearnedCodec``, whose
+        ``measure_budget_costs`` (nothing to measure) would then hide this one."""
+        super().__init_subclass__(**kwargs)
+        order = cls.__mro__
+        if LearnedCodec in order and order.index(LearnedCodec) < order.index(
+            CodesWholeImages
+        ):
+            raise TypeError(
+                f"{cls.__name__}: list CodesWholeImages before LearnedCodec in its "
+                "bases, or LearnedCodec's measure_budget_costs, which measures "
+                "nothing, hides the mixin's"
+            )
 
     def measure_budget_costs(self, plan: CodingPlan) -> None:
         """Calibrate :func:`check_whole_image_fits` for this model and its device."""

@@ -423,6 +423,25 @@ def _count_budget_measurements(monkeypatch) -> list:
     return runs
 
 
+def test_a_class_listing_the_whole_image_mixin_after_learned_codec_is_refused():
+    # LearnedCodec's measure_budget_costs, which measures nothing, would hide the
+    # mixin's: the calibration would land in the first image's timed encoding, and the
+    # contract test below would fail on a bare `assert []`.
+    from compressai.models import FactorizedPrior
+
+    from models.whole_image_memory import CodesWholeImages
+
+    with pytest.raises(TypeError, match="list CodesWholeImages before LearnedCodec"):
+
+        class Late(LearnedCodec, CodesWholeImages, FactorizedPrior):
+            pass
+
+    class Early(CodesWholeImages, LearnedCodec, FactorizedPrior):
+        pass
+
+    assert Early.measure_budget_costs is CodesWholeImages.measure_budget_costs
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_architecture_measures_its_budget_costs_before_coding(name, monkeypatch):
     # test.py calls measure_budget_costs before it starts a clock, so a calibration
