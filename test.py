@@ -37,6 +37,7 @@ warnings.filterwarnings(
 
 from utils.cli import (
     ARCHITECTURE_HELP,
+    LogFormatter,
     add_coding_arguments,
     add_force_argument,
     report_error,
@@ -408,7 +409,9 @@ def _check_learned_options(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         args = parse_args(argv)
         _check_checkpoints_exist(args)

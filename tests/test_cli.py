@@ -493,3 +493,20 @@ def test_an_error_names_the_torchrun_rank_that_reports_it(
         monkeypatch.setenv("RANK", rank)
     assert report_error("test.py", ValueError("no such file")) == 1
     assert capsys.readouterr().err == f"{program}: error: no such file\n"
+
+
+def test_test_py_prefixes_its_warnings_as_the_documentation_says(tmp_path):
+    # docs/evaluation.md: "warnings are one line each (`warning: ...`)"; test.py's
+    # own warnings (an ignored --patch-size, an image's conversions) came bare.
+    [photo] = noisy_photos(tmp_path, 1)
+    torch.manual_seed(0)
+    model = models.build_model("bmshj2018-factorized", N=8, M=8)
+    checkpoint = save_model_checkpoint(tmp_path, model, "zoo")
+    argv = ["checkpoint", "--dataset", str(photo.parent), "-p", str(checkpoint)]
+    argv += ["--no-progress", "--patch-size", "64"]
+    done = run_python(f"import sys, test; sys.exit(test.main({argv!r}))")
+    assert done.returncode == 0, done.stderr
+    ignored = "bmshj2018-factorized codes whole images (no POPS): --patch-size 64"
+    lines = done.stderr.splitlines()
+    assert any(line.startswith(f"warning: {ignored}") for line in lines), lines
+    assert not any(line.startswith(ignored) for line in lines)

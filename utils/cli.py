@@ -8,6 +8,7 @@ library never parses strings again.
 """
 
 import argparse
+import logging
 import os
 import select
 import signal
@@ -190,6 +191,15 @@ def report_error(program: str, exc: BaseException) -> int:
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
+
+
+class LogFormatter(logging.Formatter):
+    """The message alone, a warning's prefixed ``warning:`` as the scripts print
+    their own and Python's warnings (:func:`show_warnings_as_one_line`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno == logging.WARNING else text
 
 
 def show_warnings_as_one_line() -> None:
