@@ -474,6 +474,37 @@ def test_test_py_times_the_first_image_without_the_budgets_calibration(monkeypat
     assert coded.encoding_time < 0.5
 
 
+def test_codec_py_times_its_coding_without_the_budgets_calibration(
+    tmp_path, photo, capsys, monkeypatch
+):
+    # codec.py prints "encoded in N s" and "decoded in N s" under its default 2 GB
+    # budget; a whole-image model's calibration (seconds for Kamisli or an
+    # autoregressive zoo model) is not part of that coding.
+    measure = models.whole_image_memory._coding_peaks
+
+    def slow_measure(*args):
+        time.sleep(0.5)
+        return measure(*args)
+
+    monkeypatch.setattr(models.whole_image_memory, "_coding_peaks", slow_measure)
+    checkpoint = tmp_path / "model.pth.tar"
+    model = small_model("mbt2018-mean")
+    torch.save(
+        {"architecture": model.registry_name, "state_dict": model.state_dict()},
+        checkpoint,
+    )
+    encoded, decoded = tmp_path / "in.cps", tmp_path / "out.png"
+    assert codec.main(["encode", str(photo), str(encoded), "-p", str(checkpoint)]) == 0
+    assert (
+        codec.main(["decode", str(encoded), str(decoded), "-p", str(checkpoint)]) == 0
+    )
+    seconds = [
+        float(text.split(" in ")[1].split(" s")[0])
+        for text in capsys.readouterr().out.splitlines()
+    ]
+    assert len(seconds) == 2 and max(seconds) < 0.5, seconds
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_architecture_refuses_what_it_cannot_code_faithfully(name):
     # What the contract promises the scripts whatever the model: bad images and files
