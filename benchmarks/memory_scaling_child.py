@@ -66,6 +66,7 @@ def run_cps(
     coding_plan = CodingPlan(
         patch=PatchSpec(None if method == "cps-budget" else 0), budget_bytes=budget
     )
+    model.measure_budget_costs(coding_plan)  # as test.py and codec.py, untimed
     with (
         mock.patch.object(codec, "run_patchwise", timed_run_patchwise),
         mock.patch.object(planner, "choose_patches", recorded_plan),
