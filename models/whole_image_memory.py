@@ -17,7 +17,7 @@ encoding and decoding from the larger size along the line through both; below th
 larger size, the larger one's peak is taken as it is.
 """
 
-import weakref
+import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -53,10 +53,10 @@ class CodingCost:
         return int(peak * _SAFETY_FACTOR) + _SAFETY_BYTES
 
 
-# Per model (weakly held: a freed model takes its cost with it) and device.
-_COSTS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, CodingCost]]" = (
-    weakref.WeakKeyDictionary()
-)
+# Per architecture, constructor arguments and device: checkpoints of one
+# configuration share their cost (their weights change how long the strings are, not
+# which buffers coding allocates), so evaluating several of them calibrates once.
+_COSTS: Dict[Tuple[str, str, str], CodingCost] = {}
 
 
 def _coding_peaks(model: nn.Module, device: torch.device, side: int) -> List[int]:
@@ -74,11 +74,14 @@ def _coding_peaks(model: nn.Module, device: torch.device, side: int) -> List[int
 
 
 def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
-    """What coding an image whole costs ``model`` on ``device``, measured once (the
-    smaller calibration side rounded up to the model's factor)."""
-    costs = _COSTS.setdefault(model, {})
-    key = str(device)
-    if key not in costs:
+    """What coding an image whole costs ``model`` on ``device``, measured once per
+    configuration (the smaller calibration side rounded up to the model's factor)."""
+    key = (
+        model.registry_name,
+        json.dumps(model.config, sort_keys=True, default=str),
+        str(device),
+    )
+    if key not in _COSTS:
         factor = model.downsampling_factor
         small = factor * -(-CALIBRATION_SIDE // factor)
         large = 2 * small
@@ -86,7 +89,7 @@ def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
         small_peaks = _coding_peaks(model, device, small)
         large_peaks = _coding_peaks(model, device, large)
         added_area = large**2 - small**2
-        costs[key] = CodingCost(
+        _COSTS[key] = CodingCost(
             area=large**2,
             peaks=tuple(large_peaks),
             bytes_per_pixel=tuple(
@@ -94,7 +97,7 @@ def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
                 for little, big in zip(small_peaks, large_peaks)
             ),
         )
-    return costs[key]
+    return _COSTS[key]
 
 
 def check_whole_image_fits(

@@ -400,8 +400,10 @@ def test_a_decoded_image_must_have_exactly_the_size_of_its_operating_point(
 
 
 def _count_budget_measurements(monkeypatch) -> list:
-    """The calibrations the two budget checks run, recorded as they happen."""
+    """The calibrations the two budget checks run, recorded as they happen (the
+    whole-image costs measured by earlier tests forgotten)."""
     runs = []
+    monkeypatch.setattr(models.whole_image_memory, "_COSTS", {})
 
     def recorded(function):
         def run(*args, **kwargs):
@@ -458,6 +460,22 @@ def test_every_architecture_measures_its_budget_costs_before_coding(name, monkey
     assert len(runs) == measured
 
 
+def test_checkpoints_of_one_configuration_share_their_whole_image_calibration(
+    monkeypatch,
+):
+    # test.py checkpoint A B C of one Kamisli configuration calibrates once.
+    runs = _count_budget_measurements(monkeypatch)
+    plan = CodingPlan(budget_bytes=2**40)
+    small_model("kamisli2024", seed=0).measure_budget_costs(plan)
+    calibrated = len(runs)
+    small_model("kamisli2024", seed=1).measure_budget_costs(plan)
+    assert calibrated and len(runs) == calibrated
+    other = models.build_model("kamisli2024", block_size=4, N=8, M=8).eval()
+    other.update(force=True)
+    other.measure_budget_costs(plan)
+    assert len(runs) == 2 * calibrated
+
+
 def test_test_py_times_the_first_image_without_the_budgets_calibration(monkeypatch):
     calibrations = []
     measure = models.whole_image_memory._coding_peaks
@@ -467,6 +485,7 @@ def test_test_py_times_the_first_image_without_the_budgets_calibration(monkeypat
         time.sleep(0.5)
         return measure(*args)
 
+    monkeypatch.setattr(models.whole_image_memory, "_COSTS", {})
     monkeypatch.setattr(models.whole_image_memory, "_coding_peaks", slow_measure)
     coder = ModelCoder(small_model("mbt2018-mean"), CodingPlan(budget_bytes=2**40))
     coded = coder.code(torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8))
@@ -486,6 +505,8 @@ def test_codec_py_times_its_coding_without_the_budgets_calibration(
         time.sleep(0.5)
         return measure(*args)
 
+    costs = {}
+    monkeypatch.setattr(models.whole_image_memory, "_COSTS", costs)
     monkeypatch.setattr(models.whole_image_memory, "_coding_peaks", slow_measure)
     checkpoint = tmp_path / "model.pth.tar"
     model = small_model("mbt2018-mean")
@@ -495,6 +516,7 @@ def test_codec_py_times_its_coding_without_the_budgets_calibration(
     )
     encoded, decoded = tmp_path / "in.cps", tmp_path / "out.png"
     assert codec.main(["encode", str(photo), str(encoded), "-p", str(checkpoint)]) == 0
+    costs.clear()  # as a decoding process has measured nothing yet
     assert (
         codec.main(["decode", str(encoded), str(decoded), "-p", str(checkpoint)]) == 0
     )
