@@ -112,16 +112,25 @@ def verification_plan(model: nn.Module, plan: CodingPlan) -> CodingPlan:
     return plan.with_(patch=PatchSpec(2 * geometry.min_patch_size))
 
 
-def _check_point(model: nn.Module, point: int) -> None:
-    """Refuse an operating point ``model`` does not have."""
-    if not 0 <= point < model.operating_points:
-        raise ValueError(
-            f"operating point {point} does not exist; "
-            f"{model.registry_name} has {model.operating_points}"
-        )
+class _PointCoder(Coder):
+    """A coder of operating point ``point`` of a registered model: the point checked,
+    ``layer`` set for a scalable model (None otherwise), and the reference image the
+    point is measured against."""
+
+    def __init__(self, model: nn.Module, point: int):
+        if not 0 <= point < model.operating_points:
+            raise ValueError(
+                f"operating point {point} does not exist; "
+                f"{model.registry_name} has {model.operating_points}"
+            )
+        self.model, self.point = model, point
+        self.layer = point if model.operating_points > 1 else None
+
+    def reference_image(self, image: Tensor) -> Tensor:
+        return self.model.reference_image(image, self.point).cpu()
 
 
-class ModelCoder(Coder):
+class ModelCoder(_PointCoder):
     """Operating point ``point`` of a registered model, coded to real container bytes.
 
     Args:
@@ -142,10 +151,9 @@ class ModelCoder(Coder):
         count_header: bool = True,
         verify: bool = False,
     ):
-        _check_point(model, point)
-        self.model, self.point, self.verify = model, point, verify
+        super().__init__(model, point)
+        self.verify = verify
         self.plan = plan.with_(layers=point + 1) if model.operating_points > 1 else plan
-        self.layer = point if model.operating_points > 1 else None
         self.count_header = count_header and model.rate_includes_container
         self.device = model_device(model)
         self.description = self._describe()
@@ -178,9 +186,6 @@ class ModelCoder(Coder):
             f"{parts[0]} ({'; '.join(parts[1:]) or 'whole image'}); "
             f"bpp from the {counted}"
         )
-
-    def reference_image(self, image: Tensor) -> Tensor:
-        return self.model.reference_image(image, self.point).cpu()
 
     def code(self, image: Tensor) -> Coded:
         self.model.measure_budget_costs(self.plan)  # not part of any image's figures
@@ -225,7 +230,7 @@ class ModelCoder(Coder):
         return forward_bits(self.model, image)
 
 
-class EstimationCoder(Coder):
+class EstimationCoder(_PointCoder):
     """One forward pass; the rate is ``sum(-log2 p)`` of the likelihoods.
 
     The forward time is reported as the encoding time; there is no decoding time.
@@ -238,14 +243,12 @@ class EstimationCoder(Coder):
     def __init__(
         self, model: nn.Module, half: bool = False, point: Optional[int] = None
     ):
-        if point is None:
-            point = model.operating_points - 1
-        _check_point(model, point)
-        self.model = model.half() if half else model
+        super().__init__(
+            model.half() if half else model,
+            model.operating_points - 1 if point is None else point,
+        )
         self.dtype = torch.float16 if half else torch.float32
         self.device = model_device(model)
-        self.point = point
-        self.layer = point if model.operating_points > 1 else None
         self.description = (
             f"entropy estimation: bpp from the likelihoods of a "
             f"{'float16' if half else 'float32'} forward pass, no bitstream"
@@ -254,11 +257,6 @@ class EstimationCoder(Coder):
             self.description += (
                 "; layer k: the likelihoods of layers <= k over layer k's pixels"
             )
-
-    def reference_image(self, image: Tensor) -> Tensor:
-        if self.layer is None:
-            return image
-        return self.model.reference_image(image, self.point).cpu()
 
     def code(self, image: Tensor) -> Coded:
         height, width = self.reference_image(image).shape[1:]
