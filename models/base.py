@@ -155,8 +155,8 @@ class LearnedCodec(nn.Module, abc.ABC):
     def measure_budget_costs(self, plan: CodingPlan) -> None:
         """Take now the measurements that checking ``plan``'s memory budget needs, so
         that they do not land in the first image's timed coding (``test.py`` and
-        ``codec.py`` call this before they time). Each is made once per model and
-        device; coding makes any that are missing. Nothing to measure without a
+        ``codec.py`` call this before they time). Each is made once and kept;
+        coding makes any that are missing. Nothing to measure without a
         budget, nor for a model whose budget check measures nothing (this default)."""
 
     def default_loss(self, lmbda: float, metric: str = "mse") -> nn.Module:

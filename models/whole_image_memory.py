@@ -27,10 +27,9 @@ from torch import nn
 from models.base import CodingPlan, LearnedCodec
 from utils.device import model_device
 from utils.memory import format_memory, memory_in_use, peak_added
+from utils.stitching.planner import SAFETY_BYTES, SAFETY_FACTOR
 
 CALIBRATION_SIDE = 128
-_SAFETY_FACTOR = 1.1
-_SAFETY_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class CodingCost:
             measured + slope * further
             for measured, slope in zip(self.peaks, self.bytes_per_pixel)
         )
-        return int(peak * _SAFETY_FACTOR) + _SAFETY_BYTES
+        return int(peak * SAFETY_FACTOR) + SAFETY_BYTES
 
 
 # Per architecture, constructor arguments and device: checkpoints of one

@@ -47,9 +47,11 @@ from utils.stitching.spec import PatchSpec
 from utils.stitching.transforms import input_preparation, transform_mode
 
 CALIBRATION_PATCH = 256
-# Slack on top of the measured working memory: the calibration patch is smaller
-# than most planned ones, allocator rounding, small temporaries.
-_SAFETY_FACTOR = 1.1
+# Slack on top of measured working memory (here and for the whole-image models,
+# ``models/whole_image_memory.py``): calibration images are smaller than most coded
+# ones, allocator rounding, small temporaries.
+SAFETY_FACTOR = 1.1
+SAFETY_BYTES = 16 * 2**20
 # On the CPU, transforms keep freed blocks in glibc's heap for the next patch
 # (``utils/memory.py``), and over many patches they fragment: in the 91 patches of a
 # 7680x4320 analysis the retained free heap grew from 609 to 699 MB (+15 %), and
@@ -58,7 +60,6 @@ _SAFETY_FACTOR = 1.1
 _HEAP_FRAGMENTATION = 1.2
 # Copies of a padded rANS string alive while CompressAI's decoder takes it.
 _PADDED_STREAM_COPIES = 3
-_SAFETY_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ class TransformCost:
         """Predicted peak added by one batch of ``batch`` patches of
         height x width pixels."""
         return (
-            int(self.bytes_per_pixel * batch * height * width * _SAFETY_FACTOR)
-            + _SAFETY_BYTES
+            int(self.bytes_per_pixel * batch * height * width * SAFETY_FACTOR)
+            + SAFETY_BYTES
         )
 
 
@@ -127,7 +128,7 @@ def entropy_phase_bytes(
     else:
         stream_bytes = _PADDED_STREAM_COPIES * PADDING_BYTES_PER_SYMBOL * stream_symbols
     hyper_bytes = CHUNK_COPIES * 8 * 2 * channels * hyper_chunk
-    return int((per_position * positions + hyper_bytes + stream_bytes) * _SAFETY_FACTOR)
+    return int((per_position * positions + hyper_bytes + stream_bytes) * SAFETY_FACTOR)
 
 
 def _axis_tiling(
