@@ -9,19 +9,21 @@ auxiliary optimizer:
 
 * ``compressai_example``: the body of CompressAI's ``examples/train.py``
   ``train_one_epoch`` written out (zero_grad, forward, loss, backward, clip, step,
-  aux_loss backward, aux step);
-* ``train_py``: :class:`utils.training.step.TrainStep` as ``train.py`` runs it: per-step
-  RNG seeding, a non-finite check of the statistics (one host sync per step),
-  clipping of the network's parameters only; on CUDA also with channels_last,
-  with bfloat16 autocast, and with both (``train_py_channels_last``,
-  ``train_py_bf16``, ``train_py_bf16_channels_last``), so that each option's share
-  of the speed-up is visible, and replayed as a CUDA graph in float32 and with both
-  options (``train_py_cuda_graph``, ``train_py_bf16_channels_last_cuda_graph``);
+  aux_loss backward, aux step), with the example's optimizers (unfused Adam);
+* ``train_py``: :class:`utils.training.step.TrainStep` as ``train.py`` runs it:
+  per-step RNG seeding, fused Adam that skips a non-finite step on the device,
+  clipping of the network's parameters only, and each step's statistics read back
+  after the next step is launched (the CPU never waits for the GPU); on CUDA also
+  with channels_last, with bfloat16 autocast, and with both
+  (``train_py_channels_last``, ``train_py_bf16``, ``train_py_bf16_channels_last``),
+  so that each option's share of the speed-up is visible, and replayed as a CUDA
+  graph in float32 and with both options (``train_py_cuda_graph``,
+  ``train_py_bf16_channels_last_cuda_graph``);
 * on CUDA, ``compressai_example_host_read``: the example loop reading its loss back
-  to the CPU where ``train_py`` reads its statistics (after clipping, before the
-  optimizers step). The example never waits for the GPU, so the CPU queues step
-  k+1 while the GPU runs step k; the read makes the CPU wait instead. This row shows
-  how much of ``train_py``'s gap to the example that one wait costs.
+  to the CPU after clipping, before the optimizers step, which makes the CPU wait
+  for the GPU once per step instead of queueing step k+1 while the GPU runs step k.
+  It shows what such a wait costs (``train.py`` read its statistics there until its
+  steps were split in a launch and a deferred finish).
 
 The batch is a fixed random tensor already on the device, so the figures measure
 the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
@@ -42,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from compressai.losses import RateDistortionLoss
+from compressai.optimizers import net_aux_optimizer
 
 import models
 from benchmarks.results_io import (
@@ -50,7 +53,8 @@ from benchmarks.results_io import (
     save_results,
 )
 from utils.cli import run_main
-from utils.training.step import TrainStep, build_optimizers
+from utils.training.optimizers import build_optimizers
+from utils.training.step import TrainStep
 
 
 def parse_args(argv):
@@ -114,6 +118,13 @@ def compressai_example_step(
     return step
 
 
+def example_optimizers(model, lr, aux_lr):
+    """The optimizers of CompressAI's example: Adam as PyTorch defaults it."""
+    conf = {"net": {"type": "Adam", "lr": lr}, "aux": {"type": "Adam", "lr": aux_lr}}
+    optimizers = net_aux_optimizer(model, conf)
+    return optimizers["net"], optimizers["aux"]
+
+
 def _loops(base, device, lmbda):
     """Yield ``(name, model, step(x, i))`` per loop; every model starts as ``base``.
 
@@ -135,12 +146,13 @@ def _loops(base, device, lmbda):
         if options.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         criterion = RateDistortionLoss(lmbda)
-        optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
         if name.startswith("compressai_example"):
+            optimizer, aux_optimizer = example_optimizers(model, 1e-4, 1e-3)
             step = compressai_example_step(
                 model, criterion, optimizer, aux_optimizer, 1.0, **options
             )
         else:
+            optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
             step = TrainStep(
                 model,
                 model,
@@ -161,19 +173,29 @@ def _sync(device):
 def measure(step, x, device, steps, warmup, repeats):
     """Median images/s and ms/step of ``step``.
 
-    Taken over ``repeats`` runs of ``steps`` calls.
+    Taken over ``repeats`` runs of ``steps`` calls. A :class:`TrainStep` runs as
+    ``train.py`` runs it: each call launches a step and reads the one before, and
+    the last is read before the clock stops.
     """
-    for i in range(warmup):
-        step(x, i)
-    _sync(device)
+    train_step = step if isinstance(step, TrainStep) else None
+    call = step.launch if train_step else step
+    last = None
+
+    def run(first: int, count: int):
+        nonlocal last
+        for i in range(first, first + count):
+            call(x, i)
+        if train_step:
+            last = train_step.finish()
+        _sync(device)
+
+    run(0, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings = []
     for r in range(repeats):
         start = time.perf_counter()
-        for i in range(steps):
-            last = step(x, warmup + r * steps + i)
-        _sync(device)
+        run(warmup + r * steps, steps)
         timings.append(time.perf_counter() - start)
     seconds = statistics.median(timings)
     result = {
@@ -182,7 +204,7 @@ def measure(step, x, device, steps, warmup, repeats):
         "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings],
     }
     # Same weights, batch and seeds: comparable across loops.
-    if isinstance(step, TrainStep):
+    if train_step:
         result.update(final_loss=last["loss"], graph_replayed=step.graph_captured)
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

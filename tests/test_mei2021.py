@@ -14,7 +14,8 @@ import models
 from models.mei2021.loss import ScalableRDLoss
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.pyramid import image_pyramid, pyramid_sizes, reference_pyramid
-from utils.training.step import TrainStep, build_optimizers
+from utils.training.optimizers import build_optimizers
+from utils.training.step import TrainStep
 
 QUALITY_WIDTHS = [8, 10, 12, 14]
 SPATIAL_WIDTHS = [8, 10, 12]

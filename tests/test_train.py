@@ -27,13 +27,8 @@ from models.weight_checks import entropy_tables_ready
 from utils.training.config import load_config, to_plain_dict
 from utils.training.distributed import DistContext
 from utils.training.loop import Trainer
-from utils.training.step import (
-    NonFiniteLossError,
-    TrainStep,
-    build_optimizers,
-    build_scheduler,
-    step_seed,
-)
+from utils.training.optimizers import build_optimizers, build_scheduler
+from utils.training.step import NonFiniteLossError, TrainStep, step_seed
 
 # Tiny models train many times faster on one thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,8 @@ import torch
 from compressai.losses import RateDistortionLoss
 
 import models
-from utils.training.step import TrainStep, build_optimizers, step_seed
+from utils.training.optimizers import build_optimizers
+from utils.training.step import TrainStep, step_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(

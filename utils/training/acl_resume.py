@@ -15,6 +15,7 @@ from models.checkpoint import load_state_dict_into, unwrap_state_dict
 from models.checkpoint_file import read_checkpoint_file
 from utils.training.acl import ACLState
 from utils.training.config import LAST_NAME as STATE_NAME
+from utils.training.optimizers import restart_plateau
 from utils.training.resume import (
     LOSS_KEYS,
     check_not_behind,
@@ -22,7 +23,6 @@ from utils.training.resume import (
     report_config_changes,
 )
 from utils.training.state import check_resume_entries, load_entry, with_configured_state
-from utils.training.step import restart_plateau
 
 __all__ = ["ACL_LOSS_KEYS", "read_acl_checkpoint", "resume_acl"]
 

@@ -4,7 +4,8 @@
 
     config ──► Trainer.__init__: build_model (registry) ─► datasets + EpochSampler
                                  ─► resume | init-from ─► DataLoader ─► DDP
-    fit(): for epoch, for batch:  TrainStep (seeded by step) ─► log (tqdm, TensorBoard)
+    fit(): for epoch, for batch:  launch step k (seeded by k) ─► finish step k-1
+                                  ─► log (tqdm, TensorBoard)
                                   ├─ epoch end / val_interval: validate ─► LR plateau
                                   │                            ─► save last (+ best)
                                   ├─ checkpoint_interval: save last
@@ -13,6 +14,11 @@
 
 Rank 0 alone logs and writes files; every rank trains, validates on its share of
 the test crops (the sums are all-reduced) and steps the same LR schedule.
+
+A step's statistics are read (finished) after the next step is launched, so the CPU
+queues work while the GPU runs; what needs them at once (a log write, the epoch's
+end, a checkpoint, the end of the run) finishes the step in flight first. A stop
+request therefore ends the run after the step that follows the request's.
 """
 
 import os
@@ -30,16 +36,24 @@ from utils.training.config import BEST_NAME, LAST_NAME
 from utils.training.distributed import on_rank_0
 from utils.training.images import RunImages
 from utils.training.monitor import (
+    EpochProgress,
     LogStream,
     StepWindow,
     write_train_scalars,
     write_validation,
 )
+from utils.training.optimizers import (
+    build_optimizers,
+    build_scheduler,
+    restart_plateau,
+)
 from utils.training.resume import (
+    best_checkpoint_note,
     check_experiment_folder,
     check_not_behind,
     check_resume_position,
     forgotten_bests_warning,
+    moved_run_note,
     report_config_changes,
     run_finished,
 )
@@ -52,20 +66,11 @@ from utils.training.state import (
     restore,
     save_checkpoint,
 )
-from utils.training.step import (
-    TrainStep,
-    build_optimizers,
-    build_scheduler,
-    coding_state_dict,
-    restart_plateau,
-)
+from utils.training.step import TrainStep, coding_state_dict
+from utils.training.stop_requests import StopRequests
 from utils.training.validation import validate
 
 __all__ = ["Trainer"]
-
-
-def _folder(path: str) -> str:
-    return os.path.normcase(os.path.abspath(path))
 
 
 class Trainer:
@@ -82,8 +87,10 @@ class Trainer:
 
     def __init__(self, cfg, ctx: distributed.DistContext, log=None):
         self.cfg, self.ctx = cfg, ctx
-        self.log_stream = LogStream(log or sys.stderr, self._on_reader_gone)
-        self._stop_signal: Optional[int] = None
+        self.stops = StopRequests()
+        self.log_stream = LogStream(log or sys.stderr, self.stops.reader_gone)
+        self._stop_agreed = False  # a stop request read back from a step
+        self._progress: Optional[EpochProgress] = None
         data, params = cfg.train_data, cfg.train_params
         self.exp = data.experiment_path
         resumed_from = data.use_checkpoint_path
@@ -189,13 +196,9 @@ class Trainer:
                 f"resuming {path} at step {self.pos.global_step} "
                 f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})"
             )
-            written_in = ((checkpoint.get("config") or {}).get("train_data") or {}).get(
-                "experiment_path"
-            )
-            if isinstance(written_in, str) and _folder(written_in) != _folder(self.exp):
-                self.log(
-                    f"the run continues in {self.exp}; it was written in {written_in}"
-                )
+            moved = moved_run_note(checkpoint, self.exp)
+            if moved:
+                self.log(moved)
             if report_config_changes(checkpoint.get("config"), self.cfg, self.log):
                 self._forget_best_loss()
         elif data.init_checkpoint_path:
@@ -221,16 +224,12 @@ class Trainer:
     # ------------------------------------------------------------ main loop
     def fit(self) -> int:
         """Train until ``epochs`` or ``max_steps``; return the process exit status."""
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, self._on_signal)
         try:
-            return self._fit()
+            with self.stops.caught():
+                return self._fit()
         except TooManyUnusableImages as exc:
             raise TooManyUnusableImages(f"{exc}{self._keep_progress()}") from None
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             if self.writer is not None:
                 self.writer.close()
             self._stop_workers()
@@ -259,76 +258,53 @@ class Trainer:
             f"--resume {os.path.join(self.exp, LAST_NAME)}"
         )
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-        # A second Ctrl-C kills the process at once.
-        signal.signal(signum, signal.SIG_DFL)
-
-    def _on_reader_gone(self) -> None:
-        """The log's reader went away: stop after this step (a signal's stop wins)."""
-        if self._stop_signal is None:
-            self._stop_signal = signal.SIGPIPE
-
     def _fit(self) -> int:
-        from tqdm import tqdm
-
-        log_settings = self.cfg.logging
-        data = self.cfg.train_data
+        log_interval = self.cfg.logging.log_interval
         self.raw.train()
         while not run_finished(self.cfg, self.pos):
             self.images.train_sampler.set_epoch(
-                self.pos.epoch, self.pos.epoch_step * data.batch_size
+                self.pos.epoch, self.pos.epoch_step * self.cfg.train_data.batch_size
             )
-            bar = tqdm(
-                total=self.steps_per_epoch,
-                initial=self.pos.epoch_step,
-                desc=f"epoch {self.pos.epoch}",
-                dynamic_ncols=True,
-                leave=False,
-                disable=not (self.ctx.is_main and log_settings.progress),
-                file=self.log_stream,
+            self._progress = progress = EpochProgress(
+                self.pos.epoch,
+                self.steps_per_epoch,
+                self.pos.epoch_step,
+                self.ctx.is_main and self.cfg.logging.progress,
+                self.log_stream,
             )
-            # running: this epoch, for the bar.
-            window, running = StepWindow(), StepWindow()
             for x, skipped in self.train_loader:
-                window.data_done()
+                progress.window.data_done()
                 self.unusable["training"].note(skipped)
                 x = x.to(self.ctx.device, non_blocking=True)
-                stats = self.step(
-                    x, self.pos.global_step, self._stop_signal is not None
+                # Returns the statistics of the step before, read once this one is
+                # queued: the CPU never waits for the GPU to run out of work.
+                self._record(
+                    self.step.launch(x, self.pos.global_step, self.stops.requested)
                 )
                 self.pos.global_step += 1
                 self.pos.epoch_step += 1
-                self.pos.nonfinite_in_a_row = self.step.nonfinite_in_a_row
                 if self.schedule_per == "step":
                     self.scheduler.step()
-                window.add(stats)
-                running.add(stats)
-                if running.count:  # shown by the update's refresh
-                    means = running.means()
-                    bar.set_postfix(
-                        loss=f"{means['loss']:.4f}",
-                        bpp=f"{means['bpp']:.3f}",
-                        psnr=f"{means['psnr']:.2f}",
-                        refresh=False,
-                    )
-                bar.update(1)
-                if self.pos.global_step % log_settings.log_interval == 0:
-                    self._log_train(window)
-                    window = StepWindow()
+                progress.bar.update(1)
+                log_due = self.pos.global_step % log_interval == 0
                 epoch_done = self.pos.epoch_step == self.steps_per_epoch
+                if log_due or epoch_done:  # they need this step's statistics now
+                    self._record(self.step.finish())
+                if log_due:
+                    self._log_train(progress.take_window())
                 if epoch_done:
                     self.pos.epoch += 1
                     self.pos.epoch_step = 0
-                    bar.close()  # before the validation line, not redrawn below it
+                    progress.bar.close()  # before the validation line, not redrawn
                 self._after_step(epoch_done)
-                if stats["stop"] > 0:
-                    bar.close()
+                if self._stop_agreed:
+                    progress.bar.close()
                     return self._stop()
                 if run_finished(self.cfg, self.pos):
                     break
-                window.data_wait()
-            bar.close()
+                progress.window.data_wait()
+            progress.bar.close()
+        self._record(self.step.finish())
         # A run that ends before its first validation (max_steps inside the first epoch
         # with val_interval 0) validates once, so that every finished run leaves a
         # best checkpoint. Runs that validated keep their schedule: an extra validation
@@ -340,26 +316,20 @@ class Trainer:
             self._save(best=False)
         self.log(
             f"done at step {self.pos.global_step}; checkpoints in {self.exp}"
-            f"{self._best_note()}"
+            f"{best_checkpoint_note(self.pos, self.cfg.logging.val_interval)}"
         )
         return 0
 
-    def _best_note(self) -> str:
-        """Where the best checkpoint comes from, when not from the last step (a resumed
-        run that ends between validations keeps the best of the earlier ones)."""
-        best, step = self.pos.best_step, self.pos.global_step
-        if best is None or best == step:
-            return ""
-        interval = self.cfg.logging.val_interval
-        schedule = (
-            f"every {interval} steps (logging.val_interval)"
-            if interval
-            else "at the end of each epoch"
-        )
-        return (
-            f"; {BEST_NAME} is from step {best}, the best of the validations, which "
-            f"run {schedule}"
-        )
+    def _record(self, stats: Optional[Dict[str, float]]) -> None:
+        """A finished step's statistics (none: no step was in flight), into the
+        progress, the position's non-finite streak (which checkpoints store) and the
+        stop agreed by the ranks. Every rank finishes the same steps at the same
+        point of the loop."""
+        if stats is None:
+            return
+        self.pos.nonfinite_in_a_row = self.step.nonfinite_in_a_row
+        self._progress.add(stats)
+        self._stop_agreed = self._stop_agreed or stats["stop"] > 0
 
     def _after_step(self, epoch_done: bool) -> None:
         val_interval = self.cfg.logging.val_interval
@@ -373,7 +343,7 @@ class Trainer:
             self._save(best=False)
 
     def _stop(self) -> int:
-        signum = self._stop_signal or signal.SIGTERM
+        signum = self.stops.signal or signal.SIGTERM
         if self._saved_at != self.pos.global_step:
             self._save(best=False)
         name = signal.Signals(signum).name
@@ -417,6 +387,7 @@ class Trainer:
         return metrics
 
     def _save(self, best: bool) -> None:
+        self._record(self.step.finish())  # the step in flight: its streak is saved
         self._saved_at = self.pos.global_step
         if not self.ctx.is_main:
             return

@@ -11,7 +11,13 @@ from torch import Tensor
 from utils.cli import silence_gone_readers
 from utils.training.step import STAT_NAMES
 
-__all__ = ["LogStream", "StepWindow", "write_train_scalars", "write_validation"]
+__all__ = [
+    "LogStream",
+    "StepWindow",
+    "EpochProgress",
+    "write_train_scalars",
+    "write_validation",
+]
 
 # The step statistics logged as ``train/<name>`` (``stop`` is a flag, not a figure).
 LOGGED_STATS = ("loss", "mse", "bpp", "aux", "grad_norm", "psnr")
@@ -81,6 +87,49 @@ class StepWindow:
     def means(self) -> Dict[str, float]:
         """The mean of each statistic over the steps added (at least one)."""
         return {k: v / self.count for k, v in self.sums.items()}
+
+
+class EpochProgress:
+    """What an epoch shows while it runs: a progress bar with the epoch's running
+    means, and the :class:`StepWindow` of the next TensorBoard write.
+
+    Args:
+        epoch, total, done: the epoch, its steps, and those already done (resumed).
+        shown: whether the bar is drawn (rank 0, ``logging.progress``).
+        stream: where the bar is drawn.
+    """
+
+    def __init__(self, epoch: int, total: int, done: int, shown: bool, stream):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc=f"epoch {epoch}",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not shown,
+            file=stream,
+        )
+        self.window, self._running = StepWindow(), StepWindow()
+
+    def add(self, stats: Dict[str, float]) -> None:
+        """A finished step's statistics, into the window and the bar's means."""
+        self.window.add(stats)
+        self._running.add(stats)
+        if self._running.count:  # shown by the bar's next refresh
+            means = self._running.means()
+            self.bar.set_postfix(
+                loss=f"{means['loss']:.4f}",
+                bpp=f"{means['bpp']:.3f}",
+                psnr=f"{means['psnr']:.2f}",
+                refresh=False,
+            )
+
+    def take_window(self) -> StepWindow:
+        """The window so far, which a new one replaces."""
+        window, self.window = self.window, StepWindow()
+        return window
 
 
 def write_train_scalars(

@@ -21,6 +21,8 @@ from utils.training.state import TrainPosition, read_resume_checkpoint
 
 __all__ = [
     "run_finished",
+    "best_checkpoint_note",
+    "moved_run_note",
     "check_resume_position",
     "check_not_behind",
     "check_experiment_folder",
@@ -52,6 +54,39 @@ def run_finished(cfg, position: TrainPosition) -> bool:
     if max_steps and position.global_step >= max_steps:
         return True
     return position.epoch >= cfg.train_data.epochs
+
+
+def best_checkpoint_note(position: TrainPosition, val_interval: int) -> str:
+    """Where the best checkpoint comes from, when not from the last step (a resumed
+    run that ends between validations keeps the best of the earlier ones), as the
+    end of the run's last line."""
+    best = position.best_step
+    if best is None or best == position.global_step:
+        return ""
+    schedule = (
+        f"every {val_interval} steps (logging.val_interval)"
+        if val_interval
+        else "at the end of each epoch"
+    )
+    return (
+        f"; {BEST_NAME} is from step {best}, the best of the validations, which "
+        f"run {schedule}"
+    )
+
+
+def moved_run_note(checkpoint: dict, experiment: str) -> Optional[str]:
+    """A line for a resume whose checkpoint was written in another folder than the
+    one the run continues in (``experiment``), or None."""
+    written_in = ((checkpoint.get("config") or {}).get("train_data") or {}).get(
+        "experiment_path"
+    )
+    if not isinstance(written_in, str) or _same_folder(written_in, experiment):
+        return None
+    return f"the run continues in {experiment}; it was written in {written_in}"
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
 def check_resume_position(

@@ -45,6 +45,7 @@ from models.checkpoint import (
 from models.checkpoint_file import read_checkpoint_file
 from utils.atomic import atomic_torch_save
 from utils.training.config import LAST_NAME, to_plain_dict
+from utils.training.optimizers import with_implementation_of
 
 __all__ = [
     "TrainPosition",
@@ -275,10 +276,16 @@ def stored_config(path: str) -> dict:
 
 
 def load_entry(target, checkpoint: dict, key: str, path: str) -> None:
-    """``target.load_state_dict(checkpoint[key])``; a one-line error names ``key``."""
+    """``target.load_state_dict(checkpoint[key])``; a one-line error names ``key``.
+
+    An optimizer keeps its own implementation (fused or not, see
+    :func:`utils.training.optimizers.with_implementation_of`)."""
     try:
-        _check_like(target.state_dict(), checkpoint[key])
-        target.load_state_dict(checkpoint[key])
+        stored = checkpoint[key]
+        if isinstance(target, torch.optim.Optimizer) and isinstance(stored, dict):
+            stored = with_implementation_of(target, stored)
+        _check_like(target.state_dict(), stored)
+        target.load_state_dict(stored)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ValueError(

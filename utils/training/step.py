@@ -2,13 +2,17 @@
 
 The step follows CompressAI's ``examples/train.py`` (main loss with
 ``RateDistortionLoss``, gradient clipping, then a separate auxiliary optimizer for
-the entropy bottleneck's quantiles) with five additions:
+the entropy bottleneck's quantiles) with six additions:
 
 * the global RNG is re-seeded from ``(seed, step, rank)`` before each step, so the
   quantisation noise of step ``k`` is the same whether or not the run was
   interrupted before it (no generator state needs saving or restoring);
 * a non-finite loss or gradient skips the update with a warning, and the run stops
   after ``max_nonfinite_steps`` such steps in a row;
+* the step never waits for the GPU: the skip is decided on the device (fused Adam's
+  ``found_inf``, :mod:`utils.training.optimizers`) and the statistics come back to
+  the CPU on their own (:class:`PendingStatistics`), so ``train.py`` queues step
+  ``k + 1`` while the GPU runs step ``k``, as the example loop does;
 * optional bfloat16 autocast and channels_last memory format for GPUs;
 * on a GPU, optionally, the forward and backward passes replayed as one CUDA graph
   (``cuda_graph``): at batch 8 a CPS step launches a thousand small kernels, and
@@ -24,7 +28,6 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from compressai.optimizers import net_aux_optimizer
 from torch import Tensor, nn
 
 from utils.training.distributed import (
@@ -32,12 +35,11 @@ from utils.training.distributed import (
     aux_parameter_names,
     average_gradients,
 )
+from utils.training.optimizers import check_fused, step_unless
 
 __all__ = [
-    "build_optimizers",
-    "build_scheduler",
-    "restart_plateau",
     "step_seed",
+    "PendingStatistics",
     "TrainStep",
     "NonFiniteLossError",
     "coding_state_dict",
@@ -68,60 +70,6 @@ class _CapturedStep(NamedTuple):
     grads: List[Optional[Tensor]]  # the gradient tensors the graph writes
 
 
-def build_optimizers(model: nn.Module, lr: float, aux_lr: float):
-    """Adam for the network, a separate Adam for the quantiles (CompressAI's split)."""
-    if not aux_parameter_names(model):
-        # No EntropyBottleneck (kamisli2024): no quantiles to train. The aux
-        # optimizer then holds one empty tensor, so that steps, checkpoints and
-        # resume stay uniform.
-        return (
-            torch.optim.Adam(model.parameters(), lr=lr),
-            torch.optim.Adam([torch.zeros(0, requires_grad=True)], lr=aux_lr),
-        )
-    conf = {"net": {"type": "Adam", "lr": lr}, "aux": {"type": "Adam", "lr": aux_lr}}
-    optimizers = net_aux_optimizer(model, conf)
-    return optimizers["net"], optimizers["aux"]
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, total_steps: int):
-    """The learning-rate schedule of ``lr_schedule``.
-
-    Returns ``(scheduler, per)``; ``per`` is ``"validation"`` for the plateau
-    schedule (stepped with the validation loss, as the authors do) and ``"step"``
-    for the others (stepped after every training step; milestones are global steps).
-    """
-    kind = sched_cfg["type"]
-    lr_sched = torch.optim.lr_scheduler
-    if kind == "plateau":
-        return lr_sched.ReduceLROnPlateau(
-            optimizer,
-            "min",
-            factor=sched_cfg["factor"],
-            patience=sched_cfg["patience"],
-            min_lr=sched_cfg["min_lr"],
-        ), "validation"
-    if kind == "multistep":
-        return lr_sched.MultiStepLR(
-            optimizer,
-            milestones=list(sched_cfg["milestones"]),
-            gamma=sched_cfg["factor"],
-        ), "step"
-    if kind == "cosine":
-        return lr_sched.CosineAnnealingLR(
-            optimizer, T_max=max(1, total_steps), eta_min=sched_cfg["min_lr"]
-        ), "step"
-    if kind == "constant":
-        return lr_sched.ConstantLR(optimizer, factor=1.0, total_iters=0), "step"
-    raise ValueError(f"unknown lr_schedule.type {kind!r}")
-
-
-def restart_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
-    """Make ``scheduler`` forget its best loss and its epochs without improvement,
-    after a change of the loss: the next validation loss becomes its best."""
-    scheduler.best = scheduler.mode_worse
-    scheduler.num_bad_epochs = 0
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNG for training step ``step`` on ``rank`` (a 63-bit mix)."""
     mixed = (
@@ -147,13 +95,49 @@ def _to_float32(value):
     return value
 
 
+class PendingStatistics:
+    """The statistics of a launched step (:data:`STAT_NAMES`) on their way to the CPU.
+
+    On a GPU the copy is queued behind the step, into pinned memory, and waited for
+    only by :meth:`read`; on the CPU the values are there at once.
+
+    Args:
+        step: the global step they belong to.
+        values: the rank-averaged statistics, one float32 tensor.
+    """
+
+    def __init__(self, step: int, values: Tensor):
+        self.step = step
+        self._ready: Optional["torch.cuda.Event"] = None
+        self._values = values
+        if values.is_cuda:
+            self._values = torch.empty(values.shape, dtype=values.dtype).pin_memory()
+            self._values.copy_(values, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(values.device))
+
+    def read(self) -> List[float]:
+        """The values, once the step has run (waits for it on a GPU)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._values.tolist()
+
+
 class TrainStep:
-    """Callable that performs one optimisation step on a batch.
+    """Optimisation steps that never make the CPU wait for the device.
+
+    :meth:`launch` queues a step (forward, backward, clipping, both optimizers'
+    steps, skipped on the device if a statistic is not finite), then reads the
+    statistics of the step launched before it: step ``k`` is read once step
+    ``k + 1`` is queued, so the GPU always has work while the CPU waits.
+    :meth:`finish` reads the step in flight at once (for a log write or a
+    checkpoint); calling the object runs one step and waits for it.
 
     Args:
         model: the (possibly DDP-wrapped) model; ``raw`` is the unwrapped one.
         criterion: the model's ``default_loss`` (``models/base.py``).
-        optimizer, aux_optimizer: from :func:`build_optimizers`.
+        optimizer, aux_optimizer: fused, from
+            :func:`utils.training.optimizers.build_optimizers`.
         clip_max_norm: gradient clipping threshold; 0 disables clipping.
         amp: bfloat16 autocast for the forward pass.
         channels_last: feed NHWC batches (the model must have been converted).
@@ -163,8 +147,8 @@ class TrainStep:
             the loss, the backward passes and the clipping as one CUDA graph after
             :data:`STEPS_BEFORE_CAPTURE` eager steps, and replay it from then on. The
             optimizers still step eagerly (a few fused kernels), so learning-rate
-            schedules and checkpoints are unchanged, and the non-finite check still
-            decides whether they step. Each replay follows :func:`torch.manual_seed`,
+            schedules and checkpoints are unchanged, and a non-finite statistic
+            still skips their step. Each replay follows :func:`torch.manual_seed`,
             which resets the offset of the graph's random numbers, so the noise of
             step ``k`` is drawn as in eager mode. A model whose forward pass cannot
             be captured (one that reads a value back to the CPU, say) trains eagerly
@@ -186,6 +170,7 @@ class TrainStep:
         rank: int = 0,
         cuda_graph: bool = False,
     ):
+        check_fused((optimizer, aux_optimizer))
         self.model, self.raw, self.criterion = model, raw, criterion
         self.optimizer, self.aux_optimizer = optimizer, aux_optimizer
         self.clip_max_norm = clip_max_norm
@@ -202,6 +187,7 @@ class TrainStep:
         self.aux_params = [p for n, p in named if n in aux_names]
         self.cuda_graph = cuda_graph
         self.steps_taken = 0
+        self._in_flight: Optional[PendingStatistics] = None
         self._captured: Optional[_CapturedStep] = None
         self._side_stream: Optional["torch.cuda.Stream"] = None
 
@@ -236,11 +222,22 @@ class TrainStep:
     def __call__(
         self, x: Tensor, step: int, stop_request: bool = False
     ) -> Dict[str, float]:
-        """Train on batch ``x`` (B, 3, H, W) in [0, 1] as global step ``step``.
+        """One step, waited for: :meth:`launch` then :meth:`finish` (a step that
+        was in flight before is finished, and its statistics dropped)."""
+        self.launch(x, step, stop_request)
+        return self.finish()
 
-        ``stop_request`` (e.g. a signal arrived) is OR-ed over ranks and returned
-        as ``stats["stop"] > 0`` so that all ranks stop after the same step.
-        Returns the rank-averaged statistics named in :data:`STAT_NAMES`.
+    def launch(
+        self, x: Tensor, step: int, stop_request: bool = False
+    ) -> Optional[Dict[str, float]]:
+        """Queue training on batch ``x`` (B, 3, H, W) in [0, 1] as global step
+        ``step``, then finish the step that was in flight before (see
+        :meth:`finish`) and return its statistics, or None if none was.
+
+        Nothing but that finish waits for the device, and by then the device has
+        this step queued behind it. ``stop_request`` (e.g. a signal arrived) is
+        OR-ed over ranks and read back as ``stats["stop"] > 0``, so that all ranks
+        stop after the same step.
         """
         torch.manual_seed(step_seed(self.seed, step, self.rank))
         if self.channels_last:
@@ -254,20 +251,32 @@ class TrainStep:
         else:
             statistics = self._capture_and_replay(x)
         self.steps_taken += 1
-        stats = torch.cat(
-            [statistics, torch.tensor([float(stop_request)], device=x.device)]
-        )
+        stop = torch.full((1,), float(stop_request), device=x.device)
         world = (
             torch.distributed.get_world_size()
             if torch.distributed.is_initialized()
             else 1
         )
-        values = (all_reduce_sum(stats) / world).tolist()
-        result = dict(zip(STAT_NAMES, values))
+        stats = all_reduce_sum(torch.cat([statistics, stop])) / world
+        found_inf = (~torch.isfinite(stats)).any().float()
+        step_unless(self.optimizer, found_inf)
+        step_unless(self.aux_optimizer, found_inf)
+        before, self._in_flight = self._in_flight, PendingStatistics(step, stats)
+        return None if before is None else self._read(before)
 
+    def finish(self) -> Optional[Dict[str, float]]:
+        """The statistics of the step in flight (waiting for it), or None if none
+        is: the rank-averaged :data:`STAT_NAMES`, and ``skipped`` (1.0 when a
+        non-finite value skipped the update, with a warning). A streak of
+        ``max_nonfinite_steps`` skipped steps raises :class:`NonFiniteLossError`.
+        """
+        pending, self._in_flight = self._in_flight, None
+        return None if pending is None else self._read(pending)
+
+    def _read(self, pending: PendingStatistics) -> Dict[str, float]:
+        values = pending.read()
+        result = dict(zip(STAT_NAMES, values))
         if all(math.isfinite(v) for v in values):
-            self.optimizer.step()
-            self.aux_optimizer.step()
             self.nonfinite_in_a_row = 0
             result["skipped"] = 0.0
             return result
@@ -276,14 +285,14 @@ class TrainStep:
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss "
-                f"or gradient (last at step {step}); lower the learning rate or "
-                "check the data"
+                f"or gradient (last at step {pending.step}); lower the learning "
+                "rate or check the data"
             )
         warnings.warn(
-            f"step {step}: non-finite loss or gradient, update skipped "
+            f"step {pending.step}: non-finite loss or gradient, update skipped "
             f"({self.nonfinite_in_a_row} in a row)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return result
 

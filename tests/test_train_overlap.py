@@ -1,0 +1,124 @@
+"""The training step never waits for the device: it launches step k, then reads step
+k - 1, skips non-finite updates on the device, and resumes older checkpoints."""
+
+import io
+
+import pytest
+import torch
+from compressai.losses import RateDistortionLoss
+from test_train import CPU, load, make_step
+from test_train_data import write_train_config
+
+import models
+import train
+from utils.training.config import load_config
+from utils.training.loop import Trainer
+from utils.training.step import PendingStatistics, TrainStep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_launching_a_step_reads_nothing_back_from_the_device(monkeypatch):
+    """A read (``item``, ``tolist``, ``bool``, ``float``) makes the CPU wait for the
+    GPU to finish the step, so it could not queue the next one meanwhile."""
+    model, step = make_step()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda t, *a, _real=real, _name=name: reads.append(_name) or _real(t, *a),
+        )
+    before = model.g_s[-1].conv.weight.detach().clone()
+    assert step.launch(torch.rand(2, 3, 64, 64), 0) is None  # none was in flight
+    assert reads == []
+    assert not torch.equal(model.g_s[-1].conv.weight, before)  # the update ran
+    stats = step.finish()
+    assert reads == ["tolist"] and stats["skipped"] == 0.0 and stats["loss"] > 0
+    assert step.finish() is None
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device_before_its_statistics_are_read():
+    model, step = make_step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adam_steps = []
+    step.launch(torch.full((2, 3, 64, 64), float("nan")), 0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    for optimizer in (step.optimizer, step.aux_optimizer):
+        adam_steps += [s["step"].item() for s in optimizer.state.values()]
+    assert adam_steps and set(adam_steps) == {0.0}  # the skipped step is not counted
+    with pytest.warns(RuntimeWarning, match="step 0: non-finite"):
+        assert step.finish()["skipped"] == 1.0
+    assert step.nonfinite_in_a_row == 1
+
+
+def test_train_step_refuses_optimizers_that_cannot_skip_on_the_device():
+    model = models.build_model("cps", N=8)
+    plain = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="Adam is not fused.*build_optimizers"):
+        TrainStep(model, model, RateDistortionLoss(0.01), plain, plain)
+
+
+def test_the_loop_finishes_each_step_after_launching_the_next(
+    tmp_path, train_images, monkeypatch
+):
+    """Except where the statistics are needed at once: the log write (every 3 steps
+    here) and the epoch's end (4 steps of batch 1)."""
+    cfg = write_train_config(
+        tmp_path,
+        train_images,
+        tmp_path / "exp",
+        train_params={"max_steps": 4},
+        train_data={"batch_size": 1},
+        logging={"log_interval": 3},
+    )
+    trainer = Trainer(load_config(cfg), CPU, log=io.StringIO())
+    events, launch, read = [], trainer.step.launch, PendingStatistics.read
+
+    def recorded_launch(x, step, stop_request=False):
+        events.append(f"launch {step}")
+        return launch(x, step, stop_request)
+
+    def recorded_read(pending):
+        events.append(f"read {pending.step}")
+        return read(pending)
+
+    monkeypatch.setattr(trainer.step, "launch", recorded_launch)
+    monkeypatch.setattr(PendingStatistics, "read", recorded_read)
+    assert trainer.steps_per_epoch == 4
+    assert trainer.fit() == 0
+    assert events == [
+        "launch 0",
+        "launch 1",
+        "read 0",
+        "launch 2",
+        "read 1",
+        "read 2",  # the log write at step 3
+        "launch 3",
+        "read 3",  # the epoch's end
+    ]
+
+
+def test_a_checkpoint_from_before_the_fused_optimizers_resumes_fused(
+    tmp_path, train_images
+):
+    """Loading an optimizer state takes its group settings from the file, and older
+    checkpoints say ``fused: None``: the resumed run must step fused still."""
+    exp = tmp_path / "exp"
+    cfg = write_train_config(tmp_path, train_images, exp, train_params={"max_steps": 1})
+    assert train.main(["--config", cfg]) == 0
+    checkpoint = load(exp / "checkpoint.pth.tar")
+    for key in ("optimizer", "aux_optimizer"):
+        for group in checkpoint[key]["param_groups"]:
+            assert group["fused"] is True
+            group["fused"] = None
+    torch.save(checkpoint, exp / "checkpoint.pth.tar")
+    args = train.parse_args(
+        ["--config", cfg, "--resume", "--set", "train_params.max_steps=2"]
+    )
+    trainer = Trainer(train.resolve_config(args), CPU, log=io.StringIO())
+    for optimizer in (trainer.optimizer, trainer.aux_optimizer):
+        assert all(group["fused"] is True for group in optimizer.param_groups)
+    assert trainer.fit() == 0 and trainer.pos.global_step == 2
