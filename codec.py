@@ -163,7 +163,7 @@ def _check_reading_fits(source: str, budget) -> None:
     would break the budget."""
     import torch
 
-    from utils.coding.container import check_size
+    from utils.coding.payload import check_size
     from utils.image_io import READ_BYTES_PER_PIXEL, image_size
     from utils.memory import memory_in_use
     from utils.stitching.planner import check_fits
@@ -182,7 +182,8 @@ def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
     container holds, a reading that fits the budget), or a whole ``.cps``/``.cpsl``
     file (its checksum, and that this model wrote it). What only decoding the pixels
     shows (a truncated image) is found in :func:`main`'s loop."""
-    from utils.coding.container import LayeredImage, check_model, unpack
+    from utils.coding.container import unpack
+    from utils.coding.payload import LayeredImage, check_model
 
     for source, _ in pairs:
         try:
@@ -242,7 +243,8 @@ def encode(args, model, plan, source: str, target: str) -> str:
 
 def decode(args, model, plan, source: str, target: str) -> str:
     from models.base import check_decoded
-    from utils.coding.container import LayeredImage, unpack
+    from utils.coding.container import unpack
+    from utils.coding.payload import LayeredImage
     from utils.image_io import write_png
 
     with open(source, "rb") as handle:

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from utils.coding.container import check_size
+from utils.coding.payload import check_size
 from utils.image_io import is_image_file, pil_reads_right, read_image
 from utils.orientation import upright_rgb
 

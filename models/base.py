@@ -57,7 +57,7 @@ from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
-from utils.coding.container import CompressedImage, LayeredImage, Payload, check_size
+from utils.coding.payload import CompressedImage, LayeredImage, Payload, check_size
 from utils.stitching.spec import PatchSpec
 
 
@@ -148,7 +148,7 @@ class LearnedCodec(nn.Module, abc.ABC):
         """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source.
 
         Raises:
-            utils.coding.container.BitstreamError: a payload of another model or
+            utils.coding.payload.BitstreamError: a payload of another model or
                 checkpoint, or one this machine does not decode exactly.
         """
 

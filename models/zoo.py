@@ -41,7 +41,7 @@ from models.base import CodingPlan, LearnedCodec, check_image
 from models.checkpoint import load_state_dict_into
 from models.registry import register_model
 from models.whole_image_memory import CodesWholeImages, check_whole_image_fits
-from utils.coding.container import (
+from utils.coding.payload import (
     BitstreamError,
     CompressedImage,
     check_model,

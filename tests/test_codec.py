@@ -10,14 +10,9 @@ import torch
 
 import models
 from models.base import CodingPlan
-from utils.coding.container import (
-    BitstreamError,
-    CompressedImage,
-    LayeredImage,
-    pack,
-    unpack,
-)
+from utils.coding.container import pack, unpack
 from utils.coding.context_coder import ContextCoder
+from utils.coding.payload import BitstreamError, CompressedImage, LayeredImage
 from utils.stitching.spec import PatchSpec
 
 
@@ -215,7 +210,8 @@ def test_a_file_written_before_the_fixed_point_entropy_model_decodes_or_is_refus
     elsewhere it must refuse the file on the latent CRC, never return a wrong image."""
     import models
     from models.base import CodingPlan
-    from utils.coding.container import BitstreamError, unpack
+    from utils.coding.container import unpack
+    from utils.coding.payload import BitstreamError
     from utils.image_io import read_image
 
     assets = os.path.join(os.path.dirname(__file__), "assets")

@@ -26,13 +26,8 @@ import test as test_script
 import utils.stitching.planner
 from models.base import CodingPlan, LearnedCodec, check_decoded
 from models.cps.network import CPS
-from utils.coding.container import (
-    BitstreamError,
-    CompressedImage,
-    LayeredImage,
-    pack,
-    unpack,
-)
+from utils.coding.container import pack, unpack
+from utils.coding.payload import BitstreamError, CompressedImage, LayeredImage
 from utils.evaluation.coders import ModelCoder
 from utils.training.build import build_configured_model
 

@@ -25,7 +25,8 @@ from conftest import run_python
 
 import models
 from models.base import CodingPlan
-from utils.coding.container import BitstreamError, pack, unpack
+from utils.coding.container import pack, unpack
+from utils.coding.payload import BitstreamError
 from utils.evaluation import rd
 from utils.evaluation.curves import load_curve
 

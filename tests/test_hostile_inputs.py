@@ -28,7 +28,8 @@ from PIL import Image
 
 import models
 from models.base import CodingPlan
-from utils.coding.container import CompressedImage, LayeredImage, pack
+from utils.coding.container import pack
+from utils.coding.payload import CompressedImage, LayeredImage
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 TIME_LIMIT_S = 60
@@ -141,7 +142,7 @@ def kamisli(folder):
 def forged_cps(model, side, y_string=b"\xff" * 8, z_string=b"\xff" * 8):
     """A well-formed .cps file (valid CRC, this checkpoint's fingerprint) whose header
     claims a side x side image while its strings hold a few bytes."""
-    from utils.coding.container import model_fingerprint
+    from utils.coding.payload import model_fingerprint
 
     pad = -side % model.downsampling_factor
     return pack(
@@ -166,7 +167,7 @@ def _with_crc(body: bytes) -> bytes:
 
 
 def _layered(model, side, streams=2):
-    from utils.coding.container import model_fingerprint
+    from utils.coding.payload import model_fingerprint
 
     return pack(
         LayeredImage(

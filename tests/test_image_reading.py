@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from utils.coding.container import MAX_SIDE
+from utils.coding.payload import MAX_SIDE
 from utils.image_io import image_size, read_image
 
 SCALED = "16-bit samples scaled to 8 bits"

@@ -16,7 +16,8 @@ from models.base import CodingPlan
 from models.kamisli2024.coding import BlockCoder
 from models.kamisli2024.layers import from_blocks, to_blocks
 from models.kamisli2024.network import Kamisli2024
-from utils.coding.container import BitstreamError, pack, unpack
+from utils.coding.container import pack, unpack
+from utils.coding.payload import BitstreamError
 
 KERNELS = {"KS3111": [3, 1, 1, 1], "KS3311": [3, 3, 1, 1]}
 

@@ -19,15 +19,8 @@ from models.mei2021.coding import decode_latents, encode_latents
 from models.mei2021.network import Mei2021Quality, Mei2021Spatial
 from models.mei2021.pyramid import pyramid_sizes
 from utils.coding import container
-from utils.coding.container import (
-    LAYERED_MAGIC,
-    LAYERED_VERSION,
-    BitstreamError,
-    pack,
-    tensor_crc,
-    truncate_layers,
-    unpack,
-)
+from utils.coding.container import LAYERED_MAGIC, pack, truncate_layers, unpack
+from utils.coding.payload import LAYERED_VERSION, BitstreamError, tensor_crc
 from utils.evaluation.coders import ModelCoder
 from utils.image_io import to_uint8
 from utils.stitching.transforms import transform_mode

@@ -8,7 +8,7 @@ import torch
 from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 
-from utils.coding.container import BitstreamError
+from utils.coding.payload import BitstreamError
 from utils.coding.rans import max_bytes_read, safe_string
 
 MASK64 = (1 << 64) - 1

@@ -18,7 +18,7 @@ What cannot be read exactly is refused with a ``ValueError`` naming the file:
 floating-point samples, integers wider than 16 bits, colour samples of other depths
 than 8 and 16 bits. The size limits are the repository's own, not PIL's
 decompression-bomb limit (about 179 Mpx): the sides the .cps/.cpsl formats hold
-(:func:`utils.coding.container.check_size`), checked from the header before
+(:func:`utils.coding.payload.check_size`), checked from the header before
 decoding, and the memory budget, which callers check against
 :data:`READ_BYTES_PER_PIXEL` times :func:`image_size`.
 """
@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from utils.atomic import atomic_write_bytes
-from utils.coding.container import check_size
+from utils.coding.payload import check_size
 from utils.orientation import ARRAY_TURNS, exif_orientation
 from utils.png16 import (
     PNG_HEADER_BYTES,

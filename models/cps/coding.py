@@ -1,5 +1,5 @@
 """The CPS codec: a uint8 image to a
-:class:`~utils.coding.container.CompressedImage` and back.
+:class:`~utils.coding.payload.CompressedImage` and back.
 
 .. code-block:: none
 
@@ -32,15 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from models.base import CodingPlan, check_image
-from utils.coding.container import (
+from utils.coding.context_coder import ContextCoder
+from utils.coding.fixed_point import hyper_synthesis
+from utils.coding.payload import (
     BitstreamError,
     CompressedImage,
     check_model,
     model_fingerprint,
     tensor_crc,
 )
-from utils.coding.context_coder import ContextCoder
-from utils.coding.fixed_point import hyper_synthesis
 from utils.coding.rans import safe_string
 from utils.coding.threads import single_threaded
 from utils.device import model_device

@@ -57,7 +57,7 @@ from models.kamisli2024.published import (
 )
 from models.registry import register_model
 from models.whole_image_memory import CodesWholeImages, check_whole_image_fits
-from utils.coding.container import (
+from utils.coding.payload import (
     BitstreamError,
     CompressedImage,
     check_model,
@@ -348,7 +348,7 @@ class Kamisli2024(
     def decompress(self, payload: BlockPayload) -> dict:
         """Rebuild ``{"x_hat": (1, 3, H, W) in [0, 1] on the CPU}`` from a payload.
 
-        Raises :class:`~utils.coding.container.BitstreamError` when the decoded latent
+        Raises :class:`~utils.coding.payload.BitstreamError` when the decoded latent
         differs from the encoder's (another checkpoint, or a machine whose
         float32 results differ, for files written before the fixed-point grid).
         """

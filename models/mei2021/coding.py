@@ -19,7 +19,7 @@ encoder's by rounding decodes the file, to within that rounding of the encoder's
 reconstruction. Version 1 files hold the CRC of each latent y^_k, prediction
 included, and decode where the encoder's float results are reproduced.
 
-The payload is a :class:`~utils.coding.container.LayeredImage`, written as a
+The payload is a :class:`~utils.coding.payload.LayeredImage`, written as a
 ``.cpsl`` file by ``utils/coding/container.py``.
 """
 
@@ -32,7 +32,7 @@ from models.base import CodingPlan, check_image
 from models.mei2021.pyramid import pyramid_sizes
 from models.weight_checks import entropy_tables_ready
 from models.whole_image_memory import check_whole_image_fits
-from utils.coding.container import (
+from utils.coding.payload import (
     BitstreamError,
     LayeredImage,
     check_kind,

@@ -412,7 +412,7 @@ class ContextCoder:
 
         Any string is safe to decode (:func:`~utils.coding.rans.safe_string`): a
         truncated or forged one gives a wrong y_hat, which the codec's checksum
-        rejects, or a :class:`~utils.coding.container.BitstreamError`.
+        rejects, or a :class:`~utils.coding.payload.BitstreamError`.
         """
         self._check_params(params)
         layout = self._layout(*params.shape[1:])

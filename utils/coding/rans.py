@@ -16,7 +16,7 @@ Every decode of an untrusted string must go through :func:`safe_string` with the
 total number of symbols that will be decoded from it.
 """
 
-from utils.coding.container import BitstreamError
+from utils.coding.payload import BitstreamError
 
 # Lower end of the decoder's state interval (RANS64_L): every state a real encoder
 # writes, and so the first 8 bytes of every real string, is at least this.
@@ -76,7 +76,7 @@ def safe_string(string: bytes, symbols: int, name: str = "rANS") -> bytes:
     """``string`` followed by enough zero bytes that decoding ``symbols`` symbols
     from it cannot read outside the returned buffer (see :func:`max_bytes_read`).
 
-    Raises :class:`~utils.coding.container.BitstreamError` when ``string`` cannot
+    Raises :class:`~utils.coding.payload.BitstreamError` when ``string`` cannot
     be a rANS string (shorter than the 8-byte final state, or a state below 2**31,
     which no encoder writes): the bound does not hold for those. ``name`` names
     the string in that message (``"y"``, ``"z"``).

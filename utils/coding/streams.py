@@ -10,7 +10,7 @@ front boundary at or past every :data:`STREAM_SYMBOLS` symbols and writes each a
 import struct
 from typing import List
 
-from utils.coding.container import BitstreamError
+from utils.coding.payload import BitstreamError
 
 __all__ = [
     "STREAM_SYMBOLS",

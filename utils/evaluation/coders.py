@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from models.base import CodingPlan, check_decoded, check_payload
-from utils.coding.container import LayeredImage, pack, unpack
+from utils.coding.container import pack, unpack
+from utils.coding.payload import LayeredImage
 from utils.device import model_device
 from utils.evaluation.metrics import likelihood_bits
 from utils.image_io import to_uint8, to_unit_float
