@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from compressai.layers import MaskedConv2d
 
 import models
-import utils.coding.context_coder as latent_coding
+import utils.coding.front_rans as front_rans
 import utils.coding.streams as latent_streams
 import utils.coding.threads as coder_threads
 from tests.conftest import data_dir
@@ -453,9 +453,9 @@ def test_a_latent_in_many_streams_round_trips_and_each_stream_is_padded_alone(
     monkeypatch.setattr(latent_streams, "STREAM_SYMBOLS", 64)
     y, params = random_latent(coding_model, 9, 11, 13, outliers=True)
     padded = []
-    real_safe_string = latent_coding.safe_string
+    real_safe_string = front_rans.safe_string
     monkeypatch.setattr(
-        latent_coding,
+        front_rans,
         "safe_string",
         lambda *args: padded.append(args[1]) or real_safe_string(*args),
     )

@@ -45,10 +45,8 @@ arithmetic is computed once per latent. About half of the multiply-adds (10 of t
 12 context taps and the params half of the first 1x1 convolution) do not depend on
 the previous front, so a second thread can compute them for front k+1 while front k
 is finished and entropy-coded (``pipeline``; by default it is used where a core is
-idle, see :func:`idle_core_available`). The decoder hands the rANS coder only
-the CDF rows a front uses: converting the whole padded table (64 rows of 3135
-ints) to C++ at every ``decode_stream`` call was a fixed cost per front that
-dominated decoding.
+idle, see :func:`idle_core_available`). What the rANS coder's interface costs is
+kept small in ``utils/coding/front_rans.py``, which codes the fronts' symbols.
 
 Memory. Besides its inputs, the coder holds the padded y_hat buffer (M floats per
 position) and, when encoding, the rANS encoder's symbol buffer (6 bytes per symbol
@@ -60,50 +58,40 @@ CompressAI's decoder takes it, holds it three times (the padded bytes, pybind11'
 would hold 6 GB. The fixed-point coder therefore writes a stream per
 :data:`~utils.coding.streams.STREAM_SYMBOLS` symbols
 (:func:`~utils.coding.streams.largest_stream_symbols` and
-:data:`ENCODER_BYTES_PER_SYMBOL` feed the codec's memory budget).
+:data:`~utils.coding.front_rans.ENCODER_BYTES_PER_SYMBOL` feed the codec's memory
+budget).
 
 Bitstream order: fronts in increasing ``t``, positions within a front by
-increasing row, channels innermost. The fixed-point coder starts a new rANS stream
-at the first front boundary at or past every :data:`STREAM_SYMBOLS` symbols and
-writes each stream as a 4-byte big-endian length and the stream; float32 files hold
-one stream for the whole latent.
+increasing row, channels innermost, in one rANS stream or, for fixed-point files,
+in several (``utils/coding/front_rans.py``).
 """
 
 import contextlib
 import copy
 import functools
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
-from compressai.ans import BufferedRansEncoder, RansDecoder
 from torch import Tensor, nn
 
 from utils.coding import ORDERS
+from utils.coding.front_rans import CdfTables, FrontDecoder, FrontEncoder
 from utils.coding.parameter_network import (
     FixedPointNetwork,
     Float32Network,
     linear_layers,
 )
-from utils.coding.rans import safe_string
 from utils.coding.scan_order import (
     FrontLayout,
     causal_taps,
     front_layout,
     wavefront_slope,
 )
-from utils.coding.streams import join_streams, split_streams, stream_starts
 from utils.coding.threads import idle_core_available, single_threaded
 
-# CompressAI's BufferedRansEncoder keeps one RansSymbol (two uint16 and a bool) per
-# coded symbol until it flushes.
-ENCODER_BYTES_PER_SYMBOL = 6
 # Smallest latent for which the coder checks for an idle core (a 1920x1080 image).
 _PIPELINE_MIN_POSITIONS = 8000
-# Symbols handed to the rANS encoder per call: each call converts the CDF table to
-# C++ once, so chunks amortise that while bounding the Python lists.
-_ENCODE_CHUNK_SYMBOLS = 1 << 20
 
 
 def channels_last_rows(tensor: Tensor) -> Tensor:
@@ -184,14 +172,7 @@ class ContextCoder:
         self.scale_bounds = (
             conditional.scale_table.detach().cpu().float()[:-1].contiguous()
         )
-        lengths = conditional.cdf_length.reshape(-1).int().tolist()
-        self.cdf_lengths = lengths
-        self.cdf_offsets = conditional.offset.reshape(-1).int().tolist()
-        # Rows trimmed to their length: the padding is never read by the coder.
-        self.cdfs = [
-            row[:length]
-            for row, length in zip(conditional.quantized_cdf.tolist(), lengths)
-        ]
+        self.tables = CdfTables.of(conditional)
 
     def _layout(self, height: int, width: int) -> FrontLayout:
         return front_layout(height, width, self.order, self.taps, self.slope, self.pad)
@@ -347,36 +328,14 @@ class ContextCoder:
             )
         layout = self._layout(*params.shape[1:])
         y_rows = channels_last_rows(y.float().cpu())
-        later_starts = set(self._streams(layout)[0][1:])
-        streams: List[bytes] = []
-        encoder = BufferedRansEncoder()
-        pending_symbols: List[Tensor] = []
-        pending_indexes: List[Tensor] = []
+        encoder = FrontEncoder(
+            self.tables, layout.sizes, self.channels, self.fixed_point
+        )
         estimated_bits = [0.0]
-
-        def send_pending() -> None:
-            encoder.encode_with_indexes(
-                torch.cat(pending_symbols).view(-1).tolist(),
-                torch.cat(pending_indexes).view(-1).tolist(),
-                self.cdfs,
-                self.cdf_lengths,
-                self.cdf_offsets,
-            )
-            pending_symbols.clear()
-            pending_indexes.clear()
-
-        def end_stream() -> None:
-            nonlocal encoder
-            if pending_symbols:
-                send_pending()
-            streams.append(encoder.flush())
-            encoder = BufferedRansEncoder()
 
         def quantise(
             start: int, stop: int, front_indexes: Tensor, means: Tensor, scales: Tensor
         ) -> Tensor:
-            if start in later_starts:
-                end_stream()
             values = torch.round(
                 y_rows.index_select(0, layout.positions[start:stop]) - means
             ).int()
@@ -384,27 +343,11 @@ class ContextCoder:
             bounded = self.conditional.likelihood_lower_bound(likelihood)
             bits = -bounded.log2().sum(dtype=torch.float64)
             estimated_bits[0] += float(bits)
-            pending_symbols.append(values)
-            pending_indexes.append(front_indexes)
-            if sum(map(Tensor.numel, pending_symbols)) >= _ENCODE_CHUNK_SYMBOLS:
-                send_pending()
+            encoder.add(start, values, front_indexes)
             return values
 
         y_hat = self._scan(params, layout, quantise)
-        end_stream()
-        string = join_streams(streams) if self.fixed_point else streams[0]
-        return string, y_hat, estimated_bits[0]
-
-    def _streams(self, layout: FrontLayout) -> Tuple[List[int], List[int]]:
-        """Start position (coding order) and symbol count of each rANS stream."""
-        if self.fixed_point:
-            starts = stream_starts(layout.sizes, self.channels)
-        else:
-            starts = [0]
-        ends = starts[1:] + [len(layout.positions)]
-        return starts, [
-            (end - start) * self.channels for start, end in zip(starts, ends)
-        ]
+        return encoder.finish(), y_hat, estimated_bits[0]
 
     @torch.inference_mode()
     def decode(self, string: bytes, params: Tensor) -> Tensor:
@@ -416,34 +359,11 @@ class ContextCoder:
         """
         self._check_params(params)
         layout = self._layout(*params.shape[1:])
-        starts, symbols = self._streams(layout)
-        streams = split_streams(string, len(starts)) if self.fixed_point else [string]
-        # Each stream is padded only when its turn comes, so one padded stream is held
-        # at a time (see the module doc, Memory).
-        pending = {
-            start: (stream, count)
-            for start, stream, count in zip(starts, streams, symbols)
-        }
-        decoder = RansDecoder()
+        decoder = FrontDecoder(
+            self.tables, string, layout.sizes, self.channels, self.fixed_point
+        )
 
-        def decode_front(
-            start: int, stop: int, indexes: Tensor, means: Tensor, _: Tensor
-        ) -> Tensor:
-            if start in pending:
-                stream, count = pending.pop(start)
-                decoder.set_stream(safe_string(stream, count, "y"))
-            # Only the CDF rows this front uses go to C++ (the whole table costs ms).
-            used = torch.bincount(indexes.view(-1), minlength=len(self.cdfs)) > 0
-            remap = torch.cumsum(used, 0, dtype=torch.int32) - 1
-            rows = torch.nonzero(used).view(-1).tolist()
-            values = decoder.decode_stream(
-                remap[indexes.view(-1)].tolist(),
-                [self.cdfs[k] for k in rows],
-                [self.cdf_lengths[k] for k in rows],
-                [self.cdf_offsets[k] for k in rows],
-            )
-            # struct unboxes a list of ints much faster than torch.tensor does.
-            packed = bytearray(struct.pack(f"{len(values)}i", *values))
-            return torch.frombuffer(packed, dtype=torch.int32).view(indexes.shape)
+        def decode_front(start: int, _: int, indexes: Tensor, *__: Tensor) -> Tensor:
+            return decoder.decode(start, indexes)
 
         return self._scan(params, layout, decode_front)

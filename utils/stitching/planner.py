@@ -26,8 +26,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from utils.coding.context_coder import ENCODER_BYTES_PER_SYMBOL
 from utils.coding.fixed_point import CHUNK_COPIES, chunk_positions
+from utils.coding.front_rans import ENCODER_BYTES_PER_SYMBOL
 from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
 from utils.coding.streams import largest_stream_symbols
 from utils.image_io import to_uint8
@@ -249,7 +249,7 @@ class Planner:
         """Fail before any work if the entropy phase's buffers alone break the budget
         (they live on the CPU whatever the transforms' device); ``fixed_point``: the
         file's latent is coded in several streams
-        (``utils/coding/context_coder.py``)."""
+        (``utils/coding/front_rans.py``)."""
         if self.budget is None or self.device.type != "cpu":
             return
         stream_symbols = largest_stream_symbols(*latent_size, self.model.M, fixed_point)
