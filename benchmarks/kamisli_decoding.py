@@ -160,7 +160,7 @@ def time_order(model, blocks: torch.Tensor, order: str) -> Dict:
 def run(args, config: str) -> Dict:
     model = build_model(args, config)
     image = test_image(args.width, args.height, args.seed)
-    blocks = to_blocks(model._pad(image) - 0.5, model.block_size)[0]
+    blocks = to_blocks(model.pad_to_blocks(image) - 0.5, model.block_size)[0]
     rows, cols = blocks.shape[1:]
     wave = time_order(model, blocks, "wavefront")
     reference_rows = min(args.reference_rows or rows, rows)

@@ -50,7 +50,7 @@ def image(height, width, seed=1):
 
 
 def grid(model, x):
-    return to_blocks(model._pad(x) - 0.5, model.block_size)[0]
+    return to_blocks(model.pad_to_blocks(x) - 0.5, model.block_size)[0]
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))

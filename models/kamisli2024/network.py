@@ -24,11 +24,11 @@ block-level masks, so a block is coded from the *reconstructed* blocks before it
 Training is open loop: ``forward(x, x_ctx)`` takes the neighbour context ``x_ctx``
 from outside, ``x`` itself by default (iteration 0 of the asymptotic closed-loop
 procedure, ``utils/training/acl.py``). Real coding is closed loop and sequential over
-blocks; ``compress``/``decompress`` run it wavefront by wavefront
-(``models/kamisli2024/coding.py``). Images and reconstructions are in [0, 1] at the
-interface, as for every CompressAI model; internally samples are shifted to
-[-0.5, 0.5] so that the zero padding of the masked convolutions (frame border,
-blocks not decoded yet) means mid-grey.
+blocks; ``compress``/``decompress`` (``models/kamisli2024/codec.py``) run it
+wavefront by wavefront (``models/kamisli2024/coding.py``). Images and reconstructions
+are in [0, 1] at the interface, as for every CompressAI model; internally samples are
+shifted to [-0.5, 0.5] so that the zero padding of the masked convolutions (frame
+border, blocks not decoded yet) means mid-grey.
 """
 
 import math
@@ -41,9 +41,10 @@ from compressai.layers import GDN
 from compressai.models import CompressionModel
 from torch import Tensor, nn
 
-from models.base import ClosedLoopTrainable, CodingPlan, LearnedCodec, check_image
+from models.base import ClosedLoopTrainable, CodingPlan, LearnedCodec
 from models.checkpoint import load_state_dict_into
-from models.kamisli2024.coding import BlockCoder, BlockPayload
+from models.kamisli2024 import codec
+from models.kamisli2024.coding import BlockPayload
 from models.kamisli2024.layers import (
     BlockMaskedConv2d,
     from_blocks,
@@ -56,17 +57,9 @@ from models.kamisli2024.published import (
     split_authors_state_dict,
 )
 from models.registry import register_model
-from models.whole_image_memory import CodesWholeImages, check_whole_image_fits
-from utils.coding.payload import (
-    BitstreamError,
-    CompressedImage,
-    check_model,
-    model_fingerprint,
-    tensor_crc,
-)
+from models.whole_image_memory import CodesWholeImages
+from utils.coding.payload import CompressedImage
 from utils.coding.scan_order import wavefront_slope
-from utils.device import model_device
-from utils.image_io import to_grayscale, to_uint8, to_unit_float
 
 
 def _masked_or_plain(
@@ -229,7 +222,8 @@ class Kamisli2024(
         """Block rows and columns of an image after padding."""
         return math.ceil(height / self.block_size), math.ceil(width / self.block_size)
 
-    def _pad(self, x: Tensor) -> Tensor:
+    def pad_to_blocks(self, x: Tensor) -> Tensor:
+        """Pad (replicating the border) to whole blocks: see :meth:`grid_size`."""
         rows, cols = self.grid_size(*x.shape[-2:])
         bottom = rows * self.block_size - x.shape[-2]
         right = cols * self.block_size - x.shape[-1]
@@ -259,8 +253,8 @@ class Kamisli2024(
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected RGB images (N, 3, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
-        blocks = to_blocks(self._pad(x) - 0.5, self.block_size)
-        context = to_blocks(self._pad(x_ctx) - 0.5, self.block_size)
+        blocks = to_blocks(self.pad_to_blocks(x) - 0.5, self.block_size)
+        context = to_blocks(self.pad_to_blocks(x_ctx) - 0.5, self.block_size)
         y = self.g_a(self.g_a_source(blocks) + self.g_a_context(context))
         scales, means = self.entropy_parameters(context).chunk(2, dim=1)
         y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means)
@@ -321,120 +315,26 @@ class Kamisli2024(
         ]
         return {"x_hat": x_hat, "likelihoods": {"y": likelihoods}}
 
+    # the codec contract ---------------------------------------------------------------
     def compress(self, x: Tensor, order: str = "wavefront") -> BlockPayload:
-        """Code one image (1, 3, H, W) in [0, 1] into a :class:`BlockPayload`.
-
-        Runs on the CPU in float32 whatever the model's device (see
-        ``models/kamisli2024/coding.py``); ``update(force=True)`` must have run.
-        """
-        if x.dim() != 4 or x.shape[:2] != (1, 3):
-            raise ValueError(
-                f"compress codes one RGB image (1, 3, H, W), got {tuple(x.shape)}"
-            )
-        height, width = x.shape[-2:]
-        blocks = to_blocks(self._pad(x.detach().float().cpu()) - 0.5, self.block_size)[
-            0
-        ]
-        string, y_hat, _, bits = BlockCoder(self, order).encode(blocks)
-        return BlockPayload(
-            string=string,
-            height=height,
-            width=width,
-            order=order,
-            y_hat_crc=tensor_crc(y_hat),
-            estimated_bits=bits,
-        )
+        """Code one image (1, 3, H, W) in [0, 1] into a :class:`BlockPayload`
+        (:func:`models.kamisli2024.codec.compress`)."""
+        return codec.compress(self, x, order)
 
     def decompress(self, payload: BlockPayload) -> dict:
-        """Rebuild ``{"x_hat": (1, 3, H, W) in [0, 1] on the CPU}`` from a payload.
-
-        Raises :class:`~utils.coding.payload.BitstreamError` when the decoded latent
-        differs from the encoder's (another checkpoint, or a machine whose
-        float32 results differ, for files written before the fixed-point grid).
-        """
-        rows, cols = self.grid_size(payload.height, payload.width)
-        coder = BlockCoder(self, payload.order, fixed_point=payload.fixed_point)
-        y_hat, reconstruction = coder.decode(payload.string, rows, cols)
-        if tensor_crc(y_hat) != payload.y_hat_crc:
-            cause = (
-                "a damaged file or the wrong checkpoint"
-                if payload.fixed_point
-                else "a damaged file, the wrong checkpoint, or a file written before "
-                "the fixed-point coder on a machine whose float32 results differ"
-            )
-            raise BitstreamError(
-                f"decoded latent differs from the encoder's (y_hat CRC mismatch): "
-                f"{cause}"
-            )
-        x_hat = from_blocks(reconstruction[None], self.block_size) + 0.5
-        return {"x_hat": x_hat[:, :, : payload.height, : payload.width]}
+        """``{"x_hat": (1, 3, H, W) in [0, 1] on the CPU}`` of a payload
+        (:func:`models.kamisli2024.codec.decompress`)."""
+        return codec.decompress(self, payload)
 
     def encode(self, image: Tensor, plan: CodingPlan) -> CompressedImage:
-        """Code a uint8 RGB image (3, H, W) into the ``.cps`` container.
-
-        The file has the common header (size, padding, architecture, checkpoint
-        fingerprint, y_hat CRC) and the blocks' rANS string as its latent string;
-        there is no hyperprior, so the hyperprior string is empty. Only the plan's
-        ``order`` and ``grayscale`` apply: the blocks are coded one by one, so there
-        are no patches to plan.
-        """
-        check_image(image, plan.grayscale)
-        height, width = image.shape[1:]
-        check_whole_image_fits(
-            self, model_device(self), plan.budget_bytes, height, width
-        )
-        payload = self.compress(to_unit_float(image[None]), plan.order)
-        rows, cols = self.grid_size(height, width)
-        return CompressedImage(
-            height=height,
-            width=width,
-            pad_bottom=rows * self.block_size - height,
-            pad_right=cols * self.block_size - width,
-            architecture=self.registry_name,
-            fingerprint=model_fingerprint(self),
-            order=plan.order,
-            grayscale=plan.grayscale,
-            y_hat_crc=payload.y_hat_crc,
-            z_string=b"",
-            y_string=payload.string,
-            estimated_bits=payload.estimated_bits,
-            fixed_point=payload.fixed_point,
-        )
+        """A uint8 image (3, H, W) in the ``.cps`` container
+        (:func:`models.kamisli2024.codec.encode`)."""
+        return codec.encode(self, image, plan)
 
     def decode(self, payload: CompressedImage, plan: CodingPlan) -> Tensor:
-        """Rebuild the uint8 image (3, H, W), or (1, H, W) for a grayscale source,
-        from an :meth:`encode` payload; payloads of another model raise
-        ``BitstreamError``."""
-        check_model(payload, self)
-        rows, cols = self.grid_size(payload.height, payload.width)
-        if (
-            rows * self.block_size - payload.height,
-            cols * self.block_size - payload.width,
-        ) != (payload.pad_bottom, payload.pad_right):
-            raise BitstreamError(
-                f"inconsistent padding {payload.pad_bottom}/{payload.pad_right} "
-                f"for a {payload.width}x{payload.height} image in the file header"
-            )
-        if payload.z_string:
-            raise BitstreamError(
-                "the file has a hyperprior string, which kamisli2024 files "
-                "never have: it was not written by this model"
-            )
-        check_whole_image_fits(
-            self, model_device(self), plan.budget_bytes, payload.height, payload.width
-        )
-        blocks = BlockPayload(
-            string=payload.y_string,
-            height=payload.height,
-            width=payload.width,
-            order=payload.order,
-            y_hat_crc=payload.y_hat_crc,
-            fixed_point=payload.fixed_point,
-        )
-        image = to_uint8(self.decompress(blocks)["x_hat"][0])
-        if payload.grayscale:
-            image = to_grayscale(image)
-        return image.contiguous()
+        """The uint8 image of an :meth:`encode` payload
+        (:func:`models.kamisli2024.codec.decode`)."""
+        return codec.decode(self, payload, plan)
 
     @classmethod
     def holds_published_weights(cls, state_dict) -> bool:
