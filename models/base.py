@@ -11,8 +11,9 @@ model (CPS, Kamisli 2024, Mei 2021, a CompressAI zoo network):
         --decode(payload, plan)--> image uint8
 
 * :meth:`LearnedCodec.encode` / :meth:`LearnedCodec.decode`: real bitstreams. The
-  payload is one of the container's types (``utils/coding/container.py``), so
-  every model's files share one header, one CRC rule and one set of size limits.
+  payload is one of the container's types (``utils/coding/payload.py``, written
+  by ``utils/coding/container.py``), so every model's files share one header, one
+  CRC rule and one set of size limits.
   The :class:`CodingPlan` says what the caller wants (patching, memory budget,
   entropy-coder order, exactness, layers); each model decides how to honour it.
 * :meth:`LearnedCodec.measure_budget_costs`: what checking a plan's memory budget

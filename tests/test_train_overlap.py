@@ -2,11 +2,12 @@
 k - 1, skips non-finite updates on the device, and resumes older checkpoints."""
 
 import io
+import signal
 
 import pytest
 import torch
 from compressai.losses import RateDistortionLoss
-from test_train import CPU, load, make_step
+from test_train import CPU, _RaiseSignalAt, load, make_step
 from test_train_data import write_train_config
 
 import models
@@ -122,3 +123,27 @@ def test_a_checkpoint_from_before_the_fused_optimizers_resumes_fused(
     for optimizer in (trainer.optimizer, trainer.aux_optimizer):
         assert all(group["fused"] is True for group in optimizer.param_groups)
     assert trainer.fit() == 0 and trainer.pos.global_step == 2
+
+
+def test_a_stop_request_ends_the_run_one_step_after_its_own(tmp_path, train_images):
+    """The request reaches the ranks through the statistics of the step launched
+    after it arrived, read as the next step starts: that step runs too, then the run
+    saves and stops (here no log write, validation or checkpoint reads it sooner)."""
+    cfg = write_train_config(
+        tmp_path,
+        train_images,
+        tmp_path / "exp",
+        train_data={"batch_size": 1},
+        logging={"log_interval": 100},
+    )
+    trainer = Trainer(load_config(cfg), CPU, log=io.StringIO())
+    trainer.train_loader = trainer.images.loader(
+        _RaiseSignalAt(trainer.images.train_set, 2, signal.SIGINT),
+        trainer.images.train_sampler,
+        1,
+        True,
+    )
+    assert trainer.fit() == 128 + signal.SIGINT
+    checkpoint = load(tmp_path / "exp" / "checkpoint.pth.tar")
+    # Sample 2 is step 1's: step 1 carries the request, step 2 reads it.
+    assert (checkpoint["global_step"], checkpoint["epoch_step"]) == (3, 3)

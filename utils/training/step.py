@@ -111,7 +111,9 @@ class PendingStatistics:
         self._ready: Optional["torch.cuda.Event"] = None
         self._values = values
         if values.is_cuda:
-            self._values = torch.empty(values.shape, dtype=values.dtype).pin_memory()
+            self._values = torch.empty(
+                values.shape, dtype=values.dtype, pin_memory=True
+            )
             self._values.copy_(values, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(values.device))
