@@ -18,15 +18,10 @@ import test as test_script
 from models.base import CodingPlan
 from utils.coding.container import pack, unpack
 from utils.evaluation.classical_codecs import CODECS
-from utils.evaluation.coders import (
-    Coded,
-    Coder,
-    LearnedOptions,
-    ModelCoder,
-    NaiveTiles,
-    learned_coders,
-)
+from utils.evaluation.coders import Coded, Coder, ModelCoder
+from utils.evaluation.learned_coders import LearnedOptions, learned_coders
 from utils.evaluation.metrics import psnr, psnr_b
+from utils.evaluation.naive_tiles import NaiveTiles
 from utils.evaluation.pretrained import load_pretrained
 from utils.evaluation.runs import (
     Run,

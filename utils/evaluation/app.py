@@ -18,11 +18,7 @@ from utils.atomic import atomic_write_bytes
 from utils.cli import REPORTED_ERRORS, check_patch_size_for_model, report_error
 from utils.device import select_device
 from utils.evaluation.classical_codecs import get_codec
-from utils.evaluation.coders import (
-    ClassicalCoder,
-    LearnedOptions,
-    learned_coders,
-)
+from utils.evaluation.coders import ClassicalCoder
 from utils.evaluation.curves import (
     distinct_names,
     load_curve,
@@ -30,6 +26,7 @@ from utils.evaluation.curves import (
     parse_labels,
 )
 from utils.evaluation.demo import run_demo
+from utils.evaluation.learned_coders import LearnedOptions, learned_coders
 from utils.evaluation.outputs import EvaluationOutputs, on_writer
 from utils.evaluation.pretrained import load_pretrained, pretrained_url
 from utils.evaluation.rd import bd_rate_table, format_table

@@ -7,21 +7,19 @@ bits, the 8-bit reconstruction and the encoding/decoding times.
   (``models/base.py``): ``encode`` -> container bytes -> ``decode``, one operating
   point of the model. The rate is the file's size, or its rANS strings alone for
   models that count rates as CompressAI does.
-* :class:`NaiveTiles` wraps a :class:`ModelCoder`: the image is padded (replicate)
-  to a multiple of P, cut into non-overlapping P x P tiles and every tile is coded
-  on its own. This is the block-wise baseline of the CPS paper; its seams are what
-  PSNR-B measures.
 * :class:`EstimationCoder` runs one forward pass and takes the rate from the
   likelihoods (``--entropy-estimation``); nothing is entropy-coded.
 * :class:`ClassicalCoder` calls a classical codec
   (``utils.evaluation.classical_codecs``).
 
-Times are wall-clock seconds, with CUDA synchronised before each reading.
+Naive tiles wrap any of them (``utils.evaluation.naive_tiles``), and
+``utils.evaluation.learned_coders`` picks a learned model's coders from the command
+line. Times are wall-clock seconds, with CUDA synchronised before each reading.
 """
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,7 +32,7 @@ from utils.device import model_device
 from utils.evaluation.metrics import likelihood_bits
 from utils.image_io import to_uint8, to_unit_float
 from utils.memory import PeakMemory, format_memory
-from utils.stitching.geometry import check_patch_size, model_geometry
+from utils.stitching.geometry import model_geometry
 from utils.stitching.patches import pad_replicate
 from utils.stitching.spec import PatchSpec
 
@@ -280,73 +278,6 @@ class EstimationCoder(_PointCoder):
         )
 
 
-class NaiveTiles(Coder):
-    """Non-overlapping ``tile`` x ``tile`` blocks, coded independently by ``inner``.
-
-    The image is padded (replicate) to a multiple of ``tile``; the rates of all tiles
-    add up and are charged to the original pixels.
-    """
-
-    def __init__(self, inner: Coder, tile: int):
-        if tile <= 0:
-            raise ValueError(f"naive tiling needs a tile size > 0, got {tile}")
-        self.inner, self.tile = inner, tile
-        # A layer of a scalable model stays that layer, tile by tile.
-        self.device, self.layer = inner.device, inner.layer
-        self.description = (
-            f"naive tiling: independent {tile}x{tile} tiles of the image padded "
-            f"(replicate) to a multiple of {tile}; each tile: {inner.description}"
-        )
-
-    def code(self, image: Tensor) -> Coded:
-        height, width = image.shape[1:]
-        padded = pad_replicate(image, self.tile)
-        output = torch.empty_like(padded)
-        totals = Coded(
-            bits=0.0,
-            reconstruction=output,
-            encoding_time=0.0,
-            decoding_time=0.0,
-            estimated_bits=0.0,
-            peak_mb=0.0,
-            verification_peak_mb=0.0,
-        )
-        # Estimation coders have no decoding time, and so the tiles' total has none;
-        # peaks are the largest tile's (None if the inner coder does not measure
-        # its own).
-        for top in range(0, padded.shape[1], self.tile):
-            for left in range(0, padded.shape[2], self.tile):
-                block = padded[
-                    :, top : top + self.tile, left : left + self.tile
-                ].contiguous()
-                coded = self.inner.code(block)
-                output[:, top : top + self.tile, left : left + self.tile] = (
-                    coded.reconstruction
-                )
-                totals = replace(
-                    totals,
-                    bits=totals.bits + coded.bits,
-                    encoding_time=totals.encoding_time + coded.encoding_time,
-                    decoding_time=_add(totals.decoding_time, coded.decoding_time),
-                    estimated_bits=_add(totals.estimated_bits, coded.estimated_bits),
-                    peak_mb=_max(totals.peak_mb, coded.peak_mb),
-                    verification_peak_mb=_max(
-                        totals.verification_peak_mb, coded.verification_peak_mb
-                    ),
-                )
-        return replace(totals, reconstruction=output[:, :height, :width].contiguous())
-
-
-def _add(total: Optional[float], value: Optional[float]) -> Optional[float]:
-    """Sum that stays None once a term is missing."""
-    return None if total is None or value is None else total + value
-
-
-def _max(peak: Optional[float], value: Optional[float]) -> Optional[float]:
-    """Maximum that stays None once a term is missing."""
-    return None if peak is None or value is None else max(peak, value)
-
-
 class ClassicalCoder(Coder):
     """One classical codec at one quality.
 
@@ -367,73 +298,3 @@ class ClassicalCoder(Coder):
             encoding_time=result.encoding_time,
             decoding_time=result.decoding_time,
         )
-
-
-@dataclass
-class LearnedOptions:
-    """How ``test.py`` codes with a learned model (see its ``--help``).
-
-    ``tiling`` None picks ``pops`` for models that support patches and ``none``
-    otherwise; ``plan.patch`` is the POPS patch, or the tile side for ``naive``.
-    """
-
-    plan: CodingPlan
-    tiling: Optional[str] = None
-    entropy_estimation: bool = False
-    half: bool = False
-    verify: bool = False
-
-
-def _layers_at_full_resolution(model: nn.Module) -> bool:
-    """Whether every operating point reconstructs the image at its own size (not a
-    spatially scalable model's smaller lower layers), as naive tiles need."""
-    side = model.downsampling_factor
-    image = torch.zeros(3, side, side, dtype=torch.uint8)
-    return all(
-        tuple(model.reference_image(image, point).shape) == tuple(image.shape)
-        for point in range(model.operating_points)
-    )
-
-
-def learned_coders(model: nn.Module, options: LearnedOptions):
-    """One coder per operating point of ``model`` under ``options``; bad combinations
-    raise ``ValueError``."""
-    tiling = options.tiling or ("pops" if model.supports_patches else "none")
-    patch = options.plan.patch
-    if tiling == "pops" and not model.supports_patches:
-        raise ValueError(
-            f"--tiling pops needs a padding-free model such as cps; "
-            f"{model.registry_name} pads its convolutions: use none or naive"
-        )
-    if tiling == "naive" and not (patch.size and patch.size > 0):
-        raise ValueError("--tiling naive needs a fixed --patch-size > 0")
-    if tiling == "naive" and not _layers_at_full_resolution(model):
-        raise ValueError(
-            f"--tiling naive needs every layer at the image's resolution; "
-            f"{model.registry_name} codes its lower layers at a smaller one: "
-            "use none"
-        )
-    if tiling == "pops" and not patch.is_auto:
-        check_patch_size(patch.size, model_geometry(model))
-    if options.entropy_estimation:
-        coders = [
-            EstimationCoder(model, half=options.half, point=point)
-            for point in range(model.operating_points)
-        ]
-        return (
-            [NaiveTiles(coder, patch.size) for coder in coders]
-            if tiling == "naive"
-            else coders
-        )
-    plan = options.plan if tiling == "pops" else options.plan.with_(patch=PatchSpec(0))
-    coders = [
-        ModelCoder(
-            model, plan, point, count_header=tiling != "naive", verify=options.verify
-        )
-        for point in range(model.operating_points)
-    ]
-    return (
-        [NaiveTiles(coder, patch.size) for coder in coders]
-        if tiling == "naive"
-        else coders
-    )

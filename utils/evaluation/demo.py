@@ -26,13 +26,9 @@ from models.base import CodingPlan
 from utils.atomic import atomic_write_json
 from utils.evaluation.choices import DEMO_IMAGE_NAMES, DEMO_OUTPUT, REPO_ROOT
 from utils.evaluation.classical_codecs import get_codec
-from utils.evaluation.coders import (
-    ClassicalCoder,
-    Coded,
-    LearnedOptions,
-    learned_coders,
-)
+from utils.evaluation.coders import ClassicalCoder, Coded
 from utils.evaluation.curves import Curve
+from utils.evaluation.learned_coders import LearnedOptions, learned_coders
 from utils.evaluation.metrics import bits_per_pixel, image_metrics
 from utils.evaluation.rd_plot import plot_curves
 from utils.evaluation.runs import mean_over_images
