@@ -23,8 +23,6 @@ stderr and status 1.
 
 import argparse
 import logging
-import math
-import os
 import sys
 import warnings
 from typing import List, Optional
@@ -43,6 +41,11 @@ from utils.cli import (
     report_error,
     run_main,
 )
+from utils.evaluation.argument_checks import (
+    check_arguments,
+    check_checkpoints_exist,
+    comma_list,
+)
 from utils.evaluation.choices import (
     CODEC_NAMES,
     DATASETS_CONFIG,
@@ -53,50 +56,7 @@ from utils.evaluation.choices import (
 from utils.evaluation.curves import METRICS
 from utils.evaluation.rd import INTERPOLATIONS
 
-log = logging.getLogger("cps.test")
-
 ZOO_METRICS = ("mse", "ms-ssim")
-
-
-def _comma_list(kind):
-    """A parser of comma-separated values of ``kind``, each given once (a repeated
-    quality was coded twice, its reconstruction overwritten; a repeated metric drew
-    its panel twice); numbers that read the same at 6 significant digits (``10`` and
-    ``10.0000001``) count as repeated, since runs, files and ``cjxl -q`` name them so;
-    numbers must be finite (``inf`` passed a codec's range check and crashed it,
-    ``nan`` every comparison); an empty item (``-q 50,``) is refused, since it is more
-    likely a value left out than a comma too many."""
-
-    def parse(text: str) -> list:
-        items = [item.strip() for item in text.split(",")]
-        if not all(items) and any(items):
-            raise argparse.ArgumentTypeError(
-                f"{text!r} has an empty item; give a value between every two commas"
-            )
-        try:
-            values = [kind(item) for item in items if item]
-        except ValueError:
-            values = []
-        if not values or (kind is not str and not all(map(math.isfinite, values))):
-            finite = "" if kind is str else "finite "
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {finite}{kind.__name__}s, got {text!r}"
-            )
-        names = [value if kind is not float else f"{value:g}" for value in values]
-        for name in names:
-            same = [item for item, other in zip(items, names) if other == name]
-            if len(same) > 1 and len(set(same)) == 1:
-                raise argparse.ArgumentTypeError(
-                    f"{same[0]} is given twice in {text!r}"
-                )
-            if len(same) > 1:  # different texts, one name
-                raise argparse.ArgumentTypeError(
-                    f"{' and '.join(same)} in {text!r} are the same to 6 "
-                    "significant digits"
-                )
-        return values
-
-    return parse
 
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrained.add_argument(
         "-q",
         "--quality",
-        type=_comma_list(int),
+        type=comma_list(int),
         required=True,
         help="comma-separated qualities, e.g. 1,2,3",
     )
@@ -237,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument(
         "-q",
         "--quality",
-        type=_comma_list(float),
+        type=comma_list(float),
         required=True,
         help="comma-separated qualities in the codec's own scale "
         "(see utils/evaluation/classical_codecs.py)",
@@ -252,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument(
         "--metrics",
-        type=_comma_list(str),
+        type=comma_list(str),
         default=list(METRICS),
         help=f"comma-separated panels, from {','.join(METRICS)} (default: all "
         "that some file has)",
@@ -276,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     bdrate.add_argument("results", nargs="+", help="results JSON files to compare")
     bdrate.add_argument(
         "--metrics",
-        type=_comma_list(str),
+        type=comma_list(str),
         default=list(METRICS),
         help=f"comma-separated columns, from {','.join(METRICS)} (default: "
         "all that the anchor has)",
@@ -312,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--images",
-        type=_comma_list(str),
+        type=comma_list(str),
         default=list(DEMO_IMAGE_NAMES),
         help=f"comma-separated, from {','.join(DEMO_IMAGE_NAMES)} (default: all)",
     )
@@ -337,75 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_arguments(args)
+    check_arguments(args)
     return args
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Refuse combinations that cannot work, before any model is loaded."""
-    if args.command == "demo":
-        return
-    if args.command in ("plot", "bdrate"):
-        _check_metrics(args.metrics)
-        return
-    _check_image_options(args)
-    if args.command != "codec":
-        _check_learned_options(args)
-
-
-def _check_checkpoints_exist(args: argparse.Namespace) -> None:
-    """Every checkpoint exists, before the dataset is read or PyTorch loads: a missing
-    sixth checkpoint would otherwise end the run after five were evaluated. The first,
-    cheap check: each is then loaded and checked (readable, a known architecture,
-    weights that fit) before the first is evaluated, by
-    ``utils.evaluation.app._check_checkpoints``."""
-    for path in args.checkpoints if args.command == "checkpoint" else []:
-        if os.path.isdir(path):
-            raise ValueError(f"checkpoint {path} is a folder, not a file")
-        if not os.path.isfile(path):
-            raise ValueError(f"checkpoint not found: {path}")
-
-
-def _check_metrics(metrics: List[str]) -> None:
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(
-            f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}"
-        )
-
-
-def _check_image_options(args: argparse.Namespace) -> None:
-    """The image count and per-image outputs, common to every evaluation command."""
-    if args.max_images < 0:
-        raise ValueError(f"--max-images must be >= 0, got {args.max_images}")
-    if (args.per_image or args.save_image) and not args.output_dir:
-        raise ValueError("--per-image and --save-image need -d OUTDIR")
-
-
-def _check_learned_options(args: argparse.Namespace) -> None:
-    """Tiling, precision and ``--verify`` options of the learned models; ``--patch``
-    becomes ``--tiling pops``."""
-    if args.patch:
-        if args.tiling not in (None, "pops"):
-            raise ValueError(
-                f"--patch means --tiling pops, but --tiling {args.tiling} was given"
-            )
-        args.tiling = "pops"
-    if (
-        args.tiling == "naive"
-        and args.patch_size is not None
-        and not args.patch_size.size
-    ):
-        raise ValueError(
-            f"--tiling naive needs a fixed --patch-size > 0, not {args.patch_size}"
-        )
-    if args.half and not (args.entropy_estimation and args.cuda):
-        raise ValueError(
-            "--half needs --entropy-estimation and --cuda: real bitstreams are "
-            "coded in float32"
-        )
-    if args.verify and args.entropy_estimation:
-        raise ValueError("--verify has nothing to decode with --entropy-estimation")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -414,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         args = parse_args(argv)
-        _check_checkpoints_exist(args)
+        check_checkpoints_exist(args)
     except ValueError as exc:
         return report_error("test.py", exc)
 
