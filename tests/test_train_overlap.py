@@ -102,6 +102,37 @@ def test_the_loop_finishes_each_step_after_launching_the_next(
     ]
 
 
+@pytest.mark.parametrize("log_interval, saved_at", [(100, 3), (2, 2)])
+def test_a_signal_during_a_step_ends_the_run_at_most_two_steps_later(
+    tmp_path, train_images, monkeypatch, log_interval, saved_at
+):
+    """docs/training.md ("Stopping"): a signal that arrives while step 0 runs (on a
+    GPU the CPU waits inside ``launch``) misses step 0's statistics, which were
+    formed as step 0 was launched; step 1 carries it, and step 2 reads it, unless
+    step 1 is due a log write (every 2 steps here), which reads it at once."""
+    cfg = write_train_config(
+        tmp_path,
+        train_images,
+        tmp_path / "exp",
+        train_data={"batch_size": 1},
+        logging={"log_interval": log_interval},
+    )
+    trainer = Trainer(load_config(cfg), CPU, log=io.StringIO())
+    launch = trainer.step.launch
+
+    def launch_then_signal(x, step, stop_request=False):
+        stats = launch(x, step, stop_request)
+        if step == 0:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(trainer.step, "launch", launch_then_signal)
+    assert trainer.steps_per_epoch == 4  # no epoch end before the stop
+    assert trainer.fit() == 128 + signal.SIGINT
+    checkpoint = load(tmp_path / "exp" / "checkpoint.pth.tar")
+    assert checkpoint["global_step"] == saved_at
+
+
 def test_a_checkpoint_from_before_the_fused_optimizers_resumes_fused(
     tmp_path, train_images
 ):
