@@ -54,6 +54,7 @@ CUDA_TEST_FILES = (
     "tests/test_latent_coding.py",
     "tests/test_kamisli_codec.py",
     "tests/test_train.py",
+    "tests/test_train_overlap.py",
 )
 # Throughput that train.py's step must reach against CompressAI's example loop.
 TRAINING_TARGETS = {

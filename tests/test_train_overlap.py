@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 from compressai.losses import RateDistortionLoss
-from test_train import CPU, _RaiseSignalAt, load, make_step
+from test_train import CPU, load, make_step
 from test_train_data import write_train_config
 
 import models
@@ -156,25 +156,42 @@ def test_a_checkpoint_from_before_the_fused_optimizers_resumes_fused(
     assert trainer.fit() == 0 and trainer.pos.global_step == 2
 
 
-def test_a_stop_request_ends_the_run_one_step_after_its_own(tmp_path, train_images):
-    """The request reaches the ranks through the statistics of the step launched
-    after it arrived, read as the next step starts: that step runs too, then the run
-    saves and stops (here no log write, validation or checkpoint reads it sooner)."""
-    cfg = write_train_config(
-        tmp_path,
-        train_images,
-        tmp_path / "exp",
-        train_data={"batch_size": 1},
-        logging={"log_interval": 100},
-    )
-    trainer = Trainer(load_config(cfg), CPU, log=io.StringIO())
-    trainer.train_loader = trainer.images.loader(
-        _RaiseSignalAt(trainer.images.train_set, 2, signal.SIGINT),
-        trainer.images.train_sampler,
-        1,
-        True,
-    )
-    assert trainer.fit() == 128 + signal.SIGINT
-    checkpoint = load(tmp_path / "exp" / "checkpoint.pth.tar")
-    # Sample 2 is step 1's: step 1 carries the request, step 2 reads it.
-    assert (checkpoint["global_step"], checkpoint["epoch_step"]) == (3, 3)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_steps_read_a_step_late_train_as_steps_waited_for(cuda_graph):
+    """On a GPU the statistics really arrive late (pinned copies behind the step,
+    and with ``cuda_graph`` behind replays that overwrite the captured statistics):
+    the same statistics and weights as steps waited for, and a NaN batch is skipped
+    on the device (its weights unchanged before anything is read back)."""
+    batches = [
+        torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)).cuda()
+        for i in range(6)
+    ]
+    batches.insert(2, torch.full_like(batches[0], float("nan")))
+    runs = []
+    for overlapped in (False, True):
+        model, step = make_step(cuda_graph=cuda_graph)
+        model.cuda()
+        with pytest.warns(RuntimeWarning, match="step 2: non-finite"):
+            if overlapped:
+                stats = [step.launch(x, i) for i, x in enumerate(batches)]
+                stats = stats[1:] + [step.finish()]
+            else:
+                stats = [step(x, i) for i, x in enumerate(batches)]
+        assert step.graph_captured == cuda_graph
+        runs.append((stats, model.g_s[-1].conv.weight.detach().clone()))
+    (waited, waited_weight), (late, late_weight) = runs
+    assert [s["skipped"] for s in late] == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    for a, b in zip(waited, late):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, nan_ok=True)
+    assert torch.allclose(waited_weight, late_weight, rtol=1e-4, atol=1e-6)
+
+    model, step = make_step()
+    model.cuda()
+    step(batches[0], 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step.launch(batches[2], 1)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert step.finish()["skipped"] == 1.0
