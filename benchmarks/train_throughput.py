@@ -27,7 +27,11 @@ auxiliary optimizer:
 
 The batch is a fixed random tensor already on the device, so the figures measure
 the optimisation step, not JPEG decoding (train.py overlaps that with DataLoader
-workers). Each loop is timed ``--repeats`` times and the median is reported. The
+workers). Each loop also reports the ATen operators one step dispatches: on a GPU
+nearly each is a kernel launch, which is what a small-batch step is bound by. Note
+that PyTorch's default Adam (the example's) runs one operator group per parameter on
+the CPU but ``foreach`` kernels on CUDA, so the example's count depends on the
+device. Each loop is timed ``--repeats`` times and the median is reported. The
 defaults are batch 8, 256x256 crops (the paper's crop size, Sec. III-A) and N = 192.
 """
 
@@ -45,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from compressai.losses import RateDistortionLoss
 from compressai.optimizers import net_aux_optimizer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from benchmarks.results_io import (
@@ -170,12 +175,30 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it, views excluded.
+
+    On a GPU nearly every such operator is one kernel launch, so the count is what a
+    launch-bound step pays for, measured without timing noise and on any device.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def measure(step, x, device, steps, warmup, repeats):
-    """Median images/s and ms/step of ``step``.
+    """Median images/s and ms/step of ``step``, and its operators per step.
 
     Taken over ``repeats`` runs of ``steps`` calls. A :class:`TrainStep` runs as
     ``train.py`` runs it: each call launches a step and reads the one before, and
-    the last is read before the clock stops.
+    the last is read before the clock stops. One more call, after the timed ones,
+    counts the operators (:class:`OperatorCount`).
     """
     train_step = step if isinstance(step, TrainStep) else None
     call = step.launch if train_step else step
@@ -198,10 +221,16 @@ def measure(step, x, device, steps, warmup, repeats):
         run(warmup + r * steps, steps)
         timings.append(time.perf_counter() - start)
     seconds = statistics.median(timings)
+    counter = OperatorCount()
+    with counter:
+        call(x, warmup + repeats * steps)
+    if train_step:
+        train_step.finish()
     result = {
         "images_per_s": steps * x.shape[0] / seconds,
         "ms_per_step": 1e3 * seconds / steps,
         "ms_per_step_runs": [round(1e3 * t / steps, 2) for t in timings],
+        "operators_per_step": counter.count,
     }
     # Same weights, batch and seeds: comparable across loops.
     if train_step:
@@ -259,11 +288,15 @@ def main(argv=None):
         f"batch {args.batch_size}, crop {args.crop}, N {args.N}, "
         f"{args.steps} timed steps x {args.repeats} on {where}"
     )
-    print(f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}")
+    print(
+        f"{'loop':<30}{'images/s':>10}{'ms/step':>10}{'vs example':>12}"
+        f"{'operators':>11}"
+    )
     for row in rows:
         print(
             f"{row['loop']:<30}{row['images_per_s']:>10.2f}{row['ms_per_step']:>10.1f}"
             f"{row['images_per_s'] / reference:>11.2f}x"
+            f"{row['operators_per_step']:>11}"
         )
     return 0
 

@@ -85,6 +85,7 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
     for row in record["results"]:
         assert row["images_per_s"] > 0 and len(row["ms_per_step_runs"]) == 2
         assert row["ms_per_step"] == pytest.approx(1e3 / row["images_per_s"])
+        assert row["operators_per_step"] > 100
     table = capsys.readouterr().out
     assert "compressai_example" in table and "train_py" in table and "1.00x" in table
     with pytest.raises(SystemExit):
@@ -121,3 +122,32 @@ def test_host_read_example_loop_reads_the_loss_once_per_step_and_updates_the_sam
         updated.append(model.state_dict())
     plain, with_read = updated
     assert all(torch.equal(plain[name], with_read[name]) for name in plain)
+
+
+def test_train_step_dispatches_fewer_operators_than_the_example_loop_does_on_cuda():
+    """A GPU step at batch 8 is bound by kernel launches, about one per operator.
+    On CUDA the example's Adam runs ``foreach`` kernels; ``TrainStep`` (fused Adam,
+    statistics, the on-device skip) must not launch more than that."""
+    counts = {}
+    batch = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for loop in ("example", "train_step"):
+        torch.manual_seed(0)
+        model = models.build_model("cps", N=8)
+        criterion = RateDistortionLoss(0.01)
+        if loop == "example":
+            optimizer, aux_optimizer = bench.example_optimizers(model, 1e-4, 1e-3)
+            for group in optimizer.param_groups + aux_optimizer.param_groups:
+                group["foreach"] = True  # PyTorch's default for CUDA parameters
+            call = bench.compressai_example_step(
+                model, criterion, optimizer, aux_optimizer, 1.0
+            )
+        else:
+            optimizer, aux_optimizer = build_optimizers(model, 1e-4, 1e-3)
+            step = TrainStep(model, model, criterion, optimizer, aux_optimizer)
+            call = step.launch
+        call(batch, 0)  # the optimizers' states are made in the first step
+        counter = bench.OperatorCount()
+        with counter:
+            call(batch, 1)
+        counts[loop] = counter.count
+    assert counts["train_step"] < counts["example"], counts
