@@ -349,7 +349,7 @@ def training_step(work: str) -> Step:
     def summarise(_results):
         rows = _read_json(output)["results"]
         reference = rows[0]["images_per_s"]
-        kept = ("final_loss", "graph_replayed")
+        kept = ("final_loss", "graph_replayed", "operators_per_step")
         figures = {
             row["loop"]: {
                 "images_per_s": row["images_per_s"],

@@ -408,6 +408,40 @@ def test_cross_device_decodes_must_agree_within_a_level_or_be_refused_on_the_crc
     assert step.summarise(results)["status"] == "fail"
 
 
+@pytest.mark.parametrize(
+    "graph_speed_up, status", [(1.05, "pass"), (0.95, "below target")]
+)
+def test_training_check_compares_the_graph_replayed_steps_with_their_targets(
+    tmp_path, graph_speed_up, status
+):
+    from benchmarks import gpu_steps
+
+    def row(loop, images_per_s, **extra):
+        return {"loop": loop, "images_per_s": images_per_s, **extra}
+
+    rows = [
+        row("compressai_example", 100.0, operators_per_step=953),
+        row(
+            "train_py_cuda_graph",
+            100.0 * graph_speed_up,
+            graph_replayed=True,
+            operators_per_step=12,
+        ),
+        row("train_py_bf16_channels_last_cuda_graph", 140.0, graph_replayed=True),
+    ]
+    (tmp_path / "training.json").write_text(json.dumps({"results": rows}))
+    step = gpu_steps.training_step(str(tmp_path))
+    summary = step.summarise([_done()])
+    assert summary["status"] == status
+    graph = summary["figures"]["train_py_cuda_graph"]
+    assert graph["vs_compressai_example"] == pytest.approx(graph_speed_up)
+    assert graph["operators_per_step"] == 12
+    # A capture that failed trains eagerly: its speed cannot pass the check.
+    rows[1].update(images_per_s=200.0, graph_replayed=False)
+    (tmp_path / "training.json").write_text(json.dumps({"results": rows}))
+    assert step.summarise([_done()])["status"] == "below target"
+
+
 def test_a_failing_or_slow_command_stops_its_check(tmp_path):
     from benchmarks import gpu_check, gpu_steps
 
