@@ -42,30 +42,15 @@ from utils.training.monitor import (
     write_train_scalars,
     write_validation,
 )
-from utils.training.optimizers import (
-    build_optimizers,
-    build_scheduler,
-    restart_plateau,
-)
+from utils.training.optimizers import build_optimizers, build_scheduler
 from utils.training.resume import (
     best_checkpoint_note,
     check_experiment_folder,
-    check_not_behind,
-    check_resume_position,
-    forgotten_bests_warning,
-    moved_run_note,
-    report_config_changes,
     run_finished,
 )
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
-from utils.training.state import (
-    TrainPosition,
-    build_checkpoint,
-    init_weights_from,
-    read_resume_checkpoint,
-    restore,
-    save_checkpoint,
-)
+from utils.training.start_state import load_start_state
+from utils.training.state import TrainPosition, build_checkpoint, save_checkpoint
 from utils.training.step import TrainStep, coding_state_dict
 from utils.training.stop_requests import StopRequests
 from utils.training.validation import validate
@@ -119,7 +104,7 @@ class Trainer:
             self.optimizer, cfg.lr_schedule, self.total_steps
         )
         self.pos = TrainPosition()
-        self._load_start_state()
+        load_start_state(self)
         self._build_loaders()
         self.model = distributed.wrap_ddp(self.raw, ctx)
         self.step = TrainStep(
@@ -166,53 +151,6 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         self.train_loader, self.test_loader = self.images.loaders()
-
-    def _load_start_state(self) -> None:
-        data = self.cfg.train_data
-        if data.use_checkpoint_path:
-            path = data.use_checkpoint_path
-            checkpoint = read_resume_checkpoint(path)
-            restore(
-                checkpoint,
-                self.raw,
-                self.optimizer,
-                self.aux_optimizer,
-                self.scheduler,
-                self.pos,
-                path,
-            )
-            # A refused resume says so first, without announcing that it resumes.
-            check_resume_position(
-                path,
-                checkpoint.get("config"),
-                self.cfg,
-                self.pos,
-                self.steps_per_epoch,
-                len(self.images.train_set),
-                self.ctx.world_size,
-            )
-            check_not_behind(path, self.exp, self.pos.global_step)
-            self.log(
-                f"resuming {path} at step {self.pos.global_step} "
-                f"(epoch {self.pos.epoch}, batch {self.pos.epoch_step})"
-            )
-            moved = moved_run_note(checkpoint, self.exp)
-            if moved:
-                self.log(moved)
-            if report_config_changes(checkpoint.get("config"), self.cfg, self.log):
-                self._forget_best_loss()
-        elif data.init_checkpoint_path:
-            init_weights_from(data.init_checkpoint_path, self.raw)
-            self.log(f"initialised weights from {data.init_checkpoint_path}")
-
-    def _forget_best_loss(self) -> None:
-        """After a change of the loss itself (lambda, distortion metric) the losses
-        before and after cannot be compared: the best checkpoint, and the plateau
-        schedule, start again from the next validation."""
-        self.pos.best_loss, self.pos.best_step = float("inf"), None
-        if self.schedule_per == "validation":
-            restart_plateau(self.scheduler)
-        self.log(forgotten_bests_warning(BEST_NAME))
 
     def log(self, message: str) -> None:
         """One line from rank 0, printed above the progress bar if there is one."""
