@@ -106,7 +106,9 @@ def resolve_config(args):
     its problems are reported with the config's.
     """
     if args.config is None:
-        from utils.training.state import stored_config  # reads a PyTorch checkpoint
+        from utils.training.state_loading import (  # reads a PyTorch checkpoint
+            stored_config,
+        )
 
         path = os.path.abspath(args.resume)
         cfg = load_config(

@@ -21,7 +21,7 @@ from PIL import Image
 import codec
 import models
 from models.checkpoint_file import read_checkpoint_file
-from utils.training.state import init_weights_from
+from utils.training.state_loading import init_weights_from
 
 
 def _save(path, state_dict):

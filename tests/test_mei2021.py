@@ -358,7 +358,7 @@ def test_train_py_trains_a_layered_model_with_its_joint_loss(tmp_path, name):
 def test_init_from_weights_of_another_layer_count_names_the_keys_to_set(tmp_path):
     """The file's own lambdas size it: with the run's swapped in, the three-layer
     weights rebuilt nothing and the error listed 115 unexpected keys instead."""
-    from utils.training.state import init_weights_from
+    from utils.training.state_loading import init_weights_from
 
     three = Mei2021Quality(num_filters=[8, 8, 8], lmbdas=[3.0, 2.0, 1.0])
     path = tmp_path / "three.pth.tar"

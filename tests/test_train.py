@@ -332,7 +332,7 @@ def test_init_from_takes_the_weights_and_starts_a_new_run(tmp_path, train_images
 def test_a_resume_with_another_width_names_the_key_to_set(tmp_path):
     """As --init-from does: a resume whose --set changes the model's sizes used to
     list shape mismatches, which say nothing of the config key that caused them."""
-    from utils.training.state import restore
+    from utils.training.state_loading import restore
 
     path = tmp_path / "wide.pth.tar"
     torch.save({"state_dict": models.build_model("cps", N=16).state_dict()}, path)

@@ -22,7 +22,11 @@ from utils.training.resume import (
     forgotten_bests_warning,
     report_config_changes,
 )
-from utils.training.state import check_resume_entries, load_entry, with_configured_state
+from utils.training.state_loading import (
+    check_resume_entries,
+    load_entry,
+    with_configured_state,
+)
 
 __all__ = ["ACL_LOSS_KEYS", "read_acl_checkpoint", "resume_acl"]
 

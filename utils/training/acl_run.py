@@ -43,7 +43,7 @@ from utils.training.config import to_plain_dict
 from utils.training.resume import check_not_behind, run_state_exists
 from utils.training.run_lock import refuse_if_locked, take_experiment_folder
 from utils.training.schema import unread_by_acl
-from utils.training.state import init_weights_from
+from utils.training.state_loading import init_weights_from
 
 __all__ = ["STATE_NAME", "run_acl"]
 

@@ -17,7 +17,8 @@ from utils.training.config import (
     rename_legacy_keys,
     to_plain_dict,
 )
-from utils.training.state import TrainPosition, read_resume_checkpoint
+from utils.training.state import TrainPosition
+from utils.training.state_loading import read_resume_checkpoint
 
 __all__ = [
     "run_finished",

@@ -2,7 +2,7 @@
 ``--init-from``.
 
 A resume restores the model, the optimizers, the schedule and the position
-(:func:`utils.training.state.restore`), checks that the run can go on from there
+(:func:`utils.training.state_loading.restore`), checks that the run can go on from there
 (:mod:`utils.training.resume`) before it says that it resumes, and reports what the
 config changed since the checkpoint was written; a change of the loss itself forgets
 the best loss. ``--init-from`` loads the weights only.
@@ -17,7 +17,11 @@ from utils.training.resume import (
     moved_run_note,
     report_config_changes,
 )
-from utils.training.state import init_weights_from, read_resume_checkpoint, restore
+from utils.training.state_loading import (
+    init_weights_from,
+    read_resume_checkpoint,
+    restore,
+)
 
 __all__ = ["load_start_state"]
 
