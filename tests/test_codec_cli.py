@@ -8,7 +8,8 @@ from PIL import Image
 import codec
 from models.base import CodingPlan
 from utils.coding.container import unpack
-from utils.image_io import _to_8bit, image_size, read_image
+from utils.image_io import image_size, read_image
+from utils.image_samples import _to_8bit
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 bytes, and checking their image data before torchvision decodes them.
 
 PIL has no mode of several 16-bit channels: it reads 16-bit RGB, RGBA and gray with
-alpha by keeping one byte of each sample. :mod:`utils.image_io` decodes these with
+alpha by keeping one byte of each sample. :mod:`utils.image_samples` decodes these with
 torchvision instead, whose libpng only warns when the image data is shorter than the
 header says, and then crashes the process: :func:`check_png16_data` refuses such a
 file first.
