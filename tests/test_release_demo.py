@@ -12,9 +12,9 @@ from utils.evaluation import demo
 from utils.evaluation.demo import _crop_window, demo_image
 from utils.evaluation.shipped import SHIPPED_DIR, find_shipped_models
 from utils.stitching.spec import PatchSpec
-from utils.training.release import (
+from utils.training.release import main
+from utils.training.training_curves import (
     curve_panels,
-    main,
     read_scalars,
     render_curves,
     training_wall_time,
