@@ -448,6 +448,28 @@ def test_a_single_problem_is_reported_without_a_count_or_a_doubled_source():
     )
 
 
+def test_a_problem_with_the_authors_key_names_is_reported_with_the_others(tmp_path):
+    # Both names of the crop side, a training_modality other than "patch", a width
+    # out of range and an unknown key: one run shows all four.
+    path = write(
+        tmp_path,
+        AUTHORS_YAML.replace('"patch"', '"full"').replace("N: 192", "N: 1923")
+        + "  crop_size: 128\n  lmdba: 1\n",
+    )
+    with pytest.raises(ValueError) as info:
+        load_config(path, ["train_data.batch_size=0"])
+    message = str(info.value)
+    assert "5 problems" in message
+    for problem in (
+        "train_params.training_modality must be 'patch'",
+        "set only one of train_params.crop_size and train_params.patch_size",
+        "train_params.N must be in [1, 1536]",
+        "unknown key train_params.lmdba",
+        "train_data.batch_size must be in [1, 4096]",
+    ):
+        assert problem in message
+
+
 def test_a_config_that_is_not_a_mapping_is_a_value_error():
     with pytest.raises(ValueError, match="expected a mapping of blocks, got list"):
         parse_config([1, 2])

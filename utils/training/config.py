@@ -55,6 +55,38 @@ LEGACY_KEYS = (("train_params", "patch_size", "crop_size"),)
 IGNORED_KEYS = (("train_params", "training_modality", "patch"),)
 
 
+def _legacy_renamed(raw: Mapping) -> Tuple[dict, List[str]]:
+    """A copy of ``raw`` with the authors' key names mapped to ours, dead keys dropped,
+    and the problems found on the way (a dropped key of another value, both names of
+    a renamed key). A key in such a problem is left out, so that the rest of the
+    config is still checked and every problem is reported together."""
+    raw, problems = dict(raw), []
+    for block, key, accepted in IGNORED_KEYS:
+        given = raw.get(block)
+        if isinstance(given, Mapping) and key in given:
+            if given[key] != accepted:
+                problems.append(
+                    f"{block}.{key} must be {accepted!r} (the only mode there is), "
+                    f"got {given[key]!r}"
+                )
+            raw[block] = {k: v for k, v in given.items() if k != key}
+    for block, old, new in LEGACY_KEYS:
+        given = raw.get(block)
+        if not isinstance(given, Mapping) or old not in given:
+            continue
+        given = dict(given)
+        value = given.pop(old)
+        if new in given:
+            problems.append(
+                f"set only one of {block}.{new} and {block}.{old} "
+                f"(the authors' name for {new})"
+            )
+        else:
+            given[new] = value
+        raw[block] = given
+    return raw, problems
+
+
 def rename_legacy_keys(raw: Mapping, source: str = "config") -> dict:
     """A copy of ``raw`` with the authors' key names mapped to ours, dead keys dropped.
 
@@ -62,28 +94,8 @@ def rename_legacy_keys(raw: Mapping, source: str = "config") -> dict:
     before the rename) becomes ``train_params.crop_size``. Raises a one-line
     ``ValueError`` when both names are given or a dropped key has another value.
     """
-    raw = dict(raw)
-    for block, key, accepted in IGNORED_KEYS:
-        given = raw.get(block)
-        if isinstance(given, Mapping) and key in given:
-            if given[key] != accepted:
-                raise ValueError(
-                    f"{source}: {block}.{key} must be {accepted!r} (the only "
-                    f"mode there is), got {given[key]!r}"
-                )
-            raw[block] = {k: v for k, v in given.items() if k != key}
-    for block, old, new in LEGACY_KEYS:
-        given = raw.get(block)
-        if not isinstance(given, Mapping) or old not in given:
-            continue
-        if new in given:
-            raise ValueError(
-                f"{source}: set only one of {block}.{new} and {block}.{old} "
-                f"(the authors' name for {new})"
-            )
-        given = dict(given)
-        given[new] = given.pop(old)
-        raw[block] = given
+    raw, problems = _legacy_renamed(raw)
+    _raise_if_any(problems, source)
     return raw
 
 
@@ -116,11 +128,8 @@ def _validate(raw: Any, source: str) -> Tuple[dict, List[str]]:
     """The config with defaults filled in, and every problem found (possibly none)."""
     if not isinstance(raw, Mapping):
         return {}, [f"expected a mapping of blocks, got {type(raw).__name__}"]
-    try:
-        raw = rename_legacy_keys(raw, source)
-    except ValueError as exc:
-        return {}, [str(exc).removeprefix(f"{source}: ")]
-    problems = [
+    raw, problems = _legacy_renamed(raw)
+    problems += [
         f"unknown block {b!r}; known: {', '.join(SCHEMA)}"
         for b in raw
         if b not in SCHEMA
@@ -268,8 +277,8 @@ def load_config(
                 f"got {type(raw).__name__}"
             )
         resolve_paths(raw, os.path.dirname(os.path.abspath(path)))
-    raw = rename_legacy_keys(raw, source)  # before the overrides, which use our names
-    problems = apply_overrides(raw, overrides)
+    raw, problems = _legacy_renamed(raw)  # before the overrides, which use our names
+    problems += apply_overrides(raw, overrides)
     cfg, more = _validate(raw, source)
     for check in checks:
         more += check(cfg)
