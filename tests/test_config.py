@@ -98,7 +98,11 @@ def test_shipped_configs_are_the_six_paper_lambdas_with_n_192():
             "train_data.batch_size must be in [1, 4096]",
         ),
         (("cuda: True", "cuda: 1"), "train_data.cuda must be bool"),
-        (("N: 192", "N: 1923"), "train_params.N must be in [1, 1536]"),
+        (
+            ("N: 192", "N: 1923"),
+            "train_params.N must be in [1, 1536] (CPS uses 192, kamisli2024 up to "
+            "1280), got 1923",
+        ),
         (("lmbda: 0.0018", "lmbda: fast"), "train_params.lmbda must be float"),
         (("lmbda: 0.0018", "lmbda: .nan"), "train_params.lmbda must be finite"),
         (("  lmbda: 0.0018\n", ""), "missing required key train_params.lmbda"),

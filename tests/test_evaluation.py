@@ -496,7 +496,10 @@ def test_a_broken_cached_pretrained_file_is_named_with_the_way_out(
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["codec", "--codec", "jpeg", "-q", "500"], "outside 1..100"),
+        (
+            ["codec", "--codec", "jpeg", "-q", "500"],
+            "jpeg quality 500 is outside 1..100",
+        ),
         (["checkpoint", "-p", "missing.pth"], "checkpoint not found"),
         (["checkpoint", "-p", "x.pth", "--half"], "--half needs --entropy-estimation"),
         (["checkpoint", "-p", "x.pth", "--save-image"], "need -d OUTDIR"),

@@ -45,7 +45,10 @@ def test_cuda_true_without_cuda_trains_on_the_cpu_with_one_warning(
     [
         (["--resume"], "checkpoint not found"),
         (["--init-from", "nowhere.pth"], "checkpoint not found"),
-        (["--set", "train_data.batch_size=64"], "give no full batch"),
+        (
+            ["--set", "train_data.batch_size=64"],
+            "give no full batch of 64 per process (1 process)",
+        ),
     ],
 )
 def test_a_refused_run_leaves_no_experiment_folder_and_no_worker_warning(

@@ -20,11 +20,11 @@ class QualityScale:
     def check(self, codec: str, quality: float) -> None:
         if self.integer and quality != int(quality):
             raise ValueError(
-                f"{codec} quality must be an integer ({self.meaning}), got {quality}"
+                f"{codec} quality must be an integer ({self.meaning}), got {quality:g}"
             )
         if not self.low <= quality <= self.high:
             raise ValueError(
-                f"{codec} quality {quality} is outside {self.low:g}..{self.high:g} "
+                f"{codec} quality {quality:g} is outside {self.low:g}..{self.high:g} "
                 f"({self.meaning})"
             )
 

@@ -61,9 +61,10 @@ class RunImages:
         )
         self.steps_per_epoch = self.train_sampler.per_rank() // data.batch_size
         if self.steps_per_epoch == 0:
+            processes = f"{ctx.world_size} process" + "es" * (ctx.world_size > 1)
             raise ValueError(
                 f"{len(self.train_set)} training images give no full batch of "
-                f"{data.batch_size} per process ({ctx.world_size} processes)"
+                f"{data.batch_size} per process ({processes})"
             )
 
     @cached_property

@@ -88,9 +88,7 @@ def _sane_width(v):
     # SPL-CPS ships a config with ``N: 1923`` (a typo for 192): refuse the absurd.
     # (Kamisli's presets use N up to 1280.)
     if not 1 <= v <= 1536:
-        return (
-            "must be in [1, 1536] (CPS uses 192, kamisli2024 up to 1280); is it a typo?"
-        )
+        return "must be in [1, 1536] (CPS uses 192, kamisli2024 up to 1280)"
     return None
 
 
