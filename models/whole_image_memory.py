@@ -11,10 +11,37 @@ a calibration sees depends on what the process ran before.
 The peak grows with the area, plus fixed buffers that weigh most on small images
 (the coders' own copies of the weights, entropy tables), so one per-pixel figure
 would over-estimate large images several times and refuse images that fit. The
-calibration therefore codes two sizes, :data:`CALIBRATION_SIDE` and twice it, after
-a first run that takes the process's one-time allocations, and extrapolates each of
-encoding and decoding from the larger size along the line through both; below the
-larger size, the larger one's peak is taken as it is.
+calibration therefore codes two sizes, :data:`CALIBRATION_SIDES` (128x128 and
+512x512, sides rounded up to the model's factor), after a first run at the smaller
+one that takes the process's one-time allocations, and extrapolates each of encoding
+and decoding from the larger size along the line through both, down to the smaller
+size, under which the smaller one's peak is taken as it is.
+
+Why 512x512, and why a heap margin (measured on 2 cores, noise images, random
+weights, peaks as :func:`utils.memory.peak_added` reads them; docs/memory.md has the
+table). At 4K and 8K the prediction is the line's slope times the area, so the
+slope has to be the real cost of a further pixel; no model's peak grew steadily
+faster than the area (up to 3072x3072), but the slope between 128x128 and 256x256, used
+before, was wrong by more than the 1.1 safety factor allows for. mbt2018-mean's
+(N = 192) was 13 % (encoding) and 7 % (decoding) under its cost per pixel from
+512x512 to 2048x2048, because the 128x128 peak carries a few megabytes that do not
+grow with the image: 3 % of margin was left at 2048x2048. From one process to the
+next it moved by 13 % (mbt2018-mean's encoding) and 14 % (Mei 2021 spatial's): peaks
+of tens of megabytes differing by a few. Between 128x128 and 512x512 (5x the area
+between) mbt2018-mean's slopes are within 3.5 % of its large sizes' cost. The
+calibration codes 3x the pixels it did (0.29 megapixels in all), and takes 1.2-1.65x
+its time (fixed costs weigh on small images).
+
+Mei 2021 codes in the transforms' exact mode, which keeps freed blocks in glibc's
+heap (:func:`utils.memory.reuse_freed_memory`), and its peak then varies with the
+heap's fragmentation: its spatial model's encoding of a 2048x2048 image peaked
+between 4173 and 5069 MB above the libraries in four processes, up to 1.12x the line
+through its calibration. So on the CPU the prediction carries the POPS
+planner's margin for the same heap (``HEAP_FRAGMENTATION``, 1.2) on top of the
+safety factor: 1.32x the line in all. The zoo models and Kamisli do not keep freed
+blocks (mbt2018-mean peaked within 0.01 % from process to process, Kamisli within 3
+%), so for them the heap margin is slack: they refuse images up to a fifth smaller
+than would fit.
 """
 
 import json
@@ -27,29 +54,35 @@ from torch import nn
 from models.base import CodingPlan, LearnedCodec
 from utils.device import model_device
 from utils.memory import format_memory, memory_in_use, peak_added
-from utils.stitching.planner import SAFETY_BYTES, SAFETY_FACTOR
+from utils.stitching.planner import HEAP_FRAGMENTATION, SAFETY_BYTES, SAFETY_FACTOR
 
-CALIBRATION_SIDE = 128
+# Sides of the calibration images, each rounded up to the model's factor.
+CALIBRATION_SIDES = (128, 512)
 
 
 @dataclass(frozen=True)
 class CodingCost:
     """Peak bytes added by coding an image whole, as a function of its padded area:
     per direction (encoding, decoding), the peak measured at ``area`` pixels and the
-    bytes each further pixel adds."""
+    bytes each further pixel adds, down to ``smallest_area`` (the smaller
+    calibration size), under which the peak is taken as it is there; the
+    prediction carries ``heap_margin`` (the CPU heap's, see the module's docstring)
+    and the planner's safety margins."""
 
     area: int
     peaks: Tuple[int, ...]
     bytes_per_pixel: Tuple[float, ...]
+    smallest_area: int = 0
+    heap_margin: float = 1.0
 
     def bytes_for(self, area: int) -> int:
         """Predicted peak added by coding an image of ``area`` padded pixels."""
-        further = max(area - self.area, 0)
+        further = max(area, self.smallest_area) - self.area
         peak = max(
             measured + slope * further
             for measured, slope in zip(self.peaks, self.bytes_per_pixel)
         )
-        return int(peak * SAFETY_FACTOR) + SAFETY_BYTES
+        return int(peak * self.heap_margin * SAFETY_FACTOR) + SAFETY_BYTES
 
 
 # Per architecture, constructor arguments and device: checkpoints of one
@@ -74,7 +107,7 @@ def _coding_peaks(model: nn.Module, device: torch.device, side: int) -> List[int
 
 def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
     """What coding an image whole costs ``model`` on ``device``, measured once per
-    configuration (the smaller calibration side rounded up to the model's factor)."""
+    configuration (:data:`CALIBRATION_SIDES` rounded up to the model's factor)."""
     key = (
         model.registry_name,
         json.dumps(model.config, sort_keys=True, default=str),
@@ -82,14 +115,16 @@ def coding_cost(model: nn.Module, device: torch.device) -> CodingCost:
     )
     if key not in _COSTS:
         factor = model.downsampling_factor
-        small = factor * -(-CALIBRATION_SIDE // factor)
-        large = 2 * small
+        small, large = (factor * -(-side // factor) for side in CALIBRATION_SIDES)
+        large = max(large, 2 * small)  # factors of 512 and more
         _coding_peaks(model, device, small)  # the one-time allocations
         small_peaks = _coding_peaks(model, device, small)
         large_peaks = _coding_peaks(model, device, large)
         added_area = large**2 - small**2
         _COSTS[key] = CodingCost(
             area=large**2,
+            smallest_area=small**2,
+            heap_margin=HEAP_FRAGMENTATION if device.type == "cpu" else 1.0,
             peaks=tuple(large_peaks),
             bytes_per_pixel=tuple(
                 max(big - little, 0) / added_area

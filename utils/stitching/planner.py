@@ -56,8 +56,9 @@ SAFETY_BYTES = 16 * 2**20
 # (``utils/memory.py``), and over many patches they fragment: in the 91 patches of a
 # 7680x4320 analysis the retained free heap grew from 609 to 699 MB (+15 %), and
 # planned peaks under a 2 GB budget were passed by 12-15 % of a patch's working
-# memory. One calibration patch cannot see this, so CPU costs carry the margin.
-_HEAP_FRAGMENTATION = 1.2
+# memory. One calibration patch cannot see this, so CPU costs carry the margin (and
+# so do the whole-image models' on the CPU, ``models/whole_image_memory.py``).
+HEAP_FRAGMENTATION = 1.2
 # Copies of a padded rANS string alive while CompressAI's decoder takes it.
 _PADDED_STREAM_COPIES = 3
 
@@ -327,7 +328,7 @@ class Planner:
                 if direction == "synthesis":
                     to_uint8(output)
 
-        fragmentation = _HEAP_FRAGMENTATION if self.device.type == "cpu" else 1.0
+        fragmentation = HEAP_FRAGMENTATION if self.device.type == "cpu" else 1.0
         return TransformCost(
             peak_added(self.device, run) * fragmentation / CALIBRATION_PATCH**2
         )
