@@ -28,9 +28,13 @@ before, was wrong by more than the 1.1 safety factor allows for. mbt2018-mean's
 grow with the image: 3 % of margin was left at 2048x2048. From one process to the
 next it moved by 13 % (mbt2018-mean's encoding) and 14 % (Mei 2021 spatial's): peaks
 of tens of megabytes differing by a few. Between 128x128 and 512x512 (5x the area
-between) mbt2018-mean's slopes are within 3.5 % of its large sizes' cost. The
-calibration codes 3x the pixels it did (0.29 megapixels in all), and takes 1.2-1.65x
-its time (fixed costs weigh on small images).
+between) mbt2018-mean's slopes are within 3.5 % of its large sizes' cost; a 384x384
+top size was not enough (Mei 2021 spatial's decoding peaked 1.06-1.35x its line at
+1024x1024 in three processes, against 1.00-1.05x from 512x512). The calibration codes
+3x the pixels it did (0.29 megapixels in all): on 2 idle cores 2.2 s for Mei 2021
+spatial (1.1 s before), 8.5 s for Mei 2021 quality (3.6 s) and Kamisli B8 N = 768
+(7.9 s), and 18-22 s for the autoregressive zoo models, whose CompressAI decoding runs
+latent position by position (mbt2018 5.4 s before, Cheng 2020 anchor 8.8 s).
 
 Mei 2021 codes in the transforms' exact mode, which keeps freed blocks in glibc's
 heap (:func:`utils.memory.reuse_freed_memory`), and its peak then varies with the
