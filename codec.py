@@ -172,8 +172,12 @@ def _check_reading_fits(source: str, budget) -> None:
     check_size(height, width)
     if budget is None:
         return
-    needed = memory_in_use(torch.device("cpu")) + READ_BYTES_PER_PIXEL * width * height
-    check_fits(needed, budget, f"reading of this {width}x{height} image")
+    check_fits(
+        memory_in_use(torch.device("cpu")),
+        READ_BYTES_PER_PIXEL * width * height,
+        budget,
+        f"reading of this {width}x{height} image",
+    )
 
 
 def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:

@@ -156,14 +156,15 @@ def check_whole_image_fits(
         return
     factor = multiple or model.downsampling_factor
     padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
-    cost = coding_cost(model, device)
-    needed = memory_in_use(device) + cost.bytes_for(padded)
-    if needed > budget_bytes:
+    coding = coding_cost(model, device).bytes_for(padded)
+    held = memory_in_use(device)
+    if held + coding > budget_bytes:
         raise ValueError(
             f"memory budget {format_memory(budget_bytes)} is too small for "
             f"{model.registry_name} coding of a {width}x{height} image, which it "
-            f"codes whole: it needs about {format_memory(needed)}; raise "
-            f"--max-memory, or give none"
+            f"codes whole: it needs about {format_memory(held + coding)} "
+            f"({format_memory(held)} already held, plus {format_memory(coding)}); "
+            "raise --max-memory, or give none"
         )
 
 

@@ -350,7 +350,8 @@ def test_codec_cli_refuses_an_impossible_budget(large_case, tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert re.match(
         r"codec.py: error: .*large.cps: memory budget 200 MB is too small for "
-        r"the .*: it needs",
+        r"the .*: it needs about \d+ MB \(\d+ MB already held, plus .*\); raise "
+        r"--max-memory, or give none$",
         result.stderr,
     )
     assert not (tmp_path / "out.png").exists()
@@ -532,3 +533,18 @@ def test_the_whole_image_cost_holds_at_a_larger_size_before_the_safety_margin():
     assert result.returncode == 0, result.stderr
     ratios = json.loads(result.stdout.splitlines()[-1])
     assert max(ratios) <= 1.05, f"real / predicted peak (encoding, decoding): {ratios}"
+
+
+def test_a_refused_budget_says_how_much_the_process_already_holds_and_the_fix():
+    """On a small image nearly all of what a step needs is the libraries already
+    loaded; a message giving only the total sent users looking for a patch size."""
+    with pytest.raises(ValueError) as refused:
+        utils.stitching.planner.check_fits(
+            850 * 2**20, 2**20, 700 * 2**20, "reading of this 16x16 image"
+        )
+    assert str(refused.value) == (
+        "memory budget 700 MB is too small for the reading of this 16x16 image: it "
+        "needs about 851 MB (850 MB already held, plus 1 MB); raise --max-memory, "
+        "or give none"
+    )
+    utils.stitching.planner.check_fits(850 * 2**20, 2**20, 851 * 2**20, "anything")

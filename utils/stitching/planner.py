@@ -97,12 +97,16 @@ _COSTS: "weakref.WeakKeyDictionary[nn.Module, CostsByDeviceAndMode]" = (
 )
 
 
-def check_fits(needed: int, budget: int, what: str) -> None:
-    """Raise ``ValueError`` if ``needed`` bytes exceed ``budget``."""
-    if needed > budget:
+def check_fits(held: int, needed: int, budget: int, what: str) -> None:
+    """Raise ``ValueError`` if ``needed`` bytes on top of the ``held`` ones exceed
+    ``budget``. The message says which is which: on a small image nearly all of it
+    is the libraries the process has loaded, which no patch size can reduce."""
+    if held + needed > budget:
         raise ValueError(
             f"memory budget {format_memory(budget)} is too small for the {what}: it "
-            f"needs about {format_memory(needed)}"
+            f"needs about {format_memory(held + needed)} ({format_memory(held)} "
+            f"already held, plus {format_memory(needed)}); raise --max-memory, or "
+            "give none"
         )
 
 
@@ -198,7 +202,8 @@ def choose_patches(
         raise ValueError(
             f"memory budget {format_memory(budget)} is too small for the {what}: it "
             f"needs at least {format_memory(held_bytes + batch_bytes(1, smallest))} "
-            f"({format_memory(held_bytes)} already held, plus one {shape} px patch)"
+            f"({format_memory(held_bytes)} already held, plus one {shape} px "
+            "patch); raise --max-memory, or give none"
         )
 
     def computed(shape: Tuple[int, int]) -> int:
@@ -263,10 +268,15 @@ class Planner:
                 positions,
                 upsampling**2 * chunk_positions(-(-latent_size[1] // upsampling)),
             )
-        needed = memory_in_use(self.device) + entropy_phase_bytes(
+        needed = entropy_phase_bytes(
             self.model.M, positions, encoding, stream_symbols, hyper_chunk
         )
-        check_fits(needed, self.budget, "entropy coding of this image's latent")
+        check_fits(
+            memory_in_use(self.device),
+            needed,
+            self.budget,
+            "entropy coding of this image's latent",
+        )
 
     def plan(
         self,
