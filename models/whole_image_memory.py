@@ -57,8 +57,13 @@ from torch import nn
 
 from models.base import CodingPlan, LearnedCodec
 from utils.device import model_device
-from utils.memory import format_memory, memory_in_use, peak_added
-from utils.stitching.planner import HEAP_FRAGMENTATION, SAFETY_BYTES, SAFETY_FACTOR
+from utils.memory import memory_in_use, peak_added
+from utils.stitching.planner import (
+    HEAP_FRAGMENTATION,
+    SAFETY_BYTES,
+    SAFETY_FACTOR,
+    check_fits,
+)
 
 # Sides of the calibration images, each rounded up to the model's factor.
 CALIBRATION_SIDES = (128, 512)
@@ -79,13 +84,18 @@ class CodingCost:
     smallest_area: int = 0
     heap_margin: float = 1.0
 
-    def bytes_for(self, area: int) -> int:
-        """Predicted peak added by coding an image of ``area`` padded pixels."""
+    def line(self, area: int) -> Tuple[float, ...]:
+        """Per direction, the peak on the calibration's line at ``area`` padded
+        pixels, before any margin."""
         further = max(area, self.smallest_area) - self.area
-        peak = max(
+        return tuple(
             measured + slope * further
             for measured, slope in zip(self.peaks, self.bytes_per_pixel)
         )
+
+    def bytes_for(self, area: int) -> int:
+        """Predicted peak added by coding an image of ``area`` padded pixels."""
+        peak = max(self.line(area))
         return int(peak * self.heap_margin * SAFETY_FACTOR) + SAFETY_BYTES
 
 
@@ -156,16 +166,13 @@ def check_whole_image_fits(
         return
     factor = multiple or model.downsampling_factor
     padded = (-(-height // factor) * factor) * (-(-width // factor) * factor)
-    coding = coding_cost(model, device).bytes_for(padded)
-    held = memory_in_use(device)
-    if held + coding > budget_bytes:
-        raise ValueError(
-            f"memory budget {format_memory(budget_bytes)} is too small for "
-            f"{model.registry_name} coding of a {width}x{height} image, which it "
-            f"codes whole: it needs about {format_memory(held + coding)} "
-            f"({format_memory(held)} already held, plus {format_memory(coding)}); "
-            "raise --max-memory, or give none"
-        )
+    check_fits(
+        memory_in_use(device),
+        coding_cost(model, device).bytes_for(padded),
+        budget_bytes,
+        f"{model.registry_name} coding of a {width}x{height} image, which it codes "
+        "whole",
+    )
 
 
 class CodesWholeImages:

@@ -514,10 +514,7 @@ real = [
     peak_added(cpu, lambda: payloads.append(model.encode(image, CodingPlan()))),
     peak_added(cpu, lambda: model.decode(payloads[0], CodingPlan())),
 ]
-predicted = [
-    peak + slope * (768**2 - cost.area)
-    for peak, slope in zip(cost.peaks, cost.bytes_per_pixel)
-]
+predicted = cost.line(768**2)
 print(json.dumps([actual / guess for actual, guess in zip(real, predicted)]))
 """
 
