@@ -219,6 +219,21 @@ def _restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _load_weights(raw: nn.Module, checkpoint: dict, failure: str) -> None:
+    """Load ``checkpoint``'s weights into ``raw``, or raise ``ValueError`` starting
+    with ``failure``. Weights of other sizes (a --set or a config that changed
+    them) name the config key, from the sizes the file holds (its own lambdas
+    included), rather than list shape mismatches."""
+    try:
+        stored = unwrap_state_dict(checkpoint)
+        load_state_dict_into(raw, with_configured_state(raw, stored))
+    except ValueError as exc:
+        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
+            raw, stored
+        )
+        raise ValueError(f"{failure}: {difference or exc}") from None
+
+
 def restore(
     checkpoint: dict,
     raw: nn.Module,
@@ -229,15 +244,7 @@ def restore(
     path: str = "checkpoint",
 ) -> None:
     """Load model, optimizers, schedule, position from a checked resume checkpoint."""
-    try:
-        stored = unwrap_state_dict(checkpoint)
-        load_state_dict_into(raw, with_configured_state(raw, stored))
-    except ValueError as exc:
-        # A --set that changed the sizes: name the key, as --init-from does.
-        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
-            raw, stored
-        )
-        raise ValueError(f"cannot resume from {path}: {difference or exc}") from None
+    _load_weights(raw, checkpoint, f"cannot resume from {path}")
     load_entry(optimizer, checkpoint, "optimizer", path)
     load_entry(aux_optimizer, checkpoint, "aux_optimizer", path)
     load_entry(scheduler, checkpoint, "lr_scheduler", path)
@@ -270,17 +277,7 @@ def init_weights_from(path: str, raw: nn.Module) -> None:
             f"cannot initialise a {raw.registry_name!r} model from {path}: it "
             f"holds a {stored_architecture!r} model (model.architecture)"
         )
-    try:
-        stored = unwrap_state_dict(checkpoint)
-        load_state_dict_into(raw, with_configured_state(raw, stored))
-    except ValueError as exc:
-        # The stored sizes, as the file holds them (its own lambdas included).
-        difference = isinstance(exc, ArchitectureMismatch) and _size_difference(
-            raw, stored
-        )
-        raise ValueError(
-            f"cannot initialise from {path}: {difference or exc}"
-        ) from None
+    _load_weights(raw, checkpoint, f"cannot initialise from {path}")
 
 
 def _size_difference(raw: nn.Module, state_dict) -> Optional[str]:
