@@ -207,6 +207,6 @@ def test_a_folder_another_run_holds_refuses_every_rank_at_once(tmp_path):
     )
     # The ranks share stderr, so their lines may interleave.
     assert (
-        "train.py [rank 1]: error: rank 0 refused the run (its error says why)"
-        in proc.stderr
+        f"train.py [rank 1]: error: rank 0 refused the run: "
+        f"train_data.experiment_path {exp} is in use by " in proc.stderr
     )

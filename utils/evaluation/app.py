@@ -27,7 +27,7 @@ from utils.evaluation.curves import (
 )
 from utils.evaluation.demo import run_demo
 from utils.evaluation.learned_coders import LearnedOptions, learned_coders
-from utils.evaluation.outputs import EvaluationOutputs, on_writer
+from utils.evaluation.outputs import EvaluationOutputs
 from utils.evaluation.pretrained import load_pretrained, pretrained_url
 from utils.evaluation.rd import bd_rate_table, format_table
 from utils.evaluation.rd_plot import plot_curves
@@ -49,7 +49,7 @@ from utils.output_paths import (
     refuse_existing_outputs,
 )
 from utils.stitching.spec import PatchSpec
-from utils.training.distributed import cleanup, init_distributed
+from utils.training.distributed import cleanup, init_distributed, on_rank_0
 
 log = logging.getLogger("cps.test")
 
@@ -244,7 +244,7 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     outputs = EvaluationOutputs(
         args.output_dir, args.per_image, args.save_image, args.force
     )
-    on_writer(outputs.check)  # in use, a path in the way, outputs without --force
+    on_rank_0(outputs.check)  # in use, a path in the way, outputs without --force
     names: List[str] = []
     if args.command == "codec":
         runs = _codec_runs(args, names, sizes)

@@ -19,18 +19,16 @@ every process, so that none waits for rank 0 in a collective.
 
 import os
 import shutil
-from typing import Callable, Dict, List, Optional
-
-import torch.distributed as dist
+from typing import Dict, List, Optional
 
 from utils.atomic import save_json
-from utils.evaluation.runs import shard
 from utils.folder_lock import FolderLock, lock_folder, refuse_if_locked
 from utils.output_paths import (
     create_output_folder,
     refuse_existing_outputs,
     remove_unused_folders,
 )
+from utils.training.distributed import on_rank_0
 
 LOCK_NAME = ".test.lock"
 STAGING_NAME = ".test-staging"
@@ -38,26 +36,6 @@ PREVIOUS_NAME = ".previous"  # inside the staging folder, during a commit
 NAME = "-d/--output-dir"
 HOLDER = "test.py evaluation"
 FOLDERS = ("per-image", "reconstructions")
-
-
-def on_writer(action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0 alone (the process that writes ``-d``); if it raises
-    ``ValueError`` or ``OSError``, every process raises, so that under torchrun the
-    others do not wait for rank 0 in their next collective. Every process calls it."""
-    rank, world = shard()
-    refusal = None
-    if rank == 0:
-        try:
-            action()
-        except (ValueError, OSError) as exc:
-            refusal = exc
-    if world > 1:
-        message = [None if refusal is None else str(refusal)]
-        dist.broadcast_object_list(message, src=0)
-        if refusal is None and message[0] is not None:
-            raise ValueError(f"rank 0 refused the run: {message[0]}")
-    if refusal is not None:
-        raise refusal
 
 
 def previous_outputs(output_dir: str) -> List[str]:
@@ -142,7 +120,7 @@ class EvaluationOutputs:
 
     def __enter__(self) -> "EvaluationOutputs":
         if self.output_dir is not None:
-            on_writer(self._take)
+            on_rank_0(self._take)
         return self
 
     def _take(self) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "all_reduce_sum",
     "aux_parameter_names",
     "cleanup",
+    "on_rank_0",
 ]
 
 
@@ -156,21 +157,24 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def on_rank_0(ctx: DistContext, action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0 alone (the rank that writes files); if it raises
-    ``ValueError`` or ``OSError``, every rank raises, so that under torchrun the other
-    ranks do not wait for rank 0 in their next collective until the process group's
-    timeout. Every rank must call it."""
+def on_rank_0(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 alone, the process that writes files (train.py's
+    experiment folder, test.py's ``-d``). If it raises ``ValueError`` or ``OSError``,
+    every process raises: rank 0 its own error, the others one that quotes it, so
+    that under torchrun no process waits for rank 0 in its next collective until the
+    process group's timeout. Every process must call it; without a process group it
+    runs ``action`` and nothing else."""
+    grouped = dist.is_available() and dist.is_initialized()
     refusal = None
-    if ctx.is_main:
+    if not grouped or dist.get_rank() == 0:
         try:
             action()
         except (ValueError, OSError) as exc:
             refusal = exc
-    refused = all_reduce_sum(
-        torch.tensor([float(refusal is not None)], device=ctx.device)
-    )
+    if grouped:
+        message = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(message, src=0)
+        if refusal is None and message[0] is not None:
+            raise ValueError(f"rank 0 refused the run: {message[0]}")
     if refusal is not None:
         raise refusal
-    if refused.item():
-        raise ValueError("rank 0 refused the run (its error says why)")

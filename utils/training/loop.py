@@ -84,7 +84,7 @@ class Trainer:
             check_experiment_folder(self.exp, resumed_from)
             refuse_if_locked(self.exp)
 
-        on_rank_0(ctx, check_folder)
+        on_rank_0(check_folder)
         torch.manual_seed(params.seed)  # identical initial weights on every rank
 
         # The model first: its problems are the config's, and come before the data's.
@@ -134,7 +134,7 @@ class Trainer:
                 ),
             )
 
-        on_rank_0(ctx, take)
+        on_rank_0(take)
         self.writer = None
         if ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
