@@ -161,23 +161,13 @@ def jobs(
 def _check_reading_fits(source: str, budget) -> None:
     """Refuse, from the header alone, an image the format cannot hold or whose reading
     would break the budget."""
-    import torch
-
     from utils.coding.payload import check_size
-    from utils.image_io import READ_BYTES_PER_PIXEL, image_size
-    from utils.memory import memory_in_use
-    from utils.stitching.planner import check_fits
+    from utils.image_io import image_size
+    from utils.stitching.planner import check_reading_fits
 
     width, height = image_size(source)
     check_size(height, width)
-    if budget is None:
-        return
-    check_fits(
-        memory_in_use(torch.device("cpu")),
-        READ_BYTES_PER_PIXEL * width * height,
-        budget,
-        f"reading of this {width}x{height} image",
-    )
+    check_reading_fits(width, height, budget)
 
 
 def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:

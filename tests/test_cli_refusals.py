@@ -245,3 +245,32 @@ def test_a_folder_named_through_dotdot_is_made_alone_and_removed_alone(
             assert (tmp_path / "y").is_dir() and not (tmp_path / "x").exists()
             raise RuntimeError("refused")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# ------------------------------------------------------- reading within the budget
+
+
+def test_test_py_refuses_an_image_whose_reading_breaks_the_budget_before_coding(
+    tmp_path, good, monkeypatch, capsys
+):
+    """A PNG of a few kilobytes can declare a huge image (here 64 Mpx, 704 MB to
+    read): test.py read it whole, past --max-memory, and failed only at a later
+    phase; under the default 2 GB a 26000x26000 one held 2.8 GB. Like codec.py it
+    refuses from the header, before any image is coded."""
+    from PIL import Image
+
+    from utils.memory import memory_in_use
+
+    evaluated = []
+    monkeypatch.setattr(app, "evaluate", lambda *a, **k: evaluated.append(a))
+    (tmp_path / "images").mkdir()
+    Image.new("1", (8000, 8000)).save(tmp_path / "images" / "bomb.png")
+    budget = memory_in_use(torch.device("cpu")) // 2**20 + 256
+    argv = ["checkpoint", "-p", good, "--dataset", str(tmp_path / "images")]
+    assert (
+        test_script.main([*argv, "--max-memory", f"{budget}MB", "--no-progress"]) == 1
+    )
+    line = _one_error_line(capsys, "test.py")
+    assert "bomb.png: memory budget" in line, line
+    assert "reading of this 8000x8000 image" in line, line
+    assert evaluated == []

@@ -48,6 +48,7 @@ from utils.output_paths import (
     check_output_path,
     refuse_existing_outputs,
 )
+from utils.stitching.planner import check_reading_fits
 from utils.stitching.spec import PatchSpec
 from utils.training.distributed import cleanup, init_distributed, on_rank_0
 
@@ -228,6 +229,17 @@ def _codec_runs(
     ]
 
 
+def _check_readings_fit(sizes: Dict[str, Tuple[int, int]], budget) -> None:
+    """Refuse, from its header, an image whose reading would break the budget, as
+    codec.py does: a PNG of a few kilobytes can declare an image of gigabytes, which
+    would otherwise be read whole before a later phase refused it."""
+    for path, (width, height) in sizes.items():
+        try:
+            check_reading_fits(width, height, budget)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
 def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
     """Evaluate and return the results document (None on ranks other than 0)."""
     select_device(args.cuda)  # --cuda without a GPU is refused here
@@ -253,6 +265,8 @@ def run_evaluation(args: argparse.Namespace) -> Optional[dict]:
             FOLDER_PATCH_SIZE if dataset.patch_size is None else dataset.patch_size
         )
         runs = _learned_runs(args, device, patch, names)  # checkpoints loaded here
+        if device.type == "cpu":  # on CUDA the budget counts GPU memory only
+            _check_readings_fit(sizes, args.max_memory)
     rank, world = shard()
     log.info(
         "%s: %d image%s from %s, %d run%s%s",

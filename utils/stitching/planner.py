@@ -30,7 +30,7 @@ from utils.coding.fixed_point import CHUNK_COPIES, chunk_positions
 from utils.coding.front_rans import ENCODER_BYTES_PER_SYMBOL
 from utils.coding.rans import PADDING_BYTES_PER_SYMBOL
 from utils.coding.streams import largest_stream_symbols
-from utils.image_io import to_uint8
+from utils.image_io import READ_BYTES_PER_PIXEL, to_uint8
 from utils.memory import (
     format_memory,
     memory_in_use,
@@ -108,6 +108,22 @@ def check_fits(held: int, needed: int, budget: int, what: str) -> None:
             f"already held, plus {format_memory(needed)}); raise --max-memory, or "
             "give none"
         )
+
+
+def check_reading_fits(width: int, height: int, budget: Optional[int]) -> None:
+    """Refuse, from the size in an image file's header, a reading that would break
+    ``budget`` (bytes; None for no budget): the
+    :data:`~utils.image_io.READ_BYTES_PER_PIXEL` bytes per pixel that reading holds
+    at once, on top of what the process holds now. A PNG of a few kilobytes can
+    declare a huge image, so this comes before its pixels are decoded."""
+    if budget is None:
+        return
+    check_fits(
+        memory_in_use(torch.device("cpu")),
+        READ_BYTES_PER_PIXEL * width * height,
+        budget,
+        f"reading of this {width}x{height} image",
+    )
 
 
 def entropy_phase_bytes(
