@@ -170,6 +170,36 @@ def _check_reading_fits(source: str, budget) -> None:
     check_reading_fits(width, height, budget)
 
 
+# Copies of a coded file held while it is parsed: its bytes, the body checked against
+# the trailing CRC, and the strings cut from the body.
+_CODED_FILE_COPIES = 3
+
+
+def _read_coded(source: str, budget) -> bytes:
+    """The bytes of the ``.cps``/``.cpsl`` file ``source``, refused before it is read
+    whole: from its first bytes when it is no such file, and from its size when
+    parsing it would break the budget (a video given by mistake was read into
+    memory first, past the budget)."""
+    import torch
+
+    from utils.coding.container import check_magic
+    from utils.memory import format_memory, memory_in_use
+    from utils.stitching.planner import check_fits
+
+    with open(source, "rb") as handle:
+        check_magic(handle.read(4))
+        size = os.fstat(handle.fileno()).st_size
+        if budget is not None:
+            check_fits(
+                memory_in_use(torch.device("cpu")),
+                _CODED_FILE_COPIES * size,
+                budget,
+                f"reading of this {format_memory(size)} file",
+            )
+        handle.seek(0)
+        return handle.read()
+
+
 def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
     """Check every input before the first is coded, so that a batch with a bad file
     fails before writing anything: an image's header (a readable format, a size the
@@ -181,12 +211,12 @@ def check_inputs(args: argparse.Namespace, model, plan, pairs) -> None:
 
     for source, _ in pairs:
         try:
+            # On CUDA the budget counts GPU memory, which reading does not use.
+            budget = None if args.cuda else plan.budget_bytes
             if args.command == "encode":
-                # On CUDA the budget counts GPU memory, which reading does not use.
-                _check_reading_fits(source, None if args.cuda else plan.budget_bytes)
+                _check_reading_fits(source, budget)
             else:
-                with open(source, "rb") as handle:
-                    payload = unpack(handle.read())
+                payload = unpack(_read_coded(source, budget))
                 # Architecture and checkpoint; the model's decode refuses the
                 # wrong kind.
                 check_model(payload, model, layered=isinstance(payload, LayeredImage))
@@ -241,8 +271,7 @@ def decode(args, model, plan, source: str, target: str) -> str:
     from utils.coding.payload import LayeredImage
     from utils.image_io import write_png
 
-    with open(source, "rb") as handle:
-        data = handle.read()
+    data = _read_coded(source, None if args.cuda else plan.budget_bytes)
     model.measure_budget_costs(plan)  # a calibration, not this file's decoding
     start = time.perf_counter()
     payload = unpack(data)

@@ -242,6 +242,36 @@ def test_truncated_stream_is_a_one_line_error_and_writes_nothing(
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize(
+    "head, message",
+    [
+        (b"RIFF", "bad magic number"),  # a video given by mistake
+        (b"CPS\x89\x01", "reading of this 300 MB file"),
+    ],
+)
+def test_a_large_input_to_decode_is_refused_before_it_is_read_whole(
+    tmp_path, checkpoint, capsys, head, message
+):
+    """codec.py read a file to decode whole before looking at it: a 3 GB file that
+    was no .cps at all held 3.9 GB under the default 2 GB budget before its magic
+    number was refused. The magic number comes first, then the size against the
+    budget (the file is held about three times while it is parsed)."""
+    from utils.memory import memory_in_use
+
+    path = tmp_path / "large.cps"
+    with open(path, "wb") as handle:
+        handle.write(head)
+        handle.truncate(300 * 2**20)  # sparse: no disk space, no time to write
+    budget = memory_in_use(torch.device("cpu")) // 2**20 + 200
+    status, _, err = _run(
+        ["decode", path, tmp_path / "o.png", "-p", checkpoint]
+        + ["--max-memory", f"{budget}MB"],
+        capsys,
+    )
+    _one_line_error(status, err, message)
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_wrong_checkpoint_is_a_one_line_error(tmp_path, checkpoint, capsys):
     Image.fromarray(_photo()).save(tmp_path / "in.png")
     _run(["encode", tmp_path / "in.png", tmp_path / "x.cps", "-p", checkpoint], capsys)

@@ -318,17 +318,27 @@ def pack(payload: Payload) -> bytes:
     return _pack_image(payload)
 
 
+def check_magic(head: bytes) -> None:
+    """Refuse bytes that do not start as a ``.cps`` or ``.cpsl`` file does, so that a
+    reader can look at a file's first 4 bytes before it holds the rest.
+
+    Raises:
+        BitstreamError: another magic number (or fewer than 4 bytes).
+    """
+    if head[:4] not in (MAGIC, LAYERED_MAGIC):
+        raise BitstreamError("not a .cps or .cpsl file (bad magic number)")
+
+
 def unpack(data: bytes) -> Payload:
     """Parse a ``.cps`` or ``.cpsl`` file (told apart by their magic numbers).
 
     Raises:
         BitstreamError: a foreign, truncated, corrupted or out-of-limits file.
     """
+    check_magic(data)
     if data[:4] == MAGIC:
         return _unpack_image(data)
-    if data[:4] == LAYERED_MAGIC:
-        return _unpack_layered(data)
-    raise BitstreamError("not a .cps or .cpsl file (bad magic number)")
+    return _unpack_layered(data)
 
 
 def truncate_layers(data: bytes, keep: int) -> bytes:
