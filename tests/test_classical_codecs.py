@@ -198,3 +198,23 @@ def test_x265_refuses_a_thin_image_too_long_for_its_coding_tree_units():
 def test_every_codec_refuses_what_is_not_a_uint8_rgb_image(name, image):
     with pytest.raises(ValueError, match=r"expected a uint8 tensor \(3, H, W\), got"):
         CODECS[name].code(image, 30)
+
+
+@pytest.mark.parametrize("limit", [1000, 4000])
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_a_reconstruction_over_pils_bomb_limit_is_decoded_without_a_word(
+    name, limit, monkeypatch, recwarn
+):
+    """test.py reads an image of any size the budget allows (over PIL's
+    decompression-bomb limit of about 179 Mpx too), but decoded the codec's own file
+    under that limit: a 26000x26000 image ended in a DecompressionBombError traceback,
+    and one over the limit alone in a warning about an attack. The limit is lowered
+    here so that a small image crosses it (twice over: the error; once: the warning)."""
+    if name not in ("jpeg", "webp") and not available(name):
+        pytest.skip(f"{name} is not available here")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    image = photo_like()  # 6097 pixels
+    result = get_codec(name).code(image, SWEEPS[name][1])
+    assert result.reconstruction.shape == image.shape
+    assert not [w for w in recwarn if w.category is Image.DecompressionBombWarning]
+    assert Image.MAX_IMAGE_PIXELS == limit  # lifted for the decode only

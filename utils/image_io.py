@@ -78,28 +78,31 @@ class ImageInfo:
 # four 8-bit channels in PIL, or four 16-bit samples) and the RGB array made from it.
 READ_BYTES_PER_PIXEL = 8 + 3
 
+_S = TypeVar("_S")
 _T = TypeVar("_T")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def _beyond_pil_limit(read: Callable[[str], _T], path: str) -> _T:
-    """``read(path)``, whatever PIL's decompression-bomb limit says.
+def beyond_pil_limit(read: Callable[[_S], _T], source: _S) -> _T:
+    """``read(source)``, whatever PIL's decompression-bomb limit says; ``read`` opens
+    ``source`` (a path, or bytes) with PIL afresh at each call.
 
     PIL refuses to open an image over twice ``Image.MAX_IMAGE_PIXELS`` (about 179 Mpx)
     and warns over it; :func:`_check_header` and the caller's memory budget decide
-    instead. The limit is one process-wide setting, so it is lifted only to read a file
+    instead (and a classical codec's own file, decoded back, is as large as the image
+    read). The limit is one process-wide setting, so it is lifted only to read a file
     PIL refused, under a lock, and restored at once.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return read(path)
+            return read(source)
         except Image.DecompressionBombError:
             pass
     with _PIL_LIMIT_LOCK:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return read(path)
+            return read(source)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -187,7 +190,7 @@ def image_size(path: str) -> Tuple[int, int]:
             return image.size
 
     try:
-        return _beyond_pil_limit(header, path)
+        return beyond_pil_limit(header, path)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {error_reason(exc)}") from None
 
@@ -213,7 +216,7 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     """
     _check_is_file(path)
     try:
-        array, info, turn = _beyond_pil_limit(_decode, path)
+        array, info, turn = beyond_pil_limit(_decode, path)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {error_reason(exc)}") from None
     if turn != 1:

@@ -44,6 +44,7 @@ from PIL import Image, features
 from torch import Tensor
 
 from utils.evaluation.codec_limits import ANY_SIZE, QualityScale, SizeLimits
+from utils.image_io import beyond_pil_limit
 
 
 @dataclass
@@ -74,6 +75,15 @@ def _to_pil(image: Tensor) -> Image.Image:
 def _from_pil(picture: Image.Image) -> Tensor:
     array = np.asarray(picture.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode_pil(source) -> Tensor:
+    """The RGB image PIL decodes from ``source``, a file's path or its bytes (opened
+    afresh at each call: :func:`~utils.image_io.beyond_pil_limit` may call twice)."""
+    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(file) as decoded:
+        decoded.load()
+        return _from_pil(decoded)
 
 
 class PillowCodec:
@@ -109,9 +119,7 @@ class PillowCodec:
         encoding_time = time.perf_counter() - start
         data = buffer.getvalue()
         start = time.perf_counter()
-        with Image.open(io.BytesIO(data)) as decoded:
-            decoded.load()
-            reconstruction = _from_pil(decoded)
+        reconstruction = beyond_pil_limit(_decode_pil, data)
         return ClassicalResult(
             data, reconstruction, encoding_time, time.perf_counter() - start
         )
@@ -193,9 +201,7 @@ def _read_decoded(folder: str, raw_io: bool, height: int, width: int) -> Tensor:
             )
         array = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-    with Image.open(os.path.join(folder, "output.png")) as decoded:
-        decoded.load()
-        return _from_pil(decoded)
+    return beyond_pil_limit(_decode_pil, os.path.join(folder, "output.png"))
 
 
 # ffmpeg converts RGB to YCbCr and back with the same explicit matrix and full range,
