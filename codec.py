@@ -47,6 +47,7 @@ from utils.cli import (
     report_error,
     run_main,
 )
+from utils.input_files import check_is_file
 from utils.output_paths import (
     check_output_folder,
     check_output_path,
@@ -137,10 +138,7 @@ def jobs(
         ]
     inputs = [source for source, _ in pairs]
     for source in inputs:
-        if os.path.isdir(source):
-            raise ValueError(f"{source} is a folder, not a file")
-        if not os.path.isfile(source):
-            raise ValueError(f"file not found: {source}")
+        check_is_file(source, "input")
     outputs = [target for _, target in pairs]
     if len(set(map(os.path.realpath, outputs))) < len(outputs):
         raise ValueError(

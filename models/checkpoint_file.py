@@ -2,12 +2,13 @@
 checks that turn a missing, truncated, damaged or foreign file into one clear line.
 """
 
-import os
 import warnings
 import zipfile
 from typing import Optional
 
 import torch
+
+from utils.input_files import check_is_file
 
 __all__ = ["read_checkpoint_file", "first_line"]
 
@@ -106,10 +107,7 @@ _LEGACY_STARTS = tuple(
 
 def read_checkpoint_file(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and one-line errors."""
-    if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint not found: {path}")
+    check_is_file(path, "checkpoint")
     with open(path, "rb") as handle:
         # torch.save writes a zip archive; files of torch < 1.6 are pickles (0x80).
         try:

@@ -170,6 +170,7 @@ class _NotAWeight:
     "case, message",
     [
         ("folder", "checkpoint {path} is a folder, not a file"),
+        ("pipe", "checkpoint {path} is not a regular file (a device or a pipe)"),
         (
             "python object",
             "cannot read checkpoint {path}: it holds Python objects besides tensors",
@@ -191,6 +192,8 @@ def test_files_that_hold_no_weights_say_so_naming_the_file(
     path = tmp_path / "bad.pth"
     if case == "folder":
         path.mkdir()
+    elif case == "pipe":  # was "checkpoint not found"
+        os.mkfifo(path)
     elif case == "python object":
         torch.save({"state_dict": tiny_cps.state_dict(), "extra": _NotAWeight()}, path)
     elif case == "state_dict a list":

@@ -1,5 +1,7 @@
 """codec.py end to end: files on disk, printed rate, odd images, one-line errors."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -217,7 +219,7 @@ def test_missing_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
     status, _, err = _run(
         ["encode", tmp_path / "none.png", tmp_path / "x.cps", "-p", checkpoint], capsys
     )
-    _one_line_error(status, err, "file not found")
+    _one_line_error(status, err, "input not found")
 
 
 def test_unreadable_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
@@ -374,6 +376,8 @@ def test_an_image_wider_than_the_format_is_refused_before_any_work(
     [
         ("checkpoint as output", "refusing to overwrite"),
         ("folder as input", "is a folder, not a file"),
+        # A pipe was called "file not found".
+        ("pipe as input", "p.png is not a regular file (a device or a pipe)"),
         ("file as -d", "is a file, not a folder"),
         ("empty output name", "the output name is empty"),
         ("output ending in a separator", "names a folder, not a file"),
@@ -394,6 +398,9 @@ def test_paths_that_would_destroy_or_confuse_are_refused(
     elif case == "folder as input":
         (tmp_path / "dir.png").mkdir()
         argv = ["encode", tmp_path / "dir.png", tmp_path / "x.cps", "-p", checkpoint]
+    elif case == "pipe as input":
+        os.mkfifo(tmp_path / "p.png")
+        argv = ["encode", tmp_path / "p.png", tmp_path / "x.cps", "-p", checkpoint]
     elif case == "file as -d":
         (tmp_path / "out").write_text("a file")
         argv = ["encode", tmp_path / "in.png", "-d", tmp_path / "out", "-p", checkpoint]

@@ -933,7 +933,7 @@ def test_a_folder_named_like_an_image_is_left_out_and_a_dead_link_is_named(tmp_p
     assert list_images(str(folder)) == [str(folder / "a.png"), str(folder / "b.png")]
     with pytest.raises(ValueError, match="b.png is a link to nothing"):
         image_size(str(folder / "b.png"))
-    with pytest.raises(ValueError, match="x.png is a folder, not an image"):
+    with pytest.raises(ValueError, match="x.png is a folder, not a file"):
         read_image(str(folder / "x.png"))
 
 

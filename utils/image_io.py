@@ -39,6 +39,7 @@ from torch import Tensor
 from utils.atomic import atomic_write_bytes
 from utils.coding.payload import check_size
 from utils.image_samples import FLOAT_MESSAGE, error_reason, read_samples
+from utils.input_files import check_is_file
 from utils.orientation import ARRAY_TURNS, exif_orientation
 from utils.png16 import PNG_HEADER_BYTES, colour_png16_type
 
@@ -164,25 +165,12 @@ def pil_reads_right(image: Image.Image, header: bytes) -> bool:
         return False
 
 
-def _check_is_file(path: str) -> None:
-    """Refuse a ``path`` that is not a file, saying what it is instead."""
-    if os.path.isfile(path):
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not an image")
-    if os.path.islink(path):
-        raise ValueError(f"image not found: {path} is a link to nothing")
-    if os.path.exists(path):
-        raise ValueError(f"{path} is not a regular file (a device or a pipe)")
-    raise ValueError(f"image not found: {path}")
-
-
 def image_size(path: str) -> Tuple[int, int]:
     """(width, height) from the file's header, without decoding the pixels; a file
     that is not an image, or one whose header already says :func:`read_image` will
     refuse it (see :func:`_check_header`), is a ``ValueError`` here, so that callers
     can check every input before coding the first."""
-    _check_is_file(path)
+    check_is_file(path, "image")
 
     def header(name: str) -> Tuple[int, int]:
         with Image.open(name) as image:
@@ -214,7 +202,7 @@ def read_image(path: str) -> Tuple[Tensor, ImageInfo]:
     Also returns what was converted. Raises ``ValueError`` naming the file for one
     that cannot be read exactly (see the module doc).
     """
-    _check_is_file(path)
+    check_is_file(path, "image")
     try:
         array, info, turn = beyond_pil_limit(_decode, path)
     except (OSError, SyntaxError, ValueError) as exc:

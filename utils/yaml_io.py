@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from utils.input_files import check_is_file
+
 __all__ = ["load_yaml_file", "load_yaml_text", "MAX_BYTES"]
 
 MAX_BYTES = 1 << 20  # a config of ours is a few kB
@@ -93,14 +95,7 @@ def load_yaml_file(
     ``what`` starts the error messages (``"config file"``, ``"datasets config"``).
     Raises ``ValueError`` for a missing, unreadable, oversized or invalid file.
     """
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        if os.path.exists(path):  # /dev/null, a pipe: its size says nothing
-            raise ValueError(
-                f"{what} {path} is not a regular file (a device or a pipe)"
-            )
-        raise ValueError(f"{what} not found: {path}")
+    check_is_file(path, what)  # /dev/null, a pipe: its size would say nothing
     size = os.path.getsize(path)
     if size > max_bytes:
         raise ValueError(

@@ -8,10 +8,10 @@ before the heavy libraries load; the script keeps only its parser and ``main``.
 
 import argparse
 import math
-import os
 from typing import List
 
 from utils.evaluation.curves import METRICS
+from utils.input_files import check_is_file
 
 
 def comma_list(kind):
@@ -74,10 +74,7 @@ def check_checkpoints_exist(args: argparse.Namespace) -> None:
     weights that fit) before the first is evaluated, by
     ``utils.evaluation.app._check_checkpoints``."""
     for path in args.checkpoints if args.command == "checkpoint" else []:
-        if os.path.isdir(path):
-            raise ValueError(f"checkpoint {path} is a folder, not a file")
-        if not os.path.isfile(path):
-            raise ValueError(f"checkpoint not found: {path}")
+        check_is_file(path, "checkpoint")
 
 
 def _check_metrics(metrics: List[str]) -> None:
