@@ -43,9 +43,12 @@ between 4173 and 5069 MB above the libraries in four processes, up to 1.12x the 
 through its calibration. So on the CPU the prediction carries the POPS
 planner's margin for the same heap (``HEAP_FRAGMENTATION``, 1.2) on top of the
 safety factor: 1.32x the line in all. The zoo models and Kamisli do not keep freed
-blocks (mbt2018-mean peaked within 0.01 % from process to process, Kamisli within 3
-%), so for them the heap margin is slack: they refuse images up to a fifth smaller
-than would fit.
+blocks, and in a fresh process peak within 1.024x their line, but they code in the
+heap an earlier model left: after Mei 2021 spatial had coded an image, Kamisli B16's
+calibration peaks grew little or not at all with the area and its decoding peaked
+1.29-1.31x the line that followed, and mbt2018-mean's decoding peaked a third higher
+than in a fresh process (in one process of three). So every model carries the margin
+on the CPU.
 """
 
 import json
