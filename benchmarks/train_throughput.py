@@ -46,6 +46,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import warnings
+
+# CompressAI, imported here before `models` filters it, wraps helpers in
+# torch.jit.script, which PyTorch deprecates: a warning nobody running this can act on.
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
+
 import torch
 from compressai.losses import RateDistortionLoss
 from compressai.optimizers import net_aux_optimizer
