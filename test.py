@@ -51,10 +51,10 @@ from utils.evaluation.choices import (
     DATASETS_CONFIG,
     DEMO_IMAGE_NAMES,
     DEMO_OUTPUT,
+    INTERPOLATIONS,
     TILINGS,
 )
 from utils.evaluation.curves import METRICS
-from utils.evaluation.rd import INTERPOLATIONS
 
 ZOO_METRICS = ("mse", "ms-ssim")
 

@@ -10,3 +10,4 @@ DEMO_OUTPUT = os.path.join(REPO_ROOT, "experiment", "demo")
 DEMO_IMAGE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
 TILINGS = ("none", "naive", "pops")
 CODEC_NAMES = ("jpeg", "webp", "jpeg2000", "avif", "x265", "jxl")
+INTERPOLATIONS = ("pchip", "akima", "cubic")  # of the BD-rate fit

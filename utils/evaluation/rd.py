@@ -11,10 +11,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import bjontegaard
 
+from utils.evaluation.choices import INTERPOLATIONS
 from utils.evaluation.curves import METRICS, Curve
 
 MIN_POINTS = 4
-INTERPOLATIONS = ("pchip", "akima", "cubic")
 
 
 def image_mismatch(anchor: Curve, test: Curve) -> Tuple[Optional[str], Optional[str]]:
