@@ -178,22 +178,18 @@ def _read_coded(source: str, budget) -> bytes:
     whole: from its first bytes when it is no such file, and from its size when
     parsing it would break the budget (a video given by mistake was read into
     memory first, past the budget)."""
-    import torch
-
     from utils.coding.container import check_magic
-    from utils.memory import format_memory, memory_in_use
-    from utils.stitching.planner import check_fits
+    from utils.memory import format_memory
+    from utils.stitching.planner import check_file_reading_fits
 
     with open(source, "rb") as handle:
         check_magic(handle.read(4))
         size = os.fstat(handle.fileno()).st_size
-        if budget is not None:
-            check_fits(
-                memory_in_use(torch.device("cpu")),
-                _CODED_FILE_COPIES * size,
-                budget,
-                f"reading of this {format_memory(size)} file",
-            )
+        check_file_reading_fits(
+            _CODED_FILE_COPIES * size,
+            budget,
+            f"reading of this {format_memory(size)} file",
+        )
         handle.seek(0)
         return handle.read()
 

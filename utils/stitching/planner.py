@@ -110,16 +110,20 @@ def check_fits(held: int, needed: int, budget: int, what: str) -> None:
         )
 
 
+def check_file_reading_fits(needed: int, budget: Optional[int], what: str) -> None:
+    """Refuse, before a file is read, a reading that would hold ``needed`` bytes of
+    the CPU's memory on top of what the process holds now and so break ``budget``
+    (bytes; None for no budget). ``what`` names the reading in the refusal."""
+    if budget is not None:
+        check_fits(memory_in_use(torch.device("cpu")), needed, budget, what)
+
+
 def check_reading_fits(width: int, height: int, budget: Optional[int]) -> None:
     """Refuse, from the size in an image file's header, a reading that would break
-    ``budget`` (bytes; None for no budget): the
-    :data:`~utils.image_io.READ_BYTES_PER_PIXEL` bytes per pixel that reading holds
-    at once, on top of what the process holds now. A PNG of a few kilobytes can
-    declare a huge image, so this comes before its pixels are decoded."""
-    if budget is None:
-        return
-    check_fits(
-        memory_in_use(torch.device("cpu")),
+    ``budget``: the :data:`~utils.image_io.READ_BYTES_PER_PIXEL` bytes per pixel that
+    reading holds at once. A PNG of a few kilobytes can declare a huge image, so this
+    comes before its pixels are decoded."""
+    check_file_reading_fits(
         READ_BYTES_PER_PIXEL * width * height,
         budget,
         f"reading of this {width}x{height} image",
